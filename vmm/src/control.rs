@@ -1,0 +1,46 @@
+//! Requests that devices and vCPUs make of the machine as a whole: reset, power off, and
+//! the debug-exit used by tests. They are sent to the main thread, which owns the machine.
+
+use std::sync::mpsc;
+
+/// What a device or vCPU asks the machine to do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MachineRequest {
+    /// The guest asked for a reset (i8042 0xFE, ACPI reset register, triple fault).
+    Reset(ResetCause),
+    /// The guest powered off (ACPI S5).
+    Shutdown,
+    /// The guest wrote `value` to the debug-exit port: exit with `(value << 1) | 1`,
+    /// as QEMU's isa-debug-exit does.
+    DebugExit(u32),
+    /// A vCPU hit an error it cannot continue from.
+    InternalError,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ResetCause {
+    Keyboard,
+    AcpiResetRegister,
+    TripleFault,
+}
+
+/// A cloneable handle through which devices send [`MachineRequest`]s.
+#[derive(Clone)]
+pub struct MachineControl {
+    tx: mpsc::Sender<MachineRequest>,
+}
+
+impl MachineControl {
+    pub fn new() -> (Self, mpsc::Receiver<MachineRequest>) {
+        let (tx, rx) = mpsc::channel();
+        (Self { tx }, rx)
+    }
+
+    /// Send a request. The machine may already be gone during teardown; that is not an error
+    /// anyone can act on, so it is logged and dropped.
+    pub fn request(&self, req: MachineRequest) {
+        if self.tx.send(req).is_err() {
+            tracing::debug!(?req, "machine request after the machine stopped listening");
+        }
+    }
+}

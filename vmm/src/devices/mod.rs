@@ -1,0 +1,12 @@
+//! Devices shared by both accelerators.
+
+pub mod acpi;
+pub mod bus;
+pub mod debug_exit;
+pub mod i8042;
+pub mod interrupt;
+pub mod rtc;
+pub mod serial;
+
+pub use bus::{Bus, BusDevice, SharedDevice};
+pub use interrupt::{IrqChip, IrqLine};
