@@ -1,1 +1,130 @@
+//! Shared helpers for the integration tests: building tiny guest images, finding and
+//! running the `vmm` binary, and temporary directories.
 
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+pub mod guest;
+
+/// The repository root.
+pub fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| PathBuf::from("."))
+}
+
+/// The `vmm` binary of this build (target/<profile>/vmm, next to the test's deps dir).
+/// `scripts/test` builds it before running the tests.
+pub fn vmm_binary() -> PathBuf {
+    let exe = std::env::current_exe().unwrap_or_default();
+    let profile_dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .map(Path::to_path_buf)
+        .unwrap_or_default();
+    let bin = profile_dir.join("vmm");
+    assert!(
+        bin.exists(),
+        "{} is missing: build it first with `cargo build --bins` (scripts/test does)",
+        bin.display()
+    );
+    bin
+}
+
+/// Can this machine run KVM guests? If not, the caller prints a SKIP line and returns.
+pub fn kvm_available() -> bool {
+    std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+        .is_ok()
+}
+
+/// Skip the current test (with a visible reason) when /dev/kvm is absent.
+#[macro_export]
+macro_rules! require_kvm {
+    () => {
+        if !$crate::kvm_available() {
+            eprintln!("SKIP: /dev/kvm is not available on this machine");
+            return;
+        }
+    };
+}
+
+/// A directory removed on drop.
+pub struct TempDir(PathBuf);
+
+impl TempDir {
+    pub fn new(tag: &str) -> Self {
+        static COUNTER: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let dir = std::env::temp_dir().join(format!("vmm-test-{tag}-{}-{n}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("create temp dir");
+        TempDir(dir)
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+
+    pub fn join(&self, name: &str) -> PathBuf {
+        self.0.join(name)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// The result of a finished vmm run.
+pub struct Finished {
+    pub status: ExitStatus,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+/// Start the vmm with `args` (stdin null, stdout/stderr captured).
+pub fn spawn_vmm(args: &[&str]) -> Child {
+    Command::new(vmm_binary())
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn vmm")
+}
+
+/// Wait for `child` for at most `timeout`; kill it and panic if it does not finish.
+pub fn wait_with_timeout(mut child: Child, timeout: Duration) -> Finished {
+    let start = Instant::now();
+    loop {
+        if let Some(_status) = child.try_wait().expect("wait for vmm") {
+            let out = child.wait_with_output().expect("collect vmm output");
+            return Finished {
+                status: out.status,
+                stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+                stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+            };
+        }
+        if start.elapsed() > timeout {
+            let _ = child.kill();
+            let out = child.wait_with_output().expect("collect vmm output");
+            panic!(
+                "vmm did not finish within {timeout:?}\nstdout: {}\nstderr: {}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Run the vmm to completion.
+pub fn run_vmm(args: &[&str], timeout: Duration) -> Finished {
+    wait_with_timeout(spawn_vmm(args), timeout)
+}

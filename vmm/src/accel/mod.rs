@@ -1,0 +1,176 @@
+//! Accelerators: what runs guest instructions. `kvm` uses the host kernel; `emu` (a later
+//! issue) is our own software CPU. Both plug into the same machine through these traits,
+//! and both send port and MMIO accesses through one [`IoHandler`].
+
+use std::sync::Arc;
+
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::arch::boot::EntryState;
+use crate::devices::IrqChip;
+
+pub mod kvm;
+
+/// The accelerators this build knows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AccelKind {
+    Kvm,
+    Emu,
+}
+
+impl AccelKind {
+    pub fn name(self) -> &'static str {
+        match self {
+            AccelKind::Kvm => "kvm",
+            AccelKind::Emu => "emu",
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum AccelError {
+    #[error("could not open /dev/kvm: {0}")]
+    OpenKvm(#[source] kvm_ioctls::Error),
+    #[error("KVM API version {0} is not supported (12 is needed)")]
+    KvmApiVersion(i32),
+    #[error("KVM lacks the {0} capability")]
+    MissingCap(&'static str),
+    #[error("KVM: {what}: {source}")]
+    Kvm {
+        what: &'static str,
+        #[source]
+        source: kvm_ioctls::Error,
+    },
+    #[error("accelerator '{0}' is not available in this build")]
+    Unavailable(&'static str),
+    #[error("{0} vCPUs requested, but this accelerator supports at most {1}")]
+    TooManyVcpus(u32, u32),
+}
+
+impl AccelError {
+    pub(crate) fn kvm(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> AccelError {
+        move |source| AccelError::Kvm { what, source }
+    }
+}
+
+/// Where guest port and MMIO accesses go: the machine's buses.
+pub trait IoHandler: Sync {
+    fn pio_read(&self, port: u16, data: &mut [u8]);
+    fn pio_write(&self, port: u16, data: &[u8]);
+    fn mmio_read(&self, addr: u64, data: &mut [u8]);
+    fn mmio_write(&self, addr: u64, data: &[u8]);
+}
+
+/// Why [`Vcpu::run`] returned to the vCPU thread.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum VcpuExit {
+    /// Another thread kicked this vCPU (pause, stop, reset): look at the run request.
+    Interrupted,
+    /// The guest triple-faulted: the machine resets, as a PC does.
+    TripleFault,
+    /// The vCPU cannot continue; the string says why.
+    InternalError(String),
+}
+
+/// An address a guest write to which signals an eventfd without leaving the accelerator.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum IoEventAddress {
+    Pio(u16),
+    Mmio(u64),
+}
+
+/// One virtual CPU. It lives on its own thread; other threads reach it only through
+/// its [`VcpuKicker`].
+pub trait Vcpu: Send {
+    fn id(&self) -> u32;
+    /// Put the vCPU in its power-on state: the boot CPU enters the guest with `entry`,
+    /// the others wait for INIT/SIPI.
+    fn reset(&mut self, entry: Option<&EntryState>) -> Result<(), AccelError>;
+    /// Called first on the thread that will run this vCPU, so that kicks reach it.
+    fn bind_to_current_thread(&mut self);
+    /// Run until something needs the vCPU thread's attention. Port and MMIO exits are
+    /// dispatched to `io` inside.
+    fn run(&mut self, io: &dyn IoHandler) -> Result<VcpuExit, AccelError>;
+    /// A handle that makes a running [`Vcpu::run`] return [`VcpuExit::Interrupted`].
+    fn kicker(&self) -> Arc<dyn VcpuKicker>;
+    /// The instruction pointer, for diagnostics and queries.
+    fn instruction_pointer(&mut self) -> Result<u64, AccelError>;
+    /// A register dump for diagnostics (format close to QEMU's `info registers`).
+    fn dump_registers(&mut self) -> String;
+}
+
+/// Interrupts a vCPU that is inside [`Vcpu::run`], or makes its next run return at once.
+pub trait VcpuKicker: Send + Sync {
+    fn kick(&self);
+    /// Called by the vCPU thread before its vCPU is dropped: later kicks do nothing.
+    fn retire(&self);
+}
+
+/// A VM-wide accelerator instance.
+pub trait Accelerator: Send + Sync {
+    fn kind(&self) -> AccelKind;
+    fn max_vcpus(&self) -> u32;
+    fn create_vcpu(&self, id: u32, num_vcpus: u32) -> Result<Box<dyn Vcpu>, AccelError>;
+    /// The interrupt controller that device interrupt lines drive.
+    fn irq_chip(&self) -> Arc<dyn IrqChip>;
+    /// Reset VM-wide state (irqchip, PIT) to power-on values.
+    fn reset(&self) -> Result<(), AccelError>;
+    /// Signal `fd` when the guest writes to `addr` (optionally only `datamatch`).
+    fn register_ioevent(
+        &self,
+        fd: &EventFd,
+        addr: IoEventAddress,
+        datamatch: Option<u32>,
+    ) -> Result<(), AccelError>;
+    fn unregister_ioevent(
+        &self,
+        fd: &EventFd,
+        addr: IoEventAddress,
+        datamatch: Option<u32>,
+    ) -> Result<(), AccelError>;
+    /// Raise `gsi` (an edge) whenever `fd` is signalled.
+    fn register_irqfd(&self, fd: &EventFd, gsi: u32) -> Result<(), AccelError>;
+    fn unregister_irqfd(&self, fd: &EventFd, gsi: u32) -> Result<(), AccelError>;
+}
+
+/// Does the host CPU advertise hardware virtualization (vmx or svm)?
+pub fn host_has_hw_virt() -> bool {
+    std::fs::read_to_string("/proc/cpuinfo")
+        .map(|s| {
+            s.lines()
+                .filter(|l| l.starts_with("flags"))
+                .any(|l| l.split_whitespace().any(|f| f == "vmx" || f == "svm"))
+        })
+        .unwrap_or(false)
+}
+
+/// Create the first accelerator of `choices` that works; `None` means auto (kvm only
+/// where the CPU shows vmx or svm, emu otherwise).
+pub fn create_accelerator(
+    choices: Option<&[AccelKind]>,
+    mem: &crate::memory::MemoryManager,
+) -> Result<Arc<dyn Accelerator>, AccelError> {
+    let auto = [if host_has_hw_virt() {
+        AccelKind::Kvm
+    } else {
+        AccelKind::Emu
+    }];
+    let choices = choices.unwrap_or(&auto);
+    let mut last_err = AccelError::Unavailable("none");
+    for (i, kind) in choices.iter().enumerate() {
+        let result: Result<Arc<dyn Accelerator>, AccelError> = match kind {
+            AccelKind::Kvm => kvm::KvmAccel::new(mem).map(|a| Arc::new(a) as Arc<dyn Accelerator>),
+            AccelKind::Emu => Err(AccelError::Unavailable("emu")),
+        };
+        match result {
+            Ok(a) => return Ok(a),
+            Err(e) => {
+                if i + 1 < choices.len() {
+                    tracing::warn!("accelerator {} is not usable ({e}); trying the next one", kind.name());
+                }
+                last_err = e;
+            }
+        }
+    }
+    Err(last_err)
+}

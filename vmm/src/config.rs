@@ -1,0 +1,58 @@
+//! The machine configuration, as the command line (and later QMP) describes it.
+
+use crate::accel::AccelKind;
+
+/// Direct Linux boot inputs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KernelConfig {
+    pub path: String,
+    pub initrd: Option<String>,
+    pub cmdline: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VmConfig {
+    pub memory_size: u64,
+    pub cpus: u32,
+    pub kernel: Option<KernelConfig>,
+    /// Accelerators to try in order; None means auto.
+    pub accel: Option<Vec<AccelKind>>,
+    /// Unpack a bzImage on the host; None means the accelerator's default.
+    pub decompress_kernel: Option<bool>,
+    pub name: Option<String>,
+    pub process_name: Option<String>,
+    pub uuid: Option<String>,
+    /// Chardev specs for COM1.. in order.
+    pub serials: Vec<String>,
+    pub start_paused: bool,
+    pub no_shutdown: bool,
+    pub no_reboot: bool,
+    pub nodefaults: bool,
+    pub daemonize: bool,
+    pub pidfile: Option<String>,
+    /// isa-debug-exit (iobase, iosize).
+    pub debug_exit: Option<(u16, u16)>,
+}
+
+impl Default for VmConfig {
+    fn default() -> Self {
+        Self {
+            memory_size: 128 << 20,
+            cpus: 1,
+            kernel: None,
+            accel: None,
+            decompress_kernel: None,
+            name: None,
+            process_name: None,
+            uuid: None,
+            serials: Vec::new(),
+            start_paused: false,
+            no_shutdown: false,
+            no_reboot: false,
+            nodefaults: false,
+            daemonize: false,
+            pidfile: None,
+            debug_exit: None,
+        }
+    }
+}

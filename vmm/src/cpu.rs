@@ -1,0 +1,294 @@
+//! The [`CpuManager`] owns the vCPU threads: it starts them, pauses and resumes them all,
+//! resets them in place, and stops them. Each vCPU object lives on its own thread; the
+//! manager reaches it only through a shared control block and the vCPU's kicker.
+
+use std::sync::atomic::{AtomicI32, AtomicU8, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::thread::JoinHandle;
+
+use crate::accel::{AccelError, IoHandler, Vcpu, VcpuExit, VcpuKicker};
+use crate::arch::boot::EntryState;
+use crate::control::{MachineControl, MachineRequest, ResetCause};
+
+#[derive(Debug, thiserror::Error)]
+pub enum CpuError {
+    #[error("failed to spawn the thread for vCPU {id}: {source}")]
+    Spawn {
+        id: u32,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("failed to reset vCPU {id}: {source}")]
+    Reset {
+        id: u32,
+        #[source]
+        source: AccelError,
+    },
+}
+
+const WANT_RUN: u8 = 0;
+const WANT_PAUSE: u8 = 1;
+const WANT_STOP: u8 = 2;
+
+struct Ctl {
+    /// Bumped by every reset; a vCPU parked after a fatal exit waits for the next one.
+    epoch: u64,
+    /// How many vCPU threads are parked (paused, or waiting for a reset).
+    parked: usize,
+    /// Per-vCPU reset orders, taken and carried out by the vCPU's own thread.
+    pending_reset: Vec<Option<Option<EntryState>>>,
+    reset_done: usize,
+    reset_errors: Vec<(u32, AccelError)>,
+}
+
+struct Shared {
+    want: AtomicU8,
+    ctl: Mutex<Ctl>,
+    cv: Condvar,
+}
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, Ctl> {
+        self.ctl.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// Per-vCPU facts that other threads may read.
+#[derive(Default)]
+pub struct VcpuInfo {
+    /// Host thread id (gettid) of the vCPU thread.
+    pub thread_id: AtomicI32,
+}
+
+struct VcpuHandle {
+    id: u32,
+    kicker: Arc<dyn VcpuKicker>,
+    info: Arc<VcpuInfo>,
+    thread: Option<JoinHandle<()>>,
+}
+
+/// Owner of all vCPU threads.
+pub struct CpuManager {
+    shared: Arc<Shared>,
+    vcpus: Vec<VcpuHandle>,
+}
+
+impl CpuManager {
+    /// Start one thread per vCPU. Threads start parked (paused); call [`resume`](Self::resume).
+    pub fn start(
+        vcpus: Vec<Box<dyn Vcpu>>,
+        io: Arc<dyn IoHandler + Send>,
+        control: MachineControl,
+    ) -> Result<Self, CpuError> {
+        let n = vcpus.len();
+        let shared = Arc::new(Shared {
+            want: AtomicU8::new(WANT_PAUSE),
+            ctl: Mutex::new(Ctl {
+                epoch: 0,
+                parked: 0,
+                pending_reset: vec![None; n],
+                reset_done: 0,
+                reset_errors: Vec::new(),
+            }),
+            cv: Condvar::new(),
+        });
+        let mut mgr = CpuManager {
+            shared: shared.clone(),
+            vcpus: Vec::new(),
+        };
+        for (index, vcpu) in vcpus.into_iter().enumerate() {
+            let id = vcpu.id();
+            let kicker = vcpu.kicker();
+            let info = Arc::new(VcpuInfo::default());
+            let t_shared = shared.clone();
+            let t_io = io.clone();
+            let t_info = info.clone();
+            let t_control = control.clone();
+            let t_kicker = kicker.clone();
+            let thread = std::thread::Builder::new()
+                .name(format!("vcpu{id}"))
+                .spawn(move || {
+                    vcpu_thread(index, vcpu, t_shared, t_io, t_info, t_control, t_kicker)
+                })
+                .map_err(|source| CpuError::Spawn { id, source })?;
+            mgr.vcpus.push(VcpuHandle {
+                id,
+                kicker,
+                info,
+                thread: Some(thread),
+            });
+        }
+        mgr.wait_parked();
+        Ok(mgr)
+    }
+
+    pub fn num_vcpus(&self) -> usize {
+        self.vcpus.len()
+    }
+
+    /// Host thread ids of the vCPU threads, in vCPU order.
+    pub fn thread_ids(&self) -> Vec<(u32, i32)> {
+        self.vcpus
+            .iter()
+            .map(|v| (v.id, v.info.thread_id.load(Ordering::Relaxed)))
+            .collect()
+    }
+
+    fn kick_all(&self) {
+        for v in &self.vcpus {
+            v.kicker.kick();
+        }
+    }
+
+    fn wait_parked(&self) {
+        let n = self.vcpus.len();
+        let mut g = self.shared.lock();
+        while g.parked < n {
+            g = self.shared.cv.wait(g).unwrap_or_else(|e| e.into_inner());
+        }
+    }
+
+    /// Stop every vCPU and wait until all are parked.
+    pub fn pause(&self) {
+        self.shared.want.store(WANT_PAUSE, Ordering::SeqCst);
+        self.kick_all();
+        self.wait_parked();
+    }
+
+    /// Let every vCPU run.
+    pub fn resume(&self) {
+        let _g = self.shared.lock();
+        self.shared.want.store(WANT_RUN, Ordering::SeqCst);
+        self.shared.cv.notify_all();
+    }
+
+    /// Reset every vCPU to its power-on state: the first enters with `entry`, the others
+    /// wait for SIPI. The vCPUs must be paused; they stay paused.
+    pub fn reset(&self, entry: &EntryState) -> Result<(), CpuError> {
+        self.pause();
+        let n = self.vcpus.len();
+        let mut g = self.shared.lock();
+        for (i, slot) in g.pending_reset.iter_mut().enumerate() {
+            *slot = Some((i == 0).then(|| entry.clone()));
+        }
+        g.reset_done = 0;
+        g.reset_errors.clear();
+        self.shared.cv.notify_all();
+        while g.reset_done < n {
+            g = self.shared.cv.wait(g).unwrap_or_else(|e| e.into_inner());
+        }
+        g.epoch += 1;
+        self.shared.cv.notify_all();
+        match g.reset_errors.pop() {
+            Some((id, source)) => Err(CpuError::Reset { id, source }),
+            None => Ok(()),
+        }
+    }
+
+    /// Stop and join every vCPU thread.
+    pub fn shutdown(&mut self) {
+        {
+            let _g = self.shared.lock();
+            self.shared.want.store(WANT_STOP, Ordering::SeqCst);
+            self.shared.cv.notify_all();
+        }
+        self.kick_all();
+        for v in &mut self.vcpus {
+            if let Some(t) = v.thread.take() {
+                if t.join().is_err() {
+                    tracing::error!("vcpu{} thread panicked", v.id);
+                }
+            }
+        }
+    }
+}
+
+impl Drop for CpuManager {
+    fn drop(&mut self) {
+        self.shutdown();
+    }
+}
+
+/// Block while the vCPU should not run. Returns false when the thread should exit.
+fn park_while_blocked(
+    index: usize,
+    vcpu: &mut dyn Vcpu,
+    shared: &Shared,
+    parked_at_epoch: &mut Option<u64>,
+) -> bool {
+    let mut g = shared.lock();
+    let mut counted = false;
+    let keep_running = loop {
+        if let Some(entry) = g.pending_reset[index].take() {
+            drop(g);
+            let result = vcpu.reset(entry.as_ref());
+            g = shared.lock();
+            if let Err(e) = result {
+                g.reset_errors.push((vcpu.id(), e));
+            }
+            g.reset_done += 1;
+            shared.cv.notify_all();
+        }
+        let want = shared.want.load(Ordering::SeqCst);
+        if want == WANT_STOP {
+            break false;
+        }
+        let blocked = want == WANT_PAUSE || *parked_at_epoch == Some(g.epoch);
+        if !blocked {
+            break true;
+        }
+        if !counted {
+            g.parked += 1;
+            counted = true;
+            shared.cv.notify_all();
+        }
+        g = shared.cv.wait(g).unwrap_or_else(|e| e.into_inner());
+    };
+    if counted {
+        g.parked -= 1;
+    }
+    if keep_running {
+        *parked_at_epoch = None;
+    }
+    keep_running
+}
+
+fn vcpu_thread(
+    index: usize,
+    mut vcpu: Box<dyn Vcpu>,
+    shared: Arc<Shared>,
+    io: Arc<dyn IoHandler + Send>,
+    info: Arc<VcpuInfo>,
+    control: MachineControl,
+    kicker: Arc<dyn VcpuKicker>,
+) {
+    // SAFETY: gettid has no preconditions.
+    info.thread_id
+        .store(unsafe { libc::gettid() }, Ordering::Relaxed);
+    vcpu.bind_to_current_thread();
+    let mut parked_at_epoch: Option<u64> = None;
+    while park_while_blocked(index, vcpu.as_mut(), &shared, &mut parked_at_epoch) {
+        let exit = vcpu.run(io.as_ref());
+        let fatal = match exit {
+            Ok(VcpuExit::Interrupted) => None,
+            Ok(VcpuExit::TripleFault) => {
+                tracing::warn!("vcpu{}: triple fault", vcpu.id());
+                Some(MachineRequest::Reset(ResetCause::TripleFault))
+            }
+            Ok(VcpuExit::InternalError(msg)) => {
+                eprintln!("vmm: vcpu{}: {msg}\n{}", vcpu.id(), vcpu.dump_registers());
+                Some(MachineRequest::InternalError)
+            }
+            Err(e) => {
+                eprintln!("vmm: vcpu{}: {e}\n{}", vcpu.id(), vcpu.dump_registers());
+                Some(MachineRequest::InternalError)
+            }
+        };
+        if let Some(req) = fatal {
+            // This vCPU cannot go on; wait for the machine to reset it (or stop it).
+            parked_at_epoch = Some(shared.lock().epoch);
+            control.request(req);
+        }
+    }
+    kicker.retire();
+}

@@ -1,0 +1,571 @@
+//! Kernel and initrd loading for direct Linux boot.
+//!
+//! A kernel is parsed once into a [`BootImage`]: the segments to copy into guest RAM, the
+//! entry point, and the setup header. Keeping it lets a reset reload the kernel without
+//! touching the file again, as QEMU keeps its ROM blobs.
+//!
+//! Accepted images:
+//! - a bzImage, entered through the 64-bit boot protocol at its `startup_64`, or, with
+//!   `decompress`, unpacked on the host (gzip, xz or zstd payload) and loaded as the ELF
+//!   vmlinux inside it, which skips the guest's own decompressor;
+//! - an ELF64 x86-64 image, loaded at its physical addresses and entered in 64-bit mode at
+//!   `e_entry`.
+
+use std::io::Read;
+
+use linux_loader::loader::bootparam::setup_header;
+use vm_memory::{ByteValued, Bytes, GuestAddress};
+
+use crate::arch::boot::{InitrdPlacement, KERNEL_HDR_MAGIC};
+use crate::arch::layout;
+use crate::memory::GuestMemoryMmap;
+
+/// Offset of the setup header in a bzImage.
+const SETUP_HEADER_OFFSET: usize = 0x1f1;
+/// xloadflags: the kernel has a 64-bit entry point at `startup_64` (+0x200).
+const XLF_KERNEL_64: u16 = 1 << 0;
+/// The 64-bit entry is 0x200 bytes into the protected-mode code.
+const STARTUP_64_OFFSET: u64 = 0x200;
+/// Largest kernel image file we read.
+const MAX_KERNEL_FILE: u64 = 512 << 20;
+/// Largest decompressed payload we accept.
+const MAX_DECOMPRESSED: u64 = 1 << 30;
+
+#[derive(Debug, thiserror::Error)]
+pub enum LoaderError {
+    #[error("could not read kernel '{path}': {source}")]
+    ReadKernel {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("could not read initrd '{path}': {source}")]
+    ReadInitrd {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("kernel '{0}' is neither a bzImage nor an ELF64 x86-64 image")]
+    UnknownFormat(String),
+    #[error("bzImage is truncated or its setup header is invalid")]
+    BadSetupHeader,
+    #[error("bzImage boot protocol {0:#x} is too old: 2.12 or later is needed for the 64-bit entry")]
+    ProtocolTooOld(u16),
+    #[error("bzImage has no 64-bit entry point (XLF_KERNEL_64 is clear)")]
+    No64BitEntry,
+    #[error("bzImage payload is empty or out of bounds")]
+    BadPayload,
+    #[error("bzImage payload uses an unsupported compression (magic {0:02x?})")]
+    UnsupportedCompression([u8; 4]),
+    #[error("failed to decompress the bzImage payload: {0}")]
+    Decompress(#[source] std::io::Error),
+    #[error("decompressed payload is larger than {MAX_DECOMPRESSED} bytes")]
+    DecompressedTooLarge,
+    #[error("invalid ELF image: {0}")]
+    BadElf(&'static str),
+    #[error("kernel needs guest RAM up to {needed:#x}, but RAM below 4 GiB ends at {have:#x}; give more memory with -m")]
+    KernelTooLarge { needed: u64, have: u64 },
+    #[error("failed to write the kernel to guest memory at {addr:#x}: {source}")]
+    WriteKernel {
+        addr: u64,
+        #[source]
+        source: vm_memory::GuestMemoryError,
+    },
+    #[error("initrd of {size} bytes does not fit in guest RAM between {low:#x} and {high:#x}; give more memory with -m")]
+    InitrdTooLarge { size: u64, low: u64, high: u64 },
+    #[error("failed to write the initrd to guest memory at {addr:#x}: {source}")]
+    WriteInitrd {
+        addr: u64,
+        #[source]
+        source: vm_memory::GuestMemoryError,
+    },
+}
+
+/// A piece of the kernel to place in guest RAM: `data`, then zeroes up to `mem_size`.
+#[derive(Debug, Clone)]
+pub struct Segment {
+    pub addr: u64,
+    pub data: Vec<u8>,
+    pub mem_size: u64,
+}
+
+/// How the kernel image was interpreted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KernelKind {
+    /// bzImage, entered at its decompressor's `startup_64`.
+    BzImage,
+    /// bzImage whose payload was decompressed on the host and loaded as an ELF.
+    DecompressedBzImage,
+    /// A plain ELF64 image.
+    Elf,
+}
+
+/// A parsed kernel, ready to be (re)loaded into guest memory.
+#[derive(Debug, Clone)]
+pub struct BootImage {
+    pub kind: KernelKind,
+    pub entry: GuestAddress,
+    pub setup_header: Option<setup_header>,
+    pub segments: Vec<Segment>,
+    /// Highest guest-physical address the kernel needs while it boots (for bzImages this
+    /// includes the decompressor's working space).
+    pub end: u64,
+}
+
+impl BootImage {
+    /// Parse the kernel file at `path`.
+    pub fn from_file(path: &str, decompress: bool) -> Result<Self, LoaderError> {
+        let bytes = read_limited(path, MAX_KERNEL_FILE).map_err(|source| LoaderError::ReadKernel {
+            path: path.to_string(),
+            source,
+        })?;
+        Self::parse(&bytes, decompress).map_err(|e| match e {
+            LoaderError::UnknownFormat(_) => LoaderError::UnknownFormat(path.to_string()),
+            other => other,
+        })
+    }
+
+    /// Parse a kernel image held in memory.
+    pub fn parse(bytes: &[u8], decompress: bool) -> Result<Self, LoaderError> {
+        if bytes.starts_with(b"\x7fELF") {
+            return parse_elf(bytes, KernelKind::Elf, None);
+        }
+        if bytes.len() >= 0x206 && bytes[0x202..0x206] == KERNEL_HDR_MAGIC.to_le_bytes() {
+            return parse_bzimage(bytes, decompress);
+        }
+        Err(LoaderError::UnknownFormat(String::new()))
+    }
+
+    /// The command-line limit from the setup header (without the NUL).
+    pub fn cmdline_limit(&self) -> usize {
+        match self.setup_header {
+            Some(hdr) if hdr.version >= 0x0206 && hdr.cmdline_size > 0 => hdr.cmdline_size as usize,
+            Some(_) => 255,
+            None => layout::CMDLINE_MAX_SIZE - 1,
+        }
+    }
+
+    /// Highest address (exclusive) where an initrd may end.
+    pub fn initrd_limit(&self) -> u64 {
+        match self.setup_header {
+            Some(hdr) if hdr.initrd_addr_max != 0 => u64::from(hdr.initrd_addr_max) + 1,
+            Some(_) => 0x3800_0000,
+            None => 1 << 32,
+        }
+    }
+
+    /// Copy the kernel into guest memory. Checks first that it fits under `low_ram_end`.
+    pub fn load(&self, mem: &GuestMemoryMmap, low_ram_end: u64) -> Result<(), LoaderError> {
+        if self.end > low_ram_end {
+            return Err(LoaderError::KernelTooLarge {
+                needed: self.end,
+                have: low_ram_end,
+            });
+        }
+        for seg in &self.segments {
+            mem.write_slice(&seg.data, GuestAddress(seg.addr))
+                .map_err(|source| LoaderError::WriteKernel {
+                    addr: seg.addr,
+                    source,
+                })?;
+            let bss = seg.mem_size - seg.data.len() as u64;
+            if bss > 0 {
+                let start = seg.addr + seg.data.len() as u64;
+                write_zeroes(mem, start, bss)
+                    .map_err(|source| LoaderError::WriteKernel { addr: start, source })?;
+            }
+        }
+        Ok(())
+    }
+}
+
+fn write_zeroes(mem: &GuestMemoryMmap, mut addr: u64, mut len: u64) -> Result<(), vm_memory::GuestMemoryError> {
+    let zeroes = vec![0u8; 1 << 20];
+    while len > 0 {
+        let n = len.min(zeroes.len() as u64);
+        mem.write_slice(&zeroes[..n as usize], GuestAddress(addr))?;
+        addr += n;
+        len -= n;
+    }
+    Ok(())
+}
+
+fn read_limited(path: &str, limit: u64) -> std::io::Result<Vec<u8>> {
+    let file = std::fs::File::open(path)?;
+    let len = file.metadata()?.len();
+    if len > limit {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!("file is {len} bytes, more than the {limit} accepted"),
+        ));
+    }
+    let mut bytes = Vec::with_capacity(len as usize);
+    file.take(limit).read_to_end(&mut bytes)?;
+    Ok(bytes)
+}
+
+fn parse_bzimage(bytes: &[u8], decompress: bool) -> Result<BootImage, LoaderError> {
+    let hdr_len = std::mem::size_of::<setup_header>();
+    let hdr_bytes = bytes
+        .get(SETUP_HEADER_OFFSET..SETUP_HEADER_OFFSET + hdr_len)
+        .ok_or(LoaderError::BadSetupHeader)?;
+    let hdr = setup_header::from_slice(hdr_bytes)
+        .copied()
+        .ok_or(LoaderError::BadSetupHeader)?;
+    if hdr.version < 0x020c {
+        return Err(LoaderError::ProtocolTooOld(hdr.version));
+    }
+    if hdr.xloadflags & XLF_KERNEL_64 == 0 {
+        return Err(LoaderError::No64BitEntry);
+    }
+    let setup_sects = if hdr.setup_sects == 0 { 4 } else { hdr.setup_sects as usize };
+    let pm_start = (setup_sects + 1) * 512;
+    let pm_code = bytes.get(pm_start..).filter(|c| !c.is_empty()).ok_or(LoaderError::BadSetupHeader)?;
+
+    if decompress {
+        let payload = pm_code
+            .get(hdr.payload_offset as usize..)
+            .and_then(|p| p.get(..hdr.payload_length as usize))
+            .filter(|p| !p.is_empty())
+            .ok_or(LoaderError::BadPayload)?;
+        let vmlinux = decompress_payload(payload)?;
+        return parse_elf(&vmlinux, KernelKind::DecompressedBzImage, Some(hdr));
+    }
+
+    // The decompressor runs from where we load it and unpacks the kernel at its preferred
+    // address (or its aligned load address); it needs init_size bytes there.
+    let load = layout::HIMEM_START.0;
+    let align = u64::from(hdr.kernel_alignment.max(1)).next_power_of_two();
+    let run_base = load.next_multiple_of(align).max(hdr.pref_address);
+    let end = (load + pm_code.len() as u64).max(run_base + u64::from(hdr.init_size));
+    Ok(BootImage {
+        kind: KernelKind::BzImage,
+        entry: GuestAddress(load + STARTUP_64_OFFSET),
+        setup_header: Some(hdr),
+        segments: vec![Segment {
+            addr: load,
+            data: pm_code.to_vec(),
+            mem_size: pm_code.len() as u64,
+        }],
+        end,
+    })
+}
+
+fn decompress_payload(payload: &[u8]) -> Result<Vec<u8>, LoaderError> {
+    let mut magic = [0u8; 4];
+    let n = payload.len().min(4);
+    magic[..n].copy_from_slice(&payload[..n]);
+    let mut out = Vec::new();
+    let limit = MAX_DECOMPRESSED + 1;
+    let result = match magic {
+        [0x1f, 0x8b, _, _] => flate2::read::GzDecoder::new(payload).take(limit).read_to_end(&mut out),
+        [0xfd, b'7', b'z', b'X'] => {
+            // The kernel's xz payload may carry trailing padding after the stream.
+            xz2::read::XzDecoder::new(payload).take(limit).read_to_end(&mut out)
+        }
+        [0x28, 0xb5, 0x2f, 0xfd] => zstd::stream::read::Decoder::new(payload)
+            .and_then(|d| d.take(limit).read_to_end(&mut out)),
+        other => return Err(LoaderError::UnsupportedCompression(other)),
+    };
+    result.map_err(LoaderError::Decompress)?;
+    if out.len() as u64 > MAX_DECOMPRESSED {
+        return Err(LoaderError::DecompressedTooLarge);
+    }
+    Ok(out)
+}
+
+fn le16(b: &[u8], off: usize) -> Result<u16, LoaderError> {
+    b.get(off..off + 2)
+        .map(|s| u16::from_le_bytes([s[0], s[1]]))
+        .ok_or(LoaderError::BadElf("truncated header"))
+}
+
+fn le32(b: &[u8], off: usize) -> Result<u32, LoaderError> {
+    b.get(off..off + 4)
+        .map(|s| u32::from_le_bytes([s[0], s[1], s[2], s[3]]))
+        .ok_or(LoaderError::BadElf("truncated header"))
+}
+
+fn le64(b: &[u8], off: usize) -> Result<u64, LoaderError> {
+    let lo = le32(b, off)?;
+    let hi = le32(b, off + 4)?;
+    Ok(u64::from(lo) | (u64::from(hi) << 32))
+}
+
+const PT_LOAD: u32 = 1;
+const EM_X86_64: u16 = 62;
+
+fn parse_elf(bytes: &[u8], kind: KernelKind, hdr: Option<setup_header>) -> Result<BootImage, LoaderError> {
+    if bytes.len() < 64 || &bytes[..4] != b"\x7fELF" {
+        return Err(LoaderError::BadElf("missing ELF magic"));
+    }
+    if bytes[4] != 2 {
+        return Err(LoaderError::BadElf("not a 64-bit ELF"));
+    }
+    if bytes[5] != 1 {
+        return Err(LoaderError::BadElf("not little-endian"));
+    }
+    if le16(bytes, 18)? != EM_X86_64 {
+        return Err(LoaderError::BadElf("not an x86-64 ELF"));
+    }
+    let entry = le64(bytes, 24)?;
+    let phoff = le64(bytes, 32)? as usize;
+    let phentsize = le16(bytes, 54)? as usize;
+    let phnum = le16(bytes, 56)? as usize;
+    if phentsize < 56 {
+        return Err(LoaderError::BadElf("program header entries are too small"));
+    }
+    let mut segments = Vec::new();
+    let mut end = 0u64;
+    for i in 0..phnum {
+        let ph = phoff
+            .checked_add(i.checked_mul(phentsize).ok_or(LoaderError::BadElf("program header overflow"))?)
+            .ok_or(LoaderError::BadElf("program header overflow"))?;
+        if le32(bytes, ph)? != PT_LOAD {
+            continue;
+        }
+        let offset = le64(bytes, ph + 8)? as usize;
+        let paddr = le64(bytes, ph + 24)?;
+        let filesz = le64(bytes, ph + 32)? as usize;
+        let memsz = le64(bytes, ph + 40)?;
+        if (filesz as u64) > memsz {
+            return Err(LoaderError::BadElf("segment file size exceeds its memory size"));
+        }
+        let data = offset
+            .checked_add(filesz)
+            .and_then(|e| bytes.get(offset..e))
+            .ok_or(LoaderError::BadElf("segment lies outside the file"))?;
+        let seg_end = paddr
+            .checked_add(memsz)
+            .ok_or(LoaderError::BadElf("segment address overflows"))?;
+        if paddr < layout::HIMEM_START.0 {
+            return Err(LoaderError::BadElf("segment below 1 MiB would overwrite boot data"));
+        }
+        end = end.max(seg_end);
+        segments.push(Segment {
+            addr: paddr,
+            data: data.to_vec(),
+            mem_size: memsz,
+        });
+    }
+    if segments.is_empty() {
+        return Err(LoaderError::BadElf("no loadable segments"));
+    }
+    if !segments.iter().any(|s| (s.addr..s.addr + s.mem_size).contains(&entry)) {
+        return Err(LoaderError::BadElf("entry point is outside every loadable segment"));
+    }
+    Ok(BootImage {
+        kind,
+        entry: GuestAddress(entry),
+        setup_header: hdr,
+        segments,
+        end,
+    })
+}
+
+/// An initrd read into memory, placed at the top of low RAM on each (re)load.
+#[derive(Debug, Clone)]
+pub struct Initrd {
+    data: Vec<u8>,
+}
+
+impl Initrd {
+    pub fn from_file(path: &str) -> Result<Self, LoaderError> {
+        let data = read_limited(path, 4 << 30).map_err(|source| LoaderError::ReadInitrd {
+            path: path.to_string(),
+            source,
+        })?;
+        Ok(Self { data })
+    }
+
+    pub fn from_bytes(data: Vec<u8>) -> Self {
+        Self { data }
+    }
+
+    /// Place the initrd as high as possible below `min(low_ram_end, limit)` and above
+    /// `kernel_end`, and copy it there.
+    pub fn load(
+        &self,
+        mem: &GuestMemoryMmap,
+        kernel_end: u64,
+        low_ram_end: u64,
+        limit: u64,
+    ) -> Result<InitrdPlacement, LoaderError> {
+        let size = self.data.len() as u64;
+        let high = low_ram_end.min(limit);
+        let low = kernel_end.next_multiple_of(4096);
+        let addr = high
+            .checked_sub(size)
+            .map(|a| a & !0xfff)
+            .filter(|a| *a >= low)
+            .ok_or(LoaderError::InitrdTooLarge { size, low, high })?;
+        mem.write_slice(&self.data, GuestAddress(addr))
+            .map_err(|source| LoaderError::WriteInitrd { addr, source })?;
+        Ok(InitrdPlacement {
+            addr: GuestAddress(addr),
+            size,
+        })
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+
+    /// A minimal ELF64 image with one PT_LOAD segment of `code` at `paddr`, for tests.
+    pub fn tiny_elf(paddr: u64, code: &[u8], bss: u64) -> Vec<u8> {
+        let mut b = vec![0u8; 0x78];
+        b[..4].copy_from_slice(b"\x7fELF");
+        b[4] = 2;
+        b[5] = 1;
+        b[6] = 1;
+        b[16..18].copy_from_slice(&2u16.to_le_bytes());
+        b[18..20].copy_from_slice(&EM_X86_64.to_le_bytes());
+        b[20..24].copy_from_slice(&1u32.to_le_bytes());
+        b[24..32].copy_from_slice(&paddr.to_le_bytes());
+        b[32..40].copy_from_slice(&64u64.to_le_bytes());
+        b[52..54].copy_from_slice(&64u16.to_le_bytes());
+        b[54..56].copy_from_slice(&56u16.to_le_bytes());
+        b[56..58].copy_from_slice(&1u16.to_le_bytes());
+        let ph = 64;
+        b[ph..ph + 4].copy_from_slice(&PT_LOAD.to_le_bytes());
+        b[ph + 4..ph + 8].copy_from_slice(&7u32.to_le_bytes());
+        b[ph + 8..ph + 16].copy_from_slice(&0x78u64.to_le_bytes());
+        b[ph + 16..ph + 24].copy_from_slice(&paddr.to_le_bytes());
+        b[ph + 24..ph + 32].copy_from_slice(&paddr.to_le_bytes());
+        b[ph + 32..ph + 40].copy_from_slice(&(code.len() as u64).to_le_bytes());
+        b[ph + 40..ph + 48].copy_from_slice(&(code.len() as u64 + bss).to_le_bytes());
+        b.extend_from_slice(code);
+        b
+    }
+
+    fn mem() -> GuestMemoryMmap {
+        GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 32 << 20)]).unwrap()
+    }
+
+    #[test]
+    fn elf_loads_segments_and_clears_bss() {
+        let m = mem();
+        m.write_slice(&[0xaa; 16], GuestAddress(0x20_0004)).unwrap();
+        let img = BootImage::parse(&tiny_elf(0x20_0000, &[0xf4, 0x90, 0x90, 0x90], 16), false).unwrap();
+        assert_eq!(img.kind, KernelKind::Elf);
+        assert_eq!(img.entry, GuestAddress(0x20_0000));
+        assert_eq!(img.end, 0x20_0014);
+        img.load(&m, 32 << 20).unwrap();
+        let mut buf = [0u8; 20];
+        m.read_slice(&mut buf, GuestAddress(0x20_0000)).unwrap();
+        assert_eq!(&buf[..4], &[0xf4, 0x90, 0x90, 0x90]);
+        assert!(buf[4..].iter().all(|b| *b == 0));
+    }
+
+    #[test]
+    fn bad_elves_are_refused() {
+        let good = tiny_elf(0x20_0000, &[0xf4], 0);
+        let mut truncated = good.clone();
+        truncated.truncate(0x70);
+        assert!(matches!(BootImage::parse(&truncated, false), Err(LoaderError::BadElf(_))));
+        let mut elf32 = good.clone();
+        elf32[4] = 1;
+        assert!(matches!(BootImage::parse(&elf32, false), Err(LoaderError::BadElf(_))));
+        assert!(matches!(
+            BootImage::parse(&tiny_elf(0x1000, &[0xf4], 0), false),
+            Err(LoaderError::BadElf(_))
+        ));
+        let mut bad_entry = good;
+        bad_entry[24..32].copy_from_slice(&0x50_0000u64.to_le_bytes());
+        assert!(BootImage::parse(&bad_entry, false).is_err());
+        assert!(matches!(
+            BootImage::parse(b"not a kernel at all", false),
+            Err(LoaderError::UnknownFormat(_))
+        ));
+    }
+
+    #[test]
+    fn kernel_larger_than_ram_is_refused() {
+        let m = mem();
+        let img = BootImage::parse(&tiny_elf(0x20_0000, &[0xf4], 64 << 20), false).unwrap();
+        assert!(matches!(img.load(&m, 32 << 20), Err(LoaderError::KernelTooLarge { .. })));
+    }
+
+    /// A synthetic bzImage whose payload is a gzip-compressed tiny ELF.
+    fn fake_bzimage() -> Vec<u8> {
+        use std::io::Write;
+        let elf = tiny_elf(0x100_0000, &[0xf4; 32], 0x1000);
+        let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+        gz.write_all(&elf).unwrap();
+        let payload = gz.finish().unwrap();
+        let setup_sects = 1usize;
+        let mut b = vec![0u8; (setup_sects + 1) * 512];
+        b[0x1f1] = setup_sects as u8;
+        b[0x1fe..0x200].copy_from_slice(&0xaa55u16.to_le_bytes());
+        b[0x202..0x206].copy_from_slice(&KERNEL_HDR_MAGIC.to_le_bytes());
+        b[0x206..0x208].copy_from_slice(&0x020fu16.to_le_bytes());
+        b[0x230..0x234].copy_from_slice(&0x20_0000u32.to_le_bytes()); // kernel_alignment
+        b[0x236..0x238].copy_from_slice(&XLF_KERNEL_64.to_le_bytes());
+        b[0x238..0x23c].copy_from_slice(&2047u32.to_le_bytes()); // cmdline_size
+        b[0x248..0x24c].copy_from_slice(&0x100u32.to_le_bytes()); // payload_offset
+        b[0x24c..0x250].copy_from_slice(&(payload.len() as u32).to_le_bytes());
+        b[0x258..0x260].copy_from_slice(&0x100_0000u64.to_le_bytes()); // pref_address
+        b[0x260..0x264].copy_from_slice(&0x20_0000u32.to_le_bytes()); // init_size
+        let mut pm = vec![0x90u8; 0x100];
+        pm.extend_from_slice(&payload);
+        b.extend_from_slice(&pm);
+        b
+    }
+
+    #[test]
+    fn bzimage_is_entered_at_startup_64() {
+        let img = BootImage::parse(&fake_bzimage(), false).unwrap();
+        assert_eq!(img.kind, KernelKind::BzImage);
+        assert_eq!(img.entry, GuestAddress(0x10_0200));
+        assert_eq!(img.segments[0].addr, 0x10_0000);
+        assert_eq!(img.end, 0x120_0000);
+        assert_eq!(img.cmdline_limit(), 2047);
+        let m = mem();
+        img.load(&m, 32 << 20).unwrap();
+        assert!(img.load(&m, 16 << 20).is_err());
+    }
+
+    #[test]
+    fn bzimage_payload_is_decompressed_on_the_host() {
+        let img = BootImage::parse(&fake_bzimage(), true).unwrap();
+        assert_eq!(img.kind, KernelKind::DecompressedBzImage);
+        assert_eq!(img.entry, GuestAddress(0x100_0000));
+        assert!(img.setup_header.is_some());
+        let m = mem();
+        img.load(&m, 32 << 20).unwrap();
+        let b: u8 = m.read_obj(GuestAddress(0x100_0000)).unwrap();
+        assert_eq!(b, 0xf4);
+    }
+
+    #[test]
+    fn bzimage_with_bad_payload_is_refused() {
+        let mut b = fake_bzimage();
+        b[0x24c..0x250].copy_from_slice(&0x10_0000u32.to_le_bytes());
+        assert!(matches!(BootImage::parse(&b, true), Err(LoaderError::BadPayload)));
+        let mut b = fake_bzimage();
+        let pm = 1024 + 0x100;
+        b[pm] = 0x42;
+        assert!(matches!(
+            BootImage::parse(&b, true),
+            Err(LoaderError::UnsupportedCompression(_))
+        ));
+        let mut b = fake_bzimage();
+        b[0x236] = 0;
+        assert!(matches!(BootImage::parse(&b, false), Err(LoaderError::No64BitEntry)));
+    }
+
+    #[test]
+    fn initrd_goes_high_and_too_large_is_refused() {
+        let m = mem();
+        let rd = Initrd::from_bytes(vec![7u8; 5000]);
+        let p = rd.load(&m, 0x20_0000, 32 << 20, u64::MAX).unwrap();
+        assert_eq!(p.addr, GuestAddress((32 << 20) - 8192));
+        assert_eq!(p.size, 5000);
+        let big = Initrd::from_bytes(vec![0u8; 31 << 20]);
+        assert!(matches!(
+            big.load(&m, 0x20_0000, 32 << 20, u64::MAX),
+            Err(LoaderError::InitrdTooLarge { .. })
+        ));
+    }
+}

@@ -1,0 +1,263 @@
+//! Guest RAM: one memfd, mapped into the vmm and shareable with device processes, laid out
+//! around the 32-bit PCI hole. The [`MemoryManager`] owns the memfd and the mapping.
+
+use std::fs::File;
+use std::os::fd::AsFd;
+
+use vm_memory::{FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
+
+use crate::arch::layout;
+
+/// The guest memory mapping used throughout the vmm.
+pub type GuestMemoryMmap = vm_memory::GuestMemoryMmap<()>;
+
+/// Smallest RAM we accept: enough for the boot structures and a tiny kernel.
+pub const MIN_RAM_SIZE: u64 = 2 << 20;
+/// Largest RAM we accept: 1 TiB, so RAM and the 64-bit PCI window fit in 41 address bits.
+pub const MAX_RAM_SIZE: u64 = 1 << 40;
+
+#[derive(Debug, thiserror::Error)]
+pub enum MemoryError {
+    #[error("RAM size {0} bytes is not a multiple of 4 KiB")]
+    Unaligned(u64),
+    #[error("RAM size {size} is out of range ({min}..={max} bytes)")]
+    OutOfRange { size: u64, min: u64, max: u64 },
+    #[error("failed to create the guest memory memfd: {0}")]
+    CreateMemfd(#[source] memfd::Error),
+    #[error("failed to size the guest memory memfd to {size} bytes: {source}")]
+    SizeMemfd {
+        size: u64,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("failed to seal the guest memory memfd: {0}")]
+    Seal(#[source] memfd::Error),
+    #[error("failed to duplicate the guest memory fd: {0}")]
+    DupFd(#[source] std::io::Error),
+    #[error("failed to map guest memory: {0}")]
+    Map(#[source] vm_memory::mmap::FromRangesError),
+}
+
+/// One contiguous range of guest RAM and where it lives in the memfd.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RamRange {
+    pub guest_addr: GuestAddress,
+    pub size: u64,
+    pub file_offset: u64,
+}
+
+/// Split `ram_size` bytes of RAM around the 32-bit hole: everything up to the hole first,
+/// the rest from 4 GiB.
+pub fn ram_ranges(ram_size: u64) -> Vec<RamRange> {
+    let low = ram_size.min(layout::MEM_32BIT_GAP_START.0);
+    let mut ranges = vec![RamRange {
+        guest_addr: GuestAddress(0),
+        size: low,
+        file_offset: 0,
+    }];
+    if ram_size > low {
+        ranges.push(RamRange {
+            guest_addr: layout::RAM_64BIT_START,
+            size: ram_size - low,
+            file_offset: low,
+        });
+    }
+    ranges
+}
+
+/// Owner of guest RAM.
+pub struct MemoryManager {
+    ram_size: u64,
+    ranges: Vec<RamRange>,
+    memfd: memfd::Memfd,
+    guest_memory: GuestMemoryMmap,
+}
+
+impl MemoryManager {
+    /// Create `ram_size` bytes of guest RAM backed by a sealed memfd.
+    pub fn new(ram_size: u64) -> Result<Self, MemoryError> {
+        if !(MIN_RAM_SIZE..=MAX_RAM_SIZE).contains(&ram_size) {
+            return Err(MemoryError::OutOfRange {
+                size: ram_size,
+                min: MIN_RAM_SIZE,
+                max: MAX_RAM_SIZE,
+            });
+        }
+        if ram_size % 4096 != 0 {
+            return Err(MemoryError::Unaligned(ram_size));
+        }
+        let memfd = memfd::MemfdOptions::default()
+            .close_on_exec(true)
+            .allow_sealing(true)
+            .create("vmm-guest-ram")
+            .map_err(MemoryError::CreateMemfd)?;
+        memfd
+            .as_file()
+            .set_len(ram_size)
+            .map_err(|source| MemoryError::SizeMemfd {
+                size: ram_size,
+                source,
+            })?;
+        // Other processes get this fd; nobody may change its size under the guest.
+        memfd
+            .add_seals(&[
+                memfd::FileSeal::SealShrink,
+                memfd::FileSeal::SealGrow,
+                memfd::FileSeal::SealSeal,
+            ])
+            .map_err(MemoryError::Seal)?;
+        let ranges = ram_ranges(ram_size);
+        let mut mappings = Vec::new();
+        for r in &ranges {
+            let file = memfd.as_file().try_clone().map_err(MemoryError::DupFd)?;
+            mappings.push((
+                r.guest_addr,
+                r.size as usize,
+                Some(FileOffset::new(file, r.file_offset)),
+            ));
+        }
+        let guest_memory = GuestMemoryMmap::from_ranges_with_files(mappings.iter())
+            .map_err(MemoryError::Map)?;
+        Ok(Self {
+            ram_size,
+            ranges,
+            memfd,
+            guest_memory,
+        })
+    }
+
+    pub fn ram_size(&self) -> u64 {
+        self.ram_size
+    }
+
+    pub fn ranges(&self) -> &[RamRange] {
+        &self.ranges
+    }
+
+    /// End (exclusive) of the RAM below the 32-bit hole.
+    pub fn low_ram_end(&self) -> u64 {
+        self.ranges[0].size
+    }
+
+    /// First address past all RAM.
+    pub fn ram_end(&self) -> u64 {
+        self.ranges
+            .last()
+            .map(|r| r.guest_addr.0 + r.size)
+            .unwrap_or(0)
+    }
+
+    /// Start of the 64-bit PCI MMIO window: past RAM and past 4 GiB, 1 GiB aligned.
+    pub fn pci_mmio64_start(&self) -> u64 {
+        self.ram_end()
+            .max(layout::RAM_64BIT_START.0)
+            .next_multiple_of(1 << 30)
+    }
+
+    pub fn guest_memory(&self) -> &GuestMemoryMmap {
+        &self.guest_memory
+    }
+
+    /// The memfd, for sharing guest RAM with another process.
+    pub fn memfd(&self) -> &File {
+        self.memfd.as_file()
+    }
+
+    /// Host virtual address and size of each mapped region, for KVM memory slots.
+    pub fn host_regions(&self) -> Vec<(GuestAddress, u64, u64)> {
+        self.guest_memory
+            .iter()
+            .map(|r| {
+                let host = r.as_ptr() as u64;
+                (r.start_addr(), r.len(), host)
+            })
+            .collect()
+    }
+
+    /// Zero all guest RAM (used before loading a fresh boot image is not needed on reset,
+    /// but tests use it to start from a known state).
+    pub fn zero(&self) -> std::io::Result<()> {
+        // Punching a hole releases the pages; reading them back gives zeroes.
+        let fd = self.memfd.as_file().as_fd();
+        nix_free_punch_hole(fd, self.ram_size)
+    }
+}
+
+fn nix_free_punch_hole(fd: std::os::fd::BorrowedFd<'_>, len: u64) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    // SAFETY: fallocate on a valid fd with in-range arguments has no memory-safety effects.
+    let ret = unsafe {
+        libc::fallocate(
+            fd.as_raw_fd(),
+            libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+            0,
+            len as libc::off_t,
+        )
+    };
+    if ret == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use vm_memory::Bytes;
+
+    #[test]
+    fn small_ram_is_one_range() {
+        let r = ram_ranges(512 << 20);
+        assert_eq!(
+            r,
+            vec![RamRange {
+                guest_addr: GuestAddress(0),
+                size: 512 << 20,
+                file_offset: 0
+            }]
+        );
+    }
+
+    #[test]
+    fn large_ram_is_split_around_the_hole() {
+        let r = ram_ranges(4 << 30);
+        assert_eq!(r.len(), 2);
+        assert_eq!(r[0].size, 3 << 30);
+        assert_eq!(r[1].guest_addr, GuestAddress(4 << 30));
+        assert_eq!(r[1].size, 1 << 30);
+        assert_eq!(r[1].file_offset, 3 << 30);
+    }
+
+    #[test]
+    fn memfd_backs_guest_ram_above_and_below_the_hole() {
+        use std::os::unix::fs::FileExt;
+        let mm = MemoryManager::new((3 << 30) + (8 << 20)).unwrap();
+        let mem = mm.guest_memory();
+        mem.write_obj(0x1234_5678u32, GuestAddress(0x1000)).unwrap();
+        mem.write_obj(0xdead_beefu32, GuestAddress(4 << 30)).unwrap();
+        let mut buf = [0u8; 4];
+        mm.memfd().read_exact_at(&mut buf, 0x1000).unwrap();
+        assert_eq!(u32::from_le_bytes(buf), 0x1234_5678);
+        mm.memfd().read_exact_at(&mut buf, 3 << 30).unwrap();
+        assert_eq!(u32::from_le_bytes(buf), 0xdead_beef);
+        assert!(mem.read_obj::<u32>(GuestAddress(3 << 30)).is_err());
+        assert_eq!(mm.ram_end(), (4 << 30) + (8 << 20));
+        assert_eq!(mm.pci_mmio64_start(), 5 << 30);
+        mm.zero().unwrap();
+        assert_eq!(mem.read_obj::<u32>(GuestAddress(0x1000)).unwrap(), 0);
+    }
+
+    #[test]
+    fn bad_sizes_are_refused() {
+        assert!(matches!(
+            MemoryManager::new(0),
+            Err(MemoryError::OutOfRange { .. })
+        ));
+        assert!(matches!(
+            MemoryManager::new((4 << 20) + 1),
+            Err(MemoryError::Unaligned(_))
+        ));
+        assert!(MemoryManager::new(MAX_RAM_SIZE * 2).is_err());
+    }
+}
