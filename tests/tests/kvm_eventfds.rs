@@ -38,14 +38,20 @@ impl IoHandler for Recorder {
         data.fill(0xff);
     }
     fn pio_write(&self, port: u16, data: &[u8]) {
-        self.log.lock().unwrap().push(Access::Pio(port, data.to_vec()));
+        self.log
+            .lock()
+            .unwrap()
+            .push(Access::Pio(port, data.to_vec()));
         self.cv.notify_all();
     }
     fn mmio_read(&self, _addr: u64, data: &mut [u8]) {
         data.fill(0xff);
     }
     fn mmio_write(&self, addr: u64, data: &[u8]) {
-        self.log.lock().unwrap().push(Access::Mmio(addr, data.to_vec()));
+        self.log
+            .lock()
+            .unwrap()
+            .push(Access::Mmio(addr, data.to_vec()));
         self.cv.notify_all();
     }
 }
@@ -59,7 +65,10 @@ impl Recorder {
                 return log.clone();
             }
             let left = deadline.saturating_duration_since(Instant::now());
-            assert!(!left.is_zero(), "guest never reported marker {value}; saw {log:?}");
+            assert!(
+                !left.is_zero(),
+                "guest never reported marker {value}; saw {log:?}"
+            );
             log = self.cv.wait_timeout(log, left).unwrap().0;
         }
     }
@@ -129,8 +138,15 @@ fn ioeventfd_fires_on_mmio_write() {
     cpus.shutdown();
 
     assert_eq!(any.read().unwrap(), 1, "the plain ioeventfd fired once");
-    assert_eq!(matching.read().unwrap(), 1, "the datamatch ioeventfd fired once");
-    let mmio: Vec<_> = log.iter().filter(|a| matches!(a, Access::Mmio(..))).collect();
+    assert_eq!(
+        matching.read().unwrap(),
+        1,
+        "the datamatch ioeventfd fired once"
+    );
+    let mmio: Vec<_> = log
+        .iter()
+        .filter(|a| matches!(a, Access::Mmio(..)))
+        .collect();
     assert_eq!(
         mmio,
         vec![&Access::Mmio(0xd000_0008, 0x54u32.to_le_bytes().to_vec())],
@@ -171,7 +187,10 @@ fn irqfd_interrupt_reaches_the_guest_handler() {
     a.mov(dword_ptr(rbx + 0xb0), 0u32).unwrap(); // EOI
     a.iretq().unwrap();
     let result = a
-        .assemble_options(LOAD_ADDR, BlockEncoderOptions::RETURN_NEW_INSTRUCTION_OFFSETS)
+        .assemble_options(
+            LOAD_ADDR,
+            BlockEncoderOptions::RETURN_NEW_INSTRUCTION_OFFSETS,
+        )
         .unwrap();
     let handler_addr = result.label_ip(&handler).unwrap();
     let code = result.inner.code_buffer;
@@ -185,7 +204,8 @@ fn irqfd_interrupt_reaches_the_guest_handler() {
     gate[5] = 0x8e;
     gate[6..8].copy_from_slice(&((handler_addr >> 16) as u16).to_le_bytes());
     gate[8..12].copy_from_slice(&((handler_addr >> 32) as u32).to_le_bytes());
-    mem.write_slice(&gate, GuestAddress(IDT + VECTOR * 16)).unwrap();
+    mem.write_slice(&gate, GuestAddress(IDT + VECTOR * 16))
+        .unwrap();
     let mut idtr = [0u8; 10];
     idtr[0..2].copy_from_slice(&(256u16 * 16 - 1).to_le_bytes());
     idtr[2..10].copy_from_slice(&IDT.to_le_bytes());

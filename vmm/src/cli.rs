@@ -33,13 +33,34 @@ pub enum Command {
 
 /// Options that take a value.
 const WITH_VALUE: &[&str] = &[
-    "m", "smp", "kernel", "initrd", "append", "accel", "name", "uuid", "serial", "display",
-    "pidfile", "device", "machine", "M", "decompress-kernel",
+    "m",
+    "smp",
+    "kernel",
+    "initrd",
+    "append",
+    "accel",
+    "name",
+    "uuid",
+    "serial",
+    "display",
+    "pidfile",
+    "device",
+    "machine",
+    "M",
+    "decompress-kernel",
 ];
 /// Options that are flags.
 const FLAGS: &[&str] = &[
-    "S", "no-shutdown", "no-reboot", "nodefaults", "daemonize", "enable-kvm", "nographic", "h",
-    "help", "version",
+    "S",
+    "no-shutdown",
+    "no-reboot",
+    "nodefaults",
+    "daemonize",
+    "enable-kvm",
+    "nographic",
+    "h",
+    "help",
+    "version",
 ];
 
 /// Parse the arguments after the program name.
@@ -154,8 +175,16 @@ where
         }
     }
 
-    if cfg.daemonize && serials.iter().any(|s| s == "stdio" || s.starts_with("stdio,")) {
-        return Err(err("-serial", Some("stdio"), "stdio cannot be used with -daemonize"));
+    if cfg.daemonize
+        && serials
+            .iter()
+            .any(|s| s == "stdio" || s.starts_with("stdio,"))
+    {
+        return Err(err(
+            "-serial",
+            Some("stdio"),
+            "stdio cannot be used with -daemonize",
+        ));
     }
     if cfg.daemonize && nographic {
         return Err(err("-nographic", None, "cannot be used with -daemonize"));
@@ -241,14 +270,18 @@ pub fn parse_size(v: &str, default_unit: u64) -> Result<u64, String> {
         return Err("missing number".into());
     }
     let bytes = if let Some((int, frac)) = num.split_once('.') {
-        let int: u64 = int.parse().map_err(|_| format!("'{num}' is not a number"))?;
+        let int: u64 = int
+            .parse()
+            .map_err(|_| format!("'{num}' is not a number"))?;
         let frac_val: f64 = format!("0.{frac}")
             .parse()
             .map_err(|_| format!("'{num}' is not a number"))?;
         int.checked_mul(mult)
             .and_then(|b| b.checked_add((frac_val * mult as f64) as u64))
     } else {
-        let n: u64 = num.parse().map_err(|_| format!("'{num}' is not a number"))?;
+        let n: u64 = num
+            .parse()
+            .map_err(|_| format!("'{num}' is not a number"))?;
         n.checked_mul(mult)
     };
     bytes.ok_or_else(|| "size is too large".to_string())
@@ -312,7 +345,11 @@ fn parse_smp(v: &str) -> Result<u32, String> {
         return Err("topology values must be at least 1".into());
     }
     let product = if topo.iter().any(Option::is_some) {
-        Some(topo.iter().map(|t| u64::from(t.unwrap_or(1))).product::<u64>())
+        Some(
+            topo.iter()
+                .map(|t| u64::from(t.unwrap_or(1)))
+                .product::<u64>(),
+        )
     } else {
         None
     };
@@ -344,7 +381,9 @@ fn parse_accel_name(name: &str) -> Result<AccelKind, String> {
     match name {
         "kvm" => Ok(AccelKind::Kvm),
         "emu" | "tcg" => Ok(AccelKind::Emu),
-        other => Err(format!("invalid accelerator '{other}' (expected kvm or emu)")),
+        other => Err(format!(
+            "invalid accelerator '{other}' (expected kvm or emu)"
+        )),
     }
 }
 
@@ -363,7 +402,11 @@ fn parse_machine(v: &str) -> Result<Option<Vec<AccelKind>>, String> {
         match k {
             "" | "type" => match val {
                 "pc" | "q35" | "vmm" => {}
-                other => return Err(format!("unsupported machine type '{other}' (use pc or q35)")),
+                other => {
+                    return Err(format!(
+                        "unsupported machine type '{other}' (use pc or q35)"
+                    ))
+                }
             },
             "accel" => accel = Some(parse_accel(val)?),
             other => return Err(format!("unknown machine property '{other}'")),
@@ -455,21 +498,52 @@ mod tests {
     #[test]
     fn full_command_line() {
         let c = run(&[
-            "-m", "1G", "-smp", "2", "-kernel", "/k", "-initrd", "/i", "-append", "console=ttyS0",
-            "-accel", "kvm:emu", "-name", "guest=vm1,process=p", "-uuid",
-            "12345678-9ABC-def0-1234-56789abcdef0", "-serial", "file:/tmp/out", "-serial",
-            "unix:/tmp/s,server,nowait", "-S", "-no-shutdown", "--no-reboot", "-nodefaults",
-            "-display", "none", "-pidfile", "/tmp/pid", "-device", "isa-debug-exit,iobase=0xf4,iosize=4",
+            "-m",
+            "1G",
+            "-smp",
+            "2",
+            "-kernel",
+            "/k",
+            "-initrd",
+            "/i",
+            "-append",
+            "console=ttyS0",
+            "-accel",
+            "kvm:emu",
+            "-name",
+            "guest=vm1,process=p",
+            "-uuid",
+            "12345678-9ABC-def0-1234-56789abcdef0",
+            "-serial",
+            "file:/tmp/out",
+            "-serial",
+            "unix:/tmp/s,server,nowait",
+            "-S",
+            "-no-shutdown",
+            "--no-reboot",
+            "-nodefaults",
+            "-display",
+            "none",
+            "-pidfile",
+            "/tmp/pid",
+            "-device",
+            "isa-debug-exit,iobase=0xf4,iosize=4",
         ])
         .unwrap();
         assert_eq!(c.memory_size, 1 << 30);
         assert_eq!(c.cpus, 2);
         let k = c.kernel.unwrap();
-        assert_eq!((k.path.as_str(), k.initrd.as_deref(), k.cmdline.as_str()), ("/k", Some("/i"), "console=ttyS0"));
+        assert_eq!(
+            (k.path.as_str(), k.initrd.as_deref(), k.cmdline.as_str()),
+            ("/k", Some("/i"), "console=ttyS0")
+        );
         assert_eq!(c.accel, Some(vec![AccelKind::Kvm, AccelKind::Emu]));
         assert_eq!(c.name.as_deref(), Some("vm1"));
         assert_eq!(c.process_name.as_deref(), Some("p"));
-        assert_eq!(c.uuid.as_deref(), Some("12345678-9abc-def0-1234-56789abcdef0"));
+        assert_eq!(
+            c.uuid.as_deref(),
+            Some("12345678-9abc-def0-1234-56789abcdef0")
+        );
         assert_eq!(c.serials.len(), 2);
         assert!(c.start_paused && c.no_shutdown && c.no_reboot && c.nodefaults);
         assert_eq!(c.pidfile.as_deref(), Some("/tmp/pid"));
@@ -520,27 +594,41 @@ mod tests {
         let e = run(&["-serial", "bogus"]).unwrap_err();
         assert!(e.to_string().starts_with("-serial bogus"));
         let e = run(&["-device", "e1000"]).unwrap_err();
-        assert!(e.to_string().contains("'e1000' is not a valid device model name"));
+        assert!(e
+            .to_string()
+            .contains("'e1000' is not a valid device model name"));
         let e = run(&["-display", "gtk"]).unwrap_err();
         assert!(e.to_string().starts_with("-display gtk"));
         assert!(run(&["disk.img"]).is_err());
         assert!(run(&["-initrd", "/i"]).is_err());
         assert!(run(&["-daemonize", "-serial", "stdio"]).is_err());
-        for e in [run(&["-m", "0"]).unwrap_err(), run(&["-frobnicate"]).unwrap_err()] {
+        for e in [
+            run(&["-m", "0"]).unwrap_err(),
+            run(&["-frobnicate"]).unwrap_err(),
+        ] {
             assert!(!e.to_string().contains('\n'));
         }
     }
 
     #[test]
     fn serial_defaults() {
-        assert_eq!(run(&["-nographic"]).unwrap().serials, vec!["stdio".to_string()]);
+        assert_eq!(
+            run(&["-nographic"]).unwrap().serials,
+            vec!["stdio".to_string()]
+        );
         assert!(run(&["-nodefaults"]).unwrap().serials.is_empty());
     }
 
     #[test]
     fn accel_spellings() {
-        assert_eq!(run(&["-enable-kvm"]).unwrap().accel, Some(vec![AccelKind::Kvm]));
-        assert_eq!(run(&["-accel", "tcg"]).unwrap().accel, Some(vec![AccelKind::Emu]));
+        assert_eq!(
+            run(&["-enable-kvm"]).unwrap().accel,
+            Some(vec![AccelKind::Kvm])
+        );
+        assert_eq!(
+            run(&["-accel", "tcg"]).unwrap().accel,
+            Some(vec![AccelKind::Emu])
+        );
         assert_eq!(
             run(&["-machine", "pc,accel=kvm:emu"]).unwrap().accel,
             Some(vec![AccelKind::Kvm, AccelKind::Emu])

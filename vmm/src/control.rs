@@ -15,6 +15,8 @@ pub enum MachineRequest {
     DebugExit(u32),
     /// A vCPU hit an error it cannot continue from.
     InternalError,
+    /// The host asked the vmm to exit (SIGTERM, SIGINT, SIGHUP).
+    Quit,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -49,7 +49,9 @@ pub enum LoaderError {
     UnknownFormat(String),
     #[error("bzImage is truncated or its setup header is invalid")]
     BadSetupHeader,
-    #[error("bzImage boot protocol {0:#x} is too old: 2.12 or later is needed for the 64-bit entry")]
+    #[error(
+        "bzImage boot protocol {0:#x} is too old: 2.12 or later is needed for the 64-bit entry"
+    )]
     ProtocolTooOld(u16),
     #[error("bzImage has no 64-bit entry point (XLF_KERNEL_64 is clear)")]
     No64BitEntry,
@@ -115,10 +117,11 @@ pub struct BootImage {
 impl BootImage {
     /// Parse the kernel file at `path`.
     pub fn from_file(path: &str, decompress: bool) -> Result<Self, LoaderError> {
-        let bytes = read_limited(path, MAX_KERNEL_FILE).map_err(|source| LoaderError::ReadKernel {
-            path: path.to_string(),
-            source,
-        })?;
+        let bytes =
+            read_limited(path, MAX_KERNEL_FILE).map_err(|source| LoaderError::ReadKernel {
+                path: path.to_string(),
+                source,
+            })?;
         Self::parse(&bytes, decompress).map_err(|e| match e {
             LoaderError::UnknownFormat(_) => LoaderError::UnknownFormat(path.to_string()),
             other => other,
@@ -171,15 +174,21 @@ impl BootImage {
             let bss = seg.mem_size - seg.data.len() as u64;
             if bss > 0 {
                 let start = seg.addr + seg.data.len() as u64;
-                write_zeroes(mem, start, bss)
-                    .map_err(|source| LoaderError::WriteKernel { addr: start, source })?;
+                write_zeroes(mem, start, bss).map_err(|source| LoaderError::WriteKernel {
+                    addr: start,
+                    source,
+                })?;
             }
         }
         Ok(())
     }
 }
 
-fn write_zeroes(mem: &GuestMemoryMmap, mut addr: u64, mut len: u64) -> Result<(), vm_memory::GuestMemoryError> {
+fn write_zeroes(
+    mem: &GuestMemoryMmap,
+    mut addr: u64,
+    mut len: u64,
+) -> Result<(), vm_memory::GuestMemoryError> {
     let zeroes = vec![0u8; 1 << 20];
     while len > 0 {
         let n = len.min(zeroes.len() as u64);
@@ -218,9 +227,16 @@ fn parse_bzimage(bytes: &[u8], decompress: bool) -> Result<BootImage, LoaderErro
     if hdr.xloadflags & XLF_KERNEL_64 == 0 {
         return Err(LoaderError::No64BitEntry);
     }
-    let setup_sects = if hdr.setup_sects == 0 { 4 } else { hdr.setup_sects as usize };
+    let setup_sects = if hdr.setup_sects == 0 {
+        4
+    } else {
+        hdr.setup_sects as usize
+    };
     let pm_start = (setup_sects + 1) * 512;
-    let pm_code = bytes.get(pm_start..).filter(|c| !c.is_empty()).ok_or(LoaderError::BadSetupHeader)?;
+    let pm_code = bytes
+        .get(pm_start..)
+        .filter(|c| !c.is_empty())
+        .ok_or(LoaderError::BadSetupHeader)?;
 
     if decompress {
         let payload = pm_code
@@ -258,10 +274,14 @@ fn decompress_payload(payload: &[u8]) -> Result<Vec<u8>, LoaderError> {
     let mut out = Vec::new();
     let limit = MAX_DECOMPRESSED + 1;
     let result = match magic {
-        [0x1f, 0x8b, _, _] => flate2::read::GzDecoder::new(payload).take(limit).read_to_end(&mut out),
+        [0x1f, 0x8b, _, _] => flate2::read::GzDecoder::new(payload)
+            .take(limit)
+            .read_to_end(&mut out),
         [0xfd, b'7', b'z', b'X'] => {
             // The kernel's xz payload may carry trailing padding after the stream.
-            xz2::read::XzDecoder::new(payload).take(limit).read_to_end(&mut out)
+            xz2::read::XzDecoder::new(payload)
+                .take(limit)
+                .read_to_end(&mut out)
         }
         [0x28, 0xb5, 0x2f, 0xfd] => zstd::stream::read::Decoder::new(payload)
             .and_then(|d| d.take(limit).read_to_end(&mut out)),
@@ -295,7 +315,11 @@ fn le64(b: &[u8], off: usize) -> Result<u64, LoaderError> {
 const PT_LOAD: u32 = 1;
 const EM_X86_64: u16 = 62;
 
-fn parse_elf(bytes: &[u8], kind: KernelKind, hdr: Option<setup_header>) -> Result<BootImage, LoaderError> {
+fn parse_elf(
+    bytes: &[u8],
+    kind: KernelKind,
+    hdr: Option<setup_header>,
+) -> Result<BootImage, LoaderError> {
     if bytes.len() < 64 || &bytes[..4] != b"\x7fELF" {
         return Err(LoaderError::BadElf("missing ELF magic"));
     }
@@ -319,7 +343,10 @@ fn parse_elf(bytes: &[u8], kind: KernelKind, hdr: Option<setup_header>) -> Resul
     let mut end = 0u64;
     for i in 0..phnum {
         let ph = phoff
-            .checked_add(i.checked_mul(phentsize).ok_or(LoaderError::BadElf("program header overflow"))?)
+            .checked_add(
+                i.checked_mul(phentsize)
+                    .ok_or(LoaderError::BadElf("program header overflow"))?,
+            )
             .ok_or(LoaderError::BadElf("program header overflow"))?;
         if le32(bytes, ph)? != PT_LOAD {
             continue;
@@ -329,7 +356,9 @@ fn parse_elf(bytes: &[u8], kind: KernelKind, hdr: Option<setup_header>) -> Resul
         let filesz = le64(bytes, ph + 32)? as usize;
         let memsz = le64(bytes, ph + 40)?;
         if (filesz as u64) > memsz {
-            return Err(LoaderError::BadElf("segment file size exceeds its memory size"));
+            return Err(LoaderError::BadElf(
+                "segment file size exceeds its memory size",
+            ));
         }
         let data = offset
             .checked_add(filesz)
@@ -339,7 +368,9 @@ fn parse_elf(bytes: &[u8], kind: KernelKind, hdr: Option<setup_header>) -> Resul
             .checked_add(memsz)
             .ok_or(LoaderError::BadElf("segment address overflows"))?;
         if paddr < layout::HIMEM_START.0 {
-            return Err(LoaderError::BadElf("segment below 1 MiB would overwrite boot data"));
+            return Err(LoaderError::BadElf(
+                "segment below 1 MiB would overwrite boot data",
+            ));
         }
         end = end.max(seg_end);
         segments.push(Segment {
@@ -351,8 +382,13 @@ fn parse_elf(bytes: &[u8], kind: KernelKind, hdr: Option<setup_header>) -> Resul
     if segments.is_empty() {
         return Err(LoaderError::BadElf("no loadable segments"));
     }
-    if !segments.iter().any(|s| (s.addr..s.addr + s.mem_size).contains(&entry)) {
-        return Err(LoaderError::BadElf("entry point is outside every loadable segment"));
+    if !segments
+        .iter()
+        .any(|s| (s.addr..s.addr + s.mem_size).contains(&entry))
+    {
+        return Err(LoaderError::BadElf(
+            "entry point is outside every loadable segment",
+        ));
     }
     Ok(BootImage {
         kind,
@@ -447,7 +483,8 @@ pub(crate) mod tests {
     fn elf_loads_segments_and_clears_bss() {
         let m = mem();
         m.write_slice(&[0xaa; 16], GuestAddress(0x20_0004)).unwrap();
-        let img = BootImage::parse(&tiny_elf(0x20_0000, &[0xf4, 0x90, 0x90, 0x90], 16), false).unwrap();
+        let img =
+            BootImage::parse(&tiny_elf(0x20_0000, &[0xf4, 0x90, 0x90, 0x90], 16), false).unwrap();
         assert_eq!(img.kind, KernelKind::Elf);
         assert_eq!(img.entry, GuestAddress(0x20_0000));
         assert_eq!(img.end, 0x20_0014);
@@ -463,10 +500,16 @@ pub(crate) mod tests {
         let good = tiny_elf(0x20_0000, &[0xf4], 0);
         let mut truncated = good.clone();
         truncated.truncate(0x70);
-        assert!(matches!(BootImage::parse(&truncated, false), Err(LoaderError::BadElf(_))));
+        assert!(matches!(
+            BootImage::parse(&truncated, false),
+            Err(LoaderError::BadElf(_))
+        ));
         let mut elf32 = good.clone();
         elf32[4] = 1;
-        assert!(matches!(BootImage::parse(&elf32, false), Err(LoaderError::BadElf(_))));
+        assert!(matches!(
+            BootImage::parse(&elf32, false),
+            Err(LoaderError::BadElf(_))
+        ));
         assert!(matches!(
             BootImage::parse(&tiny_elf(0x1000, &[0xf4], 0), false),
             Err(LoaderError::BadElf(_))
@@ -484,7 +527,10 @@ pub(crate) mod tests {
     fn kernel_larger_than_ram_is_refused() {
         let m = mem();
         let img = BootImage::parse(&tiny_elf(0x20_0000, &[0xf4], 64 << 20), false).unwrap();
-        assert!(matches!(img.load(&m, 32 << 20), Err(LoaderError::KernelTooLarge { .. })));
+        assert!(matches!(
+            img.load(&m, 32 << 20),
+            Err(LoaderError::KernelTooLarge { .. })
+        ));
     }
 
     /// A synthetic bzImage whose payload is a gzip-compressed tiny ELF.
@@ -542,7 +588,10 @@ pub(crate) mod tests {
     fn bzimage_with_bad_payload_is_refused() {
         let mut b = fake_bzimage();
         b[0x24c..0x250].copy_from_slice(&0x10_0000u32.to_le_bytes());
-        assert!(matches!(BootImage::parse(&b, true), Err(LoaderError::BadPayload)));
+        assert!(matches!(
+            BootImage::parse(&b, true),
+            Err(LoaderError::BadPayload)
+        ));
         let mut b = fake_bzimage();
         let pm = 1024 + 0x100;
         b[pm] = 0x42;
@@ -552,7 +601,10 @@ pub(crate) mod tests {
         ));
         let mut b = fake_bzimage();
         b[0x236] = 0;
-        assert!(matches!(BootImage::parse(&b, false), Err(LoaderError::No64BitEntry)));
+        assert!(matches!(
+            BootImage::parse(&b, false),
+            Err(LoaderError::No64BitEntry)
+        ));
     }
 
     #[test]

@@ -116,8 +116,8 @@ impl MemoryManager {
                 Some(FileOffset::new(file, r.file_offset)),
             ));
         }
-        let guest_memory = GuestMemoryMmap::from_ranges_with_files(mappings.iter())
-            .map_err(MemoryError::Map)?;
+        let guest_memory =
+            GuestMemoryMmap::from_ranges_with_files(mappings.iter()).map_err(MemoryError::Map)?;
         Ok(Self {
             ram_size,
             ranges,
@@ -235,7 +235,8 @@ mod tests {
         let mm = MemoryManager::new((3 << 30) + (8 << 20)).unwrap();
         let mem = mm.guest_memory();
         mem.write_obj(0x1234_5678u32, GuestAddress(0x1000)).unwrap();
-        mem.write_obj(0xdead_beefu32, GuestAddress(4 << 30)).unwrap();
+        mem.write_obj(0xdead_beefu32, GuestAddress(4 << 30))
+            .unwrap();
         let mut buf = [0u8; 4];
         mm.memfd().read_exact_at(&mut buf, 0x1000).unwrap();
         assert_eq!(u32::from_le_bytes(buf), 0x1234_5678);

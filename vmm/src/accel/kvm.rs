@@ -5,15 +5,17 @@ use std::sync::{Arc, Mutex};
 
 use kvm_bindings::{
     kvm_fpu, kvm_lapic_state, kvm_mp_state, kvm_msr_entry, kvm_pit_config, kvm_pit_state2,
-    kvm_regs, kvm_segment, kvm_userspace_memory_region, CpuId, Msrs, KVM_MAX_CPUID_ENTRIES,
-    KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE, KVM_MP_STATE_RUNNABLE,
+    kvm_regs, kvm_segment, kvm_userspace_memory_region, CpuId, Msrs, KVM_IRQCHIP_IOAPIC,
+    KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE, KVM_MAX_CPUID_ENTRIES, KVM_MP_STATE_RUNNABLE,
     KVM_MP_STATE_UNINITIALIZED, KVM_PIT_SPEAKER_DUMMY,
 };
 use kvm_ioctls::{Cap, Kvm, VcpuExit as KvmExit, VcpuFd, VmFd};
 use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::signal::{register_signal_handler, SIGRTMIN};
 
-use super::{AccelError, AccelKind, Accelerator, IoEventAddress, IoHandler, Vcpu, VcpuExit, VcpuKicker};
+use super::{
+    AccelError, AccelKind, Accelerator, IoEventAddress, IoHandler, Vcpu, VcpuExit, VcpuKicker,
+};
 use crate::arch::boot::{EntryState, Segment};
 use crate::devices::interrupt::{InterruptError, IrqChip};
 use crate::memory::MemoryManager;
@@ -110,7 +112,11 @@ impl KvmAccel {
             .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
             .map_err(AccelError::kvm("get the supported CPUID"))?;
         let mut initial_irqchips = Vec::new();
-        for chip_id in [KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE, KVM_IRQCHIP_IOAPIC] {
+        for chip_id in [
+            KVM_IRQCHIP_PIC_MASTER,
+            KVM_IRQCHIP_PIC_SLAVE,
+            KVM_IRQCHIP_IOAPIC,
+        ] {
             let mut chip = kvm_bindings::kvm_irqchip {
                 chip_id,
                 ..Default::default()
@@ -129,7 +135,9 @@ impl KvmAccel {
             }
             initial_irqchips.push(chip);
         }
-        let initial_pit = vm.get_pit2().map_err(AccelError::kvm("read the PIT state"))?;
+        let initial_pit = vm
+            .get_pit2()
+            .map_err(AccelError::kvm("read the PIT state"))?;
         install_kick_handler()?;
         Ok(Self {
             kvm,
@@ -209,7 +217,9 @@ impl Accelerator for KvmAccel {
         fd.set_cpuid2(&self.vcpu_cpuid(id, num_vcpus))
             .map_err(AccelError::kvm("set the vCPU's CPUID"))?;
         // LINT0 takes the PIC's ExtINT, LINT1 is NMI, as PC firmware leaves them.
-        let mut lapic = fd.get_lapic().map_err(AccelError::kvm("read the local APIC"))?;
+        let mut lapic = fd
+            .get_lapic()
+            .map_err(AccelError::kvm("read the local APIC"))?;
         set_lvt_mode(&mut lapic, APIC_LVT0, APIC_MODE_EXTINT);
         set_lvt_mode(&mut lapic, APIC_LVT1, APIC_MODE_NMI);
         fd.set_lapic(&lapic)
@@ -426,7 +436,9 @@ impl Vcpu for KvmVcpu {
             mxcsr: 0x1f80,
             ..Default::default()
         };
-        self.fd.set_fpu(&fpu).map_err(AccelError::kvm("reset the FPU"))?;
+        self.fd
+            .set_fpu(&fpu)
+            .map_err(AccelError::kvm("reset the FPU"))?;
         let Some(st) = entry else {
             // Application processors wait for INIT/SIPI from the boot CPU.
             return self
@@ -456,7 +468,9 @@ impl Vcpu for KvmVcpu {
         sregs.cr8 = 0;
         sregs.efer = st.efer;
         sregs.interrupt_bitmap = [0; 4];
-        self.fd.set_sregs(&sregs).map_err(AccelError::kvm("set sregs"))?;
+        self.fd
+            .set_sregs(&sregs)
+            .map_err(AccelError::kvm("set sregs"))?;
         let regs = kvm_regs {
             rip: st.rip,
             rsp: st.rsp,
@@ -465,7 +479,9 @@ impl Vcpu for KvmVcpu {
             rflags: st.rflags,
             ..Default::default()
         };
-        self.fd.set_regs(&regs).map_err(AccelError::kvm("set registers"))?;
+        self.fd
+            .set_regs(&regs)
+            .map_err(AccelError::kvm("set registers"))?;
         self.fd
             .set_mp_state(kvm_mp_state {
                 mp_state: KVM_MP_STATE_RUNNABLE,
@@ -509,8 +525,14 @@ impl Vcpu for KvmVcpu {
                     let suberror = self.fd.get_kvm_run().__bindgen_anon_1;
                     // SAFETY: the union's `internal` member is the active one for this exit.
                     let sub = unsafe { suberror.internal.suberror };
+                    let what = match sub {
+                        1 => " (instruction emulation failed)",
+                        2 => " (simultaneous exceptions)",
+                        3 => " (unexpected exit during event delivery)",
+                        _ => "",
+                    };
                     return Ok(VcpuExit::InternalError(format!(
-                        "KVM internal error, suberror {sub}"
+                        "KVM internal error, suberror {sub}{what}"
                     )));
                 }
                 Ok(KvmExit::SystemEvent(kind, _)) => {
@@ -519,13 +541,20 @@ impl Vcpu for KvmVcpu {
                     )))
                 }
                 Ok(other) => {
-                    return Ok(VcpuExit::InternalError(format!("unexpected exit {other:?}")))
+                    return Ok(VcpuExit::InternalError(format!(
+                        "unexpected exit {other:?}"
+                    )))
                 }
                 Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
                     self.fd.set_kvm_immediate_exit(0);
                     return Ok(VcpuExit::Interrupted);
                 }
-                Err(e) => return Err(AccelError::Kvm { what: "run the vCPU", source: e }),
+                Err(e) => {
+                    return Err(AccelError::Kvm {
+                        what: "run the vCPU",
+                        source: e,
+                    })
+                }
             }
         }
     }
@@ -535,7 +564,11 @@ impl Vcpu for KvmVcpu {
     }
 
     fn instruction_pointer(&mut self) -> Result<u64, AccelError> {
-        Ok(self.fd.get_regs().map_err(AccelError::kvm("read registers"))?.rip)
+        Ok(self
+            .fd
+            .get_regs()
+            .map_err(AccelError::kvm("read registers"))?
+            .rip)
     }
 
     fn dump_registers(&mut self) -> String {
@@ -550,9 +583,33 @@ impl Vcpu for KvmVcpu {
              RIP={:016x} RFL={:08x}\n\
              CS ={:04x} {:016x} SS ={:04x} {:016x}\n\
              CR0={:08x} CR2={:016x} CR3={:016x} CR4={:08x} EFER={:016x}",
-            r.rax, r.rbx, r.rcx, r.rdx, r.rsi, r.rdi, r.rbp, r.rsp, r.r8, r.r9, r.r10, r.r11,
-            r.r12, r.r13, r.r14, r.r15, r.rip, r.rflags, s.cs.selector, s.cs.base,
-            s.ss.selector, s.ss.base, s.cr0, s.cr2, s.cr3, s.cr4, s.efer,
+            r.rax,
+            r.rbx,
+            r.rcx,
+            r.rdx,
+            r.rsi,
+            r.rdi,
+            r.rbp,
+            r.rsp,
+            r.r8,
+            r.r9,
+            r.r10,
+            r.r11,
+            r.r12,
+            r.r13,
+            r.r14,
+            r.r15,
+            r.rip,
+            r.rflags,
+            s.cs.selector,
+            s.cs.base,
+            s.ss.selector,
+            s.ss.base,
+            s.cr0,
+            s.cr2,
+            s.cr3,
+            s.cr4,
+            s.efer,
             id = self.id
         )
     }

@@ -166,7 +166,10 @@ pub fn create_accelerator(
             Ok(a) => return Ok(a),
             Err(e) => {
                 if i + 1 < choices.len() {
-                    tracing::warn!("accelerator {} is not usable ({e}); trying the next one", kind.name());
+                    tracing::warn!(
+                        "accelerator {} is not usable ({e}); trying the next one",
+                        kind.name()
+                    );
                 }
                 last_err = e;
             }

@@ -162,7 +162,11 @@ pub fn write_boot_params(mem: &GuestMemoryMmap, params: &boot_params) -> Result<
 }
 
 /// Write the NUL-terminated command line; `max_len` is the kernel's limit (without NUL).
-pub fn write_cmdline(mem: &GuestMemoryMmap, cmdline: &str, max_len: usize) -> Result<usize, BootError> {
+pub fn write_cmdline(
+    mem: &GuestMemoryMmap,
+    cmdline: &str,
+    max_len: usize,
+) -> Result<usize, BootError> {
     if cmdline.as_bytes().contains(&0) {
         return Err(BootError::CommandLineNul);
     }
@@ -214,7 +218,11 @@ impl Segment {
         Segment {
             selector,
             base,
-            limit: if g { (raw_limit << 12) | 0xfff } else { raw_limit },
+            limit: if g {
+                (raw_limit << 12) | 0xfff
+            } else {
+                raw_limit
+            },
             type_: ((entry >> 40) & 0xf) as u8,
             s: (entry >> 44) & 1 == 1,
             dpl: ((entry >> 45) & 3) as u8,
@@ -279,7 +287,10 @@ pub struct EntryState {
 
 /// Write the boot GDT, an empty IDT and identity-mapping page tables for the first
 /// [`layout::BOOT_IDENTITY_MAP_GIB`] GiB, and return the 64-bit entry state for `entry`.
-pub fn setup_long_mode(mem: &GuestMemoryMmap, entry: GuestAddress) -> Result<EntryState, BootError> {
+pub fn setup_long_mode(
+    mem: &GuestMemoryMmap,
+    entry: GuestAddress,
+) -> Result<EntryState, BootError> {
     let write = |what: &'static str, addr: GuestAddress, val: u64| {
         mem.write_obj(val, addr)
             .map_err(|source| BootError::GuestWrite {
@@ -289,14 +300,22 @@ pub fn setup_long_mode(mem: &GuestMemoryMmap, entry: GuestAddress) -> Result<Ent
             })
     };
     for (i, e) in BOOT_GDT.iter().enumerate() {
-        write("the boot GDT", layout::BOOT_GDT_START.unchecked_add(i as u64 * 8), *e)?;
+        write(
+            "the boot GDT",
+            layout::BOOT_GDT_START.unchecked_add(i as u64 * 8),
+            *e,
+        )?;
     }
     write("the boot IDT", layout::BOOT_IDT_START, 0)?;
 
     // PML4[0] -> PDPT; PDPT[i] -> PD i; each PD maps 1 GiB with 2 MiB pages.
     const PRESENT_RW: u64 = 0x3;
     const PAGE_SIZE_2M: u64 = 0x80;
-    write("the boot PML4", layout::PML4_START, layout::PDPTE_START.0 | PRESENT_RW)?;
+    write(
+        "the boot PML4",
+        layout::PML4_START,
+        layout::PDPTE_START.0 | PRESENT_RW,
+    )?;
     for gib in 0..layout::BOOT_IDENTITY_MAP_GIB {
         let pd = layout::PDE_START.unchecked_add(gib * 0x1000);
         write(
@@ -306,7 +325,11 @@ pub fn setup_long_mode(mem: &GuestMemoryMmap, entry: GuestAddress) -> Result<Ent
         )?;
         for i in 0..512u64 {
             let phys = (gib << 30) | (i << 21);
-            write("a boot page directory", pd.unchecked_add(i * 8), phys | PRESENT_RW | PAGE_SIZE_2M)?;
+            write(
+                "a boot page directory",
+                pd.unchecked_add(i * 8),
+                phys | PRESENT_RW | PAGE_SIZE_2M,
+            )?;
         }
     }
 
@@ -357,11 +380,31 @@ mod tests {
         assert_eq!(
             map,
             vec![
-                E820Entry { addr: 0, size: 0x9fc00, kind: E820_RAM },
-                E820Entry { addr: 0x9fc00, size: 0x400, kind: E820_RESERVED },
-                E820Entry { addr: 0xe0000, size: 0x20000, kind: E820_RESERVED },
-                E820Entry { addr: 0x10_0000, size: (512 << 20) - 0x10_0000, kind: E820_RAM },
-                E820Entry { addr: 0xe000_0000, size: 0x1000_0000, kind: E820_RESERVED },
+                E820Entry {
+                    addr: 0,
+                    size: 0x9fc00,
+                    kind: E820_RAM
+                },
+                E820Entry {
+                    addr: 0x9fc00,
+                    size: 0x400,
+                    kind: E820_RESERVED
+                },
+                E820Entry {
+                    addr: 0xe0000,
+                    size: 0x20000,
+                    kind: E820_RESERVED
+                },
+                E820Entry {
+                    addr: 0x10_0000,
+                    size: (512 << 20) - 0x10_0000,
+                    kind: E820_RAM
+                },
+                E820Entry {
+                    addr: 0xe000_0000,
+                    size: 0x1000_0000,
+                    kind: E820_RESERVED
+                },
             ]
         );
     }
@@ -415,7 +458,10 @@ mod tests {
         assert_eq!({ p.acpi_rsdp_addr }, 0xe0000);
         assert_eq!(p.e820_entries as usize, e820.len());
         let first = p.e820_table[0];
-        assert_eq!(({ first.addr }, { first.size }, { first.r#type }), (0, 0x9fc00, E820_RAM));
+        assert_eq!(
+            ({ first.addr }, { first.size }, { first.r#type }),
+            (0, 0x9fc00, E820_RAM)
+        );
 
         // The zero page lands at its fixed address with its magic at 0x202.
         let m = mem();
@@ -424,9 +470,13 @@ mod tests {
             .read_obj(layout::ZERO_PAGE_START.unchecked_add(0x202))
             .unwrap();
         assert_eq!(magic, KERNEL_HDR_MAGIC);
-        let rsdp: u64 = m.read_obj(layout::ZERO_PAGE_START.unchecked_add(0x70)).unwrap();
+        let rsdp: u64 = m
+            .read_obj(layout::ZERO_PAGE_START.unchecked_add(0x70))
+            .unwrap();
         assert_eq!(rsdp, 0xe0000);
-        let entries: u8 = m.read_obj(layout::ZERO_PAGE_START.unchecked_add(0x1e8)).unwrap();
+        let entries: u8 = m
+            .read_obj(layout::ZERO_PAGE_START.unchecked_add(0x1e8))
+            .unwrap();
         assert_eq!(entries as usize, e820.len());
     }
 
@@ -448,7 +498,14 @@ mod tests {
 
     #[test]
     fn too_many_e820_entries() {
-        let many = vec![E820Entry { addr: 0, size: 1, kind: 1 }; 200];
+        let many = vec![
+            E820Entry {
+                addr: 0,
+                size: 1,
+                kind: 1
+            };
+            200
+        ];
         let r = build_boot_params(&BootParamsConfig {
             setup_header: None,
             cmdline_addr: layout::CMDLINE_START,
@@ -469,7 +526,10 @@ mod tests {
         assert_eq!(&buf, b"console=ttyS0\0");
         assert!(matches!(
             write_cmdline(&m, &"x".repeat(2048), 2047),
-            Err(BootError::CommandLineTooLong { len: 2048, max: 2047 })
+            Err(BootError::CommandLineTooLong {
+                len: 2048,
+                max: 2047
+            })
         ));
         assert!(write_cmdline(&m, "a\0b", 2047).is_err());
     }

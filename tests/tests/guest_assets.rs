@@ -1,0 +1,306 @@
+//! Checks `scripts/guest-assets`: it must produce a bootable bzImage and an
+//! initramfs holding /init, busybox and every guest kernel module with its
+//! whole dependency closure, and a second run must leave everything alone.
+//!
+//! The first run downloads Debian packages, so the Debian package registry
+//! must be reachable.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fs;
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::SystemTime;
+
+/// The modules the guest needs (dependencies are checked on top of these).
+const GUEST_MODULES: &[&str] = &[
+    "virtio",
+    "virtio_ring",
+    "virtio_pci",
+    "virtio_pci_modern_dev",
+    "virtio_pci_legacy_dev",
+    "virtio_blk",
+    "virtio_net",
+    "virtio_balloon",
+    "virtio_input",
+    "virtio_scsi",
+    "sr_mod",
+    "cdrom",
+    "isofs",
+    "ext4",
+    "bochs",
+    "psmouse",
+    "evdev",
+    "button",
+];
+
+const ASSET_FILES: &[&str] = &[
+    "vmlinuz",
+    "initramfs.img",
+    "kernel-version",
+    "package-version",
+];
+
+fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("tests/ has a parent")
+        .to_path_buf()
+}
+
+fn guest_dir() -> PathBuf {
+    repo_root().join("target").join("guest")
+}
+
+/// Runs the script and returns its stdout; panics with its output on failure.
+fn run_guest_assets() -> String {
+    let script = repo_root().join("scripts").join("guest-assets");
+    let output = Command::new(&script)
+        // Any cwd must work: the script finds the repo from its own path.
+        .current_dir(std::env::temp_dir())
+        .output()
+        .unwrap_or_else(|err| panic!("cannot run {}: {err}", script.display()));
+    let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        output.status.success(),
+        "{} failed ({}). It fetches Debian packages with apt-get: is the Debian \
+         package registry reachable and the bookworm archive configured?\n\
+         --- stdout\n{stdout}\n--- stderr\n{stderr}",
+        script.display(),
+        output.status
+    );
+    stdout
+}
+
+fn read_u16(data: &[u8], offset: usize) -> u16 {
+    u16::from_le_bytes([data[offset], data[offset + 1]])
+}
+
+fn read_u32(data: &[u8], offset: usize) -> u32 {
+    u32::from_le_bytes(data[offset..offset + 4].try_into().unwrap())
+}
+
+fn read_u64(data: &[u8], offset: usize) -> u64 {
+    u64::from_le_bytes(data[offset..offset + 8].try_into().unwrap())
+}
+
+/// Checks the x86 boot protocol header and returns the embedded release.
+fn bzimage_release(image: &[u8]) -> String {
+    assert!(
+        image.len() > 0x1000,
+        "vmlinuz is only {} bytes",
+        image.len()
+    );
+    assert_eq!(&image[0x1fe..0x200], &[0x55, 0xaa], "no boot flag at 0x1FE");
+    assert_eq!(&image[0x202..0x206], b"HdrS", "no HdrS magic at 0x202");
+    let protocol = read_u16(image, 0x206);
+    assert!(protocol >= 0x020c, "boot protocol {protocol:#x} is too old");
+    let start = read_u16(image, 0x20e) as usize + 0x200;
+    let end = start + image[start..].iter().position(|&b| b == 0).unwrap();
+    let version = std::str::from_utf8(&image[start..end]).unwrap();
+    version.split_whitespace().next().unwrap().to_string()
+}
+
+struct CpioEntry {
+    mode: u32,
+    data: Vec<u8>,
+}
+
+/// Parses a newc ("070701") archive into path -> entry.
+fn parse_newc(blob: &[u8]) -> BTreeMap<String, CpioEntry> {
+    let mut entries = BTreeMap::new();
+    let mut pos = 0;
+    loop {
+        assert!(pos + 110 <= blob.len(), "cpio archive has no trailer");
+        let header = &blob[pos..pos + 110];
+        assert!(
+            &header[..6] == b"070701" || &header[..6] == b"070702",
+            "bad cpio magic at offset {pos}"
+        );
+        let field = |index: usize| {
+            let text = std::str::from_utf8(&header[6 + 8 * index..14 + 8 * index]).unwrap();
+            u32::from_str_radix(text, 16).unwrap() as usize
+        };
+        let (mode, file_size, name_size) = (field(1) as u32, field(6), field(11));
+        let name_start = pos + 110;
+        let name_end = name_start + name_size;
+        let name = std::str::from_utf8(&blob[name_start..name_end - 1])
+            .unwrap()
+            .trim_start_matches("./")
+            .to_string();
+        let data_start = (name_end + 3) & !3;
+        let data_end = data_start + file_size;
+        assert!(data_end <= blob.len(), "cpio entry {name} is truncated");
+        if name == "TRAILER!!!" {
+            return entries;
+        }
+        let data = blob[data_start..data_end].to_vec();
+        entries.insert(name, CpioEntry { mode, data });
+        pos = (data_end + 3) & !3;
+    }
+}
+
+/// Returns the `depends=` names from a module's `.modinfo` ELF section.
+fn module_depends(image: &[u8], origin: &str) -> Vec<String> {
+    assert_eq!(
+        &image[..4],
+        b"\x7fELF",
+        "{origin} is not an uncompressed ELF"
+    );
+    let shoff = read_u64(image, 0x28) as usize;
+    let shentsize = read_u16(image, 0x3a) as usize;
+    let shnum = read_u16(image, 0x3c) as usize;
+    let shstrndx = read_u16(image, 0x3e) as usize;
+    let section = |index: usize| {
+        let base = shoff + index * shentsize;
+        let name = read_u32(image, base) as usize;
+        let offset = read_u64(image, base + 0x18) as usize;
+        let size = read_u64(image, base + 0x20) as usize;
+        (name, &image[offset..offset + size])
+    };
+    let (_, names) = section(shstrndx);
+    let modinfo = (0..shnum)
+        .map(section)
+        .find(|(name, _)| names[*name..].starts_with(b".modinfo\0"))
+        .map(|(_, data)| data)
+        .unwrap_or_else(|| panic!("{origin} has no .modinfo section"));
+    modinfo
+        .split(|&b| b == 0)
+        .filter_map(|entry| entry.strip_prefix(b"depends="))
+        .flat_map(|list| std::str::from_utf8(list).unwrap().split(','))
+        .filter(|name| !name.is_empty())
+        .map(|name| name.replace('-', "_"))
+        .collect()
+}
+
+fn module_name(path: &str) -> Option<String> {
+    let base = path.rsplit('/').next()?;
+    Some(base.strip_suffix(".ko")?.replace('-', "_"))
+}
+
+fn snapshot() -> BTreeMap<&'static str, (SystemTime, Vec<u8>)> {
+    ASSET_FILES
+        .iter()
+        .map(|name| {
+            let path = guest_dir().join(name);
+            let modified = fs::metadata(&path).unwrap().modified().unwrap();
+            (*name, (modified, fs::read(&path).unwrap()))
+        })
+        .collect()
+}
+
+#[test]
+fn guest_assets_are_built_complete_and_idempotent() {
+    run_guest_assets();
+    let dir = guest_dir();
+
+    let release = fs::read_to_string(dir.join("kernel-version")).unwrap();
+    let release = release.trim();
+    assert!(
+        release.starts_with("6.1.") && release.ends_with("-amd64"),
+        "{release}"
+    );
+    let package_version = fs::read_to_string(dir.join("package-version")).unwrap();
+    assert!(
+        package_version.trim().starts_with("6.1."),
+        "{package_version}"
+    );
+
+    let vmlinuz = fs::read(dir.join("vmlinuz")).unwrap();
+    assert_eq!(bzimage_release(&vmlinuz), release);
+
+    let mut cpio = Vec::new();
+    flate2::read::MultiGzDecoder::new(fs::File::open(dir.join("initramfs.img")).unwrap())
+        .read_to_end(&mut cpio)
+        .expect("initramfs.img is not valid gzip");
+    let entries = parse_newc(&cpio);
+
+    let init = entries.get("init").expect("initramfs has no /init");
+    assert_eq!(
+        init.mode & 0o170000,
+        0o100000,
+        "/init is not a regular file"
+    );
+    assert_ne!(init.mode & 0o111, 0, "/init is not executable");
+    let init_text = String::from_utf8_lossy(&init.data);
+    assert!(
+        init_text.contains("GUEST-READY"),
+        "/init never prints GUEST-READY"
+    );
+    let busybox = entries
+        .get("bin/busybox")
+        .expect("initramfs has no /bin/busybox");
+    assert_eq!(&busybox.data[..4], b"\x7fELF");
+    assert!(entries.contains_key("dev/console"), "no /dev/console node");
+
+    let module_dir = format!("lib/modules/{release}/");
+    let modules: BTreeMap<String, &str> = entries
+        .keys()
+        .filter(|path| path.starts_with(&module_dir))
+        .filter_map(|path| Some((module_name(path)?, path.as_str())))
+        .collect();
+    let builtin: BTreeSet<String> = entries
+        .get(&format!("{module_dir}modules.builtin"))
+        .map(|entry| {
+            String::from_utf8_lossy(&entry.data)
+                .lines()
+                .filter_map(module_name)
+                .collect()
+        })
+        .unwrap_or_default();
+
+    // Every module (unless built in) and the closure of its depends=.
+    let mut pending: Vec<String> = GUEST_MODULES.iter().map(|m| m.to_string()).collect();
+    let mut checked = BTreeSet::new();
+    let mut depends_of = BTreeMap::new();
+    while let Some(name) = pending.pop() {
+        if !checked.insert(name.clone()) || builtin.contains(&name) {
+            continue;
+        }
+        let path = modules
+            .get(&name)
+            .unwrap_or_else(|| panic!("module {name} is missing from the initramfs"));
+        let depends = module_depends(&entries[*path].data, path);
+        pending.extend(depends.iter().cloned());
+        depends_of.insert(name, depends);
+    }
+
+    // modules.load lists every module after all of its dependencies.
+    let load = entries
+        .get(&format!("{module_dir}modules.load"))
+        .expect("initramfs has no modules.load");
+    let load = String::from_utf8_lossy(&load.data);
+    let mut loaded = BTreeSet::new();
+    for line in load.lines().filter(|line| !line.is_empty()) {
+        let path = format!("{module_dir}{line}");
+        assert!(
+            entries.contains_key(&path),
+            "modules.load names missing {line}"
+        );
+        let name = module_name(line).unwrap();
+        for dep in module_depends(&entries[&path].data, line) {
+            assert!(
+                loaded.contains(&dep) || builtin.contains(&dep),
+                "modules.load loads {name} before its dependency {dep}"
+            );
+        }
+        loaded.insert(name);
+    }
+    for name in depends_of.keys() {
+        assert!(loaded.contains(name), "modules.load does not load {name}");
+    }
+
+    // A second run must find everything sound and touch nothing.
+    let before = snapshot();
+    let stdout = run_guest_assets();
+    assert!(
+        stdout.contains("up to date"),
+        "second run rebuilt: {stdout}"
+    );
+    let after = snapshot();
+    for name in ASSET_FILES {
+        assert_eq!(before[name].0, after[name].0, "{name} mtime changed");
+        assert!(before[name].1 == after[name].1, "{name} content changed");
+    }
+}

@@ -1,0 +1,455 @@
+//! The [`Machine`]: guest RAM, the accelerator, the vCPUs, the PC devices and the boot
+//! image, put together from a [`VmConfig`], and the main loop that carries out the
+//! guest's requests (reset, power-off, debug exit).
+
+use std::sync::mpsc::Receiver;
+use std::sync::{Arc, Mutex};
+
+use vm_memory::GuestAddress;
+
+use crate::accel::{self, AccelError, AccelKind, Accelerator, IoHandler};
+use crate::arch::acpi::{self, AcpiConfig};
+use crate::arch::boot::{self, EntryState};
+use crate::arch::layout;
+use crate::chardev::{self, Chardev};
+use crate::config::VmConfig;
+use crate::control::{MachineControl, MachineRequest, ResetCause};
+use crate::cpu::{CpuError, CpuManager};
+use crate::devices::acpi::{AcpiPmDevice, GedDevice};
+use crate::devices::debug_exit::DebugExit;
+use crate::devices::i8042::I8042;
+use crate::devices::rtc::Rtc;
+use crate::devices::serial::Serial;
+use crate::devices::{Bus, IrqChip, IrqLine};
+use crate::loader::{BootImage, Initrd, LoaderError};
+use crate::memory::{MemoryError, MemoryManager};
+use crate::pci::{PciBus, PciConfigIo, PciConfigMmio, PciWindow, PCI_CONFIG_IO_LEN};
+
+#[derive(Debug, thiserror::Error)]
+pub enum MachineError {
+    #[error("{0}")]
+    Memory(#[from] MemoryError),
+    #[error("{0}")]
+    Accel(#[from] AccelError),
+    #[error("{0}")]
+    Loader(#[from] LoaderError),
+    #[error("{0}")]
+    Boot(#[from] boot::BootError),
+    #[error("{0}")]
+    Acpi(#[from] acpi::AcpiError),
+    #[error("{0}")]
+    Cpu(#[from] CpuError),
+    #[error("{0}")]
+    Pci(#[from] crate::pci::PciError),
+    #[error("could not place {what} on the bus: {source}")]
+    Bus {
+        what: &'static str,
+        #[source]
+        source: crate::devices::bus::BusError,
+    },
+    #[error("-serial {spec}: {source}")]
+    Chardev {
+        spec: String,
+        #[source]
+        source: chardev::ChardevError,
+    },
+    #[error("no kernel given: use -kernel (this machine has no firmware)")]
+    NoKernel,
+    #[error("{requested} vCPUs requested, but the {accel} accelerator supports at most {max}")]
+    TooManyVcpus {
+        requested: u32,
+        accel: &'static str,
+        max: u32,
+    },
+}
+
+/// How the machine's run ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MachineExit {
+    /// Power-off, or reset under -no-reboot, or a host signal: exit status 0.
+    Shutdown,
+    /// The guest wrote to isa-debug-exit: exit status `(value << 1) | 1`.
+    DebugExit(u32),
+    /// A vCPU hit an error it could not recover from.
+    InternalError,
+}
+
+impl MachineExit {
+    /// The process exit status QEMU would give.
+    pub fn exit_code(self) -> i32 {
+        match self {
+            MachineExit::Shutdown => 0,
+            MachineExit::DebugExit(v) => ((v << 1) | 1) as i32 & 0xff,
+            MachineExit::InternalError => 1,
+        }
+    }
+}
+
+/// The machine's buses, as the vCPUs see them.
+pub struct MachineIo {
+    pub pio: Arc<Bus>,
+    pub mmio: Arc<Bus>,
+}
+
+impl IoHandler for MachineIo {
+    fn pio_read(&self, port: u16, data: &mut [u8]) {
+        if !self.pio.read(u64::from(port), data) {
+            tracing::trace!("unhandled port read {port:#x} ({} bytes)", data.len());
+        }
+    }
+    fn pio_write(&self, port: u16, data: &[u8]) {
+        if !self.pio.write(u64::from(port), data) {
+            tracing::trace!("unhandled port write {port:#x} {data:02x?}");
+        }
+    }
+    fn mmio_read(&self, addr: u64, data: &mut [u8]) {
+        if !self.mmio.read(addr, data) {
+            tracing::debug!("unhandled MMIO read {addr:#x} ({} bytes)", data.len());
+        }
+    }
+    fn mmio_write(&self, addr: u64, data: &[u8]) {
+        if !self.mmio.write(addr, data) {
+            tracing::debug!("unhandled MMIO write {addr:#x} {data:02x?}");
+        }
+    }
+}
+
+/// What is needed to (re)load the guest's boot image.
+struct BootSource {
+    kernel: BootImage,
+    initrd: Option<Initrd>,
+    cmdline: String,
+}
+
+/// A PC machine.
+pub struct Machine {
+    config: VmConfig,
+    memory: MemoryManager,
+    accel: Arc<dyn Accelerator>,
+    cpus: CpuManager,
+    io: Arc<MachineIo>,
+    boot: BootSource,
+    acpi: AcpiConfig,
+    chardevs: Vec<Chardev>,
+    pci: Arc<Mutex<PciBus>>,
+    ged: Arc<Mutex<GedDevice>>,
+    requests: Receiver<MachineRequest>,
+    control: MachineControl,
+    /// The guest is powered off and waits (-no-shutdown).
+    powered_off: bool,
+}
+
+impl Machine {
+    /// Build the machine and load the guest. The vCPUs stay stopped until [`Machine::start`].
+    pub fn new(config: VmConfig) -> Result<Self, MachineError> {
+        let kernel_cfg = config.kernel.clone().ok_or(MachineError::NoKernel)?;
+        let memory = MemoryManager::new(config.memory_size)?;
+        let accel = accel::create_accelerator(config.accel.as_deref(), &memory)?;
+        let max = accel.max_vcpus();
+        if config.cpus > max {
+            return Err(MachineError::TooManyVcpus {
+                requested: config.cpus,
+                accel: accel.kind().name(),
+                max,
+            });
+        }
+        // The emu CPU wants the host to unpack the kernel; KVM runs the decompressor fast.
+        let decompress = config
+            .decompress_kernel
+            .unwrap_or(accel.kind() == AccelKind::Emu);
+        let boot = BootSource {
+            kernel: BootImage::from_file(&kernel_cfg.path, decompress)?,
+            initrd: kernel_cfg
+                .initrd
+                .as_deref()
+                .map(Initrd::from_file)
+                .transpose()?,
+            cmdline: kernel_cfg.cmdline.clone(),
+        };
+
+        let pio = Arc::new(Bus::new());
+        let mmio = Arc::new(Bus::new());
+        let irq_chip = accel.irq_chip();
+        let (control, requests) = MachineControl::new();
+
+        let mut chardevs = Vec::new();
+        let mut serial_ports = Vec::new();
+        for (i, spec_str) in config.serials.iter().enumerate() {
+            let spec =
+                chardev::parse_chardev(spec_str).map_err(|source| MachineError::Chardev {
+                    spec: spec_str.clone(),
+                    source,
+                })?;
+            if matches!(spec, chardev::ChardevSpec::None) {
+                continue;
+            }
+            let chardev = Chardev::open(&spec, &format!("serial{i}")).map_err(|source| {
+                MachineError::Chardev {
+                    spec: spec_str.clone(),
+                    source,
+                }
+            })?;
+            let port = layout::SERIAL_PORTS[i];
+            let gsi = layout::SERIAL_GSIS[i];
+            let serial = Serial::new(
+                IrqLine::new(irq_chip.clone(), gsi),
+                Box::new(chardev.writer()),
+            );
+            let serial = Arc::new(Mutex::new(serial));
+            chardev.set_input(Arc::new(crate::devices::serial::SerialInput::new(
+                serial.clone(),
+            )));
+            pio.insert(serial, u64::from(port), 8)
+                .map_err(|source| MachineError::Bus {
+                    what: "a serial port",
+                    source,
+                })?;
+            serial_ports.push((port, gsi));
+            chardevs.push(chardev);
+        }
+
+        let i8042 = I8042::new(
+            control.clone(),
+            IrqLine::new(irq_chip.clone(), layout::I8042_KBD_GSI),
+            IrqLine::new(irq_chip.clone(), layout::I8042_AUX_GSI),
+        );
+        pio.insert(
+            Arc::new(Mutex::new(i8042)),
+            u64::from(layout::I8042_DATA_PORT),
+            u64::from(layout::I8042_CMD_PORT - layout::I8042_DATA_PORT + 1),
+        )
+        .map_err(|source| MachineError::Bus {
+            what: "the i8042",
+            source,
+        })?;
+
+        let rtc = Rtc::new(IrqLine::new(irq_chip.clone(), layout::RTC_GSI));
+        pio.insert(Arc::new(Mutex::new(rtc)), u64::from(layout::CMOS_PORT), 2)
+            .map_err(|source| MachineError::Bus {
+                what: "the RTC",
+                source,
+            })?;
+
+        pio.insert(
+            Arc::new(Mutex::new(AcpiPmDevice::new(control.clone()))),
+            u64::from(layout::ACPI_PM_PORT),
+            u64::from(layout::ACPI_PM_PORT_LEN),
+        )
+        .map_err(|source| MachineError::Bus {
+            what: "the ACPI PM registers",
+            source,
+        })?;
+        let ged = Arc::new(Mutex::new(GedDevice::new(IrqLine::new(
+            irq_chip.clone(),
+            layout::GED_GSI,
+        ))));
+        mmio.insert(ged.clone(), layout::GED_START.0, layout::GED_SIZE)
+            .map_err(|source| MachineError::Bus {
+                what: "the ACPI GED",
+                source,
+            })?;
+
+        if let Some((iobase, iosize)) = config.debug_exit {
+            pio.insert(
+                Arc::new(Mutex::new(DebugExit::new(control.clone()))),
+                u64::from(iobase),
+                u64::from(iosize),
+            )
+            .map_err(|source| MachineError::Bus {
+                what: "isa-debug-exit",
+                source,
+            })?;
+        }
+
+        let pci_mmio64 = PciWindow {
+            start: memory.pci_mmio64_start(),
+            size: layout::PCI_MMIO64_SIZE,
+        };
+        let pci = Arc::new(Mutex::new(PciBus::new(
+            mmio.clone(),
+            pio.clone(),
+            pci_mmio64,
+            irq_chip.clone() as Arc<dyn IrqChip>,
+        )?));
+        pio.insert(
+            Arc::new(Mutex::new(PciConfigIo::new(pci.clone()))),
+            u64::from(layout::PCI_CONFIG_ADDRESS_PORT),
+            PCI_CONFIG_IO_LEN,
+        )
+        .map_err(|source| MachineError::Bus {
+            what: "the PCI config ports",
+            source,
+        })?;
+        mmio.insert(
+            Arc::new(Mutex::new(PciConfigMmio::new(pci.clone()))),
+            layout::PCI_MMCONFIG_START.0,
+            layout::PCI_MMCONFIG_SIZE,
+        )
+        .map_err(|source| MachineError::Bus {
+            what: "the PCI ECAM",
+            source,
+        })?;
+
+        let acpi = AcpiConfig {
+            num_cpus: config.cpus,
+            serial_ports,
+            pci_mmio64: (pci_mmio64.start, pci_mmio64.size),
+        };
+
+        let mut vcpus = Vec::new();
+        for id in 0..config.cpus {
+            vcpus.push(accel.create_vcpu(id, config.cpus)?);
+        }
+        let io = Arc::new(MachineIo { pio, mmio });
+        let cpus = CpuManager::start(vcpus, io.clone(), control.clone())?;
+
+        let machine = Machine {
+            config,
+            memory,
+            accel,
+            cpus,
+            io,
+            boot,
+            acpi,
+            chardevs,
+            pci,
+            ged,
+            requests,
+            control,
+            powered_off: false,
+        };
+        let entry = machine.load_guest()?;
+        machine.cpus.reset(&entry)?;
+        Ok(machine)
+    }
+
+    /// Copy the kernel, initrd, command line, ACPI tables and boot structures into guest
+    /// RAM, and return the boot vCPU's entry state.
+    fn load_guest(&self) -> Result<EntryState, MachineError> {
+        let mem = self.memory.guest_memory();
+        let low_end = self.memory.low_ram_end();
+        let kernel = &self.boot.kernel;
+        kernel.load(mem, low_end)?;
+        let cmdline_len = boot::write_cmdline(mem, &self.boot.cmdline, kernel.cmdline_limit())?;
+        let initrd = match &self.boot.initrd {
+            Some(rd) => Some(rd.load(mem, kernel.end, low_end, kernel.initrd_limit())?),
+            None => None,
+        };
+        let rsdp = acpi::create_acpi_tables(mem, &self.acpi)?;
+        let e820 = boot::e820_map(self.memory.ranges());
+        let params = boot::build_boot_params(&boot::BootParamsConfig {
+            setup_header: kernel.setup_header,
+            cmdline_addr: layout::CMDLINE_START,
+            cmdline_len,
+            initrd,
+            e820: &e820,
+            rsdp_addr: Some(rsdp),
+        })?;
+        boot::write_boot_params(mem, &params)?;
+        Ok(boot::setup_long_mode(mem, kernel.entry)?)
+    }
+
+    pub fn accel_kind(&self) -> AccelKind {
+        self.accel.kind()
+    }
+
+    pub fn cpus(&self) -> &CpuManager {
+        &self.cpus
+    }
+
+    pub fn control(&self) -> MachineControl {
+        self.control.clone()
+    }
+
+    /// Let the vCPUs run.
+    pub fn start(&self) {
+        self.cpus.resume();
+    }
+
+    /// A machine reset: every vCPU and the irqchip to power-on state, and the boot image
+    /// loaded again. RAM outside the image keeps its contents, as on a real PC.
+    pub fn reset(&mut self) -> Result<(), MachineError> {
+        self.cpus.pause();
+        self.accel.reset()?;
+        let entry = self.load_guest()?;
+        self.cpus.reset(&entry)?;
+        self.powered_off = false;
+        Ok(())
+    }
+
+    /// Press the ACPI power button.
+    pub fn power_button(&self) {
+        let mut ged = self.ged.lock().unwrap_or_else(|e| e.into_inner());
+        if let Err(e) = ged.notify(crate::devices::acpi::GedEvent::PowerButton) {
+            tracing::warn!("power button: {e}");
+        }
+    }
+
+    /// Carry out guest and host requests until the machine should exit.
+    pub fn run(&mut self) -> Result<MachineExit, MachineError> {
+        loop {
+            let Ok(req) = self.requests.recv() else {
+                return Ok(MachineExit::Shutdown);
+            };
+            match req {
+                MachineRequest::Reset(cause) => {
+                    if self.config.no_reboot {
+                        tracing::info!("guest reset ({cause:?}) under -no-reboot: exiting");
+                        return Ok(MachineExit::Shutdown);
+                    }
+                    tracing::info!("guest reset ({cause:?})");
+                    self.reset()?;
+                    self.cpus.resume();
+                }
+                MachineRequest::Shutdown => {
+                    if !self.config.no_shutdown {
+                        return Ok(MachineExit::Shutdown);
+                    }
+                    // QEMU's -no-shutdown: stop and wait for the management to act.
+                    self.cpus.pause();
+                    self.powered_off = true;
+                    tracing::info!("guest powered off under -no-shutdown: vCPUs stopped");
+                }
+                MachineRequest::DebugExit(v) => return Ok(MachineExit::DebugExit(v)),
+                MachineRequest::InternalError => {
+                    self.cpus.pause();
+                    return Ok(MachineExit::InternalError);
+                }
+                MachineRequest::Quit => return Ok(MachineExit::Shutdown),
+            }
+        }
+    }
+
+    /// Stop the vCPUs and release the devices.
+    pub fn shutdown(&mut self) {
+        self.cpus.shutdown();
+        self.chardevs.clear();
+    }
+
+    /// Unused until the QMP issue wires queries in; keeps ResetCause in the public API.
+    pub fn io(&self) -> &Arc<MachineIo> {
+        &self.io
+    }
+
+    pub fn pci(&self) -> &Arc<Mutex<PciBus>> {
+        &self.pci
+    }
+
+    pub fn memory(&self) -> &MemoryManager {
+        &self.memory
+    }
+
+    /// The RSDP address the guest was given.
+    pub fn rsdp_address(&self) -> GuestAddress {
+        layout::RSDP_POINTER
+    }
+}
+
+impl Drop for Machine {
+    fn drop(&mut self) {
+        self.shutdown();
+    }
+}
+
+#[allow(dead_code)]
+fn _reset_cause_is_public(_: ResetCause) {}

@@ -1,0 +1,72 @@
+//! The host bridge at 00:00.0: what Linux expects to find first on a PCIe root bus.
+
+use super::configuration::{PciConfiguration, PciIdentity, CLASS_BRIDGE, SUBCLASS_HOST_BRIDGE};
+use super::device::{BarReprogram, PciDevice, PciInterruptPin};
+
+/// Red Hat / QEMU vendor id.
+pub const HOST_BRIDGE_VENDOR_ID: u16 = 0x1b36;
+/// QEMU's "PCIe host bridge" (gpex) device id, which Linux knows needs no special handling.
+pub const HOST_BRIDGE_DEVICE_ID: u16 = 0x0008;
+
+/// A host bridge with no BARs and no interrupt: only its configuration space.
+pub struct PciHostBridge {
+    config: PciConfiguration,
+}
+
+impl PciHostBridge {
+    pub fn new() -> Self {
+        let identity = PciIdentity {
+            vendor_id: HOST_BRIDGE_VENDOR_ID,
+            device_id: HOST_BRIDGE_DEVICE_ID,
+            class_code: CLASS_BRIDGE,
+            subclass: SUBCLASS_HOST_BRIDGE,
+            // What QEMU puts in every device's subsystem ids.
+            subsystem_vendor_id: 0x1af4,
+            subsystem_id: 0x1100,
+            ..Default::default()
+        };
+        Self {
+            config: PciConfiguration::new(identity, PciInterruptPin::None),
+        }
+    }
+}
+
+impl Default for PciHostBridge {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl PciDevice for PciHostBridge {
+    fn read_config_register(&mut self, reg_idx: usize) -> u32 {
+        self.config.read_register(reg_idx)
+    }
+
+    fn write_config_register(
+        &mut self,
+        reg_idx: usize,
+        offset: u64,
+        data: &[u8],
+    ) -> Option<BarReprogram> {
+        self.config.write_register(reg_idx, offset, data)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn host_bridge_header() {
+        let mut bridge = PciHostBridge::new();
+        assert_eq!(bridge.read_config_register(0), 0x0008_1b36);
+        // Class 06/00/00, revision 0.
+        assert_eq!(bridge.read_config_register(2), 0x0600_0000);
+        // Header type 0, single function.
+        assert_eq!(bridge.read_config_register(3) >> 16 & 0xff, 0);
+        assert_eq!(bridge.read_config_register(0xf) >> 8 & 0xff, 0);
+        assert!(bridge.bars().is_empty());
+        assert_eq!(bridge.write_config_register(4, 0, &[0xff; 4]), None);
+        assert_eq!(bridge.read_config_register(4), 0);
+    }
+}
