@@ -88,7 +88,9 @@ impl Bus {
     pub fn read(&self, addr: u64, data: &mut [u8]) -> bool {
         match self.resolve(addr) {
             Some((dev, offset)) => {
-                dev.lock().unwrap_or_else(|e| e.into_inner()).read(offset, data);
+                dev.lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .read(offset, data);
                 true
             }
             None => {
@@ -102,7 +104,9 @@ impl Bus {
     pub fn write(&self, addr: u64, data: &[u8]) -> bool {
         match self.resolve(addr) {
             Some((dev, offset)) => {
-                dev.lock().unwrap_or_else(|e| e.into_inner()).write(offset, data);
+                dev.lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .write(offset, data);
                 true
             }
             None => false,
