@@ -277,13 +277,9 @@ fn decompress_payload(payload: &[u8]) -> Result<Vec<u8>, LoaderError> {
         [0x1f, 0x8b, _, _] => flate2::read::GzDecoder::new(payload)
             .take(limit)
             .read_to_end(&mut out),
-        [0xfd, b'7', b'z', b'X'] => {
-            // The kernel's xz payload may carry trailing padding after the stream.
-            xz2::read::XzDecoder::new(payload)
-                .take(limit)
-                .read_to_end(&mut out)
-        }
+        [0xfd, b'7', b'z', b'X'] => decompress_xz(payload, &mut out),
         [0x28, 0xb5, 0x2f, 0xfd] => zstd::stream::read::Decoder::new(payload)
+            .map(|d| d.single_frame())
             .and_then(|d| d.take(limit).read_to_end(&mut out)),
         other => return Err(LoaderError::UnsupportedCompression(other)),
     };
@@ -292,6 +288,34 @@ fn decompress_payload(payload: &[u8]) -> Result<Vec<u8>, LoaderError> {
         return Err(LoaderError::DecompressedTooLarge);
     }
     Ok(out)
+}
+
+/// Decode the first xz stream of `payload` into `out`. The kernel's build appends the
+/// uncompressed size after the stream, which a streaming decoder would take for a corrupt
+/// second stream, so decoding stops at the end of the first.
+fn decompress_xz(payload: &[u8], out: &mut Vec<u8>) -> std::io::Result<usize> {
+    use xz2::stream::{Action, Status, Stream};
+    let mut stream = Stream::new_stream_decoder(u64::MAX, 0).map_err(std::io::Error::other)?;
+    out.reserve(payload.len() * 4);
+    loop {
+        let consumed = stream.total_in() as usize;
+        let produced = out.len();
+        if out.len() == out.capacity() {
+            out.reserve(out.capacity().max(1 << 20));
+        }
+        let status = stream
+            .process_vec(&payload[consumed..], out, Action::Finish)
+            .map_err(std::io::Error::other)?;
+        if status == Status::StreamEnd || out.len() as u64 > MAX_DECOMPRESSED {
+            return Ok(out.len());
+        }
+        if stream.total_in() as usize == consumed && out.len() == produced {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::UnexpectedEof,
+                "truncated xz stream",
+            ));
+        }
+    }
 }
 
 fn le16(b: &[u8], off: usize) -> Result<u16, LoaderError> {

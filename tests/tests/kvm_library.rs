@@ -1,5 +1,6 @@
-//! ioeventfd and irqfd under KVM, with tiny guests driven through the vmm library: the
-//! data path that vhost-user devices will use (guest kick -> eventfd, eventfd -> guest IRQ).
+//! KVM through the vmm library with tiny guests: ioeventfd and irqfd (the data path that
+//! vhost-user devices will use: guest kick -> eventfd, eventfd -> guest IRQ), and pausing,
+//! resuming and resetting the vCPUs.
 
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
@@ -222,4 +223,48 @@ fn irqfd_interrupt_reaches_the_guest_handler() {
     io.wait_marker(2, Duration::from_secs(30));
     cpus.shutdown();
     vm.accel.unregister_irqfd(&irqfd, GSI).unwrap();
+}
+
+#[test]
+fn pause_stops_the_guest_and_resume_restarts_it() {
+    require_kvm!();
+    const COUNTER: u64 = 0x30_0000;
+    let mut a = CodeAssembler::new(64).unwrap();
+    let mut top = a.create_label();
+    a.mov(rbx, COUNTER).unwrap();
+    marker(&mut a, 1);
+    a.set_label(&mut top).unwrap();
+    a.inc(qword_ptr(rbx)).unwrap();
+    a.jmp(top).unwrap();
+    let vm = TestVm::new();
+    let io = Arc::new(Recorder::default());
+    let mut cpus = vm.start(&a.assemble(LOAD_ADDR).unwrap(), io.clone());
+    io.wait_marker(1, Duration::from_secs(30));
+    let mem = vm.mm.guest_memory();
+    let read = || mem.read_obj::<u64>(GuestAddress(COUNTER)).unwrap();
+
+    let wait_for_progress = |from: u64| {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while read() == from {
+            assert!(Instant::now() < deadline, "the guest makes no progress");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    };
+    wait_for_progress(0);
+    for _ in 0..3 {
+        cpus.pause();
+        let frozen = read();
+        std::thread::sleep(Duration::from_millis(200));
+        assert_eq!(read(), frozen, "a paused vCPU does not run");
+        cpus.resume();
+        wait_for_progress(frozen);
+    }
+
+    // A reset puts the vCPU back at the entry point: it reports marker 1 again.
+    io.log.lock().unwrap().clear();
+    let entry = setup_long_mode(mem, GuestAddress(LOAD_ADDR)).unwrap();
+    cpus.reset(&entry).unwrap();
+    cpus.resume();
+    io.wait_marker(1, Duration::from_secs(30));
+    cpus.shutdown();
 }
