@@ -314,7 +314,7 @@ fn parse_memory(v: &str) -> Result<u64, String> {
             crate::memory::MAX_RAM_SIZE >> 30
         ));
     }
-    if size % 4096 != 0 {
+    if !size.is_multiple_of(4096) {
         return Err("RAM size must be a multiple of 4 KiB".into());
     }
     Ok(size)
@@ -341,7 +341,7 @@ fn parse_smp(v: &str) -> Result<u32, String> {
             other => return Err(format!("unknown property '{other}'")),
         }
     }
-    if topo.iter().any(|t| *t == Some(0)) {
+    if topo.contains(&Some(0)) {
         return Err("topology values must be at least 1".into());
     }
     let product = if topo.iter().any(Option::is_some) {

@@ -83,7 +83,7 @@ impl MemoryManager {
                 max: MAX_RAM_SIZE,
             });
         }
-        if ram_size % 4096 != 0 {
+        if !ram_size.is_multiple_of(4096) {
             return Err(MemoryError::Unaligned(ram_size));
         }
         let memfd = memfd::MemfdOptions::default()
