@@ -17,6 +17,7 @@
 
 pub mod access;
 pub mod exception;
+pub mod exec;
 pub mod state;
 
 /// Port and MMIO accesses that neither RAM nor the CPU's own local APIC answers. The vmm
