@@ -104,8 +104,6 @@ pub const ACPI_PM_PORT_LEN: u16 = 4;
 pub const ACPI_RESET_VALUE: u8 = 0x1;
 /// The SLP_TYP value our DSDT gives for S5 (soft off).
 pub const ACPI_S5_SLEEP_TYPE: u8 = 5;
-/// QEMU's default isa-debug-exit port.
-pub const DEBUG_EXIT_DEFAULT_PORT: u16 = 0xf4;
 
 // Fixed GSIs (IOAPIC pins).
 pub const SERIAL_GSIS: [u32; 4] = [4, 3, 4, 3];
