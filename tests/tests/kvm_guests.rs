@@ -174,3 +174,58 @@ fn no_reboot_turns_a_reset_into_exit_0() {
         assert_eq!(code, 0, "stderr: {err}");
     }
 }
+
+/// A guest that prints, then enters ACPI S5 through the FADT's sleep control register.
+fn poweroff_guest() -> Vec<u8> {
+    let mut g = Asm::new();
+    g.print("off\n");
+    g.a.mov(dx, 0x600u32).unwrap();
+    g.a.mov(al, (5u32 << 2) | 0x20).unwrap(); // SLP_TYP=5 (our _S5), SLP_EN
+    g.a.out(dx, al).unwrap();
+    g.hang();
+    g.elf()
+}
+
+#[test]
+fn acpi_poweroff_exits_with_status_0() {
+    require_kvm!();
+    let (code, out, err) = run_guest(poweroff_guest(), &[]);
+    assert_eq!(out, "off\n", "stderr: {err}");
+    assert_eq!(code, 0, "stderr: {err}");
+}
+
+#[test]
+fn no_shutdown_keeps_the_vmm_after_poweroff() {
+    require_kvm!();
+    let dir = vmm_tests::TempDir::new("noshutdown");
+    let kernel = dir.join("guest.elf");
+    std::fs::write(&kernel, poweroff_guest()).unwrap();
+    let serial = dir.join("serial.out");
+    let serial_arg = format!("file:{}", serial.display());
+    let mut child = vmm_tests::spawn_vmm(&[
+        "-accel",
+        "kvm",
+        "-m",
+        "32",
+        "-nodefaults",
+        "-kernel",
+        kernel.to_str().unwrap(),
+        "-serial",
+        &serial_arg,
+        "-no-shutdown",
+    ]);
+    let start = std::time::Instant::now();
+    while std::fs::read_to_string(&serial).unwrap_or_default() != "off\n" {
+        assert!(start.elapsed() < TIMEOUT, "no guest output");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(
+        child.try_wait().unwrap().is_none(),
+        "the vmm stays after the guest powers off"
+    );
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let done = vmm_tests::wait_with_timeout(child, TIMEOUT);
+    assert_eq!(done.status.code(), Some(0), "{}", done.stderr);
+}
