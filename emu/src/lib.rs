@@ -16,8 +16,21 @@
 //! keep x86 semantics.
 
 pub mod access;
+pub mod clock;
+pub mod cpu;
+pub mod cpuid;
+pub mod decode;
 pub mod exception;
 pub mod exec;
+pub mod interrupt;
+pub mod ioapic;
+pub mod lapic;
+pub mod mmu;
+pub mod msr;
+pub mod pic;
+pub mod pit;
+pub mod ram;
+pub mod router;
 pub mod state;
 
 /// Port and MMIO accesses that neither RAM nor the CPU's own local APIC answers. The vmm

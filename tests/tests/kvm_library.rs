@@ -104,7 +104,7 @@ impl TestVm {
         let mem = self.mm.guest_memory();
         mem.write_slice(code, GuestAddress(LOAD_ADDR)).unwrap();
         let entry = setup_long_mode(mem, GuestAddress(LOAD_ADDR)).unwrap();
-        let vcpu = self.accel.create_vcpu(0, 1).unwrap();
+        let vcpu = self.accel.create_vcpu(0, 1, io.clone()).unwrap();
         let (control, _rx) = MachineControl::new();
         let cpus = CpuManager::start(vec![vcpu], io, control).unwrap();
         cpus.reset(&entry).unwrap();

@@ -17,7 +17,7 @@ use crate::control::{MachineControl, MachineRequest, ResetCause};
 use crate::cpu::{CpuError, CpuManager};
 use crate::devices::acpi::{AcpiPmDevice, GedDevice};
 use crate::devices::debug_exit::DebugExit;
-use crate::devices::i8042::I8042;
+use crate::devices::i8042::{I8042CommandPort, I8042};
 use crate::devices::rtc::Rtc;
 use crate::devices::serial::Serial;
 use crate::devices::{Bus, IrqChip, IrqLine};
@@ -144,7 +144,7 @@ impl Machine {
     pub fn new(config: VmConfig) -> Result<Self, MachineError> {
         let kernel_cfg = config.kernel.clone().ok_or(MachineError::NoKernel)?;
         let memory = MemoryManager::new(config.memory_size)?;
-        let accel = accel::create_accelerator(config.accel.as_deref(), &memory)?;
+        let accel = accel::create_accelerator(config.accel.as_deref(), &memory, config.cpus)?;
         let max = accel.max_vcpus();
         if config.cpus > max {
             return Err(MachineError::TooManyVcpus {
@@ -171,6 +171,7 @@ impl Machine {
         let mmio = Arc::new(Bus::new());
         let irq_chip = accel.irq_chip();
         let (control, requests) = MachineControl::new();
+        accel.register_platform_devices(&pio, &mmio)?;
 
         let mut chardevs = Vec::new();
         let mut serial_ports = Vec::new();
@@ -208,15 +209,21 @@ impl Machine {
             chardevs.push(chardev);
         }
 
-        let i8042 = I8042::new(
+        // Data and command ports separately: 0x61 between them belongs to the PIT.
+        let i8042 = Arc::new(Mutex::new(I8042::new(
             control.clone(),
             IrqLine::new(irq_chip.clone(), layout::I8042_KBD_GSI),
             IrqLine::new(irq_chip.clone(), layout::I8042_AUX_GSI),
-        );
+        )));
+        pio.insert(i8042.clone(), u64::from(layout::I8042_DATA_PORT), 1)
+            .map_err(|source| MachineError::Bus {
+                what: "the i8042",
+                source,
+            })?;
         pio.insert(
-            Arc::new(Mutex::new(i8042)),
-            u64::from(layout::I8042_DATA_PORT),
-            u64::from(layout::I8042_CMD_PORT - layout::I8042_DATA_PORT + 1),
+            Arc::new(Mutex::new(I8042CommandPort::new(i8042))),
+            u64::from(layout::I8042_CMD_PORT),
+            1,
         )
         .map_err(|source| MachineError::Bus {
             what: "the i8042",
@@ -296,11 +303,11 @@ impl Machine {
             pci_mmio64: (pci_mmio64.start, pci_mmio64.size),
         };
 
+        let io = Arc::new(MachineIo { pio, mmio });
         let mut vcpus = Vec::new();
         for id in 0..config.cpus {
-            vcpus.push(accel.create_vcpu(id, config.cpus)?);
+            vcpus.push(accel.create_vcpu(id, config.cpus, io.clone())?);
         }
-        let io = Arc::new(MachineIo { pio, mmio });
         let cpus = CpuManager::start(vcpus, io.clone(), control.clone())?;
 
         let machine = Machine {

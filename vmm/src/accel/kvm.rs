@@ -209,7 +209,12 @@ impl Accelerator for KvmAccel {
         self.kvm.get_max_vcpus().min(255) as u32
     }
 
-    fn create_vcpu(&self, id: u32, num_vcpus: u32) -> Result<Box<dyn Vcpu>, AccelError> {
+    fn create_vcpu(
+        &self,
+        id: u32,
+        num_vcpus: u32,
+        _io: Arc<dyn IoHandler + Send>,
+    ) -> Result<Box<dyn Vcpu>, AccelError> {
         let fd = self
             .vm
             .create_vcpu(u64::from(id))

@@ -9,6 +9,7 @@ use vmm_sys_util::eventfd::EventFd;
 use crate::arch::boot::EntryState;
 use crate::devices::IrqChip;
 
+pub mod emu;
 pub mod kvm;
 
 /// The accelerators this build knows.
@@ -45,6 +46,8 @@ pub enum AccelError {
     Unavailable(&'static str),
     #[error("{0} vCPUs requested, but this accelerator supports at most {1}")]
     TooManyVcpus(u32, u32),
+    #[error("emu: {0}")]
+    Emu(String),
 }
 
 impl AccelError {
@@ -110,7 +113,26 @@ pub trait VcpuKicker: Send + Sync {
 pub trait Accelerator: Send + Sync {
     fn kind(&self) -> AccelKind;
     fn max_vcpus(&self) -> u32;
-    fn create_vcpu(&self, id: u32, num_vcpus: u32) -> Result<Box<dyn Vcpu>, AccelError>;
+    /// Create vCPU `id` of `num_vcpus`. `io` is the machine's buses (the emu CPU keeps it;
+    /// KVM receives its exits through [`Vcpu::run`] instead).
+    fn create_vcpu(
+        &self,
+        id: u32,
+        num_vcpus: u32,
+        io: Arc<dyn IoHandler + Send>,
+    ) -> Result<Box<dyn Vcpu>, AccelError>;
+    /// Put the accelerator's own platform devices (the emu's IOAPIC, PIC and PIT; nothing
+    /// for KVM, which keeps them in the kernel) on the machine's buses.
+    fn register_platform_devices(
+        &self,
+        _pio: &crate::devices::Bus,
+        _mmio: &crate::devices::Bus,
+    ) -> Result<(), AccelError> {
+        Ok(())
+    }
+    /// The VM stops (guest time should stop with it) or resumes.
+    fn pause(&self) {}
+    fn resume(&self) {}
     /// The interrupt controller that device interrupt lines drive.
     fn irq_chip(&self) -> Arc<dyn IrqChip>;
     /// Reset VM-wide state (irqchip, PIT) to power-on values.
@@ -149,6 +171,7 @@ pub fn host_has_hw_virt() -> bool {
 pub fn create_accelerator(
     choices: Option<&[AccelKind]>,
     mem: &crate::memory::MemoryManager,
+    num_vcpus: u32,
 ) -> Result<Arc<dyn Accelerator>, AccelError> {
     let auto = [if host_has_hw_virt() {
         AccelKind::Kvm
@@ -160,7 +183,9 @@ pub fn create_accelerator(
     for (i, kind) in choices.iter().enumerate() {
         let result: Result<Arc<dyn Accelerator>, AccelError> = match kind {
             AccelKind::Kvm => kvm::KvmAccel::new(mem).map(|a| Arc::new(a) as Arc<dyn Accelerator>),
-            AccelKind::Emu => Err(AccelError::Unavailable("emu")),
+            AccelKind::Emu => {
+                emu::EmuAccel::new(mem, num_vcpus).map(|a| Arc::new(a) as Arc<dyn Accelerator>)
+            }
         };
         match result {
             Ok(a) => return Ok(a),

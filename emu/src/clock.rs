@@ -1,0 +1,276 @@
+//! Guest time: the host's monotonic clock minus the time the VM spent paused, so that the
+//! guest never sees a jump across a pause. The guest TSC ticks at 1 GHz, which makes a TSC
+//! value and a guest nanosecond count the same number and keeps kvmclock's scaling trivial.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+/// Guest TSC frequency: 1 GHz, so 1 tick = 1 ns.
+pub const TSC_HZ: u64 = 1_000_000_000;
+
+/// `flags` bit of pvclock_vcpu_time_info: the TSC is stable across vCPUs.
+pub const PVCLOCK_TSC_STABLE_BIT: u8 = 1;
+
+/// Size of Linux's `struct pvclock_vcpu_time_info`.
+pub const PVCLOCK_TIME_INFO_SIZE: usize = 32;
+/// Size of Linux's `struct pvclock_wall_clock`.
+pub const PVCLOCK_WALL_CLOCK_SIZE: usize = 12;
+
+/// Marks "not paused" in [`VirtualClock::paused_guest_ns`].
+const RUNNING: u64 = u64::MAX;
+
+/// Where raw (unpaused) time comes from.
+enum TimeSource {
+    /// Host CLOCK_MONOTONIC (std's `Instant`), counted from `base`.
+    Host { base: Instant },
+    /// Test time that only moves when the test says so.
+    Manual { ns: AtomicU64 },
+}
+
+/// The guest's view of time. Cheap to read from many threads: two atomic loads and a
+/// clock read.
+pub struct VirtualClock {
+    source: TimeSource,
+    /// Raw time minus guest time: the total time spent paused.
+    offset_ns: AtomicU64,
+    /// Guest time frozen at the pause, or `RUNNING`.
+    paused_guest_ns: AtomicU64,
+    /// Serialises pause and resume against each other (readers do not take it).
+    transition: Mutex<()>,
+}
+
+impl Default for VirtualClock {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl VirtualClock {
+    /// A clock that follows the host's monotonic clock, at guest time 0 now.
+    pub fn new() -> Self {
+        Self::with_source(TimeSource::Host {
+            base: Instant::now(),
+        })
+    }
+
+    /// A clock that only moves through [`VirtualClock::advance`]; for unit tests of the
+    /// timers built on it.
+    pub fn new_manual() -> Self {
+        Self::with_source(TimeSource::Manual {
+            ns: AtomicU64::new(0),
+        })
+    }
+
+    fn with_source(source: TimeSource) -> Self {
+        Self {
+            source,
+            offset_ns: AtomicU64::new(0),
+            paused_guest_ns: AtomicU64::new(RUNNING),
+            transition: Mutex::new(()),
+        }
+    }
+
+    /// Moves a manual clock forward (no effect on a host clock).
+    pub fn advance(&self, ns: u64) {
+        if let TimeSource::Manual { ns: now } = &self.source {
+            now.fetch_add(ns, Ordering::SeqCst);
+        }
+    }
+
+    fn raw_ns(&self) -> u64 {
+        match &self.source {
+            TimeSource::Host { base } => base.elapsed().as_nanos() as u64,
+            TimeSource::Manual { ns } => ns.load(Ordering::SeqCst),
+        }
+    }
+
+    /// Guest nanoseconds since the clock was created, not counting paused time.
+    pub fn now_ns(&self) -> u64 {
+        let paused = self.paused_guest_ns.load(Ordering::Acquire);
+        if paused != RUNNING {
+            return paused;
+        }
+        self.raw_ns()
+            .saturating_sub(self.offset_ns.load(Ordering::Acquire))
+    }
+
+    /// The guest TSC (equal to [`VirtualClock::now_ns`] at 1 GHz).
+    pub fn tsc(&self) -> u64 {
+        self.now_ns()
+    }
+
+    /// Freezes guest time. Idempotent.
+    pub fn pause(&self) {
+        let _guard = self
+            .transition
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        if self.paused_guest_ns.load(Ordering::Acquire) != RUNNING {
+            return;
+        }
+        let now = self.now_ns();
+        self.paused_guest_ns.store(now, Ordering::Release);
+    }
+
+    /// Lets guest time run again from where it was frozen. Idempotent.
+    pub fn resume(&self) {
+        let _guard = self
+            .transition
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let frozen = self.paused_guest_ns.load(Ordering::Acquire);
+        if frozen == RUNNING {
+            return;
+        }
+        // The new offset makes raw - offset continue exactly at the frozen value; it is
+        // published before the pause marker is cleared so readers never see time go back.
+        let offset = self.raw_ns().saturating_sub(frozen);
+        self.offset_ns.store(offset, Ordering::Release);
+        self.paused_guest_ns.store(RUNNING, Ordering::Release);
+    }
+
+    /// Whether guest time is frozen.
+    pub fn is_paused(&self) -> bool {
+        self.paused_guest_ns.load(Ordering::Acquire) != RUNNING
+    }
+
+    /// The host instant at which guest time reaches `guest_ns` if the VM keeps running (now
+    /// or earlier if it already has). While paused, the answer assumes a resume right now.
+    pub fn host_deadline(&self, guest_ns: u64) -> Instant {
+        let remaining = guest_ns.saturating_sub(self.now_ns());
+        let now = Instant::now();
+        now.checked_add(Duration::from_nanos(remaining))
+            .unwrap_or_else(|| now + Duration::from_secs(365 * 24 * 3600))
+    }
+
+    /// `struct pvclock_vcpu_time_info` for kvmclock, little-endian:
+    /// u32 version, u32 pad, u64 tsc_timestamp, u64 system_time, u32 tsc_to_system_mul,
+    /// i8 tsc_shift, u8 flags, u8 pad[2]. With a 1 GHz TSC, mul = 2^31 and shift = 1 make
+    /// the guest's scaling the identity. `version` must be even for the guest to accept it.
+    pub fn pvclock_time_info(&self, version: u32) -> [u8; PVCLOCK_TIME_INFO_SIZE] {
+        let now = self.now_ns();
+        let mut info = [0u8; PVCLOCK_TIME_INFO_SIZE];
+        info[0..4].copy_from_slice(&version.to_le_bytes());
+        info[8..16].copy_from_slice(&now.to_le_bytes());
+        info[16..24].copy_from_slice(&now.to_le_bytes());
+        info[24..28].copy_from_slice(&0x8000_0000u32.to_le_bytes());
+        info[28] = 1i8 as u8;
+        info[29] = PVCLOCK_TSC_STABLE_BIT;
+        info
+    }
+
+    /// `struct pvclock_wall_clock` (u32 version, u32 sec, u32 nsec): the host's wall-clock
+    /// time at guest time 0, so that wall clock + kvmclock system time = now.
+    pub fn pvclock_wall_clock(&self, version: u32) -> [u8; PVCLOCK_WALL_CLOCK_SIZE] {
+        let wall = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or_default()
+            .saturating_sub(Duration::from_nanos(self.now_ns()));
+        let mut out = [0u8; PVCLOCK_WALL_CLOCK_SIZE];
+        out[0..4].copy_from_slice(&version.to_le_bytes());
+        out[4..8].copy_from_slice(&(wall.as_secs() as u32).to_le_bytes());
+        out[8..12].copy_from_slice(&wall.subsec_nanos().to_le_bytes());
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The guest side of kvmclock (Linux `pvclock_scale_delta` + `__pvclock_read_cycles`).
+    fn guest_ns_from_tsc(info: &[u8; 32], tsc: u64) -> u64 {
+        let tsc_timestamp = u64::from_le_bytes(info[8..16].try_into().unwrap());
+        let system_time = u64::from_le_bytes(info[16..24].try_into().unwrap());
+        let mul = u32::from_le_bytes(info[24..28].try_into().unwrap());
+        let shift = info[28] as i8;
+        let mut delta = tsc - tsc_timestamp;
+        if shift < 0 {
+            delta >>= -shift;
+        } else {
+            delta <<= shift;
+        }
+        system_time + ((delta as u128 * mul as u128) >> 32) as u64
+    }
+
+    #[test]
+    fn pause_freezes_time_and_resume_continues() {
+        let clock = VirtualClock::new_manual();
+        clock.advance(1000);
+        assert_eq!(clock.now_ns(), 1000);
+        clock.pause();
+        clock.pause();
+        clock.advance(5000);
+        assert_eq!(clock.now_ns(), 1000);
+        assert!(clock.is_paused());
+        clock.resume();
+        clock.resume();
+        assert_eq!(clock.now_ns(), 1000);
+        clock.advance(10);
+        assert_eq!(clock.now_ns(), 1010);
+        assert_eq!(clock.tsc(), 1010);
+    }
+
+    #[test]
+    fn host_clock_is_monotonic_and_pauses() {
+        let clock = VirtualClock::new();
+        let a = clock.now_ns();
+        std::thread::sleep(Duration::from_millis(2));
+        let b = clock.now_ns();
+        assert!(b >= a + 1_000_000);
+        clock.pause();
+        let frozen = clock.now_ns();
+        std::thread::sleep(Duration::from_millis(5));
+        assert_eq!(clock.now_ns(), frozen);
+        clock.resume();
+        let after = clock.now_ns();
+        assert!(after >= frozen && after < frozen + 4_000_000);
+    }
+
+    #[test]
+    fn host_deadline_is_in_the_future_by_the_remaining_time() {
+        let clock = VirtualClock::new_manual();
+        clock.advance(100);
+        let before = Instant::now();
+        let deadline = clock.host_deadline(1_000_100);
+        assert!(deadline >= before + Duration::from_millis(1));
+        assert!(deadline <= Instant::now() + Duration::from_millis(1));
+        assert!(clock.host_deadline(50) <= Instant::now());
+    }
+
+    #[test]
+    fn pvclock_layout_and_scaling() {
+        let clock = VirtualClock::new_manual();
+        clock.advance(123_456_789);
+        let info = clock.pvclock_time_info(4);
+        assert_eq!(u32::from_le_bytes(info[0..4].try_into().unwrap()), 4);
+        assert_eq!(
+            u32::from_le_bytes(info[24..28].try_into().unwrap()),
+            0x8000_0000
+        );
+        assert_eq!(info[28], 1);
+        assert_eq!(info[29], PVCLOCK_TSC_STABLE_BIT);
+        clock.advance(987_654_321);
+        let tsc = clock.tsc();
+        assert_eq!(guest_ns_from_tsc(&info, tsc), clock.now_ns());
+        assert_eq!(guest_ns_from_tsc(&info, tsc + (1 << 40)), tsc + (1 << 40));
+    }
+
+    #[test]
+    fn wall_clock_plus_guest_time_is_now() {
+        let clock = VirtualClock::new_manual();
+        clock.advance(5_000_000_000);
+        let wall = clock.pvclock_wall_clock(2);
+        assert_eq!(u32::from_le_bytes(wall[0..4].try_into().unwrap()), 2);
+        let sec = u32::from_le_bytes(wall[4..8].try_into().unwrap()) as u64;
+        let nsec = u32::from_le_bytes(wall[8..12].try_into().unwrap()) as u64;
+        assert!(nsec < 1_000_000_000);
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap()
+            .as_secs();
+        let derived = sec + 5;
+        assert!(derived.abs_diff(now) <= 1);
+    }
+}

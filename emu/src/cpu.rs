@@ -1,0 +1,981 @@
+//! One virtual CPU: the fetch/decode/execute loop, event delivery at instruction
+//! boundaries, HLT and wait-for-SIPI sleeping, and debugging aids (trace, history, dump).
+//!
+//! The run loop executes instructions in batches; between batches (and right after any
+//! instruction that touched MMIO/ports, wrote an MSR, or changed IF) it polls the local
+//! APIC (inbox messages, timer expiry) and the stop flag. A deliverable interrupt is taken
+//! at the next instruction boundary where IF=1 and no interrupt shadow is active.
+
+use std::fmt::Write as _;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use iced_x86::{Decoder, DecoderOptions, Formatter, IntelFormatter};
+
+use crate::clock::VirtualClock;
+use crate::decode::DecodeCache;
+use crate::exception::Exception;
+use crate::exec::system::SystemState;
+use crate::interrupt::{self, Escalation, EventKind};
+use crate::lapic::LocalApic;
+use crate::mmu::Mmu;
+use crate::ram::GuestRam;
+use crate::router::ApicInbox;
+use crate::state::*;
+use crate::IoBus;
+
+/// Instructions per batch between polls of the APIC and the stop flag.
+const BATCH: u32 = 1024;
+/// Executed instruction addresses kept for [`Cpu::dump`].
+const HISTORY: usize = 64;
+
+/// Why [`Cpu::run`] returned.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RunExit {
+    /// The stop flag was set.
+    Stopped,
+    /// A fault while delivering a double fault: the machine should reset.
+    TripleFault,
+    /// The emulator cannot continue.
+    Fatal(String),
+}
+
+/// One virtual x86-64 CPU.
+pub struct Cpu {
+    id: u32,
+    state: CpuState,
+    mmu: Mmu,
+    sys: SystemState,
+    cache: DecodeCache,
+    inbox: Option<Arc<ApicInbox>>,
+    trace: bool,
+    /// Linear addresses and code bitness of the last instructions fetched, a ring.
+    history: [(u64, u32); HISTORY],
+    history_pos: usize,
+    instructions: u64,
+    waiting_for_sipi: bool,
+    nmi_pending: bool,
+    irq_pending: bool,
+    /// `state_mut` handed out the registers: resync the MMU before running.
+    resync: bool,
+}
+
+impl Cpu {
+    pub fn new(
+        id: u32,
+        ram: Arc<GuestRam>,
+        io: Arc<dyn IoBus>,
+        lapic: LocalApic,
+        clock: Arc<VirtualClock>,
+    ) -> Self {
+        let mut cpu = Cpu {
+            id,
+            state: CpuState::power_on(),
+            mmu: Mmu::new(ram, io, lapic),
+            sys: SystemState::new(clock, id),
+            cache: DecodeCache::new(),
+            inbox: None,
+            trace: false,
+            history: [(0, 0); HISTORY],
+            history_pos: 0,
+            instructions: 0,
+            waiting_for_sipi: false,
+            nmi_pending: false,
+            irq_pending: false,
+            resync: true,
+        };
+        cpu.reset();
+        cpu
+    }
+
+    /// The inbox of this CPU's local APIC, so HLT can sleep until a message arrives
+    /// (without it HLT polls every millisecond).
+    pub fn set_inbox(&mut self, inbox: Arc<ApicInbox>) {
+        self.inbox = Some(inbox);
+    }
+
+    /// Number of CPUs in the machine (CPUID topology and HTT).
+    pub fn set_cpu_count(&mut self, n: u32) {
+        self.sys.num_cpus = n.max(1);
+    }
+
+    pub fn id(&self) -> u32 {
+        self.id
+    }
+
+    pub fn state(&self) -> &CpuState {
+        &self.state
+    }
+
+    /// Mutable registers (e.g. to load the boot entry state). The MMU snapshot and the
+    /// TLB are refreshed before the next instruction runs.
+    pub fn state_mut(&mut self) -> &mut CpuState {
+        self.resync = true;
+        &mut self.state
+    }
+
+    pub fn lapic(&mut self) -> &mut LocalApic {
+        &mut self.mmu.lapic
+    }
+
+    /// Power-on reset: architectural state, local APIC, TLB and decode cache.
+    pub fn reset(&mut self) {
+        self.state = CpuState::power_on();
+        self.state.msr.misc_enable = 1; // fast strings
+        self.state.msr.mtrr_def_type = 0xc06; // MTRRs on, default write-back
+        self.mmu.lapic.reset();
+        self.sys.halted = false;
+        self.sys.shadow = false;
+        self.sys.nmi_blocked = false;
+        self.sys.tsc_offset = 0;
+        self.sys.kvm_system_time = 0;
+        self.sys.kvm_wall_clock = 0;
+        self.sys.software_interrupt = None;
+        self.waiting_for_sipi = false;
+        self.nmi_pending = false;
+        self.irq_pending = false;
+        self.mmu.sync(&self.state);
+        self.mmu.flush_all();
+        self.cache.flush();
+        self.resync = true;
+    }
+
+    /// Put the CPU in the wait-for-SIPI state of an application processor: `run` then
+    /// sleeps until INIT/SIPI arrive through the local APIC; SIPI starts it in real mode
+    /// at vector << 12.
+    pub fn wait_for_sipi(&mut self) {
+        self.waiting_for_sipi = true;
+    }
+
+    /// Log every executed instruction (tracing target "emu::trace", level trace).
+    pub fn set_trace(&mut self, on: bool) {
+        self.trace = on;
+    }
+
+    pub fn instruction_count(&self) -> u64 {
+        self.instructions
+    }
+
+    /// Rewrite the kvmclock structure (after a resume or migration).
+    pub fn refresh_kvmclock(&mut self) {
+        crate::msr::refresh_kvmclock(&mut self.mmu, &mut self.sys);
+    }
+
+    /// Execute until `stop` is set (returns `Stopped`) or the CPU shuts down.
+    pub fn run(&mut self, stop: &AtomicBool) -> RunExit {
+        if self.resync {
+            self.mmu.sync(&self.state);
+            self.mmu.flush_all();
+            self.resync = false;
+        }
+        loop {
+            if stop.load(Ordering::Relaxed) {
+                return RunExit::Stopped;
+            }
+            self.poll_events();
+            if self.waiting_for_sipi {
+                self.sleep();
+                continue;
+            }
+            if self.sys.halted {
+                let wake = self.nmi_pending || (self.irq_pending && self.state.flag(IF));
+                if !wake {
+                    self.sleep();
+                    continue;
+                }
+                self.sys.halted = false;
+            }
+            if let Err(exit) = self.deliver_events() {
+                return exit;
+            }
+            self.sys.recheck = false;
+            self.mmu.mmio_touched = false;
+            for _ in 0..BATCH {
+                if let Err(exit) = self.step() {
+                    return exit;
+                }
+                if self.sys.halted || self.sys.recheck || self.mmu.mmio_touched {
+                    break;
+                }
+                if self.irq_pending && !self.sys.shadow && self.state.flag(IF) {
+                    if let Err(exit) = self.deliver_events() {
+                        return exit;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Take APIC messages, timer expiry, INIT/SIPI/NMI; refresh `irq_pending`.
+    fn poll_events(&mut self) {
+        let lapic = &mut self.mmu.lapic;
+        lapic.poll();
+        if lapic.take_init() {
+            self.init();
+        }
+        if self.waiting_for_sipi {
+            if let Some(vector) = self.mmu.lapic.take_sipi() {
+                self.start_from_sipi(vector);
+            }
+            return;
+        }
+        if self.mmu.lapic.take_nmi() {
+            self.nmi_pending = true;
+        }
+        self.irq_pending = self.mmu.lapic.has_interrupt();
+    }
+
+    /// INIT: registers to their INIT values, APIC reset, wait for SIPI.
+    fn init(&mut self) {
+        let msrs = self.state.msr;
+        self.state = CpuState::power_on();
+        // INIT keeps the MTRRs and a few other MSRs.
+        self.state.msr.mtrr_def_type = msrs.mtrr_def_type;
+        self.state.msr.mtrr_fixed = msrs.mtrr_fixed;
+        self.state.msr.mtrr_var = msrs.mtrr_var;
+        self.state.msr.misc_enable = msrs.misc_enable;
+        self.mmu.lapic.init_reset();
+        self.sys.halted = false;
+        self.sys.shadow = false;
+        self.sys.nmi_blocked = false;
+        self.nmi_pending = false;
+        self.waiting_for_sipi = true;
+        self.mmu.sync(&self.state);
+        self.mmu.flush_all();
+    }
+
+    fn start_from_sipi(&mut self, vector: u8) {
+        self.waiting_for_sipi = false;
+        let sel = u16::from(vector) << 8;
+        self.state.seg[CS] = Segment::real_mode(sel, true);
+        self.state.rip = 0;
+        self.sys.halted = false;
+        self.mmu.sync(&self.state);
+        self.mmu.flush_all();
+    }
+
+    /// Sleep until the inbox has work, the APIC timer is due, or a kick.
+    fn sleep(&mut self) {
+        let deadline = self.mmu.lapic.next_deadline();
+        match &self.inbox {
+            Some(inbox) => inbox.wait(deadline),
+            None => {
+                let max = Instant::now() + Duration::from_millis(1);
+                let until = deadline.map_or(max, |d| d.min(max));
+                if let Some(d) = until.checked_duration_since(Instant::now()) {
+                    std::thread::sleep(d);
+                }
+            }
+        }
+    }
+
+    /// Deliver a pending NMI or interrupt if the CPU accepts one now.
+    fn deliver_events(&mut self) -> Result<(), RunExit> {
+        if self.sys.shadow {
+            return Ok(());
+        }
+        if self.nmi_pending && !self.sys.nmi_blocked {
+            self.nmi_pending = false;
+            self.sys.nmi_blocked = true;
+            self.sys.halted = false;
+            let e = interrupt::deliver_event(&mut self.state, &mut self.mmu, 2, EventKind::Nmi);
+            return self.escalate(e);
+        }
+        if self.irq_pending && self.state.flag(IF) {
+            let vector = self.mmu.lapic.acknowledge();
+            self.irq_pending = self.mmu.lapic.has_interrupt();
+            if let Some(vector) = vector {
+                self.sys.halted = false;
+                let e = interrupt::deliver_event(
+                    &mut self.state,
+                    &mut self.mmu,
+                    vector,
+                    EventKind::External,
+                );
+                return self.escalate(e);
+            }
+        }
+        Ok(())
+    }
+
+    fn escalate(&mut self, e: Escalation) -> Result<(), RunExit> {
+        match e {
+            Escalation::Delivered => Ok(()),
+            Escalation::TripleFault => {
+                tracing::error!(cpu = self.id, "triple fault\n{}", self.dump());
+                Err(RunExit::TripleFault)
+            }
+        }
+    }
+
+    fn raise(&mut self, ex: Exception) -> Result<(), RunExit> {
+        if self.trace {
+            tracing::trace!(target: "emu::trace", cpu = self.id, "exception {ex:?} at {:#x}", self.state.rip);
+        }
+        let e = interrupt::deliver_exception(&mut self.state, &mut self.mmu, ex);
+        self.escalate(e)
+    }
+
+    /// Fetch, decode and execute one instruction (or deliver the fault it raised).
+    #[inline]
+    fn step(&mut self) -> Result<(), RunExit> {
+        let rip = self.state.rip;
+        let bitness = self.state.bitness();
+        self.history[self.history_pos] = (self.state.seg[CS].base.wrapping_add(rip), bitness);
+        self.history_pos = (self.history_pos + 1) % HISTORY;
+        let instr = match self.cache.fetch(&mut self.mmu, rip, bitness) {
+            Ok(i) => i,
+            Err(e) => return self.raise(e),
+        };
+        if self.trace {
+            tracing::trace!(target: "emu::trace", cpu = self.id, "{:04x}:{:016x} {}", self.state.seg[CS].selector, rip, instr);
+        }
+        self.state.rip = match bitness {
+            64 => instr.next_ip(),
+            32 => instr.next_ip() & 0xffff_ffff,
+            _ => instr.next_ip() & 0xffff,
+        };
+        self.sys.shadow = false;
+        match crate::exec::execute(&mut self.state, &mut self.mmu, &mut self.sys, instr) {
+            Ok(()) => {
+                self.instructions += 1;
+                if let Some(si) = self.sys.software_interrupt.take() {
+                    let kind = if si.check_dpl {
+                        EventKind::Software
+                    } else {
+                        EventKind::Icebp
+                    };
+                    let r =
+                        interrupt::deliver(&mut self.state, &mut self.mmu, si.vector, None, kind);
+                    self.mmu.sync(&self.state);
+                    if let Err(ex) = r {
+                        // A fault while delivering INT n points at the INT instruction.
+                        self.state.rip = rip;
+                        return self.raise(ex);
+                    }
+                }
+                Ok(())
+            }
+            Err(ex) => {
+                if !ex.is_trap() {
+                    self.state.rip = rip;
+                }
+                // Whatever the instruction changed in the mode, re-snapshot it.
+                self.mmu.sync(&self.state);
+                self.raise(ex)
+            }
+        }
+    }
+
+    /// Execute up to `n` instructions (delivering pending events in between), stopping
+    /// early at HLT. For tests and debugging; `run` is the normal entry.
+    pub fn step_n(&mut self, n: u64) -> Result<(), RunExit> {
+        if self.resync {
+            self.mmu.sync(&self.state);
+            self.mmu.flush_all();
+            self.resync = false;
+        }
+        for _ in 0..n {
+            self.poll_events();
+            if self.sys.halted || self.waiting_for_sipi {
+                return Ok(());
+            }
+            self.deliver_events()?;
+            self.step()?;
+        }
+        Ok(())
+    }
+
+    /// Registers in a format close to QEMU's `-d cpu`, then the last executed
+    /// instructions (disassembled from current memory contents).
+    pub fn dump(&self) -> String {
+        let s = &self.state;
+        let mut out = String::new();
+        let g = &s.gpr;
+        let _ = writeln!(
+            out,
+            "CPU#{} RAX={:016x} RBX={:016x} RCX={:016x} RDX={:016x}",
+            self.id, g[0], g[3], g[1], g[2]
+        );
+        let _ = writeln!(
+            out,
+            "RSI={:016x} RDI={:016x} RBP={:016x} RSP={:016x}",
+            g[6], g[7], g[5], g[4]
+        );
+        for i in (8..16).step_by(4) {
+            let _ = writeln!(
+                out,
+                "R{:<2}={:016x} R{:<2}={:016x} R{:<2}={:016x} R{:<2}={:016x}",
+                i,
+                g[i],
+                i + 1,
+                g[i + 1],
+                i + 2,
+                g[i + 2],
+                i + 3,
+                g[i + 3]
+            );
+        }
+        let flag_chars: String = [
+            (OF, 'O'),
+            (DF, 'D'),
+            (IF, 'I'),
+            (TF, 'T'),
+            (SF, 'S'),
+            (ZF, 'Z'),
+            (AF, 'A'),
+            (PF, 'P'),
+            (CF, 'C'),
+        ]
+        .iter()
+        .map(|&(f, c)| if s.flag(f) { c } else { '-' })
+        .collect();
+        let _ = writeln!(
+            out,
+            "RIP={:016x} RFL={:08x} [{}] CPL={} II={} HLT={} INSNS={}",
+            s.rip,
+            s.rflags,
+            flag_chars,
+            s.cpl(),
+            u8::from(self.sys.shadow),
+            u8::from(self.sys.halted),
+            self.instructions
+        );
+        let seg_line = |name: &str, seg: &Segment| {
+            let attr = (u32::from(seg.type_) << 8)
+                | (u32::from(seg.s) << 12)
+                | (u32::from(seg.dpl) << 13)
+                | (u32::from(seg.present) << 15)
+                | (u32::from(seg.avl) << 20)
+                | (u32::from(seg.l) << 21)
+                | (u32::from(seg.db) << 22)
+                | (u32::from(seg.g) << 23);
+            format!(
+                "{:<3}={:04x} {:016x} {:08x} {:08x}\n",
+                name, seg.selector, seg.base, seg.limit, attr
+            )
+        };
+        for (i, name) in ["ES", "CS", "SS", "DS", "FS", "GS"].iter().enumerate() {
+            out.push_str(&seg_line(name, &s.seg[i]));
+        }
+        out.push_str(&seg_line("LDT", &s.ldtr));
+        out.push_str(&seg_line("TR", &s.tr));
+        let _ = writeln!(out, "GDT=     {:016x} {:08x}", s.gdtr.base, s.gdtr.limit);
+        let _ = writeln!(out, "IDT=     {:016x} {:08x}", s.idtr.base, s.idtr.limit);
+        let _ = writeln!(
+            out,
+            "CR0={:08x} CR2={:016x} CR3={:016x} CR4={:08x}",
+            s.cr0, s.cr2, s.cr3, s.cr4
+        );
+        let _ = writeln!(
+            out,
+            "DR6={:016x} DR7={:016x} EFER={:016x} KGSBASE={:016x}",
+            s.dr[6], s.dr[7], s.efer, s.msr.kernel_gs_base
+        );
+        let _ = writeln!(out, "Last {HISTORY} instructions (oldest first):");
+        let mut formatter = IntelFormatter::new();
+        for k in 0..HISTORY {
+            let (lin, bitness) = self.history[(self.history_pos + k) % HISTORY];
+            if bitness == 0 {
+                continue;
+            }
+            let mut bytes = [0u8; 15];
+            let got = self.mmu.debug_read(lin, &mut bytes);
+            if got == 0 {
+                let _ = writeln!(out, "  {lin:016x}  <not mapped>");
+                continue;
+            }
+            let mut decoder = Decoder::with_ip(bitness, &bytes[..got], lin, DecoderOptions::NONE);
+            let instr = decoder.decode();
+            let mut text = String::new();
+            formatter.format(&instr, &mut text);
+            let hex: String = bytes[..instr.len().min(got)]
+                .iter()
+                .map(|b| format!("{b:02x}"))
+                .collect();
+            let _ = writeln!(out, "  {lin:016x}  {hex:<30} {text}");
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod test_util {
+    use std::sync::Mutex;
+
+    use super::*;
+    use crate::router::ApicRouter;
+
+    /// Port writes are recorded; everything else reads as all-ones.
+    #[derive(Default)]
+    pub struct TestIo {
+        pub writes: Mutex<Vec<(u16, Vec<u8>)>>,
+    }
+
+    impl IoBus for TestIo {
+        fn pio_read(&self, _port: u16, data: &mut [u8]) {
+            data.fill(0xff);
+        }
+        fn pio_write(&self, port: u16, data: &[u8]) {
+            self.writes.lock().unwrap().push((port, data.to_vec()));
+        }
+        fn mmio_read(&self, _addr: u64, data: &mut [u8]) {
+            data.fill(0xff);
+        }
+        fn mmio_write(&self, _addr: u64, _data: &[u8]) {}
+    }
+
+    pub fn lapic(clock: &Arc<VirtualClock>) -> (LocalApic, Arc<ApicInbox>) {
+        let router = ApicRouter::new(1);
+        let inbox = router.inbox(0);
+        (
+            LocalApic::new(0, true, inbox.clone(), router, clock.clone()),
+            inbox,
+        )
+    }
+
+    pub fn cpu(ram_size: usize) -> (Cpu, Arc<GuestRam>, Arc<TestIo>) {
+        let ram = crate::ram::test_util::ram(ram_size);
+        let clock = Arc::new(VirtualClock::new());
+        let (lapic, inbox) = lapic(&clock);
+        let io = Arc::new(TestIo::default());
+        let mut cpu = Cpu::new(0, ram.clone(), io.clone(), lapic, clock);
+        cpu.set_inbox(inbox);
+        (cpu, ram, io)
+    }
+
+    pub const PML4: u64 = 0x10000;
+
+    /// Identity-map the first 1 GiB with 2 MiB pages (tables at 0x10000..0x13000).
+    pub fn identity_map(ram: &GuestRam) {
+        ram.write_u64(PML4, 8, 0x11000 | 7);
+        ram.write_u64(0x11000, 8, 0x12000 | 7);
+        for i in 0..512u64 {
+            ram.write_u64(0x12000 + i * 8, 8, (i << 21) | 0x87);
+        }
+    }
+
+    /// 64-bit ring-0 state with paging through `PML4`.
+    pub fn long_mode(state: &mut CpuState) {
+        state.cr0 = CR0_PE | CR0_PG | CR0_WP | CR0_ET;
+        state.cr4 = CR4_PAE | CR4_PGE;
+        state.cr3 = PML4;
+        state.efer = EFER_LME | EFER_LMA | EFER_NXE | EFER_SCE;
+        state.seg[CS] = crate::exec::system::parse_descriptor(0x00af_9b00_0000_ffff, 0x10);
+        for seg in [ES, SS, DS, FS, GS] {
+            state.seg[seg] = crate::exec::system::parse_descriptor(0x00cf_9300_0000_ffff, 0x18);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use iced_x86::code_asm::*;
+
+    use super::test_util::*;
+    use super::*;
+
+    fn load(ram: &GuestRam, addr: u64, bytes: &[u8]) {
+        assert!(ram.write_bytes(addr, bytes));
+    }
+
+    fn asm64(addr: u64, f: impl FnOnce(&mut CodeAssembler) -> Result<(), IcedError>) -> Vec<u8> {
+        let mut a = CodeAssembler::new(64).unwrap();
+        f(&mut a).unwrap();
+        a.assemble(addr).unwrap()
+    }
+
+    #[test]
+    fn real_to_protected_to_long_mode() {
+        let (mut cpu, ram, _) = cpu(4 << 20);
+        identity_map(&ram);
+        // GDT at 0x8100: null, 32-bit code 0x08, data 0x10, 64-bit code 0x18.
+        for (i, d) in [
+            0u64,
+            0x00cf_9a00_0000_ffff,
+            0x00cf_9200_0000_ffff,
+            0x00af_9a00_0000_ffff,
+        ]
+        .iter()
+        .enumerate()
+        {
+            ram.write_u64(0x8100 + 8 * i as u64, 8, *d);
+        }
+        // GDT pointer at 0x80f0.
+        ram.write_u64(0x80f0, 2, 31);
+        ram.write_u64(0x80f2, 4, 0x8100);
+
+        let mut a = CodeAssembler::new(16).unwrap();
+        a.cli().unwrap();
+        a.lgdt(ptr(0x80f0)).unwrap();
+        a.mov(eax, cr0).unwrap();
+        a.or(eax, 1).unwrap();
+        a.mov(cr0, eax).unwrap();
+        // jmp dword 0x08:0x8200
+        a.db(&[0x66, 0xea, 0x00, 0x82, 0x00, 0x00, 0x08, 0x00])
+            .unwrap();
+        load(&ram, 0x8000, &a.assemble(0x0).unwrap());
+
+        let mut a = CodeAssembler::new(32).unwrap();
+        a.mov(ax, 0x10).unwrap();
+        a.mov(ds, ax).unwrap();
+        a.mov(ss, ax).unwrap();
+        a.mov(eax, cr4).unwrap();
+        a.or(eax, 0x20).unwrap();
+        a.mov(cr4, eax).unwrap();
+        a.mov(eax, PML4 as u32).unwrap();
+        a.mov(cr3, eax).unwrap();
+        a.mov(ecx, 0xc000_0080u32).unwrap();
+        a.rdmsr().unwrap();
+        a.or(eax, 0x100).unwrap();
+        a.wrmsr().unwrap();
+        a.mov(eax, cr0).unwrap();
+        a.or(eax, 0x8000_0000u32 as i32).unwrap();
+        a.mov(cr0, eax).unwrap();
+        a.db(&[0xea, 0x00, 0x83, 0x00, 0x00, 0x18, 0x00]).unwrap();
+        load(&ram, 0x8200, &a.assemble(0x8200).unwrap());
+
+        load(
+            &ram,
+            0x8300,
+            &asm64(0x8300, |a| {
+                a.mov(rax, 0x1234_5678_9abc_u64)?;
+                a.hlt()
+            }),
+        );
+
+        // Start like an AP after SIPI vector 8.
+        cpu.state_mut().seg[CS] = Segment::real_mode(0x800, true);
+        cpu.state_mut().rip = 0;
+        cpu.step_n(100).unwrap();
+        let s = cpu.state();
+        assert!(cpu.sys.halted, "reached HLT:\n{}", cpu.dump());
+        assert_eq!(s.gpr[0], 0x1234_5678_9abc);
+        assert!(s.long_mode() && s.code64());
+        assert_eq!(s.seg[CS].selector, 0x18);
+    }
+
+    #[test]
+    fn syscall_sysret_round_trip() {
+        let (mut cpu, ram, _) = cpu(4 << 20);
+        identity_map(&ram);
+        let s = cpu.state_mut();
+        long_mode(s);
+        // STAR: kernel CS 0x10 (SS 0x18), user base 0x20 (SS 0x28, CS64 0x30).
+        s.msr.star = (0x20u64 << 48) | (0x10u64 << 32);
+        s.msr.lstar = 0x5000;
+        s.msr.fmask = IF | DF;
+        s.rflags |= IF;
+        s.rip = 0x4000;
+        load(
+            &ram,
+            0x4000,
+            &asm64(0x4000, |a| {
+                a.syscall()?;
+                a.mov(rbx, 7u64)?;
+                a.hlt()
+            }),
+        );
+        load(
+            &ram,
+            0x5000,
+            &asm64(0x5000, |a| {
+                a.mov(rdx, 0x42u64)?;
+                a.sysretq()
+            }),
+        );
+        cpu.step_n(1).unwrap();
+        assert_eq!(cpu.state().rip, 0x5000);
+        assert_eq!(cpu.state().seg[CS].selector, 0x10);
+        assert_eq!(cpu.state().seg[SS].selector, 0x18);
+        assert!(!cpu.state().flag(IF), "FMASK cleared IF");
+        assert_eq!(cpu.state().gpr[1], 0x4002, "RCX = return address");
+        cpu.step_n(2).unwrap();
+        let s = cpu.state();
+        assert_eq!(s.seg[CS].selector, 0x33);
+        assert_eq!(s.seg[SS].selector, 0x2b);
+        assert_eq!(s.cpl(), 3);
+        assert!(s.flag(IF), "RFLAGS restored from R11");
+        assert_eq!(s.rip, 0x4002);
+        assert_eq!(s.gpr[2], 0x42);
+    }
+
+    /// A 64-bit IDT, GDT and TSS in RAM for delivery tests.
+    fn setup_idt(ram: &GuestRam, state: &mut CpuState, vector: u8, ist: u64, handler: u64) {
+        let gdt = 0x1000u64;
+        let tss = 0x2000u64;
+        let idt = 0x3000u64;
+        ram.write_u64(gdt + 0x10, 8, 0x00af_9b00_0000_ffff); // kernel CS
+        ram.write_u64(gdt + 0x18, 8, 0x00cf_9300_0000_ffff); // kernel SS
+        ram.write_u64(gdt + 0x28, 8, 0x00cf_f300_0000_ffff); // user SS
+        ram.write_u64(gdt + 0x30, 8, 0x00af_fb00_0000_ffff); // user CS
+        state.gdtr = DescriptorTable {
+            base: gdt,
+            limit: 0x7f,
+        };
+        // TSS: RSP0 = 0x9000, IST1 = 0xa000.
+        ram.write_u64(tss + 4, 8, 0x9000);
+        ram.write_u64(tss + 0x24, 8, 0xa000);
+        state.tr = Segment {
+            selector: 0x40,
+            base: tss,
+            limit: 0x67,
+            type_: 0xb,
+            present: true,
+            ..Default::default()
+        };
+        let gate_lo = (handler & 0xffff)
+            | (0x10 << 16)
+            | (ist << 32)
+            | (0x8e << 40)
+            | ((handler & 0xffff_0000) << 32);
+        ram.write_u64(idt + u64::from(vector) * 16, 8, gate_lo);
+        ram.write_u64(idt + u64::from(vector) * 16 + 8, 8, handler >> 32);
+        state.idtr = DescriptorTable {
+            base: idt,
+            limit: 0xfff,
+        };
+    }
+
+    fn to_user(state: &mut CpuState) {
+        state.seg[CS] = crate::exec::system::parse_descriptor(0x00af_fb00_0000_ffff, 0x33);
+        state.seg[SS] = crate::exec::system::parse_descriptor(0x00cf_f300_0000_ffff, 0x2b);
+    }
+
+    #[test]
+    fn interrupt_from_user_uses_ist_and_rsp0() {
+        let (mut cpu, ram, _) = cpu(4 << 20);
+        identity_map(&ram);
+        let s = cpu.state_mut();
+        long_mode(s);
+        setup_idt(&ram, s, 0x30, 1, 0x6000);
+        setup_idt(&ram, s, 0x31, 0, 0x6100);
+        to_user(s);
+        s.rip = 0x7000;
+        s.gpr[4] = 0x7ff8;
+        s.rflags = RFLAGS_FIXED | IF | CF;
+        cpu.resync = false;
+        cpu.mmu.sync(&cpu.state);
+
+        let e = interrupt::deliver_event(&mut cpu.state, &mut cpu.mmu, 0x30, EventKind::External);
+        assert_eq!(e, Escalation::Delivered);
+        let s = cpu.state();
+        assert_eq!(s.rip, 0x6000);
+        assert_eq!(s.seg[CS].selector, 0x10);
+        assert_eq!(s.seg[SS].selector, 0, "SS is null with RPL 0");
+        assert_eq!(s.gpr[4], 0xa000 - 40, "IST1 stack, five words");
+        assert!(!s.flag(IF), "interrupt gate clears IF");
+        let frame: Vec<u64> = (0..5)
+            .map(|i| ram.read_u64(0xa000 - 40 + 8 * i, 8).unwrap())
+            .collect();
+        assert_eq!(
+            frame,
+            vec![0x7000, 0x33, RFLAGS_FIXED | IF | CF, 0x7ff8, 0x2b]
+        );
+
+        // Without IST, a privilege change loads RSP0.
+        to_user(&mut cpu.state);
+        cpu.state.gpr[4] = 0x7ff8;
+        cpu.state.rip = 0x7000;
+        cpu.mmu.sync(&cpu.state);
+        let e = interrupt::deliver_event(&mut cpu.state, &mut cpu.mmu, 0x31, EventKind::External);
+        assert_eq!(e, Escalation::Delivered);
+        assert_eq!(cpu.state.gpr[4], 0x9000 - 40);
+
+        // IRETQ returns to ring 3.
+        load(&ram, 0x6100, &asm64(0x6100, |a| a.iretq()));
+        cpu.step_n(1).unwrap();
+        let s = cpu.state();
+        assert_eq!((s.rip, s.cpl(), s.gpr[4]), (0x7000, 3, 0x7ff8));
+        assert_eq!(s.seg[SS].selector, 0x2b);
+    }
+
+    #[test]
+    fn software_interrupt_checks_gate_dpl() {
+        let (mut cpu, ram, _) = cpu(4 << 20);
+        identity_map(&ram);
+        let s = cpu.state_mut();
+        long_mode(s);
+        setup_idt(&ram, s, 0x80, 0, 0x6000); // DPL 0 gate
+        setup_idt(&ram, s, 13, 0, 0x6100);
+        to_user(s);
+        s.rip = 0x7000;
+        s.gpr[4] = 0x7ff8;
+        load(&ram, 0x7000, &asm64(0x7000, |a| a.int(0x80)));
+        cpu.step_n(1).unwrap();
+        assert_eq!(cpu.state().rip, 0x6100, "#GP instead of the DPL-0 gate");
+        let err = ram.read_u64(0x9000 - 48, 8).unwrap();
+        assert_eq!(err, (0x80 << 3) | 2, "error code names the IDT entry");
+        let rip = ram.read_u64(0x9000 - 40, 8).unwrap();
+        assert_eq!(rip, 0x7000, "#GP is a fault: RIP of the INT");
+    }
+
+    #[test]
+    fn fault_during_double_fault_is_a_triple_fault() {
+        let (mut cpu, ram, _) = cpu(4 << 20);
+        identity_map(&ram);
+        let s = cpu.state_mut();
+        long_mode(s);
+        s.idtr = DescriptorTable { base: 0, limit: 0 };
+        s.rip = 0x4000;
+        load(&ram, 0x4000, &asm64(0x4000, |a| a.ud2()));
+        assert_eq!(cpu.step_n(1), Err(RunExit::TripleFault));
+    }
+
+    #[test]
+    fn self_modifying_code_is_seen() {
+        let (mut cpu, ram, _) = cpu(4 << 20);
+        identity_map(&ram);
+        let s = cpu.state_mut();
+        long_mode(s);
+        s.rip = 0x4000;
+        // mov eax, 1 ; mov byte [0x4001], 2 ; jmp 0x4000
+        load(
+            &ram,
+            0x4000,
+            &asm64(0x4000, |a| {
+                let mut start = a.create_label();
+                a.set_label(&mut start)?;
+                a.mov(eax, 1u32)?;
+                a.mov(byte_ptr(0x4001), 2u32)?;
+                a.jmp(start)
+            }),
+        );
+        cpu.step_n(1).unwrap();
+        assert_eq!(cpu.state().gpr[0], 1);
+        cpu.step_n(3).unwrap();
+        assert_eq!(cpu.state().rip, 0x4005);
+        assert_eq!(cpu.state().gpr[0], 2, "the rewritten immediate was decoded");
+        // A device write (DMA) invalidates too.
+        ram.write_u64(0x4001, 1, 3);
+        cpu.state_mut().rip = 0x4000;
+        cpu.step_n(1).unwrap();
+        assert_eq!(cpu.state().gpr[0], 3);
+    }
+
+    #[test]
+    fn kvmclock_msr_writes_the_time_structure() {
+        let (mut cpu, ram, _) = cpu(4 << 20);
+        identity_map(&ram);
+        let s = cpu.state_mut();
+        long_mode(s);
+        s.rip = 0x4000;
+        s.gpr[1] = 0x4b56_4d01;
+        s.gpr[0] = 0x8000 | 1;
+        s.gpr[2] = 0;
+        load(&ram, 0x4000, &asm64(0x4000, |a| a.wrmsr()));
+        cpu.step_n(1).unwrap();
+        let version = ram.read_u64(0x8000, 4).unwrap();
+        assert!(version != 0 && version % 2 == 0);
+        assert_eq!(ram.read_u64(0x8000 + 24, 4), Some(0x8000_0000), "mul");
+        assert_eq!(ram.read_u64(0x8000 + 28, 1), Some(1), "shift");
+        assert_eq!(ram.read_u64(0x8000 + 29, 1), Some(1), "TSC stable flag");
+    }
+
+    #[test]
+    fn port_io_then_hlt() {
+        let (mut cpu, ram, io) = cpu(4 << 20);
+        identity_map(&ram);
+        let s = cpu.state_mut();
+        long_mode(s);
+        s.rip = 0x4000;
+        load(
+            &ram,
+            0x4000,
+            &asm64(0x4000, |a| {
+                a.mov(al, 0x41u32)?;
+                a.mov(dx, 0x3f8u32)?;
+                a.out(dx, al)?;
+                a.hlt()
+            }),
+        );
+        cpu.step_n(10).unwrap();
+        assert_eq!(io.writes.lock().unwrap().as_slice(), &[(0x3f8, vec![0x41])]);
+        assert!(cpu.sys.halted);
+    }
+
+    #[test]
+    fn hlt_wakes_on_a_posted_interrupt_and_run_stops_on_request() {
+        let (mut cpu, ram, _) = cpu(4 << 20);
+        identity_map(&ram);
+        let inbox = cpu.inbox.clone().unwrap();
+        let s = cpu.state_mut();
+        long_mode(s);
+        setup_idt(&ram, s, 0x40, 0, 0x6000);
+        s.rip = 0x4000;
+        s.gpr[4] = 0x8000;
+        s.rflags |= IF;
+        // sti; hlt; (interrupt) -> handler: mov ebx, 0x99; hlt
+        load(&ram, 0x4000, &asm64(0x4000, |a| a.hlt()));
+        load(
+            &ram,
+            0x6000,
+            &asm64(0x6000, |a| {
+                a.mov(ebx, 0x99u32)?;
+                a.hlt()
+            }),
+        );
+        // Software-enable the APIC so it accepts fixed interrupts.
+        cpu.lapic().write_mmio(0xf0, &0x1ffu32.to_le_bytes());
+        let stop = Arc::new(AtomicBool::new(false));
+        let poster = {
+            let stop = stop.clone();
+            let inbox = inbox.clone();
+            std::thread::spawn(move || {
+                std::thread::sleep(Duration::from_millis(50));
+                inbox.post(crate::router::DeliveryMode::Fixed, 0x40, false);
+                std::thread::sleep(Duration::from_millis(50));
+                stop.store(true, Ordering::SeqCst);
+                inbox.kick();
+            })
+        };
+        assert_eq!(cpu.run(&stop), RunExit::Stopped);
+        poster.join().unwrap();
+        let handler_rbx = cpu.state().gpr[3];
+        assert_eq!(handler_rbx, 0x99, "handler ran:\n{}", cpu.dump());
+        assert!(cpu.sys.halted);
+        assert!(cpu.dump().contains("RIP="));
+    }
+
+    /// Measures interpreter speed on a tight loop: `cargo test -p emu --release -- --ignored mips --nocapture`.
+    #[test]
+    #[ignore]
+    fn mips_benchmark() {
+        let (mut cpu, ram, _) = cpu(4 << 20);
+        identity_map(&ram);
+        let s = cpu.state_mut();
+        long_mode(s);
+        s.rip = 0x4000;
+        load(
+            &ram,
+            0x4000,
+            &asm64(0x4000, |a| {
+                let mut top = a.create_label();
+                a.set_label(&mut top)?;
+                a.add(rax, 1)?;
+                a.mov(qword_ptr(0x9000), rax)?;
+                a.dec(rcx)?;
+                a.jmp(top)
+            }),
+        );
+        let stop = Arc::new(AtomicBool::new(false));
+        let timer = {
+            let stop = stop.clone();
+            std::thread::spawn(move || {
+                std::thread::sleep(Duration::from_secs(2));
+                stop.store(true, Ordering::SeqCst);
+            })
+        };
+        let start = Instant::now();
+        assert_eq!(cpu.run(&stop), RunExit::Stopped);
+        let secs = start.elapsed().as_secs_f64();
+        timer.join().unwrap();
+        let mips = cpu.instruction_count() as f64 / secs / 1e6;
+        eprintln!(
+            "{} instructions in {secs:.2}s: {mips:.1} MIPS",
+            cpu.instruction_count()
+        );
+        assert!(cpu.instruction_count() > 1_000_000);
+    }
+}

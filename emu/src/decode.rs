@@ -1,0 +1,196 @@
+//! Decoded-instruction cache: straight-line blocks of decoded instructions, keyed by the
+//! physical address of their first instruction.
+//!
+//! A block runs from its first instruction to the first control transfer, system
+//! instruction (which may change the mode or the mappings), page end, or [`MAX_BLOCK`]
+//! instructions. It remembers the RAM page and that page's generation when it was decoded;
+//! a lookup requires the generation to still match, and the run loop rechecks it between
+//! instructions, so any write to a code page (by this CPU, another one or a device) stops
+//! and invalidates its cached decodes (see [`crate::ram`]). Instructions that cross a page
+//! boundary or live outside RAM are decoded from a gathered buffer into a one-instruction
+//! block that is not cached.
+
+use iced_x86::{Code, Decoder, DecoderError, DecoderOptions, FlowControl, Instruction};
+
+use crate::exception::{ExResult, Exception};
+use crate::mmu::Mmu;
+
+/// Direct-mapped block slots.
+const BLOCK_SLOTS: usize = 1 << 14;
+/// Longest block.
+pub const MAX_BLOCK: usize = 32;
+/// `Block::page` of a block that is not cached (no generation to check).
+pub const UNCACHED: u32 = u32::MAX;
+
+/// Straight-line decoded code.
+pub struct Block {
+    /// Physical address of the first instruction, `u64::MAX` when empty.
+    pa: u64,
+    /// Linear IP of the first instruction (decodes depend on it).
+    ip: u64,
+    bitness: u32,
+    /// Global RAM page index of the code, or [`UNCACHED`].
+    pub page: u32,
+    /// That page's generation when decoded.
+    pub generation: u32,
+    pub instrs: Vec<Instruction>,
+}
+
+impl Block {
+    fn empty() -> Self {
+        Block {
+            pa: u64::MAX,
+            ip: 0,
+            bitness: 0,
+            page: UNCACHED,
+            generation: 0,
+            instrs: Vec::new(),
+        }
+    }
+}
+
+/// The cache of one CPU.
+pub struct DecodeCache {
+    blocks: Vec<Block>,
+    /// Holds uncacheable decodes (MMIO, page-crossing) for the borrow `block` returns.
+    scratch: Block,
+}
+
+impl Default for DecodeCache {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// Whether a block ends after `instr`.
+fn ends_block(instr: &Instruction) -> bool {
+    instr.flow_control() != FlowControl::Next || crate::exec::system::handles(instr.code())
+}
+
+impl DecodeCache {
+    pub fn new() -> Self {
+        DecodeCache {
+            blocks: (0..BLOCK_SLOTS).map(|_| Block::empty()).collect(),
+            scratch: Block::empty(),
+        }
+    }
+
+    /// Forget everything (reset).
+    pub fn flush(&mut self) {
+        for b in self.blocks.iter_mut() {
+            b.pa = u64::MAX;
+        }
+    }
+
+    /// The block starting at CS:`ip` in the given code bitness (decoded if needed). A
+    /// fault fetching the first instruction is returned; later instructions that cannot
+    /// be fetched simply end the block.
+    #[inline]
+    pub fn block(&mut self, mmu: &mut Mmu, ip: u64, bitness: u32) -> ExResult<&Block> {
+        let t = mmu.fetch_translate(ip)?;
+        if t.host.is_null() {
+            return self.single(mmu, ip, bitness);
+        }
+        let index = (t.pa as usize ^ (t.pa >> 14) as usize) & (BLOCK_SLOTS - 1);
+        let b = &self.blocks[index];
+        if b.pa == t.pa
+            && b.ip == ip
+            && b.bitness == bitness
+            && b.page as usize == t.page
+            && b.generation == mmu.ram.generation(t.page)
+        {
+            return Ok(&self.blocks[index]);
+        }
+        // Mark before reading the bytes, so a racing write bumps the generation we take.
+        mmu.ram.mark_code(t.page);
+        let generation = mmu.ram.generation(t.page);
+        let page_start = t.host.wrapping_sub((t.pa & 0xfff) as usize);
+        let mut off = (t.pa & 0xfff) as usize;
+        let mut cur_ip = ip;
+        let block = &mut self.blocks[index];
+        block.instrs.clear();
+        while block.instrs.len() < MAX_BLOCK {
+            let instr = if off + 15 <= 0x1000 {
+                let mut bytes = [0u8; 15];
+                // SAFETY: 15 bytes from the page start + off stay inside the RAM page.
+                unsafe { std::ptr::copy_nonoverlapping(page_start.add(off), bytes.as_mut_ptr(), 15) };
+                match decode_bytes(&bytes, cur_ip, bitness) {
+                    Ok(i) => i,
+                    Err(e) if block.instrs.is_empty() => return Err(e),
+                    Err(_) => break,
+                }
+            } else {
+                // Near the page end: only instructions that end inside the page join.
+                let mut bytes = [0u8; 15];
+                let n = 0x1000 - off;
+                // SAFETY: n bytes from page start + off stay inside the RAM page.
+                unsafe { std::ptr::copy_nonoverlapping(page_start.add(off), bytes.as_mut_ptr(), n) };
+                let mut decoder = Decoder::with_ip(bitness, &bytes[..n], cur_ip, DecoderOptions::NONE);
+                let instr = decoder.decode();
+                if instr.code() == Code::INVALID {
+                    if block.instrs.is_empty() {
+                        block.pa = u64::MAX;
+                        return self.single(mmu, ip, bitness);
+                    }
+                    break;
+                }
+                instr
+            };
+            off += instr.len();
+            cur_ip = instr.next_ip();
+            let end = ends_block(&instr);
+            block.instrs.push(instr);
+            if end || off >= 0x1000 {
+                break;
+            }
+        }
+        block.pa = t.pa;
+        block.ip = ip;
+        block.bitness = bitness;
+        block.page = t.page as u32;
+        block.generation = generation;
+        Ok(&self.blocks[index])
+    }
+
+    /// A one-instruction uncached block (MMIO or page-crossing code).
+    fn single(&mut self, mmu: &mut Mmu, ip: u64, bitness: u32) -> ExResult<&Block> {
+        let instr = decode_gathered(mmu, ip, bitness)?;
+        let b = &mut self.scratch;
+        b.instrs.clear();
+        b.instrs.push(instr);
+        b.page = UNCACHED;
+        b.ip = ip;
+        b.bitness = bitness;
+        Ok(&self.scratch)
+    }
+}
+
+fn decode_bytes(bytes: &[u8], ip: u64, bitness: u32) -> ExResult<Instruction> {
+    let mut decoder = Decoder::with_ip(bitness, bytes, ip, DecoderOptions::NONE);
+    let instr = decoder.decode();
+    if instr.code() == Code::INVALID {
+        return Err(match decoder.last_error() {
+            // More than 15 bytes of prefixes and opcode.
+            DecoderError::NoMoreBytes if bytes.len() >= 15 => Exception::GeneralProtection(0),
+            _ => Exception::InvalidOpcode,
+        });
+    }
+    Ok(instr)
+}
+
+/// Decode from bytes gathered through the MMU (page-crossing or MMIO instructions).
+fn decode_gathered(mmu: &mut Mmu, ip: u64, bitness: u32) -> ExResult<Instruction> {
+    let mut bytes = [0u8; 15];
+    let got = mmu.fetch(ip, &mut bytes)?;
+    let mut decoder = Decoder::with_ip(bitness, &bytes[..got], ip, DecoderOptions::NONE);
+    let instr = decoder.decode();
+    if instr.code() == Code::INVALID {
+        if decoder.last_error() == DecoderError::NoMoreBytes && got < 15 {
+            // The rest of the instruction is on a page that faults: report that fault.
+            mmu.fetch_translate(ip.wrapping_add(got as u64))?;
+            return Err(Exception::GeneralProtection(0));
+        }
+        return Err(Exception::InvalidOpcode);
+    }
+    Ok(instr)
+}

@@ -1,0 +1,217 @@
+//! Runs a sequence on the emu interpreter, the same way the CPU core does: `rip` is set to
+//! the next instruction before the instruction group runs, the integer group is asked
+//! first, then the SSE group.
+
+use emu::access::DataAccess;
+use emu::exception::{ExResult, Exception};
+use emu::state::{
+    CpuState, Segment, CR0_ET, CR0_MP, CR0_NE, CR0_PE, CR0_PG, CR4_OSFXSR, CR4_OSXMMEXCPT, CR4_PAE,
+    CS, EFER_LMA, EFER_LME, RFLAGS_FIXED, STATUS_FLAGS,
+};
+use iced_x86::Instruction;
+
+use super::flags;
+use super::gen::Init;
+use super::native::{DATA_ADDR, DATA_SIZE};
+
+/// The data buffer, mapped at the same address as on the host. Segment bases are zero
+/// (64-bit mode, and the generator never uses FS/GS), so the offset is the address.
+pub struct BufferMemory {
+    pub bytes: Vec<u8>,
+}
+
+impl BufferMemory {
+    fn range(&self, addr: u64, len: usize, write: bool) -> ExResult<std::ops::Range<usize>> {
+        let canonical = ((addr as i64) << 16 >> 16) as u64 == addr;
+        if !canonical {
+            return Err(Exception::GeneralProtection(0));
+        }
+        let start = addr.wrapping_sub(DATA_ADDR);
+        if addr < DATA_ADDR || start + len as u64 > DATA_SIZE as u64 {
+            return Err(Exception::PageFault {
+                error_code: 4 | if write { 2 } else { 0 },
+                address: addr,
+            });
+        }
+        Ok(start as usize..start as usize + len)
+    }
+}
+
+impl DataAccess for BufferMemory {
+    fn read(&mut self, _seg: usize, offset: u64, size: usize) -> ExResult<u64> {
+        let r = self.range(offset, size, false)?;
+        let mut b = [0u8; 8];
+        b[..size].copy_from_slice(&self.bytes[r]);
+        Ok(u64::from_le_bytes(b))
+    }
+
+    fn write(&mut self, _seg: usize, offset: u64, size: usize, value: u64) -> ExResult<()> {
+        let r = self.range(offset, size, true)?;
+        self.bytes[r].copy_from_slice(&value.to_le_bytes()[..size]);
+        Ok(())
+    }
+
+    fn read_bytes(&mut self, _seg: usize, offset: u64, buf: &mut [u8]) -> ExResult<()> {
+        let r = self.range(offset, buf.len(), false)?;
+        buf.copy_from_slice(&self.bytes[r]);
+        Ok(())
+    }
+
+    fn write_bytes(&mut self, _seg: usize, offset: u64, buf: &[u8]) -> ExResult<()> {
+        let r = self.range(offset, buf.len(), true)?;
+        self.bytes[r].copy_from_slice(buf);
+        Ok(())
+    }
+
+    fn compare_exchange(
+        &mut self,
+        seg: usize,
+        offset: u64,
+        size: usize,
+        expected: u64,
+        new: u64,
+    ) -> ExResult<u64> {
+        self.range(offset, size, true)?;
+        let old = self.read(seg, offset, size)?;
+        if old == expected {
+            self.write(seg, offset, size, new)?;
+        }
+        Ok(old)
+    }
+
+    fn compare_exchange16(
+        &mut self,
+        seg: usize,
+        offset: u64,
+        expected: u128,
+        new: u128,
+    ) -> ExResult<u128> {
+        let mut b = [0u8; 16];
+        self.range(offset, 16, true)?;
+        self.read_bytes(seg, offset, &mut b)?;
+        let old = u128::from_le_bytes(b);
+        if old == expected {
+            self.write_bytes(seg, offset, &new.to_le_bytes())?;
+        }
+        Ok(old)
+    }
+}
+
+/// 64-bit flat user mode, as the host runs the sequence.
+pub fn initial_state(init: &Init) -> CpuState {
+    let mut s = CpuState::power_on();
+    s.efer = EFER_LME | EFER_LMA;
+    s.cr0 = CR0_PE | CR0_MP | CR0_ET | CR0_NE | CR0_PG;
+    s.cr4 = CR4_PAE | CR4_OSFXSR | CR4_OSXMMEXCPT;
+    let data = Segment {
+        selector: 0x2b,
+        base: 0,
+        limit: 0xffff_ffff,
+        type_: 3,
+        s: true,
+        dpl: 3,
+        present: true,
+        l: false,
+        db: true,
+        g: true,
+        avl: false,
+    };
+    for seg in s.seg.iter_mut() {
+        *seg = data;
+    }
+    s.seg[CS] = Segment {
+        selector: 0x33,
+        type_: 0xb,
+        l: true,
+        db: false,
+        ..data
+    };
+    s.gpr = init.gpr;
+    s.rflags = RFLAGS_FIXED | (1 << 9) | init.rflags;
+    s.mxcsr = init.mxcsr;
+    s.xmm = init.xmm;
+    s
+}
+
+/// State after one instruction, for locating the first divergent instruction.
+#[derive(Clone)]
+pub struct Snapshot {
+    pub state: CpuState,
+    pub data: Vec<u8>,
+    pub undefined_flags: u64,
+}
+
+pub struct Outcome {
+    pub state: CpuState,
+    pub data: Vec<u8>,
+    /// Index of the faulting instruction and its exception; state is as before it.
+    pub fault: Option<(usize, Exception)>,
+    /// Index and mnemonic of an instruction no group implements.
+    pub unimplemented: Option<(usize, String)>,
+    /// Status flags undefined at the end (written last by an instruction that leaves them
+    /// undefined).
+    pub undefined_flags: u64,
+    /// One snapshot per completed instruction, when asked for.
+    pub steps: Vec<Snapshot>,
+}
+
+/// One instruction through the instruction groups, as the core's dispatcher does.
+fn execute(
+    state: &mut CpuState,
+    mem: &mut BufferMemory,
+    instr: &Instruction,
+) -> Option<ExResult<()>> {
+    emu::exec::integer::execute(state, mem, instr)
+        .or_else(|| emu::exec::sse::execute(state, mem, instr))
+}
+
+pub fn run(init: &Init, instrs: &[Instruction], snapshots: bool) -> Outcome {
+    let mut state = initial_state(init);
+    let mut mem = BufferMemory {
+        bytes: init.data.clone(),
+    };
+    let mut undefined = 0u64;
+    let mut fault = None;
+    let mut unimplemented = None;
+    let mut steps = Vec::new();
+    'seq: for (i, instr) in instrs.iter().enumerate() {
+        let (written, undef) = flags::effect(instr, &state);
+        // An implementation may run a REP instruction in chunks, leaving rip at the
+        // instruction to resume it; the core then simply executes it again.
+        for _ in 0..10_000 {
+            state.rip = instr.next_ip();
+            match execute(&mut state, &mut mem, instr) {
+                None => {
+                    unimplemented = Some((i, format!("{:?}", instr.mnemonic()).to_lowercase()));
+                    break 'seq;
+                }
+                Some(Err(e)) => {
+                    state.rip = instr.ip();
+                    fault = Some((i, e));
+                    break 'seq;
+                }
+                Some(Ok(())) => {
+                    if state.rip != instr.ip() {
+                        break;
+                    }
+                }
+            }
+        }
+        undefined = (undefined & !written) | (undef & STATUS_FLAGS);
+        if snapshots {
+            steps.push(Snapshot {
+                state: state.clone(),
+                data: mem.bytes.clone(),
+                undefined_flags: undefined,
+            });
+        }
+    }
+    Outcome {
+        state,
+        data: mem.bytes,
+        fault,
+        unimplemented,
+        undefined_flags: undefined,
+        steps,
+    }
+}

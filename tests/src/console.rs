@@ -1,0 +1,137 @@
+//! Driving a guest's serial console: the vmm runs with `-serial stdio` on pipes, a thread
+//! collects everything the guest prints, and commands are run between unique markers.
+
+use std::io::{Read, Write};
+use std::process::{Child, ChildStdin, Command, Stdio};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+/// A running vmm whose COM1 is on this process's pipes.
+pub struct GuestConsole {
+    child: Option<Child>,
+    stdin: Option<ChildStdin>,
+    output: Arc<(Mutex<String>, Condvar)>,
+    /// Bytes of `output` already consumed by `wait_for`.
+    consumed: usize,
+    next_marker: u32,
+}
+
+impl GuestConsole {
+    /// Start the vmm with `args` (which must include `-serial stdio`).
+    pub fn spawn(args: &[&str]) -> Self {
+        let mut child = Command::new(crate::vmm_binary())
+            .args(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("spawn vmm");
+        let stdin = child.stdin.take();
+        let mut stdout = child.stdout.take().expect("vmm stdout");
+        let output = Arc::new((Mutex::new(String::new()), Condvar::new()));
+        let sink = output.clone();
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 4096];
+            while let Ok(n) = stdout.read(&mut buf) {
+                if n == 0 {
+                    break;
+                }
+                let text = String::from_utf8_lossy(&buf[..n]).replace('\r', "");
+                let (lock, cv) = &*sink;
+                lock.lock().unwrap().push_str(&text);
+                cv.notify_all();
+            }
+            sink.1.notify_all();
+        });
+        GuestConsole {
+            child: Some(child),
+            stdin,
+            output,
+            consumed: 0,
+            next_marker: 0,
+        }
+    }
+
+    /// Everything the guest printed so far.
+    pub fn transcript(&self) -> String {
+        self.output.0.lock().unwrap().clone()
+    }
+
+    /// Wait until `needle` appears after what was consumed; returns the text up to and
+    /// including it and consumes it.
+    pub fn wait_for(&mut self, needle: &str, timeout: Duration) -> String {
+        let deadline = Instant::now() + timeout;
+        let (lock, cv) = &*self.output;
+        let mut out = lock.lock().unwrap();
+        loop {
+            if let Some(pos) = out[self.consumed..].find(needle) {
+                let end = self.consumed + pos + needle.len();
+                let text = out[self.consumed..end].to_string();
+                self.consumed = end;
+                return text;
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                let tail: String = out
+                    .chars()
+                    .rev()
+                    .take(3000)
+                    .collect::<Vec<_>>()
+                    .into_iter()
+                    .rev()
+                    .collect();
+                panic!("timed out after {timeout:?} waiting for {needle:?}; console tail:\n{tail}");
+            }
+            out = cv
+                .wait_timeout(out, left.min(Duration::from_millis(200)))
+                .unwrap()
+                .0;
+        }
+    }
+
+    /// Type `text` into the console.
+    pub fn send(&mut self, text: &str) {
+        let stdin = self.stdin.as_mut().expect("console stdin");
+        stdin
+            .write_all(text.as_bytes())
+            .expect("write to the console");
+        stdin.flush().expect("flush the console");
+    }
+
+    /// Run a shell command in the guest and return its output (without the echo).
+    pub fn run(&mut self, command: &str, timeout: Duration) -> String {
+        self.next_marker += 1;
+        let n = self.next_marker;
+        // The quotes keep the echoed command line from matching the markers.
+        self.send(&format!(
+            "echo CMD''BEGIN-{n}; {command}; echo CMD''END-{n}\n"
+        ));
+        self.wait_for(&format!("CMDBEGIN-{n}\n"), timeout);
+        let text = self.wait_for(&format!("CMDEND-{n}"), timeout);
+        text.trim_end_matches(&format!("CMDEND-{n}")).to_string()
+    }
+
+    /// Wait for the vmm to exit and return its status code.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<i32> {
+        let child = self.child.as_mut()?;
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Ok(Some(status)) = child.try_wait() {
+                return status.code();
+            }
+            if Instant::now() > deadline {
+                panic!("the vmm did not exit within {timeout:?}");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for GuestConsole {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}

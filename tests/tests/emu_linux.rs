@@ -1,0 +1,84 @@
+//! End to end under the emu accelerator: the stock Debian kernel and the busybox initramfs
+//! boot to GUEST-READY and a shell, and the shell's answers are checked against the host.
+//! One boot serves every check, since a boot costs seconds.
+
+use std::time::Duration;
+
+use vmm_tests::console::GuestConsole;
+use vmm_tests::repo_root;
+
+const BOOT_TIMEOUT: Duration = Duration::from_secs(600);
+const CMD_TIMEOUT: Duration = Duration::from_secs(120);
+
+fn host_sha256(path: &std::path::Path) -> String {
+    let out = std::process::Command::new("sha256sum")
+        .arg(path)
+        .output()
+        .expect("run sha256sum on the host");
+    String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .next()
+        .unwrap_or_default()
+        .to_string()
+}
+
+#[test]
+fn stock_linux_boots_to_a_shell_under_emu() {
+    let guest = repo_root().join("target/guest");
+    let kernel = guest.join("vmlinuz");
+    let initrd = guest.join("initramfs.img");
+    assert!(
+        kernel.exists() && initrd.exists(),
+        "guest assets are missing: run scripts/guest-assets (scripts/test does)"
+    );
+    let mut console = GuestConsole::spawn(&[
+        "-accel",
+        "emu",
+        "-m",
+        "512",
+        "-nodefaults",
+        "-display",
+        "none",
+        "-kernel",
+        kernel.to_str().unwrap(),
+        "-initrd",
+        initrd.to_str().unwrap(),
+        "-append",
+        "console=ttyS0",
+        "-serial",
+        "stdio",
+    ]);
+    console.wait_for("GUEST-READY", BOOT_TIMEOUT);
+    console.wait_for("# ", CMD_TIMEOUT);
+
+    let release = std::fs::read_to_string(guest.join("kernel-version")).unwrap();
+    let uname = console.run("uname -r", CMD_TIMEOUT);
+    assert_eq!(uname.trim(), release.trim());
+
+    let cpuinfo = console.run("grep 'model name' /proc/cpuinfo", CMD_TIMEOUT);
+    assert!(cpuinfo.contains("vmm emu"), "cpuinfo: {cpuinfo}");
+
+    let guest_time: i64 = console
+        .run("date +%s", CMD_TIMEOUT)
+        .trim()
+        .parse()
+        .expect("date +%s prints a number");
+    let host_time = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64;
+    assert!(
+        (guest_time - host_time).abs() < 60,
+        "guest {guest_time} host {host_time}"
+    );
+
+    let digest = console.run("sha256sum /init", CMD_TIMEOUT);
+    let expected = host_sha256(&repo_root().join("scripts/lib/initramfs-init"));
+    assert!(
+        digest.trim().starts_with(&expected),
+        "guest digest {digest:?}, host {expected}"
+    );
+
+    console.send("poweroff -f\n");
+    assert_eq!(console.wait_exit(CMD_TIMEOUT), Some(0));
+}
