@@ -48,6 +48,7 @@ const WITH_VALUE: &[&str] = &[
     "machine",
     "M",
     "decompress-kernel",
+    "d",
 ];
 /// Options that are flags.
 const FLAGS: &[&str] = &[
@@ -166,6 +167,18 @@ where
                         Some(v),
                         format!("'{driver}' is not a valid device model name"),
                     ));
+                }
+            }
+            "d" => {
+                for item in v.split(',') {
+                    match item {
+                        "in_asm" | "exec" => cfg.trace_instructions = true,
+                        // Register dumps on faults are always on.
+                        "cpu" | "int" | "cpu_reset" | "guest_errors" | "unimp" => {}
+                        other => {
+                            return Err(err(&opt, Some(v), format!("unknown log item '{other}'")))
+                        }
+                    }
                 }
             }
             "decompress-kernel" => {
@@ -465,6 +478,8 @@ Devices:
   -display none        no display
   -nographic           no display; COM1 on stdio
   -nodefaults          no default devices (no COM1)
+Diagnostics:
+  -d in_asm            emu: log every executed instruction (target emu::trace)
 Run control:
   -S                   do not start the vCPUs
   -no-shutdown         stop instead of exiting when the guest powers off

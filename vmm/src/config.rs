@@ -32,6 +32,8 @@ pub struct VmConfig {
     pub pidfile: Option<String>,
     /// isa-debug-exit (iobase, iosize).
     pub debug_exit: Option<(u16, u16)>,
+    /// `-d in_asm`: log every instruction the emu CPU executes.
+    pub trace_instructions: bool,
 }
 
 impl Default for VmConfig {
@@ -53,6 +55,7 @@ impl Default for VmConfig {
             daemonize: false,
             pidfile: None,
             debug_exit: None,
+            trace_instructions: false,
         }
     }
 }

@@ -272,7 +272,11 @@ fn vcpu_thread(
         let fatal = match exit {
             Ok(VcpuExit::Interrupted) => None,
             Ok(VcpuExit::TripleFault) => {
-                tracing::warn!("vcpu{}: triple fault", vcpu.id());
+                eprintln!(
+                    "vmm: vcpu{}: triple fault; the machine resets\n{}",
+                    vcpu.id(),
+                    vcpu.dump_registers()
+                );
                 Some(MachineRequest::Reset(ResetCause::TripleFault))
             }
             Ok(VcpuExit::InternalError(msg)) => {

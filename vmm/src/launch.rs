@@ -15,7 +15,11 @@ where
     I: IntoIterator<Item = S>,
     S: AsRef<str>,
 {
-    init_logging();
+    let args: Vec<String> = args.into_iter().map(|a| a.as_ref().to_string()).collect();
+    let trace = args
+        .windows(2)
+        .any(|w| w[0] == "-d" && w[1].split(',').any(|i| i == "in_asm" || i == "exec"));
+    init_logging(trace);
     match cli::parse_args(args) {
         Err(e) => {
             eprintln!("vmm: {e}");
@@ -33,9 +37,14 @@ where
     }
 }
 
-fn init_logging() {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("VMM_LOG")
+fn init_logging(trace_instructions: bool) {
+    let mut filter = tracing_subscriber::EnvFilter::try_from_env("VMM_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    if trace_instructions {
+        if let Ok(d) = "emu::trace=trace".parse() {
+            filter = filter.add_directive(d);
+        }
+    }
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)

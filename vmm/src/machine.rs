@@ -144,7 +144,12 @@ impl Machine {
     pub fn new(config: VmConfig) -> Result<Self, MachineError> {
         let kernel_cfg = config.kernel.clone().ok_or(MachineError::NoKernel)?;
         let memory = MemoryManager::new(config.memory_size)?;
-        let accel = accel::create_accelerator(config.accel.as_deref(), &memory, config.cpus)?;
+        let accel = accel::create_accelerator(
+            config.accel.as_deref(),
+            &memory,
+            config.cpus,
+            config.trace_instructions,
+        )?;
         let max = accel.max_vcpus();
         if config.cpus > max {
             return Err(MachineError::TooManyVcpus {

@@ -90,10 +90,12 @@ pub struct EmuAccel {
     irqfd_wake: Arc<EventFd>,
     irqfd_thread: OnceLock<()>,
     stop_threads: Arc<AtomicBool>,
+    trace: bool,
 }
 
 impl EmuAccel {
-    pub fn new(mem: &MemoryManager, num_cpus: u32) -> Result<Self, AccelError> {
+    /// `trace` logs every executed instruction (`-d in_asm`).
+    pub fn new(mem: &MemoryManager, num_cpus: u32, trace: bool) -> Result<Self, AccelError> {
         let regions = mem
             .host_regions()
             .into_iter()
@@ -131,6 +133,7 @@ impl EmuAccel {
             irqfd_wake: Arc::new(irqfd_wake),
             irqfd_thread: OnceLock::new(),
             stop_threads: Arc::new(AtomicBool::new(false)),
+            trace,
         };
         accel.start_timer_thread()?;
         Ok(accel)
@@ -370,13 +373,14 @@ impl Accelerator for EmuAccel {
             io,
             ioevents: self.ioevents.clone(),
         });
-        let cpu = Cpu::new(
+        let mut cpu = Cpu::new(
             id,
             self.ram.clone(),
             bus,
             lapic,
             self.platform.clock.clone(),
         );
+        cpu.set_trace(self.trace);
         let kicker = Arc::new(EmuKicker {
             stop: Arc::new(AtomicBool::new(false)),
             inbox,

@@ -172,6 +172,7 @@ pub fn create_accelerator(
     choices: Option<&[AccelKind]>,
     mem: &crate::memory::MemoryManager,
     num_vcpus: u32,
+    trace: bool,
 ) -> Result<Arc<dyn Accelerator>, AccelError> {
     let auto = [if host_has_hw_virt() {
         AccelKind::Kvm
@@ -183,9 +184,8 @@ pub fn create_accelerator(
     for (i, kind) in choices.iter().enumerate() {
         let result: Result<Arc<dyn Accelerator>, AccelError> = match kind {
             AccelKind::Kvm => kvm::KvmAccel::new(mem).map(|a| Arc::new(a) as Arc<dyn Accelerator>),
-            AccelKind::Emu => {
-                emu::EmuAccel::new(mem, num_vcpus).map(|a| Arc::new(a) as Arc<dyn Accelerator>)
-            }
+            AccelKind::Emu => emu::EmuAccel::new(mem, num_vcpus, trace)
+                .map(|a| Arc::new(a) as Arc<dyn Accelerator>),
         };
         match result {
             Ok(a) => return Ok(a),
