@@ -5,15 +5,19 @@
 //! same instruction on the host CPU (see [`float`]) with the guest's MXCSR rounding, DAZ
 //! and FTZ settings loaded and every exception masked, so results, NaN propagation and
 //! the MXCSR exception flags match real hardware. Exceptions the guest left unmasked raise
-//! #XM (or #UD without CR4.OSXMMEXCPT) after the flags are recorded, without writing the
+//! #XM (or #UD without CR4.OSXMMEXCPT) after the flags are recorded with the hardware's
+//! precedence (see `record_flags` and [`float::guest_flags`]), without writing the
 //! destination.
+//!
+//! An instruction belongs to this group by its mnemonic alone, so that every operand form
+//! (XMM, general-purpose register, memory) is handled.
 //!
 //! MMX-register forms are not implemented (they return None): 64-bit glibc and the
 //! kernel do not use them.
 
 mod float;
 
-use iced_x86::{EncodingKind, Instruction, Mnemonic, OpKind, Register};
+use iced_x86::{Code, EncodingKind, Instruction, Mnemonic, OpKind, Register};
 
 use crate::access::{effective_address, memory_segment, read_operand, write_operand, DataAccess};
 use crate::exception::{ExResult, Exception};
@@ -36,29 +40,28 @@ pub fn execute<M: DataAccess>(
     if instr.encoding() != EncodingKind::Legacy {
         return None;
     }
-    let mnemonic = instr.mnemonic();
-    let mut uses_xmm = false;
+    // MMX-register forms share mnemonics with the SSE2 ones; they are not implemented.
     for op in 0..instr.op_count() {
-        if instr.op_kind(op) == OpKind::Register {
-            let reg = instr.op_register(op);
-            if reg.is_mm() {
-                return None;
-            }
-            uses_xmm |= reg.is_xmm();
+        if instr.op_kind(op) == OpKind::Register && instr.op_register(op).is_mm() {
+            return None;
         }
     }
+    // MOVSD and CMPSD are also string instructions (the integer group's).
+    if matches!(instr.code(), Code::Movsd_m32_m32 | Code::Cmpsd_m32_m32) {
+        return None;
+    }
+    let mnemonic = instr.mnemonic();
     match mnemonic {
         Mnemonic::Movnti => return Some(movnti(state, mem, instr)),
         Mnemonic::Fxsave | Mnemonic::Fxsave64 => return Some(fxsave(state, mem, instr)),
         Mnemonic::Fxrstor | Mnemonic::Fxrstor64 => return Some(fxrstor(state, mem, instr)),
-        Mnemonic::Ldmxcsr | Mnemonic::Stmxcsr => {}
-        _ if uses_xmm => {}
-        _ => return None,
+        _ => {}
     }
+    let run = handler::<M>(mnemonic)?;
     if let Err(e) = check_available(state) {
         return Some(Err(e));
     }
-    dispatch(state, mem, instr, mnemonic)
+    Some(run(state, mem, instr))
 }
 
 /// #UD without OSFXSR or with CR0.EM; #NM while CR0.TS is set (lazy FPU switching).
@@ -474,12 +477,26 @@ fn float_kernel(m: Mnemonic) -> Option<Kernel> {
     })
 }
 
-/// Records MXCSR exception flags; unmasked ones raise #XM (#UD without OSXMMEXCPT).
+/// MXCSR flags of the exceptions detected before computing (invalid, denormal operand,
+/// divide by zero) and after it (overflow, underflow, precision).
+const PRE_COMPUTATION: u32 = 0x07;
+
+/// Records the MXCSR exception flags the host reported with every exception masked, the
+/// way the hardware does with the guest's masks (Intel SDM vol. 1, 11.5.1): if any lane
+/// raised an unmasked pre-computation exception, only the pre-computation flags are set
+/// and nothing is computed; otherwise all flags are set (see [`float::guest_flags`] for
+/// lanes that overflow or underflow with those exceptions unmasked). Any unmasked exception raises
+/// #XM (#UD without CR4.OSXMMEXCPT) and the caller leaves the destination unchanged.
 fn record_flags(state: &mut CpuState, flags: u32) -> ExResult<()> {
     let flags = flags & 0x3f;
-    state.mxcsr |= flags;
-    let masks = (state.mxcsr >> 7) & 0x3f;
-    if flags & !masks != 0 {
+    let unmasked = !(state.mxcsr >> 7) & 0x3f;
+    let raised = if flags & PRE_COMPUTATION & unmasked != 0 {
+        flags & PRE_COMPUTATION
+    } else {
+        flags
+    };
+    state.mxcsr |= raised;
+    if raised & unmasked != 0 {
         return Err(if state.cr4 & CR4_OSXMMEXCPT != 0 {
             Exception::SimdFloatingPoint
         } else {
@@ -489,17 +506,24 @@ fn record_flags(state: &mut CpuState, flags: u32) -> ExResult<()> {
     Ok(())
 }
 
-fn dispatch<M: DataAccess>(
-    state: &mut CpuState,
-    mem: &mut M,
-    instr: &Instruction,
-    m: Mnemonic,
-) -> Option<ExResult<()>> {
-    if let Some(f) = integer_op(m) {
-        return Some(binary(state, mem, instr, f));
+/// How an instruction of this group runs once its mnemonic is known to be owned.
+type Handler<M> = fn(&mut CpuState, &mut M, &Instruction) -> ExResult<()>;
+
+/// The handler for `m`, or None if this group does not own the mnemonic. Ownership is
+/// decided here, before any operand is looked at, so that every form of an instruction
+/// (register, memory, general-purpose register) reaches the same handler.
+fn handler<M: DataAccess>(m: Mnemonic) -> Option<Handler<M>> {
+    if integer_op(m).is_some() {
+        return Some(|s, mem, i| match integer_op(i.mnemonic()) {
+            Some(f) => binary(s, mem, i, f),
+            None => Err(Exception::InvalidOpcode),
+        });
     }
-    if let Some(kernel) = float_kernel(m) {
-        return Some(float_binary(state, mem, instr, kernel));
+    if float_kernel(m).is_some() {
+        return Some(|s, mem, i| match float_kernel(i.mnemonic()) {
+            Some(kernel) => float_binary(s, mem, i, kernel),
+            None => Err(Exception::InvalidOpcode),
+        });
     }
     use Mnemonic as K;
     Some(match m {
@@ -512,61 +536,68 @@ fn dispatch<M: DataAccess>(
         | K::Lddqu
         | K::Movntps
         | K::Movntpd
-        | K::Movntdq => move_full(state, mem, instr),
-        K::Movss => move_scalar(state, mem, instr, LOW32),
-        K::Movsd => move_scalar(state, mem, instr, LOW64),
-        K::Movd | K::Movq => move_int(state, mem, instr),
-        K::Movlps | K::Movlpd => move_half(state, mem, instr, false),
-        K::Movhps | K::Movhpd => move_half(state, mem, instr, true),
-        K::Movhlps => binary(state, mem, instr, |a, b| (a & !LOW64) | (b >> 64)),
-        K::Movlhps => binary(state, mem, instr, |a, b| (a & LOW64) | (b << 64)),
-        K::Maskmovdqu => maskmovdqu(state, mem, instr),
-        K::Pmovmskb => movmsk(state, instr, 8),
-        K::Movmskps => movmsk(state, instr, 32),
-        K::Movmskpd => movmsk(state, instr, 64),
-        K::Pshufd | K::Pshuflw | K::Pshufhw | K::Shufps | K::Shufpd => shuffle(state, mem, instr),
-        K::Pextrw => pextrw(state, mem, instr),
-        K::Pinsrw => pinsrw(state, mem, instr),
-        K::Pslldq | K::Psrldq => {
-            let count = u32::from(imm8(instr));
-            let d = xreg(instr, 0);
-            let v = state.xmm[d];
-            state.xmm[d] = if count > 15 {
-                0
-            } else if m == K::Pslldq {
-                v << (count * 8)
-            } else {
-                v >> (count * 8)
-            };
+        | K::Movntdq => move_full,
+        K::Movss => |s, mem, i| move_scalar(s, mem, i, LOW32),
+        K::Movsd => |s, mem, i| move_scalar(s, mem, i, LOW64),
+        K::Movd | K::Movq => move_int,
+        K::Movlps | K::Movlpd => |s, mem, i| move_half(s, mem, i, false),
+        K::Movhps | K::Movhpd => |s, mem, i| move_half(s, mem, i, true),
+        K::Movhlps => |s, mem, i| binary(s, mem, i, |a, b| (a & !LOW64) | (b >> 64)),
+        K::Movlhps => |s, mem, i| binary(s, mem, i, |a, b| (a & LOW64) | (b << 64)),
+        K::Maskmovdqu => maskmovdqu,
+        K::Pmovmskb => |s, _, i| movmsk(s, i, 8),
+        K::Movmskps => |s, _, i| movmsk(s, i, 32),
+        K::Movmskpd => |s, _, i| movmsk(s, i, 64),
+        K::Pshufd | K::Pshuflw | K::Pshufhw | K::Shufps | K::Shufpd => shuffle,
+        K::Pextrw => pextrw,
+        K::Pinsrw => pinsrw,
+        K::Pslldq | K::Psrldq => |s, _, i| {
+            byte_shift(s, i);
             Ok(())
-        }
-        K::Psllw => shift_op(state, mem, instr, 16, ShiftKind::Left),
-        K::Pslld => shift_op(state, mem, instr, 32, ShiftKind::Left),
-        K::Psllq => shift_op(state, mem, instr, 64, ShiftKind::Left),
-        K::Psrlw => shift_op(state, mem, instr, 16, ShiftKind::Right),
-        K::Psrld => shift_op(state, mem, instr, 32, ShiftKind::Right),
-        K::Psrlq => shift_op(state, mem, instr, 64, ShiftKind::Right),
-        K::Psraw => shift_op(state, mem, instr, 16, ShiftKind::Arith),
-        K::Psrad => shift_op(state, mem, instr, 32, ShiftKind::Arith),
-        K::Cmpss => float_compare(state, mem, instr, CmpWidth::Ss),
-        K::Cmpsd => float_compare(state, mem, instr, CmpWidth::Sd),
-        K::Cmpps => float_compare(state, mem, instr, CmpWidth::Ps),
-        K::Cmppd => float_compare(state, mem, instr, CmpWidth::Pd),
-        K::Comiss => ordered_compare(state, mem, instr, float::Comis::Comiss),
-        K::Comisd => ordered_compare(state, mem, instr, float::Comis::Comisd),
-        K::Ucomiss => ordered_compare(state, mem, instr, float::Comis::Ucomiss),
-        K::Ucomisd => ordered_compare(state, mem, instr, float::Comis::Ucomisd),
-        K::Cvtsi2ss | K::Cvtsi2sd => convert_from_int(state, mem, instr, m == K::Cvtsi2sd),
-        K::Cvtss2si | K::Cvttss2si | K::Cvtsd2si | K::Cvttsd2si => {
-            convert_to_int(state, mem, instr, m)
-        }
-        K::Ldmxcsr => ldmxcsr(state, mem, instr),
-        K::Stmxcsr => {
-            let value = state.mxcsr;
-            write_operand(state, mem, instr, 0, u64::from(value))
-        }
+        },
+        K::Psllw => |s, mem, i| shift_op(s, mem, i, 16, ShiftKind::Left),
+        K::Pslld => |s, mem, i| shift_op(s, mem, i, 32, ShiftKind::Left),
+        K::Psllq => |s, mem, i| shift_op(s, mem, i, 64, ShiftKind::Left),
+        K::Psrlw => |s, mem, i| shift_op(s, mem, i, 16, ShiftKind::Right),
+        K::Psrld => |s, mem, i| shift_op(s, mem, i, 32, ShiftKind::Right),
+        K::Psrlq => |s, mem, i| shift_op(s, mem, i, 64, ShiftKind::Right),
+        K::Psraw => |s, mem, i| shift_op(s, mem, i, 16, ShiftKind::Arith),
+        K::Psrad => |s, mem, i| shift_op(s, mem, i, 32, ShiftKind::Arith),
+        K::Cmpss => |s, mem, i| float_compare(s, mem, i, CmpWidth::Ss),
+        K::Cmpsd => |s, mem, i| float_compare(s, mem, i, CmpWidth::Sd),
+        K::Cmpps => |s, mem, i| float_compare(s, mem, i, CmpWidth::Ps),
+        K::Cmppd => |s, mem, i| float_compare(s, mem, i, CmpWidth::Pd),
+        K::Comiss => |s, mem, i| ordered_compare(s, mem, i, float::Comis::Comiss),
+        K::Comisd => |s, mem, i| ordered_compare(s, mem, i, float::Comis::Comisd),
+        K::Ucomiss => |s, mem, i| ordered_compare(s, mem, i, float::Comis::Ucomiss),
+        K::Ucomisd => |s, mem, i| ordered_compare(s, mem, i, float::Comis::Ucomisd),
+        K::Cvtsi2ss => |s, mem, i| convert_from_int(s, mem, i, false),
+        K::Cvtsi2sd => |s, mem, i| convert_from_int(s, mem, i, true),
+        K::Cvtss2si => |s, mem, i| convert_to_int(s, mem, i, float::ToInt::Cvtss2si),
+        K::Cvttss2si => |s, mem, i| convert_to_int(s, mem, i, float::ToInt::Cvttss2si),
+        K::Cvtsd2si => |s, mem, i| convert_to_int(s, mem, i, float::ToInt::Cvtsd2si),
+        K::Cvttsd2si => |s, mem, i| convert_to_int(s, mem, i, float::ToInt::Cvttsd2si),
+        K::Ldmxcsr => ldmxcsr,
+        K::Stmxcsr => |s, mem, i| {
+            let value = s.mxcsr;
+            write_operand(s, mem, i, 0, u64::from(value))
+        },
         _ => return None,
     })
+}
+
+/// PSLLDQ/PSRLDQ: whole-register byte shifts.
+fn byte_shift(state: &mut CpuState, instr: &Instruction) {
+    let count = u32::from(imm8(instr));
+    let d = xreg(instr, 0);
+    let v = state.xmm[d];
+    state.xmm[d] = if count > 15 {
+        0
+    } else if instr.mnemonic() == Mnemonic::Pslldq {
+        v << (count * 8)
+    } else {
+        v >> (count * 8)
+    };
 }
 
 fn move_full<M: DataAccess>(
@@ -768,6 +799,7 @@ fn float_binary<M: DataAccess>(
     let src = source(state, mem, instr, 1)?;
     let d = xreg(instr, 0);
     let (result, flags) = float::binary(kernel, state.xmm[d], src, state.mxcsr);
+    let flags = float::guest_flags(kernel, state.xmm[d], src, state.mxcsr, result, flags);
     record_flags(state, flags)?;
     state.xmm[d] = result;
     Ok(())
@@ -827,16 +859,10 @@ fn convert_to_int<M: DataAccess>(
     state: &mut CpuState,
     mem: &mut M,
     instr: &Instruction,
-    m: Mnemonic,
+    kind: float::ToInt,
 ) -> ExResult<()> {
     let src = source(state, mem, instr, 1)?;
     let wide = instr.op_register(0).size() == 8;
-    let kind = match m {
-        Mnemonic::Cvtss2si => float::ToInt::Cvtss2si,
-        Mnemonic::Cvttss2si => float::ToInt::Cvttss2si,
-        Mnemonic::Cvtsd2si => float::ToInt::Cvtsd2si,
-        _ => float::ToInt::Cvttsd2si,
-    };
     let (value, flags) = float::to_int(kind, wide, src, state.mxcsr);
     record_flags(state, flags)?;
     if state.write_gpr(instr.op_register(0), value) {

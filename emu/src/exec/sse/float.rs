@@ -10,9 +10,201 @@
 use core::arch::asm;
 use core::arch::x86_64::__m128i;
 
-/// Guest MXCSR control bits with every exception masked and the flags cleared.
+/// MXCSR underflow mask (UM) and flush-to-zero (FTZ) bits.
+const UNDERFLOW_MASK: u32 = 1 << 11;
+const FLUSH_TO_ZERO: u32 = 1 << 15;
+
+/// Guest MXCSR control bits with every exception masked and the flags cleared. FTZ only
+/// applies while underflow is masked; with it unmasked a tiny result must stay visible so
+/// the caller can raise #XM for it.
 fn host_control(mxcsr: u32) -> u32 {
-    (mxcsr & 0xffc0) | 0x1f80
+    let mut control = (mxcsr & 0xffc0) | 0x1f80;
+    if mxcsr & UNDERFLOW_MASK == 0 {
+        control &= !FLUSH_TO_ZERO;
+    }
+    control
+}
+
+const PRE_COMPUTATION: u32 = 0x07;
+const OVERFLOW: u32 = 0x08;
+const UNDERFLOW: u32 = 0x10;
+const PRECISION: u32 = 0x20;
+
+/// How a kernel that can overflow or underflow computes each lane.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Arith {
+    AddSub,
+    Mul,
+    Div,
+    /// Double to single precision.
+    Narrow,
+}
+
+/// For the kernels that can overflow or underflow: the operation class, the scalar
+/// kernel that computes one lane, the source and result lane widths and the lane count.
+fn lane_shape(kernel: Kernel) -> Option<(Arith, Kernel, usize, usize, usize)> {
+    use Arith::*;
+    use Kernel as K;
+    Some(match kernel {
+        K::Addss | K::Subss | K::Mulss | K::Divss => (arith(kernel), kernel, 32, 32, 1),
+        K::Addsd | K::Subsd | K::Mulsd | K::Divsd => (arith(kernel), kernel, 64, 64, 1),
+        K::Addps => (AddSub, K::Addss, 32, 32, 4),
+        K::Subps => (AddSub, K::Subss, 32, 32, 4),
+        K::Mulps => (Mul, K::Mulss, 32, 32, 4),
+        K::Divps => (Div, K::Divss, 32, 32, 4),
+        K::Addpd => (AddSub, K::Addsd, 64, 64, 2),
+        K::Subpd => (AddSub, K::Subsd, 64, 64, 2),
+        K::Mulpd => (Mul, K::Mulsd, 64, 64, 2),
+        K::Divpd => (Div, K::Divsd, 64, 64, 2),
+        K::Cvtsd2ss => (Narrow, K::Cvtsd2ss, 64, 32, 1),
+        K::Cvtpd2ps => (Narrow, K::Cvtsd2ss, 64, 32, 2),
+        _ => return None,
+    })
+}
+
+fn arith(kernel: Kernel) -> Arith {
+    match kernel {
+        Kernel::Mulss | Kernel::Mulsd => Arith::Mul,
+        Kernel::Divss | Kernel::Divsd => Arith::Div,
+        _ => Arith::AddSub,
+    }
+}
+
+fn lane(v: u128, bits: usize, i: usize) -> u128 {
+    (v >> (i * bits)) & ((1u128 << bits) - 1)
+}
+
+fn mantissa_bits(bits: usize) -> usize {
+    if bits == 32 {
+        23
+    } else {
+        52
+    }
+}
+
+/// A nonzero value with a zero exponent field.
+fn is_denormal(v: u128, bits: usize) -> bool {
+    let m = mantissa_bits(bits);
+    let exponent = (v >> m) & ((1u128 << (bits - 1 - m)) - 1);
+    exponent == 0 && v & ((1u128 << m) - 1) != 0
+}
+
+/// `v` scaled by a power of two into [1, 2) (sign kept), exactly; zero, infinities and
+/// NaNs are returned unchanged.
+fn normalize(v: u128, bits: usize) -> u128 {
+    let m = mantissa_bits(bits);
+    let exponent_mask = (1u128 << (bits - 1 - m)) - 1;
+    let bias = exponent_mask >> 1;
+    let sign = v & (1u128 << (bits - 1));
+    let exponent = (v >> m) & exponent_mask;
+    let mut fraction = v & ((1u128 << m) - 1);
+    if exponent == exponent_mask || (exponent == 0 && fraction == 0) {
+        return v;
+    }
+    if exponent == 0 {
+        // Denormal: shift the leading one into the implicit bit's place.
+        let top = 127 - fraction.leading_zeros() as usize;
+        fraction = (fraction << (m - top)) & ((1u128 << m) - 1);
+    }
+    sign | (bias << m) | fraction
+}
+
+/// True if `kernel` wrote a nonzero denormal into one of its result lanes: a tiny result,
+/// which signals underflow when UM is unmasked even if it is exact.
+fn tiny_result(kernel: Kernel, result: u128) -> bool {
+    match lane_shape(kernel) {
+        Some((_, _, _, bits, count)) => {
+            (0..count).any(|i| is_denormal(lane(result, bits, i), bits))
+        }
+        None => false,
+    }
+}
+
+/// Whether one lane's result, rounded to the destination precision with an unbounded
+/// exponent, is inexact. Operands are scaled by powers of two so that the host computes
+/// the same significand without overflowing or underflowing.
+fn inexact_unbounded(
+    class: Arith,
+    scalar: Kernel,
+    bits: usize,
+    overflow: bool,
+    (a, b): (u128, u128),
+    mxcsr: u32,
+) -> bool {
+    match class {
+        Arith::Mul | Arith::Div => {
+            let (a, b) = (normalize(a, bits), normalize(b, bits));
+            binary(scalar, a, b, mxcsr).1 & PRECISION != 0
+        }
+        Arith::Narrow => binary(scalar, 0, normalize(b, 64), mxcsr).1 & PRECISION != 0,
+        // A tiny sum or difference is always exact: both operands are multiples of the
+        // smallest denormal.
+        Arith::AddSub if !overflow => false,
+        Arith::AddSub => {
+            // Scaled down by 4 the sum no longer overflows; if the scaling itself loses
+            // bits, the operands are too far apart for the sum to be exact.
+            let (quarter, multiply) = if bits == 32 {
+                (u128::from(0.25f32.to_bits()), Kernel::Mulss)
+            } else {
+                (u128::from(0.25f64.to_bits()), Kernel::Mulsd)
+            };
+            let (a, fa) = binary(multiply, a, quarter, mxcsr);
+            let (b, fb) = binary(multiply, b, quarter, mxcsr);
+            (fa | fb | binary(scalar, a, b, mxcsr).1) & PRECISION != 0
+        }
+    }
+}
+
+/// Exception flags of `kernel` applied to `a` and `b` as the hardware reports them under
+/// the guest's masks, given `flags` and `result` from the all-masked host run. With OE
+/// or UE unmasked, a lane that overflows or is tiny delivers no rounded result: it
+/// signals UE even when exact, and PE only if its result is inexact with an unbounded
+/// exponent (Intel SDM vol. 1, 4.9.1.6 and 11.5.2.5). Those lanes are recomputed one at
+/// a time; everything else keeps the masked run's flags.
+pub(crate) fn guest_flags(
+    kernel: Kernel,
+    a: u128,
+    b: u128,
+    mxcsr: u32,
+    result: u128,
+    flags: u32,
+) -> u32 {
+    let unmasked = !(mxcsr >> 7) & 0x3f;
+    let Some((class, scalar, src_bits, dst_bits, count)) = lane_shape(kernel) else {
+        return flags;
+    };
+    if flags & PRE_COMPUTATION & unmasked != 0 {
+        return flags;
+    }
+    let overflow_trap = unmasked & OVERFLOW != 0 && flags & OVERFLOW != 0;
+    let underflow_trap =
+        unmasked & UNDERFLOW != 0 && (flags & UNDERFLOW != 0 || tiny_result(kernel, result));
+    if !overflow_trap && !underflow_trap {
+        return flags;
+    }
+    (0..count).fold(0, |acc, i| {
+        let (x, y) = (lane(a, src_bits, i), lane(b, src_bits, i));
+        let (r, f) = if class == Arith::Narrow {
+            binary(scalar, 0, y, mxcsr)
+        } else {
+            binary(scalar, x, y, mxcsr)
+        };
+        let tiny = f & UNDERFLOW != 0 || is_denormal(lane(r, dst_bits, 0), dst_bits);
+        let trapped = if f & OVERFLOW != 0 && unmasked & OVERFLOW != 0 {
+            OVERFLOW
+        } else if tiny && unmasked & UNDERFLOW != 0 {
+            UNDERFLOW
+        } else {
+            return acc | f;
+        };
+        let inexact =
+            if inexact_unbounded(class, scalar, src_bits, trapped == OVERFLOW, (x, y), mxcsr) {
+                PRECISION
+            } else {
+                0
+            };
+        acc | (f & PRE_COMPUTATION) | trapped | inexact
+    })
 }
 
 fn to_vec(v: u128) -> __m128i {
@@ -247,5 +439,36 @@ pub(crate) fn to_int(kind: ToInt, wide: bool, a: u128, mxcsr: u32) -> (u64, u32)
         (ToInt::Cvtsd2si, true) => run_to_int!("cvtsd2si", "{v}", a, mxcsr),
         (ToInt::Cvttsd2si, false) => run_to_int!("cvttsd2si", "{v:e}", a, mxcsr),
         (ToInt::Cvttsd2si, true) => run_to_int!("cvttsd2si", "{v}", a, mxcsr),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn normalize_scales_into_one_to_two() {
+        let f64_bits = |x: f64| u128::from(x.to_bits());
+        let f32_bits = |x: f32| u128::from(x.to_bits());
+        assert_eq!(normalize(f64_bits(12.0), 64), f64_bits(1.5));
+        assert_eq!(normalize(f64_bits(-0.375), 64), f64_bits(-1.5));
+        // Denormals: 3 units of the last place become 1.5.
+        assert_eq!(normalize(3, 64), f64_bits(1.5));
+        assert_eq!(normalize(3, 32), f32_bits(1.5));
+        assert_eq!(
+            normalize(f32_bits(f32::INFINITY), 32),
+            f32_bits(f32::INFINITY)
+        );
+        assert_eq!(normalize(f32_bits(-0.0), 32), f32_bits(-0.0));
+    }
+
+    #[test]
+    fn tiny_results_are_found_in_computed_lanes_only() {
+        // addss computes lane 0 only; a denormal in lane 1 is the old destination.
+        assert!(!tiny_result(Kernel::Addss, 1 << 32));
+        assert!(tiny_result(Kernel::Addss, 1));
+        assert!(tiny_result(Kernel::Cvtpd2ps, 1 << 32));
+        assert!(tiny_result(Kernel::Addpd, 1 << 64));
+        assert!(!tiny_result(Kernel::Minpd, 1));
     }
 }

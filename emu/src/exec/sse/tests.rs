@@ -625,3 +625,116 @@ fn mxcsr_and_fxsave_round_trip() {
         Err(Exception::GeneralProtection(0))
     );
 }
+
+#[test]
+fn float_to_int_conversions_accept_memory_sources() {
+    let mut s = cpu();
+    let mut mem = FlatMemory::new(0x100);
+    s.gpr[3] = 0x20;
+    mem.bytes[0x30..0x38].copy_from_slice(&42.9f64.to_bits().to_le_bytes());
+    mem.bytes[0x20..0x24].copy_from_slice(&(-2.5f32).to_bits().to_le_bytes());
+    s.gpr[0] = u64::MAX;
+    // cvttsd2si eax, qword [rbx+0x10] truncates and zero-extends
+    exec(&mut s, &mut mem, &[0xf2, 0x0f, 0x2c, 0x43, 0x10]).unwrap();
+    assert_eq!(s.gpr[0], 42);
+    // cvtsd2si rcx, qword [rbx+0x10] rounds to nearest
+    exec(&mut s, &mut mem, &[0xf2, 0x48, 0x0f, 0x2d, 0x4b, 0x10]).unwrap();
+    assert_eq!(s.gpr[1], 43);
+    // cvtss2si rax, dword [rbx] rounds to even; cvttss2si edx, dword [rbx] truncates
+    exec(&mut s, &mut mem, &[0xf3, 0x48, 0x0f, 0x2d, 0x03]).unwrap();
+    assert_eq!(s.gpr[0] as i64, -2);
+    exec(&mut s, &mut mem, &[0xf3, 0x0f, 0x2c, 0x13]).unwrap();
+    assert_eq!(s.gpr[2], 0xffff_fffe);
+    // The string forms of MOVSD and CMPSD belong to the integer group.
+    for bytes in [&[0xa5u8][..], &[0xa7]] {
+        assert!(execute(&mut s, &mut mem, &decode(bytes)).is_none());
+    }
+}
+
+fn f64_pow2(exponent: i32) -> f64 {
+    f64::from_bits(((1023 + exponent) as u64) << 52)
+}
+
+#[test]
+fn unmasked_pre_computation_exceptions_take_precedence() {
+    let mut s = cpu();
+    let mut mem = FlatMemory::new(0x100);
+    // Invalid unmasked: sqrtpd xmm6, xmm1 with one negative lane sets IE only, although
+    // the other lane (sqrt 2) is inexact.
+    s.mxcsr = 0x1f00;
+    s.xmm[1] = pd(2.0, -1.0);
+    s.xmm[6] = pd(7.0, 8.0);
+    assert_eq!(
+        exec(&mut s, &mut mem, &[0x66, 0x0f, 0x51, 0xf1]),
+        Err(Exception::SimdFloatingPoint)
+    );
+    assert_eq!(s.mxcsr, 0x1f01);
+    assert_eq!(f64s(s.xmm[6]), [7.0, 8.0]);
+    // divpd xmm0, xmm1: 0/0 (IE unmasked) and 1/0 (ZE masked) in the two lanes set both.
+    s.mxcsr = 0x1f00;
+    s.xmm[0] = pd(0.0, 1.0);
+    s.xmm[1] = pd(0.0, 0.0);
+    assert_eq!(
+        exec(&mut s, &mut mem, &[0x66, 0x0f, 0x5e, 0xc1]),
+        Err(Exception::SimdFloatingPoint)
+    );
+    assert_eq!(s.mxcsr, 0x1f05);
+    // Without CR4.OSXMMEXCPT the same thing is #UD.
+    s.cr4 &= !CR4_OSXMMEXCPT;
+    s.mxcsr = 0x1f00;
+    assert_eq!(
+        exec(&mut s, &mut mem, &[0x66, 0x0f, 0x5e, 0xc1]),
+        Err(Exception::InvalidOpcode)
+    );
+}
+
+#[test]
+fn unmasked_underflow_and_overflow() {
+    let mut s = cpu();
+    let mut mem = FlatMemory::new(0x100);
+    // addsd xmm3, xmm3 on the smallest denormal: the exact tiny result still traps with
+    // UM clear; DE (masked) is recorded, PE is not.
+    s.mxcsr = 0x1780;
+    s.xmm[3] = 1;
+    assert_eq!(
+        exec(&mut s, &mut mem, &[0xf2, 0x0f, 0x58, 0xdb]),
+        Err(Exception::SimdFloatingPoint)
+    );
+    assert_eq!(s.mxcsr, 0x1792);
+    assert_eq!(s.xmm[3], 1);
+    // The same with UM set completes with an exact denormal and no flag but DE.
+    s.mxcsr = 0x1f80;
+    exec(&mut s, &mut mem, &[0xf2, 0x0f, 0x58, 0xdb]).unwrap();
+    assert_eq!((s.xmm[3], s.mxcsr), (2, 0x1f82));
+    // mulpd xmm0, xmm1: 3 * 2^-1075 loses a bit when denormalised but is exact with an
+    // unbounded exponent, so an unmasked underflow reports UE without PE.
+    s.mxcsr = 0x1780;
+    s.xmm[0] = pd(3.0 * f64_pow2(-1000), 1.0);
+    s.xmm[1] = pd(f64_pow2(-75), 3.0);
+    assert_eq!(
+        exec(&mut s, &mut mem, &[0x66, 0x0f, 0x59, 0xc1]),
+        Err(Exception::SimdFloatingPoint)
+    );
+    assert_eq!(s.mxcsr, 0x1790);
+    // With UM set the masked response rounds and reports UE and PE.
+    s.mxcsr = 0x1f80;
+    exec(&mut s, &mut mem, &[0x66, 0x0f, 0x59, 0xc1]).unwrap();
+    assert_eq!(s.mxcsr, 0x1fb0);
+    assert_eq!(f64s(s.xmm[0])[1], 3.0);
+    // mulsd xmm0, xmm1 overflowing with OM clear: PE only if the significand is inexact.
+    let one_ulp = 1.0 + f64::EPSILON;
+    for (a, b, expected) in [
+        (1.5 * f64_pow2(1000), f64_pow2(100), 0x1b88),
+        (one_ulp * f64_pow2(1000), one_ulp * f64_pow2(100), 0x1ba8),
+    ] {
+        s.mxcsr = 0x1b80;
+        s.xmm[0] = pd(a, 0.0);
+        s.xmm[1] = pd(b, 0.0);
+        assert_eq!(
+            exec(&mut s, &mut mem, &[0xf2, 0x0f, 0x59, 0xc1]),
+            Err(Exception::SimdFloatingPoint)
+        );
+        assert_eq!(s.mxcsr, expected);
+        assert_eq!(f64s(s.xmm[0])[0], a);
+    }
+}
