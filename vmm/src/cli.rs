@@ -3,7 +3,8 @@
 //! option and the bad value, and the binary prints it on one line and exits with status 1.
 
 use crate::accel::AccelKind;
-use crate::config::{KernelConfig, VmConfig};
+use crate::chardev::{self, ChardevSpec};
+use crate::config::{KernelConfig, MonitorConfig, MonitorEndpoint, VmConfig};
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 #[error("{option}: {message}")]
@@ -49,6 +50,9 @@ const WITH_VALUE: &[&str] = &[
     "M",
     "decompress-kernel",
     "d",
+    "qmp",
+    "chardev",
+    "mon",
 ];
 /// Options that are flags.
 const FLAGS: &[&str] = &[
@@ -78,6 +82,8 @@ where
     let mut kernel: Option<String> = None;
     let mut initrd: Option<String> = None;
     let mut append: Option<String> = None;
+    let mut chardevs: Vec<(String, ChardevSpec)> = Vec::new();
+    let mut mons: Vec<(String, String)> = Vec::new();
     let mut i = 0;
     while i < args.len() {
         let raw = &args[i];
@@ -184,6 +190,27 @@ where
             "decompress-kernel" => {
                 cfg.decompress_kernel = Some(parse_on_off(v).map_err(|m| err(&opt, Some(v), m))?)
             }
+            "qmp" => {
+                let spec =
+                    chardev::parse_chardev(v).map_err(|e| err(&opt, Some(v), e.to_string()))?;
+                let endpoint = monitor_endpoint(spec).map_err(|m| err(&opt, Some(v), m))?;
+                cfg.monitors.push(MonitorConfig {
+                    option: format!("{opt} {v}"),
+                    endpoint,
+                });
+            }
+            "chardev" => {
+                let (id, spec) = chardev::parse_chardev_option(v)
+                    .map_err(|e| err(&opt, Some(v), e.to_string()))?;
+                if chardevs.iter().any(|(existing, _)| *existing == id) {
+                    return Err(err(&opt, Some(v), format!("duplicate chardev id '{id}'")));
+                }
+                chardevs.push((id, spec));
+            }
+            "mon" => {
+                let id = parse_mon(v).map_err(|m| err(&opt, Some(v), m))?;
+                mons.push((v.to_string(), id));
+            }
             _ => return Err(err(&opt, None, "invalid option")),
         }
     }
@@ -198,6 +225,46 @@ where
             Some("stdio"),
             "stdio cannot be used with -daemonize",
         ));
+    }
+    for (value, id) in mons {
+        let Some((_, spec)) = chardevs.iter().find(|(c, _)| *c == id) else {
+            return Err(err(
+                "-mon",
+                Some(&value),
+                format!("chardev '{id}' not found"),
+            ));
+        };
+        let endpoint = monitor_endpoint(spec.clone()).map_err(|m| err("-mon", Some(&value), m))?;
+        cfg.monitors.push(MonitorConfig {
+            option: format!("-mon {value}"),
+            endpoint,
+        });
+    }
+    let stdio_monitors = cfg
+        .monitors
+        .iter()
+        .filter(|m| m.endpoint == MonitorEndpoint::Stdio)
+        .count();
+    if stdio_monitors > 0 {
+        if cfg.daemonize {
+            return Err(err(
+                "-qmp",
+                Some("stdio"),
+                "stdio cannot be used with -daemonize",
+            ));
+        }
+        if stdio_monitors > 1
+            || nographic
+            || serials
+                .iter()
+                .any(|s| s == "stdio" || s.starts_with("stdio,"))
+        {
+            return Err(err(
+                "-qmp",
+                Some("stdio"),
+                "cannot use stdio by multiple character devices",
+            ));
+        }
     }
     if cfg.daemonize && nographic {
         return Err(err("-nographic", None, "cannot be used with -daemonize"));
@@ -228,6 +295,52 @@ where
         }
     }
     Ok(Command::Run(Box::new(cfg)))
+}
+
+/// A QMP monitor's endpoint from a chardev description: stdio or a listening socket.
+fn monitor_endpoint(spec: ChardevSpec) -> Result<MonitorEndpoint, String> {
+    match spec {
+        ChardevSpec::Stdio { .. } => Ok(MonitorEndpoint::Stdio),
+        ChardevSpec::Socket {
+            address,
+            server: true,
+            wait,
+            ..
+        } => Ok(MonitorEndpoint::Listen { address, wait }),
+        ChardevSpec::Socket { server: false, .. } => {
+            Err("a QMP monitor socket must listen (add server=on)".into())
+        }
+        _ => Err("a QMP monitor needs stdio or a unix or tcp socket".into()),
+    }
+}
+
+/// `-mon chardev=ID[,mode=control][,pretty=on|off]`: returns the chardev id.
+fn parse_mon(v: &str) -> Result<String, String> {
+    let mut id = None;
+    let mut mode = "readline";
+    for (k, val) in key_values(v) {
+        match k {
+            "chardev" => id = Some(val.to_string()),
+            "mode" => mode = val,
+            "pretty" => {
+                if parse_on_off(val)? {
+                    return Err("pretty=on is not supported".into());
+                }
+            }
+            other => return Err(format!("unknown property '{other}'")),
+        }
+    }
+    match mode {
+        "control" => {}
+        "readline" => {
+            return Err(
+                "mode=readline (the human monitor) is not supported; use mode=control".into(),
+            )
+        }
+        other => return Err(format!("invalid mode '{other}' (expected control)")),
+    }
+    id.filter(|i| !i.is_empty())
+        .ok_or_else(|| "chardev= is required".to_string())
 }
 
 fn unreachable_flag(name: &str) {
@@ -480,6 +593,12 @@ Devices:
   -nodefaults          no default devices (no COM1)
 Diagnostics:
   -d in_asm            emu: log every executed instruction (target emu::trace)
+Monitor:
+  -qmp DEV             QMP monitor: unix:PATH,server=on,wait=off, tcp:HOST:PORT,server=on,
+                       wait=off, or stdio; repeatable
+  -chardev socket,id=ID,path=PATH|host=H,port=N,server=on,wait=off
+  -mon chardev=ID,mode=control
+                       QMP monitor on a -chardev
 Run control:
   -S                   do not start the vCPUs
   -no-shutdown         stop instead of exiting when the guest powers off
@@ -649,6 +768,68 @@ mod tests {
             Some(vec![AccelKind::Kvm, AccelKind::Emu])
         );
         assert!(run(&["-machine", "virt"]).is_err());
+    }
+
+    #[test]
+    fn qmp_monitors() {
+        let c = run(&[
+            "-qmp",
+            "unix:/tmp/q.sock,server=on,wait=off",
+            "-qmp",
+            "tcp:127.0.0.1:4444,server,nowait",
+            "-chardev",
+            "socket,id=m,path=/tmp/m.sock,server=on,wait=off",
+            "-mon",
+            "chardev=m,mode=control",
+            "-qmp",
+            "unix:/tmp/w.sock,server",
+        ])
+        .unwrap();
+        let endpoints: Vec<MonitorEndpoint> =
+            c.monitors.iter().map(|m| m.endpoint.clone()).collect();
+        let unix = |p: &str, wait| MonitorEndpoint::Listen {
+            address: chardev::SocketAddress::Unix(p.into()),
+            wait,
+        };
+        assert_eq!(
+            endpoints,
+            vec![
+                unix("/tmp/q.sock", false),
+                MonitorEndpoint::Listen {
+                    address: chardev::SocketAddress::Tcp {
+                        host: "127.0.0.1".into(),
+                        port: 4444
+                    },
+                    wait: false
+                },
+                unix("/tmp/w.sock", true),
+                unix("/tmp/m.sock", false),
+            ]
+        );
+        assert_eq!(c.monitors[3].option, "-mon chardev=m,mode=control");
+        assert_eq!(
+            run(&["-qmp", "stdio", "-nodefaults"]).unwrap().monitors[0].endpoint,
+            MonitorEndpoint::Stdio
+        );
+    }
+
+    #[test]
+    fn qmp_errors_name_the_option() {
+        let e = run(&["-qmp", "file:/x"]).unwrap_err();
+        assert!(e.to_string().starts_with("-qmp file:/x: "), "{e}");
+        let e = run(&["-qmp", "unix:/x"]).unwrap_err();
+        assert!(e.to_string().contains("server=on"), "{e}");
+        let e = run(&["-mon", "chardev=nope,mode=control"]).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "-mon chardev=nope,mode=control: chardev 'nope' not found"
+        );
+        let e = run(&["-chardev", "null,id=m", "-mon", "chardev=m"]).unwrap_err();
+        assert!(e.to_string().contains("mode=readline"), "{e}");
+        let e = run(&["-qmp", "stdio", "-nographic"]).unwrap_err();
+        assert!(e.to_string().starts_with("-qmp stdio: "), "{e}");
+        let e = run(&["-chardev", "null,id=a", "-chardev", "null,id=a"]).unwrap_err();
+        assert!(e.to_string().contains("duplicate chardev id 'a'"), "{e}");
     }
 
     #[test]

@@ -1,6 +1,24 @@
 //! The machine configuration, as the command line (and later QMP) describes it.
 
 use crate::accel::AccelKind;
+use crate::chardev::SocketAddress;
+
+/// Where a QMP monitor (`-qmp`, or `-chardev` with `-mon mode=control`) talks to clients.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum MonitorEndpoint {
+    /// The process's stdin and stdout.
+    Stdio,
+    /// A listening socket; `wait`: accept the first client before the machine starts.
+    Listen { address: SocketAddress, wait: bool },
+}
+
+/// One QMP monitor.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MonitorConfig {
+    /// The option as the user wrote it, for error messages.
+    pub option: String,
+    pub endpoint: MonitorEndpoint,
+}
 
 /// Direct Linux boot inputs.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -34,6 +52,8 @@ pub struct VmConfig {
     pub debug_exit: Option<(u16, u16)>,
     /// `-d in_asm`: log every instruction the emu CPU executes.
     pub trace_instructions: bool,
+    /// QMP monitors, in command-line order.
+    pub monitors: Vec<MonitorConfig>,
 }
 
 impl Default for VmConfig {
@@ -56,6 +76,7 @@ impl Default for VmConfig {
             pidfile: None,
             debug_exit: None,
             trace_instructions: false,
+            monitors: Vec::new(),
         }
     }
 }

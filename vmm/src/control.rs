@@ -1,10 +1,13 @@
-//! Requests that devices and vCPUs make of the machine as a whole: reset, power off, and
-//! the debug-exit used by tests. They are sent to the main thread, which owns the machine.
+//! Requests that devices, vCPUs and the QMP monitor make of the machine as a whole: reset,
+//! power off, the debug-exit used by tests, and monitor commands. They are sent to the main
+//! thread, which owns the machine.
 
 use std::sync::mpsc;
 
-/// What a device or vCPU asks the machine to do.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+use crate::monitor::MonitorCall;
+
+/// What a device, vCPU or monitor asks the machine to do.
+#[derive(Debug, PartialEq)]
 pub enum MachineRequest {
     /// The guest asked for a reset (i8042 0xFE, ACPI reset register, triple fault).
     Reset(ResetCause),
@@ -17,6 +20,8 @@ pub enum MachineRequest {
     InternalError,
     /// The host asked the vmm to exit (SIGTERM, SIGINT, SIGHUP).
     Quit,
+    /// A QMP command to run against the machine; the reply goes back through the call.
+    Monitor(MonitorCall),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -41,7 +46,7 @@ impl MachineControl {
     /// Send a request. The machine may already be gone during teardown; that is not an error
     /// anyone can act on, so it is logged and dropped.
     pub fn request(&self, req: MachineRequest) {
-        if self.tx.send(req).is_err() {
+        if let Err(mpsc::SendError(req)) = self.tx.send(req) {
             tracing::debug!(?req, "machine request after the machine stopped listening");
         }
     }

@@ -8,6 +8,7 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use crate::cli::{self, Command};
 use crate::config::VmConfig;
 use crate::machine::Machine;
+use crate::monitor::Monitor;
 
 /// Run the vmm with the arguments after the program name; returns the exit status.
 pub fn main_entry<I, S>(args: I) -> i32
@@ -96,11 +97,27 @@ fn run(cfg: VmConfig) -> i32 {
     }
 
     let start_paused = cfg.start_paused;
+    let monitors = cfg.monitors.clone();
     let mut machine = match Machine::new(cfg) {
         Ok(m) => m,
         Err(e) => {
             eprintln!("vmm: {e}");
             return 1;
+        }
+    };
+
+    let monitor = if monitors.is_empty() {
+        None
+    } else {
+        match Monitor::start(&monitors, machine.control()) {
+            Ok(m) => {
+                machine.attach_monitor(m.events());
+                Some(m)
+            }
+            Err(e) => {
+                eprintln!("vmm: {e}");
+                return 1;
+            }
         }
     };
 
@@ -135,6 +152,9 @@ fn run(cfg: VmConfig) -> i32 {
         }
     };
     machine.shutdown();
+    if let Some(monitor) = monitor {
+        monitor.shutdown(machine.take_quit_flush());
+    }
     crate::chardev::restore_terminal();
     drop(pidfile);
     code

@@ -13,4 +13,5 @@ pub mod launch;
 pub mod loader;
 pub mod machine;
 pub mod memory;
+pub mod monitor;
 pub mod pci;

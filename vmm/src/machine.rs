@@ -1,10 +1,14 @@
 //! The [`Machine`]: guest RAM, the accelerator, the vCPUs, the PC devices and the boot
 //! image, put together from a [`VmConfig`], and the main loop that carries out the
-//! guest's requests (reset, power-off, debug exit).
+//! guest's requests (reset, power-off, debug exit) and the QMP monitor's commands, keeping
+//! the run state and its events as QEMU 7.2 does.
 
 use std::sync::mpsc::Receiver;
 use std::sync::{Arc, Mutex};
 
+use qmp::{EventSender, QmpError};
+use serde_json::{json, Value};
+use tokio::sync::oneshot;
 use vm_memory::GuestAddress;
 
 use crate::accel::{self, AccelError, AccelKind, Accelerator, IoHandler};
@@ -23,6 +27,7 @@ use crate::devices::serial::Serial;
 use crate::devices::{Bus, IrqChip, IrqLine};
 use crate::loader::{BootImage, Initrd, LoaderError};
 use crate::memory::{MemoryError, MemoryManager};
+use crate::monitor::RunState;
 use crate::pci::{PciBus, PciConfigIo, PciConfigMmio, PciWindow, PCI_CONFIG_IO_LEN};
 
 #[derive(Debug, thiserror::Error)]
@@ -135,8 +140,13 @@ pub struct Machine {
     ged: Arc<Mutex<GedDevice>>,
     requests: Receiver<MachineRequest>,
     control: MachineControl,
-    /// The guest is powered off and waits (-no-shutdown).
-    powered_off: bool,
+    run_state: RunState,
+    /// QMP events; emitting with no monitor attached reaches nobody.
+    events: EventSender,
+    /// A monitor is attached: a vCPU failure stops the VM instead of exiting.
+    has_monitor: bool,
+    /// From `quit`: completes once its reply has been written.
+    quit_flush: Option<oneshot::Receiver<()>>,
 }
 
 impl Machine {
@@ -328,10 +338,15 @@ impl Machine {
             ged,
             requests,
             control,
-            powered_off: false,
+            run_state: RunState::Prelaunch,
+            events: EventSender::default(),
+            has_monitor: false,
+            quit_flush: None,
         };
         let entry = machine.load_guest()?;
         machine.cpus.reset(&entry)?;
+        // Guest time stands still until the VM first runs.
+        machine.accel.pause();
         Ok(machine)
     }
 
@@ -373,9 +388,129 @@ impl Machine {
         self.control.clone()
     }
 
-    /// Let the vCPUs run.
-    pub fn start(&self) {
+    pub fn config(&self) -> &VmConfig {
+        &self.config
+    }
+
+    pub fn run_state(&self) -> RunState {
+        self.run_state
+    }
+
+    /// Attach the QMP monitor's event sender; from now on a vCPU failure leaves the VM in
+    /// the internal-error state for the monitor to inspect instead of exiting.
+    pub fn attach_monitor(&mut self, events: EventSender) {
+        self.events = events;
+        self.has_monitor = true;
+    }
+
+    /// Send a QMP event to every negotiated monitor client.
+    pub fn emit(&self, name: &str, data: Option<Value>) {
+        let data = match data {
+            Some(Value::Object(map)) => Some(map),
+            _ => None,
+        };
+        self.events.emit(name, data);
+    }
+
+    /// The SHUTDOWN event, which precedes every exit and every -no-shutdown stop.
+    pub fn emit_shutdown(&self, guest: bool, reason: &str) {
+        self.emit(
+            "SHUTDOWN",
+            Some(json!({ "guest": guest, "reason": reason })),
+        );
+    }
+
+    fn emit_reset(&self, guest: bool, reason: &str) {
+        self.emit("RESET", Some(json!({ "guest": guest, "reason": reason })));
+    }
+
+    pub fn set_quit_flush(&mut self, flushed: Option<oneshot::Receiver<()>>) {
+        self.quit_flush = flushed;
+    }
+
+    /// The `quit` reply's "written" signal, for the process to wait on before it exits.
+    pub fn take_quit_flush(&mut self) -> Option<oneshot::Receiver<()>> {
+        self.quit_flush.take()
+    }
+
+    /// Let the vCPUs run for the first time (without -S).
+    pub fn start(&mut self) {
+        self.run_state = RunState::Running;
+        self.accel.resume();
         self.cpus.resume();
+    }
+
+    /// QMP `stop`: a running VM pauses (vCPUs and guest clock) and STOP is sent; a VM that
+    /// is not running is left as it is, silently.
+    pub fn stop(&mut self) {
+        self.stop_into(RunState::Paused);
+    }
+
+    /// Stop into `state` (QEMU's vm_stop): only a running VM changes state and says STOP.
+    fn stop_into(&mut self, state: RunState) {
+        if !self.run_state.is_running() {
+            return;
+        }
+        self.cpus.pause();
+        self.accel.pause();
+        self.run_state = state;
+        self.emit("STOP", None);
+    }
+
+    /// QMP `cont`: prelaunch and paused resume (with RESUME); a running VM stays as it is;
+    /// shutdown and internal-error need a reset first.
+    pub fn cont(&mut self) -> Result<(), QmpError> {
+        if self.run_state.needs_reset() {
+            return Err(QmpError::generic(
+                "Resetting the Virtual Machine is required",
+            ));
+        }
+        if self.run_state.is_running() {
+            return Ok(());
+        }
+        self.emit("RESUME", None);
+        self.run_state = RunState::Running;
+        self.accel.resume();
+        self.cpus.resume();
+        Ok(())
+    }
+
+    /// QMP `system_reset`. Under -no-reboot it powers off instead, as QEMU does; the
+    /// returned exit says so.
+    pub fn host_reset(&mut self) -> Result<Option<MachineExit>, MachineError> {
+        if self.config.no_reboot {
+            return Ok(self.power_off(false, "host-qmp-system-reset"));
+        }
+        self.reset_with_event(false, "host-qmp-system-reset")?;
+        Ok(None)
+    }
+
+    /// Reset, send RESET, and let the vCPUs go on only if the VM was running; a stopped VM
+    /// waits in prelaunch.
+    fn reset_with_event(&mut self, guest: bool, reason: &str) -> Result<(), MachineError> {
+        let next = self.run_state.after_reset();
+        self.reset()?;
+        self.emit_reset(guest, reason);
+        self.run_state = next;
+        if next.is_running() {
+            self.cpus.resume();
+        }
+        Ok(())
+    }
+
+    /// The VM powers off: SHUTDOWN, then exit, or under -no-shutdown stop in the shutdown
+    /// state.
+    fn power_off(&mut self, guest: bool, reason: &str) -> Option<MachineExit> {
+        self.emit_shutdown(guest, reason);
+        if !self.config.no_shutdown {
+            return Some(MachineExit::Shutdown);
+        }
+        // The vCPUs may be running even when the state says otherwise (a stale request).
+        self.stop_into(RunState::Shutdown);
+        self.cpus.pause();
+        self.run_state = RunState::Shutdown;
+        tracing::info!("guest powered off under -no-shutdown: vCPUs stopped");
+        None
     }
 
     /// A machine reset: every vCPU and the irqchip to power-on state, and the boot image
@@ -385,7 +520,6 @@ impl Machine {
         self.accel.reset()?;
         let entry = self.load_guest()?;
         self.cpus.reset(&entry)?;
-        self.powered_off = false;
         Ok(())
     }
 
@@ -397,39 +531,49 @@ impl Machine {
         }
     }
 
-    /// Carry out guest and host requests until the machine should exit.
+    /// Carry out guest, host and monitor requests until the machine should exit.
     pub fn run(&mut self) -> Result<MachineExit, MachineError> {
         loop {
             let Ok(req) = self.requests.recv() else {
                 return Ok(MachineExit::Shutdown);
             };
-            match req {
-                MachineRequest::Reset(cause) => {
-                    if self.config.no_reboot {
-                        tracing::info!("guest reset ({cause:?}) under -no-reboot: exiting");
-                        return Ok(MachineExit::Shutdown);
-                    }
-                    tracing::info!("guest reset ({cause:?})");
-                    self.reset()?;
-                    self.cpus.resume();
-                }
-                MachineRequest::Shutdown => {
-                    if !self.config.no_shutdown {
-                        return Ok(MachineExit::Shutdown);
-                    }
-                    // QEMU's -no-shutdown: stop and wait for the management to act.
-                    self.cpus.pause();
-                    self.powered_off = true;
-                    tracing::info!("guest powered off under -no-shutdown: vCPUs stopped");
-                }
-                MachineRequest::DebugExit(v) => return Ok(MachineExit::DebugExit(v)),
-                MachineRequest::InternalError => {
-                    self.cpus.pause();
-                    return Ok(MachineExit::InternalError);
-                }
-                MachineRequest::Quit => return Ok(MachineExit::Shutdown),
+            if let Some(exit) = self.handle_request(req)? {
+                return Ok(exit);
             }
         }
+    }
+
+    fn handle_request(&mut self, req: MachineRequest) -> Result<Option<MachineExit>, MachineError> {
+        match req {
+            MachineRequest::Reset(cause) => {
+                if self.config.no_reboot {
+                    tracing::info!("guest reset ({cause:?}) under -no-reboot: powering off");
+                    return Ok(self.power_off(true, "guest-reset"));
+                }
+                tracing::info!("guest reset ({cause:?})");
+                self.reset_with_event(true, "guest-reset")?;
+            }
+            MachineRequest::Shutdown => return Ok(self.power_off(true, "guest-shutdown")),
+            MachineRequest::DebugExit(v) => return Ok(Some(MachineExit::DebugExit(v))),
+            MachineRequest::InternalError => {
+                if !self.has_monitor {
+                    self.cpus.pause();
+                    return Ok(Some(MachineExit::InternalError));
+                }
+                // Keep the VM for the monitor to inspect; system_reset recovers it.
+                self.stop_into(RunState::InternalError);
+                self.cpus.pause();
+                self.run_state = RunState::InternalError;
+            }
+            MachineRequest::Quit => {
+                self.emit_shutdown(false, "host-signal");
+                return Ok(Some(MachineExit::Shutdown));
+            }
+            MachineRequest::Monitor(call) => {
+                return Ok(crate::monitor::commands::execute(self, call));
+            }
+        }
+        Ok(None)
     }
 
     /// Stop the vCPUs and release the devices.
