@@ -59,6 +59,9 @@ pub struct Cpu {
     irq_pending: bool,
     /// `state_mut` handed out the registers: resync the MMU before running.
     resync: bool,
+    /// Guest RIP samples (one per batch) for finding where guest time goes.
+    profile: Option<std::collections::HashMap<u64, u64>>,
+    profile_samples: u64,
 }
 
 impl Cpu {
@@ -84,7 +87,12 @@ impl Cpu {
             nmi_pending: false,
             irq_pending: false,
             resync: true,
+            profile: None,
+            profile_samples: 0,
         };
+        if std::env::var_os("EMU_PROFILE").is_some() {
+            cpu.set_profile(true);
+        }
         cpu.reset();
         cpu
     }
@@ -153,6 +161,32 @@ impl Cpu {
         self.trace = on;
     }
 
+    /// Sample the guest RIP once per batch of instructions (also enabled by the
+    /// EMU_PROFILE environment variable); the top addresses are logged every ~16M samples
+    /// and by [`Cpu::profile_report`].
+    pub fn set_profile(&mut self, on: bool) {
+        self.profile = on.then(std::collections::HashMap::new);
+    }
+
+    /// The most sampled guest RIPs, most frequent first.
+    pub fn profile_report(&self) -> String {
+        let Some(p) = &self.profile else {
+            return String::new();
+        };
+        let total: u64 = p.values().sum();
+        let mut v: Vec<_> = p.iter().collect();
+        v.sort_by(|a, b| b.1.cmp(a.1));
+        let mut out = format!("cpu {} rip samples: {total}\n", self.id);
+        for (rip, n) in v.into_iter().take(25) {
+            let _ = writeln!(
+                out,
+                "  {rip:016x} {n:8} {:5.1}%",
+                *n as f64 * 100.0 / total.max(1) as f64
+            );
+        }
+        out
+    }
+
     pub fn instruction_count(&self) -> u64 {
         self.instructions
     }
@@ -191,9 +225,12 @@ impl Cpu {
             }
             self.sys.recheck = false;
             self.mmu.mmio_touched = false;
-            for _ in 0..BATCH {
-                if let Err(exit) = self.step() {
-                    return exit;
+            let mut executed = 0u32;
+            while executed < BATCH {
+                match self.run_block(BATCH - executed) {
+                    // A fault was delivered: count it so a fault loop still polls.
+                    Ok(n) => executed += n.max(1),
+                    Err(exit) => return exit,
                 }
                 if self.sys.halted || self.sys.recheck || self.mmu.mmio_touched {
                     break;
@@ -202,6 +239,13 @@ impl Cpu {
                     if let Err(exit) = self.deliver_events() {
                         return exit;
                     }
+                }
+            }
+            if let Some(p) = &mut self.profile {
+                *p.entry(self.state.rip).or_default() += 1;
+                self.profile_samples += 1;
+                if self.profile_samples.is_multiple_of(1 << 14) {
+                    tracing::info!("{}", self.profile_report());
                 }
             }
         }
@@ -317,55 +361,109 @@ impl Cpu {
         self.escalate(e)
     }
 
-    /// Fetch, decode and execute one instruction (or deliver the fault it raised).
+    /// Execute up to `budget` instructions of the block at RIP, stopping early where an
+    /// event may need attention (a deliverable interrupt, HLT, MMIO/port access, an MSR
+    /// write, a write to the block's code page, a branch). Faults are delivered here.
+    /// Returns the number of instructions completed.
     #[inline]
-    fn step(&mut self) -> Result<(), RunExit> {
+    fn run_block(&mut self, budget: u32) -> Result<u32, RunExit> {
+        enum Pending {
+            None,
+            Fault(Exception),
+            Software(crate::exec::system::SoftwareInterrupt, u64),
+        }
         let rip = self.state.rip;
         let bitness = self.state.bitness();
-        self.history[self.history_pos] = (self.state.seg[CS].base.wrapping_add(rip), bitness);
-        self.history_pos = (self.history_pos + 1) % HISTORY;
-        let instr = match self.cache.fetch(&mut self.mmu, rip, bitness) {
-            Ok(i) => i,
-            Err(e) => return self.raise(e),
+        let block = match self.cache.block(&mut self.mmu, rip, bitness) {
+            Ok(b) => b,
+            Err(e) => {
+                self.history[self.history_pos] =
+                    (self.state.seg[CS].base.wrapping_add(rip), bitness);
+                self.history_pos = (self.history_pos + 1) % HISTORY;
+                self.raise(e)?;
+                return Ok(0);
+            }
         };
-        if self.trace {
-            tracing::trace!(target: "emu::trace", cpu = self.id, "{:04x}:{:016x} {}", self.state.seg[CS].selector, rip, instr);
-        }
-        self.state.rip = match bitness {
-            64 => instr.next_ip(),
-            32 => instr.next_ip() & 0xffff_ffff,
-            _ => instr.next_ip() & 0xffff,
-        };
-        self.sys.shadow = false;
-        match crate::exec::execute(&mut self.state, &mut self.mmu, &mut self.sys, instr) {
-            Ok(()) => {
-                self.instructions += 1;
-                if let Some(si) = self.sys.software_interrupt.take() {
-                    let kind = if si.check_dpl {
-                        EventKind::Software
-                    } else {
-                        EventKind::Icebp
-                    };
-                    let r =
-                        interrupt::deliver(&mut self.state, &mut self.mmu, si.vector, None, kind);
-                    self.mmu.sync(&self.state);
-                    if let Err(ex) = r {
-                        // A fault while delivering INT n points at the INT instruction.
-                        self.state.rip = rip;
-                        return self.raise(ex);
+        let mut done = 0u32;
+        let mut pending = Pending::None;
+        let last = block.instrs.len().saturating_sub(1);
+        for (index, instr) in block.instrs.iter().enumerate() {
+            if done > 0 {
+                let stale = block.page != crate::decode::UNCACHED
+                    && self.mmu.ram.generation(block.page as usize) != block.generation;
+                let interrupt = self.irq_pending && !self.sys.shadow && self.state.flag(IF);
+                if done == budget
+                    || self.state.rip != instr.ip()
+                    || stale
+                    || interrupt
+                    || self.sys.recheck
+                    || self.mmu.mmio_touched
+                {
+                    break;
+                }
+            }
+            let start = self.state.rip;
+            self.history[self.history_pos] = (self.state.seg[CS].base.wrapping_add(start), bitness);
+            self.history_pos = (self.history_pos + 1) % HISTORY;
+            if self.trace {
+                tracing::trace!(target: "emu::trace", cpu = self.id, "{:04x}:{:016x} {}", self.state.seg[CS].selector, start, instr);
+            }
+            self.state.rip = match bitness {
+                64 => instr.next_ip(),
+                32 => instr.next_ip() & 0xffff_ffff,
+                _ => instr.next_ip() & 0xffff,
+            };
+            self.sys.shadow = false;
+            match crate::exec::execute(
+                &mut self.state,
+                &mut self.mmu,
+                &mut self.sys,
+                instr,
+                index == last,
+            ) {
+                Ok(()) => {
+                    done += 1;
+                    self.instructions += 1;
+                    if let Some(si) = self.sys.software_interrupt.take() {
+                        pending = Pending::Software(si, start);
+                        break;
+                    }
+                    if self.sys.halted {
+                        break;
                     }
                 }
-                Ok(())
-            }
-            Err(ex) => {
-                if !ex.is_trap() {
-                    self.state.rip = rip;
+                Err(ex) => {
+                    if !ex.is_trap() {
+                        self.state.rip = start;
+                    }
+                    pending = Pending::Fault(ex);
+                    break;
                 }
-                // Whatever the instruction changed in the mode, re-snapshot it.
-                self.mmu.sync(&self.state);
-                self.raise(ex)
             }
         }
+        match pending {
+            Pending::None => {}
+            Pending::Fault(ex) => {
+                // Whatever the instruction changed in the mode, re-snapshot it.
+                self.mmu.sync(&self.state);
+                self.raise(ex)?;
+            }
+            Pending::Software(si, start) => {
+                let kind = if si.check_dpl {
+                    EventKind::Software
+                } else {
+                    EventKind::Icebp
+                };
+                let r = interrupt::deliver(&mut self.state, &mut self.mmu, si.vector, None, kind);
+                self.mmu.sync(&self.state);
+                if let Err(ex) = r {
+                    // A fault while delivering INT n points at the INT instruction.
+                    self.state.rip = start;
+                    self.raise(ex)?;
+                }
+            }
+        }
+        Ok(done)
     }
 
     /// Execute up to `n` instructions (delivering pending events in between), stopping
@@ -376,13 +474,18 @@ impl Cpu {
             self.mmu.flush_all();
             self.resync = false;
         }
-        for _ in 0..n {
+        let mut left = n;
+        while left > 0 {
             self.poll_events();
             if self.sys.halted || self.waiting_for_sipi {
                 return Ok(());
             }
             self.deliver_events()?;
-            self.step()?;
+            self.sys.recheck = false;
+            self.mmu.mmio_touched = false;
+            let done = self.run_block(left.min(u64::from(u32::MAX)) as u32)?;
+            // A faulting instruction counts as a step.
+            left -= u64::from(done.max(1)).min(left);
         }
         Ok(())
     }
@@ -977,5 +1080,23 @@ mod tests {
             cpu.instruction_count()
         );
         assert!(cpu.instruction_count() > 1_000_000);
+    }
+
+    #[test]
+    fn application_processor_starts_on_init_sipi() {
+        let (mut cpu, ram, _) = cpu(4 << 20);
+        let inbox = cpu.inbox.clone().unwrap();
+        cpu.wait_for_sipi();
+        // mov ax, 0x1234 ; hlt at 0x9000 (vector 9)
+        load(&ram, 0x9000, &[0xb8, 0x34, 0x12, 0xf4]);
+        cpu.step_n(5).unwrap();
+        assert_eq!(cpu.state().gpr[0], 0, "nothing runs before SIPI");
+        inbox.post(crate::router::DeliveryMode::Init, 0, false);
+        inbox.post(crate::router::DeliveryMode::StartUp, 9, false);
+        cpu.step_n(5).unwrap();
+        let s = cpu.state();
+        assert_eq!(s.seg[CS].selector, 0x900);
+        assert_eq!(s.gpr[0] & 0xffff, 0x1234);
+        assert!(cpu.sys.halted);
     }
 }

@@ -113,7 +113,9 @@ impl DecodeCache {
             let instr = if off + 15 <= 0x1000 {
                 let mut bytes = [0u8; 15];
                 // SAFETY: 15 bytes from the page start + off stay inside the RAM page.
-                unsafe { std::ptr::copy_nonoverlapping(page_start.add(off), bytes.as_mut_ptr(), 15) };
+                unsafe {
+                    std::ptr::copy_nonoverlapping(page_start.add(off), bytes.as_mut_ptr(), 15)
+                };
                 match decode_bytes(&bytes, cur_ip, bitness) {
                     Ok(i) => i,
                     Err(e) if block.instrs.is_empty() => return Err(e),
@@ -124,8 +126,11 @@ impl DecodeCache {
                 let mut bytes = [0u8; 15];
                 let n = 0x1000 - off;
                 // SAFETY: n bytes from page start + off stay inside the RAM page.
-                unsafe { std::ptr::copy_nonoverlapping(page_start.add(off), bytes.as_mut_ptr(), n) };
-                let mut decoder = Decoder::with_ip(bitness, &bytes[..n], cur_ip, DecoderOptions::NONE);
+                unsafe {
+                    std::ptr::copy_nonoverlapping(page_start.add(off), bytes.as_mut_ptr(), n)
+                };
+                let mut decoder =
+                    Decoder::with_ip(bitness, &bytes[..n], cur_ip, DecoderOptions::NONE);
                 let instr = decoder.decode();
                 if instr.code() == Code::INVALID {
                     if block.instrs.is_empty() {

@@ -16,15 +16,18 @@ use system::SystemState;
 /// Run one decoded instruction: the system group first (it owns the mode-dependent
 /// forms of MOV/PUSH/POP/JMP/CALL), then integer, SSE and x87; #UD if nobody knows it.
 /// After a system instruction the MMU's snapshot of the translation state is refreshed.
+/// `may_be_system` false skips the system group (the decode cache ends blocks after
+/// system instructions, so only a block's last instruction can be one).
 #[inline]
 pub fn execute(
     state: &mut CpuState,
     mmu: &mut Mmu,
     sys: &mut SystemState,
     instr: &Instruction,
+    may_be_system: bool,
 ) -> ExResult<()> {
     // Matching the Ok case alone keeps the common path from copying the error payload.
-    if system::handles(instr.code()) {
+    if may_be_system && system::handles(instr.code()) {
         if let Some(r) = system::execute(state, mmu, sys, instr) {
             mmu.sync(state);
             return r;

@@ -358,7 +358,7 @@ impl Accelerator for EmuAccel {
     fn create_vcpu(
         &self,
         id: u32,
-        _num_vcpus: u32,
+        num_vcpus: u32,
         io: Arc<dyn IoHandler + Send>,
     ) -> Result<Box<dyn Vcpu>, AccelError> {
         let inbox = self.platform.router.inbox(id);
@@ -381,6 +381,9 @@ impl Accelerator for EmuAccel {
             self.platform.clock.clone(),
         );
         cpu.set_trace(self.trace);
+        // HLT sleeps on the inbox, where kicks and interrupts arrive.
+        cpu.set_inbox(inbox.clone());
+        cpu.set_cpu_count(num_vcpus);
         let kicker = Arc::new(EmuKicker {
             stop: Arc::new(AtomicBool::new(false)),
             inbox,
@@ -530,12 +533,6 @@ pub struct EmuVcpu {
     cpu: Box<Cpu>,
     kicker: Arc<EmuKicker>,
 }
-
-// SAFETY: a Cpu's only non-Send parts are host pointers into guest RAM cached in its TLB
-// and decode cache; they point into the shared GuestRam mapping, which lives as long as
-// the Arc<GuestRam> the Cpu holds, whichever thread runs it. The Cpu is used by one
-// thread at a time (its vCPU thread).
-unsafe impl Send for EmuVcpu {}
 
 fn emu_segment(s: &BootSegment) -> emu::state::Segment {
     emu::state::Segment {
