@@ -61,40 +61,29 @@ fn debug_exit_status_matches_the_value() {
     }
 }
 
+/// Read the config dword at `address` (0xCF8 format) and print it as `label` + hex.
+fn print_config_dword(g: &mut Asm, address: u32, label: &str) {
+    g.a.mov(dx, 0xcf8u32).unwrap();
+    g.a.mov(eax, address).unwrap();
+    g.a.out(dx, eax).unwrap();
+    g.a.mov(dx, 0xcfcu32).unwrap();
+    g.a.in_(eax, dx).unwrap();
+    g.a.push(rax).unwrap();
+    g.print(label);
+    g.a.pop(rax).unwrap();
+    g.print_eax_hex();
+}
+
 #[test]
 fn reads_the_host_bridge_ids_through_cf8_cfc() {
     require_kvm!();
     let mut g = Asm::new();
     // Bus 0, device 0, function 0, register 0: vendor and device id.
-    g.a.mov(dx, 0xcf8u32).unwrap();
-    g.a.mov(eax, 0x8000_0000u32).unwrap();
-    g.a.out(dx, eax).unwrap();
-    g.a.mov(dx, 0xcfcu32).unwrap();
-    g.a.in_(eax, dx).unwrap();
-    g.a.push(rax).unwrap();
-    g.print("id=");
-    g.a.pop(rax).unwrap();
-    g.print_eax_hex();
+    print_config_dword(&mut g, 0x8000_0000, "id=");
     // Class code register (0x08): class 06 (bridge), subclass 00 (host).
-    g.a.mov(dx, 0xcf8u32).unwrap();
-    g.a.mov(eax, 0x8000_0008u32).unwrap();
-    g.a.out(dx, eax).unwrap();
-    g.a.mov(dx, 0xcfcu32).unwrap();
-    g.a.in_(eax, dx).unwrap();
-    g.a.push(rax).unwrap();
-    g.print(" class=");
-    g.a.pop(rax).unwrap();
-    g.print_eax_hex();
+    print_config_dword(&mut g, 0x8000_0008, " class=");
     // An empty slot (device 31) reads all ones.
-    g.a.mov(dx, 0xcf8u32).unwrap();
-    g.a.mov(eax, 0x8000_f800u32).unwrap();
-    g.a.out(dx, eax).unwrap();
-    g.a.mov(dx, 0xcfcu32).unwrap();
-    g.a.in_(eax, dx).unwrap();
-    g.a.push(rax).unwrap();
-    g.print(" empty=");
-    g.a.pop(rax).unwrap();
-    g.print_eax_hex();
+    print_config_dword(&mut g, 0x8000_f800, " empty=");
     g.print("\n");
     g.debug_exit(0);
     let (code, out, err) = run_guest(g.elf(), &[]);

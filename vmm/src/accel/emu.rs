@@ -313,37 +313,66 @@ impl BusDevice for IoapicDevice {
     }
 }
 
-/// One 8259 port pair (master at 0x20, slave at 0xa0, ELCR at 0x4d0), by base port.
-struct PicDevice(Arc<Platform>, u16);
-impl BusDevice for PicDevice {
-    fn read(&mut self, offset: u64, data: &mut [u8]) {
-        let mut pic = lock(&self.0.pic);
-        for (i, b) in data.iter_mut().enumerate() {
-            *b = pic.read_port(self.1 + offset as u16 + i as u16);
-        }
+/// A platform model reached through byte-wide I/O ports.
+trait PortModel: Send {
+    fn read_port(&mut self, port: u16) -> u8;
+    fn write_port(&mut self, port: u16, value: u8);
+}
+
+impl PortModel for Pic {
+    fn read_port(&mut self, port: u16) -> u8 {
+        Pic::read_port(self, port)
     }
-    fn write(&mut self, offset: u64, data: &[u8]) {
-        let mut pic = lock(&self.0.pic);
-        for (i, b) in data.iter().enumerate() {
-            pic.write_port(self.1 + offset as u16 + i as u16, *b);
-        }
+    fn write_port(&mut self, port: u16, value: u8) {
+        Pic::write_port(self, port, value)
     }
 }
 
-struct PitDevice(Arc<Platform>, u16);
-impl BusDevice for PitDevice {
+impl PortModel for Pit {
+    fn read_port(&mut self, port: u16) -> u8 {
+        Pit::read_port(self, port)
+    }
+    fn write_port(&mut self, port: u16, value: u8) {
+        Pit::write_port(self, port, value)
+    }
+}
+
+/// Ports `base..` of the PIC (0x20, 0xa0, ELCR 0x4d0) or the PIT (0x40, gate 0x61),
+/// split into byte accesses.
+struct PortDevice {
+    platform: Arc<Platform>,
+    base: u16,
+    with_model: WithModel,
+}
+
+/// Runs a closure on one platform model under its lock.
+type WithModel = fn(&Platform, &mut dyn FnMut(&mut dyn PortModel));
+
+impl BusDevice for PortDevice {
     fn read(&mut self, offset: u64, data: &mut [u8]) {
-        let mut pit = lock(&self.0.pit);
-        for (i, b) in data.iter_mut().enumerate() {
-            *b = pit.read_port(self.1 + offset as u16 + i as u16);
-        }
+        let port = self.base + offset as u16;
+        (self.with_model)(&self.platform, &mut |model| {
+            for (i, b) in data.iter_mut().enumerate() {
+                *b = model.read_port(port + i as u16);
+            }
+        });
     }
     fn write(&mut self, offset: u64, data: &[u8]) {
-        let mut pit = lock(&self.0.pit);
-        for (i, b) in data.iter().enumerate() {
-            pit.write_port(self.1 + offset as u16 + i as u16, *b);
-        }
+        let port = self.base + offset as u16;
+        (self.with_model)(&self.platform, &mut |model| {
+            for (i, b) in data.iter().enumerate() {
+                model.write_port(port + i as u16, *b);
+            }
+        });
     }
+}
+
+fn with_pic(p: &Platform, f: &mut dyn FnMut(&mut dyn PortModel)) {
+    f(&mut *lock(&p.pic))
+}
+
+fn with_pit(p: &Platform, f: &mut dyn FnMut(&mut dyn PortModel)) {
+    f(&mut *lock(&p.pit))
 }
 
 impl Accelerator for EmuAccel {
@@ -410,18 +439,22 @@ impl Accelerator for EmuAccel {
             layout::IOAPIC_SIZE,
         )
         .map_err(err("place the IOAPIC"))?;
-        for (base, len) in [(0x20u16, 2u64), (0xa0, 2), (0x4d0, 2)] {
-            pio.insert(
-                Arc::new(Mutex::new(PicDevice(p.clone(), base))),
-                u64::from(base),
-                len,
-            )
-            .map_err(err("place the PIC"))?;
+        let ports: [(u16, u64, WithModel); 5] = [
+            (0x20, 2, with_pic),
+            (0xa0, 2, with_pic),
+            (0x4d0, 2, with_pic),
+            (0x40, 4, with_pit),
+            (0x61, 1, with_pit),
+        ];
+        for (base, len, with_model) in ports {
+            let dev = PortDevice {
+                platform: p.clone(),
+                base,
+                with_model,
+            };
+            pio.insert(Arc::new(Mutex::new(dev)), u64::from(base), len)
+                .map_err(err("place the PIC and PIT ports"))?;
         }
-        pio.insert(Arc::new(Mutex::new(PitDevice(p.clone(), 0x40))), 0x40, 4)
-            .map_err(err("place the PIT"))?;
-        pio.insert(Arc::new(Mutex::new(PitDevice(p.clone(), 0x61))), 0x61, 1)
-            .map_err(err("place the PIT gate port"))?;
         Ok(())
     }
 
