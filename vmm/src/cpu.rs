@@ -2,11 +2,12 @@
 //! resets them in place, and stops them. Each vCPU object lives on its own thread; the
 //! manager reaches it only through a shared control block and the vCPU's kicker.
 
-use std::sync::atomic::{AtomicI32, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU8, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 
-use crate::accel::{AccelError, IoHandler, Vcpu, VcpuExit, VcpuKicker};
+use crate::accel::{AccelError, IoHandler, PagingRegisters, Vcpu, VcpuExit, VcpuKicker};
 use crate::arch::boot::EntryState;
 use crate::control::{MachineControl, MachineRequest, ResetCause};
 
@@ -39,7 +40,25 @@ struct Ctl {
     pending_reset: Vec<Option<Option<EntryState>>>,
     reset_done: usize,
     reset_errors: Vec<(u32, AccelError)>,
+    /// Each vCPU's state as it last left [`Vcpu::run`], and how often it has left it.
+    snapshots: Vec<VcpuSnapshot>,
+    run_returns: Vec<u64>,
 }
+
+/// What the monitor shows of a vCPU (QMP query-cpus): its instruction pointer and whether
+/// it waits in HLT.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct VcpuSnapshot {
+    pub pc: u64,
+    pub halted: bool,
+    /// None if the accelerator could not read them.
+    pub paging: Option<PagingRegisters>,
+    /// The register dump HMP `info registers` shows.
+    pub registers: String,
+}
+
+/// How long a snapshot of running vCPUs waits for each to leave the guest.
+const SNAPSHOT_TIMEOUT: Duration = Duration::from_secs(1);
 
 struct Shared {
     want: AtomicU8,
@@ -58,6 +77,8 @@ impl Shared {
 pub struct VcpuInfo {
     /// Host thread id (gettid) of the vCPU thread.
     pub thread_id: AtomicI32,
+    /// An NMI the vCPU thread injects before it next enters the guest.
+    nmi_pending: AtomicBool,
 }
 
 struct VcpuHandle {
@@ -89,6 +110,8 @@ impl CpuManager {
                 pending_reset: vec![None; n],
                 reset_done: 0,
                 reset_errors: Vec::new(),
+                snapshots: vec![VcpuSnapshot::default(); n],
+                run_returns: vec![0; n],
             }),
             cv: Condvar::new(),
         });
@@ -132,6 +155,45 @@ impl CpuManager {
             .iter()
             .map(|v| (v.id, v.info.thread_id.load(Ordering::Relaxed)))
             .collect()
+    }
+
+    /// Every vCPU takes an NMI before it next enters the guest (at once if running).
+    pub fn inject_nmi(&self) {
+        for v in &self.vcpus {
+            v.info.nmi_pending.store(true, Ordering::SeqCst);
+            v.kicker.kick();
+        }
+    }
+
+    /// Each vCPU's instruction pointer and halt state, in vCPU order. Running vCPUs are
+    /// kicked out of the guest to publish fresh values (and go on at once); a vCPU that
+    /// does not answer in time is shown as it last was.
+    pub fn snapshots(&self) -> Vec<VcpuSnapshot> {
+        let running = self.shared.want.load(Ordering::SeqCst) == WANT_RUN;
+        let before = self.shared.lock().run_returns.clone();
+        if running {
+            self.kick_all();
+        }
+        let deadline = Instant::now() + SNAPSHOT_TIMEOUT;
+        let mut g = self.shared.lock();
+        while running
+            && g.run_returns
+                .iter()
+                .zip(&before)
+                .any(|(now, then)| now == then)
+        {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                break;
+            }
+            g = self
+                .shared
+                .cv
+                .wait_timeout(g, left)
+                .map(|(g, _)| g)
+                .unwrap_or_else(|e| e.into_inner().0);
+        }
+        g.snapshots.clone()
     }
 
     fn kick_all(&self) {
@@ -227,6 +289,7 @@ fn park_while_blocked(
                 g.reset_errors.push((vcpu.id(), e));
             }
             g.reset_done += 1;
+            g.snapshots[index] = snapshot(vcpu);
             shared.cv.notify_all();
         }
         let want = shared.want.load(Ordering::SeqCst);
@@ -253,6 +316,15 @@ fn park_while_blocked(
     keep_running
 }
 
+fn snapshot(vcpu: &mut dyn Vcpu) -> VcpuSnapshot {
+    VcpuSnapshot {
+        pc: vcpu.instruction_pointer().unwrap_or(0),
+        halted: vcpu.is_halted(),
+        paging: vcpu.paging_registers().ok(),
+        registers: vcpu.dump_registers(),
+    }
+}
+
 fn vcpu_thread(
     index: usize,
     mut vcpu: Box<dyn Vcpu>,
@@ -268,7 +340,19 @@ fn vcpu_thread(
     vcpu.bind_to_current_thread();
     let mut parked_at_epoch: Option<u64> = None;
     while park_while_blocked(index, vcpu.as_mut(), &shared, &mut parked_at_epoch) {
+        if info.nmi_pending.swap(false, Ordering::SeqCst) {
+            if let Err(e) = vcpu.inject_nmi() {
+                tracing::warn!("vcpu{}: {e}", vcpu.id());
+            }
+        }
         let exit = vcpu.run(io.as_ref());
+        let state = snapshot(vcpu.as_mut());
+        {
+            let mut g = shared.lock();
+            g.snapshots[index] = state;
+            g.run_returns[index] += 1;
+            shared.cv.notify_all();
+        }
         let fatal = match exit {
             Ok(VcpuExit::Interrupted) => None,
             Ok(VcpuExit::TripleFault) => {

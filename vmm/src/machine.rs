@@ -136,6 +136,8 @@ pub struct Machine {
     boot: BootSource,
     acpi: AcpiConfig,
     chardevs: Vec<Chardev>,
+    /// The monitor's current CPU (QMP `cpu`), the default of memsave and HMP commands.
+    current_cpu: u32,
     pci: Arc<Mutex<PciBus>>,
     ged: Arc<Mutex<GedDevice>>,
     requests: Receiver<MachineRequest>,
@@ -334,6 +336,7 @@ impl Machine {
             boot,
             acpi,
             chardevs,
+            current_cpu: 0,
             pci,
             ged,
             requests,
@@ -390,6 +393,31 @@ impl Machine {
 
     pub fn config(&self) -> &VmConfig {
         &self.config
+    }
+
+    /// The machine's character devices, for query-chardev.
+    pub fn chardevs(&self) -> &[Chardev] {
+        &self.chardevs
+    }
+
+    pub fn current_cpu(&self) -> u32 {
+        self.current_cpu
+    }
+
+    /// Make vCPU `index` the monitor's current CPU; false if there is no such vCPU.
+    pub fn set_current_cpu(&mut self, index: u32) -> bool {
+        if (index as usize) < self.cpus.num_vcpus() {
+            self.current_cpu = index;
+            return true;
+        }
+        false
+    }
+
+    /// QMP inject-nmi: an NMI to every vCPU, as QEMU does on x86.
+    pub fn inject_nmi(&self) {
+        if !self.accel.inject_nmi_all() {
+            self.cpus.inject_nmi();
+        }
     }
 
     pub fn run_state(&self) -> RunState {

@@ -384,6 +384,16 @@ impl Accelerator for EmuAccel {
         EMU_MAX_VCPUS
     }
 
+    fn inject_nmi_all(&self) -> bool {
+        self.platform.router.deliver(emu::router::ApicMessage {
+            dest: emu::router::Destination::AllIncludingSelf,
+            mode: emu::router::DeliveryMode::Nmi,
+            vector: 0,
+            level_triggered: false,
+        });
+        true
+    }
+
     fn create_vcpu(
         &self,
         id: u32,
@@ -645,6 +655,16 @@ impl Vcpu for EmuVcpu {
 
     fn instruction_pointer(&mut self) -> Result<u64, AccelError> {
         Ok(self.cpu.state().rip)
+    }
+
+    fn paging_registers(&mut self) -> Result<super::PagingRegisters, AccelError> {
+        let s = self.cpu.state();
+        Ok(super::PagingRegisters {
+            cr0: s.cr0,
+            cr3: s.cr3,
+            cr4: s.cr4,
+            efer: s.efer,
+        })
     }
 
     fn dump_registers(&mut self) -> String {

@@ -568,6 +568,30 @@ impl Vcpu for KvmVcpu {
         self.kicker.clone()
     }
 
+    fn inject_nmi(&mut self) -> Result<(), AccelError> {
+        self.fd.nmi().map_err(AccelError::kvm("inject an NMI"))
+    }
+
+    fn paging_registers(&mut self) -> Result<super::PagingRegisters, AccelError> {
+        let s = self
+            .fd
+            .get_sregs()
+            .map_err(AccelError::kvm("read special registers"))?;
+        Ok(super::PagingRegisters {
+            cr0: s.cr0,
+            cr3: s.cr3,
+            cr4: s.cr4,
+            efer: s.efer,
+        })
+    }
+
+    fn is_halted(&mut self) -> bool {
+        self.fd
+            .get_mp_state()
+            .map(|s| s.mp_state == kvm_bindings::KVM_MP_STATE_HALTED)
+            .unwrap_or(false)
+    }
+
     fn instruction_pointer(&mut self) -> Result<u64, AccelError> {
         Ok(self
             .fd

@@ -48,6 +48,8 @@ pub enum AccelError {
     TooManyVcpus(u32, u32),
     #[error("emu: {0}")]
     Emu(String),
+    #[error("{0} is not supported by this accelerator")]
+    Unsupported(&'static str),
 }
 
 impl AccelError {
@@ -100,6 +102,25 @@ pub trait Vcpu: Send {
     fn instruction_pointer(&mut self) -> Result<u64, AccelError>;
     /// A register dump for diagnostics (format close to QEMU's `info registers`).
     fn dump_registers(&mut self) -> String;
+    /// Queue an NMI for this vCPU (QMP inject-nmi), called on the vCPU's own thread.
+    fn inject_nmi(&mut self) -> Result<(), AccelError> {
+        Err(AccelError::Unsupported("NMI injection into one vCPU"))
+    }
+    /// Whether the vCPU waits in HLT for an interrupt (QMP query-cpus' `halted`).
+    fn is_halted(&mut self) -> bool {
+        false
+    }
+    /// The registers that say how the vCPU translates virtual addresses (QMP memsave).
+    fn paging_registers(&mut self) -> Result<PagingRegisters, AccelError>;
+}
+
+/// The control registers that select and root a vCPU's address translation.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PagingRegisters {
+    pub cr0: u64,
+    pub cr3: u64,
+    pub cr4: u64,
+    pub efer: u64,
 }
 
 /// Interrupts a vCPU that is inside [`Vcpu::run`], or makes its next run return at once.
@@ -135,6 +156,12 @@ pub trait Accelerator: Send + Sync {
     fn resume(&self) {}
     /// The interrupt controller that device interrupt lines drive.
     fn irq_chip(&self) -> Arc<dyn IrqChip>;
+    /// Send an NMI to every vCPU through the accelerator's own interrupt routing.
+    /// Returns false when it has none, and each vCPU must take the NMI itself
+    /// ([`Vcpu::inject_nmi`]).
+    fn inject_nmi_all(&self) -> bool {
+        false
+    }
     /// Reset VM-wide state (irqchip, PIT) to power-on values.
     fn reset(&self) -> Result<(), AccelError>;
     /// Signal `fd` when the guest writes to `addr` (optionally only `datamatch`).

@@ -4,9 +4,10 @@
 use qmp::{GreetingInfo, QmpError};
 use serde_json::{json, Value};
 
-use super::MonitorCall;
+use super::{hmp, memory, MonitorCall};
 use crate::accel::AccelKind;
 use crate::machine::{Machine, MachineExit};
+use crate::pci::{PciBarKind, PciDeviceInfo};
 
 /// The UUID QEMU reports when none was given.
 const NULL_UUID: &str = "00000000-0000-0000-0000-000000000000";
@@ -52,13 +53,31 @@ pub fn execute(machine: &mut Machine, mut call: MonitorCall) -> Option<MachineEx
             "UUID": machine.config().uuid.as_deref().unwrap_or(NULL_UUID),
         })),
         "query-cpus-fast" => Ok(query_cpus_fast(machine)),
+        "query-cpus" => Ok(query_cpus(machine)),
+        "query-pci" => Ok(query_pci(machine)),
+        "query-chardev" => Ok(query_chardev(machine)),
+        "inject-nmi" => {
+            machine.inject_nmi();
+            Ok(json!({}))
+        }
+        "cpu" => set_cpu(machine, &call).map(|()| json!({})),
+        "human-monitor-command" => {
+            let line = call.str_arg("command-line").unwrap_or("").to_string();
+            let cpu = call.args.get("cpu-index").map(|v| v.as_i64().unwrap_or(-1));
+            hmp::run(machine, &line, cpu).map(|(text, outcome)| {
+                exit = outcome;
+                json!(text)
+            })
+        }
+        "memsave" => memsave(machine, &call).map(|()| json!({})),
+        "pmemsave" => pmemsave(machine, &call).map(|()| json!({})),
         other => Err(QmpError::command_not_found(other)),
     };
     call.reply(result);
     exit
 }
 
-fn query_status(machine: &Machine) -> Value {
+pub(super) fn query_status(machine: &Machine) -> Value {
     let state = machine.run_state();
     json!({
         "status": state.as_str(),
@@ -68,7 +87,7 @@ fn query_status(machine: &Machine) -> Value {
 }
 
 /// The QEMU version whose command set we implement, and our own package name.
-fn query_version() -> Value {
+pub(super) fn query_version() -> Value {
     let info = GreetingInfo::default();
     json!({
         "qemu": { "major": info.major, "minor": info.minor, "micro": info.micro },
@@ -77,7 +96,7 @@ fn query_version() -> Value {
 }
 
 /// Whether KVM could be used on this host (QEMU's `present`).
-fn kvm_present() -> bool {
+pub(super) fn kvm_present() -> bool {
     std::fs::OpenOptions::new()
         .read(true)
         .write(true)
@@ -105,6 +124,245 @@ fn query_cpus_fast(machine: &Machine) -> Value {
     Value::Array(cpus)
 }
 
+/// QMP `cpu`: choose the monitor's current CPU.
+fn set_cpu(machine: &mut Machine, call: &MonitorCall) -> Result<(), QmpError> {
+    let index = call.args.get("index").and_then(Value::as_i64).unwrap_or(-1);
+    match u32::try_from(index) {
+        Ok(index) if machine.set_current_cpu(index) => Ok(()),
+        _ => Err(QmpError::generic("Invalid CPU index")),
+    }
+}
+
+/// The (val, size, filename) of memsave and pmemsave, already type-checked.
+fn dump_args(call: &MonitorCall) -> (u64, i64, &str) {
+    let int = |name| call.args.get(name).and_then(Value::as_i64).unwrap_or(0);
+    // QEMU takes `val` as a 64-bit address: negative JSON numbers wrap.
+    (
+        int("val") as u64,
+        int("size"),
+        call.str_arg("filename").unwrap_or(""),
+    )
+}
+
+/// The dump range of memsave / pmemsave as given.
+pub(super) struct DumpRange<'a> {
+    pub addr: u64,
+    pub size: i64,
+    pub filename: &'a str,
+}
+
+/// memsave for QMP and HMP: `cpu` indexes the vCPU whose page tables translate.
+pub(super) fn save_virtual(machine: &Machine, cpu: i64, range: &DumpRange) -> Result<(), QmpError> {
+    let snapshots = machine.cpus().snapshots();
+    let state = usize::try_from(cpu)
+        .ok()
+        .and_then(|i| snapshots.get(i))
+        .ok_or_else(|| QmpError::generic("Parameter 'cpu-index' expects a CPU number"))?;
+    let regs = state
+        .paging
+        .ok_or_else(|| QmpError::generic("Cannot read the CPU's paging registers"))?;
+    memory::save_virtual(
+        machine.memory().guest_memory(),
+        &regs,
+        range.addr,
+        range.size,
+        range.filename,
+    )
+    .map_err(|e| QmpError::generic(e.to_string()))
+}
+
+/// pmemsave for QMP and HMP.
+pub(super) fn save_physical(machine: &Machine, range: &DumpRange) -> Result<(), QmpError> {
+    memory::save_physical(
+        machine.memory().guest_memory(),
+        range.addr,
+        range.size,
+        range.filename,
+    )
+    .map_err(|e| QmpError::generic(e.to_string()))
+}
+
+/// QMP memsave: virtual memory as the chosen (or the current) CPU sees it.
+fn memsave(machine: &Machine, call: &MonitorCall) -> Result<(), QmpError> {
+    let (addr, size, filename) = dump_args(call);
+    let cpu = match call.args.get("cpu-index") {
+        Some(v) => v.as_i64().unwrap_or(-1),
+        None => i64::from(machine.current_cpu()),
+    };
+    save_virtual(
+        machine,
+        cpu,
+        &DumpRange {
+            addr,
+            size,
+            filename,
+        },
+    )
+}
+
+/// QMP pmemsave: guest-physical memory.
+fn pmemsave(machine: &Machine, call: &MonitorCall) -> Result<(), QmpError> {
+    let (addr, size, filename) = dump_args(call);
+    save_physical(
+        machine,
+        &DumpRange {
+            addr,
+            size,
+            filename,
+        },
+    )
+}
+
+/// The seed's query-cpus: every vCPU's pc and halt state, and which one is current.
+fn query_cpus(machine: &Machine) -> Value {
+    let current = machine.current_cpu();
+    let cpus = machine.cpus();
+    let list = cpus
+        .thread_ids()
+        .into_iter()
+        .zip(cpus.snapshots())
+        .map(|((index, thread_id), state)| {
+            json!({
+                "CPU": index,
+                "current": index == current,
+                "halted": state.halted,
+                "pc": state.pc,
+                "thread_id": thread_id,
+            })
+        })
+        .collect();
+    Value::Array(list)
+}
+
+/// QMP query-chardev: each backend's label, QEMU-style filename, and whether its front
+/// end (the device) is open.
+pub(super) fn query_chardev(machine: &Machine) -> Value {
+    let list = machine
+        .chardevs()
+        .iter()
+        .map(|c| {
+            json!({
+                "label": c.label(),
+                "filename": c.filename(),
+                "frontend-open": true,
+            })
+        })
+        .collect();
+    Value::Array(list)
+}
+
+/// QMP query-pci in QEMU 7.2's shape: one bus with its functions.
+pub(super) fn query_pci(machine: &Machine) -> Value {
+    let devices: Vec<Value> = {
+        let bus = machine.pci().lock().unwrap_or_else(|e| e.into_inner());
+        bus.pci_info().iter().map(pci_device_json).collect()
+    };
+    json!([{ "bus": 0, "devices": devices }])
+}
+
+fn pci_device_json(dev: &PciDeviceInfo) -> Value {
+    let class = (u16::from(dev.class_code) << 8) | u16::from(dev.subclass);
+    let mut class_info = json!({ "class": class });
+    if let Some(desc) = pci_class_description(class) {
+        class_info["desc"] = json!(desc);
+    }
+    let mut id = json!({ "device": dev.device_id, "vendor": dev.vendor_id });
+    // Only a type 0 header has the subsystem registers.
+    if dev.header_type & 0x7f == 0 {
+        id["subsystem"] = json!(dev.subsystem_id);
+        id["subsystem-vendor"] = json!(dev.subsystem_vendor_id);
+    }
+    let regions: Vec<Value> = dev
+        .bars
+        .iter()
+        .filter(|bar| bar.size != 0)
+        .map(|bar| {
+            // QEMU shows a BAR that is not decoded at address -1.
+            let address = bar.mapped_at.map_or(-1, |a| a as i64);
+            let mut region = json!({ "bar": bar.index, "address": address, "size": bar.size });
+            match bar.kind {
+                PciBarKind::Io => region["type"] = json!("io"),
+                PciBarKind::Mmio32 | PciBarKind::Mmio64 => {
+                    region["type"] = json!("memory");
+                    region["prefetch"] = json!(bar.prefetchable);
+                    region["mem_type_64"] = json!(bar.kind == PciBarKind::Mmio64);
+                }
+            }
+            region
+        })
+        .collect();
+    let mut device = json!({
+        "bus": dev.bus,
+        "slot": dev.slot,
+        "function": dev.function,
+        "class_info": class_info,
+        "id": id,
+        "irq_pin": dev.irq_pin,
+        "qdev_id": dev.id.as_deref().unwrap_or(""),
+        "regions": regions,
+    });
+    if dev.irq_pin != 0 {
+        device["irq"] = json!(dev.irq_line);
+    }
+    device
+}
+
+/// QEMU's names for the common PCI classes (class code << 8 | subclass).
+fn pci_class_description(class: u16) -> Option<&'static str> {
+    Some(match class {
+        0x0100 => "SCSI controller",
+        0x0101 => "IDE controller",
+        0x0102 => "Floppy controller",
+        0x0103 => "IPI controller",
+        0x0104 => "RAID controller",
+        0x0106 => "SATA controller",
+        0x0107 => "SAS controller",
+        0x0180 => "Storage controller",
+        0x0200 => "Ethernet controller",
+        0x0201 => "Token Ring controller",
+        0x0202 => "FDDI controller",
+        0x0203 => "ATM controller",
+        0x0280 => "Network controller",
+        0x0300 => "VGA controller",
+        0x0301 => "XGA controller",
+        0x0302 => "3D controller",
+        0x0380 => "Display controller",
+        0x0400 => "Video controller",
+        0x0401 => "Audio controller",
+        0x0402 => "Phone",
+        0x0403 => "Audio controller",
+        0x0480 => "Multimedia controller",
+        0x0500 => "RAM controller",
+        0x0501 => "Flash controller",
+        0x0580 => "Memory controller",
+        0x0600 => "Host bridge",
+        0x0601 => "ISA bridge",
+        0x0602 => "EISA bridge",
+        0x0603 => "MC bridge",
+        0x0604 => "PCI bridge",
+        0x0605 => "PCMCIA bridge",
+        0x0606 => "NUBUS bridge",
+        0x0607 => "CARDBUS bridge",
+        0x0608 => "RACEWAY bridge",
+        0x0680 => "Bridge",
+        0x0700 => "Serial port",
+        0x0701 => "Parallel port",
+        0x0780 => "Communication controller",
+        0x0800 => "PIC",
+        0x0801 => "DMA controller",
+        0x0802 => "Timer",
+        0x0803 => "RTC",
+        0x0880 => "System peripheral",
+        0x0c00 => "Firewire controller",
+        0x0c01 => "ACCESS controller",
+        0x0c02 => "SSA controller",
+        0x0c03 => "USB controller",
+        0x0c04 => "Fibre Channel controller",
+        0x0c05 => "SMBus",
+        _ => return None,
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -114,5 +372,76 @@ mod tests {
         let v = query_version();
         assert_eq!(v["qemu"], json!({"major": 7, "minor": 2, "micro": 0}));
         assert!(v["package"].as_str().unwrap().starts_with("vmm "));
+    }
+
+    fn host_bridge() -> PciDeviceInfo {
+        PciDeviceInfo {
+            bus: 0,
+            slot: 0,
+            function: 0,
+            vendor_id: 0x8086,
+            device_id: 0x1237,
+            subsystem_vendor_id: 0x1af4,
+            subsystem_id: 0x1100,
+            revision: 2,
+            class_code: 6,
+            subclass: 0,
+            prog_if: 0,
+            header_type: 0,
+            irq_line: 0,
+            irq_pin: 0,
+            id: None,
+            bars: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn host_bridge_matches_qemu_7_2() {
+        // QEMU 7.2's reply for the i440FX host bridge of `-machine pc`.
+        let expected = json!({"irq_pin": 0, "bus": 0, "qdev_id": "", "slot": 0,
+            "class_info": {"class": 1536, "desc": "Host bridge"},
+            "id": {"device": 4663, "subsystem-vendor": 6900, "vendor": 32902, "subsystem": 4352},
+            "function": 0, "regions": []});
+        assert_eq!(pci_device_json(&host_bridge()), expected);
+    }
+
+    #[test]
+    fn pci_regions_irq_and_unknown_class() {
+        use crate::pci::PciBarReport;
+        let mut dev = host_bridge();
+        dev.class_code = 0xff;
+        dev.irq_pin = 1;
+        dev.irq_line = 11;
+        dev.id = Some("net0".into());
+        dev.bars = vec![
+            PciBarReport {
+                index: 0,
+                kind: PciBarKind::Io,
+                prefetchable: false,
+                size: 32,
+                address: 0xc000,
+                mapped_at: Some(0xc000),
+            },
+            PciBarReport {
+                index: 2,
+                kind: PciBarKind::Mmio64,
+                prefetchable: true,
+                size: 0x4000,
+                address: 0,
+                mapped_at: None,
+            },
+        ];
+        let v = pci_device_json(&dev);
+        assert_eq!(v["class_info"], json!({"class": 0xff00}));
+        assert_eq!(v["irq"], 11);
+        assert_eq!(v["qdev_id"], "net0");
+        assert_eq!(
+            v["regions"],
+            json!([
+                {"bar": 0, "type": "io", "address": 0xc000, "size": 32},
+                {"bar": 2, "type": "memory", "address": -1, "size": 0x4000,
+                 "prefetch": true, "mem_type_64": true},
+            ])
+        );
     }
 }

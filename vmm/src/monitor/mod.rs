@@ -6,6 +6,8 @@
 //! [`Machine`]: crate::machine::Machine
 
 pub mod commands;
+pub mod hmp;
+pub mod memory;
 pub mod runstate;
 
 use std::fmt;
@@ -16,6 +18,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
+use qmp::schema::{ArgType, ParamSpec};
 use qmp::{ConnectionContext, Dispatcher, EventSender, QmpError, Schema, Server, ServerConfig};
 use serde_json::{Map, Value};
 use tokio::sync::oneshot;
@@ -143,15 +146,36 @@ pub const IMPLEMENTED_COMMANDS: &[&str] = &[
     "query-name",
     "query-uuid",
     "query-cpus-fast",
+    "query-pci",
+    "query-chardev",
+    "inject-nmi",
+    "cpu",
+    "query-cpus",
+    "memsave",
+    "pmemsave",
+    "human-monitor-command",
     "getfd",
     "closefd",
 ];
 
 /// The seed's schema restricted to [`IMPLEMENTED_COMMANDS`], plus QEMU 7.2's
-/// query-cpus-fast, which the seed predates.
+/// query-cpus-fast, which the seed predates, and the queries the seed documents without
+/// a command table entry (query-pci, query-cpus).
 pub fn implemented_schema() -> Result<Schema, MonitorError> {
     let mut schema = Schema::seed()?;
     schema.insert(qmp::CommandSpec::no_args("query-cpus-fast"));
+    schema.insert(qmp::CommandSpec::no_args("query-pci"));
+    schema.insert(qmp::CommandSpec::no_args("query-cpus"));
+    // QEMU 7.2's memsave also takes the CPU whose page tables translate `val`.
+    schema.insert(qmp::CommandSpec::new(
+        "memsave",
+        vec![
+            ParamSpec::required("val", ArgType::Integer),
+            ParamSpec::required("size", ArgType::Integer),
+            ParamSpec::required("filename", ArgType::String),
+            ParamSpec::optional("cpu-index", ArgType::Integer),
+        ],
+    ));
     schema.retain(|name| IMPLEMENTED_COMMANDS.contains(&name));
     Ok(schema)
 }

@@ -1,0 +1,442 @@
+//! A small HMP (human monitor) for QMP's human-monitor-command: the commands that have a
+//! QMP counterpart here, with QEMU 7.2's output text (lines end in "\r\n").
+
+use qmp::QmpError;
+use serde_json::Value;
+
+use super::commands::{self, DumpRange};
+use crate::accel::AccelKind;
+use crate::machine::{Machine, MachineExit};
+
+/// The commands `help` lists, as QEMU 7.2 prints them (sorted by name).
+const HELP: &[(&str, &str)] = &[
+    ("cont", "cont|c  -- resume emulation"),
+    ("cpu", "cpu index -- set the default CPU"),
+    ("help", "help|? [cmd] -- show the help"),
+    (
+        "info",
+        "info [subcommand] -- show various information about the system state",
+    ),
+    (
+        "memsave",
+        "memsave addr size file -- save to disk virtual memory dump starting at 'addr' of size 'size'",
+    ),
+    (
+        "pmemsave",
+        "pmemsave addr size file -- save to disk physical memory dump starting at 'addr' of size 'size'",
+    ),
+    ("stop", "stop|s  -- stop emulation"),
+    ("system_powerdown", "system_powerdown  -- send system power down event"),
+    ("system_reset", "system_reset  -- reset the system"),
+];
+
+/// The `info` subcommands, with their help lines.
+const INFO_HELP: &[(&str, &str)] = &[
+    ("chardev", "info chardev  -- show the character devices"),
+    ("cpus", "info cpus  -- show infos for each CPU"),
+    ("kvm", "info kvm  -- show KVM information"),
+    ("name", "info name  -- show the current VM name"),
+    ("pci", "info pci  -- show PCI info"),
+    (
+        "registers",
+        "info registers [-a|vcpu] -- show the cpu registers (-a: show register info for all cpus; vcpu: specific vCPU to query; show the current CPU's registers if no argument is specified)",
+    ),
+    ("status", "info status  -- show the current VM status (running|paused)"),
+    ("uuid", "info uuid  -- show the current VM UUID"),
+    ("version", "info version  -- show the version of QEMU"),
+];
+
+/// Runs one HMP command line. `cpu` is human-monitor-command's cpu-index (the current
+/// CPU for this command only). Returns the text and how the machine must exit, if it must.
+pub fn run(
+    machine: &mut Machine,
+    line: &str,
+    cpu: Option<i64>,
+) -> Result<(String, Option<MachineExit>), QmpError> {
+    let current = match cpu {
+        Some(index) => match usize::try_from(index) {
+            Ok(i) if i < machine.cpus().num_vcpus() => i,
+            _ => {
+                return Err(QmpError::generic(
+                    "Parameter 'cpu-index' expects a CPU number",
+                ))
+            }
+        },
+        None => machine.current_cpu() as usize,
+    };
+    let mut exit = None;
+    let text = execute(machine, line, current, &mut exit);
+    Ok((text.replace('\n', "\r\n"), exit))
+}
+
+fn execute(
+    machine: &mut Machine,
+    line: &str,
+    current: usize,
+    exit: &mut Option<MachineExit>,
+) -> String {
+    let words = match split_words(line) {
+        Ok(words) => words,
+        Err(e) => return e,
+    };
+    let Some((name, args)) = words.split_first() else {
+        return String::new();
+    };
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    match name.as_str() {
+        "info" => info(machine, &args, current),
+        "help" | "?" => help(args.first().copied()),
+        "stop" | "s" => {
+            machine.stop();
+            String::new()
+        }
+        "cont" | "c" => error_text(machine.cont()),
+        "system_reset" => match machine.host_reset() {
+            Ok(outcome) => {
+                *exit = outcome;
+                String::new()
+            }
+            Err(e) => format!("Error: {e}\n"),
+        },
+        "system_powerdown" => {
+            machine.emit("POWERDOWN", None);
+            machine.power_button();
+            String::new()
+        }
+        // QEMU's HMP passthrough runs each line in a fresh monitor, so `cpu` only checks.
+        "cpu" => match integer_arg("cpu", args.first().copied()) {
+            Err(e) => e,
+            Ok(index) if usize::try_from(index).is_ok_and(|i| i < machine.cpus().num_vcpus()) => {
+                String::new()
+            }
+            Ok(_) => "invalid CPU index\n".to_string(),
+        },
+        "memsave" | "pmemsave" => match dump_range(name, &args) {
+            Err(e) => e,
+            Ok(range) if name == "memsave" => {
+                error_text(commands::save_virtual(machine, current as i64, &range))
+            }
+            Ok(range) => error_text(commands::save_physical(machine, &range)),
+        },
+        other => format!("unknown command: '{other}'\n"),
+    }
+}
+
+/// QEMU's text for a failed command: "Error: DESC".
+fn error_text(result: Result<(), QmpError>) -> String {
+    match result {
+        Ok(()) => String::new(),
+        Err(e) => format!("Error: {}\n", e.desc),
+    }
+}
+
+fn usage_hint(command: &str) -> String {
+    format!("Try \"help {command}\" for more information\n")
+}
+
+/// Words separated by blanks; double quotes group a word (with \" and \\ escapes).
+fn split_words(line: &str) -> Result<Vec<String>, String> {
+    let mut words = Vec::new();
+    let mut chars = line.chars().peekable();
+    loop {
+        while chars.peek().is_some_and(|c| c.is_whitespace()) {
+            chars.next();
+        }
+        let Some(&first) = chars.peek() else {
+            return Ok(words);
+        };
+        let mut word = String::new();
+        if first == '"' {
+            chars.next();
+            loop {
+                match chars.next() {
+                    None => return Err("unterminated string\n".to_string()),
+                    Some('"') => break,
+                    Some('\\') => match chars.next() {
+                        Some(c) => word.push(c),
+                        None => return Err("unterminated string\n".to_string()),
+                    },
+                    Some(c) => word.push(c),
+                }
+            }
+        } else {
+            while let Some(&c) = chars.peek() {
+                if c.is_whitespace() {
+                    break;
+                }
+                word.push(c);
+                chars.next();
+            }
+        }
+        words.push(word);
+    }
+}
+
+/// An integer argument: decimal, or hex with 0x; errors in QEMU's words.
+fn integer_arg(command: &str, arg: Option<&str>) -> Result<i64, String> {
+    let Some(text) = arg else {
+        return Err(format!(
+            "unexpected end of expression\n{}",
+            usage_hint(command)
+        ));
+    };
+    let (digits, radix) = match text.strip_prefix("0x").or(text.strip_prefix("0X")) {
+        Some(hex) => (hex, 16),
+        None => (text, 10),
+    };
+    if let Some(bad) = digits.chars().find(|c| !c.is_digit(radix)) {
+        return Err(format!(
+            "invalid char '{bad}' in expression\n{}",
+            usage_hint(command)
+        ));
+    }
+    // An address may use all 64 bits.
+    u64::from_str_radix(digits, radix)
+        .map(|v| v as i64)
+        .map_err(|_| format!("number too large\n{}", usage_hint(command)))
+}
+
+fn dump_range<'a>(command: &str, args: &[&'a str]) -> Result<DumpRange<'a>, String> {
+    let addr = integer_arg(command, args.first().copied())? as u64;
+    let size = integer_arg(command, args.get(1).copied())?;
+    let filename = args
+        .get(2)
+        .ok_or_else(|| format!("{command}: string expected\n{}", usage_hint(command)))?;
+    Ok(DumpRange {
+        addr,
+        size,
+        filename,
+    })
+}
+
+fn help(command: Option<&str>) -> String {
+    let lines: Vec<&str> = match command {
+        None => HELP.iter().map(|(_, line)| *line).collect(),
+        Some("info") => INFO_HELP.iter().map(|(_, line)| *line).collect(),
+        Some(name) => {
+            let name = match name {
+                "c" => "cont",
+                "s" => "stop",
+                "?" => "help",
+                other => other,
+            };
+            match HELP.iter().find(|(n, _)| *n == name) {
+                Some((_, line)) => vec![*line],
+                None => return format!("unknown command: '{name}'\n"),
+            }
+        }
+    };
+    lines.iter().map(|l| format!("{l}\n")).collect()
+}
+
+fn info(machine: &Machine, args: &[&str], current: usize) -> String {
+    let Some(&what) = args.first() else {
+        return help(Some("info"));
+    };
+    match what {
+        "status" => {
+            let status = commands::query_status(machine);
+            let running = status["running"] == true;
+            let mut text = format!("VM status: {}", if running { "running" } else { "paused" });
+            if !running && status["status"] != "paused" {
+                text += &format!(" ({})", status["status"].as_str().unwrap_or(""));
+            }
+            text + "\n"
+        }
+        "version" => {
+            // QEMU prints the version and the package with nothing between them.
+            let v = commands::query_version();
+            format!(
+                "{}.{}.{}{}\n",
+                v["qemu"]["major"],
+                v["qemu"]["minor"],
+                v["qemu"]["micro"],
+                v["package"].as_str().unwrap_or("")
+            )
+        }
+        "kvm" => {
+            let enabled = machine.accel_kind() == AccelKind::Kvm;
+            let state = if enabled { "enabled" } else { "disabled" };
+            format!("kvm support: {state}\n")
+        }
+        "name" => match &machine.config().name {
+            Some(name) => format!("{name}\n"),
+            None => String::new(),
+        },
+        "uuid" => format!(
+            "{}\n",
+            machine
+                .config()
+                .uuid
+                .as_deref()
+                .unwrap_or("00000000-0000-0000-0000-000000000000")
+        ),
+        "cpus" => machine
+            .cpus()
+            .thread_ids()
+            .into_iter()
+            .map(|(index, thread)| {
+                let mark = if index as usize == current { '*' } else { ' ' };
+                format!("{mark} CPU #{index}: thread_id={thread}\n")
+            })
+            .collect(),
+        "chardev" => machine
+            .chardevs()
+            .iter()
+            .map(|c| format!("{}: filename={}\n", c.label(), c.filename()))
+            .collect(),
+        "pci" => info_pci(&commands::query_pci(machine)),
+        "registers" => info_registers(machine, args.get(1).copied(), current),
+        other => format!("unknown command: 'info {other}'\n"),
+    }
+}
+
+fn info_registers(machine: &Machine, which: Option<&str>, current: usize) -> String {
+    let snapshots = machine.cpus().snapshots();
+    let chosen: Vec<usize> = match which {
+        None => vec![current],
+        Some("-a") => (0..snapshots.len()).collect(),
+        Some(text) => match integer_arg("info", Some(text)) {
+            Ok(i) if usize::try_from(i).is_ok_and(|i| i < snapshots.len()) => vec![i as usize],
+            Ok(i) => return format!("CPU#{i} not available\n"),
+            Err(e) => return e,
+        },
+    };
+    chosen
+        .into_iter()
+        .filter_map(|i| snapshots.get(i))
+        .map(|s| format!("\n{}\n", s.registers))
+        .collect()
+}
+
+/// `info pci` from query-pci's answer, laid out as QEMU 7.2 does.
+fn info_pci(buses: &Value) -> String {
+    let mut out = String::new();
+    let devices = buses
+        .as_array()
+        .into_iter()
+        .flatten()
+        .flat_map(|bus| bus["devices"].as_array().cloned().unwrap_or_default());
+    let int = |v: &Value| v.as_i64().unwrap_or(0);
+    for dev in devices {
+        out += &format!(
+            "  Bus {:2}, device {:3}, function {}:\n    ",
+            int(&dev["bus"]),
+            int(&dev["slot"]),
+            int(&dev["function"])
+        );
+        match dev["class_info"]["desc"].as_str() {
+            Some(desc) => out += desc,
+            None => out += &format!("Class {:04}", int(&dev["class_info"]["class"])),
+        }
+        let id = &dev["id"];
+        out += &format!(
+            ": PCI device {:04x}:{:04x}\n",
+            int(&id["vendor"]),
+            int(&id["device"])
+        );
+        if id.get("subsystem").is_some() && id.get("subsystem-vendor").is_some() {
+            out += &format!(
+                "      PCI subsystem {:04x}:{:04x}\n",
+                int(&id["subsystem-vendor"]),
+                int(&id["subsystem"])
+            );
+        }
+        if let Some(irq) = dev.get("irq") {
+            let pin = (b'A' + (int(&dev["irq_pin"]) as u8).saturating_sub(1)) as char;
+            out += &format!("      IRQ {}, pin {pin}\n", int(irq));
+        }
+        for region in dev["regions"].as_array().into_iter().flatten() {
+            let addr = int(&region["address"]) as u64;
+            let last = addr
+                .wrapping_add(int(&region["size"]) as u64)
+                .wrapping_sub(1);
+            out += &format!("      BAR{}: ", int(&region["bar"]));
+            if region["type"] == "io" {
+                out += &format!("I/O at 0x{addr:04x} [0x{last:04x}].\n");
+            } else {
+                let bits = if region["mem_type_64"] == true {
+                    64
+                } else {
+                    32
+                };
+                let prefetch = if region["prefetch"] == true {
+                    " prefetchable"
+                } else {
+                    ""
+                };
+                out += &format!("{bits} bit{prefetch} memory at 0x{addr:08x} [0x{last:08x}].\n");
+            }
+        }
+        out += &format!("      id \"{}\"\n", dev["qdev_id"].as_str().unwrap_or(""));
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn words_and_quotes() {
+        assert_eq!(
+            split_words(r#" memsave 0x10  16 "/tmp/a b" "#).unwrap(),
+            vec!["memsave", "0x10", "16", "/tmp/a b"]
+        );
+        assert!(split_words("info \"x").is_err());
+        assert!(split_words("").unwrap().is_empty());
+    }
+
+    #[test]
+    fn integers_and_qemu_errors() {
+        assert_eq!(integer_arg("cpu", Some("0x1f")), Ok(31));
+        assert_eq!(integer_arg("cpu", Some("12")), Ok(12));
+        assert_eq!(
+            integer_arg("cpu", Some("x")),
+            Err("invalid char 'x' in expression\nTry \"help cpu\" for more information\n".into())
+        );
+        assert_eq!(
+            integer_arg("cpu", None),
+            Err("unexpected end of expression\nTry \"help cpu\" for more information\n".into())
+        );
+        assert_eq!(
+            dump_range("memsave", &["0", "16"]).err().unwrap(),
+            "memsave: string expected\nTry \"help memsave\" for more information\n"
+        );
+    }
+
+    #[test]
+    fn help_lines() {
+        assert_eq!(help(Some("cpu")), "cpu index -- set the default CPU\n");
+        assert_eq!(help(Some("c")), "cont|c  -- resume emulation\n");
+        assert_eq!(help(Some("foo")), "unknown command: 'foo'\n");
+        assert!(help(None).starts_with("cont|c  -- resume emulation\ncpu index"));
+        assert!(help(Some("info")).contains("info pci  -- show PCI info\n"));
+    }
+
+    #[test]
+    fn info_pci_matches_qemu_layout() {
+        // QEMU 7.2's query-pci devices of `-machine pc` and its `info pci` text for them.
+        let buses = json!([{ "bus": 0, "devices": [
+            {"irq_pin": 0, "bus": 0, "qdev_id": "", "slot": 1,
+             "class_info": {"class": 257, "desc": "IDE controller"},
+             "id": {"device": 28688, "subsystem-vendor": 6900, "vendor": 32902, "subsystem": 4352},
+             "function": 1, "regions": [{"bar": 4, "size": 16, "address": -1, "type": "io"}]},
+            {"irq_pin": 1, "bus": 0, "qdev_id": "", "irq": 0, "slot": 1,
+             "class_info": {"class": 1664, "desc": "Bridge"},
+             "id": {"device": 28947, "subsystem-vendor": 6900, "vendor": 32902, "subsystem": 4352},
+             "function": 3, "regions": [
+                {"bar": 2, "type": "memory", "address": 0xfebf_0000u64, "size": 0x1000,
+                 "prefetch": true, "mem_type_64": true}]},
+        ]}]);
+        assert_eq!(
+            info_pci(&buses),
+            "  Bus  0, device   1, function 1:\n    IDE controller: PCI device 8086:7010\n      \
+             PCI subsystem 1af4:1100\n      BAR4: I/O at 0xffffffffffffffff [0x000e].\n      \
+             id \"\"\n  Bus  0, device   1, function 3:\n    Bridge: PCI device 8086:7113\n      \
+             PCI subsystem 1af4:1100\n      IRQ 0, pin A\n      \
+             BAR2: 64 bit prefetchable memory at 0xfebf0000 [0xfebf0fff].\n      id \"\"\n"
+        );
+    }
+}
