@@ -31,7 +31,16 @@ pub fn execute<M: DataAccess>(
     instr: &Instruction,
 ) -> Option<ExResult<()>> {
     use Mnemonic as Mn;
-    let result = match instr.mnemonic() {
+    let mnemonic = instr.mnemonic();
+    if fast_register_form(state, instr, mnemonic) {
+        return Some(Ok(()));
+    }
+    if mnemonic == Mn::Mov {
+        if let Some(r) = fast_memory_mov(state, mem, instr) {
+            return Some(r);
+        }
+    }
+    let result = match mnemonic {
         Mn::Mov => {
             if !gpr_operands_only(instr) {
                 return None;
@@ -237,6 +246,138 @@ fn is_string_operand(kind: OpKind) -> bool {
             | OpKind::MemoryESEDI
             | OpKind::MemoryESRDI
     )
+}
+
+/// (index in `gpr`, width) of a 32- or 64-bit general-purpose register.
+#[inline(always)]
+fn wide_gpr(reg: Register) -> Option<(usize, usize)> {
+    let r = reg as u32;
+    if r >= Register::RAX as u32 && r <= Register::R15 as u32 {
+        Some(((r - Register::RAX as u32) as usize, 8))
+    } else if r >= Register::EAX as u32 && r <= Register::R15D as u32 {
+        Some(((r - Register::EAX as u32) as usize, 4))
+    } else {
+        None
+    }
+}
+
+/// Fast path for the hottest register-only forms (MOV, ALU ops, CMP/TEST, INC/DEC and
+/// SHL/SHR/SAR/ROL/ROR with a 32/64-bit register destination and a register or immediate
+/// source or count), which skips the
+/// generic operand helpers. Returns false, having changed nothing, for any other form;
+/// the semantics (exact flags, 32-bit zero extension) are those of the generic path.
+#[inline(always)]
+fn fast_register_form(state: &mut CpuState, instr: &Instruction, mn: Mnemonic) -> bool {
+    use Mnemonic as Mn;
+    if instr.op0_kind() != OpKind::Register || instr.has_lock_prefix() {
+        return false;
+    }
+    let Some((dst, size)) = wide_gpr(instr.op0_register()) else {
+        return false;
+    };
+    let m = mask(size);
+    let a = state.gpr[dst] & m;
+    let rf = state.rflags;
+    if matches!(mn, Mn::Inc | Mn::Dec) {
+        if instr.op_count() != 1 {
+            return false;
+        }
+        let (r, f) = if mn == Mn::Inc {
+            alu::inc(a, size, rf)
+        } else {
+            alu::dec(a, size, rf)
+        };
+        state.gpr[dst] = r;
+        set_status(state, f);
+        return true;
+    }
+    if instr.op_count() != 2 {
+        return false;
+    }
+    let shift_op = match mn {
+        Mn::Shl | Mn::Sal => Some(ShiftOp::Shl),
+        Mn::Shr => Some(ShiftOp::Shr),
+        Mn::Sar => Some(ShiftOp::Sar),
+        Mn::Rol => Some(ShiftOp::Rol),
+        Mn::Ror => Some(ShiftOp::Ror),
+        _ => None,
+    };
+    if let Some(op) = shift_op {
+        let count = match instr.op1_kind() {
+            OpKind::Immediate8 => instr.immediate(1),
+            OpKind::Register if instr.op1_register() == Register::CL => state.gpr[1] & 0xff,
+            _ => return false,
+        };
+        let (r, f) = alu::shift(op, a, count, size, rf);
+        state.gpr[dst] = r & m;
+        set_status(state, f);
+        return true;
+    }
+    let src = match instr.op1_kind() {
+        OpKind::Register => match wide_gpr(instr.op1_register()) {
+            Some((i, s)) if s == size => state.gpr[i],
+            _ => return false,
+        },
+        OpKind::Immediate32
+        | OpKind::Immediate64
+        | OpKind::Immediate8to32
+        | OpKind::Immediate8to64
+        | OpKind::Immediate32to64 => instr.immediate(1),
+        _ => return false,
+    } & m;
+    let cf = rf & CF != 0;
+    let (r, f) = match mn {
+        Mn::Mov => {
+            state.gpr[dst] = src;
+            return true;
+        }
+        Mn::Add => alu::add(a, src, false, size, rf),
+        Mn::Adc => alu::add(a, src, cf, size, rf),
+        Mn::Sub => alu::sub(a, src, false, size, rf),
+        Mn::Sbb => alu::sub(a, src, cf, size, rf),
+        Mn::And => alu::logic(a & src, size, rf),
+        Mn::Or => alu::logic(a | src, size, rf),
+        Mn::Xor => alu::logic(a ^ src, size, rf),
+        Mn::Cmp => {
+            state.rflags = alu::sub(a, src, false, size, rf).1;
+            return true;
+        }
+        Mn::Test => {
+            state.rflags = alu::logic(a & src, size, rf).1;
+            return true;
+        }
+        _ => return false,
+    };
+    state.gpr[dst] = r;
+    set_status(state, f);
+    true
+}
+
+/// Fast path for MOV (the caller checked the mnemonic) between a 32/64-bit general-purpose
+/// register and memory. None, having changed nothing, for any other form.
+#[inline(always)]
+fn fast_memory_mov<M: DataAccess>(
+    state: &mut CpuState,
+    mem: &mut M,
+    instr: &Instruction,
+) -> Option<ExResult<()>> {
+    match (instr.op0_kind(), instr.op1_kind()) {
+        (OpKind::Register, OpKind::Memory) => {
+            let (dst, size) = wide_gpr(instr.op0_register())?;
+            let seg = memory_segment(instr);
+            let ea = effective_address(state, instr);
+            Some(mem.read(seg, ea, size).map(|v| {
+                state.gpr[dst] = v & mask(size);
+            }))
+        }
+        (OpKind::Memory, OpKind::Register) => {
+            let (src, size) = wide_gpr(instr.op1_register())?;
+            let seg = memory_segment(instr);
+            let ea = effective_address(state, instr);
+            Some(mem.write(seg, ea, size, state.gpr[src] & mask(size)))
+        }
+        _ => None,
+    }
 }
 
 /// True when every register operand is a general-purpose register (MOV to segment,
