@@ -82,6 +82,20 @@ impl Drop for TempDir {
     }
 }
 
+/// Poll `f` every 20 ms until it is true; panic naming `what` after `timeout`.
+pub fn wait_until(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while !f() {
+        assert!(start.elapsed() < timeout, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// A file's text, or "" while it does not exist yet (guest output files).
+pub fn read_file(path: &Path) -> String {
+    std::fs::read_to_string(path).unwrap_or_default()
+}
+
 /// The result of a finished vmm run.
 pub struct Finished {
     pub status: ExitStatus,

@@ -3,10 +3,10 @@
 
 use std::io::Read;
 use std::os::unix::net::UnixStream;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use vmm_tests::guest::Asm;
-use vmm_tests::{require_kvm, run_vmm, spawn_vmm, wait_with_timeout, TempDir};
+use vmm_tests::{require_kvm, run_vmm, spawn_vmm, wait_until, wait_with_timeout, TempDir};
 
 fn hanging_guest(dir: &TempDir, text: &str) -> String {
     let mut g = Asm::new();
@@ -15,14 +15,6 @@ fn hanging_guest(dir: &TempDir, text: &str) -> String {
     let path = dir.join("guest.elf");
     std::fs::write(&path, g.elf()).unwrap();
     path.to_str().unwrap().to_string()
-}
-
-fn wait_until(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
-    let start = Instant::now();
-    while !f() {
-        assert!(start.elapsed() < timeout, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
 }
 
 fn alive(pid: i32) -> bool {

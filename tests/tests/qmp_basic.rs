@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 use vmm_tests::guest::Asm;
-use vmm_tests::{require_kvm, spawn_vmm, wait_with_timeout, TempDir};
+use vmm_tests::{read_file, require_kvm, spawn_vmm, wait_until, wait_with_timeout, TempDir};
 
 const TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -39,18 +39,6 @@ fn write_guest(dir: &TempDir, g: Asm) -> String {
     let path = dir.join("guest.elf");
     std::fs::write(&path, g.elf()).unwrap();
     path.to_str().unwrap().to_string()
-}
-
-fn read_file(path: &Path) -> String {
-    std::fs::read_to_string(path).unwrap_or_default()
-}
-
-fn wait_until(what: &str, mut f: impl FnMut() -> bool) {
-    let start = Instant::now();
-    while !f() {
-        assert!(start.elapsed() < TIMEOUT, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
 }
 
 /// A minimal QMP client: one JSON message per line.
@@ -262,7 +250,7 @@ fn greeting_negotiation_run_control_and_queries() {
     qmp.send("qmp_capabilities", None);
     assert_eq!(qmp.message(), json!({ "return": {} }));
 
-    wait_until("guest output", || read_file(&vm.serial) == "up\n");
+    wait_until("guest output", TIMEOUT, || read_file(&vm.serial) == "up\n");
     assert_eq!(qmp.status(), status("running", true));
 
     qmp.execute_with_event("stop", None, "STOP");
@@ -397,7 +385,7 @@ fn start_paused_then_cont_runs_the_guest() {
     assert_eq!(read_file(&vm.serial), "", "the guest does not run under -S");
 
     qmp.execute_with_event("cont", None, "RESUME");
-    wait_until("guest output after cont", || {
+    wait_until("guest output after cont", TIMEOUT, || {
         read_file(&vm.serial) == "ran\n"
     });
     assert_eq!(qmp.status(), status("running", true));
@@ -410,14 +398,16 @@ fn system_reset_reboots_and_emits_reset() {
     let vm = start_vm("qmp-reset", |d| hanging_guest(d, "boot\n"), &[]);
     let mut qmp = Qmp::unix(&vm.socket);
     qmp.negotiate();
-    wait_until("first boot", || read_file(&vm.serial) == "boot\n");
+    wait_until("first boot", TIMEOUT, || read_file(&vm.serial) == "boot\n");
 
     let reset = qmp.execute_with_event("system_reset", None, "RESET");
     assert_eq!(
         reset["data"],
         json!({ "guest": false, "reason": "host-qmp-system-reset" })
     );
-    wait_until("second boot", || read_file(&vm.serial) == "boot\nboot\n");
+    wait_until("second boot", TIMEOUT, || {
+        read_file(&vm.serial) == "boot\nboot\n"
+    });
     assert_eq!(qmp.status(), status("running", true));
 
     // From paused, a reset leaves the VM in prelaunch until cont.
@@ -427,7 +417,7 @@ fn system_reset_reboots_and_emits_reset() {
     std::thread::sleep(Duration::from_millis(200));
     assert_eq!(read_file(&vm.serial), "boot\nboot\n");
     qmp.execute_with_event("cont", None, "RESUME");
-    wait_until("third boot", || {
+    wait_until("third boot", TIMEOUT, || {
         read_file(&vm.serial) == "boot\nboot\nboot\n"
     });
 
@@ -600,7 +590,7 @@ fn python_qemu_qmp_client() {
     let vm = start_vm("qmp-python", |d| hanging_guest(d, "x"), &[]);
     let script = vm.dir.join("client.py");
     std::fs::write(&script, PYTHON_CLIENT).unwrap();
-    wait_until("the monitor socket", || vm.socket.exists());
+    wait_until("the monitor socket", TIMEOUT, || vm.socket.exists());
     let out = std::process::Command::new("python3")
         .arg(&script)
         .arg(&vm.socket)

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use iced_x86::code_asm::*;
 use serde_json::{json, Value};
 use vmm_tests::guest::{Asm, LOAD_ADDR};
-use vmm_tests::{require_kvm, spawn_vmm, wait_with_timeout, TempDir};
+use vmm_tests::{read_file, require_kvm, spawn_vmm, wait_until, wait_with_timeout, TempDir};
 
 const TIMEOUT: Duration = Duration::from_secs(30);
 /// Where the NMI guest builds its IDT.
@@ -53,18 +53,6 @@ fn nmi_guest(dir: &TempDir) -> String {
     let path = dir.join("guest.elf");
     std::fs::write(&path, g.elf()).unwrap();
     path.to_str().unwrap().to_string()
-}
-
-fn read_file(path: &Path) -> String {
-    std::fs::read_to_string(path).unwrap_or_default()
-}
-
-fn wait_until(what: &str, mut f: impl FnMut() -> bool) {
-    let start = Instant::now();
-    while !f() {
-        assert!(start.elapsed() < TIMEOUT, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
 }
 
 /// A minimal QMP client over a unix socket: one JSON message per line.
@@ -226,7 +214,7 @@ fn cpu_inject_nmi_and_query_cpus() {
     require_kvm!();
     let vm = start_vm("qmp-more-nmi", nmi_guest, &["-smp", "2"]);
     let mut qmp = Qmp::connect(&vm.socket);
-    wait_until("the guest", || read_file(&vm.serial) == "ready\n");
+    wait_until("the guest", TIMEOUT, || read_file(&vm.serial) == "ready\n");
 
     // The boot CPU halts inside the guest image; the AP waits for SIPI.
     let cpus = qmp.ok("query-cpus", None);
@@ -264,11 +252,11 @@ fn cpu_inject_nmi_and_query_cpus() {
 
     // The NMI gets through CLI; HLT, and the guest halts again after its handler.
     assert_eq!(qmp.ok("inject-nmi", None), json!({}));
-    wait_until("the NMI handler", || {
+    wait_until("the NMI handler", TIMEOUT, || {
         read_file(&vm.serial) == "ready\nnmi\n"
     });
     assert_eq!(qmp.ok("inject-nmi", None), json!({}));
-    wait_until("the second NMI", || {
+    wait_until("the second NMI", TIMEOUT, || {
         read_file(&vm.serial) == "ready\nnmi\nnmi\n"
     });
     vm.quit(&mut qmp);
@@ -279,7 +267,7 @@ fn memsave_and_pmemsave() {
     require_kvm!();
     let vm = start_vm("qmp-more-memsave", nmi_guest, &["-smp", "2"]);
     let mut qmp = Qmp::connect(&vm.socket);
-    wait_until("the guest", || read_file(&vm.serial) == "ready\n");
+    wait_until("the guest", TIMEOUT, || read_file(&vm.serial) == "ready\n");
     // The ELF image's code follows its 0x78-byte header.
     let image = std::fs::read(vm._dir.join("guest.elf")).unwrap();
     let code = &image[0x78..0x78 + 64];
@@ -350,7 +338,7 @@ fn human_monitor_command() {
     require_kvm!();
     let vm = start_vm("qmp-more-hmp", nmi_guest, &["-smp", "2", "-name", "testvm"]);
     let mut qmp = Qmp::connect(&vm.socket);
-    wait_until("the guest", || read_file(&vm.serial) == "ready\n");
+    wait_until("the guest", TIMEOUT, || read_file(&vm.serial) == "ready\n");
 
     assert_eq!(qmp.hmp("info status"), "VM status: running\r\n");
     assert!(qmp.hmp("info version").starts_with("7.2.0vmm "));
@@ -433,7 +421,7 @@ fn human_monitor_command() {
 
     assert_eq!(qmp.hmp("system_powerdown"), "");
     assert_eq!(qmp.hmp("system_reset"), "");
-    wait_until("the guest after reset", || {
+    wait_until("the guest after reset", TIMEOUT, || {
         read_file(&vm.serial).ends_with("ready\nready\n")
     });
     vm.quit(&mut qmp);
@@ -445,12 +433,12 @@ fn human_monitor_command() {
 fn emu_inject_nmi_query_cpus_and_memsave() {
     let vm = start_vm_on("emu", "qmp-more-emu", nmi_guest, &[]);
     let mut qmp = Qmp::connect(&vm.socket);
-    wait_until("the guest", || read_file(&vm.serial) == "ready\n");
+    wait_until("the guest", TIMEOUT, || read_file(&vm.serial) == "ready\n");
     let cpus = qmp.ok("query-cpus", None);
     let pc = cpus[0]["pc"].as_u64().unwrap();
     assert!((LOAD_ADDR..LOAD_ADDR + 0x1000).contains(&pc), "pc {pc:#x}");
     assert_eq!(qmp.ok("inject-nmi", None), json!({}));
-    wait_until("the NMI handler", || {
+    wait_until("the NMI handler", TIMEOUT, || {
         read_file(&vm.serial) == "ready\nnmi\n"
     });
 
