@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 
 pub mod console;
 pub mod guest;
+pub mod qmp;
 
 /// The repository root.
 pub fn repo_root() -> PathBuf {

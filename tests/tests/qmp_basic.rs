@@ -2,15 +2,13 @@
 //! negotiation, run control with its events and states, queries, errors, the several
 //! ways to open a monitor, quit, and the python `qemu.qmp` client.
 
-use std::io::{BufRead, BufReader, Write};
-use std::net::TcpStream;
-use std::os::unix::net::UnixStream;
-use std::path::Path;
+use std::io::Write;
 use std::process::Child;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use serde_json::{json, Value};
 use vmm_tests::guest::Asm;
+use vmm_tests::qmp::Qmp;
 use vmm_tests::{read_file, require_kvm, spawn_vmm, wait_until, wait_with_timeout, TempDir};
 
 const TIMEOUT: Duration = Duration::from_secs(30);
@@ -39,131 +37,6 @@ fn write_guest(dir: &TempDir, g: Asm) -> String {
     let path = dir.join("guest.elf");
     std::fs::write(&path, g.elf()).unwrap();
     path.to_str().unwrap().to_string()
-}
-
-/// A minimal QMP client: one JSON message per line.
-struct Qmp<S: std::io::Read + Write> {
-    reader: BufReader<S>,
-    writer: S,
-}
-
-impl Qmp<UnixStream> {
-    /// Connect to a unix socket monitor, retrying while the vmm starts.
-    fn unix(path: &Path) -> Self {
-        let start = Instant::now();
-        let stream = loop {
-            match UnixStream::connect(path) {
-                Ok(s) => break s,
-                Err(e) => {
-                    assert!(start.elapsed() < TIMEOUT, "connect {}: {e}", path.display());
-                    std::thread::sleep(Duration::from_millis(20));
-                }
-            }
-        };
-        stream.set_read_timeout(Some(TIMEOUT)).unwrap();
-        Qmp {
-            reader: BufReader::new(stream.try_clone().unwrap()),
-            writer: stream,
-        }
-    }
-}
-
-impl Qmp<TcpStream> {
-    fn tcp(port: u16) -> Self {
-        let start = Instant::now();
-        let stream = loop {
-            match TcpStream::connect(("127.0.0.1", port)) {
-                Ok(s) => break s,
-                Err(e) => {
-                    assert!(start.elapsed() < TIMEOUT, "connect tcp {port}: {e}");
-                    std::thread::sleep(Duration::from_millis(20));
-                }
-            }
-        };
-        stream.set_read_timeout(Some(TIMEOUT)).unwrap();
-        Qmp {
-            reader: BufReader::new(stream.try_clone().unwrap()),
-            writer: stream,
-        }
-    }
-}
-
-impl<S: std::io::Read + Write> Qmp<S> {
-    /// The next message, or None at EOF.
-    fn next(&mut self) -> Option<Value> {
-        let mut line = String::new();
-        let n = self
-            .reader
-            .read_line(&mut line)
-            .expect("read from the monitor");
-        if n == 0 {
-            return None;
-        }
-        assert!(line.ends_with("\r\n"), "messages end with CRLF: {line:?}");
-        Some(serde_json::from_str(&line).expect("a JSON message"))
-    }
-
-    fn message(&mut self) -> Value {
-        self.next().expect("a message before EOF")
-    }
-
-    fn send(&mut self, command: &str, args: Option<Value>) {
-        let mut msg = json!({ "execute": command });
-        if let Some(args) = args {
-            msg["arguments"] = args;
-        }
-        self.writer.write_all(msg.to_string().as_bytes()).unwrap();
-    }
-
-    /// Greeting plus qmp_capabilities.
-    fn negotiate(&mut self) -> Value {
-        let greeting = self.message();
-        self.send("qmp_capabilities", None);
-        assert_eq!(self.message(), json!({ "return": {} }));
-        greeting
-    }
-
-    /// Runs a command whose reply must come next (no event in between).
-    fn execute(&mut self, command: &str, args: Option<Value>) -> Value {
-        self.send(command, args);
-        let reply = self.message();
-        assert!(
-            reply.get("return").is_some() || reply.get("error").is_some(),
-            "{command}: expected the reply, got {reply}"
-        );
-        reply
-    }
-
-    /// Runs a command that must first send `event`, then succeed.
-    fn execute_with_event(&mut self, command: &str, args: Option<Value>, event: &str) -> Value {
-        self.send(command, args);
-        let first = self.message();
-        assert_eq!(
-            first["event"], event,
-            "{command}: the event precedes the reply"
-        );
-        assert!(first["timestamp"]["seconds"].as_u64().is_some());
-        assert!(first["timestamp"]["microseconds"].as_u64().is_some());
-        assert_eq!(self.message(), json!({ "return": {} }), "{command}");
-        first
-    }
-
-    fn wait_event(&mut self, event: &str) -> Value {
-        loop {
-            let msg = self.message();
-            if msg["event"] == event {
-                return msg;
-            }
-            assert!(
-                msg.get("event").is_some(),
-                "unexpected message while waiting for {event}: {msg}"
-            );
-        }
-    }
-
-    fn status(&mut self) -> Value {
-        self.execute("query-status", None)["return"].clone()
-    }
 }
 
 fn status(name: &str, running: bool) -> Value {
@@ -218,7 +91,7 @@ impl Vm {
             event["data"],
             json!({ "guest": false, "reason": "host-qmp-quit" })
         );
-        assert!(qmp.next().is_none(), "EOF after the quit reply");
+        assert!(qmp.next_message().is_none(), "EOF after the quit reply");
         let done = wait_with_timeout(self.child, TIMEOUT);
         assert_eq!(done.status.code(), Some(0), "stderr: {}", done.stderr);
         assert!(!self.socket.exists(), "the socket file is removed at exit");
@@ -306,9 +179,7 @@ fn greeting_negotiation_run_control_and_queries() {
         json!({ "class": "CommandNotFound", "desc": "The command nonexistent has not been found" })
     );
     // An id is echoed, and the connection keeps working after errors.
-    qmp.writer
-        .write_all(br#"{"execute": "query-status", "id": ["x", 1]}"#)
-        .unwrap();
+    qmp.send_raw(br#"{"execute": "query-status", "id": ["x", 1]}"#);
     let reply = qmp.message();
     assert_eq!(reply["id"], json!(["x", 1]));
     assert_eq!(reply["return"], status("running", true));
@@ -465,7 +336,7 @@ fn guest_poweroff_sends_shutdown_and_exits() {
         shutdown["data"],
         json!({ "guest": true, "reason": "guest-shutdown" })
     );
-    assert!(qmp.next().is_none(), "EOF when the vmm exits");
+    assert!(qmp.next_message().is_none(), "EOF when the vmm exits");
     let done = wait_with_timeout(vm.child, TIMEOUT);
     assert_eq!(done.status.code(), Some(0), "stderr: {}", done.stderr);
 }

@@ -1,15 +1,14 @@
 //! More QMP commands against the real `vmm` binary and tiny KVM guests: query-pci,
 //! query-chardev, cpu, inject-nmi, query-cpus, memsave, pmemsave and human-monitor-command.
 
-use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
-use std::path::Path;
 use std::process::Child;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use iced_x86::code_asm::*;
-use serde_json::{json, Value};
+use serde_json::json;
 use vmm_tests::guest::{Asm, LOAD_ADDR};
+use vmm_tests::qmp::Qmp;
 use vmm_tests::{read_file, require_kvm, spawn_vmm, wait_until, wait_with_timeout, TempDir};
 
 const TIMEOUT: Duration = Duration::from_secs(30);
@@ -53,71 +52,6 @@ fn nmi_guest(dir: &TempDir) -> String {
     let path = dir.join("guest.elf");
     std::fs::write(&path, g.elf()).unwrap();
     path.to_str().unwrap().to_string()
-}
-
-/// A minimal QMP client over a unix socket: one JSON message per line.
-struct Qmp {
-    reader: BufReader<UnixStream>,
-    writer: UnixStream,
-}
-
-impl Qmp {
-    fn connect(path: &Path) -> Self {
-        let start = Instant::now();
-        let stream = loop {
-            match UnixStream::connect(path) {
-                Ok(s) => break s,
-                Err(e) => {
-                    assert!(start.elapsed() < TIMEOUT, "connect {}: {e}", path.display());
-                    std::thread::sleep(Duration::from_millis(20));
-                }
-            }
-        };
-        stream.set_read_timeout(Some(TIMEOUT)).unwrap();
-        let mut qmp = Qmp {
-            reader: BufReader::new(stream.try_clone().unwrap()),
-            writer: stream,
-        };
-        qmp.message();
-        assert_eq!(
-            qmp.execute("qmp_capabilities", None),
-            json!({ "return": {} })
-        );
-        qmp
-    }
-
-    fn next(&mut self) -> Option<Value> {
-        let mut line = String::new();
-        let n = self.reader.read_line(&mut line).unwrap();
-        (n != 0).then(|| serde_json::from_str(&line).expect("a JSON message"))
-    }
-
-    fn message(&mut self) -> Value {
-        self.next().expect("a message before EOF")
-    }
-
-    /// Sends a command and returns its reply, skipping events.
-    fn execute(&mut self, command: &str, args: Option<Value>) -> Value {
-        let mut msg = json!({ "execute": command });
-        if let Some(args) = args {
-            msg["arguments"] = args;
-        }
-        self.writer.write_all(msg.to_string().as_bytes()).unwrap();
-        loop {
-            let reply = self.message();
-            if reply.get("event").is_none() {
-                return reply;
-            }
-        }
-    }
-
-    fn ok(&mut self, command: &str, args: Option<Value>) -> Value {
-        let reply = self.execute(command, args);
-        reply
-            .get("return")
-            .unwrap_or_else(|| panic!("{command}: {reply}"))
-            .clone()
-    }
 }
 
 struct Vm {
@@ -169,8 +103,8 @@ fn start_vm_on(
 }
 
 impl Vm {
-    fn quit(self, qmp: &mut Qmp) {
-        assert_eq!(qmp.execute("quit", None), json!({ "return": {} }));
+    fn quit(self, qmp: &mut Qmp<UnixStream>) {
+        assert_eq!(qmp.request("quit", None), json!({ "return": {} }));
         let done = wait_with_timeout(self.child, TIMEOUT);
         assert_eq!(done.status.code(), Some(0), "stderr: {}", done.stderr);
     }
@@ -242,12 +176,12 @@ fn cpu_inject_nmi_and_query_cpus() {
     let cpus = qmp.ok("query-cpus", None);
     assert_eq!(cpus[0]["current"], false);
     assert_eq!(cpus[1]["current"], true);
-    let bad = qmp.execute("cpu", Some(json!({ "index": 2 })));
+    let bad = qmp.request("cpu", Some(json!({ "index": 2 })));
     assert_eq!(
         bad["error"],
         json!({ "class": "GenericError", "desc": "Invalid CPU index" })
     );
-    let bad = qmp.execute("cpu", Some(json!({ "index": -1 })));
+    let bad = qmp.request("cpu", Some(json!({ "index": -1 })));
     assert_eq!(bad["error"]["desc"], "Invalid CPU index");
 
     // The NMI gets through CLI; HLT, and the guest halts again after its handler.
@@ -291,21 +225,21 @@ fn memsave_and_pmemsave() {
 
     // Unmapped virtual and absent physical ranges fail and leave no file behind.
     let unmapped = json!({ "val": 0x8000_0000_0000u64, "size": 16, "filename": out_str });
-    let reply = qmp.execute("memsave", Some(unmapped));
+    let reply = qmp.request("memsave", Some(unmapped));
     assert_eq!(
         reply["error"],
         json!({ "class": "GenericError",
                 "desc": "Invalid addr 0x0000800000000000/size 16 specified" })
     );
     let beyond = json!({ "val": 0x10_0000_0000u64, "size": 16, "filename": out_str });
-    let reply = qmp.execute("pmemsave", Some(beyond));
+    let reply = qmp.request("pmemsave", Some(beyond));
     assert_eq!(
         reply["error"]["desc"],
         "Invalid addr 0x0000001000000000/size 16 specified"
     );
     let mut bad_cpu = args.clone();
     bad_cpu["cpu-index"] = json!(2);
-    let reply = qmp.execute("memsave", Some(bad_cpu));
+    let reply = qmp.request("memsave", Some(bad_cpu));
     assert_eq!(
         reply["error"]["desc"],
         "Parameter 'cpu-index' expects a CPU number"
@@ -320,17 +254,6 @@ fn memsave_and_pmemsave() {
         "no temporary files: {names:?}"
     );
     vm.quit(&mut qmp);
-}
-
-impl Qmp {
-    /// human-monitor-command's text for `line`.
-    fn hmp(&mut self, line: &str) -> String {
-        let reply = self.ok(
-            "human-monitor-command",
-            Some(json!({ "command-line": line })),
-        );
-        reply.as_str().unwrap().to_string()
-    }
 }
 
 #[test]
@@ -358,7 +281,7 @@ fn human_monitor_command() {
         Some(json!({ "command-line": "info cpus", "cpu-index": 1 })),
     );
     assert!(on_cpu1.as_str().unwrap().contains("* CPU #1"));
-    let bad = qmp.execute(
+    let bad = qmp.request(
         "human-monitor-command",
         Some(json!({ "command-line": "info cpus", "cpu-index": 7 })),
     );

@@ -1,0 +1,181 @@
+//! A minimal blocking QMP client for tests: one JSON message per line, as the server
+//! writes them.
+
+use std::io::{BufRead, BufReader, Write};
+use std::net::TcpStream;
+use std::os::unix::net::UnixStream;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+
+/// How long connecting and each read may take.
+const TIMEOUT: Duration = Duration::from_secs(30);
+
+/// A minimal QMP client: one JSON message per line.
+pub struct Qmp<S: std::io::Read + Write> {
+    reader: BufReader<S>,
+    writer: S,
+}
+
+impl Qmp<UnixStream> {
+    /// Connect to a unix socket monitor, retrying while the vmm starts.
+    pub fn unix(path: &Path) -> Self {
+        let start = Instant::now();
+        let stream = loop {
+            match UnixStream::connect(path) {
+                Ok(s) => break s,
+                Err(e) => {
+                    assert!(start.elapsed() < TIMEOUT, "connect {}: {e}", path.display());
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+            }
+        };
+        stream.set_read_timeout(Some(TIMEOUT)).unwrap();
+        Qmp {
+            reader: BufReader::new(stream.try_clone().unwrap()),
+            writer: stream,
+        }
+    }
+}
+
+impl Qmp<UnixStream> {
+    /// Connect to a unix socket monitor and negotiate capabilities.
+    pub fn connect(path: &Path) -> Self {
+        let mut qmp = Self::unix(path);
+        qmp.negotiate();
+        qmp
+    }
+}
+
+impl Qmp<TcpStream> {
+    pub fn tcp(port: u16) -> Self {
+        let start = Instant::now();
+        let stream = loop {
+            match TcpStream::connect(("127.0.0.1", port)) {
+                Ok(s) => break s,
+                Err(e) => {
+                    assert!(start.elapsed() < TIMEOUT, "connect tcp {port}: {e}");
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+            }
+        };
+        stream.set_read_timeout(Some(TIMEOUT)).unwrap();
+        Qmp {
+            reader: BufReader::new(stream.try_clone().unwrap()),
+            writer: stream,
+        }
+    }
+}
+
+impl<S: std::io::Read + Write> Qmp<S> {
+    /// The next message, or None at EOF.
+    pub fn next_message(&mut self) -> Option<Value> {
+        let mut line = String::new();
+        let n = self
+            .reader
+            .read_line(&mut line)
+            .expect("read from the monitor");
+        if n == 0 {
+            return None;
+        }
+        assert!(line.ends_with("\r\n"), "messages end with CRLF: {line:?}");
+        Some(serde_json::from_str(&line).expect("a JSON message"))
+    }
+
+    pub fn message(&mut self) -> Value {
+        self.next_message().expect("a message before EOF")
+    }
+
+    pub fn send(&mut self, command: &str, args: Option<Value>) {
+        let mut msg = json!({ "execute": command });
+        if let Some(args) = args {
+            msg["arguments"] = args;
+        }
+        self.writer.write_all(msg.to_string().as_bytes()).unwrap();
+    }
+
+    /// Write raw bytes to the monitor (malformed input, ids, split messages).
+    pub fn send_raw(&mut self, bytes: &[u8]) {
+        self.writer.write_all(bytes).expect("write to the monitor");
+    }
+
+    /// Greeting plus qmp_capabilities.
+    pub fn negotiate(&mut self) -> Value {
+        let greeting = self.message();
+        self.send("qmp_capabilities", None);
+        assert_eq!(self.message(), json!({ "return": {} }));
+        greeting
+    }
+
+    /// Runs a command whose reply must come next (no event in between).
+    pub fn execute(&mut self, command: &str, args: Option<Value>) -> Value {
+        self.send(command, args);
+        let reply = self.message();
+        assert!(
+            reply.get("return").is_some() || reply.get("error").is_some(),
+            "{command}: expected the reply, got {reply}"
+        );
+        reply
+    }
+
+    /// Runs a command and returns its reply, skipping any events before it.
+    pub fn request(&mut self, command: &str, args: Option<Value>) -> Value {
+        self.send(command, args);
+        loop {
+            let reply = self.message();
+            if reply.get("event").is_none() {
+                return reply;
+            }
+        }
+    }
+
+    /// The `return` value of a command that must succeed (events before it skipped).
+    pub fn ok(&mut self, command: &str, args: Option<Value>) -> Value {
+        let reply = self.request(command, args);
+        reply
+            .get("return")
+            .unwrap_or_else(|| panic!("{command}: {reply}"))
+            .clone()
+    }
+
+    /// human-monitor-command's text for `line`.
+    pub fn hmp(&mut self, line: &str) -> String {
+        let reply = self.ok(
+            "human-monitor-command",
+            Some(json!({ "command-line": line })),
+        );
+        reply.as_str().unwrap_or_default().to_string()
+    }
+
+    /// Runs a command that must first send `event`, then succeed.
+    pub fn execute_with_event(&mut self, command: &str, args: Option<Value>, event: &str) -> Value {
+        self.send(command, args);
+        let first = self.message();
+        assert_eq!(
+            first["event"], event,
+            "{command}: the event precedes the reply"
+        );
+        assert!(first["timestamp"]["seconds"].as_u64().is_some());
+        assert!(first["timestamp"]["microseconds"].as_u64().is_some());
+        assert_eq!(self.message(), json!({ "return": {} }), "{command}");
+        first
+    }
+
+    pub fn wait_event(&mut self, event: &str) -> Value {
+        loop {
+            let msg = self.message();
+            if msg["event"] == event {
+                return msg;
+            }
+            assert!(
+                msg.get("event").is_some(),
+                "unexpected message while waiting for {event}: {msg}"
+            );
+        }
+    }
+
+    pub fn status(&mut self) -> Value {
+        self.execute("query-status", None)["return"].clone()
+    }
+}
