@@ -176,7 +176,10 @@ impl Cpu {
         let total: u64 = p.values().sum();
         let mut v: Vec<_> = p.iter().collect();
         v.sort_by(|a, b| b.1.cmp(a.1));
-        let mut out = format!("cpu {} rip samples: {total}\n", self.id);
+        let mut out = format!(
+            "cpu {} rip samples: {total}, instructions: {}\n",
+            self.id, self.instructions
+        );
         for (rip, n) in v.into_iter().take(25) {
             let _ = writeln!(
                 out,

@@ -1,5 +1,6 @@
 //! Process behaviour of the `vmm` binary with a tiny KVM guest: -daemonize and -pidfile,
-//! orderly exit on SIGTERM, and serial output on a unix socket chardev.
+//! orderly exit on SIGTERM (also with a closed stderr, under emu), and serial output on a
+//! unix socket chardev.
 
 use std::io::Read;
 use std::os::unix::net::UnixStream;
@@ -163,4 +164,39 @@ fn serial_on_a_unix_socket_server() {
     let done = wait_with_timeout(child, Duration::from_secs(30));
     assert_eq!(done.status.code(), Some(0), "{}", done.stderr);
     assert!(!sock.exists(), "the listening socket is removed at exit");
+}
+
+/// A management program may close our stderr (a dead log pipe). SIGTERM must still end
+/// the vmm with status 0: before `report!`, the signal thread panicked writing its
+/// message and the vmm hung.
+#[test]
+fn sigterm_with_a_closed_stderr_still_exits() {
+    let dir = TempDir::new("sigterm-stderr");
+    let kernel = hanging_guest(&dir, "y");
+    let serial = dir.join("serial.out");
+    let serial_arg = format!("file:{}", serial.display());
+    let mut child = std::process::Command::new(vmm_tests::vmm_binary())
+        .args([
+            "-accel",
+            "emu",
+            "-m",
+            "32",
+            "-nodefaults",
+            "-kernel",
+            &kernel,
+        ])
+        .args(["-serial", &serial_arg])
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_until("guest output", Duration::from_secs(30), || {
+        std::fs::read_to_string(&serial).unwrap_or_default() == "y"
+    });
+    drop(child.stderr.take());
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let done = wait_with_timeout(child, Duration::from_secs(30));
+    assert_eq!(done.status.code(), Some(0));
 }

@@ -920,8 +920,13 @@ impl Chardev {
     fn open_pty(&mut self) -> Result<(), ChardevError> {
         let (master, name) = open_raw_pty().map_err(ChardevError::Pty)?;
         // QEMU 7.2 prints this with qemu_printf, which goes to stdout.
-        println!("char device redirected to {name} (label {})", self.label);
-        let _ = io::stdout().flush();
+        let mut out = io::stdout().lock();
+        let _ = writeln!(
+            out,
+            "char device redirected to {name} (label {})",
+            self.label
+        );
+        let _ = out.flush();
         let master = Arc::new(master);
         self.output = Arc::new(Output::Pty(master.clone()));
         self.identity = Identity::Fixed(format!("pty:{name}"));
@@ -958,7 +963,7 @@ impl Chardev {
             slot: slot.clone(),
         };
         if wait {
-            eprintln!("info: QEMU waiting for connection on: {}", self.filename());
+            crate::report!("info: QEMU waiting for connection on: {}", self.filename());
             let conn = listener
                 .accept(nodelay)
                 .map_err(|source| ChardevError::Accept {

@@ -356,7 +356,7 @@ fn vcpu_thread(
         let fatal = match exit {
             Ok(VcpuExit::Interrupted) => None,
             Ok(VcpuExit::TripleFault) => {
-                eprintln!(
+                crate::report!(
                     "vmm: vcpu{}: triple fault; the machine resets\n{}",
                     vcpu.id(),
                     vcpu.dump_registers()
@@ -364,11 +364,11 @@ fn vcpu_thread(
                 Some(MachineRequest::Reset(ResetCause::TripleFault))
             }
             Ok(VcpuExit::InternalError(msg)) => {
-                eprintln!("vmm: vcpu{}: {msg}\n{}", vcpu.id(), vcpu.dump_registers());
+                crate::report!("vmm: vcpu{}: {msg}\n{}", vcpu.id(), vcpu.dump_registers());
                 Some(MachineRequest::InternalError)
             }
             Err(e) => {
-                eprintln!("vmm: vcpu{}: {e}\n{}", vcpu.id(), vcpu.dump_registers());
+                crate::report!("vmm: vcpu{}: {e}\n{}", vcpu.id(), vcpu.dump_registers());
                 Some(MachineRequest::InternalError)
             }
         };

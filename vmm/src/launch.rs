@@ -23,7 +23,7 @@ where
     init_logging(trace);
     match cli::parse_args(args) {
         Err(e) => {
-            eprintln!("vmm: {e}");
+            crate::report!("vmm: {e}");
             1
         }
         Ok(Command::Help) => {
@@ -77,7 +77,7 @@ fn run(cfg: VmConfig) -> i32 {
         match daemonize() {
             Ok(d) => Some(d),
             Err(e) => {
-                eprintln!("vmm: -daemonize: {e}");
+                crate::report!("vmm: -daemonize: {e}");
                 return 1;
             }
         }
@@ -88,7 +88,7 @@ fn run(cfg: VmConfig) -> i32 {
     let pidfile = match cfg.pidfile.as_deref().map(PidFile::create).transpose() {
         Ok(p) => p,
         Err(e) => {
-            eprintln!("vmm: {e}");
+            crate::report!("vmm: {e}");
             return 1;
         }
     };
@@ -101,7 +101,7 @@ fn run(cfg: VmConfig) -> i32 {
     let mut machine = match Machine::new(cfg) {
         Ok(m) => m,
         Err(e) => {
-            eprintln!("vmm: {e}");
+            crate::report!("vmm: {e}");
             return 1;
         }
     };
@@ -115,7 +115,7 @@ fn run(cfg: VmConfig) -> i32 {
                 Some(m)
             }
             Err(e) => {
-                eprintln!("vmm: {e}");
+                crate::report!("vmm: {e}");
                 return 1;
             }
         }
@@ -128,12 +128,12 @@ fn run(cfg: VmConfig) -> i32 {
             let mut sig: libc::c_int = 0;
             // SAFETY: `set` is a valid sigset and `sig` a valid out-pointer.
             if unsafe { libc::sigwait(&set, &mut sig) } == 0 {
-                eprintln!("vmm: terminating on signal {sig}");
+                crate::report!("vmm: terminating on signal {sig}");
                 control.request(crate::control::MachineRequest::Quit);
             }
         });
     if let Err(e) = spawned {
-        eprintln!("vmm: failed to start the signal thread: {e}");
+        crate::report!("vmm: failed to start the signal thread: {e}");
         return 1;
     }
 
@@ -147,7 +147,7 @@ fn run(cfg: VmConfig) -> i32 {
     let code = match machine.run() {
         Ok(exit) => exit.exit_code(),
         Err(e) => {
-            eprintln!("vmm: {e}");
+            crate::report!("vmm: {e}");
             1
         }
     };

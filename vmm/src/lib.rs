@@ -1,6 +1,16 @@
 //! The vmm library: machine model, accelerators and devices. The `vmm` binary is a thin
 //! command-line front end over it.
 
+/// `eprintln!` that never panics: a management program may close our stderr, and a
+/// message about the machine must not take a vCPU or the signal thread down with it.
+#[macro_export]
+macro_rules! report {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stderr().lock(), $($arg)*);
+    }};
+}
+
 pub mod accel;
 pub mod arch;
 pub mod chardev;
