@@ -11,11 +11,12 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use iced_x86::{Decoder, DecoderOptions, Formatter, IntelFormatter};
+use iced_x86::{Decoder, DecoderOptions, Formatter, Instruction, IntelFormatter};
 
 use crate::clock::VirtualClock;
 use crate::decode::DecodeCache;
 use crate::exception::Exception;
+use crate::exec::fast::Fast;
 use crate::exec::system::SystemState;
 use crate::interrupt::{self, Escalation, EventKind};
 use crate::lapic::LocalApic;
@@ -27,8 +28,18 @@ use crate::IoBus;
 
 /// Instructions per batch between polls of the APIC and the stop flag.
 const BATCH: u32 = 1024;
-/// Executed instruction addresses kept for [`Cpu::dump`].
+/// Executed blocks kept for [`Cpu::dump`] (each a run of consecutive instructions).
 const HISTORY: usize = 64;
+/// Instructions [`Cpu::dump`] shows from the history.
+const HISTORY_SHOWN: usize = 64;
+
+/// `count` instructions executed straight from linear address `lin`.
+#[derive(Debug, Clone, Copy, Default)]
+struct HistoryEntry {
+    lin: u64,
+    bitness: u32,
+    count: u32,
+}
 
 /// Why [`Cpu::run`] returned.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -51,7 +62,7 @@ pub struct Cpu {
     inbox: Option<Arc<ApicInbox>>,
     trace: bool,
     /// Linear addresses and code bitness of the last instructions fetched, a ring.
-    history: [(u64, u32); HISTORY],
+    history: [HistoryEntry; HISTORY],
     history_pos: usize,
     instructions: u64,
     waiting_for_sipi: bool,
@@ -80,7 +91,7 @@ impl Cpu {
             cache: DecodeCache::new(),
             inbox: None,
             trace: false,
-            history: [(0, 0); HISTORY],
+            history: [HistoryEntry::default(); HISTORY],
             history_pos: 0,
             instructions: 0,
             waiting_for_sipi: false,
@@ -377,12 +388,11 @@ impl Cpu {
         }
         let rip = self.state.rip;
         let bitness = self.state.bitness();
+        let lin = self.state.seg[CS].base.wrapping_add(rip);
         let block = match self.cache.block(&mut self.mmu, rip, bitness) {
             Ok(b) => b,
             Err(e) => {
-                self.history[self.history_pos] =
-                    (self.state.seg[CS].base.wrapping_add(rip), bitness);
-                self.history_pos = (self.history_pos + 1) % HISTORY;
+                self.note_history(lin, bitness, 1);
                 self.raise(e)?;
                 return Ok(0);
             }
@@ -390,50 +400,62 @@ impl Cpu {
         let mut done = 0u32;
         let mut pending = Pending::None;
         let last = block.instrs.len().saturating_sub(1);
-        for (index, instr) in block.instrs.iter().enumerate() {
-            if done > 0 {
-                let stale = block.page != crate::decode::UNCACHED
-                    && self.mmu.ram.generation(block.page as usize) != block.generation;
-                let interrupt = self.irq_pending && !self.sys.shadow && self.state.flag(IF);
-                if done == budget
+        self.mmu.code_written = false;
+        for (index, (instr, fast)) in block.instrs.iter().zip(&block.fast).enumerate() {
+            // Interrupts need no check here: IF and the pending set only change through
+            // system instructions, which end blocks, or MMIO, which stops this one.
+            if done > 0
+                && (done == budget
                     || self.state.rip != instr.ip()
-                    || stale
-                    || interrupt
-                    || self.sys.recheck
                     || self.mmu.mmio_touched
-                {
-                    break;
-                }
+                    || self.mmu.code_written)
+            {
+                break;
             }
             let start = self.state.rip;
-            self.history[self.history_pos] = (self.state.seg[CS].base.wrapping_add(start), bitness);
-            self.history_pos = (self.history_pos + 1) % HISTORY;
             if self.trace {
                 tracing::trace!(target: "emu::trace", cpu = self.id, "{:04x}:{:016x} {}", self.state.seg[CS].selector, start, instr);
             }
-            self.state.rip = match bitness {
-                64 => instr.next_ip(),
-                32 => instr.next_ip() & 0xffff_ffff,
-                _ => instr.next_ip() & 0xffff,
-            };
             self.sys.shadow = false;
-            match crate::exec::execute(
-                &mut self.state,
-                &mut self.mmu,
-                &mut self.sys,
-                instr,
-                index == last,
-            ) {
+            let result = match fast {
+                Fast::Generic => {
+                    self.state.rip = match bitness {
+                        64 => instr.next_ip(),
+                        32 => instr.next_ip() & 0xffff_ffff,
+                        _ => instr.next_ip() & 0xffff,
+                    };
+                    let r = crate::exec::execute(
+                        &mut self.state,
+                        &mut self.mmu,
+                        &mut self.sys,
+                        instr,
+                        index == last,
+                    );
+                    if r.is_ok() {
+                        if let Some(si) = self.sys.software_interrupt.take() {
+                            done += 1;
+                            self.instructions += 1;
+                            pending = Pending::Software(si, start);
+                            break;
+                        }
+                        if self.sys.halted {
+                            done += 1;
+                            self.instructions += 1;
+                            break;
+                        }
+                    }
+                    r
+                }
+                // Fast forms exist only for 64-bit code.
+                f => {
+                    self.state.rip = instr.next_ip();
+                    crate::exec::fast::execute(f, &mut self.state, &mut self.mmu)
+                }
+            };
+            match result {
                 Ok(()) => {
                     done += 1;
                     self.instructions += 1;
-                    if let Some(si) = self.sys.software_interrupt.take() {
-                        pending = Pending::Software(si, start);
-                        break;
-                    }
-                    if self.sys.halted {
-                        break;
-                    }
                 }
                 Err(ex) => {
                     if !ex.is_trap() {
@@ -444,6 +466,8 @@ impl Cpu {
                 }
             }
         }
+        let ran = done + u32::from(matches!(pending, Pending::Fault(_)));
+        self.note_history(lin, bitness, ran.max(1));
         match pending {
             Pending::None => {}
             Pending::Fault(ex) => {
@@ -467,6 +491,16 @@ impl Cpu {
             }
         }
         Ok(done)
+    }
+
+    #[inline(always)]
+    fn note_history(&mut self, lin: u64, bitness: u32, count: u32) {
+        self.history[self.history_pos] = HistoryEntry {
+            lin,
+            bitness,
+            count,
+        };
+        self.history_pos = (self.history_pos + 1) % HISTORY;
     }
 
     /// Execute up to `n` instructions (delivering pending events in between), stopping
@@ -579,24 +613,42 @@ impl Cpu {
             "DR6={:016x} DR7={:016x} EFER={:016x} KGSBASE={:016x}",
             s.dr[6], s.dr[7], s.efer, s.msr.kernel_gs_base
         );
-        let _ = writeln!(out, "Last {HISTORY} instructions (oldest first):");
-        let mut formatter = IntelFormatter::new();
+        // Expand the block history into instructions, oldest first.
+        let mut executed: Vec<(u64, u32, Instruction, usize, [u8; 15])> = Vec::new();
         for k in 0..HISTORY {
-            let (lin, bitness) = self.history[(self.history_pos + k) % HISTORY];
-            if bitness == 0 {
+            let e = self.history[(self.history_pos + k) % HISTORY];
+            if e.bitness == 0 {
                 continue;
             }
-            let mut bytes = [0u8; 15];
-            let got = self.mmu.debug_read(lin, &mut bytes);
-            if got == 0 {
+            let mut lin = e.lin;
+            for _ in 0..e.count {
+                let mut bytes = [0u8; 15];
+                let got = self.mmu.debug_read(lin, &mut bytes);
+                let mut decoder =
+                    Decoder::with_ip(e.bitness, &bytes[..got], lin, DecoderOptions::NONE);
+                let instr = decoder.decode();
+                executed.push((lin, e.bitness, instr, got, bytes));
+                if got == 0 || instr.is_invalid() {
+                    break;
+                }
+                lin = lin.wrapping_add(instr.len() as u64);
+            }
+        }
+        let skip = executed.len().saturating_sub(HISTORY_SHOWN);
+        let _ = writeln!(
+            out,
+            "Last {} instructions (oldest first):",
+            executed.len() - skip
+        );
+        let mut formatter = IntelFormatter::new();
+        for (lin, _, instr, got, bytes) in &executed[skip..] {
+            if *got == 0 {
                 let _ = writeln!(out, "  {lin:016x}  <not mapped>");
                 continue;
             }
-            let mut decoder = Decoder::with_ip(bitness, &bytes[..got], lin, DecoderOptions::NONE);
-            let instr = decoder.decode();
             let mut text = String::new();
-            formatter.format(&instr, &mut text);
-            let hex: String = bytes[..instr.len().min(got)]
+            formatter.format(instr, &mut text);
+            let hex: String = bytes[..instr.len().min(*got)]
                 .iter()
                 .map(|b| format!("{b:02x}"))
                 .collect();

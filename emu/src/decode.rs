@@ -1,18 +1,20 @@
 //! Decoded-instruction cache: straight-line blocks of decoded instructions, keyed by the
 //! physical address of their first instruction.
 //!
-//! A block runs from its first instruction to the first control transfer, system
-//! instruction (which may change the mode or the mappings), page end, or [`MAX_BLOCK`]
-//! instructions. It remembers the RAM page and that page's generation when it was decoded;
-//! a lookup requires the generation to still match, and the run loop rechecks it between
-//! instructions, so any write to a code page (by this CPU, another one or a device) stops
-//! and invalidates its cached decodes (see [`crate::ram`]). Instructions that cross a page
+//! A block runs from its first instruction to the first unconditional control transfer,
+//! system instruction (which may change the mode or the mappings), page end, or
+//! [`MAX_BLOCK`] instructions; a taken conditional branch leaves it early. It remembers the
+//! RAM page and that page's generation when it was decoded, and a lookup requires the
+//! generation to still match, so any write to a code page (by this CPU, another one or a
+//! device) invalidates its cached decodes (see [`crate::ram`]); a write by this CPU also
+//! stops the running block at once (`Mmu::code_written`). Instructions that cross a page
 //! boundary or live outside RAM are decoded from a gathered buffer into a one-instruction
 //! block that is not cached.
 
 use iced_x86::{Code, Decoder, DecoderError, DecoderOptions, FlowControl, Instruction};
 
 use crate::exception::{ExResult, Exception};
+use crate::exec::fast::{self, Fast};
 use crate::mmu::Mmu;
 
 /// Direct-mapped block slots.
@@ -34,6 +36,8 @@ pub struct Block {
     /// That page's generation when decoded.
     pub generation: u32,
     pub instrs: Vec<Instruction>,
+    /// The same instructions lowered to fast forms ([`Fast::Generic`] where none applies).
+    pub fast: Vec<Fast>,
 }
 
 impl Block {
@@ -45,6 +49,7 @@ impl Block {
             page: UNCACHED,
             generation: 0,
             instrs: Vec::new(),
+            fast: Vec::new(),
         }
     }
 }
@@ -62,9 +67,14 @@ impl Default for DecodeCache {
     }
 }
 
-/// Whether a block ends after `instr`.
+/// Whether a block ends after `instr`. A conditional branch does not: when it is taken
+/// the run loop sees RIP leave the block and stops there, and when it is not, the block
+/// goes on (fewer lookups on the common fall-through path).
 fn ends_block(instr: &Instruction) -> bool {
-    instr.flow_control() != FlowControl::Next || crate::exec::system::handles(instr.code())
+    !matches!(
+        instr.flow_control(),
+        FlowControl::Next | FlowControl::ConditionalBranch
+    ) || crate::exec::system::handles(instr.code())
 }
 
 impl DecodeCache {
@@ -109,6 +119,7 @@ impl DecodeCache {
         let mut cur_ip = ip;
         let block = &mut self.blocks[index];
         block.instrs.clear();
+        block.fast.clear();
         while block.instrs.len() < MAX_BLOCK {
             let instr = if off + 15 <= 0x1000 {
                 let mut bytes = [0u8; 15];
@@ -144,6 +155,7 @@ impl DecodeCache {
             off += instr.len();
             cur_ip = instr.next_ip();
             let end = ends_block(&instr);
+            block.fast.push(fast::lower(&instr, bitness));
             block.instrs.push(instr);
             if end || off >= 0x1000 {
                 break;
@@ -162,6 +174,8 @@ impl DecodeCache {
         let instr = decode_gathered(mmu, ip, bitness)?;
         let b = &mut self.scratch;
         b.instrs.clear();
+        b.fast.clear();
+        b.fast.push(fast::lower(&instr, bitness));
         b.instrs.push(instr);
         b.page = UNCACHED;
         b.ip = ip;

@@ -114,6 +114,10 @@ pub struct Mmu {
     efer: u64,
     /// An access reached the local APIC or device MMIO (the run loop rechecks interrupts).
     pub mmio_touched: bool,
+    /// This CPU wrote to a page holding decoded code: the running block may be stale.
+    /// (Other CPUs' writes are seen at the next block lookup, through the page
+    /// generation; cross-modifying code needs that synchronization anyway.)
+    pub code_written: bool,
 }
 
 // SAFETY: the raw pointers in the TLB point into the shared guest RAM mapping, which the
@@ -137,6 +141,7 @@ impl Mmu {
             cr4: 0,
             efer: 0,
             mmio_touched: false,
+            code_written: false,
         };
         mmu.sync(&CpuState::power_on());
         mmu
@@ -539,7 +544,7 @@ impl Mmu {
             if !t.host.is_null() {
                 // SAFETY: the access stays within one RAM page.
                 unsafe { ram::store_host(t.host, size, value) };
-                self.ram.note_write(t.page);
+                self.code_written |= self.ram.note_write(t.page);
                 return Ok(());
             }
             self.mmio_write(t.pa, &value.to_le_bytes()[..size]);
@@ -613,7 +618,7 @@ impl Mmu {
             } else {
                 // SAFETY: within one RAM page.
                 unsafe { std::ptr::copy_nonoverlapping(buf[start..].as_ptr(), t.host, n) };
-                self.ram.note_write(t.page);
+                self.code_written |= self.ram.note_write(t.page);
             }
         }
         Ok(())
@@ -631,7 +636,9 @@ impl Mmu {
         let linear = self.wrap_linear(linear);
         let t = self.translate(linear, Access::Write, user)?;
         if (linear & 0xfff) as usize + size <= 0x1000 && !t.host.is_null() {
+            let generation = self.ram.generation(t.page);
             if let Some(old) = self.ram.compare_exchange(t.pa, size, expected, new) {
+                self.code_written |= self.ram.generation(t.page) != generation;
                 return Ok(old);
             }
         }
@@ -850,7 +857,9 @@ impl DataAccess for Mmu {
         }
         let t = self.translate(lin, Access::Write, user)?;
         if !t.host.is_null() {
+            let generation = self.ram.generation(t.page);
             if let Some(old) = self.ram.compare_exchange16(t.pa, expected, new) {
+                self.code_written |= self.ram.generation(t.page) != generation;
                 return Ok(old);
             }
         }

@@ -139,17 +139,19 @@ impl GuestRam {
 
     /// A write reached `page`: invalidate decodes of it if it held code.
     #[inline]
-    pub fn note_write(&self, page: usize) {
+    pub fn note_write(&self, page: usize) -> bool {
         let Some(word) = self.code.get(page / 64) else {
-            return;
+            return false;
         };
         let bit = 1u64 << (page % 64);
-        if word.load(Ordering::SeqCst) & bit != 0 {
-            word.fetch_and(!bit, Ordering::SeqCst);
-            if let Some(g) = self.generations.get(page) {
-                g.fetch_add(1, Ordering::SeqCst);
-            }
+        if word.load(Ordering::SeqCst) & bit == 0 {
+            return false;
         }
+        word.fetch_and(!bit, Ordering::SeqCst);
+        if let Some(g) = self.generations.get(page) {
+            g.fetch_add(1, Ordering::SeqCst);
+        }
+        true
     }
 
     /// Devices (DMA, the loader) wrote `len` bytes at `gpa`.

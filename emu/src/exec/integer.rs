@@ -7,7 +7,7 @@
 //! them, and for the SSE instructions that share a mnemonic with a string instruction
 //! (MOVSD/CMPSD with XMM operands).
 
-mod alu;
+pub mod alu;
 mod control;
 mod string;
 #[cfg(test)]

@@ -1,6 +1,7 @@
 //! Instruction semantics, one module per group. Each group's `execute` returns None for
 //! instructions it does not implement; the core's dispatcher tries the groups in turn.
 
+pub mod fast;
 pub mod integer;
 pub mod sse;
 pub mod system;

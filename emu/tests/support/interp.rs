@@ -4,6 +4,7 @@
 
 use emu::access::DataAccess;
 use emu::exception::{ExResult, Exception};
+use emu::exec::fast::Fast;
 use emu::state::{
     CpuState, Segment, CR0_ET, CR0_MP, CR0_NE, CR0_PE, CR0_PG, CR4_OSFXSR, CR4_OSXMMEXCPT, CR4_PAE,
     CS, EFER_LMA, EFER_LME, RFLAGS_FIXED, STATUS_FLAGS,
@@ -156,13 +157,33 @@ pub struct Outcome {
 }
 
 /// One instruction through the instruction groups, as the core's dispatcher does.
+///
+/// An instruction that the decode cache lowers to a fast form runs both ways: the fast
+/// form must leave exactly the state, memory and fault of the generic path (which the
+/// caller then checks against the host CPU).
 fn execute(
     state: &mut CpuState,
     mem: &mut BufferMemory,
     instr: &Instruction,
 ) -> Option<ExResult<()>> {
-    emu::exec::integer::execute(state, mem, instr)
-        .or_else(|| emu::exec::sse::execute(state, mem, instr))
+    let fast = emu::exec::fast::lower(instr, 64);
+    let before = (fast != Fast::Generic).then(|| (state.clone(), mem.bytes.clone()));
+    let generic = emu::exec::integer::execute(state, mem, instr)
+        .or_else(|| emu::exec::sse::execute(state, mem, instr));
+    if let Some((mut fast_state, bytes)) = before {
+        let mut fast_mem = BufferMemory { bytes };
+        let r = emu::exec::fast::execute(&fast, &mut fast_state, &mut fast_mem);
+        assert_eq!(Some(r), generic, "fast form {fast:?} of `{instr}`: result");
+        assert_eq!(
+            &fast_state, state,
+            "fast form {fast:?} of `{instr}`: registers"
+        );
+        assert!(
+            fast_mem.bytes == mem.bytes,
+            "fast form {fast:?} of `{instr}`: memory"
+        );
+    }
+    generic
 }
 
 pub fn run(init: &Init, instrs: &[Instruction], snapshots: bool) -> Outcome {

@@ -1,0 +1,593 @@
+//! Fast forms: the hottest 64-bit-mode instructions lowered once, at decode time, into a
+//! compact operation with its operands already extracted.
+//!
+//! The generic path asks iced for the mnemonic, operand kinds, registers and immediates
+//! every time an instruction runs. A kernel spends most of its instructions in a few forms
+//! (MOV, the ALU group, CMP/TEST, LEA, MOVZX/MOVSX, INC/DEC, shifts by a constant,
+//! PUSH/POP, CALL/RET/JMP/Jcc), so the decode cache stores a [`Fast`] beside each decoded
+//! instruction and the run loop executes it directly. Anything else (LOCK prefixes,
+//! AH..BH, 32-bit addressing, other modes) lowers to [`Fast::Generic`] and takes the
+//! ordinary path. Semantics (exact flags, zero extension, fault ordering: memory is
+//! written before registers and flags change) are those of the generic path, and the
+//! differential suite runs every instruction through both.
+
+use iced_x86::{ConditionCode, Instruction, Mnemonic, OpKind, Register};
+
+use super::integer::alu::{self, ShiftOp};
+use crate::access::{peek, push, DataAccess};
+use crate::exception::{ExResult, Exception};
+use crate::state::{gpr_info, CpuState, CF, STATUS_FLAGS};
+
+/// No base or index register in a [`MemRef`].
+const NO_REG: u8 = 0xff;
+
+/// A 64-bit-addressing memory operand: `seg:[base + index*scale + disp]`. RIP-relative
+/// operands have no base and the absolute target as `disp`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MemRef {
+    disp: u64,
+    base: u8,
+    index: u8,
+    scale: u8,
+    seg: u8,
+}
+
+impl MemRef {
+    #[inline(always)]
+    fn offset(&self, state: &CpuState) -> u64 {
+        let mut ea = self.disp;
+        if self.base != NO_REG {
+            ea = ea.wrapping_add(state.gpr[self.base as usize]);
+        }
+        if self.index != NO_REG {
+            ea =
+                ea.wrapping_add(state.gpr[self.index as usize].wrapping_mul(u64::from(self.scale)));
+        }
+        ea
+    }
+}
+
+/// An operand of a fast form. Register operands are general-purpose registers other than
+/// AH..BH, so every width is the low bytes of `gpr[index]`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Operand {
+    Reg(u8),
+    Imm(u64),
+    Mem(MemRef),
+}
+
+/// The two-operand ALU group (and MOV, which shares its operand forms).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AluOp {
+    Mov,
+    Add,
+    Adc,
+    Sub,
+    Sbb,
+    And,
+    Or,
+    Xor,
+    Cmp,
+    Test,
+}
+
+/// A lowered instruction. `size` is the operand size in bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fast {
+    Generic,
+    /// `dst op= src` (MOV, ADD, ..., CMP and TEST without writeback).
+    Alu {
+        op: AluOp,
+        size: u8,
+        dst: Operand,
+        src: Operand,
+    },
+    /// INC/DEC of a register or memory operand (`delta` is +1 or -1).
+    IncDec {
+        size: u8,
+        dst: Operand,
+        inc: bool,
+    },
+    /// SHL/SHR/SAR/ROL/ROR by an immediate count.
+    Shift {
+        op: ShiftOp,
+        size: u8,
+        dst: Operand,
+        count: u8,
+    },
+    /// MOVZX/MOVSX/MOVSXD from `src_size` bytes into a register.
+    Extend {
+        dst: u8,
+        size: u8,
+        src: Operand,
+        src_size: u8,
+        signed: bool,
+    },
+    Lea {
+        dst: u8,
+        size: u8,
+        mem: MemRef,
+    },
+    /// 64-bit PUSH of a register, immediate or memory operand.
+    Push {
+        src: Operand,
+    },
+    /// 64-bit POP into a register.
+    Pop {
+        dst: u8,
+    },
+    /// Relative CALL (the return address is the RIP after the instruction).
+    Call {
+        target: u64,
+    },
+    Ret,
+    Jmp {
+        target: u64,
+    },
+    Jcc {
+        cc: ConditionCode,
+        target: u64,
+    },
+    Nop,
+}
+
+/// General-purpose register index, or None for AH..BH and non-GPRs.
+fn gpr(reg: Register) -> Option<(u8, u8)> {
+    match gpr_info(reg) {
+        Some((index, width, false)) => Some((index as u8, width)),
+        _ => None,
+    }
+}
+
+fn mem_ref(instr: &Instruction) -> Option<MemRef> {
+    let seg = CpuState::seg_index(instr.memory_segment())? as u8;
+    let base = instr.memory_base();
+    let index = instr.memory_index();
+    if base == Register::RIP {
+        return (index == Register::None).then_some(MemRef {
+            disp: instr.memory_displacement64(),
+            base: NO_REG,
+            index: NO_REG,
+            scale: 1,
+            seg,
+        });
+    }
+    let reg64 = |r: Register| -> Option<u8> {
+        if r == Register::None {
+            return Some(NO_REG);
+        }
+        match gpr_info(r) {
+            Some((i, 8, false)) => Some(i as u8),
+            _ => None,
+        }
+    };
+    // With neither base nor index, iced gives a 64-bit-addressing displacement
+    // sign-extended and a 32-bit one (0x67) zero-extended, which is the right offset for
+    // both address sizes.
+    Some(MemRef {
+        disp: instr.memory_displacement64(),
+        base: reg64(base)?,
+        index: reg64(index)?,
+        scale: instr.memory_index_scale() as u8,
+        seg,
+    })
+}
+
+/// Operand `n` as a fast operand of `size` bytes.
+fn operand(instr: &Instruction, n: u32, size: u8) -> Option<Operand> {
+    match instr.op_kind(n) {
+        OpKind::Register => {
+            let (i, w) = gpr(instr.op_register(n))?;
+            (w == size).then_some(Operand::Reg(i))
+        }
+        OpKind::Memory => {
+            (instr.memory_size().size() == usize::from(size)).then_some(())?;
+            mem_ref(instr).map(Operand::Mem)
+        }
+        OpKind::Immediate8
+        | OpKind::Immediate16
+        | OpKind::Immediate32
+        | OpKind::Immediate64
+        | OpKind::Immediate8to16
+        | OpKind::Immediate8to32
+        | OpKind::Immediate8to64
+        | OpKind::Immediate32to64 => Some(Operand::Imm(
+            instr.immediate(n) & alu::mask(usize::from(size)),
+        )),
+        _ => None,
+    }
+}
+
+/// Operand size of a form whose operand 0 is a register or memory.
+fn size0(instr: &Instruction) -> Option<u8> {
+    match instr.op0_kind() {
+        OpKind::Register => gpr(instr.op0_register()).map(|(_, w)| w),
+        OpKind::Memory => u8::try_from(instr.memory_size().size()).ok(),
+        _ => None,
+    }
+}
+
+/// Lower `instr` (decoded with `bitness`) to a fast form, or [`Fast::Generic`].
+pub fn lower(instr: &Instruction, bitness: u32) -> Fast {
+    if bitness != 64 || instr.has_lock_prefix() {
+        return Fast::Generic;
+    }
+    lower64(instr).unwrap_or(Fast::Generic)
+}
+
+fn lower64(instr: &Instruction) -> Option<Fast> {
+    use Mnemonic as Mn;
+    let mn = instr.mnemonic();
+    let alu_op = match mn {
+        Mn::Mov => Some(AluOp::Mov),
+        Mn::Add => Some(AluOp::Add),
+        Mn::Adc => Some(AluOp::Adc),
+        Mn::Sub => Some(AluOp::Sub),
+        Mn::Sbb => Some(AluOp::Sbb),
+        Mn::And => Some(AluOp::And),
+        Mn::Or => Some(AluOp::Or),
+        Mn::Xor => Some(AluOp::Xor),
+        Mn::Cmp => Some(AluOp::Cmp),
+        Mn::Test => Some(AluOp::Test),
+        _ => None,
+    };
+    if let Some(op) = alu_op {
+        if instr.op_count() != 2 {
+            return None;
+        }
+        let size = size0(instr)?;
+        let dst = operand(instr, 0, size)?;
+        let src = operand(instr, 1, size)?;
+        if matches!(dst, Operand::Imm(_)) {
+            return None;
+        }
+        return Some(Fast::Alu { op, size, dst, src });
+    }
+    match mn {
+        Mn::Inc | Mn::Dec if instr.op_count() == 1 => {
+            let size = size0(instr)?;
+            Some(Fast::IncDec {
+                size,
+                dst: operand(instr, 0, size)?,
+                inc: mn == Mn::Inc,
+            })
+        }
+        Mn::Shl | Mn::Sal | Mn::Shr | Mn::Sar | Mn::Rol | Mn::Ror => {
+            if instr.op_count() != 2 || instr.op1_kind() != OpKind::Immediate8 {
+                return None;
+            }
+            let op = match mn {
+                Mn::Shl | Mn::Sal => ShiftOp::Shl,
+                Mn::Shr => ShiftOp::Shr,
+                Mn::Sar => ShiftOp::Sar,
+                Mn::Rol => ShiftOp::Rol,
+                _ => ShiftOp::Ror,
+            };
+            let size = size0(instr)?;
+            Some(Fast::Shift {
+                op,
+                size,
+                dst: operand(instr, 0, size)?,
+                count: instr.immediate8(),
+            })
+        }
+        Mn::Movzx | Mn::Movsx | Mn::Movsxd => {
+            let (dst, size) = gpr(instr.op0_register())?;
+            let src_size = match instr.op1_kind() {
+                OpKind::Register => gpr(instr.op1_register())?.1,
+                OpKind::Memory => u8::try_from(instr.memory_size().size()).ok()?,
+                _ => return None,
+            };
+            if src_size > size {
+                return None;
+            }
+            Some(Fast::Extend {
+                dst,
+                size,
+                src: operand(instr, 1, src_size)?,
+                src_size,
+                signed: mn != Mn::Movzx,
+            })
+        }
+        Mn::Lea => {
+            let (dst, size) = gpr(instr.op0_register())?;
+            if size < 4 {
+                return None;
+            }
+            Some(Fast::Lea {
+                dst,
+                size,
+                mem: mem_ref(instr)?,
+            })
+        }
+        Mn::Push if instr.op_count() == 1 => {
+            let src = match instr.op0_kind() {
+                OpKind::Register => match gpr(instr.op0_register())? {
+                    (i, 8) => Operand::Reg(i),
+                    _ => return None,
+                },
+                OpKind::Memory if instr.memory_size().size() == 8 => Operand::Mem(mem_ref(instr)?),
+                OpKind::Immediate8to64 | OpKind::Immediate32to64 => {
+                    Operand::Imm(instr.immediate(0))
+                }
+                _ => return None,
+            };
+            Some(Fast::Push { src })
+        }
+        Mn::Pop if instr.op0_kind() == OpKind::Register => match gpr(instr.op0_register())? {
+            (dst, 8) => Some(Fast::Pop { dst }),
+            _ => None,
+        },
+        Mn::Call if instr.op0_kind() == OpKind::NearBranch64 => Some(Fast::Call {
+            target: instr.near_branch64(),
+        }),
+        Mn::Jmp if instr.op0_kind() == OpKind::NearBranch64 => Some(Fast::Jmp {
+            target: instr.near_branch64(),
+        }),
+        Mn::Ret if instr.op_count() == 0 && instr.code() == iced_x86::Code::Retnq => {
+            Some(Fast::Ret)
+        }
+        Mn::Nop => Some(Fast::Nop),
+        _ if instr.is_jcc_short_or_near() && instr.op0_kind() == OpKind::NearBranch64 => {
+            Some(Fast::Jcc {
+                cc: instr.condition_code(),
+                target: instr.near_branch64(),
+            })
+        }
+        _ => None,
+    }
+}
+
+#[inline(always)]
+fn read<M: DataAccess>(state: &CpuState, mem: &mut M, op: &Operand, size: usize) -> ExResult<u64> {
+    match op {
+        Operand::Reg(i) => Ok(state.gpr[*i as usize] & alu::mask(size)),
+        Operand::Imm(v) => Ok(*v),
+        Operand::Mem(m) => mem.read(m.seg as usize, m.offset(state), size),
+    }
+}
+
+/// Register write with x86 width rules (32-bit writes zero-extend).
+#[inline(always)]
+fn set_reg(state: &mut CpuState, index: u8, size: usize, value: u64) {
+    let r = &mut state.gpr[index as usize];
+    *r = match size {
+        8 => value,
+        4 => value & 0xffff_ffff,
+        _ => {
+            let m = alu::mask(size);
+            (*r & !m) | (value & m)
+        }
+    };
+}
+
+#[inline(always)]
+fn write<M: DataAccess>(
+    state: &mut CpuState,
+    mem: &mut M,
+    op: &Operand,
+    size: usize,
+    value: u64,
+) -> ExResult<()> {
+    match op {
+        Operand::Reg(i) => {
+            set_reg(state, *i, size, value);
+            Ok(())
+        }
+        Operand::Mem(m) => mem.write(m.seg as usize, m.offset(state), size, value),
+        Operand::Imm(_) => Err(Exception::InvalidOpcode),
+    }
+}
+
+#[inline(always)]
+fn set_status(state: &mut CpuState, rflags: u64) {
+    state.rflags = (state.rflags & !STATUS_FLAGS) | (rflags & STATUS_FLAGS);
+}
+
+/// A branch target must be canonical; otherwise #GP with RIP at the branch.
+#[inline(always)]
+fn jump(state: &mut CpuState, target: u64) -> ExResult<()> {
+    if ((target as i64) << 16) >> 16 != target as i64 {
+        return Err(Exception::GeneralProtection(0));
+    }
+    state.rip = target;
+    Ok(())
+}
+
+/// Run a fast form. RIP already points past the instruction (the return address of a
+/// CALL); a fault leaves registers, flags and memory as they were.
+#[inline(always)]
+pub fn execute<M: DataAccess>(f: &Fast, state: &mut CpuState, mem: &mut M) -> ExResult<()> {
+    match f {
+        Fast::Generic => Err(Exception::InvalidOpcode),
+        Fast::Alu { op, size, dst, src } => {
+            let size = usize::from(*size);
+            let b = read(state, mem, src, size)?;
+            if *op == AluOp::Mov {
+                return write(state, mem, dst, size, b);
+            }
+            let a = read(state, mem, dst, size)?;
+            let rf = state.rflags;
+            let cf = rf & CF != 0;
+            let (r, f) = match op {
+                AluOp::Add => alu::add(a, b, false, size, rf),
+                AluOp::Adc => alu::add(a, b, cf, size, rf),
+                AluOp::Sub => alu::sub(a, b, false, size, rf),
+                AluOp::Sbb => alu::sub(a, b, cf, size, rf),
+                AluOp::And => alu::logic(a & b, size, rf),
+                AluOp::Or => alu::logic(a | b, size, rf),
+                AluOp::Xor => alu::logic(a ^ b, size, rf),
+                AluOp::Cmp => {
+                    set_status(state, alu::sub(a, b, false, size, rf).1);
+                    return Ok(());
+                }
+                AluOp::Test => {
+                    set_status(state, alu::logic(a & b, size, rf).1);
+                    return Ok(());
+                }
+                AluOp::Mov => (b, rf),
+            };
+            write(state, mem, dst, size, r)?;
+            set_status(state, f);
+            Ok(())
+        }
+        Fast::IncDec { size, dst, inc } => {
+            let size = usize::from(*size);
+            let a = read(state, mem, dst, size)?;
+            let rf = state.rflags;
+            let (r, f) = if *inc {
+                alu::inc(a, size, rf)
+            } else {
+                alu::dec(a, size, rf)
+            };
+            write(state, mem, dst, size, r)?;
+            set_status(state, f);
+            Ok(())
+        }
+        Fast::Shift {
+            op,
+            size,
+            dst,
+            count,
+        } => {
+            let size = usize::from(*size);
+            let a = read(state, mem, dst, size)?;
+            let (r, f) = alu::shift(*op, a, u64::from(*count), size, state.rflags);
+            write(state, mem, dst, size, r & alu::mask(size))?;
+            set_status(state, f);
+            Ok(())
+        }
+        Fast::Extend {
+            dst,
+            size,
+            src,
+            src_size,
+            signed,
+        } => {
+            let src_size = usize::from(*src_size);
+            let v = read(state, mem, src, src_size)?;
+            let v = if *signed {
+                alu::sign_extend(v, src_size)
+            } else {
+                v
+            };
+            set_reg(state, *dst, usize::from(*size), v);
+            Ok(())
+        }
+        Fast::Lea { dst, size, mem: m } => {
+            set_reg(state, *dst, usize::from(*size), m.offset(state));
+            Ok(())
+        }
+        Fast::Push { src } => {
+            let v = read(state, mem, src, 8)?;
+            push(state, mem, v, 8)
+        }
+        Fast::Pop { dst } => {
+            let v = peek(state, mem, 0, 8)?;
+            // POP RSP loads the popped value; any other register sees RSP move first.
+            state.gpr[4] = state.gpr[4].wrapping_add(8);
+            state.gpr[*dst as usize] = v;
+            Ok(())
+        }
+        Fast::Call { target } => {
+            jump_check(*target)?;
+            push(state, mem, state.rip, 8)?;
+            state.rip = *target;
+            Ok(())
+        }
+        Fast::Ret => {
+            let target = peek(state, mem, 0, 8)?;
+            jump_check(target)?;
+            state.gpr[4] = state.gpr[4].wrapping_add(8);
+            state.rip = target;
+            Ok(())
+        }
+        Fast::Jmp { target } => jump(state, *target),
+        Fast::Jcc { cc, target } => {
+            if alu::condition(*cc, state.rflags) {
+                jump(state, *target)
+            } else {
+                Ok(())
+            }
+        }
+        Fast::Nop => Ok(()),
+    }
+}
+
+#[inline(always)]
+fn jump_check(target: u64) -> ExResult<()> {
+    if ((target as i64) << 16) >> 16 != target as i64 {
+        return Err(Exception::GeneralProtection(0));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use iced_x86::{Decoder, DecoderOptions};
+
+    fn decode(bytes: &[u8]) -> Instruction {
+        Decoder::with_ip(64, bytes, 0x1000, DecoderOptions::NONE).decode()
+    }
+
+    #[test]
+    fn hot_forms_lower_and_others_stay_generic() {
+        // add rax, [rbx+rcx*8+0x10]
+        assert!(matches!(
+            lower(&decode(&[0x48, 0x03, 0x44, 0xcb, 0x10]), 64),
+            Fast::Alu {
+                op: AluOp::Add,
+                size: 8,
+                ..
+            }
+        ));
+        // lock add [rax], ebx
+        assert_eq!(lower(&decode(&[0xf0, 0x01, 0x18]), 64), Fast::Generic);
+        // mov ah, bl
+        assert_eq!(lower(&decode(&[0x88, 0xdc]), 64), Fast::Generic);
+        // add eax, [ebx] (32-bit addressing)
+        assert_eq!(lower(&decode(&[0x67, 0x03, 0x03]), 64), Fast::Generic);
+        // the same bytes in 32-bit code
+        assert_eq!(lower(&decode(&[0x03, 0x03]), 32), Fast::Generic);
+        // jne rel8
+        assert!(matches!(
+            lower(&decode(&[0x75, 0x10]), 64),
+            Fast::Jcc { target: 0x1012, .. }
+        ));
+    }
+
+    #[test]
+    fn displacement_only_operands_keep_their_address_size() {
+        // mov eax, gs:[0xfffffff0] with 64-bit addressing: sign-extended.
+        let i = decode(&[0x65, 0x8b, 0x04, 0x25, 0xf0, 0xff, 0xff, 0xff]);
+        let Fast::Alu {
+            src: Operand::Mem(m),
+            ..
+        } = lower(&i, 64)
+        else {
+            panic!("not lowered");
+        };
+        assert_eq!(m.offset(&CpuState::power_on()), 0xffff_ffff_ffff_fff0);
+        // The same with 0x67: zero-extended.
+        let i = decode(&[0x67, 0x65, 0x8b, 0x04, 0x25, 0xf0, 0xff, 0xff, 0xff]);
+        let Fast::Alu {
+            src: Operand::Mem(m),
+            ..
+        } = lower(&i, 64)
+        else {
+            panic!("not lowered");
+        };
+        assert_eq!(m.offset(&CpuState::power_on()), 0xffff_fff0);
+    }
+
+    #[test]
+    fn pop_into_rsp_takes_the_popped_value() {
+        let mut mem = crate::access::test_util::FlatMemory::new(0x100);
+        let mut s = CpuState::power_on();
+        s.gpr[4] = 0x40;
+        mem.write(crate::state::SS, 0x40, 8, 0x1234).unwrap();
+        execute(&Fast::Pop { dst: 4 }, &mut s, &mut mem).unwrap();
+        assert_eq!(s.gpr[4], 0x1234);
+    }
+}
