@@ -173,8 +173,8 @@ impl Cpu {
     }
 
     /// Sample the guest RIP once per batch of instructions (also enabled by the
-    /// EMU_PROFILE environment variable); the top addresses are logged every ~16M samples
-    /// and by [`Cpu::profile_report`].
+    /// EMU_PROFILE environment variable); the top addresses of every 16384 samples are
+    /// logged, and [`Cpu::profile_report`] gives those of the current interval.
     pub fn set_profile(&mut self, on: bool) {
         self.profile = on.then(std::collections::HashMap::new);
     }
@@ -260,6 +260,10 @@ impl Cpu {
                 self.profile_samples += 1;
                 if self.profile_samples.is_multiple_of(1 << 14) {
                     tracing::info!("{}", self.profile_report());
+                    // Each report covers the interval since the previous one.
+                    if let Some(p) = &mut self.profile {
+                        p.clear();
+                    }
                 }
             }
         }

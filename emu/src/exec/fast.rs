@@ -3,8 +3,8 @@
 //!
 //! The generic path asks iced for the mnemonic, operand kinds, registers and immediates
 //! every time an instruction runs. A kernel spends most of its instructions in a few forms
-//! (MOV, the ALU group, CMP/TEST, LEA, MOVZX/MOVSX, INC/DEC, shifts by a constant,
-//! PUSH/POP, CALL/RET/JMP/Jcc), so the decode cache stores a [`Fast`] beside each decoded
+//! (MOV, the ALU group, CMP/TEST, LEA, MOVZX/MOVSX, INC/DEC, shifts by a constant, IMUL,
+//! CMOVcc/SETcc, PUSH/POP, CALL/RET/JMP/Jcc), so the decode cache stores a [`Fast`] beside each decoded
 //! instruction and the run loop executes it directly. Anything else (LOCK prefixes,
 //! AH..BH, 32-bit addressing, other modes) lowers to [`Fast::Generic`] and takes the
 //! ordinary path. Semantics (exact flags, zero extension, fault ordering: memory is
@@ -16,7 +16,7 @@ use iced_x86::{ConditionCode, Instruction, Mnemonic, OpKind, Register};
 use super::integer::alu::{self, ShiftOp};
 use crate::access::{peek, push, DataAccess};
 use crate::exception::{ExResult, Exception};
-use crate::state::{gpr_info, CpuState, CF, STATUS_FLAGS};
+use crate::state::{gpr_info, CpuState, CF, OF, STATUS_FLAGS};
 
 /// No base or index register in a [`MemRef`].
 const NO_REG: u8 = 0xff;
@@ -107,6 +107,25 @@ pub enum Fast {
         dst: u8,
         size: u8,
         mem: MemRef,
+    },
+    /// Two- and three-operand IMUL: `dst = a * b`, truncated.
+    Imul {
+        dst: u8,
+        size: u8,
+        a: Operand,
+        b: Operand,
+    },
+    /// CMOVcc into a register (the source is read even when the move is not taken).
+    Cmov {
+        cc: ConditionCode,
+        dst: u8,
+        size: u8,
+        src: Operand,
+    },
+    /// SETcc of a byte register or memory.
+    Set {
+        cc: ConditionCode,
+        dst: Operand,
     },
     /// 64-bit PUSH of a register, immediate or memory operand.
     Push {
@@ -289,6 +308,28 @@ fn lower64(instr: &Instruction) -> Option<Fast> {
                 signed: mn != Mn::Movzx,
             })
         }
+        Mn::Imul if instr.op_count() >= 2 => {
+            let (dst, size) = gpr(instr.op0_register())?;
+            let (a, b) = if instr.op_count() == 3 {
+                (operand(instr, 1, size)?, operand(instr, 2, size)?)
+            } else {
+                (Operand::Reg(dst), operand(instr, 1, size)?)
+            };
+            Some(Fast::Imul { dst, size, a, b })
+        }
+        _ if instr.op_count() == 2 && is_cmov(mn) => {
+            let (dst, size) = gpr(instr.op0_register())?;
+            Some(Fast::Cmov {
+                cc: instr.condition_code(),
+                dst,
+                size,
+                src: operand(instr, 1, size)?,
+            })
+        }
+        _ if instr.op_count() == 1 && is_setcc(mn) => Some(Fast::Set {
+            cc: instr.condition_code(),
+            dst: operand(instr, 0, 1)?,
+        }),
         Mn::Lea => {
             let (dst, size) = gpr(instr.op0_register())?;
             if size < 4 {
@@ -336,6 +377,52 @@ fn lower64(instr: &Instruction) -> Option<Fast> {
         }
         _ => None,
     }
+}
+
+fn is_cmov(mn: Mnemonic) -> bool {
+    use Mnemonic as Mn;
+    matches!(
+        mn,
+        Mn::Cmovo
+            | Mn::Cmovno
+            | Mn::Cmovb
+            | Mn::Cmovae
+            | Mn::Cmove
+            | Mn::Cmovne
+            | Mn::Cmovbe
+            | Mn::Cmova
+            | Mn::Cmovs
+            | Mn::Cmovns
+            | Mn::Cmovp
+            | Mn::Cmovnp
+            | Mn::Cmovl
+            | Mn::Cmovge
+            | Mn::Cmovle
+            | Mn::Cmovg
+    )
+}
+
+fn is_setcc(mn: Mnemonic) -> bool {
+    use Mnemonic as Mn;
+    matches!(
+        mn,
+        Mn::Seto
+            | Mn::Setno
+            | Mn::Setb
+            | Mn::Setae
+            | Mn::Sete
+            | Mn::Setne
+            | Mn::Setbe
+            | Mn::Seta
+            | Mn::Sets
+            | Mn::Setns
+            | Mn::Setp
+            | Mn::Setnp
+            | Mn::Setl
+            | Mn::Setge
+            | Mn::Setle
+            | Mn::Setg
+    )
 }
 
 #[inline(always)]
@@ -477,6 +564,35 @@ pub fn execute<M: DataAccess>(f: &Fast, state: &mut CpuState, mem: &mut M) -> Ex
         Fast::Lea { dst, size, mem: m } => {
             set_reg(state, *dst, usize::from(*size), m.offset(state));
             Ok(())
+        }
+        Fast::Imul { dst, size, a, b } => {
+            let size = usize::from(*size);
+            let a = read(state, mem, a, size)?;
+            let b = read(state, mem, b, size)?;
+            let p = i128::from(alu::sign_extend(a, size) as i64)
+                * i128::from(alu::sign_extend(b, size) as i64);
+            let low = p as u64 & alu::mask(size);
+            let overflow = i128::from(alu::sign_extend(low, size) as i64) != p;
+            set_reg(state, *dst, size, low);
+            state.rflags &= !(CF | OF);
+            if overflow {
+                state.rflags |= CF | OF;
+            }
+            Ok(())
+        }
+        Fast::Cmov { cc, dst, size, src } => {
+            let size = usize::from(*size);
+            let v = read(state, mem, src, size)?;
+            if alu::condition(*cc, state.rflags) {
+                set_reg(state, *dst, size, v);
+            } else if size == 4 {
+                state.gpr[*dst as usize] &= 0xffff_ffff;
+            }
+            Ok(())
+        }
+        Fast::Set { cc, dst } => {
+            let on = alu::condition(*cc, state.rflags);
+            write(state, mem, dst, 1, u64::from(on))
         }
         Fast::Push { src } => {
             let v = read(state, mem, src, 8)?;
