@@ -802,19 +802,83 @@ pub fn is_canonical(addr: u64) -> bool {
     ((addr as i64) << 16 >> 16) as u64 == addr
 }
 
-impl DataAccess for Mmu {
-    #[inline]
-    fn read(&mut self, seg: usize, offset: u64, size: usize) -> ExResult<u64> {
+impl Mmu {
+    /// The host address of a data access in 64-bit code that stays inside one RAM page
+    /// whose TLB entry already allows it: the common case, kept small enough to inline.
+    /// None sends the access down the full path (segments, page walk, MMIO, faults).
+    #[inline(always)]
+    fn fast_host(
+        &self,
+        seg: usize,
+        offset: u64,
+        size: usize,
+        write: bool,
+    ) -> Option<(*mut u8, usize)> {
+        if !self.code64 {
+            return None;
+        }
+        let lin = if seg >= 4 {
+            offset.wrapping_add(self.seg[seg].base)
+        } else {
+            offset
+        };
+        if (lin & 0xfff) as usize + size > 0x1000 || !is_canonical(lin) {
+            return None;
+        }
+        let vpn = lin >> 12;
+        let e = &self.tlb[(vpn as usize) & (TLB_ENTRIES - 1)];
+        let need = match (write, self.cpl == 3) {
+            (false, false) => 0,
+            (false, true) => T_UR,
+            (true, false) => T_SW | T_DIRTY,
+            (true, true) => T_UW | T_DIRTY,
+        };
+        if e.tag != vpn || e.host.is_null() || e.perms & need != need {
+            return None;
+        }
+        // SAFETY: host is a page base inside the RAM mapping and lin & 0xfff < 0x1000.
+        Some((
+            unsafe { e.host.add((lin & 0xfff) as usize) },
+            e.page as usize,
+        ))
+    }
+
+    #[inline(never)]
+    fn read_slow(&mut self, seg: usize, offset: u64, size: usize) -> ExResult<u64> {
         let lin = self.linear_address(seg, offset, size, Access::Read)?;
         let user = self.user();
         self.read_linear(lin, size, user)
     }
 
-    #[inline]
-    fn write(&mut self, seg: usize, offset: u64, size: usize, value: u64) -> ExResult<()> {
+    #[inline(never)]
+    fn write_slow(&mut self, seg: usize, offset: u64, size: usize, value: u64) -> ExResult<()> {
         let lin = self.linear_address(seg, offset, size, Access::Write)?;
         let user = self.user();
         self.write_linear(lin, size, value, user)
+    }
+}
+
+impl DataAccess for Mmu {
+    #[inline(always)]
+    fn read(&mut self, seg: usize, offset: u64, size: usize) -> ExResult<u64> {
+        match self.fast_host(seg, offset, size, false) {
+            // SAFETY: fast_host checked that the access stays within one RAM page.
+            Some((host, _)) => Ok(unsafe { ram::load_host(host, size) }),
+            None => self.read_slow(seg, offset, size),
+        }
+    }
+
+    #[inline(always)]
+    fn write(&mut self, seg: usize, offset: u64, size: usize, value: u64) -> ExResult<()> {
+        match self.fast_host(seg, offset, size, true) {
+            Some((host, page)) => {
+                // SAFETY: fast_host checked that the access stays within one RAM page.
+                unsafe { ram::store_host(host, size, value) };
+                self.code_written |= self.ram.note_write(page);
+                Ok(())
+            }
+            None => self.write_slow(seg, offset, size, value),
+        }
     }
 
     fn read_bytes(&mut self, seg: usize, offset: u64, buf: &mut [u8]) -> ExResult<()> {

@@ -539,7 +539,14 @@ pub fn execute<M: DataAccess>(f: &Fast, state: &mut CpuState, mem: &mut M) -> Ex
         } => {
             let size = usize::from(*size);
             let a = read(state, mem, dst, size)?;
-            let (r, f) = alu::shift(*op, a, u64::from(*count), size, state.rflags);
+            let (c, rf) = (u64::from(*count), state.rflags);
+            // One call per constant op, so each inlines to its own straight-line code.
+            let (r, f) = match op {
+                ShiftOp::Shl => alu::shift(ShiftOp::Shl, a, c, size, rf),
+                ShiftOp::Shr => alu::shift(ShiftOp::Shr, a, c, size, rf),
+                ShiftOp::Sar => alu::shift(ShiftOp::Sar, a, c, size, rf),
+                other => alu::shift(*other, a, c, size, rf),
+            };
             write(state, mem, dst, size, r & alu::mask(size))?;
             set_status(state, f);
             Ok(())

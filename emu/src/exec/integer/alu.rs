@@ -127,6 +127,7 @@ pub enum ShiftOp {
 
 /// Shift or rotate `a` by the raw `count` (masked here as the CPU does). A masked count of
 /// zero leaves value and flags unchanged.
+#[inline]
 pub fn shift(op: ShiftOp, a: u64, count: u64, size: usize, rflags: u64) -> (u64, u64) {
     let bits = (size * 8) as u32;
     let m = mask(size);
