@@ -419,6 +419,12 @@ def bzimage_release(path):
 # Subcommands
 # --------------------------------------------------------------------------
 
+POWER_BUTTON_HANDLER = b"""#!/bin/sh
+echo "guest-init: power button pressed, powering off" >/dev/ttyS0
+sync
+poweroff -f
+"""
+
 PASSWD = b"root:x:0:0:root:/root:/bin/sh\n"
 GROUP = b"root:x:0:\n"
 
@@ -457,6 +463,9 @@ def cmd_build(args):
     cpio.symlink("bin/sh", "busybox")
     cpio.file("etc/passwd", PASSWD)
     cpio.file("etc/group", GROUP)
+    # busybox acpid runs /etc/acpi/PWRF/00000080 when the ACPI power button (the
+    # vmm's system_powerdown) reports KEY_POWER through its input device.
+    cpio.file("etc/acpi/PWRF/00000080", POWER_BUTTON_HANDLER, mode=0o755)
 
     base = f"lib/modules/{args.release}"
     for name in order:

@@ -674,12 +674,11 @@ fn ged_aml() -> Vec<u8> {
     let hid = Name::new(Path::new("_HID"), &"ACPI0013");
     let uid = Name::new(Path::new("_UID"), &aml::ZERO);
     let ged_start = layout::GED_START.0 as u32;
-    let registers = Memory32Fixed::new(true, ged_start, layout::GED_SIZE as u32);
+    // Only the interrupt: Linux's acpi-ged driver takes every _CRS entry as one and
+    // gives up on the device ("unable to parse IRQ resource") at anything else. The
+    // register block is reached through the OperationRegion below.
     let irq = isa_interrupt(layout::GED_GSI);
-    let crs = Name::new(
-        Path::new("_CRS"),
-        &ResourceTemplate::new(vec![&registers, &irq]),
-    );
+    let crs = Name::new(Path::new("_CRS"), &ResourceTemplate::new(vec![&irq]));
     let region = OpRegion::new(
         Path::new("GDST"),
         OpRegionSpace::SystemMemory,
@@ -1059,6 +1058,14 @@ mod tests {
         ] {
             assert!(dsdt.contains(expected), "DSDT lacks {expected}:\n{dsdt}");
         }
+        // Linux's acpi-ged driver rejects a _CRS that holds anything but interrupts.
+        let ged = dsdt
+            .split("Device (GED)")
+            .nth(1)
+            .and_then(|rest| rest.split("Method (_EVT").next())
+            .unwrap_or_default();
+        assert!(ged.contains("Interrupt ("), "GED _CRS:\n{ged}");
+        assert!(!ged.contains("Memory32Fixed"), "GED _CRS:\n{ged}");
         // The disassembly compiles back cleanly.
         let output = run_iasl(dir.as_path(), &["-p", "recompiled", "dsdt.dsl"]);
         assert!(output.contains("0 Errors, 0 Warnings"), "{output}");
