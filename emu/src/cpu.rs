@@ -405,73 +405,99 @@ impl Cpu {
         let mut pending = Pending::None;
         let last = block.instrs.len().saturating_sub(1);
         self.mmu.code_written = false;
-        for (index, (instr, fast)) in block.instrs.iter().zip(&block.fast).enumerate() {
-            // Interrupts need no check here: IF and the pending set only change through
-            // system instructions, which end blocks, or MMIO, which stops this one.
-            if done > 0
-                && (done == budget
-                    || self.state.rip != instr.ip()
-                    || self.mmu.mmio_touched
-                    || self.mmu.code_written)
-            {
-                break;
-            }
-            let start = self.state.rip;
-            if self.trace {
-                tracing::trace!(target: "emu::trace", cpu = self.id, "{:04x}:{:016x} {}", self.state.seg[CS].selector, start, instr);
-            }
-            self.sys.shadow = false;
-            let result = match fast {
-                Fast::Generic => {
-                    self.state.rip = match bitness {
-                        64 => instr.next_ip(),
-                        32 => instr.next_ip() & 0xffff_ffff,
-                        _ => instr.next_ip() & 0xffff,
-                    };
-                    let r = crate::exec::execute(
-                        &mut self.state,
-                        &mut self.mmu,
-                        &mut self.sys,
-                        instr,
-                        index == last,
-                    );
-                    if r.is_ok() {
-                        if let Some(si) = self.sys.software_interrupt.take() {
-                            done += 1;
-                            self.instructions += 1;
-                            pending = Pending::Software(si, start);
-                            break;
-                        }
-                        if self.sys.halted {
-                            done += 1;
-                            self.instructions += 1;
-                            break;
-                        }
-                    }
-                    r
-                }
-                // Fast forms exist only for 64-bit code.
-                f => {
-                    self.state.rip = instr.next_ip();
-                    crate::exec::fast::execute(f, &mut self.state, &mut self.mmu)
-                }
-            };
-            match result {
-                Ok(()) => {
-                    done += 1;
-                    self.instructions += 1;
-                }
-                Err(ex) => {
-                    if !ex.is_trap() {
-                        self.state.rip = start;
-                    }
-                    pending = Pending::Fault(ex);
+        // A block that branches back to its own start (a tight loop) runs again without a
+        // lookup, as long as nothing that a lookup or the run loop would notice happened.
+        loop {
+            let pass_start = done;
+            let mut last_fast = false;
+            for (index, (instr, fast)) in block.instrs.iter().zip(&block.fast).enumerate() {
+                // Interrupts need no check here: IF and the pending set only change through
+                // system instructions, which end blocks, or MMIO, which stops this one.
+                if done > 0
+                    && (done == budget
+                        || self.state.rip != instr.ip()
+                        || self.mmu.mmio_touched
+                        || self.mmu.code_written)
+                {
                     break;
                 }
+                let start = self.state.rip;
+                if self.trace {
+                    tracing::trace!(target: "emu::trace", cpu = self.id, "{:04x}:{:016x} {}", self.state.seg[CS].selector, start, instr);
+                }
+                self.sys.shadow = false;
+                let result = match fast {
+                    Fast::Generic => {
+                        last_fast = false;
+                        self.state.rip = match bitness {
+                            64 => instr.next_ip(),
+                            32 => instr.next_ip() & 0xffff_ffff,
+                            _ => instr.next_ip() & 0xffff,
+                        };
+                        let r = crate::exec::execute(
+                            &mut self.state,
+                            &mut self.mmu,
+                            &mut self.sys,
+                            instr,
+                            index == last,
+                        );
+                        if r.is_ok() {
+                            if let Some(si) = self.sys.software_interrupt.take() {
+                                done += 1;
+                                self.instructions += 1;
+                                pending = Pending::Software(si, start);
+                                break;
+                            }
+                            if self.sys.halted {
+                                done += 1;
+                                self.instructions += 1;
+                                break;
+                            }
+                        }
+                        r
+                    }
+                    // Fast forms exist only for 64-bit code.
+                    f => {
+                        last_fast = true;
+                        self.state.rip = instr.next_ip();
+                        crate::exec::fast::execute(f, &mut self.state, &mut self.mmu)
+                    }
+                };
+                match result {
+                    Ok(()) => {
+                        done += 1;
+                        self.instructions += 1;
+                    }
+                    Err(ex) => {
+                        if !ex.is_trap() {
+                            self.state.rip = start;
+                        }
+                        pending = Pending::Fault(ex);
+                        break;
+                    }
+                }
+            }
+            let ran = done - pass_start + u32::from(matches!(pending, Pending::Fault(_)));
+            // (Field by field: `block` still borrows the decode cache.)
+            self.history[self.history_pos] = HistoryEntry {
+                lin,
+                bitness,
+                count: ran.max(1),
+            };
+            self.history_pos = (self.history_pos + 1) % HISTORY;
+            let again = matches!(pending, Pending::None)
+                && last_fast
+                && done < budget
+                && self.state.rip == rip
+                && !self.mmu.mmio_touched
+                && !self.mmu.code_written
+                && !(self.irq_pending && self.state.flag(IF))
+                && (block.page == crate::decode::UNCACHED
+                    || self.mmu.ram.generation(block.page as usize) == block.generation);
+            if !again {
+                break;
             }
         }
-        let ran = done + u32::from(matches!(pending, Pending::Fault(_)));
-        self.note_history(lin, bitness, ran.max(1));
         match pending {
             Pending::None => {}
             Pending::Fault(ex) => {

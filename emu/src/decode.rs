@@ -20,7 +20,7 @@ use crate::mmu::Mmu;
 /// Direct-mapped block slots.
 const BLOCK_SLOTS: usize = 1 << 14;
 /// Longest block.
-pub const MAX_BLOCK: usize = 32;
+pub const MAX_BLOCK: usize = 64;
 /// `Block::page` of a block that is not cached (no generation to check).
 pub const UNCACHED: u32 = u32::MAX;
 
