@@ -61,6 +61,9 @@ async def main(socket_path, pid, workdir):
         assert cpus[0]["thread_id"] > 0 and "pc" in cpus[0], cpus
         fast = await qmp.execute("query-cpus-fast")
         assert fast[0]["cpu-index"] == 0 and fast[0]["thread-id"] > 0, fast
+        mice = await qmp.execute("query-mice")
+        assert mice == [{"name": "QEMU PS/2 Mouse", "index": 2, "current": True,
+                         "absolute": False}], mice
         buses = await qmp.execute("query-pci")
         assert buses[0]["bus"] == 0 and buses[0]["devices"], buses
 

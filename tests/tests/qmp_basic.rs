@@ -153,6 +153,7 @@ fn greeting_negotiation_run_control_and_queries() {
         "query-commands",
         "query-cpus-fast",
         "query-kvm",
+        "query-mice",
         "query-pci",
         "query-chardev",
         "query-cpus",

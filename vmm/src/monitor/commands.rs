@@ -52,6 +52,15 @@ pub fn execute(machine: &mut Machine, mut call: MonitorCall) -> Option<MachineEx
         "query-uuid" => Ok(json!({
             "UUID": machine.config().uuid.as_deref().unwrap_or(NULL_UUID),
         })),
+        "query-mice" => Ok(json!(mice()
+            .iter()
+            .map(|m| json!({
+                "name": m.name,
+                "index": m.index,
+                "current": m.current,
+                "absolute": m.absolute,
+            }))
+            .collect::<Vec<_>>())),
         "query-cpus-fast" => Ok(query_cpus_fast(machine)),
         "query-cpus" => Ok(query_cpus(machine)),
         "query-pci" => Ok(query_pci(machine)),
@@ -361,6 +370,26 @@ fn pci_class_description(class: u16) -> Option<&'static str> {
         0x0c05 => "SMBus",
         _ => return None,
     })
+}
+
+/// A pointing device as query-mice and `info mice` show it.
+pub struct MouseInfo {
+    pub name: &'static str,
+    pub index: u32,
+    pub current: bool,
+    pub absolute: bool,
+}
+
+/// The machine's mice: the i8042's PS/2 mouse, which every pc machine has. The index is
+/// QEMU 7.2's input-handler index for it on the same machine (the keyboard handlers come
+/// first), so management software sees the same numbers from both.
+pub fn mice() -> [MouseInfo; 1] {
+    [MouseInfo {
+        name: "QEMU PS/2 Mouse",
+        index: 2,
+        current: true,
+        absolute: false,
+    }]
 }
 
 #[cfg(test)]

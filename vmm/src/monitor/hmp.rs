@@ -35,6 +35,7 @@ const INFO_HELP: &[(&str, &str)] = &[
     ("chardev", "info chardev  -- show the character devices"),
     ("cpus", "info cpus  -- show infos for each CPU"),
     ("kvm", "info kvm  -- show KVM information"),
+    ("mice", "info mice  -- show which guest mouse is receiving events"),
     ("name", "info name  -- show the current VM name"),
     ("pci", "info pci  -- show PCI info"),
     (
@@ -259,6 +260,13 @@ fn info(machine: &Machine, args: &[&str], current: usize) -> String {
             let state = if enabled { "enabled" } else { "disabled" };
             format!("kvm support: {state}\n")
         }
+        "mice" => commands::mice()
+            .iter()
+            .map(|m| {
+                let mark = if m.current { '*' } else { ' ' };
+                format!("{mark} Mouse #{}: {}\n", m.index, m.name)
+            })
+            .collect(),
         "name" => match &machine.config().name {
             Some(name) => format!("{name}\n"),
             None => String::new(),

@@ -145,6 +145,7 @@ pub const IMPLEMENTED_COMMANDS: &[&str] = &[
     "query-kvm",
     "query-name",
     "query-uuid",
+    "query-mice",
     "query-cpus-fast",
     "query-pci",
     "query-chardev",
