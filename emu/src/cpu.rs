@@ -201,6 +201,11 @@ impl Cpu {
         out
     }
 
+    /// Whether the CPU waits for an interrupt: in HLT, or an AP waiting for its SIPI.
+    pub fn is_halted(&self) -> bool {
+        self.sys.halted || self.waiting_for_sipi
+    }
+
     pub fn instruction_count(&self) -> u64 {
         self.instructions
     }

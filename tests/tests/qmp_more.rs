@@ -360,6 +360,8 @@ fn emu_inject_nmi_query_cpus_and_memsave() {
     let cpus = qmp.ok("query-cpus", None);
     let pc = cpus[0]["pc"].as_u64().unwrap();
     assert!((LOAD_ADDR..LOAD_ADDR + 0x1000).contains(&pc), "pc {pc:#x}");
+    // The guest waits in HLT after printing.
+    assert_eq!(cpus[0]["halted"], true, "{cpus}");
     assert_eq!(qmp.ok("inject-nmi", None), json!({}));
     wait_until("the NMI handler", TIMEOUT, || {
         read_file(&vm.serial) == "ready\nnmi\n"

@@ -657,6 +657,10 @@ impl Vcpu for EmuVcpu {
         Ok(self.cpu.state().rip)
     }
 
+    fn is_halted(&mut self) -> bool {
+        self.cpu.is_halted()
+    }
+
     fn paging_registers(&mut self) -> Result<super::PagingRegisters, AccelError> {
         let s = self.cpu.state();
         Ok(super::PagingRegisters {
