@@ -53,6 +53,7 @@ const WITH_VALUE: &[&str] = &[
     "qmp",
     "chardev",
     "mon",
+    "monitor",
 ];
 /// Options that are flags.
 const FLAGS: &[&str] = &[
@@ -83,7 +84,7 @@ where
     let mut initrd: Option<String> = None;
     let mut append: Option<String> = None;
     let mut chardevs: Vec<(String, ChardevSpec)> = Vec::new();
-    let mut mons: Vec<(String, String)> = Vec::new();
+    let mut mons: Vec<(String, String, bool)> = Vec::new();
     let mut i = 0;
     while i < args.len() {
         let raw = &args[i];
@@ -208,8 +209,17 @@ where
                 chardevs.push((id, spec));
             }
             "mon" => {
-                let id = parse_mon(v).map_err(|m| err(&opt, Some(v), m))?;
-                mons.push((v.to_string(), id));
+                let (id, control) = parse_mon(v).map_err(|m| err(&opt, Some(v), m))?;
+                mons.push((v.to_string(), id, control));
+            }
+            "monitor" => {
+                let spec =
+                    chardev::parse_chardev(v).map_err(|e| err(&opt, Some(v), e.to_string()))?;
+                let endpoint = monitor_endpoint(spec).map_err(|m| err(&opt, Some(v), m))?;
+                cfg.hmp_monitors.push(MonitorConfig {
+                    option: format!("{opt} {v}"),
+                    endpoint,
+                });
             }
             _ => return Err(err(&opt, None, "invalid option")),
         }
@@ -226,7 +236,7 @@ where
             "stdio cannot be used with -daemonize",
         ));
     }
-    for (value, id) in mons {
+    for (value, id, control) in mons {
         let Some((_, spec)) = chardevs.iter().find(|(c, _)| *c == id) else {
             return Err(err(
                 "-mon",
@@ -235,14 +245,20 @@ where
             ));
         };
         let endpoint = monitor_endpoint(spec.clone()).map_err(|m| err("-mon", Some(&value), m))?;
-        cfg.monitors.push(MonitorConfig {
+        let monitor = MonitorConfig {
             option: format!("-mon {value}"),
             endpoint,
-        });
+        };
+        if control {
+            cfg.monitors.push(monitor);
+        } else {
+            cfg.hmp_monitors.push(monitor);
+        }
     }
     let stdio_monitors = cfg
         .monitors
         .iter()
+        .chain(&cfg.hmp_monitors)
         .filter(|m| m.endpoint == MonitorEndpoint::Stdio)
         .count();
     if stdio_monitors > 0 {
@@ -297,7 +313,8 @@ where
     Ok(Command::Run(Box::new(cfg)))
 }
 
-/// A QMP monitor's endpoint from a chardev description: stdio or a listening socket.
+/// A monitor's endpoint (QMP or human) from a chardev description: stdio or a listening
+/// socket.
 fn monitor_endpoint(spec: ChardevSpec) -> Result<MonitorEndpoint, String> {
     match spec {
         ChardevSpec::Stdio { .. } => Ok(MonitorEndpoint::Stdio),
@@ -308,14 +325,15 @@ fn monitor_endpoint(spec: ChardevSpec) -> Result<MonitorEndpoint, String> {
             ..
         } => Ok(MonitorEndpoint::Listen { address, wait }),
         ChardevSpec::Socket { server: false, .. } => {
-            Err("a QMP monitor socket must listen (add server=on)".into())
+            Err("a monitor socket must listen (add server=on)".into())
         }
-        _ => Err("a QMP monitor needs stdio or a unix or tcp socket".into()),
+        _ => Err("a monitor needs stdio or a unix or tcp socket".into()),
     }
 }
 
-/// `-mon chardev=ID[,mode=control][,pretty=on|off]`: returns the chardev id.
-fn parse_mon(v: &str) -> Result<String, String> {
+/// `-mon chardev=ID[,mode=control|readline][,pretty=on|off]`: returns the chardev id and
+/// whether it is a QMP (control) monitor rather than a human (readline) one.
+fn parse_mon(v: &str) -> Result<(String, bool), String> {
     let mut id = None;
     let mut mode = "readline";
     for (k, val) in key_values(v) {
@@ -330,17 +348,19 @@ fn parse_mon(v: &str) -> Result<String, String> {
             other => return Err(format!("unknown property '{other}'")),
         }
     }
-    match mode {
-        "control" => {}
-        "readline" => {
-            return Err(
-                "mode=readline (the human monitor) is not supported; use mode=control".into(),
-            )
+    let control = match mode {
+        "control" => true,
+        "readline" => false,
+        other => {
+            return Err(format!(
+                "invalid mode '{other}' (expected control or readline)"
+            ))
         }
-        other => return Err(format!("invalid mode '{other}' (expected control)")),
-    }
-    id.filter(|i| !i.is_empty())
-        .ok_or_else(|| "chardev= is required".to_string())
+    };
+    let id = id
+        .filter(|i| !i.is_empty())
+        .ok_or_else(|| "chardev= is required".to_string())?;
+    Ok((id, control))
 }
 
 fn unreachable_flag(name: &str) {
@@ -597,7 +617,10 @@ Monitor:
   -qmp DEV             QMP monitor: unix:PATH,server=on,wait=off, tcp:HOST:PORT,server=on,
                        wait=off, or stdio; repeatable
   -chardev socket,id=ID,path=PATH|host=H,port=N,server=on,wait=off
-  -mon chardev=ID,mode=control
+  -mon chardev=ID[,mode=control|readline]
+                       a monitor on a -chardev: QMP (control) or human (readline)
+  -monitor DEV         interactive human monitor (HMP): stdio, unix:PATH,server=on,
+                       wait=off or tcp:HOST:PORT,server=on,wait=off
                        QMP monitor on a -chardev
 Run control:
   -S                   do not start the vCPUs
@@ -825,7 +848,13 @@ mod tests {
             "-mon chardev=nope,mode=control: chardev 'nope' not found"
         );
         let e = run(&["-chardev", "null,id=m", "-mon", "chardev=m"]).unwrap_err();
-        assert!(e.to_string().contains("mode=readline"), "{e}");
+        assert!(
+            e.to_string()
+                .contains("needs stdio or a unix or tcp socket"),
+            "{e}"
+        );
+        let e = run(&["-monitor", "stdio", "-serial", "stdio"]).unwrap_err();
+        assert!(e.to_string().contains("multiple character devices"), "{e}");
         let e = run(&["-qmp", "stdio", "-nographic"]).unwrap_err();
         assert!(e.to_string().starts_with("-qmp stdio: "), "{e}");
         let e = run(&["-chardev", "null,id=a", "-chardev", "null,id=a"]).unwrap_err();

@@ -54,6 +54,8 @@ pub struct VmConfig {
     pub trace_instructions: bool,
     /// QMP monitors, in command-line order.
     pub monitors: Vec<MonitorConfig>,
+    /// Interactive human monitors (`-monitor`, `-mon mode=readline`).
+    pub hmp_monitors: Vec<MonitorConfig>,
 }
 
 impl Default for VmConfig {
@@ -77,6 +79,7 @@ impl Default for VmConfig {
             debug_exit: None,
             trace_instructions: false,
             monitors: Vec::new(),
+            hmp_monitors: Vec::new(),
         }
     }
 }

@@ -98,6 +98,7 @@ fn run(cfg: VmConfig) -> i32 {
 
     let start_paused = cfg.start_paused;
     let monitors = cfg.monitors.clone();
+    let hmp_monitors = cfg.hmp_monitors.clone();
     let mut machine = match Machine::new(cfg) {
         Ok(m) => m,
         Err(e) => {
@@ -120,6 +121,13 @@ fn run(cfg: VmConfig) -> i32 {
             }
         }
     };
+
+    for config in &hmp_monitors {
+        if let Err(e) = crate::monitor::hmp_console::start(config, machine.control()) {
+            crate::report!("vmm: {e}");
+            return 1;
+        }
+    }
 
     let control = machine.control();
     let spawned = std::thread::Builder::new()

@@ -25,6 +25,7 @@ const HELP: &[(&str, &str)] = &[
         "pmemsave",
         "pmemsave addr size file -- save to disk physical memory dump starting at 'addr' of size 'size'",
     ),
+    ("quit", "quit|q  -- quit the emulator"),
     ("stop", "stop|s  -- stop emulation"),
     ("system_powerdown", "system_powerdown  -- send system power down event"),
     ("system_reset", "system_reset  -- reset the system"),
@@ -89,6 +90,11 @@ fn execute(
         "help" | "?" => help(args.first().copied()),
         "stop" | "s" => {
             machine.stop();
+            String::new()
+        }
+        "quit" | "q" => {
+            machine.emit_shutdown(false, "host-qmp-quit");
+            *exit = Some(MachineExit::Shutdown);
             String::new()
         }
         "cont" | "c" => error_text(machine.cont()),

@@ -7,6 +7,7 @@
 
 pub mod commands;
 pub mod hmp;
+pub mod hmp_console;
 pub mod memory;
 pub mod runstate;
 
