@@ -2,7 +2,7 @@
 //! runs commands line by line and `quit` ends the vmm with status 0; `-monitor unix:`
 //! serves a client, and `-mon chardev=...` (readline is QEMU's default mode) likewise.
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
 use std::process::{Command, Stdio};
 use std::time::Duration;
