@@ -60,6 +60,9 @@ pub struct KvmAccel {
     /// Power-on state of the in-kernel irqchip and PIT, restored on reset.
     initial_irqchips: Vec<kvm_bindings::kvm_irqchip>,
     initial_pit: kvm_pit_state2,
+    /// kvmclock as it stood when the VM was paused, restored on resume so that the guest
+    /// clock does not jump by the time spent paused (as QEMU's kvmclock device does).
+    paused_clock: Mutex<Option<kvm_bindings::kvm_clock_data>>,
 }
 
 impl KvmAccel {
@@ -145,6 +148,7 @@ impl KvmAccel {
             supported_cpuid,
             initial_irqchips,
             initial_pit,
+            paused_clock: Mutex::new(None),
         })
     }
 
@@ -242,6 +246,35 @@ impl Accelerator for KvmAccel {
 
     fn irq_chip(&self) -> Arc<dyn IrqChip> {
         Arc::new(KvmIrqChip(self.vm.clone()))
+    }
+
+    fn pause(&self) {
+        let mut saved = self.paused_clock.lock().unwrap_or_else(|e| e.into_inner());
+        if saved.is_some() {
+            return; // already paused: keep the first reading
+        }
+        match self.vm.get_clock() {
+            Ok(clock) => *saved = Some(clock),
+            Err(e) => tracing::warn!("KVM_GET_CLOCK at pause: {e}; the guest clock will jump"),
+        }
+    }
+
+    fn resume(&self) {
+        let saved = self
+            .paused_clock
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+        if let Some(clock) = saved {
+            // Only the clock value goes back; the flags of a reading do not apply to a set.
+            let restore = kvm_bindings::kvm_clock_data {
+                clock: clock.clock,
+                ..Default::default()
+            };
+            if let Err(e) = self.vm.set_clock(&restore) {
+                tracing::warn!("KVM_SET_CLOCK at resume: {e}; the guest clock will jump");
+            }
+        }
     }
 
     fn reset(&self) -> Result<(), AccelError> {
