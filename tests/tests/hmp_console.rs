@@ -83,6 +83,20 @@ fn talk(socket: &std::path::Path) {
     assert_eq!(until_prompt(&mut reader), "kvm support: disabled\r\n");
     writer.write_all(b"help stop\n").unwrap();
     assert_eq!(until_prompt(&mut reader), "stop|s  -- stop emulation\r\n");
+    writer.write_all(b"info qtree-lite\n").unwrap();
+    let tree = until_prompt(&mut reader);
+    for expected in [
+        "bus: main-system-bus\r\n",
+        "  dev: i8042, id \"\"\r\n",
+        "  dev: mc146818rtc, id \"\"\r\n",
+        "    bus: pci.0\r\n",
+        "      dev: Host bridge, id \"\"\r\n        addr = 00.0\r\n",
+    ] {
+        assert!(tree.contains(expected), "{expected:?} not in:\n{tree}");
+    }
+    // No drives yet: nothing, as QEMU prints for a machine without any.
+    writer.write_all(b"info block\n").unwrap();
+    assert_eq!(until_prompt(&mut reader), "");
 }
 
 #[test]
