@@ -410,6 +410,11 @@ impl Cpu {
         let mut pending = Pending::None;
         let last = block.instrs.len().saturating_sub(1);
         self.mmu.code_written = false;
+        let trace = self.trace;
+        // The interrupt shadow of STI/MOV SS covers the next instruction only. Only system
+        // instructions set it, and they end blocks, so clearing it here and before each
+        // generic instruction clears it before every instruction.
+        self.sys.shadow = false;
         // A block that branches back to its own start (a tight loop) runs again without a
         // lookup, as long as nothing that a lookup or the run loop would notice happened.
         loop {
@@ -427,13 +432,13 @@ impl Cpu {
                     break;
                 }
                 let start = self.state.rip;
-                if self.trace {
+                if trace {
                     tracing::trace!(target: "emu::trace", cpu = self.id, "{:04x}:{:016x} {}", self.state.seg[CS].selector, start, instr);
                 }
-                self.sys.shadow = false;
                 let result = match fast {
                     Fast::Generic => {
                         last_fast = false;
+                        self.sys.shadow = false;
                         self.state.rip = match bitness {
                             64 => instr.next_ip(),
                             32 => instr.next_ip() & 0xffff_ffff,
@@ -449,13 +454,11 @@ impl Cpu {
                         if r.is_ok() {
                             if let Some(si) = self.sys.software_interrupt.take() {
                                 done += 1;
-                                self.instructions += 1;
                                 pending = Pending::Software(si, start);
                                 break;
                             }
                             if self.sys.halted {
                                 done += 1;
-                                self.instructions += 1;
                                 break;
                             }
                         }
@@ -469,10 +472,7 @@ impl Cpu {
                     }
                 };
                 match result {
-                    Ok(()) => {
-                        done += 1;
-                        self.instructions += 1;
-                    }
+                    Ok(()) => done += 1,
                     Err(ex) => {
                         if !ex.is_trap() {
                             self.state.rip = start;
@@ -503,6 +503,7 @@ impl Cpu {
                 break;
             }
         }
+        self.instructions += u64::from(done);
         match pending {
             Pending::None => {}
             Pending::Fault(ex) => {

@@ -653,21 +653,29 @@ mod tests {
         ConnectionContext::new("mon0".into(), 0, 4, EventSender::default())
     }
 
-    fn pipe_fd() -> OwnedFd {
+    /// A pipe: (read end, write end).
+    fn pipe() -> (OwnedFd, OwnedFd) {
         let mut fds = [0; 2];
         // SAFETY: fds has room for the two descriptors pipe() writes.
         let rc = unsafe { libc::pipe(fds.as_mut_ptr()) };
         assert_eq!(rc, 0);
         // SAFETY: pipe() just created both fds and nothing else owns them.
-        unsafe {
-            drop(OwnedFd::from_raw_fd(fds[1]));
-            OwnedFd::from_raw_fd(fds[0])
-        }
+        unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) }
     }
 
-    fn fd_is_open(fd: RawFd) -> bool {
-        // SAFETY: F_GETFD only queries the descriptor table.
-        unsafe { libc::fcntl(fd, libc::F_GETFD) != -1 }
+    /// The read end of a pipe and its write end, through which the test can tell whether
+    /// the read end was closed. Checking the read end's fd number instead would race with
+    /// other test threads that open fds and get the freed number.
+    fn pipe_fd() -> OwnedFd {
+        pipe().0
+    }
+
+    /// Whether every read end of the pipe behind `writer` is closed (a write fails with
+    /// EPIPE; the Rust runtime ignores SIGPIPE).
+    fn reader_closed(writer: &OwnedFd) -> bool {
+        // SAFETY: writes one byte from a live buffer to an fd we own.
+        let n = unsafe { libc::write(writer.as_raw_fd(), b"x".as_ptr().cast(), 1) };
+        n == -1 && std::io::Error::last_os_error().raw_os_error() == Some(libc::EPIPE)
     }
 
     /// Error texts observed from QEMU 7.2.22.
@@ -687,42 +695,47 @@ mod tests {
             "File descriptor named 'x' has not been found"
         );
 
-        let fd = pipe_fd();
-        let raw = fd.as_raw_fd();
+        let (fd, writer) = pipe();
         ctx.push_received_fd(fd);
         assert_eq!(
             ctx.getfd("1x").unwrap_err().desc,
             "Parameter 'fdname' expects a name not starting with a digit"
         );
-        assert!(!fd_is_open(raw), "a rejected fd is closed");
+        assert!(reader_closed(&writer), "a rejected fd is closed");
 
-        let first = pipe_fd();
+        let (first, first_writer) = pipe();
         let first_raw = first.as_raw_fd();
         ctx.push_received_fd(first);
         ctx.getfd("a").unwrap();
         assert_eq!(ctx.named_fd("a"), Some(first_raw));
         // A duplicate name closes and replaces the old fd.
-        let second = pipe_fd();
+        let (second, second_writer) = pipe();
         let second_raw = second.as_raw_fd();
         ctx.push_received_fd(second);
         ctx.getfd("a").unwrap();
-        assert!(!fd_is_open(first_raw) || first_raw == second_raw);
+        assert!(reader_closed(&first_writer));
         assert_eq!(ctx.named_fd("a"), Some(second_raw));
+        assert!(!reader_closed(&second_writer));
         ctx.closefd("a").unwrap();
-        assert!(!fd_is_open(second_raw));
+        assert!(reader_closed(&second_writer));
         assert!(ctx.fd_names().is_empty());
     }
 
     #[test]
     fn received_fds_are_bounded() {
         let mut ctx = context();
-        let fds: Vec<OwnedFd> = (0..6).map(|_| pipe_fd()).collect();
-        let raws: Vec<RawFd> = fds.iter().map(AsRawFd::as_raw_fd).collect();
-        for fd in fds {
-            ctx.push_received_fd(fd);
+        let pipes: Vec<(OwnedFd, OwnedFd)> = (0..6).map(|_| pipe()).collect();
+        let mut writers = Vec::new();
+        let mut raws = Vec::new();
+        for (reader, writer) in pipes {
+            raws.push(reader.as_raw_fd());
+            writers.push(writer);
+            ctx.push_received_fd(reader);
         }
         assert_eq!(ctx.received_fd_count(), 4);
-        assert!(!fd_is_open(raws[0]) && !fd_is_open(raws[1]));
+        // The oldest two went, the rest are held.
+        assert!(reader_closed(&writers[0]) && reader_closed(&writers[1]));
+        assert!(!reader_closed(&writers[2]));
         assert_eq!(
             ctx.take_received_fd().map(|fd| fd.as_raw_fd()),
             Some(raws[2])
