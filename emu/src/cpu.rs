@@ -61,7 +61,7 @@ pub struct Cpu {
     cache: DecodeCache,
     inbox: Option<Arc<ApicInbox>>,
     trace: bool,
-    /// Linear addresses and code bitness of the last instructions fetched, a ring.
+    /// The last blocks executed (linear address, bitness, instructions run), a ring.
     history: [HistoryEntry; HISTORY],
     history_pos: usize,
     instructions: u64,
