@@ -1,1 +1,4 @@
+//! The device processes (`vmm-blk`, `vmm-net`, `vmm-display`) and what they share: how a
+//! process picks up the sockets the vmm's supervisor handed it.
 
+pub mod inherit;

@@ -1,0 +1,190 @@
+//! The supervisor of the device processes: it starts each one (found beside the `vmm`
+//! binary) with exactly two sockets — control at fd 3, vhost-user at fd 4 — plus
+//! stdin/stdout on /dev/null and our stderr for its log, ties its life to ours
+//! (PR_SET_PDEATHSIG, checked after it is set), and watches it through a pidfd.
+
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::net::UnixStream;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// Where the child finds its sockets (see `device_procs::inherit`).
+const CONTROL_FD: RawFd = 3;
+const VHOST_USER_FD: RawFd = 4;
+
+#[derive(Debug, thiserror::Error)]
+pub enum SupervisorError {
+    #[error("cannot find the device program {0}: {1}")]
+    Program(PathBuf, #[source] io::Error),
+    #[error("cannot create the sockets for {0}: {1}")]
+    Sockets(String, #[source] io::Error),
+    #[error("cannot start {0}: {1}")]
+    Spawn(String, #[source] io::Error),
+    #[error("cannot watch {0} (pidfd_open): {1}")]
+    Pidfd(String, #[source] io::Error),
+}
+
+/// A device program beside the running `vmm` binary (or the test binary's directory).
+pub fn device_program(name: &str) -> Result<PathBuf, SupervisorError> {
+    let exe = std::env::current_exe().map_err(|e| SupervisorError::Program(name.into(), e))?;
+    let dir = exe.parent().unwrap_or(Path::new("."));
+    let path = dir.join(name);
+    std::fs::metadata(&path).map_err(|e| SupervisorError::Program(path.clone(), e))?;
+    Ok(path)
+}
+
+/// A running device process and our ends of its sockets.
+pub struct DeviceProcess {
+    name: String,
+    child: Child,
+    pidfd: OwnedFd,
+    pub control: UnixStream,
+    pub vhost_user: UnixStream,
+}
+
+impl DeviceProcess {
+    /// Start `program` with `args`.
+    pub fn spawn(name: &str, program: &Path, args: &[&str]) -> Result<Self, SupervisorError> {
+        let (control, child_control) =
+            UnixStream::pair().map_err(|e| SupervisorError::Sockets(name.into(), e))?;
+        let (vhost_user, child_vhost_user) =
+            UnixStream::pair().map_err(|e| SupervisorError::Sockets(name.into(), e))?;
+        let control_fd = child_control.as_raw_fd();
+        let vhost_fd = child_vhost_user.as_raw_fd();
+        let parent = std::process::id() as libc::pid_t;
+        let mut command = Command::new(program);
+        command
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit());
+        // SAFETY: the closure runs in the forked child before exec and only makes
+        // async-signal-safe system calls on fds that exist in the child.
+        unsafe {
+            command.pre_exec(move || child_setup(control_fd, vhost_fd, parent));
+        }
+        let child = command
+            .spawn()
+            .map_err(|e| SupervisorError::Spawn(name.into(), e))?;
+        // Our copies of the child's ends close here.
+        drop(child_control);
+        drop(child_vhost_user);
+        // SAFETY: pidfd_open takes a pid and flags and returns a new fd or -1.
+        let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, child.id() as libc::pid_t, 0) };
+        if fd < 0 {
+            let e = io::Error::last_os_error();
+            let mut child = child;
+            let _ = child.kill();
+            let _ = child.wait();
+            return Err(SupervisorError::Pidfd(name.into(), e));
+        }
+        // SAFETY: pidfd_open just returned this fd; nothing else owns it.
+        let pidfd = unsafe { OwnedFd::from_raw_fd(fd as RawFd) };
+        Ok(DeviceProcess {
+            name: name.to_string(),
+            child,
+            pidfd,
+            control,
+            vhost_user,
+        })
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// The pidfd: readable once the process has exited (for a poll loop).
+    pub fn pidfd(&self) -> &OwnedFd {
+        &self.pidfd
+    }
+
+    /// Wait up to `timeout` for the process to exit; its exit status if it did.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let mut pfd = libc::pollfd {
+                fd: self.pidfd.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            };
+            let ms = left.as_millis().min(i32::MAX as u128) as i32;
+            // SAFETY: one valid pollfd.
+            let n = unsafe { libc::poll(&mut pfd, 1, ms) };
+            if n > 0 {
+                return self.child.wait().ok();
+            }
+            if n == 0 || left.is_zero() {
+                return None;
+            }
+            // EINTR: poll again with what is left.
+        }
+    }
+
+    /// Ask the process to stop (SIGTERM), and kill it if it has not within `grace`.
+    /// Returns its exit status.
+    pub fn terminate(&mut self, grace: Duration) -> Option<std::process::ExitStatus> {
+        if let Ok(Some(status)) = self.child.try_wait() {
+            return Some(status);
+        }
+        // SAFETY: signalling our own child's pid.
+        unsafe { libc::kill(self.child.id() as libc::pid_t, libc::SIGTERM) };
+        if let Some(status) = self.wait_exit(grace) {
+            return Some(status);
+        }
+        tracing::warn!(device = %self.name, "did not stop within {grace:?}: killing it");
+        let _ = self.child.kill();
+        self.child.wait().ok()
+    }
+}
+
+impl Drop for DeviceProcess {
+    fn drop(&mut self) {
+        if matches!(self.child.try_wait(), Ok(None)) {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// In the child between fork and exec: sockets to fds 3 and 4, every other fd above 2
+/// closed, and death with the parent. Only async-signal-safe calls.
+fn child_setup(control: RawFd, vhost: RawFd, parent: libc::pid_t) -> io::Result<()> {
+    let check = |r: libc::c_int| {
+        if r < 0 {
+            Err(io::Error::last_os_error())
+        } else {
+            Ok(r)
+        }
+    };
+    // SAFETY: plain fd and process syscalls in the child; the fds exist (inherited).
+    unsafe {
+        // Move both out of the way first, so that neither clobbers the other at 3/4.
+        let control_high = check(libc::fcntl(control, libc::F_DUPFD_CLOEXEC, 64))?;
+        let vhost_high = check(libc::fcntl(vhost, libc::F_DUPFD_CLOEXEC, 64))?;
+        check(libc::dup2(control_high, CONTROL_FD))?;
+        check(libc::dup2(vhost_high, VHOST_USER_FD))?;
+        // dup2 clears FD_CLOEXEC on the new fds. Everything above them closes at exec:
+        // marked close-on-exec rather than closed now, so std's exec-error pipe still
+        // works (CLOSE_RANGE_CLOEXEC, Linux 5.11; plain close before that).
+        const CLOSE_RANGE_CLOEXEC: libc::c_uint = 1 << 2;
+        let first = VHOST_USER_FD as libc::c_uint + 1;
+        let r = libc::syscall(libc::SYS_close_range, first, u32::MAX, CLOSE_RANGE_CLOEXEC);
+        if r < 0 {
+            check(libc::syscall(libc::SYS_close_range, first, u32::MAX, 0) as libc::c_int)?;
+        }
+        check(libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0))?;
+        // The parent may have died before the prctl: then nobody would kill us.
+        if libc::getppid() != parent {
+            libc::_exit(1);
+        }
+    }
+    Ok(())
+}
