@@ -20,11 +20,14 @@ enum Request {
     Echo(String),
     OpenFds,
     Exit(i32),
+    TryOpen(String),
+    TryConnect(String),
 }
 #[derive(Debug, PartialEq, Serialize, Deserialize)]
 enum Reply {
     Echo(String),
     OpenFds(Vec<i32>),
+    Outcome(Result<(), String>),
 }
 
 fn program() -> PathBuf {
@@ -110,4 +113,43 @@ fn a_device_dies_with_its_parent() {
 fn a_missing_program_is_a_clear_error() {
     let err = vmm::supervisor::device_program("no-such-device").unwrap_err();
     assert!(err.to_string().contains("no-such-device"), "{err}");
+}
+
+#[test]
+fn a_sandboxed_device_cannot_reach_host_files_or_the_network() {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    let mut dev = DeviceProcess::spawn("echo", &program(), &["--sandbox"]).unwrap();
+    let mut ch: ipc::Channel<Request, Reply, ()> =
+        ipc::Channel::new(dev.control.try_clone().unwrap());
+    ch.hello(ipc::DeviceKind::Block, ipc::DeviceKind::Block, T)
+        .unwrap();
+    // Before the sandbox check, prove the requests themselves work from here.
+    assert!(std::fs::File::open("/etc/passwd").is_ok());
+    assert!(std::net::TcpStream::connect(&addr).is_ok());
+    // The control socket still works inside.
+    let (reply, _) = ch
+        .call(Request::Echo("inside".into()), &[], T)
+        .expect("the device failed to enter its sandbox (it needs root: namespaces, pivot_root)");
+    assert_eq!(reply, Reply::Echo("inside".into()));
+    let own_binary = program().display().to_string();
+    // The root is an empty tmpfs: not even /dev/null exists.
+    for path in [
+        "/etc/passwd",
+        "/proc/self/status",
+        own_binary.as_str(),
+        "/dev/null",
+    ] {
+        let (reply, _) = ch.call(Request::TryOpen(path.into()), &[], T).unwrap();
+        assert!(
+            matches!(reply, Reply::Outcome(Err(_))),
+            "{path} opened inside the sandbox: {reply:?}"
+        );
+    }
+    let (reply, _) = ch.call(Request::TryConnect(addr), &[], T).unwrap();
+    assert!(
+        matches!(reply, Reply::Outcome(Err(_))),
+        "connected from inside the sandbox: {reply:?}"
+    );
+    dev.terminate(T);
 }

@@ -1,6 +1,7 @@
 //! A device process for the supervisor tests: it adopts its sockets like the real ones,
-//! says hello as a block device over `ipc`, and answers requests (echo, the list of its
-//! open fds, exit). With `--spawn-child` it is instead a stand-in for the vmm: it starts
+//! says hello as a block device over `ipc`, enters the block sandbox if given `--sandbox`,
+//! and answers requests (echo, the list of its open fds, exit, and attempts to open a
+//! file or connect to an address). With `--spawn-child` it is instead a stand-in for the vmm: it starts
 //! another device-echo (with `--stay`, so that it outlives its control connection)
 //! through the supervisor, prints the child's pid and waits, so a test can kill it and
 //! watch the child die with it.
@@ -15,12 +16,17 @@ pub enum Request {
     Echo(String),
     OpenFds,
     Exit(i32),
+    /// Try to open a path for reading; the reply says whether it worked.
+    TryOpen(String),
+    /// Try to connect to a TCP address.
+    TryConnect(String),
 }
 
 #[derive(Debug, Serialize, Deserialize)]
 pub enum Reply {
     Echo(String),
     OpenFds(Vec<i32>),
+    Outcome(Result<(), String>),
 }
 
 fn main() {
@@ -58,6 +64,12 @@ fn serve() -> i32 {
         eprintln!("device-echo: hello: {e}");
         return 3;
     }
+    if std::env::args().any(|a| a == "--sandbox") {
+        if let Err(e) = device_procs::sandbox::enter(device_procs::sandbox::Profile::BLOCK) {
+            eprintln!("device-echo: {e}");
+            return 4;
+        }
+    }
     while let Ok((msg, _fds)) = ch.recv(None) {
         let ipc::Message::Request { id, body } = msg else {
             continue;
@@ -76,6 +88,16 @@ fn serve() -> i32 {
                 Reply::OpenFds(fds)
             }
             Request::Exit(code) => std::process::exit(code),
+            Request::TryOpen(path) => Reply::Outcome(
+                std::fs::File::open(&path)
+                    .map(drop)
+                    .map_err(|e| e.to_string()),
+            ),
+            Request::TryConnect(addr) => Reply::Outcome(
+                std::net::TcpStream::connect(&addr)
+                    .map(drop)
+                    .map_err(|e| e.to_string()),
+            ),
         };
         if ch.reply(id, Ok(reply), &[]).is_err() {
             break;
