@@ -107,7 +107,7 @@ fn monitor_on_unix_sockets_serves_clients_in_turn() {
     let via_mon = dir.join("mon.sock");
     let monitor_arg = format!("unix:{},server=on,wait=off", direct.display());
     let chardev_arg = format!("socket,id=h,path={},server=on,wait=off", via_mon.display());
-    let mut child = spawn_vmm(&[
+    let child = spawn_vmm(&[
         "-accel",
         "emu",
         "-m",
@@ -129,6 +129,15 @@ fn monitor_on_unix_sockets_serves_clients_in_turn() {
     talk(&direct);
     talk(&direct);
     talk(&via_mon);
-    let _ = child.kill();
-    let _ = child.wait();
+    // quit from the console: the vmm exits 0 and removes its socket files.
+    let stream = UnixStream::connect(&direct).unwrap();
+    stream.set_read_timeout(Some(TIMEOUT)).unwrap();
+    let mut writer = stream.try_clone().unwrap();
+    let mut reader = BufReader::new(stream);
+    assert_eq!(until_prompt(&mut reader), BANNER);
+    writer.write_all(b"quit\n").unwrap();
+    let done = wait_with_timeout(child, TIMEOUT);
+    assert_eq!(done.status.code(), Some(0), "{}", done.stderr);
+    assert!(!direct.exists(), "the -monitor socket is removed at exit");
+    assert!(!via_mon.exists(), "the -mon socket is removed at exit");
 }

@@ -122,10 +122,14 @@ fn run(cfg: VmConfig) -> i32 {
         }
     };
 
+    let mut hmp_consoles = Vec::new();
     for config in &hmp_monitors {
-        if let Err(e) = crate::monitor::hmp_console::start(config, machine.control()) {
-            crate::report!("vmm: {e}");
-            return 1;
+        match crate::monitor::hmp_console::start(config, machine.control()) {
+            Ok(console) => hmp_consoles.push(console),
+            Err(e) => {
+                crate::report!("vmm: {e}");
+                return 1;
+            }
         }
     }
 
@@ -164,6 +168,7 @@ fn run(cfg: VmConfig) -> i32 {
         monitor.shutdown(machine.take_quit_flush());
     }
     crate::chardev::restore_terminal();
+    drop(hmp_consoles);
     drop(pidfile);
     code
 }

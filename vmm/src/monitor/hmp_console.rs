@@ -22,8 +22,34 @@ const PROMPT: &str = "(qemu) ";
 /// Longest line a client may send; longer input is cut into lines of this size.
 const MAX_LINE: usize = 64 * 1024;
 
-/// Start one interactive monitor. Its threads run until the process exits.
-pub fn start(config: &MonitorConfig, control: MachineControl) -> Result<(), MonitorError> {
+/// A running interactive monitor. Its threads run until the process exits; dropping this
+/// removes its unix socket file, as QEMU does at exit.
+pub struct HmpConsole {
+    socket_path: Option<std::path::PathBuf>,
+}
+
+impl Drop for HmpConsole {
+    fn drop(&mut self) {
+        if let Some(path) = &self.socket_path {
+            let _ = std::fs::remove_file(path);
+        }
+    }
+}
+
+/// Start one interactive monitor.
+pub fn start(config: &MonitorConfig, control: MachineControl) -> Result<HmpConsole, MonitorError> {
+    let socket_path = match &config.endpoint {
+        MonitorEndpoint::Listen {
+            address: SocketAddress::Unix(path),
+            ..
+        } => Some(path.clone()),
+        _ => None,
+    };
+    serve_endpoint(config, control)?;
+    Ok(HmpConsole { socket_path })
+}
+
+fn serve_endpoint(config: &MonitorConfig, control: MachineControl) -> Result<(), MonitorError> {
     let listen_error = |address: String| {
         let option = config.option.clone();
         move |source| MonitorError::Listen {
