@@ -209,14 +209,7 @@ impl Mmu {
         let vpn = linear >> 12;
         let e = &self.tlb[(vpn as usize) & (TLB_ENTRIES - 1)];
         if e.tag == vpn {
-            let need = match (access, user) {
-                (Access::Read, true) => T_UR,
-                (Access::Read, false) => 0,
-                (Access::Write, true) => T_UW | T_DIRTY,
-                (Access::Write, false) => T_SW | T_DIRTY,
-                (Access::Execute, true) => T_UX,
-                (Access::Execute, false) => T_SX,
-            };
+            let need = required_perms(access, user);
             if e.perms & need == need {
                 let off = linear & 0xfff;
                 return Ok(Translation {
@@ -796,6 +789,19 @@ impl Mmu {
     }
 }
 
+/// The TLB permission bits an access needs (a write also needs the dirty bit set).
+#[inline(always)]
+fn required_perms(access: Access, user: bool) -> u8 {
+    match (access, user) {
+        (Access::Read, true) => T_UR,
+        (Access::Read, false) => 0,
+        (Access::Write, true) => T_UW | T_DIRTY,
+        (Access::Write, false) => T_SW | T_DIRTY,
+        (Access::Execute, true) => T_UX,
+        (Access::Execute, false) => T_SX,
+    }
+}
+
 /// Bits 48..63 are copies of bit 47.
 #[inline]
 pub fn is_canonical(addr: u64) -> bool {
@@ -827,12 +833,8 @@ impl Mmu {
         }
         let vpn = lin >> 12;
         let e = &self.tlb[(vpn as usize) & (TLB_ENTRIES - 1)];
-        let need = match (write, self.cpl == 3) {
-            (false, false) => 0,
-            (false, true) => T_UR,
-            (true, false) => T_SW | T_DIRTY,
-            (true, true) => T_UW | T_DIRTY,
-        };
+        let access = if write { Access::Write } else { Access::Read };
+        let need = required_perms(access, self.cpl == 3);
         if e.tag != vpn || e.host.is_null() || e.perms & need != need {
             return None;
         }

@@ -317,7 +317,7 @@ fn lower64(instr: &Instruction) -> Option<Fast> {
             };
             Some(Fast::Imul { dst, size, a, b })
         }
-        _ if instr.op_count() == 2 && is_cmov(mn) => {
+        _ if instr.op_count() == 2 && alu::is_cmov(mn) => {
             let (dst, size) = gpr(instr.op0_register())?;
             Some(Fast::Cmov {
                 cc: instr.condition_code(),
@@ -326,7 +326,7 @@ fn lower64(instr: &Instruction) -> Option<Fast> {
                 src: operand(instr, 1, size)?,
             })
         }
-        _ if instr.op_count() == 1 && is_setcc(mn) => Some(Fast::Set {
+        _ if instr.op_count() == 1 && alu::is_setcc(mn) => Some(Fast::Set {
             cc: instr.condition_code(),
             dst: operand(instr, 0, 1)?,
         }),
@@ -379,52 +379,6 @@ fn lower64(instr: &Instruction) -> Option<Fast> {
     }
 }
 
-fn is_cmov(mn: Mnemonic) -> bool {
-    use Mnemonic as Mn;
-    matches!(
-        mn,
-        Mn::Cmovo
-            | Mn::Cmovno
-            | Mn::Cmovb
-            | Mn::Cmovae
-            | Mn::Cmove
-            | Mn::Cmovne
-            | Mn::Cmovbe
-            | Mn::Cmova
-            | Mn::Cmovs
-            | Mn::Cmovns
-            | Mn::Cmovp
-            | Mn::Cmovnp
-            | Mn::Cmovl
-            | Mn::Cmovge
-            | Mn::Cmovle
-            | Mn::Cmovg
-    )
-}
-
-fn is_setcc(mn: Mnemonic) -> bool {
-    use Mnemonic as Mn;
-    matches!(
-        mn,
-        Mn::Seto
-            | Mn::Setno
-            | Mn::Setb
-            | Mn::Setae
-            | Mn::Sete
-            | Mn::Setne
-            | Mn::Setbe
-            | Mn::Seta
-            | Mn::Sets
-            | Mn::Setns
-            | Mn::Setp
-            | Mn::Setnp
-            | Mn::Setl
-            | Mn::Setge
-            | Mn::Setle
-            | Mn::Setg
-    )
-}
-
 #[inline(always)]
 fn read<M: DataAccess>(state: &CpuState, mem: &mut M, op: &Operand, size: usize) -> ExResult<u64> {
     match op {
@@ -474,9 +428,7 @@ fn set_status(state: &mut CpuState, rflags: u64) {
 /// A branch target must be canonical; otherwise #GP with RIP at the branch.
 #[inline(always)]
 fn jump(state: &mut CpuState, target: u64) -> ExResult<()> {
-    if ((target as i64) << 16) >> 16 != target as i64 {
-        return Err(Exception::GeneralProtection(0));
-    }
+    jump_check(target)?;
     state.rip = target;
     Ok(())
 }
@@ -639,7 +591,7 @@ pub fn execute<M: DataAccess>(f: &Fast, state: &mut CpuState, mem: &mut M) -> Ex
 
 #[inline(always)]
 fn jump_check(target: u64) -> ExResult<()> {
-    if ((target as i64) << 16) >> 16 != target as i64 {
+    if !crate::mmu::is_canonical(target) {
         return Err(Exception::GeneralProtection(0));
     }
     Ok(())

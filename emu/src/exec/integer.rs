@@ -103,41 +103,6 @@ pub fn execute<M: DataAccess>(
         Mn::Btr => bit_test(state, mem, instr, BitOp::Reset),
         Mn::Btc => bit_test(state, mem, instr, BitOp::Complement),
         Mn::Bsf | Mn::Bsr | Mn::Popcnt | Mn::Lzcnt | Mn::Tzcnt => bit_scan(state, mem, instr),
-        Mn::Seto
-        | Mn::Setno
-        | Mn::Setb
-        | Mn::Setae
-        | Mn::Sete
-        | Mn::Setne
-        | Mn::Setbe
-        | Mn::Seta
-        | Mn::Sets
-        | Mn::Setns
-        | Mn::Setp
-        | Mn::Setnp
-        | Mn::Setl
-        | Mn::Setge
-        | Mn::Setle
-        | Mn::Setg => {
-            let on = alu::condition(instr.condition_code(), state.rflags);
-            write_operand(state, mem, instr, 0, on as u64)
-        }
-        Mn::Cmovo
-        | Mn::Cmovno
-        | Mn::Cmovb
-        | Mn::Cmovae
-        | Mn::Cmove
-        | Mn::Cmovne
-        | Mn::Cmovbe
-        | Mn::Cmova
-        | Mn::Cmovs
-        | Mn::Cmovns
-        | Mn::Cmovp
-        | Mn::Cmovnp
-        | Mn::Cmovl
-        | Mn::Cmovge
-        | Mn::Cmovle
-        | Mn::Cmovg => cmov(state, mem, instr),
         Mn::Clc => flag_op(state, CF, Some(false)),
         Mn::Stc => flag_op(state, CF, Some(true)),
         Mn::Cmc => flag_op(state, CF, None),
@@ -226,6 +191,11 @@ pub fn execute<M: DataAccess>(
             }
             string::execute(state, mem, instr)
         }
+        m if alu::is_setcc(m) => {
+            let on = alu::condition(instr.condition_code(), state.rflags);
+            write_operand(state, mem, instr, 0, on as u64)
+        }
+        m if alu::is_cmov(m) => cmov(state, mem, instr),
         _ => return None,
     };
     Some(result)

@@ -302,3 +302,51 @@ pub fn condition(cc: iced_x86::ConditionCode, rflags: u64) -> bool {
         C::g => !zf && sf == of,
     }
 }
+
+/// CMOVcc, any condition.
+pub fn is_cmov(mn: iced_x86::Mnemonic) -> bool {
+    use iced_x86::Mnemonic as Mn;
+    matches!(
+        mn,
+        Mn::Cmovo
+            | Mn::Cmovno
+            | Mn::Cmovb
+            | Mn::Cmovae
+            | Mn::Cmove
+            | Mn::Cmovne
+            | Mn::Cmovbe
+            | Mn::Cmova
+            | Mn::Cmovs
+            | Mn::Cmovns
+            | Mn::Cmovp
+            | Mn::Cmovnp
+            | Mn::Cmovl
+            | Mn::Cmovge
+            | Mn::Cmovle
+            | Mn::Cmovg
+    )
+}
+
+/// SETcc, any condition.
+pub fn is_setcc(mn: iced_x86::Mnemonic) -> bool {
+    use iced_x86::Mnemonic as Mn;
+    matches!(
+        mn,
+        Mn::Seto
+            | Mn::Setno
+            | Mn::Setb
+            | Mn::Setae
+            | Mn::Sete
+            | Mn::Setne
+            | Mn::Setbe
+            | Mn::Seta
+            | Mn::Sets
+            | Mn::Setns
+            | Mn::Setp
+            | Mn::Setnp
+            | Mn::Setl
+            | Mn::Setge
+            | Mn::Setle
+            | Mn::Setg
+    )
+}
