@@ -113,3 +113,14 @@ impl Asm {
         self.a.assemble(LOAD_ADDR).expect("assemble test guest")
     }
 }
+
+/// Write `dir/guest.elf`: a guest that prints `text` to COM1 and then halts forever.
+/// Returns its path, for `-kernel`.
+pub fn hanging_guest(dir: &crate::TempDir, text: &str) -> String {
+    let mut g = Asm::new();
+    g.print(text);
+    g.hang();
+    let path = dir.join("guest.elf");
+    std::fs::write(&path, g.elf()).expect("write the guest image");
+    path.to_str().expect("a UTF-8 temporary path").to_string()
+}

@@ -6,6 +6,7 @@ use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
 pub mod console;
+pub mod device_echo;
 pub mod guest;
 pub mod qmp;
 

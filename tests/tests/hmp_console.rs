@@ -7,24 +7,16 @@ use std::os::unix::net::UnixStream;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use vmm_tests::guest::Asm;
+use vmm_tests::guest::hanging_guest;
 use vmm_tests::{spawn_vmm, vmm_binary, wait_until, wait_with_timeout, TempDir};
 
 const TIMEOUT: Duration = Duration::from_secs(30);
 const BANNER: &str = "QEMU 7.2.0 monitor - type 'help' for more information\r\n";
 
-fn guest(dir: &TempDir) -> String {
-    let mut g = Asm::new();
-    g.hang();
-    let path = dir.join("guest.elf");
-    std::fs::write(&path, g.elf()).unwrap();
-    path.to_str().unwrap().to_string()
-}
-
 #[test]
 fn monitor_stdio_runs_commands_and_quits() {
     let dir = TempDir::new("hmp-stdio");
-    let kernel = guest(&dir);
+    let kernel = hanging_guest(&dir, "");
     let mut child = Command::new(vmm_binary())
         .args([
             "-accel",
@@ -102,7 +94,7 @@ fn talk(socket: &std::path::Path) {
 #[test]
 fn monitor_on_unix_sockets_serves_clients_in_turn() {
     let dir = TempDir::new("hmp-unix");
-    let kernel = guest(&dir);
+    let kernel = hanging_guest(&dir, "");
     let direct = dir.join("hmp.sock");
     let via_mon = dir.join("mon.sock");
     let monitor_arg = format!("unix:{},server=on,wait=off", direct.display());

@@ -6,17 +6,8 @@ use std::io::Read;
 use std::os::unix::net::UnixStream;
 use std::time::Duration;
 
-use vmm_tests::guest::Asm;
+use vmm_tests::guest::hanging_guest;
 use vmm_tests::{require_kvm, run_vmm, spawn_vmm, wait_until, wait_with_timeout, TempDir};
-
-fn hanging_guest(dir: &TempDir, text: &str) -> String {
-    let mut g = Asm::new();
-    g.print(text);
-    g.hang();
-    let path = dir.join("guest.elf");
-    std::fs::write(&path, g.elf()).unwrap();
-    path.to_str().unwrap().to_string()
-}
 
 fn alive(pid: i32) -> bool {
     // SAFETY: signal 0 only checks that the process exists.

@@ -7,20 +7,13 @@ use std::process::Child;
 use std::time::Duration;
 
 use serde_json::{json, Value};
-use vmm_tests::guest::Asm;
+use vmm_tests::guest::{hanging_guest, Asm};
 use vmm_tests::qmp::Qmp;
 use vmm_tests::{read_file, require_kvm, spawn_vmm, wait_until, wait_with_timeout, TempDir};
 
 const TIMEOUT: Duration = Duration::from_secs(30);
 
 /// A guest that prints `text` and halts.
-fn hanging_guest(dir: &TempDir, text: &str) -> String {
-    let mut g = Asm::new();
-    g.print(text);
-    g.hang();
-    write_guest(dir, g)
-}
-
 /// A guest that prints "off\n", then enters ACPI S5.
 fn poweroff_guest(dir: &TempDir) -> String {
     use iced_x86::code_asm::*;

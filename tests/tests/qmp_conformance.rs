@@ -14,7 +14,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
-use vmm_tests::guest::Asm;
+use vmm_tests::guest::hanging_guest;
 use vmm_tests::qmp::Qmp;
 use vmm_tests::{kvm_available, spawn_vmm, wait_until, TempDir};
 
@@ -73,10 +73,7 @@ fn unix_arg(path: &std::path::Path) -> String {
 }
 
 fn start_ours(dir: &TempDir, accel: &str) -> Monitor {
-    let mut g = Asm::new();
-    g.hang();
-    let kernel = dir.join("guest.elf");
-    std::fs::write(&kernel, g.elf()).unwrap();
+    let kernel = hanging_guest(dir, "");
     let socket = dir.join("vmm.sock");
     let qmp_arg = unix_arg(&socket);
     let child = spawn_vmm(&[
@@ -89,7 +86,7 @@ fn start_ours(dir: &TempDir, accel: &str) -> Monitor {
         "none",
         "-S",
         "-kernel",
-        kernel.to_str().unwrap(),
+        &kernel,
         "-qmp",
         &qmp_arg,
     ]);

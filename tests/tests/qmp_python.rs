@@ -7,17 +7,14 @@ use std::io::Write;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use vmm_tests::guest::Asm;
+use vmm_tests::guest::hanging_guest;
 use vmm_tests::{repo_root, spawn_vmm, wait_until, wait_with_timeout, TempDir};
 
 const TIMEOUT: Duration = Duration::from_secs(60);
 
 /// A hanging guest (hlt; jmp .-3 at 0x200000) under emu with a QMP socket.
 fn start(dir: &TempDir, extra: &[&str]) -> (std::process::Child, std::path::PathBuf) {
-    let mut g = Asm::new();
-    g.hang();
-    let kernel = dir.join("guest.elf");
-    std::fs::write(&kernel, g.elf()).unwrap();
+    let kernel = hanging_guest(dir, "");
     let socket = dir.join("qmp.sock");
     let qmp_arg = format!("unix:{},server=on,wait=off", socket.display());
     let mut args = vec![
@@ -29,7 +26,7 @@ fn start(dir: &TempDir, extra: &[&str]) -> (std::process::Child, std::path::Path
         "-display",
         "none",
         "-kernel",
-        kernel.to_str().unwrap(),
+        &kernel,
         "-qmp",
         &qmp_arg,
     ];

@@ -6,7 +6,7 @@
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use vmm_tests::guest::Asm;
+use vmm_tests::guest::hanging_guest;
 use vmm_tests::{repo_root, spawn_vmm, wait_until, TempDir};
 
 const TIMEOUT: Duration = Duration::from_secs(60);
@@ -15,17 +15,14 @@ const UUID: &str = "6c9ef2c4-5a9f-4d4b-9a55-2cbbd7f0b3a1";
 #[test]
 fn reply_shapes_match_qemu_7_2() {
     let dir = TempDir::new("qmp-vs-qemu");
-    let mut g = Asm::new();
-    g.hang();
-    let kernel = dir.join("guest.elf");
-    std::fs::write(&kernel, g.elf()).unwrap();
+    let kernel = hanging_guest(&dir, "");
     let ours = dir.join("vmm.sock");
     let theirs = dir.join("qemu.sock");
     let common = ["-m", "64", "-nodefaults", "-display", "none", "-S"];
     let common_named = ["-name", "cmp", "-uuid", UUID];
 
     let ours_arg = format!("unix:{},server=on,wait=off", ours.display());
-    let mut args = vec!["-accel", "emu", "-kernel", kernel.to_str().unwrap()];
+    let mut args = vec!["-accel", "emu", "-kernel", &kernel];
     args.extend(common);
     args.extend(common_named);
     args.extend(["-qmp", &ours_arg]);

@@ -8,27 +8,11 @@ use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use serde::{Deserialize, Serialize};
 use vmm::supervisor::DeviceProcess;
+use vmm_tests::device_echo::{Reply, Request};
 use vmm_tests::wait_until;
 
 const T: Duration = Duration::from_secs(10);
-
-// The device-echo protocol (the same shapes as in tests/src/bin/device-echo.rs).
-#[derive(Debug, Serialize, Deserialize)]
-enum Request {
-    Echo(String),
-    OpenFds,
-    Exit(i32),
-    TryOpen(String),
-    TryConnect(String),
-}
-#[derive(Debug, PartialEq, Serialize, Deserialize)]
-enum Reply {
-    Echo(String),
-    OpenFds(Vec<i32>),
-    Outcome(Result<(), String>),
-}
 
 fn program() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_device-echo"))

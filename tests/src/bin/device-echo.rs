@@ -9,25 +9,7 @@
 use std::io::Write;
 use std::time::Duration;
 
-use serde::{Deserialize, Serialize};
-
-#[derive(Debug, Serialize, Deserialize)]
-pub enum Request {
-    Echo(String),
-    OpenFds,
-    Exit(i32),
-    /// Try to open a path for reading; the reply says whether it worked.
-    TryOpen(String),
-    /// Try to connect to a TCP address.
-    TryConnect(String),
-}
-
-#[derive(Debug, Serialize, Deserialize)]
-pub enum Reply {
-    Echo(String),
-    OpenFds(Vec<i32>),
-    Outcome(Result<(), String>),
-}
+use vmm_tests::device_echo::{Reply, Request};
 
 fn main() {
     if std::env::args().nth(1).as_deref() == Some("--spawn-child") {
