@@ -50,93 +50,76 @@ pub fn start(config: &MonitorConfig, control: MachineControl) -> Result<HmpConso
 }
 
 fn serve_endpoint(config: &MonitorConfig, control: MachineControl) -> Result<(), MonitorError> {
-    let listen_error = |address: String| {
-        let option = config.option.clone();
-        move |source| MonitorError::Listen {
-            option,
-            address,
-            source,
-        }
-    };
-    let spawn = |name: &str, f: Box<dyn FnOnce() + Send>| {
-        std::thread::Builder::new()
-            .name(name.into())
-            .spawn(f)
-            .map(drop)
-            .map_err(MonitorError::Runtime)
-    };
-    match &config.endpoint {
-        MonitorEndpoint::Stdio => spawn(
-            "hmp-stdio",
-            Box::new(move || {
+    let (address, wait) = match &config.endpoint {
+        MonitorEndpoint::Stdio => {
+            return spawn("hmp-stdio", move || {
                 serve(std::io::stdin().lock(), std::io::stdout(), &control);
-            }),
-        ),
-        MonitorEndpoint::Listen { address, wait } => {
-            let wait = *wait;
-            match address {
-                SocketAddress::Unix(path) => {
-                    remove_stale_socket(path);
-                    let listener = UnixListener::bind(path)
-                        .map_err(listen_error(path.display().to_string()))?;
-                    let first = accept_first(wait, || listener.accept().map(|(s, _)| s))
-                        .map_err(|source| accept_error(config, path.display(), source))?;
-                    spawn(
-                        "hmp-unix",
-                        Box::new(move || {
-                            if let Some(stream) = first {
-                                serve_stream(stream, &control);
-                            }
-                            for stream in listener.incoming().flatten() {
-                                serve_stream(stream, &control);
-                            }
-                        }),
-                    )
-                }
-                SocketAddress::Tcp { host, port } => {
-                    let host = if host.is_empty() { "0.0.0.0" } else { host };
-                    let listener = TcpListener::bind((host, *port))
-                        .map_err(listen_error(format!("{host}:{port}")))?;
-                    let first = accept_first(wait, || listener.accept().map(|(s, _)| s))
-                        .map_err(|source| accept_error(config, format!("{host}:{port}"), source))?;
-                    spawn(
-                        "hmp-tcp",
-                        Box::new(move || {
-                            if let Some(stream) = first {
-                                serve_stream(stream, &control);
-                            }
-                            for stream in listener.incoming().flatten() {
-                                serve_stream(stream, &control);
-                            }
-                        }),
-                    )
-                }
+            })
+        }
+        MonitorEndpoint::Listen { address, wait } => (address, *wait),
+    };
+    let text = match address {
+        SocketAddress::Unix(path) => path.display().to_string(),
+        SocketAddress::Tcp { host, port } => format!("{host}:{port}"),
+    };
+    let listen_error = |source| MonitorError::Listen {
+        option: config.option.clone(),
+        address: text.clone(),
+        source,
+    };
+    let accept_error = |source| MonitorError::Accept {
+        option: config.option.clone(),
+        address: text.clone(),
+        source,
+    };
+    match address {
+        SocketAddress::Unix(path) => {
+            remove_stale_socket(path);
+            let listener = UnixListener::bind(path).map_err(listen_error)?;
+            let accept = move || listener.accept().map(|(s, _)| s);
+            serve_clients("hmp-unix", wait, accept, control).map_err(accept_error)?
+        }
+        SocketAddress::Tcp { host, port } => {
+            let host = if host.is_empty() { "0.0.0.0" } else { host };
+            let listener = TcpListener::bind((host, *port)).map_err(listen_error)?;
+            let accept = move || listener.accept().map(|(s, _)| s);
+            serve_clients("hmp-tcp", wait, accept, control).map_err(accept_error)?
+        }
+    }
+}
+
+fn spawn(name: &str, f: impl FnOnce() + Send + 'static) -> Result<(), MonitorError> {
+    std::thread::Builder::new()
+        .name(name.into())
+        .spawn(f)
+        .map(drop)
+        .map_err(MonitorError::Runtime)
+}
+
+/// Serve the clients `accept` returns, one at a time, on a thread of their own; with
+/// `wait`, the first client is accepted before this returns (QEMU's `wait=on`). The
+/// outer error is accepting that first client; the inner one starting the thread.
+fn serve_clients<S>(
+    name: &str,
+    wait: bool,
+    mut accept: impl FnMut() -> std::io::Result<S> + Send + 'static,
+    control: MachineControl,
+) -> std::io::Result<Result<(), MonitorError>>
+where
+    S: Read + Write + TryClone + Send + 'static,
+{
+    let first = if wait { Some(accept()?) } else { None };
+    Ok(spawn(name, move || {
+        if let Some(stream) = first {
+            serve_stream(stream, &control);
+        }
+        loop {
+            // A failed accept (a client that went away first) just waits for the next.
+            if let Ok(stream) = accept() {
+                serve_stream(stream, &control);
             }
         }
-    }
-}
-
-fn accept_first<S>(
-    wait: bool,
-    accept: impl FnOnce() -> std::io::Result<S>,
-) -> std::io::Result<Option<S>> {
-    if wait {
-        accept().map(Some)
-    } else {
-        Ok(None)
-    }
-}
-
-fn accept_error(
-    config: &MonitorConfig,
-    address: impl std::fmt::Display,
-    source: std::io::Error,
-) -> MonitorError {
-    MonitorError::Accept {
-        option: config.option.clone(),
-        address: address.to_string(),
-        source,
-    }
+    }))
 }
 
 /// Serve one connected client (a unix or tcp stream) until it hangs up.
