@@ -1,9 +1,10 @@
 //! The fds a device process starts with. The vmm's supervisor places the control socket
-//! (postcard RPC, see the `ipc` crate) at fd 3 and the vhost-user socket at fd 4; besides
-//! stdin/stdout (/dev/null) and stderr (the vmm's log), nothing else is open.
+//! (postcard RPC, see the `ipc` crate) at fd 3 and a listening vhost-user socket at fd 4
+//! (the vmm connects to it, again after a restart); besides stdin/stdout (/dev/null) and
+//! stderr (the vmm's log), nothing else is open.
 
 use std::os::fd::{FromRawFd, RawFd};
-use std::os::unix::net::UnixStream;
+use std::os::unix::net::{UnixListener, UnixStream};
 
 /// The control socket's fd in a device process.
 pub const CONTROL_FD: RawFd = 3;
@@ -18,9 +19,13 @@ pub enum InheritError {
     NotASocket(RawFd),
 }
 
-/// Take ownership of the control and vhost-user sockets. Call once, first thing.
-pub fn inherited_sockets() -> Result<(UnixStream, UnixStream), InheritError> {
-    Ok((adopt(CONTROL_FD)?, adopt(VHOST_USER_FD)?))
+/// Take ownership of the control socket and the vhost-user listener. Call once, first thing.
+pub fn inherited_sockets() -> Result<(UnixStream, UnixListener), InheritError> {
+    let control = adopt(CONTROL_FD)?;
+    let listener = adopt(VHOST_USER_FD)?;
+    // SAFETY: `adopt` checked the fd is an open socket and transfers its ownership here.
+    let listener = unsafe { UnixListener::from_raw_fd(std::os::fd::IntoRawFd::into_raw_fd(listener)) };
+    Ok((control, listener))
 }
 
 fn adopt(fd: RawFd) -> Result<UnixStream, InheritError> {

@@ -4,6 +4,7 @@
 //! hello, requests with ids and replies, unsolicited events, and timeouts. Each device
 //! kind brings its own request, reply and event types.
 
+pub mod blk;
 pub mod channel;
 pub mod frame;
 

@@ -1,5 +1,6 @@
 //! The supervisor of the device processes: it starts each one (found beside the `vmm`
-//! binary) with exactly two sockets — control at fd 3, vhost-user at fd 4 — plus
+//! binary) with exactly two sockets — control at fd 3, a listening vhost-user socket at
+//! fd 4 — plus
 //! stdin/stdout on /dev/null and our stderr for its log, ties its life to ours
 //! (PR_SET_PDEATHSIG, checked after it is set), and watches it through a pidfd.
 
@@ -42,7 +43,89 @@ pub struct DeviceProcess {
     child: Child,
     pidfd: OwnedFd,
     pub control: UnixStream,
-    pub vhost_user: UnixStream,
+    /// The vhost-user listener the child accepts on; we keep it so that a respawned child
+    /// gets the same socket, and connect to it with [`DeviceProcess::connect_vhost_user`].
+    vhost_listener: VhostUserListener,
+}
+
+/// A unix socket listening on an autobound abstract address: no file on disk, nothing for
+/// a sandboxed child to open, and the vhost-user crates accept it as a `Listener`.
+pub struct VhostUserListener {
+    fd: OwnedFd,
+    address: libc::sockaddr_un,
+    address_len: libc::socklen_t,
+}
+
+impl VhostUserListener {
+    pub fn new() -> io::Result<Self> {
+        // SAFETY: socket() with constant arguments returns a new fd or -1.
+        let fd = unsafe { libc::socket(libc::AF_UNIX, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: socket() just returned this fd and nothing else owns it.
+        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+        // SAFETY: sockaddr_un is plain data; all zeroes is a valid value.
+        let mut address: libc::sockaddr_un = unsafe { std::mem::zeroed() };
+        address.sun_family = libc::AF_UNIX as libc::sa_family_t;
+        // Binding with only the family asks the kernel for a unique abstract name.
+        let family_len = std::mem::size_of::<libc::sa_family_t>() as libc::socklen_t;
+        // SAFETY: `address` is a valid sockaddr_un and `family_len` does not exceed it.
+        let r = unsafe {
+            libc::bind(
+                fd.as_raw_fd(),
+                &address as *const libc::sockaddr_un as *const libc::sockaddr,
+                family_len,
+            )
+        };
+        if r < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: listen on the socket we own.
+        if unsafe { libc::listen(fd.as_raw_fd(), 4) } < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let mut address_len = std::mem::size_of::<libc::sockaddr_un>() as libc::socklen_t;
+        // SAFETY: getsockname writes at most `address_len` bytes into `address`.
+        let r = unsafe {
+            libc::getsockname(
+                fd.as_raw_fd(),
+                &mut address as *mut libc::sockaddr_un as *mut libc::sockaddr,
+                &mut address_len,
+            )
+        };
+        if r < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(VhostUserListener {
+            fd,
+            address,
+            address_len,
+        })
+    }
+
+    /// A new connection to the listener (queued until the child accepts it).
+    pub fn connect(&self) -> io::Result<UnixStream> {
+        // SAFETY: as in `new`.
+        let fd = unsafe { libc::socket(libc::AF_UNIX, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: socket() just returned this fd and nothing else owns it.
+        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+        // SAFETY: `address`/`address_len` came from getsockname on the listener.
+        let r = unsafe {
+            libc::connect(
+                fd.as_raw_fd(),
+                &self.address as *const libc::sockaddr_un as *const libc::sockaddr,
+                self.address_len,
+            )
+        };
+        if r < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(UnixStream::from(fd))
+    }
 }
 
 impl DeviceProcess {
@@ -50,10 +133,10 @@ impl DeviceProcess {
     pub fn spawn(name: &str, program: &Path, args: &[&str]) -> Result<Self, SupervisorError> {
         let (control, child_control) =
             UnixStream::pair().map_err(|e| SupervisorError::Sockets(name.into(), e))?;
-        let (vhost_user, child_vhost_user) =
-            UnixStream::pair().map_err(|e| SupervisorError::Sockets(name.into(), e))?;
+        let vhost_listener =
+            VhostUserListener::new().map_err(|e| SupervisorError::Sockets(name.into(), e))?;
         let control_fd = child_control.as_raw_fd();
-        let vhost_fd = child_vhost_user.as_raw_fd();
+        let vhost_fd = vhost_listener.fd.as_raw_fd();
         let parent = std::process::id() as libc::pid_t;
         let mut command = Command::new(program);
         command
@@ -69,9 +152,8 @@ impl DeviceProcess {
         let child = command
             .spawn()
             .map_err(|e| SupervisorError::Spawn(name.into(), e))?;
-        // Our copies of the child's ends close here.
+        // Our copy of the child's control end closes here.
         drop(child_control);
-        drop(child_vhost_user);
         // SAFETY: pidfd_open takes a pid and flags and returns a new fd or -1.
         let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, child.id() as libc::pid_t, 0) };
         if fd < 0 {
@@ -88,8 +170,15 @@ impl DeviceProcess {
             child,
             pidfd,
             control,
-            vhost_user,
+            vhost_listener,
         })
+    }
+
+    /// Connect to the child's vhost-user socket.
+    pub fn connect_vhost_user(&self) -> Result<UnixStream, SupervisorError> {
+        self.vhost_listener
+            .connect()
+            .map_err(|e| SupervisorError::Sockets(self.name.clone(), e))
     }
 
     pub fn name(&self) -> &str {
