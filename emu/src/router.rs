@@ -50,6 +50,38 @@ pub struct ApicMessage {
     pub level_triggered: bool,
 }
 
+impl ApicMessage {
+    /// Decode a message-signalled interrupt: a device's 32-bit write of `data` to `address`
+    /// in the 0xFEE0_0000 window (Intel SDM vol. 3, 11.11). `None` if the address is not an
+    /// interrupt message or the delivery mode is reserved.
+    pub fn from_msi(address: u64, data: u32) -> Option<Self> {
+        if address >> 20 != 0xfee {
+            return None;
+        }
+        let dest_id = ((address >> 12) & 0xff) as u32;
+        let logical = address & (1 << 2) != 0;
+        let mode = match (data >> 8) & 7 {
+            0 => DeliveryMode::Fixed,
+            1 => DeliveryMode::LowestPriority,
+            2 => DeliveryMode::Smi,
+            4 => DeliveryMode::Nmi,
+            5 => DeliveryMode::Init,
+            7 => DeliveryMode::ExtInt,
+            _ => return None,
+        };
+        Some(ApicMessage {
+            dest: if logical {
+                Destination::Logical(dest_id)
+            } else {
+                Destination::Physical(dest_id)
+            },
+            mode,
+            vector: data as u8,
+            level_triggered: data & (1 << 15) != 0,
+        })
+    }
+}
+
 /// What the owning LAPIC takes out of its inbox in one go.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct InboxContents {
@@ -355,6 +387,21 @@ mod tests {
             vector,
             level_triggered: false,
         }
+    }
+
+    #[test]
+    fn msi_messages_decode_as_linux_writes_them() {
+        // Linux: address 0xfee0_0000 | dest << 12, data = vector (fixed, edge).
+        let msg = ApicMessage::from_msi(0xfee0_1000, 0x0041);
+        assert_eq!(msg, Some(fixed(Destination::Physical(1), 0x41)));
+        let logical = ApicMessage::from_msi(0xfee0_1004, 0x0141);
+        assert_eq!(logical.map(|m| m.dest), Some(Destination::Logical(1)));
+        assert_eq!(
+            logical.map(|m| m.mode),
+            Some(DeliveryMode::LowestPriority)
+        );
+        assert_eq!(ApicMessage::from_msi(0x1000, 0x41), None);
+        assert_eq!(ApicMessage::from_msi(0xfee0_0000, 0x0341), None);
     }
 
     #[test]

@@ -438,6 +438,14 @@ impl Accelerator for EmuAccel {
         Arc::new(EmuIrqChip(self.platform.clone()))
     }
 
+    fn signal_msi(&self, address: u64, data: u32) -> Result<(), AccelError> {
+        let msg = emu::router::ApicMessage::from_msi(address, data).ok_or(
+            AccelError::Unsupported("an MSI whose address or delivery mode is not an interrupt"),
+        )?;
+        self.platform.router.deliver(msg);
+        Ok(())
+    }
+
     fn register_platform_devices(&self, pio: &Bus, mmio: &Bus) -> Result<(), AccelError> {
         let err = |what: &'static str| {
             move |e: crate::devices::bus::BusError| AccelError::Emu(format!("{what}: {e}"))

@@ -248,6 +248,19 @@ impl Accelerator for KvmAccel {
         Arc::new(KvmIrqChip(self.vm.clone()))
     }
 
+    fn signal_msi(&self, address: u64, data: u32) -> Result<(), AccelError> {
+        let msi = kvm_bindings::kvm_msi {
+            address_lo: address as u32,
+            address_hi: (address >> 32) as u32,
+            data,
+            ..Default::default()
+        };
+        self.vm
+            .signal_msi(msi)
+            .map(|_| ())
+            .map_err(AccelError::kvm("KVM_SIGNAL_MSI"))
+    }
+
     fn pause(&self) {
         let mut saved = self.paused_clock.lock().unwrap_or_else(|e| e.into_inner());
         if saved.is_some() {

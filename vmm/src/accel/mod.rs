@@ -162,6 +162,9 @@ pub trait Accelerator: Send + Sync {
     fn inject_nmi_all(&self) -> bool {
         false
     }
+    /// Deliver a message-signalled interrupt: the 32-bit write of `data` to `address` that
+    /// a device's MSI or MSI-X entry describes.
+    fn signal_msi(&self, address: u64, data: u32) -> Result<(), AccelError>;
     /// Reset VM-wide state (irqchip, PIT) to power-on values.
     fn reset(&self) -> Result<(), AccelError>;
     /// Signal `fd` when the guest writes to `addr` (optionally only `datamatch`).
