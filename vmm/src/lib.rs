@@ -26,3 +26,4 @@ pub mod memory;
 pub mod monitor;
 pub mod pci;
 pub mod supervisor;
+pub mod virtio;

@@ -232,3 +232,94 @@ pub fn create_accelerator(
     }
     Err(last_err)
 }
+
+#[cfg(test)]
+pub(crate) mod test_util {
+    use std::sync::Mutex;
+
+    use super::*;
+
+    /// An accelerator without vCPUs that records what devices ask of it.
+    #[derive(Default)]
+    pub struct RecordingAccel {
+        msis: Mutex<Vec<(u64, u32)>>,
+        pub ioevents: Mutex<Vec<(IoEventAddress, Option<u32>)>>,
+    }
+
+    impl RecordingAccel {
+        pub fn msis(&self) -> Vec<(u64, u32)> {
+            self.msis.lock().unwrap_or_else(|e| e.into_inner()).clone()
+        }
+    }
+
+    struct NoIrqChip;
+    impl IrqChip for NoIrqChip {
+        fn set_irq_level(
+            &self,
+            _gsi: u32,
+            _level: bool,
+        ) -> Result<(), crate::devices::interrupt::InterruptError> {
+            Ok(())
+        }
+    }
+
+    impl Accelerator for RecordingAccel {
+        fn kind(&self) -> AccelKind {
+            AccelKind::Emu
+        }
+        fn max_vcpus(&self) -> u32 {
+            0
+        }
+        fn create_vcpu(
+            &self,
+            _id: u32,
+            _num_vcpus: u32,
+            _io: Arc<dyn IoHandler + Send>,
+        ) -> Result<Box<dyn Vcpu>, AccelError> {
+            Err(AccelError::Unsupported("vCPUs in a test accelerator"))
+        }
+        fn irq_chip(&self) -> Arc<dyn IrqChip> {
+            Arc::new(NoIrqChip)
+        }
+        fn signal_msi(&self, address: u64, data: u32) -> Result<(), AccelError> {
+            self.msis
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .push((address, data));
+            Ok(())
+        }
+        fn reset(&self) -> Result<(), AccelError> {
+            Ok(())
+        }
+        fn register_ioevent(
+            &self,
+            _fd: &EventFd,
+            addr: IoEventAddress,
+            datamatch: Option<u32>,
+        ) -> Result<(), AccelError> {
+            self.ioevents
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .push((addr, datamatch));
+            Ok(())
+        }
+        fn unregister_ioevent(
+            &self,
+            _fd: &EventFd,
+            addr: IoEventAddress,
+            datamatch: Option<u32>,
+        ) -> Result<(), AccelError> {
+            self.ioevents
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .retain(|e| *e != (addr, datamatch));
+            Ok(())
+        }
+        fn register_irqfd(&self, _fd: &EventFd, _gsi: u32) -> Result<(), AccelError> {
+            Ok(())
+        }
+        fn unregister_irqfd(&self, _fd: &EventFd, _gsi: u32) -> Result<(), AccelError> {
+            Ok(())
+        }
+    }
+}

@@ -1,0 +1,381 @@
+//! A virtio backend in another process, reached over vhost-user (the `vhost` crate's
+//! frontend). The device process gets guest RAM as memfd regions and each queue's kick and
+//! call eventfds, and from then on moves data without us.
+//!
+//! Everything sent to the backend is remembered, so that a backend that died can be
+//! replaced: [`VhostUserDevice::reconnect`] replays the setup on a new connection and
+//! restarts each queue from the used index the guest can see, so requests that were in
+//! flight are processed again.
+
+use std::os::unix::net::UnixStream;
+
+use vhost::vhost_user::message::{
+    VhostUserConfigFlags, VhostUserProtocolFeatures, VhostUserVirtioFeatures,
+};
+use vhost::vhost_user::{Frontend, VhostUserFrontend};
+use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
+use vmm_sys_util::eventfd::EventFd;
+
+use super::{Activation, VirtioBackend, VirtioError};
+
+/// Protocol features we use when the backend offers them.
+fn wanted_protocol_features() -> VhostUserProtocolFeatures {
+    VhostUserProtocolFeatures::MQ
+        | VhostUserProtocolFeatures::CONFIG
+        | VhostUserProtocolFeatures::REPLY_ACK
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum VhostUserError {
+    #[error("vhost-user {step} with {device}: {source}")]
+    Protocol {
+        device: String,
+        step: &'static str,
+        #[source]
+        source: vhost::Error,
+    },
+    #[error("{device}: the backend does not offer {what}")]
+    Missing { device: String, what: &'static str },
+    #[error("{device}: the backend has {have} queues, the device needs {want}")]
+    Queues {
+        device: String,
+        have: u64,
+        want: usize,
+    },
+    #[error("{device}: queue {queue} is not in guest RAM")]
+    QueueMemory { device: String, queue: usize },
+}
+
+/// A queue as it was started, for replay.
+struct StartedQueue {
+    index: usize,
+    size: u16,
+    desc: u64,
+    avail: u64,
+    used: u64,
+    kick: EventFd,
+    call: EventFd,
+}
+
+/// The driver's side of the device once it is running.
+struct Active {
+    features: u64,
+    queues: Vec<StartedQueue>,
+}
+
+pub struct VhostUserDevice {
+    name: String,
+    device_type: u16,
+    num_queues: usize,
+    queue_max_size: u16,
+    frontend: Frontend,
+    /// Device features offered to the driver (without the vhost-user protocol bit).
+    features: u64,
+    /// Whether the backend speaks the protocol-features extension (then rings start
+    /// disabled and need SET_VRING_ENABLE).
+    protocol_features: bool,
+    config: Vec<u8>,
+    memory: GuestMemoryMmap,
+    active: Option<Active>,
+}
+
+impl VhostUserDevice {
+    /// Take over `stream`, negotiate, and read the device configuration (`config_size`
+    /// bytes). `num_queues` queues of up to `queue_max_size` entries are exposed.
+    pub fn connect(
+        name: &str,
+        device_type: u16,
+        stream: UnixStream,
+        num_queues: usize,
+        queue_max_size: u16,
+        config_size: usize,
+        memory: GuestMemoryMmap,
+    ) -> Result<Self, VhostUserError> {
+        let mut frontend = Frontend::from_stream(stream, num_queues as u64);
+        let (features, protocol_features, config) =
+            handshake(name, &mut frontend, num_queues, config_size)?;
+        Ok(VhostUserDevice {
+            name: name.to_string(),
+            device_type,
+            num_queues,
+            queue_max_size,
+            frontend,
+            features,
+            protocol_features,
+            config,
+            memory,
+            active: None,
+        })
+    }
+
+    /// Continue on a new connection (the backend process was restarted): negotiate again
+    /// and, if the driver had started the device, replay its setup.
+    pub fn reconnect(&mut self, stream: UnixStream) -> Result<(), VhostUserError> {
+        let mut frontend = Frontend::from_stream(stream, self.num_queues as u64);
+        let (features, protocol_features, _config) =
+            handshake(&self.name, &mut frontend, self.num_queues, self.config.len())?;
+        if features != self.features {
+            tracing::warn!(device = %self.name,
+                "the restarted backend offers features {features:#x} instead of {:#x}",
+                self.features);
+        }
+        self.frontend = frontend;
+        self.protocol_features = protocol_features;
+        if let Some(active) = self.active.take() {
+            let result = self.start(&active, true);
+            self.active = Some(active);
+            result?;
+        }
+        Ok(())
+    }
+
+    /// Re-read the device configuration (after the backend reported a change).
+    pub fn refresh_config(&mut self) -> Result<(), VhostUserError> {
+        self.config = read_config(&self.name, &mut self.frontend, self.config.len())?;
+        Ok(())
+    }
+
+    fn step(&self, step: &'static str) -> impl FnOnce(vhost::Error) -> VhostUserError + '_ {
+        move |source| VhostUserError::Protocol {
+            device: self.name.clone(),
+            step,
+            source,
+        }
+    }
+
+    /// Send the memory table and every queue. `resume`: the queues continue from the used
+    /// index in guest memory instead of from zero.
+    fn start(&mut self, active: &Active, resume: bool) -> Result<(), VhostUserError> {
+        let mut features = active.features;
+        if self.protocol_features {
+            features |= VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits();
+        }
+        self.frontend
+            .set_features(features)
+            .map_err(self.step("SET_FEATURES"))?;
+        let regions = self
+            .memory
+            .iter()
+            .map(VhostUserMemoryRegionInfo::from_guest_region)
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(self.step("memory region"))?;
+        self.frontend
+            .set_mem_table(&regions)
+            .map_err(self.step("SET_MEM_TABLE"))?;
+        for q in &active.queues {
+            let host = |gpa: u64| {
+                self.memory
+                    .get_host_address(GuestAddress(gpa))
+                    .map(|p| p as u64)
+                    .map_err(|_| VhostUserError::QueueMemory {
+                        device: self.name.clone(),
+                        queue: q.index,
+                    })
+            };
+            let ring = VringConfigData {
+                queue_max_size: self.queue_max_size,
+                queue_size: q.size,
+                flags: 0,
+                desc_table_addr: host(q.desc)?,
+                used_ring_addr: host(q.used)?,
+                avail_ring_addr: host(q.avail)?,
+                log_addr: None,
+            };
+            let base = if resume {
+                // struct virtq_used { le16 flags; le16 idx; ... }
+                self.memory
+                    .read_obj::<u16>(GuestAddress(q.used + 2))
+                    .map_err(|_| VhostUserError::QueueMemory {
+                        device: self.name.clone(),
+                        queue: q.index,
+                    })?
+            } else {
+                0
+            };
+            self.frontend
+                .set_vring_num(q.index, q.size)
+                .map_err(self.step("SET_VRING_NUM"))?;
+            self.frontend
+                .set_vring_addr(q.index, &ring)
+                .map_err(self.step("SET_VRING_ADDR"))?;
+            self.frontend
+                .set_vring_base(q.index, base)
+                .map_err(self.step("SET_VRING_BASE"))?;
+            self.frontend
+                .set_vring_call(q.index, &q.call)
+                .map_err(self.step("SET_VRING_CALL"))?;
+            self.frontend
+                .set_vring_kick(q.index, &q.kick)
+                .map_err(self.step("SET_VRING_KICK"))?;
+            if self.protocol_features {
+                self.frontend
+                    .set_vring_enable(q.index, true)
+                    .map_err(self.step("SET_VRING_ENABLE"))?;
+            }
+            if resume {
+                // Requests the guest queued while the backend was down: look again.
+                let _ = q.kick.write(1);
+            }
+        }
+        Ok(())
+    }
+}
+
+fn read_config(
+    name: &str,
+    frontend: &mut Frontend,
+    size: usize,
+) -> Result<Vec<u8>, VhostUserError> {
+    let buf = vec![0u8; size];
+    let (_, config) = frontend
+        .get_config(0, size as u32, VhostUserConfigFlags::empty(), &buf)
+        .map_err(|source| VhostUserError::Protocol {
+            device: name.to_string(),
+            step: "GET_CONFIG",
+            source,
+        })?;
+    Ok(config)
+}
+
+/// SET_OWNER, features, protocol features, queue count and configuration.
+fn handshake(
+    name: &str,
+    frontend: &mut Frontend,
+    num_queues: usize,
+    config_size: usize,
+) -> Result<(u64, bool, Vec<u8>), VhostUserError> {
+    let err = |step: &'static str| {
+        move |source| VhostUserError::Protocol {
+            device: name.to_string(),
+            step,
+            source,
+        }
+    };
+    frontend.set_owner().map_err(err("SET_OWNER"))?;
+    let offered = frontend.get_features().map_err(err("GET_FEATURES"))?;
+    let protocol_bit = VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits();
+    if offered & protocol_bit == 0 {
+        return Err(VhostUserError::Missing {
+            device: name.to_string(),
+            what: "protocol features (needed for GET_CONFIG)",
+        });
+    }
+    // Protocol features may only be set once the bit is acknowledged.
+    frontend
+        .set_features(protocol_bit)
+        .map_err(err("SET_FEATURES"))?;
+    let protocol = frontend
+        .get_protocol_features()
+        .map_err(err("GET_PROTOCOL_FEATURES"))?;
+    if !protocol.contains(VhostUserProtocolFeatures::CONFIG) {
+        return Err(VhostUserError::Missing {
+            device: name.to_string(),
+            what: "the CONFIG protocol feature",
+        });
+    }
+    frontend
+        .set_protocol_features(protocol & wanted_protocol_features())
+        .map_err(err("SET_PROTOCOL_FEATURES"))?;
+    if num_queues > 1 {
+        if !protocol.contains(VhostUserProtocolFeatures::MQ) {
+            return Err(VhostUserError::Missing {
+                device: name.to_string(),
+                what: "multiqueue",
+            });
+        }
+        let have = frontend.get_queue_num().map_err(err("GET_QUEUE_NUM"))?;
+        if have < num_queues as u64 {
+            return Err(VhostUserError::Queues {
+                device: name.to_string(),
+                have,
+                want: num_queues,
+            });
+        }
+    }
+    let config = read_config(name, frontend, config_size)?;
+    Ok((offered & !protocol_bit, true, config))
+}
+
+impl VirtioBackend for VhostUserDevice {
+    fn device_type(&self) -> u16 {
+        self.device_type
+    }
+
+    fn num_queues(&self) -> usize {
+        self.num_queues
+    }
+
+    fn queue_max_size(&self) -> u16 {
+        self.queue_max_size
+    }
+
+    fn features(&self) -> u64 {
+        self.features
+    }
+
+    fn read_config(&mut self, offset: u64, data: &mut [u8]) {
+        data.fill(0);
+        let Ok(start) = usize::try_from(offset) else {
+            return;
+        };
+        if let Some(src) = self.config.get(start..) {
+            let n = src.len().min(data.len());
+            data[..n].copy_from_slice(&src[..n]);
+        }
+    }
+
+    fn write_config(&mut self, offset: u64, data: &[u8]) {
+        let Ok(start) = usize::try_from(offset) else {
+            return;
+        };
+        let Some(end) = start.checked_add(data.len()) else {
+            return;
+        };
+        if end > self.config.len() {
+            return;
+        }
+        match self
+            .frontend
+            .set_config(start as u32, VhostUserConfigFlags::WRITABLE, data)
+        {
+            Ok(()) => self.config[start..end].copy_from_slice(data),
+            Err(e) => tracing::warn!(device = %self.name, "SET_CONFIG: {e}"),
+        }
+    }
+
+    fn activate(&mut self, activation: Activation<'_>) -> Result<(), VirtioError> {
+        let active = Active {
+            features: activation.features,
+            queues: activation
+                .queues
+                .into_iter()
+                .map(|q| StartedQueue {
+                    index: q.index,
+                    size: q.size,
+                    desc: q.desc,
+                    avail: q.avail,
+                    used: q.used,
+                    kick: q.kick,
+                    call: q.call,
+                })
+                .collect(),
+        };
+        self.start(&active, false)
+            .map_err(|e| VirtioError::Backend(e.to_string()))?;
+        self.active = Some(active);
+        Ok(())
+    }
+
+    fn reset(&mut self) {
+        let Some(active) = self.active.take() else {
+            return;
+        };
+        for q in &active.queues {
+            // GET_VRING_BASE stops the ring in the backend.
+            if let Err(e) = self.frontend.get_vring_base(q.index) {
+                tracing::warn!(device = %self.name, "GET_VRING_BASE of queue {}: {e}", q.index);
+            }
+        }
+    }
+}
