@@ -237,7 +237,7 @@ pub fn parse_chardev_option(s: &str) -> Result<(String, ChardevSpec), ChardevErr
 }
 
 /// Split a QEMU option string at commas; a doubled comma stands for a literal one.
-fn split_options(s: &str) -> Vec<String> {
+pub(crate) fn split_options(s: &str) -> Vec<String> {
     let mut parts = Vec::new();
     let mut current = String::new();
     let mut chars = s.chars().peekable();
@@ -255,7 +255,7 @@ fn split_options(s: &str) -> Vec<String> {
     parts
 }
 
-fn split_key_value(part: &str) -> (&str, Option<&str>) {
+pub(crate) fn split_key_value(part: &str) -> (&str, Option<&str>) {
     match part.split_once('=') {
         Some((k, v)) => (k, Some(v)),
         None => (part, None),

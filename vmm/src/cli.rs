@@ -46,6 +46,7 @@ const WITH_VALUE: &[&str] = &[
     "display",
     "pidfile",
     "device",
+    "drive",
     "machine",
     "M",
     "decompress-kernel",
@@ -169,12 +170,15 @@ where
                         .map_err(|e| err(&opt, Some(v), e.to_string()))?;
                     cfg.debug_exit = Some(dev);
                 } else {
-                    return Err(err(
-                        &opt,
-                        Some(v),
-                        format!("'{driver}' is not a valid device model name"),
-                    ));
+                    let dev = crate::device_manager::parse_device(v)
+                        .map_err(|e| err(&opt, Some(v), e.to_string()))?;
+                    cfg.devices.push((format!("{opt} {v}"), dev));
                 }
+            }
+            "drive" => {
+                let drive = crate::drive::parse_drive(v, cfg.drives.len())
+                    .map_err(|e| err(&opt, Some(v), e.to_string()))?;
+                cfg.drives.push((format!("{opt} {v}"), drive));
             }
             "d" => {
                 for item in v.split(',') {

@@ -2,6 +2,8 @@
 
 use crate::accel::AccelKind;
 use crate::chardev::SocketAddress;
+use crate::device_manager::DeviceConfig;
+use crate::drive::DriveConfig;
 
 /// Where a QMP monitor (`-qmp`, or `-chardev` with `-mon mode=control`) talks to clients.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -56,6 +58,10 @@ pub struct VmConfig {
     pub monitors: Vec<MonitorConfig>,
     /// Interactive human monitors (`-monitor`, `-mon mode=readline`).
     pub hmp_monitors: Vec<MonitorConfig>,
+    /// `-drive`s, with the option text for error messages.
+    pub drives: Vec<(String, DriveConfig)>,
+    /// `-device`s other than the built-in ones above, with the option text.
+    pub devices: Vec<(String, DeviceConfig)>,
 }
 
 impl Default for VmConfig {
@@ -80,6 +86,8 @@ impl Default for VmConfig {
             trace_instructions: false,
             monitors: Vec::new(),
             hmp_monitors: Vec::new(),
+            drives: Vec::new(),
+            devices: Vec::new(),
         }
     }
 }

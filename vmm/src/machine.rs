@@ -19,6 +19,7 @@ use crate::chardev::{self, Chardev};
 use crate::config::VmConfig;
 use crate::control::{MachineControl, MachineRequest, ResetCause};
 use crate::cpu::{CpuError, CpuManager};
+use crate::device_manager::DeviceManager;
 use crate::devices::acpi::{AcpiPmDevice, GedDevice};
 use crate::devices::debug_exit::DebugExit;
 use crate::devices::i8042::{I8042CommandPort, I8042};
@@ -57,6 +58,12 @@ pub enum MachineError {
         spec: String,
         #[source]
         source: chardev::ChardevError,
+    },
+    #[error("{option}: {source}")]
+    Device {
+        option: String,
+        #[source]
+        source: crate::device_manager::DeviceError,
     },
     #[error("no kernel given: use -kernel (this machine has no firmware)")]
     NoKernel,
@@ -139,6 +146,7 @@ pub struct Machine {
     /// The monitor's current CPU (QMP `cpu`), the default of memsave and HMP commands.
     current_cpu: u32,
     pci: Arc<Mutex<PciBus>>,
+    devices: DeviceManager,
     ged: Arc<Mutex<GedDevice>>,
     requests: Receiver<MachineRequest>,
     control: MachineControl,
@@ -314,6 +322,25 @@ impl Machine {
             source,
         })?;
 
+        let mut devices =
+            DeviceManager::new(accel.clone(), memory.guest_memory().clone(), pci.clone());
+        for (option, drive) in &config.drives {
+            devices
+                .add_drive(drive.clone())
+                .map_err(|source| MachineError::Device {
+                    option: option.clone(),
+                    source,
+                })?;
+        }
+        for (option, device) in &config.devices {
+            devices
+                .add_device(device)
+                .map_err(|source| MachineError::Device {
+                    option: option.clone(),
+                    source,
+                })?;
+        }
+
         let acpi = AcpiConfig {
             num_cpus: config.cpus,
             serial_ports,
@@ -338,6 +365,7 @@ impl Machine {
             chardevs,
             current_cpu: 0,
             pci,
+            devices,
             ged,
             requests,
             control,
@@ -607,6 +635,7 @@ impl Machine {
     /// Stop the vCPUs and release the devices.
     pub fn shutdown(&mut self) {
         self.cpus.shutdown();
+        self.devices.shutdown();
         self.chardevs.clear();
     }
 

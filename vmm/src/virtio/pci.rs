@@ -156,8 +156,12 @@ impl VirtioPciDevice {
             Some(NOTIFY_MULTIPLIER),
         ))?;
         let new_fd = || EventFd::new(libc::EFD_NONBLOCK).map_err(VirtioPciError::EventFd);
-        let kicks = (0..num_queues).map(|_| new_fd()).collect::<Result<_, _>>()?;
-        let calls = (0..num_queues).map(|_| new_fd()).collect::<Result<_, _>>()?;
+        let kicks = (0..num_queues)
+            .map(|_| new_fd())
+            .collect::<Result<_, _>>()?;
+        let calls = (0..num_queues)
+            .map(|_| new_fd())
+            .collect::<Result<_, _>>()?;
         Ok(VirtioPciDevice {
             name: name.to_string(),
             id,
@@ -308,7 +312,12 @@ impl VirtioPciDevice {
             (0x1a, 2) => {
                 let q = usize::from(self.queue_select);
                 let irq = lock(&self.interrupt);
-                u64::from(irq.queue_vectors.get(q).copied().unwrap_or(VIRTIO_MSI_NO_VECTOR))
+                u64::from(
+                    irq.queue_vectors
+                        .get(q)
+                        .copied()
+                        .unwrap_or(VIRTIO_MSI_NO_VECTOR),
+                )
             }
             (0x1c, 2) => self.selected_queue().map_or(0, |q| u64::from(q.enabled)),
             (0x1e, 2) => u64::from(self.queue_select),
@@ -437,7 +446,16 @@ impl Drop for VirtioPciDevice {
 /// A virtio vendor capability (struct virtio_pci_cap, plus the notify multiplier).
 fn virtio_cap(cfg_type: u8, offset: u64, length: u64, multiplier: Option<u32>) -> Vec<u8> {
     let len: u8 = if multiplier.is_some() { 20 } else { 16 };
-    let mut cap = vec![PCI_CAP_ID_VENDOR, 0, len, cfg_type, BAR_INDEX as u8, 0, 0, 0];
+    let mut cap = vec![
+        PCI_CAP_ID_VENDOR,
+        0,
+        len,
+        cfg_type,
+        BAR_INDEX as u8,
+        0,
+        0,
+        0,
+    ];
     cap.extend_from_slice(&(offset as u32).to_le_bytes());
     cap.extend_from_slice(&(length as u32).to_le_bytes());
     if let Some(m) = multiplier {
@@ -485,14 +503,12 @@ impl PciDevice for VirtioPciDevice {
             o if (DEVICE_OFFSET..DEVICE_OFFSET + DEVICE_SIZE).contains(&o) => {
                 self.backend.read_config(o - DEVICE_OFFSET, data)
             }
-            o if (MSIX_TABLE_OFFSET..MSIX_PBA_OFFSET).contains(&o) => {
-                lock(&self.interrupt)
-                    .msix
-                    .read_table(o - MSIX_TABLE_OFFSET, data)
-            }
-            o if o >= MSIX_PBA_OFFSET => {
-                lock(&self.interrupt).msix.read_pba(o - MSIX_PBA_OFFSET, data)
-            }
+            o if (MSIX_TABLE_OFFSET..MSIX_PBA_OFFSET).contains(&o) => lock(&self.interrupt)
+                .msix
+                .read_table(o - MSIX_TABLE_OFFSET, data),
+            o if o >= MSIX_PBA_OFFSET => lock(&self.interrupt)
+                .msix
+                .read_pba(o - MSIX_PBA_OFFSET, data),
             _ => data.fill(0),
         }
     }
@@ -636,7 +652,11 @@ mod tests {
         for &(_, off) in &caps[1..] {
             let mut cap = [0u8; 20];
             dev.config.read_bytes(off, &mut cap[..16]).unwrap();
-            types.push((cap[3], cap[4], u32::from_le_bytes([cap[8], cap[9], cap[10], cap[11]])));
+            types.push((
+                cap[3],
+                cap[4],
+                u32::from_le_bytes([cap[8], cap[9], cap[10], cap[11]]),
+            ));
         }
         assert_eq!(
             types,
@@ -652,7 +672,12 @@ mod tests {
         dev.bar_moved(BAR_INDEX, Some(0x1_0000_0000));
         assert_eq!(accel.ioevents.lock().unwrap().len(), 2);
         assert_eq!(read(&mut dev, 0x12, 2), 2);
-        write(&mut dev, 0x14, 1, u64::from(STATUS_ACKNOWLEDGE | STATUS_DRIVER));
+        write(
+            &mut dev,
+            0x14,
+            1,
+            u64::from(STATUS_ACKNOWLEDGE | STATUS_DRIVER),
+        );
         write(&mut dev, 0x00, 4, 1);
         assert_eq!(read(&mut dev, 0x04, 4), 1, "VERSION_1 in the high word");
         write(&mut dev, 0x00, 4, 0);

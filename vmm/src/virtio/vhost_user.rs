@@ -113,8 +113,12 @@ impl VhostUserDevice {
     /// and, if the driver had started the device, replay its setup.
     pub fn reconnect(&mut self, stream: UnixStream) -> Result<(), VhostUserError> {
         let mut frontend = Frontend::from_stream(stream, self.num_queues as u64);
-        let (features, protocol_features, _config) =
-            handshake(&self.name, &mut frontend, self.num_queues, self.config.len())?;
+        let (features, protocol_features, _config) = handshake(
+            &self.name,
+            &mut frontend,
+            self.num_queues,
+            self.config.len(),
+        )?;
         if features != self.features {
             tracing::warn!(device = %self.name,
                 "the restarted backend offers features {features:#x} instead of {:#x}",

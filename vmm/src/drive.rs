@@ -1,0 +1,322 @@
+//! Drives: QEMU's `-drive` option and the image file behind it. The vmm opens and locks the
+//! image; the block device process only ever receives the open fd.
+
+use std::fs::{File, OpenOptions};
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::OpenOptionsExt;
+
+use crate::chardev::{split_key_value, split_options};
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum DriveError {
+    #[error("Invalid parameter '{0}'")]
+    UnknownParameter(String),
+    #[error("Parameter '{key}' expects {expected}")]
+    InvalidValue { key: String, expected: &'static str },
+    #[error("'{0}' invalid format")]
+    UnknownFormat(String),
+    #[error("format '{0}' is not supported yet (only raw)")]
+    UnsupportedFormat(String),
+    #[error("interface '{0}' is not supported (use if=virtio or if=none)")]
+    UnsupportedInterface(String),
+    #[error("A block device must be given a file, except for removable media")]
+    NoFile,
+    #[error("Could not open '{path}': {reason}")]
+    Open { path: String, reason: String },
+    #[error("Failed to get \"{what}\" lock: is another process using the image [{path}]?")]
+    Locked { path: String, what: &'static str },
+    #[error("Could not lock '{path}': {reason}")]
+    Lock { path: String, reason: String },
+}
+
+/// Where the guest sees a drive.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DriveInterface {
+    /// Only a backend; a `-device` attaches it.
+    None,
+    /// Shorthand for a virtio-blk-pci device of its own.
+    Virtio,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DriveMedia {
+    Disk,
+    Cdrom,
+}
+
+/// One `-drive`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DriveConfig {
+    pub id: String,
+    pub file: Option<String>,
+    pub readonly: bool,
+    pub interface: DriveInterface,
+    pub media: DriveMedia,
+    pub serial: Option<String>,
+    /// The user left out `format=`: QEMU probes and warns.
+    pub format_probed: bool,
+}
+
+/// Parse a `-drive` value. `index` numbers drives without an `id` as QEMU does
+/// (`virtio0`, ...).
+pub fn parse_drive(value: &str, index: usize) -> Result<DriveConfig, DriveError> {
+    let mut cfg = DriveConfig {
+        id: String::new(),
+        file: None,
+        readonly: false,
+        interface: DriveInterface::None,
+        media: DriveMedia::Disk,
+        serial: None,
+        format_probed: true,
+    };
+    let mut id = None;
+    let mut interface = None;
+    for part in split_options(value) {
+        if part.is_empty() {
+            continue;
+        }
+        let (key, v) = split_key_value(&part);
+        let v = v.unwrap_or("");
+        match key {
+            "file" => cfg.file = Some(v.to_string()).filter(|f| !f.is_empty()),
+            "id" => id = Some(v.to_string()),
+            "format" => match v {
+                "raw" => cfg.format_probed = false,
+                "qcow2" | "qcow" | "vmdk" | "vdi" | "vpc" | "vhdx" | "qed" | "luks" => {
+                    return Err(DriveError::UnsupportedFormat(v.to_string()))
+                }
+                _ => return Err(DriveError::UnknownFormat(v.to_string())),
+            },
+            "if" => {
+                interface = Some(match v {
+                    "none" => DriveInterface::None,
+                    "virtio" => DriveInterface::Virtio,
+                    other => return Err(DriveError::UnsupportedInterface(other.to_string())),
+                })
+            }
+            "readonly" => cfg.readonly = parse_on_off(key, v)?,
+            "media" => {
+                cfg.media = match v {
+                    "disk" => DriveMedia::Disk,
+                    "cdrom" => DriveMedia::Cdrom,
+                    _ => {
+                        return Err(DriveError::InvalidValue {
+                            key: key.into(),
+                            expected: "'disk' or 'cdrom'",
+                        })
+                    }
+                }
+            }
+            "serial" => cfg.serial = Some(v.to_string()),
+            // Accepted for compatibility; the device process always does direct, synchronous
+            // I/O through the page cache and honours flushes.
+            "cache" => match v {
+                "none" | "writeback" | "writethrough" | "directsync" | "unsafe" => {}
+                _ => {
+                    return Err(DriveError::InvalidValue {
+                        key: key.into(),
+                        expected: "a cache mode",
+                    })
+                }
+            },
+            "aio" | "discard" | "detect-zeroes" | "werror" | "rerror" | "index" => {}
+            other => return Err(DriveError::UnknownParameter(other.to_string())),
+        }
+    }
+    // QEMU's default interface on a PC is IDE, which we do not have.
+    cfg.interface = interface.ok_or(DriveError::UnsupportedInterface("ide".into()))?;
+    if cfg.media == DriveMedia::Cdrom {
+        cfg.readonly = true;
+    } else if cfg.file.is_none() {
+        return Err(DriveError::NoFile);
+    }
+    cfg.id = id.unwrap_or_else(|| match cfg.interface {
+        DriveInterface::Virtio => format!("virtio{index}"),
+        DriveInterface::None => format!("none{index}"),
+    });
+    Ok(cfg)
+}
+
+fn parse_on_off(key: &str, v: &str) -> Result<bool, DriveError> {
+    match v {
+        "on" | "yes" | "true" | "" => Ok(true),
+        "off" | "no" | "false" => Ok(false),
+        _ => Err(DriveError::InvalidValue {
+            key: key.into(),
+            expected: "'on' or 'off'",
+        }),
+    }
+}
+
+/// QEMU's image locking (block/file-posix.c): shared OFD locks on byte 100 + n for each
+/// permission n held, and on byte 200 + n for each permission n not shared with others.
+/// QEMU and we then refuse to write an image that another process uses.
+const LOCK_PERM_BASE: i64 = 100;
+const LOCK_SHARED_BASE: i64 = 200;
+const PERM_CONSISTENT_READ: i64 = 0;
+const PERM_WRITE: i64 = 1;
+
+/// Open the image of a drive for the device process, and lock it as QEMU would.
+pub fn open_image(path: &str, readonly: bool) -> Result<File, DriveError> {
+    let file = OpenOptions::new()
+        .read(true)
+        .write(!readonly)
+        .custom_flags(libc::O_CLOEXEC)
+        .open(path)
+        .map_err(|e| DriveError::Open {
+            path: path.to_string(),
+            reason: e.to_string(),
+        })?;
+    if !file.metadata().map(|m| m.is_file()).unwrap_or(false) {
+        let block = file
+            .metadata()
+            .map(|m| std::os::unix::fs::FileTypeExt::is_block_device(&m.file_type()))
+            .unwrap_or(false);
+        if !block {
+            return Err(DriveError::Open {
+                path: path.to_string(),
+                reason: "not a regular file or block device".into(),
+            });
+        }
+    }
+    lock_image(&file, path, readonly)?;
+    Ok(file)
+}
+
+fn lock_image(file: &File, path: &str, readonly: bool) -> Result<(), DriveError> {
+    let mut held = vec![PERM_CONSISTENT_READ];
+    if !readonly {
+        held.push(PERM_WRITE);
+    }
+    // Like a QEMU guest device without share-rw: others may not write.
+    let unshared = [PERM_WRITE];
+    let name = |perm: i64| match perm {
+        PERM_WRITE => "write",
+        _ => "consistent read",
+    };
+    for &perm in &held {
+        if byte_locked(file, LOCK_SHARED_BASE + perm, path)? {
+            return Err(DriveError::Locked {
+                path: path.into(),
+                what: name(perm),
+            });
+        }
+    }
+    for &perm in &unshared {
+        if byte_locked(file, LOCK_PERM_BASE + perm, path)? {
+            return Err(DriveError::Locked {
+                path: path.into(),
+                what: name(perm),
+            });
+        }
+    }
+    let bytes = held
+        .iter()
+        .map(|p| LOCK_PERM_BASE + p)
+        .chain(unshared.iter().map(|p| LOCK_SHARED_BASE + p));
+    for byte in bytes {
+        let mut fl = flock(libc::F_RDLCK as i16, byte);
+        // SAFETY: fcntl with F_OFD_SETLK reads the flock struct we pass.
+        if unsafe { libc::fcntl(file.as_raw_fd(), libc::F_OFD_SETLK, &mut fl) } < 0 {
+            let e = std::io::Error::last_os_error();
+            return Err(DriveError::Lock {
+                path: path.into(),
+                reason: e.to_string(),
+            });
+        }
+    }
+    Ok(())
+}
+
+fn flock(kind: i16, byte: i64) -> libc::flock {
+    // SAFETY: flock is plain data; all zeroes is valid.
+    let mut fl: libc::flock = unsafe { std::mem::zeroed() };
+    fl.l_type = kind;
+    fl.l_whence = libc::SEEK_SET as i16;
+    fl.l_start = byte;
+    fl.l_len = 1;
+    fl
+}
+
+/// Does another open file description hold a lock on `byte`?
+fn byte_locked(file: &File, byte: i64, path: &str) -> Result<bool, DriveError> {
+    let mut fl = flock(libc::F_WRLCK as i16, byte);
+    // SAFETY: F_OFD_GETLK reads and writes the flock struct we pass.
+    if unsafe { libc::fcntl(file.as_raw_fd(), libc::F_OFD_GETLK, &mut fl) } < 0 {
+        let e = std::io::Error::last_os_error();
+        return Err(DriveError::Lock {
+            path: path.into(),
+            reason: e.to_string(),
+        });
+    }
+    Ok(fl.l_type != libc::F_UNLCK as i16)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn drive_options() {
+        let d = parse_drive("file=/a,,b.img,format=raw,if=none,id=d0,readonly=on", 0).unwrap();
+        assert_eq!(d.file.as_deref(), Some("/a,b.img"));
+        assert_eq!((d.id.as_str(), d.readonly), ("d0", true));
+        assert!(!d.format_probed);
+        let v = parse_drive("file=x.img,if=virtio", 2).unwrap();
+        assert_eq!(
+            (v.id.as_str(), v.interface),
+            ("virtio2", DriveInterface::Virtio)
+        );
+        assert!(v.format_probed);
+        let cd = parse_drive("if=none,id=cd0,media=cdrom", 0).unwrap();
+        assert_eq!((cd.file, cd.readonly), (None, true));
+        assert_eq!(
+            parse_drive("file=x,if=none,bogus=1", 0),
+            Err(DriveError::UnknownParameter("bogus".into()))
+        );
+        assert_eq!(
+            parse_drive("file=x", 0),
+            Err(DriveError::UnsupportedInterface("ide".into()))
+        );
+        assert_eq!(parse_drive("if=none,id=x", 0), Err(DriveError::NoFile));
+        assert!(matches!(
+            parse_drive("file=x,if=none,format=qcow2", 0),
+            Err(DriveError::UnsupportedFormat(_))
+        ));
+        assert!(matches!(
+            parse_drive("file=x,if=none,format=foo", 0),
+            Err(DriveError::UnknownFormat(_))
+        ));
+        assert!(parse_drive("file=x,if=none,readonly=maybe", 0).is_err());
+    }
+
+    #[test]
+    fn a_writer_excludes_other_users_as_qemu_does() {
+        let dir = std::env::temp_dir().join(format!("vmm-drive-lock-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("disk.img");
+        std::fs::write(&path, vec![0u8; 4096]).unwrap();
+        let p = path.to_str().unwrap();
+        let writer = open_image(p, false).unwrap();
+        // OFD locks conflict between open file descriptions, even in one process.
+        assert!(matches!(
+            open_image(p, false),
+            Err(DriveError::Locked { what: "write", .. })
+        ));
+        assert!(matches!(
+            open_image(p, true),
+            Err(DriveError::Locked { .. })
+        ));
+        drop(writer);
+        let reader = open_image(p, true).unwrap();
+        let reader2 = open_image(p, true).unwrap();
+        assert!(open_image(p, false).is_err());
+        drop((reader, reader2));
+        assert!(open_image(p, false).is_ok());
+        assert!(matches!(
+            open_image(dir.join("missing").to_str().unwrap(), false),
+            Err(DriveError::Open { .. })
+        ));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
