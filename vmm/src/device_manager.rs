@@ -3,9 +3,16 @@
 //! channel. Drives (`-drive`) wait here until a device takes them.
 
 use std::collections::BTreeMap;
-use std::os::fd::AsFd;
+use std::fs::File;
+use std::os::fd::{AsFd, AsRawFd};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use qmp::EventSender;
+use serde_json::{json, Map, Value};
+use vmm_sys_util::eventfd::EventFd;
 
 use ipc::blk::{AttachConfig, BlkChannel, BlkReply, BlkRequest};
 use ipc::DeviceKind;
@@ -51,6 +58,8 @@ pub enum DeviceError {
     BusNotFound(String),
     #[error("Duplicate drive ID '{0}'")]
     DuplicateDrive(String),
+    #[error("device {0} has no backend process to restart")]
+    NotRestartable(String),
     #[error(transparent)]
     Drive(#[from] DriveError),
     #[error(transparent)]
@@ -164,15 +173,67 @@ impl DeviceConfig {
     }
 }
 
+/// Downstream QMP names (the spec's `__RFQDN_` extension prefix) for device processes.
+pub const EVENT_PROCESS_EXITED: &str = "__org.vmm_DEVICE_PROCESS_EXITED";
+pub const EVENT_PROCESS_RESTARTED: &str = "__org.vmm_DEVICE_PROCESS_RESTARTED";
+pub const EVENT_PROCESS_FAILED: &str = "__org.vmm_DEVICE_PROCESS_FAILED";
+
+/// Restarts allowed within [`RESTART_WINDOW`] before a device is marked failed.
+const MAX_RESTARTS: usize = 5;
+const RESTART_WINDOW: Duration = Duration::from_secs(60);
+/// The wait before the n-th restart in the window: 0, 100 ms, 200 ms, 400 ms, ...
+fn restart_backoff(recent: usize) -> Duration {
+    match recent {
+        0 => Duration::ZERO,
+        n => Duration::from_millis(100 << (n - 1).min(6)),
+    }
+}
+
+/// The state of a device process, as `__org.vmm_query-device-processes` reports it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ProcessState {
+    Running,
+    /// Crashed too often; the device no longer has a backend.
+    Failed,
+}
+
 /// A virtio-blk disk served by a `vmm-blk` process.
 struct BlockDevice {
+    name: String,
     id: Option<String>,
     drive: String,
     slot: u8,
+    /// The image, kept for a restarted process.
+    image: File,
+    attach: AttachConfig,
     process: DeviceProcess,
     /// Kept open: the process exits when the vmm's end closes.
-    _control: BlkChannel,
-    _function: Arc<Mutex<VirtioPciDevice>>,
+    control: BlkChannel,
+    function: Arc<Mutex<VirtioPciDevice>>,
+    state: ProcessState,
+    /// Restart times within the window.
+    restarts: Vec<Instant>,
+    total_restarts: u64,
+}
+
+/// One row of `__org.vmm_query-device-processes`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProcessInfo {
+    pub device: String,
+    pub drive: String,
+    pub program: &'static str,
+    pub pid: u32,
+    pub state: ProcessState,
+    pub restarts: u64,
+}
+
+type SharedBlock = Arc<Mutex<BlockDevice>>;
+
+/// The thread that watches every device process and restarts those that die.
+struct Watcher {
+    wake: EventFd,
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
 }
 
 /// Owner of the configured drives and of every device with a process behind it.
@@ -182,7 +243,9 @@ pub struct DeviceManager {
     pci: Arc<Mutex<PciBus>>,
     /// Drives that no device has taken yet.
     drives: Vec<DriveConfig>,
-    blocks: Vec<BlockDevice>,
+    blocks: Arc<Mutex<Vec<SharedBlock>>>,
+    events: Arc<Mutex<EventSender>>,
+    watcher: Option<Watcher>,
 }
 
 fn lock<T: ?Sized>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -200,15 +263,77 @@ impl DeviceManager {
             memory,
             pci,
             drives: Vec::new(),
-            blocks: Vec::new(),
+            blocks: Arc::new(Mutex::new(Vec::new())),
+            events: Arc::new(Mutex::new(EventSender::default())),
+            watcher: None,
         }
+    }
+
+    /// Where device-process events go (the QMP monitor's sender).
+    pub fn set_events(&self, events: EventSender) {
+        *lock(&self.events) = events;
+    }
+
+    fn has_device_id(&self, id: &str) -> bool {
+        lock(&self.blocks)
+            .iter()
+            .any(|b| lock(b).id.as_deref() == Some(id))
+    }
+
+    fn has_drive(&self, id: &str) -> bool {
+        self.drives.iter().any(|d| d.id == id)
+            || lock(&self.blocks).iter().any(|b| lock(b).drive == id)
+    }
+
+    /// Every device process, for `__org.vmm_query-device-processes`.
+    pub fn processes(&self) -> Vec<ProcessInfo> {
+        lock(&self.blocks)
+            .iter()
+            .map(|b| {
+                let b = lock(b);
+                ProcessInfo {
+                    device: b.id.clone().unwrap_or_else(|| b.name.clone()),
+                    drive: b.drive.clone(),
+                    program: "vmm-blk",
+                    pid: b.process.pid(),
+                    state: b.state,
+                    restarts: b.total_restarts,
+                }
+            })
+            .collect()
+    }
+
+    fn ensure_watcher(&mut self) -> Result<(), DeviceError> {
+        if let Some(w) = &self.watcher {
+            let _ = w.wake.write(1);
+            return Ok(());
+        }
+        let io = |e: std::io::Error| {
+            DeviceError::Supervisor(SupervisorError::Sockets("watcher".into(), e))
+        };
+        let wake = EventFd::new(libc::EFD_NONBLOCK).map_err(io)?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let context = WatchContext {
+            blocks: self.blocks.clone(),
+            events: self.events.clone(),
+            wake: wake.try_clone().map_err(io)?,
+            stop: stop.clone(),
+        };
+        let thread = std::thread::Builder::new()
+            .name("device-watch".into())
+            .spawn(move || context.run())
+            .map_err(io)?;
+        self.watcher = Some(Watcher {
+            wake,
+            stop,
+            thread: Some(thread),
+        });
+        Ok(())
     }
 
     /// Add a drive; `if=virtio` also creates its device.
     pub fn add_drive(&mut self, drive: DriveConfig) -> Result<(), DeviceError> {
-        if self.drives.iter().any(|d| d.id == drive.id)
-            || self.blocks.iter().any(|b| b.drive == drive.id)
-        {
+        if self.has_drive(&drive.id) {
             return Err(DeviceError::DuplicateDrive(drive.id));
         }
         if drive.format_probed {
@@ -239,7 +364,7 @@ impl DeviceManager {
     /// Create the device `cfg` describes and plug it in.
     pub fn add_device(&mut self, cfg: &DeviceConfig) -> Result<(), DeviceError> {
         if let Some(id) = &cfg.id {
-            if self.blocks.iter().any(|b| b.id.as_deref() == Some(id)) {
+            if self.has_device_id(id) {
                 return Err(DeviceError::DuplicateId(id.clone()));
             }
         }
@@ -288,20 +413,6 @@ impl DeviceManager {
         let image = drive::open_image(file, drive.readonly)?;
 
         let name = format!("vmm-blk[{}]", drive.id);
-        let program = supervisor::device_program("vmm-blk")?;
-        let process = DeviceProcess::spawn(&name, &program, &[])?;
-        let ipc_err = |source| DeviceError::Ipc {
-            name: name.clone(),
-            source,
-        };
-        let control_sock = process
-            .control
-            .try_clone()
-            .map_err(|e| ipc_err(ipc::IpcError::Socket(e)))?;
-        let mut control = BlkChannel::new(control_sock);
-        control
-            .hello(DeviceKind::Block, DeviceKind::Block, SETUP_TIMEOUT)
-            .map_err(ipc_err)?;
         let serial = cfg
             .properties
             .get("serial")
@@ -314,11 +425,7 @@ impl DeviceManager {
             num_queues,
             queue_size,
         };
-        let (reply, _) = control
-            .call(BlkRequest::Attach(attach), &[image.as_fd()], SETUP_TIMEOUT)
-            .map_err(ipc_err)?;
-        let BlkReply::Attached { size } = reply;
-        drop(image);
+        let (process, control, size) = start_blk_process(&name, &image, &attach)?;
         tracing::info!(device = %name, pid = process.pid(), "serving {file} ({size} bytes)");
 
         let stream = process.connect_vhost_user()?;
@@ -343,26 +450,204 @@ impl DeviceManager {
         let slot =
             lock(&self.pci).add_device(slot, function.clone() as Arc<Mutex<dyn PciDevice>>)?;
         self.drives.remove(index);
-        self.blocks.push(BlockDevice {
+        lock(&self.blocks).push(Arc::new(Mutex::new(BlockDevice {
+            name,
             id: cfg.id.clone(),
             drive: drive.id,
             slot,
+            image,
+            attach,
             process,
-            _control: control,
-            _function: function,
-        });
-        Ok(())
+            control,
+            function,
+            state: ProcessState::Running,
+            restarts: Vec::new(),
+            total_restarts: 0,
+        })));
+        self.ensure_watcher()
     }
 
     /// Stop every device process (at quit).
     pub fn shutdown(&mut self) {
-        for mut block in self.blocks.drain(..) {
-            if let Some(pci) = self.pci.try_lock().ok().as_mut() {
+        if let Some(mut w) = self.watcher.take() {
+            w.stop.store(true, Ordering::SeqCst);
+            let _ = w.wake.write(1);
+            if let Some(t) = w.thread.take() {
+                let _ = t.join();
+            }
+        }
+        let blocks: Vec<SharedBlock> = lock(&self.blocks).drain(..).collect();
+        for block in blocks {
+            let mut block = lock(&block);
+            if let Ok(mut pci) = self.pci.try_lock() {
                 let _ = pci.remove_device(block.slot);
             }
             block.process.terminate(STOP_GRACE);
         }
     }
+}
+
+/// Start a `vmm-blk` process and give it `image`: the process, its control channel and the
+/// image size.
+fn start_blk_process(
+    name: &str,
+    image: &File,
+    attach: &AttachConfig,
+) -> Result<(DeviceProcess, BlkChannel, u64), DeviceError> {
+    let program = supervisor::device_program("vmm-blk")?;
+    let process = DeviceProcess::spawn(name, &program, &[])?;
+    let ipc_err = |source| DeviceError::Ipc {
+        name: name.to_string(),
+        source,
+    };
+    let control_sock = process
+        .control
+        .try_clone()
+        .map_err(|e| ipc_err(ipc::IpcError::Socket(e)))?;
+    let mut control = BlkChannel::new(control_sock);
+    control
+        .hello(DeviceKind::Block, DeviceKind::Block, SETUP_TIMEOUT)
+        .map_err(ipc_err)?;
+    let (reply, _) = control
+        .call(
+            BlkRequest::Attach(attach.clone()),
+            &[image.as_fd()],
+            SETUP_TIMEOUT,
+        )
+        .map_err(ipc_err)?;
+    let BlkReply::Attached { size } = reply;
+    Ok((process, control, size))
+}
+
+/// What the watcher thread works with.
+struct WatchContext {
+    blocks: Arc<Mutex<Vec<SharedBlock>>>,
+    events: Arc<Mutex<EventSender>>,
+    wake: EventFd,
+    stop: Arc<AtomicBool>,
+}
+
+impl WatchContext {
+    fn emit(&self, name: &str, data: Value) {
+        let data = match data {
+            Value::Object(map) => map,
+            _ => Map::new(),
+        };
+        lock(&self.events).emit(name, Some(data));
+    }
+
+    fn run(self) {
+        while !self.stop.load(Ordering::SeqCst) {
+            let watched: Vec<SharedBlock> = lock(&self.blocks)
+                .iter()
+                .filter(|b| lock(b).state == ProcessState::Running)
+                .cloned()
+                .collect();
+            let mut fds: Vec<libc::pollfd> = watched
+                .iter()
+                .map(|b| libc::pollfd {
+                    fd: lock(b).process.pidfd().as_raw_fd(),
+                    events: libc::POLLIN,
+                    revents: 0,
+                })
+                .collect();
+            fds.push(libc::pollfd {
+                fd: self.wake.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            });
+            // SAFETY: `fds` is a valid array of pollfd of the given length; the pidfds stay
+            // open while their devices are in `watched`.
+            let n = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, 1000) };
+            if n <= 0 {
+                continue;
+            }
+            if fds.last().is_some_and(|p| p.revents != 0) {
+                let _ = self.wake.read();
+            }
+            for (i, block) in watched.iter().enumerate() {
+                if fds[i].revents != 0 && !self.stop.load(Ordering::SeqCst) {
+                    self.restart(block);
+                }
+            }
+        }
+    }
+
+    /// The process of `block` exited: report it and start a new one, or give up.
+    fn restart(&self, block: &SharedBlock) {
+        let mut b = lock(block);
+        let old_pid = b.process.pid();
+        let status = b.process.wait_exit(Duration::ZERO);
+        let how = match status {
+            Some(s) => match (s.code(), std::os::unix::process::ExitStatusExt::signal(&s)) {
+                (Some(code), _) => format!("exit status {code}"),
+                (None, Some(sig)) => format!("signal {sig}"),
+                _ => "unknown".to_string(),
+            },
+            None => "unknown".to_string(),
+        };
+        let device = b.id.clone().unwrap_or_else(|| b.name.clone());
+        tracing::warn!(device = %b.name, pid = old_pid, "device process ended ({how}); restarting");
+        self.emit(
+            EVENT_PROCESS_EXITED,
+            json!({"device": device, "pid": old_pid, "reason": how}),
+        );
+        loop {
+            let now = Instant::now();
+            b.restarts
+                .retain(|t| now.duration_since(*t) < RESTART_WINDOW);
+            if b.restarts.len() >= MAX_RESTARTS {
+                b.state = ProcessState::Failed;
+                tracing::error!(device = %b.name, "device process keeps crashing: marked failed");
+                self.emit(
+                    EVENT_PROCESS_FAILED,
+                    json!({"device": device, "restarts": b.total_restarts}),
+                );
+                return;
+            }
+            let backoff = restart_backoff(b.restarts.len());
+            b.restarts.push(now);
+            b.total_restarts += 1;
+            if !backoff.is_zero() {
+                drop(b);
+                std::thread::sleep(backoff);
+                b = lock(block);
+            }
+            if self.stop.load(Ordering::SeqCst) {
+                return;
+            }
+            match respawn(&mut b) {
+                Ok(()) => {
+                    let pid = b.process.pid();
+                    tracing::info!(device = %b.name, pid, "device process restarted");
+                    self.emit(
+                        EVENT_PROCESS_RESTARTED,
+                        json!({"device": device, "pid": pid, "restarts": b.total_restarts}),
+                    );
+                    return;
+                }
+                Err(e) => tracing::warn!(device = %b.name, "restart failed: {e}"),
+            }
+        }
+    }
+}
+
+/// A new process for `b` with the same image, and the vhost-user setup replayed.
+fn respawn(b: &mut BlockDevice) -> Result<(), DeviceError> {
+    let (process, control, _size) = start_blk_process(&b.name, &b.image, &b.attach)?;
+    let stream = process.connect_vhost_user()?;
+    {
+        let mut function = lock(&b.function);
+        let backend = function
+            .backend_mut()
+            .as_vhost_user()
+            .ok_or_else(|| DeviceError::NotRestartable(b.name.clone()))?;
+        backend.reconnect(stream)?;
+    }
+    // The old process is gone; dropping its handle reaps nothing more.
+    b.process = process;
+    b.control = control;
+    Ok(())
 }
 
 impl Drop for DeviceManager {

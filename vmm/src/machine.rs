@@ -455,6 +455,7 @@ impl Machine {
     /// Attach the QMP monitor's event sender; from now on a vCPU failure leaves the VM in
     /// the internal-error state for the monitor to inspect instead of exiting.
     pub fn attach_monitor(&mut self, events: EventSender) {
+        self.devices.set_events(events.clone());
         self.events = events;
         self.has_monitor = true;
     }
@@ -642,6 +643,10 @@ impl Machine {
     /// Unused until the QMP issue wires queries in; keeps ResetCause in the public API.
     pub fn io(&self) -> &Arc<MachineIo> {
         &self.io
+    }
+
+    pub fn devices(&self) -> &DeviceManager {
+        &self.devices
     }
 
     pub fn pci(&self) -> &Arc<Mutex<PciBus>> {

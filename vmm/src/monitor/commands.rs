@@ -65,6 +65,7 @@ pub fn execute(machine: &mut Machine, mut call: MonitorCall) -> Option<MachineEx
         "query-cpus" => Ok(query_cpus(machine)),
         "query-pci" => Ok(query_pci(machine)),
         "query-chardev" => Ok(query_chardev(machine)),
+        super::QUERY_DEVICE_PROCESSES => Ok(query_device_processes(machine)),
         "inject-nmi" => {
             machine.inject_nmi();
             Ok(json!({}))
@@ -473,4 +474,24 @@ mod tests {
             ])
         );
     }
+}
+
+fn query_device_processes(machine: &Machine) -> Value {
+    use crate::device_manager::ProcessState;
+    json!(machine
+        .devices()
+        .processes()
+        .iter()
+        .map(|p| json!({
+            "device": p.device,
+            "drive": p.drive,
+            "program": p.program,
+            "pid": p.pid,
+            "state": match p.state {
+                ProcessState::Running => "running",
+                ProcessState::Failed => "failed",
+            },
+            "restarts": p.restarts,
+        }))
+        .collect::<Vec<_>>())
 }

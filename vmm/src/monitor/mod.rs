@@ -158,7 +158,12 @@ pub const IMPLEMENTED_COMMANDS: &[&str] = &[
     "human-monitor-command",
     "getfd",
     "closefd",
+    QUERY_DEVICE_PROCESSES,
 ];
+
+/// Our downstream query (the QMP spec's `__RFQDN_` prefix): every device process, its pid,
+/// state and restart count.
+pub const QUERY_DEVICE_PROCESSES: &str = "__org.vmm_query-device-processes";
 
 /// The seed's schema restricted to [`IMPLEMENTED_COMMANDS`], plus QEMU 7.2's
 /// query-cpus-fast, which the seed predates, and the queries the seed documents without
@@ -168,6 +173,7 @@ pub fn implemented_schema() -> Result<Schema, MonitorError> {
     schema.insert(qmp::CommandSpec::no_args("query-cpus-fast"));
     schema.insert(qmp::CommandSpec::no_args("query-pci"));
     schema.insert(qmp::CommandSpec::no_args("query-cpus"));
+    schema.insert(qmp::CommandSpec::no_args(QUERY_DEVICE_PROCESSES));
     // QEMU 7.2's memsave also takes the CPU whose page tables translate `val`.
     schema.insert(qmp::CommandSpec::new(
         "memsave",

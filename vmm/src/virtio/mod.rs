@@ -63,4 +63,8 @@ pub trait VirtioBackend: Send {
     fn activate(&mut self, activation: Activation<'_>) -> Result<(), VirtioError>;
     /// The driver reset the device: stop every queue and forget the activation.
     fn reset(&mut self);
+    /// The vhost-user backend behind this device, if that is what it is (for restarts).
+    fn as_vhost_user(&mut self) -> Option<&mut vhost_user::VhostUserDevice> {
+        None
+    }
 }

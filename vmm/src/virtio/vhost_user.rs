@@ -371,6 +371,10 @@ impl VirtioBackend for VhostUserDevice {
         Ok(())
     }
 
+    fn as_vhost_user(&mut self) -> Option<&mut VhostUserDevice> {
+        Some(self)
+    }
+
     fn reset(&mut self) {
         let Some(active) = self.active.take() else {
             return;
