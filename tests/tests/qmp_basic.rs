@@ -163,6 +163,7 @@ fn greeting_negotiation_run_control_and_queries() {
         "stop",
         "system_powerdown",
         "system_reset",
+        "__org.vmm_query-device-processes",
     ];
     expected.sort_unstable();
     assert_eq!(names, expected);
