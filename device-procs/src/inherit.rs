@@ -24,7 +24,8 @@ pub fn inherited_sockets() -> Result<(UnixStream, UnixListener), InheritError> {
     let control = adopt(CONTROL_FD)?;
     let listener = adopt(VHOST_USER_FD)?;
     // SAFETY: `adopt` checked the fd is an open socket and transfers its ownership here.
-    let listener = unsafe { UnixListener::from_raw_fd(std::os::fd::IntoRawFd::into_raw_fd(listener)) };
+    let listener =
+        unsafe { UnixListener::from_raw_fd(std::os::fd::IntoRawFd::into_raw_fd(listener)) };
     Ok((control, listener))
 }
 

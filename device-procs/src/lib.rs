@@ -1,6 +1,8 @@
 //! The device processes (`vmm-blk`, `vmm-net`, `vmm-display`) and what they share: how a
-//! process picks up the sockets the vmm's supervisor handed it, and the sandbox it enters
-//! before serving.
+//! process picks up the sockets the vmm's supervisor handed it, the sandbox it enters
+//! before serving, and the seccomp allowlists per process kind.
 
+pub mod blk;
 pub mod inherit;
 pub mod sandbox;
+pub mod seccomp;

@@ -1,14 +1,15 @@
-//! The sandbox a device process enters before it serves: new mount, pid, ipc, uts and
+//! The sandbox a device process enters before it serves: new mount, ipc, uts and
 //! (except for the net process) net namespaces; the root pivoted into an empty, read-only
-//! tmpfs; no_new_privs; every capability dropped; and a limit on open files. After
-//! `enter`, the process holds only the fds it already had (its sockets, and what the vmm
-//! passes it over them) and cannot open host files or reach the network.
-//!
-//! The per-kind seccomp allowlist comes on top of this (with the real device processes,
-//! whose system calls it must list).
+//! tmpfs; no_new_privs; every capability dropped; limits on open files, processes, and
+//! private and total memory; and, for the real device programs, a seccomp allowlist that
+//! kills the process on any other system call (see [`crate::seccomp`]). After `enter`, the
+//! process holds only the fds it already had (its sockets, and what the vmm passes it over
+//! them) and cannot open host files or reach the network.
 
 use std::ffi::CString;
 use std::io;
+
+use crate::seccomp;
 
 /// What a kind of process keeps.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -18,13 +19,43 @@ pub struct Profile {
     pub keep_network: bool,
     /// RLIMIT_NOFILE: the most fds the process may hold.
     pub max_files: u64,
+    /// RLIMIT_NPROC. The kernel counts it per user and does not apply it to root (uid 0 in
+    /// the initial user namespace), which is how device processes run today: there the
+    /// seccomp filter's "threads only" rule on clone is what stops new processes.
+    pub max_processes: u64,
+    /// RLIMIT_DATA: private writable memory (heap, thread stacks). Guest RAM is a shared
+    /// mapping and does not count.
+    pub max_data: u64,
+    /// RLIMIT_AS: all mappings, guest RAM included.
+    pub max_address_space: u64,
+    /// The seccomp allowlist, if any.
+    pub seccomp: Option<seccomp::Kind>,
 }
 
+const GIB: u64 = 1 << 30;
+
 impl Profile {
+    /// Namespaces, pivot_root, capabilities and limits for a block device process. Without
+    /// a seccomp filter (stand-ins in tests make arbitrary system calls to probe the
+    /// sandbox); `vmm-blk` adds its allowlist with [`Profile::with_seccomp`].
     pub const BLOCK: Profile = Profile {
         keep_network: false,
         max_files: 256,
+        // Threads: one per queue (up to 64), the vhost-user and control threads, spare.
+        max_processes: 128,
+        max_data: GIB,
+        // Guest RAM is mapped whole: up to 1 TiB of it, plus room for the rest.
+        max_address_space: 1024 * GIB + 64 * GIB,
+        seccomp: None,
     };
+
+    /// The same profile with seccomp allowlist `kind`.
+    pub const fn with_seccomp(self, kind: seccomp::Kind) -> Profile {
+        Profile {
+            seccomp: Some(kind),
+            ..self
+        }
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -35,6 +66,8 @@ pub enum SandboxError {
         #[source]
         source: io::Error,
     },
+    #[error(transparent)]
+    Seccomp(#[from] seccomp::SeccompError),
 }
 
 fn check(step: &'static str, r: libc::c_int) -> Result<(), SandboxError> {
@@ -51,8 +84,11 @@ fn check(step: &'static str, r: libc::c_int) -> Result<(), SandboxError> {
 /// Enter the sandbox. Call once, after taking the inherited sockets and before serving;
 /// single-threaded (unshare(CLONE_NEWNS) refuses a process that shares its fs state).
 pub fn enter(profile: Profile) -> Result<(), SandboxError> {
-    let mut flags =
-        libc::CLONE_NEWNS | libc::CLONE_NEWPID | libc::CLONE_NEWIPC | libc::CLONE_NEWUTS;
+    // No CLONE_NEWPID: unsharing it puts only later children in the new namespace, not
+    // this process, and once it is unshared the kernel refuses to create threads
+    // (clone(CLONE_THREAD) fails with EINVAL), which the device processes need. They start
+    // no processes (the seccomp filter allows threads only).
+    let mut flags = libc::CLONE_NEWNS | libc::CLONE_NEWIPC | libc::CLONE_NEWUTS;
     if !profile.keep_network {
         flags |= libc::CLONE_NEWNET;
     }
@@ -63,15 +99,24 @@ pub fn enter(profile: Profile) -> Result<(), SandboxError> {
     check("no_new_privs", unsafe {
         libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0)
     })?;
-    let limit = libc::rlimit {
-        rlim_cur: profile.max_files,
-        rlim_max: profile.max_files,
-    };
-    // SAFETY: setrlimit reads the struct we pass.
-    check("RLIMIT_NOFILE", unsafe {
-        libc::setrlimit(libc::RLIMIT_NOFILE, &limit)
-    })?;
-    drop_capabilities()
+    for (step, resource, value) in [
+        ("RLIMIT_NOFILE", libc::RLIMIT_NOFILE, profile.max_files),
+        ("RLIMIT_NPROC", libc::RLIMIT_NPROC, profile.max_processes),
+        ("RLIMIT_DATA", libc::RLIMIT_DATA, profile.max_data),
+        ("RLIMIT_AS", libc::RLIMIT_AS, profile.max_address_space),
+    ] {
+        let limit = libc::rlimit {
+            rlim_cur: value,
+            rlim_max: value,
+        };
+        // SAFETY: setrlimit reads the struct we pass.
+        check(step, unsafe { libc::setrlimit(resource, &limit) })?;
+    }
+    drop_capabilities()?;
+    if let Some(kind) = profile.seccomp {
+        seccomp::install(kind)?;
+    }
+    Ok(())
 }
 
 /// A fresh tmpfs becomes `/`; the old root is detached, so no host path is reachable.

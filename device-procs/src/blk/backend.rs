@@ -1,0 +1,329 @@
+//! The vhost-user-blk backend: features, configuration space, and the queue handler that
+//! pops descriptor chains, runs them (see [`super::request`]) and completes them.
+//!
+//! One worker thread per queue (vhost-user-backend's `queues_per_thread`). A
+//! `VhostUserDaemon` serves one frontend connection; [`serve`] makes a fresh one for each
+//! connection on the listener, so a frontend that reconnects (after a reset, or after this
+//! process was restarted) finds the device again.
+
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::net::UnixListener;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+
+use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
+use vhost::vhost_user::{Error as VhostUserError, Listener};
+use vhost_user_backend::{VhostUserBackend, VhostUserDaemon, VringRwLock, VringT};
+use virtio_bindings::virtio_blk::{
+    VIRTIO_BLK_F_BLK_SIZE, VIRTIO_BLK_F_DISCARD, VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_F_MQ,
+    VIRTIO_BLK_F_RO, VIRTIO_BLK_F_SEG_MAX, VIRTIO_BLK_F_WRITE_ZEROES,
+};
+use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
+use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
+use virtio_queue::QueueT;
+use vm_memory::{GuestAddressSpace, GuestMemoryAtomic};
+use vmm_sys_util::epoll::EventSet;
+use vmm_sys_util::event::{
+    new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
+};
+
+use super::config::BlkConfig;
+use super::request::{self, Disk, GuestMem, RequestError};
+
+/// Most queues a disk may have (one bit each in vhost-user-backend's thread masks).
+pub const MAX_QUEUES: u16 = 64;
+/// Largest split virtqueue.
+pub const MAX_QUEUE_SIZE: u16 = 32768;
+
+/// Guest memory as vhost-user-backend shares it with us.
+pub type Memory = GuestMemoryAtomic<GuestMem>;
+type Vring = VringRwLock<Memory>;
+
+/// Called for every request that failed because of the host (the image), not the guest.
+pub type HostErrorHook = Box<dyn Fn(&RequestError) + Send + Sync>;
+
+#[derive(Debug, thiserror::Error)]
+pub enum BackendError {
+    #[error("{0} queues: a disk has 1 to {MAX_QUEUES}")]
+    NumQueues(u16),
+    #[error("queue size {0}: a power of two from 1 to {MAX_QUEUE_SIZE}")]
+    QueueSize(u16),
+    #[error("cannot set up a vhost-user connection: {0}")]
+    Daemon(String),
+    #[error("cannot accept a vhost-user connection: {0}")]
+    Accept(String),
+}
+
+/// The device: one disk and its queues.
+pub struct BlkBackend {
+    disk: Disk,
+    num_queues: u16,
+    queue_size: u16,
+    event_idx: AtomicBool,
+    mem: RwLock<Option<Memory>>,
+    /// The exit-event fds handed to the current daemon's worker threads (see `exit_event`).
+    exit_consumers: Mutex<Vec<RawFd>>,
+    on_host_error: Option<HostErrorHook>,
+}
+
+impl BlkBackend {
+    pub fn new(
+        disk: Disk,
+        num_queues: u16,
+        queue_size: u16,
+        on_host_error: Option<HostErrorHook>,
+    ) -> Result<Self, BackendError> {
+        if num_queues == 0 || num_queues > MAX_QUEUES {
+            return Err(BackendError::NumQueues(num_queues));
+        }
+        if !queue_size.is_power_of_two() || queue_size > MAX_QUEUE_SIZE {
+            return Err(BackendError::QueueSize(queue_size));
+        }
+        Ok(BlkBackend {
+            disk,
+            num_queues,
+            queue_size,
+            event_idx: AtomicBool::new(false),
+            mem: RwLock::new(None),
+            exit_consumers: Mutex::new(Vec::new()),
+            on_host_error,
+        })
+    }
+
+    pub fn disk(&self) -> &Disk {
+        &self.disk
+    }
+
+    pub fn config(&self) -> BlkConfig {
+        BlkConfig {
+            capacity: self.disk.capacity(),
+            // As QEMU: room for the header and status descriptors in a full queue.
+            seg_max: u32::from(self.queue_size).saturating_sub(2).max(1),
+            num_queues: self.num_queues,
+            discard: !self.disk.readonly(),
+        }
+    }
+
+    /// Run every available request of `vring`; how many there were.
+    fn process_queue(&self, vring: &Vring) -> usize {
+        let Some(atomic) = self.mem.read().unwrap_or_else(|e| e.into_inner()).clone() else {
+            return 0;
+        };
+        let mem = atomic.memory();
+        let mut done = 0;
+        loop {
+            let chain = vring.get_mut().get_queue_mut().pop_descriptor_chain(&*mem);
+            let Some(chain) = chain else { break };
+            let c = request::process(&self.disk, chain);
+            if let Some(e) = &c.error {
+                if e.is_host() {
+                    tracing::warn!("request failed: {e}");
+                    if let Some(hook) = &self.on_host_error {
+                        hook(e);
+                    }
+                } else {
+                    tracing::debug!("guest request refused: {e}");
+                }
+            }
+            if let Err(e) = vring.add_used(c.head, c.used_len) {
+                tracing::debug!("cannot complete descriptor {}: {e}", c.head);
+            }
+            done += 1;
+        }
+        if done > 0 {
+            match vring.needs_notification() {
+                Ok(true) => {
+                    if let Err(e) = vring.signal_used_queue() {
+                        tracing::warn!("cannot signal the guest: {e}");
+                    }
+                }
+                Ok(false) => {}
+                Err(e) => tracing::debug!("used ring: {e}"),
+            }
+        }
+        done
+    }
+
+    /// Close the exit-event fds of a daemon that has been dropped.
+    fn close_exit_consumers(&self) {
+        let fds = std::mem::take(
+            &mut *self
+                .exit_consumers
+                .lock()
+                .unwrap_or_else(|e| e.into_inner()),
+        );
+        for fd in fds {
+            // SAFETY: vhost-user-backend 0.24 (pinned in Cargo.toml) registers each exit
+            // consumer in its epoll with `into_raw_fd` and never closes it
+            // (`VringEpollHandler::new`). This runs only after the daemon was dropped, which
+            // joined the worker threads and closed their epoll: the fd is still open, nobody
+            // else owns it, and nothing uses it any more.
+            drop(unsafe { OwnedFd::from_raw_fd(fd) });
+        }
+    }
+}
+
+impl VhostUserBackend for BlkBackend {
+    type Bitmap = ();
+    type Vring = Vring;
+
+    fn num_queues(&self) -> usize {
+        usize::from(self.num_queues)
+    }
+
+    fn max_queue_size(&self) -> usize {
+        usize::from(self.queue_size)
+    }
+
+    fn features(&self) -> u64 {
+        let mut bits = [
+            VIRTIO_F_VERSION_1,
+            VIRTIO_RING_F_INDIRECT_DESC,
+            VIRTIO_RING_F_EVENT_IDX,
+            VIRTIO_BLK_F_SEG_MAX,
+            VIRTIO_BLK_F_BLK_SIZE,
+            VIRTIO_BLK_F_FLUSH,
+        ]
+        .iter()
+        .fold(0u64, |f, b| f | 1 << b);
+        if self.disk.readonly() {
+            bits |= 1 << VIRTIO_BLK_F_RO;
+        } else {
+            bits |= 1 << VIRTIO_BLK_F_DISCARD | 1 << VIRTIO_BLK_F_WRITE_ZEROES;
+        }
+        if self.num_queues > 1 {
+            bits |= 1 << VIRTIO_BLK_F_MQ;
+        }
+        bits | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits()
+    }
+
+    fn protocol_features(&self) -> VhostUserProtocolFeatures {
+        VhostUserProtocolFeatures::CONFIG
+            | VhostUserProtocolFeatures::MQ
+            | VhostUserProtocolFeatures::REPLY_ACK
+            | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
+    }
+
+    fn set_event_idx(&self, enabled: bool) {
+        self.event_idx.store(enabled, Ordering::Release);
+    }
+
+    fn get_config(&self, offset: u32, size: u32) -> Vec<u8> {
+        self.config().read(offset, size)
+    }
+
+    fn set_config(&self, _offset: u32, _buf: &[u8]) -> io::Result<()> {
+        // Nothing in our configuration space is writable (no CONFIG_WCE): ignored, as
+        // the specification says for read-only fields.
+        Ok(())
+    }
+
+    fn update_memory(&self, mem: Memory) -> io::Result<()> {
+        *self.mem.write().unwrap_or_else(|e| e.into_inner()) = Some(mem);
+        Ok(())
+    }
+
+    fn queues_per_thread(&self) -> Vec<u64> {
+        (0..self.num_queues).map(|q| 1u64 << q).collect()
+    }
+
+    fn exit_event(&self, _thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {
+        match new_event_consumer_and_notifier(EventFlag::NONBLOCK | EventFlag::CLOEXEC) {
+            Ok((consumer, notifier)) => {
+                self.exit_consumers
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .push(consumer.as_raw_fd());
+                Some((consumer, notifier))
+            }
+            Err(e) => {
+                tracing::error!("cannot create a worker's exit event: {e}");
+                None
+            }
+        }
+    }
+
+    fn handle_event(
+        &self,
+        device_event: u16,
+        _evset: EventSet,
+        vrings: &[Vring],
+        _thread_id: usize,
+    ) -> io::Result<()> {
+        // Never an error: that would end the worker thread and with it the queue.
+        let Some(vring) = vrings.get(usize::from(device_event)) else {
+            return Ok(());
+        };
+        if !self.event_idx.load(Ordering::Acquire) {
+            self.process_queue(vring);
+            return Ok(());
+        }
+        // With EVENT_IDX: work with notifications off, then turn them on and look again,
+        // so a request made in between is not missed. A guest whose avail index is
+        // garbage makes "more" true while nothing can be popped: give up after a few
+        // empty rounds rather than spin.
+        let mut empty_rounds = 0;
+        loop {
+            if let Err(e) = vring.disable_notification() {
+                tracing::debug!("cannot disable notifications: {e}");
+            }
+            if self.process_queue(vring) == 0 {
+                empty_rounds += 1;
+            } else {
+                empty_rounds = 0;
+            }
+            match vring.enable_notification() {
+                Ok(true) if empty_rounds < 3 => continue,
+                Ok(true) => {
+                    tracing::debug!("avail ring index ahead of anything poppable");
+                    break;
+                }
+                Ok(false) => break,
+                Err(e) => {
+                    tracing::debug!("cannot enable notifications: {e}");
+                    break;
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Serve vhost-user connections on `listener` one after another, each with a fresh daemon,
+/// for as long as the listener works.
+pub fn serve(backend: Arc<BlkBackend>, listener: UnixListener) -> Result<(), BackendError> {
+    let mut listener = Listener::from(listener);
+    loop {
+        serve_one(&backend, &mut listener)?;
+    }
+}
+
+/// Accept one connection and serve it until the frontend goes away.
+pub fn serve_one(backend: &Arc<BlkBackend>, listener: &mut Listener) -> Result<(), BackendError> {
+    let mem: Memory = GuestMemoryAtomic::new(GuestMem::new());
+    *backend.mem.write().unwrap_or_else(|e| e.into_inner()) = None;
+    backend.event_idx.store(false, Ordering::Release);
+    let result = {
+        let mut daemon = VhostUserDaemon::new("vmm-blk".into(), backend.clone(), mem)
+            .map_err(|e| BackendError::Daemon(e.to_string()))?;
+        match daemon.start(listener) {
+            Ok(()) => {
+                tracing::info!("vhost-user frontend connected");
+                match daemon.wait() {
+                    Ok(())
+                    | Err(vhost_user_backend::Error::HandleRequest(
+                        VhostUserError::Disconnected | VhostUserError::PartialMessage,
+                    )) => tracing::info!("vhost-user frontend disconnected"),
+                    Err(e) => tracing::warn!("vhost-user connection ended: {e}"),
+                }
+                Ok(())
+            }
+            Err(e) => Err(BackendError::Accept(e.to_string())),
+        }
+        // The daemon drops here: its worker threads are told to exit and joined.
+    };
+    backend.close_exit_consumers();
+    *backend.mem.write().unwrap_or_else(|e| e.into_inner()) = None;
+    result
+}

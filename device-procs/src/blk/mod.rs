@@ -1,0 +1,180 @@
+//! `vmm-blk`: a vhost-user-blk backend serving a raw image, sandboxed.
+//!
+//! Supervised by the vmm (see [`supervised`]) or standalone like
+//! `qemu-storage-daemon --export type=vhost-user-blk` (see [`run_standalone`]). The
+//! device itself: [`backend`] (vhost-user), [`request`] (virtio-blk requests on the
+//! image), [`config`] (the configuration space); [`lock`] takes QEMU-compatible image
+//! locks for the standalone mode.
+
+pub mod backend;
+pub mod cli;
+pub mod config;
+pub mod lock;
+pub mod request;
+pub mod supervised;
+
+use std::fs::OpenOptions;
+use std::io;
+use std::os::unix::fs::FileTypeExt;
+use std::os::unix::net::UnixListener;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use crate::sandbox::{self, Profile};
+use crate::{inherit, seccomp};
+
+#[derive(Debug, thiserror::Error)]
+pub enum BlkError {
+    #[error(transparent)]
+    Cli(#[from] cli::CliError),
+    #[error(transparent)]
+    Inherit(#[from] inherit::InheritError),
+    #[error(transparent)]
+    Sandbox(#[from] sandbox::SandboxError),
+    #[error("control socket: {0}")]
+    Ipc(#[from] ipc::IpcError),
+    #[error("control socket: {0}")]
+    Control(#[source] io::Error),
+    #[error("Attach carries the image as exactly one fd, this one carried {0}")]
+    AttachFds(usize),
+    #[error("the image fd is read-only but the disk is not")]
+    ReadOnlyFd,
+    #[error("image: {0}")]
+    Image(#[source] io::Error),
+    #[error("cannot open image {path}: {source}")]
+    Open {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("image {path}: {source}")]
+    Lock {
+        path: PathBuf,
+        #[source]
+        source: lock::LockError,
+    },
+    #[error("cannot listen on {path}: {source}")]
+    Listen {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error(transparent)]
+    Backend(#[from] backend::BackendError),
+    #[error("cannot block SIGTERM and SIGINT: {0}")]
+    Signals(#[source] io::Error),
+    #[error("cannot start a thread: {0}")]
+    Thread(#[source] io::Error),
+}
+
+/// The program: parse the arguments, run, and return the exit status (0, or 1 after
+/// printing one line on stderr).
+pub fn main() -> i32 {
+    init_logging();
+    let result = match cli::parse(std::env::args().skip(1)) {
+        Ok(cli::Mode::Help) => {
+            println!("{}", cli::USAGE);
+            Ok(())
+        }
+        Ok(cli::Mode::Supervised) => supervised::run(),
+        Ok(cli::Mode::Standalone(args)) => run_standalone(&args),
+        Err(e) => Err(e.into()),
+    };
+    match result {
+        Ok(()) => 0,
+        Err(e) => {
+            eprintln!("vmm-blk: {e}");
+            1
+        }
+    }
+}
+
+fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("VMM_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(io::stderr)
+        .try_init();
+}
+
+/// Serve an image on a unix socket path, like qemu-storage-daemon's vhost-user-blk export.
+pub fn run_standalone(args: &cli::Standalone) -> Result<(), BlkError> {
+    let file = OpenOptions::new()
+        .read(true)
+        .write(!args.readonly)
+        .open(&args.image)
+        .map_err(|source| BlkError::Open {
+            path: args.image.clone(),
+            source,
+        })?;
+    lock::lock_image(&file, !args.readonly).map_err(|source| BlkError::Lock {
+        path: args.image.clone(),
+        source,
+    })?;
+    let disk = request::Disk::new(file, args.readonly, &args.serial).map_err(BlkError::Image)?;
+    // A socket left by an earlier run is replaced (QEMU does the same); anything else at
+    // that path is an error from bind.
+    if std::fs::symlink_metadata(&args.socket).is_ok_and(|m| m.file_type().is_socket()) {
+        let _ = std::fs::remove_file(&args.socket);
+    }
+    let listener = UnixListener::bind(&args.socket).map_err(|source| BlkError::Listen {
+        path: args.socket.clone(),
+        source,
+    })?;
+    block_termination_signals()?;
+    sandbox::enter(Profile::BLOCK.with_seccomp(seccomp::Kind::Block))?;
+    let backend = Arc::new(backend::BlkBackend::new(
+        disk,
+        args.num_queues,
+        args.queue_size,
+        None,
+    )?);
+    spawn_signal_thread()?;
+    backend::serve(backend, listener)?;
+    Ok(())
+}
+
+fn termination_signals() -> libc::sigset_t {
+    // SAFETY: sigemptyset/sigaddset initialise and fill the set we own.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, libc::SIGTERM);
+        libc::sigaddset(&mut set, libc::SIGINT);
+        set
+    }
+}
+
+/// Block SIGTERM and SIGINT in this thread and so in every thread started after: only the
+/// signal thread takes them. Call before starting threads.
+pub(crate) fn block_termination_signals() -> Result<(), BlkError> {
+    let set = termination_signals();
+    // SAFETY: pthread_sigmask reads the set we pass.
+    let r = unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) };
+    if r != 0 {
+        return Err(BlkError::Signals(io::Error::from_raw_os_error(r)));
+    }
+    Ok(())
+}
+
+/// A thread that waits for SIGTERM or SIGINT and exits with status 0. Every request is
+/// completed synchronously, so nothing is lost: what was written is in the image (the page
+/// cache), and a request the guest had not been told about yet is replayed by the vmm.
+pub(crate) fn spawn_signal_thread() -> Result<(), BlkError> {
+    std::thread::Builder::new()
+        .name("signals".into())
+        .spawn(|| {
+            let set = termination_signals();
+            loop {
+                let mut sig: libc::c_int = 0;
+                // SAFETY: sigwait reads the set and writes the signal number we pass.
+                if unsafe { libc::sigwait(&set, &mut sig) } == 0 {
+                    tracing::info!("signal {sig}: exiting");
+                    std::process::exit(0);
+                }
+            }
+        })
+        .map(drop)
+        .map_err(BlkError::Thread)
+}

@@ -1,0 +1,1167 @@
+//! virtio-blk requests: parsing a descriptor chain the guest built, executing it on the
+//! raw image, and writing the status byte.
+//!
+//! Everything here is guest input. A chain that is malformed (no 16-byte header, data
+//! buffers in the wrong direction, a device-readable descriptor after a device-writable
+//! one, addresses outside guest RAM, sectors past the end of the disk) fails with
+//! VIRTIO_BLK_S_IOERR; an unknown request type with VIRTIO_BLK_S_UNSUPP. The status goes
+//! into the last byte of the chain when that byte is device-writable; a chain without one
+//! is completed with a used length of 0 and not executed. Nothing in this module panics
+//! on what the guest wrote, and data moves with pread/pwrite straight between the image
+//! and guest memory.
+
+use std::fs::File;
+use std::io::{self, Seek, SeekFrom};
+use std::ops::Deref;
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::FileExt;
+
+use virtio_bindings::virtio_blk::{
+    VIRTIO_BLK_ID_BYTES, VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK, VIRTIO_BLK_S_UNSUPP,
+    VIRTIO_BLK_T_DISCARD, VIRTIO_BLK_T_FLUSH, VIRTIO_BLK_T_GET_ID, VIRTIO_BLK_T_IN,
+    VIRTIO_BLK_T_OUT, VIRTIO_BLK_T_WRITE_ZEROES, VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP,
+};
+use virtio_queue::desc::split::Descriptor;
+use virtio_queue::DescriptorChain;
+use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
+
+use super::config::{MAX_DISCARD_SECTORS, MAX_DISCARD_SEGMENTS, SECTOR_SIZE};
+
+/// Guest memory as the backend maps it (no dirty-page bitmap).
+pub type GuestMem = GuestMemoryMmap<()>;
+
+/// Bytes of the request header (type, reserved/ioprio, sector).
+const HEADER_LEN: usize = 16;
+/// Bytes of one discard / write-zeroes range.
+const RANGE_LEN: usize = 16;
+
+/// Why one request failed. The guest sees only the status byte; the message is for the log
+/// (and, for host I/O errors, for the vmm).
+#[derive(Debug, thiserror::Error)]
+pub enum RequestError {
+    #[error("the chain does not end in a device-writable status byte inside guest memory")]
+    NoStatus,
+    #[error("the chain's device-readable part holds {0} bytes, less than the 16-byte header")]
+    ShortHeader(usize),
+    #[error("a device-readable descriptor follows a device-writable one")]
+    Misordered,
+    #[error("descriptor {addr:#x}+{len:#x} is not inside guest memory")]
+    OutsideMemory { addr: u64, len: u32 },
+    #[error("{kind} request: {bytes} data bytes {what}")]
+    Direction {
+        kind: &'static str,
+        bytes: u64,
+        what: &'static str,
+    },
+    #[error("{len} data bytes is not a whole number of 512-byte sectors")]
+    Unaligned { len: u64 },
+    #[error("sector {sector} + {len} bytes is past the end of the disk ({capacity} sectors)")]
+    OutOfRange {
+        sector: u64,
+        len: u64,
+        capacity: u64,
+    },
+    #[error("the disk is read-only")]
+    ReadOnly,
+    #[error("request type {0} is not supported")]
+    UnsupportedType(u32),
+    #[error("{kind} range flags {flags:#x} are not supported")]
+    UnsupportedFlags { kind: &'static str, flags: u32 },
+    #[error("{kind} payload of {bytes} bytes is not 1 to {max} 16-byte ranges")]
+    BadRanges {
+        kind: &'static str,
+        bytes: u64,
+        max: u32,
+    },
+    #[error("{kind} range of {sectors} sectors exceeds the {max}-sector limit")]
+    RangeTooLong {
+        kind: &'static str,
+        sectors: u32,
+        max: u32,
+    },
+    #[error("{op} at byte {offset} of the image: {source}")]
+    Host {
+        op: &'static str,
+        offset: u64,
+        #[source]
+        source: io::Error,
+    },
+}
+
+impl RequestError {
+    /// The status byte the guest gets.
+    pub fn status(&self) -> u8 {
+        match self {
+            RequestError::UnsupportedType(_) | RequestError::UnsupportedFlags { .. } => {
+                VIRTIO_BLK_S_UNSUPP as u8
+            }
+            _ => VIRTIO_BLK_S_IOERR as u8,
+        }
+    }
+
+    /// An error of the host's image, not of the guest's request.
+    pub fn is_host(&self) -> bool {
+        matches!(self, RequestError::Host { .. })
+    }
+}
+
+/// The raw image a disk serves.
+#[derive(Debug)]
+pub struct Disk {
+    file: File,
+    /// Size in sectors (a partial last sector is not served, as in QEMU).
+    capacity: u64,
+    readonly: bool,
+    /// GET_ID's answer: the serial, cut to 20 bytes and padded with zeroes.
+    serial: [u8; VIRTIO_BLK_ID_BYTES as usize],
+}
+
+impl Disk {
+    /// Serve `file` (its size is taken now).
+    pub fn new(mut file: File, readonly: bool, serial: &str) -> io::Result<Disk> {
+        // Seeking to the end works for regular files and block devices alike.
+        let size = file.seek(SeekFrom::End(0))?;
+        let mut id = [0u8; VIRTIO_BLK_ID_BYTES as usize];
+        let n = serial.len().min(id.len());
+        id[..n].copy_from_slice(&serial.as_bytes()[..n]);
+        Ok(Disk {
+            file,
+            capacity: size / SECTOR_SIZE,
+            readonly,
+            serial: id,
+        })
+    }
+
+    /// Size in 512-byte sectors.
+    pub fn capacity(&self) -> u64 {
+        self.capacity
+    }
+
+    pub fn readonly(&self) -> bool {
+        self.readonly
+    }
+
+    /// Byte offset of `len` bytes at `sector`, if they lie inside the disk.
+    fn range(&self, sector: u64, len: u64) -> Result<u64, RequestError> {
+        let out = || RequestError::OutOfRange {
+            sector,
+            len,
+            capacity: self.capacity,
+        };
+        let offset = sector.checked_mul(SECTOR_SIZE).ok_or_else(out)?;
+        let end = offset.checked_add(len).ok_or_else(out)?;
+        if end > self.capacity * SECTOR_SIZE {
+            return Err(out());
+        }
+        Ok(offset)
+    }
+}
+
+/// What to put in the used ring for one chain.
+#[derive(Debug)]
+pub struct Completion {
+    /// The chain's head descriptor index.
+    pub head: u16,
+    /// Bytes written into the chain (data and status byte).
+    pub used_len: u32,
+    /// The status written, or None when the chain had no writable status byte.
+    pub status: Option<u8>,
+    /// Why the request failed, if it did.
+    pub error: Option<RequestError>,
+}
+
+/// A guest buffer: address and length.
+type Segment = (GuestAddress, u64);
+
+/// Execute the request in `chain` on `disk` and write its status byte.
+pub fn process<M>(disk: &Disk, chain: DescriptorChain<M>) -> Completion
+where
+    M: Deref<Target = GuestMem> + Clone,
+{
+    let head = chain.head_index();
+    // The iterator stops by itself at the end of the chain, after `queue_size` descriptors
+    // (a loop), at an unreadable descriptor or a bad indirect table: whatever it yields
+    // is all there is.
+    let descs: Vec<Descriptor> = chain.clone().collect();
+    process_descriptors(disk, chain.memory(), head, &descs)
+}
+
+fn process_descriptors(disk: &Disk, mem: &GuestMem, head: u16, descs: &[Descriptor]) -> Completion {
+    let mut readable: Vec<Segment> = Vec::new();
+    let mut writable: Vec<Segment> = Vec::new();
+    let mut misordered = false;
+    for d in descs {
+        let seg = (d.addr(), u64::from(d.len()));
+        if d.is_write_only() {
+            writable.push(seg);
+        } else {
+            misordered |= !writable.is_empty();
+            readable.push(seg);
+        }
+    }
+    // The status byte: the last byte of the chain, if the device may write it.
+    let status_addr = match descs.last() {
+        Some(d) if d.is_write_only() && d.len() > 0 => d
+            .addr()
+            .checked_add(u64::from(d.len()) - 1)
+            .filter(|a| GuestMemoryBackend::check_range(mem, *a, 1)),
+        _ => None,
+    };
+    let Some(status_addr) = status_addr else {
+        return Completion {
+            head,
+            used_len: 0,
+            status: None,
+            error: Some(RequestError::NoStatus),
+        };
+    };
+    // The data part of the writable buffers is everything before the status byte.
+    if let Some(last) = writable.last_mut() {
+        last.1 -= 1;
+        if last.1 == 0 {
+            writable.pop();
+        }
+    }
+    let result = if misordered {
+        Err(RequestError::Misordered)
+    } else {
+        execute(disk, mem, &readable, &writable)
+    };
+    let (status, data_len, error) = match result {
+        Ok(n) => (VIRTIO_BLK_S_OK as u8, n, None),
+        Err(e) => (e.status(), 0, Some(e)),
+    };
+    let used_len = match mem.write_obj(status, status_addr) {
+        // At most u32::MAX bytes in a chain (the iterator checks the sum), so this fits.
+        Ok(()) => u32::try_from(data_len + 1).unwrap_or(u32::MAX),
+        Err(_) => 0,
+    };
+    Completion {
+        head,
+        used_len,
+        status: Some(status),
+        error,
+    }
+}
+
+/// Run one well-ordered request; the number of data bytes written into guest memory.
+fn execute(
+    disk: &Disk,
+    mem: &GuestMem,
+    readable: &[Segment],
+    writable: &[Segment],
+) -> Result<u64, RequestError> {
+    for &(addr, len) in readable.iter().chain(writable) {
+        if !GuestMemoryBackend::check_range(mem, addr, len as usize) {
+            return Err(RequestError::OutsideMemory {
+                addr: addr.raw_value(),
+                len: len as u32,
+            });
+        }
+    }
+    let mut header = [0u8; HEADER_LEN];
+    let readable_len = total(readable);
+    if readable_len < HEADER_LEN as u64 {
+        return Err(RequestError::ShortHeader(readable_len as usize));
+    }
+    gather(mem, readable, &mut header)?;
+    let data_in = skip(readable, HEADER_LEN as u64);
+    let kind = u32::from_le_bytes([header[0], header[1], header[2], header[3]]);
+    let sector = u64::from_le_bytes([
+        header[8], header[9], header[10], header[11], header[12], header[13], header[14],
+        header[15],
+    ]);
+    let in_len = total(&data_in);
+    let out_len = total(writable);
+    match kind {
+        VIRTIO_BLK_T_IN => {
+            if in_len != 0 {
+                return Err(direction(
+                    "read",
+                    in_len,
+                    "are device-readable; a read's data must be device-writable",
+                ));
+            }
+            let offset = sector_range(disk, sector, out_len)?;
+            read_image(disk, mem, writable, offset)?;
+            Ok(out_len)
+        }
+        VIRTIO_BLK_T_OUT => {
+            if out_len != 0 {
+                return Err(direction(
+                    "write",
+                    out_len,
+                    "are device-writable; a write's data must be device-readable",
+                ));
+            }
+            if disk.readonly {
+                return Err(RequestError::ReadOnly);
+            }
+            let offset = sector_range(disk, sector, in_len)?;
+            write_image(disk, mem, &data_in, offset)?;
+            Ok(0)
+        }
+        VIRTIO_BLK_T_FLUSH => {
+            if disk.readonly {
+                return Ok(0);
+            }
+            disk.file.sync_data().map_err(|source| RequestError::Host {
+                op: "fdatasync",
+                offset: 0,
+                source,
+            })?;
+            Ok(0)
+        }
+        VIRTIO_BLK_T_GET_ID => {
+            let n = out_len.min(disk.serial.len() as u64) as usize;
+            scatter(mem, writable, &disk.serial[..n])?;
+            Ok(n as u64)
+        }
+        VIRTIO_BLK_T_DISCARD | VIRTIO_BLK_T_WRITE_ZEROES => {
+            let discard = kind == VIRTIO_BLK_T_DISCARD;
+            let name = if discard { "discard" } else { "write-zeroes" };
+            if disk.readonly {
+                return Err(RequestError::ReadOnly);
+            }
+            let count = in_len / RANGE_LEN as u64;
+            if !in_len.is_multiple_of(RANGE_LEN as u64)
+                || count == 0
+                || count > MAX_DISCARD_SEGMENTS.into()
+            {
+                return Err(RequestError::BadRanges {
+                    kind: name,
+                    bytes: in_len,
+                    max: MAX_DISCARD_SEGMENTS,
+                });
+            }
+            // At most MAX_DISCARD_SEGMENTS (a handful) ranges, checked just above.
+            let mut ranges = vec![0u8; in_len as usize];
+            gather(mem, &data_in, &mut ranges)?;
+            for r in ranges.chunks_exact(RANGE_LEN) {
+                let sector = u64::from_le_bytes([r[0], r[1], r[2], r[3], r[4], r[5], r[6], r[7]]);
+                let sectors = u32::from_le_bytes([r[8], r[9], r[10], r[11]]);
+                let flags = u32::from_le_bytes([r[12], r[13], r[14], r[15]]);
+                let allowed = if discard {
+                    0
+                } else {
+                    VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP
+                };
+                if flags & !allowed != 0 {
+                    return Err(RequestError::UnsupportedFlags { kind: name, flags });
+                }
+                if sectors > MAX_DISCARD_SECTORS {
+                    return Err(RequestError::RangeTooLong {
+                        kind: name,
+                        sectors,
+                        max: MAX_DISCARD_SECTORS,
+                    });
+                }
+                let len = u64::from(sectors) * SECTOR_SIZE;
+                let offset = disk.range(sector, len)?;
+                if discard {
+                    discard_range(disk, offset, len)?;
+                } else {
+                    write_zeroes(disk, offset, len, flags != 0)?;
+                }
+            }
+            Ok(0)
+        }
+        other => Err(RequestError::UnsupportedType(other)),
+    }
+}
+
+fn direction(kind: &'static str, bytes: u64, what: &'static str) -> RequestError {
+    RequestError::Direction { kind, bytes, what }
+}
+
+/// A read or write of `len` bytes at `sector`: whole sectors inside the disk.
+fn sector_range(disk: &Disk, sector: u64, len: u64) -> Result<u64, RequestError> {
+    if !len.is_multiple_of(SECTOR_SIZE) {
+        return Err(RequestError::Unaligned { len });
+    }
+    disk.range(sector, len)
+}
+
+fn total(segs: &[Segment]) -> u64 {
+    segs.iter().map(|s| s.1).sum()
+}
+
+/// The segments after the first `n` bytes.
+fn skip(segs: &[Segment], mut n: u64) -> Vec<Segment> {
+    let mut out = Vec::with_capacity(segs.len());
+    for &(addr, len) in segs {
+        if n >= len {
+            n -= len;
+            continue;
+        }
+        // Inside a descriptor that check_range accepted, so no overflow.
+        out.push((addr.unchecked_add(n), len - n));
+        n = 0;
+    }
+    out
+}
+
+/// Fill `buf` from the start of `segs`.
+fn gather(mem: &GuestMem, segs: &[Segment], buf: &mut [u8]) -> Result<(), RequestError> {
+    let mut done = 0;
+    for &(addr, len) in segs {
+        if done == buf.len() {
+            break;
+        }
+        let n = (len as usize).min(buf.len() - done);
+        mem.read_slice(&mut buf[done..done + n], addr)
+            .map_err(|_| RequestError::OutsideMemory {
+                addr: addr.raw_value(),
+                len: len as u32,
+            })?;
+        done += n;
+    }
+    Ok(())
+}
+
+/// Copy `data` to the start of `segs`.
+fn scatter(mem: &GuestMem, segs: &[Segment], data: &[u8]) -> Result<(), RequestError> {
+    let mut done = 0;
+    for &(addr, len) in segs {
+        if done == data.len() {
+            break;
+        }
+        let n = (len as usize).min(data.len() - done);
+        mem.write_slice(&data[done..done + n], addr)
+            .map_err(|_| RequestError::OutsideMemory {
+                addr: addr.raw_value(),
+                len: len as u32,
+            })?;
+        done += n;
+    }
+    Ok(())
+}
+
+/// The host memory of `segs`, piece by piece (a segment may span memory regions).
+fn for_each_host_buffer(
+    mem: &GuestMem,
+    segs: &[Segment],
+    mut f: impl FnMut(*mut u8, usize) -> Result<(), RequestError>,
+) -> Result<(), RequestError> {
+    for &(addr, len) in segs {
+        let outside = || RequestError::OutsideMemory {
+            addr: addr.raw_value(),
+            len: len as u32,
+        };
+        for slice in GuestMemoryBackend::get_slices(mem, addr, len as usize) {
+            let slice = slice.map_err(|_| outside())?;
+            let guard = slice.ptr_guard_mut();
+            f(guard.as_ptr(), slice.len())?;
+        }
+    }
+    Ok(())
+}
+
+/// pread the image at `offset` into guest memory.
+fn read_image(
+    disk: &Disk,
+    mem: &GuestMem,
+    segs: &[Segment],
+    offset: u64,
+) -> Result<(), RequestError> {
+    let fd = disk.file.as_raw_fd();
+    let mut pos = offset;
+    for_each_host_buffer(mem, segs, |ptr, len| {
+        let mut done = 0;
+        while done < len {
+            let at = pos + done as u64;
+            // SAFETY: `ptr..ptr + len` is host memory of a guest RAM mapping that `mem`
+            // keeps alive for this call; pread writes at most `len - done` bytes from
+            // `ptr + done`.
+            let r =
+                unsafe { libc::pread64(fd, ptr.add(done).cast(), len - done, at as libc::off64_t) };
+            if r < 0 {
+                let source = io::Error::last_os_error();
+                if source.kind() == io::ErrorKind::Interrupted {
+                    continue;
+                }
+                return Err(RequestError::Host {
+                    op: "read",
+                    offset: at,
+                    source,
+                });
+            }
+            if r == 0 {
+                return Err(RequestError::Host {
+                    op: "read",
+                    offset: at,
+                    source: io::Error::new(io::ErrorKind::UnexpectedEof, "the image shrank"),
+                });
+            }
+            done += r as usize;
+        }
+        pos += len as u64;
+        Ok(())
+    })
+}
+
+/// pwrite guest memory to the image at `offset`.
+fn write_image(
+    disk: &Disk,
+    mem: &GuestMem,
+    segs: &[Segment],
+    offset: u64,
+) -> Result<(), RequestError> {
+    let fd = disk.file.as_raw_fd();
+    let mut pos = offset;
+    for_each_host_buffer(mem, segs, |ptr, len| {
+        let mut done = 0;
+        while done < len {
+            let at = pos + done as u64;
+            // SAFETY: `ptr..ptr + len` is host memory of a guest RAM mapping that `mem`
+            // keeps alive for this call; pwrite reads at most `len - done` bytes from
+            // `ptr + done`.
+            let r = unsafe {
+                libc::pwrite64(fd, ptr.add(done).cast(), len - done, at as libc::off64_t)
+            };
+            if r < 0 {
+                let source = io::Error::last_os_error();
+                if source.kind() == io::ErrorKind::Interrupted {
+                    continue;
+                }
+                return Err(RequestError::Host {
+                    op: "write",
+                    offset: at,
+                    source,
+                });
+            }
+            if r == 0 {
+                return Err(RequestError::Host {
+                    op: "write",
+                    offset: at,
+                    source: io::Error::new(io::ErrorKind::WriteZero, "the image took no bytes"),
+                });
+            }
+            done += r as usize;
+        }
+        pos += len as u64;
+        Ok(())
+    })
+}
+
+fn fallocate(disk: &Disk, mode: libc::c_int, offset: u64, len: u64) -> io::Result<()> {
+    // SAFETY: fallocate on our own fd with integer arguments.
+    let r = unsafe {
+        libc::fallocate64(
+            disk.file.as_raw_fd(),
+            mode,
+            offset as libc::off64_t,
+            len as libc::off64_t,
+        )
+    };
+    if r < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(())
+    }
+}
+
+/// The file system cannot do this kind of fallocate.
+fn unsupported(e: &io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(libc::EOPNOTSUPP) | Some(libc::ENOSYS) | Some(libc::EINVAL)
+    )
+}
+
+/// Punch a hole. Discard is advisory: where the file system cannot punch holes the request
+/// still succeeds and the data stays (as QEMU does).
+fn discard_range(disk: &Disk, offset: u64, len: u64) -> Result<(), RequestError> {
+    match fallocate(
+        disk,
+        libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+        offset,
+        len,
+    ) {
+        Ok(()) => Ok(()),
+        Err(e) if unsupported(&e) => Ok(()),
+        Err(source) => Err(RequestError::Host {
+            op: "discard",
+            offset,
+            source,
+        }),
+    }
+}
+
+/// Make a range read as zeroes: punch a hole if the guest allows unmapping, else
+/// FALLOC_FL_ZERO_RANGE, else write zeroes.
+fn write_zeroes(disk: &Disk, offset: u64, len: u64, unmap: bool) -> Result<(), RequestError> {
+    let modes = if unmap {
+        [
+            libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+            libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE,
+        ]
+    } else {
+        [libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE; 2]
+    };
+    for mode in modes {
+        match fallocate(disk, mode, offset, len) {
+            Ok(()) => return Ok(()),
+            Err(e) if unsupported(&e) => continue,
+            Err(source) => {
+                return Err(RequestError::Host {
+                    op: "write-zeroes",
+                    offset,
+                    source,
+                })
+            }
+        }
+    }
+    static ZEROES: [u8; 64 * 1024] = [0; 64 * 1024];
+    let mut done = 0;
+    while done < len {
+        let n = (len - done).min(ZEROES.len() as u64) as usize;
+        disk.file
+            .write_all_at(&ZEROES[..n], offset + done)
+            .map_err(|source| RequestError::Host {
+                op: "write-zeroes",
+                offset: offset + done,
+                source,
+            })?;
+        done += n as u64;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+    use std::sync::atomic::{AtomicU32, Ordering};
+    use virtio_bindings::virtio_ring::{
+        VRING_DESC_F_INDIRECT, VRING_DESC_F_NEXT, VRING_DESC_F_WRITE,
+    };
+    use virtio_queue::desc::RawDescriptor;
+    use virtio_queue::mock::MockSplitQueue;
+    use virtio_queue::{Queue, QueueOwnedT};
+
+    const MEM_SIZE: usize = 0x10_0000;
+    const W: u16 = VRING_DESC_F_WRITE as u16;
+    // Guest addresses for headers, data and status bytes.
+    const HDR: u64 = 0x4_0000;
+    const DATA: u64 = 0x5_0000;
+    const STATUS: u64 = 0x8_0000;
+
+    struct Image {
+        path: std::path::PathBuf,
+    }
+    impl Drop for Image {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_file(&self.path);
+        }
+    }
+
+    /// A temp image of `sectors` sectors where sector n is filled with byte n.
+    fn image(sectors: u64, readonly: bool) -> (Disk, Image) {
+        static N: AtomicU32 = AtomicU32::new(0);
+        let path = std::env::temp_dir().join(format!(
+            "vmm-blk-request-{}-{}.img",
+            std::process::id(),
+            N.fetch_add(1, Ordering::Relaxed)
+        ));
+        let mut f = File::create(&path).unwrap();
+        for s in 0..sectors {
+            f.write_all(&[s as u8; 512]).unwrap();
+        }
+        let f = std::fs::OpenOptions::new()
+            .read(true)
+            .write(!readonly)
+            .open(&path)
+            .unwrap();
+        (
+            Disk::new(f, readonly, "serial-123").unwrap(),
+            Image { path },
+        )
+    }
+
+    fn memory() -> GuestMem {
+        GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).unwrap()
+    }
+
+    fn desc(addr: u64, len: u32, flags: u16) -> RawDescriptor {
+        RawDescriptor::from(Descriptor::new(addr, len, flags, 0))
+    }
+
+    fn header(mem: &GuestMem, kind: u32, sector: u64) {
+        let mut h = [0u8; 16];
+        h[0..4].copy_from_slice(&kind.to_le_bytes());
+        h[8..16].copy_from_slice(&sector.to_le_bytes());
+        mem.write_slice(&h, GuestAddress(HDR)).unwrap();
+    }
+
+    /// Put `descs` in a queue as one chain (NEXT flags and indices filled in), pop it and
+    /// process it.
+    fn run(disk: &Disk, mem: &GuestMem, descs: &[RawDescriptor]) -> Completion {
+        mem.write_obj(0xffu8, GuestAddress(STATUS)).unwrap();
+        let q = MockSplitQueue::new(mem, 16);
+        let chain = q.build_desc_chain(descs).unwrap();
+        process(disk, chain)
+    }
+
+    fn status(mem: &GuestMem) -> u8 {
+        mem.read_obj(GuestAddress(STATUS)).unwrap()
+    }
+
+    #[test]
+    fn read_sectors_into_guest_memory() {
+        let (disk, _img) = image(8, false);
+        let mem = memory();
+        header(&mem, VIRTIO_BLK_T_IN, 2);
+        // Two data buffers: sector 2 and sector 3.
+        let c = run(
+            &disk,
+            &mem,
+            &[
+                desc(HDR, 16, 0),
+                desc(DATA, 512, W),
+                desc(DATA + 0x1000, 512, W),
+                desc(STATUS, 1, W),
+            ],
+        );
+        assert!(c.error.is_none(), "{:?}", c.error);
+        assert_eq!(c.status, Some(VIRTIO_BLK_S_OK as u8));
+        assert_eq!(c.used_len, 1025);
+        assert_eq!(status(&mem), VIRTIO_BLK_S_OK as u8);
+        let mut buf = [0u8; 512];
+        mem.read_slice(&mut buf, GuestAddress(DATA)).unwrap();
+        assert_eq!(buf, [2u8; 512]);
+        mem.read_slice(&mut buf, GuestAddress(DATA + 0x1000))
+            .unwrap();
+        assert_eq!(buf, [3u8; 512]);
+    }
+
+    #[test]
+    fn write_then_read_back_from_the_file() {
+        let (disk, img) = image(8, false);
+        let mem = memory();
+        header(&mem, VIRTIO_BLK_T_OUT, 5);
+        mem.write_slice(&[0xabu8; 1024], GuestAddress(DATA))
+            .unwrap();
+        let c = run(
+            &disk,
+            &mem,
+            &[desc(HDR, 16, 0), desc(DATA, 1024, 0), desc(STATUS, 1, W)],
+        );
+        assert!(c.error.is_none(), "{:?}", c.error);
+        assert_eq!(c.used_len, 1);
+        assert_eq!(status(&mem), VIRTIO_BLK_S_OK as u8);
+        let bytes = std::fs::read(&img.path).unwrap();
+        assert_eq!(&bytes[5 * 512..7 * 512], &[0xabu8; 1024][..]);
+        assert_eq!(&bytes[4 * 512..5 * 512], &[4u8; 512][..]);
+        assert_eq!(&bytes[7 * 512..8 * 512], &[7u8; 512][..]);
+    }
+
+    #[test]
+    fn header_and_data_in_one_descriptor() {
+        // Drivers may merge the header with the data (no ANY_LAYOUT assumptions).
+        let (disk, img) = image(4, false);
+        let mem = memory();
+        header(&mem, VIRTIO_BLK_T_OUT, 1);
+        mem.write_slice(&[0x5au8; 512], GuestAddress(HDR + 16))
+            .unwrap();
+        let c = run(&disk, &mem, &[desc(HDR, 16 + 512, 0), desc(STATUS, 1, W)]);
+        assert!(c.error.is_none(), "{:?}", c.error);
+        assert_eq!(
+            &std::fs::read(&img.path).unwrap()[512..1024],
+            &[0x5au8; 512][..]
+        );
+    }
+
+    #[test]
+    fn flush_and_get_id() {
+        let (disk, _img) = image(4, false);
+        let mem = memory();
+        header(&mem, VIRTIO_BLK_T_FLUSH, 0);
+        let c = run(&disk, &mem, &[desc(HDR, 16, 0), desc(STATUS, 1, W)]);
+        assert!(c.error.is_none(), "{:?}", c.error);
+        assert_eq!(status(&mem), VIRTIO_BLK_S_OK as u8);
+
+        header(&mem, VIRTIO_BLK_T_GET_ID, 0);
+        mem.write_slice(&[0xeeu8; 20], GuestAddress(DATA)).unwrap();
+        let c = run(
+            &disk,
+            &mem,
+            &[desc(HDR, 16, 0), desc(DATA, 20, W), desc(STATUS, 1, W)],
+        );
+        assert!(c.error.is_none(), "{:?}", c.error);
+        assert_eq!(c.used_len, 21);
+        let mut id = [0u8; 20];
+        mem.read_slice(&mut id, GuestAddress(DATA)).unwrap();
+        assert_eq!(&id[..10], b"serial-123");
+        assert_eq!(&id[10..], &[0u8; 10]);
+    }
+
+    fn range(mem: &GuestMem, sector: u64, sectors: u32, flags: u32) {
+        let mut r = [0u8; 16];
+        r[0..8].copy_from_slice(&sector.to_le_bytes());
+        r[8..12].copy_from_slice(&sectors.to_le_bytes());
+        r[12..16].copy_from_slice(&flags.to_le_bytes());
+        mem.write_slice(&r, GuestAddress(DATA)).unwrap();
+    }
+
+    #[test]
+    fn discard_and_write_zeroes_read_back_as_zeroes() {
+        let (disk, img) = image(16, false);
+        let mem = memory();
+        let chain = [desc(HDR, 16, 0), desc(DATA, 16, 0), desc(STATUS, 1, W)];
+
+        header(&mem, VIRTIO_BLK_T_WRITE_ZEROES, 0);
+        range(&mem, 2, 2, 0);
+        let c = run(&disk, &mem, &chain);
+        assert!(c.error.is_none(), "{:?}", c.error);
+        range(&mem, 4, 1, VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP);
+        let c = run(&disk, &mem, &chain);
+        assert!(c.error.is_none(), "{:?}", c.error);
+
+        // A discard of whole file-system blocks punches a hole: the bytes read as zero
+        // where hole punching works, and keep their data where it does not (both fine).
+        header(&mem, VIRTIO_BLK_T_DISCARD, 0);
+        range(&mem, 8, 8, 0);
+        let c = run(&disk, &mem, &chain);
+        assert!(c.error.is_none(), "{:?}", c.error);
+        assert_eq!(status(&mem), VIRTIO_BLK_S_OK as u8);
+
+        let bytes = std::fs::read(&img.path).unwrap();
+        assert_eq!(bytes.len(), 16 * 512, "the size is kept");
+        assert_eq!(&bytes[512..1024], &[1u8; 512][..]);
+        assert!(bytes[2 * 512..5 * 512].iter().all(|&b| b == 0));
+        assert_eq!(&bytes[5 * 512..6 * 512], &[5u8; 512][..]);
+
+        // Flags a discard may not carry, and two ranges, are refused.
+        range(&mem, 8, 1, 1);
+        let c = run(&disk, &mem, &chain);
+        assert_eq!(c.status, Some(VIRTIO_BLK_S_UNSUPP as u8));
+        let c = run(
+            &disk,
+            &mem,
+            &[desc(HDR, 16, 0), desc(DATA, 32, 0), desc(STATUS, 1, W)],
+        );
+        assert!(matches!(c.error, Some(RequestError::BadRanges { .. })));
+        // Past the end.
+        header(&mem, VIRTIO_BLK_T_DISCARD, 0);
+        range(&mem, 15, 2, 0);
+        let c = run(&disk, &mem, &chain);
+        assert!(matches!(c.error, Some(RequestError::OutOfRange { .. })));
+    }
+
+    #[test]
+    fn a_read_only_disk_refuses_writes() {
+        let (disk, img) = image(4, true);
+        let mem = memory();
+        for kind in [
+            VIRTIO_BLK_T_OUT,
+            VIRTIO_BLK_T_DISCARD,
+            VIRTIO_BLK_T_WRITE_ZEROES,
+        ] {
+            header(&mem, kind, 0);
+            range(&mem, 0, 1, 0);
+            let c = run(
+                &disk,
+                &mem,
+                &[desc(HDR, 16, 0), desc(DATA, 16, 0), desc(STATUS, 1, W)],
+            );
+            assert!(matches!(c.error, Some(RequestError::ReadOnly)), "{kind}");
+            assert_eq!(status(&mem), VIRTIO_BLK_S_IOERR as u8);
+        }
+        assert_eq!(&std::fs::read(&img.path).unwrap()[..512], &[0u8; 512][..]);
+        // Reads still work.
+        header(&mem, VIRTIO_BLK_T_IN, 3);
+        let c = run(
+            &disk,
+            &mem,
+            &[desc(HDR, 16, 0), desc(DATA, 512, W), desc(STATUS, 1, W)],
+        );
+        assert!(c.error.is_none(), "{:?}", c.error);
+    }
+
+    #[test]
+    fn out_of_range_and_unaligned_requests_fail() {
+        let (disk, _img) = image(4, false);
+        let mem = memory();
+        let read = [desc(HDR, 16, 0), desc(DATA, 1024, W), desc(STATUS, 1, W)];
+        for sector in [3, 4, u64::MAX / 512, u64::MAX] {
+            header(&mem, VIRTIO_BLK_T_IN, sector);
+            let c = run(&disk, &mem, &read);
+            assert!(
+                matches!(c.error, Some(RequestError::OutOfRange { .. })),
+                "sector {sector}: {:?}",
+                c.error
+            );
+            assert_eq!(c.used_len, 1);
+            assert_eq!(status(&mem), VIRTIO_BLK_S_IOERR as u8);
+        }
+        header(&mem, VIRTIO_BLK_T_IN, 0);
+        let c = run(
+            &disk,
+            &mem,
+            &[desc(HDR, 16, 0), desc(DATA, 100, W), desc(STATUS, 1, W)],
+        );
+        assert!(matches!(
+            c.error,
+            Some(RequestError::Unaligned { len: 100 })
+        ));
+        // The last sector exactly is fine.
+        header(&mem, VIRTIO_BLK_T_IN, 2);
+        assert!(run(&disk, &mem, &read).error.is_none());
+    }
+
+    #[test]
+    fn a_partial_last_sector_is_not_served() {
+        let path = std::env::temp_dir().join(format!("vmm-blk-odd-{}.img", std::process::id()));
+        std::fs::write(&path, vec![1u8; 3 * 512 + 100]).unwrap();
+        let disk = Disk::new(File::open(&path).unwrap(), true, "").unwrap();
+        let _ = std::fs::remove_file(&path);
+        assert_eq!(disk.capacity(), 3);
+    }
+
+    #[test]
+    fn wrong_directions_fail() {
+        let (disk, img) = image(4, false);
+        let mem = memory();
+        // A read whose data buffer is device-readable.
+        header(&mem, VIRTIO_BLK_T_IN, 0);
+        let c = run(
+            &disk,
+            &mem,
+            &[desc(HDR, 16, 0), desc(DATA, 512, 0), desc(STATUS, 1, W)],
+        );
+        assert!(matches!(c.error, Some(RequestError::Direction { .. })));
+        assert_eq!(status(&mem), VIRTIO_BLK_S_IOERR as u8);
+        // A write whose data buffer is device-writable.
+        header(&mem, VIRTIO_BLK_T_OUT, 0);
+        let c = run(
+            &disk,
+            &mem,
+            &[desc(HDR, 16, 0), desc(DATA, 512, W), desc(STATUS, 1, W)],
+        );
+        assert!(matches!(c.error, Some(RequestError::Direction { .. })));
+        assert_eq!(&std::fs::read(&img.path).unwrap()[..512], &[0u8; 512][..]);
+        // A writable header: no readable bytes at all.
+        let c = run(&disk, &mem, &[desc(HDR, 16, W), desc(STATUS, 1, W)]);
+        assert!(matches!(c.error, Some(RequestError::ShortHeader(0))));
+        // Readable after writable.
+        let c = run(
+            &disk,
+            &mem,
+            &[
+                desc(HDR, 16, 0),
+                desc(DATA, 512, W),
+                desc(DATA, 512, 0),
+                desc(STATUS, 1, W),
+            ],
+        );
+        assert!(matches!(c.error, Some(RequestError::Misordered)));
+        assert_eq!(status(&mem), VIRTIO_BLK_S_IOERR as u8);
+    }
+
+    #[test]
+    fn a_short_header_fails() {
+        let (disk, _img) = image(4, false);
+        let mem = memory();
+        header(&mem, VIRTIO_BLK_T_IN, 0);
+        let c = run(&disk, &mem, &[desc(HDR, 15, 0), desc(STATUS, 1, W)]);
+        assert!(matches!(c.error, Some(RequestError::ShortHeader(15))));
+        assert_eq!(c.used_len, 1);
+        assert_eq!(status(&mem), VIRTIO_BLK_S_IOERR as u8);
+        // A header split over two descriptors is fine.
+        header(&mem, VIRTIO_BLK_T_FLUSH, 0);
+        let c = run(
+            &disk,
+            &mem,
+            &[desc(HDR, 8, 0), desc(HDR + 8, 8, 0), desc(STATUS, 1, W)],
+        );
+        assert!(c.error.is_none(), "{:?}", c.error);
+    }
+
+    #[test]
+    fn without_a_writable_status_byte_nothing_is_written_or_executed() {
+        let (disk, img) = image(4, false);
+        let mem = memory();
+        header(&mem, VIRTIO_BLK_T_OUT, 0);
+        mem.write_slice(&[9u8; 512], GuestAddress(DATA)).unwrap();
+        // Status read-only, status empty, status outside memory, data without status.
+        for last in [
+            desc(STATUS, 1, 0),
+            desc(STATUS, 0, W),
+            desc(MEM_SIZE as u64, 1, W),
+            desc(u64::MAX, 1, W),
+        ] {
+            let c = run(&disk, &mem, &[desc(HDR, 16, 0), desc(DATA, 512, 0), last]);
+            assert_eq!(c.used_len, 0);
+            assert_eq!(c.status, None);
+            assert_eq!(status(&mem), 0xff);
+        }
+        let c = run(&disk, &mem, &[desc(HDR, 16, 0), desc(DATA, 512, 0)]);
+        assert_eq!((c.used_len, c.status), (0, None));
+        assert_eq!(&std::fs::read(&img.path).unwrap()[..512], &[0u8; 512][..]);
+    }
+
+    #[test]
+    fn buffers_outside_guest_memory_fail() {
+        let (disk, _img) = image(4, false);
+        let mem = memory();
+        header(&mem, VIRTIO_BLK_T_IN, 0);
+        for (addr, len) in [
+            (MEM_SIZE as u64 - 256, 512),
+            (0x1_0000_0000, 512),
+            (u64::MAX - 100, 512),
+        ] {
+            let c = run(
+                &disk,
+                &mem,
+                &[desc(HDR, 16, 0), desc(addr, len, W), desc(STATUS, 1, W)],
+            );
+            assert!(
+                matches!(c.error, Some(RequestError::OutsideMemory { .. })),
+                "{addr:#x}: {:?}",
+                c.error
+            );
+            assert_eq!(status(&mem), VIRTIO_BLK_S_IOERR as u8);
+        }
+        // A header outside memory.
+        let c = run(
+            &disk,
+            &mem,
+            &[desc(u64::MAX - 8, 16, 0), desc(STATUS, 1, W)],
+        );
+        assert!(matches!(c.error, Some(RequestError::OutsideMemory { .. })));
+    }
+
+    #[test]
+    fn unknown_types_are_unsupported() {
+        let (disk, _img) = image(4, false);
+        let mem = memory();
+        for kind in [2, 3, 14, 0x8000_0000, u32::MAX] {
+            header(&mem, kind, 0);
+            let c = run(&disk, &mem, &[desc(HDR, 16, 0), desc(STATUS, 1, W)]);
+            assert_eq!(c.status, Some(VIRTIO_BLK_S_UNSUPP as u8), "{kind}");
+            assert_eq!(status(&mem), VIRTIO_BLK_S_UNSUPP as u8);
+        }
+    }
+
+    /// Chains written straight into the descriptor table, without the mock's fixing up.
+    fn run_raw(disk: &Disk, mem: &GuestMem, table: &[RawDescriptor]) -> Completion {
+        let q = MockSplitQueue::new(mem, 16);
+        for (i, d) in table.iter().enumerate() {
+            q.desc_table().store(i as u16, *d).unwrap();
+        }
+        q.avail().ring().ref_at(0).unwrap().store(0u16.to_le());
+        q.avail().idx().store(1u16.to_le());
+        let mut queue: Queue = q.create_queue().unwrap();
+        let chain = queue.iter(mem).unwrap().next().unwrap();
+        process(disk, chain)
+    }
+
+    fn linked(addr: u64, len: u32, flags: u16, next: u16) -> RawDescriptor {
+        RawDescriptor::from(Descriptor::new(
+            addr,
+            len,
+            flags | VRING_DESC_F_NEXT as u16,
+            next,
+        ))
+    }
+
+    #[test]
+    fn looped_and_broken_chains_end_without_panicking() {
+        let (disk, _img) = image(4, false);
+        let mem = memory();
+        header(&mem, VIRTIO_BLK_T_IN, 0);
+        mem.write_obj(0xffu8, GuestAddress(STATUS)).unwrap();
+        // 0 -> 1 -> 0 -> ...: the iterator gives up after queue-size descriptors; the
+        // last one it saw (descriptor 1, writable) holds the status byte.
+        let c = run_raw(
+            &disk,
+            &mem,
+            &[linked(HDR, 16, 0, 1), linked(STATUS, 1, W, 0)],
+        );
+        assert_eq!(c.status, Some(VIRTIO_BLK_S_IOERR as u8));
+        assert!(matches!(c.error, Some(RequestError::Misordered)));
+        // A self-loop of a readable descriptor: no status byte.
+        let c = run_raw(&disk, &mem, &[linked(HDR, 16, 0, 0)]);
+        assert_eq!((c.used_len, c.status), (0, None));
+        // A next index past the table.
+        let c = run_raw(&disk, &mem, &[linked(HDR, 16, 0, 200)]);
+        assert_eq!((c.used_len, c.status), (0, None));
+        // An indirect table outside memory, and one of a bad length.
+        for (addr, len) in [(u64::MAX - 64, 32), (DATA, 17), (DATA, 0)] {
+            let c = run_raw(
+                &disk,
+                &mem,
+                &[desc(addr, len, VRING_DESC_F_INDIRECT as u16)],
+            );
+            assert_eq!((c.used_len, c.status), (0, None));
+        }
+    }
+
+    #[test]
+    fn an_indirect_chain_works() {
+        let (disk, _img) = image(4, false);
+        let mem = memory();
+        header(&mem, VIRTIO_BLK_T_IN, 1);
+        let table = 0x9_0000u64;
+        let entries = [
+            linked(HDR, 16, 0, 1),
+            linked(DATA, 512, W, 2),
+            desc(STATUS, 1, W),
+        ];
+        for (i, d) in entries.iter().enumerate() {
+            mem.write_obj(*d, GuestAddress(table + 16 * i as u64))
+                .unwrap();
+        }
+        let c = run_raw(
+            &disk,
+            &mem,
+            &[desc(table, 48, VRING_DESC_F_INDIRECT as u16)],
+        );
+        assert!(c.error.is_none(), "{:?}", c.error);
+        assert_eq!(c.used_len, 513);
+        let mut buf = [0u8; 512];
+        mem.read_slice(&mut buf, GuestAddress(DATA)).unwrap();
+        assert_eq!(buf, [1u8; 512]);
+    }
+
+    #[test]
+    fn random_chains_never_panic() {
+        let (disk, _img) = image(4, false);
+        let mem = memory();
+        let mut seed = 0x2545_f491_4f6c_dd1du64;
+        let mut next = || {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed
+        };
+        for _ in 0..2000 {
+            let n = (next() % 5 + 1) as usize;
+            let mut table = Vec::new();
+            for _ in 0..n {
+                let r = next();
+                let addr = match r % 4 {
+                    0 => HDR,
+                    1 => DATA,
+                    2 => STATUS,
+                    _ => next(),
+                };
+                let len = match (r >> 8) % 4 {
+                    0 => 16,
+                    1 => 512,
+                    2 => 1,
+                    _ => next() as u32,
+                };
+                let flags = (r >> 16) as u16 & 0x7;
+                let next_idx = (r >> 32) as u16 % 8;
+                table.push(RawDescriptor::from(Descriptor::new(
+                    addr, len, flags, next_idx,
+                )));
+            }
+            header(&mem, (next() % 16) as u32, next() % 8);
+            let c = run_raw(&disk, &mem, &table);
+            assert_eq!(c.status.is_none(), c.used_len == 0);
+        }
+    }
+}

@@ -1,0 +1,160 @@
+//! `vmm-blk` as a device process of the vmm: control socket at fd 3, listening vhost-user
+//! socket at fd 4, sandbox first, then hello, Attach (the image arrives as an fd), and
+//! vhost-user connections one after another until the vmm goes away or sends SIGTERM.
+
+use std::fs::File;
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use ipc::blk::{AttachConfig, BlkEvent, BlkReply, BlkRequest};
+use ipc::frame::FrameError;
+use ipc::{Channel, DeviceKind, IpcError, Message, RemoteError};
+
+use super::backend::{self, BlkBackend, HostErrorHook};
+use super::request::Disk;
+use super::BlkError;
+use crate::sandbox::{self, Profile};
+use crate::{inherit, seccomp};
+
+/// The device's end of the control channel.
+pub type DeviceChannel = Channel<BlkRequest, BlkReply, BlkEvent>;
+
+const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
+/// At most one I/O error event per this interval (a failing disk fails every request).
+const EVENT_INTERVAL: Duration = Duration::from_secs(1);
+
+pub fn run() -> Result<(), BlkError> {
+    let (control, listener) = inherit::inherited_sockets()?;
+    super::block_termination_signals()?;
+    sandbox::enter(Profile::BLOCK.with_seccomp(seccomp::Kind::Block))?;
+    let mut channel = DeviceChannel::new(control);
+    channel.hello(DeviceKind::Block, DeviceKind::Block, HELLO_TIMEOUT)?;
+    let (attach_id, disk, config) = wait_for_attach(&mut channel)?;
+    let size = disk.capacity() * super::config::SECTOR_SIZE;
+
+    // Replies (control thread) and events (queue threads) share one sender; the control
+    // thread receives on its own handle of the same socket.
+    let sender = Arc::new(Mutex::new(DeviceChannel::new(
+        channel.socket().try_clone().map_err(BlkError::Control)?,
+    )));
+    let backend = Arc::new(BlkBackend::new(
+        disk,
+        config.num_queues,
+        config.queue_size,
+        Some(event_hook(sender.clone())),
+    )?);
+    reply(&sender, attach_id, Ok(BlkReply::Attached { size }));
+    std::thread::Builder::new()
+        .name("control".into())
+        .spawn(move || control_loop(channel, sender))
+        .map_err(BlkError::Thread)?;
+    super::spawn_signal_thread()?;
+    backend::serve(backend, listener)?;
+    Ok(())
+}
+
+/// Wait for the Attach request; refuse bad ones (with a reply) and wait on. The request's
+/// id, its disk and its configuration; the reply is the caller's.
+fn wait_for_attach(channel: &mut DeviceChannel) -> Result<(u64, Disk, AttachConfig), BlkError> {
+    loop {
+        let (msg, fds) = channel.recv(None)?;
+        let Message::Request {
+            id,
+            body: BlkRequest::Attach(config),
+        } = msg
+        else {
+            tracing::warn!("ignoring a control message before Attach");
+            continue;
+        };
+        match attach(&config, fds) {
+            Ok(disk) => return Ok((id, disk, config)),
+            Err(e) => {
+                tracing::warn!("Attach refused: {e}");
+                channel.reply(id, Err(RemoteError(e.to_string())), &[])?;
+            }
+        }
+    }
+}
+
+/// Check an Attach request and open its disk.
+fn attach(config: &AttachConfig, fds: Vec<OwnedFd>) -> Result<Disk, BlkError> {
+    let count = fds.len();
+    let Ok([fd]) = <[OwnedFd; 1]>::try_from(fds) else {
+        return Err(BlkError::AttachFds(count));
+    };
+    if config.num_queues == 0 || config.num_queues > backend::MAX_QUEUES {
+        return Err(backend::BackendError::NumQueues(config.num_queues).into());
+    }
+    if !config.queue_size.is_power_of_two() || config.queue_size > backend::MAX_QUEUE_SIZE {
+        return Err(backend::BackendError::QueueSize(config.queue_size).into());
+    }
+    // SAFETY: F_GETFL on an fd we own.
+    let flags = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_GETFL) };
+    if flags < 0 {
+        return Err(BlkError::Image(std::io::Error::last_os_error()));
+    }
+    if !config.readonly && flags & libc::O_ACCMODE == libc::O_RDONLY {
+        return Err(BlkError::ReadOnlyFd);
+    }
+    Disk::new(File::from(fd), config.readonly, &config.serial).map_err(BlkError::Image)
+}
+
+fn reply(sender: &Mutex<DeviceChannel>, id: u64, body: Result<BlkReply, RemoteError>) {
+    let mut ch = sender.lock().unwrap_or_else(|e| e.into_inner());
+    if let Err(e) = ch.reply(id, body, &[]) {
+        tracing::warn!("cannot reply on the control socket: {e}");
+    }
+}
+
+/// Report host I/O errors to the vmm, at most one per EVENT_INTERVAL.
+fn event_hook(sender: Arc<Mutex<DeviceChannel>>) -> HostErrorHook {
+    let last: Mutex<Option<Instant>> = Mutex::new(None);
+    Box::new(move |e| {
+        let mut last = last.lock().unwrap_or_else(|e| e.into_inner());
+        if last.is_some_and(|t| t.elapsed() < EVENT_INTERVAL) {
+            return;
+        }
+        *last = Some(Instant::now());
+        let write = matches!(
+            e,
+            super::request::RequestError::Host { op, .. } if *op != "read"
+        );
+        let event = BlkEvent::IoError {
+            write,
+            message: e.to_string(),
+        };
+        let mut ch = sender.lock().unwrap_or_else(|e| e.into_inner());
+        if let Err(e) = ch.event(event, &[]) {
+            tracing::warn!("cannot send an event on the control socket: {e}");
+        }
+    })
+}
+
+/// Serve control requests after Attach. The vmm closing the socket ends the process.
+fn control_loop(mut channel: DeviceChannel, sender: Arc<Mutex<DeviceChannel>>) {
+    loop {
+        match channel.recv(None) {
+            Ok((
+                Message::Request {
+                    id,
+                    body: BlkRequest::Attach(_),
+                },
+                _fds,
+            )) => reply(
+                &sender,
+                id,
+                Err(RemoteError("a disk is already attached".into())),
+            ),
+            Ok(_) => tracing::warn!("ignoring an unexpected control message"),
+            Err(IpcError::Frame(FrameError::Closed)) => {
+                tracing::info!("the vmm closed the control socket: exiting");
+                std::process::exit(0);
+            }
+            Err(e) => {
+                tracing::error!("control socket: {e}");
+                std::process::exit(1);
+            }
+        }
+    }
+}
