@@ -322,19 +322,18 @@ fn wait_readable(fd: &EventFd) {
     fd.read().unwrap();
 }
 
-#[test]
-fn requests_through_a_shared_memory_vring() {
-    let setup = Setup::new();
-    let socket = setup.socket("io.sock");
-    let mut d = Daemon::start(&setup.image(), &socket, &["--serial", "vmm-blk-test"]);
-    let mut fe = d.connect(&socket);
-
-    let mem = guest_memory(1 << 20);
+/// Negotiate (no EVENT_IDX: every completion notifies), share `mem` and set up queue 0
+/// as `q` lays it out, starting at avail index `base`. The call and kick eventfds.
+fn set_up_vring(
+    fe: &mut Frontend,
+    mem: &GuestMemoryMmap,
+    q: &MockSplitQueue<GuestMemoryMmap>,
+    base: u16,
+) -> (EventFd, EventFd) {
     let host = mem.get_host_address(GuestAddress(0)).unwrap() as u64;
     let region = mem.iter().next().unwrap();
     let features = fe.get_features().unwrap();
     fe.set_owner().unwrap();
-    // No EVENT_IDX: every completion notifies.
     fe.set_features(
         features & (1 << VIRTIO_F_VERSION_1 | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits()),
     )
@@ -343,8 +342,6 @@ fn requests_through_a_shared_memory_vring() {
         .unwrap();
     fe.set_mem_table(&[VhostUserMemoryRegionInfo::from_guest_region(region).unwrap()])
         .unwrap();
-
-    let q = MockSplitQueue::create(&mem, GuestAddress(0), 16);
     fe.set_vring_num(0, 16).unwrap();
     fe.set_vring_addr(
         0,
@@ -359,12 +356,26 @@ fn requests_through_a_shared_memory_vring() {
         },
     )
     .unwrap();
-    fe.set_vring_base(0, 0).unwrap();
+    fe.set_vring_base(0, base).unwrap();
     let call = EventFd::new(EFD_NONBLOCK).unwrap();
     let kick = EventFd::new(EFD_NONBLOCK).unwrap();
     fe.set_vring_call(0, &call).unwrap();
     fe.set_vring_kick(0, &kick).unwrap();
     fe.set_vring_enable(0, true).unwrap();
+    (call, kick)
+}
+
+#[test]
+fn requests_through_a_shared_memory_vring() {
+    let setup = Setup::new();
+    let socket = setup.socket("io.sock");
+    let mut d = Daemon::start(&setup.image(), &socket, &["--serial", "vmm-blk-test"]);
+    let mut fe = d.connect(&socket);
+
+    let mem = guest_memory(1 << 20);
+    let q = MockSplitQueue::create(&mem, GuestAddress(0), 16);
+    let features = fe.get_features().unwrap();
+    let (call, kick) = set_up_vring(&mut fe, &mem, &q, 0);
 
     const HDR: u64 = 0x1_0000;
     const DATA: u64 = 0x2_0000;
@@ -490,4 +501,62 @@ fn requests_through_a_shared_memory_vring() {
     assert!(image[7 * 512..8 * 512].iter().all(|&b| b == 0));
     assert_eq!(image.len(), IMAGE_LEN);
     assert!(d.wait(Duration::from_millis(50)).is_none(), "vmm-blk died");
+}
+
+/// What the vmm does when a device process dies: start another, connect, and set the
+/// queue up again from the guest-visible used index. A request made while nobody served
+/// the queue is then processed.
+#[test]
+fn a_restarted_process_resumes_the_queue() {
+    let setup = Setup::new();
+    let socket = setup.socket("re.sock");
+    let mem = guest_memory(1 << 20);
+    let q = MockSplitQueue::create(&mem, GuestAddress(0), 16);
+    const HDR: u64 = 0x1_0000;
+    const DATA: u64 = 0x2_0000;
+    const STATUS: u64 = 0x3_0000;
+    let (r, w, n) = (0, VRING_DESC_F_WRITE, VRING_DESC_F_NEXT);
+    let read = |sector: u64, at: u16| {
+        header(&mem, HDR, VIRTIO_BLK_T_IN, sector);
+        q.add_desc_chains(
+            &[
+                desc(HDR, 16, r | n, at + 1),
+                desc(DATA, 512, w | n, at + 2),
+                desc(STATUS, 1, w, 0),
+            ],
+            at,
+        )
+        .unwrap();
+    };
+
+    let mut first = Daemon::start(&setup.image(), &socket, &[]);
+    let mut fe = first.connect(&socket);
+    let (call, kick) = set_up_vring(&mut fe, &mem, &q, 0);
+    read(5, 0);
+    kick.write(1).unwrap();
+    wait_readable(&call);
+    assert_eq!(u16::from_le(q.used().idx().load()), 1);
+
+    // kill -9; the guest queues another request meanwhile.
+    drop(first);
+    drop(fe);
+    read(6, 3);
+    // (Daemon::start waits for the socket to appear.)
+    std::fs::remove_file(&socket).unwrap();
+    let mut second = Daemon::start(&setup.image(), &socket, &[]);
+    let mut fe = second.connect(&socket);
+    let used = u16::from_le(q.used().idx().load());
+    let (call, kick) = set_up_vring(&mut fe, &mem, &q, used);
+    kick.write(1).unwrap();
+    wait_readable(&call);
+    assert_eq!(u16::from_le(q.used().idx().load()), 2);
+    let elem = q.used().ring().ref_at(1).unwrap().load();
+    assert_eq!((elem.id(), elem.len()), (3, 513));
+    let mut buf = [0u8; 512];
+    mem.read_slice(&mut buf, GuestAddress(DATA)).unwrap();
+    assert_eq!(buf, [6u8; 512]);
+    assert_eq!(
+        mem.read_obj::<u8>(GuestAddress(STATUS)).unwrap(),
+        VIRTIO_BLK_S_OK as u8
+    );
 }
