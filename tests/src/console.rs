@@ -19,13 +19,18 @@ pub struct GuestConsole {
 impl GuestConsole {
     /// Start the vmm with `args` (which must include `-serial stdio`).
     pub fn spawn(args: &[&str]) -> Self {
-        let mut child = Command::new(crate::vmm_binary())
+        Self::spawn_program(&crate::vmm_binary(), args)
+    }
+
+    /// Start another emulator (QEMU, as an interop peer) the same way.
+    pub fn spawn_program(program: &std::path::Path, args: &[&str]) -> Self {
+        let mut child = Command::new(program)
             .args(args)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .spawn()
-            .expect("spawn vmm");
+            .unwrap_or_else(|e| panic!("spawn {}: {e}", program.display()));
         let stdin = child.stdin.take();
         let mut stdout = child.stdout.take().expect("vmm stdout");
         let output = Arc::new((Mutex::new(String::new()), Condvar::new()));

@@ -21,13 +21,18 @@ pub fn repo_root() -> PathBuf {
 /// The `vmm` binary of this build (target/<profile>/vmm, next to the test's deps dir).
 /// `scripts/test` builds it before running the tests.
 pub fn vmm_binary() -> PathBuf {
+    workspace_binary("vmm")
+}
+
+/// A binary of this workspace's build (`vmm`, `vmm-blk`, ...), beside the test's deps dir.
+pub fn workspace_binary(name: &str) -> PathBuf {
     let exe = std::env::current_exe().unwrap_or_default();
     let profile_dir = exe
         .parent()
         .and_then(Path::parent)
         .map(Path::to_path_buf)
         .unwrap_or_default();
-    let bin = profile_dir.join("vmm");
+    let bin = profile_dir.join(name);
     assert!(
         bin.exists(),
         "{} is missing: build it first with `cargo build --bins` (scripts/test does)",

@@ -294,6 +294,21 @@ where
         serials.push(if nographic { "stdio" } else { "null" }.to_string());
     }
     cfg.serials = serials;
+    for (option, device) in &cfg.devices {
+        if let Some(id) = device.properties.get("chardev") {
+            if !chardevs.iter().any(|(c, _)| c == id) {
+                return Err(err(
+                    "-device",
+                    Some(option.trim_start_matches("-device ")),
+                    format!(
+                        "Property '{}.chardev' can't find value '{id}'",
+                        device.driver
+                    ),
+                ));
+            }
+        }
+    }
+    cfg.chardevs = chardevs;
     if !accel.is_empty() {
         cfg.accel = Some(accel);
     }

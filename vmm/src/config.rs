@@ -1,7 +1,7 @@
 //! The machine configuration, as the command line (and later QMP) describes it.
 
 use crate::accel::AccelKind;
-use crate::chardev::SocketAddress;
+use crate::chardev::{ChardevSpec, SocketAddress};
 use crate::device_manager::DeviceConfig;
 use crate::drive::DriveConfig;
 
@@ -62,6 +62,8 @@ pub struct VmConfig {
     pub drives: Vec<(String, DriveConfig)>,
     /// `-device`s other than the built-in ones above, with the option text.
     pub devices: Vec<(String, DeviceConfig)>,
+    /// Every `-chardev`, by id (devices such as vhost-user-blk-pci refer to them).
+    pub chardevs: Vec<(String, ChardevSpec)>,
 }
 
 impl Default for VmConfig {
@@ -88,6 +90,7 @@ impl Default for VmConfig {
             hmp_monitors: Vec::new(),
             drives: Vec::new(),
             devices: Vec::new(),
+            chardevs: Vec::new(),
         }
     }
 }

@@ -19,7 +19,7 @@ use ipc::DeviceKind;
 use vm_memory::GuestMemoryMmap;
 
 use crate::accel::Accelerator;
-use crate::chardev::{split_key_value, split_options};
+use crate::chardev::{split_key_value, split_options, ChardevSpec, SocketAddress};
 use crate::drive::{self, DriveConfig, DriveError, DriveInterface, DriveMedia};
 use crate::pci::{PciBus, PciDevice, PciError};
 use crate::supervisor::{self, DeviceProcess, SupervisorError};
@@ -50,6 +50,17 @@ pub enum DeviceError {
     },
     #[error("drive property not set")]
     NoDrive,
+    #[error("{driver}: property '{property}' is required")]
+    MissingProperty {
+        driver: String,
+        property: &'static str,
+    },
+    #[error("Failed to connect to '{path}': {source}")]
+    Connect {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("Property '{driver}.drive' can't find value '{drive}'")]
     DriveNotFound { driver: String, drive: String },
     #[error("Duplicate device ID '{0}'")]
@@ -88,10 +99,18 @@ pub struct DeviceConfig {
 
 /// The device models we know, with the properties each accepts besides `id`, `bus` and
 /// `addr`.
-const DRIVERS: &[(&str, &[&str])] = &[(
-    "virtio-blk-pci",
-    &["drive", "num-queues", "queue-size", "serial", "bootindex"],
-)];
+const DRIVERS: &[(&str, &[&str])] = &[
+    (
+        "virtio-blk-pci",
+        &["drive", "num-queues", "queue-size", "serial", "bootindex"],
+    ),
+    // A vhost-user-blk backend we did not start (qemu-storage-daemon, say), reached
+    // through a `-chardev socket`.
+    (
+        "vhost-user-blk-pci",
+        &["chardev", "num-queues", "queue-size", "bootindex"],
+    ),
+];
 
 /// Parse a `-device` value (`driver,key=value,...`).
 pub fn parse_device(value: &str) -> Result<DeviceConfig, DeviceError> {
@@ -236,8 +255,18 @@ struct Watcher {
     thread: Option<JoinHandle<()>>,
 }
 
+/// A device whose backend runs outside our supervision.
+struct ExternalDevice {
+    id: Option<String>,
+    slot: u8,
+    _function: Arc<Mutex<VirtioPciDevice>>,
+}
+
 /// Owner of the configured drives and of every device with a process behind it.
 pub struct DeviceManager {
+    /// `-chardev`s that devices may name.
+    chardevs: Vec<(String, ChardevSpec)>,
+    external: Vec<ExternalDevice>,
     accel: Arc<dyn Accelerator>,
     memory: GuestMemoryMmap,
     pci: Arc<Mutex<PciBus>>,
@@ -259,6 +288,8 @@ impl DeviceManager {
         pci: Arc<Mutex<PciBus>>,
     ) -> Self {
         DeviceManager {
+            chardevs: Vec::new(),
+            external: Vec::new(),
             accel,
             memory,
             pci,
@@ -274,10 +305,16 @@ impl DeviceManager {
         *lock(&self.events) = events;
     }
 
+    /// The `-chardev`s devices may refer to.
+    pub fn set_chardevs(&mut self, chardevs: Vec<(String, ChardevSpec)>) {
+        self.chardevs = chardevs;
+    }
+
     fn has_device_id(&self, id: &str) -> bool {
         lock(&self.blocks)
             .iter()
             .any(|b| lock(b).id.as_deref() == Some(id))
+            || self.external.iter().any(|d| d.id.as_deref() == Some(id))
     }
 
     fn has_drive(&self, id: &str) -> bool {
@@ -370,6 +407,7 @@ impl DeviceManager {
         }
         match cfg.driver.as_str() {
             "virtio-blk-pci" => self.add_virtio_blk(cfg),
+            "vhost-user-blk-pci" => self.add_vhost_user_blk(cfg),
             other => Err(DeviceError::UnknownDriver(other.to_string())),
         }
     }
@@ -467,6 +505,74 @@ impl DeviceManager {
         self.ensure_watcher()
     }
 
+    fn add_vhost_user_blk(&mut self, cfg: &DeviceConfig) -> Result<(), DeviceError> {
+        let chardev =
+            cfg.properties
+                .get("chardev")
+                .ok_or_else(|| DeviceError::MissingProperty {
+                    driver: cfg.driver.clone(),
+                    property: "chardev",
+                })?;
+        let path = match self.chardevs.iter().find(|(id, _)| id == chardev) {
+            Some((
+                _,
+                ChardevSpec::Socket {
+                    address: SocketAddress::Unix(path),
+                    server: false,
+                    ..
+                },
+            )) => path.clone(),
+            Some(_) => {
+                return Err(DeviceError::InvalidProperty {
+                    driver: cfg.driver.clone(),
+                    property: "chardev".into(),
+                    value: format!("{chardev} (must be a unix socket client)"),
+                })
+            }
+            None => {
+                return Err(DeviceError::InvalidProperty {
+                    driver: cfg.driver.clone(),
+                    property: "chardev".into(),
+                    value: chardev.clone(),
+                })
+            }
+        };
+        let slot = cfg.pci_slot()?;
+        let num_queues: u16 = cfg.number("num-queues")?.unwrap_or(1);
+        let queue_size: u16 = cfg.number("queue-size")?.unwrap_or(128);
+        let name = format!("vhost-user-blk[{chardev}]");
+        let stream =
+            std::os::unix::net::UnixStream::connect(&path).map_err(|e| DeviceError::Connect {
+                path: path.display().to_string(),
+                source: e,
+            })?;
+        let backend = VhostUserDevice::connect(
+            &name,
+            VIRTIO_ID_BLOCK,
+            stream,
+            usize::from(num_queues.max(1)),
+            queue_size,
+            VIRTIO_BLK_CONFIG_SIZE,
+            self.memory.clone(),
+        )?;
+        let function = Arc::new(Mutex::new(VirtioPciDevice::new(
+            &name,
+            cfg.id.clone(),
+            Box::new(backend),
+            self.accel.clone(),
+            self.memory.clone(),
+            CLASS_STORAGE_SCSI,
+        )?));
+        let slot =
+            lock(&self.pci).add_device(slot, function.clone() as Arc<Mutex<dyn PciDevice>>)?;
+        self.external.push(ExternalDevice {
+            id: cfg.id.clone(),
+            slot,
+            _function: function,
+        });
+        Ok(())
+    }
+
     /// Stop every device process (at quit).
     pub fn shutdown(&mut self) {
         if let Some(mut w) = self.watcher.take() {
@@ -474,6 +580,11 @@ impl DeviceManager {
             let _ = w.wake.write(1);
             if let Some(t) = w.thread.take() {
                 let _ = t.join();
+            }
+        }
+        for device in self.external.drain(..) {
+            if let Ok(mut pci) = self.pci.try_lock() {
+                let _ = pci.remove_device(device.slot);
             }
         }
         let blocks: Vec<SharedBlock> = lock(&self.blocks).drain(..).collect();

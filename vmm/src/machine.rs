@@ -324,6 +324,7 @@ impl Machine {
 
         let mut devices =
             DeviceManager::new(accel.clone(), memory.guest_memory().clone(), pci.clone());
+        devices.set_chardevs(config.chardevs.clone());
         for (option, drive) in &config.drives {
             devices
                 .add_drive(drive.clone())

@@ -64,13 +64,26 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 /// What the driver programmed for one queue.
-#[derive(Clone, Copy, Debug, Default)]
+#[derive(Clone, Copy, Debug)]
 struct QueueState {
+    /// Reads as the device's maximum until the driver picks a (smaller) size.
     size: u16,
     enabled: bool,
     desc: u64,
     avail: u64,
     used: u64,
+}
+
+impl QueueState {
+    fn new(max_size: u16) -> Self {
+        QueueState {
+            size: max_size,
+            enabled: false,
+            desc: 0,
+            avail: 0,
+            used: 0,
+        }
+    }
 }
 
 /// A virtio device on the PCI bus.
@@ -131,6 +144,7 @@ impl VirtioPciDevice {
             size: BAR_SIZE,
             prefetchable: false,
         })?;
+        let backend_max = backend.queue_max_size();
         let interrupt = VirtioInterrupt::new(num_queues, accel.clone());
         let vectors = interrupt.msix.num_vectors();
         // MSI-X first, as QEMU lists it: the virtio capabilities follow.
@@ -176,7 +190,7 @@ impl VirtioPciDevice {
             kicks,
             calls,
             bar_address: None,
-            queues: vec![QueueState::default(); num_queues],
+            queues: vec![QueueState::new(backend_max); num_queues],
             status: 0,
             device_feature_select: 0,
             driver_feature_select: 0,
@@ -214,7 +228,7 @@ impl VirtioPciDevice {
             let _ = fd.read();
         }
         for q in &mut self.queues {
-            *q = QueueState::default();
+            *q = QueueState::new(self.queue_max_size);
         }
         lock(&self.interrupt).reset();
         self.status = 0;
@@ -689,7 +703,7 @@ mod tests {
         write(&mut dev, 0x14, 1, 0x0b);
         assert_eq!(read(&mut dev, 0x14, 1), 0x0b);
         write(&mut dev, 0x16, 2, 1);
-        assert_eq!(read(&mut dev, 0x18, 2), 0, "size starts at zero");
+        assert_eq!(read(&mut dev, 0x18, 2), 256, "size starts at the maximum");
         write(&mut dev, 0x18, 2, 300);
         assert_eq!(read(&mut dev, 0x18, 2), 0, "not a power of two");
         write(&mut dev, 0x18, 2, 128);
@@ -713,7 +727,8 @@ mod tests {
         assert_eq!(*lock(&backend.resets), 1);
         assert_eq!(read(&mut dev, 0x14, 1), 0);
         write(&mut dev, 0x16, 2, 1);
-        assert_eq!(read(&mut dev, 0x18, 2), 0);
+        assert_eq!(read(&mut dev, 0x18, 2), 256);
+        assert_eq!(read(&mut dev, 0x20, 8), 0);
         dev.bar_moved(BAR_INDEX, None);
         assert!(accel.ioevents.lock().unwrap().is_empty());
     }

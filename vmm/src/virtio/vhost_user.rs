@@ -265,10 +265,8 @@ fn handshake(
             what: "protocol features (needed for GET_CONFIG)",
         });
     }
-    // Protocol features may only be set once the bit is acknowledged.
-    frontend
-        .set_features(protocol_bit)
-        .map_err(err("SET_FEATURES"))?;
+    // The features themselves are set at activation, when the driver has chosen them
+    // (some backends refuse a SET_FEATURES without VERSION_1 before that).
     let protocol = frontend
         .get_protocol_features()
         .map_err(err("GET_PROTOCOL_FEATURES"))?;
