@@ -56,6 +56,8 @@ pub struct VmConfig {
     pub monitors: Vec<MonitorConfig>,
     /// Interactive human monitors (`-monitor`, `-mon mode=readline`).
     pub hmp_monitors: Vec<MonitorConfig>,
+    /// `-qtest`: the socket of the test that drives a `-accel qtest` machine.
+    pub qtest: Option<crate::accel::qtest::QtestEndpoint>,
 }
 
 impl Default for VmConfig {
@@ -80,6 +82,7 @@ impl Default for VmConfig {
             trace_instructions: false,
             monitors: Vec::new(),
             hmp_monitors: Vec::new(),
+            qtest: None,
         }
     }
 }
