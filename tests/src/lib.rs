@@ -8,7 +8,9 @@ use std::time::{Duration, Instant};
 pub mod console;
 pub mod device_echo;
 pub mod guest;
+pub mod libqos;
 pub mod qmp;
+pub mod qtest;
 
 /// The repository root.
 pub fn repo_root() -> PathBuf {
@@ -21,19 +23,24 @@ pub fn repo_root() -> PathBuf {
 /// The `vmm` binary of this build (target/<profile>/vmm, next to the test's deps dir).
 /// `scripts/test` builds it before running the tests.
 pub fn vmm_binary() -> PathBuf {
-    let exe = std::env::current_exe().unwrap_or_default();
-    let profile_dir = exe
-        .parent()
-        .and_then(Path::parent)
-        .map(Path::to_path_buf)
-        .unwrap_or_default();
-    let bin = profile_dir.join("vmm");
+    let bin = vmm_binary_path();
     assert!(
         bin.exists(),
         "{} is missing: build it first with `cargo build --bins` (scripts/test does)",
         bin.display()
     );
     bin
+}
+
+/// Where [`vmm_binary`] expects the binary, without checking that it is there.
+pub fn vmm_binary_path() -> PathBuf {
+    let exe = std::env::current_exe().unwrap_or_default();
+    let profile_dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .map(Path::to_path_buf)
+        .unwrap_or_default();
+    profile_dir.join("vmm")
 }
 
 /// Can this machine run KVM guests? If not, the caller prints a SKIP line and returns.
@@ -61,12 +68,17 @@ pub struct TempDir(PathBuf);
 
 impl TempDir {
     pub fn new(tag: &str) -> Self {
+        Self::try_new(tag).expect("create temp dir")
+    }
+
+    /// [`TempDir::new`] without the panic.
+    pub fn try_new(tag: &str) -> std::io::Result<Self> {
         static COUNTER: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
         let n = COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let dir = std::env::temp_dir().join(format!("vmm-test-{tag}-{}-{n}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).expect("create temp dir");
-        TempDir(dir)
+        std::fs::create_dir_all(&dir)?;
+        Ok(TempDir(dir))
     }
 
     pub fn path(&self) -> &Path {
