@@ -8,7 +8,9 @@ use std::time::{Duration, Instant};
 pub mod console;
 pub mod device_echo;
 pub mod guest;
+pub mod libqos;
 pub mod qmp;
+pub mod qtest;
 
 /// The repository root.
 pub fn repo_root() -> PathBuf {
@@ -26,19 +28,27 @@ pub fn vmm_binary() -> PathBuf {
 
 /// A binary of this workspace's build (`vmm`, `vmm-blk`, ...), beside the test's deps dir.
 pub fn workspace_binary(name: &str) -> PathBuf {
-    let exe = std::env::current_exe().unwrap_or_default();
-    let profile_dir = exe
-        .parent()
-        .and_then(Path::parent)
-        .map(Path::to_path_buf)
-        .unwrap_or_default();
-    let bin = profile_dir.join(name);
+    let bin = profile_dir().join(name);
     assert!(
         bin.exists(),
         "{} is missing: build it first with `cargo build --bins` (scripts/test does)",
         bin.display()
     );
     bin
+}
+
+/// Where [`vmm_binary`] expects the binary, without checking that it is there.
+pub fn vmm_binary_path() -> PathBuf {
+    profile_dir().join("vmm")
+}
+
+/// target/<profile>, the parent of the test's deps dir.
+fn profile_dir() -> PathBuf {
+    let exe = std::env::current_exe().unwrap_or_default();
+    exe.parent()
+        .and_then(Path::parent)
+        .map(Path::to_path_buf)
+        .unwrap_or_default()
 }
 
 /// Can this machine run KVM guests? If not, the caller prints a SKIP line and returns.
@@ -66,12 +76,17 @@ pub struct TempDir(PathBuf);
 
 impl TempDir {
     pub fn new(tag: &str) -> Self {
+        Self::try_new(tag).expect("create temp dir")
+    }
+
+    /// [`TempDir::new`] without the panic.
+    pub fn try_new(tag: &str) -> std::io::Result<Self> {
         static COUNTER: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
         let n = COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let dir = std::env::temp_dir().join(format!("vmm-test-{tag}-{}-{n}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).expect("create temp dir");
-        TempDir(dir)
+        std::fs::create_dir_all(&dir)?;
+        Ok(TempDir(dir))
     }
 
     pub fn path(&self) -> &Path {

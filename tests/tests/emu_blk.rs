@@ -25,7 +25,10 @@ fn guest_makes_a_filesystem_on_a_vmm_blk_disk() {
     let guest = repo_root().join("target/guest");
     let kernel = guest.join("vmlinuz");
     let initrd = guest.join("initramfs.img");
-    assert!(kernel.exists() && initrd.exists(), "run scripts/guest-assets");
+    assert!(
+        kernel.exists() && initrd.exists(),
+        "run scripts/guest-assets"
+    );
     let dir = TempDir::new("emu-blk");
     let disk = dir.join("disk.img");
     let ro = dir.join("ro.img");
@@ -61,7 +64,8 @@ fn guest_makes_a_filesystem_on_a_vmm_blk_disk() {
 
     let size = console.run("cat /sys/block/vda/size", CMD_TIMEOUT);
     assert!(
-        size.lines().any(|l| l.trim() == (DISK_SIZE / 512).to_string()),
+        size.lines()
+            .any(|l| l.trim() == (DISK_SIZE / 512).to_string()),
         "/sys/block/vda/size: {size:?}"
     );
     let serial = console.run("cat /sys/block/vda/serial", CMD_TIMEOUT);
@@ -73,7 +77,10 @@ fn guest_makes_a_filesystem_on_a_vmm_blk_disk() {
     assert!(read.contains(PATTERN), "read back: {read:?}");
 
     let ro_flag = console.run("cat /sys/block/vdb/ro", CMD_TIMEOUT);
-    assert!(ro_flag.lines().any(|l| l.trim() == "1"), "vdb ro: {ro_flag:?}");
+    assert!(
+        ro_flag.lines().any(|l| l.trim() == "1"),
+        "vdb ro: {ro_flag:?}"
+    );
     let ro_write = console.run(
         "dd if=/dev/zero of=/dev/vdb bs=512 count=1 seek=2048 2>&1; echo rc=$?",
         CMD_TIMEOUT,
@@ -94,7 +101,11 @@ fn guest_makes_a_filesystem_on_a_vmm_blk_disk() {
     console.send("poweroff -f\n");
     assert_eq!(console.wait_exit(CMD_TIMEOUT), Some(0));
 
-    let fsck = Command::new("e2fsck").arg("-fn").arg(&disk).output().unwrap();
+    let fsck = Command::new("e2fsck")
+        .arg("-fn")
+        .arg(&disk)
+        .output()
+        .unwrap();
     assert!(
         fsck.status.success(),
         "e2fsck: {}{}",
@@ -106,8 +117,14 @@ fn guest_makes_a_filesystem_on_a_vmm_blk_disk() {
         .arg(&disk)
         .output()
         .unwrap();
-    assert_eq!(String::from_utf8_lossy(&cat.stdout).trim(), "hello-from-guest");
+    assert_eq!(
+        String::from_utf8_lossy(&cat.stdout).trim(),
+        "hello-from-guest"
+    );
     // The read-only image is untouched.
     let ro_data = std::fs::read(&ro).unwrap();
-    assert_eq!(&ro_data[1 << 20..(1 << 20) + PATTERN.len()], PATTERN.as_bytes());
+    assert_eq!(
+        &ro_data[1 << 20..(1 << 20) + PATTERN.len()],
+        PATTERN.as_bytes()
+    );
 }

@@ -55,6 +55,7 @@ const WITH_VALUE: &[&str] = &[
     "chardev",
     "mon",
     "monitor",
+    "qtest",
 ];
 /// Options that are flags.
 const FLAGS: &[&str] = &[
@@ -225,7 +226,20 @@ where
                     endpoint,
                 });
             }
+            "qtest" => {
+                let endpoint = crate::accel::qtest::parse_endpoint(v)
+                    .map_err(|e| err(&opt, Some(v), e.to_string()))?;
+                cfg.qtest = Some(endpoint);
+            }
             _ => return Err(err(&opt, None, "invalid option")),
+        }
+    }
+    // -qtest implies -accel qtest, and needs it.
+    if cfg.qtest.is_some() {
+        if accel.is_empty() {
+            accel.push(AccelKind::Qtest);
+        } else if accel != [AccelKind::Qtest] {
+            return Err(err("-qtest", None, "only works with -accel qtest"));
         }
     }
 
@@ -546,8 +560,9 @@ fn parse_accel_name(name: &str) -> Result<AccelKind, String> {
     match name {
         "kvm" => Ok(AccelKind::Kvm),
         "emu" | "tcg" => Ok(AccelKind::Emu),
+        "qtest" => Ok(AccelKind::Qtest),
         other => Err(format!(
-            "invalid accelerator '{other}' (expected kvm or emu)"
+            "invalid accelerator '{other}' (expected kvm, emu or qtest)"
         )),
     }
 }
@@ -612,13 +627,15 @@ Machine:
   -m SIZE              guest RAM (MiB by default; k/M/G/T suffixes; default 128M)
   -smp N               number of vCPUs (or cpus=N,sockets=,cores=,threads=)
   -accel A[:B]         accelerator: kvm, emu (alias tcg); a list is tried in order.
-                       Default: kvm when the CPU shows vmx/svm, else emu
+                       Default: kvm when the CPU shows vmx/svm, else emu.
+                       qtest: no CPU; a test drives the machine over -qtest
   -enable-kvm          same as -accel kvm
   -machine pc[,accel=A]
   -name NAME           guest name (guest=NAME,process=PROCNAME)
   -uuid UUID           system UUID
 Boot:
-  -kernel FILE         bzImage or ELF64 kernel (required: there is no firmware)
+  -kernel FILE         bzImage or ELF64 kernel (required but under qtest: there is no
+                       firmware)
   -initrd FILE         initial ramdisk
   -append CMDLINE      kernel command line
   -decompress-kernel on|off
@@ -632,6 +649,8 @@ Devices:
   -nodefaults          no default devices (no COM1)
 Diagnostics:
   -d in_asm            emu: log every executed instruction (target emu::trace)
+  -qtest unix:PATH     connect to a test's socket and take qtest commands from it
+                       (implies -accel qtest; unix:PATH,server=on,wait=off listens)
 Monitor:
   -qmp DEV             QMP monitor: unix:PATH,server=on,wait=off, tcp:HOST:PORT,server=on,
                        wait=off, or stdio; repeatable
@@ -810,6 +829,24 @@ mod tests {
             Some(vec![AccelKind::Kvm, AccelKind::Emu])
         );
         assert!(run(&["-machine", "virt"]).is_err());
+    }
+
+    #[test]
+    fn qtest_options() {
+        use crate::accel::qtest::QtestEndpoint;
+        let c = run(&["-qtest", "unix:/tmp/q"]).unwrap();
+        assert_eq!(c.accel, Some(vec![AccelKind::Qtest]));
+        assert_eq!(c.qtest, Some(QtestEndpoint::Connect("/tmp/q".into())));
+        let c = run(&["-accel", "qtest", "-qtest", "/tmp/q"]).unwrap();
+        assert_eq!(c.accel, Some(vec![AccelKind::Qtest]));
+        assert_eq!(
+            run(&["-accel", "qtest"]).unwrap().accel,
+            Some(vec![AccelKind::Qtest])
+        );
+        let e = run(&["-accel", "emu", "-qtest", "/tmp/q"]).unwrap_err();
+        assert_eq!(e.option, "-qtest");
+        let e = run(&["-qtest", "tcp:localhost:1"]).unwrap_err();
+        assert_eq!(e.option, "-qtest tcp:localhost:1");
     }
 
     #[test]

@@ -64,6 +64,8 @@ pub struct VmConfig {
     pub devices: Vec<(String, DeviceConfig)>,
     /// Every `-chardev`, by id (devices such as vhost-user-blk-pci refer to them).
     pub chardevs: Vec<(String, ChardevSpec)>,
+    /// `-qtest`: the socket of the test that drives a `-accel qtest` machine.
+    pub qtest: Option<crate::accel::qtest::QtestEndpoint>,
 }
 
 impl Default for VmConfig {
@@ -91,6 +93,7 @@ impl Default for VmConfig {
             drives: Vec::new(),
             devices: Vec::new(),
             chardevs: Vec::new(),
+            qtest: None,
         }
     }
 }

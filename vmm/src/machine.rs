@@ -140,7 +140,8 @@ pub struct Machine {
     accel: Arc<dyn Accelerator>,
     cpus: CpuManager,
     io: Arc<MachineIo>,
-    boot: BootSource,
+    /// None under qtest without -kernel.
+    boot: Option<BootSource>,
     acpi: AcpiConfig,
     chardevs: Vec<Chardev>,
     /// The monitor's current CPU (QMP `cpu`), the default of memsave and HMP commands.
@@ -162,13 +163,18 @@ pub struct Machine {
 impl Machine {
     /// Build the machine and load the guest. The vCPUs stay stopped until [`Machine::start`].
     pub fn new(config: VmConfig) -> Result<Self, MachineError> {
-        let kernel_cfg = config.kernel.clone().ok_or(MachineError::NoKernel)?;
+        // Only a qtest machine, driven by its test, starts with no guest loaded.
+        let qtest = config.accel.as_deref() == Some(&[AccelKind::Qtest]);
+        if config.kernel.is_none() && !qtest {
+            return Err(MachineError::NoKernel);
+        }
         let memory = MemoryManager::new(config.memory_size)?;
         let accel = accel::create_accelerator(
             config.accel.as_deref(),
             &memory,
             config.cpus,
             config.trace_instructions,
+            config.qtest.as_ref(),
         )?;
         let max = accel.max_vcpus();
         if config.cpus > max {
@@ -182,14 +188,17 @@ impl Machine {
         let decompress = config
             .decompress_kernel
             .unwrap_or(accel.kind() == AccelKind::Emu);
-        let boot = BootSource {
-            kernel: BootImage::from_file(&kernel_cfg.path, decompress)?,
-            initrd: kernel_cfg
-                .initrd
-                .as_deref()
-                .map(Initrd::from_file)
-                .transpose()?,
-            cmdline: kernel_cfg.cmdline.clone(),
+        let boot = match &config.kernel {
+            Some(kernel_cfg) => Some(BootSource {
+                kernel: BootImage::from_file(&kernel_cfg.path, decompress)?,
+                initrd: kernel_cfg
+                    .initrd
+                    .as_deref()
+                    .map(Initrd::from_file)
+                    .transpose()?,
+                cmdline: kernel_cfg.cmdline.clone(),
+            }),
+            None => None,
         };
 
         let pio = Arc::new(Bus::new());
@@ -375,22 +384,26 @@ impl Machine {
             has_monitor: false,
             quit_flush: None,
         };
-        let entry = machine.load_guest()?;
-        machine.cpus.reset(&entry)?;
+        if let Some(entry) = machine.load_guest()? {
+            machine.cpus.reset(&entry)?;
+        }
         // Guest time stands still until the VM first runs.
         machine.accel.pause();
         Ok(machine)
     }
 
     /// Copy the kernel, initrd, command line, ACPI tables and boot structures into guest
-    /// RAM, and return the boot vCPU's entry state.
-    fn load_guest(&self) -> Result<EntryState, MachineError> {
+    /// RAM, and return the boot vCPU's entry state (None: there is no guest to load).
+    fn load_guest(&self) -> Result<Option<EntryState>, MachineError> {
+        let Some(boot_source) = &self.boot else {
+            return Ok(None);
+        };
         let mem = self.memory.guest_memory();
         let low_end = self.memory.low_ram_end();
-        let kernel = &self.boot.kernel;
+        let kernel = &boot_source.kernel;
         kernel.load(mem, low_end)?;
-        let cmdline_len = boot::write_cmdline(mem, &self.boot.cmdline, kernel.cmdline_limit())?;
-        let initrd = match &self.boot.initrd {
+        let cmdline_len = boot::write_cmdline(mem, &boot_source.cmdline, kernel.cmdline_limit())?;
+        let initrd = match &boot_source.initrd {
             Some(rd) => Some(rd.load(mem, kernel.end, low_end, kernel.initrd_limit())?),
             None => None,
         };
@@ -405,7 +418,7 @@ impl Machine {
             rsdp_addr: Some(rsdp),
         })?;
         boot::write_boot_params(mem, &params)?;
-        Ok(boot::setup_long_mode(mem, kernel.entry)?)
+        Ok(Some(boot::setup_long_mode(mem, kernel.entry)?))
     }
 
     pub fn accel_kind(&self) -> AccelKind {
@@ -576,8 +589,9 @@ impl Machine {
     pub fn reset(&mut self) -> Result<(), MachineError> {
         self.cpus.pause();
         self.accel.reset()?;
-        let entry = self.load_guest()?;
-        self.cpus.reset(&entry)?;
+        if let Some(entry) = self.load_guest()? {
+            self.cpus.reset(&entry)?;
+        }
         Ok(())
     }
 

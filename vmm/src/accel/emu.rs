@@ -6,9 +6,8 @@
 //! ioeventfd and irqfd keep their meaning: a guest write to a registered address signals
 //! the eventfd from the vCPU thread, and a thread waits on the irqfds and raises their GSIs.
 
-use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, OnceLock, RwLock};
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use emu::clock::VirtualClock;
@@ -21,6 +20,7 @@ use emu::ram::{GuestRam, RamRegion};
 use emu::router::{ApicInbox, ApicRouter};
 use vmm_sys_util::eventfd::EventFd;
 
+use super::eventfds::{IoEventTable, IrqFdRouter};
 use super::{
     AccelError, AccelKind, Accelerator, IoEventAddress, IoHandler, Vcpu, VcpuExit, VcpuKicker,
 };
@@ -68,27 +68,11 @@ impl IrqChip for EmuIrqChip {
     }
 }
 
-/// A registered ioeventfd.
-struct IoEvent {
-    addr: IoEventAddress,
-    datamatch: Option<u32>,
-    fd: EventFd,
-}
-
-/// Registered irqfds, served by one thread.
-#[derive(Default)]
-struct IrqFds {
-    list: Mutex<Vec<(EventFd, u32)>>,
-}
-
 pub struct EmuAccel {
     ram: Arc<GuestRam>,
     platform: Arc<Platform>,
-    ioevents: Arc<RwLock<Vec<IoEvent>>>,
-    irqfds: Arc<IrqFds>,
-    /// Wakes the irqfd thread when the list changes.
-    irqfd_wake: Arc<EventFd>,
-    irqfd_thread: OnceLock<()>,
+    ioevents: Arc<IoEventTable>,
+    irqfds: IrqFdRouter,
     stop_threads: Arc<AtomicBool>,
     trace: bool,
 }
@@ -123,15 +107,25 @@ impl EmuAccel {
                 lock(&p.ioapic).end_of_interrupt(vector);
             }
         }));
-        let irqfd_wake = EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC)
-            .map_err(|e| AccelError::Emu(format!("eventfd for the irqfd thread: {e}")))?;
+        let weak = Arc::downgrade(&platform);
+        let irqfds = IrqFdRouter::new(
+            "emu-irqfd",
+            layout::IOAPIC_NUM_PINS,
+            Arc::new(move |gsi| match weak.upgrade() {
+                Some(p) => {
+                    p.set_irq(gsi, true);
+                    p.set_irq(gsi, false);
+                    true
+                }
+                None => false,
+            }),
+        )
+        .map_err(|e| AccelError::Emu(e.to_string()))?;
         let accel = EmuAccel {
             ram,
             platform,
-            ioevents: Arc::new(RwLock::new(Vec::new())),
-            irqfds: Arc::new(IrqFds::default()),
-            irqfd_wake: Arc::new(irqfd_wake),
-            irqfd_thread: OnceLock::new(),
+            ioevents: Arc::new(IoEventTable::new()),
+            irqfds,
             stop_threads: Arc::new(AtomicBool::new(false)),
             trace,
         };
@@ -174,22 +168,6 @@ impl EmuAccel {
         Ok(())
     }
 
-    fn ensure_irqfd_thread(&self) -> Result<(), AccelError> {
-        if self.irqfd_thread.get().is_some() {
-            return Ok(());
-        }
-        let irqfds = self.irqfds.clone();
-        let wake = self.irqfd_wake.clone();
-        let platform = Arc::downgrade(&self.platform);
-        let stop = self.stop_threads.clone();
-        std::thread::Builder::new()
-            .name("emu-irqfd".into())
-            .spawn(move || irqfd_loop(irqfds, wake, platform, stop))
-            .map_err(|e| AccelError::Emu(format!("start the irqfd thread: {e}")))?;
-        let _ = self.irqfd_thread.set(());
-        Ok(())
-    }
-
     /// The guest clock, for pausing with the VM.
     pub fn clock(&self) -> &Arc<VirtualClock> {
         &self.platform.clock
@@ -199,88 +177,13 @@ impl EmuAccel {
 impl Drop for EmuAccel {
     fn drop(&mut self) {
         self.stop_threads.store(true, Ordering::Relaxed);
-        let _ = self.irqfd_wake.write(1);
-    }
-}
-
-fn irqfd_loop(
-    irqfds: Arc<IrqFds>,
-    wake: Arc<EventFd>,
-    platform: std::sync::Weak<Platform>,
-    stop: Arc<AtomicBool>,
-) {
-    while !stop.load(Ordering::Relaxed) {
-        let mut pollfds = vec![libc::pollfd {
-            fd: wake.as_raw_fd(),
-            events: libc::POLLIN,
-            revents: 0,
-        }];
-        let gsis: Vec<u32> = {
-            let list = lock(&irqfds.list);
-            for (fd, _) in list.iter() {
-                pollfds.push(libc::pollfd {
-                    fd: fd.as_raw_fd(),
-                    events: libc::POLLIN,
-                    revents: 0,
-                });
-            }
-            list.iter().map(|(_, g)| *g).collect()
-        };
-        // SAFETY: pollfds is a valid array for the duration of the call.
-        let n = unsafe { libc::poll(pollfds.as_mut_ptr(), pollfds.len() as libc::nfds_t, 1000) };
-        if n <= 0 {
-            continue;
-        }
-        if pollfds[0].revents != 0 {
-            let _ = wake.read();
-        }
-        let Some(p) = platform.upgrade() else { return };
-        let list = lock(&irqfds.list);
-        for (i, pfd) in pollfds.iter().enumerate().skip(1) {
-            if pfd.revents & libc::POLLIN == 0 {
-                continue;
-            }
-            if let Some((fd, gsi)) = list.get(i - 1) {
-                if fd.read().is_ok() && gsis.get(i - 1) == Some(gsi) {
-                    p.set_irq(*gsi, true);
-                    p.set_irq(*gsi, false);
-                }
-            }
-        }
     }
 }
 
 /// The vmm's buses as the emu CPU's I/O, with registered ioeventfds checked first.
 struct EmuIo {
     io: Arc<dyn IoHandler + Send>,
-    ioevents: Arc<RwLock<Vec<IoEvent>>>,
-}
-
-impl EmuIo {
-    fn ioevent(&self, addr: IoEventAddress, data: &[u8]) -> bool {
-        let events = self.ioevents.read().unwrap_or_else(|e| e.into_inner());
-        if events.is_empty() {
-            return false;
-        }
-        let mut b = [0u8; 8];
-        let n = data.len().min(8);
-        b[..n].copy_from_slice(&data[..n]);
-        let value = u64::from_le_bytes(b);
-        for e in events.iter() {
-            let hit = e.addr == addr
-                && match e.datamatch {
-                    None => true,
-                    Some(v) => data.len() == 4 && value == u64::from(v),
-                };
-            if hit {
-                if let Err(err) = e.fd.write(1) {
-                    tracing::warn!("ioeventfd write failed: {err}");
-                }
-                return true;
-            }
-        }
-        false
-    }
+    ioevents: Arc<IoEventTable>,
 }
 
 impl emu::IoBus for EmuIo {
@@ -288,7 +191,7 @@ impl emu::IoBus for EmuIo {
         self.io.pio_read(port, data)
     }
     fn pio_write(&self, port: u16, data: &[u8]) {
-        if !self.ioevent(IoEventAddress::Pio(port), data) {
+        if !self.ioevents.signal(IoEventAddress::Pio(port), data) {
             self.io.pio_write(port, data)
         }
     }
@@ -296,7 +199,7 @@ impl emu::IoBus for EmuIo {
         self.io.mmio_read(addr, data)
     }
     fn mmio_write(&self, addr: u64, data: &[u8]) {
-        if !self.ioevent(IoEventAddress::Mmio(addr), data) {
+        if !self.ioevents.signal(IoEventAddress::Mmio(addr), data) {
             self.io.mmio_write(addr, data)
         }
     }
@@ -498,18 +401,9 @@ impl Accelerator for EmuAccel {
         addr: IoEventAddress,
         datamatch: Option<u32>,
     ) -> Result<(), AccelError> {
-        let fd = fd
-            .try_clone()
-            .map_err(|e| AccelError::Emu(format!("duplicate an ioeventfd: {e}")))?;
         self.ioevents
-            .write()
-            .unwrap_or_else(|e| e.into_inner())
-            .push(IoEvent {
-                addr,
-                datamatch,
-                fd,
-            });
-        Ok(())
+            .register(fd, addr, datamatch)
+            .map_err(|e| AccelError::Emu(e.to_string()))
     }
 
     fn unregister_ioevent(
@@ -518,52 +412,22 @@ impl Accelerator for EmuAccel {
         addr: IoEventAddress,
         datamatch: Option<u32>,
     ) -> Result<(), AccelError> {
-        let mut events = self.ioevents.write().unwrap_or_else(|e| e.into_inner());
-        let before = events.len();
-        events.retain(|e| !(e.addr == addr && e.datamatch == datamatch && same_file(&e.fd, fd)));
-        if events.len() == before {
-            return Err(AccelError::Emu("no such ioeventfd".into()));
-        }
-        Ok(())
+        self.ioevents
+            .unregister(fd, addr, datamatch)
+            .map_err(|e| AccelError::Emu(e.to_string()))
     }
 
     fn register_irqfd(&self, fd: &EventFd, gsi: u32) -> Result<(), AccelError> {
-        if gsi >= layout::IOAPIC_NUM_PINS {
-            return Err(AccelError::Emu(format!("GSI {gsi} is out of range")));
-        }
-        let fd = fd
-            .try_clone()
-            .map_err(|e| AccelError::Emu(format!("duplicate an irqfd: {e}")))?;
-        lock(&self.irqfds.list).push((fd, gsi));
-        self.ensure_irqfd_thread()?;
-        let _ = self.irqfd_wake.write(1);
-        Ok(())
+        self.irqfds
+            .register(fd, gsi)
+            .map_err(|e| AccelError::Emu(e.to_string()))
     }
 
     fn unregister_irqfd(&self, fd: &EventFd, gsi: u32) -> Result<(), AccelError> {
-        let mut list = lock(&self.irqfds.list);
-        let before = list.len();
-        list.retain(|(f, g)| !(*g == gsi && same_file(f, fd)));
-        if list.len() == before {
-            return Err(AccelError::Emu("no such irqfd".into()));
-        }
-        drop(list);
-        let _ = self.irqfd_wake.write(1);
-        Ok(())
+        self.irqfds
+            .unregister(fd, gsi)
+            .map_err(|e| AccelError::Emu(e.to_string()))
     }
-}
-
-/// Do two eventfds refer to the same open file?
-fn same_file(a: &EventFd, b: &EventFd) -> bool {
-    let stat = |fd: i32| {
-        // SAFETY: fstat on a valid descriptor into a zeroed stat buffer.
-        unsafe {
-            let mut st: libc::stat = std::mem::zeroed();
-            (libc::fstat(fd, &mut st) == 0).then_some((st.st_dev, st.st_ino))
-        }
-    };
-    let (sa, sb) = (stat(a.as_raw_fd()), stat(b.as_raw_fd()));
-    sa.is_some() && sa == sb
 }
 
 struct EmuKicker {

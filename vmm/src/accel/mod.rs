@@ -10,13 +10,17 @@ use crate::arch::boot::EntryState;
 use crate::devices::IrqChip;
 
 pub mod emu;
+pub mod eventfds;
 pub mod kvm;
+pub mod qtest;
 
 /// The accelerators this build knows.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum AccelKind {
     Kvm,
     Emu,
+    /// No CPU: a test drives the machine over the `-qtest` socket.
+    Qtest,
 }
 
 impl AccelKind {
@@ -24,6 +28,7 @@ impl AccelKind {
         match self {
             AccelKind::Kvm => "kvm",
             AccelKind::Emu => "emu",
+            AccelKind::Qtest => "qtest",
         }
     }
 }
@@ -48,6 +53,8 @@ pub enum AccelError {
     TooManyVcpus(u32, u32),
     #[error("emu: {0}")]
     Emu(String),
+    #[error("qtest: {0}")]
+    Qtest(String),
     #[error("{0} is not supported by this accelerator")]
     Unsupported(&'static str),
 }
@@ -197,12 +204,14 @@ pub fn host_has_hw_virt() -> bool {
 }
 
 /// Create the first accelerator of `choices` that works; `None` means auto (kvm only
-/// where the CPU shows vmx or svm, emu otherwise).
+/// where the CPU shows vmx or svm, emu otherwise). `qtest` is where the qtest accelerator
+/// finds its test.
 pub fn create_accelerator(
     choices: Option<&[AccelKind]>,
     mem: &crate::memory::MemoryManager,
     num_vcpus: u32,
     trace: bool,
+    qtest: Option<&qtest::QtestEndpoint>,
 ) -> Result<Arc<dyn Accelerator>, AccelError> {
     let auto = [if host_has_hw_virt() {
         AccelKind::Kvm
@@ -216,6 +225,9 @@ pub fn create_accelerator(
             AccelKind::Kvm => kvm::KvmAccel::new(mem).map(|a| Arc::new(a) as Arc<dyn Accelerator>),
             AccelKind::Emu => emu::EmuAccel::new(mem, num_vcpus, trace)
                 .map(|a| Arc::new(a) as Arc<dyn Accelerator>),
+            AccelKind::Qtest => {
+                qtest::QtestAccel::new(mem, qtest).map(|a| Arc::new(a) as Arc<dyn Accelerator>)
+            }
         };
         match result {
             Ok(a) => return Ok(a),
