@@ -34,8 +34,10 @@ fn guest_makes_a_filesystem_on_a_vmm_blk_disk() {
     let ro = dir.join("ro.img");
     image_with_pattern(&disk);
     image_with_pattern(&ro);
-    let drive = format!("file={},format=raw,if=none,id=d0", disk.display());
-    let ro_drive = format!("file={},format=raw,if=virtio,readonly=on", ro.display());
+    // The if=virtio shorthand for the first disk (vda), -drive if=none plus -device for the
+    // read-only second one (vdb): drives' own devices are created first.
+    let drive = format!("file={},format=raw,if=virtio,serial=SER123", disk.display());
+    let ro_drive = format!("file={},format=raw,if=none,id=ro0,readonly=on", ro.display());
     let mut console = GuestConsole::spawn(&[
         "-accel",
         "emu",
@@ -54,10 +56,10 @@ fn guest_makes_a_filesystem_on_a_vmm_blk_disk() {
         "stdio",
         "-drive",
         &drive,
-        "-device",
-        "virtio-blk-pci,drive=d0,id=disk0,serial=SER123",
         "-drive",
         &ro_drive,
+        "-device",
+        "virtio-blk-pci,drive=ro0,id=disk1",
     ]);
     console.wait_for("GUEST-READY", BOOT_TIMEOUT);
     console.wait_for("# ", CMD_TIMEOUT);
@@ -68,7 +70,7 @@ fn guest_makes_a_filesystem_on_a_vmm_blk_disk() {
             .any(|l| l.trim() == (DISK_SIZE / 512).to_string()),
         "/sys/block/vda/size: {size:?}"
     );
-    let serial = console.run("cat /sys/block/vda/serial", CMD_TIMEOUT);
+    let serial = console.run("cat /sys/block/vda/serial; echo", CMD_TIMEOUT);
     assert!(serial.contains("SER123"), "serial: {serial:?}");
     let read = console.run(
         "dd if=/dev/vda bs=1M skip=1 count=1 2>/dev/null | head -c 32; echo",

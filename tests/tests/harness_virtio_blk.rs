@@ -12,6 +12,7 @@ const RAM: u64 = 128 << 20;
 const TIMEOUT: Duration = Duration::from_secs(5);
 const VIRTIO_BLK_T_IN: u32 = 0;
 const VIRTIO_BLK_T_OUT: u32 = 1;
+const VIRTIO_BLK_T_GET_ID: u32 = 8;
 const MSI_DATA_BASE: u32 = 0x4030;
 
 /// One request: header, one 512-byte data buffer, status byte. Returns the used length.
@@ -32,7 +33,7 @@ fn request(
     qt.memwrite(hdr, &h).unwrap();
     qt.memwrite(buf, data).unwrap();
     qt.memset(status, 1, 0xff).unwrap();
-    let data_buf = if kind == VIRTIO_BLK_T_IN {
+    let data_buf = if kind == VIRTIO_BLK_T_IN || kind == VIRTIO_BLK_T_GET_ID {
         Buffer::writable(buf, 512)
     } else {
         Buffer::readable(buf, 512)
@@ -70,7 +71,12 @@ fn virtio_blk_reads_and_writes_sectors() {
     let drive = format!("file={},if=none,id=d0,format=raw", img.display());
     let mut qt = Qtest::start(
         "128M",
-        &["-drive", &drive, "-device", "virtio-blk-pci,drive=d0"],
+        &[
+            "-drive",
+            &drive,
+            "-device",
+            "virtio-blk-pci,drive=d0,serial=SER123",
+        ],
     )
     .unwrap();
 
@@ -103,6 +109,8 @@ fn virtio_blk_reads_and_writes_sectors() {
     request(&mut qt, &mut vq, &mut mem, VIRTIO_BLK_T_OUT, 2, &new);
     let (_, back) = request(&mut qt, &mut vq, &mut mem, VIRTIO_BLK_T_IN, 2, &[0; 512]);
     assert_eq!(back, new);
+    let (_, id) = request(&mut qt, &mut vq, &mut mem, VIRTIO_BLK_T_GET_ID, 0, &[0; 512]);
+    assert_eq!(&id[..7], b"SER123\0");
     drop(qt);
     assert_eq!(&std::fs::read(&img).unwrap()[1024..1536], &new[..]);
 }
