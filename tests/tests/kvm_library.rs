@@ -158,24 +158,26 @@ fn ioeventfd_fires_on_mmio_write() {
         .unwrap();
 }
 
-#[test]
-fn irqfd_interrupt_reaches_the_guest_handler() {
-    require_kvm!();
-    const VECTOR: u64 = 0x40;
-    const GSI: u32 = 5;
+const VECTOR: u64 = 0x40;
+
+/// A guest that installs a handler for VECTOR (optionally routing IOAPIC pin `ioapic_gsi`
+/// to it), enables its local APIC, reports marker 1 and halts with interrupts on; the
+/// handler reports marker 2.
+fn interrupt_guest(vm: &TestVm, ioapic_gsi: Option<u32>) -> Vec<u8> {
     const IDT: u64 = 0x5000;
     const IDTR: u64 = 0x5ff0;
-
     let mut a = CodeAssembler::new(64).unwrap();
     let mut handler = a.create_label();
     a.mov(rax, IDTR).unwrap();
     a.lidt(ptr(rax)).unwrap();
-    // IOAPIC pin GSI -> VECTOR, fixed, edge, active high, unmasked, to APIC 0.
-    a.mov(rbx, 0xfec0_0000u64).unwrap();
-    a.mov(dword_ptr(rbx), 0x10 + 2 * GSI).unwrap();
-    a.mov(dword_ptr(rbx + 0x10), VECTOR as u32).unwrap();
-    a.mov(dword_ptr(rbx), 0x11 + 2 * GSI).unwrap();
-    a.mov(dword_ptr(rbx + 0x10), 0u32).unwrap();
+    if let Some(gsi) = ioapic_gsi {
+        // IOAPIC pin -> VECTOR, fixed, edge, active high, unmasked, to APIC 0.
+        a.mov(rbx, 0xfec0_0000u64).unwrap();
+        a.mov(dword_ptr(rbx), 0x10 + 2 * gsi).unwrap();
+        a.mov(dword_ptr(rbx + 0x10), VECTOR as u32).unwrap();
+        a.mov(dword_ptr(rbx), 0x11 + 2 * gsi).unwrap();
+        a.mov(dword_ptr(rbx + 0x10), 0u32).unwrap();
+    }
     // Software-enable the local APIC.
     a.mov(rbx, 0xfee0_0000u64).unwrap();
     a.mov(dword_ptr(rbx + 0xf0), 0x1ffu32).unwrap();
@@ -194,9 +196,7 @@ fn irqfd_interrupt_reaches_the_guest_handler() {
         )
         .unwrap();
     let handler_addr = result.label_ip(&handler).unwrap();
-    let code = result.inner.code_buffer;
 
-    let vm = TestVm::new();
     let mem = vm.mm.guest_memory();
     // A 64-bit interrupt gate for VECTOR, selector 0x08 (the boot GDT's code segment).
     let mut gate = [0u8; 16];
@@ -211,18 +211,48 @@ fn irqfd_interrupt_reaches_the_guest_handler() {
     idtr[0..2].copy_from_slice(&(256u16 * 16 - 1).to_le_bytes());
     idtr[2..10].copy_from_slice(&IDT.to_le_bytes());
     mem.write_slice(&idtr, GuestAddress(IDTR)).unwrap();
+    result.inner.code_buffer
+}
 
-    let irqfd = EventFd::new(EFD_NONBLOCK).unwrap();
-    vm.accel.register_irqfd(&irqfd, GSI).unwrap();
+/// Run `code`, then signal `fd` once the guest waits, and require the handler to run.
+fn fire_and_wait(vm: &TestVm, code: &[u8], fd: &EventFd) {
     let io = Arc::new(Recorder::default());
-    let mut cpus = vm.start(&code, io.clone());
+    let mut cpus = vm.start(code, io.clone());
     io.wait_marker(1, Duration::from_secs(30));
-    // Give the guest a moment to reach STI/HLT, then fire the irqfd from this thread.
+    // Give the guest a moment to reach STI/HLT, then fire the eventfd from this thread.
     std::thread::sleep(Duration::from_millis(100));
-    irqfd.write(1).unwrap();
+    fd.write(1).unwrap();
     io.wait_marker(2, Duration::from_secs(30));
     cpus.shutdown();
+}
+
+#[test]
+fn irqfd_interrupt_reaches_the_guest_handler() {
+    require_kvm!();
+    const GSI: u32 = 5;
+    let vm = TestVm::new();
+    let code = interrupt_guest(&vm, Some(GSI));
+    let irqfd = EventFd::new(EFD_NONBLOCK).unwrap();
+    vm.accel.register_irqfd(&irqfd, GSI).unwrap();
+    fire_and_wait(&vm, &code, &irqfd);
     vm.accel.unregister_irqfd(&irqfd, GSI).unwrap();
+}
+
+/// The virtio data path under KVM: a queue's call eventfd is an irqfd on an MSI route, so
+/// the interrupt reaches the guest with no vmm thread.
+#[test]
+fn msi_route_irqfd_reaches_the_guest_handler() {
+    require_kvm!();
+    let vm = TestVm::new();
+    let code = interrupt_guest(&vm, None);
+    // Fixed delivery of VECTOR to APIC 0, edge.
+    let gsi = vm.accel.add_msi_route(0xfee0_0000, VECTOR as u32).unwrap();
+    assert!(gsi >= 24, "MSI routes come after the IOAPIC pins");
+    let irqfd = EventFd::new(EFD_NONBLOCK).unwrap();
+    vm.accel.register_irqfd(&irqfd, gsi).unwrap();
+    fire_and_wait(&vm, &code, &irqfd);
+    vm.accel.unregister_irqfd(&irqfd, gsi).unwrap();
+    vm.accel.remove_msi_route(gsi).unwrap();
 }
 
 #[test]

@@ -21,6 +21,7 @@ use emu::router::{ApicInbox, ApicRouter};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::eventfds::{IoEventTable, IrqFdRouter};
+use super::msi_routes::{MsiRoutes, FIRST_MSI_GSI, MAX_MSI_ROUTES};
 use super::{
     AccelError, AccelKind, Accelerator, IoEventAddress, IoHandler, Vcpu, VcpuExit, VcpuKicker,
 };
@@ -29,6 +30,7 @@ use crate::arch::layout;
 use crate::devices::interrupt::{InterruptError, IrqChip};
 use crate::devices::{Bus, BusDevice};
 use crate::memory::MemoryManager;
+use emu::router::ApicMessage;
 
 /// Most vCPUs the emu accelerator runs.
 pub const EMU_MAX_VCPUS: u32 = 8;
@@ -73,6 +75,7 @@ pub struct EmuAccel {
     platform: Arc<Platform>,
     ioevents: Arc<IoEventTable>,
     irqfds: IrqFdRouter,
+    msi_routes: Arc<MsiRoutes>,
     stop_threads: Arc<AtomicBool>,
     trace: bool,
 }
@@ -108,13 +111,25 @@ impl EmuAccel {
             }
         }));
         let weak = Arc::downgrade(&platform);
+        let msi_routes = Arc::new(MsiRoutes::default());
+        let routes = msi_routes.clone();
         let irqfds = IrqFdRouter::new(
             "emu-irqfd",
-            layout::IOAPIC_NUM_PINS,
+            FIRST_MSI_GSI + MAX_MSI_ROUTES,
             Arc::new(move |gsi| match weak.upgrade() {
-                Some(p) => {
+                Some(p) if gsi < FIRST_MSI_GSI => {
                     p.set_irq(gsi, true);
                     p.set_irq(gsi, false);
+                    true
+                }
+                Some(p) => {
+                    // An MSI route: delivered straight to the local APICs.
+                    if let Some(msg) = routes
+                        .get(gsi)
+                        .and_then(|(address, data)| ApicMessage::from_msi(address, data))
+                    {
+                        p.router.deliver(msg);
+                    }
                     true
                 }
                 None => false,
@@ -126,6 +141,7 @@ impl EmuAccel {
             platform,
             ioevents: Arc::new(IoEventTable::new()),
             irqfds,
+            msi_routes,
             stop_threads: Arc::new(AtomicBool::new(false)),
             trace,
         };
@@ -339,6 +355,24 @@ impl Accelerator for EmuAccel {
 
     fn irq_chip(&self) -> Arc<dyn IrqChip> {
         Arc::new(EmuIrqChip(self.platform.clone()))
+    }
+
+    fn add_msi_route(&self, address: u64, data: u32) -> Result<u32, AccelError> {
+        self.msi_routes
+            .add(address, data)
+            .map_err(|e| AccelError::Emu(e.to_string()))
+    }
+
+    fn set_msi_route(&self, gsi: u32, address: u64, data: u32) -> Result<(), AccelError> {
+        self.msi_routes
+            .set(gsi, address, data)
+            .map_err(|e| AccelError::Emu(e.to_string()))
+    }
+
+    fn remove_msi_route(&self, gsi: u32) -> Result<(), AccelError> {
+        self.msi_routes
+            .remove(gsi)
+            .map_err(|e| AccelError::Emu(e.to_string()))
     }
 
     fn signal_msi(&self, address: u64, data: u32) -> Result<(), AccelError> {

@@ -13,10 +13,12 @@ use kvm_ioctls::{Cap, Kvm, VcpuExit as KvmExit, VcpuFd, VmFd};
 use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::signal::{register_signal_handler, SIGRTMIN};
 
+use super::msi_routes::MsiRoutes;
 use super::{
     AccelError, AccelKind, Accelerator, IoEventAddress, IoHandler, Vcpu, VcpuExit, VcpuKicker,
 };
 use crate::arch::boot::{EntryState, Segment};
+use crate::arch::layout;
 use crate::devices::interrupt::{InterruptError, IrqChip};
 use crate::memory::MemoryManager;
 
@@ -63,6 +65,11 @@ pub struct KvmAccel {
     /// kvmclock as it stood when the VM was paused, restored on resume so that the guest
     /// clock does not jump by the time spent paused (as QEMU's kvmclock device does).
     paused_clock: Mutex<Option<kvm_bindings::kvm_clock_data>>,
+    /// MSI routes; KVM's routing table is rebuilt from them (plus the default IOAPIC and
+    /// PIC routes) whenever they change.
+    msi_routes: MsiRoutes,
+    /// Serialises table rebuilds.
+    routing_lock: Mutex<()>,
 }
 
 impl KvmAccel {
@@ -149,7 +156,55 @@ impl KvmAccel {
             initial_irqchips,
             initial_pit,
             paused_clock: Mutex::new(None),
+            msi_routes: MsiRoutes::default(),
+            routing_lock: Mutex::new(()),
         })
+    }
+
+    /// Give KVM the routing table: every IOAPIC pin (and the PIC's for 0..16), as KVM's
+    /// default table has them, then the MSI routes.
+    fn push_routing(&self) -> Result<(), AccelError> {
+        let _serial = self.routing_lock.lock().unwrap_or_else(|e| e.into_inner());
+        let mut entries = Vec::new();
+        let irqchip = |gsi: u32, chip: u32, pin: u32| {
+            let mut e = kvm_bindings::kvm_irq_routing_entry {
+                gsi,
+                type_: kvm_bindings::KVM_IRQ_ROUTING_IRQCHIP,
+                ..Default::default()
+            };
+            e.u.irqchip = kvm_bindings::kvm_irq_routing_irqchip { irqchip: chip, pin };
+            e
+        };
+        for gsi in 0..layout::IOAPIC_NUM_PINS {
+            entries.push(irqchip(gsi, kvm_bindings::KVM_IRQCHIP_IOAPIC, gsi));
+            if gsi < 16 {
+                let chip = if gsi < 8 {
+                    kvm_bindings::KVM_IRQCHIP_PIC_MASTER
+                } else {
+                    kvm_bindings::KVM_IRQCHIP_PIC_SLAVE
+                };
+                entries.push(irqchip(gsi, chip, gsi % 8));
+            }
+        }
+        for (gsi, address, data) in self.msi_routes.all() {
+            let mut e = kvm_bindings::kvm_irq_routing_entry {
+                gsi,
+                type_: kvm_bindings::KVM_IRQ_ROUTING_MSI,
+                ..Default::default()
+            };
+            e.u.msi = kvm_bindings::kvm_irq_routing_msi {
+                address_lo: address as u32,
+                address_hi: (address >> 32) as u32,
+                data,
+                ..Default::default()
+            };
+            entries.push(e);
+        }
+        let routing = kvm_bindings::KvmIrqRouting::from_entries(&entries)
+            .map_err(|_| AccelError::Unsupported("a GSI routing table this large"))?;
+        self.vm
+            .set_gsi_routing(&routing)
+            .map_err(AccelError::kvm("KVM_SET_GSI_ROUTING"))
     }
 
     fn vcpu_cpuid(&self, id: u32, num_vcpus: u32) -> CpuId {
@@ -246,6 +301,32 @@ impl Accelerator for KvmAccel {
 
     fn irq_chip(&self) -> Arc<dyn IrqChip> {
         Arc::new(KvmIrqChip(self.vm.clone()))
+    }
+
+    fn add_msi_route(&self, address: u64, data: u32) -> Result<u32, AccelError> {
+        let gsi = self
+            .msi_routes
+            .add(address, data)
+            .map_err(|_| AccelError::Unsupported("more MSI routes"))?;
+        if let Err(e) = self.push_routing() {
+            let _ = self.msi_routes.remove(gsi);
+            return Err(e);
+        }
+        Ok(gsi)
+    }
+
+    fn set_msi_route(&self, gsi: u32, address: u64, data: u32) -> Result<(), AccelError> {
+        self.msi_routes
+            .set(gsi, address, data)
+            .map_err(|_| AccelError::Unsupported("changing a GSI that is not an MSI route"))?;
+        self.push_routing()
+    }
+
+    fn remove_msi_route(&self, gsi: u32) -> Result<(), AccelError> {
+        self.msi_routes
+            .remove(gsi)
+            .map_err(|_| AccelError::Unsupported("removing a GSI that is not an MSI route"))?;
+        self.push_routing()
     }
 
     fn signal_msi(&self, address: u64, data: u32) -> Result<(), AccelError> {

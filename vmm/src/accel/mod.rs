@@ -12,6 +12,7 @@ use crate::devices::IrqChip;
 pub mod emu;
 pub mod eventfds;
 pub mod kvm;
+pub mod msi_routes;
 pub mod qtest;
 
 /// The accelerators this build knows.
@@ -172,6 +173,22 @@ pub trait Accelerator: Send + Sync {
     /// Deliver a message-signalled interrupt: the 32-bit write of `data` to `address` that
     /// a device's MSI or MSI-X entry describes.
     fn signal_msi(&self, address: u64, data: u32) -> Result<(), AccelError>;
+    /// A GSI that delivers the MSI `address`/`data` (an MSI route), for irqfds: then a
+    /// device's interrupts reach the guest without a vmm thread. `Unsupported` where the
+    /// accelerator has no routes; the device then relays its interrupts itself.
+    fn add_msi_route(&self, address: u64, data: u32) -> Result<u32, AccelError> {
+        let _ = (address, data);
+        Err(AccelError::Unsupported("MSI routes"))
+    }
+    /// Point MSI route `gsi` at a new message.
+    fn set_msi_route(&self, gsi: u32, address: u64, data: u32) -> Result<(), AccelError> {
+        let _ = (gsi, address, data);
+        Err(AccelError::Unsupported("MSI routes"))
+    }
+    fn remove_msi_route(&self, gsi: u32) -> Result<(), AccelError> {
+        let _ = gsi;
+        Err(AccelError::Unsupported("MSI routes"))
+    }
     /// Reset VM-wide state (irqchip, PIT) to power-on values.
     fn reset(&self) -> Result<(), AccelError>;
     /// Signal `fd` when the guest writes to `addr` (optionally only `datamatch`).
@@ -254,8 +271,11 @@ pub(crate) mod test_util {
     /// An accelerator without vCPUs that records what devices ask of it.
     #[derive(Default)]
     pub struct RecordingAccel {
-        msis: Mutex<Vec<(u64, u32)>>,
+        pub msis: Mutex<Vec<(u64, u32)>>,
         pub ioevents: Mutex<Vec<(IoEventAddress, Option<u32>)>>,
+        /// With `routes` set, MSI routes work and irqfds on them are recorded.
+        pub routes: Option<super::msi_routes::MsiRoutes>,
+        pub irqfds: Mutex<Vec<u32>>,
     }
 
     impl RecordingAccel {
@@ -327,11 +347,46 @@ pub(crate) mod test_util {
                 .retain(|e| *e != (addr, datamatch));
             Ok(())
         }
-        fn register_irqfd(&self, _fd: &EventFd, _gsi: u32) -> Result<(), AccelError> {
+        fn register_irqfd(&self, _fd: &EventFd, gsi: u32) -> Result<(), AccelError> {
+            self.irqfds
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .push(gsi);
             Ok(())
         }
-        fn unregister_irqfd(&self, _fd: &EventFd, _gsi: u32) -> Result<(), AccelError> {
+        fn unregister_irqfd(&self, _fd: &EventFd, gsi: u32) -> Result<(), AccelError> {
+            self.irqfds
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .retain(|g| *g != gsi);
             Ok(())
+        }
+        fn add_msi_route(&self, address: u64, data: u32) -> Result<u32, AccelError> {
+            let routes = self
+                .routes
+                .as_ref()
+                .ok_or(AccelError::Unsupported("routes"))?;
+            routes
+                .add(address, data)
+                .map_err(|_| AccelError::Unsupported("more routes"))
+        }
+        fn set_msi_route(&self, gsi: u32, address: u64, data: u32) -> Result<(), AccelError> {
+            let routes = self
+                .routes
+                .as_ref()
+                .ok_or(AccelError::Unsupported("routes"))?;
+            routes
+                .set(gsi, address, data)
+                .map_err(|_| AccelError::Unsupported("no route"))
+        }
+        fn remove_msi_route(&self, gsi: u32) -> Result<(), AccelError> {
+            let routes = self
+                .routes
+                .as_ref()
+                .ok_or(AccelError::Unsupported("routes"))?;
+            routes
+                .remove(gsi)
+                .map_err(|_| AccelError::Unsupported("no route"))
         }
     }
 }

@@ -161,6 +161,14 @@ impl MsixTable {
         Some(self.message(entry))
     }
 
+    /// The message of `vector` if it would be sent now (MSI-X on, vector unmasked): a
+    /// device may then hand the vector to the accelerator as a direct route.
+    pub fn deliverable(&self, vector: u16) -> Option<MsiMessage> {
+        let entry = usize::from(vector);
+        (self.enabled && entry < self.entries.len() && !self.is_masked(entry))
+            .then(|| self.message(entry))
+    }
+
     fn flush_pending(&mut self) -> Vec<MsiMessage> {
         let mut out = Vec::new();
         if !self.enabled || self.function_masked {
@@ -243,6 +251,9 @@ mod tests {
         assert_eq!(pba[0], 0);
         assert!(t.trigger(1).is_some());
         assert_eq!(t.trigger(7), None);
+        assert_eq!(t.deliverable(1).map(|m| m.data), Some(0x41));
+        assert_eq!(t.deliverable(0), None, "masked");
+        assert_eq!(t.deliverable(9), None);
     }
 
     #[test]

@@ -12,7 +12,7 @@ use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::interrupt::{CallRelay, VirtioInterrupt, VIRTIO_MSI_NO_VECTOR};
-use super::msix::{MSIX_ENABLE, MSIX_FUNCTION_MASK};
+use super::msix::{MsiMessage, MSIX_ENABLE, MSIX_FUNCTION_MASK};
 use super::{Activation, QueueSetup, VirtioBackend, VirtioError, VIRTIO_F_VERSION_1};
 use crate::accel::{Accelerator, IoEventAddress};
 use crate::devices::IrqLine;
@@ -86,6 +86,13 @@ impl QueueState {
     }
 }
 
+/// A queue's call eventfd wired to an MSI route.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct DirectRoute {
+    gsi: u32,
+    msg: MsiMessage,
+}
+
 /// A virtio device on the PCI bus.
 pub struct VirtioPciDevice {
     name: String,
@@ -96,7 +103,14 @@ pub struct VirtioPciDevice {
     accel: Arc<dyn Accelerator>,
     memory: GuestMemoryMmap,
     interrupt: Arc<Mutex<VirtioInterrupt>>,
+    /// Relays the call eventfds of active queues that have no direct route.
     relay: Option<CallRelay>,
+    /// Per queue: the accelerator's MSI route its call eventfd is an irqfd on, when its
+    /// vector is deliverable and the accelerator has routes. Such queues interrupt the
+    /// guest with no vmm thread involved.
+    routes: Vec<Option<DirectRoute>>,
+    /// Queues the driver started (for the relay and routes).
+    active: Vec<bool>,
     /// One kick and one call eventfd per queue, for the device's lifetime: a backend that
     /// restarts gets the same ones.
     kicks: Vec<EventFd>,
@@ -187,6 +201,8 @@ impl VirtioPciDevice {
             memory,
             interrupt: Arc::new(Mutex::new(interrupt)),
             relay: None,
+            routes: vec![None; num_queues],
+            active: vec![false; num_queues],
             kicks,
             calls,
             bar_address: None,
@@ -220,7 +236,8 @@ impl VirtioPciDevice {
     }
 
     fn reset_device(&mut self) {
-        self.relay = None;
+        self.active.fill(false);
+        self.refresh_interrupt_paths();
         if self.status & STATUS_DRIVER_OK != 0 {
             self.backend.reset();
         }
@@ -263,7 +280,6 @@ impl VirtioPciDevice {
 
     fn activate(&mut self) -> Result<(), VirtioError> {
         let mut queues = Vec::new();
-        let mut relayed = Vec::new();
         for (index, q) in self.queues.iter().enumerate() {
             if !q.enabled || q.size == 0 {
                 continue;
@@ -290,17 +306,114 @@ impl VirtioPciDevice {
                 kick: dup(&self.kicks[index])?,
                 call: dup(&self.calls[index])?,
             });
-            relayed.push((index, dup(&self.calls[index])?));
         }
+        let started: Vec<usize> = queues.iter().map(|q| q.index).collect();
         self.backend.activate(Activation {
             features: self.driver_features,
             queues,
             memory: &self.memory,
         })?;
-        let relay = CallRelay::start(&self.name, relayed, self.interrupt.clone())
-            .map_err(|e| VirtioError::Backend(e.to_string()))?;
-        self.relay = Some(relay);
+        for index in started {
+            self.active[index] = true;
+        }
+        self.refresh_interrupt_paths();
         Ok(())
+    }
+
+    /// Decide, for every active queue, how its call eventfd reaches the guest: an irqfd on
+    /// an MSI route while its vector is deliverable (no vmm thread), otherwise the relay
+    /// thread (INTx, masked vectors with their pending bits, accelerators without routes).
+    fn refresh_interrupt_paths(&mut self) {
+        let wanted: Vec<Option<MsiMessage>> = {
+            let irq = lock(&self.interrupt);
+            (0..self.queues.len())
+                .map(|q| {
+                    let vector = irq.queue_vectors.get(q).copied()?;
+                    if !self.active[q] || vector == VIRTIO_MSI_NO_VECTOR {
+                        return None;
+                    }
+                    irq.msix.deliverable(vector)
+                })
+                .collect()
+        };
+        let mut relay_changed = self.relay.is_none() && self.active.iter().any(|a| *a);
+        for (q, msg) in wanted.into_iter().enumerate() {
+            match (self.routes[q], msg) {
+                (Some(route), Some(msg)) if route.msg == msg => {}
+                (Some(route), Some(msg)) => {
+                    match self.accel.set_msi_route(route.gsi, msg.address, msg.data) {
+                        Ok(()) => {
+                            self.routes[q] = Some(DirectRoute {
+                                gsi: route.gsi,
+                                msg,
+                            })
+                        }
+                        Err(e) => {
+                            tracing::warn!(device = %self.name, "queue {q}: MSI route: {e}");
+                            self.drop_route(q);
+                            relay_changed = true;
+                        }
+                    }
+                }
+                (Some(_), None) => {
+                    self.drop_route(q);
+                    relay_changed = true;
+                }
+                (None, Some(msg)) => {
+                    if self.add_route(q, msg) {
+                        relay_changed = true;
+                    }
+                }
+                (None, None) => {}
+            }
+        }
+        if relay_changed || !self.active.iter().any(|a| *a) {
+            self.restart_relay();
+        }
+    }
+
+    /// Wire queue `q`'s call eventfd to a new MSI route; false if the accelerator cannot.
+    fn add_route(&mut self, q: usize, msg: MsiMessage) -> bool {
+        let gsi = match self.accel.add_msi_route(msg.address, msg.data) {
+            Ok(gsi) => gsi,
+            Err(_) => return false,
+        };
+        // The relay must not consume this eventfd any more before the irqfd owns it.
+        self.relay = None;
+        match self.accel.register_irqfd(&self.calls[q], gsi) {
+            Ok(()) => {
+                self.routes[q] = Some(DirectRoute { gsi, msg });
+                true
+            }
+            Err(e) => {
+                tracing::warn!(device = %self.name, "queue {q}: irqfd: {e}");
+                let _ = self.accel.remove_msi_route(gsi);
+                true
+            }
+        }
+    }
+
+    fn drop_route(&mut self, q: usize) {
+        if let Some(route) = self.routes[q].take() {
+            let _ = self.accel.unregister_irqfd(&self.calls[q], route.gsi);
+            let _ = self.accel.remove_msi_route(route.gsi);
+        }
+    }
+
+    /// (Re)start the relay for the active queues without a direct route.
+    fn restart_relay(&mut self) {
+        self.relay = None;
+        let relayed: Vec<(usize, EventFd)> = (0..self.queues.len())
+            .filter(|&q| self.active[q] && self.routes[q].is_none())
+            .filter_map(|q| self.calls[q].try_clone().ok().map(|fd| (q, fd)))
+            .collect();
+        if relayed.is_empty() {
+            return;
+        }
+        match CallRelay::start(&self.name, relayed, self.interrupt.clone()) {
+            Ok(relay) => self.relay = Some(relay),
+            Err(e) => tracing::error!(device = %self.name, "no interrupts: {e}"),
+        }
     }
 
     fn read_common(&mut self, offset: u64, data: &mut [u8]) {
@@ -388,10 +501,15 @@ impl VirtioPciDevice {
             }
             (0x1a, 2) => {
                 let q = usize::from(self.queue_select);
-                let mut irq = lock(&self.interrupt);
-                let vector = irq.accept_vector(value as u16);
-                if let Some(slot) = irq.queue_vectors.get_mut(q) {
-                    *slot = vector;
+                {
+                    let mut irq = lock(&self.interrupt);
+                    let vector = irq.accept_vector(value as u16);
+                    if let Some(slot) = irq.queue_vectors.get_mut(q) {
+                        *slot = vector;
+                    }
+                }
+                if live {
+                    self.refresh_interrupt_paths();
                 }
             }
             (0x1c, 2) if !live => {
@@ -454,6 +572,9 @@ impl Drop for VirtioPciDevice {
             self.unregister_kicks(base);
         }
         self.relay = None;
+        for q in 0..self.routes.len() {
+            self.drop_route(q);
+        }
     }
 }
 
@@ -493,10 +614,13 @@ impl PciDevice for VirtioPciDevice {
         let moved = self.config.write_register(reg_idx, offset, data);
         let after = self.msix_control();
         if before != after {
-            let mut irq = lock(&self.interrupt);
-            for msg in irq.msix.set_control(after) {
-                irq.send(msg);
+            {
+                let mut irq = lock(&self.interrupt);
+                for msg in irq.msix.set_control(after) {
+                    irq.send(msg);
+                }
             }
+            self.refresh_interrupt_paths();
         }
         moved
     }
@@ -543,9 +667,14 @@ impl PciDevice for VirtioPciDevice {
                 }
             }
             o if (MSIX_TABLE_OFFSET..MSIX_PBA_OFFSET).contains(&o) => {
-                let mut irq = lock(&self.interrupt);
-                if let Some(msg) = irq.msix.write_table(o - MSIX_TABLE_OFFSET, data) {
-                    irq.send(msg);
+                {
+                    let mut irq = lock(&self.interrupt);
+                    if let Some(msg) = irq.msix.write_table(o - MSIX_TABLE_OFFSET, data) {
+                        irq.send(msg);
+                    }
+                }
+                if self.active.iter().any(|a| *a) {
+                    self.refresh_interrupt_paths();
                 }
             }
             _ => {}
@@ -637,12 +766,16 @@ mod tests {
     }
 
     fn device() -> (VirtioPciDevice, FakeBackend, Arc<RecordingAccel>) {
+        device_with(RecordingAccel::default())
+    }
+
+    fn device_with(accel: RecordingAccel) -> (VirtioPciDevice, FakeBackend, Arc<RecordingAccel>) {
         let backend = FakeBackend::default();
         let shared = FakeBackend {
             activations: backend.activations.clone(),
             resets: backend.resets.clone(),
         };
-        let accel = Arc::new(RecordingAccel::default());
+        let accel = Arc::new(accel);
         let dev = VirtioPciDevice::new(
             "test",
             Some("disk0".into()),
@@ -761,6 +894,76 @@ mod tests {
         assert_eq!(read(&mut dev, 0x37, 1), 0);
         assert_eq!(read(&mut dev, 0x7fff, 1), 0);
         write(&mut dev, 0x3ffc, 4, 1);
+    }
+
+    /// Start queue 0 with MSI-X vector 1 programmed to `data`, unmasked.
+    fn start_with_msix(dev: &mut VirtioPciDevice, data: u32) {
+        // Message control: enable MSI-X.
+        let ctl = dev.msix_cap_offset;
+        dev.write_config_register(ctl / 4, 2, &MSIX_ENABLE.to_le_bytes());
+        let entry = MSIX_TABLE_OFFSET + 16;
+        write(dev, entry, 4, 0xfee0_0000);
+        write(dev, entry + 8, 4, u64::from(data));
+        write(dev, entry + 12, 4, 0);
+        write(dev, 0x14, 1, 3);
+        write(dev, 0x0c, 4, 0);
+        write(dev, 0x08, 4, 1);
+        write(dev, 0x0c, 4, 1);
+        write(dev, 0x14, 1, 0x0b);
+        write(dev, 0x16, 2, 0);
+        write(dev, 0x20, 8, 0x1000);
+        write(dev, 0x28, 8, 0x2000);
+        write(dev, 0x30, 8, 0x3000);
+        write(dev, 0x1a, 2, 1);
+        write(dev, 0x1c, 2, 1);
+        write(dev, 0x14, 1, 0x0f);
+    }
+
+    #[test]
+    fn deliverable_vectors_use_msi_routes_and_masking_falls_back_to_the_relay() {
+        let (mut dev, _, accel) = device_with(RecordingAccel {
+            routes: Some(crate::accel::msi_routes::MsiRoutes::default()),
+            ..Default::default()
+        });
+        start_with_msix(&mut dev, 0x51);
+        let gsi = dev.routes[0].expect("a direct route").gsi;
+        assert_eq!(*accel.irqfds.lock().unwrap(), vec![gsi]);
+        assert_eq!(
+            accel.routes.as_ref().unwrap().get(gsi),
+            Some((0xfee0_0000, 0x51))
+        );
+        assert!(dev.relay.is_none(), "nothing left to relay");
+        // A new message for the vector moves the route.
+        write(&mut dev, MSIX_TABLE_OFFSET + 16 + 8, 4, 0x52);
+        assert_eq!(
+            accel.routes.as_ref().unwrap().get(gsi),
+            Some((0xfee0_0000, 0x52))
+        );
+        // Masked: the relay takes over (and keeps the pending bit).
+        write(&mut dev, MSIX_TABLE_OFFSET + 16 + 12, 4, 1);
+        assert!(dev.routes[0].is_none());
+        assert!(accel.irqfds.lock().unwrap().is_empty());
+        assert!(dev.relay.is_some());
+        write(&mut dev, MSIX_TABLE_OFFSET + 16 + 12, 4, 0);
+        assert!(dev.routes[0].is_some());
+        // Reset tears everything down.
+        write(&mut dev, 0x14, 1, 0);
+        assert!(dev.routes[0].is_none() && dev.relay.is_none());
+        assert!(accel.routes.as_ref().unwrap().all().is_empty());
+    }
+
+    #[test]
+    fn without_routes_the_relay_serves_every_queue() {
+        let (mut dev, _, accel) = device();
+        start_with_msix(&mut dev, 0x51);
+        assert!(dev.routes[0].is_none());
+        assert!(dev.relay.is_some());
+        dev.calls[0].write(1).unwrap();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        while accel.msis().is_empty() && std::time::Instant::now() < deadline {
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        assert_eq!(accel.msis(), vec![(0xfee0_0000, 0x51)]);
     }
 
     #[test]
