@@ -1,10 +1,17 @@
 //! Per-process-kind seccomp allowlists. A system call outside the list kills the whole
 //! process (SIGSYS); the supervisor sees it die and restarts it.
 //!
-//! Two filters are stacked. The first makes `clone3` fail with ENOSYS, because its flags
-//! live in memory where a filter cannot see them; glibc then falls back to `clone`, whose
-//! flags the allowlist checks (threads only, no new processes). The second is the
-//! allowlist itself.
+//! Three filters are stacked (the kernel runs them all and the most severe answer wins:
+//! kill, then an errno, then allow). The first makes `clone3` fail with ENOSYS, because
+//! its flags live in memory where a filter cannot see them; glibc then falls back to
+//! `clone`, whose flags the allowlist checks (threads only, no new processes). The second
+//! answers the system calls that open files or create, bind or connect sockets with EPERM
+//! ([`DENIED`]): none of them could succeed in the sandbox anyway, and an error rather
+//! than a kill lets the sandbox self-test (see [`crate::sandbox`]) show they fail. The
+//! third is the allowlist itself, which lets the [`DENIED`] calls through to that answer.
+//!
+//! The outer process of the sandbox (see [`crate::sandbox`]) has an allowlist of its own,
+//! [`install_outer`].
 
 use std::collections::BTreeMap;
 
@@ -18,6 +25,8 @@ use seccompiler::{
 pub enum Kind {
     /// `vmm-blk`: vhost-user-blk on a raw image fd.
     Block,
+    /// The outer process of any sandbox (see [`install_outer`]).
+    Outer,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -61,12 +70,81 @@ pub fn install(kind: Kind) -> Result<(), SeccompError> {
         arch,
     )
     .map_err(build)?;
+    let deny = SeccompFilter::new(
+        DENIED.iter().map(|&s| (s, vec![])).collect(),
+        SeccompAction::Allow,
+        SeccompAction::Errno(libc::EPERM as u32),
+        arch,
+    )
+    .map_err(build)?;
     let clone3: BpfProgram = clone3.try_into().map_err(build)?;
+    let deny: BpfProgram = deny.try_into().map_err(build)?;
     let allow: BpfProgram = allow.try_into().map_err(build)?;
     // The allowlist last: installing a filter takes prctl and seccomp, which it forbids.
     seccompiler::apply_filter(&clone3).map_err(install)?;
+    seccompiler::apply_filter(&deny).map_err(install)?;
     seccompiler::apply_filter(&allow).map_err(install)?;
     Ok(())
+}
+
+/// Opening files and making sockets: answered with EPERM (the allowlists let them through
+/// to that answer). `vmm-blk` makes none of these calls; it accepts on the listener it
+/// was given and works on fds it was handed.
+pub const DENIED: &[i64] = &[
+    #[cfg(target_arch = "x86_64")]
+    libc::SYS_open,
+    #[cfg(target_arch = "x86_64")]
+    libc::SYS_creat,
+    libc::SYS_openat,
+    libc::SYS_openat2,
+    libc::SYS_open_by_handle_at,
+    libc::SYS_socket,
+    libc::SYS_socketpair,
+    libc::SYS_connect,
+    libc::SYS_bind,
+    libc::SYS_listen,
+];
+
+/// The outer process of the sandbox: it waits for the inner process `inner`, forwards
+/// SIGTERM and SIGINT to it, and exits. Anything else kills it (and so, through
+/// PR_SET_PDEATHSIG, the inner process).
+pub fn install_outer(inner: libc::pid_t) -> Result<(), SeccompError> {
+    let kind = Kind::Outer;
+    let arch = target_arch()?;
+    let build = |source| SeccompError::Build { kind, source };
+    let filter = SeccompFilter::new(
+        outer_rules(inner).map_err(build)?,
+        SeccompAction::KillProcess,
+        SeccompAction::Allow,
+        arch,
+    )
+    .map_err(build)?;
+    let filter: BpfProgram = filter.try_into().map_err(build)?;
+    seccompiler::apply_filter(&filter).map_err(|source| SeccompError::Install { kind, source })
+}
+
+fn outer_rules(inner: libc::pid_t) -> Built<Rules> {
+    let mut rules: Rules = [
+        // sigwaitinfo
+        libc::SYS_rt_sigtimedwait,
+        libc::SYS_rt_sigprocmask,
+        libc::SYS_rt_sigreturn,
+        libc::SYS_restart_syscall,
+        // waitpid
+        libc::SYS_wait4,
+        libc::SYS_waitid,
+        libc::SYS_exit_group,
+        libc::SYS_exit,
+    ]
+    .iter()
+    .map(|&s| (s, vec![]))
+    .collect();
+    // Signals to the inner process only.
+    rules.insert(
+        libc::SYS_kill,
+        vec![SeccompRule::new(vec![eq(0, inner as u32 as u64)?])?],
+    );
+    Ok(rules)
 }
 
 fn target_arch() -> Result<TargetArch, SeccompError> {
@@ -107,6 +185,7 @@ fn any_of(arg: u8, values: &[u64]) -> Built<Vec<SeccompRule>> {
 fn rules(kind: Kind) -> Built<Rules> {
     match kind {
         Kind::Block => block_rules(),
+        Kind::Outer => outer_rules(0),
     }
 }
 
@@ -161,7 +240,7 @@ fn block_rules() -> Built<Rules> {
         // Answered with ENOSYS by the other filter; here it only has to pass.
         libc::SYS_clone3,
     ];
-    let mut rules: Rules = always.iter().map(|&s| (s, vec![])).collect();
+    let mut rules: Rules = always.iter().chain(DENIED).map(|&s| (s, vec![])).collect();
 
     // No executable memory.
     let no_exec = || -> Built<Vec<SeccompRule>> {
@@ -226,19 +305,29 @@ mod tests {
     use super::*;
 
     #[test]
-    fn the_block_filter_compiles() {
+    fn the_filters_compile() {
         let arch = target_arch().unwrap();
-        let filter = SeccompFilter::new(
-            rules(Kind::Block).unwrap(),
-            SeccompAction::KillProcess,
-            SeccompAction::Allow,
-            arch,
-        )
-        .unwrap();
-        let prog: BpfProgram = filter.try_into().unwrap();
-        assert!(
-            prog.len() < 4096,
-            "BPF programs are limited to 4096 instructions"
-        );
+        for kind in [Kind::Block, Kind::Outer] {
+            let filter = SeccompFilter::new(
+                rules(kind).unwrap(),
+                SeccompAction::KillProcess,
+                SeccompAction::Allow,
+                arch,
+            )
+            .unwrap();
+            let prog: BpfProgram = filter.try_into().unwrap();
+            assert!(
+                prog.len() < 4096,
+                "BPF programs are limited to 4096 instructions"
+            );
+        }
+    }
+
+    #[test]
+    fn the_denied_calls_reach_their_errno_through_the_block_allowlist() {
+        let rules = rules(Kind::Block).unwrap();
+        for s in DENIED {
+            assert_eq!(rules.get(s).map(Vec::len), Some(0), "syscall {s}");
+        }
     }
 }

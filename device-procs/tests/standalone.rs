@@ -139,10 +139,41 @@ impl Daemon {
 }
 
 impl Drop for Daemon {
+    /// kill -9, and wait until the process that served (the inner process of the
+    /// sandbox, which PR_SET_PDEATHSIG kills a moment after the one we started) is gone
+    /// too: it holds the image lock until then.
     fn drop(&mut self) {
+        let inner = children(self.child.id());
         let _ = self.child.kill();
         let _ = self.child.wait();
+        let deadline = Instant::now() + T;
+        while inner.iter().any(|&pid| alive(pid)) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(5));
+        }
     }
+}
+
+/// The children of process `pid` (from /proc).
+fn children(pid: u32) -> Vec<u32> {
+    std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"))
+        .unwrap_or_default()
+        .split_whitespace()
+        .filter_map(|p| p.parse().ok())
+        .collect()
+}
+
+/// Some thread of process `pid` has not exited yet. (A thread-group leader shows as a
+/// zombie while its other threads are still exiting, holding the process's files.)
+fn alive(pid: u32) -> bool {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return false;
+    };
+    tasks.flatten().any(|t| {
+        std::fs::read_to_string(t.path().join("stat")).is_ok_and(|s| {
+            s.rsplit_once(')')
+                .is_some_and(|(_, rest)| !rest.starts_with(" Z"))
+        })
+    })
 }
 
 /// Run vmm-blk to completion; its status and stderr.
