@@ -231,6 +231,9 @@ fn block_rules() -> Built<Rules> {
         libc::SYS_exit,
         libc::SYS_exit_group,
         libc::SYS_clock_gettime,
+        // std::thread::sleep (time-outs and back-offs).
+        libc::SYS_clock_nanosleep,
+        libc::SYS_nanosleep,
         libc::SYS_getrandom,
         // Signals: SIGTERM and SIGINT are blocked and taken with sigtimedwait.
         libc::SYS_rt_sigprocmask,

@@ -1,6 +1,7 @@
 //! vhost-user-blk interop in both directions, each with the stock guest:
 //! - QEMU 7.2 (TCG) as the frontend to a standalone `vmm-blk`;
 //! - our vmm (emu) as the frontend to `qemu-storage-daemon --export type=vhost-user-blk`.
+//!
 //! In each, the guest reads known content from /dev/vda and writes new content, and the
 //! host finds the write in the image after the guest powered off.
 

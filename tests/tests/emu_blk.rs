@@ -37,7 +37,10 @@ fn guest_makes_a_filesystem_on_a_vmm_blk_disk() {
     // The if=virtio shorthand for the first disk (vda), -drive if=none plus -device for the
     // read-only second one (vdb): drives' own devices are created first.
     let drive = format!("file={},format=raw,if=virtio,serial=SER123", disk.display());
-    let ro_drive = format!("file={},format=raw,if=none,id=ro0,readonly=on", ro.display());
+    let ro_drive = format!(
+        "file={},format=raw,if=none,id=ro0,readonly=on",
+        ro.display()
+    );
     let mut console = GuestConsole::spawn(&[
         "-accel",
         "emu",

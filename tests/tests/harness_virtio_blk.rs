@@ -109,7 +109,14 @@ fn virtio_blk_reads_and_writes_sectors() {
     request(&mut qt, &mut vq, &mut mem, VIRTIO_BLK_T_OUT, 2, &new);
     let (_, back) = request(&mut qt, &mut vq, &mut mem, VIRTIO_BLK_T_IN, 2, &[0; 512]);
     assert_eq!(back, new);
-    let (_, id) = request(&mut qt, &mut vq, &mut mem, VIRTIO_BLK_T_GET_ID, 0, &[0; 512]);
+    let (_, id) = request(
+        &mut qt,
+        &mut vq,
+        &mut mem,
+        VIRTIO_BLK_T_GET_ID,
+        0,
+        &[0; 512],
+    );
     assert_eq!(&id[..7], b"SER123\0");
     drop(qt);
     assert_eq!(&std::fs::read(&img).unwrap()[1024..1536], &new[..]);

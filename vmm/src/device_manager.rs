@@ -14,7 +14,7 @@ use qmp::EventSender;
 use serde_json::{json, Map, Value};
 use vmm_sys_util::eventfd::EventFd;
 
-use ipc::blk::{AttachConfig, BlkChannel, BlkReply, BlkRequest};
+use ipc::blk::{AttachConfig, BlkChannel, BlkEvent, BlkReply, BlkRequest};
 use ipc::DeviceKind;
 use vm_memory::GuestMemoryMmap;
 
@@ -196,6 +196,9 @@ impl DeviceConfig {
 pub const EVENT_PROCESS_EXITED: &str = "__org.vmm_DEVICE_PROCESS_EXITED";
 pub const EVENT_PROCESS_RESTARTED: &str = "__org.vmm_DEVICE_PROCESS_RESTARTED";
 pub const EVENT_PROCESS_FAILED: &str = "__org.vmm_DEVICE_PROCESS_FAILED";
+/// A device process broke the control protocol: it is stopped and not restarted (it may be
+/// compromised); the guest keeps running without that device's backend.
+pub const EVENT_PROCESS_MISBEHAVED: &str = "__org.vmm_DEVICE_PROCESS_MISBEHAVED";
 
 /// Restarts allowed within [`RESTART_WINDOW`] before a device is marked failed.
 const MAX_RESTARTS: usize = 5;
@@ -212,7 +215,8 @@ fn restart_backoff(recent: usize) -> Duration {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ProcessState {
     Running,
-    /// Crashed too often; the device no longer has a backend.
+    /// Crashed too often, or broke the control protocol; the device no longer has a
+    /// backend.
     Failed,
 }
 
@@ -230,6 +234,8 @@ struct BlockDevice {
     control: BlkChannel,
     function: Arc<Mutex<VirtioPciDevice>>,
     state: ProcessState,
+    /// The control socket reached end of file (the process is going away).
+    control_closed: bool,
     /// Restart times within the window.
     restarts: Vec<Instant>,
     total_restarts: u64,
@@ -499,6 +505,7 @@ impl DeviceManager {
             control,
             function,
             state: ProcessState::Running,
+            control_closed: false,
             restarts: Vec::new(),
             total_restarts: 0,
         })));
@@ -654,20 +661,32 @@ impl WatchContext {
                 .filter(|b| lock(b).state == ProcessState::Running)
                 .cloned()
                 .collect();
-            let mut fds: Vec<libc::pollfd> = watched
-                .iter()
-                .map(|b| libc::pollfd {
-                    fd: lock(b).process.pidfd().as_raw_fd(),
+            // Two entries per device: its pidfd and its control socket.
+            let mut fds = Vec::with_capacity(watched.len() * 2 + 1);
+            for b in &watched {
+                let b = lock(b);
+                fds.push(libc::pollfd {
+                    fd: b.process.pidfd().as_raw_fd(),
                     events: libc::POLLIN,
                     revents: 0,
-                })
-                .collect();
+                });
+                fds.push(libc::pollfd {
+                    // A negative fd is ignored by poll.
+                    fd: if b.control_closed {
+                        -1
+                    } else {
+                        b.control.socket().as_raw_fd()
+                    },
+                    events: libc::POLLIN,
+                    revents: 0,
+                });
+            }
             fds.push(libc::pollfd {
                 fd: self.wake.as_raw_fd(),
                 events: libc::POLLIN,
                 revents: 0,
             });
-            // SAFETY: `fds` is a valid array of pollfd of the given length; the pidfds stay
+            // SAFETY: `fds` is a valid array of pollfd of the given length; the fds stay
             // open while their devices are in `watched`.
             let n = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, 1000) };
             if n <= 0 {
@@ -677,11 +696,47 @@ impl WatchContext {
                 let _ = self.wake.read();
             }
             for (i, block) in watched.iter().enumerate() {
-                if fds[i].revents != 0 && !self.stop.load(Ordering::SeqCst) {
+                if self.stop.load(Ordering::SeqCst) {
+                    break;
+                }
+                if fds[2 * i + 1].revents != 0 {
+                    self.control_message(block);
+                }
+                if fds[2 * i].revents != 0 {
                     self.restart(block);
                 }
             }
         }
+    }
+
+    /// A message (or end of file) on a device's control socket.
+    fn control_message(&self, block: &SharedBlock) {
+        let mut b = lock(block);
+        let reason = match b.control.recv(Some(Duration::from_millis(100))) {
+            Ok((ipc::Message::Event(BlkEvent::IoError { write, message }), _)) => {
+                let op = if write { "write" } else { "read" };
+                tracing::warn!(device = %b.name, "guest {op} failed: {message}");
+                return;
+            }
+            Ok(_) => "a message that is not an event".to_string(),
+            Err(ipc::IpcError::Frame(ipc::FrameError::Closed)) => {
+                // The process is exiting; its pidfd tells the rest.
+                b.control_closed = true;
+                return;
+            }
+            Err(ipc::IpcError::Frame(ipc::FrameError::TimedOut)) => return,
+            Err(e) => e.to_string(),
+        };
+        // Whatever sent this may be compromised: stop it and do not trust a new one either.
+        let device = b.id.clone().unwrap_or_else(|| b.name.clone());
+        let pid = b.process.pid();
+        tracing::error!(device = %b.name, pid, "bad control message ({reason}): stopping it");
+        b.state = ProcessState::Failed;
+        b.process.kill();
+        self.emit(
+            EVENT_PROCESS_MISBEHAVED,
+            json!({"device": device, "pid": pid, "reason": reason}),
+        );
     }
 
     /// The process of `block` exited: report it and start a new one, or give up.

@@ -217,6 +217,12 @@ impl DeviceProcess {
         }
     }
 
+    /// Kill the process (SIGKILL) and reap it.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
     /// Ask the process to stop (SIGTERM), and kill it if it has not within `grace`.
     /// Returns its exit status.
     pub fn terminate(&mut self, grace: Duration) -> Option<std::process::ExitStatus> {

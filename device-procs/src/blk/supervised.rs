@@ -45,6 +45,19 @@ pub fn run() -> Result<(), BlkError> {
         Some(event_hook(sender.clone())),
     )?);
     reply(&sender, attach_id, Ok(BlkReply::Attached { size }));
+    if let Some(delay) = std::env::var(TEST_HOOK_BAD_RPC)
+        .ok()
+        .and_then(|v| v.parse::<u64>().ok())
+    {
+        let sender = sender.clone();
+        std::thread::Builder::new()
+            .name("test-hook".into())
+            .spawn(move || {
+                std::thread::sleep(std::time::Duration::from_millis(delay));
+                send_garbage(&sender);
+            })
+            .map_err(BlkError::Thread)?;
+    }
     std::thread::Builder::new()
         .name("control".into())
         .spawn(move || control_loop(channel, sender))
@@ -52,6 +65,21 @@ pub fn run() -> Result<(), BlkError> {
     super::spawn_signal_thread()?;
     backend::serve(backend, listener)?;
     Ok(())
+}
+
+/// Test hook: with this variable in the environment (the vmm passes its own on) set to a
+/// number of milliseconds, the process plays a compromised backend and sends an
+/// undecodable control message that long after it is attached, so tests can check that
+/// the vmm drops it and keeps the VM running.
+pub const TEST_HOOK_BAD_RPC: &str = "VMM_BLK_TEST_BAD_RPC";
+
+fn send_garbage(sender: &Arc<Mutex<DeviceChannel>>) {
+    let ch = sender.lock().unwrap_or_else(|e| e.into_inner());
+    // A well-framed payload that is no Message: an enum tag far out of range.
+    let garbage = [0xffu8, 0xff, 0xff, 0xff, 0x0f, 0x42];
+    if let Err(e) = ipc::frame::send_frame(ch.socket(), &garbage, &[]) {
+        eprintln!("vmm-blk: test hook: could not send the bad message: {e}");
+    }
 }
 
 /// Wait for the Attach request; refuse bad ones (with a reply) and wait on. The request's

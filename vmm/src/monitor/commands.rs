@@ -393,6 +393,26 @@ pub fn mice() -> [MouseInfo; 1] {
     }]
 }
 
+fn query_device_processes(machine: &Machine) -> Value {
+    use crate::device_manager::ProcessState;
+    json!(machine
+        .devices()
+        .processes()
+        .iter()
+        .map(|p| json!({
+            "device": p.device,
+            "drive": p.drive,
+            "program": p.program,
+            "pid": p.pid,
+            "state": match p.state {
+                ProcessState::Running => "running",
+                ProcessState::Failed => "failed",
+            },
+            "restarts": p.restarts,
+        }))
+        .collect::<Vec<_>>())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -474,24 +494,4 @@ mod tests {
             ])
         );
     }
-}
-
-fn query_device_processes(machine: &Machine) -> Value {
-    use crate::device_manager::ProcessState;
-    json!(machine
-        .devices()
-        .processes()
-        .iter()
-        .map(|p| json!({
-            "device": p.device,
-            "drive": p.drive,
-            "program": p.program,
-            "pid": p.pid,
-            "state": match p.state {
-                ProcessState::Running => "running",
-                ProcessState::Failed => "failed",
-            },
-            "restarts": p.restarts,
-        }))
-        .collect::<Vec<_>>())
 }

@@ -205,7 +205,7 @@ impl MsixTable {
 
     /// The entry and the byte offset inside it of an aligned 4- or 8-byte access.
     fn locate(&self, offset: u64, len: usize) -> Option<(usize, u64)> {
-        if !(len == 4 || len == 8) || offset % len as u64 != 0 {
+        if !(len == 4 || len == 8) || !offset.is_multiple_of(len as u64) {
             return None;
         }
         let entry = usize::try_from(offset / MSIX_ENTRY_SIZE).ok()?;

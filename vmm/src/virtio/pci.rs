@@ -715,10 +715,13 @@ mod tests {
     const STATUS_ACKNOWLEDGE: u8 = 1;
     const STATUS_DRIVER: u8 = 2;
 
+    /// One activation: the features and each queue's (index, size, descriptor address).
+    type ActivationRecord = (u64, Vec<(usize, u16, u64)>);
+
     /// A backend that records what the transport asks of it.
     #[derive(Default)]
     struct FakeBackend {
-        activations: Arc<Mutex<Vec<(u64, Vec<(usize, u16, u64)>)>>>,
+        activations: Arc<Mutex<Vec<ActivationRecord>>>,
         resets: Arc<Mutex<usize>>,
     }
 
