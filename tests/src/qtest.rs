@@ -69,6 +69,16 @@ impl IrqEvent {
     }
 }
 
+/// The value of one hex digit.
+fn hex_value(c: u8) -> Option<u8> {
+    match c {
+        b'0'..=b'9' => Some(c - b'0'),
+        b'a'..=b'f' => Some(c - b'a' + 10),
+        b'A'..=b'F' => Some(c - b'A' + 10),
+        _ => None,
+    }
+}
+
 fn parse_hex(s: &str) -> Option<u64> {
     let hex = s.strip_prefix("0x")?;
     u64::from_str_radix(hex, 16).ok()
@@ -312,21 +322,22 @@ impl Qtest {
             return Err(bad(&reply));
         }
         hex.as_bytes()
-            .chunks(2)
-            .map(|p| {
-                std::str::from_utf8(p)
-                    .ok()
-                    .and_then(|p| u8::from_str_radix(p, 16).ok())
-                    .ok_or_else(|| bad(&reply))
+            .chunks_exact(2)
+            .map(|p| match (hex_value(p[0]), hex_value(p[1])) {
+                (Some(hi), Some(lo)) => Ok(hi << 4 | lo),
+                _ => Err(bad(&reply)),
             })
             .collect()
     }
 
     /// Write `data` to guest RAM.
     pub fn memwrite(&mut self, addr: u64, data: &[u8]) -> Result<(), QtestError> {
+        const DIGITS: &[u8; 16] = b"0123456789abcdef";
         let mut line = format!("write {addr:#x} {:#x} 0x", data.len());
+        line.reserve(data.len() * 2);
         for b in data {
-            line.push_str(&format!("{b:02x}"));
+            line.push(char::from(DIGITS[usize::from(b >> 4)]));
+            line.push(char::from(DIGITS[usize::from(b & 15)]));
         }
         self.command(&line).map(drop)
     }

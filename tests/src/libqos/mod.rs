@@ -1,8 +1,10 @@
 //! Mini drivers for device tests under qtest, in the spirit of QEMU's libqos: PCI
-//! enumeration and BAR assignment ([`pci`]), the virtio-pci modern transport ([`virtio`])
-//! and split virtqueues in guest RAM ([`virtqueue`]). They drive the machine through a
-//! [`Qtest`](crate::qtest::Qtest) exactly as a guest driver would.
+//! enumeration and BAR assignment ([`pci`]), the virtio-pci modern transport ([`virtio`]),
+//! split virtqueues in guest RAM ([`virtqueue`]) and virtio-blk requests and bring-up
+//! ([`blk`]). They drive the machine through a [`Qtest`](crate::qtest::Qtest) exactly as a
+//! guest driver would.
 
+pub mod blk;
 pub mod pci;
 pub mod virtio;
 pub mod virtqueue;

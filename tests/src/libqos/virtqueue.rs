@@ -289,16 +289,54 @@ impl Virtqueue {
             g.mem_write(self.desc + DESC_SIZE * u64::from(*id), &d.to_bytes())?;
         }
         let head = ids[0];
+        self.publish(g, head)?;
+        self.in_flight[usize::from(head)] = Some(ids);
+        Ok(head)
+    }
+
+    /// Offer a hand-made (possibly malformed) chain: `descs` go into free descriptors as
+    /// they are, flags included, except that a `next` below `descs.len()` names the
+    /// descriptor at that position in `descs` (so `next: 0` loops back to the head); a
+    /// larger `next` is written unchanged. Returns the head's index.
+    pub fn add_raw_chain(
+        &mut self,
+        g: &mut impl GuestAccess,
+        descs: &[Descriptor],
+    ) -> Result<u16, VirtqueueError> {
+        if descs.is_empty() {
+            return Err(VirtqueueError::EmptyChain);
+        }
+        if descs.len() > self.free.len() {
+            return Err(VirtqueueError::NoFreeDescriptors {
+                need: descs.len(),
+                free: self.free.len(),
+            });
+        }
+        let split = self.free.len() - descs.len();
+        let mut ids: Vec<u16> = self.free.split_off(split);
+        ids.reverse();
+        for (d, id) in descs.iter().zip(&ids) {
+            let next = ids.get(usize::from(d.next)).copied().unwrap_or(d.next);
+            let d = Descriptor { next, ..*d };
+            g.mem_write(self.desc + DESC_SIZE * u64::from(*id), &d.to_bytes())?;
+        }
+        let head = ids[0];
+        self.publish(g, head)?;
+        self.in_flight[usize::from(head)] = Some(ids);
+        Ok(head)
+    }
+
+    /// Put `head` in the available ring, then move the index that publishes it (the ring
+    /// entry is in place before the index).
+    fn publish(&mut self, g: &mut impl GuestAccess, head: u16) -> Result<(), VirtqueueError> {
         let slot = self.layout.avail_ring_entry(self.avail_idx);
         g.mem_write(self.avail + slot, &head.to_le_bytes())?;
-        // The ring entry is in place before the index that publishes it.
         self.avail_idx = self.avail_idx.wrapping_add(1);
         g.mem_write(
             self.avail + VringLayout::AVAIL_IDX,
             &self.avail_idx.to_le_bytes(),
         )?;
-        self.in_flight[usize::from(head)] = Some(ids);
-        Ok(head)
+        Ok(())
     }
 
     /// Tell the device there is work (a write of the queue index to its notify address).
@@ -604,6 +642,47 @@ mod tests {
         assert!(matches!(
             vq.add_chain(&mut g, &[]),
             Err(VirtqueueError::EmptyChain)
+        ));
+    }
+
+    #[test]
+    fn raw_chains_keep_their_flags_and_relative_links() {
+        let mut g = FakeGuest::new(0x10000);
+        let mut alloc = GuestAlloc::new(0x100, 0x10000);
+        let mut vq = Virtqueue::new(&mut g, &mut alloc, 0, 4).unwrap();
+        let d = |flags, next| Descriptor {
+            addr: 0x8000,
+            len: 16,
+            flags,
+            next,
+        };
+        // A loop back to the head, then a link beyond the table.
+        let head = vq
+            .add_raw_chain(
+                &mut g,
+                &[
+                    d(VRING_DESC_F_NEXT, 1),
+                    d(VRING_DESC_F_NEXT | VRING_DESC_F_WRITE, 0),
+                ],
+            )
+            .unwrap();
+        assert_eq!(head, 0);
+        assert_eq!(g.desc(vq.desc, 0).next, 1);
+        assert_eq!(g.desc(vq.desc, 1).next, 0);
+        assert_eq!(
+            g.desc(vq.desc, 1).flags,
+            VRING_DESC_F_NEXT | VRING_DESC_F_WRITE
+        );
+        let second = vq
+            .add_raw_chain(&mut g, &[d(VRING_DESC_F_NEXT, 0x7fff)])
+            .unwrap();
+        assert_eq!(g.desc(vq.desc, second).next, 0x7fff);
+        assert_eq!(g.u16_at(vq.avail + VringLayout::AVAIL_IDX), 2);
+        assert_eq!(g.u16_at(vq.avail + vq.layout.avail_ring_entry(1)), second);
+        assert_eq!(vq.num_free(), 1);
+        assert!(matches!(
+            vq.add_raw_chain(&mut g, &[d(0, 0), d(0, 0)]),
+            Err(VirtqueueError::NoFreeDescriptors { need: 2, free: 1 })
         ));
     }
 
