@@ -231,6 +231,11 @@ fn block_rules() -> Built<Rules> {
         libc::SYS_exit,
         libc::SYS_exit_group,
         libc::SYS_clock_gettime,
+        // Growing the image (block_resize): its size, then ftruncate.
+        libc::SYS_statx,
+        libc::SYS_fstat,
+        libc::SYS_newfstatat,
+        libc::SYS_ftruncate,
         // std::thread::sleep (time-outs and back-offs).
         libc::SYS_clock_nanosleep,
         libc::SYS_nanosleep,
@@ -289,6 +294,12 @@ fn block_rules() -> Built<Rules> {
             SeccompCmpOp::Eq,
             0,
         )?])?],
+    );
+    // Reading a socket's receive timeout back (std does, around the backend channel's
+    // requests to the frontend).
+    rules.insert(
+        libc::SYS_getsockopt,
+        vec![SeccompRule::new(vec![eq(1, libc::SOL_SOCKET as u64)?])?],
     );
     // The control channel's receive timeout.
     rules.insert(

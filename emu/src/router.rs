@@ -396,10 +396,7 @@ mod tests {
         assert_eq!(msg, Some(fixed(Destination::Physical(1), 0x41)));
         let logical = ApicMessage::from_msi(0xfee0_1004, 0x0141);
         assert_eq!(logical.map(|m| m.dest), Some(Destination::Logical(1)));
-        assert_eq!(
-            logical.map(|m| m.mode),
-            Some(DeliveryMode::LowestPriority)
-        );
+        assert_eq!(logical.map(|m| m.mode), Some(DeliveryMode::LowestPriority));
         assert_eq!(ApicMessage::from_msi(0x1000, 0x41), None);
         assert_eq!(ApicMessage::from_msi(0xfee0_0000, 0x0341), None);
     }

@@ -14,6 +14,9 @@ pub enum BlkRequest {
     /// Serve the raw image passed as the one fd of this message. Sent once, before the vmm
     /// connects to the vhost-user socket; the reply says the disk is ready to be served.
     Attach(AttachConfig),
+    /// Grow the disk to `size` bytes (rounded down to whole sectors) and tell the driver
+    /// through a configuration change. Shrinking is refused.
+    Resize { size: u64 },
 }
 
 /// How to serve an image.
@@ -34,6 +37,8 @@ pub struct AttachConfig {
 pub enum BlkReply {
     /// The image is being served; it holds `size` bytes.
     Attached { size: u64 },
+    /// The disk now holds `size` bytes.
+    Resized { size: u64 },
 }
 
 /// Unsolicited reports from a block device process.

@@ -771,7 +771,6 @@ fn looping_chains_are_refused() {
 /// head: a chain longer than the queue. Taken as it is after 16 descriptors it looks like
 /// a well-formed 7 KiB write.
 #[test]
-#[ignore = "vmm-blk executes a chain longer than the queue as a valid request: virtio-queue's iterator stops after queue_size descriptors and request::process does not notice the last one still has VIRTQ_DESC_F_NEXT (device-procs/src/blk/request.rs, process)"]
 fn chains_longer_than_the_queue_are_refused() {
     let (mut rig, mut model) = malformed_rig();
     let (hdr, st, data) = raw_buffers(&rig);
@@ -807,7 +806,6 @@ fn chains_longer_than_the_queue_are_refused() {
 /// A write whose status descriptor still has NEXT, pointing beyond the 16-entry table: the
 /// chain is broken, though its first three descriptors look like a well-formed write.
 #[test]
-#[ignore = "vmm-blk executes a chain whose last descriptor points beyond the queue as a valid request (request::process does not notice the chain was cut short; device-procs/src/blk/request.rs)"]
 fn a_next_index_beyond_the_queue_is_refused() {
     let (mut rig, mut model) = malformed_rig();
     let (hdr, st, data) = raw_buffers(&rig);

@@ -121,3 +121,70 @@ fn virtio_blk_reads_and_writes_sectors() {
     drop(qt);
     assert_eq!(&std::fs::read(&img).unwrap()[1024..1536], &new[..]);
 }
+
+/// QMP block_resize while the driver runs: vmm-blk grows the image and sends a
+/// configuration change over the vhost-user backend channel; the driver gets the MSI-X
+/// configuration vector, a new config generation and the new capacity.
+#[test]
+fn block_resize_reaches_the_driver() {
+    use vmm_tests::qmp::Qmp;
+    let dir = vmm_tests::TempDir::new("qtest-resize");
+    let img = dir.join("disk.raw");
+    std::fs::write(&img, vec![0u8; 1 << 20]).unwrap();
+    let drive = format!("file={},if=none,id=d0,format=raw", img.display());
+    let qmp_sock = dir.join("qmp.sock");
+    let qmp_arg = format!("unix:{},server=on,wait=off", qmp_sock.display());
+    let mut qt = Qtest::start(
+        "128M",
+        &[
+            "-drive",
+            &drive,
+            "-device",
+            "virtio-blk-pci,drive=d0",
+            "-qmp",
+            &qmp_arg,
+        ],
+    )
+    .unwrap();
+    let f = pci::enumerate_bus0(&mut qt)
+        .unwrap()
+        .into_iter()
+        .find(|f| f.vendor_id == 0x1af4)
+        .expect("a virtio function");
+    let mut bars = BarAllocator::for_ram(RAM);
+    let mut dev = VirtioPciDevice::new(&mut qt, f, Some(&mut bars)).unwrap();
+    dev.negotiate(&mut qt, VIRTIO_F_VERSION_1).unwrap();
+    dev.enable_msix(&mut qt, MSI_DATA_BASE).unwrap();
+    dev.set_config_vector(&mut qt, 0).unwrap();
+    dev.driver_ok(&mut qt).unwrap();
+    assert_eq!(dev.config_readq(&mut qt, 0).unwrap(), 2048);
+    let generation = dev.config_generation(&mut qt).unwrap();
+
+    let mut qmp = Qmp::connect(&qmp_sock);
+    let bad = qmp.execute(
+        "block_resize",
+        Some(serde_json::json!({"device": "nope", "size": 1 << 21})),
+    );
+    assert_eq!(
+        bad["error"]["desc"],
+        "Cannot find device='nope' nor node-name=''"
+    );
+    let shrink = qmp.execute(
+        "block_resize",
+        Some(serde_json::json!({"device": "d0", "size": 1 << 19})),
+    );
+    assert!(shrink.get("error").is_some(), "shrinking: {shrink}");
+    let ok = qmp.execute(
+        "block_resize",
+        Some(serde_json::json!({"device": "d0", "size": 4 << 20})),
+    );
+    assert_eq!(ok, serde_json::json!({"return": {}}));
+    assert_eq!(
+        qt.wait_msi(TIMEOUT).unwrap(),
+        (0xfee0_0000, VirtioPciDevice::msi_data(MSI_DATA_BASE, 0)),
+        "the configuration vector fired"
+    );
+    assert_eq!(dev.config_readq(&mut qt, 0).unwrap(), 8192);
+    assert_ne!(dev.config_generation(&mut qt).unwrap(), generation);
+    assert_eq!(std::fs::metadata(&img).unwrap().len(), 4 << 20);
+}

@@ -164,6 +164,7 @@ fn greeting_negotiation_run_control_and_queries() {
         "system_powerdown",
         "system_reset",
         "__org.vmm_query-device-processes",
+        "block_resize",
     ];
     expected.sort_unstable();
     assert_eq!(names, expected);

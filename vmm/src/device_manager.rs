@@ -71,6 +71,10 @@ pub enum DeviceError {
     DuplicateDrive(String),
     #[error("device {0} has no backend process to restart")]
     NotRestartable(String),
+    #[error("Cannot find device='{0}' nor node-name=''")]
+    NoSuchDrive(String),
+    #[error("{0}")]
+    Resize(String),
     #[error(transparent)]
     Drive(#[from] DriveError),
     #[error(transparent)]
@@ -328,6 +332,73 @@ impl DeviceManager {
             || lock(&self.blocks).iter().any(|b| lock(b).drive == id)
     }
 
+    /// QMP block_resize: grow drive `drive` to `size` bytes while the guest runs. The
+    /// device process extends the image and the guest gets a configuration interrupt.
+    pub fn resize_drive(&self, drive: &str, size: u64) -> Result<u64, DeviceError> {
+        let block = lock(&self.blocks)
+            .iter()
+            .find(|b| lock(b).drive == drive)
+            .cloned();
+        if let Some(block) = block {
+            let mut b = lock(&block);
+            if b.state == ProcessState::Failed {
+                return Err(DeviceError::Resize(format!(
+                    "the process serving '{drive}' has failed"
+                )));
+            }
+            let name = b.name.clone();
+            let reply = b
+                .control
+                .call(BlkRequest::Resize { size }, &[], SETUP_TIMEOUT)
+                .map_err(|e| match e {
+                    ipc::IpcError::Remote(r) => DeviceError::Resize(r.0),
+                    source => DeviceError::Ipc { name, source },
+                })?;
+            return match reply.0 {
+                BlkReply::Resized { size } => {
+                    // The process does not speak the backend channel: the driver hears of
+                    // the new size from us.
+                    let function = b.function.clone();
+                    drop(b);
+                    config_changed(&name_of(&block), &function);
+                    Ok(size)
+                }
+                other => Err(DeviceError::Resize(format!(
+                    "unexpected answer to a resize: {other:?}"
+                ))),
+            };
+        }
+        // A drive no device uses: its image file grows here.
+        let d = self
+            .drives
+            .iter()
+            .find(|d| d.id == drive)
+            .ok_or_else(|| DeviceError::NoSuchDrive(drive.to_string()))?;
+        let file = d
+            .file
+            .as_deref()
+            .ok_or_else(|| DeviceError::Resize(format!("Device '{drive}' has no medium")))?;
+        if d.readonly {
+            return Err(DeviceError::Resize(format!(
+                "Device '{drive}' is read only"
+            )));
+        }
+        let image = drive::open_image(file, false)?;
+        let len = image
+            .metadata()
+            .map_err(|e| DeviceError::Resize(e.to_string()))?
+            .len();
+        if size < len {
+            return Err(DeviceError::Resize(
+                "shrinking a disk is not supported".into(),
+            ));
+        }
+        image
+            .set_len(size)
+            .map_err(|e| DeviceError::Resize(format!("cannot grow '{file}': {e}")))?;
+        Ok(size)
+    }
+
     /// Every device process, for `__org.vmm_query-device-processes`.
     pub fn processes(&self) -> Vec<ProcessInfo> {
         lock(&self.blocks)
@@ -482,17 +553,7 @@ impl DeviceManager {
             VIRTIO_BLK_CONFIG_SIZE,
             self.memory.clone(),
         )?;
-        let function = VirtioPciDevice::new(
-            &name,
-            cfg.id.clone(),
-            Box::new(backend),
-            self.accel.clone(),
-            self.memory.clone(),
-            CLASS_STORAGE_SCSI,
-        )?;
-        let function = Arc::new(Mutex::new(function));
-        let slot =
-            lock(&self.pci).add_device(slot, function.clone() as Arc<Mutex<dyn PciDevice>>)?;
+        let (slot, function) = self.plug_vhost_user(&name, cfg.id.clone(), slot, backend)?;
         self.drives.remove(index);
         lock(&self.blocks).push(Arc::new(Mutex::new(BlockDevice {
             name,
@@ -562,22 +623,43 @@ impl DeviceManager {
             VIRTIO_BLK_CONFIG_SIZE,
             self.memory.clone(),
         )?;
-        let function = Arc::new(Mutex::new(VirtioPciDevice::new(
-            &name,
-            cfg.id.clone(),
-            Box::new(backend),
-            self.accel.clone(),
-            self.memory.clone(),
-            CLASS_STORAGE_SCSI,
-        )?));
-        let slot =
-            lock(&self.pci).add_device(slot, function.clone() as Arc<Mutex<dyn PciDevice>>)?;
+        let (slot, function) = self.plug_vhost_user(&name, cfg.id.clone(), slot, backend)?;
         self.external.push(ExternalDevice {
             id: cfg.id.clone(),
             slot,
             _function: function,
         });
         Ok(())
+    }
+
+    /// Put a virtio-pci function for a vhost-user block `backend` on the bus (in `slot`, or
+    /// the first free one), with the backend's configuration changes reaching the guest.
+    fn plug_vhost_user(
+        &mut self,
+        name: &str,
+        id: Option<String>,
+        slot: Option<u8>,
+        backend: VhostUserDevice,
+    ) -> Result<(u8, Arc<Mutex<VirtioPciDevice>>), DeviceError> {
+        let notifier = backend.config_notifier();
+        let function = Arc::new(Mutex::new(VirtioPciDevice::new(
+            name,
+            id,
+            Box::new(backend),
+            self.accel.clone(),
+            self.memory.clone(),
+            CLASS_STORAGE_SCSI,
+        )?));
+        let weak = Arc::downgrade(&function);
+        let device = name.to_string();
+        notifier.set(Arc::new(move || {
+            if let Some(function) = weak.upgrade() {
+                config_changed(&device, &function);
+            }
+        }));
+        let slot =
+            lock(&self.pci).add_device(slot, function.clone() as Arc<Mutex<dyn PciDevice>>)?;
+        Ok((slot, function))
     }
 
     /// Stop every device process (at quit).
@@ -603,6 +685,21 @@ impl DeviceManager {
             block.process.terminate(STOP_GRACE);
         }
     }
+}
+
+/// The backend's configuration changed: read it again and interrupt the driver.
+fn config_changed(device: &str, function: &Mutex<VirtioPciDevice>) {
+    let mut function = lock(function);
+    if let Some(backend) = function.backend_mut().as_vhost_user() {
+        if let Err(e) = backend.refresh_config() {
+            tracing::warn!(device = %device, "configuration change: {e}");
+        }
+    }
+    function.config_changed();
+}
+
+fn name_of(block: &SharedBlock) -> String {
+    lock(block).name.clone()
 }
 
 /// Start a `vmm-blk` process and give it `image`: the process, its control channel and the
@@ -633,8 +730,12 @@ fn start_blk_process(
             SETUP_TIMEOUT,
         )
         .map_err(ipc_err)?;
-    let BlkReply::Attached { size } = reply;
-    Ok((process, control, size))
+    match reply {
+        BlkReply::Attached { size } => Ok((process, control, size)),
+        other => Err(ipc_err(ipc::IpcError::Remote(ipc::RemoteError(format!(
+            "answered Attach with {other:?}"
+        ))))),
+    }
 }
 
 /// What the watcher thread works with.

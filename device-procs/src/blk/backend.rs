@@ -145,6 +145,13 @@ impl BlkBackend {
         done
     }
 
+    /// Grow the disk to `size` bytes; the new size in bytes. The vmm asked for it over the
+    /// control channel and tells the driver itself once we reply (vhost 0.18's backend
+    /// side cannot send CONFIG_CHANGE_MSG on the backend channel).
+    pub fn resize(&self, size: u64) -> io::Result<u64> {
+        self.disk.grow(size)
+    }
+
     /// Close the exit-event fds of a daemon that has been dropped.
     fn close_exit_consumers(&self) {
         let fds = std::mem::take(

@@ -15,6 +15,7 @@ use std::io::{self, Seek, SeekFrom};
 use std::ops::Deref;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use virtio_bindings::virtio_blk::{
     VIRTIO_BLK_ID_BYTES, VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK, VIRTIO_BLK_S_UNSUPP,
@@ -41,6 +42,8 @@ const RANGE_LEN: usize = 16;
 pub enum RequestError {
     #[error("the chain does not end in a device-writable status byte inside guest memory")]
     NoStatus,
+    #[error("the chain is cut short (a loop, more descriptors than the queue, a next index beyond the table, or an unreadable descriptor)")]
+    BrokenChain,
     #[error("the chain's device-readable part holds {0} bytes, less than the 16-byte header")]
     ShortHeader(usize),
     #[error("a device-readable descriptor follows a device-writable one")]
@@ -109,8 +112,9 @@ impl RequestError {
 #[derive(Debug)]
 pub struct Disk {
     file: File,
-    /// Size in sectors (a partial last sector is not served, as in QEMU).
-    capacity: u64,
+    /// Size in sectors (a partial last sector is not served, as in QEMU); grows with
+    /// [`Disk::grow`] while requests run.
+    capacity: AtomicU64,
     readonly: bool,
     /// GET_ID's answer: the serial, cut to 20 bytes and padded with zeroes.
     serial: [u8; VIRTIO_BLK_ID_BYTES as usize],
@@ -126,7 +130,7 @@ impl Disk {
         id[..n].copy_from_slice(&serial.as_bytes()[..n]);
         Ok(Disk {
             file,
-            capacity: size / SECTOR_SIZE,
+            capacity: AtomicU64::new(size / SECTOR_SIZE),
             readonly,
             serial: id,
         })
@@ -134,7 +138,36 @@ impl Disk {
 
     /// Size in 512-byte sectors.
     pub fn capacity(&self) -> u64 {
-        self.capacity
+        self.capacity.load(Ordering::Acquire)
+    }
+
+    /// Grow the disk to `size` bytes (whole sectors): the image file is extended first, so
+    /// a request that sees the new capacity finds the bytes there. Returns the new size.
+    pub fn grow(&self, size: u64) -> io::Result<u64> {
+        if self.readonly {
+            return Err(io::Error::new(
+                io::ErrorKind::PermissionDenied,
+                "the disk is read-only",
+            ));
+        }
+        let sectors = size / SECTOR_SIZE;
+        if sectors < self.capacity() {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "shrinking a disk under a running guest is not supported",
+            ));
+        }
+        let meta = self.file.metadata()?;
+        if meta.is_file() && meta.len() < sectors * SECTOR_SIZE {
+            self.file.set_len(sectors * SECTOR_SIZE)?;
+        } else if !meta.is_file() {
+            return Err(io::Error::new(
+                io::ErrorKind::Unsupported,
+                "only image files can grow",
+            ));
+        }
+        self.capacity.store(sectors, Ordering::Release);
+        Ok(sectors * SECTOR_SIZE)
     }
 
     pub fn readonly(&self) -> bool {
@@ -146,11 +179,11 @@ impl Disk {
         let out = || RequestError::OutOfRange {
             sector,
             len,
-            capacity: self.capacity,
+            capacity: self.capacity(),
         };
         let offset = sector.checked_mul(SECTOR_SIZE).ok_or_else(out)?;
         let end = offset.checked_add(len).ok_or_else(out)?;
-        if end > self.capacity * SECTOR_SIZE {
+        if end > self.capacity() * SECTOR_SIZE {
             return Err(out());
         }
         Ok(offset)
@@ -183,6 +216,16 @@ where
     // (a loop), at an unreadable descriptor or a bad indirect table: whatever it yields
     // is all there is.
     let descs: Vec<Descriptor> = chain.clone().collect();
+    // A last descriptor that still points on means the iterator gave up: none of the chain
+    // is trusted, not even a status byte in it.
+    if descs.last().is_some_and(|d| d.has_next()) {
+        return Completion {
+            head,
+            used_len: 0,
+            status: None,
+            error: Some(RequestError::BrokenChain),
+        };
+    }
     process_descriptors(disk, chain.memory(), head, &descs)
 }
 
@@ -1072,15 +1115,17 @@ mod tests {
         let mem = memory();
         header(&mem, VIRTIO_BLK_T_IN, 0);
         mem.write_obj(0xffu8, GuestAddress(STATUS)).unwrap();
-        // 0 -> 1 -> 0 -> ...: the iterator gives up after queue-size descriptors; the
-        // last one it saw (descriptor 1, writable) holds the status byte.
+        // 0 -> 1 -> 0 -> ...: the iterator gives up after queue-size descriptors, and the
+        // last one it saw still points on: nothing of the chain is used, not even for a
+        // status byte.
         let c = run_raw(
             &disk,
             &mem,
             &[linked(HDR, 16, 0, 1), linked(STATUS, 1, W, 0)],
         );
-        assert_eq!(c.status, Some(VIRTIO_BLK_S_IOERR as u8));
-        assert!(matches!(c.error, Some(RequestError::Misordered)));
+        assert_eq!((c.used_len, c.status), (0, None));
+        assert!(matches!(c.error, Some(RequestError::BrokenChain)));
+        assert_eq!(mem.read_obj::<u8>(GuestAddress(STATUS)).unwrap(), 0xff);
         // A self-loop of a readable descriptor: no status byte.
         let c = run_raw(&disk, &mem, &[linked(HDR, 16, 0, 0)]);
         assert_eq!((c.used_len, c.status), (0, None));

@@ -60,7 +60,10 @@ pub fn run() -> Result<(), BlkError> {
     }
     std::thread::Builder::new()
         .name("control".into())
-        .spawn(move || control_loop(channel, sender))
+        .spawn({
+            let backend = backend.clone();
+            move || control_loop(channel, sender, &backend)
+        })
         .map_err(BlkError::Thread)?;
     super::spawn_signal_thread()?;
     backend::serve(backend, listener)?;
@@ -160,9 +163,26 @@ fn event_hook(sender: Arc<Mutex<DeviceChannel>>) -> HostErrorHook {
 }
 
 /// Serve control requests after Attach. The vmm closing the socket ends the process.
-fn control_loop(mut channel: DeviceChannel, sender: Arc<Mutex<DeviceChannel>>) {
+fn control_loop(
+    mut channel: DeviceChannel,
+    sender: Arc<Mutex<DeviceChannel>>,
+    backend: &BlkBackend,
+) {
     loop {
         match channel.recv(None) {
+            Ok((
+                Message::Request {
+                    id,
+                    body: BlkRequest::Resize { size },
+                },
+                _fds,
+            )) => {
+                let result = backend
+                    .resize(size)
+                    .map(|size| BlkReply::Resized { size })
+                    .map_err(|e| RemoteError(format!("cannot resize the disk: {e}")));
+                reply(&sender, id, result);
+            }
             Ok((
                 Message::Request {
                     id,

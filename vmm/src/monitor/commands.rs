@@ -66,6 +66,7 @@ pub fn execute(machine: &mut Machine, mut call: MonitorCall) -> Option<MachineEx
         "query-pci" => Ok(query_pci(machine)),
         "query-chardev" => Ok(query_chardev(machine)),
         super::QUERY_DEVICE_PROCESSES => Ok(query_device_processes(machine)),
+        "block_resize" => block_resize(machine, &call).map(|()| json!({})),
         "inject-nmi" => {
             machine.inject_nmi();
             Ok(json!({}))
@@ -391,6 +392,19 @@ pub fn mice() -> [MouseInfo; 1] {
         current: true,
         absolute: false,
     }]
+}
+
+fn block_resize(machine: &Machine, call: &MonitorCall) -> Result<(), QmpError> {
+    let device = call.str_arg("device").unwrap_or("");
+    let size = call.args.get("size").and_then(Value::as_i64).unwrap_or(0);
+    if size <= 0 {
+        return Err(QmpError::generic("Parameter 'size' expects a >0 size"));
+    }
+    machine
+        .devices()
+        .resize_drive(device, size as u64)
+        .map(|_| ())
+        .map_err(|e| QmpError::generic(e.to_string()))
 }
 
 fn query_device_processes(machine: &Machine) -> Value {

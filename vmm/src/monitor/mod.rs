@@ -158,6 +158,7 @@ pub const IMPLEMENTED_COMMANDS: &[&str] = &[
     "human-monitor-command",
     "getfd",
     "closefd",
+    "block_resize",
     QUERY_DEVICE_PROCESSES,
 ];
 

@@ -7,12 +7,17 @@
 //! restarts each queue from the used index the guest can see, so requests that were in
 //! flight are processed again.
 
+use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd};
 use std::os::unix::net::UnixStream;
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
 
 use vhost::vhost_user::message::{
     VhostUserConfigFlags, VhostUserProtocolFeatures, VhostUserVirtioFeatures,
 };
-use vhost::vhost_user::{Frontend, VhostUserFrontend};
+use vhost::vhost_user::{
+    Frontend, FrontendReqHandler, HandlerResult, VhostUserFrontend, VhostUserFrontendReqHandler,
+};
 use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 use vmm_sys_util::eventfd::EventFd;
@@ -24,6 +29,112 @@ fn wanted_protocol_features() -> VhostUserProtocolFeatures {
     VhostUserProtocolFeatures::MQ
         | VhostUserProtocolFeatures::CONFIG
         | VhostUserProtocolFeatures::REPLY_ACK
+        | VhostUserProtocolFeatures::BACKEND_REQ
+}
+
+/// What to do when the backend says its configuration changed (a resize, say): set by the
+/// owner of the transport once the device is plugged.
+#[derive(Default)]
+pub struct ConfigNotifier {
+    action: Mutex<Option<Arc<dyn Fn() + Send + Sync>>>,
+}
+
+impl ConfigNotifier {
+    pub fn set(&self, action: Arc<dyn Fn() + Send + Sync>) {
+        *self.action.lock().unwrap_or_else(|e| e.into_inner()) = Some(action);
+    }
+}
+
+impl VhostUserFrontendReqHandler for ConfigNotifier {
+    fn handle_config_change(&self) -> HandlerResult<u64> {
+        let action = self
+            .action
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        if let Some(action) = action {
+            // Not here: the action reads the configuration back over the main channel, and
+            // the backend may be waiting for this message's reply before it reads that.
+            let _ = std::thread::Builder::new()
+                .name("vhost-config".into())
+                .spawn(move || action());
+        }
+        Ok(0)
+    }
+}
+
+/// The thread serving the backend's requests (the BACKEND_REQ channel).
+struct BackendChannel {
+    /// A duplicate of our end of the channel: shutting it down ends the thread.
+    shutdown: OwnedFd,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl BackendChannel {
+    fn start(
+        name: &str,
+        frontend: &mut Frontend,
+        notifier: Arc<ConfigNotifier>,
+        reply_ack: bool,
+    ) -> Result<Self, VhostUserError> {
+        let err = |step: &'static str| {
+            let device = name.to_string();
+            move |source| VhostUserError::Protocol {
+                device,
+                step,
+                source,
+            }
+        };
+        let mut handler = FrontendReqHandler::new(notifier)
+            .map_err(|e| err("backend channel")(vhost::Error::VhostUserProtocol(e)))?;
+        handler.set_reply_ack_flag(reply_ack);
+        // SAFETY: the handler owns this fd for as long as it lives; we only borrow it here
+        // to duplicate it.
+        let tx = unsafe { BorrowedFd::borrow_raw(handler.get_tx_raw_fd()) };
+        let shutdown = tx
+            .try_clone_to_owned()
+            .map_err(|e| VhostUserError::Protocol {
+                device: name.to_string(),
+                step: "backend channel",
+                source: vhost::Error::VhostUserProtocol(vhost::vhost_user::Error::SocketError(e)),
+            })?;
+        frontend
+            .set_backend_request_fd(&shutdown.as_raw_fd())
+            .map_err(err("SET_BACKEND_REQ_FD"))?;
+        let device = name.to_string();
+        let thread = std::thread::Builder::new()
+            .name(format!("{name}-backend-req"))
+            .spawn(move || loop {
+                match handler.handle_request() {
+                    Ok(_) => {}
+                    Err(vhost::vhost_user::Error::Disconnected)
+                    | Err(vhost::vhost_user::Error::PartialMessage) => return,
+                    Err(e) => {
+                        tracing::debug!(device = %device, "backend channel ends: {e}");
+                        return;
+                    }
+                }
+            })
+            .map_err(|e| VhostUserError::Protocol {
+                device: name.to_string(),
+                step: "backend channel thread",
+                source: vhost::Error::VhostUserProtocol(vhost::vhost_user::Error::SocketError(e)),
+            })?;
+        Ok(BackendChannel {
+            shutdown,
+            thread: Some(thread),
+        })
+    }
+}
+
+impl Drop for BackendChannel {
+    fn drop(&mut self) {
+        // SAFETY: shutdown on a socket fd we own.
+        unsafe { libc::shutdown(self.shutdown.as_raw_fd(), libc::SHUT_RDWR) };
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -78,6 +189,8 @@ pub struct VhostUserDevice {
     config: Vec<u8>,
     memory: GuestMemoryMmap,
     active: Option<Active>,
+    notifier: Arc<ConfigNotifier>,
+    backend_channel: Option<BackendChannel>,
 }
 
 impl VhostUserDevice {
@@ -93,39 +206,51 @@ impl VhostUserDevice {
         memory: GuestMemoryMmap,
     ) -> Result<Self, VhostUserError> {
         let mut frontend = Frontend::from_stream(stream, num_queues as u64);
-        let (features, protocol_features, config) =
-            handshake(name, &mut frontend, num_queues, config_size)?;
+        let (features, protocol, config) = handshake(name, &mut frontend, num_queues, config_size)?;
+        let notifier = Arc::new(ConfigNotifier::default());
+        let backend_channel = start_backend_channel(name, &mut frontend, protocol, &notifier)?;
         Ok(VhostUserDevice {
+            notifier,
+            backend_channel,
             name: name.to_string(),
             device_type,
             num_queues,
             queue_max_size,
             frontend,
             features,
-            protocol_features,
+            protocol_features: true,
             config,
             memory,
             active: None,
         })
     }
 
+    /// Where the backend's configuration-change notifications go.
+    pub fn config_notifier(&self) -> Arc<ConfigNotifier> {
+        self.notifier.clone()
+    }
+
     /// Continue on a new connection (the backend process was restarted): negotiate again
     /// and, if the driver had started the device, replay its setup.
     pub fn reconnect(&mut self, stream: UnixStream) -> Result<(), VhostUserError> {
         let mut frontend = Frontend::from_stream(stream, self.num_queues as u64);
-        let (features, protocol_features, _config) = handshake(
+        let (features, protocol, _config) = handshake(
             &self.name,
             &mut frontend,
             self.num_queues,
             self.config.len(),
         )?;
+        // The old channel's thread ends before the new one starts.
+        self.backend_channel = None;
+        self.backend_channel =
+            start_backend_channel(&self.name, &mut frontend, protocol, &self.notifier)?;
         if features != self.features {
             tracing::warn!(device = %self.name,
                 "the restarted backend offers features {features:#x} instead of {:#x}",
                 self.features);
         }
         self.frontend = frontend;
-        self.protocol_features = protocol_features;
+        self.protocol_features = true;
         if let Some(active) = self.active.take() {
             let result = self.start(&active, true);
             self.active = Some(active);
@@ -248,7 +373,7 @@ fn handshake(
     frontend: &mut Frontend,
     num_queues: usize,
     config_size: usize,
-) -> Result<(u64, bool, Vec<u8>), VhostUserError> {
+) -> Result<(u64, VhostUserProtocolFeatures, Vec<u8>), VhostUserError> {
     let err = |step: &'static str| {
         move |source| VhostUserError::Protocol {
             device: name.to_string(),
@@ -276,8 +401,9 @@ fn handshake(
             what: "the CONFIG protocol feature",
         });
     }
+    let protocol = protocol & wanted_protocol_features();
     frontend
-        .set_protocol_features(protocol & wanted_protocol_features())
+        .set_protocol_features(protocol)
         .map_err(err("SET_PROTOCOL_FEATURES"))?;
     if num_queues > 1 {
         if !protocol.contains(VhostUserProtocolFeatures::MQ) {
@@ -296,7 +422,21 @@ fn handshake(
         }
     }
     let config = read_config(name, frontend, config_size)?;
-    Ok((offered & !protocol_bit, true, config))
+    Ok((offered & !protocol_bit, protocol, config))
+}
+
+/// The backend channel, if the backend speaks it.
+fn start_backend_channel(
+    name: &str,
+    frontend: &mut Frontend,
+    protocol: VhostUserProtocolFeatures,
+    notifier: &Arc<ConfigNotifier>,
+) -> Result<Option<BackendChannel>, VhostUserError> {
+    if !protocol.contains(VhostUserProtocolFeatures::BACKEND_REQ) {
+        return Ok(None);
+    }
+    let reply_ack = protocol.contains(VhostUserProtocolFeatures::REPLY_ACK);
+    BackendChannel::start(name, frontend, notifier.clone(), reply_ack).map(Some)
 }
 
 impl VirtioBackend for VhostUserDevice {
