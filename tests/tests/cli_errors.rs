@@ -157,3 +157,56 @@ fn kvm_without_dev_kvm() {
     assert!(stderr.contains("/dev/kvm"), "stderr: {stderr}");
     assert_eq!(stderr.lines().count(), 1, "stderr: {stderr}");
 }
+
+/// Drives that cannot be served stop the start-up with one clear line, whatever process
+/// would have served them: a missing image, an unsupported format, an unknown drive, and
+/// an image another process writes (QEMU's lock bytes, here taken by qemu-storage-daemon).
+#[test]
+fn bad_drives() {
+    let dir = TempDir::new("cli-drives");
+    let img = dir.join("disk.img");
+    std::fs::write(&img, vec![0u8; 1 << 20]).unwrap();
+    let img_s = img.to_str().unwrap();
+    let qtest = [
+        "-accel",
+        "qtest",
+        "-m",
+        "64",
+        "-nodefaults",
+        "-display",
+        "none",
+    ];
+    let with = |extra: &[&str]| -> Vec<String> {
+        qtest.iter().chain(extra).map(|s| s.to_string()).collect()
+    };
+    let missing = with(&["-drive", "file=/nonexistent/disk.img,format=raw,if=virtio"]);
+    let args: Vec<&str> = missing.iter().map(String::as_str).collect();
+    fails_with(&args, "Could not open '/nonexistent/disk.img'");
+    let qcow = format!("file={img_s},format=qcow2,if=virtio");
+    let args = with(&["-drive", &qcow]);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    fails_with(&args, "format 'qcow2' is not supported");
+    let args = with(&["-device", "virtio-blk-pci,drive=nope"]);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    fails_with(&args, "can't find value 'nope'");
+
+    let sock = dir.join("qsd.sock");
+    let mut qsd = std::process::Command::new("qemu-storage-daemon")
+        .arg("--blockdev")
+        .arg(format!("driver=file,node-name=f0,filename={img_s}"))
+        .arg("--export")
+        .arg(format!(
+            "type=vhost-user-blk,id=e0,node-name=f0,addr.type=unix,addr.path={},writable=on",
+            sock.display()
+        ))
+        .stdin(std::process::Stdio::null())
+        .spawn()
+        .expect("qemu-storage-daemon (Debian qemu-system-common)");
+    vmm_tests::wait_until("qemu-storage-daemon", TIMEOUT, || sock.exists());
+    let locked = format!("file={img_s},format=raw,if=virtio");
+    let args = with(&["-drive", &locked]);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    fails_with(&args, "Failed to get \"write\" lock");
+    let _ = qsd.kill();
+    let _ = qsd.wait();
+}

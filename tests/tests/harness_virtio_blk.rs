@@ -188,3 +188,64 @@ fn block_resize_reaches_the_driver() {
     assert_ne!(dev.config_generation(&mut qt).unwrap(), generation);
     assert_eq!(std::fs::metadata(&img).unwrap().len(), 4 << 20);
 }
+
+/// Without MSI-X the function interrupts through INTx: its line (the GSI in the interrupt
+/// line register) rises when a request completes, and reading the ISR lowers it.
+#[test]
+fn without_msix_completions_raise_intx_until_the_isr_is_read() {
+    let dir = vmm_tests::TempDir::new("qtest-intx");
+    let img = dir.join("disk.raw");
+    std::fs::write(&img, vec![0x5au8; 1 << 20]).unwrap();
+    let drive = format!("file={},if=none,id=d0,format=raw", img.display());
+    let mut qt = Qtest::start(
+        "128M",
+        &["-drive", &drive, "-device", "virtio-blk-pci,drive=d0"],
+    )
+    .unwrap();
+    qt.irq_intercept_in("ioapic").unwrap();
+    let f = pci::enumerate_bus0(&mut qt)
+        .unwrap()
+        .into_iter()
+        .find(|f| f.vendor_id == 0x1af4)
+        .expect("a virtio function");
+    let gsi = u32::from(pci::config_readb(&mut qt, f.addr, 0x3c).unwrap());
+    assert!((16..24).contains(&gsi), "INTx line {gsi}");
+    let mut bars = BarAllocator::for_ram(RAM);
+    let mut dev = VirtioPciDevice::new(&mut qt, f, Some(&mut bars)).unwrap();
+    dev.negotiate(&mut qt, VIRTIO_F_VERSION_1).unwrap();
+    let mut mem = GuestAlloc::for_ram(RAM);
+    let mut vq = dev.setup_queue(&mut qt, &mut mem, 0, 0, None).unwrap();
+    dev.driver_ok(&mut qt).unwrap();
+
+    let hdr = mem.alloc(16, 16).unwrap();
+    let buf = mem.alloc(512, 512).unwrap();
+    let status = mem.alloc(1, 1).unwrap();
+    let mut h = [0u8; 16];
+    h[..4].copy_from_slice(&VIRTIO_BLK_T_IN.to_le_bytes());
+    qt.memwrite(hdr, &h).unwrap();
+    qt.memset(status, 1, 0xff).unwrap();
+    vq.add_chain(
+        &mut qt,
+        &[
+            Buffer::readable(hdr, 16),
+            Buffer::writable(buf, 512),
+            Buffer::writable(status, 1),
+        ],
+    )
+    .unwrap();
+    vq.kick(&mut qt).unwrap();
+    qt.wait_irq(gsi, TIMEOUT).unwrap();
+    vq.wait_used(&mut qt, TIMEOUT).unwrap();
+    assert_eq!(qt.memread(status, 1).unwrap(), [0]);
+    assert_eq!(qt.memread(buf, 512).unwrap(), vec![0x5a; 512]);
+    assert!(
+        qt.get_irq(gsi).unwrap(),
+        "the line stays up until the ISR is read"
+    );
+    assert_eq!(dev.read_isr(&mut qt).unwrap() & 1, 1, "queue interrupt");
+    assert!(
+        !qt.get_irq(gsi).unwrap(),
+        "reading the ISR lowered the line"
+    );
+    assert_eq!(dev.read_isr(&mut qt).unwrap(), 0);
+}
