@@ -41,6 +41,12 @@ SEQUENCE = [
     ("stop", None),
     ("system_reset", None),
     ("cont", None),
+    ("query-block", None),
+    ("block_resize", {"device": "d0", "size": 2097152}),
+    ("block_resize", {"device": "nope", "size": 2097152}),
+    ("block_resize", {"device": "d0", "size": -1}),
+    ("block_resize", {"device": "d1", "size": 2097152}),
+    ("query-block", None),
 ]
 
 # Commands whose whole reply, not just its shape, is the same for the same machine.

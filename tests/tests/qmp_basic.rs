@@ -165,6 +165,7 @@ fn greeting_negotiation_run_control_and_queries() {
         "system_reset",
         "__org.vmm_query-device-processes",
         "block_resize",
+        "query-block",
     ];
     expected.sort_unstable();
     assert_eq!(names, expected);

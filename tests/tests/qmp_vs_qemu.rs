@@ -21,11 +21,31 @@ fn reply_shapes_match_qemu_7_2() {
     let common = ["-m", "64", "-nodefaults", "-display", "none", "-S"];
     let common_named = ["-name", "cmp", "-uuid", UUID];
 
+    // The same drives on both sides, each on its own image files (they are locked): a
+    // disk on a virtio-blk-pci device, and a drive no device uses.
+    let drives = |side: &str| -> Vec<String> {
+        let disk = dir.join(&format!("{side}-disk.img"));
+        let spare = dir.join(&format!("{side}-spare.img"));
+        std::fs::write(&disk, vec![0u8; 1 << 20]).unwrap();
+        std::fs::write(&spare, vec![0u8; 1 << 20]).unwrap();
+        vec![
+            "-drive".into(),
+            format!("file={},format=raw,if=none,id=d0", disk.display()),
+            "-device".into(),
+            "virtio-blk-pci,drive=d0,id=disk0".into(),
+            "-drive".into(),
+            format!("file={},format=raw,if=none,id=d1", spare.display()),
+        ]
+    };
+    let our_drives = drives("ours");
+    let their_drives = drives("theirs");
+
     let ours_arg = format!("unix:{},server=on,wait=off", ours.display());
     let mut args = vec!["-accel", "emu", "-kernel", &kernel];
     args.extend(common);
     args.extend(common_named);
     args.extend(["-qmp", &ours_arg]);
+    args.extend(our_drives.iter().map(String::as_str));
     let mut vmm = spawn_vmm(&args);
 
     let theirs_arg = format!("unix:{},server=on,wait=off", theirs.display());
@@ -34,6 +54,7 @@ fn reply_shapes_match_qemu_7_2() {
         .args(common)
         .args(common_named)
         .args(["-qmp", &theirs_arg])
+        .args(&their_drives)
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::null())

@@ -229,6 +229,12 @@ struct BlockDevice {
     name: String,
     id: Option<String>,
     drive: String,
+    /// The drive as configured, for query-block.
+    drive_config: DriveConfig,
+    /// The virtual size in bytes, as the process last reported it.
+    size: u64,
+    /// `/machine/peripheral/ID` or `/machine/peripheral-anon/device[N]`.
+    qdev: String,
     slot: u8,
     /// The image, kept for a restarted process.
     image: File,
@@ -243,6 +249,16 @@ struct BlockDevice {
     /// Restart times within the window.
     restarts: Vec<Instant>,
     total_restarts: u64,
+}
+
+/// A drive as query-block describes it.
+#[derive(Debug, Clone)]
+pub struct BlockInfo {
+    pub drive: DriveConfig,
+    /// Virtual size in bytes.
+    pub size: u64,
+    /// The QOM path of the device using it, if one does.
+    pub qdev: Option<String>,
 }
 
 /// One row of `__org.vmm_query-device-processes`.
@@ -285,6 +301,8 @@ pub struct DeviceManager {
     blocks: Arc<Mutex<Vec<SharedBlock>>>,
     events: Arc<Mutex<EventSender>>,
     watcher: Option<Watcher>,
+    /// Devices created without an id so far (QEMU numbers them in its QOM paths).
+    anonymous_devices: usize,
 }
 
 fn lock<T: ?Sized>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -307,6 +325,7 @@ impl DeviceManager {
             blocks: Arc::new(Mutex::new(Vec::new())),
             events: Arc::new(Mutex::new(EventSender::default())),
             watcher: None,
+            anonymous_devices: 0,
         }
     }
 
@@ -358,6 +377,7 @@ impl DeviceManager {
                 BlkReply::Resized { size } => {
                     // The process does not speak the backend channel: the driver hears of
                     // the new size from us.
+                    b.size = size;
                     let function = b.function.clone();
                     drop(b);
                     config_changed(&name_of(&block), &function);
@@ -397,6 +417,33 @@ impl DeviceManager {
             .set_len(size)
             .map_err(|e| DeviceError::Resize(format!("cannot grow '{file}': {e}")))?;
         Ok(size)
+    }
+
+    /// Every drive, attached or not, in creation order: what query-block reports.
+    pub fn block_info(&self) -> Vec<BlockInfo> {
+        let mut out: Vec<BlockInfo> = lock(&self.blocks)
+            .iter()
+            .map(|b| {
+                let b = lock(b);
+                BlockInfo {
+                    drive: b.drive_config.clone(),
+                    size: b.size,
+                    qdev: Some(b.qdev.clone()),
+                }
+            })
+            .collect();
+        out.extend(self.drives.iter().map(|d| {
+            BlockInfo {
+                drive: d.clone(),
+                size: d
+                    .file
+                    .as_deref()
+                    .and_then(|f| std::fs::metadata(f).ok())
+                    .map_or(0, |m| m.len()),
+                qdev: None,
+            }
+        }));
+        out
     }
 
     /// Every device process, for `__org.vmm_query-device-processes`.
@@ -555,10 +602,21 @@ impl DeviceManager {
         )?;
         let (slot, function) = self.plug_vhost_user(&name, cfg.id.clone(), slot, backend)?;
         self.drives.remove(index);
+        let qdev = match &cfg.id {
+            Some(id) => format!("/machine/peripheral/{id}/virtio-backend"),
+            None => {
+                let n = self.anonymous_devices;
+                self.anonymous_devices += 1;
+                format!("/machine/peripheral-anon/device[{n}]/virtio-backend")
+            }
+        };
         lock(&self.blocks).push(Arc::new(Mutex::new(BlockDevice {
             name,
             id: cfg.id.clone(),
-            drive: drive.id,
+            drive: drive.id.clone(),
+            drive_config: drive,
+            size,
+            qdev,
             slot,
             image,
             attach,

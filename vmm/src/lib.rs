@@ -21,6 +21,7 @@ pub mod cpu;
 pub mod device_manager;
 pub mod devices;
 pub mod drive;
+pub mod image;
 pub mod launch;
 pub mod loader;
 pub mod machine;

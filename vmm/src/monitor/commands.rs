@@ -67,6 +67,7 @@ pub fn execute(machine: &mut Machine, mut call: MonitorCall) -> Option<MachineEx
         "query-chardev" => Ok(query_chardev(machine)),
         super::QUERY_DEVICE_PROCESSES => Ok(query_device_processes(machine)),
         "block_resize" => block_resize(machine, &call).map(|()| json!({})),
+        "query-block" => Ok(query_block(machine)),
         "inject-nmi" => {
             machine.inject_nmi();
             Ok(json!({}))
@@ -394,10 +395,57 @@ pub fn mice() -> [MouseInfo; 1] {
     }]
 }
 
+/// QEMU 7.2's BlockInfo for each drive: the seed's fields (device, type, removable, locked,
+/// inserted with file/ro/drv/backing_file/encrypted, io-status) and 7.2's usual companions.
+fn query_block(machine: &Machine) -> Value {
+    let mut out = Vec::new();
+    for (index, info) in machine.devices().block_info().into_iter().enumerate() {
+        let d = &info.drive;
+        let mut entry = json!({
+            "device": d.id,
+            "locked": false,
+            // A drive no device uses counts as removable in QEMU.
+            "removable": info.qdev.is_none(),
+            "type": "unknown",
+        });
+        if let Some(qdev) = &info.qdev {
+            entry["io-status"] = json!("ok");
+            entry["qdev"] = json!(qdev);
+        }
+        if let Some(file) = &d.file {
+            let actual = std::fs::metadata(file)
+                .map(|m| std::os::unix::fs::MetadataExt::blocks(&m) * 512)
+                .unwrap_or(0);
+            entry["inserted"] = json!({
+                "file": file,
+                "ro": d.readonly,
+                "drv": "raw",
+                "encrypted": false,
+                "backing_file_depth": 0,
+                "node-name": format!("#block{}", 100 + index),
+                "image": {
+                    "filename": file,
+                    "format": "raw",
+                    "virtual-size": info.size,
+                    "actual-size": actual,
+                    "dirty-flag": false,
+                },
+                "cache": {"no-flush": false, "direct": false, "writeback": true},
+                "detect_zeroes": "off",
+                "write_threshold": 0,
+                "bps": 0, "bps_rd": 0, "bps_wr": 0,
+                "iops": 0, "iops_rd": 0, "iops_wr": 0,
+            });
+        }
+        out.push(entry);
+    }
+    json!(out)
+}
+
 fn block_resize(machine: &Machine, call: &MonitorCall) -> Result<(), QmpError> {
     let device = call.str_arg("device").unwrap_or("");
-    let size = call.args.get("size").and_then(Value::as_i64).unwrap_or(0);
-    if size <= 0 {
+    let size = call.args.get("size").and_then(Value::as_i64).unwrap_or(-1);
+    if size < 0 {
         return Err(QmpError::generic("Parameter 'size' expects a >0 size"));
     }
     machine

@@ -159,6 +159,7 @@ pub const IMPLEMENTED_COMMANDS: &[&str] = &[
     "getfd",
     "closefd",
     "block_resize",
+    "query-block",
     QUERY_DEVICE_PROCESSES,
 ];
 
