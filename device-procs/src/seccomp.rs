@@ -200,6 +200,11 @@ fn block_rules() -> Built<Rules> {
         libc::SYS_write,
         libc::SYS_pread64,
         libc::SYS_pwrite64,
+        // The format layer (imago's file driver): vectored I/O, and the file system's block
+        // size for its zeroing and discard alignment.
+        libc::SYS_preadv,
+        libc::SYS_pwritev,
+        libc::SYS_fstatfs,
         libc::SYS_lseek,
         libc::SYS_fdatasync,
         libc::SYS_fallocate,

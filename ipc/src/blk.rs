@@ -9,14 +9,106 @@ use serde::{Deserialize, Serialize};
 use crate::channel::Channel;
 
 /// What the vmm asks of a block device process.
+///
+/// New variants go at the end: postcard numbers them in order.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum BlkRequest {
     /// Serve the raw image passed as the one fd of this message. Sent once, before the vmm
     /// connects to the vhost-user socket; the reply says the disk is ready to be served.
+    /// The same as [`BlkRequest::AttachChain`] with [`ImageChain::raw`].
     Attach(AttachConfig),
     /// Grow the disk to `size` bytes (rounded down to whole sectors) and tell the driver
     /// through a configuration change. Shrinking is refused.
     Resize { size: u64 },
+    /// Serve an image of any format with its backing chain. The message carries
+    /// `1 + chain.backing.len()` fds in chain order: the image itself (read-write unless
+    /// `config.readonly`), then each backing image (read-only), the top's backing first.
+    /// Replied to with [`BlkReply::Attached`]. Encrypted qcow2 images are refused.
+    AttachChain {
+        config: AttachConfig,
+        chain: ImageChain,
+    },
+    /// The I/O statistics: [`BlkReply::Stats`].
+    Stats,
+    /// Live snapshot: the one fd of this message is a new, empty overlay (opened
+    /// read-write) of the given format, whose backing file is the current top image. The
+    /// device drains the requests in flight, flushes, puts the overlay on top of the
+    /// current chain (which is only read from then on) and goes on; nothing written is lost.
+    /// Replied to with [`BlkReply::SnapshotTaken`]; on an error the old chain is served on,
+    /// unchanged. Only [`ImageFormat::Qcow2`] overlays exist.
+    Snapshot { format: ImageFormat },
+}
+
+/// An image format.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ImageFormat {
+    #[default]
+    Raw,
+    Qcow2,
+}
+
+impl ImageFormat {
+    /// The name QEMU gives the format (`format=` of `-drive`, `-F` of qemu-img).
+    pub fn name(self) -> &'static str {
+        match self {
+            ImageFormat::Raw => "raw",
+            ImageFormat::Qcow2 => "qcow2",
+        }
+    }
+}
+
+/// The format of the top image and its backing images, in chain order.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ImageChain {
+    pub format: ImageFormat,
+    pub backing: Vec<BackingImage>,
+}
+
+impl ImageChain {
+    /// A raw image (raw images have no backing file).
+    pub fn raw() -> Self {
+        ImageChain::default()
+    }
+}
+
+/// One backing image of a chain.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BackingImage {
+    pub format: ImageFormat,
+    /// The backing file name as the image above records it (not resolved): logged, and
+    /// checked against the header of the image above.
+    pub filename: String,
+}
+
+/// QEMU's `BlockDeviceStats` counters (the QEMU 1.1 set, plus discards).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Counters {
+    pub rd_bytes: u64,
+    pub wr_bytes: u64,
+    pub rd_operations: u64,
+    pub wr_operations: u64,
+    pub flush_operations: u64,
+    pub rd_total_time_ns: u64,
+    pub wr_total_time_ns: u64,
+    pub flush_total_time_ns: u64,
+    /// The offset after the greatest byte written (writes, write-zeroes and discards, as
+    /// QEMU counts it).
+    pub wr_highest_offset: u64,
+    pub discard_operations: u64,
+    pub discard_bytes: u64,
+    pub discard_total_time_ns: u64,
+}
+
+/// What [`BlkRequest::Stats`] returns, shaped like QEMU's `BlockStats`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BlockStats {
+    /// The guest's requests that completed successfully (write-zeroes count as writes,
+    /// as in QEMU's virtio-blk), since the process started.
+    pub stats: Counters,
+    /// The I/O the format layer did on the top image's file (data and metadata; for raw,
+    /// the guest's requests again). Restarts from zero when a snapshot puts a new file on
+    /// top.
+    pub parent: Option<Counters>,
 }
 
 /// How to serve an image.
@@ -39,6 +131,10 @@ pub enum BlkReply {
     Attached { size: u64 },
     /// The disk now holds `size` bytes.
     Resized { size: u64 },
+    /// The answer to [`BlkRequest::Stats`].
+    Stats(BlockStats),
+    /// The overlay of a [`BlkRequest::Snapshot`] is the top image now.
+    SnapshotTaken,
 }
 
 /// Unsolicited reports from a block device process.

@@ -148,7 +148,7 @@ impl BlkBackend {
     /// Grow the disk to `size` bytes; the new size in bytes. The vmm asked for it over the
     /// control channel and tells the driver itself once we reply (vhost 0.18's backend
     /// side cannot send CONFIG_CHANGE_MSG on the backend channel).
-    pub fn resize(&self, size: u64) -> io::Result<u64> {
+    pub fn resize(&self, size: u64) -> Result<u64, super::image::ImageError> {
         self.disk.grow(size)
     }
 

@@ -2,16 +2,20 @@
 
 use std::path::PathBuf;
 
+use ipc::blk::ImageFormat;
+
 use super::backend::{MAX_QUEUES, MAX_QUEUE_SIZE};
 
 pub const USAGE: &str = "\
 usage: vmm-blk [--supervised]
-       vmm-blk --socket PATH --image PATH [--readonly] [--num-queues N] [--queue-size N] [--serial S]
+       vmm-blk --socket PATH --image PATH [--format raw|qcow2] [--readonly] [--num-queues N]
+               [--queue-size N] [--serial S]
 
 Without arguments (or with --supervised) vmm-blk is a device process of the vmm, which starts
 it with its control socket at fd 3 and a listening vhost-user socket at fd 4.
 
-With --socket and --image it serves IMAGE (a raw disk image) as a vhost-user-blk device on
+With --socket and --image it serves IMAGE (raw by default; a qcow2 image with its backing
+chain, each backing file named with its format in the header) as a vhost-user-blk device on
 the unix socket PATH, like `qemu-storage-daemon --export type=vhost-user-blk`: one frontend
 at a time, one after another, until SIGTERM or SIGINT.";
 
@@ -30,6 +34,7 @@ pub enum Mode {
 pub struct Standalone {
     pub socket: PathBuf,
     pub image: PathBuf,
+    pub format: ImageFormat,
     pub readonly: bool,
     pub num_queues: u16,
     pub queue_size: u16,
@@ -71,6 +76,7 @@ pub fn parse(args: impl IntoIterator<Item = String>) -> Result<Mode, CliError> {
     let (mut socket, mut image, mut serial) = (None, None, None);
     let (mut readonly, mut supervised, mut any) = (false, false, false);
     let mut num_queues = 1;
+    let mut format = ImageFormat::Raw;
     let mut queue_size = DEFAULT_QUEUE_SIZE;
     while let Some(arg) = args.next() {
         // Accept both --opt VALUE and --opt=VALUE.
@@ -93,6 +99,19 @@ pub fn parse(args: impl IntoIterator<Item = String>) -> Result<Mode, CliError> {
             "--socket" => socket = Some(PathBuf::from(value("--socket")?)),
             "--image" => image = Some(PathBuf::from(value("--image")?)),
             "--serial" => serial = Some(value("--serial")?),
+            "--format" => {
+                format = match value("--format")?.as_str() {
+                    "raw" => ImageFormat::Raw,
+                    "qcow2" => ImageFormat::Qcow2,
+                    other => {
+                        return Err(CliError::Invalid {
+                            option: "--format",
+                            value: other.to_string(),
+                            why: "raw or qcow2".into(),
+                        })
+                    }
+                }
+            }
             "--readonly" => readonly = true,
             "--num-queues" => {
                 num_queues = number("--num-queues", value("--num-queues")?, 1, MAX_QUEUES)?
@@ -120,6 +139,7 @@ pub fn parse(args: impl IntoIterator<Item = String>) -> Result<Mode, CliError> {
     Ok(Mode::Standalone(Standalone {
         socket: socket.ok_or(CliError::Missing("--socket"))?,
         image: image.ok_or(CliError::Missing("--image"))?,
+        format,
         readonly,
         num_queues,
         queue_size,
@@ -149,6 +169,8 @@ mod tests {
             "4",
             "--serial",
             "abc",
+            "--format",
+            "qcow2",
         ]) else {
             panic!("not standalone");
         };
@@ -157,6 +179,14 @@ mod tests {
         assert!(s.readonly);
         assert_eq!((s.num_queues, s.queue_size), (4, DEFAULT_QUEUE_SIZE));
         assert_eq!(s.serial, "abc");
+        assert_eq!(s.format, ImageFormat::Qcow2);
+        assert!(matches!(
+            p(&["--socket", "s", "--image", "i", "--format", "vmdk"]),
+            Err(CliError::Invalid {
+                option: "--format",
+                ..
+            })
+        ));
     }
 
     #[test]

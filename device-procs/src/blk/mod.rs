@@ -9,16 +9,20 @@
 pub mod backend;
 pub mod cli;
 pub mod config;
+pub mod image;
 pub mod lock;
 pub mod request;
 pub mod supervised;
 
-use std::fs::OpenOptions;
+use std::collections::HashSet;
+use std::fs::{File, OpenOptions};
 use std::io;
 use std::os::unix::fs::FileTypeExt;
 use std::os::unix::net::UnixListener;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
+
+use ipc::blk::{BackingImage, ImageFormat};
 
 use crate::sandbox::{self, Profile};
 use crate::{inherit, seccomp};
@@ -35,8 +39,12 @@ pub enum BlkError {
     Ipc(#[from] ipc::IpcError),
     #[error("control socket: {0}")]
     Control(#[source] io::Error),
-    #[error("Attach carries the image as exactly one fd, this one carried {0}")]
-    AttachFds(usize),
+    #[error("Attach carries {got} fds, but the chain needs exactly one fd per image ({want})")]
+    AttachFds { got: usize, want: usize },
+    #[error(transparent)]
+    Chain(#[from] image::ImageError),
+    #[error("backing chain of {image}: {why}")]
+    Backing { image: PathBuf, why: String },
     #[error("the image fd is read-only but the disk is not")]
     ReadOnlyFd,
     #[error("image: {0}")]
@@ -112,7 +120,9 @@ pub fn run_standalone(args: &cli::Standalone) -> Result<(), BlkError> {
         path: args.image.clone(),
         source,
     })?;
-    let disk = request::Disk::new(file, args.readonly, &args.serial).map_err(BlkError::Image)?;
+    let (files, backing) = open_backing_chain(file, args)?;
+    let image = image::Image::open(args.format, &backing, files, !args.readonly)?;
+    let disk = request::Disk::with_image(image, args.readonly, &args.serial)?;
     // A socket left by an earlier run is replaced (QEMU does the same); anything else at
     // that path is an error from bind.
     if std::fs::symlink_metadata(&args.socket).is_ok_and(|m| m.file_type().is_socket()) {
@@ -133,6 +143,79 @@ pub fn run_standalone(args: &cli::Standalone) -> Result<(), BlkError> {
     spawn_signal_thread()?;
     backend::serve(backend, listener)?;
     Ok(())
+}
+
+/// The standalone daemon opens the backing chain itself (before its sandbox): each backing
+/// file the headers name, relative to the directory of the image naming it, read-only and
+/// locked for sharing. The files top first, and the backing images' descriptions.
+fn open_backing_chain(
+    top: File,
+    args: &cli::Standalone,
+) -> Result<(Vec<File>, Vec<BackingImage>), BlkError> {
+    use std::os::unix::fs::MetadataExt;
+    let key = |f: &File, path: &PathBuf| {
+        f.metadata()
+            .map(|m| (m.dev(), m.ino()))
+            .map_err(|source| BlkError::Open {
+                path: path.clone(),
+                source,
+            })
+    };
+    let mut seen = HashSet::from([key(&top, &args.image)?]);
+    let mut files = vec![top];
+    let mut backing = Vec::new();
+    let (mut path, mut format) = (args.image.clone(), args.format);
+    while let Some(file) = files.last() {
+        let Some((name, named_format)) =
+            image::recorded_backing(file, format, &path.display().to_string())?
+        else {
+            break;
+        };
+        let fail = |why: String| BlkError::Backing {
+            image: path.clone(),
+            why,
+        };
+        if files.len() >= image::MAX_CHAIN {
+            return Err(fail(format!("longer than {} images", image::MAX_CHAIN)));
+        }
+        let next_format = match named_format.as_deref() {
+            Some("raw") => ImageFormat::Raw,
+            Some("qcow2") => ImageFormat::Qcow2,
+            Some(other) => {
+                return Err(fail(format!(
+                    "backing file '{name}' has format '{other}' (raw or qcow2 are served)"
+                )))
+            }
+            None => {
+                return Err(fail(format!(
+                    "backing file '{name}' has no recorded format (qemu-img rebase -u -F FMT)"
+                )))
+            }
+        };
+        let next = match path.parent() {
+            Some(dir) if !Path::new(&name).is_absolute() => dir.join(&name),
+            _ => PathBuf::from(&name),
+        };
+        let file = File::open(&next).map_err(|source| BlkError::Open {
+            path: next.clone(),
+            source,
+        })?;
+        if !seen.insert(key(&file, &next)?) {
+            return Err(fail(format!("backing file '{name}' makes a loop")));
+        }
+        lock::lock_image(&file, false).map_err(|source| BlkError::Lock {
+            path: next.clone(),
+            source,
+        })?;
+        tracing::info!("backing file {} ({})", next.display(), next_format.name());
+        files.push(file);
+        backing.push(BackingImage {
+            format: next_format,
+            filename: name,
+        });
+        (path, format) = (next, next_format);
+    }
+    Ok((files, backing))
 }
 
 fn termination_signals() -> libc::sigset_t {

@@ -11,11 +11,16 @@
 //! and guest memory.
 
 use std::fs::File;
-use std::io::{self, Seek, SeekFrom};
+use std::io;
 use std::ops::Deref;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::time::Instant;
+
+use imago::io_buffers::{IoVector, IoVectorMut};
+use ipc::blk::{BlockStats, ImageFormat};
 
 use virtio_bindings::virtio_blk::{
     VIRTIO_BLK_ID_BYTES, VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK, VIRTIO_BLK_S_UNSUPP,
@@ -27,6 +32,7 @@ use virtio_queue::DescriptorChain;
 use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 
 use super::config::{MAX_DISCARD_SECTORS, MAX_DISCARD_SEGMENTS, SECTOR_SIZE};
+use super::image::{Image, ImageError, IoCounters, Layer};
 
 /// Guest memory as the backend maps it (no dirty-page bitmap).
 pub type GuestMem = GuestMemoryMmap<()>;
@@ -108,31 +114,40 @@ impl RequestError {
     }
 }
 
-/// The raw image a disk serves.
+/// The image a disk serves, its size and its counters.
 #[derive(Debug)]
 pub struct Disk {
-    file: File,
+    /// Requests hold the read lock while they run; what changes the image (a snapshot, a
+    /// resize, a discard in a format image) takes the write lock, which drains them first.
+    image: RwLock<Image>,
     /// Size in sectors (a partial last sector is not served, as in QEMU); grows with
     /// [`Disk::grow`] while requests run.
     capacity: AtomicU64,
     readonly: bool,
     /// GET_ID's answer: the serial, cut to 20 bytes and padded with zeroes.
     serial: [u8; VIRTIO_BLK_ID_BYTES as usize],
+    /// The guest's successful requests.
+    stats: IoCounters,
 }
 
 impl Disk {
-    /// Serve `file` (its size is taken now).
-    pub fn new(mut file: File, readonly: bool, serial: &str) -> io::Result<Disk> {
-        // Seeking to the end works for regular files and block devices alike.
-        let size = file.seek(SeekFrom::End(0))?;
+    /// Serve the raw image `file` (its size is taken now).
+    pub fn new(file: File, readonly: bool, serial: &str) -> io::Result<Disk> {
+        Disk::with_image(Image::raw(file), readonly, serial).map_err(io::Error::other)
+    }
+
+    /// Serve `image` (its size is taken now).
+    pub fn with_image(mut image: Image, readonly: bool, serial: &str) -> Result<Disk, ImageError> {
+        let size = image.size()?;
         let mut id = [0u8; VIRTIO_BLK_ID_BYTES as usize];
         let n = serial.len().min(id.len());
         id[..n].copy_from_slice(&serial.as_bytes()[..n]);
         Ok(Disk {
-            file,
+            image: RwLock::new(image),
             capacity: AtomicU64::new(size / SECTOR_SIZE),
             readonly,
             serial: id,
+            stats: IoCounters::default(),
         })
     }
 
@@ -141,33 +156,54 @@ impl Disk {
         self.capacity.load(Ordering::Acquire)
     }
 
-    /// Grow the disk to `size` bytes (whole sectors): the image file is extended first, so
-    /// a request that sees the new capacity finds the bytes there. Returns the new size.
-    pub fn grow(&self, size: u64) -> io::Result<u64> {
+    fn image(&self) -> RwLockReadGuard<'_, Image> {
+        self.image.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn image_mut(&self) -> RwLockWriteGuard<'_, Image> {
+        self.image.write().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Grow the disk to `size` bytes (whole sectors): the image is extended first, so a
+    /// request that sees the new capacity finds the bytes there. Returns the new size.
+    pub fn grow(&self, size: u64) -> Result<u64, ImageError> {
         if self.readonly {
-            return Err(io::Error::new(
-                io::ErrorKind::PermissionDenied,
-                "the disk is read-only",
-            ));
+            return Err(ImageError::ReadOnly);
         }
         let sectors = size / SECTOR_SIZE;
+        let mut image = self.image_mut();
         if sectors < self.capacity() {
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidInput,
-                "shrinking a disk under a running guest is not supported",
-            ));
+            return Err(ImageError::Shrink);
         }
-        let meta = self.file.metadata()?;
-        if meta.is_file() && meta.len() < sectors * SECTOR_SIZE {
-            self.file.set_len(sectors * SECTOR_SIZE)?;
-        } else if !meta.is_file() {
-            return Err(io::Error::new(
-                io::ErrorKind::Unsupported,
-                "only image files can grow",
-            ));
-        }
+        image.grow(sectors * SECTOR_SIZE)?;
         self.capacity.store(sectors, Ordering::Release);
         Ok(sectors * SECTOR_SIZE)
+    }
+
+    /// Live snapshot: drain the requests in flight (and hold new ones), flush, and put
+    /// `overlay` on top of the chain. On an error the chain is unchanged.
+    pub fn snapshot(&self, overlay: File, format: ImageFormat) -> Result<(), ImageError> {
+        if self.readonly {
+            return Err(ImageError::ReadOnly);
+        }
+        let mut image = self.image_mut();
+        image.flush().map_err(|source| ImageError::Io {
+            what: "flushing the current image".into(),
+            source,
+        })?;
+        let new = image.with_overlay(overlay, format, self.capacity() * SECTOR_SIZE)?;
+        let old = std::mem::replace(&mut *image, new);
+        drop(image);
+        drop(old);
+        Ok(())
+    }
+
+    /// The guest's requests, and the I/O on the top image's file.
+    pub fn stats(&self) -> BlockStats {
+        BlockStats {
+            stats: self.stats.get(),
+            parent: Some(self.image().file_counters()),
+        }
     }
 
     pub fn readonly(&self) -> bool {
@@ -326,7 +362,15 @@ fn execute(
                 ));
             }
             let offset = sector_range(disk, sector, out_len)?;
-            read_image(disk, mem, writable, offset)?;
+            let start = Instant::now();
+            match &*disk.image() {
+                Image::Raw { file, counters } => {
+                    read_file(file, mem, writable, offset)?;
+                    counters.read(out_len, start);
+                }
+                Image::Format(c) => read_layer(&c.top, mem, writable, offset)?,
+            }
+            disk.stats.read(out_len, start);
             Ok(out_len)
         }
         VIRTIO_BLK_T_OUT => {
@@ -341,18 +385,27 @@ fn execute(
                 return Err(RequestError::ReadOnly);
             }
             let offset = sector_range(disk, sector, in_len)?;
-            write_image(disk, mem, &data_in, offset)?;
+            let start = Instant::now();
+            match &*disk.image() {
+                Image::Raw { file, counters } => {
+                    write_file(file, mem, &data_in, offset)?;
+                    counters.write(offset, in_len, start);
+                }
+                Image::Format(c) => write_layer(&c.top, mem, &data_in, offset)?,
+            }
+            disk.stats.write(offset, in_len, start);
             Ok(0)
         }
         VIRTIO_BLK_T_FLUSH => {
-            if disk.readonly {
-                return Ok(0);
+            let start = Instant::now();
+            if !disk.readonly {
+                disk.image().flush().map_err(|source| RequestError::Host {
+                    op: "flush",
+                    offset: 0,
+                    source,
+                })?;
             }
-            disk.file.sync_data().map_err(|source| RequestError::Host {
-                op: "fdatasync",
-                offset: 0,
-                source,
-            })?;
+            disk.stats.flush(start);
             Ok(0)
         }
         VIRTIO_BLK_T_GET_ID => {
@@ -401,10 +454,13 @@ fn execute(
                 }
                 let len = u64::from(sectors) * SECTOR_SIZE;
                 let offset = disk.range(sector, len)?;
+                let start = Instant::now();
                 if discard {
-                    discard_range(disk, offset, len)?;
+                    discard_format_or_raw(disk, offset, len)?;
+                    disk.stats.discard(offset, len, start);
                 } else {
-                    write_zeroes(disk, offset, len, flags != 0)?;
+                    zeroes(disk, offset, len, flags != 0)?;
+                    disk.stats.write(offset, len, start);
                 }
             }
             Ok(0)
@@ -500,14 +556,14 @@ fn for_each_host_buffer(
     Ok(())
 }
 
-/// pread the image at `offset` into guest memory.
-fn read_image(
-    disk: &Disk,
+/// pread the raw image at `offset` into guest memory.
+fn read_file(
+    file: &File,
     mem: &GuestMem,
     segs: &[Segment],
     offset: u64,
 ) -> Result<(), RequestError> {
-    let fd = disk.file.as_raw_fd();
+    let fd = file.as_raw_fd();
     let mut pos = offset;
     for_each_host_buffer(mem, segs, |ptr, len| {
         let mut done = 0;
@@ -543,14 +599,14 @@ fn read_image(
     })
 }
 
-/// pwrite guest memory to the image at `offset`.
-fn write_image(
-    disk: &Disk,
+/// pwrite guest memory to the raw image at `offset`.
+fn write_file(
+    file: &File,
     mem: &GuestMem,
     segs: &[Segment],
     offset: u64,
 ) -> Result<(), RequestError> {
-    let fd = disk.file.as_raw_fd();
+    let fd = file.as_raw_fd();
     let mut pos = offset;
     for_each_host_buffer(mem, segs, |ptr, len| {
         let mut done = 0;
@@ -587,11 +643,114 @@ fn write_image(
     })
 }
 
-fn fallocate(disk: &Disk, mode: libc::c_int, offset: u64, len: u64) -> io::Result<()> {
+/// The host memory of `segs` as vm-memory slices.
+fn volatile_slices<'m>(
+    mem: &'m GuestMem,
+    segs: &[Segment],
+) -> Result<Vec<vm_memory::VolatileSlice<'m, ()>>, RequestError> {
+    let mut slices = Vec::with_capacity(segs.len());
+    for &(addr, len) in segs {
+        for slice in GuestMemoryBackend::get_slices(mem, addr, len as usize) {
+            slices.push(slice.map_err(|_| RequestError::OutsideMemory {
+                addr: addr.raw_value(),
+                len: len as u32,
+            })?);
+        }
+    }
+    Ok(slices)
+}
+
+/// Read through a format layer at `offset` into guest memory.
+fn read_layer(
+    layer: &Layer,
+    mem: &GuestMem,
+    segs: &[Segment],
+    offset: u64,
+) -> Result<(), RequestError> {
+    let slices = volatile_slices(mem, segs)?;
+    let (bufv, _guard) = IoVectorMut::from_volatile_slice(slices.iter());
+    layer
+        .readv(bufv, offset)
+        .map_err(|source| RequestError::Host {
+            op: "read",
+            offset,
+            source,
+        })
+}
+
+/// Write guest memory through a format layer at `offset`.
+fn write_layer(
+    layer: &Layer,
+    mem: &GuestMem,
+    segs: &[Segment],
+    offset: u64,
+) -> Result<(), RequestError> {
+    let slices = volatile_slices(mem, segs)?;
+    let (bufv, _guard) = IoVector::from_volatile_slice(slices.iter());
+    layer
+        .writev(bufv, offset)
+        .map_err(|source| RequestError::Host {
+            op: "write",
+            offset,
+            source,
+        })
+}
+
+/// Discard a range. Advisory: where the image cannot, the request still succeeds.
+fn discard_format_or_raw(disk: &Disk, offset: u64, len: u64) -> Result<(), RequestError> {
+    if let Image::Raw { file, counters } = &*disk.image() {
+        let start = Instant::now();
+        discard_range(file, offset, len)?;
+        counters.discard(offset, len, start);
+        return Ok(());
+    }
+    // Discarding breaks the format's data mappings: no request may run beside it.
+    let mut image = disk.image_mut();
+    let Image::Format(c) = &mut *image else {
+        return Ok(());
+    };
+    match c.top.discard_to_any(offset, len) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == io::ErrorKind::Unsupported => Ok(()),
+        Err(source) => Err(RequestError::Host {
+            op: "discard",
+            offset,
+            source,
+        }),
+    }
+}
+
+/// Make a range read as zeroes (unmapping it where the guest allows).
+fn zeroes(disk: &Disk, offset: u64, len: u64, unmap: bool) -> Result<(), RequestError> {
+    let host = |source| RequestError::Host {
+        op: "write-zeroes",
+        offset,
+        source,
+    };
+    let start = Instant::now();
+    if let Image::Raw { file, counters } = &*disk.image() {
+        write_zeroes(file, offset, len, unmap)?;
+        counters.write(offset, len, start);
+        return Ok(());
+    }
+    if !unmap {
+        if let Image::Format(c) = &*disk.image() {
+            return c.top.write_zeroes(offset, len).map_err(host);
+        }
+    }
+    // Unmapping breaks the format's data mappings: no request may run beside it.
+    let mut image = disk.image_mut();
+    match &mut *image {
+        Image::Raw { file, .. } => write_zeroes(file, offset, len, unmap),
+        Image::Format(c) => c.top.discard_to_zero(offset, len).map_err(host),
+    }
+}
+
+fn fallocate(file: &File, mode: libc::c_int, offset: u64, len: u64) -> io::Result<()> {
     // SAFETY: fallocate on our own fd with integer arguments.
     let r = unsafe {
         libc::fallocate64(
-            disk.file.as_raw_fd(),
+            file.as_raw_fd(),
             mode,
             offset as libc::off64_t,
             len as libc::off64_t,
@@ -614,9 +773,9 @@ fn unsupported(e: &io::Error) -> bool {
 
 /// Punch a hole. Discard is advisory: where the file system cannot punch holes the request
 /// still succeeds and the data stays (as QEMU does).
-fn discard_range(disk: &Disk, offset: u64, len: u64) -> Result<(), RequestError> {
+fn discard_range(file: &File, offset: u64, len: u64) -> Result<(), RequestError> {
     match fallocate(
-        disk,
+        file,
         libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
         offset,
         len,
@@ -633,7 +792,7 @@ fn discard_range(disk: &Disk, offset: u64, len: u64) -> Result<(), RequestError>
 
 /// Make a range read as zeroes: punch a hole if the guest allows unmapping, else
 /// FALLOC_FL_ZERO_RANGE, else write zeroes.
-fn write_zeroes(disk: &Disk, offset: u64, len: u64, unmap: bool) -> Result<(), RequestError> {
+fn write_zeroes(file: &File, offset: u64, len: u64, unmap: bool) -> Result<(), RequestError> {
     let modes = if unmap {
         [
             libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
@@ -643,7 +802,7 @@ fn write_zeroes(disk: &Disk, offset: u64, len: u64, unmap: bool) -> Result<(), R
         [libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE; 2]
     };
     for mode in modes {
-        match fallocate(disk, mode, offset, len) {
+        match fallocate(file, mode, offset, len) {
             Ok(()) => return Ok(()),
             Err(e) if unsupported(&e) => continue,
             Err(source) => {
@@ -659,8 +818,7 @@ fn write_zeroes(disk: &Disk, offset: u64, len: u64, unmap: bool) -> Result<(), R
     let mut done = 0;
     while done < len {
         let n = (len - done).min(ZEROES.len() as u64) as usize;
-        disk.file
-            .write_all_at(&ZEROES[..n], offset + done)
+        file.write_all_at(&ZEROES[..n], offset + done)
             .map_err(|source| RequestError::Host {
                 op: "write-zeroes",
                 offset: offset + done,

@@ -7,11 +7,12 @@ use std::os::fd::{AsRawFd, OwnedFd};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use ipc::blk::{AttachConfig, BlkEvent, BlkReply, BlkRequest};
+use ipc::blk::{AttachConfig, BlkEvent, BlkReply, BlkRequest, ImageChain};
 use ipc::frame::FrameError;
 use ipc::{Channel, DeviceKind, IpcError, Message, RemoteError};
 
 use super::backend::{self, BlkBackend, HostErrorHook};
+use super::image::Image;
 use super::request::Disk;
 use super::BlkError;
 use crate::sandbox::{self, Profile};
@@ -90,15 +91,25 @@ fn send_garbage(sender: &Arc<Mutex<DeviceChannel>>) {
 fn wait_for_attach(channel: &mut DeviceChannel) -> Result<(u64, Disk, AttachConfig), BlkError> {
     loop {
         let (msg, fds) = channel.recv(None)?;
-        let Message::Request {
-            id,
-            body: BlkRequest::Attach(config),
-        } = msg
-        else {
-            tracing::warn!("ignoring a control message before Attach");
-            continue;
+        let (id, config, chain) = match msg {
+            Message::Request {
+                id,
+                body: BlkRequest::Attach(config),
+            } => (id, config, ImageChain::raw()),
+            Message::Request {
+                id,
+                body: BlkRequest::AttachChain { config, chain },
+            } => (id, config, chain),
+            Message::Request { id, .. } => {
+                channel.reply(id, Err(RemoteError("no disk is attached yet".into())), &[])?;
+                continue;
+            }
+            _ => {
+                tracing::warn!("ignoring a control message before Attach");
+                continue;
+            }
         };
-        match attach(&config, fds) {
+        match attach(&config, &chain, fds) {
             Ok(disk) => return Ok((id, disk, config)),
             Err(e) => {
                 tracing::warn!("Attach refused: {e}");
@@ -108,11 +119,18 @@ fn wait_for_attach(channel: &mut DeviceChannel) -> Result<(u64, Disk, AttachConf
     }
 }
 
-/// Check an Attach request and open its disk.
-fn attach(config: &AttachConfig, fds: Vec<OwnedFd>) -> Result<Disk, BlkError> {
+/// Check an Attach request and open its disk: `fds` are the image and its backing
+/// images, in chain order.
+fn attach(config: &AttachConfig, chain: &ImageChain, fds: Vec<OwnedFd>) -> Result<Disk, BlkError> {
     let count = fds.len();
-    let Ok([fd]) = <[OwnedFd; 1]>::try_from(fds) else {
-        return Err(BlkError::AttachFds(count));
+    if count != chain.backing.len() + 1 {
+        return Err(BlkError::AttachFds {
+            got: count,
+            want: chain.backing.len() + 1,
+        });
+    }
+    let Some(fd) = fds.first() else {
+        return Err(BlkError::AttachFds { got: 0, want: 1 });
     };
     if config.num_queues == 0 || config.num_queues > backend::MAX_QUEUES {
         return Err(backend::BackendError::NumQueues(config.num_queues).into());
@@ -128,7 +146,9 @@ fn attach(config: &AttachConfig, fds: Vec<OwnedFd>) -> Result<Disk, BlkError> {
     if !config.readonly && flags & libc::O_ACCMODE == libc::O_RDONLY {
         return Err(BlkError::ReadOnlyFd);
     }
-    Disk::new(File::from(fd), config.readonly, &config.serial).map_err(BlkError::Image)
+    let files: Vec<File> = fds.into_iter().map(File::from).collect();
+    let image = Image::open(chain.format, &chain.backing, files, !config.readonly)?;
+    Ok(Disk::with_image(image, config.readonly, &config.serial)?)
 }
 
 fn reply(sender: &Mutex<DeviceChannel>, id: u64, body: Result<BlkReply, RemoteError>) {
@@ -186,7 +206,39 @@ fn control_loop(
             Ok((
                 Message::Request {
                     id,
-                    body: BlkRequest::Attach(_),
+                    body: BlkRequest::Stats,
+                },
+                _fds,
+            )) => reply(&sender, id, Ok(BlkReply::Stats(backend.disk().stats()))),
+            Ok((
+                Message::Request {
+                    id,
+                    body: BlkRequest::Snapshot { format },
+                },
+                fds,
+            )) => {
+                let result = match <[OwnedFd; 1]>::try_from(fds) {
+                    Ok([fd]) => backend
+                        .disk()
+                        .snapshot(File::from(fd), format)
+                        .map(|()| BlkReply::SnapshotTaken)
+                        .map_err(|e| RemoteError(format!("cannot take the snapshot: {e}"))),
+                    Err(fds) => Err(RemoteError(format!(
+                        "Snapshot carries the overlay as exactly one fd, this one carried {}",
+                        fds.len()
+                    ))),
+                };
+                if let Err(e) = &result {
+                    tracing::warn!("{}", e.0);
+                } else {
+                    tracing::info!("snapshot taken: writes go to the new overlay");
+                }
+                reply(&sender, id, result);
+            }
+            Ok((
+                Message::Request {
+                    id,
+                    body: BlkRequest::Attach(_) | BlkRequest::AttachChain { .. },
                 },
                 _fds,
             )) => reply(
