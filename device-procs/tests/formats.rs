@@ -869,3 +869,71 @@ fn standalone_opens_the_chain_by_path() {
     compare(&dir, &top, &expected);
     assert!(std::fs::read(&base).unwrap() == base_data);
 }
+
+/// Not a test: raw (pread/pwrite fast path) against qcow2 (imago) through the same vring,
+/// queue depth 5. `cargo test --release -p device-procs --test formats -- --ignored
+/// --nocapture throughput`.
+#[test]
+#[ignore]
+fn throughput_raw_vs_qcow2() {
+    for format in [
+        ImageFormat::Raw,
+        ImageFormat::Qcow2,
+        ImageFormat::Raw,
+        ImageFormat::Qcow2,
+    ] {
+        let dir = Dir::new("bench");
+        let img = dir.path("disk");
+        qemu_img(&["create", "-q", "-f", format.name(), p(&img), "256M"]);
+        let mut s = Supervised::start(&dir);
+        s.attach(format, vec![], &[&rw(&img)]).unwrap();
+        let mut d = Driver::connect(&s.socket);
+        let sectors = 256 * MIB as u64 / 512;
+        d.mem
+            .write_slice(&pattern(1, 5 * 4096), GuestAddress(DATA))
+            .unwrap();
+        // Sequential 1 MiB writes (allocating in qcow2), then reads.
+        for kind in [VIRTIO_BLK_T_OUT, VIRTIO_BLK_T_IN] {
+            let start = Instant::now();
+            for i in 0..256u64 {
+                d.ok(&[(kind, i * 2048, DATA, MIB as u32)]);
+            }
+            let mbs = 256.0 / start.elapsed().as_secs_f64();
+            eprintln!(
+                "{format:?} seq 1M {}: {mbs:.0} MiB/s",
+                if kind == VIRTIO_BLK_T_IN {
+                    "read"
+                } else {
+                    "write"
+                }
+            );
+        }
+        // Random 4 KiB, five at a time.
+        for kind in [VIRTIO_BLK_T_OUT, VIRTIO_BLK_T_IN] {
+            let start = Instant::now();
+            let mut x = 12345u64;
+            for _ in 0..2000 {
+                let reqs: Vec<_> = (0..5u64)
+                    .map(|i| {
+                        x = x
+                            .wrapping_mul(6364136223846793005)
+                            .wrapping_add(1442695040888963407);
+                        (kind, (x >> 20) % (sectors / 8) * 8, DATA + i * 4096, 4096)
+                    })
+                    .collect();
+                d.ok(&reqs);
+            }
+            let iops = 10_000.0 / start.elapsed().as_secs_f64();
+            eprintln!(
+                "{format:?} rand 4K {}: {iops:.0} IOPS",
+                if kind == VIRTIO_BLK_T_IN {
+                    "read"
+                } else {
+                    "write"
+                }
+            );
+        }
+        drop(d);
+        s.stop();
+    }
+}
