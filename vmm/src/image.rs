@@ -6,6 +6,7 @@
 
 use std::fs::File;
 use std::os::unix::fs::FileExt;
+
 use std::path::{Path, PathBuf};
 
 /// "QFI\xfb".
@@ -194,6 +195,77 @@ pub fn read_qcow2_header(file: &File, path: &Path) -> Result<Qcow2Header, ImageE
     })
 }
 
+/// Cluster size of the overlays we create (qemu-img's default).
+const OVERLAY_CLUSTER_BITS: u32 = 16;
+
+/// Write an empty qcow2 (version 3) image of `size` bytes into `file`, whose backing file is
+/// `backing` in format `backing_format`: what `qemu-img create -f qcow2 -b B -F F` makes. The
+/// layout: header, extensions and backing name in cluster 0, the refcount table in cluster 1,
+/// one refcount block in cluster 2, the (zero) L1 table from cluster 3.
+pub fn write_overlay(
+    file: &File,
+    size: u64,
+    backing: &str,
+    backing_format: Format,
+) -> std::io::Result<()> {
+    let invalid =
+        |what: &str| std::io::Error::new(std::io::ErrorKind::InvalidInput, what.to_string());
+    let cluster = 1u64 << OVERLAY_CLUSTER_BITS;
+    if backing.is_empty() || backing.len() > MAX_BACKING_NAME as usize {
+        return Err(invalid("the backing file name is empty or too long"));
+    }
+    // Each L1 entry maps one L2 table: cluster/8 clusters of data.
+    let per_l1 = cluster * (cluster / 8);
+    let l1_size = size.div_ceil(per_l1);
+    let l1_clusters = (l1_size * 8).div_ceil(cluster).max(1);
+    let total_clusters = 3 + l1_clusters;
+    // One refcount block holds cluster/2 16-bit entries.
+    if total_clusters > cluster / 2 || l1_size > u64::from(u32::MAX) {
+        return Err(invalid("the image is too large for an overlay"));
+    }
+    let mut header = vec![0u8; cluster as usize];
+    let put32 = |b: &mut [u8], at: usize, v: u32| b[at..at + 4].copy_from_slice(&v.to_be_bytes());
+    let put64 = |b: &mut [u8], at: usize, v: u64| b[at..at + 8].copy_from_slice(&v.to_be_bytes());
+    put32(&mut header, 0, QCOW2_MAGIC);
+    put32(&mut header, 4, 3);
+    put32(&mut header, 20, OVERLAY_CLUSTER_BITS);
+    put64(&mut header, 24, size);
+    put32(&mut header, 32, 0);
+    put32(&mut header, 36, l1_size as u32);
+    put64(&mut header, 40, 3 * cluster);
+    put64(&mut header, 48, cluster);
+    put32(&mut header, 56, 1);
+    put32(&mut header, 96, 4); // refcount_order: 16-bit refcounts
+    put32(&mut header, 100, 104); // header_length
+                                  // Extensions: the backing format, then the end marker; the name follows them.
+    let mut at = 104usize;
+    let fmt = backing_format.name().as_bytes();
+    put32(&mut header, at, EXT_BACKING_FORMAT);
+    put32(&mut header, at + 4, fmt.len() as u32);
+    header[at + 8..at + 8 + fmt.len()].copy_from_slice(fmt);
+    at += 8 + fmt.len().next_multiple_of(8);
+    put32(&mut header, at, EXT_END);
+    put32(&mut header, at + 4, 0);
+    at += 8;
+    header[at..at + backing.len()].copy_from_slice(backing.as_bytes());
+    put64(&mut header, 8, at as u64);
+    put32(&mut header, 16, backing.len() as u32);
+
+    let mut refcount_table = vec![0u8; cluster as usize];
+    put64(&mut refcount_table, 0, 2 * cluster);
+    let mut refcount_block = vec![0u8; cluster as usize];
+    for c in 0..total_clusters as usize {
+        refcount_block[2 * c..2 * c + 2].copy_from_slice(&1u16.to_be_bytes());
+    }
+    file.set_len(0)?;
+    file.write_all_at(&refcount_table, cluster)?;
+    file.write_all_at(&refcount_block, 2 * cluster)?;
+    file.set_len(total_clusters * cluster)?;
+    // The header last: until it is there, the file is no image at all.
+    file.write_all_at(&header, 0)?;
+    file.sync_all()
+}
+
 /// One image of a backing chain, opened read-only.
 #[derive(Debug)]
 pub struct BackingLink {
@@ -333,6 +405,42 @@ mod tests {
         assert_eq!(
             names,
             vec![("mid.qcow2", Format::Qcow2), ("base.raw", Format::Raw)]
+        );
+
+        // An overlay we write is what qemu-img would have made.
+        let ov = dir.join("ov.qcow2");
+        let ovf = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&ov)
+            .unwrap();
+        write_overlay(&ovf, 3 << 30, "top.qcow2", Format::Qcow2).unwrap();
+        let check = Command::new("qemu-img")
+            .args(["check", "-f", "qcow2", "-U"])
+            .arg(&ov)
+            .output()
+            .unwrap();
+        assert!(
+            check.status.success(),
+            "qemu-img check: {}{}",
+            String::from_utf8_lossy(&check.stdout),
+            String::from_utf8_lossy(&check.stderr)
+        );
+        let h = read_qcow2_header(&ovf, &ov).unwrap();
+        assert_eq!(h.size, 3 << 30);
+        assert_eq!(h.backing_file.as_deref(), Some("top.qcow2"));
+        assert_eq!(h.backing_format.as_deref(), Some("qcow2"));
+        let info = Command::new("qemu-img")
+            .args(["info", "-U", "--output=json"])
+            .arg(&ov)
+            .output()
+            .unwrap();
+        let info = String::from_utf8_lossy(&info.stdout);
+        assert!(
+            info.contains("\"backing-filename\": \"top.qcow2\""),
+            "{info}"
         );
 
         // A missing backing file, and a loop (mid's backing rewritten to top).
