@@ -166,6 +166,8 @@ fn greeting_negotiation_run_control_and_queries() {
         "__org.vmm_query-device-processes",
         "block_resize",
         "query-block",
+        "blockdev-snapshot-sync",
+        "query-blockstats",
     ];
     expected.sort_unstable();
     assert_eq!(names, expected);

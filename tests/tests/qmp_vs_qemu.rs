@@ -22,15 +22,24 @@ fn reply_shapes_match_qemu_7_2() {
     let common_named = ["-name", "cmp", "-uuid", UUID];
 
     // The same drives on both sides, each on its own image files (they are locked): a
-    // disk on a virtio-blk-pci device, and a drive no device uses.
+    // qcow2 disk over a raw backing file on a virtio-blk-pci device, and a raw drive no
+    // device uses.
     let drives = |side: &str| -> Vec<String> {
-        let disk = dir.join(&format!("{side}-disk.img"));
+        let base = dir.join(&format!("{side}-base.raw"));
+        let disk = dir.join(&format!("{side}-disk.qcow2"));
         let spare = dir.join(&format!("{side}-spare.img"));
-        std::fs::write(&disk, vec![0u8; 1 << 20]).unwrap();
+        std::fs::write(&base, vec![0u8; 1 << 20]).unwrap();
         std::fs::write(&spare, vec![0u8; 1 << 20]).unwrap();
+        let made = Command::new("qemu-img")
+            .args(["create", "-q", "-f", "qcow2", "-F", "raw", "-b"])
+            .arg(&base)
+            .arg(&disk)
+            .status()
+            .expect("qemu-img (Debian's qemu-utils)");
+        assert!(made.success());
         vec![
             "-drive".into(),
-            format!("file={},format=raw,if=none,id=d0", disk.display()),
+            format!("file={},format=qcow2,if=none,id=d0", disk.display()),
             "-device".into(),
             "virtio-blk-pci,drive=d0,id=disk0".into(),
             "-drive".into(),

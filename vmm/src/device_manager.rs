@@ -3,8 +3,8 @@
 //! channel. Drives (`-drive`) wait here until a device takes them.
 
 use std::collections::BTreeMap;
-use std::fs::File;
 use std::os::fd::{AsFd, AsRawFd};
+use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -20,7 +20,8 @@ use vm_memory::GuestMemoryMmap;
 
 use crate::accel::Accelerator;
 use crate::chardev::{split_key_value, split_options, ChardevSpec, SocketAddress};
-use crate::drive::{self, DriveConfig, DriveError, DriveInterface, DriveMedia};
+use crate::drive::{self, DriveConfig, DriveError, DriveInterface, DriveMedia, OpenedImage};
+use crate::image::Format;
 use crate::pci::{PciBus, PciDevice, PciError};
 use crate::supervisor::{self, DeviceProcess, SupervisorError};
 use crate::virtio::pci::{VirtioPciDevice, VirtioPciError};
@@ -75,6 +76,8 @@ pub enum DeviceError {
     NoSuchDrive(String),
     #[error("{0}")]
     Resize(String),
+    #[error("{0}")]
+    Snapshot(String),
     #[error(transparent)]
     Drive(#[from] DriveError),
     #[error(transparent)]
@@ -236,8 +239,8 @@ struct BlockDevice {
     /// `/machine/peripheral/ID` or `/machine/peripheral-anon/device[N]`.
     qdev: String,
     slot: u8,
-    /// The image, kept for a restarted process.
-    image: File,
+    /// The image and its backing chain, kept for a restarted process.
+    image: OpenedImage,
     attach: AttachConfig,
     process: DeviceProcess,
     /// Kept open: the process exits when the vmm's end closes.
@@ -255,10 +258,55 @@ struct BlockDevice {
 #[derive(Debug, Clone)]
 pub struct BlockInfo {
     pub drive: DriveConfig,
+    /// The image file on top (after snapshots, the newest overlay).
+    pub file: String,
+    pub format: Format,
+    /// The backing chain below it: path and format, nearest first.
+    pub backing: Vec<(String, Format)>,
+    /// The top image and its backing images, as QEMU's ImageInfo describes them.
+    pub images: Vec<ImageInfo>,
     /// Virtual size in bytes.
     pub size: u64,
     /// The QOM path of the device using it, if one does.
     pub qdev: Option<String>,
+}
+
+/// One image of a chain, as query-block's `image` describes it.
+#[derive(Debug, Clone)]
+pub struct ImageInfo {
+    pub filename: String,
+    pub format: Format,
+    pub virtual_size: u64,
+    /// Bytes allocated on the host.
+    pub actual_size: u64,
+    pub cluster_size: Option<u64>,
+    /// The backing file as the image records it, and its format.
+    pub backing: Option<(String, Option<String>)>,
+}
+
+impl ImageInfo {
+    /// Read from an open file (never reopened by path: it may have come as an fd).
+    fn read(file: &std::fs::File, filename: &str, format: Format) -> ImageInfo {
+        let actual_size = file
+            .metadata()
+            .map(|m| std::os::unix::fs::MetadataExt::blocks(&m) * 512)
+            .unwrap_or(0);
+        let header = match format {
+            Format::Qcow2 => crate::image::read_qcow2_header(file, Path::new(filename)).ok(),
+            Format::Raw => None,
+        };
+        ImageInfo {
+            filename: filename.to_string(),
+            format,
+            virtual_size: match &header {
+                Some(h) => h.size,
+                None => file.metadata().map_or(0, |m| m.len()),
+            },
+            actual_size,
+            cluster_size: header.as_ref().map(|h| 1u64 << h.cluster_bits),
+            backing: header.and_then(|h| Some((h.backing_file?, h.backing_format))),
+        }
+    }
 }
 
 /// One row of `__org.vmm_query-device-processes`.
@@ -419,27 +467,198 @@ impl DeviceManager {
         Ok(size)
     }
 
+    /// QMP blockdev-snapshot-sync: put a new qcow2 overlay at `path` on top of drive
+    /// `drive` while the guest runs. The vmm writes the overlay (its backing file is the
+    /// current top, by absolute name); the device process drains its requests, flushes,
+    /// and switches to it. On any failure the drive stays as it was and a file we created
+    /// is removed.
+    pub fn snapshot_drive(
+        &self,
+        drive: &str,
+        path: &str,
+        format: Option<&str>,
+    ) -> Result<(), DeviceError> {
+        if let Some(f) = format {
+            if f != "qcow2" {
+                return Err(DeviceError::Snapshot(format!(
+                    "a live snapshot must be qcow2 (a '{f}' image has no backing file)"
+                )));
+            }
+        }
+        let block = lock(&self.blocks)
+            .iter()
+            .find(|b| lock(b).drive == drive)
+            .cloned();
+        let Some(block) = block else {
+            return Err(if self.drives.iter().any(|d| d.id == drive) {
+                DeviceError::Snapshot(format!("Device '{drive}' has no device using it"))
+            } else {
+                DeviceError::NoSuchDrive(drive.to_string())
+            });
+        };
+        let mut b = lock(&block);
+        if b.state == ProcessState::Failed {
+            return Err(DeviceError::Snapshot(format!(
+                "the process serving '{drive}' has failed"
+            )));
+        }
+        if b.drive_config.readonly {
+            return Err(DeviceError::Snapshot(format!(
+                "Device '{drive}' is read only"
+            )));
+        }
+        if b.image.path.starts_with("/dev/fdset/") {
+            return Err(DeviceError::Snapshot(
+                "an image passed as a file descriptor has no name to record as a backing file"
+                    .into(),
+            ));
+        }
+        let backing_name = std::fs::canonicalize(&b.image.path)
+            .map(|p| p.display().to_string())
+            .unwrap_or_else(|_| b.image.path.clone());
+        let (file, created) = drive::create_snapshot_file(path)?;
+        let cleanup = |e: DeviceError| {
+            if created {
+                let _ = std::fs::remove_file(path);
+            }
+            e
+        };
+        crate::image::write_overlay(&file, b.size, &backing_name, b.image.format)
+            .map_err(|e| cleanup(DeviceError::Snapshot(format!("cannot write '{path}': {e}"))))?;
+        let name = b.name.clone();
+        let reply = b
+            .control
+            .call(
+                BlkRequest::Snapshot {
+                    format: Format::Qcow2,
+                },
+                &[file.as_fd()],
+                SETUP_TIMEOUT,
+            )
+            .map_err(|e| {
+                cleanup(match e {
+                    ipc::IpcError::Remote(r) => DeviceError::Snapshot(r.0),
+                    source => DeviceError::Ipc { name, source },
+                })
+            })?;
+        if reply.0 != BlkReply::SnapshotTaken {
+            return Err(cleanup(DeviceError::Snapshot(format!(
+                "unexpected answer to a snapshot: {:?}",
+                reply.0
+            ))));
+        }
+        // The old top is now the overlay's backing file (its fd stays ours, for restarts).
+        let old_top = std::mem::replace(&mut b.image.top, file);
+        let link = crate::image::BackingLink {
+            path: std::path::PathBuf::from(&b.image.path),
+            recorded_name: backing_name,
+            format: b.image.format,
+            file: old_top,
+        };
+        b.image.backing.insert(0, link);
+        b.image.path = path.to_string();
+        b.image.format = Format::Qcow2;
+        b.drive_config.file = Some(path.to_string());
+        b.drive_config.format = Some(Format::Qcow2);
+        Ok(())
+    }
+
+    /// I/O statistics of every drive, in query-block's order: counted by the device
+    /// processes (fetched over their control channels); a drive nobody serves did no I/O.
+    pub fn block_stats(&self) -> Vec<(String, Option<String>, ipc::blk::BlockStats)> {
+        let mut out = Vec::new();
+        for block in lock(&self.blocks).iter() {
+            let mut b = lock(block);
+            let stats = if b.state == ProcessState::Running {
+                match b.control.call(BlkRequest::Stats, &[], SETUP_TIMEOUT) {
+                    Ok((BlkReply::Stats(s), _)) => s,
+                    Ok((other, _)) => {
+                        tracing::warn!(device = %b.name, "answered Stats with {other:?}");
+                        ipc::blk::BlockStats::default()
+                    }
+                    Err(e) => {
+                        tracing::warn!(device = %b.name, "statistics: {e}");
+                        ipc::blk::BlockStats::default()
+                    }
+                }
+            } else {
+                ipc::blk::BlockStats::default()
+            };
+            out.push((b.drive.clone(), Some(b.qdev.clone()), stats));
+        }
+        for d in &self.drives {
+            out.push((d.id.clone(), None, ipc::blk::BlockStats::default()));
+        }
+        out
+    }
+
     /// Every drive, attached or not, in creation order: what query-block reports.
     pub fn block_info(&self) -> Vec<BlockInfo> {
-        let mut out: Vec<BlockInfo> = lock(&self.blocks)
-            .iter()
-            .map(|b| {
-                let b = lock(b);
-                BlockInfo {
-                    drive: b.drive_config.clone(),
-                    size: b.size,
-                    qdev: Some(b.qdev.clone()),
-                }
-            })
-            .collect();
+        let mut out: Vec<BlockInfo> =
+            lock(&self.blocks)
+                .iter()
+                .map(|b| {
+                    let b = lock(b);
+                    BlockInfo {
+                        drive: b.drive_config.clone(),
+                        file: b.image.path.clone(),
+                        format: b.image.format,
+                        backing: b
+                            .image
+                            .backing
+                            .iter()
+                            .map(|l| (l.path.display().to_string(), l.format))
+                            .collect(),
+                        images: std::iter::once(ImageInfo::read(
+                            &b.image.top,
+                            &b.image.path,
+                            b.image.format,
+                        ))
+                        .chain(b.image.backing.iter().map(|l| {
+                            ImageInfo::read(&l.file, &l.path.display().to_string(), l.format)
+                        }))
+                        .collect(),
+                        size: b.size,
+                        qdev: Some(b.qdev.clone()),
+                    }
+                })
+                .collect();
         out.extend(self.drives.iter().map(|d| {
+            let file = d.file.clone().unwrap_or_default();
+            // A drive no device uses is not open: read what its header says now.
+            let opened = std::fs::File::open(&file).ok();
+            let header = match (d.format, &opened) {
+                (Some(Format::Qcow2), Some(f)) => {
+                    crate::image::read_qcow2_header(f, Path::new(&file)).ok()
+                }
+                _ => None,
+            };
+            let format = d.format.unwrap_or(Format::Raw);
             BlockInfo {
+                images: opened
+                    .iter()
+                    .map(|f| ImageInfo::read(f, &file, format))
+                    .collect(),
                 drive: d.clone(),
-                size: d
-                    .file
-                    .as_deref()
-                    .and_then(|f| std::fs::metadata(f).ok())
-                    .map_or(0, |m| m.len()),
+                format: d.format.unwrap_or(Format::Raw),
+                backing: header
+                    .as_ref()
+                    .and_then(|h| {
+                        let name = h.backing_file.as_deref()?;
+                        let path = crate::image::resolve_backing(Path::new(&file), name);
+                        let format = h
+                            .backing_format
+                            .as_deref()
+                            .and_then(crate::image::parse_format)
+                            .unwrap_or(Format::Raw);
+                        Some(vec![(path.display().to_string(), format)])
+                    })
+                    .unwrap_or_default(),
+                size: match &header {
+                    Some(h) => h.size,
+                    None => std::fs::metadata(&file).map_or(0, |m| m.len()),
+                },
+                file,
                 qdev: None,
             }
         }));
@@ -497,16 +716,8 @@ impl DeviceManager {
         if self.has_drive(&drive.id) {
             return Err(DeviceError::DuplicateDrive(drive.id));
         }
-        if drive.format_probed {
-            if let Some(file) = &drive.file {
-                crate::report!(
-                    "vmm: warning: Image format was not specified for '{file}' and probing \
-                     guessed raw.\n         Automatically detecting the format is dangerous \
-                     for raw images, write operations on block 0 will be restricted.\n         \
-                     Specify the 'raw' format explicitly to remove the restrictions."
-                );
-            }
-        }
+        let mut drive = drive;
+        drive::probe_drive(&mut drive)?;
         let virtio = drive.interface == DriveInterface::Virtio;
         let id = drive.id.clone();
         self.drives.push(drive);
@@ -571,8 +782,8 @@ impl DeviceManager {
                 value: drive.id.clone(),
             });
         }
-        let file = drive.file.as_deref().ok_or(DriveError::NoFile)?;
-        let image = drive::open_image(file, drive.readonly)?;
+        let image = drive::open_drive(&drive)?;
+        let file = image.path.clone();
 
         let name = format!("vmm-blk[{}]", drive.id);
         let serial = cfg
@@ -764,7 +975,7 @@ fn name_of(block: &SharedBlock) -> String {
 /// image size.
 fn start_blk_process(
     name: &str,
-    image: &File,
+    image: &OpenedImage,
     attach: &AttachConfig,
 ) -> Result<(DeviceProcess, BlkChannel, u64), DeviceError> {
     let program = supervisor::device_program("vmm-blk")?;
@@ -781,12 +992,13 @@ fn start_blk_process(
     control
         .hello(DeviceKind::Block, DeviceKind::Block, SETUP_TIMEOUT)
         .map_err(ipc_err)?;
+    let fds: Vec<_> = image.files().into_iter().map(|f| f.as_fd()).collect();
+    let request = BlkRequest::AttachChain {
+        config: attach.clone(),
+        chain: image.chain(),
+    };
     let (reply, _) = control
-        .call(
-            BlkRequest::Attach(attach.clone()),
-            &[image.as_fd()],
-            SETUP_TIMEOUT,
-        )
+        .call(request, &fds, SETUP_TIMEOUT)
         .map_err(ipc_err)?;
     match reply {
         BlkReply::Attached { size } => Ok((process, control, size)),

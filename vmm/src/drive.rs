@@ -4,8 +4,10 @@
 use std::fs::{File, OpenOptions};
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::OpenOptionsExt;
+use std::path::Path;
 
 use crate::chardev::{split_key_value, split_options};
+use crate::image::{self, BackingLink, Format, ImageError};
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum DriveError {
@@ -15,8 +17,12 @@ pub enum DriveError {
     InvalidValue { key: String, expected: &'static str },
     #[error("'{0}' invalid format")]
     UnknownFormat(String),
-    #[error("format '{0}' is not supported yet (only raw)")]
+    #[error("format '{0}' is not supported (only raw and qcow2)")]
     UnsupportedFormat(String),
+    #[error(transparent)]
+    Image(#[from] ImageError),
+    #[error("'{0}' is encrypted: encrypted images are not supported yet")]
+    Encrypted(String),
     #[error("interface '{0}' is not supported (use if=virtio or if=none)")]
     UnsupportedInterface(String),
     #[error("A block device must be given a file, except for removable media")]
@@ -53,8 +59,8 @@ pub struct DriveConfig {
     pub interface: DriveInterface,
     pub media: DriveMedia,
     pub serial: Option<String>,
-    /// The user left out `format=`: QEMU probes and warns.
-    pub format_probed: bool,
+    /// `format=`; `None` until probed (QEMU probes, and warns when it guesses raw).
+    pub format: Option<Format>,
 }
 
 /// Parse a `-drive` value. `index` numbers drives without an `id` as QEMU does
@@ -67,7 +73,7 @@ pub fn parse_drive(value: &str, index: usize) -> Result<DriveConfig, DriveError>
         interface: DriveInterface::None,
         media: DriveMedia::Disk,
         serial: None,
-        format_probed: true,
+        format: None,
     };
     let mut id = None;
     let mut interface = None;
@@ -80,12 +86,15 @@ pub fn parse_drive(value: &str, index: usize) -> Result<DriveConfig, DriveError>
         match key {
             "file" => cfg.file = Some(v.to_string()).filter(|f| !f.is_empty()),
             "id" => id = Some(v.to_string()),
-            "format" => match v {
-                "raw" => cfg.format_probed = false,
-                "qcow2" | "qcow" | "vmdk" | "vdi" | "vpc" | "vhdx" | "qed" | "luks" => {
-                    return Err(DriveError::UnsupportedFormat(v.to_string()))
-                }
-                _ => return Err(DriveError::UnknownFormat(v.to_string())),
+            "format" => match image::parse_format(v) {
+                Some(f) => cfg.format = Some(f),
+                None => match v {
+                    "qcow" | "vmdk" | "vdi" | "vpc" | "vhdx" | "qed" | "luks" | "cloop" | "dmg"
+                    | "parallels" | "bochs" => {
+                        return Err(DriveError::UnsupportedFormat(v.to_string()))
+                    }
+                    _ => return Err(DriveError::UnknownFormat(v.to_string())),
+                },
             },
             "if" => {
                 interface = Some(match v {
@@ -155,6 +164,146 @@ const LOCK_PERM_BASE: i64 = 100;
 const LOCK_SHARED_BASE: i64 = 200;
 const PERM_CONSISTENT_READ: i64 = 0;
 const PERM_WRITE: i64 = 1;
+
+/// An image ready to be handed to a device process: the top file (opened and locked as
+/// the drive says) and, for qcow2, its backing chain (read-only).
+#[derive(Debug)]
+pub struct OpenedImage {
+    pub path: String,
+    pub format: Format,
+    pub top: File,
+    pub backing: Vec<BackingLink>,
+    /// Virtual size from the qcow2 header; for raw, the file size.
+    pub size: u64,
+}
+
+impl OpenedImage {
+    /// The chain as the device process's Attach describes it.
+    pub fn chain(&self) -> ipc::blk::ImageChain {
+        ipc::blk::ImageChain {
+            format: self.format,
+            backing: self
+                .backing
+                .iter()
+                .map(|l| ipc::blk::BackingImage {
+                    format: l.format,
+                    filename: l.recorded_name.clone(),
+                })
+                .collect(),
+        }
+    }
+
+    /// Every file, top first: the fds of the Attach message.
+    pub fn files(&self) -> Vec<&File> {
+        std::iter::once(&self.top)
+            .chain(self.backing.iter().map(|l| &l.file))
+            .collect()
+    }
+}
+
+/// Probe the format of a drive's image if `format=` was left out, warning as QEMU does when
+/// the guess is raw.
+pub fn probe_drive(drive: &mut DriveConfig) -> Result<(), DriveError> {
+    let (Some(path), None) = (drive.file.as_deref(), drive.format) else {
+        return Ok(());
+    };
+    let file = File::open(path).map_err(|e| DriveError::Open {
+        path: path.to_string(),
+        reason: e.to_string(),
+    })?;
+    let format = image::probe(&file, Path::new(path))?;
+    if format == Format::Raw {
+        crate::report!(
+            "vmm: warning: Image format was not specified for '{path}' and probing guessed \
+             raw.\n         Automatically detecting the format is dangerous for raw images, \
+             write operations on block 0 will be restricted.\n         Specify the 'raw' \
+             format explicitly to remove the restrictions."
+        );
+    }
+    drive.format = Some(format);
+    Ok(())
+}
+
+/// Open a drive's image (locked) and, for qcow2, its backing chain.
+pub fn open_drive(drive: &DriveConfig) -> Result<OpenedImage, DriveError> {
+    let path = drive.file.as_deref().ok_or(DriveError::NoFile)?;
+    let top = open_image(path, drive.readonly)?;
+    let format = match drive.format {
+        Some(f) => f,
+        None => image::probe(&top, Path::new(path))?,
+    };
+    match format {
+        Format::Raw => {
+            let size = top.metadata().map(|m| m.len()).unwrap_or(0);
+            Ok(OpenedImage {
+                path: path.to_string(),
+                format,
+                top,
+                backing: Vec::new(),
+                size,
+            })
+        }
+        Format::Qcow2 => {
+            let header = image::read_qcow2_header(&top, Path::new(path))?;
+            if header.crypt_method != 0 {
+                return Err(DriveError::Encrypted(path.to_string()));
+            }
+            let backing = image::open_backing_chain(&top, Path::new(path))?;
+            Ok(OpenedImage {
+                path: path.to_string(),
+                format,
+                top,
+                backing,
+                size: header.size,
+            })
+        }
+    }
+}
+
+/// Create (or take over) the file of a live snapshot at `path`, open read-write and locked.
+/// An existing file is only reused if it is empty or already a qcow2 image: anything else
+/// stays untouched. Returns the file and whether we created it.
+pub fn create_snapshot_file(path: &str) -> Result<(File, bool), DriveError> {
+    let open_err = |reason: String| DriveError::Open {
+        path: path.to_string(),
+        reason,
+    };
+    let (file, created) = match OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create_new(true)
+        .custom_flags(libc::O_CLOEXEC)
+        .open(path)
+    {
+        Ok(f) => (f, true),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+            let meta = std::fs::metadata(path).map_err(|e| open_err(e.to_string()))?;
+            if !meta.is_file() {
+                return Err(open_err("it exists and is not a regular file".into()));
+            }
+            let f = OpenOptions::new()
+                .read(true)
+                .write(true)
+                .custom_flags(libc::O_CLOEXEC)
+                .open(path)
+                .map_err(|e| open_err(e.to_string()))?;
+            if meta.len() != 0 && image::probe(&f, Path::new(path))? != Format::Qcow2 {
+                return Err(open_err(
+                    "it exists and is not an image; refusing to overwrite it".into(),
+                ));
+            }
+            (f, false)
+        }
+        Err(e) => return Err(open_err(e.to_string())),
+    };
+    if let Err(e) = lock_image(&file, path, false) {
+        if created {
+            let _ = std::fs::remove_file(path);
+        }
+        return Err(e);
+    }
+    Ok((file, created))
+}
 
 /// Open the image of a drive for the device process, and lock it as QEMU would.
 pub fn open_image(path: &str, readonly: bool) -> Result<File, DriveError> {
@@ -261,13 +410,13 @@ mod tests {
         let d = parse_drive("file=/a,,b.img,format=raw,if=none,id=d0,readonly=on", 0).unwrap();
         assert_eq!(d.file.as_deref(), Some("/a,b.img"));
         assert_eq!((d.id.as_str(), d.readonly), ("d0", true));
-        assert!(!d.format_probed);
+        assert_eq!(d.format, Some(Format::Raw));
         let v = parse_drive("file=x.img,if=virtio", 2).unwrap();
         assert_eq!(
             (v.id.as_str(), v.interface),
             ("virtio2", DriveInterface::Virtio)
         );
-        assert!(v.format_probed);
+        assert_eq!(v.format, None);
         let cd = parse_drive("if=none,id=cd0,media=cdrom", 0).unwrap();
         assert_eq!((cd.file, cd.readonly), (None, true));
         assert_eq!(
@@ -279,8 +428,12 @@ mod tests {
             Err(DriveError::UnsupportedInterface("ide".into()))
         );
         assert_eq!(parse_drive("if=none,id=x", 0), Err(DriveError::NoFile));
+        assert_eq!(
+            parse_drive("file=x,if=none,format=qcow2", 0).map(|d| d.format),
+            Ok(Some(Format::Qcow2))
+        );
         assert!(matches!(
-            parse_drive("file=x,if=none,format=qcow2", 0),
+            parse_drive("file=x,if=none,format=vmdk", 0),
             Err(DriveError::UnsupportedFormat(_))
         ));
         assert!(matches!(

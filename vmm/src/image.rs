@@ -39,27 +39,15 @@ pub enum ImageError {
     Chain(String),
 }
 
-/// The image formats we serve.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Format {
-    Raw,
-    Qcow2,
-}
+/// The image formats we serve: the device protocol's own type.
+pub use ipc::blk::ImageFormat as Format;
 
-impl Format {
-    pub fn name(self) -> &'static str {
-        match self {
-            Format::Raw => "raw",
-            Format::Qcow2 => "qcow2",
-        }
-    }
-
-    pub fn parse(name: &str) -> Option<Format> {
-        match name {
-            "raw" => Some(Format::Raw),
-            "qcow2" => Some(Format::Qcow2),
-            _ => None,
-        }
+/// A `format=` value, if it is one we serve.
+pub fn parse_format(name: &str) -> Option<Format> {
+    match name {
+        "raw" => Some(Format::Raw),
+        "qcow2" => Some(Format::Qcow2),
+        _ => None,
     }
 }
 
@@ -310,7 +298,7 @@ pub fn open_backing_chain(top: &File, top_path: &Path) -> Result<Vec<BackingLink
         }
         seen.push(id);
         let format = match header.backing_format.as_deref() {
-            Some(f) => Format::parse(f)
+            Some(f) => parse_format(f)
                 .ok_or_else(|| backing_err(format!("unsupported backing format '{f}'")))?,
             None => probe(&file, &path)?,
         };

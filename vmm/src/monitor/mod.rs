@@ -160,6 +160,8 @@ pub const IMPLEMENTED_COMMANDS: &[&str] = &[
     "closefd",
     "block_resize",
     "query-block",
+    "blockdev-snapshot-sync",
+    "query-blockstats",
     QUERY_DEVICE_PROCESSES,
 ];
 
