@@ -140,7 +140,8 @@ pub fn run_standalone(args: &cli::Standalone) -> Result<(), BlkError> {
         args.queue_size,
         None,
     )?);
-    spawn_signal_thread()?;
+    let flushing = backend.clone();
+    spawn_signal_thread(Arc::new(move || flushing.disk().flush_for_exit()))?;
     backend::serve(backend, listener)?;
     Ok(())
 }
@@ -244,16 +245,20 @@ pub(crate) fn block_termination_signals() -> Result<(), BlkError> {
 /// A thread that waits for SIGTERM or SIGINT and exits with status 0. Every request is
 /// completed synchronously, so nothing is lost: what was written is in the image (the page
 /// cache), and a request the guest had not been told about yet is replayed by the vmm.
-pub(crate) fn spawn_signal_thread() -> Result<(), BlkError> {
+/// Exit on SIGTERM/SIGINT, after `before_exit` (the disk's flush).
+pub(crate) fn spawn_signal_thread(
+    before_exit: Arc<dyn Fn() + Send + Sync>,
+) -> Result<(), BlkError> {
     std::thread::Builder::new()
         .name("signals".into())
-        .spawn(|| {
+        .spawn(move || {
             let set = termination_signals();
             loop {
                 let mut sig: libc::c_int = 0;
                 // SAFETY: sigwait reads the set and writes the signal number we pass.
                 if unsafe { libc::sigwait(&set, &mut sig) } == 0 {
                     tracing::info!("signal {sig}: exiting");
+                    before_exit();
                     std::process::exit(0);
                 }
             }

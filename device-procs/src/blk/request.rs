@@ -206,6 +206,19 @@ impl Disk {
         }
     }
 
+    /// Write everything out before the process ends (QEMU flushes every drive at exit):
+    /// without it a format's cached metadata would be lost with the process. Requests
+    /// still running finish first (the write lock drains them).
+    pub fn flush_for_exit(&self) {
+        if self.readonly {
+            return;
+        }
+        let image = self.image.write().unwrap_or_else(|e| e.into_inner());
+        if let Err(e) = image.flush() {
+            tracing::error!("flushing the image at exit failed: {e}");
+        }
+    }
+
     pub fn readonly(&self) -> bool {
         self.readonly
     }

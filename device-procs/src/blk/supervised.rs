@@ -66,7 +66,8 @@ pub fn run() -> Result<(), BlkError> {
             move || control_loop(channel, sender, &backend)
         })
         .map_err(BlkError::Thread)?;
-    super::spawn_signal_thread()?;
+    let flushing = backend.clone();
+    super::spawn_signal_thread(Arc::new(move || flushing.disk().flush_for_exit()))?;
     backend::serve(backend, listener)?;
     Ok(())
 }
@@ -249,6 +250,7 @@ fn control_loop(
             Ok(_) => tracing::warn!("ignoring an unexpected control message"),
             Err(IpcError::Frame(FrameError::Closed)) => {
                 tracing::info!("the vmm closed the control socket: exiting");
+                backend.disk().flush_for_exit();
                 std::process::exit(0);
             }
             Err(e) => {

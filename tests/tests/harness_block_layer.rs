@@ -1,0 +1,334 @@
+//! The block layer through the harness: qcow2 disks on backing chains that qemu-img made,
+//! query-block and query-blockstats against what the driver did, live snapshots
+//! (blockdev-snapshot-sync) while writes go on, and resizing a qcow2 disk.
+
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+
+use serde_json::{json, Value};
+use vmm_tests::libqos::blk::{self, BlkDevice, BlkOptions, VIRTIO_BLK_T_FLUSH, VIRTIO_BLK_T_IN};
+use vmm_tests::libqos::blk::{VIRTIO_BLK_S_OK, VIRTIO_BLK_T_OUT};
+use vmm_tests::libqos::virtqueue::{Buffer, GuestAlloc};
+use vmm_tests::qmp::Qmp;
+use vmm_tests::qtest::Qtest;
+use vmm_tests::TempDir;
+
+const RAM: u64 = 128 << 20;
+const TIMEOUT: Duration = Duration::from_secs(10);
+
+fn qemu_img(args: &[&str]) -> String {
+    let out = Command::new("qemu-img")
+        .args(args)
+        .output()
+        .expect("qemu-img (Debian's qemu-utils)");
+    assert!(
+        out.status.success(),
+        "qemu-img {args:?}: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// A machine with one disk on queue 0 and QMP alongside.
+struct Disk {
+    qt: Qtest,
+    qmp: Qmp<std::os::unix::net::UnixStream>,
+    blk: BlkDevice,
+    hdr: u64,
+    status: u64,
+    data: u64,
+}
+
+impl Disk {
+    fn start(dir: &TempDir, drive: &str) -> Disk {
+        let qmp_sock = dir.join("qmp.sock");
+        let qmp_arg = format!("unix:{},server=on,wait=off", qmp_sock.display());
+        let mut qt = Qtest::start(
+            "128M",
+            &[
+                "-drive",
+                drive,
+                "-device",
+                "virtio-blk-pci,drive=d0,id=disk0",
+                "-qmp",
+                &qmp_arg,
+            ],
+        )
+        .unwrap();
+        let mut mem = GuestAlloc::for_ram(RAM);
+        let blk = BlkDevice::init(&mut qt, RAM, &mut mem, BlkOptions::default())
+            .unwrap_or_else(|e| panic!("{e}; vmm stderr:\n{}", qt.stderr()));
+        let hdr = mem.alloc(16, 16).unwrap();
+        let status = mem.alloc(1, 1).unwrap();
+        let data = mem.alloc(1 << 20, 4096).unwrap();
+        let qmp = Qmp::connect(&qmp_sock);
+        Disk {
+            qt,
+            qmp,
+            blk,
+            hdr,
+            status,
+            data,
+        }
+    }
+
+    fn request(&mut self, kind: u32, sector: u64, len: usize) -> u8 {
+        self.qt
+            .memwrite(self.hdr, &blk::header(kind, sector))
+            .unwrap();
+        self.qt.memset(self.status, 1, 0xff).unwrap();
+        let mut chain = vec![Buffer::readable(self.hdr, 16)];
+        if len > 0 {
+            chain.push(if kind == VIRTIO_BLK_T_IN {
+                Buffer::writable(self.data, len as u32)
+            } else {
+                Buffer::readable(self.data, len as u32)
+            });
+        }
+        chain.push(Buffer::writable(self.status, 1));
+        let vq = &mut self.blk.queues[0];
+        vq.add_chain(&mut self.qt, &chain).unwrap();
+        vq.kick(&mut self.qt).unwrap();
+        blk::wait_used(&mut self.qt, vq, TIMEOUT).unwrap();
+        self.qt.memread(self.status, 1).unwrap()[0]
+    }
+
+    fn write(&mut self, sector: u64, bytes: &[u8]) {
+        self.qt.memwrite(self.data, bytes).unwrap();
+        assert_eq!(
+            self.request(VIRTIO_BLK_T_OUT, sector, bytes.len()),
+            VIRTIO_BLK_S_OK
+        );
+    }
+
+    fn read(&mut self, sector: u64, len: usize) -> Vec<u8> {
+        assert_eq!(self.request(VIRTIO_BLK_T_IN, sector, len), VIRTIO_BLK_S_OK);
+        self.qt.memread(self.data, len).unwrap()
+    }
+
+    fn flush(&mut self) {
+        assert_eq!(self.request(VIRTIO_BLK_T_FLUSH, 0, 0), VIRTIO_BLK_S_OK);
+    }
+
+    fn qmp_ok(&mut self, command: &str, args: Value) -> Value {
+        let reply = self.qmp.execute(command, Some(args));
+        reply
+            .get("return")
+            .cloned()
+            .unwrap_or_else(|| panic!("{command}: {reply}"))
+    }
+
+    fn qmp_err(&mut self, command: &str, args: Value) -> String {
+        let reply = self.qmp.execute(command, Some(args));
+        reply["error"]["desc"]
+            .as_str()
+            .unwrap_or_else(|| panic!("{command} should fail: {reply}"))
+            .to_string()
+    }
+
+    /// QMP quit (its SHUTDOWN event comes before the reply), and the vmm exits 0: every
+    /// device process has flushed and stopped.
+    fn quit(&mut self) {
+        self.qmp.send("quit", None);
+        assert!(self.qt.wait_exit(TIMEOUT).unwrap().success());
+    }
+
+    fn block_info(&mut self) -> Value {
+        let list = self.qmp.execute("query-block", None)["return"].clone();
+        list.as_array()
+            .and_then(|l| l.iter().find(|b| b["device"] == "d0").cloned())
+            .expect("d0 in query-block")
+    }
+}
+
+fn base_with_pattern(path: &Path) -> Vec<u8> {
+    let data: Vec<u8> = (0..4u32 << 20).map(|i| (i % 251) as u8).collect();
+    std::fs::write(path, &data).unwrap();
+    data
+}
+
+#[test]
+fn a_qcow2_overlay_reads_its_backing_file_and_keeps_writes_to_itself() {
+    let dir = TempDir::new("block-qcow2");
+    let base = dir.join("base.raw");
+    let base_data = base_with_pattern(&base);
+    let top = dir.join("top.qcow2");
+    qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-b",
+        "base.raw",
+        "-F",
+        "raw",
+        top.to_str().unwrap(),
+    ]);
+    let drive = format!("file={},format=qcow2,if=none,id=d0", top.display());
+    let mut d = Disk::start(&dir, &drive);
+    assert_eq!(d.blk.capacity, (4 << 20) / 512);
+    assert_eq!(d.read(8, 4096), base_data[4096..8192]);
+    let mine = vec![0xa5u8; 65536];
+    d.write(100, &mine);
+    assert_eq!(d.read(100, 65536), mine);
+    d.flush();
+
+    let info = d.block_info();
+    let inserted = &info["inserted"];
+    assert_eq!(inserted["drv"], "qcow2");
+    assert_eq!(inserted["file"], json!(top.display().to_string()));
+    assert_eq!(inserted["backing_file_depth"], 1);
+    assert!(
+        inserted["backing_file"]
+            .as_str()
+            .is_some_and(|b| b.ends_with("base.raw")),
+        "{inserted}"
+    );
+    assert_eq!(inserted["image"]["backing-image"]["format"], "raw");
+    assert_eq!(inserted["encrypted"], false);
+
+    d.quit();
+    // The base is untouched; the overlay is a clean image with the guest's data.
+    assert_eq!(std::fs::read(&base).unwrap(), base_data);
+    qemu_img(&["check", "-q", "-f", "qcow2", top.to_str().unwrap()]);
+    let mut expected = base_data.clone();
+    expected[100 * 512..100 * 512 + 65536].copy_from_slice(&mine);
+    let flat = dir.join("flat.raw");
+    qemu_img(&[
+        "convert",
+        "-f",
+        "qcow2",
+        "-O",
+        "raw",
+        top.to_str().unwrap(),
+        flat.to_str().unwrap(),
+    ]);
+    assert_eq!(std::fs::read(&flat).unwrap(), expected);
+}
+
+#[test]
+fn query_blockstats_counts_what_the_driver_did() {
+    let dir = TempDir::new("block-stats");
+    let img = dir.join("disk.raw");
+    std::fs::write(&img, vec![0u8; 4 << 20]).unwrap();
+    let drive = format!("file={},format=raw,if=none,id=d0", img.display());
+    let mut d = Disk::start(&dir, &drive);
+    d.write(0, &[1u8; 4096]);
+    d.write(2048, &[2u8; 8192]);
+    d.read(0, 4096);
+    d.read(8, 512);
+    d.read(16, 1024);
+    d.flush();
+    let all = d.qmp.execute("query-blockstats", None)["return"].clone();
+    let s = all
+        .as_array()
+        .and_then(|l| l.iter().find(|b| b["device"] == "d0"))
+        .map(|b| b["stats"].clone())
+        .expect("d0 in query-blockstats");
+    assert_eq!(s["wr_operations"], 2, "{s}");
+    assert_eq!(s["wr_bytes"], 4096 + 8192);
+    assert_eq!(s["rd_operations"], 3);
+    assert_eq!(s["rd_bytes"], 4096 + 512 + 1024);
+    assert_eq!(s["flush_operations"], 1);
+    assert_eq!(s["wr_highest_offset"], 2048 * 512 + 8192);
+    assert!(s["wr_total_time_ns"].as_u64().unwrap_or(0) > 0);
+    assert!(s["rd_total_time_ns"].as_u64().unwrap_or(0) > 0);
+}
+
+#[test]
+fn a_live_snapshot_loses_no_write_and_shows_in_query_block() {
+    let dir = TempDir::new("block-snapshot");
+    let base = dir.join("disk.raw");
+    std::fs::write(&base, vec![0u8; 4 << 20]).unwrap();
+    let drive = format!("file={},format=raw,if=none,id=d0", base.display());
+    let mut d = Disk::start(&dir, &drive);
+    for i in 0..16u64 {
+        d.write(i * 8, &[i as u8 + 1; 4096]);
+    }
+    // Bad snapshots change nothing.
+    let text = dir.join("notes.txt");
+    std::fs::write(&text, b"not an image").unwrap();
+    let err = d.qmp_err(
+        "blockdev-snapshot-sync",
+        json!({"device": "d0", "snapshot-file": text.display().to_string()}),
+    );
+    assert!(err.contains("not an image"), "{err}");
+    assert_eq!(std::fs::read(&text).unwrap(), b"not an image");
+    let raw_snap = dir.join("snap.raw");
+    let err = d.qmp_err(
+        "blockdev-snapshot-sync",
+        json!({"device": "d0", "snapshot-file": raw_snap.display().to_string(), "format": "raw"}),
+    );
+    assert!(err.contains("qcow2"), "{err}");
+    assert!(!raw_snap.exists());
+    let err = d.qmp_err(
+        "blockdev-snapshot-sync",
+        json!({"device": "nope", "snapshot-file": raw_snap.display().to_string()}),
+    );
+    assert_eq!(err, "Cannot find device='nope' nor node-name=''");
+
+    let snap = dir.join("snap.qcow2");
+    d.qmp_ok(
+        "blockdev-snapshot-sync",
+        json!({"device": "d0", "snapshot-file": snap.display().to_string(), "format": "qcow2"}),
+    );
+    // Writes after the switch go to the overlay; everything written before reads back.
+    for i in 16..32u64 {
+        d.write(i * 8, &[i as u8 + 1; 4096]);
+    }
+    for i in 0..32u64 {
+        assert_eq!(d.read(i * 8, 4096), vec![i as u8 + 1; 4096], "block {i}");
+    }
+    let info = d.block_info();
+    assert_eq!(info["inserted"]["file"], json!(snap.display().to_string()));
+    assert_eq!(info["inserted"]["drv"], "qcow2");
+    assert!(
+        info["inserted"]["backing_file"]
+            .as_str()
+            .is_some_and(|b| b.ends_with("disk.raw")),
+        "{info}"
+    );
+    d.flush();
+    d.quit();
+
+    // The base holds exactly the writes from before the snapshot.
+    let base_now = std::fs::read(&base).unwrap();
+    for i in 0..32u64 {
+        let at = (i * 8 * 512) as usize;
+        let want = if i < 16 { i as u8 + 1 } else { 0 };
+        assert!(
+            base_now[at..at + 4096].iter().all(|b| *b == want),
+            "base block {i}"
+        );
+    }
+    qemu_img(&["check", "-q", "-f", "qcow2", snap.to_str().unwrap()]);
+    let chain = qemu_img(&["info", "--backing-chain", snap.to_str().unwrap()]);
+    assert!(chain.contains("disk.raw"), "{chain}");
+}
+
+#[test]
+fn a_qcow2_disk_grows_live() {
+    let dir = TempDir::new("block-grow");
+    let img = dir.join("disk.qcow2");
+    qemu_img(&["create", "-q", "-f", "qcow2", img.to_str().unwrap(), "4M"]);
+    let drive = format!("file={},format=qcow2,if=none,id=d0", img.display());
+    let mut d = Disk::start(&dir, &drive);
+    d.qmp_ok("block_resize", json!({"device": "d0", "size": 16 << 20}));
+    let deadline = std::time::Instant::now() + TIMEOUT;
+    loop {
+        let capacity = d.blk.dev.config_readq(&mut d.qt, 0).unwrap();
+        if capacity == (16 << 20) / 512 {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "capacity {capacity}");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    d.write((12 << 20) / 512, &[7u8; 4096]);
+    assert_eq!(d.read((12 << 20) / 512, 4096), vec![7u8; 4096]);
+    let info = d.block_info();
+    assert_eq!(info["inserted"]["image"]["virtual-size"], 16 << 20);
+    d.quit();
+    qemu_img(&["check", "-q", "-f", "qcow2", img.to_str().unwrap()]);
+}
