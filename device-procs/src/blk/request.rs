@@ -706,7 +706,16 @@ fn write_layer(
             op: "write",
             offset,
             source,
-        })
+        })?;
+    // The format's metadata (new clusters' mappings and refcounts) goes to the file before
+    // the guest hears the write is done: the file's page cache survives this process, so a
+    // restart after kill -9 still finds every completed write (no fdatasync: only a guest
+    // flush asks for stable storage).
+    layer.flush().map_err(|source| RequestError::Host {
+        op: "write metadata",
+        offset,
+        source,
+    })
 }
 
 /// Discard a range. Advisory: where the image cannot, the request still succeeds.
