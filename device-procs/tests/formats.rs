@@ -140,11 +140,12 @@ impl Supervised {
                 serial: "fmt".into(),
                 num_queues: 1,
                 queue_size: QSIZE,
+                error_policy: Default::default(),
             },
             chain: ImageChain { format, backing },
         };
         match self.ch.call(req, &fds, T) {
-            Ok((BlkReply::Attached { size }, _)) => Ok(size),
+            Ok((BlkReply::Attached { size, .. }, _)) => Ok(size),
             Ok((other, _)) => panic!("{other:?}"),
             Err(e) => Err(e.to_string()),
         }

@@ -75,6 +75,7 @@ fn attach(readonly: bool) -> BlkRequest {
         serial: "sup".into(),
         num_queues: 1,
         queue_size: 128,
+        error_policy: Default::default(),
     })
 }
 
@@ -108,6 +109,7 @@ fn hello_attach_serve_and_exit_with_the_control_socket() {
         serial: String::new(),
         num_queues: 1,
         queue_size: 100,
+        error_policy: Default::default(),
     });
     let rw = OpenOptions::new()
         .read(true)
@@ -119,7 +121,13 @@ fn hello_attach_serve_and_exit_with_the_control_socket() {
 
     // Accepted: a read-only disk (the partial last sector is not served).
     let (reply, _) = ch.call(attach(true), &[ro.as_fd()], T).unwrap();
-    assert_eq!(reply, BlkReply::Attached { size: 64 * 1024 });
+    assert_eq!(
+        reply,
+        BlkReply::Attached {
+            size: 64 * 1024,
+            encrypted: false
+        }
+    );
     let err = ch.call(attach(true), &[ro.as_fd()], T).unwrap_err();
     assert!(
         matches!(&err, IpcError::Remote(e) if e.0.contains("already attached")),

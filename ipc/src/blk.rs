@@ -37,6 +37,12 @@ pub enum BlkRequest {
     /// Replied to with [`BlkReply::SnapshotTaken`]; on an error the old chain is served on,
     /// unchanged. Only [`ImageFormat::Qcow2`] overlays exist.
     Snapshot { format: ImageFormat },
+    /// The password of the encrypted images (qcow2 legacy AES: the key is the password's
+    /// bytes, zero-padded or cut to 16, as QEMU's qcow2 does). A wrong key is not
+    /// detectable in that format; QEMU accepts any.
+    SetKey { password: String },
+    /// Carry out again the requests held by an error policy of `Stop` (the VM continues).
+    Resume,
 }
 
 /// An image format.
@@ -122,19 +128,58 @@ pub struct AttachConfig {
     pub num_queues: u16,
     /// Size of each queue the backend accepts.
     pub queue_size: u16,
+    /// What a failed guest read or write does (`-drive rerror=`/`werror=`).
+    pub error_policy: ErrorPolicy,
+}
+
+/// QEMU's `rerror`/`werror` actions for a request the host could not carry out.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ErrorAction {
+    /// The guest sees VIRTIO_BLK_S_IOERR (QEMU's default for reads).
+    #[default]
+    Report,
+    /// The guest sees success; the error is only reported to the vmm.
+    Ignore,
+    /// The request is held (not completed) and the vmm stops the VM; after
+    /// [`BlkRequest::Resume`] it is carried out again.
+    Stop,
+    /// `Stop` for ENOSPC, `Report` for anything else (QEMU's default for writes).
+    Enospc,
+}
+
+/// The actions for reads and writes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ErrorPolicy {
+    pub read: ErrorAction,
+    pub write: ErrorAction,
+}
+
+impl Default for ErrorPolicy {
+    /// QEMU's defaults: `rerror=report`, `werror=enospc`.
+    fn default() -> Self {
+        ErrorPolicy {
+            read: ErrorAction::Report,
+            write: ErrorAction::Enospc,
+        }
+    }
 }
 
 /// Replies to [`BlkRequest`]s.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum BlkReply {
-    /// The image is being served; it holds `size` bytes.
-    Attached { size: u64 },
+    /// The image is being served; it holds `size` bytes. `encrypted`: an image (or a
+    /// backing image) is encrypted and every request fails until [`BlkRequest::SetKey`].
+    Attached { size: u64, encrypted: bool },
     /// The disk now holds `size` bytes.
     Resized { size: u64 },
     /// The answer to [`BlkRequest::Stats`].
     Stats(BlockStats),
     /// The overlay of a [`BlkRequest::Snapshot`] is the top image now.
     SnapshotTaken,
+    /// [`BlkRequest::SetKey`] opened the encrypted images.
+    KeySet,
+    /// [`BlkRequest::Resume`]: the held requests were carried out again (`retried`).
+    Resumed { retried: u32 },
 }
 
 /// Unsolicited reports from a block device process.
@@ -142,6 +187,16 @@ pub enum BlkReply {
 pub enum BlkEvent {
     /// An I/O error the guest saw as VIRTIO_BLK_S_IOERR.
     IoError { write: bool, message: String },
+    /// A request failed and the error policy acted (QMP's BLOCK_IO_ERROR): `action` is
+    /// what happened to it (never `Enospc`: that resolves to `Stop` or `Report`). With
+    /// `Stop` the process holds the request, and every later failing one, until
+    /// [`BlkRequest::Resume`].
+    RequestFailed {
+        write: bool,
+        action: ErrorAction,
+        nospace: bool,
+        reason: String,
+    },
 }
 
 /// The vmm's end of a block process's control socket.

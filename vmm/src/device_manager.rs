@@ -797,6 +797,7 @@ impl DeviceManager {
             serial,
             num_queues,
             queue_size,
+            error_policy: drive.error_policy,
         };
         let (process, control, size) = start_blk_process(&name, &image, &attach)?;
         tracing::info!(device = %name, pid = process.pid(), "serving {file} ({size} bytes)");
@@ -1001,7 +1002,7 @@ fn start_blk_process(
         .call(request, &fds, SETUP_TIMEOUT)
         .map_err(ipc_err)?;
     match reply {
-        BlkReply::Attached { size } => Ok((process, control, size)),
+        BlkReply::Attached { size, .. } => Ok((process, control, size)),
         other => Err(ipc_err(ipc::IpcError::Remote(ipc::RemoteError(format!(
             "answered Attach with {other:?}"
         ))))),

@@ -8,6 +8,7 @@ use std::path::Path;
 
 use crate::chardev::{split_key_value, split_options};
 use crate::image::{self, BackingLink, Format, ImageError};
+use ipc::blk::{ErrorAction, ErrorPolicy};
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum DriveError {
@@ -61,6 +62,8 @@ pub struct DriveConfig {
     pub serial: Option<String>,
     /// `format=`; `None` until probed (QEMU probes, and warns when it guesses raw).
     pub format: Option<Format>,
+    /// `rerror=` and `werror=`.
+    pub error_policy: ErrorPolicy,
 }
 
 /// Parse a `-drive` value. `index` numbers drives without an `id` as QEMU does
@@ -74,6 +77,7 @@ pub fn parse_drive(value: &str, index: usize) -> Result<DriveConfig, DriveError>
         media: DriveMedia::Disk,
         serial: None,
         format: None,
+        error_policy: ErrorPolicy::default(),
     };
     let mut id = None;
     let mut interface = None;
@@ -128,7 +132,9 @@ pub fn parse_drive(value: &str, index: usize) -> Result<DriveConfig, DriveError>
                     })
                 }
             },
-            "aio" | "discard" | "detect-zeroes" | "werror" | "rerror" | "index" => {}
+            "werror" => cfg.error_policy.write = parse_error_action(key, v, true)?,
+            "rerror" => cfg.error_policy.read = parse_error_action(key, v, false)?,
+            "aio" | "discard" | "detect-zeroes" | "index" => {}
             other => return Err(DriveError::UnknownParameter(other.to_string())),
         }
     }
@@ -144,6 +150,25 @@ pub fn parse_drive(value: &str, index: usize) -> Result<DriveConfig, DriveError>
         DriveInterface::None => format!("none{index}"),
     });
     Ok(cfg)
+}
+
+/// QEMU's error actions; `enospc` only for writes (QEMU: "enospc is not supported for
+/// rerror").
+fn parse_error_action(key: &str, v: &str, write: bool) -> Result<ErrorAction, DriveError> {
+    match v {
+        "report" => Ok(ErrorAction::Report),
+        "ignore" => Ok(ErrorAction::Ignore),
+        "stop" => Ok(ErrorAction::Stop),
+        "enospc" if write => Ok(ErrorAction::Enospc),
+        _ => Err(DriveError::InvalidValue {
+            key: key.into(),
+            expected: if write {
+                "'report', 'ignore', 'stop' or 'enospc'"
+            } else {
+                "'report', 'ignore' or 'stop'"
+            },
+        }),
+    }
 }
 
 fn parse_on_off(key: &str, v: &str) -> Result<bool, DriveError> {
@@ -441,6 +466,17 @@ mod tests {
             Err(DriveError::UnknownFormat(_))
         ));
         assert!(parse_drive("file=x,if=none,readonly=maybe", 0).is_err());
+        let p = parse_drive("file=x,if=none,werror=stop,rerror=ignore", 0).unwrap();
+        assert_eq!(
+            (p.error_policy.write, p.error_policy.read),
+            (ErrorAction::Stop, ErrorAction::Ignore)
+        );
+        assert_eq!(
+            parse_drive("file=x,if=none", 0).unwrap().error_policy,
+            ErrorPolicy::default()
+        );
+        assert!(parse_drive("file=x,if=none,rerror=enospc", 0).is_err());
+        assert!(parse_drive("file=x,if=none,werror=explode", 0).is_err());
     }
 
     #[test]

@@ -45,7 +45,14 @@ pub fn run() -> Result<(), BlkError> {
         config.queue_size,
         Some(event_hook(sender.clone())),
     )?);
-    reply(&sender, attach_id, Ok(BlkReply::Attached { size }));
+    reply(
+        &sender,
+        attach_id,
+        Ok(BlkReply::Attached {
+            size,
+            encrypted: false,
+        }),
+    );
     if let Some(delay) = std::env::var(TEST_HOOK_BAD_RPC)
         .ok()
         .and_then(|v| v.parse::<u64>().ok())
