@@ -168,6 +168,7 @@ fn greeting_negotiation_run_control_and_queries() {
         "query-block",
         "blockdev-snapshot-sync",
         "query-blockstats",
+        "block_passwd",
     ];
     expected.sort_unstable();
     assert_eq!(names, expected);

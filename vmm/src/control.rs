@@ -18,6 +18,8 @@ pub enum MachineRequest {
     DebugExit(u32),
     /// A vCPU hit an error it cannot continue from.
     InternalError,
+    /// A disk's error policy says stop: the VM goes to the io-error state.
+    BlockIoErrorStop,
     /// The host asked the vmm to exit (SIGTERM, SIGINT, SIGHUP).
     Quit,
     /// A QMP command to run against the machine; the reply goes back through the call.

@@ -14,7 +14,8 @@ use qmp::EventSender;
 use serde_json::{json, Map, Value};
 use vmm_sys_util::eventfd::EventFd;
 
-use ipc::blk::{AttachConfig, BlkChannel, BlkEvent, BlkReply, BlkRequest};
+use crate::control::{MachineControl, MachineRequest};
+use ipc::blk::{AttachConfig, BlkChannel, BlkEvent, BlkReply, BlkRequest, ErrorAction};
 use ipc::DeviceKind;
 use vm_memory::GuestMemoryMmap;
 
@@ -78,6 +79,10 @@ pub enum DeviceError {
     Resize(String),
     #[error("{0}")]
     Snapshot(String),
+    #[error("Device '{0}' not found")]
+    DriveNotFoundForCommand(String),
+    #[error("Device '{0}' is not encrypted")]
+    NotEncrypted(String),
     #[error(transparent)]
     Drive(#[from] DriveError),
     #[error(transparent)]
@@ -247,11 +252,35 @@ struct BlockDevice {
     control: BlkChannel,
     function: Arc<Mutex<VirtioPciDevice>>,
     state: ProcessState,
+    /// An image of the chain is encrypted; the process refuses I/O until it has the key.
+    encrypted: bool,
+    /// The password given with block_passwd (kept to give it to a restarted process).
+    password: Option<String>,
+    /// query-block's io-status: set when an error policy stopped the VM for this disk.
+    io_status: IoStatus,
     /// The control socket reached end of file (the process is going away).
     control_closed: bool,
     /// Restart times within the window.
     restarts: Vec<Instant>,
     total_restarts: u64,
+}
+
+/// A disk's I/O status as query-block reports it (`io-status`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum IoStatus {
+    Ok,
+    Failed,
+    Nospace,
+}
+
+impl IoStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            IoStatus::Ok => "ok",
+            IoStatus::Failed => "failed",
+            IoStatus::Nospace => "nospace",
+        }
+    }
 }
 
 /// A drive as query-block describes it.
@@ -269,6 +298,8 @@ pub struct BlockInfo {
     pub size: u64,
     /// The QOM path of the device using it, if one does.
     pub qdev: Option<String>,
+    pub encrypted: bool,
+    pub io_status: IoStatus,
 }
 
 /// One image of a chain, as query-block's `image` describes it.
@@ -338,6 +369,8 @@ struct ExternalDevice {
 
 /// Owner of the configured drives and of every device with a process behind it.
 pub struct DeviceManager {
+    /// Requests to the machine (an error policy stopping the VM).
+    machine: MachineControl,
     /// `-chardev`s that devices may name.
     chardevs: Vec<(String, ChardevSpec)>,
     external: Vec<ExternalDevice>,
@@ -362,8 +395,10 @@ impl DeviceManager {
         accel: Arc<dyn Accelerator>,
         memory: GuestMemoryMmap,
         pci: Arc<Mutex<PciBus>>,
+        machine: MachineControl,
     ) -> Self {
         DeviceManager {
+            machine,
             chardevs: Vec::new(),
             external: Vec::new(),
             accel,
@@ -563,6 +598,65 @@ impl DeviceManager {
         Ok(())
     }
 
+    /// The first disk that is encrypted and has no key yet: its drive and file (`cont`
+    /// refuses to run the guest until block_passwd gave every key).
+    pub fn missing_key(&self) -> Option<(String, String)> {
+        lock(&self.blocks).iter().find_map(|b| {
+            let b = lock(b);
+            (b.encrypted && b.password.is_none()).then(|| (b.drive.clone(), b.image.path.clone()))
+        })
+    }
+
+    /// QMP block_passwd: give an encrypted disk its key.
+    pub fn set_password(&self, drive: &str, password: &str) -> Result<(), DeviceError> {
+        let block = lock(&self.blocks)
+            .iter()
+            .find(|b| lock(b).drive == drive)
+            .cloned()
+            .ok_or_else(|| DeviceError::DriveNotFoundForCommand(drive.to_string()))?;
+        let mut b = lock(&block);
+        if !b.encrypted {
+            return Err(DeviceError::NotEncrypted(drive.to_string()));
+        }
+        let name = b.name.clone();
+        let request = BlkRequest::SetKey {
+            password: password.to_string(),
+        };
+        match b.control.call(request, &[], SETUP_TIMEOUT) {
+            Ok((BlkReply::KeySet, _)) => {
+                b.password = Some(password.to_string());
+                Ok(())
+            }
+            Ok((other, _)) => Err(DeviceError::Resize(format!(
+                "unexpected answer to a key: {other:?}"
+            ))),
+            Err(ipc::IpcError::Remote(r)) => Err(DeviceError::Resize(r.0)),
+            Err(source) => Err(DeviceError::Ipc { name, source }),
+        }
+    }
+
+    /// Before the VM continues: every disk that an error policy stopped carries out its
+    /// held requests again, and its I/O status is ok again.
+    pub fn resume_held_requests(&self) {
+        for block in lock(&self.blocks).iter() {
+            let mut b = lock(block);
+            if b.io_status == IoStatus::Ok || b.state != ProcessState::Running {
+                b.io_status = IoStatus::Ok;
+                continue;
+            }
+            b.io_status = IoStatus::Ok;
+            match b.control.call(BlkRequest::Resume, &[], SETUP_TIMEOUT) {
+                Ok((BlkReply::Resumed { retried }, _)) => {
+                    tracing::info!(device = %b.name, retried, "held requests carried out again");
+                }
+                Ok((other, _)) => {
+                    tracing::warn!(device = %b.name, "answered Resume with {other:?}")
+                }
+                Err(e) => tracing::warn!(device = %b.name, "cannot resume its requests: {e}"),
+            }
+        }
+    }
+
     /// I/O statistics of every drive, in query-block's order: counted by the device
     /// processes (fetched over their control channels); a drive nobody serves did no I/O.
     pub fn block_stats(&self) -> Vec<(String, Option<String>, ipc::blk::BlockStats)> {
@@ -620,6 +714,8 @@ impl DeviceManager {
                         .collect(),
                         size: b.size,
                         qdev: Some(b.qdev.clone()),
+                        encrypted: b.encrypted,
+                        io_status: b.io_status,
                     }
                 })
                 .collect();
@@ -658,8 +754,10 @@ impl DeviceManager {
                     Some(h) => h.size,
                     None => std::fs::metadata(&file).map_or(0, |m| m.len()),
                 },
+                encrypted: header.as_ref().is_some_and(|h| h.crypt_method != 0),
                 file,
                 qdev: None,
+                io_status: IoStatus::Ok,
             }
         }));
         out
@@ -696,6 +794,7 @@ impl DeviceManager {
         let context = WatchContext {
             blocks: self.blocks.clone(),
             events: self.events.clone(),
+            machine: self.machine.clone(),
             wake: wake.try_clone().map_err(io)?,
             stop: stop.clone(),
         };
@@ -799,7 +898,7 @@ impl DeviceManager {
             queue_size,
             error_policy: drive.error_policy,
         };
-        let (process, control, size) = start_blk_process(&name, &image, &attach)?;
+        let (process, control, size, encrypted) = start_blk_process(&name, &image, &attach)?;
         tracing::info!(device = %name, pid = process.pid(), "serving {file} ({size} bytes)");
 
         let stream = process.connect_vhost_user()?;
@@ -836,6 +935,9 @@ impl DeviceManager {
             control,
             function,
             state: ProcessState::Running,
+            encrypted,
+            password: None,
+            io_status: IoStatus::Ok,
             control_closed: false,
             restarts: Vec::new(),
             total_restarts: 0,
@@ -978,7 +1080,7 @@ fn start_blk_process(
     name: &str,
     image: &OpenedImage,
     attach: &AttachConfig,
-) -> Result<(DeviceProcess, BlkChannel, u64), DeviceError> {
+) -> Result<(DeviceProcess, BlkChannel, u64, bool), DeviceError> {
     let program = supervisor::device_program("vmm-blk")?;
     let process = DeviceProcess::spawn(name, &program, &[])?;
     let ipc_err = |source| DeviceError::Ipc {
@@ -1002,7 +1104,7 @@ fn start_blk_process(
         .call(request, &fds, SETUP_TIMEOUT)
         .map_err(ipc_err)?;
     match reply {
-        BlkReply::Attached { size, .. } => Ok((process, control, size)),
+        BlkReply::Attached { size, encrypted } => Ok((process, control, size, encrypted)),
         other => Err(ipc_err(ipc::IpcError::Remote(ipc::RemoteError(format!(
             "answered Attach with {other:?}"
         ))))),
@@ -1013,6 +1115,8 @@ fn start_blk_process(
 struct WatchContext {
     blocks: Arc<Mutex<Vec<SharedBlock>>>,
     events: Arc<Mutex<EventSender>>,
+    /// Where an error policy's stop goes.
+    machine: MachineControl,
     wake: EventFd,
     stop: Arc<AtomicBool>,
 }
@@ -1088,6 +1192,42 @@ impl WatchContext {
             Ok((ipc::Message::Event(BlkEvent::IoError { write, message }), _)) => {
                 let op = if write { "write" } else { "read" };
                 tracing::warn!(device = %b.name, "guest {op} failed: {message}");
+                return;
+            }
+            Ok((
+                ipc::Message::Event(BlkEvent::RequestFailed {
+                    write,
+                    action,
+                    nospace,
+                    reason,
+                }),
+                _,
+            )) => {
+                let action_name = match action {
+                    ErrorAction::Report | ErrorAction::Enospc => "report",
+                    ErrorAction::Ignore => "ignore",
+                    ErrorAction::Stop => "stop",
+                };
+                // QEMU 7.2's BLOCK_IO_ERROR, then (for stop) the VM stops: STOP follows.
+                self.emit(
+                    "BLOCK_IO_ERROR",
+                    json!({
+                        "device": b.drive,
+                        "node-name": b.name,
+                        "operation": if write { "write" } else { "read" },
+                        "action": action_name,
+                        "nospace": nospace,
+                        "reason": reason,
+                    }),
+                );
+                if action == ErrorAction::Stop {
+                    b.io_status = if nospace {
+                        IoStatus::Nospace
+                    } else {
+                        IoStatus::Failed
+                    };
+                    self.machine.request(MachineRequest::BlockIoErrorStop);
+                }
                 return;
             }
             Ok(_) => "a message that is not an event".to_string(),
@@ -1172,7 +1312,22 @@ impl WatchContext {
 
 /// A new process for `b` with the same image, and the vhost-user setup replayed.
 fn respawn(b: &mut BlockDevice) -> Result<(), DeviceError> {
-    let (process, control, _size) = start_blk_process(&b.name, &b.image, &b.attach)?;
+    let (process, mut control, _size, _encrypted) =
+        start_blk_process(&b.name, &b.image, &b.attach)?;
+    if let Some(password) = &b.password {
+        control
+            .call(
+                BlkRequest::SetKey {
+                    password: password.clone(),
+                },
+                &[],
+                SETUP_TIMEOUT,
+            )
+            .map_err(|source| DeviceError::Ipc {
+                name: b.name.clone(),
+                source,
+            })?;
+    }
     let stream = process.connect_vhost_user()?;
     {
         let mut function = lock(&b.function);

@@ -22,7 +22,7 @@ pub enum DriveError {
     UnsupportedFormat(String),
     #[error(transparent)]
     Image(#[from] ImageError),
-    #[error("'{0}' is encrypted: encrypted images are not supported yet")]
+    #[error("'{0}' is LUKS-encrypted: only qcow2's legacy AES encryption is supported")]
     Encrypted(String),
     #[error("interface '{0}' is not supported (use if=virtio or if=none)")]
     UnsupportedInterface(String),
@@ -270,7 +270,8 @@ pub fn open_drive(drive: &DriveConfig) -> Result<OpenedImage, DriveError> {
         }
         Format::Qcow2 => {
             let header = image::read_qcow2_header(&top, Path::new(path))?;
-            if header.crypt_method != 0 {
+            // Legacy AES (1) is served once block_passwd gives the key; LUKS (2) is not.
+            if header.crypt_method > 1 {
                 return Err(DriveError::Encrypted(path.to_string()));
             }
             let backing = image::open_backing_chain(&top, Path::new(path))?;

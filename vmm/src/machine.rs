@@ -331,8 +331,12 @@ impl Machine {
             source,
         })?;
 
-        let mut devices =
-            DeviceManager::new(accel.clone(), memory.guest_memory().clone(), pci.clone());
+        let mut devices = DeviceManager::new(
+            accel.clone(),
+            memory.guest_memory().clone(),
+            pci.clone(),
+            control.clone(),
+        );
         devices.set_chardevs(config.chardevs.clone());
         for (option, drive) in &config.drives {
             devices
@@ -539,6 +543,14 @@ impl Machine {
         if self.run_state.is_running() {
             return Ok(());
         }
+        if let Some((drive, file)) = self.devices.missing_key() {
+            return Err(QmpError::generic(format!(
+                "'{drive}' ({file}) is encrypted"
+            )));
+        }
+        // Requests that an error policy held are carried out again (QEMU resets the I/O
+        // status and the devices retry).
+        self.devices.resume_held_requests();
         self.emit("RESUME", None);
         self.run_state = RunState::Running;
         self.accel.resume();
@@ -637,6 +649,7 @@ impl Machine {
                 self.cpus.pause();
                 self.run_state = RunState::InternalError;
             }
+            MachineRequest::BlockIoErrorStop => self.stop_into(RunState::IoError),
             MachineRequest::Quit => {
                 self.emit_shutdown(false, "host-signal");
                 return Ok(Some(MachineExit::Shutdown));

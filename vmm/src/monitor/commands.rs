@@ -69,6 +69,20 @@ pub fn execute(machine: &mut Machine, mut call: MonitorCall) -> Option<MachineEx
         "block_resize" => block_resize(machine, &call).map(|()| json!({})),
         "query-block" => Ok(query_block(machine)),
         "query-blockstats" => Ok(query_blockstats(machine)),
+        "block_passwd" => {
+            let device = call.str_arg("device").unwrap_or("");
+            let password = call.str_arg("password").unwrap_or("");
+            machine
+                .devices()
+                .set_password(device, password)
+                .map(|()| json!({}))
+                .map_err(|e| match e {
+                    crate::device_manager::DeviceError::DriveNotFoundForCommand(d) => {
+                        QmpError::device_not_found(&d)
+                    }
+                    other => QmpError::generic(other.to_string()),
+                })
+        }
         "blockdev-snapshot-sync" => {
             let device = call.str_arg("device").unwrap_or("");
             let format = call.str_arg("format");
@@ -422,7 +436,7 @@ fn query_block(machine: &Machine) -> Value {
             "type": "unknown",
         });
         if let Some(qdev) = &info.qdev {
-            entry["io-status"] = json!("ok");
+            entry["io-status"] = json!(info.io_status.as_str());
             entry["qdev"] = json!(qdev);
         }
         if d.file.is_some() {
@@ -430,7 +444,7 @@ fn query_block(machine: &Machine) -> Value {
                 "file": info.file,
                 "ro": d.readonly,
                 "drv": info.format.name(),
-                "encrypted": false,
+                "encrypted": info.encrypted,
                 "backing_file_depth": info.backing.len(),
                 "node-name": format!("#block{}", 100 + index),
                 "cache": {"no-flush": false, "direct": false, "writeback": true},

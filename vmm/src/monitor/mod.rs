@@ -162,6 +162,7 @@ pub const IMPLEMENTED_COMMANDS: &[&str] = &[
     "query-block",
     "blockdev-snapshot-sync",
     "query-blockstats",
+    "block_passwd",
     QUERY_DEVICE_PROCESSES,
 ];
 

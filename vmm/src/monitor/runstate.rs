@@ -13,6 +13,8 @@ pub enum RunState {
     Shutdown,
     /// A vCPU failed and cannot continue.
     InternalError,
+    /// A disk's error policy stopped the VM (`werror=stop`, ...); `cont` retries.
+    IoError,
 }
 
 impl RunState {
@@ -24,6 +26,7 @@ impl RunState {
             RunState::Paused => "paused",
             RunState::Shutdown => "shutdown",
             RunState::InternalError => "internal-error",
+            RunState::IoError => "io-error",
         }
     }
 
