@@ -43,20 +43,22 @@ struct Disk {
 
 impl Disk {
     fn start(dir: &TempDir, drive: &str) -> Disk {
+        Disk::start_with(dir, drive, &[])
+    }
+
+    fn start_with(dir: &TempDir, drive: &str, extra: &[&str]) -> Disk {
         let qmp_sock = dir.join("qmp.sock");
         let qmp_arg = format!("unix:{},server=on,wait=off", qmp_sock.display());
-        let mut qt = Qtest::start(
-            "128M",
-            &[
-                "-drive",
-                drive,
-                "-device",
-                "virtio-blk-pci,drive=d0,id=disk0",
-                "-qmp",
-                &qmp_arg,
-            ],
-        )
-        .unwrap();
+        let mut args = vec![
+            "-drive",
+            drive,
+            "-device",
+            "virtio-blk-pci,drive=d0,id=disk0",
+            "-qmp",
+            &qmp_arg,
+        ];
+        args.extend_from_slice(extra);
+        let mut qt = Qtest::start("128M", &args).unwrap();
         let mut mem = GuestAlloc::for_ram(RAM);
         let blk = BlkDevice::init(&mut qt, RAM, &mut mem, BlkOptions::default())
             .unwrap_or_else(|e| panic!("{e}; vmm stderr:\n{}", qt.stderr()));
@@ -361,4 +363,46 @@ fn qcow2_writes_survive_a_killed_process() {
     }
     d.quit();
     qemu_img(&["check", "-q", "-f", "qcow2", img.to_str().unwrap()]);
+}
+
+/// An image that management opened and passed (`-add-fd`, `file=/dev/fdset/N`) is served
+/// without the vmm ever opening its path: here the path is gone before the vmm starts.
+#[test]
+fn an_image_passed_as_a_descriptor_is_never_opened_by_path() {
+    use std::os::fd::AsRawFd;
+    use std::os::unix::fs::FileExt;
+    let dir = TempDir::new("block-fdset");
+    let path = dir.join("disk.raw");
+    std::fs::write(&path, vec![0x11u8; 1 << 20]).unwrap();
+    let image = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&path)
+        .unwrap();
+    std::fs::remove_file(&path).unwrap();
+    let fd = image.as_raw_fd();
+    // Let the vmm inherit it (std opens files close-on-exec).
+    // SAFETY: clearing FD_CLOEXEC on a descriptor this test owns.
+    assert_eq!(unsafe { libc::fcntl(fd, libc::F_SETFD, 0) }, 0);
+    let add_fd = format!("fd={fd},set=3");
+    let mut d = Disk::start_with(
+        &dir,
+        "file=/dev/fdset/3,format=raw,if=none,id=d0",
+        &["-add-fd", &add_fd],
+    );
+    assert_eq!(d.read(0, 512), vec![0x11u8; 512]);
+    d.write(16, &[0x22u8; 4096]);
+    d.flush();
+    let mut back = vec![0u8; 4096];
+    image.read_exact_at(&mut back, 16 * 512).unwrap();
+    assert_eq!(back, vec![0x22u8; 4096]);
+    let info = d.block_info();
+    assert_eq!(info["inserted"]["file"], "/dev/fdset/3");
+    // A snapshot needs a name for its backing file: refused, nothing changes.
+    let err = d.qmp_err(
+        "blockdev-snapshot-sync",
+        json!({"device": "d0", "snapshot-file": dir.join("s.qcow2").display().to_string()}),
+    );
+    assert!(err.contains("file descriptor"), "{err}");
+    d.quit();
 }

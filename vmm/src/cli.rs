@@ -47,6 +47,7 @@ const WITH_VALUE: &[&str] = &[
     "pidfile",
     "device",
     "drive",
+    "add-fd",
     "machine",
     "M",
     "decompress-kernel",
@@ -174,6 +175,35 @@ where
                     let dev = crate::device_manager::parse_device(v)
                         .map_err(|e| err(&opt, Some(v), e.to_string()))?;
                     cfg.devices.push((format!("{opt} {v}"), dev));
+                }
+            }
+            "add-fd" => {
+                let mut fd = None;
+                let mut set = None;
+                for part in v.split(',') {
+                    match part.split_once('=') {
+                        Some(("fd", n)) => fd = n.parse::<i32>().ok(),
+                        Some(("set", n)) => set = n.parse::<u32>().ok(),
+                        Some(("opaque", _)) => {}
+                        _ => return Err(err(&opt, Some(v), format!("Invalid parameter '{part}'"))),
+                    }
+                }
+                match (fd, set) {
+                    (Some(fd), Some(set)) => cfg.fd_sets.push((fd, set)),
+                    (None, _) => {
+                        return Err(err(
+                            &opt,
+                            Some(v),
+                            "fd option is required and must be a number",
+                        ))
+                    }
+                    (_, None) => {
+                        return Err(err(
+                            &opt,
+                            Some(v),
+                            "set option is required and must be a number",
+                        ))
+                    }
                 }
             }
             "drive" => {

@@ -66,6 +66,8 @@ pub struct VmConfig {
     pub chardevs: Vec<(String, ChardevSpec)>,
     /// `-qtest`: the socket of the test that drives a `-accel qtest` machine.
     pub qtest: Option<crate::accel::qtest::QtestEndpoint>,
+    /// `-add-fd fd=N,set=S`: descriptors management passed, by fd set.
+    pub fd_sets: Vec<(i32, u32)>,
 }
 
 impl Default for VmConfig {
@@ -94,6 +96,7 @@ impl Default for VmConfig {
             devices: Vec::new(),
             chardevs: Vec::new(),
             qtest: None,
+            fd_sets: Vec::new(),
         }
     }
 }

@@ -232,10 +232,7 @@ pub fn probe_drive(drive: &mut DriveConfig) -> Result<(), DriveError> {
     let (Some(path), None) = (drive.file.as_deref(), drive.format) else {
         return Ok(());
     };
-    let file = File::open(path).map_err(|e| DriveError::Open {
-        path: path.to_string(),
-        reason: e.to_string(),
-    })?;
+    let file = open_path(path, false)?;
     let format = image::probe(&file, Path::new(path))?;
     if format == Format::Raw {
         crate::report!(
@@ -331,17 +328,86 @@ pub fn create_snapshot_file(path: &str) -> Result<(File, bool), DriveError> {
     Ok((file, created))
 }
 
-/// Open the image of a drive for the device process, and lock it as QEMU would.
-pub fn open_image(path: &str, readonly: bool) -> Result<File, DriveError> {
-    let file = OpenOptions::new()
+/// File descriptor sets (`-add-fd fd=N,set=S`): management hands the vmm open files, and a
+/// drive names a set as `file=/dev/fdset/S`. The vmm then never opens that image by path;
+/// like QEMU's, the sets are one list for the whole process.
+static FD_SETS: std::sync::Mutex<Vec<(u32, std::os::fd::OwnedFd)>> =
+    std::sync::Mutex::new(Vec::new());
+
+/// Where fd sets are named.
+pub const FDSET_PREFIX: &str = "/dev/fdset/";
+
+/// Put `fd` (inherited from whoever started us) into fd set `set`.
+pub fn add_fd(fd: std::os::fd::RawFd, set: u32) -> Result<(), String> {
+    // SAFETY: F_GETFD only queries the descriptor table.
+    if fd < 3 || unsafe { libc::fcntl(fd, libc::F_GETFD) } < 0 {
+        return Err(format!("fd {fd} is not valid or already in use"));
+    }
+    let mut sets = FD_SETS.lock().unwrap_or_else(|e| e.into_inner());
+    if sets.iter().any(|(_, f)| f.as_raw_fd() == fd) {
+        return Err(format!("fd {fd} is not valid or already in use"));
+    }
+    // SAFETY: the descriptor is open (checked above) and was handed to this process to
+    // own; nothing else in the vmm refers to it.
+    let owned = unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+    // Keep it from leaking into device processes.
+    // SAFETY: F_SETFD on an fd we own.
+    unsafe { libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC) };
+    sets.push((set, owned));
+    Ok(())
+}
+
+/// A new descriptor for `/dev/fdset/S`, from the set's fds whose access mode allows
+/// `write` (QEMU's rule: O_RDWR for read-write, O_RDONLY or O_RDWR for read-only).
+fn open_fdset(path: &str, write: bool) -> Result<File, DriveError> {
+    let open_err = |reason: &str| DriveError::Open {
+        path: path.to_string(),
+        reason: reason.to_string(),
+    };
+    let set: u32 = path[FDSET_PREFIX.len()..]
+        .parse()
+        .map_err(|_| open_err("not an fd set number"))?;
+    let sets = FD_SETS.lock().unwrap_or_else(|e| e.into_inner());
+    for (s, fd) in sets.iter() {
+        if *s != set {
+            continue;
+        }
+        // SAFETY: F_GETFL only queries the open file description.
+        let flags = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_GETFL) };
+        let mode = flags & libc::O_ACCMODE;
+        if flags >= 0 && (mode == libc::O_RDWR || (!write && mode == libc::O_RDONLY)) {
+            let dup = fd
+                .try_clone()
+                .map_err(|e| open_err(&format!("cannot duplicate: {e}")))?;
+            return Ok(File::from(dup));
+        }
+    }
+    Err(open_err(if write {
+        "no read-write descriptor in that fd set"
+    } else {
+        "no descriptor in that fd set"
+    }))
+}
+
+/// Open `path` (or take a descriptor of its fd set) for reading, and for writing too.
+fn open_path(path: &str, write: bool) -> Result<File, DriveError> {
+    if path.starts_with(FDSET_PREFIX) {
+        return open_fdset(path, write);
+    }
+    OpenOptions::new()
         .read(true)
-        .write(!readonly)
+        .write(write)
         .custom_flags(libc::O_CLOEXEC)
         .open(path)
         .map_err(|e| DriveError::Open {
             path: path.to_string(),
             reason: e.to_string(),
-        })?;
+        })
+}
+
+/// Open the image of a drive for the device process, and lock it as QEMU would.
+pub fn open_image(path: &str, readonly: bool) -> Result<File, DriveError> {
+    let file = open_path(path, !readonly)?;
     if !file.metadata().map(|m| m.is_file()).unwrap_or(false) {
         let block = file
             .metadata()

@@ -338,6 +338,12 @@ impl Machine {
             control.clone(),
         );
         devices.set_chardevs(config.chardevs.clone());
+        for &(fd, set) in &config.fd_sets {
+            crate::drive::add_fd(fd, set).map_err(|reason| MachineError::Device {
+                option: format!("-add-fd fd={fd},set={set}"),
+                source: crate::device_manager::DeviceError::Resize(reason),
+            })?;
+        }
         for (option, drive) in &config.drives {
             devices
                 .add_drive(drive.clone())
