@@ -5,4 +5,5 @@
 pub mod blk;
 pub mod inherit;
 pub mod sandbox;
+pub mod scsi;
 pub mod seccomp;
