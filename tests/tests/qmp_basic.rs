@@ -169,6 +169,8 @@ fn greeting_negotiation_run_control_and_queries() {
         "blockdev-snapshot-sync",
         "query-blockstats",
         "block_passwd",
+        "eject",
+        "change",
     ];
     expected.sort_unstable();
     assert_eq!(names, expected);

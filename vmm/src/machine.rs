@@ -607,6 +607,7 @@ impl Machine {
     pub fn reset(&mut self) -> Result<(), MachineError> {
         self.cpus.pause();
         self.accel.reset()?;
+        self.devices.reset();
         if let Some(entry) = self.load_guest()? {
             self.cpus.reset(&entry)?;
         }

@@ -29,6 +29,11 @@ use crate::virtio::pci::{VirtioPciDevice, VirtioPciError};
 use crate::virtio::vhost_user::{VhostUserDevice, VhostUserError};
 use crate::virtio::VIRTIO_ID_BLOCK;
 
+mod scsi;
+mod watcher;
+use scsi::{ScsiController, SharedController};
+use watcher::WatchContext;
+
 /// How long a device process may take to answer its setup.
 const SETUP_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long a device process gets to exit after SIGTERM.
@@ -83,6 +88,10 @@ pub enum DeviceError {
     DriveNotFoundForCommand(String),
     #[error("Device '{0}' is not encrypted")]
     NotEncrypted(String),
+    #[error("{0}")]
+    Medium(String),
+    #[error("{0}")]
+    NoBus(String),
     #[error(transparent)]
     Drive(#[from] DriveError),
     #[error(transparent)]
@@ -121,6 +130,12 @@ const DRIVERS: &[(&str, &[&str])] = &[
     (
         "vhost-user-blk-pci",
         &["chardev", "num-queues", "queue-size", "bootindex"],
+    ),
+    // A SCSI host adapter served by vmm-scsi, and CD-ROM drives on its bus.
+    ("virtio-scsi-pci", &["num_queues", "virtqueue_size"]),
+    (
+        "scsi-cd",
+        &["drive", "scsi-id", "lun", "channel", "serial", "bootindex"],
     ),
 ];
 
@@ -300,6 +315,16 @@ pub struct BlockInfo {
     pub qdev: Option<String>,
     pub encrypted: bool,
     pub io_status: IoStatus,
+    /// For removable drives: tray, lock and medium.
+    pub removable: Option<RemovableState>,
+}
+
+/// A removable drive's state.
+#[derive(Debug, Clone, Copy)]
+pub struct RemovableState {
+    pub tray_open: bool,
+    pub locked: bool,
+    pub inserted: bool,
 }
 
 /// One image of a chain, as query-block's `image` describes it.
@@ -380,6 +405,8 @@ pub struct DeviceManager {
     /// Drives that no device has taken yet.
     drives: Vec<DriveConfig>,
     blocks: Arc<Mutex<Vec<SharedBlock>>>,
+    /// virtio-scsi controllers and their CD-ROM drives.
+    controllers: Arc<Mutex<Vec<SharedController>>>,
     events: Arc<Mutex<EventSender>>,
     watcher: Option<Watcher>,
     /// Devices created without an id so far (QEMU numbers them in its QOM paths).
@@ -406,6 +433,7 @@ impl DeviceManager {
             pci,
             drives: Vec::new(),
             blocks: Arc::new(Mutex::new(Vec::new())),
+            controllers: Arc::new(Mutex::new(Vec::new())),
             events: Arc::new(Mutex::new(EventSender::default())),
             watcher: None,
             anonymous_devices: 0,
@@ -423,14 +451,20 @@ impl DeviceManager {
     }
 
     fn has_device_id(&self, id: &str) -> bool {
-        lock(&self.blocks)
+        lock(&self.controllers).iter().any(|c| {
+            let c = lock(c);
+            c.id.as_deref() == Some(id) || c.luns.iter().any(|l| l.qdev_id == id)
+        }) || lock(&self.blocks)
             .iter()
             .any(|b| lock(b).id.as_deref() == Some(id))
             || self.external.iter().any(|d| d.id.as_deref() == Some(id))
     }
 
     fn has_drive(&self, id: &str) -> bool {
-        self.drives.iter().any(|d| d.id == id)
+        lock(&self.controllers)
+            .iter()
+            .any(|c| lock(c).luns.iter().any(|l| l.drive.id == id))
+            || self.drives.iter().any(|d| d.id == id)
             || lock(&self.blocks).iter().any(|b| lock(b).drive == id)
     }
 
@@ -716,9 +750,11 @@ impl DeviceManager {
                         qdev: Some(b.qdev.clone()),
                         encrypted: b.encrypted,
                         io_status: b.io_status,
+                        removable: None,
                     }
                 })
                 .collect();
+        out.extend(self.cd_info());
         out.extend(self.drives.iter().map(|d| {
             let file = d.file.clone().unwrap_or_default();
             // A drive no device uses is not open: read what its header says now.
@@ -758,6 +794,7 @@ impl DeviceManager {
                 file,
                 qdev: None,
                 io_status: IoStatus::Ok,
+                removable: None,
             }
         }));
         out
@@ -793,6 +830,7 @@ impl DeviceManager {
         let stop = Arc::new(AtomicBool::new(false));
         let context = WatchContext {
             blocks: self.blocks.clone(),
+            controllers: self.controllers.clone(),
             events: self.events.clone(),
             machine: self.machine.clone(),
             wake: wake.try_clone().map_err(io)?,
@@ -842,6 +880,8 @@ impl DeviceManager {
         match cfg.driver.as_str() {
             "virtio-blk-pci" => self.add_virtio_blk(cfg),
             "vhost-user-blk-pci" => self.add_vhost_user_blk(cfg),
+            "virtio-scsi-pci" => self.add_virtio_scsi(cfg),
+            "scsi-cd" => self.add_scsi_cd(cfg),
             other => Err(DeviceError::UnknownDriver(other.to_string())),
         }
     }
@@ -1034,6 +1074,209 @@ impl DeviceManager {
         Ok((slot, function))
     }
 
+    fn add_virtio_scsi(&mut self, cfg: &DeviceConfig) -> Result<(), DeviceError> {
+        let slot = cfg.pci_slot()?;
+        let num_queues = scsi::number(cfg, "num_queues")?.unwrap_or(1).clamp(1, 16);
+        let queue_size = scsi::number(cfg, "virtqueue_size")?.unwrap_or(128);
+        if !queue_size.is_power_of_two() || !(2..=1024).contains(&queue_size) {
+            return Err(DeviceError::InvalidProperty {
+                driver: cfg.driver.clone(),
+                property: "virtqueue_size".into(),
+                value: queue_size.to_string(),
+            });
+        }
+        let index = lock(&self.controllers).len();
+        let label = cfg.id.clone().unwrap_or_else(|| format!("scsi{index}"));
+        let name = format!("vmm-scsi[{label}]");
+        let (process, control) = scsi::start_controller(&name, num_queues, queue_size)?;
+        let stream = process.connect_vhost_user()?;
+        let backend = VhostUserDevice::connect(
+            &name,
+            scsi::VIRTIO_ID_SCSI,
+            stream,
+            scsi::FIXED_QUEUES + usize::from(num_queues),
+            queue_size,
+            scsi::VIRTIO_SCSI_CONFIG_SIZE,
+            self.memory.clone(),
+        )?;
+        let (slot, function) = self.plug_vhost_user(&name, cfg.id.clone(), slot, backend)?;
+        tracing::info!(device = %name, pid = process.pid(), "SCSI controller");
+        lock(&self.controllers).push(scsi::shared(ScsiController {
+            id: cfg.id.clone(),
+            name,
+            slot,
+            process,
+            control,
+            _function: function,
+            luns: Vec::new(),
+            control_closed: false,
+            failed: false,
+        }));
+        self.ensure_watcher()
+    }
+
+    fn add_scsi_cd(&mut self, cfg: &DeviceConfig) -> Result<(), DeviceError> {
+        let drive_id = cfg.properties.get("drive").ok_or(DeviceError::NoDrive)?;
+        let controller = {
+            let controllers = lock(&self.controllers);
+            match cfg.properties.get("bus") {
+                Some(bus) => {
+                    let wanted = scsi::controller_of_bus(bus);
+                    controllers
+                        .iter()
+                        .find(|c| lock(c).id.as_deref() == Some(wanted))
+                        .cloned()
+                        .ok_or_else(|| DeviceError::BusNotFound(bus.clone()))?
+                }
+                None => controllers.first().cloned().ok_or_else(|| {
+                    DeviceError::NoBus("No 'SCSI' bus found for device 'scsi-cd'".into())
+                })?,
+            }
+        };
+        let index = self
+            .drives
+            .iter()
+            .position(|d| &d.id == drive_id)
+            .ok_or_else(|| DeviceError::DriveNotFound {
+                driver: cfg.driver.clone(),
+                drive: drive_id.clone(),
+            })?;
+        let drive = self.drives[index].clone();
+        let lun = scsi::number(cfg, "lun")?.unwrap_or(0);
+        let mut c = lock(&controller);
+        let target = match scsi::number(cfg, "scsi-id")? {
+            Some(t) => t,
+            None => (0..=255u16)
+                .find(|t| !c.luns.iter().any(|l| u16::from(l.target) == *t))
+                .unwrap_or(0),
+        };
+        if target > 255 || lun > 255 {
+            return Err(DeviceError::InvalidProperty {
+                driver: cfg.driver.clone(),
+                property: "scsi-id".into(),
+                value: target.to_string(),
+            });
+        }
+        let qdev = match &cfg.id {
+            Some(id) => format!("/machine/peripheral/{id}"),
+            None => {
+                let n = self.anonymous_devices;
+                self.anonymous_devices += 1;
+                format!("/machine/peripheral-anon/device[{n}]")
+            }
+        };
+        let qdev_id = cfg.id.clone().unwrap_or_else(|| qdev.clone());
+        let serial = cfg.properties.get("serial").cloned().unwrap_or_default();
+        c.add_cdrom(drive, target as u8, lun as u8, serial, qdev_id, qdev)?;
+        drop(c);
+        self.drives.remove(index);
+        Ok(())
+    }
+
+    /// The controller serving CD drive `drive`, if one does.
+    fn controller_of(&self, drive: &str) -> Option<SharedController> {
+        lock(&self.controllers)
+            .iter()
+            .find(|c| lock(c).luns.iter().any(|l| l.drive.id == drive))
+            .cloned()
+    }
+
+    /// QMP eject: open the tray of a removable drive (`force` breaks the guest's lock).
+    pub fn eject(&self, drive: &str, force: bool) -> Result<(), DeviceError> {
+        match self.controller_of(drive) {
+            Some(c) => lock(&c).eject(drive, force),
+            None if self.has_drive(drive) => Err(DeviceError::Medium(format!(
+                "Device '{drive}' is not removable"
+            ))),
+            None => Err(DeviceError::DriveNotFoundForCommand(drive.to_string())),
+        }
+    }
+
+    /// QMP change: put the image at `path` into a removable drive.
+    pub fn change_medium(
+        &self,
+        drive: &str,
+        path: &str,
+        format: Option<&str>,
+    ) -> Result<(), DeviceError> {
+        if let Some(f) = format {
+            if f != "raw" {
+                return Err(DeviceError::Medium(format!(
+                    "a CD medium must be raw (an ISO image), not '{f}'"
+                )));
+            }
+        }
+        match self.controller_of(drive) {
+            Some(c) => lock(&c).change(drive, path),
+            None if self.has_drive(drive) => Err(DeviceError::Medium(format!(
+                "Device '{drive}' is not removable"
+            ))),
+            None => Err(DeviceError::DriveNotFoundForCommand(drive.to_string())),
+        }
+    }
+
+    /// query-block's view of every CD drive: its configuration, QOM path, and what the
+    /// process says of tray, lock and medium.
+    fn cd_info(&self) -> Vec<BlockInfo> {
+        let mut out = Vec::new();
+        for c in lock(&self.controllers).iter() {
+            let mut c = lock(c);
+            let states = c.lun_states();
+            for l in &c.luns {
+                let state = states
+                    .iter()
+                    .find(|(id, _)| *id == l.drive.id)
+                    .map(|s| &s.1);
+                let file = l.drive.file.clone().unwrap_or_default();
+                let images = l
+                    .medium
+                    .iter()
+                    .map(|f| ImageInfo::read(f, &file, Format::Raw))
+                    .collect();
+                out.push(BlockInfo {
+                    drive: l.drive.clone(),
+                    size: l
+                        .medium
+                        .as_ref()
+                        .map_or(0, |f| f.metadata().map_or(0, |m| m.len())),
+                    file,
+                    format: Format::Raw,
+                    backing: Vec::new(),
+                    images,
+                    qdev: Some(l.qdev.clone()),
+                    encrypted: false,
+                    io_status: IoStatus::Ok,
+                    removable: Some(RemovableState {
+                        tray_open: state.is_some_and(|s| s.tray_open),
+                        locked: state.is_some_and(|s| s.locked),
+                        inserted: state.map_or(l.medium.is_some(), |s| s.inserted),
+                    }),
+                });
+            }
+        }
+        out
+    }
+
+    /// A machine reset: every virtio function back to its power-on state (its backend
+    /// stops its queues), and the CD drives unlocked with their trays closed, as QEMU's
+    /// device reset does.
+    pub fn reset(&self) {
+        for b in lock(&self.blocks).iter() {
+            let function = lock(b).function.clone();
+            lock(&function).system_reset();
+        }
+        for c in lock(&self.controllers).iter() {
+            let mut c = lock(c);
+            lock(&c._function).system_reset();
+            if !c.failed {
+                c.reset_luns();
+            }
+        }
+        for e in &self.external {
+            lock(&e._function).system_reset();
+        }
+    }
+
     /// Stop every device process (at quit).
     pub fn shutdown(&mut self) {
         if let Some(mut w) = self.watcher.take() {
@@ -1042,6 +1285,14 @@ impl DeviceManager {
             if let Some(t) = w.thread.take() {
                 let _ = t.join();
             }
+        }
+        let controllers: Vec<SharedController> = lock(&self.controllers).drain(..).collect();
+        for c in controllers {
+            let mut c = lock(&c);
+            if let Ok(mut pci) = self.pci.try_lock() {
+                let _ = pci.remove_device(c.slot);
+            }
+            c.process.terminate(STOP_GRACE);
         }
         for device in self.external.drain(..) {
             if let Ok(mut pci) = self.pci.try_lock() {
@@ -1109,238 +1360,6 @@ fn start_blk_process(
             "answered Attach with {other:?}"
         ))))),
     }
-}
-
-/// What the watcher thread works with.
-struct WatchContext {
-    blocks: Arc<Mutex<Vec<SharedBlock>>>,
-    events: Arc<Mutex<EventSender>>,
-    /// Where an error policy's stop goes.
-    machine: MachineControl,
-    wake: EventFd,
-    stop: Arc<AtomicBool>,
-}
-
-impl WatchContext {
-    fn emit(&self, name: &str, data: Value) {
-        let data = match data {
-            Value::Object(map) => map,
-            _ => Map::new(),
-        };
-        lock(&self.events).emit(name, Some(data));
-    }
-
-    fn run(self) {
-        while !self.stop.load(Ordering::SeqCst) {
-            let watched: Vec<SharedBlock> = lock(&self.blocks)
-                .iter()
-                .filter(|b| lock(b).state == ProcessState::Running)
-                .cloned()
-                .collect();
-            // Two entries per device: its pidfd and its control socket.
-            let mut fds = Vec::with_capacity(watched.len() * 2 + 1);
-            for b in &watched {
-                let b = lock(b);
-                fds.push(libc::pollfd {
-                    fd: b.process.pidfd().as_raw_fd(),
-                    events: libc::POLLIN,
-                    revents: 0,
-                });
-                fds.push(libc::pollfd {
-                    // A negative fd is ignored by poll.
-                    fd: if b.control_closed {
-                        -1
-                    } else {
-                        b.control.socket().as_raw_fd()
-                    },
-                    events: libc::POLLIN,
-                    revents: 0,
-                });
-            }
-            fds.push(libc::pollfd {
-                fd: self.wake.as_raw_fd(),
-                events: libc::POLLIN,
-                revents: 0,
-            });
-            // SAFETY: `fds` is a valid array of pollfd of the given length; the fds stay
-            // open while their devices are in `watched`.
-            let n = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, 1000) };
-            if n <= 0 {
-                continue;
-            }
-            if fds.last().is_some_and(|p| p.revents != 0) {
-                let _ = self.wake.read();
-            }
-            for (i, block) in watched.iter().enumerate() {
-                if self.stop.load(Ordering::SeqCst) {
-                    break;
-                }
-                if fds[2 * i + 1].revents != 0 {
-                    self.control_message(block);
-                }
-                if fds[2 * i].revents != 0 {
-                    self.restart(block);
-                }
-            }
-        }
-    }
-
-    /// A message (or end of file) on a device's control socket.
-    fn control_message(&self, block: &SharedBlock) {
-        let mut b = lock(block);
-        let reason = match b.control.recv(Some(Duration::from_millis(100))) {
-            Ok((ipc::Message::Event(BlkEvent::IoError { write, message }), _)) => {
-                let op = if write { "write" } else { "read" };
-                tracing::warn!(device = %b.name, "guest {op} failed: {message}");
-                return;
-            }
-            Ok((
-                ipc::Message::Event(BlkEvent::RequestFailed {
-                    write,
-                    action,
-                    nospace,
-                    reason,
-                }),
-                _,
-            )) => {
-                let action_name = match action {
-                    ErrorAction::Report | ErrorAction::Enospc => "report",
-                    ErrorAction::Ignore => "ignore",
-                    ErrorAction::Stop => "stop",
-                };
-                // QEMU 7.2's BLOCK_IO_ERROR, then (for stop) the VM stops: STOP follows.
-                self.emit(
-                    "BLOCK_IO_ERROR",
-                    json!({
-                        "device": b.drive,
-                        "node-name": b.name,
-                        "operation": if write { "write" } else { "read" },
-                        "action": action_name,
-                        "nospace": nospace,
-                        "reason": reason,
-                    }),
-                );
-                if action == ErrorAction::Stop {
-                    b.io_status = if nospace {
-                        IoStatus::Nospace
-                    } else {
-                        IoStatus::Failed
-                    };
-                    self.machine.request(MachineRequest::BlockIoErrorStop);
-                }
-                return;
-            }
-            Ok(_) => "a message that is not an event".to_string(),
-            Err(ipc::IpcError::Frame(ipc::FrameError::Closed)) => {
-                // The process is exiting; its pidfd tells the rest.
-                b.control_closed = true;
-                return;
-            }
-            Err(ipc::IpcError::Frame(ipc::FrameError::TimedOut)) => return,
-            Err(e) => e.to_string(),
-        };
-        // Whatever sent this may be compromised: stop it and do not trust a new one either.
-        let device = b.id.clone().unwrap_or_else(|| b.name.clone());
-        let pid = b.process.pid();
-        tracing::error!(device = %b.name, pid, "bad control message ({reason}): stopping it");
-        b.state = ProcessState::Failed;
-        b.process.kill();
-        self.emit(
-            EVENT_PROCESS_MISBEHAVED,
-            json!({"device": device, "pid": pid, "reason": reason}),
-        );
-    }
-
-    /// The process of `block` exited: report it and start a new one, or give up.
-    fn restart(&self, block: &SharedBlock) {
-        let mut b = lock(block);
-        let old_pid = b.process.pid();
-        let status = b.process.wait_exit(Duration::ZERO);
-        let how = match status {
-            Some(s) => match (s.code(), std::os::unix::process::ExitStatusExt::signal(&s)) {
-                (Some(code), _) => format!("exit status {code}"),
-                (None, Some(sig)) => format!("signal {sig}"),
-                _ => "unknown".to_string(),
-            },
-            None => "unknown".to_string(),
-        };
-        let device = b.id.clone().unwrap_or_else(|| b.name.clone());
-        tracing::warn!(device = %b.name, pid = old_pid, "device process ended ({how}); restarting");
-        self.emit(
-            EVENT_PROCESS_EXITED,
-            json!({"device": device, "pid": old_pid, "reason": how}),
-        );
-        loop {
-            let now = Instant::now();
-            b.restarts
-                .retain(|t| now.duration_since(*t) < RESTART_WINDOW);
-            if b.restarts.len() >= MAX_RESTARTS {
-                b.state = ProcessState::Failed;
-                tracing::error!(device = %b.name, "device process keeps crashing: marked failed");
-                self.emit(
-                    EVENT_PROCESS_FAILED,
-                    json!({"device": device, "restarts": b.total_restarts}),
-                );
-                return;
-            }
-            let backoff = restart_backoff(b.restarts.len());
-            b.restarts.push(now);
-            b.total_restarts += 1;
-            if !backoff.is_zero() {
-                drop(b);
-                std::thread::sleep(backoff);
-                b = lock(block);
-            }
-            if self.stop.load(Ordering::SeqCst) {
-                return;
-            }
-            match respawn(&mut b) {
-                Ok(()) => {
-                    let pid = b.process.pid();
-                    tracing::info!(device = %b.name, pid, "device process restarted");
-                    self.emit(
-                        EVENT_PROCESS_RESTARTED,
-                        json!({"device": device, "pid": pid, "restarts": b.total_restarts}),
-                    );
-                    return;
-                }
-                Err(e) => tracing::warn!(device = %b.name, "restart failed: {e}"),
-            }
-        }
-    }
-}
-
-/// A new process for `b` with the same image, and the vhost-user setup replayed.
-fn respawn(b: &mut BlockDevice) -> Result<(), DeviceError> {
-    let (process, mut control, _size, _encrypted) =
-        start_blk_process(&b.name, &b.image, &b.attach)?;
-    if let Some(password) = &b.password {
-        control
-            .call(
-                BlkRequest::SetKey {
-                    password: password.clone(),
-                },
-                &[],
-                SETUP_TIMEOUT,
-            )
-            .map_err(|source| DeviceError::Ipc {
-                name: b.name.clone(),
-                source,
-            })?;
-    }
-    let stream = process.connect_vhost_user()?;
-    {
-        let mut function = lock(&b.function);
-        let backend = function
-            .backend_mut()
-            .as_vhost_user()
-            .ok_or_else(|| DeviceError::NotRestartable(b.name.clone()))?;
-        backend.reconnect(stream)?;
-    }
-    // The old process is gone; dropping its handle reaps nothing more.
-    b.process = process;
-    b.control = control;
-    Ok(())
 }
 
 impl Drop for DeviceManager {

@@ -69,6 +69,21 @@ pub fn execute(machine: &mut Machine, mut call: MonitorCall) -> Option<MachineEx
         "block_resize" => block_resize(machine, &call).map(|()| json!({})),
         "query-block" => Ok(query_block(machine)),
         "query-blockstats" => Ok(query_blockstats(machine)),
+        "eject" => {
+            let device = call.str_arg("device").unwrap_or("");
+            let force = call
+                .args
+                .get("force")
+                .and_then(Value::as_bool)
+                .unwrap_or(false);
+            block_result(machine.devices().eject(device, force))
+        }
+        "change" => {
+            let device = call.str_arg("device").unwrap_or("");
+            let target = call.str_arg("target").unwrap_or("");
+            let format = call.str_arg("arg");
+            block_result(machine.devices().change_medium(device, target, format))
+        }
         "block_passwd" => {
             let device = call.str_arg("device").unwrap_or("");
             let password = call.str_arg("password").unwrap_or("");
@@ -430,16 +445,21 @@ fn query_block(machine: &Machine) -> Value {
         let d = &info.drive;
         let mut entry = json!({
             "device": d.id,
-            "locked": false,
+            "locked": info.removable.is_some_and(|r| r.locked),
             // A drive no device uses counts as removable in QEMU.
-            "removable": info.qdev.is_none(),
+            "removable": info.qdev.is_none() || info.removable.is_some(),
             "type": "unknown",
         });
+        if let Some(r) = info.removable {
+            // QEMU 7.2 spells it with an underscore (the seed's "tray-open").
+            entry["tray_open"] = json!(r.tray_open);
+        }
+        let has_medium = info.removable.map_or(d.file.is_some(), |r| r.inserted);
         if let Some(qdev) = &info.qdev {
             entry["io-status"] = json!(info.io_status.as_str());
             entry["qdev"] = json!(qdev);
         }
-        if d.file.is_some() {
+        if has_medium {
             let mut inserted = json!({
                 "file": info.file,
                 "ro": d.readonly,
@@ -574,6 +594,16 @@ fn block_resize(machine: &Machine, call: &MonitorCall) -> Result<(), QmpError> {
         .resize_drive(device, size as u64)
         .map(|_| ())
         .map_err(|e| QmpError::generic(e.to_string()))
+}
+
+/// A block command's outcome: an unknown device is QEMU's DeviceNotFound.
+fn block_result(result: Result<(), crate::device_manager::DeviceError>) -> Result<Value, QmpError> {
+    result.map(|()| json!({})).map_err(|e| match e {
+        crate::device_manager::DeviceError::DriveNotFoundForCommand(d) => {
+            QmpError::device_not_found(&d)
+        }
+        other => QmpError::generic(other.to_string()),
+    })
 }
 
 fn query_device_processes(machine: &Machine) -> Value {

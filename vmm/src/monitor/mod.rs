@@ -163,6 +163,8 @@ pub const IMPLEMENTED_COMMANDS: &[&str] = &[
     "blockdev-snapshot-sync",
     "query-blockstats",
     "block_passwd",
+    "eject",
+    "change",
     QUERY_DEVICE_PROCESSES,
 ];
 

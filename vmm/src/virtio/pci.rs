@@ -235,6 +235,14 @@ impl VirtioPciDevice {
         self.queues.get_mut(usize::from(self.queue_select))
     }
 
+    /// A machine reset: the device goes back to its power-on state (the driver will set
+    /// it up again), and so does its MSI-X table.
+    pub fn system_reset(&mut self) {
+        self.reset_device();
+        let mut irq = lock(&self.interrupt);
+        irq.msix.reset();
+    }
+
     fn reset_device(&mut self) {
         self.active.fill(false);
         self.refresh_interrupt_paths();
