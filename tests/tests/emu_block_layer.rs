@@ -1,5 +1,5 @@
-//! The block layer end to end under emu, in one boot of the stock guest: a qcow2 disk that
-//! qemu-img made gets a file system; a live snapshot is taken while the guest writes files
+//! The block layer end to end under emu, in one boot of the stock guest: query-blockstats
+//! counts the guest's direct I/O exactly; a qcow2 disk that qemu-img made gets a file system; a live snapshot is taken while the guest writes files
 //! in a loop, and the checksums the guest took before show that no write was lost; a live
 //! resize shows in /sys/block/vda/size; `qemu-img check` is clean on both images afterwards.
 
@@ -26,6 +26,10 @@ fn qemu_img(args: &[&str]) -> String {
         String::from_utf8_lossy(&out.stderr)
     );
     String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn vda_stats(qmp: &mut Qmp<std::os::unix::net::UnixStream>) -> serde_json::Value {
+    qmp.ok("query-blockstats", None)[0]["stats"].clone()
 }
 
 #[test]
@@ -68,6 +72,30 @@ fn qcow2_snapshot_and_resize_with_a_live_guest() {
     console.wait_for("GUEST-READY", BOOT_TIMEOUT);
     console.wait_for("# ", CMD_TIMEOUT);
     let mut qmp = Qmp::connect(&qmp_sock);
+
+    // query-blockstats against what the guest did, with direct I/O so that its page cache
+    // neither adds nor hides requests.
+    let before = vda_stats(&mut qmp);
+    let dd = console.run(
+        "dd if=/dev/vda of=/dev/null bs=64k count=32 iflag=direct 2>/dev/null; \
+         dd if=/dev/zero of=/dev/vda bs=64k count=16 seek=100 oflag=direct 2>/dev/null; \
+         echo rc=$?",
+        CMD_TIMEOUT,
+    );
+    assert!(dd.contains("rc=0"), "{dd}");
+    let after = vda_stats(&mut qmp);
+    let delta = |k: &str| after[k].as_u64().unwrap_or(0) - before[k].as_u64().unwrap_or(0);
+    assert_eq!(delta("wr_bytes"), 16 * 65536, "{after}");
+    assert!(delta("rd_bytes") >= 32 * 65536, "{after}");
+    assert!(
+        delta("rd_bytes") < 40 * 65536,
+        "reads beyond the guest's: {after}"
+    );
+    assert_eq!(
+        after["wr_highest_offset"].as_u64(),
+        Some(116 * 65536),
+        "{after}"
+    );
 
     let mkfs = console.run(
         "mke2fs -q /dev/vda && mkdir -p /mnt && mount -t ext4 /dev/vda /mnt; echo rc=$?",
