@@ -1,16 +1,28 @@
 //! The vhost-user-blk backend: features, configuration space, and the queue handler that
 //! pops descriptor chains, runs them (see [`super::request`]) and completes them.
 //!
+//! A request the host fails goes through the drive's error policy (QEMU's `rerror` and
+//! `werror`): reported to the guest as VIRTIO_BLK_S_IOERR, completed as if it had worked,
+//! or held. With `stop` the failed request is not completed (no used-ring entry) and from
+//! then on every request of the disk is held untouched, in order, until
+//! [`BlkBackend::resume`] carries them out again; each failure is told to the vmm
+//! ([`BlkEvent::RequestFailed`]), for `stop` only the one that stops the disk. Held
+//! requests need nothing to survive a restart of the process: the vmm replays from the used
+//! index, which they never reached.
+//!
 //! One worker thread per queue (vhost-user-backend's `queues_per_thread`). A
 //! `VhostUserDaemon` serves one frontend connection; [`serve`] makes a fresh one for each
 //! connection on the listener, so a frontend that reconnects (after a reset, or after this
 //! process was restarted) finds the device again.
 
+use std::collections::VecDeque;
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixListener;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock};
+
+use ipc::blk::{BlkEvent, ErrorAction, ErrorPolicy};
 
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
 use vhost::vhost_user::{Error as VhostUserError, Listener};
@@ -29,7 +41,7 @@ use vmm_sys_util::event::{
 };
 
 use super::config::BlkConfig;
-use super::request::{self, Disk, GuestMem, RequestError};
+use super::request::{self, Completion, Disk, GuestMem, Outcome, Request};
 
 /// Most queues a disk may have (one bit each in vhost-user-backend's thread masks).
 pub const MAX_QUEUES: u16 = 64;
@@ -40,8 +52,33 @@ pub const MAX_QUEUE_SIZE: u16 = 32768;
 pub type Memory = GuestMemoryAtomic<GuestMem>;
 type Vring = VringRwLock<Memory>;
 
-/// Called for every request that failed because of the host (the image), not the guest.
-pub type HostErrorHook = Box<dyn Fn(&RequestError) + Send + Sync>;
+/// Sends an event to the vmm (supervised mode).
+pub type EventHook = Box<dyn Fn(BlkEvent) + Send + Sync>;
+
+/// A request held by the error policy `stop`, with what it takes to complete it later.
+struct HeldRequest {
+    queue: u16,
+    vring: Vring,
+    mem: Memory,
+    req: Request,
+}
+
+/// The requests held by an error policy of `stop`.
+#[derive(Default)]
+struct Held {
+    /// A failure stopped the disk (and the vmm was told): hold every request.
+    stopped: bool,
+    /// A resume is carrying out the held requests: new ones queue up behind them.
+    resuming: bool,
+    /// In the order they are to be carried out; on each queue, the last ones taken off it.
+    requests: VecDeque<HeldRequest>,
+}
+
+impl Held {
+    fn holding(&self) -> bool {
+        self.stopped || self.resuming
+    }
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum BackendError {
@@ -64,7 +101,9 @@ pub struct BlkBackend {
     mem: RwLock<Option<Memory>>,
     /// The exit-event fds handed to the current daemon's worker threads (see `exit_event`).
     exit_consumers: Mutex<Vec<RawFd>>,
-    on_host_error: Option<HostErrorHook>,
+    policy: ErrorPolicy,
+    held: Mutex<Held>,
+    on_event: Option<EventHook>,
 }
 
 impl BlkBackend {
@@ -72,7 +111,8 @@ impl BlkBackend {
         disk: Disk,
         num_queues: u16,
         queue_size: u16,
-        on_host_error: Option<HostErrorHook>,
+        policy: ErrorPolicy,
+        on_event: Option<EventHook>,
     ) -> Result<Self, BackendError> {
         if num_queues == 0 || num_queues > MAX_QUEUES {
             return Err(BackendError::NumQueues(num_queues));
@@ -87,7 +127,9 @@ impl BlkBackend {
             event_idx: AtomicBool::new(false),
             mem: RwLock::new(None),
             exit_consumers: Mutex::new(Vec::new()),
-            on_host_error,
+            policy,
+            held: Mutex::default(),
+            on_event,
         })
     }
 
@@ -105,44 +147,165 @@ impl BlkBackend {
         }
     }
 
-    /// Run every available request of `vring`; how many there were.
-    fn process_queue(&self, vring: &Vring) -> usize {
+    fn held(&self) -> MutexGuard<'_, Held> {
+        self.held.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn emit(&self, event: BlkEvent) {
+        if let Some(hook) = &self.on_event {
+            hook(event);
+        }
+    }
+
+    /// Run every available request of queue `queue`; how many were taken off it.
+    fn process_queue(&self, queue: u16, vring: &Vring) -> usize {
         let Some(atomic) = self.mem.read().unwrap_or_else(|e| e.into_inner()).clone() else {
             return 0;
         };
         let mem = atomic.memory();
-        let mut done = 0;
+        let (mut taken, mut completed) = (0, 0);
         loop {
+            let mut held = self.held();
+            if held.holding() {
+                // Taken off under the lock, so that `stop_vring` counts it.
+                let chain = vring.get_mut().get_queue_mut().pop_descriptor_chain(&*mem);
+                let Some(chain) = chain else { break };
+                held.requests.push_back(HeldRequest {
+                    queue,
+                    vring: vring.clone(),
+                    mem: atomic.clone(),
+                    req: Request::new(chain),
+                });
+                taken += 1;
+                continue;
+            }
+            drop(held);
             let chain = vring.get_mut().get_queue_mut().pop_descriptor_chain(&*mem);
             let Some(chain) = chain else { break };
-            let c = request::process(&self.disk, chain);
-            if let Some(e) = &c.error {
-                if e.is_host() {
-                    tracing::warn!("request failed: {e}");
-                    if let Some(hook) = &self.on_host_error {
-                        hook(e);
-                    }
-                } else {
+            taken += 1;
+            let req = Request::new(chain);
+            if let Some(c) = self.execute(queue, vring, &atomic, &mem, req, false) {
+                complete(vring, c);
+                completed += 1;
+            }
+        }
+        if completed > 0 {
+            notify(vring);
+        }
+        taken
+    }
+
+    /// Run `req` and apply the error policy to a host failure: its completion, or None
+    /// when it is held (at the front of the held requests if `first`, else at the back).
+    fn execute(
+        &self,
+        queue: u16,
+        vring: &Vring,
+        atomic: &Memory,
+        mem: &GuestMem,
+        req: Request,
+        first: bool,
+    ) -> Option<Completion> {
+        let f = match request::run(&self.disk, mem, &req) {
+            Outcome::Done(c) => {
+                if let Some(e) = &c.error {
                     tracing::debug!("guest request refused: {e}");
                 }
+                return Some(c);
             }
-            if let Err(e) = vring.add_used(c.head, c.used_len) {
-                tracing::debug!("cannot complete descriptor {}: {e}", c.head);
-            }
-            done += 1;
-        }
-        if done > 0 {
-            match vring.needs_notification() {
-                Ok(true) => {
-                    if let Err(e) = vring.signal_used_queue() {
-                        tracing::warn!("cannot signal the guest: {e}");
+            Outcome::Failed(f) => f,
+        };
+        let write = !f.error.is_read();
+        let nospace = f.error.errno() == Some(libc::ENOSPC);
+        let action = match (
+            if write {
+                self.policy.write
+            } else {
+                self.policy.read
+            },
+            nospace,
+        ) {
+            (ErrorAction::Enospc, true) => ErrorAction::Stop,
+            (ErrorAction::Enospc, false) => ErrorAction::Report,
+            (a, _) => a,
+        };
+        tracing::warn!("request failed ({action:?}): {}", f.error);
+        let event = BlkEvent::RequestFailed {
+            write,
+            action,
+            nospace,
+            reason: reason(&f.error),
+        };
+        match action {
+            ErrorAction::Stop => {
+                let newly = {
+                    let mut held = self.held();
+                    let newly = !held.stopped;
+                    held.stopped = true;
+                    let h = HeldRequest {
+                        queue,
+                        vring: vring.clone(),
+                        mem: atomic.clone(),
+                        req,
+                    };
+                    if first {
+                        held.requests.push_front(h);
+                    } else {
+                        held.requests.push_back(h);
                     }
+                    newly
+                };
+                if newly {
+                    self.emit(event);
                 }
-                Ok(false) => {}
-                Err(e) => tracing::debug!("used ring: {e}"),
+                None
+            }
+            ErrorAction::Ignore => {
+                self.emit(event);
+                Some(f.complete(mem, true))
+            }
+            ErrorAction::Report | ErrorAction::Enospc => {
+                self.emit(event);
+                Some(f.complete(mem, false))
             }
         }
-        done
+    }
+
+    /// Carry out the requests held by an error policy of `stop`, in order; how many were
+    /// tried. One that fails again goes through the policy again: if that stops the disk
+    /// anew, it and the ones after it stay held.
+    pub fn resume(&self) -> u32 {
+        {
+            let mut held = self.held();
+            if !held.holding() && held.requests.is_empty() {
+                return 0;
+            }
+            held.stopped = false;
+            held.resuming = true;
+        }
+        let mut retried = 0;
+        loop {
+            let next = {
+                let mut held = self.held();
+                let next = if held.stopped {
+                    None
+                } else {
+                    held.requests.pop_front()
+                };
+                if next.is_none() {
+                    held.resuming = false;
+                }
+                next
+            };
+            let Some(h) = next else { break };
+            retried += 1;
+            let mem = h.mem.memory();
+            if let Some(c) = self.execute(h.queue, &h.vring, &h.mem, &mem, h.req, true) {
+                complete(&h.vring, c);
+                notify(&h.vring);
+            }
+        }
+        retried
     }
 
     /// Grow the disk to `size` bytes; the new size in bytes. The vmm asked for it over the
@@ -150,6 +313,18 @@ impl BlkBackend {
     /// side cannot send CONFIG_CHANGE_MSG on the backend channel).
     pub fn resize(&self, size: u64) -> Result<u64, super::image::ImageError> {
         self.disk.grow(size)
+    }
+
+    /// Drop the held requests of a connection that ended: the frontend replays them from
+    /// the used index when it comes back. The disk stays stopped until a resume.
+    fn drop_held_requests(&self) {
+        let dropped = std::mem::take(&mut self.held().requests);
+        if !dropped.is_empty() {
+            tracing::info!(
+                "{} held requests dropped with the connection",
+                dropped.len()
+            );
+        }
     }
 
     /// Close the exit-event fds of a daemon that has been dropped.
@@ -212,6 +387,27 @@ impl VhostUserBackend for BlkBackend {
             | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
     }
 
+    fn stop_vring(&self, queue_index: u32) -> io::Result<()> {
+        // The frontend stops the ring (a reset, or to move it): the requests held on it go,
+        // and the index it gets back is that of the first of them, so that a frontend
+        // which goes on from there runs them again.
+        let mut vring = None;
+        let mut count = 0u16;
+        self.held().requests.retain(|h| {
+            if u32::from(h.queue) != queue_index {
+                return true;
+            }
+            count = count.wrapping_add(1);
+            vring = Some(h.vring.clone());
+            false
+        });
+        if let Some(vring) = vring {
+            vring.set_queue_next_avail(vring.queue_next_avail().wrapping_sub(count));
+            tracing::info!("queue {queue_index} stopped: {count} held requests dropped");
+        }
+        Ok(())
+    }
+
     fn set_event_idx(&self, enabled: bool) {
         self.event_idx.store(enabled, Ordering::Release);
     }
@@ -263,7 +459,7 @@ impl VhostUserBackend for BlkBackend {
             return Ok(());
         };
         if !self.event_idx.load(Ordering::Acquire) {
-            self.process_queue(vring);
+            self.process_queue(device_event, vring);
             return Ok(());
         }
         // With EVENT_IDX: work with notifications off, then turn them on and look again,
@@ -275,7 +471,7 @@ impl VhostUserBackend for BlkBackend {
             if let Err(e) = vring.disable_notification() {
                 tracing::debug!("cannot disable notifications: {e}");
             }
-            if self.process_queue(vring) == 0 {
+            if self.process_queue(device_event, vring) == 0 {
                 empty_rounds += 1;
             } else {
                 empty_rounds = 0;
@@ -331,6 +527,44 @@ pub fn serve_one(backend: &Arc<BlkBackend>, listener: &mut Listener) -> Result<(
         // The daemon drops here: its worker threads are told to exit and joined.
     };
     backend.close_exit_consumers();
+    backend.drop_held_requests();
     *backend.mem.write().unwrap_or_else(|e| e.into_inner()) = None;
     result
+}
+
+/// Put a completed request in the used ring.
+fn complete(vring: &Vring, c: Completion) {
+    if let Err(e) = vring.add_used(c.head, c.used_len) {
+        tracing::debug!("cannot complete descriptor {}: {e}", c.head);
+    }
+}
+
+/// Tell the driver about used entries, if it wants to hear.
+fn notify(vring: &Vring) {
+    match vring.needs_notification() {
+        Ok(true) => {
+            if let Err(e) = vring.signal_used_queue() {
+                tracing::warn!("cannot signal the guest: {e}");
+            }
+        }
+        Ok(false) => {}
+        Err(e) => tracing::debug!("used ring: {e}"),
+    }
+}
+
+/// What QMP's BLOCK_IO_ERROR calls the reason: the error's text (strerror's, for an errno).
+fn reason(e: &request::RequestError) -> String {
+    match e {
+        request::RequestError::Host { source, .. } => {
+            let text = source.to_string();
+            match source.raw_os_error() {
+                Some(n) => text
+                    .strip_suffix(&format!(" (os error {n})"))
+                    .map(str::to_string)
+                    .unwrap_or(text),
+                None => text,
+            }
+        }
+        other => other.to_string(),
+    }
 }

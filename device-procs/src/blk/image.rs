@@ -4,8 +4,10 @@
 //!
 //! imago never opens anything here: every layer is built from a file we were given and
 //! every backing image is attached explicitly (`DenyImplicitOpenGate` refuses any file the
-//! headers name). Encrypted qcow2 images are refused: imago would open them and serve
-//! ciphertext.
+//! headers name). imago serves encrypted qcow2 images' stored bytes as they are: legacy AES
+//! images (crypt_method 1) are opened and marked ([`CountedFile::encrypted`],
+//! [`Chain::encrypted`]) so that the request layer decrypts and encrypts around imago (see
+//! [`super::crypt`]); LUKS images are refused.
 
 use std::fmt;
 use std::fs::File;
@@ -42,7 +44,7 @@ pub enum ImageError {
     NotQcow2 { what: String },
     #[error("{what}: qcow2 version {version} is not supported (2 or 3)")]
     Version { what: String, version: u32 },
-    #[error("{what}: encrypted qcow2 images ({method}) are not supported")]
+    #[error("{what}: encrypted qcow2 images ({method}) are not supported (only legacy AES, crypt_method 1)")]
     Encrypted { what: String, method: &'static str },
     #[error("{what}: a raw image has no backing file, but {count} backing images were passed")]
     RawWithBacking { what: String, count: usize },
@@ -68,6 +70,8 @@ pub enum ImageError {
     Shrink,
     #[error("only image files can grow")]
     NotAFile,
+    #[error("the disk has no encrypted image")]
+    NotEncrypted,
 }
 
 fn io_err(what: impl Into<String>) -> impl FnOnce(io::Error) -> ImageError {
@@ -161,6 +165,8 @@ pub struct CountedFile {
     fd: File,
     name: String,
     counters: Arc<IoCounters>,
+    /// The data clusters of this (qcow2) image are AES-encrypted.
+    encrypted: bool,
 }
 
 impl CountedFile {
@@ -175,11 +181,18 @@ impl CountedFile {
             fd,
             name: name.to_string(),
             counters: Arc::default(),
+            encrypted: false,
         })
     }
 
     pub fn counters(&self) -> &Arc<IoCounters> {
         &self.counters
+    }
+
+    /// Whether the data stored in this file is AES-encrypted (a qcow2 image with
+    /// crypt_method 1): what imago maps to it must be decrypted after reading.
+    pub fn encrypted(&self) -> bool {
+        self.encrypted
     }
 }
 
@@ -286,11 +299,16 @@ pub struct Qcow2Header {
     pub version: u32,
     pub crypt_method: u32,
     pub size: u64,
+    pub cluster_bits: u32,
 }
+
+/// qcow2's legacy AES encryption.
+pub const CRYPT_AES: u32 = 1;
 
 const QCOW2_MAGIC: u32 = 0x5146_49fb;
 
-/// Read and check the fixed part of a qcow2 header: magic, version, no encryption.
+/// Read and check the fixed part of a qcow2 header: magic, version, cluster size, and no
+/// encryption but legacy AES.
 pub fn check_qcow2_header(file: &File, what: &str) -> Result<Qcow2Header, ImageError> {
     let mut h = [0u8; 48];
     file.read_exact_at(&mut h, 0).map_err(|e| {
@@ -313,6 +331,7 @@ pub fn check_qcow2_header(file: &File, what: &str) -> Result<Qcow2Header, ImageE
         version: be32(4),
         crypt_method: be32(32),
         size: be64(24),
+        cluster_bits: be32(20),
     };
     if !(2..=3).contains(&header.version) {
         return Err(ImageError::Version {
@@ -320,9 +339,15 @@ pub fn check_qcow2_header(file: &File, what: &str) -> Result<Qcow2Header, ImageE
             version: header.version,
         });
     }
-    if header.crypt_method != 0 {
+    // As QEMU: 512-byte to 2 MiB clusters.
+    if !(9..=21).contains(&header.cluster_bits) {
+        return Err(io_err(what)(io::Error::other(format!(
+            "cluster_bits {} is not 9 to 21",
+            header.cluster_bits
+        ))));
+    }
+    if header.crypt_method != 0 && header.crypt_method != CRYPT_AES {
         let method = match header.crypt_method {
-            1 => "legacy AES, crypt_method 1",
             2 => "LUKS, crypt_method 2",
             _ => "unknown crypt_method",
         };
@@ -334,6 +359,15 @@ pub fn check_qcow2_header(file: &File, what: &str) -> Result<Qcow2Header, ImageE
     Ok(header)
 }
 
+/// What [`open_layer`] found out about an image besides its layer.
+#[derive(Debug, Clone, Copy)]
+pub struct LayerInfo {
+    /// Legacy AES-encrypted (qcow2 crypt_method 1).
+    pub encrypted: bool,
+    /// Bytes of a cluster (qcow2), or of a sector (raw: no clusters).
+    pub cluster_size: u64,
+}
+
 /// Open one layer over `file`: qcow2 (with `backing` attached, or explicitly none) or raw.
 fn open_layer(
     file: File,
@@ -341,11 +375,20 @@ fn open_layer(
     name: &str,
     writable: bool,
     backing: Option<Backing>,
-) -> Result<(Layer, Arc<IoCounters>), ImageError> {
+) -> Result<(Layer, Arc<IoCounters>, LayerInfo), ImageError> {
+    let mut info = LayerInfo {
+        encrypted: false,
+        cluster_size: SECTOR_SIZE,
+    };
     if format == ImageFormat::Qcow2 {
-        check_qcow2_header(&file, name)?;
+        let header = check_qcow2_header(&file, name)?;
+        info = LayerInfo {
+            encrypted: header.crypt_method == CRYPT_AES,
+            cluster_size: 1 << header.cluster_bits,
+        };
     }
-    let storage = CountedFile::new(file, name, writable)?;
+    let mut storage = CountedFile::new(file, name, writable)?;
+    storage.encrypted = info.encrypted;
     let counters = storage.counters().clone();
     let layer = match format {
         ImageFormat::Qcow2 => {
@@ -363,7 +406,7 @@ fn open_layer(
                 .map_err(io_err(name))?,
         ),
     };
-    Ok((layer, counters))
+    Ok((layer, counters, info))
 }
 
 /// The backing file name a qcow2 image records, if any (`None` for raw images).
@@ -405,6 +448,10 @@ pub struct Chain {
     pub backing: Option<Backing>,
     pub counters: Arc<IoCounters>,
     pub name: String,
+    /// The top image and its cluster size.
+    pub info: LayerInfo,
+    /// Some image of the chain is encrypted: requests go through [`super::crypt`].
+    pub encrypted: bool,
 }
 
 impl Image {
@@ -488,10 +535,12 @@ impl Image {
         }
         // Bottom up: each layer gets the one below as its backing image.
         let mut below: Option<Backing> = None;
+        let mut encrypted = false;
         while files.len() > 1 {
             let i = files.len() - 1;
             let Some(file) = files.pop() else { break };
-            let (layer, _) = open_layer(file, formats[i], &names[i], false, below.take())?;
+            let (layer, _, info) = open_layer(file, formats[i], &names[i], false, below.take())?;
+            encrypted |= info.encrypted;
             tracing::info!(
                 "backing image {i}: {} ({})",
                 backing[i - 1].filename,
@@ -505,18 +554,20 @@ impl Image {
                 backing: backing.len(),
             });
         };
-        Self::top(file, format, &names[0], writable, below)
+        Self::top(file, format, &names[0], writable, below, encrypted)
     }
 
+    /// The chain with `file` on top of `backing`; `encrypted`: an image in `backing` is.
     fn top(
         file: File,
         format: ImageFormat,
         name: &str,
         writable: bool,
         backing: Option<Backing>,
+        encrypted: bool,
     ) -> Result<Image, ImageError> {
         let keep = file.try_clone().map_err(io_err(name))?;
-        let (top, counters) = open_layer(file, format, name, writable, backing.clone())?;
+        let (top, counters, info) = open_layer(file, format, name, writable, backing.clone())?;
         Ok(Image::Format(Chain {
             top,
             format,
@@ -524,7 +575,14 @@ impl Image {
             backing,
             counters,
             name: name.to_string(),
+            info,
+            encrypted: encrypted || info.encrypted,
         }))
+    }
+
+    /// Whether an image of the chain is encrypted (and so needs a key).
+    pub fn encrypted(&self) -> bool {
+        matches!(self, Image::Format(c) if c.encrypted)
     }
 
     /// The disk's size in bytes.
@@ -625,7 +683,14 @@ impl Image {
             Image::Format(c) => (&c.file, c.format, c.backing.clone(), c.name.clone()),
         };
         let file = file.try_clone().map_err(io_err(old_name.as_str()))?;
-        let (below, _) = open_layer(file, old_format, &old_name, false, old_backing)?;
-        Self::top(overlay, format, what, true, Some(Arc::new(below)))
+        let (below, _, _) = open_layer(file, old_format, &old_name, false, old_backing)?;
+        Self::top(
+            overlay,
+            format,
+            what,
+            true,
+            Some(Arc::new(below)),
+            self.encrypted(),
+        )
     }
 }

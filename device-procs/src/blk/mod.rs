@@ -9,6 +9,7 @@
 pub mod backend;
 pub mod cli;
 pub mod config;
+pub mod crypt;
 pub mod image;
 pub mod lock;
 pub mod request;
@@ -47,6 +48,8 @@ pub enum BlkError {
     Backing { image: PathBuf, why: String },
     #[error("the image fd is read-only but the disk is not")]
     ReadOnlyFd,
+    #[error("the image is encrypted: standalone vmm-blk has no way to take its key (the vmm's vmm-blk does)")]
+    Encrypted,
     #[error("image: {0}")]
     Image(#[source] io::Error),
     #[error("cannot open image {path}: {source}")]
@@ -122,6 +125,9 @@ pub fn run_standalone(args: &cli::Standalone) -> Result<(), BlkError> {
     })?;
     let (files, backing) = open_backing_chain(file, args)?;
     let image = image::Image::open(args.format, &backing, files, !args.readonly)?;
+    if image.encrypted() {
+        return Err(BlkError::Encrypted);
+    }
     let disk = request::Disk::with_image(image, args.readonly, &args.serial)?;
     // A socket left by an earlier run is replaced (QEMU does the same); anything else at
     // that path is an error from bind.
@@ -134,10 +140,17 @@ pub fn run_standalone(args: &cli::Standalone) -> Result<(), BlkError> {
     })?;
     block_termination_signals()?;
     sandbox::enter(Profile::BLOCK.with_seccomp(seccomp::Kind::Block))?;
+    // qemu-storage-daemon's export reports every error to the guest: there is nobody to
+    // stop the VM or resume it.
+    let policy = ipc::blk::ErrorPolicy {
+        read: ipc::blk::ErrorAction::Report,
+        write: ipc::blk::ErrorAction::Report,
+    };
     let backend = Arc::new(backend::BlkBackend::new(
         disk,
         args.num_queues,
         args.queue_size,
+        policy,
         None,
     )?);
     let flushing = backend.clone();

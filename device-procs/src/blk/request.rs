@@ -8,7 +8,11 @@
 //! into the last byte of the chain when that byte is device-writable; a chain without one
 //! is completed with a used length of 0 and not executed. Nothing in this module panics
 //! on what the guest wrote, and data moves with pread/pwrite straight between the image
-//! and guest memory.
+//! and guest memory (through a bounce buffer for encrypted images, see [`super::crypt`]).
+//!
+//! A request that fails because of the host (the image's I/O: EIO, ENOSPC, ...) is not
+//! completed here: [`run`] hands it back as a [`Failure`] so that the caller applies the
+//! drive's error policy (report, ignore, or hold it for a retry).
 
 use std::fs::File;
 use std::io;
@@ -16,7 +20,7 @@ use std::ops::Deref;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::sync::{Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::time::Instant;
 
 use imago::io_buffers::{IoVector, IoVectorMut};
@@ -32,7 +36,8 @@ use virtio_queue::DescriptorChain;
 use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 
 use super::config::{MAX_DISCARD_SECTORS, MAX_DISCARD_SEGMENTS, SECTOR_SIZE};
-use super::image::{Image, ImageError, IoCounters, Layer};
+use super::crypt::{self, Key};
+use super::image::{Chain, Image, ImageError, IoCounters, Layer};
 
 /// Guest memory as the backend maps it (no dirty-page bitmap).
 pub type GuestMem = GuestMemoryMmap<()>;
@@ -88,6 +93,8 @@ pub enum RequestError {
         sectors: u32,
         max: u32,
     },
+    #[error("the disk is encrypted and its key has not been given yet")]
+    NoKey,
     #[error("{op} at byte {offset} of the image: {source}")]
     Host {
         op: &'static str,
@@ -112,6 +119,87 @@ impl RequestError {
     pub fn is_host(&self) -> bool {
         matches!(self, RequestError::Host { .. })
     }
+
+    /// A host error of a request that reads (for the error policy: `rerror`, not `werror`).
+    pub fn is_read(&self) -> bool {
+        matches!(self, RequestError::Host { op: "read", .. })
+    }
+
+    /// The host error's errno, if it has one.
+    pub fn errno(&self) -> Option<i32> {
+        match self {
+            RequestError::Host { source, .. } => source.raw_os_error().or(
+                // imago may rebuild an error and keep only its kind.
+                (source.kind() == io::ErrorKind::StorageFull).then_some(libc::ENOSPC),
+            ),
+            _ => None,
+        }
+    }
+}
+
+/// Test hook: make reads or writes fail on the host with an errno, a number of times or
+/// for good (see `supervised::TEST_HOOK_FAIL_READS`).
+#[derive(Debug)]
+pub struct Fault {
+    errno: i32,
+    /// Failures left; u64::MAX: every request.
+    left: AtomicU64,
+}
+
+impl Fault {
+    /// Parse `eio`, `enospc` or an errno number, optionally followed by `:COUNT` (fail
+    /// that many requests, then work again).
+    pub fn parse(spec: &str) -> Result<Fault, String> {
+        let (name, count) = match spec.split_once(':') {
+            Some((n, c)) => (
+                n,
+                c.parse::<u64>()
+                    .map_err(|_| format!("'{spec}': the count after ':' is not a number"))?,
+            ),
+            None => (spec, u64::MAX),
+        };
+        let errno = match name {
+            "eio" => libc::EIO,
+            "enospc" => libc::ENOSPC,
+            n => n
+                .parse::<i32>()
+                .map_err(|_| format!("'{spec}': eio, enospc or an errno number"))?,
+        };
+        Ok(Fault {
+            errno,
+            left: AtomicU64::new(count),
+        })
+    }
+
+    /// Whether this request fails (and counts it).
+    fn strikes(&self) -> bool {
+        self.left
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| match n {
+                0 => None,
+                u64::MAX => Some(u64::MAX),
+                n => Some(n - 1),
+            })
+            .is_ok()
+    }
+
+    fn check(f: &Option<Fault>, op: &'static str, offset: u64) -> Result<(), RequestError> {
+        match f {
+            Some(f) if f.strikes() => Err(RequestError::Host {
+                op,
+                offset,
+                source: io::Error::from_raw_os_error(f.errno),
+            }),
+            _ => Ok(()),
+        }
+    }
+}
+
+/// The key of an encrypted chain, and the lock that keeps its writes apart (they rewrite
+/// whole clusters).
+#[derive(Debug, Default)]
+struct Crypto {
+    key: RwLock<Option<Key>>,
+    writes: Mutex<()>,
 }
 
 /// The image a disk serves, its size and its counters.
@@ -128,6 +216,11 @@ pub struct Disk {
     serial: [u8; VIRTIO_BLK_ID_BYTES as usize],
     /// The guest's successful requests.
     stats: IoCounters,
+    /// Set when an image of the chain is encrypted: no request is served without a key.
+    crypto: Option<Crypto>,
+    /// Test hooks: injected host errors of reads and writes.
+    fail_reads: Option<Fault>,
+    fail_writes: Option<Fault>,
 }
 
 impl Disk {
@@ -142,13 +235,50 @@ impl Disk {
         let mut id = [0u8; VIRTIO_BLK_ID_BYTES as usize];
         let n = serial.len().min(id.len());
         id[..n].copy_from_slice(&serial.as_bytes()[..n]);
+        let crypto = image.encrypted().then(Crypto::default);
         Ok(Disk {
             image: RwLock::new(image),
             capacity: AtomicU64::new(size / SECTOR_SIZE),
             readonly,
             serial: id,
             stats: IoCounters::default(),
+            crypto,
+            fail_reads: None,
+            fail_writes: None,
         })
+    }
+
+    /// Whether an image of the chain is encrypted: requests fail until [`Disk::set_key`].
+    pub fn encrypted(&self) -> bool {
+        self.crypto.is_some()
+    }
+
+    /// The password of the encrypted images (it replaces an earlier one). Refused for a
+    /// disk without encrypted images.
+    pub fn set_key(&self, password: &str) -> Result<(), ImageError> {
+        let Some(crypto) = &self.crypto else {
+            return Err(ImageError::NotEncrypted);
+        };
+        // New requests wait for the key while this runs; one holding the old key finishes.
+        *crypto.key.write().unwrap_or_else(|e| e.into_inner()) = Some(Key::from_password(password));
+        Ok(())
+    }
+
+    /// Test hook: make reads and writes fail on the host (see [`Fault`]).
+    pub fn inject_faults(&mut self, reads: Option<Fault>, writes: Option<Fault>) {
+        self.fail_reads = reads;
+        self.fail_writes = writes;
+    }
+
+    /// The key, if the disk is encrypted; NoKey while it has none.
+    fn key(&self) -> Result<Option<Key>, RequestError> {
+        match &self.crypto {
+            None => Ok(None),
+            Some(c) => match &*c.key.read().unwrap_or_else(|e| e.into_inner()) {
+                Some(k) => Ok(Some(k.clone())),
+                None => Err(RequestError::NoKey),
+            },
+        }
     }
 
     /// Size in 512-byte sectors.
@@ -255,30 +385,110 @@ pub struct Completion {
 /// A guest buffer: address and length.
 type Segment = (GuestAddress, u64);
 
-/// Execute the request in `chain` on `disk` and write its status byte.
+/// A request taken off a queue: its head and its descriptors, read once (so that it can be
+/// held and run again later, as an error policy of `stop` needs).
+#[derive(Debug, Clone)]
+pub struct Request {
+    head: u16,
+    descs: Vec<Descriptor>,
+}
+
+impl Request {
+    pub fn new<M>(chain: DescriptorChain<M>) -> Request
+    where
+        M: Deref<Target = GuestMem> + Clone,
+    {
+        Request {
+            head: chain.head_index(),
+            // The iterator stops by itself at the end of the chain, after `queue_size`
+            // descriptors (a loop), at an unreadable descriptor or a bad indirect table:
+            // whatever it yields is all there is.
+            descs: chain.collect(),
+        }
+    }
+
+    pub fn head(&self) -> u16 {
+        self.head
+    }
+}
+
+/// What running a request came to.
+#[derive(Debug)]
+pub enum Outcome {
+    /// Completed (successfully or not): its status byte is written.
+    Done(Completion),
+    /// The host failed it: nothing is written yet; the error policy decides.
+    Failed(Failure),
+}
+
+/// A request the host failed, not completed yet.
+#[derive(Debug)]
+pub struct Failure {
+    pub head: u16,
+    pub error: RequestError,
+    status_addr: GuestAddress,
+    /// The device-writable data bytes (a read's buffer).
+    data_len: u64,
+}
+
+impl Failure {
+    /// Complete it: with VIRTIO_BLK_S_IOERR, or as a success (`ignore`: the guest's
+    /// buffer holds whatever it holds, as in QEMU).
+    pub fn complete(self, mem: &GuestMem, ignore: bool) -> Completion {
+        let (status, data_len) = if ignore {
+            (VIRTIO_BLK_S_OK as u8, self.data_len)
+        } else {
+            (self.error.status(), 0)
+        };
+        Completion {
+            head: self.head,
+            used_len: write_status(mem, self.status_addr, status, data_len),
+            status: Some(status),
+            error: Some(self.error),
+        }
+    }
+}
+
+/// Execute the request in `chain` on `disk` and write its status byte (host errors are
+/// reported to the guest).
 pub fn process<M>(disk: &Disk, chain: DescriptorChain<M>) -> Completion
 where
     M: Deref<Target = GuestMem> + Clone,
 {
-    let head = chain.head_index();
-    // The iterator stops by itself at the end of the chain, after `queue_size` descriptors
-    // (a loop), at an unreadable descriptor or a bad indirect table: whatever it yields
-    // is all there is.
-    let descs: Vec<Descriptor> = chain.clone().collect();
+    let mem = chain.memory().clone();
+    match run(disk, &mem, &Request::new(chain)) {
+        Outcome::Done(c) => c,
+        Outcome::Failed(f) => f.complete(&mem, false),
+    }
+}
+
+/// Execute `req` on `disk` with guest memory `mem`; the status byte is written unless the
+/// host failed it.
+pub fn run(disk: &Disk, mem: &GuestMem, req: &Request) -> Outcome {
+    let head = req.head;
     // A last descriptor that still points on means the iterator gave up: none of the chain
     // is trusted, not even a status byte in it.
-    if descs.last().is_some_and(|d| d.has_next()) {
-        return Completion {
+    if req.descs.last().is_some_and(|d| d.has_next()) {
+        return Outcome::Done(Completion {
             head,
             used_len: 0,
             status: None,
             error: Some(RequestError::BrokenChain),
-        };
+        });
     }
-    process_descriptors(disk, chain.memory(), head, &descs)
+    process_descriptors(disk, mem, head, &req.descs)
 }
 
-fn process_descriptors(disk: &Disk, mem: &GuestMem, head: u16, descs: &[Descriptor]) -> Completion {
+/// Write the status byte; the used length (0 if the byte could not be written).
+fn write_status(mem: &GuestMem, at: GuestAddress, status: u8, data_len: u64) -> u32 {
+    match mem.write_obj(status, at) {
+        // At most u32::MAX bytes in a chain (the iterator checks the sum), so this fits.
+        Ok(()) => u32::try_from(data_len + 1).unwrap_or(u32::MAX),
+        Err(_) => 0,
+    }
+}
+
+fn process_descriptors(disk: &Disk, mem: &GuestMem, head: u16, descs: &[Descriptor]) -> Outcome {
     let mut readable: Vec<Segment> = Vec::new();
     let mut writable: Vec<Segment> = Vec::new();
     let mut misordered = false;
@@ -300,12 +510,12 @@ fn process_descriptors(disk: &Disk, mem: &GuestMem, head: u16, descs: &[Descript
         _ => None,
     };
     let Some(status_addr) = status_addr else {
-        return Completion {
+        return Outcome::Done(Completion {
             head,
             used_len: 0,
             status: None,
             error: Some(RequestError::NoStatus),
-        };
+        });
     };
     // The data part of the writable buffers is everything before the status byte.
     if let Some(last) = writable.last_mut() {
@@ -321,19 +531,22 @@ fn process_descriptors(disk: &Disk, mem: &GuestMem, head: u16, descs: &[Descript
     };
     let (status, data_len, error) = match result {
         Ok(n) => (VIRTIO_BLK_S_OK as u8, n, None),
+        Err(error) if error.is_host() => {
+            return Outcome::Failed(Failure {
+                head,
+                error,
+                status_addr,
+                data_len: total(&writable),
+            })
+        }
         Err(e) => (e.status(), 0, Some(e)),
     };
-    let used_len = match mem.write_obj(status, status_addr) {
-        // At most u32::MAX bytes in a chain (the iterator checks the sum), so this fits.
-        Ok(()) => u32::try_from(data_len + 1).unwrap_or(u32::MAX),
-        Err(_) => 0,
-    };
-    Completion {
+    Outcome::Done(Completion {
         head,
-        used_len,
+        used_len: write_status(mem, status_addr, status, data_len),
         status: Some(status),
         error,
-    }
+    })
 }
 
 /// Run one well-ordered request; the number of data bytes written into guest memory.
@@ -375,13 +588,18 @@ fn execute(
                 ));
             }
             let offset = sector_range(disk, sector, out_len)?;
+            let key = disk.key()?;
+            Fault::check(&disk.fail_reads, "read", offset)?;
             let start = Instant::now();
-            match &*disk.image() {
-                Image::Raw { file, counters } => {
+            match (&*disk.image(), key) {
+                (Image::Raw { file, counters }, _) => {
                     read_file(file, mem, writable, offset)?;
                     counters.read(out_len, start);
                 }
-                Image::Format(c) => read_layer(&c.top, mem, writable, offset)?,
+                (Image::Format(c), Some(key)) => {
+                    read_encrypted(&c.top, &key, mem, writable, offset, out_len)?
+                }
+                (Image::Format(c), None) => read_layer(&c.top, mem, writable, offset)?,
             }
             disk.stats.read(out_len, start);
             Ok(out_len)
@@ -398,18 +616,27 @@ fn execute(
                 return Err(RequestError::ReadOnly);
             }
             let offset = sector_range(disk, sector, in_len)?;
+            let key = disk.key()?;
+            Fault::check(&disk.fail_writes, "write", offset)?;
             let start = Instant::now();
-            match &*disk.image() {
-                Image::Raw { file, counters } => {
+            match (&*disk.image(), key) {
+                (Image::Raw { file, counters }, _) => {
                     write_file(file, mem, &data_in, offset)?;
                     counters.write(offset, in_len, start);
                 }
-                Image::Format(c) => write_layer(&c.top, mem, &data_in, offset)?,
+                (Image::Format(c), Some(key)) => {
+                    let slices = volatile_slices(mem, &data_in)?;
+                    write_encrypted(disk, c, &key, offset, in_len, |buf, at| {
+                        copy_from_slices(&slices, at - offset, buf)
+                    })?
+                }
+                (Image::Format(c), None) => write_layer(&c.top, mem, &data_in, offset)?,
             }
             disk.stats.write(offset, in_len, start);
             Ok(0)
         }
         VIRTIO_BLK_T_FLUSH => {
+            disk.key()?;
             let start = Instant::now();
             if !disk.readonly {
                 disk.image().flush().map_err(|source| RequestError::Host {
@@ -432,6 +659,7 @@ fn execute(
             if disk.readonly {
                 return Err(RequestError::ReadOnly);
             }
+            let key = disk.key()?;
             let count = in_len / RANGE_LEN as u64;
             if !in_len.is_multiple_of(RANGE_LEN as u64)
                 || count == 0
@@ -468,12 +696,35 @@ fn execute(
                 let len = u64::from(sectors) * SECTOR_SIZE;
                 let offset = disk.range(sector, len)?;
                 let start = Instant::now();
-                if discard {
-                    discard_format_or_raw(disk, offset, len)?;
-                    disk.stats.discard(offset, len, start);
-                } else {
-                    zeroes(disk, offset, len, flags != 0)?;
-                    disk.stats.write(offset, len, start);
+                match (discard, &key) {
+                    // Advisory: an encrypted chain keeps its data (imago would leave
+                    // clusters whose zeroes read as garbage once decrypted).
+                    (true, Some(_)) => disk.stats.discard(offset, len, start),
+                    (true, None) => {
+                        discard_format_or_raw(disk, offset, len)?;
+                        disk.stats.discard(offset, len, start);
+                    }
+                    (false, Some(key)) => {
+                        if let Image::Format(c) = &*disk.image() {
+                            write_encrypted(disk, c, key, offset, len, |buf, _| {
+                                buf.fill(0);
+                                Ok(())
+                            })
+                            .map_err(|e| match e {
+                                RequestError::Host { source, .. } => RequestError::Host {
+                                    op: "write-zeroes",
+                                    offset,
+                                    source,
+                                },
+                                e => e,
+                            })?;
+                        }
+                        disk.stats.write(offset, len, start);
+                    }
+                    (false, None) => {
+                        zeroes(disk, offset, len, flags != 0)?;
+                        disk.stats.write(offset, len, start);
+                    }
                 }
             }
             Ok(0)
@@ -689,6 +940,81 @@ fn read_layer(
             offset,
             source,
         })
+}
+
+/// Read through a chain with encrypted images at `offset` into guest memory (through a
+/// buffer: the data is decrypted on the way).
+fn read_encrypted(
+    top: &Layer,
+    key: &Key,
+    mem: &GuestMem,
+    segs: &[Segment],
+    offset: u64,
+    len: u64,
+) -> Result<(), RequestError> {
+    let host = |source| RequestError::Host {
+        op: "read",
+        offset,
+        source,
+    };
+    // A chain holds at most u32::MAX bytes.
+    let mut buf = vec![0u8; len as usize];
+    crypt::read(top, key, &mut buf, offset).map_err(host)?;
+    scatter(mem, segs, &buf)
+}
+
+/// Write `len` bytes at `offset` of a chain with encrypted images, whole clusters at a
+/// time (see [`crypt::write`]); `fill` gives the data. One such write at a time: they
+/// rewrite the clusters they touch.
+fn write_encrypted(
+    disk: &Disk,
+    chain: &Chain,
+    key: &Key,
+    offset: u64,
+    len: u64,
+    fill: impl FnMut(&mut [u8], u64) -> io::Result<()>,
+) -> Result<(), RequestError> {
+    let host = |op| move |source| RequestError::Host { op, offset, source };
+    let _one = disk
+        .crypto
+        .as_ref()
+        .map(|c| c.writes.lock().unwrap_or_else(|e| e.into_inner()));
+    crypt::write(
+        &chain.top,
+        key,
+        chain.info.encrypted,
+        chain.info.cluster_size,
+        offset,
+        len,
+        fill,
+    )
+    .map_err(host("write"))?;
+    chain.top.flush().map_err(host("write metadata"))
+}
+
+/// Copy bytes `at..at + buf.len()` of the guest buffers `slices` into `buf`.
+fn copy_from_slices(
+    slices: &[vm_memory::VolatileSlice<'_, ()>],
+    mut at: u64,
+    buf: &mut [u8],
+) -> io::Result<()> {
+    let mut done = 0;
+    for s in slices {
+        if done == buf.len() {
+            break;
+        }
+        let len = s.len() as u64;
+        if at >= len {
+            at -= len;
+            continue;
+        }
+        let n = ((len - at) as usize).min(buf.len() - done);
+        let sub = s.subslice(at as usize, n).map_err(io::Error::other)?;
+        sub.copy_to(&mut buf[done..done + n]);
+        done += n;
+        at = 0;
+    }
+    Ok(())
 }
 
 /// Write guest memory through a format layer at `offset`.
@@ -993,6 +1319,19 @@ mod tests {
             &std::fs::read(&img.path).unwrap()[512..1024],
             &[0x5au8; 512][..]
         );
+    }
+
+    #[test]
+    fn injected_faults_parse_and_count() {
+        let f = Fault::parse("enospc:2").unwrap();
+        assert_eq!(f.errno, libc::ENOSPC);
+        assert!(f.strikes() && f.strikes() && !f.strikes());
+        let f = Fault::parse("eio").unwrap();
+        assert_eq!(f.errno, libc::EIO);
+        assert!((0..1000).all(|_| f.strikes()));
+        assert_eq!(Fault::parse("28:1").unwrap().errno, 28);
+        assert!(Fault::parse("nope").is_err());
+        assert!(Fault::parse("eio:x").is_err());
     }
 
     #[test]

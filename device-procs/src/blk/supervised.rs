@@ -5,15 +5,15 @@
 use std::fs::File;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use ipc::blk::{AttachConfig, BlkEvent, BlkReply, BlkRequest, ImageChain};
 use ipc::frame::FrameError;
 use ipc::{Channel, DeviceKind, IpcError, Message, RemoteError};
 
-use super::backend::{self, BlkBackend, HostErrorHook};
+use super::backend::{self, BlkBackend, EventHook};
 use super::image::Image;
-use super::request::Disk;
+use super::request::{Disk, Fault};
 use super::BlkError;
 use crate::sandbox::{self, Profile};
 use crate::{inherit, seccomp};
@@ -22,8 +22,6 @@ use crate::{inherit, seccomp};
 pub type DeviceChannel = Channel<BlkRequest, BlkReply, BlkEvent>;
 
 const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
-/// At most one I/O error event per this interval (a failing disk fails every request).
-const EVENT_INTERVAL: Duration = Duration::from_secs(1);
 
 pub fn run() -> Result<(), BlkError> {
     let (control, listener) = inherit::inherited_sockets()?;
@@ -33,6 +31,7 @@ pub fn run() -> Result<(), BlkError> {
     channel.hello(DeviceKind::Block, DeviceKind::Block, HELLO_TIMEOUT)?;
     let (attach_id, disk, config) = wait_for_attach(&mut channel)?;
     let size = disk.capacity() * super::config::SECTOR_SIZE;
+    let encrypted = disk.encrypted();
 
     // Replies (control thread) and events (queue threads) share one sender; the control
     // thread receives on its own handle of the same socket.
@@ -43,15 +42,13 @@ pub fn run() -> Result<(), BlkError> {
         disk,
         config.num_queues,
         config.queue_size,
+        config.error_policy,
         Some(event_hook(sender.clone())),
     )?);
     reply(
         &sender,
         attach_id,
-        Ok(BlkReply::Attached {
-            size,
-            encrypted: false,
-        }),
+        Ok(BlkReply::Attached { size, encrypted }),
     );
     if let Some(delay) = std::env::var(TEST_HOOK_BAD_RPC)
         .ok()
@@ -84,6 +81,27 @@ pub fn run() -> Result<(), BlkError> {
 /// undecodable control message that long after it is attached, so tests can check that
 /// the vmm drops it and keeps the VM running.
 pub const TEST_HOOK_BAD_RPC: &str = "VMM_BLK_TEST_BAD_RPC";
+
+/// Test hooks: with these variables in the environment when the disk is attached, the
+/// guest's reads (or writes) fail on the host with an errno, so that tests can drive the
+/// error policies. The value is `eio`, `enospc` or an errno number, optionally followed by
+/// `:COUNT` to fail only the next COUNT requests (e.g. `eio:1`); without a count every one
+/// fails. Only plain reads and writes fail (not flushes, discards or write-zeroes).
+pub const TEST_HOOK_FAIL_READS: &str = "VMM_BLK_TEST_FAIL_READS";
+pub const TEST_HOOK_FAIL_WRITES: &str = "VMM_BLK_TEST_FAIL_WRITES";
+
+/// The fault a test hook variable asks for.
+fn test_fault(var: &str) -> Result<Option<Fault>, BlkError> {
+    match std::env::var(var) {
+        Ok(spec) => {
+            let fault = Fault::parse(&spec)
+                .map_err(|why| BlkError::Image(std::io::Error::other(format!("{var}: {why}"))))?;
+            tracing::warn!("test hook {var}={spec}: host I/O errors are injected");
+            Ok(Some(fault))
+        }
+        Err(_) => Ok(None),
+    }
+}
 
 fn send_garbage(sender: &Arc<Mutex<DeviceChannel>>) {
     let ch = sender.lock().unwrap_or_else(|e| e.into_inner());
@@ -156,7 +174,15 @@ fn attach(config: &AttachConfig, chain: &ImageChain, fds: Vec<OwnedFd>) -> Resul
     }
     let files: Vec<File> = fds.into_iter().map(File::from).collect();
     let image = Image::open(chain.format, &chain.backing, files, !config.readonly)?;
-    Ok(Disk::with_image(image, config.readonly, &config.serial)?)
+    let mut disk = Disk::with_image(image, config.readonly, &config.serial)?;
+    disk.inject_faults(
+        test_fault(TEST_HOOK_FAIL_READS)?,
+        test_fault(TEST_HOOK_FAIL_WRITES)?,
+    );
+    if disk.encrypted() {
+        tracing::info!("the disk is encrypted: every request fails until SetKey");
+    }
+    Ok(disk)
 }
 
 fn reply(sender: &Mutex<DeviceChannel>, id: u64, body: Result<BlkReply, RemoteError>) {
@@ -166,23 +192,11 @@ fn reply(sender: &Mutex<DeviceChannel>, id: u64, body: Result<BlkReply, RemoteEr
     }
 }
 
-/// Report host I/O errors to the vmm, at most one per EVENT_INTERVAL.
-fn event_hook(sender: Arc<Mutex<DeviceChannel>>) -> HostErrorHook {
-    let last: Mutex<Option<Instant>> = Mutex::new(None);
-    Box::new(move |e| {
-        let mut last = last.lock().unwrap_or_else(|e| e.into_inner());
-        if last.is_some_and(|t| t.elapsed() < EVENT_INTERVAL) {
-            return;
-        }
-        *last = Some(Instant::now());
-        let write = matches!(
-            e,
-            super::request::RequestError::Host { op, .. } if *op != "read"
-        );
-        let event = BlkEvent::IoError {
-            write,
-            message: e.to_string(),
-        };
+/// Send events to the vmm. RequestFailed is not rate-limited (QEMU emits BLOCK_IO_ERROR
+/// for every failure); the error policy sends one per failure, and for `stop` only the one
+/// that stops the disk.
+fn event_hook(sender: Arc<Mutex<DeviceChannel>>) -> EventHook {
+    Box::new(move |event| {
         let mut ch = sender.lock().unwrap_or_else(|e| e.into_inner());
         if let Err(e) = ch.event(event, &[]) {
             tracing::warn!("cannot send an event on the control socket: {e}");
@@ -242,6 +256,34 @@ fn control_loop(
                     tracing::info!("snapshot taken: writes go to the new overlay");
                 }
                 reply(&sender, id, result);
+            }
+            Ok((
+                Message::Request {
+                    id,
+                    body: BlkRequest::SetKey { password },
+                },
+                _fds,
+            )) => {
+                let result = backend
+                    .disk()
+                    .set_key(&password)
+                    .map(|()| BlkReply::KeySet)
+                    .map_err(|e| RemoteError(format!("cannot set the key: {e}")));
+                if result.is_ok() {
+                    tracing::info!("key set: the encrypted disk is served");
+                }
+                reply(&sender, id, result);
+            }
+            Ok((
+                Message::Request {
+                    id,
+                    body: BlkRequest::Resume,
+                },
+                _fds,
+            )) => {
+                let retried = backend.resume();
+                tracing::info!("resumed: {retried} held requests carried out again");
+                reply(&sender, id, Ok(BlkReply::Resumed { retried }));
             }
             Ok((
                 Message::Request {
