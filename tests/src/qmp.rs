@@ -3,6 +3,7 @@
 
 use std::io::{BufRead, BufReader, Write};
 use std::net::TcpStream;
+use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -40,6 +41,44 @@ impl Qmp<UnixStream> {
 }
 
 impl Qmp<UnixStream> {
+    /// Send a command with `fd` attached (SCM_RIGHTS), as getfd wants it.
+    pub fn send_with_fd(&mut self, command: &str, args: Option<Value>, fd: RawFd) {
+        let mut msg = json!({ "execute": command });
+        if let Some(args) = args {
+            msg["arguments"] = args;
+        }
+        let bytes = msg.to_string();
+        let mut iov = libc::iovec {
+            iov_base: bytes.as_ptr() as *mut libc::c_void,
+            iov_len: bytes.len(),
+        };
+        // SAFETY: CMSG_SPACE only computes a size.
+        let space = unsafe { libc::CMSG_SPACE(std::mem::size_of::<RawFd>() as u32) } as usize;
+        let mut control = vec![0u8; space];
+        // SAFETY: msghdr is plain data; all zeroes is valid before we fill it in.
+        let mut hdr: libc::msghdr = unsafe { std::mem::zeroed() };
+        hdr.msg_iov = &mut iov;
+        hdr.msg_iovlen = 1;
+        hdr.msg_control = control.as_mut_ptr() as *mut libc::c_void;
+        hdr.msg_controllen = space as _;
+        // SAFETY: the control buffer is large enough for one fd (CMSG_SPACE above), so
+        // CMSG_FIRSTHDR is non-null and CMSG_DATA points inside it; sendmsg reads the
+        // iovec and control buffers, which live until it returns.
+        let sent = unsafe {
+            let cmsg = libc::CMSG_FIRSTHDR(&hdr);
+            (*cmsg).cmsg_level = libc::SOL_SOCKET;
+            (*cmsg).cmsg_type = libc::SCM_RIGHTS;
+            (*cmsg).cmsg_len = libc::CMSG_LEN(std::mem::size_of::<RawFd>() as u32) as _;
+            std::ptr::copy_nonoverlapping(
+                &fd as *const RawFd as *const u8,
+                libc::CMSG_DATA(cmsg),
+                std::mem::size_of::<RawFd>(),
+            );
+            libc::sendmsg(self.writer.as_raw_fd(), &hdr, 0)
+        };
+        assert_eq!(sent, bytes.len() as isize, "sendmsg with an fd");
+    }
+
     /// Connect to a unix socket monitor and negotiate capabilities.
     pub fn connect(path: &Path) -> Self {
         let mut qmp = Self::unix(path);

@@ -433,3 +433,45 @@ fn a_system_reset_resets_the_disk_and_it_works_again() {
     assert_eq!(d.read(8, 4096), vec![0x77u8; 4096]);
     d.quit();
 }
+
+/// A snapshot into a file that management created and passed with getfd
+/// (`snapshot-file: "fd:NAME"`): the vmm writes the overlay through the descriptor.
+#[test]
+fn a_snapshot_into_a_descriptor_passed_with_getfd() {
+    use std::os::fd::AsRawFd;
+    let dir = TempDir::new("block-getfd");
+    let img = dir.join("disk.raw");
+    std::fs::write(&img, vec![0u8; 1 << 20]).unwrap();
+    let drive = format!("file={},format=raw,if=none,id=d0", img.display());
+    let mut d = Disk::start(&dir, &drive);
+    d.write(0, &[1u8; 4096]);
+    let snap = dir.join("snap.qcow2");
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(&snap)
+        .unwrap();
+    d.qmp
+        .send_with_fd("getfd", Some(json!({"fdname": "snapfd"})), file.as_raw_fd());
+    assert_eq!(d.qmp.message(), json!({"return": {}}));
+    let err = d.qmp_err(
+        "blockdev-snapshot-sync",
+        json!({"device": "d0", "snapshot-file": "fd:nosuch"}),
+    );
+    assert_eq!(err, "File descriptor named 'nosuch' has not been found");
+    d.qmp_ok(
+        "blockdev-snapshot-sync",
+        json!({"device": "d0", "snapshot-file": "fd:snapfd"}),
+    );
+    d.write(8, &[2u8; 4096]);
+    assert_eq!(d.read(0, 4096), vec![1u8; 4096]);
+    d.flush();
+    d.quit();
+    // Our copy shares the open file description, and with it the vmm's image locks.
+    drop(file);
+    let chain = qemu_img(&["info", "--backing-chain", snap.to_str().unwrap()]);
+    assert!(chain.contains("disk.raw"), "{chain}");
+    qemu_img(&["check", "-q", "-f", "qcow2", snap.to_str().unwrap()]);
+}

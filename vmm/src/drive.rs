@@ -424,6 +424,31 @@ pub fn open_image(path: &str, readonly: bool) -> Result<File, DriveError> {
     Ok(file)
 }
 
+/// Take an image that came as a descriptor (`fd:NAME` from getfd): its access mode must
+/// allow `readonly`'s use, and it is locked as a path would be.
+pub fn image_from_fd(
+    fd: std::os::fd::OwnedFd,
+    label: &str,
+    readonly: bool,
+) -> Result<File, DriveError> {
+    // SAFETY: F_GETFL only queries the open file description.
+    let flags = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_GETFL) };
+    let mode = flags & libc::O_ACCMODE;
+    if flags < 0 || (!readonly && mode != libc::O_RDWR) || mode == libc::O_WRONLY {
+        return Err(DriveError::Open {
+            path: label.to_string(),
+            reason: if readonly {
+                "the descriptor is not open for reading".into()
+            } else {
+                "the descriptor is not open for reading and writing".into()
+            },
+        });
+    }
+    let file = File::from(fd);
+    lock_image(&file, label, readonly)?;
+    Ok(file)
+}
+
 fn lock_image(file: &File, path: &str, readonly: bool) -> Result<(), DriveError> {
     let mut held = vec![PERM_CONSISTENT_READ];
     if !readonly {

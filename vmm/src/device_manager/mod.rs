@@ -546,6 +546,7 @@ impl DeviceManager {
         drive: &str,
         path: &str,
         format: Option<&str>,
+        fd: Option<std::os::fd::OwnedFd>,
     ) -> Result<(), DeviceError> {
         if let Some(f) = format {
             if f != "qcow2" {
@@ -585,7 +586,11 @@ impl DeviceManager {
         let backing_name = std::fs::canonicalize(&b.image.path)
             .map(|p| p.display().to_string())
             .unwrap_or_else(|_| b.image.path.clone());
-        let (file, created) = drive::create_snapshot_file(path)?;
+        let (file, created) = match fd {
+            // `fd:NAME`: management made the file; we only write the overlay into it.
+            Some(fd) => (drive::image_from_fd(fd, path, false)?, false),
+            None => drive::create_snapshot_file(path)?,
+        };
         let cleanup = |e: DeviceError| {
             if created {
                 let _ = std::fs::remove_file(path);
@@ -1198,6 +1203,7 @@ impl DeviceManager {
         drive: &str,
         path: &str,
         format: Option<&str>,
+        fd: Option<std::os::fd::OwnedFd>,
     ) -> Result<(), DeviceError> {
         if let Some(f) = format {
             if f != "raw" {
@@ -1207,7 +1213,7 @@ impl DeviceManager {
             }
         }
         match self.controller_of(drive) {
-            Some(c) => lock(&c).change(drive, path),
+            Some(c) => lock(&c).change(drive, path, fd),
             None if self.has_drive(drive) => Err(DeviceError::Medium(format!(
                 "Device '{drive}' is not removable"
             ))),

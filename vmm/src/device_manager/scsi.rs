@@ -167,12 +167,20 @@ impl ScsiController {
         }
     }
 
-    /// QMP change: a new medium from `path`.
-    pub fn change(&mut self, drive: &str, path: &str) -> Result<(), DeviceError> {
+    /// QMP change: a new medium from `path`, or from `fd` (`fd:NAME`, passed with getfd).
+    pub fn change(
+        &mut self,
+        drive: &str,
+        path: &str,
+        fd: Option<std::os::fd::OwnedFd>,
+    ) -> Result<(), DeviceError> {
         let i = self
             .lun_index(drive)
             .ok_or_else(|| DeviceError::DriveNotFoundForCommand(drive.to_string()))?;
-        let medium = open_medium(path)?;
+        let medium = match fd {
+            Some(fd) => drive::image_from_fd(fd, path, true)?,
+            None => open_medium(path)?,
+        };
         let (target, lun) = (self.luns[i].target, self.luns[i].lun);
         match self.call(ScsiRequest::InsertMedium { target, lun }, &[medium.as_fd()])? {
             ScsiReply::Inserted { .. } => {

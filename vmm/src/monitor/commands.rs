@@ -79,10 +79,11 @@ pub fn execute(machine: &mut Machine, mut call: MonitorCall) -> Option<MachineEx
             block_result(machine.devices().eject(device, force))
         }
         "change" => {
+            let fd = call.fd.take();
             let device = call.str_arg("device").unwrap_or("");
             let target = call.str_arg("target").unwrap_or("");
             let format = call.str_arg("arg");
-            block_result(machine.devices().change_medium(device, target, format))
+            block_result(machine.devices().change_medium(device, target, format, fd))
         }
         "block_passwd" => {
             let device = call.str_arg("device").unwrap_or("");
@@ -99,13 +100,14 @@ pub fn execute(machine: &mut Machine, mut call: MonitorCall) -> Option<MachineEx
                 })
         }
         "blockdev-snapshot-sync" => {
+            let fd = call.fd.take();
             let device = call.str_arg("device").unwrap_or("");
             let format = call.str_arg("format");
             match call.str_arg("snapshot-file") {
                 None => Err(QmpError::generic("Parameter 'snapshot-file' is missing")),
                 Some(file) => machine
                     .devices()
-                    .snapshot_drive(device, file, format)
+                    .snapshot_drive(device, file, format, fd)
                     .map(|()| json!({}))
                     .map_err(|e| QmpError::generic(e.to_string())),
             }

@@ -69,6 +69,9 @@ pub struct MonitorCall {
     handed_off: std::sync::mpsc::Receiver<()>,
     /// For `quit`: completes once the reply has been written to the client.
     flushed: Option<oneshot::Receiver<()>>,
+    /// A file named `fd:NAME` in the arguments: the descriptor getfd stored under NAME on
+    /// this connection (taken from it, as QEMU's monitor_get_fd does).
+    pub fd: Option<std::os::fd::OwnedFd>,
 }
 
 impl MonitorCall {
@@ -90,6 +93,7 @@ impl MonitorCall {
             reply,
             handed_off,
             flushed: None,
+            fd: None,
         };
         (call, receiver, handed_off_tx)
     }
@@ -236,7 +240,21 @@ impl Dispatcher for MachineDispatcher {
             }
             _ => {}
         }
+        // Commands that open a file take `fd:NAME` for a descriptor passed with getfd.
+        let file_arg = match command {
+            "change" => Some("target"),
+            "blockdev-snapshot-sync" => Some("snapshot-file"),
+            _ => None,
+        };
+        let fd_name = file_arg
+            .and_then(|a| args.get(a))
+            .and_then(Value::as_str)
+            .and_then(|v| v.strip_prefix("fd:"))
+            .map(str::to_string);
         let (mut call, reply, handed_off) = MonitorCall::new(command, args);
+        if let Some(name) = fd_name {
+            call.fd = Some(ctx.take_fd(&name)?);
+        }
         if command == "quit" {
             call.flushed = Some(ctx.close_after_reply());
         }
