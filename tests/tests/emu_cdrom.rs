@@ -132,6 +132,28 @@ fn the_guest_reads_a_cd_and_its_replacement() {
     );
     assert!(read.contains("content of the second disc"), "{read}");
 
+    // The controller's process dies: it is restarted with the same disc, and the guest
+    // reads on.
+    let procs = qmp.ok("__org.vmm_query-device-processes", None);
+    let scsi = procs
+        .as_array()
+        .and_then(|l| l.iter().find(|p| p["program"] == "vmm-scsi").cloned())
+        .expect("the vmm-scsi process");
+    let pid = scsi["pid"].as_u64().unwrap_or(0) as i32;
+    // SAFETY: kill(2) on the pid the vmm reported; no memory is involved.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGKILL) }, 0);
+    let restarted = qmp.wait_event("__org.vmm_DEVICE_PROCESS_RESTARTED");
+    assert_eq!(restarted["data"]["device"], "scsi0", "{restarted}");
+    let read = console.run(
+        "mount -t iso9660 -o ro /dev/sr0 /cd || { sleep 2; mount -t iso9660 -o ro /dev/sr0 \
+         /cd; }; cat /cd/hello.txt; echo; umount /cd",
+        CMD_TIMEOUT,
+    );
+    assert!(
+        read.contains("content of the second disc"),
+        "after the restart: {read}"
+    );
+
     // Eject: the tray opens and the drive is empty.
     qmp.ok("eject", Some(json!({"device": "cd0"})));
     let info = cd_info(&mut qmp);

@@ -807,7 +807,30 @@ impl DeviceManager {
 
     /// Every device process, for `__org.vmm_query-device-processes`.
     pub fn processes(&self) -> Vec<ProcessInfo> {
-        lock(&self.blocks)
+        let controllers: Vec<ProcessInfo> = lock(&self.controllers)
+            .iter()
+            .map(|c| {
+                let c = lock(c);
+                ProcessInfo {
+                    device: c.id.clone().unwrap_or_else(|| c.name.clone()),
+                    drive: c
+                        .luns
+                        .iter()
+                        .map(|l| l.drive.id.clone())
+                        .collect::<Vec<_>>()
+                        .join(","),
+                    program: "vmm-scsi",
+                    pid: c.process.pid(),
+                    state: if c.failed {
+                        ProcessState::Failed
+                    } else {
+                        ProcessState::Running
+                    },
+                    restarts: c.total_restarts,
+                }
+            })
+            .collect();
+        let mut blocks: Vec<ProcessInfo> = lock(&self.blocks)
             .iter()
             .map(|b| {
                 let b = lock(b);
@@ -820,7 +843,9 @@ impl DeviceManager {
                     restarts: b.total_restarts,
                 }
             })
-            .collect()
+            .collect();
+        blocks.extend(controllers);
+        blocks
     }
 
     fn ensure_watcher(&mut self) -> Result<(), DeviceError> {
@@ -1114,8 +1139,12 @@ impl DeviceManager {
             control,
             _function: function,
             luns: Vec::new(),
+            num_queues,
+            queue_size,
             control_closed: false,
             failed: false,
+            restarts: Vec::new(),
+            total_restarts: 0,
         }));
         self.ensure_watcher()
     }

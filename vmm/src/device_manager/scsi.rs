@@ -28,6 +28,7 @@ pub(super) struct CdLun {
     /// The device's `id=`, or its QOM path: DEVICE_TRAY_MOVED's `id`.
     pub qdev_id: String,
     pub qdev: String,
+    pub serial: String,
     /// The medium's image, held open (and locked) while it is in the drive.
     pub medium: Option<std::fs::File>,
 }
@@ -41,9 +42,14 @@ pub(super) struct ScsiController {
     pub control: ScsiChannel,
     pub _function: Arc<Mutex<VirtioPciDevice>>,
     pub luns: Vec<CdLun>,
+    pub num_queues: u16,
+    pub queue_size: u16,
     /// The control socket reached end of file (the process is going away).
     pub control_closed: bool,
     pub failed: bool,
+    /// Restart times within the window, and how many in all.
+    pub restarts: Vec<std::time::Instant>,
+    pub total_restarts: u64,
 }
 
 pub(super) type SharedController = Arc<Mutex<ScsiController>>;
@@ -125,7 +131,7 @@ impl ScsiController {
             target,
             lun,
             id: drive.id.clone(),
-            serial,
+            serial: serial.clone(),
         };
         let fds: Vec<_> = medium.iter().map(|f| f.as_fd()).collect();
         match self.call(request, &fds)? {
@@ -138,8 +144,44 @@ impl ScsiController {
             lun,
             qdev_id,
             qdev,
+            serial,
             medium,
         });
+        Ok(())
+    }
+
+    /// A new process after this one died: the controller and its drives (with their
+    /// media) set up again, and the vhost-user setup replayed. The guest's lock and tray
+    /// state start afresh (a closed tray, unlocked).
+    pub fn respawn(&mut self) -> Result<(), DeviceError> {
+        let (process, control) = start_controller(&self.name, self.num_queues, self.queue_size)?;
+        let old_control = std::mem::replace(&mut self.control, control);
+        for i in 0..self.luns.len() {
+            let l = &self.luns[i];
+            let request = ScsiRequest::AddCdrom {
+                target: l.target,
+                lun: l.lun,
+                id: l.drive.id.clone(),
+                serial: l.serial.clone(),
+            };
+            let fds: Vec<_> = l.medium.iter().map(|f| f.as_fd()).collect();
+            let name = self.name.clone();
+            self.control
+                .call(request, &fds, SETUP_TIMEOUT)
+                .map_err(|source| DeviceError::Ipc { name, source })?;
+        }
+        drop(old_control);
+        let stream = process.connect_vhost_user()?;
+        {
+            let mut function = lock(&self._function);
+            let backend = function
+                .backend_mut()
+                .as_vhost_user()
+                .ok_or_else(|| DeviceError::NotRestartable(self.name.clone()))?;
+            backend.reconnect(stream)?;
+        }
+        self.process = process;
+        self.control_closed = false;
         Ok(())
     }
 

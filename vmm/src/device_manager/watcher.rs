@@ -134,23 +134,49 @@ impl WatchContext {
         }
     }
 
-    /// A SCSI controller's process ended. Restarting one is not done yet: its drives stop
-    /// answering, and the event says so.
+    /// A SCSI controller's process ended: report it and start a new one (with back-off),
+    /// or give up after too many restarts, as for block processes.
     fn controller_exited(&self, c: &SharedController) {
         let mut c = lock(c);
         let pid = c.process.pid();
         let _ = c.process.wait_exit(Duration::ZERO);
-        c.failed = true;
         let device = c.id.clone().unwrap_or_else(|| c.name.clone());
-        tracing::error!(device = %c.name, pid, "SCSI controller process ended");
+        tracing::warn!(device = %c.name, pid, "SCSI controller process ended; restarting");
         self.emit(
             EVENT_PROCESS_EXITED,
             json!({"device": device, "pid": pid, "reason": "exited"}),
         );
-        self.emit(
-            EVENT_PROCESS_FAILED,
-            json!({"device": device, "restarts": 0}),
-        );
+        loop {
+            let now = Instant::now();
+            c.restarts
+                .retain(|t| now.duration_since(*t) < RESTART_WINDOW);
+            if c.restarts.len() >= MAX_RESTARTS {
+                c.failed = true;
+                self.emit(
+                    EVENT_PROCESS_FAILED,
+                    json!({"device": device, "restarts": c.total_restarts}),
+                );
+                return;
+            }
+            let backoff = restart_backoff(c.restarts.len());
+            c.restarts.push(now);
+            c.total_restarts += 1;
+            std::thread::sleep(backoff);
+            if self.stop.load(Ordering::SeqCst) {
+                return;
+            }
+            match c.respawn() {
+                Ok(()) => {
+                    let pid = c.process.pid();
+                    self.emit(
+                        EVENT_PROCESS_RESTARTED,
+                        json!({"device": device, "pid": pid, "restarts": c.total_restarts}),
+                    );
+                    return;
+                }
+                Err(e) => tracing::warn!(device = %c.name, "restart failed: {e}"),
+            }
+        }
     }
 
     /// A message (or end of file) on a device's control socket.
