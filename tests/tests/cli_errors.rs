@@ -182,13 +182,93 @@ fn bad_drives() {
     let missing = with(&["-drive", "file=/nonexistent/disk.img,format=raw,if=virtio"]);
     let args: Vec<&str> = missing.iter().map(String::as_str).collect();
     fails_with(&args, "Could not open '/nonexistent/disk.img'");
+    // A wrong format (a raw file named as qcow2), and an unsupported one.
     let qcow = format!("file={img_s},format=qcow2,if=virtio");
     let args = with(&["-drive", &qcow]);
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    fails_with(&args, "format 'qcow2' is not supported");
+    fails_with(&args, "is not in qcow2 format");
+    let vmdk = format!("file={img_s},format=vmdk,if=virtio");
+    let args = with(&["-drive", &vmdk]);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    fails_with(&args, "format 'vmdk' is not supported");
     let args = with(&["-device", "virtio-blk-pci,drive=nope"]);
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     fails_with(&args, "can't find value 'nope'");
+
+    // A corrupt qcow2, a missing backing file, a circular chain.
+    let corrupt = dir.join("corrupt.qcow2");
+    std::fs::write(&corrupt, b"QFI\xfb\0\0\0\x03garbage-garbage-garbage").unwrap();
+    let d = format!("file={},format=qcow2,if=virtio", corrupt.display());
+    let args = with(&["-drive", &d]);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    fails_with(&args, "corrupt.qcow2");
+    let qemu_img = |a: &[&str]| {
+        let ok = std::process::Command::new("qemu-img")
+            .args(a)
+            .status()
+            .expect("qemu-img")
+            .success();
+        assert!(ok, "qemu-img {a:?}");
+    };
+    let base = dir.join("base.raw");
+    std::fs::write(&base, vec![0u8; 1 << 20]).unwrap();
+    let over = dir.join("over.qcow2");
+    qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-b",
+        "base.raw",
+        "-F",
+        "raw",
+        over.to_str().unwrap(),
+    ]);
+    std::fs::remove_file(&base).unwrap();
+    let d = format!("file={},format=qcow2,if=virtio", over.display());
+    let args = with(&["-drive", &d]);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    fails_with(&args, "Could not open backing file 'base.raw'");
+    let a = dir.join("a.qcow2");
+    let b = dir.join("b.qcow2");
+    std::fs::write(&base, vec![0u8; 1 << 20]).unwrap();
+    qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-b",
+        "base.raw",
+        "-F",
+        "raw",
+        a.to_str().unwrap(),
+    ]);
+    qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-b",
+        "a.qcow2",
+        "-F",
+        "qcow2",
+        b.to_str().unwrap(),
+    ]);
+    qemu_img(&[
+        "rebase",
+        "-u",
+        "-f",
+        "qcow2",
+        "-b",
+        "b.qcow2",
+        "-F",
+        "qcow2",
+        a.to_str().unwrap(),
+    ]);
+    let d = format!("file={},format=qcow2,if=virtio", b.display());
+    let args = with(&["-drive", &d]);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    fails_with(&args, "too deep or circular");
 
     let sock = dir.join("qsd.sock");
     let mut qsd = std::process::Command::new("qemu-storage-daemon")

@@ -475,3 +475,20 @@ fn a_snapshot_into_a_descriptor_passed_with_getfd() {
     assert!(chain.contains("disk.raw"), "{chain}");
     qemu_img(&["check", "-q", "-f", "qcow2", snap.to_str().unwrap()]);
 }
+
+/// Resizing a read-only disk is refused, and the image stays as it was.
+#[test]
+fn a_read_only_disk_refuses_a_resize() {
+    let dir = TempDir::new("block-ro-resize");
+    let img = dir.join("disk.raw");
+    std::fs::write(&img, vec![0u8; 1 << 20]).unwrap();
+    let drive = format!(
+        "file={},format=raw,if=none,id=d0,readonly=on",
+        img.display()
+    );
+    let mut d = Disk::start(&dir, &drive);
+    let err = d.qmp_err("block_resize", json!({"device": "d0", "size": 4 << 20}));
+    assert!(err.contains("read-only"), "{err}");
+    assert_eq!(std::fs::metadata(&img).unwrap().len(), 1 << 20);
+    d.quit();
+}
