@@ -83,6 +83,10 @@ fn the_guest_reads_a_cd_and_its_replacement() {
         &drive,
         "-device",
         "scsi-cd,drive=cd0,id=cd",
+        "-drive",
+        "if=none,id=cd1,media=cdrom",
+        "-device",
+        "scsi-cd,drive=cd1",
         "-qmp",
         &qmp_arg,
     ]);
@@ -93,7 +97,20 @@ fn the_guest_reads_a_cd_and_its_replacement() {
     let info = cd_info(&mut qmp);
     assert_eq!(info["removable"], true, "{info}");
     assert_eq!(info["tray_open"], false, "{info}");
+    assert_eq!(info["tray-open"], false, "{info}");
     assert_eq!(file_of(&info), Some(first.display().to_string()));
+    // The empty drive: no medium, until change gives it one.
+    let blocks = qmp.ok("query-block", None);
+    let empty = blocks
+        .as_array()
+        .and_then(|l| l.iter().find(|b| b["device"] == "cd1").cloned())
+        .expect("cd1");
+    assert!(empty.get("inserted").is_none(), "{empty}");
+    assert_eq!(empty["removable"], true);
+    qmp.ok(
+        "change",
+        Some(json!({"device": "cd1", "target": first.display().to_string()})),
+    );
 
     let read = console.run(
         "mkdir -p /cd && mount -t iso9660 -o ro /dev/sr0 /cd && cat /cd/hello.txt; echo",

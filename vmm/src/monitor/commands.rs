@@ -453,8 +453,10 @@ fn query_block(machine: &Machine) -> Value {
             "type": "unknown",
         });
         if let Some(r) = info.removable {
-            // QEMU 7.2 spells it with an underscore (the seed's "tray-open").
+            // QEMU 7.2 spells it with an underscore; the seed (QEMU 1.1) with a dash.
+            // Clients of either era find theirs.
             entry["tray_open"] = json!(r.tray_open);
+            entry["tray-open"] = json!(r.tray_open);
         }
         let has_medium = info.removable.map_or(d.file.is_some(), |r| r.inserted);
         if let Some(qdev) = &info.qdev {
