@@ -1,7 +1,7 @@
 //! The driver behind `scripts/bench/blk`: one virtio-blk disk under `vmm -accel qtest`,
 //! served by our `vmm-blk` (`-drive` + `virtio-blk-pci`) or by qemu-storage-daemon's
 //! vhost-user-blk export (`-chardev socket` + `vhost-user-blk-pci`), driven through the
-//! same libqos code. Prints one JSON line per workload.
+//! same libqos code, from a raw or a qcow2 image. Prints one JSON line per workload.
 //!
 //! Data stays in guest RAM: only the request headers, the available index, the kick, the
 //! used-index polls and the status bytes cross the qtest socket. Each batch puts QD
@@ -9,7 +9,12 @@
 //! written once), publishes them with one index write, kicks once and polls the used index
 //! until all QD are back; interrupts are suppressed (VRING_AVAIL_F_NO_INTERRUPT).
 //!
-//! Usage: blk_bench --backend vmm-blk|qsd --image PATH [--seconds S] [--socket PATH]
+//! The reads are checked against `--reference` (default: the image itself), a raw file
+//! with the bytes the guest should see: for a qcow2 image, the raw image it was filled
+//! from. Reads run before writes, so an image fresh from that raw file still matches it.
+//!
+//! Usage: blk_bench --backend vmm-blk|qsd --image PATH [--format raw|qcow2]
+//!                  [--reference PATH] [--seconds S] [--socket PATH]
 
 use std::error::Error;
 use std::os::unix::fs::FileExt;
@@ -33,10 +38,16 @@ const MAX_QD: usize = 32;
 const MAX_BS: usize = 1 << 20;
 const QUEUE_SIZE: u16 = 128;
 const POLL_TIMEOUT: Duration = Duration::from_secs(30);
+const USAGE: &str = "usage: blk_bench --backend vmm-blk|qsd --image PATH [--format raw|qcow2] \
+                     [--reference PATH] [--seconds S] [--socket PATH]";
 
 struct Args {
     backend: String,
     image: PathBuf,
+    /// raw or qcow2 (one image per run: the script runs both formats).
+    format: String,
+    /// A raw file with the guest-visible contents of the image, for checking reads.
+    reference: Option<PathBuf>,
     seconds: f64,
     socket: Option<PathBuf>,
 }
@@ -45,6 +56,8 @@ fn args() -> Res<Args> {
     let mut a = Args {
         backend: String::new(),
         image: PathBuf::new(),
+        format: "raw".into(),
+        reference: None,
         seconds: 3.0,
         socket: None,
     };
@@ -54,13 +67,21 @@ fn args() -> Res<Args> {
         match k.as_str() {
             "--backend" => a.backend = v,
             "--image" => a.image = PathBuf::from(v),
+            "--format" => a.format = v,
+            "--reference" => a.reference = Some(PathBuf::from(v)),
             "--seconds" => a.seconds = v.parse()?,
             "--socket" => a.socket = Some(PathBuf::from(v)),
             _ => return Err(format!("unknown option {k}").into()),
         }
     }
-    if !["vmm-blk", "qsd"].contains(&a.backend.as_str()) || a.image.as_os_str().is_empty() {
-        return Err("usage: blk_bench --backend vmm-blk|qsd --image PATH [--seconds S]".into());
+    if !["vmm-blk", "qsd"].contains(&a.backend.as_str())
+        || !["raw", "qcow2"].contains(&a.format.as_str())
+        || a.image.as_os_str().is_empty()
+    {
+        return Err(USAGE.into());
+    }
+    if a.format == "qcow2" && a.reference.is_none() {
+        return Err("a qcow2 image needs --reference (the raw file it was filled from)".into());
     }
     Ok(a)
 }
@@ -75,17 +96,25 @@ impl Drop for Daemon {
     }
 }
 
-fn start_qsd(image: &Path, sock: &Path) -> Res<Daemon> {
+/// The daemon exports the file node (raw) or a qcow2 node over it.
+fn start_qsd(image: &Path, format: &str, sock: &Path) -> Res<Daemon> {
     let _ = std::fs::remove_file(sock);
-    let child = Command::new("qemu-storage-daemon")
-        .arg("--blockdev")
-        .arg(format!(
-            "driver=file,node-name=f0,filename={}",
-            image.display()
-        ))
+    let mut cmd = Command::new("qemu-storage-daemon");
+    cmd.arg("--blockdev").arg(format!(
+        "driver=file,node-name=file0,filename={}",
+        image.display()
+    ));
+    let node = if format == "qcow2" {
+        cmd.arg("--blockdev")
+            .arg("driver=qcow2,node-name=fmt0,file=file0");
+        "fmt0"
+    } else {
+        "file0"
+    };
+    let child = cmd
         .arg("--export")
         .arg(format!(
-            "type=vhost-user-blk,id=e0,node-name=f0,addr.type=unix,addr.path={},writable=on",
+            "type=vhost-user-blk,id=e0,node-name={node},addr.type=unix,addr.path={},writable=on",
             sock.display()
         ))
         .stdin(Stdio::null())
@@ -115,7 +144,8 @@ struct Bench {
     data: u64,
     capacity: u64,
     avail_idx: u16,
-    image: PathBuf,
+    /// A raw file with the bytes the guest should read (see the module doc).
+    reference: PathBuf,
     /// The direction the descriptor table is set up for (true: reads).
     table: Option<(bool, usize)>,
     /// The batch size the available ring is set up for.
@@ -123,7 +153,7 @@ struct Bench {
 }
 
 impl Bench {
-    fn new(mut qt: Qtest, image: &Path) -> Res<Bench> {
+    fn new(mut qt: Qtest, reference: &Path) -> Res<Bench> {
         let mut mem = GuestAlloc::for_ram(RAM);
         let opts = BlkOptions {
             queues: 1,
@@ -152,7 +182,7 @@ impl Bench {
             data,
             capacity: blk.capacity,
             avail_idx: 0,
-            image: image.to_path_buf(),
+            reference: reference.to_path_buf(),
             table: None,
             ring_qd: 0,
         })
@@ -285,11 +315,11 @@ impl Bench {
         Ok(rate)
     }
 
-    /// Slot 0's buffer holds what the image has at `sector`.
+    /// Slot 0's buffer holds what the image has at `sector` (per the reference file).
     fn check_slot(&mut self, sector: u64, bs: usize) -> Res<()> {
         let got = self.qt.memread(self.data, bs)?;
         let mut want = vec![0u8; bs];
-        std::fs::File::open(&self.image)?.read_exact_at(&mut want, sector * SECTOR_SIZE)?;
+        std::fs::File::open(&self.reference)?.read_exact_at(&mut want, sector * SECTOR_SIZE)?;
         if got != want {
             return Err(format!("the data read at sector {sector} is not the image's").into());
         }
@@ -318,7 +348,11 @@ fn main() -> Res<()> {
     let chardev;
     let _daemon;
     let extra: Vec<&str> = if a.backend == "vmm-blk" {
-        image_arg = format!("file={},if=none,id=d0,format=raw", a.image.display());
+        image_arg = format!(
+            "file={},if=none,id=d0,format={}",
+            a.image.display(),
+            a.format
+        );
         vec![
             "-drive",
             &image_arg,
@@ -329,7 +363,7 @@ fn main() -> Res<()> {
         let sock = a.socket.clone().unwrap_or_else(|| {
             std::env::temp_dir().join(format!("blk-bench-qsd-{}.sock", std::process::id()))
         });
-        _daemon = start_qsd(&a.image, &sock)?;
+        _daemon = start_qsd(&a.image, &a.format, &sock)?;
         chardev = format!("socket,id=vu,path={}", sock.display());
         vec![
             "-chardev",
@@ -339,11 +373,12 @@ fn main() -> Res<()> {
         ]
     };
     let qt = Qtest::start(MEM, &extra)?;
-    let mut b = Bench::new(qt, &a.image)?;
+    let reference = a.reference.clone().unwrap_or_else(|| a.image.clone());
+    let mut b = Bench::new(qt, &reference)?;
     let rtt = b.round_trip()?;
     println!(
         "{}",
-        json!({ "backend": a.backend, "workload": "qtest-rtt", "us": rtt })
+        json!({ "backend": a.backend, "format": a.format, "workload": "qtest-rtt", "us": rtt })
     );
     let workloads = [
         ("4k-randread", true, true, 4096),
@@ -357,6 +392,7 @@ fn main() -> Res<()> {
                 "{}",
                 json!({
                     "backend": a.backend,
+                    "format": a.format,
                     "workload": name,
                     "qd": qd,
                     "bs": bs,
