@@ -492,3 +492,60 @@ fn a_read_only_disk_refuses_a_resize() {
     assert_eq!(std::fs::metadata(&img).unwrap().len(), 1 << 20);
     d.quit();
 }
+
+/// An encrypted (legacy AES) qcow2 refuses I/O until block_passwd gives its key; then the
+/// driver reads what qemu-io wrote. A non-removable disk refuses eject.
+#[test]
+fn block_passwd_unlocks_an_encrypted_disk() {
+    let dir = TempDir::new("block-passwd");
+    let img = dir.join("secret.qcow2");
+    let img_s = img.to_str().unwrap();
+    qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "--object",
+        "secret,id=s0,data=pw",
+        "-o",
+        "encrypt.format=aes,encrypt.key-secret=s0",
+        img_s,
+        "4M",
+    ]);
+    let opts =
+        format!("driver=qcow2,file.filename={img_s},encrypt.format=aes,encrypt.key-secret=s0");
+    let out = Command::new("qemu-io")
+        .args([
+            "--object",
+            "secret,id=s0,data=pw",
+            "--image-opts",
+            &opts,
+            "-c",
+            "write -P 0x5a 0 64k",
+        ])
+        .output()
+        .expect("qemu-io");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let drive = format!("file={img_s},format=qcow2,if=none,id=d0");
+    let mut d = Disk::start(&dir, &drive);
+    assert_eq!(d.block_info()["inserted"]["encrypted"], true);
+    assert_eq!(
+        d.request(VIRTIO_BLK_T_IN, 0, 512),
+        blk::VIRTIO_BLK_S_IOERR,
+        "locked"
+    );
+    let err = d.qmp_err("eject", json!({"device": "d0"}));
+    assert_eq!(err, "Device 'd0' is not removable");
+    let unknown = d.qmp.request(
+        "block_passwd",
+        Some(json!({"device": "x", "password": "pw"})),
+    );
+    assert_eq!(unknown["error"]["class"], "DeviceNotFound", "{unknown}");
+    d.qmp_ok("block_passwd", json!({"device": "d0", "password": "pw"}));
+    assert_eq!(d.read(0, 512), vec![0x5a; 512]);
+    d.quit();
+}
