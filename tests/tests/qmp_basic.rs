@@ -171,6 +171,7 @@ fn greeting_negotiation_run_control_and_queries() {
         "block_passwd",
         "eject",
         "change",
+        "device_add",
     ];
     expected.sort_unstable();
     assert_eq!(names, expected);

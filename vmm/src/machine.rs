@@ -680,6 +680,10 @@ impl Machine {
         &self.io
     }
 
+    pub fn devices_mut(&mut self) -> &mut DeviceManager {
+        &mut self.devices
+    }
+
     pub fn devices(&self) -> &DeviceManager {
         &self.devices
     }

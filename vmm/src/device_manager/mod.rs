@@ -57,6 +57,14 @@ pub enum DeviceError {
     },
     #[error("drive property not set")]
     NoDrive,
+    #[error("Parameter 'driver' is missing")]
+    MissingDriver,
+    #[error("PCI: slot {slot} function 0 not available for {driver}, in use by {occupant}")]
+    SlotTaken {
+        slot: u8,
+        driver: String,
+        occupant: String,
+    },
     #[error("{driver}: property '{property}' is required")]
     MissingProperty {
         driver: String,
@@ -74,7 +82,7 @@ pub enum DeviceError {
     DuplicateId(String),
     #[error("Bus '{0}' not found")]
     BusNotFound(String),
-    #[error("Duplicate drive ID '{0}'")]
+    #[error("Duplicate ID '{0}' for drive")]
     DuplicateDrive(String),
     #[error("device {0} has no backend process to restart")]
     NotRestartable(String),
@@ -144,6 +152,38 @@ pub fn parse_device(value: &str) -> Result<DeviceConfig, DeviceError> {
     let mut parts = split_options(value).into_iter();
     let first = parts.next().unwrap_or_default();
     let driver = first.strip_prefix("driver=").unwrap_or(&first).to_string();
+    let properties = parts.filter(|p| !p.is_empty()).map(|part| {
+        let (key, v) = split_key_value(&part);
+        (key.to_string(), v.unwrap_or("on").to_string())
+    });
+    device_config(driver, properties)
+}
+
+/// QMP device_add's arguments (`driver`, `id`, `bus` and the properties) as a device.
+pub fn device_config_from_qmp(
+    args: &serde_json::Map<String, serde_json::Value>,
+) -> Result<DeviceConfig, DeviceError> {
+    let driver = args
+        .get("driver")
+        .and_then(serde_json::Value::as_str)
+        .ok_or(DeviceError::MissingDriver)?
+        .to_string();
+    let properties = args.iter().filter(|(k, _)| *k != "driver").map(|(k, v)| {
+        let v = match v {
+            serde_json::Value::String(s) => s.clone(),
+            serde_json::Value::Bool(b) => if *b { "on" } else { "off" }.to_string(),
+            other => other.to_string(),
+        };
+        (k.clone(), v)
+    });
+    device_config(driver, properties)
+}
+
+/// Check `driver` and its properties against the driver table.
+fn device_config(
+    driver: String,
+    properties: impl Iterator<Item = (String, String)>,
+) -> Result<DeviceConfig, DeviceError> {
     let Some((_, allowed)) = DRIVERS.iter().find(|(name, _)| *name == driver) else {
         return Err(DeviceError::UnknownDriver(driver));
     };
@@ -152,12 +192,8 @@ pub fn parse_device(value: &str) -> Result<DeviceConfig, DeviceError> {
         id: None,
         properties: BTreeMap::new(),
     };
-    for part in parts {
-        if part.is_empty() {
-            continue;
-        }
-        let (key, v) = split_key_value(&part);
-        let v = v.unwrap_or("on").to_string();
+    for (key, v) in properties {
+        let key = key.as_str();
         match key {
             "id" => cfg.id = Some(v),
             "bus" | "addr" => {
@@ -637,6 +673,11 @@ impl DeviceManager {
         Ok(())
     }
 
+    /// How many drives were ever configured (numbers the ids QEMU gives anonymous ones).
+    pub fn drive_count(&self) -> usize {
+        self.drives.len() + lock(&self.blocks).len()
+    }
+
     /// The first disk that is encrypted and has no key yet: its drive and file (`cont`
     /// refuses to run the guest until block_passwd gave every key).
     pub fn missing_key(&self) -> Option<(String, String)> {
@@ -900,8 +941,42 @@ impl DeviceManager {
         Ok(())
     }
 
+    /// The device in PCI slot `slot`, as QEMU names an occupant: `driver,id=ID`.
+    fn occupant(&self, slot: u8) -> Option<String> {
+        let name = |driver: &str, id: &Option<String>| {
+            format!("{driver},id={}", id.as_deref().unwrap_or("(null)"))
+        };
+        lock(&self.blocks)
+            .iter()
+            .map(|b| lock(b))
+            .find(|b| b.slot == slot)
+            .map(|b| name("virtio-blk-pci", &b.id))
+            .or_else(|| {
+                lock(&self.controllers)
+                    .iter()
+                    .map(|c| lock(c))
+                    .find(|c| c.slot == slot)
+                    .map(|c| name("virtio-scsi-pci", &c.id))
+            })
+            .or_else(|| {
+                self.external
+                    .iter()
+                    .find(|e| e.slot == slot)
+                    .map(|e| name("vhost-user-blk-pci", &e.id))
+            })
+    }
+
     /// Create the device `cfg` describes and plug it in.
     pub fn add_device(&mut self, cfg: &DeviceConfig) -> Result<(), DeviceError> {
+        if let Ok(Some(slot)) = cfg.pci_slot() {
+            if let Some(occupant) = self.occupant(slot) {
+                return Err(DeviceError::SlotTaken {
+                    slot,
+                    driver: cfg.driver.clone(),
+                    occupant,
+                });
+            }
+        }
         if let Some(id) = &cfg.id {
             if self.has_device_id(id) {
                 return Err(DeviceError::DuplicateId(id.clone()));
@@ -940,7 +1015,8 @@ impl DeviceManager {
             .iter()
             .position(|d| &d.id == drive_id)
             .ok_or_else(|| DeviceError::DriveNotFound {
-                driver: cfg.driver.clone(),
+                // QEMU names the inner virtio device here.
+                driver: "virtio-blk-device".into(),
                 drive: drive_id.clone(),
             })?;
         let drive = self.drives[index].clone();

@@ -69,6 +69,10 @@ pub fn execute(machine: &mut Machine, mut call: MonitorCall) -> Option<MachineEx
         "block_resize" => block_resize(machine, &call).map(|()| json!({})),
         "query-block" => Ok(query_block(machine)),
         "query-blockstats" => Ok(query_blockstats(machine)),
+        "device_add" => crate::device_manager::device_config_from_qmp(&call.args)
+            .and_then(|cfg| machine.devices_mut().add_device(&cfg))
+            .map(|()| json!({}))
+            .map_err(|e| QmpError::generic(e.to_string())),
         "eject" => {
             let device = call.str_arg("device").unwrap_or("");
             let force = call

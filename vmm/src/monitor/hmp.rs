@@ -103,6 +103,12 @@ fn execute(
             String::new()
         }
         "cont" | "c" => error_text(machine.cont()),
+        // `drive_add ADDR OPTIONS`: a drive backend for device_add (QEMU 1.1's way; the
+        // address is ignored for if=none, as QEMU does).
+        "drive_add" => match args.as_slice() {
+            [_, opts] => drive_add(machine, opts),
+            _ => "drive_add: usage: drive_add [[<domain>:]<bus>:]<slot> [file=file][,if=type][,...]\n".to_string(),
+        },
         "system_reset" => match machine.host_reset() {
             Ok(outcome) => {
                 *exit = outcome;
@@ -523,6 +529,21 @@ fn info_pci(buses: &Value) -> String {
         out += &format!("      id \"{}\"\n", dev["qdev_id"].as_str().unwrap_or(""));
     }
     out
+}
+
+fn drive_add(machine: &mut Machine, opts: &str) -> String {
+    let index = machine.devices().drive_count();
+    let drive = match crate::drive::parse_drive(opts, index) {
+        Ok(d) => d,
+        Err(e) => return format!("{e}\n"),
+    };
+    if drive.interface != crate::drive::DriveInterface::None {
+        return "Only if=none is supported for drives added at run time\n".to_string();
+    }
+    match machine.devices_mut().add_drive(drive) {
+        Ok(()) => "OK\n".to_string(),
+        Err(e) => format!("{e}\n"),
+    }
 }
 
 #[cfg(test)]

@@ -169,6 +169,7 @@ pub const IMPLEMENTED_COMMANDS: &[&str] = &[
     "block_passwd",
     "eject",
     "change",
+    "device_add",
     QUERY_DEVICE_PROCESSES,
 ];
 
