@@ -22,6 +22,9 @@ pub enum MachineRequest {
     BlockIoErrorStop,
     /// The host asked the vmm to exit (SIGTERM, SIGINT, SIGHUP).
     Quit,
+    /// The guest ejected the device in PCI slot `slot` of bus 0 (it wrote the slot's bit to
+    /// the hot-plug eject register, B0EJ, from the slot's `_EJ0`).
+    PciEject { slot: u8 },
     /// A QMP command to run against the machine; the reply goes back through the call.
     Monitor(MonitorCall),
 }

@@ -23,6 +23,7 @@ use crate::device_manager::DeviceManager;
 use crate::devices::acpi::{AcpiPmDevice, GedDevice};
 use crate::devices::debug_exit::DebugExit;
 use crate::devices::i8042::{I8042CommandPort, I8042};
+use crate::devices::pci_hotplug::PciHotplug;
 use crate::devices::rtc::Rtc;
 use crate::devices::serial::Serial;
 use crate::devices::{Bus, IrqChip, IrqLine};
@@ -149,6 +150,8 @@ pub struct Machine {
     pci: Arc<Mutex<PciBus>>,
     devices: DeviceManager,
     ged: Arc<Mutex<GedDevice>>,
+    /// The ACPI PCI hot-plug registers: device_add and device_del tell the guest through it.
+    pci_hotplug: Arc<Mutex<PciHotplug>>,
     requests: Receiver<MachineRequest>,
     control: MachineControl,
     run_state: RunState,
@@ -289,6 +292,16 @@ impl Machine {
                 what: "the ACPI GED",
                 source,
             })?;
+        let pci_hotplug = Arc::new(Mutex::new(PciHotplug::new(ged.clone(), control.clone())));
+        pio.insert(
+            pci_hotplug.clone(),
+            u64::from(layout::PCI_HOTPLUG_PORT),
+            u64::from(layout::PCI_HOTPLUG_PORT_LEN),
+        )
+        .map_err(|source| MachineError::Bus {
+            what: "the ACPI PCI hot-plug registers",
+            source,
+        })?;
 
         if let Some((iobase, iosize)) = config.debug_exit {
             pio.insert(
@@ -387,6 +400,7 @@ impl Machine {
             pci,
             devices,
             ged,
+            pci_hotplug,
             requests,
             control,
             run_state: RunState::Prelaunch,
@@ -661,11 +675,24 @@ impl Machine {
                 self.emit_shutdown(false, "host-signal");
                 return Ok(Some(MachineExit::Shutdown));
             }
+            MachineRequest::PciEject { slot } => self.pci_eject(slot),
             MachineRequest::Monitor(call) => {
                 return Ok(crate::monitor::commands::execute(self, call));
             }
         }
         Ok(None)
+    }
+
+    /// The guest ejected the device in PCI `slot` (through `_EJ0`): the function leaves the
+    /// bus, so the slot reads as empty and is free for another device. This is only the bus's
+    /// half of an unplug: completing a device_del (the device's process, its drive and id,
+    /// the DEVICE_DELETED event) is the device manager's part.
+    fn pci_eject(&mut self, slot: u8) {
+        let mut pci = self.pci.lock().unwrap_or_else(|e| e.into_inner());
+        match pci.remove_device(slot) {
+            Ok(_) => tracing::info!(slot, "PCI device ejected by the guest"),
+            Err(e) => tracing::debug!(slot, "guest eject: {e}"),
+        }
     }
 
     /// Stop the vCPUs and release the devices.
@@ -690,6 +717,12 @@ impl Machine {
 
     pub fn pci(&self) -> &Arc<Mutex<PciBus>> {
         &self.pci
+    }
+
+    /// The ACPI PCI hot-plug registers, through which a device added to or leaving bus 0 is
+    /// announced to the guest.
+    pub fn pci_hotplug(&self) -> &Arc<Mutex<PciHotplug>> {
+        &self.pci_hotplug
     }
 
     pub fn memory(&self) -> &MemoryManager {

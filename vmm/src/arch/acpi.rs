@@ -2,8 +2,9 @@
 //!
 //! The machine is "hardware-reduced" ACPI (as Cloud Hypervisor's): no PM1 blocks, GPEs or SCI.
 //! Power-off and reset go through the FADT's sleep control and reset registers
-//! ([`crate::devices::acpi::AcpiPmDevice`]); the power button (and later PCI hot-plug) is
-//! signalled through the Generic Event Device ([`crate::devices::acpi::GedDevice`]).
+//! ([`crate::devices::acpi::AcpiPmDevice`]); the power button and PCI hot-plug
+//! ([`crate::devices::pci_hotplug`]) are signalled through the Generic Event Device
+//! ([`crate::devices::acpi::GedDevice`]).
 //!
 //! The tables are placed in the BIOS area at `layout::ACPI_START`, where Linux finds the RSDP
 //! by scanning, so no boot protocol field is needed to point at it.
@@ -11,8 +12,8 @@
 use acpi_tables::aml::{
     self, AddressSpace, AddressSpaceCacheable, Arg, CreateDWordField, Device, EISAName, Else,
     Equal, Field, FieldAccessType, FieldEntry, FieldLockRule, FieldUpdateRule, If, Interrupt,
-    Local, Memory32Fixed, Method, Name, NotEqual, Notify, OpRegion, OpRegionSpace, Or, Package,
-    PackageBuilder, Path, ResourceTemplate, Return, Scope, Store, Uuid, IO,
+    Local, Memory32Fixed, Method, MethodCall, Name, NotEqual, Notify, OpRegion, OpRegionSpace, Or,
+    Package, PackageBuilder, Path, ResourceTemplate, Return, Scope, Store, Uuid, IO,
 };
 use acpi_tables::fadt::{FADTBuilder, Flags as FadtFlags};
 use acpi_tables::gas::{AccessSize, AddressSpace as GasSpace, GAS};
@@ -22,6 +23,7 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 use crate::arch::layout;
 use crate::devices::acpi::{GedEvent, GED_EVENT_REGISTER_LEN};
+use crate::devices::pci_hotplug::{self, HOTPLUG_SLOTS};
 
 /// Identity of our tables' author, in every table header.
 const OEM_ID: [u8; 6] = *b"VMMRS ";
@@ -496,18 +498,104 @@ fn pci_routing_table_aml() -> Vec<u8> {
     aml_bytes(&Name::new(Path::new("_PRT"), &table))
 }
 
-/// Hook for the PCI hot-plug slot objects of PCI0.
-///
-/// A later change implements hot-plug: for each slot in `hotplug_slots` it will emit a
-/// `Device(Sxx)` with `_ADR` (slot << 16), `_SUN` (slot number) and an `_EJ0` method that asks
-/// the VMM to eject the device, plus a GED `_EVT` branch for event bit 1 that notifies the
-/// slots. Until then no slot is hot-pluggable and nothing is emitted.
-fn pci_hotplug_slots_aml(hotplug_slots: &[u8]) -> Vec<u8> {
-    debug_assert!(
-        hotplug_slots.is_empty(),
-        "PCI hot-plug slots are not implemented yet"
+/// Notify values for the hot-plug slots (ACPI 6.x, 5.6.6 "Device Object Notifications").
+const NOTIFY_DEVICE_CHECK: u8 = 1;
+const NOTIFY_EJECT_REQUEST: u8 = 3;
+
+/// The slot numbers that [`HOTPLUG_SLOTS`] marks.
+fn hotplug_slots() -> impl Iterator<Item = u8> {
+    (0..32u8).filter(|slot| HOTPLUG_SLOTS & (1 << slot) != 0)
+}
+
+/// Name of the object of hot-plug slot `slot` in PCI0 (QEMU's: S01 .. S1F).
+fn slot_name(slot: u8) -> String {
+    format!("S{slot:02X}_")
+}
+
+/// The PCI hot-plug objects of `\_SB.PCI0`, in the manner of QEMU's PIIX4 DSDT:
+/// - `PCST`, an I/O region over the hot-plug registers, with the fields PCIU (plugged slots),
+///   PCID (slots asked to unplug) and B0EJ (write: eject slots);
+/// - for each slot in `slots` a `Device(Sxx)` with `_ADR` (slot << 16, every function),
+///   `_SUN` (the slot number, the name of Linux's /sys/bus/pci/slots/N) and `_EJ0`, which
+///   writes the slot's bit to B0EJ;
+/// - `DVNT(bitmap, value)`, which notifies each slot whose bit is set with `value`;
+/// - `PCNT`, called by the GED's `_EVT`: device check (1) for the slots in PCIU and eject
+///   request (3) for those in PCID. Both registers clear when read, so each is read once.
+fn pci_hotplug_slots_aml(slots: &[u8]) -> Vec<u8> {
+    let region = OpRegion::new(
+        Path::new("PCST"),
+        OpRegionSpace::SystemIO,
+        &layout::PCI_HOTPLUG_PORT,
+        &layout::PCI_HOTPLUG_PORT_LEN,
     );
-    Vec::new()
+    const _: () = assert!(pci_hotplug::PCIU_OFFSET == 0);
+    const _: () = assert!(pci_hotplug::PCID_OFFSET == 4);
+    const _: () = assert!(pci_hotplug::B0EJ_OFFSET == 8);
+    let field = Field::new(
+        Path::new("PCST"),
+        FieldAccessType::DWord,
+        FieldLockRule::NoLock,
+        FieldUpdateRule::WriteAsZeroes,
+        vec![
+            FieldEntry::Named(*b"PCIU", 32),
+            FieldEntry::Named(*b"PCID", 32),
+            FieldEntry::Named(*b"B0EJ", 32),
+        ],
+    );
+    let mut bytes = aml_bytes(&region);
+    bytes.extend(aml_bytes(&field));
+
+    let eject_register = Path::new("B0EJ");
+    for &slot in slots {
+        let address = u32::from(slot) << 16;
+        let bit = 1u32 << slot;
+        let adr = Name::new(Path::new("_ADR"), &address);
+        let sun = Name::new(Path::new("_SUN"), &slot);
+        let eject = Store::new(&eject_register, &bit);
+        let ej0 = Method::new(Path::new("_EJ0"), 1, false, vec![&eject]);
+        bytes.extend(aml_bytes(&Device::new(
+            Path::new(&slot_name(slot)),
+            vec![&adr, &sun, &ej0],
+        )));
+    }
+
+    let slot_paths: Vec<(u32, Path)> = slots
+        .iter()
+        .map(|&slot| (1u32 << slot, Path::new(&slot_name(slot))))
+        .collect();
+    let notifies: Vec<Notify> = slot_paths
+        .iter()
+        .map(|(_, path)| Notify::new(path, &Arg(1)))
+        .collect();
+    let tests: Vec<aml::And> = slot_paths
+        .iter()
+        .map(|(bit, _)| aml::And::new(&aml::ZERO, &Arg(0), bit))
+        .collect();
+    let branches: Vec<If> = tests
+        .iter()
+        .zip(&notifies)
+        .map(|(test, notify)| If::new(test, vec![notify]))
+        .collect();
+    let branch_refs: Vec<&dyn Aml> = branches.iter().map(|b| b as &dyn Aml).collect();
+    bytes.extend(aml_bytes(&Method::new(
+        Path::new("DVNT"),
+        2,
+        false,
+        branch_refs,
+    )));
+
+    let plugged = Path::new("PCIU");
+    let unplugging = Path::new("PCID");
+    let notify_plugged = MethodCall::new(Path::new("DVNT"), vec![&plugged, &NOTIFY_DEVICE_CHECK]);
+    let notify_unplugging =
+        MethodCall::new(Path::new("DVNT"), vec![&unplugging, &NOTIFY_EJECT_REQUEST]);
+    bytes.extend(aml_bytes(&Method::new(
+        Path::new("PCNT"),
+        0,
+        true,
+        vec![&notify_plugged, &notify_unplugging],
+    )));
+    bytes
 }
 
 /// `\_SB.PCI0`: the PCIe host bridge with its bus, I/O and memory windows and INTx routing.
@@ -563,7 +651,8 @@ fn pci_host_bridge_aml(mmio64: (u64, u64)) -> Vec<u8> {
 
     let osc = RawAml(pci_osc_method_aml());
     let prt = RawAml(pci_routing_table_aml());
-    let hotplug_slots = RawAml(pci_hotplug_slots_aml(&[]));
+    let slots: Vec<u8> = hotplug_slots().collect();
+    let hotplug_slots = RawAml(pci_hotplug_slots_aml(&slots));
     aml_bytes(&Device::new(
         Path::new("PCI0"),
         vec![
@@ -581,7 +670,8 @@ fn pci_host_bridge_aml(mmio64: (u64, u64)) -> Vec<u8> {
 }
 
 /// `\_SB.MBRD`: motherboard resources. Linux only uses the MCFG's ECAM area if it is reserved
-/// here (or in the e820 map), and reserving the PM ports keeps PCI I/O BARs off them.
+/// here (or in the e820 map), and reserving the PM and PCI hot-plug ports keeps PCI I/O BARs
+/// off them.
 fn motherboard_resources_aml() -> Vec<u8> {
     let hid = Name::new(Path::new("_HID"), &EISAName::new("PNP0C02"));
     let uid = Name::new(Path::new("_UID"), &aml::ZERO);
@@ -596,9 +686,15 @@ fn motherboard_resources_aml() -> Vec<u8> {
         1,
         layout::ACPI_PM_PORT_LEN as u8,
     );
+    let hotplug_ports = IO::new(
+        layout::PCI_HOTPLUG_PORT,
+        layout::PCI_HOTPLUG_PORT,
+        1,
+        layout::PCI_HOTPLUG_PORT_LEN as u8,
+    );
     let crs = Name::new(
         Path::new("_CRS"),
-        &ResourceTemplate::new(vec![&ecam, &pm_ports]),
+        &ResourceTemplate::new(vec![&ecam, &pm_ports, &hotplug_ports]),
     );
     aml_bytes(&Device::new(Path::new("MBRD"), vec![&hid, &uid, &crs]))
 }
@@ -669,7 +765,7 @@ const NOTIFY_BUTTON_PRESSED: u8 = 0x80;
 /// `\_SB.GED_`: the Generic Event Device. Its interrupt runs `_EVT`, which reads (and so
 /// clears) the event register once and dispatches on its bits:
 /// - bit 0: power button, notify `\_SB.PWRB`;
-/// - bit 1: reserved for PCI hot-plug (a later change adds its branch).
+/// - bit 1: PCI hot-plug, call `\_SB.PCI0.PCNT` to notify the slots.
 fn ged_aml() -> Vec<u8> {
     let hid = Name::new(Path::new("_HID"), &"ACPI0013");
     let uid = Name::new(Path::new("_UID"), &aml::ZERO);
@@ -700,11 +796,15 @@ fn ged_aml() -> Vec<u8> {
     let power_button = Path::new("\\_SB_.PWRB");
     let notify_power_button = Notify::new(&power_button, &NOTIFY_BUTTON_PRESSED);
     let on_power_button = If::new(&power_button_pressed, vec![&notify_power_button]);
+    let pci_hotplug_bit = GedEvent::PciHotplug.bit();
+    let pci_hotplug_changed = aml::And::new(&aml::ZERO, &Local(0), &pci_hotplug_bit);
+    let pci_notify = MethodCall::new(Path::new("\\_SB_.PCI0.PCNT"), vec![]);
+    let on_pci_hotplug = If::new(&pci_hotplug_changed, vec![&pci_notify]);
     let evt = Method::new(
         Path::new("_EVT"),
         1,
         true,
-        vec![&read_events, &on_power_button],
+        vec![&read_events, &on_power_button, &on_pci_hotplug],
     );
     aml_bytes(&Device::new(
         Path::new("GED_"),
@@ -1090,5 +1190,90 @@ mod tests {
         }
         let mcfg = std::fs::read_to_string(dir.as_path().join("mcfg.dsl")).unwrap();
         assert!(mcfg.contains("Base Address : 00000000E0000000"), "{mcfg}");
+    }
+
+    /// The text between `start` and the next `end` in `text`, or "" if `start` is absent.
+    fn section<'a>(text: &'a str, start: &str, end: &str) -> &'a str {
+        text.split_once(start)
+            .and_then(|(_, rest)| rest.split(end).next())
+            .unwrap_or_default()
+    }
+
+    /// Disassemble the DSDT of `config(2)`.
+    fn disassembled_dsdt() -> String {
+        let dir = TempDir::new_with_prefix("/tmp/vmm-acpi-test-").unwrap();
+        let tables = build_tables(&config(2)).unwrap();
+        std::fs::write(dir.as_path().join("dsdt.dat"), &tables.dsdt.bytes).unwrap();
+        run_iasl(dir.as_path(), &["-d", "dsdt.dat"]);
+        std::fs::read_to_string(dir.as_path().join("dsdt.dsl")).unwrap()
+    }
+
+    /// An AML integer as iasl prints it: One, or hex as wide as its encoding.
+    fn iasl_integer(value: u32) -> String {
+        match value {
+            1 => "One".to_string(),
+            0..=0xff => format!("0x{value:02X}"),
+            0x100..=0xffff => format!("0x{value:04X}"),
+            _ => format!("0x{value:08X}"),
+        }
+    }
+
+    #[test]
+    fn iasl_shows_the_pci_hotplug_slots() {
+        let dsdt = disassembled_dsdt();
+        let pci0 = section(&dsdt, "Device (PCI0)", "Device (MBRD)");
+        assert!(
+            pci0.contains("OperationRegion (PCST, SystemIO, 0xAE00, 0x14)"),
+            "{pci0}"
+        );
+        let field = section(pci0, "Field (PCST, DWordAcc, NoLock, WriteAsZeros)", "}");
+        for entry in ["PCIU,   32", "PCID,   32", "B0EJ,   32"] {
+            assert!(field.contains(entry), "field lacks {entry}:\n{field}");
+        }
+        // Slot 0 is the host bridge: no slot object.
+        assert!(!pci0.contains("Device (S00)"), "{pci0}");
+        let dvnt = section(pci0, "Method (DVNT, 2, NotSerialized)", "Method (PCNT");
+        for slot in 1..32u32 {
+            let name = format!("S{slot:02X}");
+            let device = section(pci0, &format!("Device ({name})\n"), "Device (");
+            let bit = 1u32 << slot;
+            for expected in [
+                format!("Name (_ADR, 0x{:08X})", slot << 16),
+                format!("Name (_SUN, {})", iasl_integer(slot)),
+                "Method (_EJ0, 1, NotSerialized)".to_string(),
+                format!("B0EJ = {}", iasl_integer(bit)),
+            ] {
+                assert!(
+                    device.contains(&expected),
+                    "{name} lacks {expected}:\n{device}"
+                );
+            }
+            let branch = format!(
+                "If ((Arg0 & {}))\n                {{\n                    Notify ({name}, Arg1)",
+                iasl_integer(bit)
+            );
+            assert!(dvnt.contains(&branch), "DVNT lacks {branch}:\n{dvnt}");
+        }
+        // PCNT reads each read-to-clear register once: device check for PCIU, eject request
+        // for PCID.
+        let pcnt = section(pci0, "Method (PCNT, 0, Serialized)", "}");
+        assert!(pcnt.contains("DVNT (PCIU, One)"), "{pcnt}");
+        assert!(pcnt.contains("DVNT (PCID, 0x03)"), "{pcnt}");
+        assert_eq!(pcnt.matches("PCI").count(), 2, "{pcnt}");
+
+        // The GED's _EVT calls PCNT for the hot-plug bit.
+        let evt = section(&dsdt, "Method (_EVT", "Device (C000)");
+        let on_hotplug = format!(
+            "If ((Local0 & {}))\n                {{\n                    \\_SB.PCI0.PCNT ()",
+            iasl_integer(GedEvent::PciHotplug.bit())
+        );
+        assert!(evt.contains(&on_hotplug), "_EVT lacks {on_hotplug}:\n{evt}");
+        // The registers are reserved as motherboard resources, away from PCI I/O BARs.
+        let mbrd = section(&dsdt, "Device (MBRD)", "Device (");
+        assert!(
+            mbrd.contains("0xAE00,             // Range Minimum")
+                && mbrd.contains("0x14,               // Length"),
+            "{mbrd}"
+        );
     }
 }

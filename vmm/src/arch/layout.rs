@@ -100,6 +100,10 @@ pub const ACPI_SLEEP_CONTROL_PORT: u16 = 0x600;
 pub const ACPI_SLEEP_STATUS_PORT: u16 = 0x601;
 pub const ACPI_RESET_PORT: u16 = 0x602;
 pub const ACPI_PM_PORT_LEN: u16 = 4;
+/// ACPI PCI hot-plug registers (up, down, eject, removable, select; 32 bits each), at the
+/// port QEMU's PIIX4 uses (see `devices::pci_hotplug`).
+pub const PCI_HOTPLUG_PORT: u16 = 0xae00;
+pub const PCI_HOTPLUG_PORT_LEN: u16 = 0x14;
 /// Value the FADT tells the guest to write to the reset register.
 pub const ACPI_RESET_VALUE: u8 = 0x1;
 /// The SLP_TYP value our DSDT gives for S5 (soft off).

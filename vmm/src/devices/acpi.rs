@@ -2,8 +2,7 @@
 //!
 //! Hardware-reduced ACPI has no PM1 blocks, GPEs or SCI. Instead:
 //! - the Generic Event Device ([`GedDevice`]) raises an ordinary interrupt and the DSDT's `_EVT`
-//!   method reads its event register to find out what happened (power button, later PCI
-//!   hot-plug);
+//!   method reads its event register to find out what happened (power button, PCI hot-plug);
 //! - the FADT points at one-byte sleep control, sleep status and reset registers, which
 //!   [`AcpiPmDevice`] implements to power off and reset the machine.
 
@@ -17,14 +16,19 @@ use crate::devices::interrupt::{InterruptError, IrqLine};
 pub const GED_EVENT_REGISTER_LEN: u64 = 4;
 
 /// Bit of the GED event register that reports a power-button press.
-/// Bit 1 is reserved for PCI hot-plug (added by a later change, with its `_EVT` branch).
 const GED_POWER_BUTTON_BIT: u32 = 1 << 0;
+/// Bit of the GED event register that reports a change in the PCI hot-plug registers.
+const GED_PCI_HOTPLUG_BIT: u32 = 1 << 1;
 
 /// A platform event that the GED reports to the guest.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum GedEvent {
     /// The power button was pressed (the guest should shut down cleanly).
     PowerButton,
+    /// A device was plugged into a PCI slot or is asked to leave one: the guest's `_EVT`
+    /// calls `\_SB.PCI0.PCNT`, which reads the hot-plug registers
+    /// ([`crate::devices::pci_hotplug`]) and notifies the slots.
+    PciHotplug,
 }
 
 impl GedEvent {
@@ -33,6 +37,7 @@ impl GedEvent {
     pub fn bit(self) -> u32 {
         match self {
             GedEvent::PowerButton => GED_POWER_BUTTON_BIT,
+            GedEvent::PciHotplug => GED_PCI_HOTPLUG_BIT,
         }
     }
 }
@@ -224,6 +229,17 @@ mod tests {
         ged.notify(GedEvent::PowerButton).unwrap();
         assert_eq!(chip.edges(layout::GED_GSI), 2);
         assert_eq!(read_events(&mut ged), GedEvent::PowerButton.bit());
+        assert_eq!(read_events(&mut ged), 0);
+    }
+
+    #[test]
+    fn ged_events_have_distinct_bits() {
+        let (mut ged, chip) = ged();
+        assert_ne!(GedEvent::PowerButton.bit(), GedEvent::PciHotplug.bit());
+        ged.notify(GedEvent::PciHotplug).unwrap();
+        ged.notify(GedEvent::PowerButton).unwrap();
+        assert_eq!(chip.edges(layout::GED_GSI), 2);
+        assert_eq!(read_events(&mut ged), 0b11);
         assert_eq!(read_events(&mut ged), 0);
     }
 

@@ -5,6 +5,7 @@ pub mod bus;
 pub mod debug_exit;
 pub mod i8042;
 pub mod interrupt;
+pub mod pci_hotplug;
 pub mod rtc;
 pub mod serial;
 
