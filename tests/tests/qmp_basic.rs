@@ -172,6 +172,7 @@ fn greeting_negotiation_run_control_and_queries() {
         "eject",
         "change",
         "device_add",
+        "device_del",
     ];
     expected.sort_unstable();
     assert_eq!(names, expected);

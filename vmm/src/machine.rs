@@ -688,10 +688,18 @@ impl Machine {
     /// half of an unplug: completing a device_del (the device's process, its drive and id,
     /// the DEVICE_DELETED event) is the device manager's part.
     fn pci_eject(&mut self, slot: u8) {
-        let mut pci = self.pci.lock().unwrap_or_else(|e| e.into_inner());
-        match pci.remove_device(slot) {
-            Ok(_) => tracing::info!(slot, "PCI device ejected by the guest"),
-            Err(e) => tracing::debug!(slot, "guest eject: {e}"),
+        // The device manager unplugs the function and stops its process.
+        match self.devices.remove_slot(slot) {
+            Some((id, path)) => {
+                tracing::info!(slot, "PCI device ejected by the guest");
+                let mut data = serde_json::Map::new();
+                if let Some(id) = id {
+                    data.insert("device".into(), serde_json::Value::String(id));
+                }
+                data.insert("path".into(), serde_json::Value::String(path));
+                self.emit("DEVICE_DELETED", Some(serde_json::Value::Object(data)));
+            }
+            None => tracing::debug!(slot, "guest eject of an empty slot"),
         }
     }
 

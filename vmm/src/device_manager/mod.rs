@@ -941,6 +941,71 @@ impl DeviceManager {
         Ok(())
     }
 
+    /// The PCI slot of the device with id `id` (device_del).
+    pub fn slot_of(&self, id: &str) -> Option<u8> {
+        lock(&self.blocks)
+            .iter()
+            .map(|b| lock(b))
+            .find(|b| b.id.as_deref() == Some(id))
+            .map(|b| b.slot)
+            .or_else(|| {
+                lock(&self.controllers)
+                    .iter()
+                    .map(|c| lock(c))
+                    .find(|c| c.id.as_deref() == Some(id))
+                    .map(|c| c.slot)
+            })
+            .or_else(|| {
+                self.external
+                    .iter()
+                    .find(|e| e.id.as_deref() == Some(id))
+                    .map(|e| e.slot)
+            })
+    }
+
+    /// The guest ejected the function in `slot`: unplug it, stop its process, and release
+    /// its drive (in QEMU 1.1 the drive goes with the device). The device's id and QOM
+    /// path, for DEVICE_DELETED.
+    pub fn remove_slot(&mut self, slot: u8) -> Option<(Option<String>, String)> {
+        let removed = {
+            let mut blocks = lock(&self.blocks);
+            blocks
+                .iter()
+                .position(|b| lock(b).slot == slot)
+                .map(|i| blocks.remove(i))
+        };
+        let _ = lock(&self.pci).remove_device(slot);
+        if let Some(block) = removed {
+            let mut b = lock(&block);
+            b.process.terminate(STOP_GRACE);
+            let path = b.qdev.trim_end_matches("/virtio-backend").to_string();
+            return Some((b.id.clone(), path));
+        }
+        let controller = {
+            let mut controllers = lock(&self.controllers);
+            controllers
+                .iter()
+                .position(|c| lock(c).slot == slot)
+                .map(|i| controllers.remove(i))
+        };
+        if let Some(c) = controller {
+            let mut c = lock(&c);
+            c.process.terminate(STOP_GRACE);
+            let path = match &c.id {
+                Some(id) => format!("/machine/peripheral/{id}"),
+                None => String::new(),
+            };
+            return Some((c.id.clone(), path));
+        }
+        let i = self.external.iter().position(|e| e.slot == slot)?;
+        let e = self.external.remove(i);
+        let path = match &e.id {
+            Some(id) => format!("/machine/peripheral/{id}"),
+            None => String::new(),
+        };
+        Some((e.id, path))
+    }
+
     /// The device in PCI slot `slot`, as QEMU names an occupant: `driver,id=ID`.
     fn occupant(&self, slot: u8) -> Option<String> {
         let name = |driver: &str, id: &Option<String>| {
@@ -966,8 +1031,9 @@ impl DeviceManager {
             })
     }
 
-    /// Create the device `cfg` describes and plug it in.
-    pub fn add_device(&mut self, cfg: &DeviceConfig) -> Result<(), DeviceError> {
+    /// Create the device `cfg` describes and plug it in; the PCI slot it took, if it is a
+    /// PCI function.
+    pub fn add_device(&mut self, cfg: &DeviceConfig) -> Result<Option<u8>, DeviceError> {
         if let Ok(Some(slot)) = cfg.pci_slot() {
             if let Some(occupant) = self.occupant(slot) {
                 return Err(DeviceError::SlotTaken {
@@ -991,7 +1057,7 @@ impl DeviceManager {
         }
     }
 
-    fn add_virtio_blk(&mut self, cfg: &DeviceConfig) -> Result<(), DeviceError> {
+    fn add_virtio_blk(&mut self, cfg: &DeviceConfig) -> Result<Option<u8>, DeviceError> {
         let drive_id = cfg.properties.get("drive").ok_or(DeviceError::NoDrive)?;
         let slot = cfg.pci_slot()?;
         let num_queues: u16 = cfg.number("num-queues")?.unwrap_or(1);
@@ -1088,10 +1154,11 @@ impl DeviceManager {
             restarts: Vec::new(),
             total_restarts: 0,
         })));
-        self.ensure_watcher()
+        self.ensure_watcher()?;
+        Ok(Some(slot))
     }
 
-    fn add_vhost_user_blk(&mut self, cfg: &DeviceConfig) -> Result<(), DeviceError> {
+    fn add_vhost_user_blk(&mut self, cfg: &DeviceConfig) -> Result<Option<u8>, DeviceError> {
         let chardev =
             cfg.properties
                 .get("chardev")
@@ -1147,7 +1214,7 @@ impl DeviceManager {
             slot,
             _function: function,
         });
-        Ok(())
+        Ok(Some(slot))
     }
 
     /// Put a virtio-pci function for a vhost-user block `backend` on the bus (in `slot`, or
@@ -1180,7 +1247,7 @@ impl DeviceManager {
         Ok((slot, function))
     }
 
-    fn add_virtio_scsi(&mut self, cfg: &DeviceConfig) -> Result<(), DeviceError> {
+    fn add_virtio_scsi(&mut self, cfg: &DeviceConfig) -> Result<Option<u8>, DeviceError> {
         let slot = cfg.pci_slot()?;
         let num_queues = scsi::number(cfg, "num_queues")?.unwrap_or(1).clamp(1, 16);
         let queue_size = scsi::number(cfg, "virtqueue_size")?.unwrap_or(128);
@@ -1222,10 +1289,11 @@ impl DeviceManager {
             restarts: Vec::new(),
             total_restarts: 0,
         }));
-        self.ensure_watcher()
+        self.ensure_watcher()?;
+        Ok(Some(slot))
     }
 
-    fn add_scsi_cd(&mut self, cfg: &DeviceConfig) -> Result<(), DeviceError> {
+    fn add_scsi_cd(&mut self, cfg: &DeviceConfig) -> Result<Option<u8>, DeviceError> {
         let drive_id = cfg.properties.get("drive").ok_or(DeviceError::NoDrive)?;
         let controller = {
             let controllers = lock(&self.controllers);
@@ -1280,7 +1348,7 @@ impl DeviceManager {
         c.add_cdrom(drive, target as u8, lun as u8, serial, qdev_id, qdev)?;
         drop(c);
         self.drives.remove(index);
-        Ok(())
+        Ok(None)
     }
 
     /// The controller serving CD drive `drive`, if one does.

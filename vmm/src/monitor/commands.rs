@@ -71,8 +71,21 @@ pub fn execute(machine: &mut Machine, mut call: MonitorCall) -> Option<MachineEx
         "query-blockstats" => Ok(query_blockstats(machine)),
         "device_add" => crate::device_manager::device_config_from_qmp(&call.args)
             .and_then(|cfg| machine.devices_mut().add_device(&cfg))
-            .map(|()| json!({}))
+            .map(|slot| {
+                // Tell the guest (ACPI hot-plug); a paused guest hears of it when it runs.
+                if let Some(slot) = slot {
+                    let mut hp = machine
+                        .pci_hotplug()
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner());
+                    if let Err(e) = hp.plug(slot) {
+                        tracing::warn!(slot, "hot-plug notification: {e}");
+                    }
+                }
+                json!({})
+            })
             .map_err(|e| QmpError::generic(e.to_string())),
+        "device_del" => device_del(machine, call.str_arg("id").unwrap_or("")),
         "eject" => {
             let device = call.str_arg("device").unwrap_or("");
             let force = call
@@ -602,6 +615,26 @@ fn block_resize(machine: &Machine, call: &MonitorCall) -> Result<(), QmpError> {
         .resize_drive(device, size as u64)
         .map(|_| ())
         .map_err(|e| QmpError::generic(e.to_string()))
+}
+
+/// QMP device_del: ask the guest to eject the device; it goes once the guest did
+/// (DEVICE_DELETED), as in QEMU.
+fn device_del(machine: &mut Machine, id: &str) -> Result<Value, QmpError> {
+    let slot = machine
+        .devices()
+        .slot_of(id)
+        .ok_or_else(|| QmpError::device_not_found(id))?;
+    let mut hp = machine
+        .pci_hotplug()
+        .lock()
+        .unwrap_or_else(|e| e.into_inner());
+    match hp.request_unplug(slot) {
+        Ok(()) => Ok(json!({})),
+        Err(crate::devices::pci_hotplug::PciHotplugError::UnplugPending { .. }) => Err(
+            QmpError::generic(format!("Device {id} is already in the process of unplug")),
+        ),
+        Err(e) => Err(QmpError::generic(e.to_string())),
+    }
 }
 
 /// A block command's outcome: an unknown device is QEMU's DeviceNotFound.

@@ -170,6 +170,7 @@ pub const IMPLEMENTED_COMMANDS: &[&str] = &[
     "eject",
     "change",
     "device_add",
+    "device_del",
     QUERY_DEVICE_PROCESSES,
 ];
 
