@@ -57,6 +57,11 @@ impl GuestConsole {
         }
     }
 
+    /// The emulator's process id.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(|c| c.id())
+    }
+
     /// Everything the guest printed so far.
     pub fn transcript(&self) -> String {
         self.output.0.lock().unwrap().clone()

@@ -97,6 +97,61 @@ fn a_disk_comes_and_goes_while_the_guest_runs() {
     );
     let again = qmp.request("device_del", Some(json!({"id": "hotdisk"})));
     assert_eq!(again["error"]["class"], "DeviceNotFound", "{again}");
+
+    // Twenty more cycles: no process, descriptor or memory is left behind in the vmm.
+    let vmm = console.pid().expect("the vmm's pid");
+    let fds = || std::fs::read_dir(format!("/proc/{vmm}/fd")).map_or(0, |d| d.count());
+    let rss_kib = || {
+        std::fs::read_to_string(format!("/proc/{vmm}/status"))
+            .unwrap_or_default()
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    let (fds_before, rss_before) = (fds(), rss_kib());
+    for n in 1..=20 {
+        let drive = format!(
+            "drive_add 0 file={},if=none,id=cycle{n},format=raw",
+            img.display()
+        );
+        assert_eq!(qmp.hmp(&drive), "OK\r\n", "cycle {n}");
+        let id = format!("cycle-disk{n}");
+        qmp.ok(
+            "device_add",
+            Some(json!({"driver": "virtio-blk-pci", "drive": format!("cycle{n}"), "id": id})),
+        );
+        let seen = console.run(
+            "i=0; while [ ! -b /dev/vda ] && [ $i -lt 100 ]; do sleep 0.2; i=$((i+1)); done; \
+             head -c 27 /dev/vda; echo",
+            CMD_TIMEOUT,
+        );
+        assert!(seen.contains(PATTERN), "cycle {n}: {seen}");
+        qmp.ok("device_del", Some(json!({"id": id})));
+        let deleted = qmp.wait_event("DEVICE_DELETED");
+        assert_eq!(deleted["data"]["device"], json!(id));
+        let gone = console.run(
+            "i=0; while [ -b /dev/vda ] && [ $i -lt 100 ]; do sleep 0.2; i=$((i+1)); done; \
+             ls /sys/block | grep -c vd; true",
+            CMD_TIMEOUT,
+        );
+        assert!(gone.lines().any(|l| l.trim() == "0"), "cycle {n}: {gone}");
+    }
+    let procs = qmp.ok("__org.vmm_query-device-processes", None);
+    assert_eq!(procs, json!([]), "processes left: {procs}");
+    let (fds_after, rss_after) = (fds(), rss_kib());
+    eprintln!("vmm fds {fds_before} -> {fds_after}, RSS {rss_before} -> {rss_after} KiB");
+    assert!(
+        fds_after <= fds_before + 2,
+        "fds {fds_before} -> {fds_after}"
+    );
+    assert!(
+        rss_after < rss_before + 16 * 1024,
+        "RSS grew by {} KiB over 20 cycles",
+        rss_after - rss_before
+    );
+    let health = console.run("echo alive-$((6*7))", CMD_TIMEOUT);
+    assert!(health.contains("alive-42"), "{health}");
     console.send("poweroff -f\n");
     assert_eq!(console.wait_exit(CMD_TIMEOUT), Some(0));
 }
