@@ -57,7 +57,7 @@ pub fn send_frame(
     bytes.extend_from_slice(&(payload.len() as u32).to_le_bytes());
     bytes.extend_from_slice(payload);
     let raw: Vec<RawFd> = fds.iter().map(AsRawFd::as_raw_fd).collect();
-    let sent = sendmsg_with_fds(sock, &bytes, &raw)?;
+    let sent = retry_interrupted(|| sendmsg_with_fds(sock, &bytes, &raw))?;
     (&*sock).write_all(&bytes[sent..])?;
     Ok(())
 }
@@ -68,7 +68,7 @@ pub fn recv_frame(sock: &UnixStream) -> Result<(Vec<u8>, Vec<OwnedFd>), FrameErr
     let mut header = [0u8; HEADER];
     let mut got = 0;
     while got < HEADER {
-        let n = recvmsg_with_fds(sock, &mut header[got..], &mut fds)?;
+        let n = retry_interrupted(|| recvmsg_with_fds(sock, &mut header[got..], &mut fds))?;
         if n == 0 {
             return Err(if got == 0 {
                 FrameError::Closed
@@ -85,7 +85,7 @@ pub fn recv_frame(sock: &UnixStream) -> Result<(Vec<u8>, Vec<OwnedFd>), FrameErr
     let mut payload = vec![0u8; len];
     let mut got = 0;
     while got < len {
-        let n = recvmsg_with_fds(sock, &mut payload[got..], &mut fds)?;
+        let n = retry_interrupted(|| recvmsg_with_fds(sock, &mut payload[got..], &mut fds))?;
         if n == 0 {
             return Err(FrameError::Truncated);
         }
@@ -97,6 +97,17 @@ pub fn recv_frame(sock: &UnixStream) -> Result<(Vec<u8>, Vec<OwnedFd>), FrameErr
 /// Room for MAX_FDS descriptors in a control message, in u64 units for alignment.
 const CONTROL_WORDS: usize = 16;
 const _: () = assert!(CONTROL_WORDS * 8 >= 16 + MAX_FDS * 4);
+
+/// Run a socket call again when a signal interrupted it before it did anything (EINTR):
+/// the vmm's own signals (vCPU kicks, child exits) must not fail a control message.
+fn retry_interrupted<T>(mut f: impl FnMut() -> Result<T, FrameError>) -> Result<T, FrameError> {
+    loop {
+        match f() {
+            Err(FrameError::Io(e)) if e.kind() == io::ErrorKind::Interrupted => continue,
+            other => return other,
+        }
+    }
+}
 
 fn sendmsg_with_fds(sock: &UnixStream, bytes: &[u8], fds: &[RawFd]) -> Result<usize, FrameError> {
     if fds.is_empty() {
