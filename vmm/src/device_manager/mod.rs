@@ -274,6 +274,35 @@ fn restart_backoff(recent: usize) -> Duration {
     }
 }
 
+/// The restarts of one device process: how many fell in the last [`RESTART_WINDOW`], and
+/// how many in all.
+#[derive(Debug, Default)]
+pub(super) struct RestartBudget {
+    recent: Vec<Instant>,
+    total: u64,
+}
+
+impl RestartBudget {
+    /// Account for one more restart: the back-off to wait before it, or `None` when the
+    /// process has crashed too often and must be marked failed.
+    fn next(&mut self) -> Option<Duration> {
+        let now = Instant::now();
+        self.recent
+            .retain(|t| now.duration_since(*t) < RESTART_WINDOW);
+        if self.recent.len() >= MAX_RESTARTS {
+            return None;
+        }
+        let backoff = restart_backoff(self.recent.len());
+        self.recent.push(now);
+        self.total += 1;
+        Some(backoff)
+    }
+
+    pub(super) fn total(&self) -> u64 {
+        self.total
+    }
+}
+
 /// The state of a device process, as `__org.vmm_query-device-processes` reports it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ProcessState {
@@ -311,9 +340,7 @@ struct BlockDevice {
     io_status: IoStatus,
     /// The control socket reached end of file (the process is going away).
     control_closed: bool,
-    /// Restart times within the window.
-    restarts: Vec<Instant>,
-    total_restarts: u64,
+    restarts: RestartBudget,
 }
 
 /// A disk's I/O status as query-block reports it (`io-status`).
@@ -867,7 +894,7 @@ impl DeviceManager {
                     } else {
                         ProcessState::Running
                     },
-                    restarts: c.total_restarts,
+                    restarts: c.restarts.total(),
                 }
             })
             .collect();
@@ -881,7 +908,7 @@ impl DeviceManager {
                     program: "vmm-blk",
                     pid: b.process.pid(),
                     state: b.state,
-                    restarts: b.total_restarts,
+                    restarts: b.restarts.total(),
                 }
             })
             .collect();
@@ -991,19 +1018,26 @@ impl DeviceManager {
         if let Some(c) = controller {
             let mut c = lock(&c);
             c.process.terminate(STOP_GRACE);
-            let path = match &c.id {
-                Some(id) => format!("/machine/peripheral/{id}"),
-                None => String::new(),
-            };
+            let path = c.id.as_deref().map_or(String::new(), peripheral_path);
             return Some((c.id.clone(), path));
         }
         let i = self.external.iter().position(|e| e.slot == slot)?;
         let e = self.external.remove(i);
-        let path = match &e.id {
-            Some(id) => format!("/machine/peripheral/{id}"),
-            None => String::new(),
-        };
+        let path = e.id.as_deref().map_or(String::new(), peripheral_path);
         Some((e.id, path))
+    }
+
+    /// The QOM path QEMU gives a `-device`/`device_add`: by its id, or numbered among the
+    /// devices created without one.
+    fn qom_path(&mut self, id: Option<&str>) -> String {
+        match id {
+            Some(id) => peripheral_path(id),
+            None => {
+                let n = self.anonymous_devices;
+                self.anonymous_devices += 1;
+                format!("/machine/peripheral-anon/device[{n}]")
+            }
+        }
     }
 
     /// The device in PCI slot `slot`, as QEMU names an occupant: `driver,id=ID`.
@@ -1125,14 +1159,7 @@ impl DeviceManager {
         )?;
         let (slot, function) = self.plug_vhost_user(&name, cfg.id.clone(), slot, backend)?;
         self.drives.remove(index);
-        let qdev = match &cfg.id {
-            Some(id) => format!("/machine/peripheral/{id}/virtio-backend"),
-            None => {
-                let n = self.anonymous_devices;
-                self.anonymous_devices += 1;
-                format!("/machine/peripheral-anon/device[{n}]/virtio-backend")
-            }
-        };
+        let qdev = format!("{}/virtio-backend", self.qom_path(cfg.id.as_deref()));
         lock(&self.blocks).push(Arc::new(Mutex::new(BlockDevice {
             name,
             id: cfg.id.clone(),
@@ -1151,8 +1178,7 @@ impl DeviceManager {
             password: None,
             io_status: IoStatus::Ok,
             control_closed: false,
-            restarts: Vec::new(),
-            total_restarts: 0,
+            restarts: RestartBudget::default(),
         })));
         self.ensure_watcher()?;
         Ok(Some(slot))
@@ -1286,8 +1312,7 @@ impl DeviceManager {
             queue_size,
             control_closed: false,
             failed: false,
-            restarts: Vec::new(),
-            total_restarts: 0,
+            restarts: RestartBudget::default(),
         }));
         self.ensure_watcher()?;
         Ok(Some(slot))
@@ -1335,14 +1360,7 @@ impl DeviceManager {
                 value: target.to_string(),
             });
         }
-        let qdev = match &cfg.id {
-            Some(id) => format!("/machine/peripheral/{id}"),
-            None => {
-                let n = self.anonymous_devices;
-                self.anonymous_devices += 1;
-                format!("/machine/peripheral-anon/device[{n}]")
-            }
-        };
+        let qdev = self.qom_path(cfg.id.as_deref());
         let qdev_id = cfg.id.clone().unwrap_or_else(|| qdev.clone());
         let serial = cfg.properties.get("serial").cloned().unwrap_or_default();
         c.add_cdrom(drive, target as u8, lun as u8, serial, qdev_id, qdev)?;
@@ -1487,6 +1505,11 @@ impl DeviceManager {
             block.process.terminate(STOP_GRACE);
         }
     }
+}
+
+/// The QOM path of a device with id `id`.
+fn peripheral_path(id: &str) -> String {
+    format!("/machine/peripheral/{id}")
 }
 
 /// The backend's configuration changed: read it again and interrupt the driver.

@@ -47,9 +47,7 @@ pub(super) struct ScsiController {
     /// The control socket reached end of file (the process is going away).
     pub control_closed: bool,
     pub failed: bool,
-    /// Restart times within the window, and how many in all.
-    pub restarts: Vec<std::time::Instant>,
-    pub total_restarts: u64,
+    pub restarts: super::RestartBudget,
 }
 
 pub(super) type SharedController = Arc<Mutex<ScsiController>>;

@@ -147,20 +147,14 @@ impl WatchContext {
             json!({"device": device, "pid": pid, "reason": "exited"}),
         );
         loop {
-            let now = Instant::now();
-            c.restarts
-                .retain(|t| now.duration_since(*t) < RESTART_WINDOW);
-            if c.restarts.len() >= MAX_RESTARTS {
+            let Some(backoff) = c.restarts.next() else {
                 c.failed = true;
                 self.emit(
                     EVENT_PROCESS_FAILED,
-                    json!({"device": device, "restarts": c.total_restarts}),
+                    json!({"device": device, "restarts": c.restarts.total()}),
                 );
                 return;
-            }
-            let backoff = restart_backoff(c.restarts.len());
-            c.restarts.push(now);
-            c.total_restarts += 1;
+            };
             std::thread::sleep(backoff);
             if self.stop.load(Ordering::SeqCst) {
                 return;
@@ -170,7 +164,7 @@ impl WatchContext {
                     let pid = c.process.pid();
                     self.emit(
                         EVENT_PROCESS_RESTARTED,
-                        json!({"device": device, "pid": pid, "restarts": c.total_restarts}),
+                        json!({"device": device, "pid": pid, "restarts": c.restarts.total()}),
                     );
                     return;
                 }
@@ -265,21 +259,15 @@ impl WatchContext {
             json!({"device": device, "pid": old_pid, "reason": how}),
         );
         loop {
-            let now = Instant::now();
-            b.restarts
-                .retain(|t| now.duration_since(*t) < RESTART_WINDOW);
-            if b.restarts.len() >= MAX_RESTARTS {
+            let Some(backoff) = b.restarts.next() else {
                 b.state = ProcessState::Failed;
                 tracing::error!(device = %b.name, "device process keeps crashing: marked failed");
                 self.emit(
                     EVENT_PROCESS_FAILED,
-                    json!({"device": device, "restarts": b.total_restarts}),
+                    json!({"device": device, "restarts": b.restarts.total()}),
                 );
                 return;
-            }
-            let backoff = restart_backoff(b.restarts.len());
-            b.restarts.push(now);
-            b.total_restarts += 1;
+            };
             if !backoff.is_zero() {
                 drop(b);
                 std::thread::sleep(backoff);
@@ -294,7 +282,7 @@ impl WatchContext {
                     tracing::info!(device = %b.name, pid, "device process restarted");
                     self.emit(
                         EVENT_PROCESS_RESTARTED,
-                        json!({"device": device, "pid": pid, "restarts": b.total_restarts}),
+                        json!({"device": device, "pid": pid, "restarts": b.restarts.total()}),
                     );
                     return;
                 }
