@@ -9,7 +9,7 @@
 use std::collections::VecDeque;
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
 use std::time::{Duration, Instant};
@@ -98,7 +98,13 @@ pub struct Qtest {
 impl Qtest {
     /// Start the vmm with `-m mem` and `extra` arguments after the qtest ones.
     pub fn start(mem: &str, extra: &[&str]) -> Result<Qtest, QtestError> {
-        let bin = crate::vmm_binary_path();
+        Self::start_binary(&crate::vmm_binary_path(), mem, extra)
+    }
+
+    /// [`Qtest::start`] with another copy of the vmm binary (whose device programs are
+    /// the ones beside it).
+    pub fn start_binary(bin: &Path, mem: &str, extra: &[&str]) -> Result<Qtest, QtestError> {
+        let bin = bin.to_path_buf();
         if !bin.exists() {
             return Err(QtestError::NoBinary { path: bin });
         }
@@ -170,6 +176,11 @@ impl Qtest {
             levels: vec![false; 256],
             dir,
         })
+    }
+
+    /// The vmm's process id.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
     }
 
     /// The vmm's stderr so far.

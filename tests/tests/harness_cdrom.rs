@@ -122,7 +122,7 @@ fn start(dir: TempDir, iso: &str) -> Initiator {
             "-drive",
             &drive,
             "-device",
-            "scsi-cd,drive=cd0",
+            "scsi-cd,drive=cd0,id=cdrom0",
             "-qmp",
             &qmp_arg,
         ],
@@ -200,4 +200,15 @@ fn eject_and_change_as_the_initiator_sees_them() {
     );
     assert!(missing.get("error").is_some(), "{missing}");
     assert_eq!(i.settle(), (CHECK_CONDITION, 2, 0x3a));
+
+    // The CD-ROM is no PCI function: device_del says so and leaves it; its controller is.
+    let del = i.qmp.request("device_del", Some(json!({"id": "cdrom0"})));
+    assert!(
+        del["error"]["desc"]
+            .as_str()
+            .is_some_and(|d| d.contains("device_del its controller instead")),
+        "{del}"
+    );
+    assert_eq!(i.settle(), (CHECK_CONDITION, 2, 0x3a));
+    i.qmp.ok("device_del", Some(json!({"id": "scsi0"})));
 }

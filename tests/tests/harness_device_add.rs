@@ -1,8 +1,9 @@
 //! Adding a disk at run time, as QEMU 1.1's management did it: HMP `drive_add` for the
 //! backend, then QMP `device_add virtio-blk-pci`. The function appears in PCI configuration
 //! space at once (its vmm-blk process runs before the reply) and serves the image; bad
-//! requests get QEMU 7.2's errors and change nothing. (The guest's ACPI notification and
-//! device_del come with the hot-plug controller.)
+//! requests get QEMU 7.2's errors and change nothing. A device_add that fails (its process
+//! cannot start, or its backend rejects the image) leaves no slot, process or fd behind.
+//! (`harness_hotplug` covers the guest's side: the ACPI registers and device_del.)
 
 use serde_json::json;
 use vmm_tests::libqos::blk::{self, BlkDevice, BlkOptions, VIRTIO_BLK_T_IN};
@@ -108,4 +109,154 @@ fn drive_add_and_device_add_plug_a_working_disk() {
     blk::wait_used(&mut qt, vq, std::time::Duration::from_secs(10)).unwrap();
     assert_eq!(qt.memread(status, 1).unwrap(), [0]);
     assert_eq!(qt.memread(data, 512).unwrap(), vec![0x3cu8; 512]);
+}
+
+/// What a failed device_add must leave as it was.
+#[derive(Debug, PartialEq)]
+struct Snapshot {
+    slots: Vec<u64>,
+    processes: serde_json::Value,
+    fds: usize,
+}
+
+fn snapshot(qmp: &mut Qmp<std::os::unix::net::UnixStream>, vmm: u32) -> Snapshot {
+    let pci = qmp.ok("query-pci", None);
+    let slots = pci[0]["devices"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| d["slot"].as_u64().unwrap())
+        .collect();
+    let processes = qmp.ok("__org.vmm_query-device-processes", None);
+    let fds = std::fs::read_dir(format!("/proc/{vmm}/fd"))
+        .unwrap()
+        .count();
+    Snapshot {
+        slots,
+        processes,
+        fds,
+    }
+}
+
+/// A machine on `bin` with a QMP socket, and a raw image for drive `good`.
+fn start_rollback(
+    dir: &TempDir,
+    bin: &std::path::Path,
+) -> (Qtest, Qmp<std::os::unix::net::UnixStream>) {
+    let qmp_sock = dir.join("qmp.sock");
+    let qmp_arg = format!("unix:{},server=on,wait=off", qmp_sock.display());
+    let qt = Qtest::start_binary(bin, "128M", &["-qmp", &qmp_arg]).unwrap();
+    let qmp = Qmp::connect(&qmp_sock);
+    (qt, qmp)
+}
+
+/// The backend rejects the image (a qcow2 whose refcount table is misaligned):
+/// device_add fails with the backend's reason and leaves no slot, process or fd behind; the
+/// drive stays, and the same slot takes a good disk afterwards.
+#[test]
+fn a_rejected_image_rolls_device_add_back() {
+    let dir = TempDir::new("device-add-reject");
+    let bad = dir.join("bad.qcow2");
+    let made = std::process::Command::new("qemu-img")
+        .args(["create", "-q", "-f", "qcow2"])
+        .arg(&bad)
+        .arg("1M")
+        .status()
+        .expect("qemu-img (scripts/test installs qemu-utils)");
+    assert!(made.success());
+    let mut header = std::fs::read(&bad).unwrap();
+    // refcount_table_offset (header bytes 48..56) not on a cluster boundary: the vmm's own
+    // look at the header passes it, the format driver in vmm-blk refuses to open it.
+    header[48..56].copy_from_slice(&0x10001u64.to_be_bytes());
+    std::fs::write(&bad, header).unwrap();
+    let good = dir.join("good.raw");
+    std::fs::write(&good, vec![0u8; 1 << 20]).unwrap();
+
+    let (qt, mut qmp) = start_rollback(&dir, &vmm_tests::vmm_binary());
+    let vmm = qt.pid().unwrap();
+    let drive = format!(
+        "drive_add 0 file={},if=none,id=bad0,format=qcow2",
+        bad.display()
+    );
+    assert_eq!(qmp.hmp(&drive), "OK\r\n");
+    let before = snapshot(&mut qmp, vmm);
+    for _ in 0..3 {
+        let r = qmp.request(
+            "device_add",
+            Some(json!({"driver": "virtio-blk-pci", "drive": "bad0", "id": "d", "addr": 4})),
+        );
+        let desc = r["error"]["desc"].as_str().unwrap_or_default().to_string();
+        assert!(!desc.is_empty(), "a corrupt image was accepted: {r}");
+        eprintln!("device_add on a corrupt image: {desc}");
+        assert_eq!(snapshot(&mut qmp, vmm), before);
+    }
+    let del = qmp.request("device_del", Some(json!({"id": "d"})));
+    assert_eq!(del["error"]["class"], "DeviceNotFound", "{del}");
+    // The drive is still there (QEMU keeps it when device_add fails).
+    let again = qmp.hmp(&drive);
+    assert_eq!(again, "Duplicate ID 'bad0' for drive\r\n");
+    let drive = format!(
+        "drive_add 0 file={},if=none,id=good0,format=raw",
+        good.display()
+    );
+    assert_eq!(qmp.hmp(&drive), "OK\r\n");
+    qmp.ok(
+        "device_add",
+        Some(json!({"driver": "virtio-blk-pci", "drive": "good0", "id": "d", "addr": 4})),
+    );
+    assert!(snapshot(&mut qmp, vmm).slots.contains(&4));
+}
+
+/// The device process dies before it serves (here: a `vmm-blk` beside a copy of the vmm that
+/// exits at once), or cannot be found at all: device_add fails and rolls back completely.
+#[test]
+fn a_device_process_that_fails_to_start_rolls_device_add_back() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = TempDir::new("device-add-nostart");
+    let bin_dir = dir.join("bin");
+    std::fs::create_dir(&bin_dir).unwrap();
+    let vmm_copy = bin_dir.join("vmm");
+    std::fs::copy(vmm_tests::vmm_binary(), &vmm_copy).unwrap();
+    let img = dir.join("disk.raw");
+    std::fs::write(&img, vec![0u8; 1 << 20]).unwrap();
+
+    let (qt, mut qmp) = start_rollback(&dir, &vmm_copy);
+    let vmm = qt.pid().unwrap();
+    let drive = format!(
+        "drive_add 0 file={},if=none,id=d0,format=raw",
+        img.display()
+    );
+    assert_eq!(qmp.hmp(&drive), "OK\r\n");
+    let before = snapshot(&mut qmp, vmm);
+    let add = json!({"driver": "virtio-blk-pci", "drive": "d0", "id": "disk"});
+
+    // No vmm-blk beside the vmm.
+    let r = qmp.request("device_add", Some(add.clone()));
+    let desc = r["error"]["desc"].as_str().unwrap_or_default();
+    assert!(desc.contains("vmm-blk"), "{r}");
+    assert_eq!(snapshot(&mut qmp, vmm), before);
+
+    // A vmm-blk that exits before the handshake.
+    let fake = bin_dir.join("vmm-blk");
+    std::fs::write(&fake, "#!/bin/sh\nexit 3\n").unwrap();
+    std::fs::set_permissions(&fake, std::fs::Permissions::from_mode(0o755)).unwrap();
+    for _ in 0..3 {
+        let r = qmp.request("device_add", Some(add.clone()));
+        let desc = r["error"]["desc"].as_str().unwrap_or_default();
+        assert!(
+            desc.contains("exited while it was being set up (exit status: 3)"),
+            "{r}"
+        );
+        assert_eq!(snapshot(&mut qmp, vmm), before);
+    }
+    // No zombie is left either: the vmm reaped every child it started.
+    let children =
+        std::fs::read_to_string(format!("/proc/{vmm}/task/{vmm}/children")).unwrap_or_default();
+    assert_eq!(children.trim(), "", "children left: {children}");
+
+    // With the real program in place, the same request succeeds.
+    std::fs::remove_file(&fake).unwrap();
+    std::fs::copy(vmm_tests::workspace_binary("vmm-blk"), &fake).unwrap();
+    qmp.ok("device_add", Some(add));
+    assert_eq!(snapshot(&mut qmp, vmm).slots.len(), before.slots.len() + 1);
 }

@@ -1,15 +1,17 @@
 //! The ACPI PCI hot-plug registers (`vmm/src/devices/pci_hotplug.rs`) through the qtest
 //! harness, as the guest's AML uses them: PCIU and PCID read as nothing pending and clear when
 //! read, RMV names slots 1 to 31, and a B0EJ write (what a slot's `_EJ0` does) takes the device
-//! in that slot off the bus without raising the GED interrupt. Raising the GED for a plug or an
-//! unplug request is tested at the unit level: nothing reachable from here calls `plug` or
-//! `request_unplug` until device_add and device_del do.
+//! in that slot off the bus without raising the GED interrupt. Driven by QMP: device_add sets
+//! PCIU and raises the GED, device_del sets PCID and raises it, the guest's eject brings
+//! DEVICE_DELETED, and query-pci and HMP `info pci` follow every step at once.
 
 use std::time::{Duration, Instant};
 
+use serde_json::json;
 use vmm::arch::layout;
 use vmm::devices::pci_hotplug::{B0EJ_OFFSET, PCID_OFFSET, PCIU_OFFSET, RMV_OFFSET, SEL_OFFSET};
 use vmm_tests::libqos::pci::{self, PciAddress};
+use vmm_tests::qmp::Qmp;
 use vmm_tests::qtest::{IrqEvent, Qtest};
 use vmm_tests::TempDir;
 
@@ -37,13 +39,42 @@ fn wait_for_empty_slot(qt: &mut Qtest, slot: u8) {
     }
 }
 
-/// A machine with a virtio-blk-pci disk in slot 5.
-fn start(dir: &TempDir) -> Qtest {
+/// A machine with a virtio-blk-pci disk in slot 5, and `extra` arguments.
+fn start_with(dir: &TempDir, extra: &[&str]) -> Qtest {
     let img = dir.join("disk.raw");
     std::fs::write(&img, vec![0u8; 1 << 20]).unwrap();
     let drive = format!("file={},if=none,id=d0,format=raw", img.display());
     let device = format!("virtio-blk-pci,drive=d0,id=disk0,addr={SLOT}");
-    Qtest::start("128M", &["-drive", &drive, "-device", &device]).unwrap()
+    let mut args = vec!["-drive", &drive, "-device", &device];
+    args.extend_from_slice(extra);
+    Qtest::start("128M", &args).unwrap()
+}
+
+fn start(dir: &TempDir) -> Qtest {
+    start_with(dir, &[])
+}
+
+/// Did the GED interrupt fire since the last look?
+fn ged_raised(qt: &mut Qtest) -> bool {
+    qt.take_irqs()
+        .unwrap()
+        .contains(&IrqEvent::Raise(layout::GED_GSI))
+}
+
+/// The slots query-pci lists, with their qdev ids.
+fn pci_slots(qmp: &mut Qmp<std::os::unix::net::UnixStream>) -> Vec<(u64, String)> {
+    let pci = qmp.ok("query-pci", None);
+    pci[0]["devices"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| {
+            (
+                d["slot"].as_u64().unwrap(),
+                d["qdev_id"].as_str().unwrap_or_default().to_string(),
+            )
+        })
+        .collect()
 }
 
 #[test]
@@ -120,4 +151,132 @@ fn b0ej_takes_the_device_off_the_bus() {
         vendor_id(&mut qt, 0),
         vmm::pci::host_bridge::HOST_BRIDGE_VENDOR_ID
     );
+}
+
+#[test]
+fn device_add_and_device_del_go_through_the_registers() {
+    const HOT: u8 = 7;
+    let dir = TempDir::new("hotplug-qmp");
+    let qmp_sock = dir.join("qmp.sock");
+    let qmp_arg = format!("unix:{},server=on,wait=off", qmp_sock.display());
+    let mut qt = start_with(&dir, &["-qmp", &qmp_arg]);
+    let mut qmp = Qmp::connect(&qmp_sock);
+    qt.irq_intercept_in("ioapic").unwrap();
+    let img = dir.join("hot.raw");
+    std::fs::write(&img, vec![0u8; 1 << 20]).unwrap();
+    let drive_add = format!(
+        "drive_add 0 file={},if=none,id=hot0,format=raw",
+        img.display()
+    );
+    assert_eq!(qmp.hmp(&drive_add), "OK\r\n");
+    let before = pci_slots(&mut qmp);
+
+    // A plug: the function is on the bus, PCIU names its slot until read, the GED fired.
+    qmp.ok(
+        "device_add",
+        Some(json!({"driver": "virtio-blk-pci", "drive": "hot0", "id": "hp", "addr": HOT})),
+    );
+    assert_eq!(vendor_id(&mut qt, HOT), VIRTIO_VENDOR_ID);
+    assert!(ged_raised(&mut qt), "device_add did not raise the GED");
+    assert_eq!(qt.inl(port(PCIU_OFFSET)).unwrap(), 1 << HOT);
+    assert_eq!(
+        qt.inl(port(PCIU_OFFSET)).unwrap(),
+        0,
+        "PCIU clears when read"
+    );
+    assert_eq!(qt.inl(port(PCID_OFFSET)).unwrap(), 0);
+    let mut expected = before.clone();
+    expected.push((u64::from(HOT), "hp".into()));
+    assert_eq!(pci_slots(&mut qmp), expected);
+    let info = qmp.hmp("info pci");
+    assert!(
+        info.contains(&format!("Bus  0, device   {HOT}, function 0:")),
+        "{info}"
+    );
+    assert!(info.contains("id \"hp\""), "{info}");
+
+    // An unplug request: PCID names the slot until read, the GED fired, and the device stays
+    // until the guest ejects it; asking again is QEMU's error.
+    qmp.ok("device_del", Some(json!({"id": "hp"})));
+    assert!(ged_raised(&mut qt), "device_del did not raise the GED");
+    assert_eq!(qt.inl(port(PCID_OFFSET)).unwrap(), 1 << HOT);
+    assert_eq!(
+        qt.inl(port(PCID_OFFSET)).unwrap(),
+        0,
+        "PCID clears when read"
+    );
+    assert_eq!(qt.inl(port(PCIU_OFFSET)).unwrap(), 0);
+    let again = qmp.request("device_del", Some(json!({"id": "hp"})));
+    assert_eq!(
+        again["error"]["desc"], "Device hp is already in the process of unplug",
+        "{again}"
+    );
+    assert_eq!(vendor_id(&mut qt, HOT), VIRTIO_VENDOR_ID);
+    assert_eq!(pci_slots(&mut qmp), expected);
+
+    // The guest's eject: DEVICE_DELETED, and the function, its process and its drive are gone.
+    qt.outl(port(B0EJ_OFFSET), 1 << HOT).unwrap();
+    let deleted = qmp.wait_event("DEVICE_DELETED");
+    assert_eq!(
+        deleted["data"],
+        json!({"device": "hp", "path": "/machine/peripheral/hp"})
+    );
+    assert_eq!(vendor_id(&mut qt, HOT), 0xffff);
+    assert_eq!(pci_slots(&mut qmp), before);
+    assert!(!qmp.hmp("info pci").contains("id \"hp\""));
+    let processes = qmp.ok("__org.vmm_query-device-processes", None);
+    assert!(
+        processes
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|p| p["device"] != "hp"),
+        "{processes}"
+    );
+    // The drive went with the device, as in QEMU 1.1: its id is free again.
+    assert_eq!(qmp.hmp(&drive_add), "OK\r\n");
+    let gone = qmp.request("device_del", Some(json!({"id": "hp"})));
+    assert_eq!(gone["error"]["class"], "DeviceNotFound", "{gone}");
+
+    // A device given at start-up is on a hot-plug slot too (as on QEMU's PIIX4 bus 0), so
+    // device_del asks the guest to release it.
+    qmp.ok("device_del", Some(json!({"id": "disk0"})));
+    assert_eq!(qt.inl(port(PCID_OFFSET)).unwrap(), 1 << SLOT);
+    qt.outl(port(B0EJ_OFFSET), 1 << SLOT).unwrap();
+    let deleted = qmp.wait_event("DEVICE_DELETED");
+    assert_eq!(deleted["data"]["device"], "disk0");
+    wait_for_empty_slot(&mut qt, SLOT);
+}
+
+/// Under a paused machine device_add and device_del work; the guest is told through the
+/// registers, which it reads when it runs.
+#[test]
+fn device_add_while_paused() {
+    let dir = TempDir::new("hotplug-paused");
+    let qmp_sock = dir.join("qmp.sock");
+    let qmp_arg = format!("unix:{},server=on,wait=off", qmp_sock.display());
+    let mut qt = start_with(&dir, &["-qmp", &qmp_arg, "-S"]);
+    let mut qmp = Qmp::connect(&qmp_sock);
+    let status = qmp.ok("query-status", None);
+    assert_eq!(status["running"], false, "{status}");
+    let img = dir.join("hot.raw");
+    std::fs::write(&img, vec![0u8; 1 << 20]).unwrap();
+    let drive_add = format!(
+        "drive_add 0 file={},if=none,id=hot0,format=raw",
+        img.display()
+    );
+    assert_eq!(qmp.hmp(&drive_add), "OK\r\n");
+    qmp.ok(
+        "device_add",
+        Some(json!({"driver": "virtio-blk-pci", "drive": "hot0", "id": "hp", "addr": 9})),
+    );
+    assert_eq!(vendor_id(&mut qt, 9), VIRTIO_VENDOR_ID);
+    qmp.ok("cont", None);
+    assert_eq!(qt.inl(port(PCIU_OFFSET)).unwrap(), 1 << 9);
+    qmp.ok("stop", None);
+    qmp.ok("device_del", Some(json!({"id": "hp"})));
+    qmp.ok("cont", None);
+    assert_eq!(qt.inl(port(PCID_OFFSET)).unwrap(), 1 << 9);
+    qt.outl(port(B0EJ_OFFSET), 1 << 9).unwrap();
+    assert_eq!(qmp.wait_event("DEVICE_DELETED")["data"]["device"], "hp");
 }

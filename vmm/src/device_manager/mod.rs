@@ -104,6 +104,11 @@ pub enum DeviceError {
     Drive(#[from] DriveError),
     #[error(transparent)]
     Supervisor(#[from] SupervisorError),
+    #[error("device process {name} exited while it was being set up ({status})")]
+    ExitedDuringSetup {
+        name: String,
+        status: std::process::ExitStatus,
+    },
     #[error("device process {name}: {source}")]
     Ipc {
         name: String,
@@ -513,7 +518,7 @@ impl DeviceManager {
         self.chardevs = chardevs;
     }
 
-    fn has_device_id(&self, id: &str) -> bool {
+    pub fn has_device_id(&self, id: &str) -> bool {
         lock(&self.controllers).iter().any(|c| {
             let c = lock(c);
             c.id.as_deref() == Some(id) || c.luns.iter().any(|l| l.qdev_id == id)
@@ -1535,7 +1540,7 @@ fn start_blk_process(
     attach: &AttachConfig,
 ) -> Result<(DeviceProcess, BlkChannel, u64, bool), DeviceError> {
     let program = supervisor::device_program("vmm-blk")?;
-    let process = DeviceProcess::spawn(name, &program, &[])?;
+    let mut process = DeviceProcess::spawn(name, &program, &[])?;
     let ipc_err = |source| DeviceError::Ipc {
         name: name.to_string(),
         source,
@@ -1547,7 +1552,7 @@ fn start_blk_process(
     let mut control = BlkChannel::new(control_sock);
     control
         .hello(DeviceKind::Block, DeviceKind::Block, SETUP_TIMEOUT)
-        .map_err(ipc_err)?;
+        .map_err(|e| setup_failure(&mut process, e))?;
     let fds: Vec<_> = image.files().into_iter().map(|f| f.as_fd()).collect();
     let request = BlkRequest::AttachChain {
         config: attach.clone(),
@@ -1561,6 +1566,21 @@ fn start_blk_process(
         other => Err(ipc_err(ipc::IpcError::Remote(ipc::RemoteError(format!(
             "answered Attach with {other:?}"
         ))))),
+    }
+}
+
+/// Why a device process failed its handshake: its exit, if it died (a clearer reason than
+/// the reset connection), else the IPC error.
+pub(crate) fn setup_failure(process: &mut DeviceProcess, source: ipc::IpcError) -> DeviceError {
+    match process.wait_exit(Duration::from_millis(200)) {
+        Some(status) => DeviceError::ExitedDuringSetup {
+            name: process.name().to_string(),
+            status,
+        },
+        None => DeviceError::Ipc {
+            name: process.name().to_string(),
+            source,
+        },
     }
 }
 

@@ -66,7 +66,7 @@ pub(super) fn start_controller(
     queue_size: u16,
 ) -> Result<(DeviceProcess, ScsiChannel), DeviceError> {
     let program = supervisor::device_program("vmm-scsi")?;
-    let process = DeviceProcess::spawn(name, &program, &[])?;
+    let mut process = DeviceProcess::spawn(name, &program, &[])?;
     let ipc_err = |source| DeviceError::Ipc {
         name: name.to_string(),
         source,
@@ -78,7 +78,7 @@ pub(super) fn start_controller(
     let mut control = ScsiChannel::new(sock);
     control
         .hello(DeviceKind::Block, DeviceKind::Block, SETUP_TIMEOUT)
-        .map_err(ipc_err)?;
+        .map_err(|e| super::setup_failure(&mut process, e))?;
     let request = ScsiRequest::AttachController {
         num_queues,
         queue_size,

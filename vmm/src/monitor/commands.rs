@@ -620,10 +620,17 @@ fn block_resize(machine: &Machine, call: &MonitorCall) -> Result<(), QmpError> {
 /// QMP device_del: ask the guest to eject the device; it goes once the guest did
 /// (DEVICE_DELETED), as in QEMU.
 fn device_del(machine: &mut Machine, id: &str) -> Result<Value, QmpError> {
-    let slot = machine
-        .devices()
-        .slot_of(id)
-        .ok_or_else(|| QmpError::device_not_found(id))?;
+    let Some(slot) = machine.devices().slot_of(id) else {
+        // A device that is not a PCI function (a scsi-cd on its controller) has no slot to
+        // eject; unplugging its controller takes it along.
+        if machine.devices().has_device_id(id) {
+            return Err(QmpError::generic(format!(
+                "Device '{id}' is not a PCI function and cannot be unplugged on its own; \
+                 device_del its controller instead"
+            )));
+        }
+        return Err(QmpError::device_not_found(id));
+    };
     let mut hp = machine
         .pci_hotplug()
         .lock()
