@@ -233,6 +233,19 @@ fn device_add_and_device_del_go_through_the_registers() {
             .all(|p| p["device"] != "hp"),
         "{processes}"
     );
+    // Its process was stopped on purpose: no crash report and no restart follow.
+    std::thread::sleep(Duration::from_millis(500));
+    qmp.send("query-status", None);
+    loop {
+        let msg = qmp.message();
+        if msg.get("event").is_none() {
+            break;
+        }
+        assert!(
+            !msg["event"].as_str().unwrap().contains("DEVICE_PROCESS"),
+            "after the unplug: {msg}"
+        );
+    }
     // The drive went with the device, as in QEMU 1.1: its id is free again.
     assert_eq!(qmp.hmp(&drive_add), "OK\r\n");
     let gone = qmp.request("device_del", Some(json!({"id": "hp"})));

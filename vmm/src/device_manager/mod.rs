@@ -345,6 +345,8 @@ struct BlockDevice {
     io_status: IoStatus,
     /// The control socket reached end of file (the process is going away).
     control_closed: bool,
+    /// Unplugged: its process is being stopped on purpose, and is not to be restarted.
+    removed: bool,
     restarts: RestartBudget,
 }
 
@@ -1009,6 +1011,8 @@ impl DeviceManager {
         let _ = lock(&self.pci).remove_device(slot);
         if let Some(block) = removed {
             let mut b = lock(&block);
+            // The watcher may hold this device from before: it must see the exit as ours.
+            b.removed = true;
             b.process.terminate(STOP_GRACE);
             let path = b.qdev.trim_end_matches("/virtio-backend").to_string();
             return Some((b.id.clone(), path));
@@ -1022,6 +1026,7 @@ impl DeviceManager {
         };
         if let Some(c) = controller {
             let mut c = lock(&c);
+            c.removed = true;
             c.process.terminate(STOP_GRACE);
             let path = c.id.as_deref().map_or(String::new(), peripheral_path);
             return Some((c.id.clone(), path));
@@ -1183,6 +1188,7 @@ impl DeviceManager {
             password: None,
             io_status: IoStatus::Ok,
             control_closed: false,
+            removed: false,
             restarts: RestartBudget::default(),
         })));
         self.ensure_watcher()?;
@@ -1316,6 +1322,7 @@ impl DeviceManager {
             num_queues,
             queue_size,
             control_closed: false,
+            removed: false,
             failed: false,
             restarts: RestartBudget::default(),
         }));

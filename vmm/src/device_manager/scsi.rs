@@ -46,6 +46,8 @@ pub(super) struct ScsiController {
     pub queue_size: u16,
     /// The control socket reached end of file (the process is going away).
     pub control_closed: bool,
+    /// Unplugged: its process is being stopped on purpose, and is not to be restarted.
+    pub removed: bool,
     pub failed: bool,
     pub restarts: super::RestartBudget,
 }

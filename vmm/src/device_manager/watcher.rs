@@ -114,6 +114,9 @@ impl WatchContext {
     /// An event from a SCSI controller: the tray of one of its drives moved.
     fn controller_message(&self, c: &SharedController) {
         let mut c = lock(c);
+        if c.removed {
+            return;
+        }
         match c.control.recv(Some(Duration::from_millis(100))) {
             Ok((ipc::Message::Event(ipc::scsi::ScsiEvent::TrayMoved { id, tray_open }), _)) => {
                 let qdev_id = c
@@ -138,6 +141,9 @@ impl WatchContext {
     /// or give up after too many restarts, as for block processes.
     fn controller_exited(&self, c: &SharedController) {
         let mut c = lock(c);
+        if c.removed {
+            return;
+        }
         let pid = c.process.pid();
         let _ = c.process.wait_exit(Duration::ZERO);
         let device = c.id.clone().unwrap_or_else(|| c.name.clone());
@@ -176,6 +182,9 @@ impl WatchContext {
     /// A message (or end of file) on a device's control socket.
     fn control_message(&self, block: &SharedBlock) {
         let mut b = lock(block);
+        if b.removed {
+            return;
+        }
         let reason = match b.control.recv(Some(Duration::from_millis(100))) {
             Ok((ipc::Message::Event(BlkEvent::IoError { write, message }), _)) => {
                 let op = if write { "write" } else { "read" };
@@ -242,6 +251,10 @@ impl WatchContext {
     /// The process of `block` exited: report it and start a new one, or give up.
     fn restart(&self, block: &SharedBlock) {
         let mut b = lock(block);
+        if b.removed {
+            // Unplugged (device_del): its exit is the one we asked for.
+            return;
+        }
         let old_pid = b.process.pid();
         let status = b.process.wait_exit(Duration::ZERO);
         let how = match status {
