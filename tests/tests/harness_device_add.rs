@@ -87,6 +87,21 @@ fn drive_add_and_device_add_plug_a_working_disk() {
             .any(|d| d["slot"] == 6 && d["qdev_id"] == "disk1"),
         "{pci}"
     );
+    // A taken slot, with another drive: QEMU's words, and nothing changes.
+    let other = format!(
+        "drive_add 0 file={},if=none,id=hot1,format=raw",
+        img.display()
+    );
+    assert_eq!(qmp.hmp(&other), "OK\r\n");
+    assert_eq!(
+        err(
+            &mut qmp,
+            json!({"driver": "virtio-blk-pci", "drive": "hot1", "id": "disk2", "addr": "6.0"})
+        ),
+        "PCI: slot 6 function 0 not available for virtio-blk-pci, in use by \
+         virtio-blk-pci,id=disk1"
+    );
+    assert_eq!(qmp.ok("query-pci", None), pci);
 
     // The function works: read the image's content through it.
     let mut mem = GuestAlloc::for_ram(RAM);
