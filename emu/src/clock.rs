@@ -1,6 +1,9 @@
-//! Guest time: the host's monotonic clock minus the time the VM spent paused, so that the
-//! guest never sees a jump across a pause. The guest TSC ticks at 1 GHz, which makes a TSC
-//! value and a guest nanosecond count the same number and keeps kvmclock's scaling trivial.
+//! Guest time: the host's monotonic clock. A pause (QMP `stop`) freezes what the guest can
+//! read, and `cont` lets it catch up with the host at once, so that the guest's clock never
+//! drifts from the host's across a pause; each vCPU then tells its guest through kvmclock's
+//! PVCLOCK_GUEST_STOPPED flag, so that Linux's lockup watchdogs take the jump for a pause.
+//! The guest TSC ticks at 1 GHz, which makes a TSC value and a guest nanosecond count the
+//! same number and keeps kvmclock's scaling trivial.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
@@ -11,6 +14,10 @@ pub const TSC_HZ: u64 = 1_000_000_000;
 
 /// `flags` bit of pvclock_vcpu_time_info: the TSC is stable across vCPUs.
 pub const PVCLOCK_TSC_STABLE_BIT: u8 = 1;
+/// `flags` bit of pvclock_vcpu_time_info: the VM was paused (the guest clears it).
+pub const PVCLOCK_GUEST_STOPPED: u8 = 2;
+/// Offset of `flags` in pvclock_vcpu_time_info.
+pub const PVCLOCK_FLAGS_OFFSET: u64 = 29;
 
 /// Size of Linux's `struct pvclock_vcpu_time_info`.
 pub const PVCLOCK_TIME_INFO_SIZE: usize = 32;
@@ -32,10 +39,10 @@ enum TimeSource {
 /// clock read.
 pub struct VirtualClock {
     source: TimeSource,
-    /// Raw time minus guest time: the total time spent paused.
-    offset_ns: AtomicU64,
     /// Guest time frozen at the pause, or `RUNNING`.
     paused_guest_ns: AtomicU64,
+    /// How many pauses have ended (vCPUs compare it to flag the pause to their guest).
+    resumes: AtomicU64,
     /// Serialises pause and resume against each other (readers do not take it).
     transition: Mutex<()>,
 }
@@ -65,8 +72,8 @@ impl VirtualClock {
     fn with_source(source: TimeSource) -> Self {
         Self {
             source,
-            offset_ns: AtomicU64::new(0),
             paused_guest_ns: AtomicU64::new(RUNNING),
+            resumes: AtomicU64::new(0),
             transition: Mutex::new(()),
         }
     }
@@ -85,14 +92,13 @@ impl VirtualClock {
         }
     }
 
-    /// Guest nanoseconds since the clock was created, not counting paused time.
+    /// Guest nanoseconds since the clock was created (frozen while paused).
     pub fn now_ns(&self) -> u64 {
         let paused = self.paused_guest_ns.load(Ordering::Acquire);
         if paused != RUNNING {
             return paused;
         }
         self.raw_ns()
-            .saturating_sub(self.offset_ns.load(Ordering::Acquire))
     }
 
     /// The guest TSC (equal to [`VirtualClock::now_ns`] at 1 GHz).
@@ -113,21 +119,22 @@ impl VirtualClock {
         self.paused_guest_ns.store(now, Ordering::Release);
     }
 
-    /// Lets guest time run again from where it was frozen. Idempotent.
+    /// Lets guest time run again, caught up with the host's. Idempotent.
     pub fn resume(&self) {
         let _guard = self
             .transition
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner());
-        let frozen = self.paused_guest_ns.load(Ordering::Acquire);
-        if frozen == RUNNING {
+        if self.paused_guest_ns.load(Ordering::Acquire) == RUNNING {
             return;
         }
-        // The new offset makes raw - offset continue exactly at the frozen value; it is
-        // published before the pause marker is cleared so readers never see time go back.
-        let offset = self.raw_ns().saturating_sub(frozen);
-        self.offset_ns.store(offset, Ordering::Release);
+        self.resumes.fetch_add(1, Ordering::AcqRel);
         self.paused_guest_ns.store(RUNNING, Ordering::Release);
+    }
+
+    /// How many pauses have ended so far.
+    pub fn resumes(&self) -> u64 {
+        self.resumes.load(Ordering::Acquire)
     }
 
     /// Whether guest time is frozen.
@@ -195,7 +202,7 @@ mod tests {
     }
 
     #[test]
-    fn pause_freezes_time_and_resume_continues() {
+    fn pause_freezes_time_and_resume_catches_up_with_the_host() {
         let clock = VirtualClock::new_manual();
         clock.advance(1000);
         assert_eq!(clock.now_ns(), 1000);
@@ -204,12 +211,14 @@ mod tests {
         clock.advance(5000);
         assert_eq!(clock.now_ns(), 1000);
         assert!(clock.is_paused());
+        assert_eq!(clock.resumes(), 0);
         clock.resume();
         clock.resume();
-        assert_eq!(clock.now_ns(), 1000);
+        assert_eq!(clock.resumes(), 1, "one pause ended");
+        assert_eq!(clock.now_ns(), 6000);
         clock.advance(10);
-        assert_eq!(clock.now_ns(), 1010);
-        assert_eq!(clock.tsc(), 1010);
+        assert_eq!(clock.now_ns(), 6010);
+        assert_eq!(clock.tsc(), 6010);
     }
 
     #[test]
@@ -225,7 +234,7 @@ mod tests {
         assert_eq!(clock.now_ns(), frozen);
         clock.resume();
         let after = clock.now_ns();
-        assert!(after >= frozen && after < frozen + 4_000_000);
+        assert!(after >= frozen + 5_000_000, "the pause is not hidden");
     }
 
     #[test]

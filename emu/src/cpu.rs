@@ -70,6 +70,8 @@ pub struct Cpu {
     irq_pending: bool,
     /// `state_mut` handed out the registers: resync the MMU before running.
     resync: bool,
+    /// The clock's pause count this vCPU has told its guest about.
+    seen_resumes: u64,
     /// Guest RIP samples (one per batch) for finding where guest time goes.
     profile: Option<std::collections::HashMap<u64, u64>>,
     profile_samples: u64,
@@ -98,6 +100,7 @@ impl Cpu {
             nmi_pending: false,
             irq_pending: false,
             resync: true,
+            seen_resumes: 0,
             profile: None,
             profile_samples: 0,
         };
@@ -221,6 +224,11 @@ impl Cpu {
             self.mmu.sync(&self.state);
             self.mmu.flush_all();
             self.resync = false;
+        }
+        let resumes = self.sys.clock.resumes();
+        if resumes != self.seen_resumes {
+            self.seen_resumes = resumes;
+            crate::msr::mark_guest_stopped(&mut self.mmu, &self.sys);
         }
         loop {
             if stop.load(Ordering::Relaxed) {
@@ -1065,6 +1073,16 @@ mod tests {
         assert_eq!(ram.read_u64(0x8000 + 24, 4), Some(0x8000_0000), "mul");
         assert_eq!(ram.read_u64(0x8000 + 28, 1), Some(1), "shift");
         assert_eq!(ram.read_u64(0x8000 + 29, 1), Some(1), "TSC stable flag");
+        // After a pause, the next run tells the guest (PVCLOCK_GUEST_STOPPED), once.
+        let clock = cpu.sys.clock.clone();
+        clock.pause();
+        clock.resume();
+        let stop = AtomicBool::new(true);
+        assert!(matches!(cpu.run(&stop), RunExit::Stopped));
+        assert_eq!(ram.read_u64(0x8000 + 29, 1), Some(3), "guest stopped flag");
+        ram.write_bytes(0x8000 + 29, &[1]);
+        assert!(matches!(cpu.run(&stop), RunExit::Stopped));
+        assert_eq!(ram.read_u64(0x8000 + 29, 1), Some(1), "told only once");
     }
 
     #[test]

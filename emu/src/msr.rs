@@ -225,3 +225,18 @@ pub fn refresh_kvmclock(mmu: &mut Mmu, sys: &mut SystemState) {
         tracing::warn!("kvmclock system time at {gpa:#x} is not in RAM");
     }
 }
+
+/// The VM was paused: set PVCLOCK_GUEST_STOPPED in this vCPU's kvmclock structure, which the
+/// guest checks (and clears) before it blames the time jump on a lockup.
+pub fn mark_guest_stopped(mmu: &mut Mmu, sys: &SystemState) {
+    let value = sys.kvm_system_time;
+    if value & 1 == 0 {
+        return;
+    }
+    let flags = (value & !1) + crate::clock::PVCLOCK_FLAGS_OFFSET;
+    let mut byte = [0u8];
+    if mmu.ram.read_bytes(flags, &mut byte) {
+        byte[0] |= crate::clock::PVCLOCK_GUEST_STOPPED;
+        mmu.ram.write_bytes(flags, &byte);
+    }
+}
