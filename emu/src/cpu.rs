@@ -428,6 +428,9 @@ impl Cpu {
         loop {
             let pass_start = done;
             let mut last_fast = false;
+            // A pass the budget may stop inside the block computes every form's flags (the
+            // dead-flag pass assumed the block runs to its end or a branch out).
+            let force_flags = ((budget - done) as usize) <= last;
             for (index, (instr, fast)) in block.instrs.iter().zip(&block.fast).enumerate() {
                 // Interrupts need no check here: IF and the pending set only change through
                 // system instructions, which end blocks, or MMIO, which stops this one.
@@ -476,7 +479,7 @@ impl Cpu {
                     f => {
                         last_fast = true;
                         self.state.rip = instr.next_ip();
-                        crate::exec::fast::execute(f, &mut self.state, &mut self.mmu)
+                        crate::exec::fast::execute(f, &mut self.state, &mut self.mmu, force_flags)
                     }
                 };
                 match result {
@@ -1054,6 +1057,43 @@ mod tests {
         cpu.state_mut().rip = 0x4000;
         cpu.step_n(1).unwrap();
         assert_eq!(cpu.state().gpr[0], 3);
+    }
+
+    /// A block's dead-flag pass skips the flags of the ADD (the CMP overwrites them), but a
+    /// run the budget stops right after the ADD shows them exactly.
+    #[test]
+    fn stepping_into_a_block_shows_the_flags_it_would_skip() {
+        use crate::state::{CF, STATUS_FLAGS, ZF};
+        let (mut cpu, ram, _) = cpu(4 << 20);
+        identity_map(&ram);
+        let s = cpu.state_mut();
+        long_mode(s);
+        s.rip = 0x4000;
+        s.gpr[0] = u64::MAX;
+        s.gpr[3] = 1;
+        s.gpr[1] = 5;
+        load(
+            &ram,
+            0x4000,
+            &asm64(0x4000, |a| {
+                a.add(rax, rbx)?;
+                a.cmp(rax, rcx)?;
+                a.add(rax, rbx)?;
+                a.hlt()
+            }),
+        );
+        cpu.step_n(1).unwrap();
+        assert_eq!(cpu.state().gpr[0], 0);
+        assert_eq!(
+            cpu.state().rflags & (ZF | CF),
+            ZF | CF,
+            "the first ADD's flags"
+        );
+        // The rest as one block: the CMP's flags are dead (the second ADD overwrites them).
+        cpu.step_n(3).unwrap();
+        assert!(cpu.sys.halted);
+        assert_eq!(cpu.state().gpr[0], 1);
+        assert_eq!(cpu.state().rflags & STATUS_FLAGS, 0, "the last ADD's flags");
     }
 
     #[test]

@@ -161,6 +161,7 @@ impl DecodeCache {
                 break;
             }
         }
+        fast::prune_dead_flags(&mut block.fast);
         block.pa = t.pa;
         block.ip = ip;
         block.bitness = bitness;

@@ -75,18 +75,21 @@ pub enum AluOp {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Fast {
     Generic,
-    /// `dst op= src` (MOV, ADD, ..., CMP and TEST without writeback).
+    /// `dst op= src` (MOV, ADD, ..., CMP and TEST without writeback). `flags`: whether
+    /// the status flags are computed (see [`prune_dead_flags`]).
     Alu {
         op: AluOp,
         size: u8,
         dst: Operand,
         src: Operand,
+        flags: bool,
     },
     /// INC/DEC of a register or memory operand (`delta` is +1 or -1).
     IncDec {
         size: u8,
         dst: Operand,
         inc: bool,
+        flags: bool,
     },
     /// SHL/SHR/SAR/ROL/ROR by an immediate count.
     Shift {
@@ -94,6 +97,7 @@ pub enum Fast {
         size: u8,
         dst: Operand,
         count: u8,
+        flags: bool,
     },
     /// MOVZX/MOVSX/MOVSXD from `src_size` bytes into a register.
     Extend {
@@ -114,6 +118,7 @@ pub enum Fast {
         size: u8,
         a: Operand,
         b: Operand,
+        flags: bool,
     },
     /// CMOVcc into a register (the source is read even when the move is not taken).
     Cmov {
@@ -260,7 +265,13 @@ fn lower64(instr: &Instruction) -> Option<Fast> {
         if matches!(dst, Operand::Imm(_)) {
             return None;
         }
-        return Some(Fast::Alu { op, size, dst, src });
+        return Some(Fast::Alu {
+            op,
+            size,
+            dst,
+            src,
+            flags: true,
+        });
     }
     match mn {
         Mn::Inc | Mn::Dec if instr.op_count() == 1 => {
@@ -269,6 +280,7 @@ fn lower64(instr: &Instruction) -> Option<Fast> {
                 size,
                 dst: operand(instr, 0, size)?,
                 inc: mn == Mn::Inc,
+                flags: true,
             })
         }
         Mn::Shl | Mn::Sal | Mn::Shr | Mn::Sar | Mn::Rol | Mn::Ror => {
@@ -288,6 +300,7 @@ fn lower64(instr: &Instruction) -> Option<Fast> {
                 size,
                 dst: operand(instr, 0, size)?,
                 count: instr.immediate8(),
+                flags: true,
             })
         }
         Mn::Movzx | Mn::Movsx | Mn::Movsxd => {
@@ -315,7 +328,13 @@ fn lower64(instr: &Instruction) -> Option<Fast> {
             } else {
                 (Operand::Reg(dst), operand(instr, 1, size)?)
             };
-            Some(Fast::Imul { dst, size, a, b })
+            Some(Fast::Imul {
+                dst,
+                size,
+                a,
+                b,
+                flags: true,
+            })
         }
         _ if instr.op_count() == 2 && alu::is_cmov(mn) => {
             let (dst, size) = gpr(instr.op0_register())?;
@@ -434,12 +453,25 @@ fn jump(state: &mut CpuState, target: u64) -> ExResult<()> {
 }
 
 /// Run a fast form. RIP already points past the instruction (the return address of a
-/// CALL); a fault leaves registers, flags and memory as they were.
+/// CALL); a fault leaves registers, flags and memory as they were. `force_flags` computes
+/// the status flags of forms whose flags [`prune_dead_flags`] found dead (for a run that may
+/// stop inside the block).
 #[inline(always)]
-pub fn execute<M: DataAccess>(f: &Fast, state: &mut CpuState, mem: &mut M) -> ExResult<()> {
+pub fn execute<M: DataAccess>(
+    f: &Fast,
+    state: &mut CpuState,
+    mem: &mut M,
+    force_flags: bool,
+) -> ExResult<()> {
     match f {
         Fast::Generic => Err(Exception::InvalidOpcode),
-        Fast::Alu { op, size, dst, src } => {
+        Fast::Alu {
+            op,
+            size,
+            dst,
+            src,
+            flags,
+        } => {
             let size = usize::from(*size);
             let b = read(state, mem, src, size)?;
             if *op == AluOp::Mov {
@@ -448,6 +480,21 @@ pub fn execute<M: DataAccess>(f: &Fast, state: &mut CpuState, mem: &mut M) -> Ex
             let a = read(state, mem, dst, size)?;
             let rf = state.rflags;
             let cf = rf & CF != 0;
+            if !(*flags || force_flags) {
+                let m = alu::mask(size);
+                let r = match op {
+                    AluOp::Add => a.wrapping_add(b),
+                    AluOp::Adc => a.wrapping_add(b).wrapping_add(u64::from(cf)),
+                    AluOp::Sub => a.wrapping_sub(b),
+                    AluOp::Sbb => a.wrapping_sub(b).wrapping_sub(u64::from(cf)),
+                    AluOp::And => a & b,
+                    AluOp::Or => a | b,
+                    AluOp::Xor => a ^ b,
+                    // Only flags, and they are dead: nothing to do.
+                    AluOp::Cmp | AluOp::Test | AluOp::Mov => return Ok(()),
+                };
+                return write(state, mem, dst, size, r & m);
+            }
             let (r, f) = match op {
                 AluOp::Add => alu::add(a, b, false, size, rf),
                 AluOp::Adc => alu::add(a, b, cf, size, rf),
@@ -470,9 +517,22 @@ pub fn execute<M: DataAccess>(f: &Fast, state: &mut CpuState, mem: &mut M) -> Ex
             set_status(state, f);
             Ok(())
         }
-        Fast::IncDec { size, dst, inc } => {
+        Fast::IncDec {
+            size,
+            dst,
+            inc,
+            flags,
+        } => {
             let size = usize::from(*size);
             let a = read(state, mem, dst, size)?;
+            if !(*flags || force_flags) {
+                let r = if *inc {
+                    a.wrapping_add(1)
+                } else {
+                    a.wrapping_sub(1)
+                };
+                return write(state, mem, dst, size, r & alu::mask(size));
+            }
             let rf = state.rflags;
             let (r, f) = if *inc {
                 alu::inc(a, size, rf)
@@ -488,9 +548,14 @@ pub fn execute<M: DataAccess>(f: &Fast, state: &mut CpuState, mem: &mut M) -> Ex
             size,
             dst,
             count,
+            flags,
         } => {
             let size = usize::from(*size);
             let a = read(state, mem, dst, size)?;
+            if !(*flags || force_flags) {
+                let r = shift_result(*op, a, *count, size);
+                return write(state, mem, dst, size, r);
+            }
             let (c, rf) = (u64::from(*count), state.rflags);
             // One call per constant op, so each inlines to its own straight-line code.
             let (r, f) = match op {
@@ -524,10 +589,20 @@ pub fn execute<M: DataAccess>(f: &Fast, state: &mut CpuState, mem: &mut M) -> Ex
             set_reg(state, *dst, usize::from(*size), m.offset(state));
             Ok(())
         }
-        Fast::Imul { dst, size, a, b } => {
+        Fast::Imul {
+            dst,
+            size,
+            a,
+            b,
+            flags,
+        } => {
             let size = usize::from(*size);
             let a = read(state, mem, a, size)?;
             let b = read(state, mem, b, size)?;
+            if !(*flags || force_flags) {
+                set_reg(state, *dst, size, a.wrapping_mul(b) & alu::mask(size));
+                return Ok(());
+            }
             let p = i128::from(alu::sign_extend(a, size) as i64)
                 * i128::from(alu::sign_extend(b, size) as i64);
             let low = p as u64 & alu::mask(size);
@@ -586,6 +661,103 @@ pub fn execute<M: DataAccess>(f: &Fast, state: &mut CpuState, mem: &mut M) -> Ex
             }
         }
         Fast::Nop => Ok(()),
+    }
+}
+
+/// The value of a lowered shift or rotate by an immediate, without its flags (what
+/// [`alu::shift`] computes as its result).
+#[inline(always)]
+fn shift_result(op: ShiftOp, a: u64, count: u8, size: usize) -> u64 {
+    let m = alu::mask(size);
+    let a = a & m;
+    let bits = (size * 8) as u32;
+    let c = u32::from(count) & if size == 8 { 0x3f } else { 0x1f };
+    if c == 0 {
+        return a;
+    }
+    match op {
+        ShiftOp::Shl => (a << c) & m,
+        ShiftOp::Shr => a >> c,
+        ShiftOp::Sar => ((alu::sign_extend(a, size) as i64) >> c) as u64 & m,
+        ShiftOp::Rol | ShiftOp::Ror | ShiftOp::Rcl | ShiftOp::Rcr => {
+            let n = c % bits;
+            if n == 0 {
+                a
+            } else if op == ShiftOp::Rol {
+                ((a << n) | (a >> (bits - n))) & m
+            } else {
+                ((a >> n) | (a << (bits - n))) & m
+            }
+        }
+    }
+}
+
+/// How a fast form touches the status flags, for [`prune_dead_flags`]: the flags it reads
+/// (a form that can leave the block early, by a fault, an MMIO or code write, or a branch,
+/// counts as reading them all, so they are exact wherever the block can be left), the flags
+/// it computes afresh, and whether its own flags must be computed anyway (it can leave).
+fn flag_effects(f: &Fast) -> (u64, u64, bool) {
+    const LEAVES: (u64, u64, bool) = (STATUS_FLAGS, 0, true);
+    let is_mem = |op: &Operand| matches!(op, Operand::Mem(_));
+    match f {
+        Fast::Alu { dst, src, .. } if is_mem(dst) || is_mem(src) => LEAVES,
+        Fast::Alu { op: AluOp::Mov, .. } => (0, 0, false),
+        Fast::Alu {
+            op: AluOp::Adc | AluOp::Sbb,
+            ..
+        } => (CF, STATUS_FLAGS, false),
+        Fast::Alu { .. } => (0, STATUS_FLAGS, false),
+        Fast::IncDec { dst, .. } if is_mem(dst) => LEAVES,
+        Fast::IncDec { .. } => (0, STATUS_FLAGS & !CF, false),
+        Fast::Shift { dst, .. } if is_mem(dst) => LEAVES,
+        Fast::Shift {
+            op, count, size, ..
+        } => {
+            let c = count & if *size == 8 { 0x3f } else { 0x1f };
+            match op {
+                // A zero count changes nothing.
+                _ if c == 0 => (0, 0, false),
+                ShiftOp::Shl | ShiftOp::Shr | ShiftOp::Sar => (0, STATUS_FLAGS, false),
+                ShiftOp::Rol | ShiftOp::Ror => (0, CF | OF, false),
+                ShiftOp::Rcl | ShiftOp::Rcr => LEAVES,
+            }
+        }
+        Fast::Imul { a, b, .. } if is_mem(a) || is_mem(b) => LEAVES,
+        Fast::Imul { .. } => (0, CF | OF, false),
+        Fast::Extend { src, .. } if is_mem(src) => LEAVES,
+        Fast::Extend { .. } | Fast::Lea { .. } | Fast::Nop => (0, 0, false),
+        Fast::Cmov { src, .. } if is_mem(src) => LEAVES,
+        Fast::Cmov { .. } => (STATUS_FLAGS, 0, false),
+        Fast::Set { dst, .. } if is_mem(dst) => LEAVES,
+        Fast::Set { .. } => (STATUS_FLAGS, 0, false),
+        Fast::Generic
+        | Fast::Push { .. }
+        | Fast::Pop { .. }
+        | Fast::Call { .. }
+        | Fast::Ret
+        | Fast::Jmp { .. }
+        | Fast::Jcc { .. } => LEAVES,
+    }
+}
+
+/// Dead-flag elimination over a decoded block: a form whose status flags every path through
+/// the rest of the block overwrites before reading them (and before any point where the
+/// block can be left) skips computing them. The flags are live at the end of the block, so
+/// the state is exact wherever execution can observe it; only a run stopped inside the block
+/// by its budget needs `force_flags`.
+pub fn prune_dead_flags(block: &mut [Fast]) {
+    let mut live = STATUS_FLAGS;
+    for f in block.iter_mut().rev() {
+        let (reads, writes, keep) = flag_effects(f);
+        let dead = !keep && writes != 0 && live & writes == 0;
+        match f {
+            Fast::Alu { flags, .. }
+            | Fast::IncDec { flags, .. }
+            | Fast::Shift { flags, .. }
+            | Fast::Imul { flags, .. } => *flags = !dead,
+            _ => {}
+        }
+        live = (live & !writes) | reads;
     }
 }
 
@@ -656,13 +828,70 @@ mod tests {
         assert_eq!(m.offset(&CpuState::power_on()), 0xffff_fff0);
     }
 
+    /// The flags of each form of a block, after the dead-flag pass.
+    fn pruned(code: &[u8]) -> Vec<bool> {
+        let mut fasts: Vec<Fast> = Decoder::with_ip(64, code, 0x1000, DecoderOptions::NONE)
+            .into_iter()
+            .map(|i| lower(&i, 64))
+            .collect();
+        prune_dead_flags(&mut fasts);
+        fasts
+            .iter()
+            .map(|f| match f {
+                Fast::Alu { flags, .. }
+                | Fast::IncDec { flags, .. }
+                | Fast::Shift { flags, .. }
+                | Fast::Imul { flags, .. } => *flags,
+                _ => true,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn dead_flags_are_pruned_only_where_nothing_can_see_them() {
+        // add rax,rbx; shr rcx,32; cmp rax,rcx: the ADD's and SHR's flags are dead, the
+        // CMP's live out of the block.
+        assert_eq!(
+            pruned(&[0x48, 0x01, 0xd8, 0x48, 0xc1, 0xe9, 0x20, 0x48, 0x39, 0xc8]),
+            [false, false, true]
+        );
+        // sub rax,rbx; adc rcx,rdx; xor esi,esi: the ADC reads the SUB's CF.
+        assert_eq!(
+            pruned(&[0x48, 0x29, 0xd8, 0x48, 0x11, 0xd1, 0x31, 0xf6]),
+            [true, false, true]
+        );
+        // add rax,rbx; inc rcx; cmp rax,rcx: INC keeps CF, so the ADD's CF is dead only
+        // because the CMP writes it too.
+        assert_eq!(
+            pruned(&[0x48, 0x01, 0xd8, 0x48, 0xff, 0xc1, 0x48, 0x39, 0xc8]),
+            [false, false, true]
+        );
+        // add rax,rbx; mov rcx,[rdx]; cmp rax,rcx: the load can fault, so the flags
+        // before it are exact.
+        assert_eq!(
+            pruned(&[0x48, 0x01, 0xd8, 0x48, 0x8b, 0x0a, 0x48, 0x39, 0xc8]),
+            [true, true, true]
+        );
+        // add rax,rbx; jne +0; cmp rax,rcx: the branch reads them.
+        assert_eq!(
+            pruned(&[0x48, 0x01, 0xd8, 0x75, 0x00, 0x48, 0x39, 0xc8]),
+            [true, true, true]
+        );
+        // add rax,rbx; imul rcx,rdx; cmp rax,rcx: IMUL computes only CF and OF, so the
+        // ADD's are still dead (the CMP writes all); the IMUL's are dead too.
+        assert_eq!(
+            pruned(&[0x48, 0x01, 0xd8, 0x48, 0x0f, 0xaf, 0xca, 0x48, 0x39, 0xc8]),
+            [false, false, true]
+        );
+    }
+
     #[test]
     fn pop_into_rsp_takes_the_popped_value() {
         let mut mem = crate::access::test_util::FlatMemory::new(0x100);
         let mut s = CpuState::power_on();
         s.gpr[4] = 0x40;
         mem.write(crate::state::SS, 0x40, 8, 0x1234).unwrap();
-        execute(&Fast::Pop { dst: 4 }, &mut s, &mut mem).unwrap();
+        execute(&Fast::Pop { dst: 4 }, &mut s, &mut mem, false).unwrap();
         assert_eq!(s.gpr[4], 0x1234);
     }
 }

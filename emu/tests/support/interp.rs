@@ -172,7 +172,7 @@ fn execute(
         .or_else(|| emu::exec::sse::execute(state, mem, instr));
     if let Some((mut fast_state, bytes)) = before {
         let mut fast_mem = BufferMemory { bytes };
-        let r = emu::exec::fast::execute(&fast, &mut fast_state, &mut fast_mem);
+        let r = emu::exec::fast::execute(&fast, &mut fast_state, &mut fast_mem, false);
         assert_eq!(Some(r), generic, "fast form {fast:?} of `{instr}`: result");
         assert_eq!(
             &fast_state, state,
@@ -227,6 +227,9 @@ pub fn run(init: &Init, instrs: &[Instruction], snapshots: bool) -> Outcome {
             });
         }
     }
+    if unimplemented.is_none() {
+        check_as_one_block(init, instrs, fault.map(|(i, _)| i), &state, &mem.bytes);
+    }
     Outcome {
         state,
         data: mem.bytes,
@@ -235,4 +238,71 @@ pub fn run(init: &Init, instrs: &[Instruction], snapshots: bool) -> Outcome {
         undefined_flags: undefined,
         steps,
     }
+}
+
+/// The sequence as the decode cache runs it, as one block after the dead-flag pass
+/// (`fast::prune_dead_flags`): where it ends (at its end or before a faulting instruction),
+/// registers, every flag and memory must be exactly those of the instruction-by-instruction
+/// run. Sequences with branches are left out (a block stops at a taken one).
+fn check_as_one_block(
+    init: &Init,
+    instrs: &[Instruction],
+    fault_at: Option<usize>,
+    expected: &CpuState,
+    expected_data: &[u8],
+) {
+    if instrs
+        .iter()
+        .any(|i| i.flow_control() != iced_x86::FlowControl::Next)
+    {
+        return;
+    }
+    let mut fasts: Vec<Fast> = instrs
+        .iter()
+        .map(|i| emu::exec::fast::lower(i, 64))
+        .collect();
+    emu::exec::fast::prune_dead_flags(&mut fasts);
+    let mut state = initial_state(init);
+    let mut mem = BufferMemory {
+        bytes: init.data.clone(),
+    };
+    for (i, (instr, fast)) in instrs.iter().zip(&fasts).enumerate() {
+        for _ in 0..10_000 {
+            state.rip = instr.next_ip();
+            let r = if *fast == Fast::Generic {
+                emu::exec::integer::execute(&mut state, &mut mem, instr)
+                    .or_else(|| emu::exec::sse::execute(&mut state, &mut mem, instr))
+            } else {
+                Some(emu::exec::fast::execute(fast, &mut state, &mut mem, false))
+            };
+            if fault_at == Some(i) {
+                // The fault leaves what the instruction did before it (MXCSR flags of an
+                // unmasked SSE exception, say) and RIP at the instruction.
+                assert!(
+                    matches!(r, Some(Err(_))),
+                    "`{instr}` as part of a block: {r:?}"
+                );
+                state.rip = instr.ip();
+                break;
+            }
+            assert!(
+                matches!(r, Some(Ok(()))),
+                "`{instr}` as part of a block: {r:?}"
+            );
+            if state.rip != instr.ip() {
+                break;
+            }
+        }
+        if fault_at == Some(i) {
+            break;
+        }
+    }
+    assert_eq!(
+        &state, expected,
+        "the sequence as one block (flags pruned: {fasts:?})"
+    );
+    assert!(
+        mem.bytes == expected_data,
+        "the sequence as one block: memory"
+    );
 }
