@@ -431,17 +431,11 @@ impl Cpu {
             // A pass the budget may stop inside the block computes every form's flags (the
             // dead-flag pass assumed the block runs to its end or a branch out).
             let force_flags = ((budget - done) as usize) <= last;
-            for (index, (instr, fast)) in block.instrs.iter().zip(&block.fast).enumerate() {
-                // Interrupts need no check here: IF and the pending set only change through
-                // system instructions, which end blocks, or MMIO, which stops this one.
-                if done > 0
-                    && (done == budget
-                        || self.state.rip != instr.ip()
-                        || self.mmu.mmio_touched
-                        || self.mmu.code_written)
-                {
-                    break;
-                }
+            // The budget may end the pass early; everything else that ends it is checked
+            // after the instructions that can cause it (`Block::exits`).
+            let n = block.fast.len().min((budget - done) as usize);
+            for index in 0..n {
+                let (instr, fast) = (&block.instrs[index], &block.fast[index]);
                 let start = self.state.rip;
                 if trace {
                     tracing::trace!(target: "emu::trace", cpu = self.id, "{:04x}:{:016x} {}", self.state.seg[CS].selector, start, instr);
@@ -491,6 +485,17 @@ impl Cpu {
                         pending = Pending::Fault(ex);
                         break;
                     }
+                }
+                // Interrupts need no check here: IF and the pending set only change through
+                // system instructions, which end blocks, or MMIO, which stops this one. A
+                // taken branch, a REP instruction to resume, MMIO or a write to code stops it.
+                if block.exits[index]
+                    && index + 1 < n
+                    && (self.state.rip != block.instrs[index + 1].ip()
+                        || self.mmu.mmio_touched
+                        || self.mmu.code_written)
+                {
+                    break;
                 }
             }
             let ran = done - pass_start + u32::from(matches!(pending, Pending::Fault(_)));

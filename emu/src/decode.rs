@@ -38,6 +38,10 @@ pub struct Block {
     pub instrs: Vec<Instruction>,
     /// The same instructions lowered to fast forms ([`Fast::Generic`] where none applies).
     pub fast: Vec<Fast>,
+    /// Per instruction: whether the block may have to stop after it (a branch, a memory
+    /// access that may be MMIO or a code write, a generic instruction); the others always
+    /// fall through to the next one.
+    pub exits: Vec<bool>,
 }
 
 impl Block {
@@ -50,6 +54,7 @@ impl Block {
             generation: 0,
             instrs: Vec::new(),
             fast: Vec::new(),
+            exits: Vec::new(),
         }
     }
 }
@@ -120,6 +125,7 @@ impl DecodeCache {
         let block = &mut self.blocks[index];
         block.instrs.clear();
         block.fast.clear();
+        block.exits.clear();
         while block.instrs.len() < MAX_BLOCK {
             let instr = if off + 15 <= 0x1000 {
                 let mut bytes = [0u8; 15];
@@ -162,6 +168,7 @@ impl DecodeCache {
             }
         }
         fast::prune_dead_flags(&mut block.fast);
+        block.exits.extend(block.fast.iter().map(fast::may_leave));
         block.pa = t.pa;
         block.ip = ip;
         block.bitness = bitness;
@@ -176,7 +183,9 @@ impl DecodeCache {
         let b = &mut self.scratch;
         b.instrs.clear();
         b.fast.clear();
+        b.exits.clear();
         b.fast.push(fast::lower(&instr, bitness));
+        b.exits.push(true);
         b.instrs.push(instr);
         b.page = UNCACHED;
         b.ip = ip;

@@ -740,6 +740,12 @@ fn flag_effects(f: &Fast) -> (u64, u64, bool) {
     }
 }
 
+/// Whether a block may have to stop after this form: it branches, touches memory (which may
+/// be MMIO or code) or is generic. The others only change registers and fall through.
+pub fn may_leave(f: &Fast) -> bool {
+    flag_effects(f).2
+}
+
 /// Dead-flag elimination over a decoded block: a form whose status flags every path through
 /// the rest of the block overwrites before reading them (and before any point where the
 /// block can be left) skips computing them. The flags are live at the end of the block, so
