@@ -84,6 +84,22 @@ pub enum Fast {
         src: Operand,
         flags: bool,
     },
+    /// [`Fast::Alu`] with two registers (the commonest form, without operand decoding).
+    AluRR {
+        op: AluOp,
+        size: u8,
+        dst: u8,
+        src: u8,
+        flags: bool,
+    },
+    /// [`Fast::Alu`] of a register with an immediate.
+    AluRI {
+        op: AluOp,
+        size: u8,
+        dst: u8,
+        imm: u64,
+        flags: bool,
+    },
     /// INC/DEC of a register or memory operand (`delta` is +1 or -1).
     IncDec {
         size: u8,
@@ -265,12 +281,28 @@ fn lower64(instr: &Instruction) -> Option<Fast> {
         if matches!(dst, Operand::Imm(_)) {
             return None;
         }
-        return Some(Fast::Alu {
-            op,
-            size,
-            dst,
-            src,
-            flags: true,
+        return Some(match (dst, src) {
+            (Operand::Reg(dst), Operand::Reg(src)) => Fast::AluRR {
+                op,
+                size,
+                dst,
+                src,
+                flags: true,
+            },
+            (Operand::Reg(dst), Operand::Imm(imm)) => Fast::AluRI {
+                op,
+                size,
+                dst,
+                imm,
+                flags: true,
+            },
+            _ => Fast::Alu {
+                op,
+                size,
+                dst,
+                src,
+                flags: true,
+            },
         });
     }
     match mn {
@@ -517,6 +549,35 @@ pub fn execute<M: DataAccess>(
             set_status(state, f);
             Ok(())
         }
+        Fast::AluRR {
+            op,
+            size,
+            dst,
+            src,
+            flags,
+        } => {
+            let size = usize::from(*size);
+            let b = state.gpr[*src as usize] & alu::mask(size);
+            alu_reg(state, *op, size, *dst, b, *flags || force_flags);
+            Ok(())
+        }
+        Fast::AluRI {
+            op,
+            size,
+            dst,
+            imm,
+            flags,
+        } => {
+            alu_reg(
+                state,
+                *op,
+                usize::from(*size),
+                *dst,
+                *imm,
+                *flags || force_flags,
+            );
+            Ok(())
+        }
         Fast::IncDec {
             size,
             dst,
@@ -664,6 +725,53 @@ pub fn execute<M: DataAccess>(
     }
 }
 
+/// `reg op= b` for the register forms: no operand decoding and nothing that can fault.
+#[inline(always)]
+fn alu_reg(state: &mut CpuState, op: AluOp, size: usize, dst: u8, b: u64, flags: bool) {
+    if op == AluOp::Mov {
+        set_reg(state, dst, size, b);
+        return;
+    }
+    let m = alu::mask(size);
+    let a = state.gpr[dst as usize] & m;
+    let rf = state.rflags;
+    let cf = rf & CF != 0;
+    if !flags {
+        let r = match op {
+            AluOp::Add => a.wrapping_add(b),
+            AluOp::Adc => a.wrapping_add(b).wrapping_add(u64::from(cf)),
+            AluOp::Sub => a.wrapping_sub(b),
+            AluOp::Sbb => a.wrapping_sub(b).wrapping_sub(u64::from(cf)),
+            AluOp::And => a & b,
+            AluOp::Or => a | b,
+            AluOp::Xor => a ^ b,
+            AluOp::Cmp | AluOp::Test | AluOp::Mov => return,
+        };
+        set_reg(state, dst, size, r & m);
+        return;
+    }
+    let (r, f) = match op {
+        AluOp::Add => alu::add(a, b, false, size, rf),
+        AluOp::Adc => alu::add(a, b, cf, size, rf),
+        AluOp::Sub => alu::sub(a, b, false, size, rf),
+        AluOp::Sbb => alu::sub(a, b, cf, size, rf),
+        AluOp::And => alu::logic(a & b, size, rf),
+        AluOp::Or => alu::logic(a | b, size, rf),
+        AluOp::Xor => alu::logic(a ^ b, size, rf),
+        AluOp::Cmp => {
+            set_status(state, alu::sub(a, b, false, size, rf).1);
+            return;
+        }
+        AluOp::Test => {
+            set_status(state, alu::logic(a & b, size, rf).1);
+            return;
+        }
+        AluOp::Mov => (b, rf),
+    };
+    set_reg(state, dst, size, r);
+    set_status(state, f);
+}
+
 /// The value of a lowered shift or rotate by an immediate, without its flags (what
 /// [`alu::shift`] computes as its result).
 #[inline(always)]
@@ -707,6 +815,11 @@ fn flag_effects(f: &Fast) -> (u64, u64, bool) {
             ..
         } => (CF, STATUS_FLAGS, false),
         Fast::Alu { .. } => (0, STATUS_FLAGS, false),
+        Fast::AluRR { op, .. } | Fast::AluRI { op, .. } => match op {
+            AluOp::Mov => (0, 0, false),
+            AluOp::Adc | AluOp::Sbb => (CF, STATUS_FLAGS, false),
+            _ => (0, STATUS_FLAGS, false),
+        },
         Fast::IncDec { dst, .. } if is_mem(dst) => LEAVES,
         Fast::IncDec { .. } => (0, STATUS_FLAGS & !CF, false),
         Fast::Shift { dst, .. } if is_mem(dst) => LEAVES,
@@ -758,6 +871,8 @@ pub fn prune_dead_flags(block: &mut [Fast]) {
         let dead = !keep && writes != 0 && live & writes == 0;
         match f {
             Fast::Alu { flags, .. }
+            | Fast::AluRR { flags, .. }
+            | Fast::AluRI { flags, .. }
             | Fast::IncDec { flags, .. }
             | Fast::Shift { flags, .. }
             | Fast::Imul { flags, .. } => *flags = !dead,
@@ -792,6 +907,27 @@ mod tests {
             Fast::Alu {
                 op: AluOp::Add,
                 size: 8,
+                ..
+            }
+        ));
+        // sub ecx, edx and add rax, 0x10: the register forms
+        assert!(matches!(
+            lower(&decode(&[0x29, 0xd1]), 64),
+            Fast::AluRR {
+                op: AluOp::Sub,
+                size: 4,
+                dst: 1,
+                src: 2,
+                ..
+            }
+        ));
+        assert!(matches!(
+            lower(&decode(&[0x48, 0x83, 0xc0, 0x10]), 64),
+            Fast::AluRI {
+                op: AluOp::Add,
+                size: 8,
+                dst: 0,
+                imm: 0x10,
                 ..
             }
         ));
@@ -845,6 +981,8 @@ mod tests {
             .iter()
             .map(|f| match f {
                 Fast::Alu { flags, .. }
+                | Fast::AluRR { flags, .. }
+                | Fast::AluRI { flags, .. }
                 | Fast::IncDec { flags, .. }
                 | Fast::Shift { flags, .. }
                 | Fast::Imul { flags, .. } => *flags,

@@ -7,11 +7,8 @@ use crate::state::{AF, CF, OF, PF, SF, STATUS_FLAGS, ZF};
 /// All-ones for an operand of `size` bytes.
 #[inline(always)]
 pub fn mask(size: usize) -> u64 {
-    if size >= 8 {
-        u64::MAX
-    } else {
-        (1u64 << (size * 8)) - 1
-    }
+    // Branch-free: the size changes from one instruction to the next.
+    u64::MAX >> (64 - size.clamp(1, 8) * 8)
 }
 
 /// The sign bit of an operand of `size` bytes.
