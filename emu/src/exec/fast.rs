@@ -115,6 +115,11 @@ pub enum Fast {
         count: u8,
         flags: bool,
     },
+    /// BSWAP of a 32- or 64-bit register (flags untouched).
+    Bswap {
+        dst: u8,
+        size: u8,
+    },
     /// MOVZX/MOVSX/MOVSXD from `src_size` bytes into a register.
     Extend {
         dst: u8,
@@ -335,6 +340,10 @@ fn lower64(instr: &Instruction) -> Option<Fast> {
                 flags: true,
             })
         }
+        Mn::Bswap => match gpr(instr.op0_register())? {
+            (dst, size @ (4 | 8)) => Some(Fast::Bswap { dst, size }),
+            _ => None,
+        },
         Mn::Movzx | Mn::Movsx | Mn::Movsxd => {
             let (dst, size) = gpr(instr.op0_register())?;
             let src_size = match instr.op1_kind() {
@@ -612,6 +621,12 @@ pub fn execute<M: DataAccess>(
             flags,
         } => {
             let size = usize::from(*size);
+            if let (Operand::Reg(reg), false) = (dst, *flags || force_flags) {
+                // The commonest case (rotates in hash rounds): no operand decoding.
+                let a = state.gpr[*reg as usize];
+                set_reg(state, *reg, size, shift_result(*op, a, *count, size));
+                return Ok(());
+            }
             let a = read(state, mem, dst, size)?;
             if !(*flags || force_flags) {
                 let r = shift_result(*op, a, *count, size);
@@ -644,6 +659,15 @@ pub fn execute<M: DataAccess>(
                 v
             };
             set_reg(state, *dst, usize::from(*size), v);
+            Ok(())
+        }
+        Fast::Bswap { dst, size } => {
+            let v = state.gpr[*dst as usize];
+            state.gpr[*dst as usize] = if *size == 8 {
+                v.swap_bytes()
+            } else {
+                u64::from((v as u32).swap_bytes())
+            };
             Ok(())
         }
         Fast::Lea { dst, size, mem: m } => {
@@ -838,7 +862,7 @@ fn flag_effects(f: &Fast) -> (u64, u64, bool) {
         Fast::Imul { a, b, .. } if is_mem(a) || is_mem(b) => LEAVES,
         Fast::Imul { .. } => (0, CF | OF, false),
         Fast::Extend { src, .. } if is_mem(src) => LEAVES,
-        Fast::Extend { .. } | Fast::Lea { .. } | Fast::Nop => (0, 0, false),
+        Fast::Extend { .. } | Fast::Lea { .. } | Fast::Bswap { .. } | Fast::Nop => (0, 0, false),
         Fast::Cmov { src, .. } if is_mem(src) => LEAVES,
         Fast::Cmov { .. } => (STATUS_FLAGS, 0, false),
         Fast::Set { dst, .. } if is_mem(dst) => LEAVES,
