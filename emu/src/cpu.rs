@@ -434,8 +434,8 @@ impl Cpu {
             // The budget may end the pass early; everything else that ends it is checked
             // after the instructions that can cause it (`Block::exits`).
             let n = block.fast.len().min((budget - done) as usize);
-            for index in 0..n {
-                let (instr, fast) = (&block.instrs[index], &block.fast[index]);
+            let ops = block.instrs[..n].iter().zip(&block.fast[..n]);
+            for (index, ((instr, fast), exits)) in ops.zip(&block.exits[..n]).enumerate() {
                 let start = self.state.rip;
                 if trace {
                     tracing::trace!(target: "emu::trace", cpu = self.id, "{:04x}:{:016x} {}", self.state.seg[CS].selector, start, instr);
@@ -489,9 +489,9 @@ impl Cpu {
                 // Interrupts need no check here: IF and the pending set only change through
                 // system instructions, which end blocks, or MMIO, which stops this one. A
                 // taken branch, a REP instruction to resume, MMIO or a write to code stops it.
-                if block.exits[index]
+                if *exits
                     && index + 1 < n
-                    && (self.state.rip != block.instrs[index + 1].ip()
+                    && (Some(self.state.rip) != block.instrs.get(index + 1).map(Instruction::ip)
                         || self.mmu.mmio_touched
                         || self.mmu.code_written)
                 {
