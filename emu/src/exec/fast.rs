@@ -20,12 +20,15 @@ use crate::state::{gpr_info, CpuState, CF, OF, STATUS_FLAGS};
 
 /// No base or index register in a [`MemRef`].
 const NO_REG: u8 = 0xff;
+/// A [`MemRef`] base that is RIP (the address of the next instruction).
+const RIP_REG: u8 = 0xfe;
 
-/// A 64-bit-addressing memory operand: `seg:[base + index*scale + disp]`. RIP-relative
-/// operands have no base and the absolute target as `disp`.
+/// A 64-bit-addressing memory operand: `seg:[base + index*scale + disp]`, eight bytes so
+/// that decoded blocks stay small. RIP-relative operands have [`RIP_REG`] as base: when a
+/// fast form runs, RIP already holds the next instruction's address.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct MemRef {
-    disp: u64,
+    disp: i32,
     base: u8,
     index: u8,
     scale: u8,
@@ -35,9 +38,11 @@ pub struct MemRef {
 impl MemRef {
     #[inline(always)]
     fn offset(&self, state: &CpuState) -> u64 {
-        let mut ea = self.disp;
-        if self.base != NO_REG {
+        let mut ea = self.disp as i64 as u64;
+        if usize::from(self.base) < state.gpr.len() {
             ea = ea.wrapping_add(state.gpr[self.base as usize]);
+        } else if self.base == RIP_REG {
+            ea = ea.wrapping_add(state.rip);
         }
         if self.index != NO_REG {
             ea =
@@ -48,12 +53,23 @@ impl MemRef {
 }
 
 /// An operand of a fast form. Register operands are general-purpose registers other than
-/// AH..BH, so every width is the low bytes of `gpr[index]`.
+/// AH..BH, so every width is the low bytes of `gpr[index]`. An immediate is kept as the
+/// 32 bits that sign-extend to it (a 64-bit one that does not fit stays generic, or becomes
+/// [`Fast::AluRI`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Operand {
     Reg(u8),
-    Imm(u64),
+    Imm(i32),
     Mem(MemRef),
+}
+
+/// An immediate of `size` bytes as an [`Operand::Imm`], if it has one.
+fn imm_operand(value: u64, size: usize) -> Option<Operand> {
+    let value = value & alu::mask(size);
+    if size < 8 {
+        return Some(Operand::Imm(value as u32 as i32));
+    }
+    i32::try_from(value as i64).ok().map(Operand::Imm)
 }
 
 /// The two-operand ALU group (and MOV, which shares its operand forms).
@@ -189,9 +205,10 @@ fn mem_ref(instr: &Instruction) -> Option<MemRef> {
     let base = instr.memory_base();
     let index = instr.memory_index();
     if base == Register::RIP {
+        let relative = instr.memory_displacement64().wrapping_sub(instr.next_ip()) as i64;
         return (index == Register::None).then_some(MemRef {
-            disp: instr.memory_displacement64(),
-            base: NO_REG,
+            disp: i32::try_from(relative).ok()?,
+            base: RIP_REG,
             index: NO_REG,
             scale: 1,
             seg,
@@ -207,10 +224,10 @@ fn mem_ref(instr: &Instruction) -> Option<MemRef> {
         }
     };
     // With neither base nor index, iced gives a 64-bit-addressing displacement
-    // sign-extended and a 32-bit one (0x67) zero-extended, which is the right offset for
-    // both address sizes.
+    // sign-extended and a 32-bit one (0x67) zero-extended: one above 2 GiB does not
+    // sign-extend from 32 bits, so that rare form stays generic.
     Some(MemRef {
-        disp: instr.memory_displacement64(),
+        disp: i32::try_from(instr.memory_displacement64() as i64).ok()?,
         base: reg64(base)?,
         index: reg64(index)?,
         scale: instr.memory_index_scale() as u8,
@@ -236,11 +253,23 @@ fn operand(instr: &Instruction, n: u32, size: u8) -> Option<Operand> {
         | OpKind::Immediate8to16
         | OpKind::Immediate8to32
         | OpKind::Immediate8to64
-        | OpKind::Immediate32to64 => Some(Operand::Imm(
-            instr.immediate(n) & alu::mask(usize::from(size)),
-        )),
+        | OpKind::Immediate32to64 => imm_operand(instr.immediate(n), usize::from(size)),
         _ => None,
     }
+}
+
+fn is_immediate(kind: OpKind) -> bool {
+    matches!(
+        kind,
+        OpKind::Immediate8
+            | OpKind::Immediate16
+            | OpKind::Immediate32
+            | OpKind::Immediate64
+            | OpKind::Immediate8to16
+            | OpKind::Immediate8to32
+            | OpKind::Immediate8to64
+            | OpKind::Immediate32to64
+    )
 }
 
 /// Operand size of a form whose operand 0 is a register or memory.
@@ -281,6 +310,17 @@ fn lower64(instr: &Instruction) -> Option<Fast> {
             return None;
         }
         let size = size0(instr)?;
+        if let (OpKind::Register, true) = (instr.op0_kind(), is_immediate(instr.op1_kind())) {
+            // A register and an immediate of any width (MOV r64, imm64 included).
+            let (dst, width) = gpr(instr.op0_register())?;
+            return (width == size).then_some(Fast::AluRI {
+                op,
+                size,
+                dst,
+                imm: instr.immediate(1) & alu::mask(usize::from(size)),
+                flags: true,
+            });
+        }
         let dst = operand(instr, 0, size)?;
         let src = operand(instr, 1, size)?;
         if matches!(dst, Operand::Imm(_)) {
@@ -292,13 +332,6 @@ fn lower64(instr: &Instruction) -> Option<Fast> {
                 size,
                 dst,
                 src,
-                flags: true,
-            },
-            (Operand::Reg(dst), Operand::Imm(imm)) => Fast::AluRI {
-                op,
-                size,
-                dst,
-                imm,
                 flags: true,
             },
             _ => Fast::Alu {
@@ -409,7 +442,7 @@ fn lower64(instr: &Instruction) -> Option<Fast> {
                 },
                 OpKind::Memory if instr.memory_size().size() == 8 => Operand::Mem(mem_ref(instr)?),
                 OpKind::Immediate8to64 | OpKind::Immediate32to64 => {
-                    Operand::Imm(instr.immediate(0))
+                    imm_operand(instr.immediate(0), 8)?
                 }
                 _ => return None,
             };
@@ -443,7 +476,7 @@ fn lower64(instr: &Instruction) -> Option<Fast> {
 fn read<M: DataAccess>(state: &CpuState, mem: &mut M, op: &Operand, size: usize) -> ExResult<u64> {
     match op {
         Operand::Reg(i) => Ok(state.gpr[*i as usize] & alu::mask(size)),
-        Operand::Imm(v) => Ok(*v),
+        Operand::Imm(v) => Ok((*v as i64 as u64) & alu::mask(size)),
         Operand::Mem(m) => mem.read(m.seg as usize, m.offset(state), size),
     }
 }
@@ -982,8 +1015,11 @@ mod tests {
             panic!("not lowered");
         };
         assert_eq!(m.offset(&CpuState::power_on()), 0xffff_ffff_ffff_fff0);
-        // The same with 0x67: zero-extended.
+        // The same with 0x67 is zero-extended, which a fast form does not hold: generic.
         let i = decode(&[0x67, 0x65, 0x8b, 0x04, 0x25, 0xf0, 0xff, 0xff, 0xff]);
+        assert_eq!(lower(&i, 64), Fast::Generic);
+        // mov rax, [rip+0x10] at 0x1000 (7 bytes): relative to the next instruction.
+        let i = decode(&[0x48, 0x8b, 0x05, 0x10, 0x00, 0x00, 0x00]);
         let Fast::Alu {
             src: Operand::Mem(m),
             ..
@@ -991,7 +1027,9 @@ mod tests {
         else {
             panic!("not lowered");
         };
-        assert_eq!(m.offset(&CpuState::power_on()), 0xffff_fff0);
+        let mut s = CpuState::power_on();
+        s.rip = 0x1007;
+        assert_eq!(m.offset(&s), 0x1017);
     }
 
     /// The flags of each form of a block, after the dead-flag pass.
