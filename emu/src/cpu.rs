@@ -432,11 +432,12 @@ impl Cpu {
             // dead-flag pass assumed the block runs to its end or a branch out).
             let force_flags = ((budget - done) as usize) <= last;
             // The budget may end the pass early; everything else that ends it is checked
-            // after the instructions that can cause it (`Block::exits`).
+            // after the instructions that can cause it (`Step::exits`).
             let n = block.fast.len().min((budget - done) as usize);
             let ops = block.instrs[..n].iter().zip(&block.fast[..n]);
-            for (index, ((instr, fast), exits)) in ops.zip(&block.exits[..n]).enumerate() {
+            for (index, ((instr, fast), step)) in ops.zip(&block.steps[..n]).enumerate() {
                 let start = self.state.rip;
+                let next = start.wrapping_add(u64::from(step.len));
                 if trace {
                     tracing::trace!(target: "emu::trace", cpu = self.id, "{:04x}:{:016x} {}", self.state.seg[CS].selector, start, instr);
                 }
@@ -472,7 +473,7 @@ impl Cpu {
                     // Fast forms exist only for 64-bit code.
                     f => {
                         last_fast = true;
-                        self.state.rip = instr.next_ip();
+                        self.state.rip = next;
                         crate::exec::fast::execute(f, &mut self.state, &mut self.mmu, force_flags)
                     }
                 };
@@ -489,11 +490,9 @@ impl Cpu {
                 // Interrupts need no check here: IF and the pending set only change through
                 // system instructions, which end blocks, or MMIO, which stops this one. A
                 // taken branch, a REP instruction to resume, MMIO or a write to code stops it.
-                if *exits
+                if step.exits
                     && index + 1 < n
-                    && (Some(self.state.rip) != block.instrs.get(index + 1).map(Instruction::ip)
-                        || self.mmu.mmio_touched
-                        || self.mmu.code_written)
+                    && (self.state.rip != next || self.mmu.mmio_touched || self.mmu.code_written)
                 {
                     break;
                 }

@@ -38,10 +38,18 @@ pub struct Block {
     pub instrs: Vec<Instruction>,
     /// The same instructions lowered to fast forms ([`Fast::Generic`] where none applies).
     pub fast: Vec<Fast>,
-    /// Per instruction: whether the block may have to stop after it (a branch, a memory
-    /// access that may be MMIO or a code write, a generic instruction); the others always
-    /// fall through to the next one.
-    pub exits: Vec<bool>,
+    /// Per instruction, what the run loop needs without touching the decoded instruction.
+    pub steps: Vec<Step>,
+}
+
+/// The run loop's view of one instruction of a block.
+#[derive(Debug, Clone, Copy)]
+pub struct Step {
+    /// Length in bytes (the next instruction follows it).
+    pub len: u8,
+    /// Whether the block may have to stop after it (a branch, a memory access that may be
+    /// MMIO or a code write, a generic instruction); the others always fall through.
+    pub exits: bool,
 }
 
 impl Block {
@@ -54,7 +62,7 @@ impl Block {
             generation: 0,
             instrs: Vec::new(),
             fast: Vec::new(),
-            exits: Vec::new(),
+            steps: Vec::new(),
         }
     }
 }
@@ -125,7 +133,7 @@ impl DecodeCache {
         let block = &mut self.blocks[index];
         block.instrs.clear();
         block.fast.clear();
-        block.exits.clear();
+        block.steps.clear();
         while block.instrs.len() < MAX_BLOCK {
             let instr = if off + 15 <= 0x1000 {
                 let mut bytes = [0u8; 15];
@@ -168,7 +176,11 @@ impl DecodeCache {
             }
         }
         fast::prune_dead_flags(&mut block.fast);
-        block.exits.extend(block.fast.iter().map(fast::may_leave));
+        let steps = block.instrs.iter().zip(&block.fast).map(|(i, f)| Step {
+            len: i.len() as u8,
+            exits: fast::may_leave(f),
+        });
+        block.steps.extend(steps);
         block.pa = t.pa;
         block.ip = ip;
         block.bitness = bitness;
@@ -183,9 +195,12 @@ impl DecodeCache {
         let b = &mut self.scratch;
         b.instrs.clear();
         b.fast.clear();
-        b.exits.clear();
+        b.steps.clear();
         b.fast.push(fast::lower(&instr, bitness));
-        b.exits.push(true);
+        b.steps.push(Step {
+            len: instr.len() as u8,
+            exits: true,
+        });
         b.instrs.push(instr);
         b.page = UNCACHED;
         b.ip = ip;
