@@ -432,12 +432,13 @@ impl Cpu {
             // dead-flag pass assumed the block runs to its end or a branch out).
             let force_flags = ((budget - done) as usize) <= last;
             // The budget may end the pass early; everything else that ends it is checked
-            // after the instructions that can cause it (`Step::exits`).
-            let n = block.fast.len().min((budget - done) as usize);
-            let ops = block.instrs[..n].iter().zip(&block.fast[..n]);
-            for (index, ((instr, fast), step)) in ops.zip(&block.steps[..n]).enumerate() {
+            // after the instructions that can cause it (`Op::exits`).
+            let n = block.ops.len().min((budget - done) as usize);
+            let ops = block.instrs[..n].iter().zip(&block.ops[..n]);
+            for (index, (instr, op)) in ops.enumerate() {
+                let fast = &op.fast;
                 let start = self.state.rip;
-                let next = start.wrapping_add(u64::from(step.len));
+                let next = start.wrapping_add(u64::from(op.len));
                 if trace {
                     tracing::trace!(target: "emu::trace", cpu = self.id, "{:04x}:{:016x} {}", self.state.seg[CS].selector, start, instr);
                 }
@@ -490,7 +491,7 @@ impl Cpu {
                 // Interrupts need no check here: IF and the pending set only change through
                 // system instructions, which end blocks, or MMIO, which stops this one. A
                 // taken branch, a REP instruction to resume, MMIO or a write to code stops it.
-                if step.exits
+                if op.exits
                     && index + 1 < n
                     && (self.state.rip != next || self.mmu.mmio_touched || self.mmu.code_written)
                 {

@@ -24,7 +24,9 @@ pub const MAX_BLOCK: usize = 64;
 /// `Block::page` of a block that is not cached (no generation to check).
 pub const UNCACHED: u32 = u32::MAX;
 
-/// Straight-line decoded code.
+/// Straight-line decoded code. One cache line: entering a block touches only this and the
+/// ops it runs.
+#[repr(align(64))]
 pub struct Block {
     /// Physical address of the first instruction, `u64::MAX` when empty.
     pa: u64,
@@ -35,16 +37,16 @@ pub struct Block {
     pub page: u32,
     /// That page's generation when decoded.
     pub generation: u32,
-    pub instrs: Vec<Instruction>,
-    /// The same instructions lowered to fast forms ([`Fast::Generic`] where none applies).
-    pub fast: Vec<Fast>,
-    /// Per instruction, what the run loop needs without touching the decoded instruction.
-    pub steps: Vec<Step>,
+    pub instrs: Box<[Instruction]>,
+    /// The same instructions as the run loop takes them.
+    pub ops: Box<[Op]>,
 }
 
-/// The run loop's view of one instruction of a block.
+/// One instruction of a block as the run loop takes it: the fast form ([`Fast::Generic`]
+/// where none applies) and what the loop needs without touching the decoded instruction.
 #[derive(Debug, Clone, Copy)]
-pub struct Step {
+pub struct Op {
+    pub fast: Fast,
     /// Length in bytes (the next instruction follows it).
     pub len: u8,
     /// Whether the block may have to stop after it (a branch, a memory access that may be
@@ -60,10 +62,27 @@ impl Block {
             bitness: 0,
             page: UNCACHED,
             generation: 0,
-            instrs: Vec::new(),
-            fast: Vec::new(),
-            steps: Vec::new(),
+            instrs: Box::new([]),
+            ops: Box::new([]),
         }
+    }
+
+    /// Fill the block with `instrs` (decoded in `bitness`): lower them, and prune the
+    /// flags that the block overwrites unread.
+    fn fill(&mut self, instrs: &[Instruction], bitness: u32, forms: &mut Vec<Fast>) {
+        forms.clear();
+        forms.extend(instrs.iter().map(|i| fast::lower(i, bitness)));
+        fast::prune_dead_flags(forms);
+        self.ops = instrs
+            .iter()
+            .zip(forms.iter())
+            .map(|(i, f)| Op {
+                fast: *f,
+                len: i.len() as u8,
+                exits: fast::may_leave(f),
+            })
+            .collect();
+        self.instrs = instrs.into();
     }
 }
 
@@ -72,6 +91,9 @@ pub struct DecodeCache {
     blocks: Vec<Block>,
     /// Holds uncacheable decodes (MMIO, page-crossing) for the borrow `block` returns.
     scratch: Block,
+    /// Decoding buffers, kept to spare allocations.
+    decoded: Vec<Instruction>,
+    forms: Vec<Fast>,
 }
 
 impl Default for DecodeCache {
@@ -95,6 +117,8 @@ impl DecodeCache {
         DecodeCache {
             blocks: (0..BLOCK_SLOTS).map(|_| Block::empty()).collect(),
             scratch: Block::empty(),
+            decoded: Vec::with_capacity(MAX_BLOCK),
+            forms: Vec::with_capacity(MAX_BLOCK),
         }
     }
 
@@ -130,11 +154,9 @@ impl DecodeCache {
         let page_start = t.host.wrapping_sub((t.pa & 0xfff) as usize);
         let mut off = (t.pa & 0xfff) as usize;
         let mut cur_ip = ip;
-        let block = &mut self.blocks[index];
-        block.instrs.clear();
-        block.fast.clear();
-        block.steps.clear();
-        while block.instrs.len() < MAX_BLOCK {
+        let decoded = &mut self.decoded;
+        decoded.clear();
+        while decoded.len() < MAX_BLOCK {
             let instr = if off + 15 <= 0x1000 {
                 let mut bytes = [0u8; 15];
                 // SAFETY: 15 bytes from the page start + off stay inside the RAM page.
@@ -143,7 +165,7 @@ impl DecodeCache {
                 };
                 match decode_bytes(&bytes, cur_ip, bitness) {
                     Ok(i) => i,
-                    Err(e) if block.instrs.is_empty() => return Err(e),
+                    Err(e) if decoded.is_empty() => return Err(e),
                     Err(_) => break,
                 }
             } else {
@@ -158,8 +180,8 @@ impl DecodeCache {
                     Decoder::with_ip(bitness, &bytes[..n], cur_ip, DecoderOptions::NONE);
                 let instr = decoder.decode();
                 if instr.code() == Code::INVALID {
-                    if block.instrs.is_empty() {
-                        block.pa = u64::MAX;
+                    if decoded.is_empty() {
+                        self.blocks[index].pa = u64::MAX;
                         return self.single(mmu, ip, bitness);
                     }
                     break;
@@ -169,18 +191,13 @@ impl DecodeCache {
             off += instr.len();
             cur_ip = instr.next_ip();
             let end = ends_block(&instr);
-            block.fast.push(fast::lower(&instr, bitness));
-            block.instrs.push(instr);
+            decoded.push(instr);
             if end || off >= 0x1000 {
                 break;
             }
         }
-        fast::prune_dead_flags(&mut block.fast);
-        let steps = block.instrs.iter().zip(&block.fast).map(|(i, f)| Step {
-            len: i.len() as u8,
-            exits: fast::may_leave(f),
-        });
-        block.steps.extend(steps);
+        let block = &mut self.blocks[index];
+        block.fill(&self.decoded, bitness, &mut self.forms);
         block.pa = t.pa;
         block.ip = ip;
         block.bitness = bitness;
@@ -193,15 +210,7 @@ impl DecodeCache {
     fn single(&mut self, mmu: &mut Mmu, ip: u64, bitness: u32) -> ExResult<&Block> {
         let instr = decode_gathered(mmu, ip, bitness)?;
         let b = &mut self.scratch;
-        b.instrs.clear();
-        b.fast.clear();
-        b.steps.clear();
-        b.fast.push(fast::lower(&instr, bitness));
-        b.steps.push(Step {
-            len: instr.len() as u8,
-            exits: true,
-        });
-        b.instrs.push(instr);
+        b.fill(&[instr], bitness, &mut self.forms);
         b.page = UNCACHED;
         b.ip = ip;
         b.bitness = bitness;
@@ -237,4 +246,16 @@ fn decode_gathered(mmu: &mut Mmu, ip: u64, bitness: u32) -> ExResult<Instruction
         return Err(Exception::InvalidOpcode);
     }
     Ok(instr)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Entering a block touches one cache line for its header, and each op is 40 bytes.
+    #[test]
+    fn block_header_is_one_cache_line() {
+        assert_eq!(std::mem::size_of::<Block>(), 64);
+        assert_eq!(std::mem::size_of::<Op>(), 40);
+    }
 }
