@@ -169,9 +169,10 @@ fn four_cpus_share_work_locks_and_time() {
     assert!(stress_out.contains("SMP-OK"), "smp_stress: {stress_out}");
     eprintln!("smp_stress: {}", stress_out.trim());
 
-    // stop freezes every vCPU (while each one spins), cont resumes them all.
+    // stop freezes every vCPU (while each one spins, pinned to it), cont resumes them all.
     console.run(
-        "for j in 1 2 3 4; do (while :; do :; done) & echo $! >> /tmp/spinners; done; sleep 1",
+        "for j in 0 1 2 3; do taskset -c $j sh -c 'while :; do :; done' & \
+         echo $! >> /tmp/spinners; done; sleep 1",
         CMD_TIMEOUT,
     );
     let moving = |qmp: &mut Qmp<_>| {
