@@ -192,6 +192,21 @@ pub enum Fast {
     Nop,
 }
 
+impl Fast {
+    /// Whether this form computes its status flags, for the forms that can skip them.
+    fn flags_mut(&mut self) -> Option<&mut bool> {
+        match self {
+            Fast::Alu { flags, .. }
+            | Fast::AluRR { flags, .. }
+            | Fast::AluRI { flags, .. }
+            | Fast::IncDec { flags, .. }
+            | Fast::Shift { flags, .. }
+            | Fast::Imul { flags, .. } => Some(flags),
+            _ => None,
+        }
+    }
+}
+
 /// General-purpose register index, or None for AH..BH and non-GPRs.
 fn gpr(reg: Register) -> Option<(u8, u8)> {
     match gpr_info(reg) {
@@ -552,43 +567,14 @@ pub fn execute<M: DataAccess>(
                 return write(state, mem, dst, size, b);
             }
             let a = read(state, mem, dst, size)?;
-            let rf = state.rflags;
-            let cf = rf & CF != 0;
-            if !(*flags || force_flags) {
-                let m = alu::mask(size);
-                let r = match op {
-                    AluOp::Add => a.wrapping_add(b),
-                    AluOp::Adc => a.wrapping_add(b).wrapping_add(u64::from(cf)),
-                    AluOp::Sub => a.wrapping_sub(b),
-                    AluOp::Sbb => a.wrapping_sub(b).wrapping_sub(u64::from(cf)),
-                    AluOp::And => a & b,
-                    AluOp::Or => a | b,
-                    AluOp::Xor => a ^ b,
-                    // Only flags, and they are dead: nothing to do.
-                    AluOp::Cmp | AluOp::Test | AluOp::Mov => return Ok(()),
-                };
-                return write(state, mem, dst, size, r & m);
+            let (r, f) = alu_op(*op, a, b, size, state.rflags, *flags || force_flags);
+            // Memory first: a faulting write leaves the flags as they were.
+            if let Some(r) = r {
+                write(state, mem, dst, size, r)?;
             }
-            let (r, f) = match op {
-                AluOp::Add => alu::add(a, b, false, size, rf),
-                AluOp::Adc => alu::add(a, b, cf, size, rf),
-                AluOp::Sub => alu::sub(a, b, false, size, rf),
-                AluOp::Sbb => alu::sub(a, b, cf, size, rf),
-                AluOp::And => alu::logic(a & b, size, rf),
-                AluOp::Or => alu::logic(a | b, size, rf),
-                AluOp::Xor => alu::logic(a ^ b, size, rf),
-                AluOp::Cmp => {
-                    set_status(state, alu::sub(a, b, false, size, rf).1);
-                    return Ok(());
-                }
-                AluOp::Test => {
-                    set_status(state, alu::logic(a & b, size, rf).1);
-                    return Ok(());
-                }
-                AluOp::Mov => (b, rf),
-            };
-            write(state, mem, dst, size, r)?;
-            set_status(state, f);
+            if let Some(f) = f {
+                set_status(state, f);
+            }
             Ok(())
         }
         Fast::AluRR {
@@ -657,12 +643,17 @@ pub fn execute<M: DataAccess>(
             if let (Operand::Reg(reg), false) = (dst, *flags || force_flags) {
                 // The commonest case (rotates in hash rounds): no operand decoding.
                 let a = state.gpr[*reg as usize];
-                set_reg(state, *reg, size, shift_result(*op, a, *count, size));
+                set_reg(
+                    state,
+                    *reg,
+                    size,
+                    shift_result(*op, a, *count, size, state.rflags),
+                );
                 return Ok(());
             }
             let a = read(state, mem, dst, size)?;
             if !(*flags || force_flags) {
-                let r = shift_result(*op, a, *count, size);
+                let r = shift_result(*op, a, *count, size, state.rflags);
                 return write(state, mem, dst, size, r);
             }
             let (c, rf) = (u64::from(*count), state.rflags);
@@ -789,10 +780,28 @@ fn alu_reg(state: &mut CpuState, op: AluOp, size: usize, dst: u8, b: u64, flags:
         set_reg(state, dst, size, b);
         return;
     }
-    let m = alu::mask(size);
-    let a = state.gpr[dst as usize] & m;
-    let rf = state.rflags;
-    let cf = rf & CF != 0;
+    let a = state.gpr[dst as usize] & alu::mask(size);
+    let (r, f) = alu_op(op, a, b, size, state.rflags, flags);
+    if let Some(r) = r {
+        set_reg(state, dst, size, r);
+    }
+    if let Some(f) = f {
+        set_status(state, f);
+    }
+}
+
+/// `a op b` for the two-operand ALU group: the result to write back (none for CMP and TEST)
+/// and the new RFLAGS (none when `flags` is false, the flags being dead).
+#[inline(always)]
+fn alu_op(
+    op: AluOp,
+    a: u64,
+    b: u64,
+    size: usize,
+    rflags: u64,
+    flags: bool,
+) -> (Option<u64>, Option<u64>) {
+    let cf = rflags & CF != 0;
     if !flags {
         let r = match op {
             AluOp::Add => a.wrapping_add(b),
@@ -802,58 +811,36 @@ fn alu_reg(state: &mut CpuState, op: AluOp, size: usize, dst: u8, b: u64, flags:
             AluOp::And => a & b,
             AluOp::Or => a | b,
             AluOp::Xor => a ^ b,
-            AluOp::Cmp | AluOp::Test | AluOp::Mov => return,
+            AluOp::Mov => b,
+            // Only flags, and they are dead: nothing to do.
+            AluOp::Cmp | AluOp::Test => return (None, None),
         };
-        set_reg(state, dst, size, r & m);
-        return;
+        return (Some(r & alu::mask(size)), None);
     }
     let (r, f) = match op {
-        AluOp::Add => alu::add(a, b, false, size, rf),
-        AluOp::Adc => alu::add(a, b, cf, size, rf),
-        AluOp::Sub => alu::sub(a, b, false, size, rf),
-        AluOp::Sbb => alu::sub(a, b, cf, size, rf),
-        AluOp::And => alu::logic(a & b, size, rf),
-        AluOp::Or => alu::logic(a | b, size, rf),
-        AluOp::Xor => alu::logic(a ^ b, size, rf),
-        AluOp::Cmp => {
-            set_status(state, alu::sub(a, b, false, size, rf).1);
-            return;
-        }
-        AluOp::Test => {
-            set_status(state, alu::logic(a & b, size, rf).1);
-            return;
-        }
-        AluOp::Mov => (b, rf),
+        AluOp::Add => alu::add(a, b, false, size, rflags),
+        AluOp::Adc => alu::add(a, b, cf, size, rflags),
+        AluOp::Sub => alu::sub(a, b, false, size, rflags),
+        AluOp::Sbb => alu::sub(a, b, cf, size, rflags),
+        AluOp::And => alu::logic(a & b, size, rflags),
+        AluOp::Or => alu::logic(a | b, size, rflags),
+        AluOp::Xor => alu::logic(a ^ b, size, rflags),
+        AluOp::Cmp => return (None, Some(alu::sub(a, b, false, size, rflags).1)),
+        AluOp::Test => return (None, Some(alu::logic(a & b, size, rflags).1)),
+        AluOp::Mov => return (Some(b), None),
     };
-    set_reg(state, dst, size, r);
-    set_status(state, f);
+    (Some(r), Some(f))
 }
 
-/// The value of a lowered shift or rotate by an immediate, without its flags (what
-/// [`alu::shift`] computes as its result).
+/// The value of a lowered shift or rotate by an immediate, without its flags.
 #[inline(always)]
-fn shift_result(op: ShiftOp, a: u64, count: u8, size: usize) -> u64 {
-    let m = alu::mask(size);
-    let a = a & m;
-    let bits = (size * 8) as u32;
+fn shift_result(op: ShiftOp, a: u64, count: u8, size: usize, rflags: u64) -> u64 {
+    let a = a & alu::mask(size);
     let c = u32::from(count) & if size == 8 { 0x3f } else { 0x1f };
-    if c == 0 {
-        return a;
-    }
     match op {
-        ShiftOp::Shl => (a << c) & m,
-        ShiftOp::Shr => a >> c,
-        ShiftOp::Sar => ((alu::sign_extend(a, size) as i64) >> c) as u64 & m,
-        ShiftOp::Rol | ShiftOp::Ror | ShiftOp::Rcl | ShiftOp::Rcr => {
-            let n = c % bits;
-            if n == 0 {
-                a
-            } else if op == ShiftOp::Rol {
-                ((a << n) | (a >> (bits - n))) & m
-            } else {
-                ((a >> n) | (a << (bits - n))) & m
-            }
-        }
+        _ if c == 0 => a,
+        ShiftOp::Rcl | ShiftOp::Rcr => alu::shift(op, a, u64::from(count), size, rflags).0,
+        _ => alu::shift_value(op, a, c, size),
     }
 }
 
@@ -926,14 +913,8 @@ pub fn prune_dead_flags(block: &mut [Fast]) {
     for f in block.iter_mut().rev() {
         let (reads, writes, keep) = flag_effects(f);
         let dead = !keep && writes != 0 && live & writes == 0;
-        match f {
-            Fast::Alu { flags, .. }
-            | Fast::AluRR { flags, .. }
-            | Fast::AluRI { flags, .. }
-            | Fast::IncDec { flags, .. }
-            | Fast::Shift { flags, .. }
-            | Fast::Imul { flags, .. } => *flags = !dead,
-            _ => {}
+        if let Some(flags) = f.flags_mut() {
+            *flags = !dead;
         }
         live = (live & !writes) | reads;
     }
@@ -1040,16 +1021,8 @@ mod tests {
             .collect();
         prune_dead_flags(&mut fasts);
         fasts
-            .iter()
-            .map(|f| match f {
-                Fast::Alu { flags, .. }
-                | Fast::AluRR { flags, .. }
-                | Fast::AluRI { flags, .. }
-                | Fast::IncDec { flags, .. }
-                | Fast::Shift { flags, .. }
-                | Fast::Imul { flags, .. } => *flags,
-                _ => true,
-            })
+            .iter_mut()
+            .map(|f| f.flags_mut().is_none_or(|flags| *flags))
             .collect()
     }
 

@@ -122,6 +122,30 @@ pub enum ShiftOp {
     Sar,
 }
 
+/// The value of SHL, SHR, SAR, ROL or ROR of `a` (already masked to `size`) by a masked
+/// count `c` of at least 1: what [`shift`] computes, without the flags (the fast forms whose
+/// flags are dead use it alone). RCL and RCR need CF: [`shift`] handles them.
+#[inline(always)]
+pub fn shift_value(op: ShiftOp, a: u64, c: u32, size: usize) -> u64 {
+    let bits = (size * 8) as u32;
+    let m = mask(size);
+    match op {
+        ShiftOp::Shl => (a << c) & m,
+        ShiftOp::Shr => a >> c,
+        ShiftOp::Sar => ((sign_extend(a, size) as i64) >> c.min(63)) as u64 & m,
+        ShiftOp::Rol | ShiftOp::Ror | ShiftOp::Rcl | ShiftOp::Rcr => {
+            let n = c % bits;
+            if n == 0 {
+                a
+            } else if op == ShiftOp::Rol {
+                ((a << n) | (a >> (bits - n))) & m
+            } else {
+                ((a >> n) | (a << (bits - n))) & m
+            }
+        }
+    }
+}
+
 /// Shift or rotate `a` by the raw `count` (masked here as the CPU does). A masked count of
 /// zero leaves value and flags unchanged.
 #[inline]
@@ -137,7 +161,7 @@ pub fn shift(op: ShiftOp, a: u64, count: u64, size: usize, rflags: u64) -> (u64,
     let msb = |v: u64| v & sb != 0;
     match op {
         ShiftOp::Shl => {
-            let r = if c < 64 { (a << c) & m } else { 0 };
+            let r = shift_value(op, a, c, size);
             let cf = c <= bits && (a >> (bits - c)) & 1 != 0;
             let mut f = szp(r, size);
             if cf {
@@ -149,7 +173,7 @@ pub fn shift(op: ShiftOp, a: u64, count: u64, size: usize, rflags: u64) -> (u64,
             (r, with_status(rflags, f))
         }
         ShiftOp::Shr => {
-            let r = if c < 64 { a >> c } else { 0 };
+            let r = shift_value(op, a, c, size);
             let cf = c <= bits && (a >> (c - 1)) & 1 != 0;
             let mut f = szp(r, size);
             if cf {
@@ -162,7 +186,7 @@ pub fn shift(op: ShiftOp, a: u64, count: u64, size: usize, rflags: u64) -> (u64,
         }
         ShiftOp::Sar => {
             let sa = sign_extend(a, size) as i64;
-            let r = (sa >> c.min(63)) as u64 & m;
+            let r = shift_value(op, a, c, size);
             let cf = (sa >> (c - 1).min(63)) & 1 != 0;
             let mut f = szp(r, size);
             if cf {
@@ -171,14 +195,7 @@ pub fn shift(op: ShiftOp, a: u64, count: u64, size: usize, rflags: u64) -> (u64,
             (r, with_status(rflags, f))
         }
         ShiftOp::Rol | ShiftOp::Ror => {
-            let n = c % bits;
-            let r = if n == 0 {
-                a
-            } else if op == ShiftOp::Rol {
-                ((a << n) | (a >> (bits - n))) & m
-            } else {
-                ((a >> n) | (a << (bits - n))) & m
-            };
+            let r = shift_value(op, a, c, size);
             let (cf, of) = if op == ShiftOp::Rol {
                 let cf = r & 1 != 0;
                 (cf, msb(r) != cf)
