@@ -22,6 +22,38 @@ impl GuestConsole {
         Self::spawn_program(&crate::vmm_binary(), args)
     }
 
+    /// Boot the stock guest (`target/guest`, built by `scripts/guest-assets`) under emu with
+    /// 512 MiB and COM1 on the console, and `extra` arguments after those.
+    pub fn boot_stock_linux(extra: &[&str]) -> Self {
+        let guest = crate::repo_root().join("target/guest");
+        let kernel = guest.join("vmlinuz");
+        let initrd = guest.join("initramfs.img");
+        assert!(
+            kernel.exists() && initrd.exists(),
+            "guest assets are missing: run scripts/guest-assets (scripts/test does)"
+        );
+        let (kernel, initrd) = (kernel.display().to_string(), initrd.display().to_string());
+        let mut args = vec![
+            "-accel",
+            "emu",
+            "-m",
+            "512",
+            "-nodefaults",
+            "-display",
+            "none",
+            "-kernel",
+            &kernel,
+            "-initrd",
+            &initrd,
+            "-append",
+            "console=ttyS0",
+            "-serial",
+            "stdio",
+        ];
+        args.extend_from_slice(extra);
+        Self::spawn(&args)
+    }
+
     /// Start another emulator (QEMU, as an interop peer) the same way.
     pub fn spawn_program(program: &std::path::Path, args: &[&str]) -> Self {
         let mut child = Command::new(program)

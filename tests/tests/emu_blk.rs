@@ -7,7 +7,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use vmm_tests::console::GuestConsole;
-use vmm_tests::{repo_root, TempDir};
+use vmm_tests::TempDir;
 
 const BOOT_TIMEOUT: Duration = Duration::from_secs(600);
 const CMD_TIMEOUT: Duration = Duration::from_secs(120);
@@ -22,13 +22,6 @@ fn image_with_pattern(path: &std::path::Path) {
 
 #[test]
 fn guest_makes_a_filesystem_on_a_vmm_blk_disk() {
-    let guest = repo_root().join("target/guest");
-    let kernel = guest.join("vmlinuz");
-    let initrd = guest.join("initramfs.img");
-    assert!(
-        kernel.exists() && initrd.exists(),
-        "run scripts/guest-assets"
-    );
     let dir = TempDir::new("emu-blk");
     let disk = dir.join("disk.img");
     let ro = dir.join("ro.img");
@@ -41,22 +34,7 @@ fn guest_makes_a_filesystem_on_a_vmm_blk_disk() {
         "file={},format=raw,if=none,id=ro0,readonly=on",
         ro.display()
     );
-    let mut console = GuestConsole::spawn(&[
-        "-accel",
-        "emu",
-        "-m",
-        "512",
-        "-nodefaults",
-        "-display",
-        "none",
-        "-kernel",
-        kernel.to_str().unwrap(),
-        "-initrd",
-        initrd.to_str().unwrap(),
-        "-append",
-        "console=ttyS0",
-        "-serial",
-        "stdio",
+    let mut console = GuestConsole::boot_stock_linux(&[
         "-drive",
         &drive,
         "-drive",

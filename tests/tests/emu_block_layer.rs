@@ -9,7 +9,7 @@ use std::time::Duration;
 use serde_json::json;
 use vmm_tests::console::GuestConsole;
 use vmm_tests::qmp::Qmp;
-use vmm_tests::{repo_root, TempDir};
+use vmm_tests::TempDir;
 
 const BOOT_TIMEOUT: Duration = Duration::from_secs(600);
 const CMD_TIMEOUT: Duration = Duration::from_secs(300);
@@ -34,13 +34,6 @@ fn vda_stats(qmp: &mut Qmp<std::os::unix::net::UnixStream>) -> serde_json::Value
 
 #[test]
 fn qcow2_snapshot_and_resize_with_a_live_guest() {
-    let guest = repo_root().join("target/guest");
-    let kernel = guest.join("vmlinuz");
-    let initrd = guest.join("initramfs.img");
-    assert!(
-        kernel.exists() && initrd.exists(),
-        "run scripts/guest-assets"
-    );
     let dir = TempDir::new("emu-block-layer");
     let disk = dir.join("disk.qcow2");
     qemu_img(&["create", "-q", "-f", "qcow2", disk.to_str().unwrap(), "64M"]);
@@ -48,27 +41,7 @@ fn qcow2_snapshot_and_resize_with_a_live_guest() {
     let qmp_sock = dir.join("qmp.sock");
     let drive = format!("file={},format=qcow2,if=virtio", disk.display());
     let qmp_arg = format!("unix:{},server=on,wait=off", qmp_sock.display());
-    let mut console = GuestConsole::spawn(&[
-        "-accel",
-        "emu",
-        "-m",
-        "512",
-        "-nodefaults",
-        "-display",
-        "none",
-        "-kernel",
-        kernel.to_str().unwrap(),
-        "-initrd",
-        initrd.to_str().unwrap(),
-        "-append",
-        "console=ttyS0",
-        "-serial",
-        "stdio",
-        "-drive",
-        &drive,
-        "-qmp",
-        &qmp_arg,
-    ]);
+    let mut console = GuestConsole::boot_stock_linux(&["-drive", &drive, "-qmp", &qmp_arg]);
     console.wait_for("GUEST-READY", BOOT_TIMEOUT);
     console.wait_for("# ", CMD_TIMEOUT);
     let mut qmp = Qmp::connect(&qmp_sock);

@@ -11,7 +11,7 @@ use std::time::Duration;
 use serde_json::{json, Value};
 use vmm_tests::console::GuestConsole;
 use vmm_tests::qmp::Qmp;
-use vmm_tests::{repo_root, TempDir};
+use vmm_tests::TempDir;
 
 const BOOT_TIMEOUT: Duration = Duration::from_secs(600);
 const CMD_TIMEOUT: Duration = Duration::from_secs(120);
@@ -45,13 +45,6 @@ fn file_of(info: &Value) -> Option<String> {
 
 #[test]
 fn the_guest_reads_a_cd_and_its_replacement() {
-    let guest = repo_root().join("target/guest");
-    let kernel = guest.join("vmlinuz");
-    let initrd = guest.join("initramfs.img");
-    assert!(
-        kernel.exists() && initrd.exists(),
-        "run scripts/guest-assets"
-    );
     let dir = TempDir::new("emu-cdrom");
     let first = iso(&dir, "first", "content of the first disc");
     let second = iso(&dir, "second", "content of the second disc");
@@ -61,22 +54,7 @@ fn the_guest_reads_a_cd_and_its_replacement() {
         "file={},if=none,id=cd0,media=cdrom,format=raw",
         first.display()
     );
-    let mut console = GuestConsole::spawn(&[
-        "-accel",
-        "emu",
-        "-m",
-        "512",
-        "-nodefaults",
-        "-display",
-        "none",
-        "-kernel",
-        kernel.to_str().unwrap(),
-        "-initrd",
-        initrd.to_str().unwrap(),
-        "-append",
-        "console=ttyS0",
-        "-serial",
-        "stdio",
+    let mut console = GuestConsole::boot_stock_linux(&[
         "-device",
         "virtio-scsi-pci,id=scsi0",
         "-drive",

@@ -8,7 +8,7 @@ use std::time::Duration;
 use serde_json::json;
 use vmm_tests::console::GuestConsole;
 use vmm_tests::qmp::Qmp;
-use vmm_tests::{repo_root, TempDir};
+use vmm_tests::TempDir;
 
 const BOOT_TIMEOUT: Duration = Duration::from_secs(600);
 const CMD_TIMEOUT: Duration = Duration::from_secs(120);
@@ -25,13 +25,6 @@ fn run(program: &str, args: &[&str]) {
 
 #[test]
 fn an_encrypted_disk_stays_locked_until_block_passwd() {
-    let guest = repo_root().join("target/guest");
-    let kernel = guest.join("vmlinuz");
-    let initrd = guest.join("initramfs.img");
-    assert!(
-        kernel.exists() && initrd.exists(),
-        "run scripts/guest-assets"
-    );
     let dir = TempDir::new("emu-encrypted");
     let img = dir.join("secret.qcow2");
     let img_s = img.to_str().unwrap();
@@ -66,28 +59,7 @@ fn an_encrypted_disk_stays_locked_until_block_passwd() {
     let qmp_sock = dir.join("qmp.sock");
     let qmp_arg = format!("unix:{},server=on,wait=off", qmp_sock.display());
     let drive = format!("file={img_s},format=qcow2,if=virtio");
-    let mut console = GuestConsole::spawn(&[
-        "-accel",
-        "emu",
-        "-m",
-        "512",
-        "-nodefaults",
-        "-display",
-        "none",
-        "-S",
-        "-kernel",
-        kernel.to_str().unwrap(),
-        "-initrd",
-        initrd.to_str().unwrap(),
-        "-append",
-        "console=ttyS0",
-        "-serial",
-        "stdio",
-        "-drive",
-        &drive,
-        "-qmp",
-        &qmp_arg,
-    ]);
+    let mut console = GuestConsole::boot_stock_linux(&["-S", "-drive", &drive, "-qmp", &qmp_arg]);
     let mut qmp = Qmp::connect(&qmp_sock);
     let info = qmp.ok("query-block", None);
     assert_eq!(info[0]["inserted"]["encrypted"], true, "{info}");

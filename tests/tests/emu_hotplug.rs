@@ -39,41 +39,14 @@ fn hot_image(dir: &TempDir) -> std::path::PathBuf {
 /// Boot the stock guest under emu with one 1 MiB disk (vda) and a QMP socket; `extra`
 /// arguments go last. Returns the console and the QMP socket's path.
 fn boot(dir: &TempDir, extra: &[&str]) -> (GuestConsole, std::path::PathBuf) {
-    let guest = repo_root().join("target/guest");
-    let kernel = guest.join("vmlinuz");
-    let initrd = guest.join("initramfs.img");
-    assert!(
-        kernel.exists() && initrd.exists(),
-        "run scripts/guest-assets"
-    );
     let boot_disk = dir.join("boot.raw");
     std::fs::write(&boot_disk, vec![0u8; 1 << 20]).unwrap();
     let boot_drive = format!("file={},format=raw,if=virtio", boot_disk.display());
     let qmp_sock = dir.join("qmp.sock");
     let qmp_arg = format!("unix:{},server=on,wait=off", qmp_sock.display());
-    let mut args = vec![
-        "-accel",
-        "emu",
-        "-m",
-        "512",
-        "-nodefaults",
-        "-display",
-        "none",
-        "-kernel",
-        kernel.to_str().unwrap(),
-        "-initrd",
-        initrd.to_str().unwrap(),
-        "-append",
-        "console=ttyS0",
-        "-serial",
-        "stdio",
-        "-drive",
-        &boot_drive,
-        "-qmp",
-        &qmp_arg,
-    ];
+    let mut args = vec!["-drive", &boot_drive, "-qmp", &qmp_arg];
     args.extend_from_slice(extra);
-    let console = GuestConsole::spawn(&args);
+    let console = GuestConsole::boot_stock_linux(&args);
     (console, qmp_sock)
 }
 

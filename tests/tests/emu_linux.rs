@@ -25,29 +25,7 @@ fn host_sha256(path: &std::path::Path) -> String {
 #[test]
 fn stock_linux_boots_to_a_shell_under_emu() {
     let guest = repo_root().join("target/guest");
-    let kernel = guest.join("vmlinuz");
-    let initrd = guest.join("initramfs.img");
-    assert!(
-        kernel.exists() && initrd.exists(),
-        "guest assets are missing: run scripts/guest-assets (scripts/test does)"
-    );
-    let mut console = GuestConsole::spawn(&[
-        "-accel",
-        "emu",
-        "-m",
-        "512",
-        "-nodefaults",
-        "-display",
-        "none",
-        "-kernel",
-        kernel.to_str().unwrap(),
-        "-initrd",
-        initrd.to_str().unwrap(),
-        "-append",
-        "console=ttyS0",
-        "-serial",
-        "stdio",
-    ]);
+    let mut console = GuestConsole::boot_stock_linux(&[]);
     console.wait_for("GUEST-READY", BOOT_TIMEOUT);
     console.wait_for("# ", CMD_TIMEOUT);
 

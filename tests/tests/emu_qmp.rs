@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use serde_json::json;
 use vmm_tests::console::GuestConsole;
 use vmm_tests::qmp::Qmp;
-use vmm_tests::{repo_root, TempDir};
+use vmm_tests::TempDir;
 
 const BOOT_TIMEOUT: Duration = Duration::from_secs(600);
 const CMD_TIMEOUT: Duration = Duration::from_secs(120);
@@ -23,35 +23,10 @@ fn uptime(console: &mut GuestConsole) -> f64 {
 
 #[test]
 fn run_control_against_a_live_linux_guest() {
-    let guest = repo_root().join("target/guest");
-    let kernel = guest.join("vmlinuz");
-    let initrd = guest.join("initramfs.img");
-    assert!(
-        kernel.exists() && initrd.exists(),
-        "guest assets are missing: run scripts/guest-assets (scripts/test does)"
-    );
     let dir = TempDir::new("emu-qmp");
     let socket = dir.join("qmp.sock");
     let qmp_arg = format!("unix:{},server=on,wait=off", socket.display());
-    let mut console = GuestConsole::spawn(&[
-        "-accel",
-        "emu",
-        "-m",
-        "512",
-        "-nodefaults",
-        "-display",
-        "none",
-        "-kernel",
-        kernel.to_str().unwrap(),
-        "-initrd",
-        initrd.to_str().unwrap(),
-        "-append",
-        "console=ttyS0",
-        "-serial",
-        "stdio",
-        "-qmp",
-        &qmp_arg,
-    ]);
+    let mut console = GuestConsole::boot_stock_linux(&["-qmp", &qmp_arg]);
     let mut qmp = Qmp::connect(&socket);
     console.wait_for("GUEST-READY", BOOT_TIMEOUT);
     console.wait_for("# ", CMD_TIMEOUT);

@@ -73,13 +73,6 @@ fn guest_date(console: &mut GuestConsole) -> (u64, u64, u64) {
 
 #[test]
 fn four_cpus_share_work_locks_and_time() {
-    let guest = repo_root().join("target/guest");
-    let kernel = guest.join("vmlinuz");
-    let initrd = guest.join("initramfs.img");
-    assert!(
-        kernel.exists() && initrd.exists(),
-        "run scripts/guest-assets"
-    );
     let dir = TempDir::new("emu-smp");
     let stress = build_stress(&dir);
     let program = std::fs::read(&stress).unwrap();
@@ -93,29 +86,8 @@ fn four_cpus_share_work_locks_and_time() {
     let qmp_sock = dir.join("qmp.sock");
     let qmp_arg = format!("unix:{},server=on,wait=off", qmp_sock.display());
     let smp = CPUS.to_string();
-    let mut console = GuestConsole::spawn(&[
-        "-accel",
-        "emu",
-        "-smp",
-        &smp,
-        "-m",
-        "512",
-        "-nodefaults",
-        "-display",
-        "none",
-        "-kernel",
-        kernel.to_str().unwrap(),
-        "-initrd",
-        initrd.to_str().unwrap(),
-        "-append",
-        "console=ttyS0",
-        "-serial",
-        "stdio",
-        "-drive",
-        &drive,
-        "-qmp",
-        &qmp_arg,
-    ]);
+    let mut console =
+        GuestConsole::boot_stock_linux(&["-smp", &smp, "-drive", &drive, "-qmp", &qmp_arg]);
     let mut qmp = Qmp::connect(&qmp_sock);
     console.wait_for("GUEST-READY", BOOT_TIMEOUT);
     console.wait_for("# ", CMD_TIMEOUT);
