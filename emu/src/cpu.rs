@@ -406,7 +406,7 @@ impl Cpu {
         let rip = self.state.rip;
         let bitness = self.state.bitness();
         let lin = self.state.seg[CS].base.wrapping_add(rip);
-        let block = match self.cache.block(&mut self.mmu, rip, bitness) {
+        let (block, jit) = match self.cache.block(&mut self.mmu, rip, bitness) {
             Ok(b) => b,
             Err(e) => {
                 self.note_history(lin, bitness, 1);
@@ -434,8 +434,31 @@ impl Cpu {
             // The budget may end the pass early; everything else that ends it is checked
             // after the instructions that can cause it (`Op::exits`).
             let n = block.ops.len().min((budget - done) as usize);
+            // Compiled code runs the block when the budget allows all of it; the
+            // interpreter goes on from where it stopped, if it did.
+            let mut from = 0;
+            if let (Some(code), Some(jit), false, true) =
+                (block.code(), jit, trace, n == block.ops.len())
+            {
+                if let Some(view) = self.mmu.jit_view() {
+                    let ctx = crate::jit::JitCtx::from_view(&view);
+                    // SAFETY: the code was compiled by this CPU's Jit for this block and
+                    // the context is this CPU's TLB and RAM code bitmap.
+                    match unsafe { jit.run(code, &mut self.state, &ctx) } {
+                        crate::jit::Exit::Done(k) => {
+                            done += k;
+                            from = n;
+                            last_fast = true;
+                        }
+                        crate::jit::Exit::Interpret(k) => {
+                            done += k;
+                            from = k as usize;
+                        }
+                    }
+                }
+            }
             let ops = block.instrs[..n].iter().zip(&block.ops[..n]);
-            for (index, (instr, op)) in ops.enumerate() {
+            for (index, (instr, op)) in ops.enumerate().skip(from) {
                 let fast = &op.fast;
                 let start = self.state.rip;
                 let next = start.wrapping_add(u64::from(op.len));

@@ -15,6 +15,7 @@ use iced_x86::{Code, Decoder, DecoderError, DecoderOptions, FlowControl, Instruc
 
 use crate::exception::{ExResult, Exception};
 use crate::exec::fast::{self, Fast};
+use crate::jit::{self, ArenaFull, Jit};
 use crate::mmu::Mmu;
 
 /// Direct-mapped block slots.
@@ -23,6 +24,11 @@ const BLOCK_SLOTS: usize = 1 << 14;
 pub const MAX_BLOCK: usize = 64;
 /// `Block::page` of a block that is not cached (no generation to check).
 pub const UNCACHED: u32 = u32::MAX;
+/// `Block::jit` of a block that has no compiled code.
+const NO_CODE: u32 = u32::MAX;
+/// `Block::heat` of a block that is not worth compiling (its first form has no compiled
+/// version).
+const COLD: u16 = u16::MAX;
 
 /// Straight-line decoded code. One cache line: entering a block touches only this and the
 /// ops it runs.
@@ -32,11 +38,15 @@ pub struct Block {
     pa: u64,
     /// Linear IP of the first instruction (decodes depend on it).
     ip: u64,
-    bitness: u32,
+    bitness: u16,
+    /// Entries since it was decoded, until it is compiled (or [`COLD`]).
+    heat: u16,
     /// Global RAM page index of the code, or [`UNCACHED`].
     pub page: u32,
     /// That page's generation when decoded.
     pub generation: u32,
+    /// Offset of its compiled code in the CPU's arena, or [`NO_CODE`].
+    jit: u32,
     pub instrs: Box<[Instruction]>,
     /// The same instructions as the run loop takes them.
     pub ops: Box<[Op]>,
@@ -60,16 +70,25 @@ impl Block {
             pa: u64::MAX,
             ip: 0,
             bitness: 0,
+            heat: 0,
             page: UNCACHED,
             generation: 0,
+            jit: NO_CODE,
             instrs: Box::new([]),
             ops: Box::new([]),
         }
     }
 
+    /// Its compiled code, if it has been compiled.
+    pub fn code(&self) -> Option<jit::Code> {
+        (self.jit != NO_CODE).then_some(jit::Code(self.jit))
+    }
+
     /// Fill the block with `instrs` (decoded in `bitness`): lower them, and prune the
     /// flags that the block overwrites unread.
     fn fill(&mut self, instrs: &[Instruction], bitness: u32, forms: &mut Vec<Fast>) {
+        self.heat = 0;
+        self.jit = NO_CODE;
         forms.clear();
         forms.extend(instrs.iter().map(|i| fast::lower(i, bitness)));
         fast::prune_dead_flags(forms);
@@ -94,6 +113,8 @@ pub struct DecodeCache {
     /// Decoding buffers, kept to spare allocations.
     decoded: Vec<Instruction>,
     forms: Vec<Fast>,
+    /// The block compiler, unless disabled.
+    jit: Option<Jit>,
 }
 
 impl Default for DecodeCache {
@@ -119,6 +140,49 @@ impl DecodeCache {
             scratch: Block::empty(),
             decoded: Vec::with_capacity(MAX_BLOCK),
             forms: Vec::with_capacity(MAX_BLOCK),
+            jit: Jit::from_env(),
+        }
+    }
+
+    /// Compile blocks after `threshold` entries, or never (None).
+    pub fn set_jit_threshold(&mut self, threshold: Option<u16>) {
+        match threshold {
+            None => self.jit = None,
+            Some(t) => match &mut self.jit {
+                Some(jit) => jit.threshold = t,
+                None => self.jit = Jit::new(t),
+            },
+        }
+        for b in self.blocks.iter_mut() {
+            b.pa = u64::MAX;
+        }
+    }
+
+    /// Count an entry into block `index`, and compile it once it is hot.
+    #[inline]
+    fn heat(&mut self, index: usize) {
+        let Some(jit) = &mut self.jit else {
+            return;
+        };
+        let b = &mut self.blocks[index];
+        if b.jit != NO_CODE || b.heat == COLD {
+            return;
+        }
+        if b.heat < jit.threshold {
+            b.heat += 1;
+            return;
+        }
+        match jit.compile(&b.instrs, &b.ops) {
+            Ok(Some(code)) => b.jit = code.0,
+            Ok(None) => b.heat = COLD,
+            Err(ArenaFull) => {
+                // Start over: every block compiles again once it is hot again.
+                jit.reset();
+                for b in self.blocks.iter_mut() {
+                    b.jit = NO_CODE;
+                    b.heat = 0;
+                }
+            }
         }
     }
 
@@ -133,20 +197,26 @@ impl DecodeCache {
     /// fault fetching the first instruction is returned; later instructions that cannot
     /// be fetched simply end the block.
     #[inline]
-    pub fn block(&mut self, mmu: &mut Mmu, ip: u64, bitness: u32) -> ExResult<&Block> {
+    pub fn block(
+        &mut self,
+        mmu: &mut Mmu,
+        ip: u64,
+        bitness: u32,
+    ) -> ExResult<(&Block, Option<&Jit>)> {
         let t = mmu.fetch_translate(ip)?;
         if t.host.is_null() {
-            return self.single(mmu, ip, bitness);
+            return Ok((self.single(mmu, ip, bitness)?, None));
         }
         let index = (t.pa as usize ^ (t.pa >> 14) as usize) & (BLOCK_SLOTS - 1);
         let b = &self.blocks[index];
         if b.pa == t.pa
             && b.ip == ip
-            && b.bitness == bitness
+            && u32::from(b.bitness) == bitness
             && b.page as usize == t.page
             && b.generation == mmu.ram.generation(t.page)
         {
-            return Ok(&self.blocks[index]);
+            self.heat(index);
+            return Ok((&self.blocks[index], self.jit.as_ref()));
         }
         // Mark before reading the bytes, so a racing write bumps the generation we take.
         mmu.ram.mark_code(t.page);
@@ -182,7 +252,7 @@ impl DecodeCache {
                 if instr.code() == Code::INVALID {
                     if decoded.is_empty() {
                         self.blocks[index].pa = u64::MAX;
-                        return self.single(mmu, ip, bitness);
+                        return Ok((self.single(mmu, ip, bitness)?, None));
                     }
                     break;
                 }
@@ -200,10 +270,16 @@ impl DecodeCache {
         block.fill(&self.decoded, bitness, &mut self.forms);
         block.pa = t.pa;
         block.ip = ip;
-        block.bitness = bitness;
+        block.bitness = bitness as u16;
         block.page = t.page as u32;
         block.generation = generation;
-        Ok(&self.blocks[index])
+        // Only 64-bit code compiles.
+        if bitness == 64 {
+            self.heat(index);
+        } else {
+            self.blocks[index].heat = COLD;
+        }
+        Ok((&self.blocks[index], self.jit.as_ref()))
     }
 
     /// A one-instruction uncached block (MMIO or page-crossing code).
@@ -213,7 +289,7 @@ impl DecodeCache {
         b.fill(&[instr], bitness, &mut self.forms);
         b.page = UNCACHED;
         b.ip = ip;
-        b.bitness = bitness;
+        b.bitness = bitness as u16;
         Ok(&self.scratch)
     }
 }

@@ -24,6 +24,7 @@ pub mod exception;
 pub mod exec;
 pub mod interrupt;
 pub mod ioapic;
+pub mod jit;
 pub mod lapic;
 pub mod mmu;
 pub mod msr;

@@ -24,7 +24,7 @@ use crate::state::{
 use crate::IoBus;
 
 /// Number of TLB entries (direct-mapped).
-const TLB_ENTRIES: usize = 2048;
+pub(crate) const TLB_ENTRIES: usize = 2048;
 /// Physical address bits the CPU reports (CPUID 0x80000008).
 pub const PHYS_ADDR_BITS: u32 = 40;
 const PHYS_MASK: u64 = ((1u64 << PHYS_ADDR_BITS) - 1) & !0xfff;
@@ -63,19 +63,21 @@ pub enum Access {
     Execute,
 }
 
+/// `repr(C)`: compiled blocks read these fields at fixed offsets (see `crate::jit`).
 #[derive(Clone, Copy)]
-struct TlbEntry {
+#[repr(C)]
+pub(crate) struct TlbEntry {
     /// Virtual page number, or `u64::MAX` when empty.
-    tag: u64,
+    pub(crate) tag: u64,
     /// Host address of the page, null for MMIO.
-    host: *mut u8,
+    pub(crate) host: *mut u8,
     /// Physical page address.
-    pa: u64,
+    pub(crate) pa: u64,
     /// Global RAM page index (code tracking).
-    page: u32,
-    perms: u8,
+    pub(crate) page: u32,
+    pub(crate) perms: u8,
     /// Virtual page-number mask of the mapping's page size (for INVLPG).
-    size_mask: u64,
+    pub(crate) size_mask: u64,
 }
 
 const EMPTY: TlbEntry = TlbEntry {
@@ -786,6 +788,36 @@ impl Mmu {
     /// Current CPL as seen by the snapshot.
     pub fn cpl(&self) -> u8 {
         self.cpl
+    }
+}
+
+/// What compiled blocks need to reach RAM through this CPU's TLB (see `crate::jit`).
+pub(crate) struct JitView {
+    pub tlb: *const TlbEntry,
+    pub code_bits: *const u64,
+    pub need_read: u8,
+    pub need_write: u8,
+    pub fs_base: u64,
+    pub gs_base: u64,
+}
+
+impl Mmu {
+    /// The TLB, the code-page bitmap, the permission bits this CPL needs and the FS/GS
+    /// bases: what a compiled block's inline memory accesses use, exactly as
+    /// [`Mmu::fast_host`] does. None outside 64-bit code.
+    pub(crate) fn jit_view(&self) -> Option<JitView> {
+        if !self.code64 {
+            return None;
+        }
+        let user = self.cpl == 3;
+        Some(JitView {
+            tlb: self.tlb.as_ptr(),
+            code_bits: self.ram.code_bits(),
+            need_read: required_perms(Access::Read, user),
+            need_write: required_perms(Access::Write, user),
+            fs_base: self.seg[crate::state::FS].base,
+            gs_base: self.seg[crate::state::GS].base,
+        })
     }
 }
 

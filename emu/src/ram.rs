@@ -130,6 +130,14 @@ impl GuestRam {
             .map_or(0, |g| g.load(Ordering::Acquire))
     }
 
+    /// The code-page bitmap (one bit per page, in 64-bit words) for compiled blocks, which
+    /// test a page's bit before an inline store and leave stores to code pages to
+    /// [`GuestRam::note_write`].
+    pub(crate) fn code_bits(&self) -> *const u64 {
+        // AtomicU64 has the layout of u64.
+        self.code.as_ptr() as *const u64
+    }
+
     /// Mark a page as holding decoded code. Call before reading its bytes.
     pub fn mark_code(&self, page: usize) {
         if let Some(word) = self.code.get(page / 64) {

@@ -361,6 +361,7 @@ fn interpreter_matches_host_cpu() {
     let mut instructions = 0usize;
     let mut failing = 0usize;
     let mut done = 0usize;
+    let mut compiled_cases = 0usize;
     while done < cases {
         let n = CHUNK.min(cases - done);
         done += n;
@@ -393,7 +394,20 @@ fn interpreter_matches_host_cpu() {
                 end,
                 &ips,
             );
-            if !diffs.is_empty() {
+            // The same sequence through the block compiler, against the same host run.
+            let compiled = interp::run_compiled(&p.case.init, &p.decoded)
+                .map(|(s, data, f)| compare(nat, &s, &data, f, outcome.undefined_flags, end, &ips));
+            compiled_cases += usize::from(compiled.is_some());
+            if let Some(d) = compiled.filter(|d| !d.is_empty()) {
+                failing += 1;
+                if failures.len() < MAX_ANALYSED {
+                    let d = d
+                        .into_iter()
+                        .map(|l| format!("compiled code: {l}"))
+                        .collect();
+                    failures.push((p, outcome, d));
+                }
+            } else if !diffs.is_empty() {
                 failing += 1;
                 if failures.len() < MAX_ANALYSED {
                     failures.push((p, outcome, diffs));
@@ -402,7 +416,12 @@ fn interpreter_matches_host_cpu() {
         }
     }
     eprintln!(
-        "differential: {instructions} instructions in {cases} cases, {host_faults} cases ended in an exception on the host, {failing} failing"
+        "differential: {instructions} instructions in {cases} cases, {host_faults} cases ended in an exception on the host, {compiled_cases} cases also run as compiled code, {failing} failing"
+    );
+    // Straight-line sequences are most of the cases: the compiler must have seen them.
+    assert!(
+        !only.is_empty() || compiled_cases * 4 >= cases,
+        "only {compiled_cases} of {cases} cases ran as compiled code"
     );
     if failing == 0 {
         return;

@@ -19,20 +19,20 @@ use crate::exception::{ExResult, Exception};
 use crate::state::{gpr_info, CpuState, CF, OF, STATUS_FLAGS};
 
 /// No base or index register in a [`MemRef`].
-const NO_REG: u8 = 0xff;
+pub(crate) const NO_REG: u8 = 0xff;
 /// A [`MemRef`] base that is RIP (the address of the next instruction).
-const RIP_REG: u8 = 0xfe;
+pub(crate) const RIP_REG: u8 = 0xfe;
 
 /// A 64-bit-addressing memory operand: `seg:[base + index*scale + disp]`, eight bytes so
 /// that decoded blocks stay small. RIP-relative operands have [`RIP_REG`] as base: when a
 /// fast form runs, RIP already holds the next instruction's address.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct MemRef {
-    disp: i32,
-    base: u8,
-    index: u8,
-    scale: u8,
-    seg: u8,
+    pub(crate) disp: i32,
+    pub(crate) base: u8,
+    pub(crate) index: u8,
+    pub(crate) scale: u8,
+    pub(crate) seg: u8,
 }
 
 impl MemRef {

@@ -3,8 +3,10 @@
 //! first, then the SSE group.
 
 use emu::access::DataAccess;
+use emu::decode::Op;
 use emu::exception::{ExResult, Exception};
 use emu::exec::fast::Fast;
+use emu::jit::{Exit, Jit, TestMemory};
 use emu::state::{
     CpuState, Segment, CR0_ET, CR0_MP, CR0_NE, CR0_PE, CR0_PG, CR4_OSFXSR, CR4_OSXMMEXCPT, CR4_PAE,
     CS, EFER_LMA, EFER_LME, RFLAGS_FIXED, STATUS_FLAGS,
@@ -238,6 +240,63 @@ pub fn run(init: &Init, instrs: &[Instruction], snapshots: bool) -> Outcome {
         undefined_flags: undefined,
         steps,
     }
+}
+
+/// The end state, memory and fault of a sequence.
+pub type Ending = (CpuState, Vec<u8>, Option<(usize, Exception)>);
+
+/// The sequence as compiled code (`emu::jit`) runs it, as one block, with the interpreter
+/// going on wherever the compiled code stops (a form it does not compile, or a memory
+/// access that needs the interpreter: a fault, a page-crossing access). None when the
+/// sequence branches or nothing of it compiles.
+pub fn run_compiled(init: &Init, instrs: &[Instruction]) -> Option<Ending> {
+    if instrs
+        .iter()
+        .any(|i| i.flow_control() != iced_x86::FlowControl::Next)
+    {
+        return None;
+    }
+    let mut fasts: Vec<Fast> = instrs
+        .iter()
+        .map(|i| emu::exec::fast::lower(i, 64))
+        .collect();
+    emu::exec::fast::prune_dead_flags(&mut fasts);
+    let ops: Vec<Op> = instrs
+        .iter()
+        .zip(&fasts)
+        .map(|(i, f)| Op {
+            fast: *f,
+            len: i.len() as u8,
+            exits: emu::exec::fast::may_leave(f),
+        })
+        .collect();
+    let mut jit = Jit::new(0)?;
+    let code = jit.compile(instrs, &ops).ok()??;
+    let mut state = initial_state(init);
+    let mut mem = BufferMemory {
+        bytes: init.data.clone(),
+    };
+    // SAFETY: the buffer is DATA_SIZE bytes (a page multiple) and outlives the run; it is
+    // not otherwise touched while the compiled code runs.
+    let view = unsafe { TestMemory::new(DATA_ADDR, mem.bytes.as_mut_ptr(), DATA_SIZE) };
+    // SAFETY: code from this Jit; the context describes the buffer above.
+    let from = match unsafe { jit.run(code, &mut state, &view.ctx()) } {
+        Exit::Done(n) | Exit::Interpret(n) => n as usize,
+    };
+    for (i, instr) in instrs.iter().enumerate().skip(from) {
+        for _ in 0..10_000 {
+            state.rip = instr.next_ip();
+            match execute(&mut state, &mut mem, instr)? {
+                Err(e) => {
+                    state.rip = instr.ip();
+                    return Some((state, mem.bytes, Some((i, e))));
+                }
+                Ok(()) if state.rip != instr.ip() => break,
+                Ok(()) => {}
+            }
+        }
+    }
+    Some((state, mem.bytes, None))
 }
 
 /// The sequence as the decode cache runs it, as one block after the dead-flag pass

@@ -1,0 +1,415 @@
+//! A small x86-64 encoder for the fixed set of host instructions the block compiler emits.
+//!
+//! Every form takes an operand size in bytes (1, 2, 4, 8) and picks the 0x66 prefix, REX.W
+//! and the byte opcode from it. Byte-sized forms always carry a REX prefix, so register
+//! numbers 4..7 name SPL..DIL, never AH..BH (the compiler uses AL..BL only anyway).
+//! Memory operands always use a 32-bit displacement: simpler, and compile speed matters
+//! more than code size here. Branches go to labels resolved in [`Asm::finish`].
+
+/// Host register numbers (encoding order).
+pub const RAX: u8 = 0;
+pub const RCX: u8 = 1;
+pub const RDX: u8 = 2;
+pub const RBX: u8 = 3;
+pub const RSP: u8 = 4;
+pub const RBP: u8 = 5;
+pub const RSI: u8 = 6;
+pub const RDI: u8 = 7;
+pub const R8: u8 = 8;
+pub const R9: u8 = 9;
+pub const R12: u8 = 12;
+pub const R13: u8 = 13;
+pub const R14: u8 = 14;
+pub const R15: u8 = 15;
+
+/// A register or memory operand.
+#[derive(Debug, Clone, Copy)]
+pub enum Rm {
+    Reg(u8),
+    /// `[base + disp]`
+    Mem(u8, i32),
+    /// `[base + index * (1 << scale_log) + disp]`
+    Sib(u8, u8, u8, i32),
+}
+
+/// The x86 condition-code nibble (0 = O ... 15 = G).
+pub type Cond = u8;
+
+/// A forward or backward branch target.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Label(usize);
+
+#[derive(Default)]
+pub struct Asm {
+    pub buf: Vec<u8>,
+    labels: Vec<Option<usize>>,
+    /// (position of a rel32 field, label it refers to)
+    fixups: Vec<(usize, Label)>,
+}
+
+impl Asm {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    pub fn label(&mut self) -> Label {
+        self.labels.push(None);
+        Label(self.labels.len() - 1)
+    }
+
+    pub fn bind(&mut self, l: Label) {
+        self.labels[l.0] = Some(self.buf.len());
+    }
+
+    /// The code, with every branch resolved; None if a label was never bound.
+    pub fn finish(mut self) -> Option<Vec<u8>> {
+        for (pos, l) in std::mem::take(&mut self.fixups) {
+            let target = self.labels[l.0]?;
+            let rel = target as i64 - (pos as i64 + 4);
+            self.buf[pos..pos + 4].copy_from_slice(&(rel as i32).to_le_bytes());
+        }
+        Some(self.buf)
+    }
+
+    fn byte(&mut self, b: u8) {
+        self.buf.push(b);
+    }
+
+    fn imm32(&mut self, v: i32) {
+        self.buf.extend_from_slice(&v.to_le_bytes());
+    }
+
+    /// Prefixes, opcode and ModRM (with SIB and displacement) of a `reg, r/m` form.
+    /// `opcode` is the full opcode for this size (byte forms pass their own opcode).
+    pub fn op(&mut self, size: u8, opcode: &[u8], reg: u8, rm: Rm) {
+        if size == 2 {
+            self.byte(0x66);
+        }
+        let (b, x) = match rm {
+            Rm::Reg(r) => (r, 0),
+            Rm::Mem(base, _) => (base, 0),
+            Rm::Sib(base, index, _, _) => (base, index),
+        };
+        let rex = 0x40
+            | if size == 8 { 8 } else { 0 }
+            | if reg >= 8 { 4 } else { 0 }
+            | if x >= 8 { 2 } else { 0 }
+            | if b >= 8 { 1 } else { 0 };
+        if rex != 0x40 || size == 1 {
+            self.byte(rex);
+        }
+        self.buf.extend_from_slice(opcode);
+        let reg = (reg & 7) << 3;
+        match rm {
+            Rm::Reg(r) => self.byte(0xc0 | reg | (r & 7)),
+            Rm::Mem(base, disp) => {
+                if base & 7 == RSP {
+                    self.byte(0x80 | reg | 4);
+                    self.byte(0x24);
+                } else {
+                    self.byte(0x80 | reg | (base & 7));
+                }
+                self.imm32(disp);
+            }
+            Rm::Sib(base, index, scale, disp) => {
+                self.byte(0x80 | reg | 4);
+                self.byte((scale << 6) | ((index & 7) << 3) | (base & 7));
+                self.imm32(disp);
+            }
+        }
+    }
+
+    /// `opcode` for sizes 2..8, `opcode8` for bytes.
+    fn sized(&mut self, size: u8, opcode8: u8, opcode: u8, reg: u8, rm: Rm) {
+        if size == 1 {
+            self.op(1, &[opcode8], reg, rm);
+        } else {
+            self.op(size, &[opcode], reg, rm);
+        }
+    }
+
+    /// `mov reg, r/m` of `size` bytes (4 zero-extends into the full register).
+    pub fn load(&mut self, size: u8, reg: u8, rm: Rm) {
+        self.sized(size, 0x8a, 0x8b, reg, rm);
+    }
+
+    /// `mov r/m, reg` of `size` bytes.
+    pub fn store(&mut self, size: u8, rm: Rm, reg: u8) {
+        self.sized(size, 0x88, 0x89, reg, rm);
+    }
+
+    /// Zero-extending load of `size` bytes into the full 64-bit `reg`.
+    pub fn load_zx(&mut self, size: u8, reg: u8, rm: Rm) {
+        match size {
+            1 => self.op(4, &[0x0f, 0xb6], reg, rm),
+            2 => self.op(4, &[0x0f, 0xb7], reg, rm),
+            4 => self.op(4, &[0x8b], reg, rm),
+            _ => self.op(8, &[0x8b], reg, rm),
+        }
+    }
+
+    /// Sign-extending load of `size` bytes into the full 64-bit `reg`.
+    pub fn load_sx(&mut self, size: u8, reg: u8, rm: Rm) {
+        match size {
+            1 => self.op(8, &[0x0f, 0xbe], reg, rm),
+            2 => self.op(8, &[0x0f, 0xbf], reg, rm),
+            4 => self.op(8, &[0x63], reg, rm),
+            _ => self.op(8, &[0x8b], reg, rm),
+        }
+    }
+
+    /// `lea reg64, [mem]`
+    pub fn lea(&mut self, reg: u8, rm: Rm) {
+        self.op(8, &[0x8d], reg, rm);
+    }
+
+    /// Two-operand ALU op `rm op= reg`: `code` is the group number (0 ADD, 1 OR, 2 ADC,
+    /// 3 SBB, 4 AND, 5 SUB, 6 XOR, 7 CMP).
+    pub fn alu(&mut self, size: u8, code: u8, rm: Rm, reg: u8) {
+        let base = code << 3;
+        self.sized(size, base, base + 1, reg, rm);
+    }
+
+    /// `test rm, reg`
+    pub fn test(&mut self, size: u8, rm: Rm, reg: u8) {
+        self.sized(size, 0x84, 0x85, reg, rm);
+    }
+
+    /// ALU group op with a sign-extended 32-bit immediate (sizes 4 and 8).
+    pub fn alu_imm(&mut self, size: u8, code: u8, rm: Rm, imm: i32) {
+        self.op(size, &[0x81], code, rm);
+        self.imm32(imm);
+    }
+
+    /// `mov reg64, imm64` (the short form when it fits).
+    pub fn mov_imm(&mut self, reg: u8, imm: u64) {
+        if imm <= u64::from(u32::MAX) {
+            // mov r32, imm32 zero-extends.
+            if reg >= 8 {
+                self.byte(0x41);
+            }
+            self.byte(0xb8 + (reg & 7));
+            self.imm32(imm as u32 as i32);
+        } else if imm as i64 >= i64::from(i32::MIN) && imm as i64 <= i64::from(i32::MAX) {
+            self.op(8, &[0xc7], 0, Rm::Reg(reg));
+            self.imm32(imm as i32);
+        } else {
+            self.byte(0x48 | if reg >= 8 { 1 } else { 0 });
+            self.byte(0xb8 + (reg & 7));
+            self.buf.extend_from_slice(&imm.to_le_bytes());
+        }
+    }
+
+    /// Shift or rotate group (`/n`: 0 ROL, 1 ROR, 4 SHL, 5 SHR, 7 SAR) by an immediate.
+    pub fn shift_imm(&mut self, size: u8, n: u8, rm: Rm, count: u8) {
+        self.sized(size, 0xc0, 0xc1, n, rm);
+        self.byte(count);
+    }
+
+    /// INC (`dec` false) or DEC of `rm`.
+    pub fn inc_dec(&mut self, size: u8, dec: bool, rm: Rm) {
+        self.sized(size, 0xfe, 0xff, u8::from(dec), rm);
+    }
+
+    /// `imul reg, rm` (sizes 2..8).
+    pub fn imul(&mut self, size: u8, reg: u8, rm: Rm) {
+        self.op(size, &[0x0f, 0xaf], reg, rm);
+    }
+
+    /// `cmovcc reg, rm` (sizes 2..8).
+    pub fn cmov(&mut self, size: u8, cc: Cond, reg: u8, rm: Rm) {
+        self.op(size, &[0x0f, 0x40 + cc], reg, rm);
+    }
+
+    /// `setcc rm8`
+    pub fn setcc(&mut self, cc: Cond, rm: Rm) {
+        self.op(1, &[0x0f, 0x90 + cc], 0, rm);
+    }
+
+    /// `bswap reg` (sizes 4 and 8).
+    pub fn bswap(&mut self, size: u8, reg: u8) {
+        let rex = if size == 8 { 0x48 } else { 0x40 } | if reg >= 8 { 1 } else { 0 };
+        if rex != 0x40 {
+            self.byte(rex);
+        }
+        self.byte(0x0f);
+        self.byte(0xc8 + (reg & 7));
+    }
+
+    /// `bt reg64, reg64`
+    pub fn bt(&mut self, rm: u8, bit: u8) {
+        self.op(8, &[0x0f, 0xa3], bit, Rm::Reg(rm));
+    }
+
+    pub fn jcc(&mut self, cc: Cond, l: Label) {
+        self.byte(0x0f);
+        self.byte(0x80 + cc);
+        self.fixups.push((self.buf.len(), l));
+        self.imm32(0);
+    }
+
+    pub fn jmp(&mut self, l: Label) {
+        self.byte(0xe9);
+        self.fixups.push((self.buf.len(), l));
+        self.imm32(0);
+    }
+
+    pub fn push(&mut self, reg: u8) {
+        if reg >= 8 {
+            self.byte(0x41);
+        }
+        self.byte(0x50 + (reg & 7));
+    }
+
+    pub fn pop(&mut self, reg: u8) {
+        if reg >= 8 {
+            self.byte(0x41);
+        }
+        self.byte(0x58 + (reg & 7));
+    }
+
+    pub fn pushfq(&mut self) {
+        self.byte(0x9c);
+    }
+
+    pub fn ret(&mut self) {
+        self.byte(0xc3);
+    }
+
+    /// AH = SF:ZF:0:AF:0:PF:1:CF
+    pub fn lahf(&mut self) {
+        self.byte(0x9f);
+    }
+
+    pub fn sahf(&mut self) {
+        self.byte(0x9e);
+    }
+
+    /// `add al, imm8`
+    pub fn add_al(&mut self, imm: u8) {
+        self.byte(0x04);
+        self.byte(imm);
+    }
+
+    /// `mov ah, al`
+    pub fn mov_ah_al(&mut self) {
+        self.byte(0x88);
+        self.byte(0xc4);
+    }
+}
+
+/// The condition nibbles the compiler names.
+pub const CC_O: Cond = 0;
+pub const CC_NE: Cond = 5;
+pub const CC_A: Cond = 7;
+pub const CC_B: Cond = 2;
+pub const CC_E: Cond = 4;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use iced_x86::{Decoder, DecoderOptions, Formatter, IntelFormatter};
+
+    fn text(a: Asm) -> String {
+        let code = a.finish().unwrap_or_default();
+        let mut d = Decoder::with_ip(64, &code, 0, DecoderOptions::NONE);
+        let mut f = IntelFormatter::new();
+        f.options_mut().set_space_after_operand_separator(true);
+        let mut out = Vec::new();
+        for i in &mut d {
+            assert!(!i.is_invalid(), "{code:02x?}");
+            let mut s = String::new();
+            f.format(&i, &mut s);
+            out.push(s);
+        }
+        out.join("; ")
+    }
+
+    fn one(f: impl FnOnce(&mut Asm)) -> String {
+        let mut a = Asm::new();
+        f(&mut a);
+        text(a)
+    }
+
+    #[test]
+    fn encodings_decode_to_what_was_meant() {
+        assert_eq!(one(|a| a.alu(4, 0, Rm::Reg(RAX), RCX)), "add eax, ecx");
+        assert_eq!(one(|a| a.alu(8, 5, Rm::Reg(RAX), RCX)), "sub rax, rcx");
+        assert_eq!(one(|a| a.alu(2, 2, Rm::Reg(RAX), RCX)), "adc ax, cx");
+        assert_eq!(one(|a| a.alu(1, 7, Rm::Reg(RAX), RCX)), "cmp al, cl");
+        assert_eq!(one(|a| a.test(1, Rm::Reg(RAX), RCX)), "test al, cl");
+        assert_eq!(
+            one(|a| a.load(8, RAX, Rm::Mem(RBX, 0x68))),
+            "mov rax, [rbx+68h]"
+        );
+        assert_eq!(one(|a| a.store(2, Rm::Mem(RBX, 8), RCX)), "mov [rbx+8], cx");
+        assert_eq!(one(|a| a.store(1, Rm::Mem(RSI, 0), RAX)), "mov [rsi], al");
+        assert_eq!(
+            one(|a| a.load(8, R8, Rm::Mem(R12, 16))),
+            "mov r8, [r12+10h]"
+        );
+        assert_eq!(
+            one(|a| a.lea(RDI, Rm::Sib(R13, RDI, 3, 0))),
+            "lea rdi, [r13+rdi*8]"
+        );
+        assert_eq!(
+            one(|a| a.load_zx(1, RAX, Rm::Mem(RSI, 0))),
+            "movzx eax, byte ptr [rsi]"
+        );
+        assert_eq!(one(|a| a.load_sx(4, RCX, Rm::Reg(RCX))), "movsxd rcx, ecx");
+        assert_eq!(one(|a| a.load_sx(2, RAX, Rm::Reg(RCX))), "movsx rax, cx");
+        assert_eq!(one(|a| a.mov_imm(RSI, 0x1234)), "mov esi, 1234h");
+        assert_eq!(
+            one(|a| a.mov_imm(RCX, u64::MAX)),
+            "mov rcx, 0FFFFFFFFFFFFFFFFh"
+        );
+        assert_eq!(
+            one(|a| a.mov_imm(R9, 0x8000_0000_0000)),
+            "mov r9, 800000000000h"
+        );
+        assert_eq!(one(|a| a.shift_imm(8, 5, Rm::Reg(RDX), 12)), "shr rdx, 0Ch");
+        assert_eq!(one(|a| a.shift_imm(1, 0, Rm::Reg(RAX), 3)), "rol al, 3");
+        assert_eq!(one(|a| a.inc_dec(2, true, Rm::Reg(RAX))), "dec ax");
+        assert_eq!(one(|a| a.imul(8, RAX, Rm::Reg(RCX))), "imul rax, rcx");
+        assert_eq!(one(|a| a.cmov(4, 3, RAX, Rm::Reg(RCX))), "cmovae eax, ecx");
+        assert_eq!(one(|a| a.setcc(2, Rm::Reg(RAX))), "setb al");
+        assert_eq!(one(|a| a.bswap(8, RAX)), "bswap rax");
+        assert_eq!(one(|a| a.bswap(4, RAX)), "bswap eax");
+        assert_eq!(one(|a| a.bt(R9, RDX)), "bt r9, rdx");
+        assert_eq!(
+            one(|a| a.alu_imm(8, 4, Rm::Mem(RBX, 0x88), -0x8d6)),
+            "and qword ptr [rbx+88h], 0FFFFFFFFFFFFF72Ah"
+        );
+        assert_eq!(
+            one(|a| {
+                a.push(R15);
+                a.pop(R12);
+                a.pushfq();
+                a.lahf();
+                a.sahf();
+                a.add_al(0x7f);
+                a.mov_ah_al();
+                a.ret();
+            }),
+            "push r15; pop r12; pushfq; lahf; sahf; add al, 7Fh; mov ah, al; ret"
+        );
+        assert_eq!(one(|a| a.load(8, RAX, Rm::Mem(RSP, 8))), "mov rax, [rsp+8]");
+    }
+
+    #[test]
+    fn branches_resolve_to_their_labels() {
+        let mut a = Asm::new();
+        let l = a.label();
+        a.jcc(CC_NE, l);
+        a.jmp(l);
+        a.bind(l);
+        a.ret();
+        let code = a.finish().unwrap_or_default();
+        assert_eq!(code[2..6], 5i32.to_le_bytes());
+        assert_eq!(code[7..11], 0i32.to_le_bytes());
+        let mut a = Asm::new();
+        let l = a.label();
+        a.jmp(l);
+        assert!(a.finish().is_none(), "an unbound label is refused");
+    }
+}

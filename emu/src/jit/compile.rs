@@ -1,0 +1,570 @@
+//! Fast forms to host code.
+//!
+//! Guest registers stay in `CpuState::gpr` (RBX points at the state), so the state is
+//! exact after every instruction and any exit needs no register write-back. Guest status
+//! flags live in the host's RFLAGS: the host runs the very ALU instruction the guest did, so
+//! every defined flag comes out exact at no cost. Only the inline TLB lookup clobbers the
+//! host flags; an instruction with a memory operand saves them first (LAHF and SETO into
+//! R14) and puts them back once the address is translated.
+//!
+//! Memory operands go through this CPU's TLB inline, with the checks of
+//! `Mmu::fast_host`: canonical, inside one page, a matching entry with a RAM page and the
+//! permission bits. A store also requires that the page holds no decoded code. Anything
+//! else (a TLB miss, MMIO, a page-crossing access, a store to code, a return to a
+//! non-canonical address) leaves the compiled code *before* that instruction, with the
+//! state exact, and the interpreter runs it: it raises the fault, walks the page tables,
+//! does the MMIO, or invalidates the code. The same exit ends the compiled prefix at the
+//! first form the compiler does not handle.
+//!
+//! Register use: RBX = `&mut CpuState`, R12 = `&JitCtx`, R13 = the TLB, R15 = the code-page
+//! bitmap, R14 = saved guest flags; RAX and RCX hold operands, RSI an address, RDX, RDI,
+//! R8 and R9 are scratch for the lookup.
+
+use std::mem::offset_of;
+
+use iced_x86::{ConditionCode, Instruction};
+
+use super::asm::*;
+use super::{JitCtx, EXIT_INTERPRET};
+use crate::decode::Op;
+use crate::exec::fast::{AluOp, Fast, MemRef, Operand, NO_REG, RIP_REG};
+use crate::exec::integer::alu::ShiftOp;
+use crate::mmu::{is_canonical, TlbEntry, TLB_ENTRIES};
+use crate::state::{CpuState, FS, GS};
+
+const _: () = assert!(std::mem::size_of::<TlbEntry>() == 40);
+
+const RIP: Rm = Rm::Mem(RBX, offset_of!(CpuState, rip) as i32);
+const RFLAGS: Rm = Rm::Mem(RBX, offset_of!(CpuState, rflags) as i32);
+/// The status flags (OF, SF, ZF, AF, PF, CF) as they sit in RFLAGS.
+const STATUS: i32 = 0x8d5;
+
+fn gpr(i: u8) -> Rm {
+    Rm::Mem(RBX, (offset_of!(CpuState, gpr) + 8 * usize::from(i)) as i32)
+}
+
+fn ctx(offset: usize) -> Rm {
+    Rm::Mem(R12, offset as i32)
+}
+
+/// Host condition nibble of an iced condition code.
+fn cond(cc: ConditionCode) -> Option<Cond> {
+    match cc {
+        ConditionCode::None => None,
+        cc => Some(cc as u8 - 1),
+    }
+}
+
+/// ALU group number of an [`AluOp`] (MOV and TEST are handled apart).
+fn group(op: AluOp) -> u8 {
+    match op {
+        AluOp::Add => 0,
+        AluOp::Or => 1,
+        AluOp::Adc => 2,
+        AluOp::Sbb => 3,
+        AluOp::And => 4,
+        AluOp::Sub => 5,
+        AluOp::Xor => 6,
+        AluOp::Cmp | AluOp::Test | AluOp::Mov => 7,
+    }
+}
+
+/// Whether the compiler handles this form (the compiled prefix of a block stops at the first
+/// one it does not).
+fn supported(f: &Fast) -> bool {
+    match f {
+        Fast::Generic => false,
+        Fast::Push { src } => !matches!(src, Operand::Mem(_)),
+        Fast::Shift { op, .. } => !matches!(op, ShiftOp::Rcl | ShiftOp::Rcr),
+        Fast::Call { target } | Fast::Jmp { target } => is_canonical(*target),
+        Fast::Jcc { cc, target } => is_canonical(*target) && cond(*cc).is_some(),
+        Fast::Cmov { cc, .. } | Fast::Set { cc, .. } => cond(*cc).is_some(),
+        Fast::Imul { size, .. } => *size >= 2,
+        _ => true,
+    }
+}
+
+/// Out-of-line code, emitted after the body.
+enum Stub {
+    /// Leave before instruction `index` at `ip` (flags saved in R14) for the interpreter.
+    Miss { index: u32, ip: u64 },
+    /// A taken conditional branch: `done` instructions ran, RIP goes to `target`.
+    Taken { done: u32, target: u64 },
+}
+
+struct Compiler {
+    a: Asm,
+    exit: Label,
+    stubs: Vec<(Label, Stub)>,
+}
+
+/// Compile the longest prefix of the block that the compiler handles; None if that prefix
+/// is empty. The code is position-independent (all branches are internal).
+pub fn compile(instrs: &[Instruction], ops: &[Op]) -> Option<Vec<u8>> {
+    if ops.first().is_none_or(|op| !supported(&op.fast)) {
+        return None;
+    }
+    let mut a = Asm::new();
+    let exit = a.label();
+    let mut c = Compiler {
+        a,
+        exit,
+        stubs: Vec::new(),
+    };
+    c.prologue();
+    let mut ended = false;
+    for (index, (instr, op)) in instrs.iter().zip(ops).enumerate() {
+        let index = index as u32;
+        if !supported(&op.fast) {
+            // The interpreter takes over here.
+            c.set_rip(instr.ip());
+            c.a.mov_imm(RAX, (EXIT_INTERPRET << 32) | u64::from(index));
+            c.a.jmp(c.exit);
+            ended = true;
+            break;
+        }
+        if c.instruction(index, instr, &op.fast) {
+            ended = true;
+            break;
+        }
+    }
+    if !ended {
+        // Fell off the end of the block.
+        let last = instrs.get(ops.len().checked_sub(1)?)?;
+        c.set_rip(last.next_ip());
+        c.a.mov_imm(RAX, ops.len() as u64);
+        c.a.jmp(c.exit);
+    }
+    c.epilogue();
+    c.a.finish()
+}
+
+impl Compiler {
+    fn prologue(&mut self) {
+        let a = &mut self.a;
+        for r in [RBX, RBP, R12, R13, R14, R15] {
+            a.push(r);
+        }
+        a.op(8, &[0x8b], RBX, Rm::Reg(RDI));
+        a.op(8, &[0x8b], R12, Rm::Reg(RSI));
+        a.load(8, R13, ctx(offset_of!(JitCtx, tlb)));
+        a.load(8, R15, ctx(offset_of!(JitCtx, code_bits)));
+        // Guest status flags into the host's: SF ZF AF PF CF through AH, OF by an add.
+        a.load(8, RAX, RFLAGS);
+        a.load(4, RCX, Rm::Reg(RAX));
+        a.shift_imm(4, 5, Rm::Reg(RCX), 11);
+        a.alu_imm(4, 4, Rm::Reg(RCX), 1);
+        a.mov_ah_al();
+        a.store(1, Rm::Reg(RAX), RCX);
+        a.add_al(0x7f);
+        a.sahf();
+    }
+
+    /// RAX holds the exit code; the host flags hold the guest's.
+    fn epilogue(&mut self) {
+        for (label, stub) in std::mem::take(&mut self.stubs) {
+            self.a.bind(label);
+            match stub {
+                Stub::Miss { index, ip } => {
+                    self.restore_flags();
+                    self.set_rip(ip);
+                    self.a
+                        .mov_imm(RAX, (EXIT_INTERPRET << 32) | u64::from(index));
+                }
+                Stub::Taken { done, target } => {
+                    self.set_rip(target);
+                    self.a.mov_imm(RAX, u64::from(done));
+                }
+            }
+            self.a.jmp(self.exit);
+        }
+        let a = &mut self.a;
+        a.bind(self.exit);
+        a.pushfq();
+        a.pop(RCX);
+        a.alu_imm(4, 4, Rm::Reg(RCX), STATUS);
+        a.alu_imm(8, 4, RFLAGS, !STATUS);
+        a.alu(8, 1, RFLAGS, RCX);
+        for r in [R15, R14, R13, R12, RBP, RBX] {
+            a.pop(r);
+        }
+        a.ret();
+    }
+
+    /// `state.rip = ip` (flags untouched).
+    fn set_rip(&mut self, ip: u64) {
+        self.a.mov_imm(RCX, ip);
+        self.a.store(8, RIP, RCX);
+    }
+
+    fn save_flags(&mut self) {
+        self.a.lahf();
+        self.a.setcc(CC_O, Rm::Reg(RAX));
+        self.a.op(4, &[0x8b], R14, Rm::Reg(RAX));
+    }
+
+    fn restore_flags(&mut self) {
+        self.a.op(4, &[0x8b], RAX, Rm::Reg(R14));
+        self.a.add_al(0x7f);
+        self.a.sahf();
+    }
+
+    /// A register write with x86 width rules (4 bytes zero-extend, 1 and 2 merge).
+    fn store_gpr(&mut self, index: u8, size: u8, reg: u8) {
+        if size == 4 {
+            self.a.op(4, &[0x8b], reg, Rm::Reg(reg));
+            self.a.store(8, gpr(index), reg);
+        } else {
+            self.a.store(size, gpr(index), reg);
+        }
+    }
+
+    /// RSI = the effective address of `m` (the linear address when `segment`), by MOV and
+    /// LEA only, so the flags survive.
+    fn address(&mut self, m: &MemRef, next_ip: u64, segment: bool) {
+        let a = &mut self.a;
+        if m.base == RIP_REG {
+            a.mov_imm(RSI, next_ip.wrapping_add(m.disp as i64 as u64));
+        } else {
+            if m.base == NO_REG {
+                a.mov_imm(RSI, 0);
+            } else {
+                a.load(8, RSI, gpr(m.base));
+            }
+            if m.index == NO_REG {
+                a.lea(RSI, Rm::Mem(RSI, m.disp));
+            } else {
+                a.load(8, RDI, gpr(m.index));
+                a.lea(
+                    RSI,
+                    Rm::Sib(RSI, RDI, m.scale.trailing_zeros() as u8, m.disp),
+                );
+            }
+        }
+        if segment && (m.seg as usize == FS || m.seg as usize == GS) {
+            let base = if m.seg as usize == FS {
+                offset_of!(JitCtx, fs_base)
+            } else {
+                offset_of!(JitCtx, gs_base)
+            };
+            a.load(8, RDX, ctx(base));
+            a.lea(RSI, Rm::Sib(RSI, RDX, 0, 0));
+        }
+    }
+
+    /// The linear address in RSI becomes the host address of a `size`-byte access, or the
+    /// code leaves for the interpreter before instruction `index`. Clobbers the flags
+    /// (saved by the caller), RDX, RDI, R8 and R9.
+    fn translate(&mut self, index: u32, ip: u64, size: u8, write: bool) {
+        let miss = self.a.label();
+        self.stubs.push((miss, Stub::Miss { index, ip }));
+        let a = &mut self.a;
+        // Canonical.
+        a.mov_imm(RDX, 1 << 47);
+        a.alu(8, 0, Rm::Reg(RDX), RSI);
+        a.shift_imm(8, 5, Rm::Reg(RDX), 48);
+        a.jcc(CC_NE, miss);
+        // Inside one page.
+        a.load(4, RDX, Rm::Reg(RSI));
+        a.alu_imm(4, 4, Rm::Reg(RDX), 0xfff);
+        a.alu_imm(4, 7, Rm::Reg(RDX), 0x1000 - i32::from(size));
+        a.jcc(CC_A, miss);
+        // The entry: tag, RAM page, permissions.
+        a.load(8, RDX, Rm::Reg(RSI));
+        a.shift_imm(8, 5, Rm::Reg(RDX), 12);
+        a.load(4, RDI, Rm::Reg(RDX));
+        a.alu_imm(4, 4, Rm::Reg(RDI), (TLB_ENTRIES - 1) as i32);
+        a.lea(RDI, Rm::Sib(RDI, RDI, 2, 0));
+        a.lea(RDI, Rm::Sib(R13, RDI, 3, 0));
+        a.alu(8, 7, Rm::Mem(RDI, offset_of!(TlbEntry, tag) as i32), RDX);
+        a.jcc(CC_NE, miss);
+        a.load(8, R8, Rm::Mem(RDI, offset_of!(TlbEntry, host) as i32));
+        a.test(8, Rm::Reg(R8), R8);
+        a.jcc(CC_E, miss);
+        a.load_zx(1, RDX, Rm::Mem(RDI, offset_of!(TlbEntry, perms) as i32));
+        let need = if write {
+            offset_of!(JitCtx, need_write)
+        } else {
+            offset_of!(JitCtx, need_read)
+        };
+        a.load(4, R9, ctx(need));
+        a.alu(4, 4, Rm::Reg(RDX), R9);
+        a.alu(4, 7, Rm::Reg(RDX), R9);
+        a.jcc(CC_NE, miss);
+        if write {
+            // No store to a page holding decoded code.
+            a.load(4, RDX, Rm::Mem(RDI, offset_of!(TlbEntry, page) as i32));
+            a.load(4, R9, Rm::Reg(RDX));
+            a.shift_imm(4, 5, Rm::Reg(R9), 6);
+            a.load(8, R9, Rm::Sib(R15, R9, 3, 0));
+            a.bt(R9, RDX);
+            a.jcc(CC_B, miss);
+        }
+        a.alu_imm(4, 4, Rm::Reg(RSI), 0xfff);
+        a.alu(8, 0, Rm::Reg(RSI), R8);
+    }
+
+    /// Translate memory operand `m` of instruction `index` (flags saved and restored
+    /// around the lookup): RSI is its host address afterwards.
+    fn memory(&mut self, index: u32, instr: &Instruction, m: &MemRef, size: u8, write: bool) {
+        self.save_flags();
+        self.address(m, instr.next_ip(), true);
+        self.translate(index, instr.ip(), size, write);
+        self.restore_flags();
+    }
+
+    /// The stack slot at RSP + `delta`: RSI is its host address afterwards.
+    fn stack(&mut self, index: u32, instr: &Instruction, delta: i32, write: bool) {
+        self.save_flags();
+        self.a.load(8, RSI, gpr(4));
+        self.a.lea(RSI, Rm::Mem(RSI, delta));
+        self.translate(index, instr.ip(), 8, write);
+        self.restore_flags();
+    }
+
+    /// RSP += delta, flags untouched.
+    fn adjust_rsp(&mut self, delta: i32) {
+        self.a.load(8, RDX, gpr(4));
+        self.a.lea(RDX, Rm::Mem(RDX, delta));
+        self.a.store(8, gpr(4), RDX);
+    }
+
+    /// Operand value into `reg` (an immediate sign-extended; memory at RSI, zero-extended).
+    fn value(&mut self, op: &Operand, size: u8, reg: u8) {
+        match op {
+            Operand::Reg(r) => self.a.load(8, reg, gpr(*r)),
+            Operand::Imm(v) => self.a.mov_imm(reg, *v as i64 as u64),
+            Operand::Mem(_) => self.a.load_zx(size, reg, Rm::Mem(RSI, 0)),
+        }
+    }
+
+    /// Write `reg` to a register or the memory operand at RSI.
+    fn put(&mut self, op: &Operand, size: u8, reg: u8) {
+        match op {
+            Operand::Reg(r) => self.store_gpr(*r, size, reg),
+            Operand::Mem(_) => self.a.store(size, Rm::Mem(RSI, 0), reg),
+            Operand::Imm(_) => {}
+        }
+    }
+
+    /// Translate the memory operand among `ops`, if any.
+    fn operands(
+        &mut self,
+        index: u32,
+        instr: &Instruction,
+        ops: &[&Operand],
+        size: u8,
+        write: bool,
+    ) {
+        if let Some(Operand::Mem(m)) = ops.iter().find(|o| matches!(o, Operand::Mem(_))) {
+            self.memory(index, instr, m, size, write);
+        }
+    }
+
+    /// Emit instruction `index`; true when it ends the compiled code (it always leaves).
+    fn instruction(&mut self, index: u32, instr: &Instruction, f: &Fast) -> bool {
+        match *f {
+            Fast::Generic => {}
+            Fast::Alu {
+                op, size, dst, src, ..
+            } => self.alu(index, instr, op, size, &dst, &src),
+            Fast::AluRR {
+                op, size, dst, src, ..
+            } => self.alu(
+                index,
+                instr,
+                op,
+                size,
+                &Operand::Reg(dst),
+                &Operand::Reg(src),
+            ),
+            Fast::AluRI {
+                op, size, dst, imm, ..
+            } => {
+                self.a.mov_imm(RCX, imm);
+                self.alu_with_b(op, size, &Operand::Reg(dst));
+            }
+            Fast::IncDec { size, dst, inc, .. } => {
+                self.operands(index, instr, &[&dst], size, true);
+                self.value(&dst, size, RAX);
+                self.a.inc_dec(size, !inc, Rm::Reg(RAX));
+                self.put(&dst, size, RAX);
+            }
+            Fast::Shift {
+                op,
+                size,
+                dst,
+                count,
+                ..
+            } => {
+                let n = match op {
+                    ShiftOp::Rol => 0,
+                    ShiftOp::Ror => 1,
+                    ShiftOp::Shl => 4,
+                    ShiftOp::Shr => 5,
+                    _ => 7,
+                };
+                self.operands(index, instr, &[&dst], size, true);
+                self.value(&dst, size, RAX);
+                self.a.shift_imm(size, n, Rm::Reg(RAX), count);
+                self.put(&dst, size, RAX);
+            }
+            Fast::Bswap { dst, size } => {
+                self.a.load(8, RAX, gpr(dst));
+                self.a.bswap(size, RAX);
+                self.store_gpr(dst, size, RAX);
+            }
+            Fast::Extend {
+                dst,
+                size,
+                src,
+                src_size,
+                signed,
+            } => {
+                self.operands(index, instr, &[&src], src_size, false);
+                let rm = match src {
+                    Operand::Reg(r) => gpr(r),
+                    _ => Rm::Mem(RSI, 0),
+                };
+                if signed {
+                    self.a.load_sx(src_size, RAX, rm);
+                } else {
+                    self.a.load_zx(src_size, RAX, rm);
+                }
+                self.store_gpr(dst, size, RAX);
+            }
+            Fast::Lea { dst, size, mem } => {
+                self.address(&mem, instr.next_ip(), false);
+                self.store_gpr(dst, size, RSI);
+            }
+            Fast::Imul {
+                dst, size, a, b, ..
+            } => {
+                self.operands(index, instr, &[&a, &b], size, false);
+                self.value(&a, size, RAX);
+                self.value(&b, size, RCX);
+                self.a.imul(size, RAX, Rm::Reg(RCX));
+                self.store_gpr(dst, size, RAX);
+            }
+            Fast::Cmov { cc, dst, size, src } => {
+                self.operands(index, instr, &[&src], size, false);
+                self.a.load(8, RAX, gpr(dst));
+                self.value(&src, size, RCX);
+                self.a
+                    .cmov(size, cond(cc).unwrap_or_default(), RAX, Rm::Reg(RCX));
+                self.store_gpr(dst, size, RAX);
+            }
+            Fast::Set { cc, dst } => {
+                self.operands(index, instr, &[&dst], 1, true);
+                self.a.setcc(cond(cc).unwrap_or_default(), Rm::Reg(RAX));
+                self.put(&dst, 1, RAX);
+            }
+            Fast::Push { src } => {
+                self.stack(index, instr, -8, true);
+                self.value(&src, 8, RCX);
+                self.a.store(8, Rm::Mem(RSI, 0), RCX);
+                self.adjust_rsp(-8);
+            }
+            Fast::Pop { dst } => {
+                self.stack(index, instr, 0, false);
+                self.a.load(8, RCX, Rm::Mem(RSI, 0));
+                self.adjust_rsp(8);
+                self.a.store(8, gpr(dst), RCX);
+            }
+            Fast::Call { target } => {
+                self.stack(index, instr, -8, true);
+                self.a.mov_imm(RCX, instr.next_ip());
+                self.a.store(8, Rm::Mem(RSI, 0), RCX);
+                self.adjust_rsp(-8);
+                self.leave(index + 1, target);
+                return true;
+            }
+            Fast::Ret => {
+                let miss = self.a.label();
+                self.stubs.push((
+                    miss,
+                    Stub::Miss {
+                        index,
+                        ip: instr.ip(),
+                    },
+                ));
+                self.save_flags();
+                self.a.load(8, RSI, gpr(4));
+                self.translate(index, instr.ip(), 8, false);
+                self.a.load(8, RCX, Rm::Mem(RSI, 0));
+                // A non-canonical return address faults at the RET: the interpreter's.
+                self.a.mov_imm(RDX, 1 << 47);
+                self.a.alu(8, 0, Rm::Reg(RDX), RCX);
+                self.a.shift_imm(8, 5, Rm::Reg(RDX), 48);
+                self.a.jcc(CC_NE, miss);
+                self.restore_flags();
+                self.a.store(8, RIP, RCX);
+                self.adjust_rsp(8);
+                self.a.mov_imm(RAX, u64::from(index + 1));
+                self.a.jmp(self.exit);
+                return true;
+            }
+            Fast::Jmp { target } => {
+                self.leave(index + 1, target);
+                return true;
+            }
+            Fast::Jcc { cc, target } => {
+                let taken = self.a.label();
+                self.stubs.push((
+                    taken,
+                    Stub::Taken {
+                        done: index + 1,
+                        target,
+                    },
+                ));
+                self.a.jcc(cond(cc).unwrap_or_default(), taken);
+            }
+            Fast::Nop => {}
+        }
+        false
+    }
+
+    /// Leave with RIP = `target` after `done` instructions.
+    fn leave(&mut self, done: u32, target: u64) {
+        self.set_rip(target);
+        self.a.mov_imm(RAX, u64::from(done));
+        self.a.jmp(self.exit);
+    }
+
+    fn alu(
+        &mut self,
+        index: u32,
+        instr: &Instruction,
+        op: AluOp,
+        size: u8,
+        dst: &Operand,
+        src: &Operand,
+    ) {
+        let writes = !matches!(op, AluOp::Cmp | AluOp::Test);
+        self.operands(
+            index,
+            instr,
+            &[dst, src],
+            size,
+            writes && matches!(dst, Operand::Mem(_)),
+        );
+        self.value(src, size, RCX);
+        self.alu_with_b(op, size, dst);
+    }
+
+    /// `dst op= RCX` (the memory operand, if any, already at RSI).
+    fn alu_with_b(&mut self, op: AluOp, size: u8, dst: &Operand) {
+        if op == AluOp::Mov {
+            self.put(dst, size, RCX);
+            return;
+        }
+        self.value(dst, size, RAX);
+        match op {
+            AluOp::Test => self.a.test(size, Rm::Reg(RAX), RCX),
+            op => self.a.alu(size, group(op), Rm::Reg(RAX), RCX),
+        }
+        if !matches!(op, AluOp::Cmp | AluOp::Test) {
+            self.put(dst, size, RAX);
+        }
+    }
+}

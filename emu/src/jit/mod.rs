@@ -1,0 +1,195 @@
+//! A block compiler for hot 64-bit code: the decode cache's fast forms become host x86-64
+//! code, so that tight loops (bignum arithmetic, hashing, symbol scans) stop paying the
+//! interpreter's dispatch for every instruction.
+//!
+//! A decoded block that has been entered [`Jit::threshold`] times is compiled (see
+//! [`compile`]) into this CPU's code arena. The compiled code runs the longest prefix of the
+//! block made of forms it handles, against the same `CpuState` and the same TLB as the
+//! interpreter, and returns how far it got: either the block was left (RIP set), or the
+//! interpreter must go on from a given instruction (a form it does not handle, a TLB miss,
+//! MMIO, a store to code). Registers and flags are exact at every exit, so the interpreter
+//! can always take over.
+//!
+//! `EMU_JIT=0` in the environment turns the compiler off.
+
+mod arena;
+mod asm;
+pub mod compile;
+
+use crate::state::CpuState;
+
+pub use arena::Arena;
+
+/// Exit kind: the block was left with RIP set; the low half is the instructions run.
+pub const EXIT_DONE: u64 = 0;
+/// Exit kind: RIP is at instruction `low half` of the block, which the interpreter runs.
+pub const EXIT_INTERPRET: u64 = 1;
+
+/// Block entries before a block is compiled.
+pub const DEFAULT_THRESHOLD: u16 = 16;
+
+/// What compiled code reads besides the CPU state (`repr(C)`: it reads fixed offsets).
+#[repr(C)]
+pub struct JitCtx {
+    pub(crate) tlb: *const crate::mmu::TlbEntry,
+    pub(crate) code_bits: *const u64,
+    pub(crate) need_read: u32,
+    pub(crate) need_write: u32,
+    pub(crate) fs_base: u64,
+    pub(crate) gs_base: u64,
+}
+
+impl JitCtx {
+    pub(crate) fn from_view(v: &crate::mmu::JitView) -> JitCtx {
+        JitCtx {
+            tlb: v.tlb,
+            code_bits: v.code_bits,
+            need_read: u32::from(v.need_read),
+            need_write: u32::from(v.need_write),
+            fs_base: v.fs_base,
+            gs_base: v.gs_base,
+        }
+    }
+}
+
+/// How a compiled run ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Exit {
+    /// The block was left after this many instructions; RIP is set.
+    Done(u32),
+    /// This many instructions ran; the interpreter goes on from that index (RIP is at it).
+    Interpret(u32),
+}
+
+/// Compiled code: an offset into its arena.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Code(pub(crate) u32);
+
+type Entry = unsafe extern "sysv64" fn(*mut CpuState, *const JitCtx) -> u64;
+
+/// The compiler state of one CPU.
+pub struct Jit {
+    arena: Arena,
+    /// Entries of a block before it is compiled.
+    pub threshold: u16,
+}
+
+impl Jit {
+    /// A compiler with its code arena, or None when disabled (`EMU_JIT=0`) or when no
+    /// executable memory can be had.
+    pub fn from_env() -> Option<Jit> {
+        if std::env::var("EMU_JIT").is_ok_and(|v| v == "0" || v == "off") {
+            return None;
+        }
+        Self::new(DEFAULT_THRESHOLD)
+    }
+
+    pub fn new(threshold: u16) -> Option<Jit> {
+        match Arena::new(arena::DEFAULT_SIZE) {
+            Ok(arena) => Some(Jit { arena, threshold }),
+            Err(e) => {
+                tracing::warn!(
+                    "emu: no executable memory for the block compiler ({e}); interpreting only"
+                );
+                None
+            }
+        }
+    }
+
+    /// Compile a block; None if nothing of it compiles, or the arena is full (then the
+    /// caller drops every compiled block with [`Jit::reset`] and may try again).
+    pub fn compile(
+        &mut self,
+        instrs: &[iced_x86::Instruction],
+        ops: &[crate::decode::Op],
+    ) -> Result<Option<Code>, ArenaFull> {
+        let Some(bytes) = compile::compile(instrs, ops) else {
+            return Ok(None);
+        };
+        self.arena.install(&bytes).map(Some).ok_or(ArenaFull)
+    }
+
+    /// Forget all compiled code (every `Code` handed out is invalid afterwards).
+    pub fn reset(&mut self) {
+        self.arena.reset();
+    }
+
+    /// Run compiled code on `state` with the memory view `ctx`.
+    ///
+    /// # Safety
+    /// `code` must come from this `Jit` since its last reset, and `ctx` must describe live
+    /// memory: a TLB of `TLB_ENTRIES` entries whose host pointers are valid pages, and a
+    /// code bitmap covering every page index those entries name.
+    pub unsafe fn run(&self, code: Code, state: &mut CpuState, ctx: &JitCtx) -> Exit {
+        // SAFETY: the arena holds compiled code at this offset (the caller's contract);
+        // the code follows the sysv64 convention and touches only `state` and what `ctx`
+        // points to.
+        let r = unsafe {
+            let entry: Entry = std::mem::transmute(self.arena.address(code.0));
+            entry(state, ctx)
+        };
+        let n = r as u32;
+        if r >> 32 == EXIT_INTERPRET {
+            Exit::Interpret(n)
+        } else {
+            Exit::Done(n)
+        }
+    }
+}
+
+/// The code arena has no room left.
+#[derive(Debug)]
+pub struct ArenaFull;
+
+/// For tests outside this crate: a TLB that maps the user pages at `linear` (a multiple of
+/// 4 KiB) onto `host`, read-write, with no code pages, and the context pointing at it.
+pub struct TestMemory {
+    tlb: Vec<crate::mmu::TlbEntry>,
+    code_bits: Vec<u64>,
+}
+
+impl TestMemory {
+    /// # Safety
+    /// `host..host + len` must stay valid for reads and writes while compiled code runs
+    /// with this memory, and `len` must be a multiple of 4096.
+    pub unsafe fn new(linear: u64, host: *mut u8, len: usize) -> Self {
+        let mut tlb = vec![
+            crate::mmu::TlbEntry {
+                tag: u64::MAX,
+                host: std::ptr::null_mut(),
+                pa: 0,
+                page: 0,
+                perms: 0,
+                size_mask: u64::MAX,
+            };
+            crate::mmu::TLB_ENTRIES
+        ];
+        for p in 0..len / 4096 {
+            let vpn = (linear >> 12) + p as u64;
+            tlb[vpn as usize % crate::mmu::TLB_ENTRIES] = crate::mmu::TlbEntry {
+                tag: vpn,
+                host: host.wrapping_add(p * 4096),
+                pa: 0,
+                page: 0,
+                perms: 0x3f,
+                size_mask: u64::MAX,
+            };
+        }
+        TestMemory {
+            tlb,
+            code_bits: vec![0],
+        }
+    }
+
+    /// The context of a user-mode (CPL 3) run with FS and GS bases of zero.
+    pub fn ctx(&self) -> JitCtx {
+        JitCtx {
+            tlb: self.tlb.as_ptr(),
+            code_bits: self.code_bits.as_ptr(),
+            need_read: 1,
+            need_write: 2 | 0x20,
+            fs_base: 0,
+            gs_base: 0,
+        }
+    }
+}
