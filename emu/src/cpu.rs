@@ -75,6 +75,8 @@ pub struct Cpu {
     /// Guest RIP samples (one per batch) for finding where guest time goes.
     profile: Option<std::collections::HashMap<u64, u64>>,
     profile_samples: u64,
+    /// Passes through blocks that ran as compiled code (see [`Cpu::compiled_runs`]).
+    compiled_runs: u64,
 }
 
 impl Cpu {
@@ -103,6 +105,7 @@ impl Cpu {
             seen_resumes: 0,
             profile: None,
             profile_samples: 0,
+            compiled_runs: 0,
         };
         if std::env::var_os("EMU_PROFILE").is_some() {
             cpu.set_profile(true);
@@ -168,6 +171,17 @@ impl Cpu {
     /// at vector << 12.
     pub fn wait_for_sipi(&mut self) {
         self.waiting_for_sipi = true;
+    }
+
+    /// Compile blocks after `threshold` entries, or never (None). The default comes from
+    /// the environment (see [`crate::jit`]).
+    pub fn set_jit_threshold(&mut self, threshold: Option<u16>) {
+        self.cache.set_jit_threshold(threshold);
+    }
+
+    /// Passes through blocks that ran as compiled code.
+    pub fn compiled_runs(&self) -> u64 {
+        self.compiled_runs
     }
 
     /// Log every executed instruction (tracing target "emu::trace", level trace).
@@ -442,6 +456,7 @@ impl Cpu {
             {
                 if let Some(view) = self.mmu.jit_view() {
                     let ctx = crate::jit::JitCtx::from_view(&view);
+                    self.compiled_runs += 1;
                     // SAFETY: the code was compiled by this CPU's Jit for this block and
                     // the context is this CPU's TLB and RAM code bitmap.
                     match unsafe { jit.run(code, &mut self.state, &ctx) } {
@@ -1056,9 +1071,99 @@ mod tests {
         assert_eq!(cpu.step_n(1), Err(RunExit::TripleFault));
     }
 
+    /// Run the program at 0x4000 in long mode until HLT, compiled (every block at once) or
+    /// interpreted: the final state, the RAM below 1 MiB and how many compiled passes ran.
+    fn run_program(code: &[u8], threshold: Option<u16>) -> (CpuState, Vec<u8>, u64) {
+        let (mut cpu, ram, _) = cpu(4 << 20);
+        cpu.set_jit_threshold(threshold);
+        identity_map(&ram);
+        let s = cpu.state_mut();
+        long_mode(s);
+        s.seg[FS].base = 0x8000;
+        s.rip = 0x4000;
+        load(&ram, 0x4000, code);
+        for i in 0..128u64 {
+            ram.write_u64(0x9000 + i * 8, 8, i.wrapping_mul(0x9e37_79b9_7f4a_7c15));
+        }
+        cpu.step_n(1_000_000).unwrap();
+        assert!(cpu.is_halted(), "the program ends at its HLT");
+        let mut mem = vec![0u8; 1 << 20];
+        assert!(ram.read_bytes(0, &mut mem));
+        let runs = cpu.compiled_runs();
+        (cpu.state().clone(), mem, runs)
+    }
+
+    /// A loop with every kind of compiled form (loads, read-modify-writes, an ADC chain,
+    /// SETcc/CMOVcc, CALL/RET/PUSH/POP, a branch taken mid-block, FS-relative memory and a
+    /// store to the page of the code itself) leaves exactly the interpreter's state.
+    #[test]
+    fn compiled_blocks_match_the_interpreter() {
+        let code = asm64(0x4000, |a| {
+            let mut top = a.create_label();
+            let mut skip = a.create_label();
+            let mut f = a.create_label();
+            a.mov(rsp, 0x80000u64)?;
+            a.mov(rsi, 0x9000u64)?;
+            a.mov(rdi, 0x9200u64)?;
+            a.mov(ecx, 64u32)?;
+            a.xor(edx, edx)?;
+            a.set_label(&mut top)?;
+            a.mov(rax, qword_ptr(rsi + rdx * 8))?;
+            a.adc(rax, qword_ptr(rdi + rdx * 8 + 8))?;
+            a.mov(qword_ptr(rdi + rdx * 8), rax)?;
+            a.setc(bl)?;
+            a.movzx(r8d, bl)?;
+            a.add(r9, r8)?;
+            a.bt(eax, 3)?;
+            a.jc(skip)?;
+            a.add(dword_ptr(rsi + 0x300), eax)?;
+            a.shl(word_ptr(rsi + rdx * 2 + 0x380), 3)?;
+            a.set_label(&mut skip)?;
+            a.call(f)?;
+            a.inc(rdx)?;
+            a.dec(rcx)?;
+            a.jnz(top)?;
+            a.mov(byte_ptr(0x4fff), 0x90u32)?;
+            a.hlt()?;
+            a.set_label(&mut f)?;
+            a.push(rbx)?;
+            a.imul_3(r10, rax, 3)?;
+            a.cmovc(r11, r10)?;
+            a.xor(r10, qword_ptr(rsi))?;
+            // (The same offset without FS: a compiled access that forgot the base would
+            // hit in the TLB rather than leave for the interpreter.)
+            a.add(r10, qword_ptr(rdx * 8 + 0x1000))?;
+            a.add(r10, qword_ptr(rdx * 8 + 0x1000).fs())?;
+            a.mov(qword_ptr(rdx * 8 + 0x1400).fs(), r10)?;
+            a.movsxd(r12, dword_ptr(rsi + rdx * 4))?;
+            a.sub(r13, r12)?;
+            a.sbb(r14d, r12d)?;
+            a.lea(r15, qword_ptr(r15 + r14 * 2 + 5))?;
+            a.mov(qword_ptr(rsp - 0x100), r13)?;
+            a.bswap(r13)?;
+            a.ror(r13, 7)?;
+            a.pop(rbx)?;
+            a.ret()
+        });
+        let (interpreted, mem_i, runs_i) = run_program(&code, None);
+        let (compiled, mem_c, runs_c) = run_program(&code, Some(0));
+        assert_eq!(runs_i, 0);
+        assert!(runs_c > 100, "the blocks ran compiled ({runs_c} passes)");
+        assert_eq!(compiled, interpreted);
+        assert!(mem_c == mem_i, "memory differs");
+        assert_eq!(mem_c[0x4fff], 0x90, "the store to the code page was done");
+    }
+
     #[test]
     fn self_modifying_code_is_seen() {
+        for threshold in [None, Some(0)] {
+            self_modifying_code_is_seen_with(threshold);
+        }
+    }
+
+    fn self_modifying_code_is_seen_with(threshold: Option<u16>) {
         let (mut cpu, ram, _) = cpu(4 << 20);
+        cpu.set_jit_threshold(threshold);
         identity_map(&ram);
         let s = cpu.state_mut();
         long_mode(s);
