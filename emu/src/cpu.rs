@@ -455,11 +455,22 @@ impl Cpu {
                 (block.code(), jit, trace, n == block.ops.len())
             {
                 if let Some(view) = self.mmu.jit_view() {
-                    let ctx = crate::jit::JitCtx::from_view(&view);
+                    let mut ctx = crate::jit::JitCtx::from_view(&view);
+                    // A block that loops on itself may run again in place while the budget
+                    // lasts (nothing that the checks below look at changes in compiled
+                    // code: no MMIO, no code writes, no change to IF or the pending set).
+                    // The first pass may run the whole block, each loop pass `loop_len`.
+                    let pass = u64::from(block.loop_len);
+                    if pass > 0 {
+                        ctx.loops = (u64::from(budget - done) - n as u64) / pass;
+                    }
+                    let loops = ctx.loops;
                     self.compiled_runs += 1;
                     // SAFETY: the code was compiled by this CPU's Jit for this block and
                     // the context is this CPU's TLB and RAM code bitmap.
-                    match unsafe { jit.run(code, &mut self.state, &ctx) } {
+                    let exit = unsafe { jit.run(code, &mut self.state, &mut ctx) };
+                    done += ((loops - ctx.loops) * pass) as u32;
+                    match exit {
                         crate::jit::Exit::Done(k) => {
                             done += k;
                             from = n;
@@ -1072,8 +1083,9 @@ mod tests {
     }
 
     /// Run the program at 0x4000 in long mode until HLT, compiled (every block at once) or
-    /// interpreted: the final state, the RAM below 1 MiB and how many compiled passes ran.
-    fn run_program(code: &[u8], threshold: Option<u16>) -> (CpuState, Vec<u8>, u64) {
+    /// interpreted: the final state, the RAM below 1 MiB, the instruction count and how
+    /// many compiled passes ran.
+    fn run_program(code: &[u8], threshold: Option<u16>) -> (CpuState, Vec<u8>, u64, u64) {
         let (mut cpu, ram, _) = cpu(4 << 20);
         cpu.set_jit_threshold(threshold);
         identity_map(&ram);
@@ -1090,7 +1102,7 @@ mod tests {
         let mut mem = vec![0u8; 1 << 20];
         assert!(ram.read_bytes(0, &mut mem));
         let runs = cpu.compiled_runs();
-        (cpu.state().clone(), mem, runs)
+        (cpu.state().clone(), mem, cpu.instruction_count(), runs)
     }
 
     /// A loop with every kind of compiled form (loads, read-modify-writes, an ADC chain,
@@ -1123,6 +1135,20 @@ mod tests {
             a.inc(rdx)?;
             a.dec(rcx)?;
             a.jnz(top)?;
+            // A block that loops on itself (in place, in compiled code), with an exit in
+            // the middle of its pass and code after the loop branch.
+            let mut again = a.create_label();
+            let mut out = a.create_label();
+            a.mov(ecx, 3000u32)?;
+            a.set_label(&mut again)?;
+            a.add(r9, rcx)?;
+            a.adc(r10, 0)?;
+            a.cmp(r9, 0x7fff_0000)?;
+            a.ja(out)?;
+            a.dec(ecx)?;
+            a.jnz(again)?;
+            a.xor(r9, 5)?;
+            a.set_label(&mut out)?;
             a.mov(byte_ptr(0x4fff), 0x90u32)?;
             a.hlt()?;
             a.set_label(&mut f)?;
@@ -1145,11 +1171,16 @@ mod tests {
             a.pop(rbx)?;
             a.ret()
         });
-        let (interpreted, mem_i, runs_i) = run_program(&code, None);
-        let (compiled, mem_c, runs_c) = run_program(&code, Some(0));
+        let (interpreted, mem_i, count_i, runs_i) = run_program(&code, None);
+        let (compiled, mem_c, count_c, runs_c) = run_program(&code, Some(0));
         assert_eq!(runs_i, 0);
         assert!(runs_c > 100, "the blocks ran compiled ({runs_c} passes)");
+        assert!(
+            runs_c < 1000,
+            "the loop ran in place, not a pass per iteration ({runs_c} passes)"
+        );
         assert_eq!(compiled, interpreted);
+        assert_eq!(count_c, count_i, "instruction count");
         assert!(mem_c == mem_i, "memory differs");
         assert_eq!(mem_c[0x4fff], 0x90, "the store to the code page was done");
     }

@@ -38,7 +38,9 @@ pub struct Block {
     pa: u64,
     /// Linear IP of the first instruction (decodes depend on it).
     ip: u64,
-    bitness: u16,
+    bitness: u8,
+    /// Instructions per pass of its compiled in-place loop (0: none).
+    pub loop_len: u8,
     /// Entries since it was decoded, until it is compiled (or [`COLD`]).
     heat: u16,
     /// Global RAM page index of the code, or [`UNCACHED`].
@@ -70,6 +72,7 @@ impl Block {
             pa: u64::MAX,
             ip: 0,
             bitness: 0,
+            loop_len: 0,
             heat: 0,
             page: UNCACHED,
             generation: 0,
@@ -173,7 +176,10 @@ impl DecodeCache {
             return;
         }
         match jit.compile(&b.instrs, &b.ops) {
-            Ok(Some(code)) => b.jit = code.0,
+            Ok(Some((code, loop_len))) => {
+                b.jit = code.0;
+                b.loop_len = loop_len;
+            }
             Ok(None) => b.heat = COLD,
             Err(ArenaFull) => {
                 // Start over: every block compiles again once it is hot again.
@@ -270,7 +276,7 @@ impl DecodeCache {
         block.fill(&self.decoded, bitness, &mut self.forms);
         block.pa = t.pa;
         block.ip = ip;
-        block.bitness = bitness as u16;
+        block.bitness = bitness as u8;
         block.page = t.page as u32;
         block.generation = generation;
         // Only 64-bit code compiles.
@@ -289,7 +295,7 @@ impl DecodeCache {
         b.fill(&[instr], bitness, &mut self.forms);
         b.page = UNCACHED;
         b.ip = ip;
-        b.bitness = bitness as u16;
+        b.bitness = bitness as u8;
         Ok(&self.scratch)
     }
 }

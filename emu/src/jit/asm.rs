@@ -254,6 +254,16 @@ impl Asm {
         self.imm32(0);
     }
 
+    /// `jrcxz` over the code that `skipped` emits (which must be under 128 bytes).
+    pub fn jrcxz_over(&mut self, skipped: impl FnOnce(&mut Asm)) {
+        self.byte(0xe3);
+        let at = self.buf.len();
+        self.byte(0);
+        skipped(self);
+        let len = self.buf.len() - at - 1;
+        self.buf[at] = u8::try_from(len).unwrap_or(0);
+    }
+
     pub fn push(&mut self, reg: u8) {
         if reg >= 8 {
             self.byte(0x41);
@@ -411,5 +421,8 @@ mod tests {
         let l = a.label();
         a.jmp(l);
         assert!(a.finish().is_none(), "an unbound label is refused");
+        let mut a = Asm::new();
+        a.jrcxz_over(|a| a.lea(RBP, Rm::Mem(RBP, -1)));
+        assert_eq!(text(a), "jrcxz 9; lea rbp, [rbp-1]");
     }
 }

@@ -16,8 +16,12 @@
 //! does the MMIO, or invalidates the code. The same exit ends the compiled prefix at the
 //! first form the compiler does not handle.
 //!
-//! Register use: RBX = `&mut CpuState`, R12 = `&JitCtx`, R13 = the TLB, R15 = the code-page
-//! bitmap, R14 = saved guest flags; RAX and RCX hold operands, RSI an address, RDX, RDI,
+//! A block with a branch back to its own start runs again in place, without leaving, as
+//! many times as `JitCtx::loops` allows (the budget of the caller's batch); the passes left
+//! are written back. Only the first such branch loops, so every pass is as long.
+//!
+//! Register use: RBX = `&mut CpuState`, R12 = `&mut JitCtx`, R13 = the TLB, R15 = the
+//! code-page bitmap, R14 = saved guest flags, RBP = loop passes left; RAX and RCX hold operands, RSI an address, RDX, RDI,
 //! R8 and R9 are scratch for the lookup.
 
 use std::mem::offset_of;
@@ -90,28 +94,49 @@ enum Stub {
     Miss { index: u32, ip: u64 },
     /// A taken conditional branch: `done` instructions ran, RIP goes to `target`.
     Taken { done: u32, target: u64 },
+    /// The branch at the end of the block back to its start: run the block again while
+    /// passes are left (RBP), else leave like [`Stub::Taken`].
+    Loop { done: u32, target: u64 },
 }
 
 struct Compiler {
     a: Asm,
     exit: Label,
+    /// The first instruction, flags loaded (a loop back to the block start comes here).
+    body: Label,
+    /// IP of the block's first instruction.
+    start: u64,
+    /// Instructions per pass of the loop back to the start, once one is compiled.
+    loop_len: Option<u32>,
     stubs: Vec<(Label, Stub)>,
 }
 
+/// Compiled code (position-independent: all branches are internal) and, if it loops back
+/// to its start in place, the instructions of one pass of that loop.
+pub struct Compiled {
+    pub code: Vec<u8>,
+    pub loop_len: Option<u32>,
+}
+
 /// Compile the longest prefix of the block that the compiler handles; None if that prefix
-/// is empty. The code is position-independent (all branches are internal).
-pub fn compile(instrs: &[Instruction], ops: &[Op]) -> Option<Vec<u8>> {
+/// is empty.
+pub fn compile(instrs: &[Instruction], ops: &[Op]) -> Option<Compiled> {
     if ops.first().is_none_or(|op| !supported(&op.fast)) {
         return None;
     }
     let mut a = Asm::new();
     let exit = a.label();
+    let body = a.label();
     let mut c = Compiler {
         a,
         exit,
+        body,
+        start: instrs.first()?.ip(),
+        loop_len: None,
         stubs: Vec::new(),
     };
     c.prologue();
+    c.a.bind(body);
     let mut ended = false;
     for (index, (instr, op)) in instrs.iter().zip(ops).enumerate() {
         let index = index as u32;
@@ -136,7 +161,11 @@ pub fn compile(instrs: &[Instruction], ops: &[Op]) -> Option<Vec<u8>> {
         c.a.jmp(c.exit);
     }
     c.epilogue();
-    c.a.finish()
+    let loop_len = c.loop_len;
+    Some(Compiled {
+        code: c.a.finish()?,
+        loop_len,
+    })
 }
 
 impl Compiler {
@@ -149,6 +178,7 @@ impl Compiler {
         a.op(8, &[0x8b], R12, Rm::Reg(RSI));
         a.load(8, R13, ctx(offset_of!(JitCtx, tlb)));
         a.load(8, R15, ctx(offset_of!(JitCtx, code_bits)));
+        a.load(8, RBP, ctx(offset_of!(JitCtx, loops)));
         // Guest status flags into the host's: SF ZF AF PF CF through AH, OF by an add.
         a.load(8, RAX, RFLAGS);
         a.load(4, RCX, Rm::Reg(RAX));
@@ -175,6 +205,17 @@ impl Compiler {
                     self.set_rip(target);
                     self.a.mov_imm(RAX, u64::from(done));
                 }
+                Stub::Loop { done, target } => {
+                    let body = self.body;
+                    // Flags stay in the host's: only MOV, LEA and JRCXZ here.
+                    self.a.load(8, RCX, Rm::Reg(RBP));
+                    self.a.jrcxz_over(|a| {
+                        a.lea(RBP, Rm::Mem(RBP, -1));
+                        a.jmp(body);
+                    });
+                    self.set_rip(target);
+                    self.a.mov_imm(RAX, u64::from(done));
+                }
             }
             self.a.jmp(self.exit);
         }
@@ -185,6 +226,7 @@ impl Compiler {
         a.alu_imm(4, 4, Rm::Reg(RCX), STATUS);
         a.alu_imm(8, 4, RFLAGS, !STATUS);
         a.alu(8, 1, RFLAGS, RCX);
+        a.store(8, ctx(offset_of!(JitCtx, loops)), RBP);
         for r in [R15, R14, R13, R12, RBP, RBX] {
             a.pop(r);
         }
@@ -504,19 +546,34 @@ impl Compiler {
                 self.a.jmp(self.exit);
                 return true;
             }
+            Fast::Jmp { target } if target == self.start && self.loop_len.is_none() => {
+                self.loop_len = Some(index + 1);
+                let lp = self.a.label();
+                self.stubs.push((
+                    lp,
+                    Stub::Loop {
+                        done: index + 1,
+                        target,
+                    },
+                ));
+                self.a.jmp(lp);
+                return true;
+            }
             Fast::Jmp { target } => {
                 self.leave(index + 1, target);
                 return true;
             }
             Fast::Jcc { cc, target } => {
                 let taken = self.a.label();
-                self.stubs.push((
-                    taken,
-                    Stub::Taken {
-                        done: index + 1,
-                        target,
-                    },
-                ));
+                let done = index + 1;
+                let stub = if target == self.start && self.loop_len.is_none() {
+                    // (One loop point per block, so every pass runs the same instructions.)
+                    self.loop_len = Some(done);
+                    Stub::Loop { done, target }
+                } else {
+                    Stub::Taken { done, target }
+                };
+                self.stubs.push((taken, stub));
                 self.a.jcc(cond(cc).unwrap_or_default(), taken);
             }
             Fast::Nop => {}

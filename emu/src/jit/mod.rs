@@ -37,6 +37,9 @@ pub struct JitCtx {
     pub(crate) need_write: u32,
     pub(crate) fs_base: u64,
     pub(crate) gs_base: u64,
+    /// In: how many more times a self-looping block may run after its first pass. Out:
+    /// how many of those were left.
+    pub loops: u64,
 }
 
 impl JitCtx {
@@ -48,6 +51,7 @@ impl JitCtx {
             need_write: u32::from(v.need_write),
             fs_base: v.fs_base,
             gs_base: v.gs_base,
+            loops: 0,
         }
     }
 }
@@ -65,7 +69,7 @@ pub enum Exit {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Code(pub(crate) u32);
 
-type Entry = unsafe extern "sysv64" fn(*mut CpuState, *const JitCtx) -> u64;
+type Entry = unsafe extern "sysv64" fn(*mut CpuState, *mut JitCtx) -> u64;
 
 /// The compiler state of one CPU.
 pub struct Jit {
@@ -96,17 +100,22 @@ impl Jit {
         }
     }
 
-    /// Compile a block; None if nothing of it compiles, or the arena is full (then the
-    /// caller drops every compiled block with [`Jit::reset`] and may try again).
+    /// Compile a block: its code and the length of its in-place loop pass (0: none).
+    /// None if nothing of it compiles; an error when the arena is full (then the caller
+    /// drops every compiled block with [`Jit::reset`] and may try again).
     pub fn compile(
         &mut self,
         instrs: &[iced_x86::Instruction],
         ops: &[crate::decode::Op],
-    ) -> Result<Option<Code>, ArenaFull> {
-        let Some(bytes) = compile::compile(instrs, ops) else {
+    ) -> Result<Option<(Code, u8)>, ArenaFull> {
+        let Some(c) = compile::compile(instrs, ops) else {
             return Ok(None);
         };
-        self.arena.install(&bytes).map(Some).ok_or(ArenaFull)
+        let loop_len = c.loop_len.map_or(0, |n| n as u8);
+        self.arena
+            .install(&c.code)
+            .map(|code| Some((code, loop_len)))
+            .ok_or(ArenaFull)
     }
 
     /// Forget all compiled code (every `Code` handed out is invalid afterwards).
@@ -120,7 +129,7 @@ impl Jit {
     /// `code` must come from this `Jit` since its last reset, and `ctx` must describe live
     /// memory: a TLB of `TLB_ENTRIES` entries whose host pointers are valid pages, and a
     /// code bitmap covering every page index those entries name.
-    pub unsafe fn run(&self, code: Code, state: &mut CpuState, ctx: &JitCtx) -> Exit {
+    pub unsafe fn run(&self, code: Code, state: &mut CpuState, ctx: &mut JitCtx) -> Exit {
         // SAFETY: the arena holds compiled code at this offset (the caller's contract);
         // the code follows the sysv64 convention and touches only `state` and what `ctx`
         // points to.
@@ -190,6 +199,7 @@ impl TestMemory {
             need_write: 2 | 0x20,
             fs_base: 0,
             gs_base: 0,
+            loops: 0,
         }
     }
 }

@@ -271,7 +271,7 @@ pub fn run_compiled(init: &Init, instrs: &[Instruction]) -> Option<Ending> {
         })
         .collect();
     let mut jit = Jit::new(0)?;
-    let code = jit.compile(instrs, &ops).ok()??;
+    let (code, _) = jit.compile(instrs, &ops).ok()??;
     let mut state = initial_state(init);
     let mut mem = BufferMemory {
         bytes: init.data.clone(),
@@ -280,7 +280,7 @@ pub fn run_compiled(init: &Init, instrs: &[Instruction]) -> Option<Ending> {
     // not otherwise touched while the compiled code runs.
     let view = unsafe { TestMemory::new(DATA_ADDR, mem.bytes.as_mut_ptr(), DATA_SIZE) };
     // SAFETY: code from this Jit; the context describes the buffer above.
-    let from = match unsafe { jit.run(code, &mut state, &view.ctx()) } {
+    let from = match unsafe { jit.run(code, &mut state, &mut view.ctx()) } {
         Exit::Done(n) | Exit::Interpret(n) => n as usize,
     };
     for (i, instr) in instrs.iter().enumerate().skip(from) {
