@@ -461,8 +461,8 @@ impl Cpu {
                     // code: no MMIO, no code writes, no change to IF or the pending set).
                     // The first pass may run the whole block, each loop pass `loop_len`.
                     let pass = u64::from(block.loop_len);
-                    if pass > 0 {
-                        ctx.loops = (u64::from(budget - done) - n as u64) / pass;
+                    if let Some(loops) = (u64::from(budget - done) - n as u64).checked_div(pass) {
+                        ctx.loops = loops;
                     }
                     let loops = ctx.loops;
                     self.compiled_runs += 1;
