@@ -39,8 +39,8 @@ pub struct Block {
     /// Linear IP of the first instruction (decodes depend on it).
     ip: u64,
     bitness: u8,
-    /// Instructions per pass of its compiled in-place loop (0: none).
-    pub loop_len: u8,
+    /// Offset of the chained entry in its compiled code.
+    chain: u8,
     /// Entries since it was decoded, until it is compiled (or [`COLD`]).
     heat: u16,
     /// Global RAM page index of the code, or [`UNCACHED`].
@@ -72,7 +72,7 @@ impl Block {
             pa: u64::MAX,
             ip: 0,
             bitness: 0,
-            loop_len: 0,
+            chain: 0,
             heat: 0,
             page: UNCACHED,
             generation: 0,
@@ -83,6 +83,11 @@ impl Block {
     }
 
     /// Its compiled code, if it has been compiled.
+    /// Linear IP of its first instruction.
+    pub fn ip(&self) -> u64 {
+        self.ip
+    }
+
     pub fn code(&self) -> Option<jit::Code> {
         (self.jit != NO_CODE).then_some(jit::Code(self.jit))
     }
@@ -161,14 +166,20 @@ impl DecodeCache {
         }
     }
 
-    /// Count an entry into block `index`, and compile it once it is hot.
+    /// Count an entry into block `index`, and compile it once it is hot. A compiled block
+    /// goes (back) into the jump cache, for other compiled blocks to go on to it.
     #[inline]
-    fn heat(&mut self, index: usize) {
+    fn heat(&mut self, index: usize, mmu: &mut Mmu) {
         let Some(jit) = &mut self.jit else {
             return;
         };
         let b = &mut self.blocks[index];
-        if b.jit != NO_CODE || b.heat == COLD {
+        if b.jit != NO_CODE {
+            let entry = jit.chain_entry(jit::Code(b.jit), b.chain);
+            mmu.remember_jump(b.ip, entry, b.page, b.generation);
+            return;
+        }
+        if b.heat == COLD {
             return;
         }
         if b.heat < jit.threshold {
@@ -176,14 +187,16 @@ impl DecodeCache {
             return;
         }
         match jit.compile(&b.instrs, &b.ops) {
-            Ok(Some((code, loop_len))) => {
+            Ok(Some((code, chain))) => {
                 b.jit = code.0;
-                b.loop_len = loop_len;
+                b.chain = chain;
+                mmu.remember_jump(b.ip, jit.chain_entry(code, chain), b.page, b.generation);
             }
             Ok(None) => b.heat = COLD,
             Err(ArenaFull) => {
                 // Start over: every block compiles again once it is hot again.
                 jit.reset();
+                mmu.invalidate_jumps();
                 for b in self.blocks.iter_mut() {
                     b.jit = NO_CODE;
                     b.heat = 0;
@@ -221,7 +234,7 @@ impl DecodeCache {
             && b.page as usize == t.page
             && b.generation == mmu.ram.generation(t.page)
         {
-            self.heat(index);
+            self.heat(index, mmu);
             return Ok((&self.blocks[index], self.jit.as_ref()));
         }
         // Mark before reading the bytes, so a racing write bumps the generation we take.
@@ -281,7 +294,7 @@ impl DecodeCache {
         block.generation = generation;
         // Only 64-bit code compiles.
         if bitness == 64 {
-            self.heat(index);
+            self.heat(index, mmu);
         } else {
             self.blocks[index].heat = COLD;
         }

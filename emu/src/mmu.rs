@@ -120,6 +120,12 @@ pub struct Mmu {
     /// (Other CPUs' writes are seen at the next block lookup, through the page
     /// generation; cross-modifying code needs that synchronization anyway.)
     pub code_written: bool,
+    /// Compiled blocks by linear RIP, for compiled code to go on to the next block
+    /// without returning to the run loop (see `crate::jit`).
+    jumps: Box<[JumpEntry]>,
+    /// Bumped whenever what a RIP maps to may have changed (TLB flushes, mode changes):
+    /// entries of older epochs are dead.
+    jump_epoch: u32,
 }
 
 // SAFETY: the raw pointers in the TLB point into the shared guest RAM mapping, which the
@@ -144,6 +150,8 @@ impl Mmu {
             efer: 0,
             mmio_touched: false,
             code_written: false,
+            jumps: vec![EMPTY_JUMP; JUMP_ENTRIES].into_boxed_slice(),
+            jump_epoch: 1,
         };
         mmu.sync(&CpuState::power_on());
         mmu
@@ -151,6 +159,14 @@ impl Mmu {
 
     /// Take a fresh snapshot of the state translation depends on.
     pub fn sync(&mut self, s: &CpuState) {
+        if s.code64() != self.code64
+            || s.cr0 != self.cr0
+            || s.cr3 != self.cr3
+            || s.cr4 != self.cr4
+            || s.efer != self.efer
+        {
+            self.invalidate_jumps();
+        }
         self.seg = s.seg;
         self.code64 = s.code64();
         self.protected = s.protected_mode();
@@ -163,11 +179,13 @@ impl Mmu {
 
     /// Drop every TLB entry, global ones included.
     pub fn flush_all(&mut self) {
+        self.invalidate_jumps();
         self.tlb.fill(EMPTY);
     }
 
     /// Drop non-global entries (MOV CR3).
     pub fn flush_non_global(&mut self) {
+        self.invalidate_jumps();
         let keep_global = self.cr4 & CR4_PGE != 0;
         for e in self.tlb.iter_mut() {
             if !keep_global || e.perms & T_GLOBAL == 0 {
@@ -178,6 +196,7 @@ impl Mmu {
 
     /// INVLPG: drop the translations of the page containing `linear`.
     pub fn flush_page(&mut self, linear: u64) {
+        self.invalidate_jumps();
         let vpn = linear >> 12;
         for e in self.tlb.iter_mut() {
             if e.tag != u64::MAX && (e.tag & e.size_mask) == (vpn & e.size_mask) {
@@ -792,9 +811,44 @@ impl Mmu {
 }
 
 /// What compiled blocks need to reach RAM through this CPU's TLB (see `crate::jit`).
+/// One entry of the jump cache: the compiled block at a linear RIP, valid while its key
+/// (epoch and CPL) is current and its code page keeps its generation. `repr(C)`: compiled
+/// code reads it.
+#[derive(Clone, Copy)]
+#[repr(C)]
+pub(crate) struct JumpEntry {
+    pub rip: u64,
+    /// Where compiled code enters the block from another one.
+    pub entry: *const u8,
+    /// Global RAM page index of the code, and its generation when compiled.
+    pub page: u32,
+    pub generation: u32,
+    pub key: u32,
+    pub _pad: u32,
+}
+
+pub(crate) const JUMP_ENTRIES: usize = 4096;
+
+const EMPTY_JUMP: JumpEntry = JumpEntry {
+    rip: u64::MAX,
+    entry: std::ptr::null(),
+    page: 0,
+    generation: 0,
+    key: 0,
+    _pad: 0,
+};
+
+/// The jump-cache slot of a linear RIP (compiled code computes the same).
+pub(crate) fn jump_slot(rip: u64) -> usize {
+    ((rip ^ (rip >> 10)) as usize) & (JUMP_ENTRIES - 1)
+}
+
 pub(crate) struct JitView {
     pub tlb: *const TlbEntry,
     pub code_bits: *const u64,
+    pub jumps: *const JumpEntry,
+    pub generations: *const u32,
+    pub jump_key: u32,
     pub need_read: u8,
     pub need_write: u8,
     pub fs_base: u64,
@@ -813,11 +867,44 @@ impl Mmu {
         Some(JitView {
             tlb: self.tlb.as_ptr(),
             code_bits: self.ram.code_bits(),
+            jumps: self.jumps.as_ptr(),
+            generations: self.ram.generations_ptr(),
+            jump_key: self.jump_key(),
             need_read: required_perms(Access::Read, user),
             need_write: required_perms(Access::Write, user),
             fs_base: self.seg[crate::state::FS].base,
             gs_base: self.seg[crate::state::GS].base,
         })
+    }
+}
+
+impl Mmu {
+    /// Every jump-cache entry is dead from now on.
+    pub(crate) fn invalidate_jumps(&mut self) {
+        self.jump_epoch = self.jump_epoch.wrapping_add(1);
+        if self.jump_epoch >= 1 << 29 {
+            // The key would wrap: really empty the cache.
+            self.jumps.fill(EMPTY_JUMP);
+            self.jump_epoch = 1;
+        }
+    }
+
+    fn jump_key(&self) -> u32 {
+        (self.jump_epoch << 2) | u32::from(self.cpl)
+    }
+
+    /// Compiled code for the block at `rip` (in the current mode and mappings, at this
+    /// CPL) enters at `entry`; its code is on RAM page `page` at `generation`.
+    pub(crate) fn remember_jump(&mut self, rip: u64, entry: *const u8, page: u32, generation: u32) {
+        let key = self.jump_key();
+        self.jumps[jump_slot(rip)] = JumpEntry {
+            rip,
+            entry,
+            page,
+            generation,
+            key,
+            _pad: 0,
+        };
     }
 }
 

@@ -138,6 +138,13 @@ impl GuestRam {
         self.code.as_ptr() as *const u64
     }
 
+    /// The per-page generations, for compiled code that checks a page still holds the
+    /// code it was compiled from.
+    pub(crate) fn generations_ptr(&self) -> *const u32 {
+        // AtomicU32 has the layout of u32.
+        self.generations.as_ptr() as *const u32
+    }
+
     /// Mark a page as holding decoded code. Call before reading its bytes.
     pub fn mark_code(&self, page: usize) {
         if let Some(word) = self.code.get(page / 64) {

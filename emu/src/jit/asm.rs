@@ -254,14 +254,9 @@ impl Asm {
         self.imm32(0);
     }
 
-    /// `jrcxz` over the code that `skipped` emits (which must be under 128 bytes).
-    pub fn jrcxz_over(&mut self, skipped: impl FnOnce(&mut Asm)) {
-        self.byte(0xe3);
-        let at = self.buf.len();
-        self.byte(0);
-        skipped(self);
-        let len = self.buf.len() - at - 1;
-        self.buf[at] = u8::try_from(len).unwrap_or(0);
+    /// `jmp qword [mem]`
+    pub fn jmp_indirect(&mut self, rm: Rm) {
+        self.op(4, &[0xff], 4, rm);
     }
 
     pub fn push(&mut self, reg: u8) {
@@ -387,6 +382,14 @@ mod tests {
         assert_eq!(one(|a| a.bswap(4, RAX)), "bswap eax");
         assert_eq!(one(|a| a.bt(R9, RDX)), "bt r9, rdx");
         assert_eq!(
+            one(|a| a.jmp_indirect(Rm::Mem(RCX, 8))),
+            "jmp qword ptr [rcx+8]"
+        );
+        assert_eq!(
+            one(|a| a.load(4, RDX, Rm::Sib(RSI, RDX, 2, 0))),
+            "mov edx, [rsi+rdx*4]"
+        );
+        assert_eq!(
             one(|a| a.alu_imm(8, 4, Rm::Mem(RBX, 0x88), -0x8d6)),
             "and qword ptr [rbx+88h], 0FFFFFFFFFFFFF72Ah"
         );
@@ -421,8 +424,5 @@ mod tests {
         let l = a.label();
         a.jmp(l);
         assert!(a.finish().is_none(), "an unbound label is refused");
-        let mut a = Asm::new();
-        a.jrcxz_over(|a| a.lea(RBP, Rm::Mem(RBP, -1)));
-        assert_eq!(text(a), "jrcxz 9; lea rbp, [rbp-1]");
     }
 }

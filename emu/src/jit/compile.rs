@@ -16,24 +16,27 @@
 //! does the MMIO, or invalidates the code. The same exit ends the compiled prefix at the
 //! first form the compiler does not handle.
 //!
-//! A block with a branch back to its own start runs again in place, without leaving, as
-//! many times as `JitCtx::loops` allows (the budget of the caller's batch); the passes left
-//! are written back. Only the first such branch loops, so every pass is as long.
+//! Compiled blocks chain: a block that is left with RIP set looks the new RIP up in the
+//! CPU's jump cache (`Mmu::remember_jump`) and, on a hit whose key and code-page
+//! generation are current, jumps straight into that block's chained entry. `JitCtx::budget`
+//! bounds the instructions of a chained run (a block is entered only if all of it fits), so
+//! the run loop still polls interrupts every batch. A block with a branch back to its own
+//! start goes round in place (only the first such branch, so every pass is as long).
 //!
 //! Register use: RBX = `&mut CpuState`, R12 = `&mut JitCtx`, R13 = the TLB, R15 = the
-//! code-page bitmap, R14 = saved guest flags, RBP = loop passes left; RAX and RCX hold operands, RSI an address, RDX, RDI,
-//! R8 and R9 are scratch for the lookup.
+//! code-page bitmap, R14 = saved guest flags; RAX and RCX hold operands, RSI an address, RDX, RDI,
+//! R8 and R9 are scratch for the lookup. RBP = instructions left in the budget.
 
 use std::mem::offset_of;
 
 use iced_x86::{ConditionCode, Instruction};
 
 use super::asm::*;
-use super::{JitCtx, EXIT_INTERPRET};
+use super::{JitCtx, EXIT_DONE, EXIT_INTERPRET};
 use crate::decode::Op;
 use crate::exec::fast::{AluOp, Fast, MemRef, Operand, NO_REG, RIP_REG};
 use crate::exec::integer::alu::ShiftOp;
-use crate::mmu::{is_canonical, TlbEntry, TLB_ENTRIES};
+use crate::mmu::{is_canonical, JumpEntry, TlbEntry, JUMP_ENTRIES, TLB_ENTRIES};
 use crate::state::{CpuState, FS, GS};
 
 const _: () = assert!(std::mem::size_of::<TlbEntry>() == 40);
@@ -94,14 +97,24 @@ enum Stub {
     Miss { index: u32, ip: u64 },
     /// A taken conditional branch: `done` instructions ran, RIP goes to `target`.
     Taken { done: u32, target: u64 },
-    /// The branch at the end of the block back to its start: run the block again while
-    /// passes are left (RBP), else leave like [`Stub::Taken`].
+    /// The branch back to the block's start: run the block again while the budget (RBP)
+    /// has room for it, else leave like [`Stub::Taken`].
     Loop { done: u32, target: u64 },
+    /// The chained entry found no room in the budget for the block.
+    Bail,
 }
 
 struct Compiler {
     a: Asm,
+    /// Leave a finished block (RAX = its instructions run, RIP set): go on to the next
+    /// compiled block if the jump cache has it, else return.
     exit: Label,
+    /// Leave for the interpreter (RAX = exit code, RIP at the instruction).
+    exit_interpret: Label,
+    /// Return to the caller (RAX = exit code, guest flags already in the state).
+    exit_return: Label,
+    /// Instructions in the block.
+    len: u32,
     /// The first instruction, flags loaded (a loop back to the block start comes here).
     body: Label,
     /// IP of the block's first instruction.
@@ -111,11 +124,11 @@ struct Compiler {
     stubs: Vec<(Label, Stub)>,
 }
 
-/// Compiled code (position-independent: all branches are internal) and, if it loops back
-/// to its start in place, the instructions of one pass of that loop.
+/// Compiled code (position-independent: all branches are internal, the only jumps out
+/// go through the jump cache) and the offset of its chained entry.
 pub struct Compiled {
     pub code: Vec<u8>,
-    pub loop_len: Option<u32>,
+    pub chain_offset: usize,
 }
 
 /// Compile the longest prefix of the block that the compiler handles; None if that prefix
@@ -126,16 +139,21 @@ pub fn compile(instrs: &[Instruction], ops: &[Op]) -> Option<Compiled> {
     }
     let mut a = Asm::new();
     let exit = a.label();
+    let exit_interpret = a.label();
+    let exit_return = a.label();
     let body = a.label();
     let mut c = Compiler {
         a,
         exit,
+        exit_interpret,
+        exit_return,
+        len: u32::try_from(ops.len()).ok()?,
         body,
         start: instrs.first()?.ip(),
         loop_len: None,
         stubs: Vec::new(),
     };
-    c.prologue();
+    let chain_offset = c.prologue();
     c.a.bind(body);
     let mut ended = false;
     for (index, (instr, op)) in instrs.iter().zip(ops).enumerate() {
@@ -144,7 +162,7 @@ pub fn compile(instrs: &[Instruction], ops: &[Op]) -> Option<Compiled> {
             // The interpreter takes over here.
             c.set_rip(instr.ip());
             c.a.mov_imm(RAX, (EXIT_INTERPRET << 32) | u64::from(index));
-            c.a.jmp(c.exit);
+            c.a.jmp(c.exit_interpret);
             ended = true;
             break;
         }
@@ -161,15 +179,17 @@ pub fn compile(instrs: &[Instruction], ops: &[Op]) -> Option<Compiled> {
         c.a.jmp(c.exit);
     }
     c.epilogue();
-    let loop_len = c.loop_len;
     Some(Compiled {
         code: c.a.finish()?,
-        loop_len,
+        chain_offset,
     })
 }
 
 impl Compiler {
-    fn prologue(&mut self) {
+    /// The entry from the caller, then the chained entry (whose offset is returned): room
+    /// for the whole block in the budget, or return with RIP at the block.
+    fn prologue(&mut self) -> usize {
+        let load = self.a.label();
         let a = &mut self.a;
         for r in [RBX, RBP, R12, R13, R14, R15] {
             a.push(r);
@@ -178,7 +198,14 @@ impl Compiler {
         a.op(8, &[0x8b], R12, Rm::Reg(RSI));
         a.load(8, R13, ctx(offset_of!(JitCtx, tlb)));
         a.load(8, R15, ctx(offset_of!(JitCtx, code_bits)));
-        a.load(8, RBP, ctx(offset_of!(JitCtx, loops)));
+        a.load(8, RBP, ctx(offset_of!(JitCtx, budget)));
+        a.jmp(load);
+        let chain = a.buf.len();
+        let bail = a.label();
+        a.alu_imm(8, 7, Rm::Reg(RBP), self.len as i32);
+        a.jcc(CC_B, bail);
+        self.stubs.push((bail, Stub::Bail));
+        a.bind(load);
         // Guest status flags into the host's: SF ZF AF PF CF through AH, OF by an add.
         a.load(8, RAX, RFLAGS);
         a.load(4, RCX, Rm::Reg(RAX));
@@ -188,9 +215,20 @@ impl Compiler {
         a.store(1, Rm::Reg(RAX), RCX);
         a.add_al(0x7f);
         a.sahf();
+        chain
     }
 
-    /// RAX holds the exit code; the host flags hold the guest's.
+    /// The guest status flags from the host's into the state.
+    fn store_flags(&mut self) {
+        let a = &mut self.a;
+        a.pushfq();
+        a.pop(RCX);
+        a.alu_imm(4, 4, Rm::Reg(RCX), STATUS);
+        a.alu_imm(8, 4, RFLAGS, !STATUS);
+        a.alu(8, 1, RFLAGS, RCX);
+    }
+
+    /// The stubs, then the exits.
     fn epilogue(&mut self) {
         for (label, stub) in std::mem::take(&mut self.stubs) {
             self.a.bind(label);
@@ -200,33 +238,78 @@ impl Compiler {
                     self.set_rip(ip);
                     self.a
                         .mov_imm(RAX, (EXIT_INTERPRET << 32) | u64::from(index));
+                    self.a.jmp(self.exit_interpret);
                 }
                 Stub::Taken { done, target } => {
                     self.set_rip(target);
                     self.a.mov_imm(RAX, u64::from(done));
+                    self.a.jmp(self.exit);
                 }
                 Stub::Loop { done, target } => {
-                    let body = self.body;
-                    // Flags stay in the host's: only MOV, LEA and JRCXZ here.
-                    self.a.load(8, RCX, Rm::Reg(RBP));
-                    self.a.jrcxz_over(|a| {
-                        a.lea(RBP, Rm::Mem(RBP, -1));
-                        a.jmp(body);
-                    });
+                    // Count the pass; go round again if a whole block still fits.
+                    let out = self.a.label();
+                    self.save_flags();
+                    self.a.alu_imm(8, 5, Rm::Reg(RBP), done as i32);
+                    self.a.alu_imm(8, 7, Rm::Reg(RBP), self.len as i32);
+                    self.a.jcc(CC_B, out);
+                    self.restore_flags();
+                    self.a.jmp(self.body);
+                    self.a.bind(out);
+                    self.restore_flags();
                     self.set_rip(target);
-                    self.a.mov_imm(RAX, u64::from(done));
+                    self.a.mov_imm(RAX, 0);
+                    self.a.jmp(self.exit);
+                }
+                Stub::Bail => {
+                    self.a.mov_imm(RAX, EXIT_DONE);
+                    self.a.jmp(self.exit_return);
                 }
             }
-            self.a.jmp(self.exit);
         }
+        let out = self.a.label();
+        self.a.bind(self.exit);
+        self.store_flags();
         let a = &mut self.a;
-        a.bind(self.exit);
-        a.pushfq();
-        a.pop(RCX);
-        a.alu_imm(4, 4, Rm::Reg(RCX), STATUS);
-        a.alu_imm(8, 4, RFLAGS, !STATUS);
-        a.alu(8, 1, RFLAGS, RCX);
-        a.store(8, ctx(offset_of!(JitCtx, loops)), RBP);
+        a.alu(8, 5, Rm::Reg(RBP), RAX);
+        // The next block from the jump cache: same RIP, live key, code page unchanged.
+        a.load(8, RDX, RIP);
+        a.load(8, RCX, Rm::Reg(RDX));
+        a.shift_imm(8, 5, Rm::Reg(RCX), 10);
+        a.alu(8, 6, Rm::Reg(RCX), RDX);
+        a.alu_imm(4, 4, Rm::Reg(RCX), (JUMP_ENTRIES - 1) as i32);
+        a.shift_imm(4, 4, Rm::Reg(RCX), 5);
+        a.load(8, RSI, ctx(offset_of!(JitCtx, jumps)));
+        a.alu(8, 0, Rm::Reg(RCX), RSI);
+        a.alu(8, 7, Rm::Mem(RCX, offset_of!(JumpEntry, rip) as i32), RDX);
+        a.jcc(CC_NE, out);
+        a.load(4, RDX, ctx(offset_of!(JitCtx, jump_key)));
+        a.alu(4, 7, Rm::Mem(RCX, offset_of!(JumpEntry, key) as i32), RDX);
+        a.jcc(CC_NE, out);
+        a.load(4, RDX, Rm::Mem(RCX, offset_of!(JumpEntry, page) as i32));
+        a.load(8, RSI, ctx(offset_of!(JitCtx, generations)));
+        a.load(4, RDX, Rm::Sib(RSI, RDX, 2, 0));
+        a.alu(
+            4,
+            7,
+            Rm::Mem(RCX, offset_of!(JumpEntry, generation) as i32),
+            RDX,
+        );
+        a.jcc(CC_NE, out);
+        a.jmp_indirect(Rm::Mem(RCX, offset_of!(JumpEntry, entry) as i32));
+        a.bind(out);
+        a.mov_imm(RAX, EXIT_DONE);
+        a.jmp(self.exit_return);
+
+        self.a.bind(self.exit_interpret);
+        self.store_flags();
+        let a = &mut self.a;
+        a.load(4, RCX, Rm::Reg(RAX));
+        a.alu(8, 5, Rm::Reg(RBP), RCX);
+        a.mov_imm(RCX, self.start);
+        a.store(8, ctx(offset_of!(JitCtx, exit_block)), RCX);
+
+        a.bind(self.exit_return);
+        a.store(8, ctx(offset_of!(JitCtx, budget)), RBP);
         for r in [R15, R14, R13, R12, RBP, RBX] {
             a.pop(r);
         }
@@ -535,6 +618,7 @@ impl Compiler {
                 self.translate(index, instr.ip(), 8, false);
                 self.a.load(8, RCX, Rm::Mem(RSI, 0));
                 // A non-canonical return address faults at the RET: the interpreter's.
+                // (RCX survives restore_flags, which uses RAX only.)
                 self.a.mov_imm(RDX, 1 << 47);
                 self.a.alu(8, 0, Rm::Reg(RDX), RCX);
                 self.a.shift_imm(8, 5, Rm::Reg(RDX), 48);

@@ -20,9 +20,10 @@ use crate::state::CpuState;
 
 pub use arena::Arena;
 
-/// Exit kind: the block was left with RIP set; the low half is the instructions run.
+/// Exit kind: the block was left with RIP set.
 pub const EXIT_DONE: u64 = 0;
-/// Exit kind: RIP is at instruction `low half` of the block, which the interpreter runs.
+/// Exit kind: RIP is at instruction `low half` of the block `JitCtx::exit_block`, which
+/// the interpreter runs.
 pub const EXIT_INTERPRET: u64 = 1;
 
 /// Block entries before a block is compiled.
@@ -37,9 +38,18 @@ pub struct JitCtx {
     pub(crate) need_write: u32,
     pub(crate) fs_base: u64,
     pub(crate) gs_base: u64,
-    /// In: how many more times a self-looping block may run after its first pass. Out:
-    /// how many of those were left.
-    pub loops: u64,
+    /// The jump cache (`JUMP_ENTRIES` entries), the RAM page generations, and the key of
+    /// live jump-cache entries.
+    pub(crate) jumps: *const crate::mmu::JumpEntry,
+    pub(crate) generations: *const u32,
+    pub(crate) jump_key: u32,
+    pub(crate) _pad: u32,
+    /// In: how many instructions may run (at least the first block's length). Out: how
+    /// many were left.
+    pub budget: u64,
+    /// Out, on [`Exit::Interpret`]: the IP of the first instruction of the block that
+    /// left (compiled code may have gone on to other blocks).
+    pub exit_block: u64,
 }
 
 impl JitCtx {
@@ -51,17 +61,24 @@ impl JitCtx {
             need_write: u32::from(v.need_write),
             fs_base: v.fs_base,
             gs_base: v.gs_base,
-            loops: 0,
+            jumps: v.jumps,
+            generations: v.generations,
+            jump_key: v.jump_key,
+            _pad: 0,
+            budget: 0,
+            exit_block: 0,
         }
     }
 }
 
-/// How a compiled run ended.
+/// How a compiled run ended. The instructions run are what it took from
+/// `JitCtx::budget`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Exit {
-    /// The block was left after this many instructions; RIP is set.
-    Done(u32),
-    /// This many instructions ran; the interpreter goes on from that index (RIP is at it).
+    /// A block was left (or the budget had no room for the next one); RIP is set.
+    Done,
+    /// The interpreter goes on from this index of the block `JitCtx::exit_block` (RIP is
+    /// at it).
     Interpret(u32),
 }
 
@@ -100,9 +117,9 @@ impl Jit {
         }
     }
 
-    /// Compile a block: its code and the length of its in-place loop pass (0: none).
-    /// None if nothing of it compiles; an error when the arena is full (then the caller
-    /// drops every compiled block with [`Jit::reset`] and may try again).
+    /// Compile a block: its code and the offset of the entry that other compiled blocks
+    /// jump to. None if nothing of it compiles; an error when the arena is full (then the
+    /// caller drops every compiled block with [`Jit::reset`] and may try again).
     pub fn compile(
         &mut self,
         instrs: &[iced_x86::Instruction],
@@ -111,11 +128,16 @@ impl Jit {
         let Some(c) = compile::compile(instrs, ops) else {
             return Ok(None);
         };
-        let loop_len = c.loop_len.map_or(0, |n| n as u8);
+        let chain = u8::try_from(c.chain_offset).map_err(|_| ArenaFull)?;
         self.arena
             .install(&c.code)
-            .map(|code| Some((code, loop_len)))
+            .map(|code| Some((code, chain)))
             .ok_or(ArenaFull)
+    }
+
+    /// Host address of the chained entry of `code` (`chain` from [`Jit::compile`]).
+    pub(crate) fn chain_entry(&self, code: Code, chain: u8) -> *const u8 {
+        self.arena.address(code.0).wrapping_add(usize::from(chain))
     }
 
     /// Forget all compiled code (every `Code` handed out is invalid afterwards).
@@ -137,11 +159,10 @@ impl Jit {
             let entry: Entry = std::mem::transmute(self.arena.address(code.0));
             entry(state, ctx)
         };
-        let n = r as u32;
         if r >> 32 == EXIT_INTERPRET {
-            Exit::Interpret(n)
+            Exit::Interpret(r as u32)
         } else {
-            Exit::Done(n)
+            Exit::Done
         }
     }
 }
@@ -151,10 +172,13 @@ impl Jit {
 pub struct ArenaFull;
 
 /// For tests outside this crate: a TLB that maps the user pages at `linear` (a multiple of
-/// 4 KiB) onto `host`, read-write, with no code pages, and the context pointing at it.
+/// 4 KiB) onto `host`, read-write, with no code pages and an empty jump cache, and the
+/// context pointing at it.
 pub struct TestMemory {
     tlb: Vec<crate::mmu::TlbEntry>,
     code_bits: Vec<u64>,
+    jumps: Vec<crate::mmu::JumpEntry>,
+    generations: Vec<u32>,
 }
 
 impl TestMemory {
@@ -184,14 +208,25 @@ impl TestMemory {
                 size_mask: u64::MAX,
             };
         }
+        let empty = crate::mmu::JumpEntry {
+            rip: u64::MAX,
+            entry: std::ptr::null(),
+            page: 0,
+            generation: 0,
+            key: 0,
+            _pad: 0,
+        };
         TestMemory {
             tlb,
             code_bits: vec![0],
+            jumps: vec![empty; crate::mmu::JUMP_ENTRIES],
+            generations: vec![0],
         }
     }
 
-    /// The context of a user-mode (CPL 3) run with FS and GS bases of zero.
-    pub fn ctx(&self) -> JitCtx {
+    /// The context of a user-mode (CPL 3) run with FS and GS bases of zero and room for
+    /// `budget` instructions.
+    pub fn ctx(&self, budget: u64) -> JitCtx {
         JitCtx {
             tlb: self.tlb.as_ptr(),
             code_bits: self.code_bits.as_ptr(),
@@ -199,7 +234,12 @@ impl TestMemory {
             need_write: 2 | 0x20,
             fs_base: 0,
             gs_base: 0,
-            loops: 0,
+            jumps: self.jumps.as_ptr(),
+            generations: self.generations.as_ptr(),
+            jump_key: 3,
+            _pad: 0,
+            budget,
+            exit_block: 0,
         }
     }
 }

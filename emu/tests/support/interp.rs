@@ -280,9 +280,17 @@ pub fn run_compiled(init: &Init, instrs: &[Instruction]) -> Option<Ending> {
     // not otherwise touched while the compiled code runs.
     let view = unsafe { TestMemory::new(DATA_ADDR, mem.bytes.as_mut_ptr(), DATA_SIZE) };
     // SAFETY: code from this Jit; the context describes the buffer above.
-    let from = match unsafe { jit.run(code, &mut state, &mut view.ctx()) } {
-        Exit::Done(n) | Exit::Interpret(n) => n as usize,
+    let mut ctx = view.ctx(instrs.len() as u64);
+    let from = match unsafe { jit.run(code, &mut state, &mut ctx) } {
+        Exit::Done => instrs.len(),
+        Exit::Interpret(k) => k as usize,
     };
+    // Every instruction before the exit ran once, as the budget shows.
+    assert_eq!(
+        instrs.len() as u64 - ctx.budget,
+        from as u64,
+        "instructions run"
+    );
     for (i, instr) in instrs.iter().enumerate().skip(from) {
         for _ in 0..10_000 {
             state.rip = instr.next_ip();
