@@ -208,14 +208,14 @@ impl Fast {
 }
 
 /// General-purpose register index, or None for AH..BH and non-GPRs.
-fn gpr(reg: Register) -> Option<(u8, u8)> {
+pub(crate) fn gpr(reg: Register) -> Option<(u8, u8)> {
     match gpr_info(reg) {
         Some((index, width, false)) => Some((index as u8, width)),
         _ => None,
     }
 }
 
-fn mem_ref(instr: &Instruction) -> Option<MemRef> {
+pub(crate) fn mem_ref(instr: &Instruction) -> Option<MemRef> {
     let seg = CpuState::seg_index(instr.memory_segment())? as u8;
     let base = instr.memory_base();
     let index = instr.memory_index();

@@ -254,6 +254,38 @@ impl Asm {
         self.imm32(0);
     }
 
+    /// A group-3 (`F7 /n`: 2 NOT, 3 NEG, 4 MUL, 6 DIV) operation on `rm`.
+    pub fn group3(&mut self, size: u8, n: u8, rm: Rm) {
+        self.sized(size, 0xf6, 0xf7, n, rm);
+    }
+
+    /// Shift or rotate group by CL.
+    pub fn shift_cl(&mut self, size: u8, n: u8, rm: Rm) {
+        self.sized(size, 0xd2, 0xd3, n, rm);
+    }
+
+    /// `bt`/`bts`/`btr`/`btc` (`n` 4..7) of `rm` by an immediate.
+    pub fn bit_imm(&mut self, size: u8, n: u8, rm: Rm, bit: u8) {
+        self.op(size, &[0x0f, 0xba], n, rm);
+        self.byte(bit);
+    }
+
+    /// `bt`/`bts`/`btr`/`btc` (`n` 4..7) of the register `rm` by register `bit`.
+    pub fn bit_reg(&mut self, size: u8, n: u8, rm: u8, bit: u8) {
+        let opcode = [0xa3, 0xab, 0xb3, 0xbb][usize::from(n & 3)];
+        self.op(size, &[0x0f, opcode], bit, Rm::Reg(rm));
+    }
+
+    /// CBW/CWDE/CDQE (`to_rdx` false) or CWD/CDQ/CQO, of operand size `size`.
+    pub fn sign_extend_rax(&mut self, size: u8, to_rdx: bool) {
+        match size {
+            2 => self.byte(0x66),
+            8 => self.byte(0x48),
+            _ => {}
+        }
+        self.byte(if to_rdx { 0x99 } else { 0x98 });
+    }
+
     /// `jmp qword [mem]`
     pub fn jmp_indirect(&mut self, rm: Rm) {
         self.op(4, &[0xff], 4, rm);
@@ -309,6 +341,7 @@ pub const CC_NE: Cond = 5;
 pub const CC_A: Cond = 7;
 pub const CC_B: Cond = 2;
 pub const CC_E: Cond = 4;
+pub const CC_AE: Cond = 3;
 
 #[cfg(test)]
 mod tests {
@@ -381,6 +414,18 @@ mod tests {
         assert_eq!(one(|a| a.bswap(8, RAX)), "bswap rax");
         assert_eq!(one(|a| a.bswap(4, RAX)), "bswap eax");
         assert_eq!(one(|a| a.bt(R9, RDX)), "bt r9, rdx");
+        assert_eq!(one(|a| a.group3(8, 2, Rm::Reg(RAX))), "not rax");
+        assert_eq!(one(|a| a.group3(1, 3, Rm::Reg(RAX))), "neg al");
+        assert_eq!(one(|a| a.group3(8, 6, Rm::Reg(RCX))), "div rcx");
+        assert_eq!(one(|a| a.group3(4, 4, Rm::Reg(RCX))), "mul ecx");
+        assert_eq!(one(|a| a.shift_cl(4, 4, Rm::Reg(RAX))), "shl eax, cl");
+        assert_eq!(one(|a| a.shift_cl(1, 7, Rm::Reg(RAX))), "sar al, cl");
+        assert_eq!(one(|a| a.bit_imm(8, 6, Rm::Reg(RAX), 9)), "btr rax, 9");
+        assert_eq!(one(|a| a.bit_reg(4, 5, RAX, RCX)), "bts eax, ecx");
+        assert_eq!(one(|a| a.sign_extend_rax(8, false)), "cdqe");
+        assert_eq!(one(|a| a.sign_extend_rax(8, true)), "cqo");
+        assert_eq!(one(|a| a.sign_extend_rax(2, false)), "cbw");
+        assert_eq!(one(|a| a.sign_extend_rax(4, true)), "cdq");
         assert_eq!(
             one(|a| a.jmp_indirect(Rm::Mem(RCX, 8))),
             "jmp qword ptr [rcx+8]"

@@ -34,7 +34,7 @@ use iced_x86::{ConditionCode, Instruction};
 use super::asm::*;
 use super::{JitCtx, EXIT_DONE, EXIT_INTERPRET};
 use crate::decode::Op;
-use crate::exec::fast::{AluOp, Fast, MemRef, Operand, NO_REG, RIP_REG};
+use crate::exec::fast::{self, AluOp, Fast, MemRef, Operand, NO_REG, RIP_REG};
 use crate::exec::integer::alu::ShiftOp;
 use crate::mmu::{is_canonical, JumpEntry, TlbEntry, JUMP_ENTRIES, TLB_ENTRIES};
 use crate::state::{CpuState, FS, GS};
@@ -76,11 +76,191 @@ fn group(op: AluOp) -> u8 {
     }
 }
 
+/// Instructions without a fast form that the compiler still handles, taken from the
+/// decoded instruction.
+#[derive(Debug, Clone, Copy)]
+enum Extra {
+    /// NOT (`n` 2) or NEG (3).
+    Unary {
+        n: u8,
+        size: u8,
+        dst: Operand,
+    },
+    /// A shift or rotate group op (`n` as in the encoding) by CL.
+    ShiftCl {
+        n: u8,
+        size: u8,
+        dst: Operand,
+    },
+    /// CWDE/CDQE (`to_rdx` false) or CDQ/CQO.
+    SignExtend {
+        size: u8,
+        to_rdx: bool,
+    },
+    /// MUL (`n` 4) or DIV (6) of EDX:EAX / RDX:RAX by `src`.
+    MulDiv {
+        n: u8,
+        size: u8,
+        src: Operand,
+    },
+    /// BT/BTS/BTR/BTC (`n` 4..7) of a register by an immediate or a register, or of
+    /// memory by an immediate.
+    Bit {
+        n: u8,
+        size: u8,
+        dst: Operand,
+        bit: Operand,
+    },
+    Leave,
+    /// CALL through a register or memory.
+    CallIndirect {
+        target: Operand,
+    },
+    /// PREFETCHh: no architectural effect.
+    Nop,
+}
+
+/// A register (not AH..BH) or memory operand `n` of `size` bytes.
+fn rm_operand(instr: &Instruction, n: u32, size: u8) -> Option<Operand> {
+    match instr.op_kind(n) {
+        iced_x86::OpKind::Register => match fast::gpr(instr.op_register(n))? {
+            (i, w) if w == size => Some(Operand::Reg(i)),
+            _ => None,
+        },
+        iced_x86::OpKind::Memory if instr.memory_size().size() == usize::from(size) => {
+            fast::mem_ref(instr).map(Operand::Mem)
+        }
+        _ => None,
+    }
+}
+
+/// Operand size of an instruction whose operand 0 is a register or memory.
+fn rm_size(instr: &Instruction) -> Option<u8> {
+    match instr.op0_kind() {
+        iced_x86::OpKind::Register => fast::gpr(instr.op0_register()).map(|(_, w)| w),
+        iced_x86::OpKind::Memory => u8::try_from(instr.memory_size().size()).ok(),
+        _ => None,
+    }
+}
+
+fn extra(instr: &Instruction) -> Option<Extra> {
+    use iced_x86::{Code as C, Mnemonic as Mn, OpKind, Register};
+    if instr.has_lock_prefix() || instr.has_rep_prefix() || instr.has_repne_prefix() {
+        return None;
+    }
+    let mn = instr.mnemonic();
+    match mn {
+        Mn::Not | Mn::Neg if instr.op_count() == 1 => {
+            let size = rm_size(instr)?;
+            Some(Extra::Unary {
+                n: if mn == Mn::Not { 2 } else { 3 },
+                size,
+                dst: rm_operand(instr, 0, size)?,
+            })
+        }
+        Mn::Shl | Mn::Sal | Mn::Shr | Mn::Sar | Mn::Rol | Mn::Ror
+            if instr.op_count() == 2
+                && instr.op1_kind() == OpKind::Register
+                && instr.op1_register() == Register::CL =>
+        {
+            let size = rm_size(instr)?;
+            let n = match mn {
+                Mn::Rol => 0,
+                Mn::Ror => 1,
+                Mn::Shl | Mn::Sal => 4,
+                Mn::Shr => 5,
+                _ => 7,
+            };
+            Some(Extra::ShiftCl {
+                n,
+                size,
+                dst: rm_operand(instr, 0, size)?,
+            })
+        }
+        _ => match instr.code() {
+            C::Cwde => Some(Extra::SignExtend {
+                size: 4,
+                to_rdx: false,
+            }),
+            C::Cdqe => Some(Extra::SignExtend {
+                size: 8,
+                to_rdx: false,
+            }),
+            C::Cdq => Some(Extra::SignExtend {
+                size: 4,
+                to_rdx: true,
+            }),
+            C::Cqo => Some(Extra::SignExtend {
+                size: 8,
+                to_rdx: true,
+            }),
+            C::Mul_rm32 | C::Mul_rm64 | C::Div_rm32 | C::Div_rm64 => {
+                let size = rm_size(instr)?;
+                Some(Extra::MulDiv {
+                    n: if mn == Mn::Mul { 4 } else { 6 },
+                    size,
+                    src: rm_operand(instr, 0, size)?,
+                })
+            }
+            C::Bt_rm16_imm8
+            | C::Bt_rm32_imm8
+            | C::Bt_rm64_imm8
+            | C::Bts_rm16_imm8
+            | C::Bts_rm32_imm8
+            | C::Bts_rm64_imm8
+            | C::Btr_rm16_imm8
+            | C::Btr_rm32_imm8
+            | C::Btr_rm64_imm8
+            | C::Btc_rm16_imm8
+            | C::Btc_rm32_imm8
+            | C::Btc_rm64_imm8
+            | C::Bt_rm16_r16
+            | C::Bt_rm32_r32
+            | C::Bt_rm64_r64
+            | C::Bts_rm16_r16
+            | C::Bts_rm32_r32
+            | C::Bts_rm64_r64
+            | C::Btr_rm16_r16
+            | C::Btr_rm32_r32
+            | C::Btr_rm64_r64
+            | C::Btc_rm16_r16
+            | C::Btc_rm32_r32
+            | C::Btc_rm64_r64 => {
+                let size = rm_size(instr)?;
+                let n = match mn {
+                    Mn::Bt => 4,
+                    Mn::Bts => 5,
+                    Mn::Btr => 6,
+                    _ => 7,
+                };
+                let dst = rm_operand(instr, 0, size)?;
+                let bit = match instr.op1_kind() {
+                    OpKind::Immediate8 => Operand::Imm(i32::from(instr.immediate8())),
+                    // A register bit offset reaches beyond a memory operand: not here.
+                    _ if matches!(dst, Operand::Mem(_)) => return None,
+                    _ => rm_operand(instr, 1, size)?,
+                };
+                Some(Extra::Bit { n, size, dst, bit })
+            }
+            C::Leaveq => Some(Extra::Leave),
+            C::Call_rm64 => Some(Extra::CallIndirect {
+                target: rm_operand(instr, 0, 8)?,
+            }),
+            C::Prefetcht0_m8
+            | C::Prefetcht1_m8
+            | C::Prefetcht2_m8
+            | C::Prefetchnta_m8
+            | C::Prefetchw_m8 => Some(Extra::Nop),
+            _ => None,
+        },
+    }
+}
+
 /// Whether the compiler handles this form (the compiled prefix of a block stops at the first
 /// one it does not).
-fn supported(f: &Fast) -> bool {
+fn supported(f: &Fast, instr: &Instruction) -> bool {
     match f {
-        Fast::Generic => false,
+        Fast::Generic => extra(instr).is_some(),
         Fast::Push { src } => !matches!(src, Operand::Mem(_)),
         Fast::Shift { op, .. } => !matches!(op, ShiftOp::Rcl | ShiftOp::Rcr),
         Fast::Call { target } | Fast::Jmp { target } => is_canonical(*target),
@@ -134,7 +314,11 @@ pub struct Compiled {
 /// Compile the longest prefix of the block that the compiler handles; None if that prefix
 /// is empty.
 pub fn compile(instrs: &[Instruction], ops: &[Op]) -> Option<Compiled> {
-    if ops.first().is_none_or(|op| !supported(&op.fast)) {
+    if instrs
+        .first()
+        .zip(ops.first())
+        .is_none_or(|(i, op)| !supported(&op.fast, i))
+    {
         return None;
     }
     let mut a = Asm::new();
@@ -158,7 +342,7 @@ pub fn compile(instrs: &[Instruction], ops: &[Op]) -> Option<Compiled> {
     let mut ended = false;
     for (index, (instr, op)) in instrs.iter().zip(ops).enumerate() {
         let index = index as u32;
-        if !supported(&op.fast) {
+        if !supported(&op.fast, instr) {
             // The interpreter takes over here.
             c.set_rip(instr.ip());
             c.a.mov_imm(RAX, (EXIT_INTERPRET << 32) | u64::from(index));
@@ -489,7 +673,11 @@ impl Compiler {
     /// Emit instruction `index`; true when it ends the compiled code (it always leaves).
     fn instruction(&mut self, index: u32, instr: &Instruction, f: &Fast) -> bool {
         match *f {
-            Fast::Generic => {}
+            Fast::Generic => {
+                if let Some(e) = extra(instr) {
+                    return self.extra(index, instr, e);
+                }
+            }
             Fast::Alu {
                 op, size, dst, src, ..
             } => self.alu(index, instr, op, size, &dst, &src),
@@ -661,6 +849,117 @@ impl Compiler {
                 self.a.jcc(cond(cc).unwrap_or_default(), taken);
             }
             Fast::Nop => {}
+        }
+        false
+    }
+
+    /// Emit an [`Extra`] form; true when it ends the compiled code.
+    fn extra(&mut self, index: u32, instr: &Instruction, e: Extra) -> bool {
+        match e {
+            Extra::Unary { n, size, dst } => {
+                self.operands(index, instr, &[&dst], size, true);
+                self.value(&dst, size, RAX);
+                self.a.group3(size, n, Rm::Reg(RAX));
+                self.put(&dst, size, RAX);
+            }
+            Extra::ShiftCl { n, size, dst } => {
+                self.operands(index, instr, &[&dst], size, true);
+                self.value(&dst, size, RAX);
+                self.a.load(8, RCX, gpr(1));
+                self.a.shift_cl(size, n, Rm::Reg(RAX));
+                self.put(&dst, size, RAX);
+            }
+            Extra::SignExtend { size, to_rdx } => {
+                self.a.load(8, RAX, gpr(0));
+                self.a.sign_extend_rax(size, to_rdx);
+                if to_rdx {
+                    self.store_gpr(2, size, RDX);
+                } else {
+                    self.store_gpr(0, size, RAX);
+                }
+            }
+            Extra::MulDiv { n, size, src } => {
+                self.operands(index, instr, &[&src], size, false);
+                self.value(&src, size, RCX);
+                self.a.load(8, RDX, gpr(2));
+                if n == 6 {
+                    // A zero divisor or a quotient that does not fit is the
+                    // interpreter's #DE: the host must not fault.
+                    let miss = self.a.label();
+                    self.stubs.push((
+                        miss,
+                        Stub::Miss {
+                            index,
+                            ip: instr.ip(),
+                        },
+                    ));
+                    self.save_flags();
+                    self.a.test(size, Rm::Reg(RCX), RCX);
+                    self.a.jcc(CC_E, miss);
+                    self.a.alu(size, 7, Rm::Reg(RDX), RCX);
+                    self.a.jcc(CC_AE, miss);
+                    self.restore_flags();
+                }
+                self.a.load(8, RAX, gpr(0));
+                self.a.group3(size, n, Rm::Reg(RCX));
+                self.store_gpr(0, size, RAX);
+                self.store_gpr(2, size, RDX);
+            }
+            Extra::Bit { n, size, dst, bit } => {
+                self.operands(index, instr, &[&dst], size, n != 4);
+                self.value(&dst, size, RAX);
+                match bit {
+                    Operand::Imm(b) => self.a.bit_imm(size, n, Rm::Reg(RAX), b as u8),
+                    other => {
+                        self.value(&other, size, RCX);
+                        self.a.bit_reg(size, n, RAX, RCX);
+                    }
+                }
+                if n != 4 {
+                    self.put(&dst, size, RAX);
+                }
+            }
+            Extra::Leave => {
+                // RSP = RBP, then POP RBP.
+                self.save_flags();
+                self.a.load(8, RSI, gpr(5));
+                self.translate(index, instr.ip(), 8, false);
+                self.restore_flags();
+                self.a.load(8, RCX, Rm::Mem(RSI, 0));
+                self.a.load(8, RDX, gpr(5));
+                self.a.lea(RDX, Rm::Mem(RDX, 8));
+                self.a.store(8, gpr(4), RDX);
+                self.a.store(8, gpr(5), RCX);
+            }
+            Extra::CallIndirect { target } => {
+                let miss = self.a.label();
+                self.stubs.push((
+                    miss,
+                    Stub::Miss {
+                        index,
+                        ip: instr.ip(),
+                    },
+                ));
+                // The target (kept in RCX, which the lookups leave alone), checked
+                // canonical, then the push.
+                self.operands(index, instr, &[&target], 8, false);
+                self.value(&target, 8, RCX);
+                self.save_flags();
+                self.a.mov_imm(RDX, 1 << 47);
+                self.a.alu(8, 0, Rm::Reg(RDX), RCX);
+                self.a.shift_imm(8, 5, Rm::Reg(RDX), 48);
+                self.a.jcc(CC_NE, miss);
+                self.restore_flags();
+                self.stack(index, instr, -8, true);
+                self.a.mov_imm(RAX, instr.next_ip());
+                self.a.store(8, Rm::Mem(RSI, 0), RAX);
+                self.adjust_rsp(-8);
+                self.a.store(8, RIP, RCX);
+                self.a.mov_imm(RAX, u64::from(index + 1));
+                self.a.jmp(self.exit);
+                return true;
+            }
+            Extra::Nop => {}
         }
         false
     }
