@@ -55,10 +55,10 @@ fn start(dir: &TempDir) -> Qtest {
 }
 
 /// Did the GED interrupt fire since the last look?
+/// Whether the GED line goes up. The report travels on the qtest socket, which the QMP
+/// reply may overtake: wait for it rather than look at what has arrived so far.
 fn ged_raised(qt: &mut Qtest) -> bool {
-    qt.take_irqs()
-        .unwrap()
-        .contains(&IrqEvent::Raise(layout::GED_GSI))
+    qt.wait_irq(layout::GED_GSI, Duration::from_secs(5)).is_ok()
 }
 
 /// The slots query-pci lists, with their qdev ids.
