@@ -19,7 +19,7 @@ use crate::jit::{self, ArenaFull, Jit};
 use crate::mmu::Mmu;
 
 /// Direct-mapped block slots.
-const BLOCK_SLOTS: usize = 1 << 14;
+const BLOCK_SLOTS: usize = 1 << 16;
 /// Longest block.
 pub const MAX_BLOCK: usize = 64;
 /// `Block::page` of a block that is not cached (no generation to check).
