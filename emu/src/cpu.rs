@@ -1175,6 +1175,9 @@ mod tests {
             a.sbb(r14d, r12d)?;
             a.lea(r15, qword_ptr(r15 + r14 * 2 + 5))?;
             a.mov(qword_ptr(rsp - 0x100), r13)?;
+            // Accesses that cross a page: the interpreter's.
+            a.add(r13, qword_ptr(rsi + 0xffc))?;
+            a.mov(dword_ptr(rsi + 0xffe), r13d)?;
             a.bswap(r13)?;
             a.ror(r13, 7)?;
             a.pop(rbx)?;

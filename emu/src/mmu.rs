@@ -54,6 +54,9 @@ const T_SW: u8 = 1 << 3;
 const T_SX: u8 = 1 << 4;
 const T_DIRTY: u8 = 1 << 5;
 const T_GLOBAL: u8 = 1 << 6;
+/// The page is RAM (`host` is set): compiled code's lookup requires it with the
+/// permission bits, in one test.
+const T_RAM: u8 = 1 << 7;
 
 /// The kind of a memory access.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -273,10 +276,14 @@ impl Mmu {
                 if loc.remaining >= PAGE_SIZE {
                     entry.host = loc.host;
                     entry.page = loc.page as u32;
+                    entry.perms |= T_RAM;
                 }
             }
         }
-        self.tlb[(vpn as usize) & (TLB_ENTRIES - 1)] = entry;
+        // Compiled code takes a tag match as proof that the address is canonical.
+        if is_canonical(linear) {
+            self.tlb[(vpn as usize) & (TLB_ENTRIES - 1)] = entry;
+        }
         let off = linear & 0xfff;
         Ok(Translation {
             pa: pa_page | off,
@@ -870,8 +877,8 @@ impl Mmu {
             jumps: self.jumps.as_ptr(),
             generations: self.ram.generations_ptr(),
             jump_key: self.jump_key(),
-            need_read: required_perms(Access::Read, user),
-            need_write: required_perms(Access::Write, user),
+            need_read: required_perms(Access::Read, user) | T_RAM,
+            need_write: required_perms(Access::Write, user) | T_RAM,
             fs_base: self.seg[crate::state::FS].base,
             gs_base: self.seg[crate::state::GS].base,
         })

@@ -338,7 +338,6 @@ impl Asm {
 /// The condition nibbles the compiler names.
 pub const CC_O: Cond = 0;
 pub const CC_NE: Cond = 5;
-pub const CC_A: Cond = 7;
 pub const CC_B: Cond = 2;
 pub const CC_E: Cond = 4;
 pub const CC_AE: Cond = 3;

@@ -568,37 +568,27 @@ impl Compiler {
         let miss = self.a.label();
         self.stubs.push((miss, Stub::Miss { index, ip }));
         let a = &mut self.a;
-        // Canonical.
-        a.mov_imm(RDX, 1 << 47);
-        a.alu(8, 0, Rm::Reg(RDX), RSI);
-        a.shift_imm(8, 5, Rm::Reg(RDX), 48);
-        a.jcc(CC_NE, miss);
-        // Inside one page.
-        a.load(4, RDX, Rm::Reg(RSI));
-        a.alu_imm(4, 4, Rm::Reg(RDX), 0xfff);
-        a.alu_imm(4, 7, Rm::Reg(RDX), 0x1000 - i32::from(size));
-        a.jcc(CC_A, miss);
-        // The entry: tag, RAM page, permissions.
-        a.load(8, RDX, Rm::Reg(RSI));
+        // The entry of the first byte's page must carry the last byte's page number: a
+        // tag matches only a canonical page, and an access that crosses a page (or wraps)
+        // does not match.
+        a.lea(RDX, Rm::Mem(RSI, i32::from(size) - 1));
         a.shift_imm(8, 5, Rm::Reg(RDX), 12);
-        a.load(4, RDI, Rm::Reg(RDX));
+        a.load(8, RDI, Rm::Reg(RSI));
+        a.shift_imm(8, 5, Rm::Reg(RDI), 12);
         a.alu_imm(4, 4, Rm::Reg(RDI), (TLB_ENTRIES - 1) as i32);
         a.lea(RDI, Rm::Sib(RDI, RDI, 2, 0));
         a.lea(RDI, Rm::Sib(R13, RDI, 3, 0));
         a.alu(8, 7, Rm::Mem(RDI, offset_of!(TlbEntry, tag) as i32), RDX);
         a.jcc(CC_NE, miss);
-        a.load(8, R8, Rm::Mem(RDI, offset_of!(TlbEntry, host) as i32));
-        a.test(8, Rm::Reg(R8), R8);
-        a.jcc(CC_E, miss);
+        // Every needed permission bit (RAM included) is set.
         a.load_zx(1, RDX, Rm::Mem(RDI, offset_of!(TlbEntry, perms) as i32));
+        a.group3(4, 2, Rm::Reg(RDX));
         let need = if write {
             offset_of!(JitCtx, need_write)
         } else {
             offset_of!(JitCtx, need_read)
         };
-        a.load(4, R9, ctx(need));
-        a.alu(4, 4, Rm::Reg(RDX), R9);
-        a.alu(4, 7, Rm::Reg(RDX), R9);
+        a.test(4, ctx(need), RDX);
         a.jcc(CC_NE, miss);
         if write {
             // No store to a page holding decoded code.
@@ -609,6 +599,7 @@ impl Compiler {
             a.bt(R9, RDX);
             a.jcc(CC_B, miss);
         }
+        a.load(8, R8, Rm::Mem(RDI, offset_of!(TlbEntry, host) as i32));
         a.alu_imm(4, 4, Rm::Reg(RSI), 0xfff);
         a.alu(8, 0, Rm::Reg(RSI), R8);
     }

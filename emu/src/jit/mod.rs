@@ -204,7 +204,7 @@ impl TestMemory {
                 host: host.wrapping_add(p * 4096),
                 pa: 0,
                 page: 0,
-                perms: 0x3f,
+                perms: 0xbf,
                 size_mask: u64::MAX,
             };
         }
@@ -230,8 +230,8 @@ impl TestMemory {
         JitCtx {
             tlb: self.tlb.as_ptr(),
             code_bits: self.code_bits.as_ptr(),
-            need_read: 1,
-            need_write: 2 | 0x20,
+            need_read: 1 | 0x80,
+            need_write: 2 | 0x20 | 0x80,
             fs_base: 0,
             gs_base: 0,
             jumps: self.jumps.as_ptr(),
