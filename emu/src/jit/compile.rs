@@ -36,7 +36,7 @@ use super::{JitCtx, EXIT_DONE, EXIT_INTERPRET};
 use crate::decode::Op;
 use crate::exec::fast::{self, AluOp, Fast, MemRef, Operand, NO_REG, RIP_REG};
 use crate::exec::integer::alu::ShiftOp;
-use crate::mmu::{is_canonical, JumpEntry, TlbEntry, JUMP_ENTRIES, TLB_ENTRIES};
+use crate::mmu::{is_canonical, jump_slot, JumpEntry, TlbEntry, JUMP_ENTRIES, TLB_ENTRIES};
 use crate::state::{CpuState, FS, GS};
 
 const _: () = assert!(std::mem::size_of::<TlbEntry>() == 40);
@@ -286,9 +286,11 @@ enum Stub {
 
 struct Compiler {
     a: Asm,
-    /// Leave a finished block (RAX = its instructions run, RIP set): go on to the next
+    /// Leave for a computed target (RIP set, the budget charged): go on to the next
     /// compiled block if the jump cache has it, else return.
     exit: Label,
+    /// Return to the caller with the guest flags saved in R14 and RIP set.
+    return_saved: Label,
     /// Leave for the interpreter (RAX = exit code, RIP at the instruction).
     exit_interpret: Label,
     /// Return to the caller (RAX = exit code, guest flags already in the state).
@@ -325,12 +327,14 @@ pub fn compile(instrs: &[Instruction], ops: &[Op]) -> Option<Compiled> {
     let exit = a.label();
     let exit_interpret = a.label();
     let exit_return = a.label();
+    let return_saved = a.label();
     let body = a.label();
     let mut c = Compiler {
         a,
         exit,
         exit_interpret,
         exit_return,
+        return_saved,
         len: u32::try_from(ops.len()).ok()?,
         body,
         start: instrs.first()?.ip(),
@@ -338,7 +342,6 @@ pub fn compile(instrs: &[Instruction], ops: &[Op]) -> Option<Compiled> {
         stubs: Vec::new(),
     };
     let chain_offset = c.prologue();
-    c.a.bind(body);
     let mut ended = false;
     for (index, (instr, op)) in instrs.iter().zip(ops).enumerate() {
         let index = index as u32;
@@ -358,9 +361,7 @@ pub fn compile(instrs: &[Instruction], ops: &[Op]) -> Option<Compiled> {
     if !ended {
         // Fell off the end of the block.
         let last = instrs.get(ops.len().checked_sub(1)?)?;
-        c.set_rip(last.next_ip());
-        c.a.mov_imm(RAX, ops.len() as u64);
-        c.a.jmp(c.exit);
+        c.exit_to(c.len, last.next_ip());
     }
     c.epilogue();
     Some(Compiled {
@@ -373,7 +374,7 @@ impl Compiler {
     /// The entry from the caller, then the chained entry (whose offset is returned): room
     /// for the whole block in the budget, or return with RIP at the block.
     fn prologue(&mut self) -> usize {
-        let load = self.a.label();
+        let load = self.body;
         let a = &mut self.a;
         for r in [RBX, RBP, R12, R13, R14, R15] {
             a.push(r);
@@ -383,13 +384,6 @@ impl Compiler {
         a.load(8, R13, ctx(offset_of!(JitCtx, tlb)));
         a.load(8, R15, ctx(offset_of!(JitCtx, code_bits)));
         a.load(8, RBP, ctx(offset_of!(JitCtx, budget)));
-        a.jmp(load);
-        let chain = a.buf.len();
-        let bail = a.label();
-        a.alu_imm(8, 7, Rm::Reg(RBP), self.len as i32);
-        a.jcc(CC_B, bail);
-        self.stubs.push((bail, Stub::Bail));
-        a.bind(load);
         // Guest status flags into the host's: SF ZF AF PF CF through AH, OF by an add.
         a.load(8, RAX, RFLAGS);
         a.load(4, RCX, Rm::Reg(RAX));
@@ -399,6 +393,15 @@ impl Compiler {
         a.store(1, Rm::Reg(RAX), RCX);
         a.add_al(0x7f);
         a.sahf();
+        a.jmp(load);
+        // The chained entry: the guest flags are in R14 (as `save_flags` leaves them).
+        let chain = a.buf.len();
+        let bail = a.label();
+        a.alu_imm(8, 7, Rm::Reg(RBP), self.len as i32);
+        a.jcc(CC_B, bail);
+        self.stubs.push((bail, Stub::Bail));
+        self.restore_flags();
+        self.a.bind(load);
         chain
     }
 
@@ -424,11 +427,7 @@ impl Compiler {
                         .mov_imm(RAX, (EXIT_INTERPRET << 32) | u64::from(index));
                     self.a.jmp(self.exit_interpret);
                 }
-                Stub::Taken { done, target } => {
-                    self.set_rip(target);
-                    self.a.mov_imm(RAX, u64::from(done));
-                    self.a.jmp(self.exit);
-                }
+                Stub::Taken { done, target } => self.exit_to(done, target),
                 Stub::Loop { done, target } => {
                     // Count the pass; go round again if a whole block still fits.
                     let out = self.a.label();
@@ -439,23 +438,20 @@ impl Compiler {
                     self.restore_flags();
                     self.a.jmp(self.body);
                     self.a.bind(out);
-                    self.restore_flags();
                     self.set_rip(target);
-                    self.a.mov_imm(RAX, 0);
-                    self.a.jmp(self.exit);
+                    self.a.jmp(self.return_saved);
                 }
                 Stub::Bail => {
-                    self.a.mov_imm(RAX, EXIT_DONE);
-                    self.a.jmp(self.exit_return);
+                    self.set_rip(self.start);
+                    self.a.jmp(self.return_saved);
                 }
             }
         }
-        let out = self.a.label();
+        // A computed target (RIP set, the budget charged): the jump cache by RIP.
         self.a.bind(self.exit);
-        self.store_flags();
+        self.save_flags();
         let a = &mut self.a;
-        a.alu(8, 5, Rm::Reg(RBP), RAX);
-        // The next block from the jump cache: same RIP, live key, code page unchanged.
+        let out = self.return_saved;
         a.load(8, RDX, RIP);
         a.load(8, RCX, Rm::Reg(RDX));
         a.shift_imm(8, 5, Rm::Reg(RCX), 10);
@@ -480,9 +476,13 @@ impl Compiler {
         );
         a.jcc(CC_NE, out);
         a.jmp_indirect(Rm::Mem(RCX, offset_of!(JumpEntry, entry) as i32));
-        a.bind(out);
-        a.mov_imm(RAX, EXIT_DONE);
-        a.jmp(self.exit_return);
+
+        // Back to the caller with the guest flags saved in R14 (RIP set).
+        self.a.bind(self.return_saved);
+        self.restore_flags();
+        self.store_flags();
+        self.a.mov_imm(RAX, EXIT_DONE);
+        self.a.jmp(self.exit_return);
 
         self.a.bind(self.exit_interpret);
         self.store_flags();
@@ -803,10 +803,8 @@ impl Compiler {
                 self.a.shift_imm(8, 5, Rm::Reg(RDX), 48);
                 self.a.jcc(CC_NE, miss);
                 self.restore_flags();
-                self.a.store(8, RIP, RCX);
                 self.adjust_rsp(8);
-                self.a.mov_imm(RAX, u64::from(index + 1));
-                self.a.jmp(self.exit);
+                self.exit_computed(index + 1);
                 return true;
             }
             Fast::Jmp { target } if target == self.start && self.loop_len.is_none() => {
@@ -945,9 +943,7 @@ impl Compiler {
                 self.a.mov_imm(RAX, instr.next_ip());
                 self.a.store(8, Rm::Mem(RSI, 0), RAX);
                 self.adjust_rsp(-8);
-                self.a.store(8, RIP, RCX);
-                self.a.mov_imm(RAX, u64::from(index + 1));
-                self.a.jmp(self.exit);
+                self.exit_computed(index + 1);
                 return true;
             }
             Extra::Nop => {}
@@ -957,8 +953,51 @@ impl Compiler {
 
     /// Leave with RIP = `target` after `done` instructions.
     fn leave(&mut self, done: u32, target: u64) {
+        self.exit_to(done, target);
+    }
+
+    /// Leave for the constant `target` after `done` instructions: straight into its
+    /// compiled block when the jump cache has it (the slot is known now), else back to the
+    /// caller with RIP set.
+    fn exit_to(&mut self, done: u32, target: u64) {
+        let miss = self.a.label();
+        let slot = (jump_slot(target) * std::mem::size_of::<JumpEntry>()) as i32;
+        let field = |f: usize| slot + f as i32;
+        self.a.lea(RBP, Rm::Mem(RBP, -(done as i32)));
+        self.save_flags();
+        let a = &mut self.a;
+        a.load(8, RCX, ctx(offset_of!(JitCtx, jumps)));
+        let rip = Rm::Mem(RCX, field(offset_of!(JumpEntry, rip)));
+        if let Ok(t) = i32::try_from(target as i64) {
+            a.alu_imm(8, 7, rip, t);
+        } else {
+            a.mov_imm(RDX, target);
+            a.alu(8, 7, rip, RDX);
+        }
+        a.jcc(CC_NE, miss);
+        a.load(4, RDX, ctx(offset_of!(JitCtx, jump_key)));
+        a.alu(4, 7, Rm::Mem(RCX, field(offset_of!(JumpEntry, key))), RDX);
+        a.jcc(CC_NE, miss);
+        a.load(4, RDX, Rm::Mem(RCX, field(offset_of!(JumpEntry, page))));
+        a.load(8, RSI, ctx(offset_of!(JitCtx, generations)));
+        a.load(4, RDX, Rm::Sib(RSI, RDX, 2, 0));
+        a.alu(
+            4,
+            7,
+            Rm::Mem(RCX, field(offset_of!(JumpEntry, generation))),
+            RDX,
+        );
+        a.jcc(CC_NE, miss);
+        a.jmp_indirect(Rm::Mem(RCX, field(offset_of!(JumpEntry, entry))));
+        a.bind(miss);
         self.set_rip(target);
-        self.a.mov_imm(RAX, u64::from(done));
+        self.a.jmp(self.return_saved);
+    }
+
+    /// Leave for the target in RCX after `done` instructions.
+    fn exit_computed(&mut self, done: u32) {
+        self.a.store(8, RIP, RCX);
+        self.a.lea(RBP, Rm::Mem(RBP, -(done as i32)));
         self.a.jmp(self.exit);
     }
 

@@ -10,7 +10,9 @@
 //! MMIO, a store to code). Registers and flags are exact at every exit, so the interpreter
 //! can always take over.
 //!
-//! `EMU_JIT=0` in the environment turns the compiler off.
+//! `EMU_JIT=0` in the environment turns the compiler off. `EMU_PERF_MAP=1` writes
+//! `/tmp/perf-<pid>.map`, so that `perf report` names compiled code by the guest address
+//! of its block.
 
 mod arena;
 mod asm;
@@ -93,6 +95,8 @@ pub struct Jit {
     arena: Arena,
     /// Entries of a block before it is compiled.
     pub threshold: u16,
+    /// The perf map being written (`EMU_PERF_MAP`).
+    perf_map: Option<std::fs::File>,
 }
 
 impl Jit {
@@ -107,7 +111,17 @@ impl Jit {
 
     pub fn new(threshold: u16) -> Option<Jit> {
         match Arena::new(arena::DEFAULT_SIZE) {
-            Ok(arena) => Some(Jit { arena, threshold }),
+            Ok(arena) => Some(Jit {
+                arena,
+                threshold,
+                perf_map: std::env::var_os("EMU_PERF_MAP").and_then(|_| {
+                    std::fs::OpenOptions::new()
+                        .create(true)
+                        .append(true)
+                        .open(format!("/tmp/perf-{}.map", std::process::id()))
+                        .ok()
+                }),
+            }),
             Err(e) => {
                 tracing::warn!(
                     "emu: no executable memory for the block compiler ({e}); interpreting only"
@@ -129,10 +143,18 @@ impl Jit {
             return Ok(None);
         };
         let chain = u8::try_from(c.chain_offset).map_err(|_| ArenaFull)?;
-        self.arena
-            .install(&c.code)
-            .map(|code| Some((code, chain)))
-            .ok_or(ArenaFull)
+        let code = self.arena.install(&c.code).ok_or(ArenaFull)?;
+        if let (Some(map), Some(first)) = (&mut self.perf_map, instrs.first()) {
+            use std::io::Write;
+            let _ = writeln!(
+                map,
+                "{:x} {:x} guest_{:x}",
+                self.arena.address(code.0) as usize,
+                c.code.len(),
+                first.ip()
+            );
+        }
+        Ok(Some((code, chain)))
     }
 
     /// Host address of the chained entry of `code` (`chain` from [`Jit::compile`]).
