@@ -604,13 +604,24 @@ impl Compiler {
         a.alu(8, 0, Rm::Reg(RSI), R8);
     }
 
-    /// Translate memory operand `m` of instruction `index` (flags saved and restored
-    /// around the lookup): RSI is its host address afterwards.
-    fn memory(&mut self, index: u32, instr: &Instruction, m: &MemRef, size: u8, write: bool) {
+    /// Translate memory operand `m` of instruction `index` (flags saved around the
+    /// lookup, and restored unless `overwrites_flags`: the instruction neither reads the
+    /// status flags nor leaves any of them unchanged): RSI is its host address afterwards.
+    fn memory(
+        &mut self,
+        index: u32,
+        instr: &Instruction,
+        m: &MemRef,
+        size: u8,
+        write: bool,
+        overwrites_flags: bool,
+    ) {
         self.save_flags();
         self.address(m, instr.next_ip(), true);
         self.translate(index, instr.ip(), size, write);
-        self.restore_flags();
+        if !overwrites_flags {
+            self.restore_flags();
+        }
     }
 
     /// The stack slot at RSP + `delta`: RSI is its host address afterwards.
@@ -656,8 +667,22 @@ impl Compiler {
         size: u8,
         write: bool,
     ) {
+        self.operands_of(index, instr, ops, size, write, false);
+    }
+
+    /// [`Compiler::operands`] for an instruction that sets every status flag without
+    /// reading them (see [`Compiler::memory`]).
+    fn operands_of(
+        &mut self,
+        index: u32,
+        instr: &Instruction,
+        ops: &[&Operand],
+        size: u8,
+        write: bool,
+        overwrites_flags: bool,
+    ) {
         if let Some(Operand::Mem(m)) = ops.iter().find(|o| matches!(o, Operand::Mem(_))) {
-            self.memory(index, instr, m, size, write);
+            self.memory(index, instr, m, size, write, overwrites_flags);
         }
     }
 
@@ -1011,12 +1036,15 @@ impl Compiler {
         src: &Operand,
     ) {
         let writes = !matches!(op, AluOp::Cmp | AluOp::Test);
-        self.operands(
+        // Every op but MOV, ADC and SBB sets all the status flags from its operands alone.
+        let overwrites = !matches!(op, AluOp::Mov | AluOp::Adc | AluOp::Sbb);
+        self.operands_of(
             index,
             instr,
             &[dst, src],
             size,
             writes && matches!(dst, Operand::Mem(_)),
+            overwrites,
         );
         self.value(src, size, RCX);
         self.alu_with_b(op, size, dst);
