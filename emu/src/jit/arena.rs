@@ -37,9 +37,14 @@ impl Arena {
         })
     }
 
-    /// Copy `code` in; its offset, or None when full.
+    /// Where the next [`Arena::install`] puts its code.
+    pub fn next_offset(&self) -> usize {
+        self.used.next_multiple_of(16)
+    }
+
+    /// Copy `code` in, at [`Arena::next_offset`]; its offset, or None when full.
     pub fn install(&mut self, code: &[u8]) -> Option<super::Code> {
-        let start = self.used.next_multiple_of(16);
+        let start = self.next_offset();
         let end = start.checked_add(code.len())?;
         if end > self.size {
             return None;

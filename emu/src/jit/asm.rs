@@ -45,11 +45,24 @@ pub struct Asm {
     labels: Vec<Option<usize>>,
     /// (position of a rel32 field, label it refers to)
     fixups: Vec<(usize, Label)>,
+    /// (position of a 64-bit field, label whose absolute address it holds)
+    absolute: Vec<(usize, Label)>,
+    /// Where the code will run (for absolute addresses).
+    base: u64,
 }
 
 impl Asm {
+    #[cfg(test)]
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// Code that will run at `base`.
+    pub fn new_at(base: u64) -> Self {
+        Asm {
+            base,
+            ..Self::default()
+        }
     }
 
     pub fn label(&mut self) -> Label {
@@ -67,6 +80,10 @@ impl Asm {
             let target = self.labels[l.0]?;
             let rel = target as i64 - (pos as i64 + 4);
             self.buf[pos..pos + 4].copy_from_slice(&(rel as i32).to_le_bytes());
+        }
+        for (pos, l) in std::mem::take(&mut self.absolute) {
+            let target = self.base.wrapping_add(self.labels[l.0]? as u64);
+            self.buf[pos..pos + 8].copy_from_slice(&target.to_le_bytes());
         }
         Some(self.buf)
     }
@@ -286,6 +303,29 @@ impl Asm {
         self.byte(if to_rdx { 0x99 } else { 0x98 });
     }
 
+    /// `jmp qword [rip + l]`
+    pub fn jmp_rip(&mut self, l: Label) {
+        self.byte(0xff);
+        self.byte(0x25);
+        self.fixups.push((self.buf.len(), l));
+        self.imm32(0);
+    }
+
+    /// `lea reg, [rip + l]`
+    pub fn lea_rip(&mut self, reg: u8, l: Label) {
+        self.byte(0x48 | if reg >= 8 { 4 } else { 0 });
+        self.byte(0x8d);
+        self.byte(((reg & 7) << 3) | 5);
+        self.fixups.push((self.buf.len(), l));
+        self.imm32(0);
+    }
+
+    /// Eight bytes of data: the absolute address of `l`.
+    pub fn address_of(&mut self, l: Label) {
+        self.absolute.push((self.buf.len(), l));
+        self.buf.extend_from_slice(&[0; 8]);
+    }
+
     /// `jmp qword [mem]`
     pub fn jmp_indirect(&mut self, rm: Rm) {
         self.op(4, &[0xff], 4, rm);
@@ -468,5 +508,22 @@ mod tests {
         let l = a.label();
         a.jmp(l);
         assert!(a.finish().is_none(), "an unbound label is refused");
+        // RIP-relative forms and an absolute address of a label.
+        let mut a = Asm::new_at(0x1000);
+        let slot = a.label();
+        a.jmp_rip(slot);
+        a.lea_rip(RDI, slot);
+        a.bind(slot);
+        a.address_of(slot);
+        let code = a.finish().unwrap_or_default();
+        assert_eq!(code[..2], [0xff, 0x25]);
+        assert_eq!(
+            code[2..6],
+            7i32.to_le_bytes(),
+            "jmp [rip+7] reaches the slot"
+        );
+        assert_eq!(code[6..9], [0x48, 0x8d, 0x3d]);
+        assert_eq!(code[9..13], 0i32.to_le_bytes());
+        assert_eq!(code[13..21], 0x100du64.to_le_bytes());
     }
 }

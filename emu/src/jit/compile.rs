@@ -313,9 +313,13 @@ pub struct Compiled {
     pub chain_offset: usize,
 }
 
-/// Compile the longest prefix of the block that the compiler handles; None if that prefix
-/// is empty.
-pub fn compile(instrs: &[Instruction], ops: &[Op]) -> Option<Compiled> {
+/// Bytes from a block's linked entry to its chained entry (the linked entry only saves the
+/// host flags into R14).
+pub const LINKED_DELTA: usize = 8;
+
+/// Compile the longest prefix of the block that the compiler handles, for code that runs at
+/// `base`; None if that prefix is empty.
+pub fn compile(instrs: &[Instruction], ops: &[Op], base: u64) -> Option<Compiled> {
     if instrs
         .first()
         .zip(ops.first())
@@ -323,7 +327,7 @@ pub fn compile(instrs: &[Instruction], ops: &[Op]) -> Option<Compiled> {
     {
         return None;
     }
-    let mut a = Asm::new();
+    let mut a = Asm::new_at(base);
     let exit = a.label();
     let exit_interpret = a.label();
     let exit_return = a.label();
@@ -341,7 +345,7 @@ pub fn compile(instrs: &[Instruction], ops: &[Op]) -> Option<Compiled> {
         loop_len: None,
         stubs: Vec::new(),
     };
-    let chain_offset = c.prologue();
+    let chain_offset = c.prologue()?;
     let mut ended = false;
     for (index, (instr, op)) in instrs.iter().zip(ops).enumerate() {
         let index = index as u32;
@@ -371,9 +375,10 @@ pub fn compile(instrs: &[Instruction], ops: &[Op]) -> Option<Compiled> {
 }
 
 impl Compiler {
-    /// The entry from the caller, then the chained entry (whose offset is returned): room
-    /// for the whole block in the budget, or return with RIP at the block.
-    fn prologue(&mut self) -> usize {
+    /// The entry from the caller, then the linked and chained entries (the offset of the
+    /// chained one is returned): room for the whole block in the budget, or return with RIP
+    /// at the block.
+    fn prologue(&mut self) -> Option<usize> {
         let load = self.body;
         let a = &mut self.a;
         for r in [RBX, RBP, R12, R13, R14, R15] {
@@ -394,15 +399,23 @@ impl Compiler {
         a.add_al(0x7f);
         a.sahf();
         a.jmp(load);
+        // The linked entry, from a block of the same page whose exit jumps here directly:
+        // the guest flags are in the host's.
+        let linked = a.buf.len();
+        self.save_flags();
         // The chained entry: the guest flags are in R14 (as `save_flags` leaves them).
+        let a = &mut self.a;
         let chain = a.buf.len();
+        if chain - linked != LINKED_DELTA {
+            return None;
+        }
         let bail = a.label();
         a.alu_imm(8, 7, Rm::Reg(RBP), self.len as i32);
         a.jcc(CC_B, bail);
         self.stubs.push((bail, Stub::Bail));
         self.restore_flags();
         self.a.bind(load);
-        chain
+        Some(chain)
     }
 
     /// The guest status flags from the host's into the state.
@@ -984,11 +997,27 @@ impl Compiler {
     /// Leave for the constant `target` after `done` instructions: straight into its
     /// compiled block when the jump cache has it (the slot is known now), else back to the
     /// caller with RIP set.
+    ///
+    /// A target on the block's own page is linked once found: the exit jumps through a
+    /// slot in the code, which starts at the lookup and is then pointed at the target's
+    /// linked entry. No check is needed on that path: code runs only while its page maps
+    /// the RAM page it was compiled from and that page keeps its generation, so a target
+    /// on the same page is still what it was when linked.
     fn exit_to(&mut self, done: u32, target: u64) {
         let miss = self.a.label();
         let slot = (jump_slot(target) * std::mem::size_of::<JumpEntry>()) as i32;
         let field = |f: usize| slot + f as i32;
         self.a.lea(RBP, Rm::Mem(RBP, -(done as i32)));
+        let link = (target >> 12 == self.start >> 12).then(|| {
+            let link = self.a.label();
+            let lookup = self.a.label();
+            self.a.jmp_rip(link);
+            self.a.bind(link);
+            self.a.address_of(lookup);
+            self.a.bind(lookup);
+            self.a.lea_rip(RDI, link);
+            link
+        });
         self.save_flags();
         let a = &mut self.a;
         a.load(8, RCX, ctx(offset_of!(JitCtx, jumps)));
@@ -1013,7 +1042,14 @@ impl Compiler {
             RDX,
         );
         a.jcc(CC_NE, miss);
-        a.jmp_indirect(Rm::Mem(RCX, field(offset_of!(JumpEntry, entry))));
+        let entry = Rm::Mem(RCX, field(offset_of!(JumpEntry, entry)));
+        if link.is_some() {
+            // From now on, straight to the target's linked entry.
+            a.load(8, RDX, entry);
+            a.lea(RDX, Rm::Mem(RDX, -(LINKED_DELTA as i32)));
+            a.store(8, Rm::Mem(RDI, 0), RDX);
+        }
+        a.jmp_indirect(entry);
         a.bind(miss);
         self.set_rip(target);
         self.a.jmp(self.return_saved);

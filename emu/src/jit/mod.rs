@@ -139,7 +139,10 @@ impl Jit {
         instrs: &[iced_x86::Instruction],
         ops: &[crate::decode::Op],
     ) -> Result<Option<(Code, u8)>, ArenaFull> {
-        let Some(c) = compile::compile(instrs, ops) else {
+        let base = self
+            .arena
+            .address(self.arena.next_offset().min(u32::MAX as usize) as u32);
+        let Some(c) = compile::compile(instrs, ops, base as u64) else {
             return Ok(None);
         };
         let chain = u8::try_from(c.chain_offset).map_err(|_| ArenaFull)?;
