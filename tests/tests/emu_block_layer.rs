@@ -75,24 +75,26 @@ fn qcow2_snapshot_and_resize_with_a_live_guest() {
         CMD_TIMEOUT,
     );
     assert!(mkfs.contains("rc=0"), "{mkfs}");
-    // A writer in the background: 40 files of random data, each checksummed as written.
+    // A writer in the background: 100 files of random data, each checksummed as written.
+    // It says when it has written a few (the echoed command line does not contain the
+    // computed marker), and the snapshot comes then, while most are still to be written.
     console.send(
-        "(i=0; while [ $i -lt 40 ]; do dd if=/dev/urandom of=/mnt/f$i bs=16k count=4 \
-         2>/dev/null; sha256sum /mnt/f$i >> /mnt/sums; sync; i=$((i+1)); done; \
-         echo WRITER-$((40+2))) &\n",
+        "(i=0; while [ $i -lt 100 ]; do dd if=/dev/urandom of=/mnt/f$i bs=16k count=4 \
+         2>/dev/null; sha256sum /mnt/f$i >> /mnt/sums; sync; \
+         [ $i -eq 3 ] && echo WRITING-$((i*1)); i=$((i+1)); done; \
+         echo WRITER-$((100+2))) &\n",
     );
-    // Snapshot while it runs.
-    std::thread::sleep(Duration::from_secs(3));
+    console.wait_for("WRITING-3", CMD_TIMEOUT);
     qmp.ok(
         "blockdev-snapshot-sync",
         Some(json!({"device": "virtio0", "snapshot-file": snap.display().to_string()})),
     );
     assert!(
-        !console.transcript().contains("WRITER-42"),
+        !console.transcript().contains("WRITER-102"),
         "the writer finished before the snapshot: make it write more"
     );
     // The console echoes the command line: wait for the computed marker, then the job.
-    console.wait_for("WRITER-42", CMD_TIMEOUT);
+    console.wait_for("WRITER-102", CMD_TIMEOUT);
     console.run("wait", CMD_TIMEOUT);
     // Unmounting drops the page cache: the checksums are checked against the disk.
     let check = console.run(
@@ -103,9 +105,9 @@ fn qcow2_snapshot_and_resize_with_a_live_guest() {
     let counts: Vec<&str> = check
         .lines()
         .map(str::trim)
-        .filter(|l| *l == "40")
+        .filter(|l| *l == "100")
         .collect();
-    assert_eq!(counts.len(), 2, "40 sums, 40 OK: {check}");
+    assert_eq!(counts.len(), 2, "100 sums, 100 OK: {check}");
 
     qmp.ok(
         "block_resize",

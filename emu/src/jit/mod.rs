@@ -10,7 +10,8 @@
 //! MMIO, a store to code). Registers and flags are exact at every exit, so the interpreter
 //! can always take over.
 //!
-//! `EMU_JIT=0` in the environment turns the compiler off. `EMU_PERF_MAP=1` writes
+//! `EMU_JIT=0` in the environment turns the compiler off; `EMU_JIT_THRESHOLD=N` compiles
+//! blocks after N entries instead of [`DEFAULT_THRESHOLD`]. `EMU_PERF_MAP=1` writes
 //! `/tmp/perf-<pid>.map`, so that `perf report` names compiled code by the guest address
 //! of its block.
 
@@ -106,7 +107,11 @@ impl Jit {
         if std::env::var("EMU_JIT").is_ok_and(|v| v == "0" || v == "off") {
             return None;
         }
-        Self::new(DEFAULT_THRESHOLD)
+        let threshold = std::env::var("EMU_JIT_THRESHOLD")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(DEFAULT_THRESHOLD);
+        Self::new(threshold)
     }
 
     pub fn new(threshold: u16) -> Option<Jit> {
