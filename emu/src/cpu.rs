@@ -26,8 +26,11 @@ use crate::router::ApicInbox;
 use crate::state::*;
 use crate::IoBus;
 
-/// Instructions per batch between polls of the APIC and the stop flag.
-const BATCH: u32 = 1024;
+/// Instructions per batch between polls of the APIC and the stop flag. Compiled code runs
+/// a batch in tens of microseconds (interpreted code in a few hundred), which bounds the
+/// latency of interrupts from other threads; each batch ends in the run loop, which costs
+/// about as much as a few hundred compiled instructions, so batches are long.
+const BATCH: u32 = 16384;
 /// Executed blocks kept for [`Cpu::dump`] (each a run of consecutive instructions).
 const HISTORY: usize = 64;
 /// Instructions [`Cpu::dump`] shows from the history.
