@@ -183,6 +183,7 @@ impl Cpu {
     /// the environment (see [`crate::jit`]).
     pub fn set_jit_threshold(&mut self, threshold: Option<u16>) {
         self.cache.set_jit_threshold(threshold);
+        self.mmu.invalidate_jumps();
     }
 
     /// Entries into compiled code from the run loop.
@@ -560,11 +561,13 @@ impl Cpu {
                 }
             }
             let ran = done - pass_start + u32::from(matches!(pending, Pending::Fault(_)));
-            // (Field by field: `block` still borrows the decode cache.)
+            // (Field by field: `block` still borrows the decode cache.) Compiled code that
+            // went on to other blocks is recorded as this block alone: the ring shows where
+            // each pass started, not every block it chained through.
             self.history[self.history_pos] = HistoryEntry {
                 lin,
                 bitness,
-                count: ran.max(1),
+                count: ran.clamp(1, block.ops.len().max(1) as u32),
             };
             self.history_pos = (self.history_pos + 1) % HISTORY;
             let again = matches!(pending, Pending::None)

@@ -82,12 +82,12 @@ impl Block {
         }
     }
 
-    /// Its compiled code, if it has been compiled.
     /// Linear IP of its first instruction.
     pub fn ip(&self) -> u64 {
         self.ip
     }
 
+    /// Its compiled code, if it has been compiled.
     pub fn code(&self) -> Option<jit::Code> {
         (self.jit != NO_CODE).then_some(jit::Code(self.jit))
     }
@@ -152,7 +152,8 @@ impl DecodeCache {
         }
     }
 
-    /// Compile blocks after `threshold` entries, or never (None).
+    /// Compile blocks after `threshold` entries, or never (None). The caller drops the
+    /// jump cache (its entries may point into a dropped arena).
     pub fn set_jit_threshold(&mut self, threshold: Option<u16>) {
         match threshold {
             None => self.jit = None,

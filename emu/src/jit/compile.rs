@@ -5,7 +5,9 @@
 //! flags live in the host's RFLAGS: the host runs the very ALU instruction the guest did, so
 //! every defined flag comes out exact at no cost. Only the inline TLB lookup clobbers the
 //! host flags; an instruction with a memory operand saves them first (LAHF and SETO into
-//! R14) and puts them back once the address is translated.
+//! R14) and puts them back once the address is translated (unless it sets them all anew).
+//! Some instructions without a fast form (NOT, NEG, shifts by CL, MUL, DIV, BTx, LEAVE,
+//! indirect CALL, ...) are compiled from the decoded instruction (`Extra`).
 //!
 //! Memory operands go through this CPU's TLB inline, with the checks of
 //! `Mmu::fast_host`: canonical, inside one page, a matching entry with a RAM page and the
@@ -16,16 +18,18 @@
 //! does the MMIO, or invalidates the code. The same exit ends the compiled prefix at the
 //! first form the compiler does not handle.
 //!
-//! Compiled blocks chain: a block that is left with RIP set looks the new RIP up in the
-//! CPU's jump cache (`Mmu::remember_jump`) and, on a hit whose key and code-page
-//! generation are current, jumps straight into that block's chained entry. `JitCtx::budget`
-//! bounds the instructions of a chained run (a block is entered only if all of it fits), so
-//! the run loop still polls interrupts every batch. A block with a branch back to its own
-//! start goes round in place (only the first such branch, so every pass is as long).
+//! Compiled blocks chain: a block that is left looks its target up in the CPU's jump cache
+//! (`Mmu::remember_jump`; for a constant target the slot is known at compile time) and, on
+//! a hit whose key and code-page generation are current, jumps straight into that block's
+//! chained entry, the guest flags crossing in R14. A constant target on the block's own
+//! page is linked after the first hit (see `Compiler::exit_to`). `JitCtx::budget` bounds
+//! the instructions of a chained run (a block is entered only if all of it fits), so the
+//! run loop still polls interrupts every batch. A block with a branch back to its own start
+//! goes round in place (only the first such branch, so every pass is as long).
 //!
 //! Register use: RBX = `&mut CpuState`, R12 = `&mut JitCtx`, R13 = the TLB, R15 = the
-//! code-page bitmap, R14 = saved guest flags; RAX and RCX hold operands, RSI an address, RDX, RDI,
-//! R8 and R9 are scratch for the lookup. RBP = instructions left in the budget.
+//! code-page bitmap, R14 = saved guest flags, RBP = instructions left in the budget; RAX and
+//! RCX hold operands, RSI an address, RDX, RDI, R8 and R9 are scratch for the lookup.
 
 use std::mem::offset_of;
 
