@@ -83,7 +83,7 @@ pub(crate) struct TlbEntry {
     pub(crate) size_mask: u64,
 }
 
-const EMPTY: TlbEntry = TlbEntry {
+pub(crate) const EMPTY: TlbEntry = TlbEntry {
     tag: u64::MAX,
     host: std::ptr::null_mut(),
     pa: 0,
@@ -836,7 +836,7 @@ pub(crate) struct JumpEntry {
 
 pub(crate) const JUMP_ENTRIES: usize = 4096;
 
-const EMPTY_JUMP: JumpEntry = JumpEntry {
+pub(crate) const EMPTY_JUMP: JumpEntry = JumpEntry {
     rip: u64::MAX,
     entry: std::ptr::null(),
     page: 0,

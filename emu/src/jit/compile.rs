@@ -182,21 +182,13 @@ fn extra(instr: &Instruction) -> Option<Extra> {
             })
         }
         _ => match instr.code() {
-            C::Cwde => Some(Extra::SignExtend {
-                size: 4,
-                to_rdx: false,
-            }),
-            C::Cdqe => Some(Extra::SignExtend {
-                size: 8,
-                to_rdx: false,
-            }),
-            C::Cdq => Some(Extra::SignExtend {
-                size: 4,
-                to_rdx: true,
-            }),
-            C::Cqo => Some(Extra::SignExtend {
-                size: 8,
-                to_rdx: true,
+            code @ (C::Cwde | C::Cdqe | C::Cdq | C::Cqo) => Some(Extra::SignExtend {
+                size: if matches!(code, C::Cdqe | C::Cqo) {
+                    8
+                } else {
+                    4
+                },
+                to_rdx: matches!(code, C::Cdq | C::Cqo),
             }),
             C::Mul_rm32 | C::Mul_rm64 | C::Div_rm32 | C::Div_rm64 => {
                 let size = rm_size(instr)?;
@@ -517,6 +509,22 @@ impl Compiler {
         a.ret();
     }
 
+    /// A label that leaves for the interpreter before instruction `index` at `ip` (the
+    /// flags saved in R14).
+    fn miss(&mut self, index: u32, ip: u64) -> Label {
+        let miss = self.a.label();
+        self.stubs.push((miss, Stub::Miss { index, ip }));
+        miss
+    }
+
+    /// Go to `miss` unless RCX is canonical (clobbers the flags and RDX).
+    fn canonical_rcx(&mut self, miss: Label) {
+        self.a.mov_imm(RDX, 1 << 47);
+        self.a.alu(8, 0, Rm::Reg(RDX), RCX);
+        self.a.shift_imm(8, 5, Rm::Reg(RDX), 48);
+        self.a.jcc(CC_NE, miss);
+    }
+
     /// `state.rip = ip` (flags untouched).
     fn set_rip(&mut self, ip: u64) {
         self.a.mov_imm(RCX, ip);
@@ -582,8 +590,7 @@ impl Compiler {
     /// code leaves for the interpreter before instruction `index`. Clobbers the flags
     /// (saved by the caller), RDX, RDI, R8 and R9.
     fn translate(&mut self, index: u32, ip: u64, size: u8, write: bool) {
-        let miss = self.a.label();
-        self.stubs.push((miss, Stub::Miss { index, ip }));
+        let miss = self.miss(index, ip);
         let a = &mut self.a;
         // The entry of the first byte's page must carry the last byte's page number: a
         // tag matches only a canonical page, and an access that crosses a page (or wraps)
@@ -826,24 +833,14 @@ impl Compiler {
                 return true;
             }
             Fast::Ret => {
-                let miss = self.a.label();
-                self.stubs.push((
-                    miss,
-                    Stub::Miss {
-                        index,
-                        ip: instr.ip(),
-                    },
-                ));
+                let miss = self.miss(index, instr.ip());
                 self.save_flags();
                 self.a.load(8, RSI, gpr(4));
                 self.translate(index, instr.ip(), 8, false);
                 self.a.load(8, RCX, Rm::Mem(RSI, 0));
                 // A non-canonical return address faults at the RET: the interpreter's.
                 // (RCX survives restore_flags, which uses RAX only.)
-                self.a.mov_imm(RDX, 1 << 47);
-                self.a.alu(8, 0, Rm::Reg(RDX), RCX);
-                self.a.shift_imm(8, 5, Rm::Reg(RDX), 48);
-                self.a.jcc(CC_NE, miss);
+                self.canonical_rcx(miss);
                 self.restore_flags();
                 self.adjust_rsp(8);
                 self.exit_computed(index + 1);
@@ -916,14 +913,7 @@ impl Compiler {
                 if n == 6 {
                     // A zero divisor or a quotient that does not fit is the
                     // interpreter's #DE: the host must not fault.
-                    let miss = self.a.label();
-                    self.stubs.push((
-                        miss,
-                        Stub::Miss {
-                            index,
-                            ip: instr.ip(),
-                        },
-                    ));
+                    let miss = self.miss(index, instr.ip());
                     self.save_flags();
                     self.a.test(size, Rm::Reg(RCX), RCX);
                     self.a.jcc(CC_E, miss);
@@ -963,23 +953,13 @@ impl Compiler {
                 self.a.store(8, gpr(5), RCX);
             }
             Extra::CallIndirect { target } => {
-                let miss = self.a.label();
-                self.stubs.push((
-                    miss,
-                    Stub::Miss {
-                        index,
-                        ip: instr.ip(),
-                    },
-                ));
+                let miss = self.miss(index, instr.ip());
                 // The target (kept in RCX, which the lookups leave alone), checked
                 // canonical, then the push.
                 self.operands(index, instr, &[&target], 8, false);
                 self.value(&target, 8, RCX);
                 self.save_flags();
-                self.a.mov_imm(RDX, 1 << 47);
-                self.a.alu(8, 0, Rm::Reg(RDX), RCX);
-                self.a.shift_imm(8, 5, Rm::Reg(RDX), 48);
-                self.a.jcc(CC_NE, miss);
+                self.canonical_rcx(miss);
                 self.restore_flags();
                 self.stack(index, instr, -8, true);
                 self.a.mov_imm(RAX, instr.next_ip());

@@ -216,17 +216,7 @@ impl TestMemory {
     /// `host..host + len` must stay valid for reads and writes while compiled code runs
     /// with this memory, and `len` must be a multiple of 4096.
     pub unsafe fn new(linear: u64, host: *mut u8, len: usize) -> Self {
-        let mut tlb = vec![
-            crate::mmu::TlbEntry {
-                tag: u64::MAX,
-                host: std::ptr::null_mut(),
-                pa: 0,
-                page: 0,
-                perms: 0,
-                size_mask: u64::MAX,
-            };
-            crate::mmu::TLB_ENTRIES
-        ];
+        let mut tlb = vec![crate::mmu::EMPTY; crate::mmu::TLB_ENTRIES];
         for p in 0..len / 4096 {
             let vpn = (linear >> 12) + p as u64;
             tlb[vpn as usize % crate::mmu::TLB_ENTRIES] = crate::mmu::TlbEntry {
@@ -238,18 +228,10 @@ impl TestMemory {
                 size_mask: u64::MAX,
             };
         }
-        let empty = crate::mmu::JumpEntry {
-            rip: u64::MAX,
-            entry: std::ptr::null(),
-            page: 0,
-            generation: 0,
-            key: 0,
-            _pad: 0,
-        };
         TestMemory {
             tlb,
             code_bits: vec![0],
-            jumps: vec![empty; crate::mmu::JUMP_ENTRIES],
+            jumps: vec![crate::mmu::EMPTY_JUMP; crate::mmu::JUMP_ENTRIES],
             generations: vec![0],
         }
     }
