@@ -115,6 +115,10 @@ impl Jit {
     }
 
     pub fn new(threshold: u16) -> Option<Jit> {
+        if !host_has_lahf() {
+            tracing::warn!("emu: the host lacks LAHF/SAHF in 64-bit mode; interpreting only");
+            return None;
+        }
         match Arena::new(arena::DEFAULT_SIZE) {
             Ok(arena) => Some(Jit {
                 arena,
@@ -195,6 +199,13 @@ impl Jit {
             Exit::Done
         }
     }
+}
+
+/// Whether the host runs LAHF and SAHF in 64-bit mode (CPUID 0x8000_0001 ECX bit 0), which
+/// compiled code uses to move the guest flags.
+fn host_has_lahf() -> bool {
+    let max = std::arch::x86_64::__cpuid(0x8000_0000).eax;
+    max >= 0x8000_0001 && std::arch::x86_64::__cpuid(0x8000_0001).ecx & 1 != 0
 }
 
 /// The code arena has no room left.
