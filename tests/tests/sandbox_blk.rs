@@ -1,4 +1,5 @@
-//! The sandbox of a real `vmm-blk` started by the vmm (see `device_procs::sandbox`): the
+//! The sandbox of a real `vmm-blk` (and of a `vmm-scsi`, the other process kind) started
+//! by the vmm (see `device_procs::sandbox`): the
 //! process the vmm reports (the outer one) and the one that serves (the inner one, PID 1
 //! of its own PID namespace) run under seccomp with no_new_privs and no capabilities, in
 //! namespaces and a root of their own; the inner one holds only its sockets and what it
@@ -22,15 +23,24 @@ use vmm_tests::{wait_until, TempDir};
 const T: Duration = Duration::from_secs(20);
 const QUERY_PROCESSES: &str = "__org.vmm_query-device-processes";
 
-const PROBE_WITHOUT_SECCOMP: &str = "vmm-blk: sandbox self-test: without seccomp: \
-                                     open(\"/etc/passwd\") failed: No such file or directory";
-const PROBE_OPEN: &str =
-    "vmm-blk: sandbox self-test: open(\"/etc/passwd\") failed: Operation not permitted";
-const PROBE_SOCKET: &str =
-    "vmm-blk: sandbox self-test: socket(AF_INET) failed: Operation not permitted";
+/// The self-test lines of `program`: a host file is not there without seccomp and cannot
+/// be opened under it, and no socket can be made.
+fn probes(program: &str) -> [String; 3] {
+    [
+        format!(
+            "{program}: sandbox self-test: without seccomp: open(\"/etc/passwd\") failed: \
+             No such file or directory"
+        ),
+        format!(
+            "{program}: sandbox self-test: open(\"/etc/passwd\") failed: Operation not permitted"
+        ),
+        format!("{program}: sandbox self-test: socket(AF_INET) failed: Operation not permitted"),
+    ]
+}
 
-/// A vmm with one virtio-blk disk and no guest (qtest accelerator), the sandbox self-test
-/// on, stderr in a file.
+/// A vmm with one device process and no guest (qtest accelerator): a virtio-blk disk, or
+/// with `cdrom` a virtio-scsi controller with a CD-ROM; the sandbox self-test on, stderr in
+/// a file.
 struct Vmm {
     child: Option<Child>,
     _qtest: UnixStream,
@@ -42,6 +52,10 @@ struct Vmm {
 
 impl Vmm {
     fn start() -> Vmm {
+        Self::start_with(false)
+    }
+
+    fn start_with(cdrom: bool) -> Vmm {
         let dir = TempDir::new("sandbox-blk");
         let image = dir.join("disk.raw");
         std::fs::write(&image, vec![0u8; 1 << 20]).unwrap();
@@ -51,16 +65,28 @@ impl Vmm {
         let listener = UnixListener::bind(&qtest_sock).unwrap();
         listener.set_nonblocking(true).unwrap();
         let drive = format!("file={},if=none,id=d0,format=raw", image.display());
+        let devices: Vec<String> = if cdrom {
+            vec![
+                "-device".into(),
+                "virtio-scsi-pci,id=scsi0".into(),
+                "-drive".into(),
+                format!("{drive},media=cdrom"),
+                "-device".into(),
+                "scsi-cd,drive=d0,id=cd0".into(),
+            ]
+        } else {
+            vec![
+                "-drive".into(),
+                drive,
+                "-device".into(),
+                "virtio-blk-pci,drive=d0,id=disk0".into(),
+            ]
+        };
         let mut child = Command::new(vmm_tests::vmm_binary())
             .args(["-accel", "qtest", "-qtest"])
             .arg(format!("unix:{}", qtest_sock.display()))
             .args(["-m", "128M", "-nodefaults", "-display", "none"])
-            .args([
-                "-drive",
-                &drive,
-                "-device",
-                "virtio-blk-pci,drive=d0,id=disk0",
-            ])
+            .args(&devices)
             .arg("-qmp")
             .arg(format!("unix:{},server=on,wait=off", qmp_sock.display()))
             .env("VMM_SANDBOX_SELFTEST", "1")
@@ -212,7 +238,16 @@ fn fds(pid: u32) -> Vec<(i32, String)> {
 
 #[test]
 fn the_block_process_runs_sandboxed_in_two_processes() {
-    let mut vmm = Vmm::start();
+    assert_sandboxed(Vmm::start(), "vmm-blk");
+}
+
+#[test]
+fn the_cdrom_process_runs_sandboxed_in_two_processes() {
+    assert_sandboxed(Vmm::start_with(true), "vmm-scsi");
+}
+
+/// Everything the sandbox promises, for the one device process of `vmm` (`program`).
+fn assert_sandboxed(mut vmm: Vmm, program: &str) {
     let outer = vmm.outer_pid();
     let inner = inner_of(outer);
     let (outer_s, inner_s) = (outer.to_string(), inner.to_string());
@@ -284,12 +319,11 @@ fn the_block_process_runs_sandboxed_in_two_processes() {
 
     // The self-test: a host file cannot be opened (not there without seccomp, EPERM
     // under it), a socket cannot be made.
-    wait_until("the self-test lines", T, || {
-        vmm.stderr().contains(PROBE_SOCKET)
-    });
+    let [without, open, socket] = probes(program);
+    wait_until("the self-test lines", T, || vmm.stderr().contains(&socket));
     let text = vmm.stderr();
-    for line in [PROBE_WITHOUT_SECCOMP, PROBE_OPEN, PROBE_SOCKET] {
-        assert!(text.contains(line), "missing {line:?} in: {text}");
+    for line in [&without, &open, &socket] {
+        assert!(text.contains(line.as_str()), "missing {line:?} in: {text}");
     }
     assert!(!text.contains("SUCCEEDED"), "{text}");
 
@@ -334,7 +368,7 @@ fn killing_the_outer_process_ends_the_inner_one_and_the_vmm_starts_another() {
     assert_confined(new_outer, "outer");
     assert_confined(new_inner, "inner");
     wait_until("the new process's self-test", T, || {
-        vmm.stderr().matches(PROBE_SOCKET).count() == 2
+        vmm.stderr().matches(probes("vmm-blk")[2].as_str()).count() == 2
     });
     assert!(!vmm.stderr().contains("SUCCEEDED"), "{}", vmm.stderr());
 }
