@@ -2,7 +2,8 @@
 //! (`VMM_BLK_TEST_FAIL_WRITES=enospc:1`: the first guest write fails with ENOSPC; the vmm
 //! passes its environment on). `werror=stop` holds the write, emits BLOCK_IO_ERROR, stops
 //! the VM in the io-error state with io-status `nospace`, and `cont` carries the write out;
-//! `werror=report` fails it with an I/O error status; `werror=ignore` completes it.
+//! `werror=report` fails it with an I/O error status; `werror=ignore` completes it; with EIO
+//! (`eio:1`) `werror=stop` shows io-status `failed`.
 //! This binary holds only this test, since the hook is set in the environment.
 
 use std::time::Duration;
@@ -146,4 +147,22 @@ fn error_policies_stop_report_and_ignore() {
     let e = r.event("BLOCK_IO_ERROR");
     assert_eq!(e["data"]["action"], "ignore", "{e}");
     assert_eq!(r.qmp.ok("query-status", None)["status"], "running");
+    drop(r);
+
+    // stop on an error other than ENOSPC: io-status `failed`, and cont retries the write.
+    std::env::set_var("VMM_BLK_TEST_FAIL_WRITES", "eio:1");
+    let mut r = start("stop");
+    r.submit_write(0x5a);
+    let e = r.event("BLOCK_IO_ERROR");
+    assert_eq!(e["data"]["action"], "stop", "{e}");
+    assert_ne!(e["data"]["nospace"], true, "{e}");
+    r.event("STOP");
+    assert_eq!(r.qmp.ok("query-status", None)["status"], "io-error");
+    let info = r.qmp.ok("query-block", None);
+    assert_eq!(info[0]["io-status"], "failed", "{info}");
+    r.qmp.ok("cont", None);
+    assert_eq!(r.wait_status(), VIRTIO_BLK_S_OK);
+    assert_eq!(r.image_byte(), 0x5a);
+    let info = r.qmp.ok("query-block", None);
+    assert_eq!(info[0]["io-status"], "ok", "{info}");
 }

@@ -549,3 +549,18 @@ fn block_passwd_unlocks_an_encrypted_disk() {
     assert_eq!(d.read(0, 512), vec![0x5a; 512]);
     d.quit();
 }
+
+/// block_passwd on a disk that is not encrypted gets QEMU's error, and the disk serves on.
+#[test]
+fn block_passwd_on_a_plain_disk_is_refused() {
+    let dir = TempDir::new("passwd-plain");
+    let img = dir.join("plain.raw");
+    std::fs::write(&img, vec![0x11u8; 1 << 20]).unwrap();
+    let drive = format!("file={},format=raw,if=none,id=d0", img.display());
+    let mut d = Disk::start(&dir, &drive);
+    assert_eq!(d.block_info()["inserted"]["encrypted"], false);
+    let err = d.qmp_err("block_passwd", json!({"device": "d0", "password": "pw"}));
+    assert_eq!(err, "Device 'd0' is not encrypted");
+    assert_eq!(d.read(0, 512), vec![0x11; 512]);
+    d.quit();
+}

@@ -122,8 +122,8 @@ fn virtio_blk_reads_and_writes_sectors() {
     assert_eq!(&std::fs::read(&img).unwrap()[1024..1536], &new[..]);
 }
 
-/// QMP block_resize while the driver runs: vmm-blk grows the image and sends a
-/// configuration change over the vhost-user backend channel; the driver gets the MSI-X
+/// QMP block_resize while the driver runs: vmm-blk grows the image (asked over the
+/// control channel), the vmm raises the configuration change; the driver gets the MSI-X
 /// configuration vector, a new config generation and the new capacity.
 #[test]
 fn block_resize_reaches_the_driver() {

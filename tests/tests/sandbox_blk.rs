@@ -372,3 +372,35 @@ fn killing_the_outer_process_ends_the_inner_one_and_the_vmm_starts_another() {
     });
     assert!(!vmm.stderr().contains("SUCCEEDED"), "{}", vmm.stderr());
 }
+
+/// A process that keeps crashing is restarted with a growing back-off, each step reported
+/// (EXITED, then RESTARTED with the new pid), until the sixth crash within a minute: then
+/// FAILED, the device is marked failed, and the VM runs on.
+#[test]
+fn a_process_that_keeps_crashing_is_marked_failed() {
+    let mut vmm = Vmm::start();
+    let mut outer = vmm.outer_pid();
+    for round in 1..=6u64 {
+        // SAFETY: kill with a pid and a signal number; the pid is the vmm's child, alive.
+        assert_eq!(unsafe { libc::kill(outer as i32, libc::SIGKILL) }, 0);
+        let exited = vmm.qmp.wait_event("__org.vmm_DEVICE_PROCESS_EXITED");
+        assert_eq!(exited["data"]["device"], "disk0", "{exited}");
+        assert_eq!(exited["data"]["pid"], u64::from(outer), "{exited}");
+        if round <= 5 {
+            let restarted = vmm.qmp.wait_event("__org.vmm_DEVICE_PROCESS_RESTARTED");
+            assert_eq!(restarted["data"]["restarts"], round, "{restarted}");
+            let pid = restarted["data"]["pid"].as_u64().expect("a pid");
+            assert_ne!(pid, u64::from(outer), "{restarted}");
+            outer = u32::try_from(pid).expect("a pid");
+        } else {
+            let failed = vmm.qmp.wait_event("__org.vmm_DEVICE_PROCESS_FAILED");
+            assert_eq!(failed["data"]["device"], "disk0", "{failed}");
+            assert_eq!(failed["data"]["restarts"], 5, "{failed}");
+        }
+    }
+    let p = vmm.process();
+    assert_eq!(p["state"], "failed", "{p}");
+    assert_eq!(p["restarts"], 5, "{p}");
+    let status = vmm.qmp.ok("query-status", None);
+    assert_eq!(status["running"], true, "the VM runs on: {status}");
+}
