@@ -288,3 +288,68 @@ fn a_device_process_that_fails_to_start_rolls_device_add_back() {
         "the check sees a running child"
     );
 }
+
+/// A qcow2 image whose backing file is missing, and two that back each other: plugging a
+/// disk onto such a drive is refused with a clear error, no device appears, and no file
+/// changes. (A corrupt qcow2 is refused when its process opens it:
+/// `a_rejected_image_rolls_device_add_back`.)
+#[test]
+fn drive_add_refuses_a_broken_backing_chain() {
+    let dir = TempDir::new("device-add-chain");
+    let path = |name: &str| dir.join(name).display().to_string();
+    let qemu_img = |args: &[&str]| {
+        let out = std::process::Command::new("qemu-img")
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "qemu-img {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    let orphan = path("orphan.qcow2");
+    let gone = path("gone.raw");
+    qemu_img(&[
+        "create", "-q", "-f", "qcow2", "-u", "-b", &gone, "-F", "raw", &orphan, "1M",
+    ]);
+    let (a, b) = (path("a.qcow2"), path("b.qcow2"));
+    qemu_img(&["create", "-q", "-f", "qcow2", &a, "1M"]);
+    qemu_img(&[
+        "create", "-q", "-f", "qcow2", "-b", &a, "-F", "qcow2", &b, "1M",
+    ]);
+    qemu_img(&["rebase", "-u", "-b", &b, "-F", "qcow2", &a]);
+    let files = [orphan.clone(), a.clone(), b.clone()];
+    let before: Vec<Vec<u8>> = files.iter().map(|p| std::fs::read(p).unwrap()).collect();
+
+    let qmp_sock = dir.join("qmp.sock");
+    let qmp_arg = format!("unix:{},server=on,wait=off", qmp_sock.display());
+    let _qt = Qtest::start("128M", &["-qmp", &qmp_arg]).unwrap();
+    let mut qmp = Qmp::connect(&qmp_sock);
+    let expected = ["Could not open backing file", "too deep or circular"];
+    for (n, (image, expected)) in [&orphan, &a].into_iter().zip(expected).enumerate() {
+        // drive_add takes the drive (as QEMU's if=none does); plugging a device onto it
+        // opens the chain, and is refused.
+        let id = format!("bad{n}");
+        let reply = qmp.hmp(&format!(
+            "drive_add 0 file={image},if=none,id={id},format=qcow2"
+        ));
+        let refused = if reply == "OK\r\n" {
+            let r = qmp.request(
+                "device_add",
+                Some(json!({"driver": "virtio-blk-pci", "drive": id, "id": format!("dev{n}")})),
+            );
+            r["error"]["desc"].as_str().unwrap_or_default().to_string()
+        } else {
+            reply
+        };
+        assert!(refused.contains(expected), "{image}: {refused:?}");
+        let pci = qmp.ok("query-pci", None);
+        assert!(
+            !pci.to_string().contains(&format!("dev{n}")),
+            "{image}: a device appeared: {pci}"
+        );
+    }
+    let after: Vec<Vec<u8>> = files.iter().map(|p| std::fs::read(p).unwrap()).collect();
+    assert!(before == after, "a refused image was written to");
+}
