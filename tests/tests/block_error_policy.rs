@@ -3,14 +3,17 @@
 //! passes its environment on). `werror=stop` holds the write, emits BLOCK_IO_ERROR, stops
 //! the VM in the io-error state with io-status `nospace`, and `cont` carries the write out;
 //! `werror=report` fails it with an I/O error status; `werror=ignore` completes it; with EIO
-//! (`eio:1`) `werror=stop` shows io-status `failed`.
+//! (`eio:1`) `werror=stop` shows io-status `failed`, and `rerror=stop` does the same for a
+//! read (`VMM_BLK_TEST_FAIL_READS`).
 //! This binary holds only this test, since the hook is set in the environment.
 
 use std::time::Duration;
 
 use serde_json::Value;
 use vmm_tests::libqos::blk::VIRTIO_BLK_S_OK;
-use vmm_tests::libqos::blk::{self, BlkDevice, BlkOptions, VIRTIO_BLK_S_IOERR, VIRTIO_BLK_T_OUT};
+use vmm_tests::libqos::blk::{
+    self, BlkDevice, BlkOptions, VIRTIO_BLK_S_IOERR, VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT,
+};
 use vmm_tests::libqos::virtqueue::{Buffer, GuestAlloc};
 use vmm_tests::qmp::Qmp;
 use vmm_tests::qtest::Qtest;
@@ -31,14 +34,16 @@ struct Rig {
 }
 
 fn start(werror: &str) -> Rig {
+    start_with(&format!("werror={werror}"))
+}
+
+/// A rig whose drive has the given policy options (`werror=...,rerror=...`).
+fn start_with(policy: &str) -> Rig {
     let dir = TempDir::new("error-policy");
     let img = dir.join("disk.raw");
     std::fs::write(&img, vec![0u8; 1 << 20]).unwrap();
     let qmp_sock = dir.join("qmp.sock");
-    let drive = format!(
-        "file={},format=raw,if=none,id=d0,werror={werror}",
-        img.display()
-    );
+    let drive = format!("file={},format=raw,if=none,id=d0,{policy}", img.display());
     let qmp_arg = format!("unix:{},server=on,wait=off", qmp_sock.display());
     let mut qt = Qtest::start(
         "128M",
@@ -81,6 +86,25 @@ impl Rig {
             &[
                 Buffer::readable(self.hdr, 16),
                 Buffer::readable(self.data, 4096),
+                Buffer::writable(self.status, 1),
+            ],
+        )
+        .unwrap();
+        vq.kick(&mut self.qt).unwrap();
+    }
+
+    /// Queue and kick a 4 KiB read at sector 8.
+    fn submit_read(&mut self) {
+        self.qt
+            .memwrite(self.hdr, &blk::header(VIRTIO_BLK_T_IN, 8))
+            .unwrap();
+        self.qt.memset(self.status, 1, 0xff).unwrap();
+        let vq = &mut self.blk.queues[0];
+        vq.add_chain(
+            &mut self.qt,
+            &[
+                Buffer::readable(self.hdr, 16),
+                Buffer::writable(self.data, 4096),
                 Buffer::writable(self.status, 1),
             ],
         )
@@ -165,4 +189,21 @@ fn error_policies_stop_report_and_ignore() {
     assert_eq!(r.image_byte(), 0x5a);
     let info = r.qmp.ok("query-block", None);
     assert_eq!(info[0]["io-status"], "ok", "{info}");
+    drop(r);
+
+    // rerror=stop: a failing read stops the VM the same way, and cont reads the disk.
+    std::env::remove_var("VMM_BLK_TEST_FAIL_WRITES");
+    std::env::set_var("VMM_BLK_TEST_FAIL_READS", "eio:1");
+    let mut r = start_with("rerror=stop");
+    r.submit_read();
+    let e = r.event("BLOCK_IO_ERROR");
+    assert_eq!(e["data"]["operation"], "read", "{e}");
+    assert_eq!(e["data"]["action"], "stop", "{e}");
+    r.event("STOP");
+    assert_eq!(r.qmp.ok("query-status", None)["status"], "io-error");
+    let info = r.qmp.ok("query-block", None);
+    assert_eq!(info[0]["io-status"], "failed", "{info}");
+    r.qmp.ok("cont", None);
+    assert_eq!(r.wait_status(), VIRTIO_BLK_S_OK);
+    assert_eq!(r.qmp.ok("query-status", None)["status"], "running");
 }
