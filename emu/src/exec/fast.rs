@@ -251,7 +251,7 @@ pub(crate) fn mem_ref(instr: &Instruction) -> Option<MemRef> {
 }
 
 /// Operand `n` as a fast operand of `size` bytes.
-fn operand(instr: &Instruction, n: u32, size: u8) -> Option<Operand> {
+pub(crate) fn operand(instr: &Instruction, n: u32, size: u8) -> Option<Operand> {
     match instr.op_kind(n) {
         OpKind::Register => {
             let (i, w) = gpr(instr.op_register(n))?;
@@ -261,14 +261,7 @@ fn operand(instr: &Instruction, n: u32, size: u8) -> Option<Operand> {
             (instr.memory_size().size() == usize::from(size)).then_some(())?;
             mem_ref(instr).map(Operand::Mem)
         }
-        OpKind::Immediate8
-        | OpKind::Immediate16
-        | OpKind::Immediate32
-        | OpKind::Immediate64
-        | OpKind::Immediate8to16
-        | OpKind::Immediate8to32
-        | OpKind::Immediate8to64
-        | OpKind::Immediate32to64 => imm_operand(instr.immediate(n), usize::from(size)),
+        kind if is_immediate(kind) => imm_operand(instr.immediate(n), usize::from(size)),
         _ => None,
     }
 }
@@ -288,7 +281,7 @@ fn is_immediate(kind: OpKind) -> bool {
 }
 
 /// Operand size of a form whose operand 0 is a register or memory.
-fn size0(instr: &Instruction) -> Option<u8> {
+pub(crate) fn size0(instr: &Instruction) -> Option<u8> {
     match instr.op0_kind() {
         OpKind::Register => gpr(instr.op0_register()).map(|(_, w)| w),
         OpKind::Memory => u8::try_from(instr.memory_size().size()).ok(),

@@ -124,29 +124,6 @@ enum Extra {
     Nop,
 }
 
-/// A register (not AH..BH) or memory operand `n` of `size` bytes.
-fn rm_operand(instr: &Instruction, n: u32, size: u8) -> Option<Operand> {
-    match instr.op_kind(n) {
-        iced_x86::OpKind::Register => match fast::gpr(instr.op_register(n))? {
-            (i, w) if w == size => Some(Operand::Reg(i)),
-            _ => None,
-        },
-        iced_x86::OpKind::Memory if instr.memory_size().size() == usize::from(size) => {
-            fast::mem_ref(instr).map(Operand::Mem)
-        }
-        _ => None,
-    }
-}
-
-/// Operand size of an instruction whose operand 0 is a register or memory.
-fn rm_size(instr: &Instruction) -> Option<u8> {
-    match instr.op0_kind() {
-        iced_x86::OpKind::Register => fast::gpr(instr.op0_register()).map(|(_, w)| w),
-        iced_x86::OpKind::Memory => u8::try_from(instr.memory_size().size()).ok(),
-        _ => None,
-    }
-}
-
 fn extra(instr: &Instruction) -> Option<Extra> {
     use iced_x86::{Code as C, Mnemonic as Mn, OpKind, Register};
     if instr.has_lock_prefix() || instr.has_rep_prefix() || instr.has_repne_prefix() {
@@ -155,11 +132,11 @@ fn extra(instr: &Instruction) -> Option<Extra> {
     let mn = instr.mnemonic();
     match mn {
         Mn::Not | Mn::Neg if instr.op_count() == 1 => {
-            let size = rm_size(instr)?;
+            let size = fast::size0(instr)?;
             Some(Extra::Unary {
                 n: if mn == Mn::Not { 2 } else { 3 },
                 size,
-                dst: rm_operand(instr, 0, size)?,
+                dst: fast::operand(instr, 0, size)?,
             })
         }
         Mn::Shl | Mn::Sal | Mn::Shr | Mn::Sar | Mn::Rol | Mn::Ror
@@ -167,7 +144,7 @@ fn extra(instr: &Instruction) -> Option<Extra> {
                 && instr.op1_kind() == OpKind::Register
                 && instr.op1_register() == Register::CL =>
         {
-            let size = rm_size(instr)?;
+            let size = fast::size0(instr)?;
             let n = match mn {
                 Mn::Rol => 0,
                 Mn::Ror => 1,
@@ -178,7 +155,7 @@ fn extra(instr: &Instruction) -> Option<Extra> {
             Some(Extra::ShiftCl {
                 n,
                 size,
-                dst: rm_operand(instr, 0, size)?,
+                dst: fast::operand(instr, 0, size)?,
             })
         }
         _ => match instr.code() {
@@ -191,11 +168,11 @@ fn extra(instr: &Instruction) -> Option<Extra> {
                 to_rdx: matches!(code, C::Cdq | C::Cqo),
             }),
             C::Mul_rm32 | C::Mul_rm64 | C::Div_rm32 | C::Div_rm64 => {
-                let size = rm_size(instr)?;
+                let size = fast::size0(instr)?;
                 Some(Extra::MulDiv {
                     n: if mn == Mn::Mul { 4 } else { 6 },
                     size,
-                    src: rm_operand(instr, 0, size)?,
+                    src: fast::operand(instr, 0, size)?,
                 })
             }
             C::Bt_rm16_imm8
@@ -222,25 +199,25 @@ fn extra(instr: &Instruction) -> Option<Extra> {
             | C::Btc_rm16_r16
             | C::Btc_rm32_r32
             | C::Btc_rm64_r64 => {
-                let size = rm_size(instr)?;
+                let size = fast::size0(instr)?;
                 let n = match mn {
                     Mn::Bt => 4,
                     Mn::Bts => 5,
                     Mn::Btr => 6,
                     _ => 7,
                 };
-                let dst = rm_operand(instr, 0, size)?;
+                let dst = fast::operand(instr, 0, size)?;
                 let bit = match instr.op1_kind() {
                     OpKind::Immediate8 => Operand::Imm(i32::from(instr.immediate8())),
                     // A register bit offset reaches beyond a memory operand: not here.
                     _ if matches!(dst, Operand::Mem(_)) => return None,
-                    _ => rm_operand(instr, 1, size)?,
+                    _ => fast::operand(instr, 1, size)?,
                 };
                 Some(Extra::Bit { n, size, dst, bit })
             }
             C::Leaveq => Some(Extra::Leave),
             C::Call_rm64 => Some(Extra::CallIndirect {
-                target: rm_operand(instr, 0, 8)?,
+                target: fast::operand(instr, 0, 8)?,
             }),
             C::Prefetcht0_m8
             | C::Prefetcht1_m8
@@ -271,7 +248,7 @@ fn supported(f: &Fast, instr: &Instruction) -> bool {
 enum Stub {
     /// Leave before instruction `index` at `ip` (flags saved in R14) for the interpreter.
     Miss { index: u32, ip: u64 },
-    /// A taken conditional branch: `done` instructions ran, RIP goes to `target`.
+    /// A taken branch: `done` instructions ran, RIP goes to `target`.
     Taken { done: u32, target: u64 },
     /// The branch back to the block's start: run the block again while the budget (RBP)
     /// has room for it, else leave like [`Stub::Taken`].
@@ -297,8 +274,8 @@ struct Compiler {
     body: Label,
     /// IP of the block's first instruction.
     start: u64,
-    /// Instructions per pass of the loop back to the start, once one is compiled.
-    loop_len: Option<u32>,
+    /// A branch back to the start already loops in place (only the first one does).
+    looped: bool,
     stubs: Vec<(Label, Stub)>,
 }
 
@@ -338,7 +315,7 @@ pub fn compile(instrs: &[Instruction], ops: &[Op], base: u64) -> Option<Compiled
         len: u32::try_from(ops.len()).ok()?,
         body,
         start: instrs.first()?.ip(),
-        loop_len: None,
+        looped: false,
         stubs: Vec::new(),
     };
     let chain_offset = c.prologue()?;
@@ -829,7 +806,7 @@ impl Compiler {
                 self.a.mov_imm(RCX, instr.next_ip());
                 self.a.store(8, Rm::Mem(RSI, 0), RCX);
                 self.adjust_rsp(-8);
-                self.leave(index + 1, target);
+                self.exit_to(index + 1, target);
                 return true;
             }
             Fast::Ret => {
@@ -846,34 +823,13 @@ impl Compiler {
                 self.exit_computed(index + 1);
                 return true;
             }
-            Fast::Jmp { target } if target == self.start && self.loop_len.is_none() => {
-                self.loop_len = Some(index + 1);
-                let lp = self.a.label();
-                self.stubs.push((
-                    lp,
-                    Stub::Loop {
-                        done: index + 1,
-                        target,
-                    },
-                ));
-                self.a.jmp(lp);
-                return true;
-            }
             Fast::Jmp { target } => {
-                self.leave(index + 1, target);
+                let taken = self.branch(index + 1, target);
+                self.a.jmp(taken);
                 return true;
             }
             Fast::Jcc { cc, target } => {
-                let taken = self.a.label();
-                let done = index + 1;
-                let stub = if target == self.start && self.loop_len.is_none() {
-                    // (One loop point per block, so every pass runs the same instructions.)
-                    self.loop_len = Some(done);
-                    Stub::Loop { done, target }
-                } else {
-                    Stub::Taken { done, target }
-                };
-                self.stubs.push((taken, stub));
+                let taken = self.branch(index + 1, target);
                 self.a.jcc(cond(cc).unwrap_or_default(), taken);
             }
             Fast::Nop => {}
@@ -973,9 +929,19 @@ impl Compiler {
         false
     }
 
-    /// Leave with RIP = `target` after `done` instructions.
-    fn leave(&mut self, done: u32, target: u64) {
-        self.exit_to(done, target);
+    /// Where a branch to `target` after `done` instructions goes: the in-place loop for the
+    /// block's first branch back to its start (one loop point, so every pass runs the same
+    /// instructions), else an exit to the target.
+    fn branch(&mut self, done: u32, target: u64) -> Label {
+        let stub = if target == self.start && !self.looped {
+            self.looped = true;
+            Stub::Loop { done, target }
+        } else {
+            Stub::Taken { done, target }
+        };
+        let label = self.a.label();
+        self.stubs.push((label, stub));
+        label
     }
 
     /// Leave for the constant `target` after `done` instructions: straight into its
