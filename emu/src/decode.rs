@@ -66,6 +66,17 @@ pub struct Op {
     pub exits: bool,
 }
 
+impl Op {
+    /// The op of `instr` lowered to `fast`.
+    pub fn new(instr: &Instruction, fast: Fast) -> Op {
+        Op {
+            fast,
+            len: instr.len() as u8,
+            exits: fast::may_leave(&fast),
+        }
+    }
+}
+
 impl Block {
     fn empty() -> Self {
         Block {
@@ -103,11 +114,7 @@ impl Block {
         self.ops = instrs
             .iter()
             .zip(forms.iter())
-            .map(|(i, f)| Op {
-                fast: *f,
-                len: i.len() as u8,
-                exits: fast::may_leave(f),
-            })
+            .map(|(i, f)| Op::new(i, *f))
             .collect();
         self.instrs = instrs.into();
     }

@@ -188,6 +188,41 @@ fn execute(
     generic
 }
 
+/// One instruction to its end: an implementation may run a REP instruction in chunks,
+/// leaving RIP at the instruction to resume it, and the core then simply executes it again.
+/// None if no group implements it; on a fault RIP is back at the instruction.
+fn step(state: &mut CpuState, mem: &mut BufferMemory, instr: &Instruction) -> Option<ExResult<()>> {
+    for _ in 0..10_000 {
+        state.rip = instr.next_ip();
+        match execute(state, mem, instr)? {
+            Err(e) => {
+                state.rip = instr.ip();
+                return Some(Err(e));
+            }
+            Ok(()) if state.rip != instr.ip() => break,
+            Ok(()) => {}
+        }
+    }
+    Some(Ok(()))
+}
+
+/// The fast forms of a straight-line sequence after the dead-flag pass, as one decoded
+/// block holds them; None if the sequence branches (a block stops at a taken branch).
+fn block_forms(instrs: &[Instruction]) -> Option<Vec<Fast>> {
+    if instrs
+        .iter()
+        .any(|i| i.flow_control() != iced_x86::FlowControl::Next)
+    {
+        return None;
+    }
+    let mut fasts: Vec<Fast> = instrs
+        .iter()
+        .map(|i| emu::exec::fast::lower(i, 64))
+        .collect();
+    emu::exec::fast::prune_dead_flags(&mut fasts);
+    Some(fasts)
+}
+
 pub fn run(init: &Init, instrs: &[Instruction], snapshots: bool) -> Outcome {
     let mut state = initial_state(init);
     let mut mem = BufferMemory {
@@ -199,26 +234,16 @@ pub fn run(init: &Init, instrs: &[Instruction], snapshots: bool) -> Outcome {
     let mut steps = Vec::new();
     'seq: for (i, instr) in instrs.iter().enumerate() {
         let (written, undef) = flags::effect(instr, &state);
-        // An implementation may run a REP instruction in chunks, leaving rip at the
-        // instruction to resume it; the core then simply executes it again.
-        for _ in 0..10_000 {
-            state.rip = instr.next_ip();
-            match execute(&mut state, &mut mem, instr) {
-                None => {
-                    unimplemented = Some((i, format!("{:?}", instr.mnemonic()).to_lowercase()));
-                    break 'seq;
-                }
-                Some(Err(e)) => {
-                    state.rip = instr.ip();
-                    fault = Some((i, e));
-                    break 'seq;
-                }
-                Some(Ok(())) => {
-                    if state.rip != instr.ip() {
-                        break;
-                    }
-                }
+        match step(&mut state, &mut mem, instr) {
+            None => {
+                unimplemented = Some((i, format!("{:?}", instr.mnemonic()).to_lowercase()));
+                break 'seq;
             }
+            Some(Err(e)) => {
+                fault = Some((i, e));
+                break 'seq;
+            }
+            Some(Ok(())) => {}
         }
         undefined = (undefined & !written) | (undef & STATUS_FLAGS);
         if snapshots {
@@ -250,25 +275,11 @@ pub type Ending = (CpuState, Vec<u8>, Option<(usize, Exception)>);
 /// access that needs the interpreter: a fault, a page-crossing access). None when the
 /// sequence branches or nothing of it compiles.
 pub fn run_compiled(init: &Init, instrs: &[Instruction]) -> Option<Ending> {
-    if instrs
-        .iter()
-        .any(|i| i.flow_control() != iced_x86::FlowControl::Next)
-    {
-        return None;
-    }
-    let mut fasts: Vec<Fast> = instrs
-        .iter()
-        .map(|i| emu::exec::fast::lower(i, 64))
-        .collect();
-    emu::exec::fast::prune_dead_flags(&mut fasts);
+    let fasts = block_forms(instrs)?;
     let ops: Vec<Op> = instrs
         .iter()
         .zip(&fasts)
-        .map(|(i, f)| Op {
-            fast: *f,
-            len: i.len() as u8,
-            exits: emu::exec::fast::may_leave(f),
-        })
+        .map(|(i, f)| Op::new(i, *f))
         .collect();
     let mut jit = Jit::new(0)?;
     let (code, _) = jit.compile(instrs, &ops).ok()??;
@@ -292,16 +303,8 @@ pub fn run_compiled(init: &Init, instrs: &[Instruction]) -> Option<Ending> {
         "instructions run"
     );
     for (i, instr) in instrs.iter().enumerate().skip(from) {
-        for _ in 0..10_000 {
-            state.rip = instr.next_ip();
-            match execute(&mut state, &mut mem, instr)? {
-                Err(e) => {
-                    state.rip = instr.ip();
-                    return Some((state, mem.bytes, Some((i, e))));
-                }
-                Ok(()) if state.rip != instr.ip() => break,
-                Ok(()) => {}
-            }
+        if let Err(e) = step(&mut state, &mut mem, instr)? {
+            return Some((state, mem.bytes, Some((i, e))));
         }
     }
     Some((state, mem.bytes, None))
@@ -318,17 +321,9 @@ fn check_as_one_block(
     expected: &CpuState,
     expected_data: &[u8],
 ) {
-    if instrs
-        .iter()
-        .any(|i| i.flow_control() != iced_x86::FlowControl::Next)
-    {
+    let Some(fasts) = block_forms(instrs) else {
         return;
-    }
-    let mut fasts: Vec<Fast> = instrs
-        .iter()
-        .map(|i| emu::exec::fast::lower(i, 64))
-        .collect();
-    emu::exec::fast::prune_dead_flags(&mut fasts);
+    };
     let mut state = initial_state(init);
     let mut mem = BufferMemory {
         bytes: init.data.clone(),
