@@ -870,15 +870,15 @@ impl Mmu {
         if !self.code64 {
             return None;
         }
-        let user = self.cpl == 3;
+        let (need_read, need_write) = jit_needs(self.cpl == 3);
         Some(JitView {
             tlb: self.tlb.as_ptr(),
             code_bits: self.ram.code_bits(),
             jumps: self.jumps.as_ptr(),
             generations: self.ram.generations_ptr(),
             jump_key: self.jump_key(),
-            need_read: required_perms(Access::Read, user) | T_RAM,
-            need_write: required_perms(Access::Write, user) | T_RAM,
+            need_read,
+            need_write,
             fs_base: self.seg[crate::state::FS].base,
             gs_base: self.seg[crate::state::GS].base,
         })
@@ -914,6 +914,19 @@ impl Mmu {
         };
     }
 }
+
+/// The permission bits (the RAM bit included) compiled code needs in a TLB entry to read
+/// and to write, for a user or a supervisor access.
+pub(crate) fn jit_needs(user: bool) -> (u8, u8) {
+    (
+        required_perms(Access::Read, user) | T_RAM,
+        required_perms(Access::Write, user) | T_RAM,
+    )
+}
+
+/// The permission bits of a dirty RAM page that everybody may read, write and run (for
+/// TLBs built by tests).
+pub(crate) const T_ALL_RAM: u8 = T_UR | T_UW | T_UX | T_SW | T_SX | T_DIRTY | T_RAM;
 
 /// The TLB permission bits an access needs (a write also needs the dirty bit set).
 #[inline(always)]

@@ -154,7 +154,9 @@ impl Jit {
         let Some(c) = compile::compile(instrs, ops, base as u64) else {
             return Ok(None);
         };
-        let chain = u8::try_from(c.chain_offset).map_err(|_| ArenaFull)?;
+        let Ok(chain) = u8::try_from(c.chain_offset) else {
+            return Ok(None);
+        };
         let code = self.arena.install(&c.code).ok_or(ArenaFull)?;
         if let (Some(map), Some(first)) = (&mut self.perf_map, instrs.first()) {
             use std::io::Write;
@@ -235,7 +237,7 @@ impl TestMemory {
                 host: host.wrapping_add(p * 4096),
                 pa: 0,
                 page: 0,
-                perms: 0xbf,
+                perms: crate::mmu::T_ALL_RAM,
                 size_mask: u64::MAX,
             };
         }
@@ -250,11 +252,12 @@ impl TestMemory {
     /// The context of a user-mode (CPL 3) run with FS and GS bases of zero and room for
     /// `budget` instructions.
     pub fn ctx(&self, budget: u64) -> JitCtx {
+        let (need_read, need_write) = crate::mmu::jit_needs(true);
         JitCtx {
             tlb: self.tlb.as_ptr(),
             code_bits: self.code_bits.as_ptr(),
-            need_read: 1 | 0x80,
-            need_write: 2 | 0x20 | 0x80,
+            need_read: u32::from(need_read),
+            need_write: u32::from(need_write),
             fs_base: 0,
             gs_base: 0,
             jumps: self.jumps.as_ptr(),
