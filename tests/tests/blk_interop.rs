@@ -133,7 +133,6 @@ fn qemu_boots_with_a_standalone_vmm_blk() {
 
 #[test]
 fn our_vmm_uses_qemu_storage_daemon() {
-    let (kernel, initrd) = guest_files();
     let dir = TempDir::new("blk-interop-qsd");
     let disk = dir.join("disk.img");
     image(&disk);
@@ -160,22 +159,7 @@ fn our_vmm_uses_qemu_storage_daemon() {
         || sock.exists(),
     );
     let chardev = format!("socket,id=vu,path={}", sock.display());
-    let mut console = GuestConsole::spawn(&[
-        "-accel",
-        "emu",
-        "-m",
-        "512",
-        "-nodefaults",
-        "-display",
-        "none",
-        "-serial",
-        "stdio",
-        "-kernel",
-        &kernel,
-        "-initrd",
-        &initrd,
-        "-append",
-        "console=ttyS0",
+    let mut console = GuestConsole::boot_stock_linux(&[
         "-chardev",
         &chardev,
         "-device",

@@ -75,36 +75,25 @@ fn start_with(policy: &str) -> Rig {
 impl Rig {
     /// Queue and kick a 4 KiB write of `byte` at sector 8.
     fn submit_write(&mut self, byte: u8) {
-        self.qt
-            .memwrite(self.hdr, &blk::header(VIRTIO_BLK_T_OUT, 8))
-            .unwrap();
         self.qt.memwrite(self.data, &[byte; 4096]).unwrap();
-        self.qt.memset(self.status, 1, 0xff).unwrap();
-        let vq = &mut self.blk.queues[0];
-        vq.add_chain(
-            &mut self.qt,
-            &[
-                Buffer::readable(self.hdr, 16),
-                Buffer::readable(self.data, 4096),
-                Buffer::writable(self.status, 1),
-            ],
-        )
-        .unwrap();
-        vq.kick(&mut self.qt).unwrap();
+        self.submit(VIRTIO_BLK_T_OUT, Buffer::readable(self.data, 4096));
     }
 
     /// Queue and kick a 4 KiB read at sector 8.
     fn submit_read(&mut self) {
-        self.qt
-            .memwrite(self.hdr, &blk::header(VIRTIO_BLK_T_IN, 8))
-            .unwrap();
+        self.submit(VIRTIO_BLK_T_IN, Buffer::writable(self.data, 4096));
+    }
+
+    /// Queue and kick a request of `kind` at sector 8 with its data buffer.
+    fn submit(&mut self, kind: u32, data: Buffer) {
+        self.qt.memwrite(self.hdr, &blk::header(kind, 8)).unwrap();
         self.qt.memset(self.status, 1, 0xff).unwrap();
         let vq = &mut self.blk.queues[0];
         vq.add_chain(
             &mut self.qt,
             &[
                 Buffer::readable(self.hdr, 16),
-                Buffer::writable(self.data, 4096),
+                data,
                 Buffer::writable(self.status, 1),
             ],
         )
