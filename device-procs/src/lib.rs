@@ -4,6 +4,7 @@
 
 pub mod blk;
 pub mod inherit;
+pub mod net;
 pub mod sandbox;
 pub mod scsi;
 pub mod seccomp;
