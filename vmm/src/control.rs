@@ -4,7 +4,7 @@
 
 use std::sync::mpsc;
 
-use crate::monitor::MonitorCall;
+use crate::machine::{Machine, MachineExit};
 
 /// What a device, vCPU or monitor asks the machine to do.
 #[derive(Debug, PartialEq)]
@@ -25,8 +25,24 @@ pub enum MachineRequest {
     /// The guest ejected the device in PCI slot `slot` of bus 0 (it wrote the slot's bit to
     /// the hot-plug eject register, B0EJ, from the slot's `_EJ0`).
     PciEject { slot: u8 },
-    /// A QMP command to run against the machine; the reply goes back through the call.
-    Monitor(MonitorCall),
+    /// Work to do on the main thread against the machine (a QMP command; the reply goes
+    /// back through the job).
+    Run(Box<dyn MachineJob>),
+}
+
+/// Work handed to the main thread, which owns the machine.
+pub trait MachineJob: Send + std::fmt::Debug {
+    /// Do it; how the machine must exit, if it must.
+    fn run(self: Box<Self>, machine: &mut Machine) -> Option<MachineExit>;
+    /// The job itself, for tests that answer jobs without a machine.
+    fn into_any(self: Box<Self>) -> Box<dyn std::any::Any>;
+}
+
+/// Two jobs are the same request only if they are the same job.
+impl PartialEq for dyn MachineJob {
+    fn eq(&self, other: &Self) -> bool {
+        std::ptr::addr_eq(self, other)
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -28,5 +28,6 @@ pub mod machine;
 pub mod memory;
 pub mod monitor;
 pub mod pci;
+pub mod runstate;
 pub mod supervisor;
 pub mod virtio;

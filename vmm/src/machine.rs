@@ -29,8 +29,8 @@ use crate::devices::serial::Serial;
 use crate::devices::{Bus, IrqChip, IrqLine};
 use crate::loader::{BootImage, Initrd, LoaderError};
 use crate::memory::{MemoryError, MemoryManager};
-use crate::monitor::RunState;
 use crate::pci::{PciBus, PciConfigIo, PciConfigMmio, PciWindow, PCI_CONFIG_IO_LEN};
+use crate::runstate::RunState;
 
 #[derive(Debug, thiserror::Error)]
 pub enum MachineError {
@@ -676,9 +676,7 @@ impl Machine {
                 return Ok(Some(MachineExit::Shutdown));
             }
             MachineRequest::PciEject { slot } => self.pci_eject(slot),
-            MachineRequest::Monitor(call) => {
-                return Ok(crate::monitor::commands::execute(self, call));
-            }
+            MachineRequest::Run(job) => return Ok(job.run(self)),
         }
         Ok(None)
     }

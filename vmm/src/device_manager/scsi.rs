@@ -2,16 +2,21 @@
 //! drives on them: removable media with a tray and a guest-controlled lock, changed with
 //! QMP `eject` and `change`.
 
-use std::os::fd::AsFd;
+use std::os::fd::{AsFd, AsRawFd, RawFd};
 use std::sync::{Arc, Mutex};
 
-use ipc::scsi::{ScsiChannel, ScsiReply, ScsiRequest};
+use ipc::scsi::{ScsiChannel, ScsiEvent, ScsiReply, ScsiRequest};
 use ipc::DeviceKind;
+use serde_json::json;
 
-use super::{lock, DeviceConfig, DeviceError, SETUP_TIMEOUT};
+use super::block::{BlockInfo, ImageInfo, IoStatus, RemovableState};
+use super::process::{self, Misbehaved, SupervisedDevice, Supervision, WatchSink};
+use super::{lock, DeviceConfig, DeviceError, DeviceManager, CLASS_STORAGE_SCSI, SETUP_TIMEOUT};
 use crate::drive::{self, DriveConfig};
-use crate::supervisor::{self, DeviceProcess};
+use crate::image::Format;
+use crate::supervisor::DeviceProcess;
 use crate::virtio::pci::VirtioPciDevice;
+use crate::virtio::vhost_user::VhostUserDevice;
 
 /// virtio device id of SCSI host adapters.
 pub const VIRTIO_ID_SCSI: u16 = 8;
@@ -35,21 +40,14 @@ pub(super) struct CdLun {
 
 /// One virtio-scsi-pci function and its process.
 pub(super) struct ScsiController {
+    pub supervision: Supervision,
     pub id: Option<String>,
-    pub name: String,
     pub slot: u8,
-    pub process: DeviceProcess,
     pub control: ScsiChannel,
-    pub _function: Arc<Mutex<VirtioPciDevice>>,
+    pub function: Arc<Mutex<VirtioPciDevice>>,
     pub luns: Vec<CdLun>,
     pub num_queues: u16,
     pub queue_size: u16,
-    /// The control socket reached end of file (the process is going away).
-    pub control_closed: bool,
-    /// Unplugged: its process is being stopped on purpose, and is not to be restarted.
-    pub removed: bool,
-    pub failed: bool,
-    pub restarts: super::RestartBudget,
 }
 
 pub(super) type SharedController = Arc<Mutex<ScsiController>>;
@@ -67,32 +65,16 @@ pub(super) fn start_controller(
     num_queues: u16,
     queue_size: u16,
 ) -> Result<(DeviceProcess, ScsiChannel), DeviceError> {
-    let program = supervisor::device_program("vmm-scsi")?;
-    let mut process = DeviceProcess::spawn(name, &program, &[])?;
-    let ipc_err = |source| DeviceError::Ipc {
-        name: name.to_string(),
-        source,
-    };
-    let sock = process
-        .control
-        .try_clone()
-        .map_err(|e| ipc_err(ipc::IpcError::Socket(e)))?;
-    let mut control = ScsiChannel::new(sock);
-    control
-        .hello(DeviceKind::Block, DeviceKind::Block, SETUP_TIMEOUT)
-        .map_err(|e| super::setup_failure(&mut process, e))?;
+    // The SCSI protocol is one of the block kind's.
+    let (process, mut control) = process::start(name, "vmm-scsi", DeviceKind::Block)?;
     let request = ScsiRequest::AttachController {
         num_queues,
         queue_size,
     };
-    match control.call(request, &[], SETUP_TIMEOUT).map_err(ipc_err)? {
-        (ScsiReply::Attached, _) => Ok((process, control)),
-        (other, _) => Err(ipc_err(unexpected("AttachController", &other))),
+    match process::setup_call(name, &mut control, request, &[])? {
+        ScsiReply::Attached => Ok((process, control)),
+        other => Err(process::unexpected(name, "AttachController", &other)),
     }
-}
-
-fn unexpected(what: &str, reply: &ScsiReply) -> ipc::IpcError {
-    ipc::IpcError::Remote(ipc::RemoteError(format!("answered {what} with {reply:?}")))
 }
 
 /// Open a CD image read-only (and locked for sharing, as QEMU does for read-only media).
@@ -106,7 +88,7 @@ impl ScsiController {
         request: ScsiRequest,
         fds: &[std::os::fd::BorrowedFd<'_>],
     ) -> Result<ScsiReply, DeviceError> {
-        let name = self.name.clone();
+        let name = self.supervision.name.clone();
         self.control
             .call(request, fds, SETUP_TIMEOUT)
             .map(|(r, _)| r)
@@ -147,41 +129,6 @@ impl ScsiController {
             serial,
             medium,
         });
-        Ok(())
-    }
-
-    /// A new process after this one died: the controller and its drives (with their
-    /// media) set up again, and the vhost-user setup replayed. The guest's lock and tray
-    /// state start afresh (a closed tray, unlocked).
-    pub fn respawn(&mut self) -> Result<(), DeviceError> {
-        let (process, control) = start_controller(&self.name, self.num_queues, self.queue_size)?;
-        let old_control = std::mem::replace(&mut self.control, control);
-        for i in 0..self.luns.len() {
-            let l = &self.luns[i];
-            let request = ScsiRequest::AddCdrom {
-                target: l.target,
-                lun: l.lun,
-                id: l.drive.id.clone(),
-                serial: l.serial.clone(),
-            };
-            let fds: Vec<_> = l.medium.iter().map(|f| f.as_fd()).collect();
-            let name = self.name.clone();
-            self.control
-                .call(request, &fds, SETUP_TIMEOUT)
-                .map_err(|source| DeviceError::Ipc { name, source })?;
-        }
-        drop(old_control);
-        let stream = process.connect_vhost_user()?;
-        {
-            let mut function = lock(&self._function);
-            let backend = function
-                .backend_mut()
-                .as_vhost_user()
-                .ok_or_else(|| DeviceError::NotRestartable(self.name.clone()))?;
-            backend.reconnect(stream)?;
-        }
-        self.process = process;
-        self.control_closed = false;
         Ok(())
     }
 
@@ -241,7 +188,7 @@ impl ScsiController {
     /// QEMU's device reset: locks released, trays closed.
     pub fn reset_luns(&mut self) {
         if let Err(e) = self.call(ScsiRequest::Reset, &[]) {
-            tracing::warn!(device = %self.name, "reset: {e}");
+            tracing::warn!(device = %self.supervision.name, "reset: {e}");
         }
     }
 
@@ -285,10 +232,249 @@ pub(super) fn number(cfg: &DeviceConfig, key: &str) -> Result<Option<u16>, Devic
         })
 }
 
-pub(super) fn shared(c: ScsiController) -> SharedController {
-    Arc::new(Mutex::new(c))
+impl SupervisedDevice for ScsiController {
+    fn supervision(&self) -> &Supervision {
+        &self.supervision
+    }
+
+    fn supervision_mut(&mut self) -> &mut Supervision {
+        &mut self.supervision
+    }
+
+    fn control_fd(&self) -> RawFd {
+        self.control.socket().as_raw_fd()
+    }
+
+    fn serves(&self) -> String {
+        self.luns
+            .iter()
+            .map(|l| l.drive.id.clone())
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    /// The tray of one of its drives moved: DEVICE_TRAY_MOVED.
+    fn control_message(&mut self, sink: &dyn WatchSink) -> Result<(), Misbehaved> {
+        let event = process::receive_event(&mut self.control, &mut self.supervision)?;
+        if let Some(ScsiEvent::TrayMoved { id, tray_open }) = event {
+            let qdev_id = self
+                .luns
+                .iter()
+                .find(|l| l.drive.id == id)
+                .map(|l| l.qdev_id.clone())
+                .unwrap_or_default();
+            sink.emit(
+                "DEVICE_TRAY_MOVED",
+                json!({"device": id, "tray-open": tray_open, "id": qdev_id}),
+            );
+        }
+        Ok(())
+    }
+
+    /// A new process after this one died: the controller and its drives (with their
+    /// media) set up again, and the vhost-user setup replayed. The guest's lock and tray
+    /// state start afresh (a closed tray, unlocked).
+    fn respawn(&mut self) -> Result<(), DeviceError> {
+        let name = self.supervision.name.clone();
+        let (process, mut control) = start_controller(&name, self.num_queues, self.queue_size)?;
+        for l in &self.luns {
+            let request = ScsiRequest::AddCdrom {
+                target: l.target,
+                lun: l.lun,
+                id: l.drive.id.clone(),
+                serial: l.serial.clone(),
+            };
+            let fds: Vec<_> = l.medium.iter().map(|f| f.as_fd()).collect();
+            process::setup_call(&name, &mut control, request, &fds)?;
+        }
+        // The old process's control channel goes only now: it exits when that closes.
+        self.control = control;
+        process::reconnect(&name, &self.function, &process)?;
+        self.supervision.replaced(process);
+        Ok(())
+    }
 }
 
-pub(super) fn failed(c: &SharedController) -> bool {
-    lock(c).failed
+impl DeviceManager {
+    pub(super) fn add_virtio_scsi(
+        &mut self,
+        cfg: &DeviceConfig,
+    ) -> Result<Option<u8>, DeviceError> {
+        // Checked before a process is started for it.
+        cfg.pci_slot()?;
+        let num_queues = number(cfg, "num_queues")?.unwrap_or(1).clamp(1, 16);
+        let queue_size = number(cfg, "virtqueue_size")?.unwrap_or(128);
+        if !queue_size.is_power_of_two() || !(2..=1024).contains(&queue_size) {
+            return Err(DeviceError::InvalidProperty {
+                driver: cfg.driver.clone(),
+                property: "virtqueue_size".into(),
+                value: queue_size.to_string(),
+            });
+        }
+        let index = self.controllers.len();
+        let label = cfg.id.clone().unwrap_or_else(|| format!("scsi{index}"));
+        let name = format!("vmm-scsi[{label}]");
+        let (process, control) = start_controller(&name, num_queues, queue_size)?;
+        let stream = process.connect_vhost_user()?;
+        let backend = VhostUserDevice::connect(
+            &name,
+            VIRTIO_ID_SCSI,
+            stream,
+            FIXED_QUEUES + usize::from(num_queues),
+            queue_size,
+            VIRTIO_SCSI_CONFIG_SIZE,
+            self.memory.clone(),
+        )?;
+        let (slot, function) = self.plug_vhost_user(cfg, &name, backend, CLASS_STORAGE_SCSI)?;
+        tracing::info!(device = %name, pid = process.pid(), "SCSI controller");
+        let controller = Arc::new(Mutex::new(ScsiController {
+            supervision: Supervision::new(&name, cfg.id.as_deref(), "vmm-scsi", process),
+            id: cfg.id.clone(),
+            slot,
+            control,
+            function,
+            luns: Vec::new(),
+            num_queues,
+            queue_size,
+        }));
+        self.controllers.push(controller.clone());
+        self.supervise(controller)?;
+        Ok(Some(slot))
+    }
+
+    pub(super) fn add_scsi_cd(&mut self, cfg: &DeviceConfig) -> Result<Option<u8>, DeviceError> {
+        let drive_id = cfg.properties.get("drive").ok_or(DeviceError::NoDrive)?;
+        let controller = {
+            let controllers = &self.controllers;
+            match cfg.properties.get("bus") {
+                Some(bus) => {
+                    let wanted = controller_of_bus(bus);
+                    controllers
+                        .iter()
+                        .find(|c| lock(c).id.as_deref() == Some(wanted))
+                        .cloned()
+                        .ok_or_else(|| DeviceError::BusNotFound(bus.clone()))?
+                }
+                None => controllers.first().cloned().ok_or_else(|| {
+                    DeviceError::NoBus("No 'SCSI' bus found for device 'scsi-cd'".into())
+                })?,
+            }
+        };
+        let index = self
+            .drives
+            .iter()
+            .position(|d| &d.id == drive_id)
+            .ok_or_else(|| DeviceError::DriveNotFound {
+                driver: cfg.driver.clone(),
+                drive: drive_id.clone(),
+            })?;
+        let drive = self.drives[index].clone();
+        let lun = number(cfg, "lun")?.unwrap_or(0);
+        let mut c = lock(&controller);
+        let target = match number(cfg, "scsi-id")? {
+            Some(t) => t,
+            None => (0..=255u16)
+                .find(|t| !c.luns.iter().any(|l| u16::from(l.target) == *t))
+                .unwrap_or(0),
+        };
+        if target > 255 || lun > 255 {
+            return Err(DeviceError::InvalidProperty {
+                driver: cfg.driver.clone(),
+                property: "scsi-id".into(),
+                value: target.to_string(),
+            });
+        }
+        let qdev = self.qom_path(cfg.id.as_deref());
+        let qdev_id = cfg.id.clone().unwrap_or_else(|| qdev.clone());
+        let serial = cfg.properties.get("serial").cloned().unwrap_or_default();
+        c.add_cdrom(drive, target as u8, lun as u8, serial, qdev_id, qdev)?;
+        drop(c);
+        self.drives.remove(index);
+        Ok(None)
+    }
+
+    /// The controller serving CD drive `drive`, if one does.
+    fn controller_of(&self, drive: &str) -> Option<SharedController> {
+        self.controllers
+            .iter()
+            .find(|c| lock(c).luns.iter().any(|l| l.drive.id == drive))
+            .cloned()
+    }
+
+    /// QMP eject: open the tray of a removable drive (`force` breaks the guest's lock).
+    pub fn eject(&self, drive: &str, force: bool) -> Result<(), DeviceError> {
+        match self.controller_of(drive) {
+            Some(c) => lock(&c).eject(drive, force),
+            None if self.has_drive(drive) => Err(DeviceError::Medium(format!(
+                "Device '{drive}' is not removable"
+            ))),
+            None => Err(DeviceError::DriveNotFoundForCommand(drive.to_string())),
+        }
+    }
+
+    /// QMP change: put the image at `path` into a removable drive.
+    pub fn change_medium(
+        &self,
+        drive: &str,
+        path: &str,
+        format: Option<&str>,
+        fd: Option<std::os::fd::OwnedFd>,
+    ) -> Result<(), DeviceError> {
+        if let Some(f) = format {
+            if f != "raw" {
+                return Err(DeviceError::Medium(format!(
+                    "a CD medium must be raw (an ISO image), not '{f}'"
+                )));
+            }
+        }
+        match self.controller_of(drive) {
+            Some(c) => lock(&c).change(drive, path, fd),
+            None if self.has_drive(drive) => Err(DeviceError::Medium(format!(
+                "Device '{drive}' is not removable"
+            ))),
+            None => Err(DeviceError::DriveNotFoundForCommand(drive.to_string())),
+        }
+    }
+
+    /// query-block's view of every CD drive: its configuration, QOM path, and what the
+    /// process says of tray, lock and medium.
+    pub(super) fn cd_info(&self) -> Vec<BlockInfo> {
+        let mut out = Vec::new();
+        for c in self.controllers.iter() {
+            let mut c = lock(c);
+            let states = c.lun_states();
+            for l in &c.luns {
+                let state = states
+                    .iter()
+                    .find(|(id, _)| *id == l.drive.id)
+                    .map(|s| &s.1);
+                let file = l.drive.file.clone().unwrap_or_default();
+                let images = l
+                    .medium
+                    .iter()
+                    .map(|f| ImageInfo::read(f, &file, Format::Raw))
+                    .collect();
+                out.push(BlockInfo {
+                    drive: l.drive.clone(),
+                    size: l
+                        .medium
+                        .as_ref()
+                        .map_or(0, |f| f.metadata().map_or(0, |m| m.len())),
+                    file,
+                    format: Format::Raw,
+                    backing: Vec::new(),
+                    images,
+                    qdev: Some(l.qdev.clone()),
+                    encrypted: false,
+                    io_status: IoStatus::Ok,
+                    removable: Some(RemovableState {
+                        tray_open: state.is_some_and(|s| s.tray_open),
+                        locked: state.is_some_and(|s| s.locked),
+                        inserted: state.map_or(l.medium.is_some(), |s| s.inserted),
+                    }),
+                });
+            }
+        }
+        out
+    }
 }

@@ -2,11 +2,33 @@
 //! QMP counterpart here, with QEMU 7.2's output text (lines end in "\r\n").
 
 use qmp::QmpError;
-use serde_json::Value;
+use serde_json::{json, Value};
 
-use super::commands::{self, DumpRange};
+use super::command::{Command, CommandContext};
+use super::devices::query_pci;
+use super::info::{mice, query_version, NULL_UUID};
+use super::memory::{dump_physical, dump_virtual, DumpRange};
+use super::run_control::query_status;
 use crate::accel::AccelKind;
 use crate::machine::{Machine, MachineExit};
+
+pub const COMMANDS: &[Command] = &[Command::machine(
+    "human-monitor-command",
+    human_monitor_command,
+)];
+
+/// QMP human-monitor-command: one HMP line, its output as the reply.
+fn human_monitor_command(ctx: &mut CommandContext<'_>) -> Result<Value, QmpError> {
+    let line = ctx.str_arg("command-line").unwrap_or("").to_string();
+    let cpu = ctx
+        .call
+        .args
+        .get("cpu-index")
+        .map(|v| v.as_i64().unwrap_or(-1));
+    let (text, exit) = run(ctx.machine, &line, cpu)?;
+    ctx.exit = exit;
+    Ok(json!(text))
+}
 
 /// The commands `help` lists, as QEMU 7.2 prints them (sorted by name).
 const HELP: &[(&str, &str)] = &[
@@ -132,9 +154,9 @@ fn execute(
         "memsave" | "pmemsave" => match dump_range(name, &args) {
             Err(e) => e,
             Ok(range) if name == "memsave" => {
-                error_text(commands::save_virtual(machine, current as i64, &range))
+                error_text(dump_virtual(machine, current as i64, &range))
             }
-            Ok(range) => error_text(commands::save_physical(machine, &range)),
+            Ok(range) => error_text(dump_physical(machine, &range)),
         },
         other => format!("unknown command: '{other}'\n"),
     }
@@ -253,7 +275,7 @@ fn info(machine: &Machine, args: &[&str], current: usize) -> String {
     };
     match what {
         "status" => {
-            let status = commands::query_status(machine);
+            let status = query_status(machine);
             let running = status["running"] == true;
             let mut text = format!("VM status: {}", if running { "running" } else { "paused" });
             if !running && status["status"] != "paused" {
@@ -263,7 +285,7 @@ fn info(machine: &Machine, args: &[&str], current: usize) -> String {
         }
         "version" => {
             // QEMU prints the version and the package with nothing between them.
-            let v = commands::query_version();
+            let v = query_version();
             format!(
                 "{}.{}.{}{}\n",
                 v["qemu"]["major"],
@@ -277,7 +299,7 @@ fn info(machine: &Machine, args: &[&str], current: usize) -> String {
             let state = if enabled { "enabled" } else { "disabled" };
             format!("kvm support: {state}\n")
         }
-        "mice" => commands::mice()
+        "mice" => mice()
             .iter()
             .map(|m| {
                 let mark = if m.current { '*' } else { ' ' };
@@ -290,11 +312,7 @@ fn info(machine: &Machine, args: &[&str], current: usize) -> String {
         },
         "uuid" => format!(
             "{}\n",
-            machine
-                .config()
-                .uuid
-                .as_deref()
-                .unwrap_or("00000000-0000-0000-0000-000000000000")
+            machine.config().uuid.as_deref().unwrap_or(NULL_UUID)
         ),
         "cpus" => machine
             .cpus()
@@ -310,7 +328,7 @@ fn info(machine: &Machine, args: &[&str], current: usize) -> String {
             .iter()
             .map(|c| format!("{}: filename={}\n", c.label(), c.filename()))
             .collect(),
-        "pci" => info_pci(&commands::query_pci(machine)),
+        "pci" => info_pci(&query_pci(machine)),
         // Block devices arrive with the device-process issue; until then there are none,
         // and QEMU prints nothing for a machine without drives either.
         "block" => String::new(),
@@ -422,7 +440,7 @@ fn info_qtree_lite(machine: &Machine) -> String {
         ],
     );
     out += "    bus: pci.0\n      type PCI\n";
-    let buses = commands::query_pci(machine);
+    let buses = query_pci(machine);
     let devices = buses[0]["devices"].as_array().cloned().unwrap_or_default();
     let int = |v: &Value| v.as_i64().unwrap_or(0);
     for d in devices {

@@ -193,7 +193,7 @@ fn run(control: &MachineControl, line: &str, current_cpu: &mut i64) -> (String, 
     args.insert("command-line".into(), Value::String(line.to_string()));
     args.insert("cpu-index".into(), Value::from(*current_cpu));
     let (call, reply, handed_off) = MonitorCall::new("human-monitor-command", args);
-    control.request(MachineRequest::Monitor(call));
+    control.request(MachineRequest::Run(Box::new(call)));
     let result = reply.blocking_recv();
     let _ = handed_off.send(());
     let quit = matches!(line.split_whitespace().next(), Some("quit" | "q"));
@@ -223,7 +223,10 @@ mod tests {
     fn console_prints_banner_prompt_and_replies() {
         let (control, requests) = MachineControl::new();
         let machine = std::thread::spawn(move || {
-            while let Ok(MachineRequest::Monitor(call)) = requests.recv() {
+            while let Ok(MachineRequest::Run(job)) = requests.recv() {
+                let Ok(call) = job.into_any().downcast::<MonitorCall>() else {
+                    panic!("a job that is not a monitor call");
+                };
                 let line = call.str_arg("command-line").unwrap_or("").to_string();
                 let cpu = call.args.get("cpu-index").cloned();
                 call.reply(Ok(Value::String(format!("ran {line} on {cpu:?}\r\n"))));

@@ -6,9 +6,15 @@
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
+use qmp::schema::{ArgType, CommandSpec, ParamSpec};
+use qmp::QmpError;
+use serde_json::{json, Value};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
+use super::command::{Command, CommandContext};
+use super::MonitorCall;
 use crate::accel::PagingRegisters;
+use crate::machine::Machine;
 
 const CR0_PG: u64 = 1 << 31;
 const CR4_PSE: u64 = 1 << 4;
@@ -187,6 +193,105 @@ fn io_reason(e: &std::io::Error) -> String {
         Some(end) => text[..end].to_string(),
         None => text,
     }
+}
+
+/// memsave and pmemsave: guest memory to a file.
+pub const COMMANDS: &[Command] = &[
+    // QEMU 7.2's memsave also takes the CPU whose page tables translate `val`.
+    Command::machine("memsave", memsave).with_spec(|| {
+        CommandSpec::new(
+            "memsave",
+            vec![
+                ParamSpec::required("val", ArgType::Integer),
+                ParamSpec::required("size", ArgType::Integer),
+                ParamSpec::required("filename", ArgType::String),
+                ParamSpec::optional("cpu-index", ArgType::Integer),
+            ],
+        )
+    }),
+    Command::machine("pmemsave", pmemsave),
+];
+
+/// The (val, size, filename) of memsave and pmemsave, already type-checked.
+fn dump_args(call: &MonitorCall) -> (u64, i64, &str) {
+    let int = |name| call.args.get(name).and_then(Value::as_i64).unwrap_or(0);
+    // QEMU takes `val` as a 64-bit address: negative JSON numbers wrap.
+    (
+        int("val") as u64,
+        int("size"),
+        call.str_arg("filename").unwrap_or(""),
+    )
+}
+
+/// The dump range of memsave / pmemsave as given.
+pub(super) struct DumpRange<'a> {
+    pub addr: u64,
+    pub size: i64,
+    pub filename: &'a str,
+}
+
+/// memsave for QMP and HMP: `cpu` indexes the vCPU whose page tables translate.
+pub(super) fn dump_virtual(machine: &Machine, cpu: i64, range: &DumpRange) -> Result<(), QmpError> {
+    let snapshots = machine.cpus().snapshots();
+    let state = usize::try_from(cpu)
+        .ok()
+        .and_then(|i| snapshots.get(i))
+        .ok_or_else(|| QmpError::generic("Parameter 'cpu-index' expects a CPU number"))?;
+    let regs = state
+        .paging
+        .ok_or_else(|| QmpError::generic("Cannot read the CPU's paging registers"))?;
+    save_virtual(
+        machine.memory().guest_memory(),
+        &regs,
+        range.addr,
+        range.size,
+        range.filename,
+    )
+    .map_err(|e| QmpError::generic(e.to_string()))
+}
+
+/// pmemsave for QMP and HMP.
+pub(super) fn dump_physical(machine: &Machine, range: &DumpRange) -> Result<(), QmpError> {
+    save_physical(
+        machine.memory().guest_memory(),
+        range.addr,
+        range.size,
+        range.filename,
+    )
+    .map_err(|e| QmpError::generic(e.to_string()))
+}
+
+/// QMP memsave: virtual memory as the chosen (or the current) CPU sees it.
+fn memsave(ctx: &mut CommandContext<'_>) -> Result<Value, QmpError> {
+    let (addr, size, filename) = dump_args(ctx.call);
+    let cpu = match ctx.call.args.get("cpu-index") {
+        Some(v) => v.as_i64().unwrap_or(-1),
+        None => i64::from(ctx.machine.current_cpu()),
+    };
+    dump_virtual(
+        ctx.machine,
+        cpu,
+        &DumpRange {
+            addr,
+            size,
+            filename,
+        },
+    )
+    .map(|()| json!({}))
+}
+
+/// QMP pmemsave: guest-physical memory.
+fn pmemsave(ctx: &mut CommandContext<'_>) -> Result<Value, QmpError> {
+    let (addr, size, filename) = dump_args(ctx.call);
+    dump_physical(
+        ctx.machine,
+        &DumpRange {
+            addr,
+            size,
+            filename,
+        },
+    )
+    .map(|()| json!({}))
 }
 
 #[cfg(test)]

@@ -5,11 +5,14 @@
 //!
 //! [`Machine`]: crate::machine::Machine
 
-pub mod commands;
+pub mod block;
+pub mod command;
+pub mod devices;
 pub mod hmp;
 pub mod hmp_console;
+pub mod info;
 pub mod memory;
-pub mod runstate;
+pub mod run_control;
 
 use std::fmt;
 use std::net::TcpListener as StdTcpListener;
@@ -19,16 +22,16 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use qmp::schema::{ArgType, ParamSpec};
 use qmp::{ConnectionContext, Dispatcher, EventSender, QmpError, Schema, Server, ServerConfig};
 use serde_json::{Map, Value};
 use tokio::sync::oneshot;
 
 use crate::chardev::SocketAddress;
 use crate::config::{MonitorConfig, MonitorEndpoint};
-use crate::control::{MachineControl, MachineRequest};
+use crate::control::{MachineControl, MachineJob, MachineRequest};
+use crate::machine::{Machine, MachineExit};
 
-pub use runstate::RunState;
+pub use devices::QUERY_DEVICE_PROCESSES;
 
 /// How long `quit` waits for its reply to reach the client before the process exits.
 const QUIT_FLUSH_TIMEOUT: Duration = Duration::from_secs(2);
@@ -127,6 +130,17 @@ impl fmt::Debug for MonitorCall {
     }
 }
 
+/// A call runs on the main thread against the machine.
+impl MachineJob for MonitorCall {
+    fn run(self: Box<Self>, machine: &mut Machine) -> Option<MachineExit> {
+        command::execute(machine, *self)
+    }
+
+    fn into_any(self: Box<Self>) -> Box<dyn std::any::Any> {
+        self
+    }
+}
+
 /// Two calls are the same request when they name the same command with the same
 /// arguments (the reply channels are not comparable).
 impl PartialEq for MonitorCall {
@@ -135,69 +149,15 @@ impl PartialEq for MonitorCall {
     }
 }
 
-/// The commands that work today; the schema is cut down to these so query-commands and
-/// CommandNotFound tell the truth. qmp_capabilities is handled by the server itself.
-pub const IMPLEMENTED_COMMANDS: &[&str] = &[
-    "qmp_capabilities",
-    "quit",
-    "stop",
-    "cont",
-    "system_reset",
-    "system_powerdown",
-    "query-status",
-    "query-version",
-    "query-commands",
-    "query-kvm",
-    "query-name",
-    "query-uuid",
-    "query-mice",
-    "query-cpus-fast",
-    "query-pci",
-    "query-chardev",
-    "inject-nmi",
-    "cpu",
-    "query-cpus",
-    "memsave",
-    "pmemsave",
-    "human-monitor-command",
-    "getfd",
-    "closefd",
-    "block_resize",
-    "query-block",
-    "blockdev-snapshot-sync",
-    "query-blockstats",
-    "block_passwd",
-    "eject",
-    "change",
-    "device_add",
-    "device_del",
-    QUERY_DEVICE_PROCESSES,
-];
-
-/// Our downstream query (the QMP spec's `__RFQDN_` prefix): every device process, its pid,
-/// state and restart count.
-pub const QUERY_DEVICE_PROCESSES: &str = "__org.vmm_query-device-processes";
-
-/// The seed's schema restricted to [`IMPLEMENTED_COMMANDS`], plus QEMU 7.2's
-/// query-cpus-fast, which the seed predates, and the queries the seed documents without
-/// a command table entry (query-pci, query-cpus).
+/// The seed's schema for the commands of the table ([`command::all`]), with the
+/// arguments of those the seed lacks or has otherwise: query-commands and CommandNotFound
+/// tell the truth.
 pub fn implemented_schema() -> Result<Schema, MonitorError> {
     let mut schema = Schema::seed()?;
-    schema.insert(qmp::CommandSpec::no_args("query-cpus-fast"));
-    schema.insert(qmp::CommandSpec::no_args("query-pci"));
-    schema.insert(qmp::CommandSpec::no_args("query-cpus"));
-    schema.insert(qmp::CommandSpec::no_args(QUERY_DEVICE_PROCESSES));
-    // QEMU 7.2's memsave also takes the CPU whose page tables translate `val`.
-    schema.insert(qmp::CommandSpec::new(
-        "memsave",
-        vec![
-            ParamSpec::required("val", ArgType::Integer),
-            ParamSpec::required("size", ArgType::Integer),
-            ParamSpec::required("filename", ArgType::String),
-            ParamSpec::optional("cpu-index", ArgType::Integer),
-        ],
-    ));
-    schema.retain(|name| IMPLEMENTED_COMMANDS.contains(&name));
+    for spec in command::all().filter_map(|c| c.spec) {
+        schema.insert(spec());
+    }
+    schema.retain(|name| command::find(name).is_some());
     Ok(schema)
 }
 
@@ -243,11 +203,7 @@ impl Dispatcher for MachineDispatcher {
             _ => {}
         }
         // Commands that open a file take `fd:NAME` for a descriptor passed with getfd.
-        let file_arg = match command {
-            "change" => Some("target"),
-            "blockdev-snapshot-sync" => Some("snapshot-file"),
-            _ => None,
-        };
+        let file_arg = command::find(command).and_then(|c| c.file_arg);
         let fd_name = file_arg
             .and_then(|a| args.get(a))
             .and_then(Value::as_str)
@@ -260,7 +216,7 @@ impl Dispatcher for MachineDispatcher {
         if command == "quit" {
             call.flushed = Some(ctx.close_after_reply());
         }
-        self.control.request(MachineRequest::Monitor(call));
+        self.control.request(MachineRequest::Run(Box::new(call)));
         let result = reply
             .await
             .unwrap_or_else(|_| Err(QmpError::generic("The machine is shutting down")));
@@ -421,7 +377,7 @@ mod tests {
         let schema = implemented_schema().unwrap();
         let mut names: Vec<&str> = schema.names().collect();
         names.sort_unstable();
-        let mut expected = IMPLEMENTED_COMMANDS.to_vec();
+        let mut expected: Vec<&str> = command::all().map(|c| c.name).collect();
         expected.sort_unstable();
         assert_eq!(names, expected);
         assert!(schema.get("getfd").unwrap().params[0].name == "fdname");
