@@ -8,3 +8,5 @@ pub mod net;
 pub mod sandbox;
 pub mod scsi;
 pub mod seccomp;
+pub mod supervised;
+pub mod vhost_daemon;

@@ -10,23 +10,18 @@
 //! requests need nothing to survive a restart of the process: the vmm replays from the used
 //! index, which they never reached.
 //!
-//! One worker thread per queue (vhost-user-backend's `queues_per_thread`). A
-//! `VhostUserDaemon` serves one frontend connection; [`serve`] makes a fresh one for each
-//! connection on the listener, so a frontend that reconnects (after a reset, or after this
-//! process was restarted) finds the device again.
+//! One worker thread per queue (vhost-user-backend's `queues_per_thread`); connection
+//! after connection is served by [`crate::vhost_daemon::serve`].
 
 use std::collections::VecDeque;
 use std::io;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
-use std::os::unix::net::UnixListener;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, RwLock};
+use std::sync::{Mutex, MutexGuard, RwLock};
 
 use ipc::blk::{BlkEvent, ErrorAction, ErrorPolicy};
 
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
-use vhost::vhost_user::{Error as VhostUserError, Listener};
-use vhost_user_backend::{VhostUserBackend, VhostUserDaemon, VringRwLock, VringT};
+use vhost_user_backend::{VhostUserBackend, VringT};
 use virtio_bindings::virtio_blk::{
     VIRTIO_BLK_F_BLK_SIZE, VIRTIO_BLK_F_DISCARD, VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_F_MQ,
     VIRTIO_BLK_F_RO, VIRTIO_BLK_F_SEG_MAX, VIRTIO_BLK_F_WRITE_ZEROES,
@@ -34,23 +29,19 @@ use virtio_bindings::virtio_blk::{
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
 use virtio_queue::QueueT;
-use vm_memory::{GuestAddressSpace, GuestMemoryAtomic};
+use vm_memory::GuestAddressSpace;
 use vmm_sys_util::epoll::EventSet;
-use vmm_sys_util::event::{
-    new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
-};
+use vmm_sys_util::event::{EventConsumer, EventNotifier};
 
 use super::config::BlkConfig;
 use super::request::{self, Completion, Disk, GuestMem, Outcome, Request};
+pub use crate::vhost_daemon::Memory;
+use crate::vhost_daemon::{self, ExitEvents, Served, Vring};
 
 /// Most queues a disk may have (one bit each in vhost-user-backend's thread masks).
 pub const MAX_QUEUES: u16 = 64;
 /// Largest split virtqueue.
 pub const MAX_QUEUE_SIZE: u16 = 32768;
-
-/// Guest memory as vhost-user-backend shares it with us.
-pub type Memory = GuestMemoryAtomic<GuestMem>;
-type Vring = VringRwLock<Memory>;
 
 /// Sends an event to the vmm (supervised mode).
 pub type EventHook = Box<dyn Fn(BlkEvent) + Send + Sync>;
@@ -86,10 +77,6 @@ pub enum BackendError {
     NumQueues(u16),
     #[error("queue size {0}: a power of two from 1 to {MAX_QUEUE_SIZE}")]
     QueueSize(u16),
-    #[error("cannot set up a vhost-user connection: {0}")]
-    Daemon(String),
-    #[error("cannot accept a vhost-user connection: {0}")]
-    Accept(String),
 }
 
 /// The device: one disk and its queues.
@@ -99,8 +86,7 @@ pub struct BlkBackend {
     queue_size: u16,
     event_idx: AtomicBool,
     mem: RwLock<Option<Memory>>,
-    /// The exit-event fds handed to the current daemon's worker threads (see `exit_event`).
-    exit_consumers: Mutex<Vec<RawFd>>,
+    exit_events: ExitEvents,
     policy: ErrorPolicy,
     held: Mutex<Held>,
     on_event: Option<EventHook>,
@@ -126,7 +112,7 @@ impl BlkBackend {
             queue_size,
             event_idx: AtomicBool::new(false),
             mem: RwLock::new(None),
-            exit_consumers: Mutex::new(Vec::new()),
+            exit_events: ExitEvents::default(),
             policy,
             held: Mutex::default(),
             on_event,
@@ -326,24 +312,6 @@ impl BlkBackend {
             );
         }
     }
-
-    /// Close the exit-event fds of a daemon that has been dropped.
-    fn close_exit_consumers(&self) {
-        let fds = std::mem::take(
-            &mut *self
-                .exit_consumers
-                .lock()
-                .unwrap_or_else(|e| e.into_inner()),
-        );
-        for fd in fds {
-            // SAFETY: vhost-user-backend 0.24 (pinned in Cargo.toml) registers each exit
-            // consumer in its epoll with `into_raw_fd` and never closes it
-            // (`VringEpollHandler::new`). This runs only after the daemon was dropped, which
-            // joined the worker threads and closed their epoll: the fd is still open, nobody
-            // else owns it, and nothing uses it any more.
-            drop(unsafe { OwnedFd::from_raw_fd(fd) });
-        }
-    }
 }
 
 impl VhostUserBackend for BlkBackend {
@@ -432,19 +400,7 @@ impl VhostUserBackend for BlkBackend {
     }
 
     fn exit_event(&self, _thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {
-        match new_event_consumer_and_notifier(EventFlag::NONBLOCK | EventFlag::CLOEXEC) {
-            Ok((consumer, notifier)) => {
-                self.exit_consumers
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .push(consumer.as_raw_fd());
-                Some((consumer, notifier))
-            }
-            Err(e) => {
-                tracing::error!("cannot create a worker's exit event: {e}");
-                None
-            }
-        }
+        self.exit_events.new_event()
     }
 
     fn handle_event(
@@ -458,99 +414,38 @@ impl VhostUserBackend for BlkBackend {
         let Some(vring) = vrings.get(usize::from(device_event)) else {
             return Ok(());
         };
-        if !self.event_idx.load(Ordering::Acquire) {
-            self.process_queue(device_event, vring);
-            return Ok(());
-        }
-        // With EVENT_IDX: work with notifications off, then turn them on and look again,
-        // so a request made in between is not missed. A guest whose avail index is
-        // garbage makes "more" true while nothing can be popped: give up after a few
-        // empty rounds rather than spin.
-        let mut empty_rounds = 0;
-        loop {
-            if let Err(e) = vring.disable_notification() {
-                tracing::debug!("cannot disable notifications: {e}");
-            }
-            if self.process_queue(device_event, vring) == 0 {
-                empty_rounds += 1;
-            } else {
-                empty_rounds = 0;
-            }
-            match vring.enable_notification() {
-                Ok(true) if empty_rounds < 3 => continue,
-                Ok(true) => {
-                    tracing::debug!("avail ring index ahead of anything poppable");
-                    break;
-                }
-                Ok(false) => break,
-                Err(e) => {
-                    tracing::debug!("cannot enable notifications: {e}");
-                    break;
-                }
-            }
-        }
+        let event_idx = self.event_idx.load(Ordering::Acquire);
+        vhost_daemon::drain(vring, event_idx, true, || {
+            self.process_queue(device_event, vring)
+        });
         Ok(())
     }
 }
 
-/// Serve vhost-user connections on `listener` one after another, each with a fresh daemon,
-/// for as long as the listener works.
-pub fn serve(backend: Arc<BlkBackend>, listener: UnixListener) -> Result<(), BackendError> {
-    let mut listener = Listener::from(listener);
-    loop {
-        serve_one(&backend, &mut listener)?;
-    }
-}
+impl Served for BlkBackend {
+    const NAME: &'static str = "vmm-blk";
 
-/// Accept one connection and serve it until the frontend goes away.
-pub fn serve_one(backend: &Arc<BlkBackend>, listener: &mut Listener) -> Result<(), BackendError> {
-    let mem: Memory = GuestMemoryAtomic::new(GuestMem::new());
-    *backend.mem.write().unwrap_or_else(|e| e.into_inner()) = None;
-    backend.event_idx.store(false, Ordering::Release);
-    let result = {
-        let mut daemon = VhostUserDaemon::new("vmm-blk".into(), backend.clone(), mem)
-            .map_err(|e| BackendError::Daemon(e.to_string()))?;
-        match daemon.start(listener) {
-            Ok(()) => {
-                tracing::info!("vhost-user frontend connected");
-                match daemon.wait() {
-                    Ok(())
-                    | Err(vhost_user_backend::Error::HandleRequest(
-                        VhostUserError::Disconnected | VhostUserError::PartialMessage,
-                    )) => tracing::info!("vhost-user frontend disconnected"),
-                    Err(e) => tracing::warn!("vhost-user connection ended: {e}"),
-                }
-                Ok(())
-            }
-            Err(e) => Err(BackendError::Accept(e.to_string())),
-        }
-        // The daemon drops here: its worker threads are told to exit and joined.
-    };
-    backend.close_exit_consumers();
-    backend.drop_held_requests();
-    *backend.mem.write().unwrap_or_else(|e| e.into_inner()) = None;
-    result
+    fn exit_events(&self) -> &ExitEvents {
+        &self.exit_events
+    }
+
+    fn connection_starts(&self) {
+        *self.mem.write().unwrap_or_else(|e| e.into_inner()) = None;
+        self.event_idx.store(false, Ordering::Release);
+    }
+
+    fn connection_ended(&self) {
+        self.drop_held_requests();
+        *self.mem.write().unwrap_or_else(|e| e.into_inner()) = None;
+    }
 }
 
 /// Put a completed request in the used ring.
 fn complete(vring: &Vring, c: Completion) {
-    if let Err(e) = vring.add_used(c.head, c.used_len) {
-        tracing::debug!("cannot complete descriptor {}: {e}", c.head);
-    }
+    vhost_daemon::complete(vring, c.head, c.used_len);
 }
 
-/// Tell the driver about used entries, if it wants to hear.
-fn notify(vring: &Vring) {
-    match vring.needs_notification() {
-        Ok(true) => {
-            if let Err(e) = vring.signal_used_queue() {
-                tracing::warn!("cannot signal the guest: {e}");
-            }
-        }
-        Ok(false) => {}
-        Err(e) => tracing::debug!("used ring: {e}"),
-    }
-}
+use vhost_daemon::notify;
 
 /// What QMP's BLOCK_IO_ERROR calls the reason: the error's text (strerror's, for an errno).
 fn reason(e: &request::RequestError) -> String {

@@ -26,20 +26,17 @@ use std::sync::Arc;
 use ipc::blk::{BackingImage, ImageFormat};
 
 use crate::sandbox::{self, Profile};
-use crate::{inherit, seccomp};
+use crate::seccomp;
+use crate::supervised::{self as process, SupervisedError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum BlkError {
     #[error(transparent)]
     Cli(#[from] cli::CliError),
     #[error(transparent)]
-    Inherit(#[from] inherit::InheritError),
+    Process(#[from] SupervisedError),
     #[error(transparent)]
     Sandbox(#[from] sandbox::SandboxError),
-    #[error("control socket: {0}")]
-    Ipc(#[from] ipc::IpcError),
-    #[error("control socket: {0}")]
-    Control(#[source] io::Error),
     #[error("Attach carries {got} fds, but the chain needs exactly one fd per image ({want})")]
     AttachFds { got: usize, want: usize },
     #[error(transparent)]
@@ -72,16 +69,14 @@ pub enum BlkError {
     },
     #[error(transparent)]
     Backend(#[from] backend::BackendError),
-    #[error("cannot block SIGTERM and SIGINT: {0}")]
-    Signals(#[source] io::Error),
-    #[error("cannot start a thread: {0}")]
-    Thread(#[source] io::Error),
+    #[error(transparent)]
+    Daemon(#[from] crate::vhost_daemon::DaemonError),
 }
 
 /// The program: parse the arguments, run, and return the exit status (0, or 1 after
 /// printing one line on stderr).
 pub fn main() -> i32 {
-    init_logging();
+    process::init_logging();
     let result = match cli::parse(std::env::args().skip(1)) {
         Ok(cli::Mode::Help) => {
             println!("{}", cli::USAGE);
@@ -91,22 +86,7 @@ pub fn main() -> i32 {
         Ok(cli::Mode::Standalone(args)) => run_standalone(&args),
         Err(e) => Err(e.into()),
     };
-    match result {
-        Ok(()) => 0,
-        Err(e) => {
-            eprintln!("vmm-blk: {e}");
-            1
-        }
-    }
-}
-
-fn init_logging() {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("VMM_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(io::stderr)
-        .try_init();
+    process::exit_status("vmm-blk", result)
 }
 
 /// Serve an image on a unix socket path, like qemu-storage-daemon's vhost-user-blk export.
@@ -138,7 +118,7 @@ pub fn run_standalone(args: &cli::Standalone) -> Result<(), BlkError> {
         path: args.socket.clone(),
         source,
     })?;
-    block_termination_signals()?;
+    process::block_termination_signals()?;
     sandbox::enter(Profile::BLOCK.with_seccomp(seccomp::Kind::Block))?;
     // qemu-storage-daemon's export reports every error to the guest: there is nobody to
     // stop the VM or resume it.
@@ -154,8 +134,8 @@ pub fn run_standalone(args: &cli::Standalone) -> Result<(), BlkError> {
         None,
     )?);
     let flushing = backend.clone();
-    spawn_signal_thread(Arc::new(move || flushing.disk().flush_for_exit()))?;
-    backend::serve(backend, listener)?;
+    process::spawn_signal_thread(Arc::new(move || flushing.disk().flush_for_exit()))?;
+    crate::vhost_daemon::serve(backend, listener)?;
     Ok(())
 }
 
@@ -230,52 +210,4 @@ fn open_backing_chain(
         (path, format) = (next, next_format);
     }
     Ok((files, backing))
-}
-
-fn termination_signals() -> libc::sigset_t {
-    // SAFETY: sigemptyset/sigaddset initialise and fill the set we own.
-    unsafe {
-        let mut set: libc::sigset_t = std::mem::zeroed();
-        libc::sigemptyset(&mut set);
-        libc::sigaddset(&mut set, libc::SIGTERM);
-        libc::sigaddset(&mut set, libc::SIGINT);
-        set
-    }
-}
-
-/// Block SIGTERM and SIGINT in this thread and so in every thread started after: only the
-/// signal thread takes them. Call before starting threads.
-pub(crate) fn block_termination_signals() -> Result<(), BlkError> {
-    let set = termination_signals();
-    // SAFETY: pthread_sigmask reads the set we pass.
-    let r = unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) };
-    if r != 0 {
-        return Err(BlkError::Signals(io::Error::from_raw_os_error(r)));
-    }
-    Ok(())
-}
-
-/// A thread that waits for SIGTERM or SIGINT and exits with status 0. Every request is
-/// completed synchronously, so nothing is lost: what was written is in the image (the page
-/// cache), and a request the guest had not been told about yet is replayed by the vmm.
-/// Exit on SIGTERM/SIGINT, after `before_exit` (the disk's flush).
-pub(crate) fn spawn_signal_thread(
-    before_exit: Arc<dyn Fn() + Send + Sync>,
-) -> Result<(), BlkError> {
-    std::thread::Builder::new()
-        .name("signals".into())
-        .spawn(move || {
-            let set = termination_signals();
-            loop {
-                let mut sig: libc::c_int = 0;
-                // SAFETY: sigwait reads the set and writes the signal number we pass.
-                if unsafe { libc::sigwait(&set, &mut sig) } == 0 {
-                    tracing::info!("signal {sig}: exiting");
-                    before_exit();
-                    std::process::exit(0);
-                }
-            }
-        })
-        .map(drop)
-        .map_err(BlkError::Thread)
 }

@@ -1,78 +1,68 @@
-//! `vmm-blk` as a device process of the vmm: control socket at fd 3, listening vhost-user
-//! socket at fd 4, sandbox first, then hello, Attach (the image arrives as an fd), and
-//! vhost-user connections one after another until the vmm goes away or sends SIGTERM.
+//! `vmm-blk` as a device process of the vmm (see [`crate::supervised`]): after the hello,
+//! Attach (the image and its backing chain arrive as fds), then resizes, snapshots, keys
+//! and resumes on the control socket while the vhost-user listener serves the queues.
 
 use std::fs::File;
 use std::os::fd::{AsRawFd, OwnedFd};
-use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::sync::Arc;
 
 use ipc::blk::{AttachConfig, BlkEvent, BlkReply, BlkRequest, ImageChain};
-use ipc::frame::FrameError;
-use ipc::{Channel, DeviceKind, IpcError, Message, RemoteError};
+use ipc::{DeviceKind, RemoteError};
 
-use super::backend::{self, BlkBackend, EventHook};
+use super::backend::{self, BlkBackend};
 use super::image::Image;
 use super::request::{Disk, Fault};
 use super::BlkError;
-use crate::sandbox::{self, Profile};
-use crate::{inherit, seccomp};
-
-/// The device's end of the control channel.
-pub type DeviceChannel = Channel<BlkRequest, BlkReply, BlkEvent>;
-
-const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
+use crate::sandbox::Profile;
+use crate::seccomp;
+use crate::supervised::{self as process, SupervisedError};
 
 pub fn run() -> Result<(), BlkError> {
-    let (control, listener) = inherit::inherited_sockets()?;
-    super::block_termination_signals()?;
-    sandbox::enter(Profile::BLOCK.with_seccomp(seccomp::Kind::Block))?;
-    let mut channel = DeviceChannel::new(control);
-    channel.hello(DeviceKind::Block, DeviceKind::Block, HELLO_TIMEOUT)?;
-    let (attach_id, disk, config) = wait_for_attach(&mut channel)?;
+    let (mut channel, listener) = process::start::<BlkRequest, BlkReply, BlkEvent>(
+        DeviceKind::Block,
+        Profile::BLOCK.with_seccomp(seccomp::Kind::Block),
+    )?;
+    let (attach_id, (disk, config)) = process::wait_for_setup(&mut channel, attach_request)?;
     let size = disk.capacity() * super::config::SECTOR_SIZE;
     let encrypted = disk.encrypted();
 
     // Replies (control thread) and events (queue threads) share one sender; the control
     // thread receives on its own handle of the same socket.
-    let sender = Arc::new(Mutex::new(DeviceChannel::new(
-        channel.socket().try_clone().map_err(BlkError::Control)?,
-    )));
+    let sender = process::Sender::new(&channel)?;
+    let events = sender.clone();
     let backend = Arc::new(BlkBackend::new(
         disk,
         config.num_queues,
         config.queue_size,
         config.error_policy,
-        Some(event_hook(sender.clone())),
+        Some(Box::new(move |event| events.event(event, &[]))),
     )?);
-    reply(
-        &sender,
-        attach_id,
-        Ok(BlkReply::Attached { size, encrypted }),
-    );
+    sender.reply(attach_id, Ok(BlkReply::Attached { size, encrypted }));
     if let Some(delay) = std::env::var(TEST_HOOK_BAD_RPC)
         .ok()
         .and_then(|v| v.parse::<u64>().ok())
     {
-        let sender = sender.clone();
+        let socket = sender.socket()?;
         std::thread::Builder::new()
             .name("test-hook".into())
             .spawn(move || {
                 std::thread::sleep(std::time::Duration::from_millis(delay));
-                send_garbage(&sender);
+                send_garbage(&socket);
             })
-            .map_err(BlkError::Thread)?;
+            .map_err(SupervisedError::Thread)?;
     }
-    std::thread::Builder::new()
-        .name("control".into())
-        .spawn({
-            let backend = backend.clone();
-            move || control_loop(channel, sender, &backend)
-        })
-        .map_err(BlkError::Thread)?;
+    let controlled = backend.clone();
     let flushing = backend.clone();
-    super::spawn_signal_thread(Arc::new(move || flushing.disk().flush_for_exit()))?;
-    backend::serve(backend, listener)?;
+    let before_exit: Arc<dyn Fn() + Send + Sync> =
+        Arc::new(move || flushing.disk().flush_for_exit());
+    process::spawn_control_loop(
+        channel,
+        sender,
+        move |request, fds| control_request(&controlled, request, fds),
+        before_exit.clone(),
+    )?;
+    process::spawn_signal_thread(before_exit)?;
+    crate::vhost_daemon::serve(backend, listener)?;
     Ok(())
 }
 
@@ -103,46 +93,27 @@ fn test_fault(var: &str) -> Result<Option<Fault>, BlkError> {
     }
 }
 
-fn send_garbage(sender: &Arc<Mutex<DeviceChannel>>) {
-    let ch = sender.lock().unwrap_or_else(|e| e.into_inner());
+fn send_garbage(socket: &std::os::unix::net::UnixStream) {
     // A well-framed payload that is no Message: an enum tag far out of range.
     let garbage = [0xffu8, 0xff, 0xff, 0xff, 0x0f, 0x42];
-    if let Err(e) = ipc::frame::send_frame(ch.socket(), &garbage, &[]) {
+    if let Err(e) = ipc::frame::send_frame(socket, &garbage, &[]) {
         eprintln!("vmm-blk: test hook: could not send the bad message: {e}");
     }
 }
 
-/// Wait for the Attach request; refuse bad ones (with a reply) and wait on. The request's
-/// id, its disk and its configuration; the reply is the caller's.
-fn wait_for_attach(channel: &mut DeviceChannel) -> Result<(u64, Disk, AttachConfig), BlkError> {
-    loop {
-        let (msg, fds) = channel.recv(None)?;
-        let (id, config, chain) = match msg {
-            Message::Request {
-                id,
-                body: BlkRequest::Attach(config),
-            } => (id, config, ImageChain::raw()),
-            Message::Request {
-                id,
-                body: BlkRequest::AttachChain { config, chain },
-            } => (id, config, chain),
-            Message::Request { id, .. } => {
-                channel.reply(id, Err(RemoteError("no disk is attached yet".into())), &[])?;
-                continue;
-            }
-            _ => {
-                tracing::warn!("ignoring a control message before Attach");
-                continue;
-            }
-        };
-        match attach(&config, &chain, fds) {
-            Ok(disk) => return Ok((id, disk, config)),
-            Err(e) => {
-                tracing::warn!("Attach refused: {e}");
-                channel.reply(id, Err(RemoteError(e.to_string())), &[])?;
-            }
-        }
-    }
+/// The setup request, Attach: refuse anything else, and bad ones. The disk and its
+/// configuration; the reply is the caller's.
+fn attach_request(
+    request: BlkRequest,
+    fds: Vec<OwnedFd>,
+) -> Result<(Disk, AttachConfig), RemoteError> {
+    let (config, chain) = match request {
+        BlkRequest::Attach(config) => (config, ImageChain::raw()),
+        BlkRequest::AttachChain { config, chain } => (config, chain),
+        _ => return Err(RemoteError("no disk is attached yet".into())),
+    };
+    let disk = attach(&config, &chain, fds).map_err(|e| RemoteError(e.to_string()))?;
+    Ok((disk, config))
 }
 
 /// Check an Attach request and open its disk: `fds` are the image and its backing
@@ -185,127 +156,47 @@ fn attach(config: &AttachConfig, chain: &ImageChain, fds: Vec<OwnedFd>) -> Resul
     Ok(disk)
 }
 
-fn reply(sender: &Mutex<DeviceChannel>, id: u64, body: Result<BlkReply, RemoteError>) {
-    let mut ch = sender.lock().unwrap_or_else(|e| e.into_inner());
-    if let Err(e) = ch.reply(id, body, &[]) {
-        tracing::warn!("cannot reply on the control socket: {e}");
-    }
-}
-
-/// Send events to the vmm. RequestFailed is not rate-limited (QEMU emits BLOCK_IO_ERROR
-/// for every failure); the error policy sends one per failure, and for `stop` only the one
-/// that stops the disk.
-fn event_hook(sender: Arc<Mutex<DeviceChannel>>) -> EventHook {
-    Box::new(move |event| {
-        let mut ch = sender.lock().unwrap_or_else(|e| e.into_inner());
-        if let Err(e) = ch.event(event, &[]) {
-            tracing::warn!("cannot send an event on the control socket: {e}");
-        }
-    })
-}
-
-/// Serve control requests after Attach. The vmm closing the socket ends the process.
-fn control_loop(
-    mut channel: DeviceChannel,
-    sender: Arc<Mutex<DeviceChannel>>,
+/// Answer one control request after Attach.
+fn control_request(
     backend: &BlkBackend,
-) {
-    loop {
-        match channel.recv(None) {
-            Ok((
-                Message::Request {
-                    id,
-                    body: BlkRequest::Resize { size },
-                },
-                _fds,
-            )) => {
-                let result = backend
-                    .resize(size)
-                    .map(|size| BlkReply::Resized { size })
-                    .map_err(|e| RemoteError(format!("cannot resize the disk: {e}")));
-                reply(&sender, id, result);
-            }
-            Ok((
-                Message::Request {
-                    id,
-                    body: BlkRequest::Stats,
-                },
-                _fds,
-            )) => reply(&sender, id, Ok(BlkReply::Stats(backend.disk().stats()))),
-            Ok((
-                Message::Request {
-                    id,
-                    body: BlkRequest::Snapshot { format },
-                },
-                fds,
-            )) => {
-                let result = match <[OwnedFd; 1]>::try_from(fds) {
-                    Ok([fd]) => backend
-                        .disk()
-                        .snapshot(File::from(fd), format)
-                        .map(|()| BlkReply::SnapshotTaken)
-                        .map_err(|e| RemoteError(format!("cannot take the snapshot: {e}"))),
-                    Err(fds) => Err(RemoteError(format!(
-                        "Snapshot carries the overlay as exactly one fd, this one carried {}",
-                        fds.len()
-                    ))),
-                };
-                if let Err(e) = &result {
-                    tracing::warn!("{}", e.0);
-                } else {
-                    tracing::info!("snapshot taken: writes go to the new overlay");
-                }
-                reply(&sender, id, result);
-            }
-            Ok((
-                Message::Request {
-                    id,
-                    body: BlkRequest::SetKey { password },
-                },
-                _fds,
-            )) => {
-                let result = backend
-                    .disk()
-                    .set_key(&password)
-                    .map(|()| BlkReply::KeySet)
-                    .map_err(|e| RemoteError(format!("cannot set the key: {e}")));
-                if result.is_ok() {
-                    tracing::info!("key set: the encrypted disk is served");
-                }
-                reply(&sender, id, result);
-            }
-            Ok((
-                Message::Request {
-                    id,
-                    body: BlkRequest::Resume,
-                },
-                _fds,
-            )) => {
-                let retried = backend.resume();
-                tracing::info!("resumed: {retried} held requests carried out again");
-                reply(&sender, id, Ok(BlkReply::Resumed { retried }));
-            }
-            Ok((
-                Message::Request {
-                    id,
-                    body: BlkRequest::Attach(_) | BlkRequest::AttachChain { .. },
-                },
-                _fds,
-            )) => reply(
-                &sender,
-                id,
-                Err(RemoteError("a disk is already attached".into())),
-            ),
-            Ok(_) => tracing::warn!("ignoring an unexpected control message"),
-            Err(IpcError::Frame(FrameError::Closed)) => {
-                tracing::info!("the vmm closed the control socket: exiting");
-                backend.disk().flush_for_exit();
-                std::process::exit(0);
-            }
-            Err(e) => {
-                tracing::error!("control socket: {e}");
-                std::process::exit(1);
-            }
+    request: BlkRequest,
+    fds: Vec<OwnedFd>,
+) -> Result<BlkReply, RemoteError> {
+    match request {
+        BlkRequest::Resize { size } => backend
+            .resize(size)
+            .map(|size| BlkReply::Resized { size })
+            .map_err(|e| RemoteError(format!("cannot resize the disk: {e}"))),
+        BlkRequest::Stats => Ok(BlkReply::Stats(backend.disk().stats())),
+        BlkRequest::Snapshot { format } => {
+            let [fd] = <[OwnedFd; 1]>::try_from(fds).map_err(|fds| {
+                RemoteError(format!(
+                    "Snapshot carries the overlay as exactly one fd, this one carried {}",
+                    fds.len()
+                ))
+            })?;
+            backend
+                .disk()
+                .snapshot(File::from(fd), format)
+                .map_err(|e| RemoteError(format!("cannot take the snapshot: {e}")))?;
+            tracing::info!("snapshot taken: writes go to the new overlay");
+            Ok(BlkReply::SnapshotTaken)
+        }
+        BlkRequest::SetKey { password } => {
+            backend
+                .disk()
+                .set_key(&password)
+                .map_err(|e| RemoteError(format!("cannot set the key: {e}")))?;
+            tracing::info!("key set: the encrypted disk is served");
+            Ok(BlkReply::KeySet)
+        }
+        BlkRequest::Resume => {
+            let retried = backend.resume();
+            tracing::info!("resumed: {retried} held requests carried out again");
+            Ok(BlkReply::Resumed { retried })
+        }
+        BlkRequest::Attach(_) | BlkRequest::AttachChain { .. } => {
+            Err(RemoteError("a disk is already attached".into()))
         }
     }
 }

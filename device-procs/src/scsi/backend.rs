@@ -11,19 +11,16 @@
 //! VIRTIO_SCSI_S_FAILURE; an unknown target VIRTIO_SCSI_S_BAD_TARGET; data buffers in the
 //! wrong direction for the command VIRTIO_SCSI_S_OVERRUN (as QEMU).
 //!
-//! One worker thread per queue; a `VhostUserDaemon` serves one frontend connection and
-//! [`serve`] makes a fresh one for each connection on the listener.
+//! One worker thread per queue; connection after connection is served by
+//! [`crate::vhost_daemon::serve`].
 
 use std::io;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::fs::FileExt;
-use std::os::unix::net::UnixListener;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, RwLock};
 
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
-use vhost::vhost_user::{Error as VhostUserError, Listener};
-use vhost_user_backend::{VhostUserBackend, VhostUserDaemon, VringRwLock, VringT};
+use vhost_user_backend::{VhostUserBackend, VringT};
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
 use virtio_bindings::virtio_scsi::{
@@ -38,14 +35,9 @@ use virtio_bindings::virtio_scsi::{
 };
 use virtio_queue::desc::split::Descriptor;
 use virtio_queue::{DescriptorChain, QueueT};
-use vm_memory::{
-    Address, Bytes, GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryBackend,
-    GuestMemoryMmap,
-};
+use vm_memory::{Address, Bytes, GuestAddress, GuestAddressSpace, GuestMemoryBackend};
 use vmm_sys_util::epoll::EventSet;
-use vmm_sys_util::event::{
-    new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
-};
+use vmm_sys_util::event::{EventConsumer, EventNotifier};
 
 use super::bus::{Address as LunAddress, Bus};
 use super::cdrom::{direction, Cdb, Data, Direction, Outcome, Sense, CDB_LEN};
@@ -56,11 +48,8 @@ pub const MAX_REQUEST_QUEUES: u16 = 62;
 /// Largest split virtqueue.
 pub const MAX_QUEUE_SIZE: u16 = 32768;
 
-/// Guest memory as the backend maps it (no dirty-page bitmap).
-pub type GuestMem = GuestMemoryMmap<()>;
-/// Guest memory as vhost-user-backend shares it with us.
-pub type Memory = GuestMemoryAtomic<GuestMem>;
-type Vring = VringRwLock<Memory>;
+use crate::vhost_daemon::{self, ExitEvents, Served, Vring};
+pub use crate::vhost_daemon::{GuestMem, Memory};
 
 const CONTROL_QUEUE: usize = 0;
 const EVENT_QUEUE: usize = 1;
@@ -84,10 +73,6 @@ pub enum BackendError {
     NumQueues(u16),
     #[error("queue size {0}: a power of two from 1 to {MAX_QUEUE_SIZE}")]
     QueueSize(u16),
-    #[error("cannot set up a vhost-user connection: {0}")]
-    Daemon(String),
-    #[error("cannot accept a vhost-user connection: {0}")]
-    Accept(String),
     #[error("bad virtio-scsi configuration write: sense_size {sense_size}, cdb_size {cdb_size}")]
     Config { sense_size: u32, cdb_size: u32 },
 }
@@ -111,8 +96,7 @@ pub struct ScsiBackend {
     queue_size: u16,
     event_idx: AtomicBool,
     mem: RwLock<Option<Memory>>,
-    /// The exit-event fds handed to the current daemon's worker threads (see `exit_event`).
-    exit_consumers: Mutex<Vec<RawFd>>,
+    exit_events: ExitEvents,
     /// The driver may write these two configuration fields.
     sense_size: AtomicU32,
     cdb_size: AtomicU32,
@@ -127,7 +111,7 @@ impl ScsiBackend {
             queue_size,
             event_idx: AtomicBool::new(false),
             mem: RwLock::new(None),
-            exit_consumers: Mutex::new(Vec::new()),
+            exit_events: ExitEvents::default(),
             sense_size: AtomicU32::new(VIRTIO_SCSI_SENSE_DEFAULT_SIZE),
             cdb_size: AtomicU32::new(VIRTIO_SCSI_CDB_DEFAULT_SIZE),
         })
@@ -179,21 +163,11 @@ impl ScsiBackend {
                     0
                 }
             };
-            if let Err(e) = vring.add_used(head, used_len) {
-                tracing::debug!("cannot complete descriptor {head}: {e}");
-            }
+            vhost_daemon::complete(vring, head, used_len);
             done += 1;
         }
         if done > 0 {
-            match vring.needs_notification() {
-                Ok(true) => {
-                    if let Err(e) = vring.signal_used_queue() {
-                        tracing::warn!("cannot signal the guest: {e}");
-                    }
-                }
-                Ok(false) => {}
-                Err(e) => tracing::debug!("used ring: {e}"),
-            }
+            vhost_daemon::notify(vring);
         }
         done
     }
@@ -357,24 +331,6 @@ impl ScsiBackend {
             return None;
         }
         Some(outcome)
-    }
-
-    /// Close the exit-event fds of a daemon that has been dropped.
-    fn close_exit_consumers(&self) {
-        let fds = std::mem::take(
-            &mut *self
-                .exit_consumers
-                .lock()
-                .unwrap_or_else(|e| e.into_inner()),
-        );
-        for fd in fds {
-            // SAFETY: vhost-user-backend 0.24 (pinned in Cargo.toml) registers each exit
-            // consumer in its epoll with `into_raw_fd` and never closes it
-            // (`VringEpollHandler::new`). This runs only after the daemon was dropped, which
-            // joined the worker threads and closed their epoll: the fd is still open, nobody
-            // else owns it, and nothing uses it any more.
-            drop(unsafe { OwnedFd::from_raw_fd(fd) });
-        }
     }
 }
 
@@ -658,19 +614,7 @@ impl VhostUserBackend for ScsiBackend {
     }
 
     fn exit_event(&self, _thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {
-        match new_event_consumer_and_notifier(EventFlag::NONBLOCK | EventFlag::CLOEXEC) {
-            Ok((consumer, notifier)) => {
-                self.exit_consumers
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .push(consumer.as_raw_fd());
-                Some((consumer, notifier))
-            }
-            Err(e) => {
-                tracing::error!("cannot create a worker's exit event: {e}");
-                None
-            }
-        }
+        self.exit_events.new_event()
     }
 
     fn handle_event(
@@ -685,78 +629,34 @@ impl VhostUserBackend for ScsiBackend {
             return Ok(());
         };
         let queue = thread_id;
-        if !self.event_idx.load(Ordering::Acquire) {
-            self.process_queue(queue, vring);
-            return Ok(());
-        }
-        // With EVENT_IDX: work with notifications off, then turn them on and look again,
-        // so a request made in between is not missed; give up after a few empty rounds
-        // (a garbage avail index) rather than spin.
-        let mut empty_rounds = 0;
-        loop {
-            if let Err(e) = vring.disable_notification() {
-                tracing::debug!("cannot disable notifications: {e}");
-            }
-            if self.process_queue(queue, vring) == 0 {
-                empty_rounds += 1;
-            } else {
-                empty_rounds = 0;
-            }
-            match vring.enable_notification() {
-                Ok(true) if empty_rounds < 3 && queue != EVENT_QUEUE => continue,
-                Ok(_) => break,
-                Err(e) => {
-                    tracing::debug!("cannot enable notifications: {e}");
-                    break;
-                }
-            }
-        }
+        let event_idx = self.event_idx.load(Ordering::Acquire);
+        // The event queue holds buffers for events the device posts: not worth waiting on.
+        vhost_daemon::drain(vring, event_idx, queue != EVENT_QUEUE, || {
+            self.process_queue(queue, vring)
+        });
         Ok(())
     }
 }
 
-/// Serve vhost-user connections on `listener` one after another, each with a fresh daemon,
-/// for as long as the listener works.
-pub fn serve(backend: Arc<ScsiBackend>, listener: UnixListener) -> Result<(), BackendError> {
-    let mut listener = Listener::from(listener);
-    loop {
-        serve_one(&backend, &mut listener)?;
-    }
-}
+impl Served for ScsiBackend {
+    const NAME: &'static str = "vmm-scsi";
 
-/// Accept one connection and serve it until the frontend goes away.
-fn serve_one(backend: &Arc<ScsiBackend>, listener: &mut Listener) -> Result<(), BackendError> {
-    let mem: Memory = GuestMemoryAtomic::new(GuestMem::new());
-    *backend.mem.write().unwrap_or_else(|e| e.into_inner()) = None;
-    backend.event_idx.store(false, Ordering::Release);
-    backend
-        .sense_size
-        .store(VIRTIO_SCSI_SENSE_DEFAULT_SIZE, Ordering::Release);
-    backend
-        .cdb_size
-        .store(VIRTIO_SCSI_CDB_DEFAULT_SIZE, Ordering::Release);
-    let result = {
-        let mut daemon = VhostUserDaemon::new("vmm-scsi".into(), backend.clone(), mem)
-            .map_err(|e| BackendError::Daemon(e.to_string()))?;
-        match daemon.start(listener) {
-            Ok(()) => {
-                tracing::info!("vhost-user frontend connected");
-                match daemon.wait() {
-                    Ok(())
-                    | Err(vhost_user_backend::Error::HandleRequest(
-                        VhostUserError::Disconnected | VhostUserError::PartialMessage,
-                    )) => tracing::info!("vhost-user frontend disconnected"),
-                    Err(e) => tracing::warn!("vhost-user connection ended: {e}"),
-                }
-                Ok(())
-            }
-            Err(e) => Err(BackendError::Accept(e.to_string())),
-        }
-        // The daemon drops here: its worker threads are told to exit and joined.
-    };
-    backend.close_exit_consumers();
-    *backend.mem.write().unwrap_or_else(|e| e.into_inner()) = None;
-    result
+    fn exit_events(&self) -> &ExitEvents {
+        &self.exit_events
+    }
+
+    fn connection_starts(&self) {
+        *self.mem.write().unwrap_or_else(|e| e.into_inner()) = None;
+        self.event_idx.store(false, Ordering::Release);
+        self.sense_size
+            .store(VIRTIO_SCSI_SENSE_DEFAULT_SIZE, Ordering::Release);
+        self.cdb_size
+            .store(VIRTIO_SCSI_CDB_DEFAULT_SIZE, Ordering::Release);
+    }
+
+    fn connection_ended(&self) {
+        *self.mem.write().unwrap_or_else(|e| e.into_inner()) = None;
+    }
 }
 
 #[cfg(test)]
@@ -764,12 +664,14 @@ mod tests {
     use super::*;
     use crate::scsi::cdrom::Medium;
     use std::io::Write;
+    use std::os::fd::FromRawFd;
     use virtio_bindings::virtio_ring::{
         VRING_DESC_F_INDIRECT, VRING_DESC_F_NEXT, VRING_DESC_F_WRITE,
     };
     use virtio_queue::desc::RawDescriptor;
     use virtio_queue::mock::MockSplitQueue;
     use virtio_queue::{Queue, QueueOwnedT};
+    use vm_memory::GuestMemoryMmap;
 
     const MEM_SIZE: usize = 0x10_0000;
     const REQ: u64 = 0x4_0000;

@@ -12,28 +12,18 @@ pub mod bus;
 pub mod cdrom;
 pub mod supervised;
 
-use std::io;
-
-use crate::{inherit, sandbox};
+use crate::supervised::{self as process, SupervisedError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ScsiError {
     #[error("{0}")]
     Usage(String),
     #[error(transparent)]
-    Inherit(#[from] inherit::InheritError),
-    #[error(transparent)]
-    Sandbox(#[from] sandbox::SandboxError),
-    #[error("control socket: {0}")]
-    Ipc(#[from] ipc::IpcError),
-    #[error("control socket: {0}")]
-    Control(#[source] io::Error),
+    Process(#[from] SupervisedError),
     #[error(transparent)]
     Backend(#[from] backend::BackendError),
-    #[error("cannot block SIGTERM and SIGINT: {0}")]
-    Signals(#[source] io::Error),
-    #[error("cannot start a thread: {0}")]
-    Thread(#[source] io::Error),
+    #[error(transparent)]
+    Daemon(#[from] crate::vhost_daemon::DaemonError),
 }
 
 pub const USAGE: &str = "\
@@ -45,7 +35,7 @@ no arguments. VMM_LOG sets the log filter (tracing EnvFilter syntax; default war
 /// The program: run, and return the exit status (0, or 1 after printing one line on
 /// stderr).
 pub fn main() -> i32 {
-    init_logging();
+    process::init_logging();
     let args: Vec<String> = std::env::args().skip(1).collect();
     let result = match args.first().map(String::as_str) {
         None => supervised::run(),
@@ -57,63 +47,5 @@ pub fn main() -> i32 {
             "unexpected argument '{other}' (see --help)"
         ))),
     };
-    match result {
-        Ok(()) => 0,
-        Err(e) => {
-            eprintln!("vmm-scsi: {e}");
-            1
-        }
-    }
-}
-
-fn init_logging() {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("VMM_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(io::stderr)
-        .try_init();
-}
-
-fn termination_signals() -> libc::sigset_t {
-    // SAFETY: sigemptyset/sigaddset initialise and fill the set we own.
-    unsafe {
-        let mut set: libc::sigset_t = std::mem::zeroed();
-        libc::sigemptyset(&mut set);
-        libc::sigaddset(&mut set, libc::SIGTERM);
-        libc::sigaddset(&mut set, libc::SIGINT);
-        set
-    }
-}
-
-/// Block SIGTERM and SIGINT in this thread and so in every thread started after: only the
-/// signal thread takes them. Call before starting threads.
-fn block_termination_signals() -> Result<(), ScsiError> {
-    let set = termination_signals();
-    // SAFETY: pthread_sigmask reads the set we pass.
-    let r = unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) };
-    if r != 0 {
-        return Err(ScsiError::Signals(io::Error::from_raw_os_error(r)));
-    }
-    Ok(())
-}
-
-/// A thread that waits for SIGTERM or SIGINT and exits with status 0 (every command
-/// completes synchronously and nothing is written: nothing is lost).
-fn spawn_signal_thread() -> Result<(), ScsiError> {
-    std::thread::Builder::new()
-        .name("signals".into())
-        .spawn(|| {
-            let set = termination_signals();
-            loop {
-                let mut sig: libc::c_int = 0;
-                // SAFETY: sigwait reads the set and writes the signal number we pass.
-                if unsafe { libc::sigwait(&set, &mut sig) } == 0 {
-                    tracing::info!("signal {sig}: exiting");
-                    std::process::exit(0);
-                }
-            }
-        })
-        .map(drop)
-        .map_err(ScsiError::Thread)
+    process::exit_status("vmm-scsi", result)
 }

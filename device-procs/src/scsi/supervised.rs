@@ -5,97 +5,61 @@
 
 use std::fs::File;
 use std::os::fd::OwnedFd;
-use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::sync::Arc;
 
-use ipc::frame::FrameError;
 use ipc::scsi::{ScsiEvent, ScsiReply, ScsiRequest};
-use ipc::{Channel, DeviceKind, IpcError, Message, RemoteError};
+use ipc::{DeviceKind, RemoteError};
 
 use super::backend::{self, ScsiBackend};
-use super::bus::{Bus, BusError, EventHook};
+use super::bus::{Bus, BusError};
 use super::cdrom::Medium;
 use super::ScsiError;
-use crate::sandbox::{self, Profile};
-use crate::{inherit, seccomp};
-
-/// The device's end of the control channel.
-pub type DeviceChannel = Channel<ScsiRequest, ScsiReply, ScsiEvent>;
-
-const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
+use crate::sandbox::Profile;
+use crate::seccomp;
+use crate::supervised as process;
 
 pub fn run() -> Result<(), ScsiError> {
-    let (control, listener) = inherit::inherited_sockets()?;
-    super::block_termination_signals()?;
-    sandbox::enter(Profile::BLOCK.with_seccomp(seccomp::Kind::Block))?;
-    let mut channel = DeviceChannel::new(control);
-    channel.hello(DeviceKind::Block, DeviceKind::Block, HELLO_TIMEOUT)?;
-    let (attach_id, num_queues, queue_size) = wait_for_attach(&mut channel)?;
+    let (mut channel, listener) = process::start::<ScsiRequest, ScsiReply, ScsiEvent>(
+        DeviceKind::Block,
+        Profile::BLOCK.with_seccomp(seccomp::Kind::Block),
+    )?;
+    let (attach_id, (num_queues, queue_size)) =
+        process::wait_for_setup(&mut channel, attach_request)?;
 
     // Replies (control thread) and events (control and queue threads) share one sender;
     // the control thread receives on its own handle of the same socket.
-    let sender = Arc::new(Mutex::new(DeviceChannel::new(
-        channel.socket().try_clone().map_err(ScsiError::Control)?,
-    )));
-    let bus = Arc::new(Bus::new(Some(event_hook(sender.clone()))));
+    let sender = process::Sender::new(&channel)?;
+    let events = sender.clone();
+    let bus = Arc::new(Bus::new(Some(Box::new(move |event| {
+        events.event(event, &[])
+    }))));
     let backend = Arc::new(ScsiBackend::new(bus.clone(), num_queues, queue_size)?);
-    reply(&sender, attach_id, Ok(ScsiReply::Attached));
-    std::thread::Builder::new()
-        .name("control".into())
-        .spawn(move || control_loop(channel, sender, &bus))
-        .map_err(ScsiError::Thread)?;
-    super::spawn_signal_thread()?;
-    backend::serve(backend, listener)?;
+    sender.reply(attach_id, Ok(ScsiReply::Attached));
+    // Every command completes synchronously and nothing is written: nothing to do before
+    // exiting.
+    let nothing: Arc<dyn Fn() + Send + Sync> = Arc::new(|| {});
+    process::spawn_control_loop(
+        channel,
+        sender,
+        move |request, fds| handle(&bus, request, fds),
+        nothing.clone(),
+    )?;
+    process::spawn_signal_thread(nothing)?;
+    crate::vhost_daemon::serve(backend, listener)?;
     Ok(())
 }
 
-/// Wait for AttachController; refuse anything else (with a reply) and bad configurations.
-/// The request's id and the configuration; the reply is the caller's.
-fn wait_for_attach(channel: &mut DeviceChannel) -> Result<(u64, u16, u16), ScsiError> {
-    loop {
-        let (msg, _fds) = channel.recv(None)?;
-        match msg {
-            Message::Request {
-                id,
-                body:
-                    ScsiRequest::AttachController {
-                        num_queues,
-                        queue_size,
-                    },
-            } => match backend::check_queues(num_queues, queue_size) {
-                Ok(()) => return Ok((id, num_queues, queue_size)),
-                Err(e) => {
-                    tracing::warn!("AttachController refused: {e}");
-                    channel.reply(id, Err(RemoteError(e.to_string())), &[])?;
-                }
-            },
-            Message::Request { id, .. } => {
-                channel.reply(
-                    id,
-                    Err(RemoteError("no controller is attached yet".into())),
-                    &[],
-                )?;
-            }
-            _ => tracing::warn!("ignoring a control message before AttachController"),
-        }
+/// The setup request, AttachController: refuse anything else, and bad configurations.
+fn attach_request(request: ScsiRequest, _fds: Vec<OwnedFd>) -> Result<(u16, u16), RemoteError> {
+    match request {
+        ScsiRequest::AttachController {
+            num_queues,
+            queue_size,
+        } => backend::check_queues(num_queues, queue_size)
+            .map(|()| (num_queues, queue_size))
+            .map_err(|e| RemoteError(e.to_string())),
+        _ => Err(RemoteError("no controller is attached yet".into())),
     }
-}
-
-fn reply(sender: &Mutex<DeviceChannel>, id: u64, body: Result<ScsiReply, RemoteError>) {
-    let mut ch = sender.lock().unwrap_or_else(|e| e.into_inner());
-    if let Err(e) = ch.reply(id, body, &[]) {
-        tracing::warn!("cannot reply on the control socket: {e}");
-    }
-}
-
-/// Send the bus's events (tray moves) to the vmm.
-fn event_hook(sender: Arc<Mutex<DeviceChannel>>) -> EventHook {
-    Box::new(move |event| {
-        let mut ch = sender.lock().unwrap_or_else(|e| e.into_inner());
-        if let Err(e) = ch.event(event, &[]) {
-            tracing::warn!("cannot send an event on the control socket: {e}");
-        }
-    })
 }
 
 /// The one image fd of a message, as a medium.
@@ -153,31 +117,6 @@ fn handle(bus: &Bus, body: ScsiRequest, fds: Vec<OwnedFd>) -> Result<ScsiReply, 
         ScsiRequest::Reset => {
             bus.reset();
             Ok(ScsiReply::Reset)
-        }
-    }
-}
-
-/// Serve control requests after AttachController. The vmm closing the socket ends the
-/// process.
-fn control_loop(mut channel: DeviceChannel, sender: Arc<Mutex<DeviceChannel>>, bus: &Bus) {
-    loop {
-        match channel.recv(None) {
-            Ok((Message::Request { id, body }, fds)) => {
-                let result = handle(bus, body, fds);
-                if let Err(e) = &result {
-                    tracing::warn!("control request refused: {e}");
-                }
-                reply(&sender, id, result);
-            }
-            Ok(_) => tracing::warn!("ignoring an unexpected control message"),
-            Err(IpcError::Frame(FrameError::Closed)) => {
-                tracing::info!("the vmm closed the control socket: exiting");
-                std::process::exit(0);
-            }
-            Err(e) => {
-                tracing::error!("control socket: {e}");
-                std::process::exit(1);
-            }
         }
     }
 }
