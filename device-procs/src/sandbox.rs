@@ -93,6 +93,27 @@ impl Profile {
         seccomp: None,
     };
 
+    /// `vmm-net` over fds it is given (taps, sockets): no network of its own.
+    pub const NET: Profile = Profile {
+        keep_network: false,
+        max_files: 256,
+        // Threads: one per queue pair (up to 16), the vhost-user, control and socket
+        // threads, spare.
+        max_processes: 64,
+        max_data: GIB,
+        max_address_space: 1024 * GIB + 64 * GIB,
+        seccomp: Some(seccomp::Kind::Net),
+    };
+
+    /// `vmm-net` for `-netdev user`: libslirp makes host sockets, so the process keeps
+    /// the host's network namespace and may create sockets (still no files).
+    pub const NET_USER: Profile = Profile {
+        keep_network: true,
+        max_files: 1024,
+        seccomp: Some(seccomp::Kind::NetUser),
+        ..Profile::NET
+    };
+
     /// The same profile with seccomp allowlist `kind`.
     pub const fn with_seccomp(self, kind: seccomp::Kind) -> Profile {
         Profile {

@@ -25,6 +25,10 @@ use seccompiler::{
 pub enum Kind {
     /// `vmm-blk`: vhost-user-blk on a raw image fd.
     Block,
+    /// `vmm-net` on taps and sockets it was given.
+    Net,
+    /// `vmm-net` for the user network: it makes host sockets of its own.
+    NetUser,
     /// The outer process of any sandbox (see [`install_outer`]).
     Outer,
 }
@@ -70,8 +74,12 @@ pub fn install(kind: Kind) -> Result<(), SeccompError> {
         arch,
     )
     .map_err(build)?;
+    let denied: &[i64] = match kind {
+        Kind::NetUser => DENIED_FILES,
+        _ => DENIED,
+    };
     let deny = SeccompFilter::new(
-        DENIED.iter().map(|&s| (s, vec![])).collect(),
+        denied.iter().map(|&s| (s, vec![])).collect(),
         SeccompAction::Allow,
         SeccompAction::Errno(libc::EPERM as u32),
         arch,
@@ -103,6 +111,17 @@ pub const DENIED: &[i64] = &[
     libc::SYS_connect,
     libc::SYS_bind,
     libc::SYS_listen,
+];
+
+/// Opening files only: what the user network's process is denied (it makes sockets).
+pub const DENIED_FILES: &[i64] = &[
+    #[cfg(target_arch = "x86_64")]
+    libc::SYS_open,
+    #[cfg(target_arch = "x86_64")]
+    libc::SYS_creat,
+    libc::SYS_openat,
+    libc::SYS_openat2,
+    libc::SYS_open_by_handle_at,
 ];
 
 /// The outer process of the sandbox: it waits for the inner process `inner`, forwards
@@ -185,6 +204,8 @@ fn any_of(arg: u8, values: &[u64]) -> Built<Vec<SeccompRule>> {
 fn rules(kind: Kind) -> Built<Rules> {
     match kind {
         Kind::Block => block_rules(),
+        Kind::Net => net_rules(false),
+        Kind::NetUser => net_rules(true),
         Kind::Outer => outer_rules(0),
     }
 }
@@ -319,6 +340,84 @@ fn block_rules() -> Built<Rules> {
     Ok(rules)
 }
 
+/// The tun ioctls the data path makes on a tap it was given (QEMU's list without
+/// TUNSETIFF, which opens one).
+const TUN_IOCTLS: &[u64] = &[
+    0x8004_54d2, // TUNGETIFF
+    0x4004_54d8, // TUNSETVNETHDRSZ
+    0x4004_54d0, // TUNSETOFFLOAD
+    0x4004_54d9, // TUNSETQUEUE
+    0x8004_54cf, // TUNGETFEATURES
+];
+
+/// What `vmm-net` does after entering its sandbox: the block process's calls for
+/// vhost-user, threads and memory (see [`block_rules`]), readv/writev between taps and
+/// guest memory, datagrams, a stream socket's poll loop, and the tun ioctls. With
+/// `sockets` (the user network), libslirp's host sockets too. Found with `strace -f` on
+/// the integration tests.
+fn net_rules(sockets: bool) -> Built<Rules> {
+    let mut rules = block_rules()?;
+    for s in [
+        libc::SYS_pread64,
+        libc::SYS_pwrite64,
+        libc::SYS_preadv,
+        libc::SYS_pwritev,
+        libc::SYS_fstatfs,
+        libc::SYS_lseek,
+        libc::SYS_fdatasync,
+        libc::SYS_fallocate,
+        libc::SYS_ftruncate,
+    ] {
+        rules.remove(&s);
+    }
+    for s in [
+        libc::SYS_readv,
+        libc::SYS_writev,
+        libc::SYS_recvfrom,
+        #[cfg(target_arch = "x86_64")]
+        libc::SYS_poll,
+        libc::SYS_ppoll,
+    ] {
+        rules.insert(s, vec![]);
+    }
+    rules.insert(libc::SYS_ioctl, any_of(1, TUN_IOCTLS)?);
+    rules.insert(
+        libc::SYS_fcntl,
+        any_of(
+            1,
+            &[
+                libc::F_GETFD as u64,
+                libc::F_SETFD as u64,
+                libc::F_GETFL as u64,
+                libc::F_SETFL as u64,
+                libc::F_DUPFD_CLOEXEC as u64,
+            ],
+        )?,
+    );
+    if sockets {
+        for s in [
+            libc::SYS_socket,
+            libc::SYS_connect,
+            libc::SYS_bind,
+            libc::SYS_listen,
+            libc::SYS_getsockname,
+            libc::SYS_getpeername,
+            libc::SYS_sendto,
+            libc::SYS_setsockopt,
+            libc::SYS_getsockopt,
+            libc::SYS_uname,
+        ] {
+            rules.insert(s, vec![]);
+        }
+        // libslirp asks how much a socket holds.
+        rules.insert(
+            libc::SYS_ioctl,
+            any_of(1, &[TUN_IOCTLS, &[libc::FIONREAD, libc::FIONBIO]].concat())?,
+        );
+    }
+    Ok(rules)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -326,7 +425,7 @@ mod tests {
     #[test]
     fn the_filters_compile() {
         let arch = target_arch().unwrap();
-        for kind in [Kind::Block, Kind::Outer] {
+        for kind in [Kind::Block, Kind::Net, Kind::NetUser, Kind::Outer] {
             let filter = SeccompFilter::new(
                 rules(kind).unwrap(),
                 SeccompAction::KillProcess,

@@ -8,7 +8,9 @@ use std::os::unix::net::UnixListener;
 use std::sync::{Arc, Mutex};
 
 use vhost::vhost_user::{Error as VhostUserError, Listener};
-use vhost_user_backend::{VhostUserBackend, VhostUserDaemon, VringRwLock, VringT};
+use vhost_user_backend::{
+    VhostUserBackend, VhostUserDaemon, VringEpollHandler, VringRwLock, VringT,
+};
 use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::event::{
     new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
@@ -19,6 +21,8 @@ pub type GuestMem = GuestMemoryMmap<()>;
 /// Guest memory as vhost-user-backend shares it with us.
 pub type Memory = GuestMemoryAtomic<GuestMem>;
 pub type Vring = VringRwLock<Memory>;
+/// The event loop of one worker thread, where a backend may watch fds of its own.
+pub type EpollHandler<B> = VringEpollHandler<Arc<B>>;
 
 #[derive(Debug, thiserror::Error)]
 pub enum DaemonError {
@@ -76,6 +80,13 @@ pub trait Served: VhostUserBackend<Bitmap = (), Vring = Vring> + 'static {
     fn connection_starts(&self) {}
     /// The frontend went away (the daemon's workers have stopped).
     fn connection_ended(&self) {}
+    /// The worker threads of the new connection's daemon, one event loop each (in the
+    /// order of `queues_per_thread`), for fds the backend watches besides the queues.
+    fn workers_started(&self, _workers: Vec<Arc<EpollHandler<Self>>>)
+    where
+        Self: Sized,
+    {
+    }
 }
 
 /// Serve vhost-user connections on `listener` one after another, each with a fresh daemon,
@@ -94,6 +105,7 @@ pub fn serve_one<B: Served>(backend: &Arc<B>, listener: &mut Listener) -> Result
     let result = {
         let mut daemon = VhostUserDaemon::new(B::NAME.into(), backend.clone(), mem)
             .map_err(|e| DaemonError::Daemon(e.to_string()))?;
+        backend.workers_started(daemon.get_epoll_handlers());
         match daemon.start(listener) {
             Ok(()) => {
                 tracing::info!("vhost-user frontend connected");

@@ -7,6 +7,7 @@
 pub mod blk;
 pub mod channel;
 pub mod frame;
+pub mod net;
 pub mod scsi;
 
 pub use channel::{Channel, DeviceKind, Hello, IpcError, Message, RemoteError, PROTOCOL_VERSION};

@@ -1,0 +1,5 @@
+//! `vmm-net`: the vhost-user-net device process (see `device_procs::net`).
+
+fn main() {
+    std::process::exit(device_procs::net::main());
+}
