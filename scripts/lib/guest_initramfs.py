@@ -5,8 +5,13 @@ Written in plain python3 (standard library only) so the build needs neither
 cpio nor depmod on the host. Subcommands:
 
   build            resolve kernel module dependencies from each module's
-                   .modinfo section and write a gzip-compressed newc cpio
+                   .modinfo section, add dynamically linked programs from
+                   unpacked Debian packages with the shared libraries they
+                   need (DT_NEEDED closure, PT_INTERP), and write a
+                   gzip-compressed newc cpio
   check-initramfs  verify an initramfs is a complete, readable newc archive
+                   whose dynamic executables and libraries all find their
+                   interpreter and libraries inside it
   kernel-release   verify a bzImage header and print its kernel release
 """
 
@@ -271,6 +276,220 @@ class ModuleTree:
 
 
 # --------------------------------------------------------------------------
+# Dynamically linked programs
+# --------------------------------------------------------------------------
+
+# Where the x86-64 glibc loader looks without an ld.so.cache (there is none in
+# the initramfs), in its order. Debian's glibc is built with these multiarch
+# directories as its trusted system directories.
+LIBRARY_DIRS = ("lib/x86_64-linux-gnu", "usr/lib/x86_64-linux-gnu", "lib", "usr/lib")
+
+PT_DYNAMIC = 2
+PT_INTERP = 3
+PT_LOAD = 1
+DT_NULL = 0
+DT_NEEDED = 1
+DT_STRTAB = 5
+DT_STRSZ = 10
+ET_EXEC = 2
+ET_DYN = 3
+
+
+def elf_dynamic(image, origin):
+    """Returns (interpreter, [DT_NEEDED names]) of a 64-bit little-endian ELF
+    executable or shared library, read through its program headers as the
+    loader does; (None, []) for a static binary or another kind of ELF file.
+    """
+    if len(image) < 64 or image[:4] != b"\x7fELF":
+        fail(f"{origin} is not an ELF file")
+    if image[4] != 2 or image[5] != 1:
+        fail(f"{origin} is not a 64-bit little-endian ELF file")
+    (kind,) = struct.unpack_from("<H", image, 0x10)
+    if kind not in (ET_EXEC, ET_DYN):
+        return None, []
+    (phoff,) = struct.unpack_from("<Q", image, 0x20)
+    phentsize, phnum = struct.unpack_from("<HH", image, 0x36)
+    if phentsize < 56 or phoff + phnum * phentsize > len(image):
+        fail(f"{origin} has a malformed program header table")
+    headers = []
+    for index in range(phnum):
+        base = phoff + index * phentsize
+        p_type, _flags, p_offset, p_vaddr, _paddr, p_filesz = struct.unpack_from(
+            "<IIQQQQ", image, base
+        )
+        if p_offset + p_filesz > len(image):
+            fail(f"{origin}: segment {index} lies outside the file")
+        headers.append((p_type, p_offset, p_vaddr, p_filesz))
+
+    interpreter = None
+    for p_type, offset, _vaddr, size in headers:
+        if p_type == PT_INTERP:
+            interpreter = image[offset : offset + size].split(b"\0")[0].decode("utf-8", "replace")
+
+    dynamic = [h for h in headers if h[0] == PT_DYNAMIC]
+    if not dynamic:
+        return interpreter, []
+    _, dyn_offset, _, dyn_size = dynamic[0]
+    entries = []
+    for pos in range(dyn_offset, dyn_offset + dyn_size - 15, 16):
+        tag, value = struct.unpack_from("<qQ", image, pos)
+        if tag == DT_NULL:
+            break
+        entries.append((tag, value))
+    strtab = [v for t, v in entries if t == DT_STRTAB]
+    strsz = [v for t, v in entries if t == DT_STRSZ]
+    needed = [v for t, v in entries if t == DT_NEEDED]
+    if not needed:
+        return interpreter, []
+    if not strtab or not strsz:
+        fail(f"{origin} has DT_NEEDED entries but no string table")
+
+    def file_offset(vaddr):
+        for p_type, offset, seg_vaddr, size in headers:
+            if p_type == PT_LOAD and seg_vaddr <= vaddr < seg_vaddr + size:
+                return vaddr - seg_vaddr + offset
+        fail(f"{origin}: address {vaddr:#x} is in no loaded segment")
+
+    table_start = file_offset(strtab[0])
+    table = image[table_start : table_start + strsz[0]]
+    names = []
+    for name_offset in needed:
+        end = table.find(b"\0", name_offset)
+        if name_offset >= len(table) or end < 0:
+            fail(f"{origin}: DT_NEEDED points outside the string table")
+        names.append(table[name_offset:end].decode("utf-8", "replace"))
+    return interpreter, names
+
+
+class PackageRoots:
+    """Files of Debian packages unpacked (dpkg -x) side by side, looked up by
+    the absolute path they would have on an installed system."""
+
+    def __init__(self, roots):
+        self.roots = roots
+
+    def _host_path(self, path):
+        rel = path.lstrip("/")
+        for root in self.roots:
+            host = os.path.join(root, rel)
+            if os.path.lexists(host):
+                return host
+        return None
+
+    def exists(self, path):
+        return self._host_path(path) is not None
+
+    def entries(self, path):
+        """Returns [(path, symlink target or None, host file)] from `path` to
+        the regular file it finally names, following symlinks the way the
+        installed system would (absolute targets from the root)."""
+        chain = []
+        for _ in range(40):
+            host = self._host_path(path)
+            if host is None:
+                fail(f"{path} is in none of the unpacked packages")
+            if os.path.islink(host):
+                target = os.readlink(host)
+                chain.append((path, target, None))
+                path = os.path.normpath(os.path.join(os.path.dirname(path), target))
+                continue
+            if not os.path.isfile(host):
+                fail(f"{path} (in {host}) is not a regular file")
+            chain.append((path, None, host))
+            return chain
+        fail(f"{path}: too many levels of symbolic links")
+
+
+def find_library(name, exists):
+    for directory in LIBRARY_DIRS:
+        candidate = f"/{directory}/{name}"
+        if exists(candidate):
+            return candidate
+    return None
+
+
+def add_programs(cpio, roots, programs):
+    """Adds each program and, recursively, its interpreter and DT_NEEDED
+    libraries at the paths where the loader looks for them. Symlinks (such as
+    /lib64/ld-linux-x86-64.so.2 or libfoo.so.1 -> libfoo.so.1.2) are kept, so
+    the archive has the same layout as an installed system. Returns the
+    libraries' names in the order they were added."""
+    libraries = []
+    pending = [(p, None) for p in programs]
+    done = set()
+    while pending:
+        path, needed_by = pending.pop(0)
+        if path in done:
+            continue
+        done.add(path)
+        real_host = None
+        for name, target, host in roots.entries(path):
+            entry = name.lstrip("/")
+            if entry in cpio.seen:
+                continue
+            if target is not None:
+                cpio.symlink(entry, target)
+            else:
+                mode = os.stat(host).st_mode & 0o755
+                with open(host, "rb") as f:
+                    cpio.file(entry, f.read(), mode=mode)
+            real_host = host
+        if real_host is None:
+            continue  # already added through another name
+        with open(real_host, "rb") as f:
+            interpreter, needed = elf_dynamic(f.read(), path)
+        if needed_by is None and interpreter is None and not needed:
+            continue  # a static program
+        if interpreter is not None:
+            if not roots.exists(interpreter):
+                fail(f"{path} asks for the interpreter {interpreter}, which none of "
+                     f"the unpacked packages ships")
+            pending.append((interpreter, path))
+        for library in needed:
+            found = find_library(library, roots.exists)
+            if found is None:
+                fail(f"{path} needs {library}, which none of the unpacked packages "
+                     f"ships in {', '.join('/' + d for d in LIBRARY_DIRS)}: add its "
+                     f"package to scripts/guest-assets")
+            if library not in libraries:
+                libraries.append(library)
+            pending.append((found, path))
+    return libraries
+
+
+def archive_resolve(entries, path):
+    """Follows symlinks inside an archive; returns the final entry name or None."""
+    for _ in range(40):
+        entry = entries.get(path)
+        if entry is None:
+            return None
+        mode, data = entry
+        if not stat.S_ISLNK(mode):
+            return path
+        target = data.decode("utf-8", "replace")
+        path = os.path.normpath(os.path.join("/" + os.path.dirname(path), target)).lstrip("/")
+    return None
+
+
+def check_dynamic_links(entries, origin):
+    """Every dynamically linked file in the archive must find its interpreter
+    and each DT_NEEDED library (as a regular file) in the loader's directories."""
+    def exists(path):
+        name = archive_resolve(entries, path.lstrip("/"))
+        return name is not None and stat.S_ISREG(entries[name][0])
+
+    for name, (mode, data) in sorted(entries.items()):
+        if not stat.S_ISREG(mode) or data[:4] != b"\x7fELF" or "/modules/" in name:
+            continue
+        interpreter, needed = elf_dynamic(data, f"{origin}:/{name}")
+        if interpreter is not None and not exists(interpreter):
+            fail(f"{origin}: /{name} needs the interpreter {interpreter}, which is missing")
+        for library in needed:
+            if find_library(library, exists) is None:
+                fail(f"{origin}: /{name} needs {library}, which is missing")
+
+
+# --------------------------------------------------------------------------
 # newc cpio
 # --------------------------------------------------------------------------
 
@@ -425,6 +644,44 @@ sync
 poweroff -f
 """
 
+# busybox udhcpc runs this on each DHCP event with the lease in the environment
+# ($interface $ip $mask $broadcast $router $dns $domain; mask is a prefix
+# length). Debian's busybox looks for /etc/udhcpc/default.script, upstream's
+# for /usr/share/udhcpc/default.script: both names lead here.
+UDHCPC_SCRIPT = b"""#!/bin/sh
+# udhcpc event handler: deconfig | bound | renew (others are ignored).
+case "$1" in
+    deconfig)
+        ip -4 addr flush dev "$interface"
+        ip link set "$interface" up
+        ;;
+    bound | renew)
+        address="$ip/${mask:-32}"
+        # A renew that keeps the address leaves it (and the routes) alone.
+        if [ "$1" = bound ] || ! ip -4 -o addr show dev "$interface" | grep -q " $address "; then
+            ip -4 addr flush dev "$interface"
+            ip addr add "$address" broadcast "${broadcast:-+}" dev "$interface"
+        fi
+        if [ -n "$router" ]; then
+            while ip route del default dev "$interface" 2>/dev/null; do :; done
+            for gateway in $router; do
+                # A router outside the subnet is reached through a host route.
+                ip route add default via "$gateway" dev "$interface" 2>/dev/null ||
+                    { ip route add "$gateway" dev "$interface" &&
+                        ip route add default via "$gateway" dev "$interface"; } && break
+            done
+        fi
+        {
+            [ -n "$domain" ] && echo "search $domain"
+            for server in $dns; do echo "nameserver $server"; done
+        } >/etc/resolv.conf.udhcpc
+        mv -f /etc/resolv.conf.udhcpc /etc/resolv.conf
+        ;;
+esac
+exit 0
+"""
+UDHCPC_SCRIPT_PATH = "usr/share/udhcpc/default.script"
+
 PASSWD = b"root:x:0:0:root:/root:/bin/sh\n"
 GROUP = b"root:x:0:\n"
 
@@ -466,6 +723,11 @@ def cmd_build(args):
     # busybox acpid runs /etc/acpi/PWRF/00000080 when the ACPI power button (the
     # vmm's system_powerdown) reports KEY_POWER through its input device.
     cpio.file("etc/acpi/PWRF/00000080", POWER_BUTTON_HANDLER, mode=0o755)
+    cpio.file(UDHCPC_SCRIPT_PATH, UDHCPC_SCRIPT, mode=0o755)
+    cpio.symlink("etc/udhcpc/default.script", "/" + UDHCPC_SCRIPT_PATH)
+
+    # Programs from unpacked packages, with their libraries and the loader.
+    libraries = add_programs(cpio, PackageRoots(args.root), args.program)
 
     base = f"lib/modules/{args.release}"
     for name in order:
@@ -500,16 +762,21 @@ def cmd_build(args):
     print(f"module_compression={','.join(compressions)}")
     print(f"builtin={','.join(builtin_hits)}")
     print(f"load_order={','.join(order)}")
+    print(f"programs={','.join(args.program)}")
+    print(f"libraries={','.join(libraries)}")
 
 
 def cmd_check_initramfs(args):
     entries = read_newc(decompress_initramfs(args.path), args.path)
-    for required in ("init", "bin/busybox"):
-        if required not in entries:
-            fail(f"{args.path} has no /{required}")
-        mode, data = entries[required]
+    required = ["init", "bin/busybox", UDHCPC_SCRIPT_PATH]
+    required += [p.lstrip("/") for p in args.program]
+    for name in required:
+        if name not in entries:
+            fail(f"{args.path} has no /{name}")
+        mode, data = entries[name]
         if not stat.S_ISREG(mode) or not mode & 0o111 or not data:
-            fail(f"{args.path}: /{required} is not a non-empty executable file")
+            fail(f"{args.path}: /{name} is not a non-empty executable file")
+    check_dynamic_links(entries, args.path)
     if args.release:
         base = f"lib/modules/{args.release}"
         load = entries.get(f"{base}/modules.load")
@@ -535,12 +802,24 @@ def main(argv):
     build.add_argument("--busybox", required=True)
     build.add_argument("--init", required=True)
     build.add_argument("--modules", required=True, help="comma-separated names")
+    build.add_argument(
+        "--root", action="append", default=[],
+        help="an unpacked (dpkg -x) package; repeat for each package",
+    )
+    build.add_argument(
+        "--program", action="append", default=[],
+        help="absolute path of a program in the --root trees to add with its libraries",
+    )
     build.add_argument("--output", required=True)
     build.set_defaults(run=cmd_build)
 
     check = sub.add_parser("check-initramfs")
     check.add_argument("path")
     check.add_argument("--release")
+    check.add_argument(
+        "--program", action="append", default=[],
+        help="absolute path of a program the initramfs must hold",
+    )
     check.set_defaults(run=cmd_check_initramfs)
 
     release = sub.add_parser("kernel-release")

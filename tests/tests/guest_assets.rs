@@ -1,6 +1,8 @@
 //! Checks `scripts/guest-assets`: it must produce a bootable bzImage and an
-//! initramfs holding /init, busybox and every guest kernel module with its
-//! whole dependency closure, and a second run must leave everything alone.
+//! initramfs holding /init, busybox, every guest kernel module with its
+//! whole dependency closure, iperf3 with its loader and every shared library
+//! it needs, and the udhcpc event script; a second run must leave everything
+//! alone.
 //!
 //! The first run downloads Debian packages, so the Debian package registry
 //! must be reachable.
@@ -32,6 +34,17 @@ const GUEST_MODULES: &[&str] = &[
     "psmouse",
     "evdev",
     "button",
+];
+
+/// Dynamically linked programs the network tests run in the guest.
+const GUEST_PROGRAMS: &[&str] = &["usr/bin/iperf3"];
+
+/// Where the glibc loader looks for libraries when there is no ld.so.cache.
+const LIBRARY_DIRS: &[&str] = &[
+    "lib/x86_64-linux-gnu",
+    "usr/lib/x86_64-linux-gnu",
+    "lib",
+    "usr/lib",
 ];
 
 const ASSET_FILES: &[&str] = &[
@@ -141,8 +154,8 @@ fn parse_newc(blob: &[u8]) -> BTreeMap<String, CpioEntry> {
     }
 }
 
-/// Returns the `depends=` names from a module's `.modinfo` ELF section.
-fn module_depends(image: &[u8], origin: &str) -> Vec<String> {
+/// Returns the contents of the named section of a 64-bit ELF file.
+fn elf_section<'a>(image: &'a [u8], wanted: &str, origin: &str) -> Option<&'a [u8]> {
     assert_eq!(
         &image[..4],
         b"\x7fELF",
@@ -155,15 +168,74 @@ fn module_depends(image: &[u8], origin: &str) -> Vec<String> {
     let section = |index: usize| {
         let base = shoff + index * shentsize;
         let name = read_u32(image, base) as usize;
+        let kind = read_u32(image, base + 4);
         let offset = read_u64(image, base + 0x18) as usize;
         let size = read_u64(image, base + 0x20) as usize;
+        // SHT_NOBITS (.bss) has a size but no bytes in the file.
+        let size = if kind == 8 { 0 } else { size };
         (name, &image[offset..offset + size])
     };
     let (_, names) = section(shstrndx);
-    let modinfo = (0..shnum)
+    let mut wanted_z = wanted.as_bytes().to_vec();
+    wanted_z.push(0);
+    (0..shnum)
         .map(section)
-        .find(|(name, _)| names[*name..].starts_with(b".modinfo\0"))
+        .find(|(name, _)| names[*name..].starts_with(&wanted_z))
         .map(|(_, data)| data)
+}
+
+/// Returns the interpreter (`.interp`) and the DT_NEEDED names (`.dynamic`
+/// against `.dynstr`) of an executable or shared library.
+fn elf_dynamic(image: &[u8], origin: &str) -> (Option<String>, Vec<String>) {
+    let interp = elf_section(image, ".interp", origin).map(|data| {
+        let end = data.iter().position(|&b| b == 0).unwrap_or(data.len());
+        String::from_utf8_lossy(&data[..end]).into_owned()
+    });
+    let Some(dynamic) = elf_section(image, ".dynamic", origin) else {
+        return (interp, Vec::new());
+    };
+    let strings = elf_section(image, ".dynstr", origin)
+        .unwrap_or_else(|| panic!("{origin} has .dynamic but no .dynstr"));
+    let needed = dynamic
+        .chunks_exact(16)
+        .map(|entry| (read_u64(entry, 0), read_u64(entry, 8) as usize))
+        .take_while(|&(tag, _)| tag != 0)
+        .filter(|&(tag, _)| tag == 1)
+        .map(|(_, offset)| {
+            let end = offset + strings[offset..].iter().position(|&b| b == 0).unwrap();
+            String::from_utf8_lossy(&strings[offset..end]).into_owned()
+        })
+        .collect();
+    (interp, needed)
+}
+
+/// Follows symlinks inside the archive to a regular file; returns its path.
+fn resolve(entries: &BTreeMap<String, CpioEntry>, path: &str) -> Option<String> {
+    let mut path = path.trim_start_matches('/').to_string();
+    for _ in 0..40 {
+        let entry = entries.get(&path)?;
+        match entry.mode & 0o170000 {
+            0o100000 => return Some(path),
+            0o120000 => {
+                let target = String::from_utf8_lossy(&entry.data).into_owned();
+                path = if let Some(absolute) = target.strip_prefix('/') {
+                    absolute.to_string()
+                } else {
+                    match path.rsplit_once('/') {
+                        Some((dir, _)) => format!("{dir}/{target}"),
+                        None => target,
+                    }
+                };
+            }
+            _ => return None,
+        }
+    }
+    None
+}
+
+/// Returns the `depends=` names from a module's `.modinfo` ELF section.
+fn module_depends(image: &[u8], origin: &str) -> Vec<String> {
+    let modinfo = elf_section(image, ".modinfo", origin)
         .unwrap_or_else(|| panic!("{origin} has no .modinfo section"));
     modinfo
         .split(|&b| b == 0)
@@ -290,6 +362,73 @@ fn guest_assets_are_built_complete_and_idempotent() {
     for name in depends_of.keys() {
         assert!(loaded.contains(name), "modules.load does not load {name}");
     }
+
+    // Each program, its interpreter and the closure of its DT_NEEDED
+    // libraries, where the loader looks for them.
+    let mut pending: Vec<String> = GUEST_PROGRAMS.iter().map(|p| p.to_string()).collect();
+    let mut visited = BTreeSet::new();
+    let mut libraries = BTreeSet::new();
+    while let Some(path) = pending.pop() {
+        let file = resolve(&entries, &path)
+            .unwrap_or_else(|| panic!("/{path} is missing from the initramfs"));
+        if !visited.insert(file.clone()) {
+            continue;
+        }
+        let image = &entries[&file];
+        let (interp, needed) = elf_dynamic(&image.data, &file);
+        if GUEST_PROGRAMS.contains(&path.as_str()) {
+            assert_ne!(image.mode & 0o111, 0, "/{file} is not executable");
+            assert_eq!(
+                interp.as_deref(),
+                Some("/lib64/ld-linux-x86-64.so.2"),
+                "/{path}'s interpreter"
+            );
+        }
+        pending.extend(interp);
+        for library in needed {
+            let found = LIBRARY_DIRS
+                .iter()
+                .map(|dir| format!("{dir}/{library}"))
+                .find(|candidate| resolve(&entries, candidate).is_some())
+                .unwrap_or_else(|| panic!("/{file} needs {library}, which is missing"));
+            libraries.insert(library);
+            pending.push(found);
+        }
+    }
+    for library in [
+        "libc.so.6",
+        "libm.so.6",
+        "libiperf.so.0",
+        "libcrypto.so.3",
+        "libsctp.so.1",
+    ] {
+        assert!(
+            libraries.contains(library),
+            "iperf3 no longer needs {library}? found {libraries:?}"
+        );
+    }
+
+    // udhcpc's event script, under Debian's and upstream's default names.
+    let script = entries
+        .get("usr/share/udhcpc/default.script")
+        .expect("initramfs has no /usr/share/udhcpc/default.script");
+    assert_ne!(
+        script.mode & 0o111,
+        0,
+        "the udhcpc script is not executable"
+    );
+    let script_text = String::from_utf8_lossy(&script.data);
+    assert!(script_text.starts_with("#!/bin/sh\n"));
+    for event in ["deconfig", "bound", "renew", "resolv.conf"] {
+        assert!(
+            script_text.contains(event),
+            "the udhcpc script lacks {event}"
+        );
+    }
+    assert_eq!(
+        resolve(&entries, "etc/udhcpc/default.script").as_deref(),
+        Some("usr/share/udhcpc/default.script")
+    );
 
     // A second run must find everything sound and touch nothing.
     let before = snapshot();
