@@ -10,3 +10,4 @@ pub mod scsi;
 pub mod seccomp;
 pub mod supervised;
 pub mod vhost_daemon;
+pub mod vhost_relay;

@@ -114,6 +114,14 @@ impl Profile {
         ..Profile::NET
     };
 
+    /// Standalone `vmm-net`: its relay for foreign frontends (see
+    /// [`crate::vhost_relay`]) makes unix sockets inside the sandbox's own network
+    /// namespace.
+    pub const NET_STANDALONE: Profile = Profile {
+        seccomp: Some(seccomp::Kind::NetRelay),
+        ..Profile::NET
+    };
+
     /// The same profile with seccomp allowlist `kind`.
     pub const fn with_seccomp(self, kind: seccomp::Kind) -> Profile {
         Profile {

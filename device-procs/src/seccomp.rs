@@ -29,6 +29,8 @@ pub enum Kind {
     Net,
     /// `vmm-net` for the user network: it makes host sockets of its own.
     NetUser,
+    /// Standalone `vmm-net`: unix sockets for its relay, nothing else.
+    NetRelay,
     /// The outer process of any sandbox (see [`install_outer`]).
     Outer,
 }
@@ -75,7 +77,7 @@ pub fn install(kind: Kind) -> Result<(), SeccompError> {
     )
     .map_err(build)?;
     let denied: &[i64] = match kind {
-        Kind::NetUser => DENIED_FILES,
+        Kind::NetUser | Kind::NetRelay => DENIED_FILES,
         _ => DENIED,
     };
     let deny = SeccompFilter::new(
@@ -206,6 +208,7 @@ fn rules(kind: Kind) -> Built<Rules> {
         Kind::Block => block_rules(),
         Kind::Net => net_rules(false),
         Kind::NetUser => net_rules(true),
+        Kind::NetRelay => relay_rules(),
         Kind::Outer => outer_rules(0),
     }
 }
@@ -418,6 +421,22 @@ fn net_rules(sockets: bool) -> Built<Rules> {
     Ok(rules)
 }
 
+/// Standalone `vmm-net`'s: [`net_rules`] and unix sockets only (the relay's listener
+/// and connection, inside the sandbox's network namespace).
+fn relay_rules() -> Built<Rules> {
+    let mut rules = net_rules(false)?;
+    rules.insert(libc::SYS_socket, any_of(0, &[libc::AF_UNIX as u64])?);
+    for s in [
+        libc::SYS_bind,
+        libc::SYS_listen,
+        libc::SYS_connect,
+        libc::SYS_getsockname,
+    ] {
+        rules.insert(s, vec![]);
+    }
+    Ok(rules)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -425,7 +444,13 @@ mod tests {
     #[test]
     fn the_filters_compile() {
         let arch = target_arch().unwrap();
-        for kind in [Kind::Block, Kind::Net, Kind::NetUser, Kind::Outer] {
+        for kind in [
+            Kind::Block,
+            Kind::Net,
+            Kind::NetUser,
+            Kind::NetRelay,
+            Kind::Outer,
+        ] {
             let filter = SeccompFilter::new(
                 rules(kind).unwrap(),
                 SeccompAction::KillProcess,

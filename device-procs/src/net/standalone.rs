@@ -1,7 +1,7 @@
 //! `vmm-net` on its own: a vhost-user-net daemon on a unix socket path over taps, for a
 //! frontend we did not start (QEMU's `-netdev vhost-user`). It opens its taps and binds
-//! its socket, then enters the same sandbox as the supervised process and serves one
-//! frontend after another.
+//! its socket, then enters the sandbox and serves one frontend after another, each
+//! through [`crate::vhost_relay`].
 
 use std::os::fd::{FromRawFd, OwnedFd};
 use std::os::unix::fs::FileTypeExt;
@@ -49,13 +49,13 @@ pub fn run(args: &Standalone) -> Result<(), NetError> {
         source,
     })?;
     process::block_termination_signals()?;
-    sandbox::enter(Profile::NET)?;
+    sandbox::enter(Profile::NET_STANDALONE)?;
     tracing::info!(
         "serving taps {} on {}",
         names.join(","),
         args.socket.display()
     );
     process::spawn_signal_thread(Arc::new(|| {}))?;
-    crate::vhost_daemon::serve(backend, listener)?;
+    crate::vhost_relay::serve_relayed(backend, listener)?;
     Ok(())
 }
