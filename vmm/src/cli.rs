@@ -47,6 +47,9 @@ const WITH_VALUE: &[&str] = &[
     "pidfile",
     "device",
     "drive",
+    "netdev",
+    "net",
+    "nic",
     "add-fd",
     "machine",
     "M",
@@ -88,6 +91,7 @@ where
     let mut append: Option<String> = None;
     let mut chardevs: Vec<(String, ChardevSpec)> = Vec::new();
     let mut mons: Vec<(String, String, bool)> = Vec::new();
+    let mut legacy = crate::netdev::legacy::LegacyNet::default();
     let mut i = 0;
     while i < args.len() {
         let raw = &args[i];
@@ -206,6 +210,20 @@ where
                     }
                 }
             }
+            "netdev" => {
+                let netdev =
+                    crate::netdev::parse(v).map_err(|e| err(&opt, Some(v), e.to_string()))?;
+                if cfg.netdevs.iter().any(|(_, n)| n.id == netdev.id) {
+                    return Err(err(
+                        &opt,
+                        Some(v),
+                        format!("Duplicate ID '{}' for netdev", netdev.id),
+                    ));
+                }
+                cfg.netdevs.push((format!("{opt} {v}"), netdev));
+            }
+            "net" => legacy.net(v).map_err(|m| err(&opt, Some(v), m))?,
+            "nic" => legacy.nic(v).map_err(|m| err(&opt, Some(v), m))?,
             "drive" => {
                 let drive = crate::drive::parse_drive(v, cfg.drives.len())
                     .map_err(|e| err(&opt, Some(v), e.to_string()))?;
@@ -338,6 +356,7 @@ where
         serials.push(if nographic { "stdio" } else { "null" }.to_string());
     }
     cfg.serials = serials;
+    legacy.finish(&mut cfg).map_err(|m| err("-net", None, m))?;
     for (option, device) in &cfg.devices {
         if let Some(id) = device.properties.get("chardev") {
             if !chardevs.iter().any(|(c, _)| c == id) {

@@ -60,6 +60,8 @@ pub struct VmConfig {
     pub hmp_monitors: Vec<MonitorConfig>,
     /// `-drive`s, with the option text for error messages.
     pub drives: Vec<(String, DriveConfig)>,
+    /// `-netdev`s (and the backends of `-net` and `-nic`), with the option text.
+    pub netdevs: Vec<(String, crate::netdev::NetdevOptions)>,
     /// `-device`s other than the built-in ones above, with the option text.
     pub devices: Vec<(String, DeviceConfig)>,
     /// Every `-chardev`, by id (devices such as vhost-user-blk-pci refer to them).
@@ -93,6 +95,7 @@ impl Default for VmConfig {
             monitors: Vec::new(),
             hmp_monitors: Vec::new(),
             drives: Vec::new(),
+            netdevs: Vec::new(),
             devices: Vec::new(),
             chardevs: Vec::new(),
             qtest: None,

@@ -27,6 +27,7 @@ pub mod loader;
 pub mod machine;
 pub mod memory;
 pub mod monitor;
+pub mod netdev;
 pub mod pci;
 pub mod runstate;
 pub mod supervisor;

@@ -365,6 +365,14 @@ impl Machine {
                     source,
                 })?;
         }
+        for (option, netdev) in &config.netdevs {
+            devices
+                .add_netdev(netdev, &mut crate::netdev::InheritedFds)
+                .map_err(|source| MachineError::Device {
+                    option: option.clone(),
+                    source,
+                })?;
+        }
         for (option, device) in &config.devices {
             devices
                 .add_device(device)

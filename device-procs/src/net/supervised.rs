@@ -113,17 +113,25 @@ fn attach(
                 (vec![port], false, false, user::description(&user_config))
             }
             Backend::Stream { listening } => {
-                let fd = one_fd(fds)?;
+                // A listening stream may come back with the peer it had (after a restart):
+                // the listener, then the connection.
+                let mut fds = fds.into_iter();
+                let (first, second) = (fds.next(), fds.next());
+                if fds.next().is_some() || first.is_none() || (second.is_some() && !listening) {
+                    return Err(NetError::Setup(
+                        "a stream takes its socket, and a listener its peer too".into(),
+                    ));
+                }
                 let port = queued()?;
                 let socket = if *listening {
                     StreamSocket {
-                        listener: Some(fd),
-                        connection: None,
+                        listener: first,
+                        connection: second,
                     }
                 } else {
                     StreamSocket {
                         listener: None,
-                        connection: Some(fd),
+                        connection: first,
                     }
                 };
                 let events = events.clone();

@@ -669,7 +669,7 @@ fn start_blk_process(
     image: &OpenedImage,
     attach: &AttachConfig,
 ) -> Result<(DeviceProcess, BlkChannel, u64, bool), DeviceError> {
-    let (process, mut control) = process::start(name, "vmm-blk", DeviceKind::Block)?;
+    let (process, mut control) = process::start(name, "vmm-blk", &[], DeviceKind::Block)?;
     let fds: Vec<_> = image.files().into_iter().map(|f| f.as_fd()).collect();
     let request = BlkRequest::AttachChain {
         config: attach.clone(),

@@ -26,6 +26,7 @@ use crate::virtio::VirtioBackend;
 
 mod block;
 mod config;
+mod net;
 mod process;
 mod scsi;
 mod watcher;
@@ -33,6 +34,7 @@ mod watcher;
 use block::SharedBlock;
 pub use block::{BlockInfo, ImageInfo, IoStatus, RemovableState};
 pub use config::{device_config_from_qmp, parse_device, DeviceConfig};
+pub use net::{parse_mac, EVENT_NETDEV_STATE_LOST};
 use process::SharedSupervised;
 pub use process::{
     ProcessInfo, ProcessState, EVENT_PROCESS_EXITED, EVENT_PROCESS_FAILED,
@@ -99,6 +101,12 @@ pub enum DeviceError {
     Snapshot(String),
     #[error("Device '{0}' not found")]
     DriveNotFoundForCommand(String),
+    /// QMP's DeviceNotFound (netdev_del, set_link).
+    #[error("Device '{0}' not found")]
+    NotFound(String),
+    /// A network error in QEMU's words.
+    #[error("{0}")]
+    Net(String),
     #[error("Device '{0}' is not encrypted")]
     NotEncrypted(String),
     #[error("{0}")]
@@ -160,6 +168,22 @@ pub const DRIVERS: &[Driver] = &[
         add: DeviceManager::add_virtio_scsi,
     },
     Driver {
+        name: "virtio-net-pci",
+        properties: &[
+            "netdev",
+            "mac",
+            "mq",
+            "vectors",
+            "romfile",
+            "bootindex",
+            "disable-legacy",
+            "disable-modern",
+            "rx_queue_size",
+            "tx_queue_size",
+        ],
+        add: DeviceManager::add_virtio_net,
+    },
+    Driver {
         name: "scsi-cd",
         properties: &["drive", "scsi-id", "lun", "channel", "serial", "bootindex"],
         add: DeviceManager::add_scsi_cd,
@@ -194,6 +218,8 @@ pub struct DeviceManager {
     blocks: Vec<SharedBlock>,
     /// virtio-scsi controllers and their CD-ROM drives.
     controllers: Vec<SharedController>,
+    /// Netdevs and network cards.
+    network: net::Network,
     /// Every device with a process, of whatever kind, for the watcher.
     supervised: Arc<Mutex<Vec<SharedSupervised>>>,
     events: Arc<Mutex<EventSender>>,
@@ -223,6 +249,7 @@ impl DeviceManager {
             drives: Vec::new(),
             blocks: Vec::new(),
             controllers: Vec::new(),
+            network: net::Network::default(),
             supervised: Arc::new(Mutex::new(Vec::new())),
             events: Arc::new(Mutex::new(EventSender::default())),
             watcher: None,
@@ -302,6 +329,8 @@ impl DeviceManager {
             let block = self.blocks.remove(i);
             let path = lock(&block).qdev_path();
             self.unsupervise(&(block as SharedSupervised));
+            path
+        } else if let Some((_, path)) = self.remove_nic(slot) {
             path
         } else if let Some(i) = self.controllers.iter().position(|c| lock(c).slot == slot) {
             let controller = self.controllers.remove(i);
@@ -433,6 +462,7 @@ impl DeviceManager {
         for d in devices {
             lock(&d).supervision_mut().stop();
         }
+        self.shutdown_network();
     }
 }
 

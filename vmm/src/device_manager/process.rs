@@ -183,15 +183,18 @@ pub trait SupervisedDevice: Send {
     fn respawn(&mut self) -> Result<(), DeviceError>;
     /// What the process serves, for `__org.vmm_query-device-processes`.
     fn serves(&self) -> String;
+    /// A new process took over: anything to report besides the restart.
+    fn after_restart(&self, _sink: &dyn WatchSink) {}
 }
 
 pub type SharedSupervised = Arc<Mutex<dyn SupervisedDevice>>;
 
-/// Start device program `program` for `name` and exchange hellos as kind `kind`: the
-/// process and its control channel, ready for the kind's setup request.
+/// Start device program `program` (with `args`) for `name` and exchange hellos as kind
+/// `kind`: the process and its control channel, ready for the kind's setup request.
 pub fn start<Req, Rep, Ev>(
     name: &str,
     program: &str,
+    args: &[&str],
     kind: DeviceKind,
 ) -> Result<(DeviceProcess, Channel<Req, Rep, Ev>), DeviceError>
 where
@@ -200,7 +203,7 @@ where
     Ev: Serialize + DeserializeOwned,
 {
     let program = supervisor::device_program(program)?;
-    let mut process = DeviceProcess::spawn(name, &program, &[])?;
+    let mut process = DeviceProcess::spawn(name, &program, args)?;
     let socket = process
         .control
         .try_clone()

@@ -66,7 +66,7 @@ pub(super) fn start_controller(
     queue_size: u16,
 ) -> Result<(DeviceProcess, ScsiChannel), DeviceError> {
     // The SCSI protocol is one of the block kind's.
-    let (process, mut control) = process::start(name, "vmm-scsi", DeviceKind::Block)?;
+    let (process, mut control) = process::start(name, "vmm-scsi", &[], DeviceKind::Block)?;
     let request = ScsiRequest::AttachController {
         num_queues,
         queue_size,

@@ -215,6 +215,7 @@ impl WatchContext {
                         EVENT_PROCESS_RESTARTED,
                         json!({"device": label, "pid": pid, "restarts": s.restarts.total()}),
                     );
+                    d.after_restart(self);
                     return;
                 }
                 Err(e) => tracing::warn!(device = %name, "restart failed: {e}"),

@@ -6,11 +6,14 @@ use qmp::schema::CommandSpec;
 use qmp::QmpError;
 use serde_json::Value;
 
-use super::{block, devices, hmp, info, memory, run_control, MonitorCall};
+use super::{block, devices, hmp, info, memory, net, run_control, MonitorCall};
 use crate::machine::{Machine, MachineExit};
 
 /// A command run on the main thread, which owns the machine.
 pub type Handler = fn(&mut CommandContext<'_>) -> Result<Value, QmpError>;
+
+/// The names of descriptors passed with getfd that a command's arguments refer to.
+pub type FdNames = fn(&serde_json::Map<String, Value>) -> Vec<String>;
 
 /// What a handler works with.
 pub struct CommandContext<'a> {
@@ -55,6 +58,8 @@ pub struct Command {
     pub file_arg: Option<&'static str>,
     /// The arguments, where the seed has none for this command or QEMU 7.2's differ.
     pub spec: Option<fn() -> CommandSpec>,
+    /// The names of descriptors passed with getfd that the arguments refer to.
+    pub fd_names: Option<FdNames>,
 }
 
 impl Command {
@@ -65,6 +70,7 @@ impl Command {
             run: Run::Machine(handler),
             file_arg: None,
             spec: None,
+            fd_names: None,
         }
     }
 
@@ -75,6 +81,7 @@ impl Command {
             run: Run::Connection,
             file_arg: None,
             spec: None,
+            fd_names: None,
         }
     }
 
@@ -82,6 +89,14 @@ impl Command {
     pub const fn with_spec(self, spec: fn() -> CommandSpec) -> Self {
         Command {
             spec: Some(spec),
+            ..self
+        }
+    }
+
+    /// The arguments name descriptors passed with getfd, as `names` finds them.
+    pub const fn with_fd_names(self, names: FdNames) -> Self {
+        Command {
+            fd_names: Some(names),
             ..self
         }
     }
@@ -111,6 +126,7 @@ const TABLES: &[&[Command]] = &[
     memory::COMMANDS,
     devices::COMMANDS,
     block::COMMANDS,
+    net::COMMANDS,
     hmp::COMMANDS,
 ];
 

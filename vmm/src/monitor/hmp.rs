@@ -44,10 +44,19 @@ const HELP: &[(&str, &str)] = &[
         "memsave addr size file -- save to disk virtual memory dump starting at 'addr' of size 'size'",
     ),
     (
+        "netdev_add",
+        "netdev_add [user|tap|socket|stream|dgram|vde|bridge|hubport|netmap|vhost-user],id=str[,prop=value][,...] -- add host network device",
+    ),
+    ("netdev_del", "netdev_del id -- remove host network device"),
+    (
         "pmemsave",
         "pmemsave addr size file -- save to disk physical memory dump starting at 'addr' of size 'size'",
     ),
     ("quit", "quit|q  -- quit the emulator"),
+    (
+        "set_link",
+        "set_link name on|off -- change the link status of a network adapter",
+    ),
     ("stop", "stop|s  -- stop emulation"),
     ("system_powerdown", "system_powerdown  -- send system power down event"),
     ("system_reset", "system_reset  -- reset the system"),
@@ -61,6 +70,7 @@ const INFO_HELP: &[(&str, &str)] = &[
     ("kvm", "info kvm  -- show KVM information"),
     ("mice", "info mice  -- show which guest mouse is receiving events"),
     ("name", "info name  -- show the current VM name"),
+    ("network", "info network  -- show the network state"),
     ("pci", "info pci  -- show PCI info"),
     (
         "qtree-lite",
@@ -125,6 +135,9 @@ fn execute(
             String::new()
         }
         "cont" | "c" => error_text(machine.cont()),
+        "netdev_add" => super::net::hmp_netdev_add(machine, &args),
+        "netdev_del" => super::net::hmp_netdev_del(machine, &args),
+        "set_link" => super::net::hmp_set_link(machine, &args),
         // `drive_add ADDR OPTIONS`: a drive backend for device_add (QEMU 1.1's way; the
         // address is ignored for if=none, as QEMU does).
         "drive_add" => match args.as_slice() {
@@ -329,6 +342,7 @@ fn info(machine: &Machine, args: &[&str], current: usize) -> String {
             .map(|c| format!("{}: filename={}\n", c.label(), c.filename()))
             .collect(),
         "pci" => info_pci(&query_pci(machine)),
+        "network" => super::net::hmp_info_network(machine, args),
         // Block devices arrive with the device-process issue; until then there are none,
         // and QEMU prints nothing for a machine without drives either.
         "block" => String::new(),

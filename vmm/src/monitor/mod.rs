@@ -12,6 +12,7 @@ pub mod hmp;
 pub mod hmp_console;
 pub mod info;
 pub mod memory;
+pub mod net;
 pub mod run_control;
 
 use std::fmt;
@@ -75,6 +76,9 @@ pub struct MonitorCall {
     /// A file named `fd:NAME` in the arguments: the descriptor getfd stored under NAME on
     /// this connection (taken from it, as QEMU's monitor_get_fd does).
     pub fd: Option<std::os::fd::OwnedFd>,
+    /// Descriptors passed with getfd that the command names (netdev_add's `fd=`, `fds=`),
+    /// by name, taken from the connection.
+    pub fds: Vec<(String, std::os::fd::OwnedFd)>,
 }
 
 impl MonitorCall {
@@ -97,6 +101,7 @@ impl MonitorCall {
             handed_off,
             flushed: None,
             fd: None,
+            fds: Vec::new(),
         };
         (call, receiver, handed_off_tx)
     }
@@ -210,6 +215,15 @@ impl Dispatcher for MachineDispatcher {
             .and_then(|v| v.strip_prefix("fd:"))
             .map(str::to_string);
         let (mut call, reply, handed_off) = MonitorCall::new(command, args);
+        // Named descriptors a command uses are taken from this connection now (those it
+        // does not have are the command's to report).
+        if let Some(names) = command::find(command).and_then(|c| c.fd_names) {
+            for name in names(&call.args) {
+                if let Ok(fd) = ctx.take_fd(&name) {
+                    call.fds.push((name, fd));
+                }
+            }
+        }
         if let Some(name) = fd_name {
             call.fd = Some(ctx.take_fd(&name)?);
         }

@@ -4,6 +4,7 @@
 
 pub mod interrupt;
 pub mod msix;
+pub mod net;
 pub mod pci;
 pub mod vhost_user;
 
@@ -67,4 +68,16 @@ pub trait VirtioBackend: Send {
     fn as_vhost_user(&mut self) -> Option<&mut vhost_user::VhostUserDevice> {
         None
     }
+    /// The network card, if that is what this is (set_link, query-rx-filter).
+    fn as_net(&mut self) -> Option<&mut net::VirtioNet> {
+        None
+    }
+    /// Whether the device serves queue `queue` itself when the driver notifies it (the
+    /// transport then calls [`VirtioBackend::queue_notify`] instead of signalling an
+    /// ioeventfd).
+    fn inline_queue(&self, _queue: usize) -> bool {
+        false
+    }
+    /// The driver notified inline queue `queue`.
+    fn queue_notify(&mut self, _queue: usize) {}
 }

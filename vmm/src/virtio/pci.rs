@@ -552,6 +552,10 @@ impl VirtioPciDevice {
 
     fn register_kicks(&self, base: u64) {
         for (q, fd) in self.kicks.iter().enumerate() {
+            if self.backend.inline_queue(q) {
+                // Served where the notification lands, in write_bar.
+                continue;
+            }
             let addr = IoEventAddress::Mmio(Self::notify_address(base, q));
             if let Err(e) = self.accel.register_ioevent(fd, addr, None) {
                 // The BAR's write handler still kicks, just more slowly.
@@ -562,6 +566,9 @@ impl VirtioPciDevice {
 
     fn unregister_kicks(&self, base: u64) {
         for (q, fd) in self.kicks.iter().enumerate() {
+            if self.backend.inline_queue(q) {
+                continue;
+            }
             let addr = IoEventAddress::Mmio(Self::notify_address(base, q));
             let _ = self.accel.unregister_ioevent(fd, addr, None);
         }
@@ -670,7 +677,11 @@ impl PciDevice for VirtioPciDevice {
             o if (NOTIFY_OFFSET..MSIX_TABLE_OFFSET).contains(&o) => {
                 // Reached only when the ioeventfd is not registered.
                 let q = ((o - NOTIFY_OFFSET) / u64::from(NOTIFY_MULTIPLIER)) as usize;
-                if let Some(fd) = self.kicks.get(q) {
+                if self.backend.inline_queue(q) {
+                    if self.active.get(q).copied().unwrap_or(false) {
+                        self.backend.queue_notify(q);
+                    }
+                } else if let Some(fd) = self.kicks.get(q) {
                     let _ = fd.write(1);
                 }
             }

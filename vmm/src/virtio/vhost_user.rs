@@ -189,13 +189,18 @@ pub struct VhostUserDevice {
     config: Vec<u8>,
     memory: GuestMemoryMmap,
     active: Option<Active>,
+    /// Per ring: enabled (SET_VRING_ENABLE), kept for replays. All are, unless the device
+    /// says otherwise (virtio-net's queue pairs the guest does not use).
+    ring_enabled: Vec<bool>,
     notifier: Arc<ConfigNotifier>,
     backend_channel: Option<BackendChannel>,
 }
 
 impl VhostUserDevice {
     /// Take over `stream`, negotiate, and read the device configuration (`config_size`
-    /// bytes). `num_queues` queues of up to `queue_max_size` entries are exposed.
+    /// bytes; 0: the device keeps its configuration space itself, as virtio-net does, and
+    /// the backend need not speak GET_CONFIG). `num_queues` queues of up to
+    /// `queue_max_size` entries are exposed.
     pub fn connect(
         name: &str,
         device_type: u16,
@@ -222,6 +227,7 @@ impl VhostUserDevice {
             config,
             memory,
             active: None,
+            ring_enabled: vec![true; num_queues],
         })
     }
 
@@ -259,9 +265,33 @@ impl VhostUserDevice {
         Ok(())
     }
 
+    /// Enable or disable ring `index` (the backend neither takes nor posts buffers on a
+    /// disabled one); kept for replays.
+    pub fn set_ring_enabled(&mut self, index: usize, enabled: bool) -> Result<(), VhostUserError> {
+        let Some(slot) = self.ring_enabled.get_mut(index) else {
+            return Ok(());
+        };
+        if *slot == enabled {
+            return Ok(());
+        }
+        *slot = enabled;
+        let started = self
+            .active
+            .as_ref()
+            .is_some_and(|a| a.queues.iter().any(|q| q.index == index));
+        if started && self.protocol_features {
+            self.frontend
+                .set_vring_enable(index, enabled)
+                .map_err(self.step("SET_VRING_ENABLE"))?;
+        }
+        Ok(())
+    }
+
     /// Re-read the device configuration (after the backend reported a change).
     pub fn refresh_config(&mut self) -> Result<(), VhostUserError> {
-        self.config = read_config(&self.name, &mut self.frontend, self.config.len())?;
+        if !self.config.is_empty() {
+            self.config = read_config(&self.name, &mut self.frontend, self.config.len())?;
+        }
         Ok(())
     }
 
@@ -338,8 +368,9 @@ impl VhostUserDevice {
                 .set_vring_kick(q.index, &q.kick)
                 .map_err(self.step("SET_VRING_KICK"))?;
             if self.protocol_features {
+                let enabled = self.ring_enabled.get(q.index).copied().unwrap_or(true);
                 self.frontend
-                    .set_vring_enable(q.index, true)
+                    .set_vring_enable(q.index, enabled)
                     .map_err(self.step("SET_VRING_ENABLE"))?;
             }
             if resume {
@@ -395,7 +426,7 @@ fn handshake(
     let protocol = frontend
         .get_protocol_features()
         .map_err(err("GET_PROTOCOL_FEATURES"))?;
-    if !protocol.contains(VhostUserProtocolFeatures::CONFIG) {
+    if config_size > 0 && !protocol.contains(VhostUserProtocolFeatures::CONFIG) {
         return Err(VhostUserError::Missing {
             device: name.to_string(),
             what: "the CONFIG protocol feature",
@@ -421,7 +452,11 @@ fn handshake(
             });
         }
     }
-    let config = read_config(name, frontend, config_size)?;
+    let config = if config_size > 0 {
+        read_config(name, frontend, config_size)?
+    } else {
+        Vec::new()
+    };
     Ok((offered & !protocol_bit, protocol, config))
 }
 
