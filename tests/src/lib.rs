@@ -9,6 +9,7 @@ pub mod console;
 pub mod device_echo;
 pub mod guest;
 pub mod libqos;
+pub mod netns;
 pub mod qmp;
 pub mod qtest;
 

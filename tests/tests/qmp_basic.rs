@@ -173,6 +173,10 @@ fn greeting_negotiation_run_control_and_queries() {
         "change",
         "device_add",
         "device_del",
+        "netdev_add",
+        "netdev_del",
+        "set_link",
+        "query-rx-filter",
     ];
     expected.sort_unstable();
     assert_eq!(names, expected);

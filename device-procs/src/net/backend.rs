@@ -393,8 +393,14 @@ impl NetBackend {
                 buffers.push((desc.addr(), desc.len() as usize));
                 len += desc.len() as usize;
             }
-            if bad || len < VNET_HDR_LEN || buffers.is_empty() {
-                // Device-readable buffers in an RX chain, or no room for the header.
+            let mut iovs = Vec::new();
+            if bad
+                || len < VNET_HDR_LEN
+                || buffers.is_empty()
+                || host_iovecs(mem, &buffers, &mut iovs).is_err()
+            {
+                // Device-readable buffers in an RX chain, no room for the header, or a
+                // buffer outside guest memory.
                 count(&self.stats.bad_chains, 1);
                 vhost_daemon::complete(vring, head, 0);
                 continue;

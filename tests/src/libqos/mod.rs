@@ -5,6 +5,7 @@
 //! guest driver would.
 
 pub mod blk;
+pub mod net;
 pub mod pci;
 pub mod virtio;
 pub mod virtqueue;
