@@ -135,7 +135,7 @@ impl Rig {
         self.receive(marker, QUIET).is_none()
     }
 
-    fn from_host(&self, marker: &[u8]) -> Vec<u8> {
+    fn host_frame(&self, marker: &[u8]) -> Vec<u8> {
         test_frame(self.net.mac, HOST_MAC, marker)
     }
 
@@ -201,7 +201,7 @@ fn frames_cross_the_tap_both_ways() {
         assert_eq!(got[..frame.len()], frame[..]);
     }
     for i in 0..10u8 {
-        let frame = rig.from_host(&[b'R', b'X', i, 9, 9]);
+        let frame = rig.host_frame(&[b'R', b'X', i, 9, 9]);
         rig.packets.send(&frame);
         let (hdr, data) = rig
             .receive(&[b'R', b'X', i], TIMEOUT)
@@ -310,7 +310,7 @@ fn set_link_takes_the_link_down_and_up() {
             .is_none(),
         "a frame crossed a link that is down"
     );
-    rig.packets.send(&rig.from_host(b"NOTHING"));
+    rig.packets.send(&rig.host_frame(b"NOTHING"));
     assert!(rig.not_received(b"NOTHING"));
 
     // The netdev's name works too.
@@ -384,7 +384,7 @@ fn malformed_chains_fail_alone() {
     }
     // Good chains go on working.
     rig.post_rx(4);
-    let frame = rig.from_host(b"STILL-OK");
+    let frame = rig.host_frame(b"STILL-OK");
     rig.packets.send(&frame);
     assert!(rig.receive(b"STILL-OK", TIMEOUT).is_some());
     let out = test_frame([0xff; 6], rig.net.mac, b"TX-OK");
