@@ -25,33 +25,19 @@ impl GuestConsole {
     /// Boot the stock guest (`target/guest`, built by `scripts/guest-assets`) under emu with
     /// 512 MiB and COM1 on the console, and `extra` arguments after those.
     pub fn boot_stock_linux(extra: &[&str]) -> Self {
-        let guest = crate::repo_root().join("target/guest");
-        let kernel = guest.join("vmlinuz");
-        let initrd = guest.join("initramfs.img");
-        assert!(
-            kernel.exists() && initrd.exists(),
-            "guest assets are missing: run scripts/guest-assets (scripts/test does)"
-        );
-        let (kernel, initrd) = (kernel.display().to_string(), initrd.display().to_string());
-        let mut args = vec![
-            "-accel",
-            "emu",
-            "-m",
-            "512",
-            "-nodefaults",
-            "-display",
-            "none",
-            "-kernel",
-            &kernel,
-            "-initrd",
-            &initrd,
-            "-append",
-            "console=ttyS0",
-            "-serial",
-            "stdio",
-        ];
-        args.extend_from_slice(extra);
+        let args = stock_linux_args(extra);
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
         Self::spawn(&args)
+    }
+
+    /// [`GuestConsole::boot_stock_linux`] with the vmm inside network namespace `ns`.
+    pub fn boot_stock_linux_in(ns: &crate::netns::NetNs, extra: &[&str]) -> Self {
+        let vmm = crate::vmm_binary();
+        let vmm = vmm.display().to_string();
+        let mut args: Vec<String> = ns.wrap(&vmm).into_iter().map(str::to_string).collect();
+        args.extend(stock_linux_args(extra));
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        Self::spawn_program(std::path::Path::new("ip"), &args)
     }
 
     /// Start another emulator (QEMU, as an interop peer) the same way.
@@ -167,6 +153,40 @@ impl GuestConsole {
             std::thread::sleep(Duration::from_millis(20));
         }
     }
+}
+
+/// The vmm arguments that boot the stock guest under emu (asset check included), then
+/// `extra`.
+pub fn stock_linux_args(extra: &[&str]) -> Vec<String> {
+    let guest = crate::repo_root().join("target/guest");
+    let kernel = guest.join("vmlinuz");
+    let initrd = guest.join("initramfs.img");
+    assert!(
+        kernel.exists() && initrd.exists(),
+        "guest assets are missing: run scripts/guest-assets (scripts/test does)"
+    );
+    let mut args: Vec<String> = [
+        "-accel",
+        "emu",
+        "-m",
+        "512",
+        "-nodefaults",
+        "-display",
+        "none",
+        "-kernel",
+        &kernel.display().to_string(),
+        "-initrd",
+        &initrd.display().to_string(),
+        "-append",
+        "console=ttyS0",
+        "-serial",
+        "stdio",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    args.extend(extra.iter().map(|s| s.to_string()));
+    args
 }
 
 impl Drop for GuestConsole {

@@ -456,7 +456,12 @@ impl DeviceManager {
             }
         }
         if let NetdevBackend::Process(p) = netdev.backend {
-            self.unsupervise(&(p as super::process::SharedSupervised));
+            self.unsupervise(&(p.clone() as super::process::SharedSupervised));
+            // The taps and sockets are free again now (the watcher may hold the device a
+            // moment longer).
+            let mut p = lock(&p);
+            p.fds.clear();
+            p.peer = None;
         }
         if let Some((script, ifname)) = &netdev.downscript {
             if let Err(e) = netdev::tap::run_script(script, ifname) {
