@@ -409,6 +409,10 @@ fn net_rules(sockets: bool) -> Built<Rules> {
             libc::SYS_setsockopt,
             libc::SYS_getsockopt,
             libc::SYS_uname,
+            // libslirp accepts hostfwd connections with accept(2).
+            libc::SYS_accept,
+            // glib (under libslirp) asks, once.
+            libc::SYS_getppid,
         ] {
             rules.insert(s, vec![]);
         }
