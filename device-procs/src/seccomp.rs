@@ -380,6 +380,10 @@ fn net_rules(sockets: bool) -> Built<Rules> {
         #[cfg(target_arch = "x86_64")]
         libc::SYS_poll,
         libc::SYS_ppoll,
+        // The TX coalescing timer.
+        libc::SYS_timerfd_create,
+        libc::SYS_timerfd_settime,
+        libc::SYS_timerfd_gettime,
     ] {
         rules.insert(s, vec![]);
     }

@@ -17,8 +17,10 @@
 
 use std::collections::VecDeque;
 use std::io;
+use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
 
 use ipc::net::{NetInfo, RxFilter};
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
@@ -27,9 +29,10 @@ use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_net::*;
 use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
 use virtio_queue::QueueT;
-use vm_memory::{Address, Bytes, GuestAddress, GuestAddressSpace, GuestMemoryBackend};
+use vm_memory::{GuestAddress, GuestAddressSpace, GuestMemoryBackend};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::event::{EventConsumer, EventNotifier};
+use vmm_sys_util::timerfd::TimerFd;
 
 use super::filter;
 use super::port::Port;
@@ -47,6 +50,13 @@ const MAX_GSO_FRAME: usize = 65550 + VNET_HDR_LEN;
 const MAX_PLAIN_FRAME: usize = 1522 + VNET_HDR_LEN;
 /// Frames delivered before the guest hears of them even while more come.
 const RX_BATCH: usize = 64;
+/// TX coalescing: a kick that comes within `TX_BUSY` of the last time the TX ring was
+/// drained is served `TX_DELAY` later, with every frame the guest queued meanwhile (it
+/// does not kick again while the ring's avail event stays behind). A guest sending
+/// steadily then kicks and is interrupted several times less, which is most of what its
+/// CPU spends on the device, for 50 us more latency; a lone frame goes at once.
+const TX_BUSY: Duration = Duration::from_micros(500);
+const TX_DELAY: Duration = Duration::from_micros(50);
 
 /// Ring event ids of a worker: its pair's RX ring, then its TX ring.
 const RX_RING: u16 = 0;
@@ -90,23 +100,47 @@ fn count(counter: &AtomicU64, n: u64) {
     counter.fetch_add(n, Ordering::Relaxed);
 }
 
-/// An RX chain taken off the ring and not used yet: its head and its buffers.
+/// An RX chain taken off the ring and not used yet: its head and its buffers, already
+/// translated to host memory (once, when it is taken: a frame reads into them at once).
 struct CachedChain {
     head: u16,
-    buffers: Vec<(GuestAddress, usize)>,
+    buffers: Vec<HostBuffer>,
     len: usize,
 }
+
+/// A guest buffer in the host's mapping of guest memory.
+#[derive(Clone, Copy)]
+struct HostBuffer {
+    ptr: *mut u8,
+    len: usize,
+}
+
+// SAFETY: the pointer is into the guest memory mapping that `PairState::rx_mem` keeps
+// mapped for as long as the chain is cached; whichever worker holds the pair's lock may
+// use it.
+unsafe impl Send for HostBuffer {}
 
 /// What a pair's worker keeps between events.
 #[derive(Default)]
 struct PairState {
     rx_cache: VecDeque<CachedChain>,
+    /// The bytes the cached chains hold.
+    rx_cached_len: usize,
+    /// The guest memory the cached chains point into (kept mapped while they are cached).
+    rx_mem: Option<Arc<GuestMem>>,
+    /// Where the part of a frame too large for the guest's buffers goes.
+    rx_overflow: Option<Vec<u8>>,
     /// The RX ring the cache came from (to give the chains back when it stops).
     rx_ring: Option<Vring>,
     /// The port's fd is in the worker's epoll (see the module docs).
     watching_rx: bool,
     /// The port would block: TX waits for its fd.
     tx_blocked: bool,
+    /// When TX last drained the ring (see [`TX_BUSY`]).
+    last_tx: Option<Instant>,
+    /// Fires [`TX_DELAY`] after a kick that is left for it.
+    tx_timer: Option<TimerFd>,
+    tx_timer_armed: bool,
     /// A multiqueue tap queue detached because the guest disabled the pair.
     detached: bool,
 }
@@ -220,14 +254,64 @@ impl NetBackend {
         self.acked.load(Ordering::Acquire) & (1u64 << bit) != 0
     }
 
-    /// Event ids of a pair's port fds in its worker's epoll (above the rings and the
-    /// exit event).
+    /// Event ids of a pair's port fds and TX timer in its worker's epoll (above the
+    /// rings and the exit event).
     fn rx_port_event(&self, pair: usize) -> u64 {
-        (self.num_queues() + 1 + 2 * pair) as u64
+        (self.num_queues() + 1 + 3 * pair) as u64
     }
 
     fn tx_port_event(&self, pair: usize) -> u64 {
         self.rx_port_event(pair) + 1
+    }
+
+    fn tx_timer_event(&self, pair: usize) -> u64 {
+        self.rx_port_event(pair) + 2
+    }
+
+    /// Whether to leave a TX kick for [`TX_DELAY`] (see [`TX_BUSY`]): the timer is set.
+    fn defer_tx(&self, pair: usize) -> bool {
+        let mut state = self.pair(pair);
+        if state.tx_timer_armed {
+            return true;
+        }
+        if state.last_tx.is_none_or(|t| t.elapsed() >= TX_BUSY) {
+            return false;
+        }
+        if state.tx_timer.is_none() {
+            let timer = match TimerFd::new() {
+                Ok(timer) => timer,
+                Err(e) => {
+                    tracing::debug!("pair {pair}: no TX timer: {e}");
+                    return false;
+                }
+            };
+            let workers = self.workers.read().unwrap_or_else(|e| e.into_inner());
+            let Some(worker) = workers.get(pair) else {
+                return false;
+            };
+            let event = self.tx_timer_event(pair);
+            if let Err(e) = worker.register_listener(timer.as_raw_fd(), EventSet::IN, event) {
+                tracing::debug!("pair {pair}: cannot watch the TX timer: {e}");
+                return false;
+            }
+            state.tx_timer = Some(timer);
+        }
+        let Some(timer) = state.tx_timer.as_mut() else {
+            return false;
+        };
+        match timer.reset(TX_DELAY, None) {
+            Ok(()) => {
+                state.tx_timer_armed = true;
+                true
+            }
+            Err(_) => false,
+        }
+    }
+
+    /// Send what the guest queued (see [`vhost_daemon::drain`]).
+    fn drain_tx(&self, pair: usize, tx: &Vring, event_idx: bool) {
+        vhost_daemon::drain(tx, event_idx, true, || self.transmit(pair, tx));
+        self.pair(pair).last_tx = Some(Instant::now());
     }
 
     /// Watch (or stop watching) the pair's port for frames.
@@ -291,7 +375,7 @@ impl NetBackend {
         let Some(atomic) = self.mem.read().unwrap_or_else(|e| e.into_inner()).clone() else {
             return;
         };
-        let mem = atomic.memory();
+        let mem = atomic.memory().into_inner();
         let port = &*self.ports[pair];
         let mut state = self.pair(pair);
         if !vring.get_ref().is_enabled() {
@@ -307,9 +391,15 @@ impl NetBackend {
             port.set_attached(true);
             state.detached = false;
         }
+        if !state.rx_mem.as_ref().is_some_and(|m| Arc::ptr_eq(m, &mem)) {
+            // The guest memory changed under the cache: take its chains again.
+            uncache_rx(&mut state, vring);
+            state.rx_mem = Some(mem.clone());
+        }
+        state.rx_ring = Some(vring.clone());
         let mergeable = self.has(VIRTIO_NET_F_MRG_RXBUF);
         let need = if mergeable { self.max_frame() } else { 1 };
-        state.rx_ring = Some(vring.clone());
+        let mut iovs = Vec::new();
         let mut delivered = 0;
         let mut looked_again = 0;
         loop {
@@ -319,12 +409,7 @@ impl NetBackend {
                 break;
             }
             self.refill(&mut state, vring, &mem, need);
-            let enough = if mergeable {
-                state.rx_cache.iter().map(|c| c.len).sum::<usize>() >= need
-            } else {
-                !state.rx_cache.is_empty()
-            };
-            if !enough {
+            if state.rx_cached_len < need || state.rx_cache.is_empty() {
                 // Out of buffers: ask the guest to kick when it posts more, and look again
                 // in case it did meanwhile (a few times: an avail index that is garbage
                 // says "more" while nothing can be taken).
@@ -336,7 +421,7 @@ impl NetBackend {
                 break;
             }
             looked_again = 0;
-            match self.receive_one(port, &mut state, vring, &mem, mergeable) {
+            match self.receive_one(port, &mut state, vring, mergeable, &mut iovs) {
                 Ok(Received::Delivered) => {
                     delivered += 1;
                     if delivered % RX_BATCH == 0 {
@@ -374,11 +459,7 @@ impl NetBackend {
     /// Take chains off the ring into the cache until they hold `need` bytes (mergeable)
     /// or there is one.
     fn refill(&self, state: &mut PairState, vring: &Vring, mem: &GuestMem, need: usize) {
-        loop {
-            let have = state.rx_cache.iter().map(|c| c.len).sum::<usize>();
-            if (need > 1 && have >= need) || (need == 1 && !state.rx_cache.is_empty()) {
-                return;
-            }
+        while state.rx_cached_len < need || state.rx_cache.is_empty() {
             let chain = vring.get_mut().get_queue_mut().pop_descriptor_chain(mem);
             let Some(chain) = chain else { return };
             let head = chain.head_index();
@@ -386,54 +467,68 @@ impl NetBackend {
             let mut len = 0usize;
             let mut bad = false;
             for desc in chain {
-                if !desc.is_write_only() || desc.len() == 0 {
+                if !desc.is_write_only()
+                    || desc.len() == 0
+                    || host_buffers(mem, desc.addr(), desc.len() as usize, &mut buffers).is_err()
+                {
                     bad = true;
                     break;
                 }
-                buffers.push((desc.addr(), desc.len() as usize));
                 len += desc.len() as usize;
             }
-            let mut iovs = Vec::new();
-            if bad
-                || len < VNET_HDR_LEN
-                || buffers.is_empty()
-                || host_iovecs(mem, &buffers, &mut iovs).is_err()
-            {
+            if bad || len < VNET_HDR_LEN {
                 // Device-readable buffers in an RX chain, no room for the header, or a
                 // buffer outside guest memory.
                 count(&self.stats.bad_chains, 1);
                 vhost_daemon::complete(vring, head, 0);
                 continue;
             }
+            state.rx_cached_len += len;
             state.rx_cache.push_back(CachedChain { head, buffers, len });
         }
     }
 
-    /// Read one frame into the cached chains and deliver it.
+    /// Read one frame into the cached chains and deliver it. `iovs`: scratch space.
     fn receive_one(
         &self,
         port: &dyn Port,
         state: &mut PairState,
         vring: &Vring,
-        mem: &GuestMem,
         mergeable: bool,
+        iovs: &mut Vec<libc::iovec>,
     ) -> io::Result<Received> {
         let chains = if mergeable { state.rx_cache.len() } else { 1 };
-        let mut iovs = Vec::with_capacity(chains * 2);
-        for c in state.rx_cache.iter().take(chains) {
-            host_iovecs(mem, &c.buffers, &mut iovs)?;
-        }
+        // Without a header from the port the frame goes after the one written here.
         let header = if port.vnet_hdr() { 0 } else { VNET_HDR_LEN };
-        let Some(n) = port.recv(skip(&iovs, header).as_slice())? else {
+        iovs.clear();
+        for (i, c) in state.rx_cache.iter().take(chains).enumerate() {
+            iovecs_after(&c.buffers, if i == 0 { header } else { 0 }, iovs);
+        }
+        let room: usize = iovs.iter().map(|iov| iov.iov_len).sum();
+        // Past the guest's buffers, room for the rest of any frame: a tap cuts a frame to
+        // the buffers it is given without saying so, and one too large must be dropped
+        // rather than delivered cut.
+        let overflow = state
+            .rx_overflow
+            .get_or_insert_with(|| vec![0; MAX_GSO_FRAME]);
+        iovs.push(libc::iovec {
+            iov_base: overflow.as_mut_ptr().cast(),
+            iov_len: overflow.len(),
+        });
+        let Some(n) = port.recv(iovs)? else {
             return Ok(Received::Nothing);
         };
+        if n > room {
+            // The chains stay cached for the next frame.
+            return Err(io::Error::other(format!(
+                "a {n}-byte frame does not fit the guest's {room}-byte buffers"
+            )));
+        }
         let len = n + header;
-        let first = state
-            .rx_cache
-            .front()
-            .map(|c| c.buffers.clone())
-            .unwrap_or_default();
-        if !self.accepts(mem, &first) {
+        let Some(first) = state.rx_cache.front() else {
+            return Ok(Received::Nothing);
+        };
+        if !self.accepts(&first.buffers) {
             // The chains stay cached for the next frame.
             return Ok(Received::Filtered);
         }
@@ -451,16 +546,17 @@ impl NetBackend {
         // zero: no offloads).
         let num_buffers = (used as u16).to_le_bytes();
         if header == 0 {
-            write_buffers(mem, &first, 10, &num_buffers)?;
+            write_host(&first.buffers, 10, &num_buffers);
         } else {
             let mut hdr = [0u8; VNET_HDR_LEN];
             hdr[10..].copy_from_slice(&num_buffers);
-            write_buffers(mem, &first, 0, &hdr)?;
+            write_host(&first.buffers, 0, &hdr);
         }
         let mut left = len;
         for c in state.rx_cache.drain(..used) {
             let this = left.min(c.len);
             vhost_daemon::complete(vring, c.head, this as u32);
+            state.rx_cached_len -= c.len;
             left -= this;
         }
         count(&self.stats.rx_frames, 1);
@@ -470,16 +566,14 @@ impl NetBackend {
 
     /// Whether the guest's RX filter takes the frame in the buffers `first` (after the
     /// virtio-net header).
-    fn accepts(&self, mem: &GuestMem, first: &[(GuestAddress, usize)]) -> bool {
+    fn accepts(&self, first: &[HostBuffer]) -> bool {
         let filter = self.filter.read().unwrap_or_else(|e| e.into_inner());
         let Some(filter) = filter.as_ref() else {
             return true;
         };
         let mut head = [0u8; VNET_HDR_LEN + 16];
-        if read_buffers(mem, first, &mut head).is_err() {
-            return true;
-        }
-        filter::accepts(filter, &head[VNET_HDR_LEN..])
+        let n = read_host(first, &mut head);
+        filter::accepts(filter, &head[VNET_HDR_LEN.min(n)..n])
     }
 
     /// Send what the guest queued on the TX ring.
@@ -491,6 +585,8 @@ impl NetBackend {
         let port = &*self.ports[pair];
         let header = if port.vnet_hdr() { 0 } else { VNET_HDR_LEN };
         let mut sent = 0;
+        let mut iovs = Vec::new();
+        let mut buffers = Vec::new();
         loop {
             if self.pair(pair).tx_blocked {
                 break;
@@ -498,30 +594,32 @@ impl NetBackend {
             let chain = vring.get_mut().get_queue_mut().pop_descriptor_chain(&*mem);
             let Some(chain) = chain else { break };
             let head = chain.head_index();
-            let mut buffers = Vec::new();
+            buffers.clear();
             let mut len = 0usize;
             let mut bad = false;
             for desc in chain {
-                if desc.is_write_only() {
+                if desc.is_write_only()
+                    || host_buffers(&mem, desc.addr(), desc.len() as usize, &mut buffers).is_err()
+                {
                     bad = true;
                     break;
                 }
-                buffers.push((desc.addr(), desc.len() as usize));
                 len += desc.len() as usize;
             }
             sent += 1;
-            let mut iovs = Vec::with_capacity(buffers.len());
-            if bad || len < VNET_HDR_LEN || host_iovecs(&mem, &buffers, &mut iovs).is_err() {
+            if bad || len < VNET_HDR_LEN {
                 count(&self.stats.bad_chains, 1);
                 vhost_daemon::complete(vring, head, 0);
                 continue;
             }
+            iovs.clear();
+            iovecs_after(&buffers, header, &mut iovs);
             if !self.link_up.load(Ordering::Acquire) {
                 count(&self.stats.tx_dropped, 1);
                 vhost_daemon::complete(vring, head, 0);
                 continue;
             }
-            match port.send(skip(&iovs, header).as_slice()) {
+            match port.send(&iovs) {
                 Ok(Some(_)) => {
                     count(&self.stats.tx_frames, 1);
                     count(&self.stats.tx_bytes, (len - VNET_HDR_LEN) as u64);
@@ -606,14 +704,22 @@ impl VhostUserBackend for NetBackend {
         };
         let mut state = state.lock().unwrap_or_else(|e| e.into_inner());
         if queue % 2 == usize::from(RX_RING) {
-            let cached = state.rx_cache.len() as u16;
             if let Some(vring) = state.rx_ring.take() {
-                vring.set_queue_next_avail(vring.queue_next_avail().wrapping_sub(cached));
+                uncache_rx(&mut state, &vring);
             }
             state.rx_cache.clear();
+            state.rx_cached_len = 0;
+            state.rx_mem = None;
             state.watching_rx = false;
         } else {
             state.tx_blocked = false;
+            state.last_tx = None;
+            if state.tx_timer_armed {
+                if let Some(timer) = state.tx_timer.as_mut() {
+                    let _ = timer.clear();
+                }
+                state.tx_timer_armed = false;
+            }
         }
         Ok(())
     }
@@ -635,14 +741,36 @@ impl VhostUserBackend for NetBackend {
         match device_event {
             RX_RING => self.receive(pair, rx),
             TX_RING => {
-                vhost_daemon::drain(tx, event_idx, true, || self.transmit(pair, tx));
+                if self.pair(pair).detached {
+                    // The guest uses the pair again: its tap queue takes frames again.
+                    self.receive(pair, rx);
+                }
+                if !self.defer_tx(pair) {
+                    self.drain_tx(pair, tx, event_idx);
+                }
+            }
+            e if u64::from(e) == self.tx_timer_event(pair) => {
+                {
+                    let mut state = self.pair(pair);
+                    if let Some(timer) = state.tx_timer.as_mut() {
+                        // Readable: this does not block.
+                        let _ = timer.wait();
+                    }
+                    state.tx_timer_armed = false;
+                }
+                let ring = tx.get_ref();
+                let live = ring.get_queue().ready() && ring.is_enabled();
+                drop(ring);
+                if live {
+                    self.drain_tx(pair, tx, event_idx);
+                }
             }
             e if u64::from(e) == self.rx_port_event(pair) => self.receive(pair, rx),
             e if u64::from(e) == self.tx_port_event(pair) => {
                 self.ports[pair].tx_woken();
                 self.watch_tx(pair, false);
                 self.pair(pair).tx_blocked = false;
-                vhost_daemon::drain(tx, event_idx, true, || self.transmit(pair, tx));
+                self.drain_tx(pair, tx, event_idx);
             }
             _ => {}
         }
@@ -680,91 +808,84 @@ impl Served for NetBackend {
     }
 }
 
-/// The host memory of `buffers`, as iovecs appended to `out`.
-fn host_iovecs(
+/// Give the cached RX chains back to the ring: the next index to take is that of the
+/// first of them.
+fn uncache_rx(state: &mut PairState, vring: &Vring) {
+    let cached = state.rx_cache.len() as u16;
+    if cached > 0 {
+        vring.set_queue_next_avail(vring.queue_next_avail().wrapping_sub(cached));
+    }
+    state.rx_cache.clear();
+    state.rx_cached_len = 0;
+}
+
+/// The host memory of the guest buffer at `addr`, appended to `out`.
+fn host_buffers(
     mem: &GuestMem,
-    buffers: &[(GuestAddress, usize)],
-    out: &mut Vec<libc::iovec>,
+    addr: GuestAddress,
+    len: usize,
+    out: &mut Vec<HostBuffer>,
 ) -> io::Result<()> {
-    for &(addr, len) in buffers {
-        for slice in GuestMemoryBackend::get_slices(mem, addr, len) {
-            let slice = slice.map_err(|e| io::Error::other(format!("guest buffer: {e}")))?;
-            let guard = slice.ptr_guard_mut();
-            out.push(libc::iovec {
-                iov_base: guard.as_ptr().cast(),
-                iov_len: slice.len(),
-            });
-        }
+    for slice in GuestMemoryBackend::get_slices(mem, addr, len) {
+        let slice = slice.map_err(|e| io::Error::other(format!("guest buffer: {e}")))?;
+        let guard = slice.ptr_guard_mut();
+        out.push(HostBuffer {
+            ptr: guard.as_ptr(),
+            len: slice.len(),
+        });
     }
     Ok(())
 }
 
-/// `iovs` without their first `bytes` bytes.
-fn skip(iovs: &[libc::iovec], mut bytes: usize) -> Vec<libc::iovec> {
-    let mut out = Vec::with_capacity(iovs.len());
-    for iov in iovs {
-        if bytes >= iov.iov_len {
-            bytes -= iov.iov_len;
+/// `buffers` without their first `skip` bytes, as iovecs appended to `out`.
+fn iovecs_after(buffers: &[HostBuffer], mut skip: usize, out: &mut Vec<libc::iovec>) {
+    for buffer in buffers {
+        if skip >= buffer.len {
+            skip -= buffer.len;
             continue;
         }
         out.push(libc::iovec {
-            // SAFETY: `bytes` is less than the buffer's length: still inside it.
-            iov_base: unsafe { (iov.iov_base as *mut u8).add(bytes) }.cast(),
-            iov_len: iov.iov_len - bytes,
+            // SAFETY: `skip` is less than the buffer's length: still inside it.
+            iov_base: unsafe { buffer.ptr.add(skip) }.cast(),
+            iov_len: buffer.len - skip,
         });
-        bytes = 0;
+        skip = 0;
     }
-    out
 }
 
-/// Read the first `buf.len()` bytes of `buffers` from guest memory.
-fn read_buffers(
-    mem: &GuestMem,
-    buffers: &[(GuestAddress, usize)],
-    buf: &mut [u8],
-) -> io::Result<()> {
+/// Read the first bytes of `buffers` into `buf`; how many there were.
+fn read_host(buffers: &[HostBuffer], buf: &mut [u8]) -> usize {
     let mut done = 0;
-    for &(addr, len) in buffers {
+    for b in buffers {
+        for i in 0..b.len.min(buf.len() - done) {
+            // SAFETY: `i` is inside the buffer, which is mapped (see `HostBuffer`); guest
+            // memory is read volatile as the guest may write it meanwhile.
+            buf[done] = unsafe { b.ptr.add(i).read_volatile() };
+            done += 1;
+        }
         if done == buf.len() {
             break;
         }
-        let n = len.min(buf.len() - done);
-        mem.read_slice(&mut buf[done..done + n], addr)
-            .map_err(|e| io::Error::other(format!("guest buffer: {e}")))?;
-        done += n;
     }
-    Ok(())
+    done
 }
 
-/// Write `data` at byte `at` of `buffers` in guest memory.
-fn write_buffers(
-    mem: &GuestMem,
-    buffers: &[(GuestAddress, usize)],
-    mut at: usize,
-    data: &[u8],
-) -> io::Result<()> {
-    let mut done = 0;
-    for &(addr, len) in buffers {
-        if done == data.len() {
-            break;
-        }
-        if at >= len {
-            at -= len;
+/// Write `data` at byte `at` of `buffers` (as far as they reach: a chain holds at least
+/// the header, which is all that is written).
+fn write_host(buffers: &[HostBuffer], mut at: usize, data: &[u8]) {
+    let mut bytes = data.iter();
+    for b in buffers {
+        if at >= b.len {
+            at -= b.len;
             continue;
         }
-        let n = (len - at).min(data.len() - done);
-        let addr = addr
-            .checked_add(at as u64)
-            .ok_or_else(|| io::Error::other("guest buffer address overflows"))?;
-        mem.write_slice(&data[done..done + n], addr)
-            .map_err(|e| io::Error::other(format!("guest buffer: {e}")))?;
-        done += n;
+        for i in at..b.len {
+            let Some(&byte) = bytes.next() else { return };
+            // SAFETY: `i` is inside the buffer, which is mapped (see `HostBuffer`).
+            unsafe { b.ptr.add(i).write_volatile(byte) };
+        }
         at = 0;
     }
-    if done < data.len() {
-        return Err(io::Error::other("guest buffers too short for the header"));
-    }
-    Ok(())
 }
 
 /// What became of a frame from the host.
