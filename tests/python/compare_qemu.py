@@ -47,10 +47,63 @@ SEQUENCE = [
     ("block_resize", {"device": "d0", "size": -1}),
     ("block_resize", {"device": "d1", "size": 2097152}),
     ("query-block", None),
+    # Networking: user netdevs (no host device needed), a card, the link, the filter.
+    ("netdev_add", {"type": "user", "id": "n1"}),
+    ("netdev_add", {"type": "user", "id": "n1"}),
+    ("netdev_add", {"type": "foo", "id": "n2"}),
+    ("netdev_add", {"type": "user"}),
+    ("netdev_add", {"id": "n2"}),
+    ("netdev_add", {"type": "user", "id": "1x"}),
+    ("netdev_add", {"type": "user", "id": "n2", "bogus": 1}),
+    ("netdev_add", {"type": "user", "id": "n2", "restrict": "on"}),
+    ("netdev_add", {"type": "user", "id": "n2", "hostfwd": [{"str": "bogus"}]}),
+    ("netdev_add", {"type": "user", "id": "n2", "net": "bogus"}),
+    ("netdev_add", {"type": "user", "id": "n2", "net": "10.0.2.0/24", "host": "10.9.9.9"}),
+    ("netdev_add", {"type": "tap", "id": "t1", "fd": "nosuch"}),
+    ("netdev_add", {"type": "tap", "id": "t1", "fd": "nosuch", "vnet_hdr": True}),
+    ("netdev_add", {"type": "socket", "id": "s1"}),
+    ("netdev_add", {"type": "socket", "id": "s1", "listen": "bad"}),
+    ("netdev_add", {"type": "socket", "id": "s1", "udp": "127.0.0.1:1"}),
+    ("netdev_add", {"type": "stream", "id": "s1", "server": True}),
+    ("netdev_add", {"type": "user", "id": "n2", "restrict": True}),
+    ("device_add", {"driver": "virtio-net-pci", "netdev": "nosuch", "id": "x"}),
+    ("device_add", {"driver": "virtio-net-pci", "netdev": "n1", "id": "nic1"}),
+    ("device_add", {"driver": "virtio-net-pci", "netdev": "n1", "id": "nic2"}),
+    ("device_add", {"driver": "virtio-net-pci", "netdev": "n2", "id": "nic1"}),
+    ("device_add", {"driver": "virtio-net-pci", "netdev": "n2", "id": "nic2",
+                    "mac": "zz:00:00:00:00:00"}),
+    ("device_add", {"driver": "virtio-net-pci", "netdev": "n2", "id": "nic2",
+                    "mac": "52:54:00:ab:cd:ef"}),
+    ("human-monitor-command", {"command-line": "info network"}),
+    ("set_link", {"name": "nic1", "up": False}),
+    ("set_link", {"name": "n2", "up": False}),
+    ("set_link", {"name": "nosuch", "up": True}),
+    ("set_link", {"name": "nic1"}),
+    ("set_link", {"name": "nic1", "up": "yes"}),
+    ("query-rx-filter", {"name": "nic1"}),
+    ("query-rx-filter", None),
+    ("query-rx-filter", {"name": "nosuch"}),
+    ("query-rx-filter", {"name": "n1"}),
+    ("netdev_del", {"id": "n1"}),
+    ("netdev_del", {"id": "n1"}),
+    ("netdev_del", {}),
+    ("human-monitor-command", {"command-line": "info network"}),
+    ("human-monitor-command", {"command-line": "netdev_add user,id=h1"}),
+    ("human-monitor-command", {"command-line": "netdev_add user,id=h1"}),
+    ("human-monitor-command", {"command-line": "netdev_add user,id=h2,restrict=maybe"}),
+    ("human-monitor-command", {"command-line": "set_link h1 off"}),
+    ("human-monitor-command", {"command-line": "set_link nosuch off"}),
+    ("human-monitor-command", {"command-line": "netdev_del h1"}),
+    ("human-monitor-command", {"command-line": "netdev_del h1"}),
+    ("human-monitor-command", {"command-line": "info network"}),
 ]
 
 # Commands whose whole reply, not just its shape, is the same for the same machine.
-SAME_VALUE = {"query-mice", "query-status", "query-name", "query-uuid"}
+SAME_VALUE = {"query-mice", "query-status", "query-name", "query-uuid", "query-rx-filter",
+              "set_link", "netdev_del"}
+# HMP commands whose output is the same.
+SAME_HMP = {"info network", "set_link h1 off", "set_link nosuch off", "netdev_del h1",
+            "netdev_add user,id=h1", "netdev_add user,id=h2,restrict=maybe"}
 
 
 def shape(value):
@@ -113,7 +166,9 @@ def main(vmm_path, qemu_path, workdir):
         if args is not None:
             args = json.loads(json.dumps(args).replace("@WORKDIR@", workdir))
         ours, theirs = vmm.run(command, args), qemu.run(command, args)
-        if command in SAME_VALUE and ours != theirs:
+        same = command in SAME_VALUE or (
+            command == "human-monitor-command" and args["command-line"] in SAME_HMP)
+        if same and ours != theirs:
             print(f"MISMATCH {command} {args}: vmm {ours} qemu {theirs}")
             ok = False
         # Errors must match exactly: class and description.

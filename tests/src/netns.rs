@@ -111,6 +111,12 @@ impl NetNs {
     /// Open tap `name` in the namespace the way management does (libvirt): IFF_TAP,
     /// IFF_NO_PI, IFF_VNET_HDR. The fd, to pass to the vmm.
     pub fn open_tap(&self, name: &str) -> OwnedFd {
+        self.open_tap_queue(name, false)
+    }
+
+    /// [`NetNs::open_tap`], one queue of a multiqueue tap (IFF_MULTI_QUEUE) when
+    /// `multi_queue`.
+    pub fn open_tap_queue(&self, name: &str, multi_queue: bool) -> OwnedFd {
         let name = name.to_string();
         self.enter(move || {
             let file = std::fs::OpenOptions::new()
@@ -126,7 +132,7 @@ impl NetNs {
             }
             let mut req = IfReq {
                 name: [0; 16],
-                flags: 0x0002 | 0x1000 | 0x4000,
+                flags: 0x0002 | 0x1000 | 0x4000 | if multi_queue { 0x0100 } else { 0 },
                 _pad: [0; 22],
             };
             req.name[..name.len()].copy_from_slice(name.as_bytes());

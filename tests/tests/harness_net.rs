@@ -42,27 +42,42 @@ impl Rig {
     /// A machine whose card sits on a tap of a new namespace, brought up accepting
     /// `features`; `rx` RX buffers posted.
     fn start(features: u64, rx: usize) -> Rig {
+        Rig::start_pairs(features, rx, 1)
+    }
+
+    /// [`Rig::start`] with `pairs` queue pairs: a multiqueue tap (one fd per pair, passed
+    /// as `fds=`) and `mq=on`; the first pair's RX buffers posted.
+    fn start_pairs(features: u64, rx: usize, pairs: u16) -> Rig {
         let ns = NetNs::new("hnet");
-        ns.tap("tap0", None, false);
+        ns.tap("tap0", None, pairs > 1);
         let dir = TempDir::new("harness-net");
         let sock = dir.join("qmp.sock");
         let qmp_arg = format!("unix:{},server=on,wait=off", sock.display());
         let mut qt = Qtest::start(MEM, &["-qmp", &qmp_arg]).unwrap();
         let mut qmp = Qmp::connect(&sock);
-        let tap = ns.open_tap("tap0");
-        qmp.send_with_fd("getfd", Some(json!({"fdname": "tap"})), tap.as_raw_fd());
-        assert_eq!(qmp.message()["return"], json!({}), "getfd");
-        drop(tap);
-        qmp.ok(
-            "netdev_add",
-            Some(json!({"type": "tap", "id": "n0", "fd": "tap"})),
-        );
-        qmp.ok(
-            "device_add",
-            Some(json!({"driver": "virtio-net-pci", "netdev": "n0", "id": "nic0"})),
-        );
+        let mut names = Vec::new();
+        for pair in 0..pairs {
+            let tap = ns.open_tap_queue("tap0", pairs > 1);
+            let name = format!("tap{pair}");
+            qmp.send_with_fd("getfd", Some(json!({"fdname": name})), tap.as_raw_fd());
+            assert_eq!(qmp.message()["return"], json!({}), "getfd");
+            names.push(name);
+        }
+        let (netdev, nic) = if pairs > 1 {
+            (
+                json!({"type": "tap", "id": "n0", "fds": names.join(":")}),
+                json!({"driver": "virtio-net-pci", "netdev": "n0", "id": "nic0", "mq": "on"}),
+            )
+        } else {
+            (
+                json!({"type": "tap", "id": "n0", "fd": "tap0"}),
+                json!({"driver": "virtio-net-pci", "netdev": "n0", "id": "nic0"}),
+            )
+        };
+        qmp.ok("netdev_add", Some(netdev));
+        qmp.ok("device_add", Some(nic));
         let mut alloc = GuestAlloc::for_ram(RAM);
-        let net = NetDevice::init(&mut qt, RAM, &mut alloc, features)
+        let net = NetDevice::init_pairs(&mut qt, RAM, &mut alloc, features, pairs)
             .unwrap_or_else(|e| panic!("{e}; vmm stderr:\n{}", qt.stderr()));
         let packets = ns.packet_socket("tap0");
         let mut rig = Rig {
@@ -116,12 +131,13 @@ impl Rig {
         loop {
             let left = deadline.saturating_duration_since(std::time::Instant::now());
             let used = net::wait(&mut self.qt, &mut self.net.rx, left)?;
-            let addr = self
+            // A head comes back to the driver when used: forget it.
+            let at = self
                 .rx_buffers
                 .iter()
-                .find(|(h, _)| *h == used.id)
-                .map(|(_, a)| *a)
+                .position(|(h, _)| *h == used.id)
                 .expect("a buffer we posted");
+            let (_, addr) = self.rx_buffers.remove(at);
             let data = self.qt.memread(addr, used.len as usize).unwrap();
             if is_test_frame(&data[HDR_LEN..], marker) {
                 return Some((data[..HDR_LEN].to_vec(), data[HDR_LEN..].to_vec()));
@@ -400,4 +416,340 @@ fn malformed_chains_fail_alone() {
         .unwrap_or(Value::Null);
     assert_eq!(row["state"], "running", "{procs}");
     assert_eq!(row["restarts"], 0, "{procs}");
+}
+
+/// The netdev's row of `__org.vmm_query-netdev-stats`.
+fn netdev_stats(qmp: &mut Qmp<std::os::unix::net::UnixStream>) -> Value {
+    let stats = qmp.ok("__org.vmm_query-netdev-stats", None);
+    stats
+        .as_array()
+        .and_then(|rows| rows.iter().find(|r| r["id"] == "n0"))
+        .cloned()
+        .unwrap_or_else(|| panic!("no row for n0: {stats}"))
+}
+
+/// The tap's count of frames it dropped on their way to the guest (its TX side).
+fn tap_tx_dropped(ns: &NetNs) -> u64 {
+    let out = ns.exec(&["cat", "/sys/class/net/tap0/statistics/tx_dropped"]);
+    String::from_utf8_lossy(&out.stdout).trim().parse().unwrap()
+}
+
+#[test]
+fn oversize_frames_and_a_flood_are_dropped_and_counted() {
+    // Without mergeable buffers a frame must fit one chain.
+    let mut rig = Rig::start(net::VIRTIO_NET_F_MAC, 0);
+    let small = rig.alloc.alloc(128, 64).unwrap();
+    let head = rig
+        .net
+        .rx
+        .add_chain(&mut rig.qt, &[Buffer::writable(small, 128)])
+        .unwrap();
+    rig.rx_buffers.push((head, small));
+    rig.net.rx.kick(&mut rig.qt).unwrap();
+    let mut big = b"TOO-BIG".to_vec();
+    big.resize(1000, 0xab);
+    rig.packets.send(&rig.host_frame(&big));
+    rig.packets.send(&rig.host_frame(b"FITS"));
+    // The large frame is dropped, not cut to the buffer; the next one takes the buffer.
+    let (_, frame) = rig.receive(b"FITS", TIMEOUT).expect("the frame that fits");
+    assert_eq!(frame, rig.host_frame(b"FITS"));
+    let stats = netdev_stats(&mut rig.qmp);
+    assert!(stats["rx-dropped"].as_u64().unwrap() >= 1, "{stats}");
+    assert_eq!(stats["rx-frames"], 1, "{stats}");
+
+    // A flood while the guest has no buffers: the host drops what the tap cannot queue,
+    // and the machine answers all along.
+    rig.ns.ip(&["link", "set", "tap0", "txqueuelen", "64"]);
+    let dropped_before = tap_tx_dropped(&rig.ns);
+    let start = std::time::Instant::now();
+    for i in 0..5000u32 {
+        let mut payload = b"FLOOD".to_vec();
+        payload.extend_from_slice(&i.to_le_bytes());
+        rig.packets.send(&rig.host_frame(&payload));
+        if i % 1000 == 0 {
+            assert_eq!(rig.qmp.ok("query-status", None)["status"], "running");
+        }
+    }
+    assert!(tap_tx_dropped(&rig.ns) > dropped_before + 1000);
+    assert!(start.elapsed() < Duration::from_secs(30));
+    // Once the guest posts buffers, what the tap kept arrives, then newer frames.
+    rig.post_rx(16);
+    for _ in 0..16 {
+        let used = net::wait(&mut rig.qt, &mut rig.net.rx, TIMEOUT).expect("flood frames");
+        rig.rx_buffers.retain(|(h, _)| *h != used.id);
+    }
+    rig.packets.send(&rig.host_frame(b"AFTER-FLOOD"));
+    rig.post_rx(64);
+    assert!(rig.receive(b"AFTER-FLOOD", TIMEOUT).is_some());
+    let out = test_frame([0xff; 6], rig.net.mac, b"TX-AFTER-FLOOD");
+    rig.transmit(&out);
+    assert!(rig.sent_to_host(b"TX-AFTER-FLOOD").is_some());
+    let stats = netdev_stats(&mut rig.qmp);
+    assert!(stats["rx-frames"].as_u64().unwrap() > 2, "{stats}");
+    assert_eq!(stats["tx-frames"], 1, "{stats}");
+}
+
+/// An IPv4/UDP frame from source port `port` (the tap picks a queue by flow) carrying
+/// `marker`.
+fn udp_frame(dest: [u8; 6], port: u16, marker: &[u8]) -> Vec<u8> {
+    let mut f = dest.to_vec();
+    f.extend_from_slice(&HOST_MAC);
+    f.extend_from_slice(&[0x08, 0x00]);
+    let total = (20 + 8 + marker.len()) as u16;
+    let mut ip = vec![0x45, 0, 0, 0, 0, 0, 0x40, 0, 64, 17, 0, 0];
+    ip[2..4].copy_from_slice(&total.to_be_bytes());
+    ip.extend_from_slice(&[10, 99, 0, 1, 10, 99, 0, 2]);
+    let sum = ip
+        .chunks(2)
+        .map(|c| u32::from(u16::from_be_bytes([c[0], c[1]])))
+        .sum::<u32>();
+    let sum = !(((sum & 0xffff) + (sum >> 16)) as u16);
+    ip[10..12].copy_from_slice(&sum.to_be_bytes());
+    f.extend_from_slice(&ip);
+    f.extend_from_slice(&port.to_be_bytes());
+    f.extend_from_slice(&9u16.to_be_bytes());
+    f.extend_from_slice(&(8 + marker.len() as u16).to_be_bytes());
+    f.extend_from_slice(&[0, 0]);
+    f.extend_from_slice(marker);
+    f
+}
+
+/// Which pair's RX queue each frame with one of `markers` arrives on (0 or 1), within
+/// `timeout`; buffers used are posted again.
+fn arrivals(rig: &mut Rig, rx1: &mut Vec<(u16, u64)>, markers: &[Vec<u8>]) -> Vec<usize> {
+    let deadline = std::time::Instant::now() + TIMEOUT;
+    let mut seen = Vec::new();
+    while seen.len() < markers.len() && std::time::Instant::now() < deadline {
+        for pair in 0..2 {
+            let vq = if pair == 0 {
+                &mut rig.net.rx
+            } else {
+                &mut rig.net.more_pairs[0].0
+            };
+            let Some(used) = net::wait(&mut rig.qt, vq, Duration::from_millis(20)) else {
+                continue;
+            };
+            let buffers = if pair == 0 { &rig.rx_buffers } else { &*rx1 };
+            let addr = buffers
+                .iter()
+                .find(|(h, _)| *h == used.id)
+                .map(|(_, a)| *a)
+                .expect("a buffer we posted");
+            let data = rig.qt.memread(addr, used.len as usize).unwrap();
+            let payload = &data[HDR_LEN..];
+            if markers.iter().any(|m| payload.ends_with(m)) {
+                seen.push(pair);
+            }
+            let vq = if pair == 0 {
+                &mut rig.net.rx
+            } else {
+                &mut rig.net.more_pairs[0].0
+            };
+            let head = vq
+                .add_chain(&mut rig.qt, &[Buffer::writable(addr, RX_BUFFER)])
+                .unwrap();
+            vq.kick(&mut rig.qt).unwrap();
+            if pair == 0 {
+                rig.rx_buffers.retain(|(h, _)| *h != used.id);
+                rig.rx_buffers.push((head, addr));
+            } else {
+                rx1.retain(|(h, _)| *h != used.id);
+                rx1.push((head, addr));
+            }
+        }
+    }
+    seen
+}
+
+#[test]
+fn queue_pairs_follow_the_control_queue() {
+    let features = net::VIRTIO_NET_F_MAC
+        | net::VIRTIO_NET_F_MRG_RXBUF
+        | net::VIRTIO_NET_F_CTRL_VQ
+        | net::VIRTIO_NET_F_MQ;
+    let mut rig = Rig::start_pairs(features, 32, 2);
+    assert_eq!(
+        rig.net.features & net::VIRTIO_NET_F_MQ,
+        net::VIRTIO_NET_F_MQ
+    );
+    // max_virtqueue_pairs in the configuration space.
+    assert_eq!(rig.net.dev.config_readw(&mut rig.qt, 8).unwrap(), 2);
+    let mut rx1 = Vec::new();
+    for _ in 0..32 {
+        let addr = rig.alloc.alloc(u64::from(RX_BUFFER), 64).unwrap();
+        let vq = &mut rig.net.more_pairs[0].0;
+        let head = vq
+            .add_chain(&mut rig.qt, &[Buffer::writable(addr, RX_BUFFER)])
+            .unwrap();
+        rx1.push((head, addr));
+    }
+    rig.net.more_pairs[0].0.kick(&mut rig.qt).unwrap();
+    let ack = rig.net.command(
+        &mut rig.qt,
+        &mut rig.alloc,
+        net::CTRL_MQ,
+        net::CTRL_MQ_VQ_PAIRS_SET,
+        &2u16.to_le_bytes(),
+    );
+    assert_eq!(ack, net::VIRTIO_NET_OK);
+    // A frame sent on the second pair reaches the tap.
+    let addr = rig.alloc.alloc(256, 8).unwrap();
+    let mut bytes = vec![0u8; HDR_LEN];
+    bytes.extend_from_slice(&test_frame([0xff; 6], rig.net.mac, b"PAIR-1-TX"));
+    rig.qt.memwrite(addr, &bytes).unwrap();
+    let tx1 = &mut rig.net.more_pairs[0].1;
+    tx1.add_chain(&mut rig.qt, &[Buffer::readable(addr, bytes.len() as u32)])
+        .unwrap();
+    tx1.kick(&mut rig.qt).unwrap();
+    assert!(net::wait(&mut rig.qt, tx1, TIMEOUT).is_some());
+    assert!(rig.sent_to_host(b"PAIR-1-TX").is_some());
+    // Flows from the host spread over both pairs.
+    let markers: Vec<Vec<u8>> = (0..16)
+        .map(|i| format!("FLOW-{i:02}").into_bytes())
+        .collect();
+    for (i, m) in markers.iter().enumerate() {
+        rig.packets
+            .send(&udp_frame(rig.net.mac, 1000 + 7 * i as u16, m));
+    }
+    let seen = arrivals(&mut rig, &mut rx1, &markers);
+    assert_eq!(seen.len(), markers.len(), "{seen:?}");
+    assert!(seen.contains(&0) && seen.contains(&1), "{seen:?}");
+    // Back to one pair: the second pair's tap queue is detached (frames that were on
+    // their way to it may be lost), and then every flow comes on the first.
+    let ack = rig.net.command(
+        &mut rig.qt,
+        &mut rig.alloc,
+        net::CTRL_MQ,
+        net::CTRL_MQ_VQ_PAIRS_SET,
+        &1u16.to_le_bytes(),
+    );
+    assert_eq!(ack, net::VIRTIO_NET_OK);
+    for round in 0..2 {
+        let markers: Vec<Vec<u8>> = (0..16)
+            .map(|i| format!("ONE-{round}-{i:02}").into_bytes())
+            .collect();
+        for (i, m) in markers.iter().enumerate() {
+            rig.packets
+                .send(&udp_frame(rig.net.mac, 1000 + 7 * i as u16, m));
+        }
+        let seen = arrivals(&mut rig, &mut rx1, &markers);
+        assert!(seen.iter().all(|&p| p == 0), "{seen:?}");
+        if round == 1 {
+            assert_eq!(seen.len(), markers.len(), "{seen:?}");
+        }
+    }
+}
+
+#[test]
+fn the_old_net_options_make_cards_and_their_backends() {
+    // `-net nic` with `-net user`, and `-nic user`: two cards, each on a user network.
+    let dir = TempDir::new("harness-net-legacy");
+    let sock = dir.join("qmp.sock");
+    let qmp_arg = format!("unix:{},server=on,wait=off", sock.display());
+    let mut qt = Qtest::start(
+        MEM,
+        &[
+            "-qmp",
+            &qmp_arg,
+            "-net",
+            "nic,model=virtio,macaddr=52:54:00:aa:bb:cc",
+            "-net",
+            "user,net=10.0.5.0/24",
+            "-nic",
+            "user,model=virtio-net-pci",
+        ],
+    )
+    .unwrap();
+    let mut qmp = Qmp::connect(&sock);
+    let info = qmp.hmp("info network");
+    assert_eq!(
+        info.matches("type=nic,model=virtio-net-pci").count(),
+        2,
+        "{info}"
+    );
+    assert_eq!(info.matches("type=user").count(), 2, "{info}");
+    assert!(info.contains("macaddr=52:54:00:aa:bb:cc"), "{info}");
+    assert!(info.contains("net=10.0.5.0"), "{info}");
+    // The first card reaches its user network: the gateway answers ARP.
+    let mut alloc = GuestAlloc::for_ram(RAM);
+    let mut net = NetDevice::init(&mut qt, RAM, &mut alloc, net::VIRTIO_NET_F_MAC)
+        .unwrap_or_else(|e| panic!("{e}; vmm stderr:\n{}", qt.stderr()));
+    assert_eq!(net.mac, [0x52, 0x54, 0x00, 0xaa, 0xbb, 0xcc]);
+    arp_the_gateway(&mut qt, &mut net, &mut alloc, [10, 0, 5]);
+}
+
+/// Ask the gateway of a user network `net`.0/24 for its MAC (ARP), and check its answer.
+fn arp_the_gateway(qt: &mut Qtest, net: &mut NetDevice, alloc: &mut GuestAlloc, prefix: [u8; 3]) {
+    let rx = alloc.alloc(2048, 64).unwrap();
+    net.rx.add_chain(qt, &[Buffer::writable(rx, 2048)]).unwrap();
+    net.rx.kick(qt).unwrap();
+    let ip = |last: u8| [prefix[0], prefix[1], prefix[2], last];
+    let mut arp = vec![0xff; 6];
+    arp.extend_from_slice(&net.mac);
+    arp.extend_from_slice(&[0x08, 0x06, 0, 1, 0x08, 0, 6, 4, 0, 1]);
+    arp.extend_from_slice(&net.mac);
+    arp.extend_from_slice(&ip(15));
+    arp.extend_from_slice(&[0; 6]);
+    arp.extend_from_slice(&ip(2));
+    let tx = alloc.alloc(128, 8).unwrap();
+    let mut bytes = vec![0u8; HDR_LEN];
+    bytes.extend_from_slice(&arp);
+    qt.memwrite(tx, &bytes).unwrap();
+    net.tx
+        .add_chain(qt, &[Buffer::readable(tx, bytes.len() as u32)])
+        .unwrap();
+    net.tx.kick(qt).unwrap();
+    let used = net::wait(qt, &mut net.rx, TIMEOUT).expect("an ARP reply");
+    let reply = qt.memread(rx, used.len as usize).unwrap();
+    let frame = &reply[HDR_LEN..];
+    assert_eq!(frame[..6], net.mac);
+    assert_eq!(frame[12..14], [0x08, 0x06], "{frame:02x?}");
+    assert_eq!(frame[20..22], [0, 2], "an ARP reply: {frame:02x?}");
+    assert_eq!(frame[28..32], ip(2), "from the gateway: {frame:02x?}");
+}
+
+#[test]
+fn queue_sizes_are_the_cards() {
+    let dir = TempDir::new("harness-net-sizes");
+    let sock = dir.join("qmp.sock");
+    let qmp_arg = format!("unix:{},server=on,wait=off", sock.display());
+    let mut qt = Qtest::start(MEM, &["-qmp", &qmp_arg, "-netdev", "user,id=u0"]).unwrap();
+    let mut qmp = Qmp::connect(&sock);
+    for (key, value, error) in [
+        (
+            "rx_queue_size",
+            100,
+            "Invalid rx_queue_size (= 100), must be a power of 2 between 256 and 1024.",
+        ),
+        (
+            "rx_queue_size",
+            2048,
+            "Invalid rx_queue_size (= 2048), must be a power of 2 between 256 and 1024.",
+        ),
+        (
+            "tx_queue_size",
+            128,
+            "Invalid tx_queue_size (= 128), must be a power of 2 between 256 and 1024",
+        ),
+    ] {
+        let reply = qmp.request(
+            "device_add",
+            Some(json!({"driver": "virtio-net-pci", "netdev": "u0", "id": "nic0", key: value})),
+        );
+        assert_eq!(reply["error"]["desc"], error, "{reply}");
+    }
+    qmp.ok(
+        "device_add",
+        Some(
+            json!({"driver": "virtio-net-pci", "netdev": "u0", "id": "nic0",
+                    "rx_queue_size": 1024, "tx_queue_size": 512}),
+        ),
+    );
+    let mut alloc = GuestAlloc::for_ram(RAM);
+    let mut net = NetDevice::init(&mut qt, RAM, &mut alloc, net::VIRTIO_NET_F_MAC)
+        .unwrap_or_else(|e| panic!("{e}; vmm stderr:\n{}", qt.stderr()));
+    assert_eq!(net.rx.layout.size, 1024);
+    assert_eq!(net.tx.layout.size, 512);
+    assert_eq!(net.ctrl.layout.size, 64);
+    arp_the_gateway(&mut qt, &mut net, &mut alloc, [10, 0, 2]);
 }

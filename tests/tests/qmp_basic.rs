@@ -177,6 +177,7 @@ fn greeting_negotiation_run_control_and_queries() {
         "netdev_del",
         "set_link",
         "query-rx-filter",
+        "__org.vmm_query-netdev-stats",
     ];
     expected.sort_unstable();
     assert_eq!(names, expected);

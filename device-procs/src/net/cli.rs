@@ -11,7 +11,9 @@ Standalone: serve a vhost-user-net device on the unix socket PATH (for QEMU's
 `-chardev socket,path=PATH -netdev vhost-user,chardev=...`), its frames on the tap NAME
 (opened, and created if missing, with IFF_VNET_HDR; several --tap or --tap-fd give a
 multiqueue device, one tap queue per queue pair) or on the inherited tap fd N.
---no-vnet-hdr opens taps without the virtio-net header (no offloads).
+--queue-size is the largest ring the frontend may set up (1024, QEMU's largest
+rx_queue_size and tx_queue_size). --no-vnet-hdr opens taps without the virtio-net
+header (no offloads).
 
 Without --socket the program is the vmm's network device process: it takes its sockets
 at fds 3 and 4 and its netdev over the control socket. --host-network keeps the host's
@@ -59,7 +61,7 @@ pub fn parse(args: impl IntoIterator<Item = String>) -> Result<Mode, CliError> {
     let mut args = args.into_iter();
     let mut socket = None;
     let mut taps = Vec::new();
-    let mut queue_size = 256u16;
+    let mut queue_size = 1024u16;
     let mut vnet_hdr = true;
     let mut host_network = false;
     while let Some(arg) = args.next() {

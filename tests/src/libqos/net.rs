@@ -34,6 +34,8 @@ pub const CTRL_MAC: u8 = 1;
 pub const CTRL_MAC_TABLE_SET: u8 = 0;
 pub const CTRL_VLAN: u8 = 2;
 pub const CTRL_VLAN_ADD: u8 = 0;
+pub const CTRL_MQ: u8 = 4;
+pub const CTRL_MQ_VQ_PAIRS_SET: u8 = 0;
 pub const VIRTIO_NET_OK: u8 = 0;
 pub const VIRTIO_NET_ERR: u8 = 1;
 
@@ -50,7 +52,7 @@ pub const RX_VECTOR: u16 = 1;
 pub const TX_VECTOR: u16 = 2;
 pub const CTRL_VECTOR: u16 = 3;
 
-/// A virtio-net-pci function brought up to DRIVER_OK with one queue pair.
+/// A virtio-net-pci function brought up to DRIVER_OK.
 pub struct NetDevice {
     pub dev: VirtioPciDevice,
     pub offered: u64,
@@ -58,6 +60,8 @@ pub struct NetDevice {
     pub rx: Virtqueue,
     pub tx: Virtqueue,
     pub ctrl: Virtqueue,
+    /// Queue pairs after the first (RX, TX), on vectors 4, 5, 6, ...
+    pub more_pairs: Vec<(Virtqueue, Virtqueue)>,
     pub mac: [u8; 6],
 }
 
@@ -69,6 +73,18 @@ impl NetDevice {
         ram_size: u64,
         alloc: &mut GuestAlloc,
         features: u64,
+    ) -> Result<NetDevice, String> {
+        Self::init_pairs(qt, ram_size, alloc, features, 1)
+    }
+
+    /// [`NetDevice::init`] with `pairs` queue pairs set up (the device uses the first
+    /// only until [`CTRL_MQ_VQ_PAIRS_SET`]).
+    pub fn init_pairs(
+        qt: &mut Qtest,
+        ram_size: u64,
+        alloc: &mut GuestAlloc,
+        features: u64,
+        pairs: u16,
     ) -> Result<NetDevice, String> {
         let f = pci::enumerate_bus0(qt)
             .map_err(|e| e.to_string())?
@@ -87,12 +103,19 @@ impl NetDevice {
         dev.set_config_vector(qt, 0).map_err(|e| e.to_string())?;
         let queues = dev.num_queues(qt).map_err(|e| e.to_string())?;
         let setup = |qt: &mut Qtest, alloc: &mut GuestAlloc, q, vector| {
-            dev.setup_queue(qt, alloc, q, 256, Some(vector))
+            dev.setup_queue(qt, alloc, q, 0, Some(vector))
                 .map_err(|e| e.to_string())
         };
         let rx = setup(qt, alloc, 0, RX_VECTOR)?;
         let tx = setup(qt, alloc, 1, TX_VECTOR)?;
         let ctrl = setup(qt, alloc, queues - 1, CTRL_VECTOR)?;
+        let mut more_pairs = Vec::new();
+        for pair in 1..pairs {
+            let vector = CTRL_VECTOR + 2 * pair - 1;
+            let rx = setup(qt, alloc, 2 * pair, vector)?;
+            let tx = setup(qt, alloc, 2 * pair + 1, vector + 1)?;
+            more_pairs.push((rx, tx));
+        }
         dev.driver_ok(qt).map_err(|e| e.to_string())?;
         let mut mac = [0u8; 6];
         for (i, b) in mac.iter_mut().enumerate() {
@@ -107,6 +130,7 @@ impl NetDevice {
             rx,
             tx,
             ctrl,
+            more_pairs,
             mac,
         })
     }

@@ -20,7 +20,7 @@ use crate::control::MachineControl;
 use crate::drive::{DriveConfig, DriveError};
 use crate::pci::{PciBus, PciDevice, PciError};
 use crate::supervisor::SupervisorError;
-use crate::virtio::pci::{VirtioPciDevice, VirtioPciError};
+use crate::virtio::pci::{VirtioPciDevice, VirtioPciError, MAX_MSIX_VECTORS};
 use crate::virtio::vhost_user::{ConfigNotifier, VhostUserError};
 use crate::virtio::VirtioBackend;
 
@@ -390,6 +390,14 @@ impl DeviceManager {
         notifier: Option<Arc<ConfigNotifier>>,
     ) -> Result<(u8, Arc<Mutex<VirtioPciDevice>>), DeviceError> {
         let slot = cfg.pci_slot()?;
+        let vectors = match cfg.number::<u32>("vectors")? {
+            Some(n) if n > u32::from(MAX_MSIX_VECTORS) => {
+                // QEMU's words; the function goes on without MSI-X, as there.
+                eprintln!("warning: unable to init msix vectors to {n}");
+                Some(0)
+            }
+            n => n.map(|n| n as u16),
+        };
         let function = Arc::new(Mutex::new(VirtioPciDevice::new(
             name,
             cfg.id.clone(),
@@ -397,6 +405,7 @@ impl DeviceManager {
             self.accel.clone(),
             self.memory.clone(),
             class,
+            vectors,
         )?));
         if let Some(notifier) = notifier {
             let weak = Arc::downgrade(&function);

@@ -29,8 +29,8 @@ const CLASS_ETHERNET: (u8, u8) = (0x02, 0x00);
 /// Default MACs are 52:54:00:12:34:XX from this last byte up, as in QEMU.
 const MAC_PREFIX: [u8; 5] = [0x52, 0x54, 0x00, 0x12, 0x34];
 const FIRST_MAC: u8 = 0x56;
-/// Queue size of the data queues.
-const QUEUE_SIZE: u16 = 256;
+/// The largest data queue a netdev's process takes (a card's are smaller or the same).
+const QUEUE_SIZE: u16 = crate::virtio::net::MAX_QUEUE_SIZE;
 /// Emitted when a user netdev's process restarted: its connections and NAT state are gone.
 pub const EVENT_NETDEV_STATE_LOST: &str = "__org.vmm_NETDEV_STATE_LOST";
 
@@ -520,6 +520,38 @@ impl DeviceManager {
         Ok(Value::Array(list))
     }
 
+    /// `__org.vmm_query-netdev-stats`: each netdev's counters, as its process keeps them
+    /// (since it started; a netdev served by a backend we did not start has none).
+    pub fn netdev_stats(&self) -> Vec<Value> {
+        let mut list = Vec::new();
+        for netdev in &self.network.netdevs {
+            let NetdevBackend::Process(process) = &netdev.backend else {
+                continue;
+            };
+            let process = lock(process);
+            if !process.supervision.running() {
+                continue;
+            }
+            match process.call(NetRequest::Query) {
+                Ok(NetReply::Info(info)) => list.push(json!({
+                    "id": netdev.id,
+                    "rx-frames": info.rx_frames,
+                    "rx-bytes": info.rx_bytes,
+                    "rx-dropped": info.rx_dropped,
+                    "tx-frames": info.tx_frames,
+                    "tx-bytes": info.tx_bytes,
+                    "tx-dropped": info.tx_dropped,
+                })),
+                Ok(other) => tracing::warn!(
+                    "{}",
+                    process::unexpected(&process.supervision.name, "Query", &other)
+                ),
+                Err(e) => tracing::warn!("{e}"),
+            }
+        }
+        list
+    }
+
     /// HMP `info network`: every net client in creation order, a netdev under its card.
     pub fn info_network(&self) -> String {
         enum Client<'a> {
@@ -587,6 +619,8 @@ impl DeviceManager {
             Some("on" | "true") => true,
             Some(other) => return Err(bad("mq", other)),
         };
+        let rx_size = queue_size(cfg, "rx_queue_size", ".")?;
+        let tx_size = queue_size(cfg, "tx_queue_size", "")?;
         let netdev_id = cfg.properties.get("netdev").cloned();
         let (vhost, pairs, process) = match &netdev_id {
             None => (None, 1, None),
@@ -652,6 +686,7 @@ impl DeviceManager {
         };
         let link_up = process.as_ref().is_none_or(|p| lock(p).link_up);
         let mut net = VirtioNet::new(&name, vhost, mac, pairs, mq, sink, self.memory.clone());
+        net.set_queue_sizes(rx_size, tx_size);
         net.set_link(link_up);
         let (slot, function) = self.plug_virtio(cfg, &name, Box::new(net), CLASS_ETHERNET, None)?;
         if let Some(p) = &process {
@@ -724,6 +759,22 @@ impl DeviceManager {
         }
         self.network.nics.clear();
     }
+}
+
+/// A card's `rx_queue_size` or `tx_queue_size` (QEMU's limits and words; `end` is the
+/// full stop that only one of them has).
+fn queue_size(cfg: &DeviceConfig, key: &str, end: &str) -> Result<u16, DeviceError> {
+    use crate::virtio::net::{DEFAULT_QUEUE_SIZE, MAX_QUEUE_SIZE};
+    let Some(size) = cfg.number::<u16>(key)? else {
+        return Ok(DEFAULT_QUEUE_SIZE);
+    };
+    if !size.is_power_of_two() || !(DEFAULT_QUEUE_SIZE..=MAX_QUEUE_SIZE).contains(&size) {
+        return Err(DeviceError::Net(format!(
+            "Invalid {key} (= {size}), must be a power of 2 between \
+             {DEFAULT_QUEUE_SIZE} and {MAX_QUEUE_SIZE}{end}"
+        )));
+    }
+    Ok(size)
 }
 
 fn net_error(e: netdev::NetdevError) -> DeviceError {

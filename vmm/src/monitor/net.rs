@@ -23,7 +23,15 @@ pub const COMMANDS: &[Command] = &[
             vec![ParamSpec::optional("name", ArgType::String)],
         )
     }),
+    Command::machine(QUERY_NETDEV_STATS, |ctx| {
+        Ok(Value::Array(ctx.machine.devices().netdev_stats()))
+    })
+    .with_spec(|| CommandSpec::no_args(QUERY_NETDEV_STATS)),
 ];
+
+/// Each netdev's frame and byte counts, and the frames dropped (no guest buffers, too
+/// large for them, filtered, link down, host side full).
+pub const QUERY_NETDEV_STATS: &str = "__org.vmm_query-netdev-stats";
 
 /// The getfd names a netdev_add refers to: a tap's `fd=` or `fds=`, a socket's `fd=`, a
 /// stream's or dgram's address of type fd. None when `fd=` comes with options it excludes

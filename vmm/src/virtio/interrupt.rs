@@ -43,10 +43,10 @@ pub struct VirtioInterrupt {
 }
 
 impl VirtioInterrupt {
-    pub fn new(num_queues: usize, accel: Arc<dyn Accelerator>) -> Self {
+    /// `vectors`: the MSI-X table's size (0: no MSI-X).
+    pub fn new(num_queues: usize, vectors: u16, accel: Arc<dyn Accelerator>) -> Self {
         VirtioInterrupt {
-            // One vector per queue plus the configuration vector.
-            msix: MsixTable::new(num_queues as u16 + 1),
+            msix: MsixTable::new(vectors),
             queue_vectors: vec![VIRTIO_MSI_NO_VECTOR; num_queues],
             config_vector: VIRTIO_MSI_NO_VECTOR,
             isr: 0,
@@ -219,7 +219,7 @@ mod tests {
     #[test]
     fn intx_follows_isr_until_read() {
         let chip = Arc::new(RecordingIrqChip::default());
-        let mut irq = VirtioInterrupt::new(2, accel());
+        let mut irq = VirtioInterrupt::new(2, 3, accel());
         irq.set_intx(IrqLine::new(chip.clone(), 20));
         irq.signal_queue(1);
         irq.signal_config();
@@ -231,7 +231,7 @@ mod tests {
     #[test]
     fn msix_vectors_and_relay() {
         let accel = accel();
-        let irq = Arc::new(Mutex::new(VirtioInterrupt::new(2, accel.clone())));
+        let irq = Arc::new(Mutex::new(VirtioInterrupt::new(2, 3, accel.clone())));
         {
             let mut i = lock(&irq);
             i.msix.write_table(16, &0xfee0_0000u32.to_le_bytes());

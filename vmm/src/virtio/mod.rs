@@ -55,6 +55,10 @@ pub trait VirtioBackend: Send {
     /// Queues the device offers, and the largest size of each.
     fn num_queues(&self) -> usize;
     fn queue_max_size(&self) -> u16;
+    /// The largest size of queue `queue`, where queues differ.
+    fn queue_size(&self, _queue: usize) -> u16 {
+        self.queue_max_size()
+    }
     /// Device feature bits, as offered to the driver (transport bits included).
     fn features(&self) -> u64;
     /// Device configuration space accesses.

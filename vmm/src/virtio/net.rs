@@ -139,7 +139,13 @@ pub struct VirtioNet {
     memory: GuestMemoryMmap,
     ctrl: Option<CtrlQueue>,
     features: u64,
+    /// The sizes of the RX and TX queues (`rx_queue_size`, `tx_queue_size`).
+    queue_sizes: (u16, u16),
 }
+
+/// Data queue sizes: by default (QEMU's), and the largest they may have.
+pub const DEFAULT_QUEUE_SIZE: u16 = 256;
+pub const MAX_QUEUE_SIZE: u16 = 1024;
 
 impl VirtioNet {
     /// A NIC with address `mac` and `max_pairs` queue pairs (`mq`: the guest may use more
@@ -171,7 +177,13 @@ impl VirtioNet {
             memory,
             ctrl: None,
             features: 0,
+            queue_sizes: (DEFAULT_QUEUE_SIZE, DEFAULT_QUEUE_SIZE),
         }
+    }
+
+    /// The sizes of the RX and TX queues, each a power of two up to [`MAX_QUEUE_SIZE`].
+    pub fn set_queue_sizes(&mut self, rx: u16, tx: u16) {
+        self.queue_sizes = (rx, tx);
     }
 
     fn data_queues(&self) -> usize {
@@ -527,7 +539,17 @@ impl VirtioBackend for VirtioNet {
     }
 
     fn queue_max_size(&self) -> u16 {
-        self.vhost.as_ref().map_or(256, |v| v.queue_max_size())
+        self.queue_sizes.0.max(self.queue_sizes.1)
+    }
+
+    fn queue_size(&self, queue: usize) -> u16 {
+        if queue == self.data_queues() {
+            CTRL_QUEUE_SIZE
+        } else if queue.is_multiple_of(2) {
+            self.queue_sizes.0
+        } else {
+            self.queue_sizes.1
+        }
     }
 
     fn features(&self) -> u64 {

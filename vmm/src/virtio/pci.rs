@@ -37,6 +37,8 @@ const NOTIFY_OFFSET: u64 = 0x3000;
 const NOTIFY_MULTIPLIER: u32 = 4;
 const MSIX_TABLE_OFFSET: u64 = 0x4000;
 const MSIX_PBA_OFFSET: u64 = 0x6000;
+/// As many table entries (16 bytes each) as fit below the PBA.
+pub const MAX_MSIX_VECTORS: u16 = ((MSIX_PBA_OFFSET - MSIX_TABLE_OFFSET) / 16) as u16;
 
 /// Capability ids and virtio capability types.
 const PCI_CAP_ID_VENDOR: u8 = 0x09;
@@ -98,7 +100,8 @@ pub struct VirtioPciDevice {
     name: String,
     id: Option<String>,
     config: PciConfiguration,
-    msix_cap_offset: usize,
+    /// None: no MSI-X (`vectors=0`), interrupts are INTx.
+    msix_cap_offset: Option<usize>,
     backend: Box<dyn VirtioBackend>,
     accel: Arc<dyn Accelerator>,
     memory: GuestMemoryMmap,
@@ -118,7 +121,8 @@ pub struct VirtioPciDevice {
     /// Where BAR 4 is decoded, while it is (the kicks are registered there).
     bar_address: Option<u64>,
     queues: Vec<QueueState>,
-    queue_max_size: u16,
+    /// Per queue: the largest size the driver may give it.
+    queue_max_sizes: Vec<u16>,
     status: u8,
     device_feature_select: u32,
     driver_feature_select: u32,
@@ -129,6 +133,8 @@ pub struct VirtioPciDevice {
 
 impl VirtioPciDevice {
     /// A function for `backend`; `name` is for logs, `id` the user's device id.
+    /// `msix_vectors`: the MSI-X table's size (`vectors=`; 0 for none, at most
+    /// [`MAX_MSIX_VECTORS`]), by default one per queue and one for configuration changes.
     pub fn new(
         name: &str,
         id: Option<String>,
@@ -136,6 +142,7 @@ impl VirtioPciDevice {
         accel: Arc<dyn Accelerator>,
         memory: GuestMemoryMmap,
         class: (u8, u8),
+        msix_vectors: Option<u16>,
     ) -> Result<Self, VirtioPciError> {
         let device_type = backend.device_type();
         let num_queues = backend.num_queues();
@@ -158,17 +165,24 @@ impl VirtioPciDevice {
             size: BAR_SIZE,
             prefetchable: false,
         })?;
-        let backend_max = backend.queue_max_size();
-        let interrupt = VirtioInterrupt::new(num_queues, accel.clone());
-        let vectors = interrupt.msix.num_vectors();
-        // MSI-X first, as QEMU lists it: the virtio capabilities follow.
-        let mut msix = vec![PCI_CAP_ID_MSIX, 0];
-        msix.extend_from_slice(&(vectors - 1).to_le_bytes());
-        msix.extend_from_slice(&(MSIX_TABLE_OFFSET as u32 | BAR_INDEX as u32).to_le_bytes());
-        msix.extend_from_slice(&(MSIX_PBA_OFFSET as u32 | BAR_INDEX as u32).to_le_bytes());
-        let mut msix_mask = vec![0u8; msix.len()];
-        msix_mask[3] = ((MSIX_ENABLE | MSIX_FUNCTION_MASK) >> 8) as u8;
-        let msix_cap_offset = config.add_capability_with_mask(&msix, &msix_mask)?;
+        let queue_max_sizes: Vec<u16> = (0..num_queues).map(|q| backend.queue_size(q)).collect();
+        // One vector per queue plus the configuration vector unless told otherwise.
+        let vectors = msix_vectors
+            .unwrap_or(num_queues as u16 + 1)
+            .min(MAX_MSIX_VECTORS);
+        let interrupt = VirtioInterrupt::new(num_queues, vectors, accel.clone());
+        let msix_cap_offset = if vectors == 0 {
+            None
+        } else {
+            // MSI-X first, as QEMU lists it: the virtio capabilities follow.
+            let mut msix = vec![PCI_CAP_ID_MSIX, 0];
+            msix.extend_from_slice(&(vectors - 1).to_le_bytes());
+            msix.extend_from_slice(&(MSIX_TABLE_OFFSET as u32 | BAR_INDEX as u32).to_le_bytes());
+            msix.extend_from_slice(&(MSIX_PBA_OFFSET as u32 | BAR_INDEX as u32).to_le_bytes());
+            let mut msix_mask = vec![0u8; msix.len()];
+            msix_mask[3] = ((MSIX_ENABLE | MSIX_FUNCTION_MASK) >> 8) as u8;
+            Some(config.add_capability_with_mask(&msix, &msix_mask)?)
+        };
         for (cfg_type, offset, length) in [
             (VIRTIO_PCI_CAP_COMMON_CFG, COMMON_OFFSET, COMMON_SIZE),
             (VIRTIO_PCI_CAP_ISR_CFG, ISR_OFFSET, ISR_SIZE),
@@ -195,7 +209,6 @@ impl VirtioPciDevice {
             id,
             config,
             msix_cap_offset,
-            queue_max_size: backend.queue_max_size(),
             backend,
             accel,
             memory,
@@ -206,7 +219,11 @@ impl VirtioPciDevice {
             kicks,
             calls,
             bar_address: None,
-            queues: vec![QueueState::new(backend_max); num_queues],
+            queues: queue_max_sizes
+                .iter()
+                .map(|&m| QueueState::new(m))
+                .collect(),
+            queue_max_sizes,
             status: 0,
             device_feature_select: 0,
             driver_feature_select: 0,
@@ -252,8 +269,8 @@ impl VirtioPciDevice {
         for fd in self.kicks.iter().chain(&self.calls) {
             let _ = fd.read();
         }
-        for q in &mut self.queues {
-            *q = QueueState::new(self.queue_max_size);
+        for (q, &max) in self.queues.iter_mut().zip(&self.queue_max_sizes) {
+            *q = QueueState::new(max);
         }
         lock(&self.interrupt).reset();
         self.status = 0;
@@ -496,7 +513,11 @@ impl VirtioPciDevice {
             (0x14, 1) => self.set_status(value as u8),
             (0x16, 2) => self.queue_select = value as u16,
             (0x18, 2) if !live => {
-                let max = self.queue_max_size;
+                let max = self
+                    .queue_max_sizes
+                    .get(usize::from(self.queue_select))
+                    .copied()
+                    .unwrap_or(0);
                 if let Some(q) = self.selected_queue() {
                     let size = value as u16;
                     // Split queues need a power of two no larger than the device's.
@@ -575,8 +596,11 @@ impl VirtioPciDevice {
     }
 
     fn msix_control(&self) -> u16 {
+        let Some(offset) = self.msix_cap_offset else {
+            return 0;
+        };
         let mut b = [0u8; 2];
-        let _ = self.config.read_bytes(self.msix_cap_offset + 2, &mut b);
+        let _ = self.config.read_bytes(offset + 2, &mut b);
         u16::from_le_bytes(b)
     }
 }
@@ -792,6 +816,13 @@ mod tests {
     }
 
     fn device_with(accel: RecordingAccel) -> (VirtioPciDevice, FakeBackend, Arc<RecordingAccel>) {
+        device_vectors(accel, None)
+    }
+
+    fn device_vectors(
+        accel: RecordingAccel,
+        vectors: Option<u16>,
+    ) -> (VirtioPciDevice, FakeBackend, Arc<RecordingAccel>) {
         let backend = FakeBackend::default();
         let shared = FakeBackend {
             activations: backend.activations.clone(),
@@ -805,9 +836,22 @@ mod tests {
             accel.clone(),
             memory(),
             (1, 0),
+            vectors,
         )
         .unwrap();
         (dev, shared, accel)
+    }
+
+    #[test]
+    fn vectors_sets_the_msix_table_size_or_leaves_msix_out() {
+        let (dev, _, _) = device_vectors(RecordingAccel::default(), Some(7));
+        assert_eq!(dev.msix_control() & 0x7ff, 6);
+        let (dev, _, _) = device_vectors(RecordingAccel::default(), Some(0));
+        let ids: Vec<u8> = dev.config.capabilities().iter().map(|c| c.0).collect();
+        assert_eq!(ids, vec![9, 9, 9, 9], "no MSI-X capability");
+        assert_eq!(dev.msix_control(), 0);
+        let (dev, _, _) = device_vectors(RecordingAccel::default(), Some(u16::MAX));
+        assert_eq!(dev.msix_control() & 0x7ff, MAX_MSIX_VECTORS - 1);
     }
 
     #[test]
@@ -921,7 +965,7 @@ mod tests {
     /// Start queue 0 with MSI-X vector 1 programmed to `data`, unmasked.
     fn start_with_msix(dev: &mut VirtioPciDevice, data: u32) {
         // Message control: enable MSI-X.
-        let ctl = dev.msix_cap_offset;
+        let ctl = dev.msix_cap_offset.unwrap();
         dev.write_config_register(ctl / 4, 2, &MSIX_ENABLE.to_le_bytes());
         let entry = MSIX_TABLE_OFFSET + 16;
         write(dev, entry, 4, 0xfee0_0000);
