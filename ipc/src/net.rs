@@ -100,9 +100,10 @@ pub struct NetInfo {
     pub rx_bytes: u64,
     pub tx_frames: u64,
     pub tx_bytes: u64,
-    /// Frames dropped: too large for the guest's buffers, no buffers, link down,
-    /// filtered, or the host side full.
+    /// Frames dropped: too large for the guest's buffers, refused by its RX filter, or
+    /// while the link is down.
     pub rx_dropped: u64,
+    /// Frames dropped: link down, the host side refused them, or malformed chains.
     pub tx_dropped: u64,
 }
 

@@ -29,8 +29,9 @@ pub const COMMANDS: &[Command] = &[
     .with_spec(|| CommandSpec::no_args(QUERY_NETDEV_STATS)),
 ];
 
-/// Each netdev's frame and byte counts, and the frames dropped (no guest buffers, too
-/// large for them, filtered, link down, host side full).
+/// Each netdev's frame and byte counts, and the frames vmm-net dropped (too large for the
+/// guest's buffers, refused by its RX filter, link down, malformed chains). Frames a tap
+/// drops while the guest posts no buffers are the host's to count (`ip -s link`).
 pub const QUERY_NETDEV_STATS: &str = "__org.vmm_query-netdev-stats";
 
 /// The getfd names a netdev_add refers to: a tap's `fd=` or `fds=`, a socket's `fd=`, a
@@ -214,13 +215,5 @@ mod tests {
             fd_names(&args(json!({"addr": {"type": "fd", "str": "s"}}))),
             vec!["s"]
         );
-    }
-
-    #[test]
-    fn an_fd_that_is_not_open_is_refused() {
-        let e = InheritedFds.take("1000000").err().unwrap().to_string();
-        assert_eq!(e, "Can't use file descriptor 1000000: Bad file descriptor");
-        let e = InheritedFds.take("x").err().unwrap().to_string();
-        assert_eq!(e, "Invalid file descriptor number 'x'");
     }
 }

@@ -404,6 +404,14 @@ pub fn prepare(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_fd_that_is_not_open_is_refused() {
+        let e = InheritedFds.take("1000000").err().unwrap().to_string();
+        assert_eq!(e, "Can't use file descriptor 1000000: Bad file descriptor");
+        let e = InheritedFds.take("x").err().unwrap().to_string();
+        assert_eq!(e, "Invalid file descriptor number 'x'");
+    }
     use serde_json::json;
 
     fn qmp(v: Value) -> Result<NetdevOptions, String> {
