@@ -709,7 +709,7 @@ fn arp_the_gateway(qt: &mut Qtest, net: &mut NetDevice, alloc: &mut GuestAlloc, 
 }
 
 #[test]
-fn queue_sizes_are_the_cards() {
+fn a_card_on_the_user_network_sizes_rollback_and_restart() {
     let dir = TempDir::new("harness-net-sizes");
     let sock = dir.join("qmp.sock");
     let qmp_arg = format!("unix:{},server=on,wait=off", sock.display());
@@ -738,18 +738,44 @@ fn queue_sizes_are_the_cards() {
         );
         assert_eq!(reply["error"]["desc"], error, "{reply}");
     }
-    qmp.ok(
+    // A card that cannot have its slot (the host bridge's) rolls back after its vhost-user
+    // connection was made: the netdev stays free, its process serves the next card.
+    let reply = qmp.request(
         "device_add",
-        Some(
-            json!({"driver": "virtio-net-pci", "netdev": "u0", "id": "nic0",
-                    "rx_queue_size": 1024, "tx_queue_size": 512}),
-        ),
+        Some(json!({"driver": "virtio-net-pci", "netdev": "u0", "id": "nic0", "addr": "0"})),
     );
+    assert!(reply["error"]["desc"].as_str().is_some(), "{reply}");
+    let card = json!({"driver": "virtio-net-pci", "netdev": "u0", "id": "nic0",
+                      "rx_queue_size": 1024, "tx_queue_size": 512});
+    qmp.ok("device_add", Some(card));
+    let pci = qmp.ok("query-pci", None);
+    let card = pci[0]["devices"]
+        .as_array()
+        .and_then(|devices| devices.iter().find(|d| d["qdev_id"] == "nic0"))
+        .cloned()
+        .unwrap_or_else(|| panic!("no nic0 in {pci}"));
+    assert_eq!(card["class_info"]["class"], 0x0200, "{card}");
+    assert_eq!(card["id"]["vendor"], 0x1af4, "{card}");
+    assert_eq!(card["id"]["device"], 0x1041, "{card}");
     let mut alloc = GuestAlloc::for_ram(RAM);
     let mut net = NetDevice::init(&mut qt, RAM, &mut alloc, net::VIRTIO_NET_F_MAC)
         .unwrap_or_else(|e| panic!("{e}; vmm stderr:\n{}", qt.stderr()));
     assert_eq!(net.rx.layout.size, 1024);
     assert_eq!(net.tx.layout.size, 512);
     assert_eq!(net.ctrl.layout.size, 64);
+    arp_the_gateway(&mut qt, &mut net, &mut alloc, [10, 0, 2]);
+
+    // The user network's process killed: it restarts, says its state is lost, and the
+    // card goes on with the new one.
+    let procs = qmp.ok("__org.vmm_query-device-processes", None);
+    let pid = procs
+        .as_array()
+        .and_then(|rows| rows.iter().find(|p| p["program"] == "vmm-net"))
+        .and_then(|p| p["pid"].as_i64())
+        .unwrap_or_else(|| panic!("no vmm-net in {procs}"));
+    // SAFETY: kill(2) on the pid the vmm reported for its child.
+    assert_eq!(unsafe { libc::kill(pid as i32, libc::SIGKILL) }, 0);
+    let lost = qmp.wait_event("__org.vmm_NETDEV_STATE_LOST");
+    assert_eq!(lost["data"]["netdev"], "u0", "{lost}");
     arp_the_gateway(&mut qt, &mut net, &mut alloc, [10, 0, 2]);
 }
