@@ -3,6 +3,7 @@
 //! before serving, and the seccomp allowlists per process kind.
 
 pub mod blk;
+pub mod display;
 pub mod inherit;
 pub mod net;
 pub mod sandbox;

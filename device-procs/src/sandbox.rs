@@ -122,6 +122,18 @@ impl Profile {
         ..Profile::NET
     };
 
+    /// `vmm-display`: VNC clients on the listener and sockets it is given, the
+    /// framebuffer mapped read-only, screendumps written to files it is given.
+    pub const DISPLAY: Profile = Profile {
+        keep_network: false,
+        max_files: 1024,
+        // Two threads per client, the accept, control and refresh threads, spare.
+        max_processes: 512,
+        max_data: 4 * GIB,
+        max_address_space: 64 * GIB,
+        seccomp: Some(seccomp::Kind::Display),
+    };
+
     /// The same profile with seccomp allowlist `kind`.
     pub const fn with_seccomp(self, kind: seccomp::Kind) -> Profile {
         Profile {

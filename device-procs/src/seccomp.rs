@@ -31,6 +31,8 @@ pub enum Kind {
     NetUser,
     /// Standalone `vmm-net`: unix sockets for its relay, nothing else.
     NetRelay,
+    /// `vmm-display`: VNC on sockets it was given.
+    Display,
     /// The outer process of any sandbox (see [`install_outer`]).
     Outer,
 }
@@ -209,6 +211,7 @@ fn rules(kind: Kind) -> Built<Rules> {
         Kind::Net => net_rules(false),
         Kind::NetUser => net_rules(true),
         Kind::NetRelay => relay_rules(),
+        Kind::Display => display_rules(),
         Kind::Outer => outer_rules(0),
     }
 }
@@ -425,6 +428,30 @@ fn net_rules(sockets: bool) -> Built<Rules> {
             libc::SYS_ioctl,
             any_of(1, &[TUN_IOCTLS, &[libc::FIONREAD, libc::FIONBIO]].concat())?,
         );
+    }
+    Ok(rules)
+}
+
+/// What `vmm-display` does: [`net_rules`] without the tun ioctls, plus accepting
+/// clients, asking sockets about their peers and types, and socket timeouts. It makes no
+/// sockets and opens no files.
+fn display_rules() -> Built<Rules> {
+    let mut rules = net_rules(false)?;
+    rules.remove(&libc::SYS_ioctl);
+    for s in [
+        libc::SYS_accept,
+        libc::SYS_accept4,
+        libc::SYS_getpeername,
+        libc::SYS_getsockname,
+        libc::SYS_getsockopt,
+        libc::SYS_setsockopt,
+        libc::SYS_shutdown,
+        libc::SYS_sendto,
+        libc::SYS_fstat,
+        libc::SYS_newfstatat,
+        libc::SYS_getrandom,
+    ] {
+        rules.insert(s, vec![]);
     }
     Ok(rules)
 }

@@ -75,6 +75,8 @@ pub struct Cpu {
     resync: bool,
     /// The clock's pause count this vCPU has told its guest about.
     seen_resumes: u64,
+    /// The [`crate::ram::GuestRam::map_epoch`] this CPU's translations are from.
+    seen_map_epoch: u64,
     /// Guest RIP samples (one per batch) for finding where guest time goes.
     profile: Option<std::collections::HashMap<u64, u64>>,
     profile_samples: u64,
@@ -108,6 +110,7 @@ impl Cpu {
             irq_pending: false,
             resync: true,
             seen_resumes: 0,
+            seen_map_epoch: 0,
             profile: None,
             profile_samples: 0,
             compiled_runs: 0,
@@ -259,6 +262,12 @@ impl Cpu {
         loop {
             if stop.load(Ordering::Relaxed) {
                 return RunExit::Stopped;
+            }
+            let epoch = self.mmu.ram.map_epoch();
+            if epoch != self.seen_map_epoch {
+                // A device region (a framebuffer BAR) moved: translations to it are stale.
+                self.seen_map_epoch = epoch;
+                self.mmu.flush_all();
             }
             self.poll_events();
             if self.waiting_for_sipi {

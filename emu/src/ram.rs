@@ -12,8 +12,9 @@
 //! which keeps them atomic against each other but not against plain racing stores — the
 //! same guarantee real hardware gives only with a bus lock, and rare enough in practice.
 
-use std::sync::atomic::{AtomicU16, AtomicU32, AtomicU64, AtomicU8, Ordering};
-use std::sync::Mutex;
+use std::any::Any;
+use std::sync::atomic::{AtomicPtr, AtomicU16, AtomicU32, AtomicU64, AtomicU8, Ordering};
+use std::sync::{Arc, Mutex};
 
 /// Bytes per guest page.
 pub const PAGE_SIZE: u64 = 4096;
@@ -31,6 +32,26 @@ struct Region {
     gpa: u64,
     len: u64,
     host: *mut u8,
+    first_page: usize,
+}
+
+/// Device memory regions (memory BARs backed by host memory, such as a framebuffer) one
+/// [`GuestRam`] can hold besides RAM.
+pub const MAX_DEVICE_REGIONS: usize = 4;
+/// Largest device memory region: 256 MiB (bochs-display's largest VRAM).
+pub const MAX_DEVICE_REGION_SIZE: u64 = 256 << 20;
+const DEVICE_REGION_PAGES: usize = (MAX_DEVICE_REGION_SIZE / PAGE_SIZE) as usize;
+/// `DeviceRegion::gpa` of a region the guest does not see (its BAR is not decoded).
+const UNMAPPED: u64 = u64::MAX;
+
+/// Memory the guest sees where a device's BAR is decoded: it moves when the guest moves
+/// the BAR. Its pages have page indices of their own (after RAM's), so code tracking
+/// works there as in RAM.
+struct DeviceRegion {
+    gpa: AtomicU64,
+    /// 0: the slot is free.
+    len: AtomicU64,
+    host: AtomicPtr<u8>,
     first_page: usize,
 }
 
@@ -54,6 +75,20 @@ pub struct GuestRam {
     generations: Vec<AtomicU32>,
     /// Serializes locked accesses that are not naturally aligned.
     split_lock: Mutex<()>,
+    device_regions: [DeviceRegion; MAX_DEVICE_REGIONS],
+    /// What keeps the device regions' mappings alive.
+    device_mappings: Mutex<Vec<Arc<dyn Any + Send + Sync>>>,
+    /// Bumped when a device region moves: CPUs drop their translations.
+    map_epoch: AtomicU64,
+}
+
+/// Why a device memory region could not be added.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeviceRegionError {
+    /// All [`MAX_DEVICE_REGIONS`] are taken.
+    NoSlot,
+    /// Empty, not page-aligned, or larger than [`MAX_DEVICE_REGION_SIZE`].
+    BadSize(u64),
 }
 
 // SAFETY: the host pointers stay valid for the life of the GuestRam (the constructor's
@@ -83,12 +118,70 @@ impl GuestRam {
                 region
             })
             .collect();
+        let device_regions = std::array::from_fn(|i| DeviceRegion {
+            gpa: AtomicU64::new(UNMAPPED),
+            len: AtomicU64::new(0),
+            host: AtomicPtr::new(std::ptr::null_mut()),
+            first_page: pages + i * DEVICE_REGION_PAGES,
+        });
+        pages += MAX_DEVICE_REGIONS * DEVICE_REGION_PAGES;
         GuestRam {
             regions,
             code: (0..pages.div_ceil(64)).map(|_| AtomicU64::new(0)).collect(),
             generations: (0..pages).map(|_| AtomicU32::new(0)).collect(),
             split_lock: Mutex::new(()),
+            device_regions,
+            device_mappings: Mutex::new(Vec::new()),
+            map_epoch: AtomicU64::new(0),
         }
+    }
+
+    /// Add `len` bytes of host memory at `host` as a device region, not yet visible to
+    /// the guest ([`GuestRam::move_device_region`] places it). Returns its slot.
+    ///
+    /// # Safety
+    /// `host..host+len` must be a valid read/write mapping for as long as `keep_alive`
+    /// lives; the GuestRam keeps `keep_alive` until it is dropped.
+    pub unsafe fn add_device_region(
+        &self,
+        host: *mut u8,
+        len: u64,
+        keep_alive: Arc<dyn Any + Send + Sync>,
+    ) -> Result<usize, DeviceRegionError> {
+        if len == 0 || !len.is_multiple_of(PAGE_SIZE) || len > MAX_DEVICE_REGION_SIZE {
+            return Err(DeviceRegionError::BadSize(len));
+        }
+        let mut mappings = self
+            .device_mappings
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        let slot = self
+            .device_regions
+            .iter()
+            .position(|r| r.len.load(Ordering::Acquire) == 0)
+            .ok_or(DeviceRegionError::NoSlot)?;
+        let r = &self.device_regions[slot];
+        r.host.store(host, Ordering::Release);
+        r.len.store(len, Ordering::Release);
+        mappings.push(keep_alive);
+        Ok(slot)
+    }
+
+    /// Show device region `slot` to the guest at `gpa`, or hide it (`None`). Every CPU
+    /// drops its translations before its next batch of instructions
+    /// ([`GuestRam::map_epoch`]). The caller keeps regions from overlapping RAM or each
+    /// other (the PCI bus does, for BARs).
+    pub fn move_device_region(&self, slot: usize, gpa: Option<u64>) {
+        if let Some(r) = self.device_regions.get(slot) {
+            r.gpa.store(gpa.unwrap_or(UNMAPPED), Ordering::Release);
+            self.map_epoch.fetch_add(1, Ordering::AcqRel);
+        }
+    }
+
+    /// Changes whenever a device region moves.
+    #[inline]
+    pub fn map_epoch(&self) -> u64 {
+        self.map_epoch.load(Ordering::Acquire)
     }
 
     /// Total number of RAM pages (the range of global page indices).
@@ -108,6 +201,29 @@ impl GuestRam {
                     host: unsafe { r.host.add(off as usize) },
                     page: r.first_page + (off / PAGE_SIZE) as usize,
                     remaining: r.len - off,
+                });
+            }
+        }
+        self.locate_device(gpa)
+    }
+
+    #[cold]
+    fn locate_device(&self, gpa: u64) -> Option<RamLocation> {
+        for r in &self.device_regions {
+            let base = r.gpa.load(Ordering::Acquire);
+            if base == UNMAPPED {
+                continue;
+            }
+            let len = r.len.load(Ordering::Acquire);
+            let off = gpa.wrapping_sub(base);
+            if off < len {
+                let host = r.host.load(Ordering::Acquire);
+                return Some(RamLocation {
+                    // SAFETY: off < len, inside the region's mapping (add_device_region's
+                    // contract), which device_mappings keeps alive.
+                    host: unsafe { host.add(off as usize) },
+                    page: r.first_page + (off / PAGE_SIZE) as usize,
+                    remaining: len - off,
                 });
             }
         }
@@ -437,6 +553,32 @@ mod tests {
         assert_eq!(ram.read_u64(0x101, 4), Some(7));
         assert_eq!(ram.compare_exchange16(0x200, 0, 1 << 100), Some(0));
         assert_eq!(ram.compare_exchange16(0x200, 0, 1), Some(1 << 100));
+    }
+
+    #[test]
+    fn device_regions_appear_where_they_are_moved() {
+        let ram = test_util::ram(0x4000);
+        let buf = Arc::new(Mutex::new(vec![0u8; 0x2000]));
+        let host = buf.lock().unwrap().as_mut_ptr();
+        // SAFETY: the vector lives as long as `buf`, which the GuestRam keeps.
+        let slot = unsafe { ram.add_device_region(host, 0x2000, buf.clone()) }.unwrap();
+        assert_eq!(ram.read_u64(0x10_0000, 4), None, "not mapped yet");
+        let epoch = ram.map_epoch();
+        ram.move_device_region(slot, Some(0x10_0000));
+        assert_ne!(ram.map_epoch(), epoch);
+        assert!(ram.write_u64(0x10_1ffc, 4, 0x1234_5678));
+        assert_eq!(buf.lock().unwrap()[0x1ffc..], [0x78, 0x56, 0x34, 0x12]);
+        assert_eq!(ram.read_u64(0x10_2000, 4), None, "past its end");
+        let page = ram.locate(0x10_1000).unwrap().page;
+        assert!(page >= 4 && page < ram.page_count(), "pages of its own");
+        ram.move_device_region(slot, Some(0x20_0000));
+        assert_eq!(ram.read_u64(0x10_1ffc, 4), None);
+        assert_eq!(ram.read_u64(0x20_1ffc, 4), Some(0x1234_5678));
+        ram.move_device_region(slot, None);
+        assert_eq!(ram.read_u64(0x20_1ffc, 4), None);
+        // SAFETY: as above.
+        let bad = unsafe { ram.add_device_region(host, 0x1001, buf.clone()) };
+        assert_eq!(bad, Err(DeviceRegionError::BadSize(0x1001)));
     }
 
     #[test]

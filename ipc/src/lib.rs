@@ -6,6 +6,7 @@
 
 pub mod blk;
 pub mod channel;
+pub mod display;
 pub mod frame;
 pub mod net;
 pub mod scsi;

@@ -178,6 +178,13 @@ fn greeting_negotiation_run_control_and_queries() {
         "set_link",
         "query-rx-filter",
         "__org.vmm_query-netdev-stats",
+        "screendump",
+        "set_password",
+        "expire_password",
+        "change-vnc-password",
+        "add_client",
+        "query-vnc",
+        "query-spice",
     ];
     expected.sort_unstable();
     assert_eq!(names, expected);

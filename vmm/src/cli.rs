@@ -44,6 +44,8 @@ const WITH_VALUE: &[&str] = &[
     "uuid",
     "serial",
     "display",
+    "vnc",
+    "vga",
     "pidfile",
     "device",
     "drive",
@@ -159,14 +161,37 @@ where
             }
             "display" => {
                 let kind = v.split(',').next().unwrap_or("");
-                if kind != "none" {
+                if let Some(vnc) = kind.strip_prefix("vnc=") {
+                    let rest = v
+                        .split_once(',')
+                        .map_or(String::new(), |(_, r)| format!(",{r}"));
+                    cfg.vnc = crate::vnc::parse_vnc(&format!("{vnc}{rest}"))
+                        .map_err(|m| err(&opt, Some(v), m))?;
+                } else if kind != "none" {
                     return Err(err(
                         &opt,
                         Some(v),
-                        format!("display '{kind}' is not supported (only 'none')"),
+                        format!("display '{kind}' is not supported (only 'none' and 'vnc=')"),
                     ));
                 }
             }
+            "vnc" => cfg.vnc = crate::vnc::parse_vnc(v).map_err(|m| err(&opt, Some(v), m))?,
+            "vga" => match v {
+                // The standard VGA's display interface, without the VGA.
+                "std" => cfg.devices.push((
+                    format!("{opt} {v}"),
+                    crate::device_manager::parse_device("bochs-display")
+                        .map_err(|e| err(&opt, Some(v), e.to_string()))?,
+                )),
+                "none" => {}
+                _ => {
+                    return Err(err(
+                        &opt,
+                        Some(v),
+                        format!("VGA type '{v}' is not supported (only 'std' and 'none')"),
+                    ))
+                }
+            },
             "pidfile" => cfg.pidfile = Some(non_empty(&opt, v)?),
             "device" => {
                 let driver = v.split(',').next().unwrap_or("");
@@ -694,6 +719,10 @@ Devices:
   -serial DEV          stdio, file:PATH, unix:PATH,server=on,wait=off, pty, null, none
   -device isa-debug-exit[,iobase=N,iosize=N]
   -display none        no display
+  -vga std|none        std: a bochs-display
+  -vnc [HOST]:N|unix:PATH|none[,password=on]
+                       VNC server on TCP port 5900+N or a unix socket (vmm-display)
+  -display vnc=...     the same as -vnc ...
   -nographic           no display; COM1 on stdio
   -nodefaults          no default devices (no COM1)
 Diagnostics:

@@ -70,6 +70,8 @@ pub struct VmConfig {
     pub qtest: Option<crate::accel::qtest::QtestEndpoint>,
     /// `-add-fd fd=N,set=S`: descriptors management passed, by fd set.
     pub fd_sets: Vec<(i32, u32)>,
+    /// `-vnc`: the VNC server `vmm-display` runs.
+    pub vnc: Option<crate::vnc::VncOptions>,
 }
 
 impl Default for VmConfig {
@@ -100,6 +102,7 @@ impl Default for VmConfig {
             chardevs: Vec::new(),
             qtest: None,
             fd_sets: Vec::new(),
+            vnc: None,
         }
     }
 }

@@ -32,3 +32,4 @@ pub mod pci;
 pub mod runstate;
 pub mod supervisor;
 pub mod virtio;
+pub mod vnc;

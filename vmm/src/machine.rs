@@ -258,7 +258,7 @@ impl Machine {
                 source,
             })?;
         pio.insert(
-            Arc::new(Mutex::new(I8042CommandPort::new(i8042))),
+            Arc::new(Mutex::new(I8042CommandPort::new(i8042.clone()))),
             u64::from(layout::I8042_CMD_PORT),
             1,
         )
@@ -351,6 +351,8 @@ impl Machine {
             control.clone(),
         );
         devices.set_chardevs(config.chardevs.clone());
+        devices.set_keyboard(i8042);
+        devices.set_vnc(config.vnc.clone());
         for &(fd, set) in &config.fd_sets {
             crate::drive::add_fd(fd, set).map_err(|reason| MachineError::Device {
                 option: format!("-add-fd fd={fd},set={set}"),
@@ -381,6 +383,12 @@ impl Machine {
                     source,
                 })?;
         }
+        devices
+            .start_display()
+            .map_err(|source| MachineError::Device {
+                option: "-vnc".into(),
+                source,
+            })?;
 
         let acpi = AcpiConfig {
             num_cpus: config.cpus,

@@ -34,6 +34,8 @@ pub enum MemoryError {
     Seal(#[source] memfd::Error),
     #[error("failed to duplicate the guest memory fd: {0}")]
     DupFd(#[source] std::io::Error),
+    #[error("failed to map device memory: {0}")]
+    MapDevice(#[source] std::io::Error),
     #[error("failed to map guest memory: {0}")]
     Map(#[source] vm_memory::mmap::FromRangesError),
 }
@@ -180,6 +182,104 @@ impl MemoryManager {
         // Punching a hole releases the pages; reading them back gives zeroes.
         let fd = self.memfd.as_file().as_fd();
         nix_free_punch_hole(fd, self.ram_size)
+    }
+}
+
+/// Memory that a device shows the guest through a memory BAR (a framebuffer): a memfd of
+/// its own, mapped shared here, so that a device process can map the same pages.
+pub struct DeviceMemory {
+    memfd: memfd::Memfd,
+    ptr: *mut u8,
+    len: usize,
+}
+
+// SAFETY: the mapping is shared memory that every user accesses with plain racy loads and
+// stores (as the guest does); the pointer stays valid until Drop.
+unsafe impl Send for DeviceMemory {}
+// SAFETY: as above.
+unsafe impl Sync for DeviceMemory {}
+
+impl DeviceMemory {
+    /// `len` bytes (a multiple of 4 KiB), zeroed, in a memfd named `name`.
+    pub fn new(name: &str, len: usize) -> Result<Self, MemoryError> {
+        if len == 0 || !len.is_multiple_of(4096) {
+            return Err(MemoryError::Unaligned(len as u64));
+        }
+        let memfd = memfd::MemfdOptions::default()
+            .allow_sealing(true)
+            .create(name)
+            .map_err(MemoryError::CreateMemfd)?;
+        memfd
+            .as_file()
+            .set_len(len as u64)
+            .map_err(|source| MemoryError::SizeMemfd {
+                size: len as u64,
+                source,
+            })?;
+        memfd
+            .add_seals(&[memfd::FileSeal::SealShrink, memfd::FileSeal::SealGrow])
+            .map_err(MemoryError::Seal)?;
+        // SAFETY: a fresh shared mapping of a memfd we own, sized above; checked below.
+        let ptr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                std::os::fd::AsRawFd::as_raw_fd(memfd.as_file()),
+                0,
+            )
+        };
+        if ptr == libc::MAP_FAILED {
+            return Err(MemoryError::MapDevice(std::io::Error::last_os_error()));
+        }
+        Ok(DeviceMemory {
+            memfd,
+            ptr: ptr.cast(),
+            len,
+        })
+    }
+
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Host address of the first byte.
+    pub fn as_ptr(&self) -> *mut u8 {
+        self.ptr
+    }
+
+    /// The memfd, to share with a device process.
+    pub fn file(&self) -> &File {
+        self.memfd.as_file()
+    }
+
+    /// Copy out `buf.len()` bytes at `offset` (clipped to the end).
+    pub fn read(&self, offset: usize, buf: &mut [u8]) -> usize {
+        let n = buf.len().min(self.len.saturating_sub(offset));
+        // SAFETY: offset..offset+n is inside the mapping; the guest may write it at the
+        // same time, which only makes the copy's contents racy.
+        unsafe { std::ptr::copy_nonoverlapping(self.ptr.add(offset), buf.as_mut_ptr(), n) };
+        n
+    }
+
+    /// Copy `buf` in at `offset` (clipped to the end).
+    pub fn write(&self, offset: usize, buf: &[u8]) -> usize {
+        let n = buf.len().min(self.len.saturating_sub(offset));
+        // SAFETY: as in `read`.
+        unsafe { std::ptr::copy_nonoverlapping(buf.as_ptr(), self.ptr.add(offset), n) };
+        n
+    }
+}
+
+impl Drop for DeviceMemory {
+    fn drop(&mut self) {
+        // SAFETY: the mapping made in `new`, unmapped once.
+        unsafe { libc::munmap(self.ptr.cast(), self.len) };
     }
 }
 

@@ -29,7 +29,7 @@ use crate::arch::boot::{EntryState, Segment as BootSegment};
 use crate::arch::layout;
 use crate::devices::interrupt::{InterruptError, IrqChip};
 use crate::devices::{Bus, BusDevice};
-use crate::memory::MemoryManager;
+use crate::memory::{DeviceMemory, MemoryManager};
 use emu::router::ApicMessage;
 
 /// Most vCPUs the emu accelerator runs.
@@ -410,6 +410,19 @@ impl Accelerator for EmuAccel {
             pio.insert(Arc::new(Mutex::new(dev)), u64::from(base), len)
                 .map_err(err("place the PIC and PIT ports"))?;
         }
+        Ok(())
+    }
+
+    fn add_device_memory(&self, memory: Arc<DeviceMemory>) -> Result<u32, AccelError> {
+        let (host, len) = (memory.as_ptr(), memory.len() as u64);
+        // SAFETY: the mapping lives as long as `memory`, which the GuestRam keeps.
+        let slot = unsafe { self.ram.add_device_region(host, len, memory) }
+            .map_err(|e| AccelError::DeviceMemory(format!("{e:?}")))?;
+        Ok(slot as u32)
+    }
+
+    fn move_device_memory(&self, handle: u32, gpa: Option<u64>) -> Result<(), AccelError> {
+        self.ram.move_device_region(handle as usize, gpa);
         Ok(())
     }
 

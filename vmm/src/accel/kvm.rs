@@ -20,7 +20,7 @@ use super::{
 use crate::arch::boot::{EntryState, Segment};
 use crate::arch::layout;
 use crate::devices::interrupt::{InterruptError, IrqChip};
-use crate::memory::MemoryManager;
+use crate::memory::{DeviceMemory, MemoryManager};
 
 /// The TSS area KVM needs on Intel hosts: three pages in the 32-bit hole, below the BIOS.
 const KVM_TSS_ADDRESS: usize = 0xfffb_d000;
@@ -70,6 +70,10 @@ pub struct KvmAccel {
     msi_routes: MsiRoutes,
     /// Serialises table rebuilds.
     routing_lock: Mutex<()>,
+    /// Device memory (framebuffers) in memory slots after RAM's: the mapping, and where
+    /// the guest sees it.
+    device_memory: Mutex<Vec<(Arc<DeviceMemory>, Option<u64>)>>,
+    first_device_slot: u32,
 }
 
 impl KvmAccel {
@@ -158,6 +162,8 @@ impl KvmAccel {
             paused_clock: Mutex::new(None),
             msi_routes: MsiRoutes::default(),
             routing_lock: Mutex::new(()),
+            device_memory: Mutex::new(Vec::new()),
+            first_device_slot: mem.host_regions().len() as u32,
         })
     }
 
@@ -369,6 +375,46 @@ impl Accelerator for KvmAccel {
                 tracing::warn!("KVM_SET_CLOCK at resume: {e}; the guest clock will jump");
             }
         }
+    }
+
+    fn add_device_memory(&self, memory: Arc<DeviceMemory>) -> Result<u32, AccelError> {
+        let mut regions = self.device_memory.lock().unwrap_or_else(|e| e.into_inner());
+        regions.push((memory, None));
+        Ok(regions.len() as u32 - 1)
+    }
+
+    fn move_device_memory(&self, handle: u32, gpa: Option<u64>) -> Result<(), AccelError> {
+        let mut regions = self.device_memory.lock().unwrap_or_else(|e| e.into_inner());
+        let Some((memory, at)) = regions.get_mut(handle as usize) else {
+            return Err(AccelError::DeviceMemory(format!(
+                "no device memory {handle}"
+            )));
+        };
+        let slot = self.first_device_slot + handle;
+        if at.take().is_some() {
+            let region = kvm_userspace_memory_region {
+                slot,
+                ..Default::default()
+            };
+            // SAFETY: a size of 0 deletes the slot; no memory is handed to KVM.
+            unsafe { self.vm.set_user_memory_region(region) }
+                .map_err(AccelError::kvm("remove device memory"))?;
+        }
+        if let Some(gpa) = gpa {
+            let region = kvm_userspace_memory_region {
+                slot,
+                guest_phys_addr: gpa,
+                memory_size: memory.len() as u64,
+                userspace_addr: memory.as_ptr() as u64,
+                flags: 0,
+            };
+            // SAFETY: the mapping lives as long as `memory`, which this accelerator keeps
+            // for as long as the VM exists.
+            unsafe { self.vm.set_user_memory_region(region) }
+                .map_err(AccelError::kvm("map device memory"))?;
+            *at = Some(gpa);
+        }
+        Ok(())
     }
 
     fn reset(&self) -> Result<(), AccelError> {

@@ -8,6 +8,7 @@ use vmm_sys_util::eventfd::EventFd;
 
 use crate::arch::boot::EntryState;
 use crate::devices::IrqChip;
+use crate::memory::DeviceMemory;
 
 pub mod emu;
 pub mod eventfds;
@@ -58,6 +59,8 @@ pub enum AccelError {
     Qtest(String),
     #[error("{0} is not supported by this accelerator")]
     Unsupported(&'static str),
+    #[error("device memory: {0}")]
+    DeviceMemory(String),
 }
 
 impl AccelError {
@@ -188,6 +191,19 @@ pub trait Accelerator: Send + Sync {
     fn remove_msi_route(&self, gsi: u32) -> Result<(), AccelError> {
         let _ = gsi;
         Err(AccelError::Unsupported("MSI routes"))
+    }
+    /// Let the guest reach `memory` as RAM once [`Accelerator::move_device_memory`] places
+    /// it (a framebuffer BAR): its accesses then never leave the accelerator. Returns the
+    /// region's handle. `Unsupported` where the accelerator cannot, and the device then
+    /// serves the BAR's accesses itself.
+    fn add_device_memory(&self, memory: Arc<DeviceMemory>) -> Result<u32, AccelError> {
+        let _ = memory;
+        Err(AccelError::Unsupported("device memory"))
+    }
+    /// Show device memory `handle` to the guest at `gpa`, or hide it (`None`).
+    fn move_device_memory(&self, handle: u32, gpa: Option<u64>) -> Result<(), AccelError> {
+        let _ = (handle, gpa);
+        Err(AccelError::Unsupported("device memory"))
     }
     /// Reset VM-wide state (irqchip, PIT) to power-on values.
     fn reset(&self) -> Result<(), AccelError>;

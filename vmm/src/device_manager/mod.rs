@@ -26,6 +26,7 @@ use crate::virtio::VirtioBackend;
 
 mod block;
 mod config;
+mod display;
 mod net;
 mod process;
 mod scsi;
@@ -34,6 +35,7 @@ mod watcher;
 use block::SharedBlock;
 pub use block::{BlockInfo, ImageInfo, IoStatus, RemovableState};
 pub use config::{device_config_from_qmp, parse_device, DeviceConfig};
+pub use display::parse_expiry;
 pub use net::{parse_mac, EVENT_NETDEV_STATE_LOST};
 use process::SharedSupervised;
 pub use process::{
@@ -113,6 +115,9 @@ pub enum DeviceError {
     Medium(String),
     #[error("{0}")]
     NoBus(String),
+    /// The display and VNC, in QEMU's words.
+    #[error("{0}")]
+    Display(String),
     #[error(transparent)]
     Drive(#[from] DriveError),
     #[error(transparent)]
@@ -184,6 +189,11 @@ pub const DRIVERS: &[Driver] = &[
         add: DeviceManager::add_virtio_net,
     },
     Driver {
+        name: "bochs-display",
+        properties: &["vgamem"],
+        add: DeviceManager::add_bochs_display,
+    },
+    Driver {
         name: "scsi-cd",
         properties: &["drive", "scsi-id", "lun", "channel", "serial", "bootindex"],
         add: DeviceManager::add_scsi_cd,
@@ -199,7 +209,23 @@ pub fn driver(name: &str) -> Option<&'static Driver> {
 struct PluggedFunction {
     driver: String,
     id: Option<String>,
-    function: Arc<Mutex<VirtioPciDevice>>,
+    function: PciFunction,
+}
+
+/// The kinds of function we plug.
+enum PciFunction {
+    Virtio(Arc<Mutex<VirtioPciDevice>>),
+    Display(Arc<Mutex<crate::devices::bochs_display::BochsDisplay>>),
+}
+
+impl PciFunction {
+    /// Back to the power-on state (a machine reset).
+    fn reset(&self) {
+        match self {
+            PciFunction::Virtio(f) => lock(f).system_reset(),
+            PciFunction::Display(d) => lock(d).reset(),
+        }
+    }
 }
 
 /// Owner of the configured drives and of every device with a process behind it.
@@ -220,6 +246,8 @@ pub struct DeviceManager {
     controllers: Vec<SharedController>,
     /// Netdevs and network cards.
     network: net::Network,
+    /// The display adapter, the VNC server and their process.
+    display: display::Display,
     /// Every device with a process, of whatever kind, for the watcher.
     supervised: Arc<Mutex<Vec<SharedSupervised>>>,
     events: Arc<Mutex<EventSender>>,
@@ -250,6 +278,7 @@ impl DeviceManager {
             blocks: Vec::new(),
             controllers: Vec::new(),
             network: net::Network::default(),
+            display: display::Display::default(),
             supervised: Arc::new(Mutex::new(Vec::new())),
             events: Arc::new(Mutex::new(EventSender::default())),
             watcher: None,
@@ -423,7 +452,7 @@ impl DeviceManager {
             PluggedFunction {
                 driver: cfg.driver.clone(),
                 id: cfg.id.clone(),
-                function: function.clone(),
+                function: PciFunction::Virtio(function.clone()),
             },
         );
         Ok((slot, function))
@@ -446,7 +475,7 @@ impl DeviceManager {
     /// device reset does.
     pub fn reset(&self) {
         for f in self.functions.values() {
-            lock(&f.function).system_reset();
+            f.function.reset();
         }
         for c in &self.controllers {
             let mut c = lock(c);

@@ -419,6 +419,30 @@ fn translate_to_set1(byte: u8) -> u8 {
     }
 }
 
+/// Set 1 to set 2: the inverse of [`SET2_TO_SET1`] (set 1 make codes 0x00..=0x7f).
+fn set1_to_set2(code: u8) -> u8 {
+    if code == 0x41 {
+        return 0x83;
+    }
+    SET2_TO_SET1
+        .iter()
+        .position(|&c| c == code)
+        .map_or(0, |i| i as u8)
+}
+
+/// Set 1 bytes of one key event (0xe0 prefixes, breaks with bit 7 set) in set 2.
+fn set1_bytes_to_set2(set1: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(set1.len() + 1);
+    for &b in set1 {
+        match b {
+            0xe0 | 0xe1 => out.push(b),
+            _ if b & 0x80 != 0 => out.extend_from_slice(&[0xf0, set1_to_set2(b & 0x7f)]),
+            _ => out.push(set1_to_set2(b)),
+        }
+    }
+    out
+}
+
 /// The 8042 controller. See the module documentation for placement.
 pub struct I8042 {
     control: MachineControl,
@@ -486,6 +510,16 @@ impl I8042 {
         }
         push_limited(&mut self.keyboard.queue, scancodes);
         self.refill();
+    }
+
+    /// Queue a key event given in set 1 bytes (what display clients send), in whatever
+    /// set the keyboard uses (set 3 is given set 2's codes, which agree for most keys).
+    pub fn key_event_set1(&mut self, set1: &[u8]) {
+        if self.keyboard.scancode_set == 1 {
+            self.key_event(set1);
+        } else {
+            self.key_event(&set1_bytes_to_set2(set1));
+        }
     }
 
     /// The scan code set the keyboard sends (1, 2 or 3) as the guest selected it.
@@ -754,6 +788,18 @@ impl BusDevice for I8042CommandPort {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn set1_keys_become_set2_and_back() {
+        // 'a' (0x1e), Up (e0 48), F7 (0x41), each pressed and released.
+        assert_eq!(set1_bytes_to_set2(&[0x1e]), [0x1c]);
+        assert_eq!(set1_bytes_to_set2(&[0x9e]), [0xf0, 0x1c]);
+        assert_eq!(set1_bytes_to_set2(&[0xe0, 0xc8]), [0xe0, 0xf0, 0x75]);
+        assert_eq!(set1_bytes_to_set2(&[0x41]), [0x83]);
+        for code in 1..0x59u8 {
+            assert_eq!(translate_to_set1(set1_to_set2(code)), code, "{code:#x}");
+        }
+    }
     use crate::devices::interrupt::test_util::RecordingIrqChip;
     use std::sync::mpsc::Receiver;
 

@@ -1,8 +1,10 @@
 //! Devices shared by both accelerators.
 
 pub mod acpi;
+pub mod bochs_display;
 pub mod bus;
 pub mod debug_exit;
+pub mod edid;
 pub mod i8042;
 pub mod interrupt;
 pub mod pci_hotplug;

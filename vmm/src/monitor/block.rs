@@ -201,6 +201,9 @@ fn change(ctx: &mut CommandContext<'_>) -> Result<Value, QmpError> {
     let device = ctx.str_arg("device").unwrap_or("");
     let target = ctx.str_arg("target").unwrap_or("");
     let format = ctx.str_arg("arg");
+    if device == "vnc" {
+        return super::display::change_vnc(ctx.machine, target, format).map(|()| json!({}));
+    }
     block_result(
         ctx.machine
             .devices()

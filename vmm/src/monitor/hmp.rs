@@ -52,10 +52,34 @@ const HELP: &[(&str, &str)] = &[
         "pmemsave",
         "pmemsave addr size file -- save to disk physical memory dump starting at 'addr' of size 'size'",
     ),
+    (
+        "expire_password",
+        "expire_password protocol time [-d display] -- set spice/vnc password expire-time",
+    ),
+    (
+        "mouse_button",
+        "mouse_button state -- change mouse button state (1=L, 2=M, 4=R)",
+    ),
+    (
+        "mouse_move",
+        "mouse_move dx dy [dz] -- send mouse move events",
+    ),
     ("quit", "quit|q  -- quit the emulator"),
+    (
+        "screendump",
+        "screendump filename [-f format] [device [head]] -- save screen from head 'head' of display device 'device'in specified format 'format' as image 'filename'.Currently only 'png' and 'ppm' formats are supported.",
+    ),
+    (
+        "sendkey",
+        "sendkey keys [hold_ms] -- send keys to the VM (e.g. 'sendkey ctrl-alt-f1', default hold time=100 ms)",
+    ),
     (
         "set_link",
         "set_link name on|off -- change the link status of a network adapter",
+    ),
+    (
+        "set_password",
+        "set_password protocol password [-d display] [action-if-connected] -- set spice/vnc password",
     ),
     ("stop", "stop|s  -- stop emulation"),
     ("system_powerdown", "system_powerdown  -- send system power down event"),
@@ -82,6 +106,7 @@ const INFO_HELP: &[(&str, &str)] = &[
     ),
     ("status", "info status  -- show the current VM status (running|paused)"),
     ("uuid", "info uuid  -- show the current VM UUID"),
+    ("vnc", "info vnc  -- show the vnc server status"),
     ("version", "info version  -- show the version of QEMU"),
 ];
 
@@ -138,6 +163,15 @@ fn execute(
         "netdev_add" => super::net::hmp_netdev_add(machine, &args),
         "netdev_del" => super::net::hmp_netdev_del(machine, &args),
         "set_link" => super::net::hmp_set_link(machine, &args),
+        "screendump" => super::display::hmp_screendump(machine, &args),
+        "change" if args.first() == Some(&"vnc") => {
+            super::display::hmp_change_vnc(machine, &args[1..])
+        }
+        "set_password" => super::display::hmp_set_password(machine, &args),
+        "expire_password" => super::display::hmp_expire_password(machine, &args),
+        "sendkey" => super::display::hmp_sendkey(machine, &args),
+        "mouse_move" => super::display::hmp_mouse_move(machine, &args),
+        "mouse_button" => super::display::hmp_mouse_button(machine, &args),
         // `drive_add ADDR OPTIONS`: a drive backend for device_add (QEMU 1.1's way; the
         // address is ignored for if=none, as QEMU does).
         "drive_add" => match args.as_slice() {
@@ -312,6 +346,7 @@ fn info(machine: &Machine, args: &[&str], current: usize) -> String {
             let state = if enabled { "enabled" } else { "disabled" };
             format!("kvm support: {state}\n")
         }
+        "vnc" => super::display::hmp_info_vnc(machine),
         "mice" => mice()
             .iter()
             .map(|m| {

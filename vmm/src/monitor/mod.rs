@@ -8,6 +8,7 @@
 pub mod block;
 pub mod command;
 pub mod devices;
+pub mod display;
 pub mod hmp;
 pub mod hmp_console;
 pub mod info;

@@ -1,0 +1,270 @@
+//! `vmm-display`: the display device process, sandboxed. It maps the guest's framebuffer
+//! (the display device's VRAM, a memfd of the vmm's) and the scanout page, serves VNC
+//! clients on the listening socket the vmm opened and on client sockets it hands in, and
+//! writes screendumps to files the vmm opened: it opens nothing itself.
+//!
+//! [`screen`] keeps a shadow copy of the screen and finds what changed; [`vnc`] is the
+//! RFB server; [`screendump`] writes images. Keys and pointer motion for the vmm's PS/2
+//! devices go back over the control channel.
+
+pub mod screen;
+pub mod screendump;
+pub mod vnc;
+
+use std::os::fd::OwnedFd;
+use std::os::unix::net::UnixStream;
+use std::sync::{Arc, RwLock, RwLockReadGuard};
+use std::time::{Duration, Instant};
+
+use ipc::display::{DisplayConfig, DisplayEvent, DisplayReply, DisplayRequest};
+use ipc::{DeviceKind, RemoteError};
+
+use crate::sandbox::Profile;
+use crate::supervised::{self as process, Sender, SupervisedError};
+use screen::{Framebuffer, Screen};
+use vnc::VncServer;
+
+/// The refresh looks at the screen this often while it changes, backs off by
+/// [`REFRESH_BACKOFF`] per idle look up to [`REFRESH_MAX`] (QEMU's pacing), and looks at
+/// once when a client asks for an update, though never twice within [`REFRESH_MIN`].
+const REFRESH_BASE: Duration = Duration::from_millis(30);
+const REFRESH_BACKOFF: Duration = Duration::from_millis(50);
+const REFRESH_MAX: Duration = Duration::from_millis(3000);
+const REFRESH_MIN: Duration = Duration::from_millis(10);
+
+#[derive(Debug, thiserror::Error)]
+pub enum DisplayError {
+    #[error(transparent)]
+    Process(#[from] SupervisedError),
+    #[error("{0}")]
+    Setup(String),
+    #[error("cannot start a thread: {0}")]
+    Thread(#[source] std::io::Error),
+}
+
+/// The guest's screen: the framebuffer, if there is a display device, and its shadow.
+pub struct Display {
+    framebuffer: Option<Framebuffer>,
+    screen: RwLock<Screen>,
+}
+
+impl Display {
+    pub fn new(framebuffer: Option<Framebuffer>) -> Self {
+        Display {
+            framebuffer,
+            screen: RwLock::new(Screen::new()),
+        }
+    }
+
+    /// Take in what changed on screen: the damage, the screen's generation and its tiles
+    /// per row.
+    pub fn refresh(&self) -> (screen::Damage, u64, u32) {
+        let mut screen = self.screen.write().unwrap_or_else(|e| e.into_inner());
+        let damage = screen.refresh(self.framebuffer.as_ref());
+        (damage, screen.generation, screen.tiles_x())
+    }
+
+    pub fn screen(&self) -> RwLockReadGuard<'_, Screen> {
+        self.screen.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The generation, width and height of the screen.
+    pub fn size(&self) -> (u64, u32, u32) {
+        let s = self.screen();
+        (s.generation, s.width, s.height)
+    }
+}
+
+type DisplaySender = Sender<DisplayRequest, DisplayReply, DisplayEvent>;
+
+/// The program.
+pub fn main() -> i32 {
+    process::init_logging();
+    process::exit_status("vmm-display", run())
+}
+
+fn run() -> Result<(), DisplayError> {
+    let profile = Profile::DISPLAY;
+    let (mut channel, _vhost_listener) =
+        process::start::<DisplayRequest, DisplayReply, DisplayEvent>(DeviceKind::Display, profile)?;
+    let sender = process::Sender::new(&channel)?;
+    let events = sender.clone();
+    let (id, (display, vnc)) =
+        process::wait_for_setup(&mut channel, |request, fds| match request {
+            DisplayRequest::Attach(config) => {
+                attach(&config, fds, &events).map_err(|e| RemoteError(e.to_string()))
+            }
+            _ => Err(RemoteError("the display is not set up yet".into())),
+        })?;
+    sender.reply(id, Ok(DisplayReply::Done));
+    let controlled = (display.clone(), vnc.clone());
+    let nothing: Arc<dyn Fn() + Send + Sync> = Arc::new(|| {});
+    process::spawn_control_loop(
+        channel,
+        sender,
+        move |request, fds| control_request(&controlled.0, controlled.1.as_ref(), request, fds),
+        nothing.clone(),
+    )?;
+    process::spawn_signal_thread(nothing)?;
+    refresh_loop(&display, vnc.as_deref());
+    Ok(())
+}
+
+/// Map the framebuffer and start the VNC server of `config` on `fds` (framebuffer,
+/// scanout page, then the listener).
+fn attach(
+    config: &DisplayConfig,
+    fds: Vec<OwnedFd>,
+    events: &DisplaySender,
+) -> Result<(Arc<Display>, Option<Arc<VncServer>>), DisplayError> {
+    let mut fds = fds.into_iter();
+    let framebuffer = if config.vram_size > 0 {
+        let (Some(vram), Some(page)) = (fds.next(), fds.next()) else {
+            return Err(DisplayError::Setup(
+                "the framebuffer fds are missing".into(),
+            ));
+        };
+        Some(
+            Framebuffer::map(&vram, config.vram_size, &page)
+                .map_err(|e| DisplayError::Setup(format!("cannot map the framebuffer: {e}")))?,
+        )
+    } else {
+        None
+    };
+    let display = Arc::new(Display::new(framebuffer));
+    let vnc = match &config.vnc {
+        Some(vnc_config) => {
+            let listener = fds
+                .next()
+                .ok_or_else(|| DisplayError::Setup("the VNC listener is missing".into()))?;
+            let sink = events.clone();
+            let server = VncServer::new(
+                display.clone(),
+                vnc_config,
+                Arc::new(move |event| sink.event(event, &[])),
+            );
+            server.listen(listener).map_err(DisplayError::Thread)?;
+            Some(server)
+        }
+        None => None,
+    };
+    Ok((display, vnc))
+}
+
+fn control_request(
+    display: &Display,
+    vnc: Option<&Arc<VncServer>>,
+    request: DisplayRequest,
+    fds: Vec<OwnedFd>,
+) -> Result<DisplayReply, RemoteError> {
+    let no_vnc = || RemoteError("VNC is not in use".into());
+    match request {
+        DisplayRequest::Attach(_) => Err(RemoteError("the display is set up already".into())),
+        DisplayRequest::SetPassword {
+            password,
+            disconnect,
+        } => {
+            let vnc = vnc.ok_or_else(no_vnc)?;
+            vnc.set_password(password);
+            if disconnect {
+                vnc.disconnect_all();
+            }
+            Ok(DisplayReply::Done)
+        }
+        DisplayRequest::ExpirePassword(expiry) => {
+            vnc.ok_or_else(no_vnc)?.expire_password(expiry);
+            Ok(DisplayReply::Done)
+        }
+        DisplayRequest::AddClient { skipauth } => {
+            let vnc = vnc.ok_or_else(no_vnc)?;
+            let fd = one_fd(fds)?;
+            if !is_stream_socket(&fd) {
+                return Err(RemoteError(
+                    "the file descriptor is not a stream socket".into(),
+                ));
+            }
+            vnc.add_client(UnixStream::from(fd), skipauth);
+            Ok(DisplayReply::Done)
+        }
+        DisplayRequest::Screendump(format) => {
+            let file = std::fs::File::from(one_fd(fds)?);
+            display.refresh();
+            screendump::write(&display.screen(), format, file)
+                .map_err(|e| RemoteError(e.to_string()))?;
+            Ok(DisplayReply::Done)
+        }
+        DisplayRequest::QueryVnc => Ok(DisplayReply::Vnc {
+            clients: vnc.map(|v| v.clients()).unwrap_or_default(),
+        }),
+    }
+}
+
+fn one_fd(fds: Vec<OwnedFd>) -> Result<OwnedFd, RemoteError> {
+    <[OwnedFd; 1]>::try_from(fds)
+        .map(|[fd]| fd)
+        .map_err(|fds| RemoteError(format!("expected one fd, got {}", fds.len())))
+}
+
+fn is_stream_socket(fd: &OwnedFd) -> bool {
+    use std::os::fd::AsRawFd;
+    let mut kind: libc::c_int = 0;
+    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: getsockopt writes at most `len` bytes into `kind`.
+    let r = unsafe {
+        libc::getsockopt(
+            fd.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_TYPE,
+            (&mut kind as *mut libc::c_int).cast(),
+            &mut len,
+        )
+    };
+    r == 0 && kind == libc::SOCK_STREAM
+}
+
+/// Look at the screen while clients watch it, and hand them what changed.
+fn refresh_loop(display: &Display, vnc: Option<&VncServer>) {
+    let Some(vnc) = vnc else {
+        // Nobody watches; screendumps refresh for themselves.
+        loop {
+            std::thread::park();
+        }
+    };
+    let mut interval = REFRESH_BASE;
+    let mut last = Instant::now();
+    loop {
+        let (flag, cond) = &*vnc.activity;
+        {
+            let mut woken = vnc::lock(flag);
+            let deadline = if vnc.has_clients() {
+                interval
+            } else {
+                Duration::from_secs(1)
+            };
+            if !*woken {
+                woken = cond
+                    .wait_timeout(woken, deadline)
+                    .map(|(g, _)| g)
+                    .unwrap_or_else(|e| e.into_inner().0);
+            }
+            if std::mem::take(&mut *woken) {
+                interval = REFRESH_BASE;
+            }
+        }
+        if !vnc.has_clients() {
+            continue;
+        }
+        let since = last.elapsed();
+        if since < REFRESH_MIN {
+            std::thread::sleep(REFRESH_MIN - since);
+        }
+        last = Instant::now();
+        let (damage, generation, tiles_x) = display.refresh();
+        if damage.any() {
+            vnc.damage(&damage, generation, tiles_x);
+            interval = REFRESH_BASE;
+        } else {
+            interval = (interval + REFRESH_BACKOFF).min(REFRESH_MAX);
+        }
+    }
+}

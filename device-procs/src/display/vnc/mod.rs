@@ -1,0 +1,184 @@
+//! The VNC server: RFB 3.8 (3.3 and 3.7 clients too) on the listening socket the vmm
+//! opened and on client sockets it hands in (`add_client`).
+//!
+//! Each client has a reader thread ([`client`]: the handshake, then its messages) and a
+//! writer thread that sends updates at the pace that client asks for them. The screen's
+//! refresh ([`crate::display::Display::refresh`]) marks changed tiles in every client's
+//! damage; a slow client only lets its own damage pile up (it is merged, never queued),
+//! and one that stops reading is dropped when a write times out, so it never holds back
+//! the others or the guest.
+
+pub mod auth;
+mod client;
+pub mod encoding;
+pub mod keys;
+pub mod pixel;
+
+use std::os::fd::OwnedFd;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use ipc::display::{DisplayEvent, Expiry, VncAuth, VncClient, VncConfig};
+
+use super::screen::Damage;
+use super::Display;
+pub use client::Client;
+
+/// Where the server's events go (the control channel).
+pub type EventSink = Arc<dyn Fn(DisplayEvent) + Send + Sync>;
+
+/// Authentication as `-vnc`, set_password and expire_password made it.
+#[derive(Debug, Clone)]
+struct AuthState {
+    auth: VncAuth,
+    password: Option<String>,
+    expiry: Expiry,
+}
+
+pub struct VncServer {
+    display: Arc<Display>,
+    name: String,
+    auth: Mutex<AuthState>,
+    clients: Mutex<Vec<Arc<Client>>>,
+    next_id: AtomicU64,
+    events: EventSink,
+    /// Signalled when a client connects or asks for an update, so the refresh looks
+    /// at the screen now rather than after its idle back-off.
+    pub(crate) activity: Arc<(Mutex<bool>, Condvar)>,
+}
+
+pub(crate) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+impl VncServer {
+    pub fn new(display: Arc<Display>, config: &VncConfig, events: EventSink) -> Arc<Self> {
+        Arc::new(VncServer {
+            display,
+            name: config.name.clone(),
+            auth: Mutex::new(AuthState {
+                auth: config.auth,
+                password: config.password.clone(),
+                expiry: config.expiry,
+            }),
+            clients: Mutex::new(Vec::new()),
+            next_id: AtomicU64::new(1),
+            events,
+            activity: Arc::new((Mutex::new(false), Condvar::new())),
+        })
+    }
+
+    /// Accept clients on `listener` on a thread of its own.
+    pub fn listen(self: &Arc<Self>, listener: OwnedFd) -> std::io::Result<()> {
+        let listener = UnixListener::from(listener);
+        let server = self.clone();
+        std::thread::Builder::new()
+            .name("vnc-accept".into())
+            .spawn(move || loop {
+                match listener.accept() {
+                    Ok((stream, _)) => server.add_client(stream, false),
+                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                    Err(e) => {
+                        tracing::error!("vnc: accept: {e}");
+                        // A broken listener (EMFILE, say): back off rather than spin.
+                        std::thread::sleep(std::time::Duration::from_millis(100));
+                    }
+                }
+            })
+            .map(drop)
+    }
+
+    /// Serve a connected client (`skipauth`: without authentication).
+    pub fn add_client(self: &Arc<Self>, stream: UnixStream, skipauth: bool) {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let info = client::peer_info(&stream, id);
+        if let Err(e) = Client::start(self.clone(), stream, info, skipauth) {
+            tracing::warn!("vnc: cannot serve a client: {e}");
+        }
+    }
+
+    fn register(&self, client: Arc<Client>) {
+        lock(&self.clients).push(client);
+        self.wake_refresh();
+    }
+
+    fn unregister(&self, id: u64) {
+        lock(&self.clients).retain(|c| c.id != id);
+    }
+
+    /// Connected clients, newest first.
+    pub fn clients(&self) -> Vec<VncClient> {
+        lock(&self.clients)
+            .iter()
+            .rev()
+            .map(|c| c.info.clone())
+            .collect()
+    }
+
+    pub fn has_clients(&self) -> bool {
+        !lock(&self.clients).is_empty()
+    }
+
+    /// Drop every client but `keep` (a client that asked for exclusive access).
+    fn disconnect_others(&self, keep: u64) {
+        let others: Vec<_> = lock(&self.clients)
+            .iter()
+            .filter(|c| c.id != keep)
+            .cloned()
+            .collect();
+        for c in others {
+            c.close();
+        }
+    }
+
+    pub fn disconnect_all(&self) {
+        self.disconnect_others(0);
+    }
+
+    pub fn set_password(&self, password: String) {
+        lock(&self.auth).password = Some(password);
+    }
+
+    pub fn expire_password(&self, expiry: Expiry) {
+        lock(&self.auth).expiry = expiry;
+    }
+
+    /// How a new client authenticates: `None` for no authentication, else the password
+    /// it must prove, which is `None` when none is set or it expired (every attempt
+    /// then fails, as in QEMU).
+    fn credentials(&self) -> Option<Option<String>> {
+        let auth = lock(&self.auth);
+        match auth.auth {
+            VncAuth::None => None,
+            VncAuth::Password => {
+                let expired = matches!(auth.expiry, Expiry::At(t) if now() >= t);
+                Some(auth.password.clone().filter(|_| !expired))
+            }
+        }
+    }
+
+    fn emit(&self, event: DisplayEvent) {
+        (self.events)(event);
+    }
+
+    /// Merge a refresh's damage into every client's.
+    pub fn damage(&self, damage: &Damage, generation: u64, tiles_x: u32) {
+        for c in lock(&self.clients).iter() {
+            c.add_damage(damage, generation, tiles_x);
+        }
+    }
+
+    fn wake_refresh(&self) {
+        let (flag, cond) = &*self.activity;
+        *lock(flag) = true;
+        cond.notify_all();
+    }
+}

@@ -1,0 +1,570 @@
+//! The display: the `bochs-display` adapter, the VNC server `-vnc` asks for, and the
+//! `vmm-display` process that serves both (started once the machine's devices are in,
+//! restarted like any device process). screendump, set_password, expire_password,
+//! add_client and query-vnc as QEMU 7.2 has them, and the VNC events.
+//!
+//! The framebuffer is the adapter's memfd, so a restarted process shows the same screen;
+//! the password and its expiry live here and are given to every new process.
+
+use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
+use std::sync::{Arc, Mutex};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use ipc::display::{
+    DisplayChannel, DisplayConfig, DisplayEvent, DisplayReply, DisplayRequest, Expiry, ImageFormat,
+    VncAuth, VncClient, VncConfig,
+};
+use ipc::DeviceKind;
+use qmp::EventSender;
+use serde_json::{json, Map, Value};
+
+use super::process::{self, Misbehaved, SupervisedDevice, Supervision, WatchSink};
+use super::{lock, DeviceConfig, DeviceError, DeviceManager, SETUP_TIMEOUT};
+use crate::devices::bochs_display::{self, BochsDisplay};
+use crate::devices::i8042::I8042;
+use crate::pci::PciDevice;
+use crate::vnc::VncOptions;
+
+/// The display's parts, as the device manager keeps them.
+#[derive(Default)]
+pub(super) struct Display {
+    adapter: Option<Arc<Mutex<BochsDisplay>>>,
+    vnc: Option<VncOptions>,
+    /// The PS/2 keyboard and mouse that VNC input reaches.
+    input: Option<Arc<Mutex<I8042>>>,
+    process: Option<Arc<Mutex<DisplayProcess>>>,
+    /// The process was started: display devices can no longer be added.
+    started: bool,
+    /// The PS/2 mouse buttons HMP's mouse_button last set.
+    mouse_buttons: std::sync::atomic::AtomicU8,
+}
+
+/// What QMP says of the VNC server.
+#[derive(Debug, Clone)]
+struct ServerInfo {
+    host: String,
+    service: String,
+    family: String,
+    auth: &'static str,
+}
+
+impl ServerInfo {
+    fn json(&self) -> Value {
+        json!({
+            "auth": self.auth,
+            "family": self.family,
+            "service": self.service,
+            "host": self.host,
+            "websocket": false,
+        })
+    }
+}
+
+fn client_json(c: &VncClient) -> Value {
+    json!({
+        "family": c.family,
+        "service": c.service,
+        "host": c.host,
+        "websocket": c.websocket,
+    })
+}
+
+/// The `vmm-display` process and what a new one needs.
+pub(super) struct DisplayProcess {
+    supervision: Supervision,
+    control: DisplayChannel,
+    config: DisplayConfig,
+    /// VRAM, scanout page, listener: what every new process gets.
+    fds: Vec<OwnedFd>,
+    server: Option<ServerInfo>,
+    input: Option<Arc<Mutex<I8042>>>,
+    events: Arc<Mutex<EventSender>>,
+}
+
+const EVENT_VNC_CONNECTED: &str = "VNC_CONNECTED";
+const EVENT_VNC_INITIALIZED: &str = "VNC_INITIALIZED";
+const EVENT_VNC_DISCONNECTED: &str = "VNC_DISCONNECTED";
+
+fn start_display_process(
+    name: &str,
+    config: &DisplayConfig,
+    fds: &[OwnedFd],
+) -> Result<(crate::supervisor::DeviceProcess, DisplayChannel), DeviceError> {
+    let (process, mut control) = process::start::<DisplayRequest, DisplayReply, DisplayEvent>(
+        name,
+        "vmm-display",
+        &[],
+        DeviceKind::Display,
+    )?;
+    let fds: Vec<_> = fds.iter().map(|f| f.as_fd()).collect();
+    match process::setup_call(
+        name,
+        &mut control,
+        DisplayRequest::Attach(config.clone()),
+        &fds,
+    )? {
+        DisplayReply::Done => Ok((process, control)),
+        other => Err(process::unexpected(name, "Attach", &other)),
+    }
+}
+
+impl DisplayProcess {
+    /// A request, and its reply; events that came meanwhile are acted on.
+    fn call(
+        &mut self,
+        request: DisplayRequest,
+        fds: &[std::os::fd::BorrowedFd<'_>],
+    ) -> Result<DisplayReply, DeviceError> {
+        if !self.supervision.running() {
+            return Err(DeviceError::Display(
+                "the display process is not running".into(),
+            ));
+        }
+        let result = self
+            .control
+            .call(request, fds, SETUP_TIMEOUT)
+            .map(|(reply, _)| reply)
+            .map_err(|e| process::ipc_error(&self.supervision.name, e));
+        while let Some((event, _)) = self.control.take_event() {
+            self.act_on(event);
+        }
+        result
+    }
+
+    fn act_on(&self, event: DisplayEvent) {
+        let vnc_event = |name: &str, client: &VncClient| {
+            let Some(server) = &self.server else {
+                return;
+            };
+            let mut data = Map::new();
+            data.insert("server".into(), server.json());
+            data.insert("client".into(), client_json(client));
+            lock(&self.events).emit(name, Some(data));
+        };
+        match event {
+            DisplayEvent::Key { scancodes } => {
+                if let Some(input) = &self.input {
+                    lock(input).key_event_set1(&scancodes);
+                }
+            }
+            DisplayEvent::Pointer {
+                dx,
+                dy,
+                dz,
+                buttons,
+            } => {
+                if let Some(input) = &self.input {
+                    lock(input).mouse_event(dx, dy, dz, buttons);
+                }
+            }
+            DisplayEvent::Connected(c) => vnc_event(EVENT_VNC_CONNECTED, &c),
+            DisplayEvent::Initialized(c) => vnc_event(EVENT_VNC_INITIALIZED, &c),
+            DisplayEvent::Disconnected(c) => vnc_event(EVENT_VNC_DISCONNECTED, &c),
+        }
+    }
+}
+
+impl SupervisedDevice for DisplayProcess {
+    fn supervision(&self) -> &Supervision {
+        &self.supervision
+    }
+
+    fn supervision_mut(&mut self) -> &mut Supervision {
+        &mut self.supervision
+    }
+
+    fn control_fd(&self) -> RawFd {
+        self.control.socket().as_raw_fd()
+    }
+
+    fn serves(&self) -> String {
+        "display".into()
+    }
+
+    fn control_message(&mut self, _sink: &dyn WatchSink) -> Result<(), Misbehaved> {
+        while let Some((event, _)) = self.control.take_event() {
+            self.act_on(event);
+        }
+        if let Some(event) = process::receive_event(&mut self.control, &mut self.supervision)? {
+            self.act_on(event);
+        }
+        Ok(())
+    }
+
+    /// A new process on the same framebuffer and listener, with the password as it is.
+    fn respawn(&mut self) -> Result<(), DeviceError> {
+        let (process, control) =
+            start_display_process(&self.supervision.name, &self.config, &self.fds)?;
+        self.control = control;
+        self.supervision.replaced(process);
+        Ok(())
+    }
+}
+
+/// `expire_password`'s time: `now`, `never`, `+N` (seconds from now) or `N` (seconds
+/// since the epoch). Like QEMU 7.2, anything else reads as 0: expired.
+pub fn parse_expiry(time: &str, now: u64) -> Expiry {
+    match time {
+        "now" => Expiry::At(now),
+        "never" => Expiry::Never,
+        _ => match time.strip_prefix('+') {
+            Some(rel) => Expiry::At(now.saturating_add(rel.parse().unwrap_or(0))),
+            None => Expiry::At(time.parse().unwrap_or(0)),
+        },
+    }
+}
+
+fn now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+/// QEMU's size syntax for `vgamem`: bytes, or a number with a K, M or G suffix.
+fn parse_size(text: &str) -> Option<u64> {
+    let (digits, shift) = match text.char_indices().last()? {
+        (i, 'k' | 'K') => (&text[..i], 10),
+        (i, 'm' | 'M') => (&text[..i], 20),
+        (i, 'g' | 'G') => (&text[..i], 30),
+        _ => (text, 0),
+    };
+    digits.parse::<u64>().ok()?.checked_mul(1 << shift)
+}
+
+impl DeviceManager {
+    /// Where VNC keys and pointer motion go.
+    pub fn set_keyboard(&mut self, input: Arc<Mutex<I8042>>) {
+        self.display.input = Some(input);
+    }
+
+    /// The VNC server `-vnc` asked for.
+    pub fn set_vnc(&mut self, vnc: Option<VncOptions>) {
+        self.display.vnc = vnc;
+    }
+
+    /// `-device bochs-display[,vgamem=SIZE]`.
+    pub(super) fn add_bochs_display(
+        &mut self,
+        cfg: &DeviceConfig,
+    ) -> Result<Option<u8>, DeviceError> {
+        if self.display.started {
+            return Err(DeviceError::Display(format!(
+                "Device '{}' can not be hotplugged on this machine",
+                cfg.driver
+            )));
+        }
+        if self.display.adapter.is_some() {
+            return Err(DeviceError::Display(
+                "only one display adapter is supported".into(),
+            ));
+        }
+        let vgamem = match cfg.properties.get("vgamem") {
+            Some(text) => parse_size(text).ok_or_else(|| DeviceError::InvalidProperty {
+                driver: cfg.driver.clone(),
+                property: "vgamem".into(),
+                value: text.clone(),
+            })?,
+            None => bochs_display::DEFAULT_VGAMEM,
+        };
+        let size =
+            bochs_display::vram_size(vgamem).map_err(|e| DeviceError::Display(e.to_string()))?;
+        let slot = cfg.pci_slot()?;
+        let adapter = BochsDisplay::new(cfg.id.clone(), size, self.accel.clone())
+            .map_err(|e| DeviceError::Display(e.to_string()))?;
+        let adapter = Arc::new(Mutex::new(adapter));
+        let slot =
+            lock(&self.pci).add_device(slot, adapter.clone() as Arc<Mutex<dyn PciDevice>>)?;
+        self.functions.insert(
+            slot,
+            super::PluggedFunction {
+                driver: cfg.driver.clone(),
+                id: cfg.id.clone(),
+                function: super::PciFunction::Display(adapter.clone()),
+            },
+        );
+        self.display.adapter = Some(adapter);
+        Ok(Some(slot))
+    }
+
+    /// Start `vmm-display` if there is anything to display or a VNC server to run: once,
+    /// after the command line's devices.
+    pub fn start_display(&mut self) -> Result<(), DeviceError> {
+        self.display.started = true;
+        if self.display.adapter.is_none() && self.display.vnc.is_none() {
+            return Ok(());
+        }
+        let mut fds = Vec::new();
+        let mut vram_size = 0;
+        if let Some(adapter) = &self.display.adapter {
+            let adapter = lock(adapter);
+            vram_size = adapter.vram().len() as u64;
+            for file in [adapter.vram().file(), adapter.scanout_page().file()] {
+                fds.push(file.as_fd().try_clone_to_owned().map_err(|e| {
+                    DeviceError::Display(format!("cannot share the framebuffer: {e}"))
+                })?);
+            }
+        }
+        let mut server = None;
+        let vnc = match &self.display.vnc {
+            Some(options) => {
+                let listener = options.listen().map_err(|e| {
+                    DeviceError::Display(format!("Failed to start VNC server: {e}"))
+                })?;
+                fds.push(listener.fd);
+                let info = ServerInfo {
+                    host: listener.host,
+                    service: listener.service,
+                    family: listener.family,
+                    auth: options.auth_name(),
+                };
+                let config = VncConfig {
+                    auth: if options.password {
+                        VncAuth::Password
+                    } else {
+                        VncAuth::None
+                    },
+                    host: info.host.clone(),
+                    service: info.service.clone(),
+                    family: info.family.clone(),
+                    name: "QEMU".into(),
+                    password: None,
+                    expiry: Expiry::Never,
+                };
+                server = Some(info);
+                Some(config)
+            }
+            None => None,
+        };
+        let config = DisplayConfig { vram_size, vnc };
+        let name = "vmm-display".to_string();
+        let (process, control) = start_display_process(&name, &config, &fds)?;
+        let display = Arc::new(Mutex::new(DisplayProcess {
+            supervision: Supervision::new(&name, Some("display"), "vmm-display", process),
+            control,
+            config,
+            fds,
+            server,
+            input: self.display.input.clone(),
+            events: self.events.clone(),
+        }));
+        self.display.process = Some(display.clone());
+        self.supervise(display)?;
+        Ok(())
+    }
+
+    fn display_process(&self) -> Option<&Arc<Mutex<DisplayProcess>>> {
+        self.display.process.as_ref()
+    }
+
+    /// Whether the VNC server asks for a password.
+    pub fn vnc_has_password_auth(&self) -> bool {
+        self.vnc_with_password().is_some()
+    }
+
+    /// Set 1 key bytes for the PS/2 keyboard (HMP sendkey).
+    pub fn keyboard_event(&self, set1: &[u8]) {
+        if let Some(input) = &self.display.input {
+            lock(input).key_event_set1(set1);
+        }
+    }
+
+    /// PS/2 mouse motion, with new buttons or the last ones (HMP mouse_move, mouse_button).
+    pub fn mouse_event(&self, dx: i32, dy: i32, dz: i32, buttons: Option<u8>) {
+        use std::sync::atomic::Ordering;
+        let held = &self.display.mouse_buttons;
+        let buttons = match buttons {
+            Some(b) => {
+                held.store(b, Ordering::Relaxed);
+                b
+            }
+            None => held.load(Ordering::Relaxed),
+        };
+        if let Some(input) = &self.display.input {
+            lock(input).mouse_event(dx, dy, dz, buttons);
+        }
+    }
+
+    /// `query-vnc`.
+    pub fn query_vnc(&self) -> Value {
+        let Some(process) = self.display_process() else {
+            return json!({"enabled": false});
+        };
+        let mut p = lock(process);
+        let Some(server) = p.server.clone() else {
+            return json!({"enabled": false});
+        };
+        let clients = match p.call(DisplayRequest::QueryVnc, &[]) {
+            Ok(DisplayReply::Vnc { clients }) => clients.iter().map(client_json).collect(),
+            _ => Vec::new(),
+        };
+        json!({
+            "enabled": true,
+            "host": server.host,
+            "service": server.service,
+            "family": server.family,
+            "auth": server.auth,
+            "clients": clients,
+        })
+    }
+
+    /// The VNC server's process, if it has password authentication.
+    fn vnc_with_password(&self) -> Option<&Arc<Mutex<DisplayProcess>>> {
+        self.display_process()
+            .filter(|p| matches!(&lock(p).config.vnc, Some(v) if v.auth == VncAuth::Password))
+    }
+
+    /// `set_password protocol=vnc`: `connected` is `keep` (the default), `disconnect`
+    /// (drop every client) or `fail` (refuse while clients are connected).
+    pub fn set_vnc_password(
+        &self,
+        password: &str,
+        connected: Option<&str>,
+    ) -> Result<(), DeviceError> {
+        let disconnect = match connected.unwrap_or("keep") {
+            "keep" => false,
+            "disconnect" => true,
+            "fail" => false,
+            _ => return Err(DeviceError::Display("Invalid parameter 'connected'".into())),
+        };
+        let failed = || DeviceError::Display("Could not set password".into());
+        let process = self.vnc_with_password().ok_or_else(failed)?;
+        let mut p = lock(process);
+        if connected == Some("fail") {
+            if let Ok(DisplayReply::Vnc { clients }) = p.call(DisplayRequest::QueryVnc, &[]) {
+                if !clients.is_empty() {
+                    return Err(failed());
+                }
+            }
+        }
+        // Only the first 8 characters count, as in VNC Authentication.
+        let password: String = password.chars().take(8).collect();
+        if let Some(vnc) = &mut p.config.vnc {
+            vnc.password = Some(password.clone());
+        }
+        p.call(
+            DisplayRequest::SetPassword {
+                password,
+                disconnect,
+            },
+            &[],
+        )
+        .map_err(|_| failed())?;
+        Ok(())
+    }
+
+    /// `expire_password protocol=vnc`.
+    pub fn expire_vnc_password(&self, time: &str) -> Result<(), DeviceError> {
+        let failed = || DeviceError::Display("Could not set password expire time".into());
+        let process = self.display_process().ok_or_else(failed)?;
+        let mut p = lock(process);
+        let expiry = parse_expiry(time, now());
+        match &mut p.config.vnc {
+            Some(vnc) => vnc.expiry = expiry,
+            None => return Err(failed()),
+        }
+        p.call(DisplayRequest::ExpirePassword(expiry), &[])
+            .map_err(|_| failed())?;
+        Ok(())
+    }
+
+    /// `add_client protocol=vnc`: serve the connected socket `fd`. Without a VNC server
+    /// the fd is closed, as QEMU does.
+    pub fn add_vnc_client(&self, fd: OwnedFd, skipauth: bool) -> Result<(), DeviceError> {
+        if !is_socket(&fd) {
+            return Err(DeviceError::Display(
+                "parameter @fdname must name a socket".into(),
+            ));
+        }
+        let Some(process) = self.display_process() else {
+            return Ok(());
+        };
+        let mut p = lock(process);
+        if p.server.is_none() {
+            return Ok(());
+        }
+        p.call(DisplayRequest::AddClient { skipauth }, &[fd.as_fd()])
+            .map(drop)
+    }
+
+    /// `screendump`: the vmm opens (creates, truncates) `filename` and the display process
+    /// writes the image; a failed write leaves no file behind.
+    pub fn screendump(&self, filename: &str, format: ImageFormat) -> Result<(), DeviceError> {
+        let no_console =
+            || DeviceError::Display("There is no console to take a screendump from".into());
+        if self.display.adapter.is_none() {
+            return Err(no_console());
+        }
+        let process = self.display_process().ok_or_else(no_console)?;
+        let file = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(filename)
+            .map_err(|e| {
+                DeviceError::Display(format!(
+                    "failed to open file '{filename}': {}",
+                    strerror(&e)
+                ))
+            })?;
+        let result = lock(process).call(DisplayRequest::Screendump(format), &[file.as_fd()]);
+        drop(file);
+        if let Err(e) = result {
+            let _ = std::fs::remove_file(filename);
+            return Err(match e {
+                DeviceError::Ipc {
+                    source: ipc::IpcError::Remote(r),
+                    ..
+                } => DeviceError::Display(format!("failed to write '{filename}': {}", r.0)),
+                other => other,
+            });
+        }
+        Ok(())
+    }
+}
+
+/// An OS error's text without Rust's " (os error N)".
+fn strerror(e: &std::io::Error) -> String {
+    let text = e.to_string();
+    match text.find(" (os error") {
+        Some(i) => text[..i].to_string(),
+        None => text,
+    }
+}
+
+fn is_socket(fd: &OwnedFd) -> bool {
+    // SAFETY: fstat fills the struct we pass, on an fd we hold.
+    let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    // SAFETY: as above.
+    let r = unsafe { libc::fstat(fd.as_raw_fd(), &mut st) };
+    r == 0 && st.st_mode & libc::S_IFMT == libc::S_IFSOCK
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn expiry_times_as_qemu_reads_them() {
+        assert_eq!(parse_expiry("now", 100), Expiry::At(100));
+        assert_eq!(parse_expiry("never", 100), Expiry::Never);
+        assert_eq!(parse_expiry("+60", 100), Expiry::At(160));
+        assert_eq!(parse_expiry("5000", 100), Expiry::At(5000));
+        assert_eq!(parse_expiry("junk", 100), Expiry::At(0));
+        assert_eq!(parse_expiry("+junk", 100), Expiry::At(100));
+    }
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("16M"), Some(16 << 20));
+        assert_eq!(parse_size("4194304"), Some(4 << 20));
+        assert_eq!(parse_size("1G"), Some(1 << 30));
+        assert_eq!(parse_size("x"), None);
+        assert_eq!(parse_size(""), None);
+    }
+
+    #[test]
+    fn os_errors_read_as_strerror() {
+        let e = std::io::Error::from_raw_os_error(libc::ENOENT);
+        assert_eq!(strerror(&e), "No such file or directory");
+    }
+}
