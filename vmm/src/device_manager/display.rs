@@ -506,10 +506,14 @@ impl DeviceManager {
                     strerror(&e)
                 ))
             })?;
+        let regular = file.metadata().map(|m| m.is_file()).unwrap_or(false);
         let result = lock(process).call(DisplayRequest::Screendump(format), &[file.as_fd()]);
         drop(file);
         if let Err(e) = result {
-            let _ = std::fs::remove_file(filename);
+            // What was written is no image; a device (say /dev/full) is left alone.
+            if regular {
+                let _ = std::fs::remove_file(filename);
+            }
             return Err(match e {
                 DeviceError::Ipc {
                     source: ipc::IpcError::Remote(r),

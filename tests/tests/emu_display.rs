@@ -1,0 +1,570 @@
+//! The display end to end under emu: the stock guest's `bochs` DRM driver on our
+//! bochs-display, a static C program (`tests/guest/fbpattern.c`) drawing a known pattern
+//! on /dev/fb0, and that pattern pixel for pixel in `screendump` (PPM and PNG) and in
+//! vncdotool's captures over Raw and ZRLE; keys typed with vncdotool and HMP sendkey
+//! reaching the guest's tty; the VNC events with their data; add_client with a socketpair;
+//! clients that misbehave dropped while others go on; a screendump that cannot be written
+//! leaving no file; `kill -9` of vmm-display while a client watches. Passwords: none set,
+//! right, wrong, expired, set_password connected=disconnect, a restart keeping them. And
+//! QEMU 7.2's own bochs-display showing the guest's pattern the same.
+
+use std::os::fd::AsRawFd;
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+use vmm_tests::console::GuestConsole;
+use vmm_tests::display::{vnc_capture, vnc_client, Handshake, Image, RawClient};
+use vmm_tests::qmp::Qmp;
+use vmm_tests::{repo_root, TempDir};
+
+const BOOT_TIMEOUT: Duration = Duration::from_secs(600);
+const CMD_TIMEOUT: Duration = Duration::from_secs(180);
+/// The mode the guest's fbdev comes up in: the EDID's preferred one (as QEMU's).
+const WIDTH: u32 = 1280;
+const HEIGHT: u32 = 800;
+
+/// Build fbpattern (static) into a raw disk image the guest copies it from.
+fn pattern_disk(dir: &TempDir) -> (PathBuf, u64) {
+    let program = dir.join("fbpattern");
+    let src = repo_root().join("tests/guest/fbpattern.c");
+    let status = Command::new("cc")
+        .args(["-static", "-O2", "-o"])
+        .arg(&program)
+        .arg(&src)
+        .status()
+        .expect("a C compiler (scripts/test installs gcc and libc6-dev)");
+    assert!(status.success(), "building {}", src.display());
+    let len = std::fs::metadata(&program).unwrap().len();
+    let disk = dir.join("fbpattern.img");
+    std::fs::copy(&program, &disk).unwrap();
+    let f = std::fs::OpenOptions::new().write(true).open(&disk).unwrap();
+    f.set_len(len.next_multiple_of(1 << 20)).unwrap();
+    (disk, len)
+}
+
+struct Vm {
+    console: GuestConsole,
+    qmp: Qmp<UnixStream>,
+    /// A second monitor connection that only collects events.
+    events: Qmp<UnixStream>,
+    vnc: PathBuf,
+    dir: TempDir,
+}
+
+/// The stock guest with a bochs-display, VNC on a unix socket (`vnc_options` after the
+/// address), the pattern program on a disk, and two monitor connections.
+fn boot(tag: &str, vnc_options: &str, wait_ready: bool) -> Vm {
+    let dir = TempDir::new(tag);
+    let (disk, len) = pattern_disk(&dir);
+    let qmp_sock = dir.join("qmp.sock");
+    let vnc = dir.join("vnc.sock");
+    let qmp_arg = format!("unix:{},server=on,wait=off", qmp_sock.display());
+    let vnc_arg = format!("unix:{}{vnc_options}", vnc.display());
+    let drive = format!("file={},format=raw,if=none,id=prog", disk.display());
+    let mut args = vec![
+        "-qmp",
+        &qmp_arg,
+        "-device",
+        "bochs-display",
+        "-vnc",
+        &vnc_arg,
+        "-drive",
+        &drive,
+        "-device",
+        "virtio-blk-pci,drive=prog",
+    ];
+    if !wait_ready {
+        args.push("-S");
+    }
+    let mut console = GuestConsole::boot_stock_linux(&args);
+    let mut qmp = Qmp::unix(&qmp_sock);
+    qmp.negotiate();
+    let mut events = Qmp::unix(&qmp_sock);
+    events.negotiate();
+    if wait_ready {
+        console.wait_for("GUEST-READY", BOOT_TIMEOUT);
+        console.wait_for("# ", CMD_TIMEOUT);
+        let copy = console.run(
+            &format!(
+                "head -c {len} /dev/vda > /tmp/fbpattern; chmod +x /tmp/fbpattern; echo copied"
+            ),
+            CMD_TIMEOUT,
+        );
+        assert!(copy.contains("copied"), "{copy}");
+    }
+    Vm {
+        console,
+        qmp,
+        events,
+        vnc,
+        dir,
+    }
+}
+
+fn screendump(qmp: &mut Qmp<UnixStream>, path: &Path, format: Option<&str>) -> Value {
+    let mut args = json!({ "filename": path.display().to_string() });
+    if let Some(f) = format {
+        args["format"] = json!(f);
+    }
+    qmp.request("screendump", Some(args))
+}
+
+fn read_png(path: &Path) -> Image {
+    let decoder = png::Decoder::new(std::fs::File::open(path).unwrap());
+    let mut reader = decoder.read_info().unwrap();
+    let mut buf = vec![0; reader.output_buffer_size()];
+    let info = reader.next_frame(&mut buf).unwrap();
+    assert_eq!(info.color_type, png::ColorType::Rgb);
+    buf.truncate(info.buffer_size());
+    Image {
+        width: info.width,
+        height: info.height,
+        rgb: buf,
+    }
+}
+
+/// The next message that is not an event.
+fn reply(qmp: &mut Qmp<UnixStream>) -> Value {
+    loop {
+        let m = qmp.message();
+        if m.get("event").is_none() {
+            return m;
+        }
+    }
+}
+
+/// The next event named `name` on the events connection (others skipped).
+fn next_event(events: &mut Qmp<UnixStream>, name: &str) -> Value {
+    events.wait_event(name)
+}
+
+/// Wait until `f` holds, polling.
+fn eventually(what: &str, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + CMD_TIMEOUT;
+    while !f() {
+        assert!(Instant::now() < deadline, "timed out: {what}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// The display process's pid and restart count.
+fn display_process(qmp: &mut Qmp<UnixStream>) -> (u64, u64) {
+    let procs = qmp.ok("__org.vmm_query-device-processes", None);
+    let p = procs
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["program"] == "vmm-display")
+        .unwrap_or_else(|| panic!("no vmm-display in {procs}"))
+        .clone();
+    (p["pid"].as_u64().unwrap(), p["restarts"].as_u64().unwrap())
+}
+
+#[test]
+fn the_guest_screen_reaches_screendump_and_vnc_clients() {
+    let mut vm = boot("display", "", true);
+    let dmesg = vm
+        .console
+        .run("dmesg | grep -i -E \"bochs|edid\"", CMD_TIMEOUT);
+    assert!(dmesg.contains("Found bochs VGA, ID 0xb0c5"), "{dmesg}");
+    assert!(dmesg.contains("Found EDID data blob"), "{dmesg}");
+    assert!(dmesg.contains("fb0: bochs-drmdrmfb"), "{dmesg}");
+    let out = vm.console.run("/tmp/fbpattern", CMD_TIMEOUT);
+    assert!(out.contains(&format!("FB-OK {WIDTH} {HEIGHT}")), "{out}");
+    let expected = Image::pattern(WIDTH, HEIGHT);
+
+    // screendump, PPM and PNG.
+    let ppm = vm.dir.join("screen.ppm");
+    assert_eq!(screendump(&mut vm.qmp, &ppm, None), json!({"return": {}}));
+    Image::read_ppm(&ppm).assert_same(&expected, "screendump (PPM)");
+    let png_path = vm.dir.join("screen.png");
+    assert_eq!(
+        screendump(&mut vm.qmp, &png_path, Some("png")),
+        json!({"return": {}})
+    );
+    read_png(&png_path).assert_same(&expected, "screendump (PNG)");
+
+    // vncdotool over Raw and ZRLE, and the events of each connection.
+    for encoding in ["raw", "zrle"] {
+        vnc_capture(&vm.vnc, &vm.dir, encoding, None)
+            .assert_same(&expected, &format!("vncdotool over {encoding}"));
+        let server = json!({"auth": "none", "family": "unix", "service": vm.vnc.display().to_string(), "host": "", "websocket": false});
+        let client = json!({"family": "unix", "service": "", "host": "", "websocket": false});
+        for name in ["VNC_CONNECTED", "VNC_INITIALIZED", "VNC_DISCONNECTED"] {
+            let e = next_event(&mut vm.events, name);
+            assert_eq!(
+                e["data"],
+                json!({"server": server, "client": client}),
+                "{e}"
+            );
+        }
+    }
+    let info = vm.qmp.ok("query-vnc", None);
+    assert_eq!(
+        info,
+        json!({"enabled": true, "host": "", "service": vm.vnc.display().to_string(),
+               "family": "unix", "auth": "none", "clients": []})
+    );
+
+    // Keys from a VNC client, and from HMP sendkey, reach the guest's first VT.
+    vm.console.run(
+        "(head -n1 /dev/tty1 > /tmp/keys 2>&1 &); sleep 1",
+        CMD_TIMEOUT,
+    );
+    let typed = vnc_client(&[vm.vnc.to_str().unwrap(), "type", "Hello, VNC! 42\n"]);
+    assert_eq!(typed["ok"], true, "{typed}");
+    for name in ["VNC_CONNECTED", "VNC_INITIALIZED", "VNC_DISCONNECTED"] {
+        next_event(&mut vm.events, name);
+    }
+    eventually("the typed line", || {
+        vm.console
+            .run("cat /tmp/keys", CMD_TIMEOUT)
+            .contains("Hello, VNC! 42")
+    });
+    vm.console.run(
+        "(head -n1 /dev/tty1 > /tmp/keys2 2>&1 &); sleep 1",
+        CMD_TIMEOUT,
+    );
+    for key in ["h", "shift-i", "ret"] {
+        assert_eq!(vm.qmp.hmp(&format!("sendkey {key}")), "");
+    }
+    eventually("the sendkey line", || {
+        vm.console.run("cat /tmp/keys2", CMD_TIMEOUT).contains("hI")
+    });
+    assert_eq!(vm.qmp.hmp("sendkey frob"), "invalid parameter: frob\r\n");
+
+    // add_client: one end of a socketpair, handed over with getfd.
+    let (ours, theirs) = UnixStream::pair().unwrap();
+    vm.qmp.send_with_fd(
+        "getfd",
+        Some(json!({"fdname": "vncclient"})),
+        theirs.as_raw_fd(),
+    );
+    assert_eq!(reply(&mut vm.qmp), json!({"return": {}}));
+    drop(theirs);
+    let r = vm.qmp.request(
+        "add_client",
+        Some(json!({"protocol": "vnc", "fdname": "vncclient", "skipauth": true})),
+    );
+    assert_eq!(r, json!({"return": {}}));
+    let mut client = RawClient::new(ours);
+    assert_eq!(
+        client.handshake(None),
+        Handshake::Ready {
+            width: WIDTH as u16,
+            height: HEIGHT as u16,
+            name: "QEMU".into()
+        }
+    );
+    let e = next_event(&mut vm.events, "VNC_CONNECTED");
+    assert_eq!(e["data"]["client"]["family"], "unix", "{e}");
+    let clients = vm.qmp.ok("query-vnc", None)["clients"].clone();
+    assert_eq!(clients.as_array().unwrap().len(), 1, "{clients}");
+    drop(client);
+    next_event(&mut vm.events, "VNC_DISCONNECTED");
+
+    // add_client's errors, in QEMU's words.
+    let r = vm.qmp.request(
+        "add_client",
+        Some(json!({"protocol": "vnc", "fdname": "nothere"})),
+    );
+    assert_eq!(
+        r["error"]["desc"],
+        "File descriptor named 'nothere' has not been found"
+    );
+    let pipe = {
+        let mut fds = [0; 2];
+        // SAFETY: pipe fills the two fds.
+        assert_eq!(unsafe { libc::pipe(fds.as_mut_ptr()) }, 0);
+        fds
+    };
+    for (name, protocol, want) in [
+        ("apipe", "vnc", "parameter @fdname must name a socket"),
+        ("another", "bogus", "protocol 'bogus' is invalid"),
+    ] {
+        vm.qmp
+            .send_with_fd("getfd", Some(json!({"fdname": name})), pipe[0]);
+        assert_eq!(reply(&mut vm.qmp), json!({"return": {}}));
+        let r = vm.qmp.request(
+            "add_client",
+            Some(json!({"protocol": protocol, "fdname": name})),
+        );
+        assert_eq!(r["error"]["desc"], want, "{r}");
+    }
+    // SAFETY: closing the pipe we made.
+    unsafe {
+        libc::close(pipe[0]);
+        libc::close(pipe[1]);
+    }
+
+    // Clients that misbehave are dropped; a good one meanwhile gets the screen.
+    let mut watcher = RawClient::connect(&vm.vnc);
+    assert!(matches!(watcher.handshake(None), Handshake::Ready { .. }));
+    let mut garbage = RawClient::connect(&vm.vnc);
+    garbage.read_exact(12);
+    garbage.write(b"HTTP/1.1 GET\n");
+    assert!(garbage.closed(), "a bad version is dropped");
+    let mut unknown = RawClient::connect(&vm.vnc);
+    assert!(matches!(unknown.handshake(None), Handshake::Ready { .. }));
+    unknown.write(&[42, 0, 0, 0]);
+    assert!(unknown.closed(), "an unknown message type is dropped");
+    let mut huge = RawClient::connect(&vm.vnc);
+    assert!(matches!(huge.handshake(None), Handshake::Ready { .. }));
+    huge.write(&[6, 0, 0, 0, 0x10, 0, 0, 0]);
+    assert!(huge.closed(), "a 256 MiB cut text is dropped");
+    // The watcher asks for the whole screen and gets an update of it.
+    watcher.write(&[3, 0, 0, 0, 0, 0, 0x05, 0x00, 0x03, 0x20]);
+    let header = watcher.read_exact(4);
+    assert_eq!(header[0], 0, "a FramebufferUpdate");
+    vnc_capture(&vm.vnc, &vm.dir, "zrle", None).assert_same(&expected, "after bad clients");
+    drop(watcher);
+
+    // A screendump that cannot be written leaves nothing behind.
+    let r = screendump(&mut vm.qmp, Path::new("/nonexistent/dir/x.ppm"), None);
+    assert_eq!(
+        r["error"]["desc"],
+        "failed to open file '/nonexistent/dir/x.ppm': No such file or directory"
+    );
+    let small = vm.dir.join("small");
+    std::fs::create_dir(&small).unwrap();
+    let mounted = Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=64k", "tmpfs"])
+        .arg(&small)
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false);
+    if mounted {
+        let full = small.join("x.ppm");
+        let r = screendump(&mut vm.qmp, &full, None);
+        assert!(
+            r["error"]["desc"]
+                .as_str()
+                .unwrap_or("")
+                .contains("No space left"),
+            "{r}"
+        );
+        assert!(!full.exists(), "the partial file is removed");
+        let _ = Command::new("umount").arg(&small).status();
+    } else {
+        eprintln!("skipping the full-filesystem screendump: cannot mount a tmpfs");
+    }
+
+    // kill -9 of vmm-display while a client watches: the client is dropped, the process
+    // comes back, a new client sees the same screen, the guest runs on.
+    let mut watcher = RawClient::connect(&vm.vnc);
+    assert!(matches!(watcher.handshake(None), Handshake::Ready { .. }));
+    let (pid, restarts) = display_process(&mut vm.qmp);
+    // SAFETY: signalling a process of ours.
+    assert_eq!(unsafe { libc::kill(pid as i32, libc::SIGKILL) }, 0);
+    assert!(watcher.closed(), "the watching client sees the disconnect");
+    eventually("vmm-display restarted", || {
+        let (new_pid, new_restarts) = display_process(&mut vm.qmp);
+        new_pid != pid && new_restarts == restarts + 1
+    });
+    vnc_capture(&vm.vnc, &vm.dir, "raw", None).assert_same(&expected, "after a restart");
+    let alive = vm.console.run("echo still-here", CMD_TIMEOUT);
+    assert!(alive.contains("still-here"), "{alive}");
+}
+
+#[test]
+fn vnc_passwords_expiry_and_disconnect() {
+    let mut vm = boot("display-auth", ",password=on", false);
+    let refused = |vm: &Vm, pw: &str| {
+        let mut c = RawClient::connect(&vm.vnc);
+        c.handshake(Some(pw))
+    };
+    let failed = Handshake::Refused("Authentication failed".into());
+    // No password set yet: every login fails.
+    assert_eq!(refused(&vm, ""), failed);
+    let ok = |r: Value| assert_eq!(r, json!({"return": {}}));
+    ok(vm.qmp.request(
+        "set_password",
+        Some(json!({"protocol": "vnc", "password": "secret-and-more"})),
+    ));
+    // Only the first 8 characters count.
+    assert!(matches!(refused(&vm, "secret-a"), Handshake::Ready { .. }));
+    assert_eq!(refused(&vm, "wrong"), failed);
+    // vncdotool's own DES agrees.
+    let verdict = vnc_client(&[
+        vm.vnc.to_str().unwrap(),
+        "capture",
+        vm.dir.join("a.ppm").to_str().unwrap(),
+        "--password",
+        "secret-and-more",
+    ]);
+    assert_eq!(verdict["ok"], true, "{verdict}");
+    let verdict = vnc_client(&[
+        vm.vnc.to_str().unwrap(),
+        "capture",
+        vm.dir.join("b.ppm").to_str().unwrap(),
+        "--password",
+        "nope",
+    ]);
+    assert_eq!(verdict["ok"], false, "{verdict}");
+
+    // Expiry: now, never, in an hour; junk reads as expired, as in QEMU.
+    for (time, works) in [
+        ("now", false),
+        ("never", true),
+        ("+3600", true),
+        ("junk", false),
+    ] {
+        ok(vm.qmp.request(
+            "expire_password",
+            Some(json!({"protocol": "vnc", "time": time})),
+        ));
+        let got = refused(&vm, "secret-a");
+        assert_eq!(
+            matches!(got, Handshake::Ready { .. }),
+            works,
+            "{time}: {got:?}"
+        );
+    }
+    ok(vm.qmp.request(
+        "expire_password",
+        Some(json!({"protocol": "vnc", "time": "never"})),
+    ));
+
+    // connected=disconnect drops a connected client; keep does not.
+    let mut watcher = RawClient::connect(&vm.vnc);
+    assert!(matches!(
+        watcher.handshake(Some("secret-a")),
+        Handshake::Ready { .. }
+    ));
+    ok(vm.qmp.request(
+        "set_password",
+        Some(json!({"protocol": "vnc", "password": "another1", "connected": "keep"})),
+    ));
+    assert_eq!(
+        vm.qmp.ok("query-vnc", None)["clients"]
+            .as_array()
+            .unwrap()
+            .len(),
+        1
+    );
+    ok(vm.qmp.request(
+        "set_password",
+        Some(json!({"protocol": "vnc", "password": "another2", "connected": "disconnect"})),
+    ));
+    assert!(watcher.closed(), "connected=disconnect drops the client");
+    assert_eq!(refused(&vm, "another1"), failed);
+    assert!(matches!(refused(&vm, "another2"), Handshake::Ready { .. }));
+    let server = next_event(&mut vm.events, "VNC_INITIALIZED")["data"]["server"].clone();
+    assert_eq!(server["auth"], "vnc", "{server}");
+
+    // Errors in QEMU's words.
+    let r = vm.qmp.request(
+        "set_password",
+        Some(json!({"protocol": "spice", "password": "x"})),
+    );
+    assert_eq!(
+        r["error"],
+        json!({"class": "DeviceNotActive", "desc": "SPICE is not in use"})
+    );
+    let r = vm.qmp.request(
+        "set_password",
+        Some(json!({"protocol": "vnc", "password": "x", "connected": "bogus"})),
+    );
+    assert_eq!(
+        r["error"]["desc"],
+        "Parameter 'connected' does not accept value 'bogus'"
+    );
+
+    // The password and its expiry survive a restart of vmm-display.
+    let (pid, restarts) = display_process(&mut vm.qmp);
+    // SAFETY: signalling a process of ours.
+    assert_eq!(unsafe { libc::kill(pid as i32, libc::SIGKILL) }, 0);
+    eventually("vmm-display restarted", || {
+        display_process(&mut vm.qmp).1 == restarts + 1
+    });
+    eventually("the new process listens", || {
+        UnixStream::connect(&vm.vnc).is_ok()
+    });
+    assert_eq!(refused(&vm, "another1"), failed);
+    assert!(matches!(refused(&vm, "another2"), Handshake::Ready { .. }));
+    drop(vm.console);
+}
+
+#[test]
+fn auth_none_refuses_a_password_and_qemu_agrees_on_the_screen() {
+    // Our side: set_password on a display without password auth.
+    let mut vm = boot("display-qemu", "", true);
+    let r = vm.qmp.request(
+        "set_password",
+        Some(json!({"protocol": "vnc", "password": "x"})),
+    );
+    assert_eq!(r["error"]["desc"], "Could not set password");
+    assert_eq!(
+        vm.qmp.hmp("change vnc password abc"),
+        "If you want use passwords please enable password auth using '-vnc ${dpy},password'.\r\nError: Could not set password\r\n"
+    );
+    let out = vm.console.run("/tmp/fbpattern", CMD_TIMEOUT);
+    assert!(out.contains("FB-OK"), "{out}");
+    let ours = vm.dir.join("ours.ppm");
+    assert_eq!(screendump(&mut vm.qmp, &ours, None), json!({"return": {}}));
+    let ours = Image::read_ppm(&ours);
+
+    // QEMU 7.2 with its own bochs-display, the same guest and program.
+    let qemu = Path::new("/usr/bin/qemu-system-x86_64");
+    assert!(
+        qemu.exists(),
+        "QEMU 7.2 (scripts/test installs qemu-system-x86)"
+    );
+    let dir = TempDir::new("display-qemu-peer");
+    let (disk, len) = pattern_disk(&dir);
+    let guest = repo_root().join("target/guest");
+    let qmp_sock = dir.join("qmp.sock");
+    let args: Vec<String> = [
+        "-machine",
+        "pc",
+        "-accel",
+        "tcg",
+        "-m",
+        "512",
+        "-nodefaults",
+        "-display",
+        "none",
+        "-kernel",
+        guest.join("vmlinuz").to_str().unwrap(),
+        "-initrd",
+        guest.join("initramfs.img").to_str().unwrap(),
+        "-append",
+        "console=ttyS0",
+        "-serial",
+        "stdio",
+        "-device",
+        "bochs-display",
+        "-drive",
+        &format!("file={},format=raw,if=none,id=prog", disk.display()),
+        "-device",
+        "virtio-blk-pci,drive=prog",
+        "-qmp",
+        &format!("unix:{},server=on,wait=off", qmp_sock.display()),
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let mut peer = GuestConsole::spawn_program(qemu, &args);
+    peer.wait_for("GUEST-READY", BOOT_TIMEOUT);
+    peer.wait_for("# ", CMD_TIMEOUT);
+    let out = peer.run(
+        &format!(
+            "head -c {len} /dev/vda > /tmp/fbpattern; chmod +x /tmp/fbpattern; /tmp/fbpattern"
+        ),
+        CMD_TIMEOUT,
+    );
+    assert!(
+        out.contains(&format!("FB-OK {WIDTH} {HEIGHT}")),
+        "QEMU: {out}"
+    );
+    let mut qmp = Qmp::unix(&qmp_sock);
+    qmp.negotiate();
+    let theirs = dir.join("theirs.ppm");
+    assert_eq!(screendump(&mut qmp, &theirs, None), json!({"return": {}}));
+    Image::read_ppm(&theirs).assert_same(&ours, "QEMU 7.2's screendump against ours");
+    ours.assert_same(&Image::pattern(WIDTH, HEIGHT), "the pattern");
+}
