@@ -260,6 +260,17 @@ pub struct VncClient {
     pub websocket: bool,
 }
 
+/// The virtio-input devices `vmm-display` serves over vhost-user.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum InputKind {
+    /// Absolute pointer (`virtio-tablet-pci`): VNC coordinates land where the user
+    /// points.
+    Tablet,
+    Keyboard,
+    /// Relative pointer.
+    Mouse,
+}
+
 /// Image formats `screendump` writes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum ImageFormat {
@@ -288,6 +299,11 @@ pub enum DisplayRequest {
     Screendump(ImageFormat),
     /// The server and its clients ([`DisplayReply::Vnc`]).
     QueryVnc,
+    /// Serve a virtio-input device of `kind` over vhost-user on the listening socket
+    /// that comes with this request; VNC input goes to it from now on.
+    AddInput {
+        kind: InputKind,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -69,6 +69,8 @@ fn boot(tag: &str, vnc_options: &str, wait_ready: bool) -> Vm {
         &qmp_arg,
         "-device",
         "bochs-display",
+        "-device",
+        "virtio-tablet-pci,id=tablet",
         "-vnc",
         &vnc_arg,
         "-drive",
@@ -235,6 +237,47 @@ fn the_guest_screen_reaches_screendump_and_vnc_clients() {
         vm.console.run("cat /tmp/keys2", CMD_TIMEOUT).contains("hI")
     });
     assert_eq!(vm.qmp.hmp("sendkey frob"), "invalid parameter: frob\r\n");
+
+    // The tablet: query-mice lists it (current once its driver runs), and a VNC pointer
+    // reaches it as absolute coordinates (0..=0x7fff over the screen, as QEMU scales).
+    let mice = vm.qmp.ok("query-mice", None);
+    assert_eq!(
+        mice,
+        json!([
+            {"name": "QEMU Virtio Tablet", "index": 3, "current": true, "absolute": true},
+            {"name": "QEMU PS/2 Mouse", "index": 2, "current": false, "absolute": false},
+        ])
+    );
+    vm.console.run(
+        "for e in /sys/class/input/event*; do \
+           [ \"$(cat $e/device/name)\" = \"QEMU Virtio Tablet\" ] && tablet=/dev/input/${e##*/}; \
+         done; (cat $tablet > /tmp/tablet.bin &); sleep 1",
+        CMD_TIMEOUT,
+    );
+    let moved = vnc_client(&[vm.vnc.to_str().unwrap(), "move", "320", "600"]);
+    assert_eq!(moved["ok"], true, "{moved}");
+    let want_x = 320 * 0x7fff / WIDTH;
+    let want_y = 600 * 0x7fff / HEIGHT;
+    eventually("the tablet's events", || {
+        let dump = vm
+            .console
+            .run("od -An -tu2 -w24 -v /tmp/tablet.bin", CMD_TIMEOUT);
+        // struct input_event: 16 bytes of time, then type, code, value (u16 words 8..12).
+        let events: Vec<Vec<u32>> = dump
+            .lines()
+            .map(|l| {
+                l.split_whitespace()
+                    .filter_map(|w| w.parse().ok())
+                    .collect()
+            })
+            .filter(|w: &Vec<u32>| w.len() == 12)
+            .map(|w| vec![w[8], w[9], w[10] | w[11] << 16])
+            .collect();
+        events.contains(&vec![3, 0, want_x])
+            && events.contains(&vec![3, 1, want_y])
+            && events.contains(&vec![1, 0x110, 1])
+            && events.contains(&vec![1, 0x110, 0])
+    });
 
     // add_client: one end of a socketpair, handed over with getfd.
     let (ours, theirs) = UnixStream::pair().unwrap();

@@ -104,6 +104,11 @@ impl VhostUserListener {
         })
     }
 
+    /// The listening socket, to hand to a device process.
+    pub fn as_fd(&self) -> std::os::fd::BorrowedFd<'_> {
+        std::os::fd::AsFd::as_fd(&self.fd)
+    }
+
     /// A new connection to the listener (queued until the child accepts it).
     pub fn connect(&self) -> io::Result<UnixStream> {
         // SAFETY: as in `new`.

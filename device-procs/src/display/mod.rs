@@ -7,6 +7,7 @@
 //! RFB server; [`screendump`] writes images. Keys and pointer motion for the vmm's PS/2
 //! devices go back over the control channel.
 
+pub mod input;
 pub mod screen;
 pub mod screendump;
 pub mod vnc;
@@ -21,6 +22,7 @@ use ipc::{DeviceKind, RemoteError};
 
 use crate::sandbox::Profile;
 use crate::supervised::{self as process, Sender, SupervisedError};
+use input::{InputBackend, Inputs};
 use screen::{Framebuffer, Screen};
 use vnc::VncServer;
 
@@ -89,24 +91,28 @@ fn run() -> Result<(), DisplayError> {
         process::start::<DisplayRequest, DisplayReply, DisplayEvent>(DeviceKind::Display, profile)?;
     let sender = process::Sender::new(&channel)?;
     let events = sender.clone();
+    let inputs = Arc::new(Inputs::default());
     let (id, (display, vnc)) =
         process::wait_for_setup(&mut channel, |request, fds| match request {
             DisplayRequest::Attach(config) => {
-                attach(&config, fds, &events).map_err(|e| RemoteError(e.to_string()))
+                attach(&config, fds, &inputs, &events).map_err(|e| RemoteError(e.to_string()))
             }
             _ => Err(RemoteError("the display is not set up yet".into())),
         })?;
     sender.reply(id, Ok(DisplayReply::Done));
-    let controlled = (display.clone(), vnc.clone());
+    let controlled = (display.clone(), vnc.clone(), inputs);
     let nothing: Arc<dyn Fn() + Send + Sync> = Arc::new(|| {});
     process::spawn_control_loop(
         channel,
         sender,
-        move |request, fds| control_request(&controlled.0, controlled.1.as_ref(), request, fds),
+        move |request, fds| {
+            let (display, vnc, inputs) = &controlled;
+            control_request(display, vnc.as_ref(), inputs, request, fds)
+        },
         nothing.clone(),
     )?;
     process::spawn_signal_thread(nothing)?;
-    refresh_loop(&display, vnc.as_deref());
+    refresh_loop(vnc.as_deref());
     Ok(())
 }
 
@@ -115,6 +121,7 @@ fn run() -> Result<(), DisplayError> {
 fn attach(
     config: &DisplayConfig,
     fds: Vec<OwnedFd>,
+    inputs: &Arc<Inputs>,
     events: &DisplaySender,
 ) -> Result<(Arc<Display>, Option<Arc<VncServer>>), DisplayError> {
     let mut fds = fds.into_iter();
@@ -140,6 +147,7 @@ fn attach(
             let sink = events.clone();
             let server = VncServer::new(
                 display.clone(),
+                inputs.clone(),
                 vnc_config,
                 Arc::new(move |event| sink.event(event, &[])),
             );
@@ -154,6 +162,7 @@ fn attach(
 fn control_request(
     display: &Display,
     vnc: Option<&Arc<VncServer>>,
+    inputs: &Inputs,
     request: DisplayRequest,
     fds: Vec<OwnedFd>,
 ) -> Result<DisplayReply, RemoteError> {
@@ -188,7 +197,15 @@ fn control_request(
         }
         DisplayRequest::Screendump(format) => {
             let file = std::fs::File::from(one_fd(fds)?);
-            display.refresh();
+            // What changed since the last look goes to the VNC clients too.
+            match vnc {
+                Some(vnc) => {
+                    vnc.refresh();
+                }
+                None => {
+                    display.refresh();
+                }
+            }
             screendump::write(&display.screen(), format, file)
                 .map_err(|e| RemoteError(e.to_string()))?;
             Ok(DisplayReply::Done)
@@ -196,6 +213,23 @@ fn control_request(
         DisplayRequest::QueryVnc => Ok(DisplayReply::Vnc {
             clients: vnc.map(|v| v.clients()).unwrap_or_default(),
         }),
+        DisplayRequest::AddInput { kind } => {
+            let listener = std::os::unix::net::UnixListener::from(one_fd(fds)?);
+            let device = Arc::new(
+                InputBackend::new(kind).map_err(|e| RemoteError(format!("input device: {e}")))?,
+            );
+            let served = device.clone();
+            std::thread::Builder::new()
+                .name(format!("input-{kind:?}").to_lowercase())
+                .spawn(move || {
+                    if let Err(e) = crate::vhost_daemon::serve(served, listener) {
+                        tracing::error!("input device: {e}");
+                    }
+                })
+                .map_err(|e| RemoteError(format!("cannot start a thread: {e}")))?;
+            inputs.add(device);
+            Ok(DisplayReply::Done)
+        }
     }
 }
 
@@ -223,7 +257,7 @@ fn is_stream_socket(fd: &OwnedFd) -> bool {
 }
 
 /// Look at the screen while clients watch it, and hand them what changed.
-fn refresh_loop(display: &Display, vnc: Option<&VncServer>) {
+fn refresh_loop(vnc: Option<&VncServer>) {
     let Some(vnc) = vnc else {
         // Nobody watches; screendumps refresh for themselves.
         loop {
@@ -259,9 +293,7 @@ fn refresh_loop(display: &Display, vnc: Option<&VncServer>) {
             std::thread::sleep(REFRESH_MIN - since);
         }
         last = Instant::now();
-        let (damage, generation, tiles_x) = display.refresh();
-        if damage.any() {
-            vnc.damage(&damage, generation, tiles_x);
+        if vnc.refresh() {
             interval = REFRESH_BASE;
         } else {
             interval = (interval + REFRESH_BACKOFF).min(REFRESH_MAX);

@@ -12,7 +12,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use ipc::display::{
     DisplayChannel, DisplayConfig, DisplayEvent, DisplayReply, DisplayRequest, Expiry, ImageFormat,
-    VncAuth, VncClient, VncConfig,
+    InputKind, VncAuth, VncClient, VncConfig,
 };
 use ipc::DeviceKind;
 use qmp::EventSender;
@@ -23,7 +23,69 @@ use super::{lock, DeviceConfig, DeviceError, DeviceManager, SETUP_TIMEOUT};
 use crate::devices::bochs_display::{self, BochsDisplay};
 use crate::devices::i8042::I8042;
 use crate::pci::PciDevice;
+use crate::supervisor::VhostUserListener;
+use crate::virtio::input::{self, VirtioInput};
+use crate::virtio::pci::VirtioPciDevice;
+use crate::virtio::vhost_user::VhostUserDevice;
+use crate::virtio::VirtioBackend;
 use crate::vnc::VncOptions;
+
+/// PCI class of an input device (input, other), as QEMU gives virtio-input.
+const CLASS_INPUT_OTHER: (u8, u8) = (0x09, 0x80);
+
+/// A virtio-input device, whose queues vmm-display serves on `listener`.
+pub(super) struct InputDevice {
+    kind: InputKind,
+    /// `virtio-input[ID]`, for logs.
+    name: String,
+    listener: VhostUserListener,
+    function: Arc<Mutex<VirtioPciDevice>>,
+    slot: u8,
+    /// query-mice's index (PS/2's is 2; QEMU numbers mice in creation order).
+    mouse_index: u32,
+}
+
+type SharedInputs = Arc<Mutex<Vec<InputDevice>>>;
+
+/// Have the display process serve `input`'s queues, and connect its frontend: a fresh
+/// vhost-user device, or the existing one reconnected (after a restart).
+fn connect_input(
+    control: &mut DisplayChannel,
+    process_name: &str,
+    input: &InputDevice,
+    memory: &vm_memory::GuestMemoryMmap,
+) -> Result<(), DeviceError> {
+    let request = DisplayRequest::AddInput { kind: input.kind };
+    match process::setup_call(process_name, control, request, &[input.listener.as_fd()])? {
+        DisplayReply::Done => {}
+        other => return Err(process::unexpected(process_name, "AddInput", &other)),
+    }
+    let stream = input
+        .listener
+        .connect()
+        .map_err(|e| crate::supervisor::SupervisorError::Sockets(input.name.clone(), e))?;
+    let mut function = lock(&input.function);
+    let backend = function
+        .backend_mut()
+        .as_input()
+        .ok_or_else(|| DeviceError::Display(format!("{}: not an input device", input.name)))?;
+    match backend.as_vhost_user() {
+        Some(vhost) => vhost.reconnect(stream)?,
+        None => {
+            let vhost = VhostUserDevice::connect(
+                &input.name,
+                input::VIRTIO_ID_INPUT,
+                stream,
+                2,
+                input::QUEUE_SIZE,
+                0,
+                memory.clone(),
+            )?;
+            backend.attach(vhost);
+        }
+    }
+    Ok(())
+}
 
 /// The display's parts, as the device manager keeps them.
 #[derive(Default)]
@@ -37,6 +99,10 @@ pub(super) struct Display {
     started: bool,
     /// The PS/2 mouse buttons HMP's mouse_button last set.
     mouse_buttons: std::sync::atomic::AtomicU8,
+    /// virtio-input devices, served by the display process.
+    inputs: SharedInputs,
+    /// QEMU's input-handler index of the next input device.
+    next_mouse_index: u32,
 }
 
 /// What QMP says of the VNC server.
@@ -79,6 +145,8 @@ pub(super) struct DisplayProcess {
     server: Option<ServerInfo>,
     input: Option<Arc<Mutex<I8042>>>,
     events: Arc<Mutex<EventSender>>,
+    inputs: SharedInputs,
+    memory: vm_memory::GuestMemoryMmap,
 }
 
 const EVENT_VNC_CONNECTED: &str = "VNC_CONNECTED";
@@ -191,10 +259,14 @@ impl SupervisedDevice for DisplayProcess {
         Ok(())
     }
 
-    /// A new process on the same framebuffer and listener, with the password as it is.
+    /// A new process on the same framebuffer and listeners, with the password as it is,
+    /// serving the input devices again.
     fn respawn(&mut self) -> Result<(), DeviceError> {
-        let (process, control) =
-            start_display_process(&self.supervision.name, &self.config, &self.fds)?;
+        let name = self.supervision.name.clone();
+        let (process, mut control) = start_display_process(&name, &self.config, &self.fds)?;
+        for input in lock(&self.inputs).iter() {
+            connect_input(&mut control, &name, input, &self.memory)?;
+        }
         self.control = control;
         self.supervision.replaced(process);
         Ok(())
@@ -290,7 +362,10 @@ impl DeviceManager {
     /// after the command line's devices.
     pub fn start_display(&mut self) -> Result<(), DeviceError> {
         self.display.started = true;
-        if self.display.adapter.is_none() && self.display.vnc.is_none() {
+        if self.display.adapter.is_none()
+            && self.display.vnc.is_none()
+            && lock(&self.display.inputs).is_empty()
+        {
             return Ok(());
         }
         let mut fds = Vec::new();
@@ -337,7 +412,10 @@ impl DeviceManager {
         };
         let config = DisplayConfig { vram_size, vnc };
         let name = "vmm-display".to_string();
-        let (process, control) = start_display_process(&name, &config, &fds)?;
+        let (process, mut control) = start_display_process(&name, &config, &fds)?;
+        for input in lock(&self.display.inputs).iter() {
+            connect_input(&mut control, &name, input, &self.memory)?;
+        }
         let display = Arc::new(Mutex::new(DisplayProcess {
             supervision: Supervision::new(&name, Some("display"), "vmm-display", process),
             control,
@@ -346,10 +424,98 @@ impl DeviceManager {
             server,
             input: self.display.input.clone(),
             events: self.events.clone(),
+            inputs: self.display.inputs.clone(),
+            memory: self.memory.clone(),
         }));
         self.display.process = Some(display.clone());
         self.supervise(display)?;
         Ok(())
+    }
+
+    /// `-device virtio-tablet-pci`, `virtio-keyboard-pci`, `virtio-mouse-pci` (and
+    /// device_add of them once the machine runs).
+    pub(super) fn add_virtio_input(
+        &mut self,
+        cfg: &DeviceConfig,
+    ) -> Result<Option<u8>, DeviceError> {
+        let kind = match cfg.driver.as_str() {
+            "virtio-tablet-pci" => InputKind::Tablet,
+            "virtio-keyboard-pci" => InputKind::Keyboard,
+            _ => InputKind::Mouse,
+        };
+        let name = format!("virtio-input[{}]", cfg.id.as_deref().unwrap_or(&cfg.driver));
+        let listener = VhostUserListener::new()
+            .map_err(|e| crate::supervisor::SupervisorError::Sockets(name.clone(), e))?;
+        let (slot, function) = self.plug_virtio(
+            cfg,
+            &name,
+            Box::new(VirtioInput::new(kind)),
+            CLASS_INPUT_OTHER,
+            None,
+        )?;
+        // Every input device takes a handler index, keyboards too.
+        let mouse_index = self.display.next_mouse_index.max(3);
+        self.display.next_mouse_index = mouse_index + 1;
+        let device = InputDevice {
+            kind,
+            name,
+            listener,
+            function,
+            slot,
+            mouse_index,
+        };
+        if let Some(process) = self.display.process.clone() {
+            let mut p = lock(&process);
+            let process_name = p.supervision.name.clone();
+            let result = connect_input(&mut p.control, &process_name, &device, &self.memory);
+            drop(p);
+            if let Err(e) = result {
+                // Roll back: the function goes, as a failed device_add leaves nothing.
+                self.functions.remove(&slot);
+                let _ = lock(&self.pci).remove_device(slot);
+                return Err(e);
+            }
+        } else if self.display.started {
+            // A hot-plugged input device on a machine that had no display process yet.
+            lock(&self.display.inputs).push(device);
+            self.start_display()?;
+            return Ok(Some(slot));
+        }
+        lock(&self.display.inputs).push(device);
+        Ok(Some(slot))
+    }
+
+    /// The virtio-input device in `slot` was unplugged.
+    pub(super) fn remove_input(&mut self, slot: u8) {
+        lock(&self.display.inputs).retain(|i| i.slot != slot);
+    }
+
+    /// query-mice: the virtio mice and tablets, newest first, then the PS/2 mouse;
+    /// `current` is the newest one whose driver set it up (else the PS/2 mouse).
+    pub fn mice(&self) -> Vec<crate::monitor::info::MouseInfo> {
+        let mut mice: Vec<crate::monitor::info::MouseInfo> = lock(&self.display.inputs)
+            .iter()
+            .rev()
+            .filter(|i| i.kind != InputKind::Keyboard)
+            .map(|i| crate::monitor::info::MouseInfo {
+                name: input::device_name(i.kind),
+                index: i.mouse_index,
+                current: false,
+                absolute: i.kind == InputKind::Tablet,
+                active: lock(&i.function).is_active(),
+            })
+            .collect();
+        mice.push(crate::monitor::info::MouseInfo {
+            name: "QEMU PS/2 Mouse",
+            index: 2,
+            current: false,
+            absolute: false,
+            active: true,
+        });
+        if let Some(m) = mice.iter_mut().find(|m| m.active) {
+            m.current = true;
+        }
+        mice
     }
 
     fn display_process(&self) -> Option<&Arc<Mutex<DisplayProcess>>> {

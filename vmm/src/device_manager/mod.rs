@@ -189,6 +189,21 @@ pub const DRIVERS: &[Driver] = &[
         add: DeviceManager::add_virtio_net,
     },
     Driver {
+        name: "virtio-tablet-pci",
+        properties: &["disable-legacy", "disable-modern"],
+        add: DeviceManager::add_virtio_input,
+    },
+    Driver {
+        name: "virtio-keyboard-pci",
+        properties: &["disable-legacy", "disable-modern"],
+        add: DeviceManager::add_virtio_input,
+    },
+    Driver {
+        name: "virtio-mouse-pci",
+        properties: &["disable-legacy", "disable-modern"],
+        add: DeviceManager::add_virtio_input,
+    },
+    Driver {
         name: "bochs-display",
         properties: &["vgamem"],
         add: DeviceManager::add_bochs_display,
@@ -361,6 +376,9 @@ impl DeviceManager {
             path
         } else if let Some((_, path)) = self.remove_nic(slot) {
             path
+        } else if plugged.driver.starts_with("virtio-") && plugged.driver.ends_with("-pci") {
+            self.remove_input(slot);
+            plugged.id.as_deref().map_or(String::new(), peripheral_path)
         } else if let Some(i) = self.controllers.iter().position(|c| lock(c).slot == slot) {
             let controller = self.controllers.remove(i);
             self.unsupervise(&(controller as SharedSupervised));

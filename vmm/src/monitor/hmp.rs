@@ -347,7 +347,7 @@ fn info(machine: &Machine, args: &[&str], current: usize) -> String {
             format!("kvm support: {state}\n")
         }
         "vnc" => super::display::hmp_info_vnc(machine),
-        "mice" => mice()
+        "mice" => mice(machine)
             .iter()
             .map(|m| {
                 let mark = if m.current { '*' } else { ' ' };

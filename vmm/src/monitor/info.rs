@@ -30,7 +30,7 @@ pub const COMMANDS: &[Command] = &[
             "UUID": ctx.machine.config().uuid.as_deref().unwrap_or(NULL_UUID),
         }))
     }),
-    Command::machine("query-mice", |_| Ok(query_mice())),
+    Command::machine("query-mice", |ctx| Ok(query_mice(ctx.machine))),
     // QEMU 7.2's, which the seed predates.
     Command::machine("query-cpus-fast", |ctx| Ok(query_cpus_fast(ctx.machine)))
         .with_spec(|| CommandSpec::no_args("query-cpus-fast")),
@@ -137,22 +137,20 @@ pub struct MouseInfo {
     pub index: u32,
     pub current: bool,
     pub absolute: bool,
+    /// Its driver set it up (the newest such is current).
+    pub active: bool,
 }
 
-/// The machine's mice: the i8042's PS/2 mouse, which every pc machine has. The index is
-/// QEMU 7.2's input-handler index for it on the same machine (the keyboard handlers come
-/// first), so management software sees the same numbers from both.
-pub fn mice() -> [MouseInfo; 1] {
-    [MouseInfo {
-        name: "QEMU PS/2 Mouse",
-        index: 2,
-        current: true,
-        absolute: false,
-    }]
+/// The machine's mice: the i8042's PS/2 mouse, which every pc machine has, and the
+/// virtio ones. The indices are QEMU 7.2's input-handler indices on the same machine (the
+/// PS/2 keyboard's handlers come first, then the PS/2 mouse's, then each virtio-input
+/// device's in creation order), so management software sees the same numbers from both.
+pub fn mice(machine: &Machine) -> Vec<MouseInfo> {
+    machine.devices().mice()
 }
 
-fn query_mice() -> Value {
-    json!(mice()
+fn query_mice(machine: &Machine) -> Value {
+    json!(mice(machine)
         .iter()
         .map(|m| json!({
             "name": m.name,

@@ -2,6 +2,7 @@
 //! and the backends behind it. A backend is usually a device process reached over
 //! vhost-user ([`vhost_user`]); the transport does not care which.
 
+pub mod input;
 pub mod interrupt;
 pub mod msix;
 pub mod net;
@@ -74,6 +75,10 @@ pub trait VirtioBackend: Send {
     }
     /// The network card, if that is what this is (set_link, query-rx-filter).
     fn as_net(&mut self) -> Option<&mut net::VirtioNet> {
+        None
+    }
+    /// The input device, if that is what this is (its backend connects late).
+    fn as_input(&mut self) -> Option<&mut input::VirtioInput> {
         None
     }
     /// Whether the device serves queue `queue` itself when the driver notifies it (the

@@ -233,6 +233,11 @@ impl VirtioPciDevice {
         })
     }
 
+    /// The driver set DRIVER_OK (and has not reset the device since).
+    pub fn is_active(&self) -> bool {
+        self.status & STATUS_DRIVER_OK != 0
+    }
+
     pub fn backend_mut(&mut self) -> &mut dyn VirtioBackend {
         self.backend.as_mut()
     }

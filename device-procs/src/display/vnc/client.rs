@@ -12,13 +12,14 @@ use std::os::unix::net::UnixStream;
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 
-use ipc::display::{DisplayEvent, VncClient};
+use ipc::display::{DisplayEvent, InputKind, VncClient};
 
 use super::auth;
 use super::encoding::{self, Encoder, Rect};
 use super::keys::{self, Key};
 use super::pixel::PixelFormat;
 use super::{lock, VncServer};
+use crate::display::input::{self, InputEvent, BTN_LEFT, BTN_MIDDLE, BTN_RIGHT};
 use crate::display::screen::{Damage, TILE};
 
 /// How long a client may take over its handshake.
@@ -295,6 +296,8 @@ impl Client {
             s.write_all(&0u32.to_be_bytes())?;
         }
         let [shared] = read_array(s)?;
+        // The screen as it is now, not as the last refresh (perhaps long ago) saw it.
+        server.refresh();
         let (generation, width, height) = server.display.size();
         {
             let mut st = lock(&self.state);
@@ -355,7 +358,9 @@ impl Client {
                     let b: [u8; 5] = read_array(&mut r)?;
                     let x = u16::from_be_bytes([b[1], b[2]]);
                     let y = u16::from_be_bytes([b[3], b[4]]);
-                    let relative_offsets = lock(&self.state).features.pointer_type_change;
+                    // A client told the pointer is relative sends offsets from 0x7fff.
+                    let relative_offsets = lock(&self.state).features.pointer_type_change
+                        && server.inputs.find(InputKind::Tablet).is_none();
                     input.pointer(server, b[0], x, y, relative_offsets);
                 }
                 CUT_TEXT => {
@@ -500,8 +505,16 @@ impl Client {
             count += 1;
         }
         if work.announce_pointer_type {
-            // Relative: the guest has no absolute pointing device here.
-            encoding::header(0, 0, 0, 0, encoding::POINTER_TYPE_CHANGE, out);
+            // x is 1 for an absolute pointer (a tablet), 0 for a relative one.
+            let absolute = server.inputs.find(InputKind::Tablet).is_some();
+            encoding::header(
+                u32::from(absolute),
+                0,
+                0,
+                0,
+                encoding::POINTER_TYPE_CHANGE,
+                out,
+            );
             count += 1;
         }
         let Some(update) = &work.update else {
@@ -587,18 +600,39 @@ fn fail(s: &mut UnixStream, reason: &str) -> io::Result<()> {
     s.write_all(&b)
 }
 
-/// A client's keyboard and pointer state, turned into PS/2 events for the vmm.
+/// A client's keyboard and pointer state, turned into events for the guest's devices:
+/// the virtio-input ones if there are (the tablet takes absolute coordinates), else the
+/// vmm's PS/2 keyboard and mouse.
 #[derive(Default)]
 struct Input {
     shift: bool,
     last: Option<(u16, u16)>,
+    buttons: u8,
 }
 
 impl Input {
+    /// Keys going down or up, in order.
+    fn send_keys(&mut self, server: &VncServer, keys: &[(Key, bool)]) {
+        if let Some(keyboard) = server.inputs.find(InputKind::Keyboard) {
+            let mut events = Vec::new();
+            for (key, down) in keys {
+                if let Some(code) = input::linux_keycode(key.code, key.extended) {
+                    events.push(InputEvent::new(input::EV_KEY, code, u32::from(*down)));
+                    events.push(InputEvent::SYNC);
+                }
+            }
+            keyboard.push(&events);
+            return;
+        }
+        let scancodes = keys
+            .iter()
+            .flat_map(|(key, down)| keys::scancodes(*key, *down))
+            .collect();
+        server.emit(DisplayEvent::Key { scancodes });
+    }
+
     fn key(&mut self, server: &VncServer, key: Key, down: bool) {
-        server.emit(DisplayEvent::Key {
-            scancodes: keys::scancodes(key, down),
-        });
+        self.send_keys(server, &[(key, down)]);
     }
 
     fn keysym(&mut self, server: &VncServer, down: bool, keysym: u32) {
@@ -609,22 +643,44 @@ impl Input {
             tracing::debug!("vnc: no key for keysym {keysym:#x}");
             return;
         };
-        let mut scancodes = Vec::new();
         // A symbol typed with Shift, from a client that did not press Shift.
-        let fake_shift = down && shifted && !self.shift;
-        if fake_shift {
-            scancodes.extend(keys::scancodes(keys::LEFT_SHIFT, true));
+        if down && shifted && !self.shift {
+            let shift = keys::LEFT_SHIFT;
+            self.send_keys(server, &[(shift, true), (key, true), (shift, false)]);
+        } else {
+            self.send_keys(server, &[(key, down)]);
         }
-        scancodes.extend(keys::scancodes(key, down));
-        if fake_shift {
-            scancodes.extend(keys::scancodes(keys::LEFT_SHIFT, false));
-        }
-        server.emit(DisplayEvent::Key { scancodes });
     }
 
-    /// RFB's button mask (1 left, 2 middle, 4 right, 8/16 wheel) as PS/2 motion: from the
-    /// last position, or (a client told the pointer is relative) from 0x7fff.
+    /// RFB's button mask (1 left, 2 middle, 4 right, 8/16 wheel up/down).
     fn pointer(&mut self, server: &VncServer, mask: u8, x: u16, y: u16, offsets: bool) {
+        let changed = mask ^ self.buttons;
+        self.buttons = mask;
+        let wheel = match mask & changed & 0x18 {
+            0x08 => -1,
+            0x10 => 1,
+            _ => 0,
+        };
+        let buttons = [(1u8, BTN_LEFT), (2, BTN_MIDDLE), (4, BTN_RIGHT)];
+        let button_events = |events: &mut Vec<InputEvent>| {
+            for (bit, code) in buttons {
+                if changed & bit != 0 {
+                    events.push(InputEvent::new(
+                        input::EV_KEY,
+                        code,
+                        u32::from(mask & bit != 0),
+                    ));
+                }
+            }
+            if wheel != 0 {
+                events.push(InputEvent::new(
+                    input::EV_REL,
+                    input::REL_WHEEL,
+                    (-wheel) as u32,
+                ));
+            }
+            events.push(InputEvent::SYNC);
+        };
         let (dx, dy) = if offsets {
             (i32::from(x) - 0x7fff, i32::from(y) - 0x7fff)
         } else {
@@ -632,16 +688,37 @@ impl Input {
             (i32::from(x) - i32::from(lx), i32::from(y) - i32::from(ly))
         };
         self.last = Some((x, y));
-        let dz = match mask & 0x18 {
-            0x08 => -1,
-            0x10 => 1,
-            _ => 0,
-        };
+        if let Some(tablet) = server.inputs.find(InputKind::Tablet) {
+            let (_, width, height) = server.display.size();
+            // QEMU's scaling: 0..size onto 0..=ABS_MAX.
+            let scale = |v: u16, size: u32| {
+                (u32::from(v).min(size) * input::ABS_MAX / size.max(1)).min(input::ABS_MAX)
+            };
+            let mut events = vec![
+                InputEvent::new(input::EV_ABS, input::ABS_X, scale(x, width)),
+                InputEvent::new(input::EV_ABS, input::ABS_Y, scale(y, height)),
+            ];
+            button_events(&mut events);
+            tablet.push(&events);
+            return;
+        }
+        if let Some(mouse) = server.inputs.find(InputKind::Mouse) {
+            let mut events = Vec::new();
+            if dx != 0 {
+                events.push(InputEvent::new(input::EV_REL, input::REL_X, dx as u32));
+            }
+            if dy != 0 {
+                events.push(InputEvent::new(input::EV_REL, input::REL_Y, dy as u32));
+            }
+            button_events(&mut events);
+            mouse.push(&events);
+            return;
+        }
         let buttons = (mask & 1) | ((mask & 4) >> 1) | ((mask & 2) << 1);
         server.emit(DisplayEvent::Pointer {
             dx,
             dy,
-            dz,
+            dz: wheel,
             buttons,
         });
     }

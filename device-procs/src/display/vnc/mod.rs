@@ -22,6 +22,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use ipc::display::{DisplayEvent, Expiry, VncAuth, VncClient, VncConfig};
 
+use super::input::Inputs;
 use super::screen::Damage;
 use super::Display;
 pub use client::Client;
@@ -39,6 +40,8 @@ struct AuthState {
 
 pub struct VncServer {
     display: Arc<Display>,
+    /// The virtio-input devices client input goes to (PS/2 through the vmm without).
+    inputs: Arc<Inputs>,
     name: String,
     auth: Mutex<AuthState>,
     clients: Mutex<Vec<Arc<Client>>>,
@@ -60,9 +63,15 @@ fn now() -> u64 {
 }
 
 impl VncServer {
-    pub fn new(display: Arc<Display>, config: &VncConfig, events: EventSink) -> Arc<Self> {
+    pub fn new(
+        display: Arc<Display>,
+        inputs: Arc<Inputs>,
+        config: &VncConfig,
+        events: EventSink,
+    ) -> Arc<Self> {
         Arc::new(VncServer {
             display,
+            inputs,
             name: config.name.clone(),
             auth: Mutex::new(AuthState {
                 auth: config.auth,
@@ -169,8 +178,17 @@ impl VncServer {
         (self.events)(event);
     }
 
+    /// Look at the screen now and hand every client what changed; whether anything did.
+    pub fn refresh(&self) -> bool {
+        let (damage, generation, tiles_x) = self.display.refresh();
+        if damage.any() {
+            self.damage(&damage, generation, tiles_x);
+        }
+        damage.any()
+    }
+
     /// Merge a refresh's damage into every client's.
-    pub fn damage(&self, damage: &Damage, generation: u64, tiles_x: u32) {
+    fn damage(&self, damage: &Damage, generation: u64, tiles_x: u32) {
         for c in lock(&self.clients).iter() {
             c.add_damage(damage, generation, tiles_x);
         }
