@@ -256,6 +256,10 @@ fn the_guest_screen_reaches_screendump_and_vnc_clients() {
     );
     let moved = vnc_client(&[vm.vnc.to_str().unwrap(), "move", "320", "600"]);
     assert_eq!(moved["ok"], true, "{moved}");
+    // Its connection is gone once its VNC_DISCONNECTED is out.
+    for name in ["VNC_CONNECTED", "VNC_INITIALIZED", "VNC_DISCONNECTED"] {
+        next_event(&mut vm.events, name);
+    }
     let want_x = 320 * 0x7fff / WIDTH;
     let want_y = 600 * 0x7fff / HEIGHT;
     eventually("the tablet's events", || {
