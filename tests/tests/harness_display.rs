@@ -1,0 +1,222 @@
+//! bochs-display and virtio-tablet-pci through the qtest harness, driven as the guest's
+//! drivers would: the PCI identity, the EDID, DISPI and extension registers in BAR2, a
+//! mode set from test code and pixels written through BAR0 showing up in `screendump`
+//! (page flips and absurd modes too), and a VNC client's pointer event arriving in the
+//! tablet's event queue as absolute coordinates.
+
+use std::time::Duration;
+
+use serde_json::json;
+use vmm_tests::display::{Handshake, Image, RawClient};
+use vmm_tests::libqos::blk::wait_used;
+use vmm_tests::libqos::pci::{self, BarAllocator};
+use vmm_tests::libqos::virtio::VirtioPciDevice;
+use vmm_tests::libqos::virtqueue::{Buffer, GuestAlloc};
+use vmm_tests::qmp::Qmp;
+use vmm_tests::qtest::Qtest;
+use vmm_tests::TempDir;
+
+const RAM: u64 = 128 << 20;
+const MEM: &str = "128M";
+const TIMEOUT: Duration = Duration::from_secs(10);
+const DISPI: u64 = 0x500;
+const EXT: u64 = 0x600;
+
+struct Rig {
+    qt: Qtest,
+    qmp: Qmp<std::os::unix::net::UnixStream>,
+    dir: TempDir,
+}
+
+fn start(tag: &str, devices: &[&str]) -> Rig {
+    let dir = TempDir::new(tag);
+    let sock = dir.join("qmp.sock");
+    let qmp_arg = format!("unix:{},server=on,wait=off", sock.display());
+    let vnc_arg = format!("unix:{}", dir.join("vnc.sock").display());
+    let mut args = vec!["-qmp", qmp_arg.as_str(), "-vnc", vnc_arg.as_str()];
+    for d in devices {
+        args.extend(["-device", d]);
+    }
+    let qt = Qtest::start(MEM, &args).unwrap();
+    let qmp = Qmp::connect(&sock);
+    Rig { qt, qmp, dir }
+}
+
+impl Rig {
+    fn screendump(&mut self) -> Image {
+        let path = self.dir.join("screen.ppm");
+        let r = self.qmp.request(
+            "screendump",
+            Some(json!({"filename": path.display().to_string()})),
+        );
+        assert_eq!(r, json!({"return": {}}), "screendump");
+        Image::read_ppm(&path)
+    }
+}
+
+#[test]
+fn registers_edid_and_a_mode_set_from_test_code() {
+    let mut rig = start("harness-display", &["bochs-display,vgamem=4M"]);
+    let qt = &mut rig.qt;
+    let f = pci::enumerate_bus0(qt)
+        .unwrap()
+        .into_iter()
+        .find(|f| f.vendor_id == 0x1234 && f.device_id == 0x1111)
+        .expect("a bochs-display function");
+    assert_eq!((f.class, f.subclass, f.revision), (0x03, 0x80, 2));
+    let bars = pci::assign_bars(qt, f.addr, &mut BarAllocator::for_ram(RAM)).unwrap();
+    pci::enable(qt, f.addr, false, true, false).unwrap();
+    let vram = bars.iter().find(|b| b.index == 0).unwrap();
+    let mmio = bars.iter().find(|b| b.index == 2).unwrap();
+    assert_eq!((vram.size, vram.prefetchable), (4 << 20, true));
+    assert_eq!(mmio.size, 4096);
+    let (fb, regs) = (vram.address, mmio.address);
+
+    // EDID: the header, a valid checksum, the preferred mode in the first timing.
+    let edid = qt.memread(regs, 128);
+    let edid = match edid {
+        Ok(bytes) => bytes,
+        // MMIO is read a byte at a time where the harness has no bulk path.
+        Err(_) => (0..128).map(|i| qt.readb(regs + i).unwrap()).collect(),
+    };
+    assert_eq!(edid[..8], [0, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0]);
+    assert_eq!(edid.iter().fold(0u8, |a, b| a.wrapping_add(*b)), 0);
+    let width = u32::from(edid[56]) | u32::from(edid[58] >> 4) << 8;
+    assert_eq!(width, 1280);
+    // DISPI: the ID the driver checks, VRAM in 64 KiB units; the extension registers.
+    assert_eq!(qt.readw(regs + DISPI).unwrap() & 0xfff0, 0xb0c0);
+    assert_eq!(qt.readw(regs + DISPI + 2 * 10).unwrap(), 64);
+    assert_eq!(qt.readl(regs + EXT).unwrap(), 8);
+    assert_eq!(qt.readl(regs + EXT + 4).unwrap(), 0x1e1e_1e1e);
+
+    // No mode yet: screendump shows QEMU's blank 640x480.
+    let blank = rig.screendump();
+    assert_eq!((blank.width, blank.height), (640, 480));
+    assert!(blank.rgb.iter().all(|b| *b == 0));
+
+    // A 64x64 mode set as Linux's driver does, two pages tall.
+    let qt = &mut rig.qt;
+    let dispi = |qt: &mut Qtest, index: u64, value: u16| {
+        qt.writew(regs + DISPI + 2 * index, value).unwrap();
+    };
+    for (index, value) in [
+        (4, 0),
+        (3, 32),
+        (1, 64),
+        (2, 64),
+        (5, 0),
+        (6, 64),
+        (7, 128),
+        (8, 0),
+        (9, 0),
+        (4, 0x41),
+    ] {
+        dispi(qt, index, value);
+    }
+    assert_eq!(qt.readw(regs + DISPI + 2).unwrap(), 64, "XRES reads back");
+    // Page 0: the pattern; page 1: white.
+    for y in 0..64u32 {
+        for x in 0..64u32 {
+            let [r, g, b] = vmm_tests::display::pattern(x, y);
+            let px = u32::from(r) << 16 | u32::from(g) << 8 | u32::from(b);
+            qt.writel(fb + u64::from(y * 64 + x) * 4, px).unwrap();
+            qt.writel(fb + 64 * 64 * 4 + u64::from(y * 64 + x) * 4, 0xffffff)
+                .unwrap();
+        }
+    }
+    rig.screendump()
+        .assert_same(&Image::pattern(64, 64), "page 0 through BAR0");
+    // A page flip: the Y offset moves the scanout to page 1.
+    dispi(&mut rig.qt, 9, 64);
+    let flipped = rig.screendump();
+    assert!(flipped.rgb.iter().all(|b| *b == 0xff), "page 1 is white");
+
+    // Absurd modes show nothing and break nothing.
+    for (index, value) in [(1u64, 0u16), (1, 65535), (3, 7)] {
+        dispi(&mut rig.qt, 9, 0);
+        dispi(&mut rig.qt, 1, 64);
+        dispi(&mut rig.qt, 3, 32);
+        dispi(&mut rig.qt, index, value);
+        let shown = rig.screendump();
+        assert_eq!(
+            (shown.width, shown.height),
+            (640, 480),
+            "register {index} = {value}"
+        );
+    }
+    dispi(&mut rig.qt, 3, 32);
+    dispi(&mut rig.qt, 1, 64);
+    rig.screendump()
+        .assert_same(&Image::pattern(64, 64), "the mode back");
+}
+
+#[test]
+fn a_vnc_pointer_event_arrives_in_the_tablet_event_queue() {
+    let mut rig = start("harness-tablet", &["virtio-tablet-pci"]);
+    let qt = &mut rig.qt;
+    let f = pci::enumerate_bus0(qt)
+        .unwrap()
+        .into_iter()
+        .find(|f| f.vendor_id == 0x1af4 && f.device_id == 0x1052)
+        .expect("a virtio-input function");
+    assert_eq!((f.class, f.subclass), (0x09, 0x80));
+    let mut bars = BarAllocator::for_ram(RAM);
+    let mut dev = VirtioPciDevice::new(qt, f, Some(&mut bars)).unwrap();
+    dev.reset(qt).unwrap();
+    dev.negotiate(qt, 1 << 32).unwrap();
+    dev.enable_msix(qt, 0x5000).unwrap();
+    // The name, through the select/subsel protocol.
+    let (cfg, _) = dev.device_cfg.expect("a device configuration");
+    qt.writeb(cfg, 1).unwrap();
+    qt.writeb(cfg + 1, 0).unwrap();
+    let size = qt.readb(cfg + 2).unwrap();
+    let name: Vec<u8> = (0..u64::from(size))
+        .map(|i| qt.readb(cfg + 8 + i).unwrap())
+        .collect();
+    assert_eq!(name, b"QEMU Virtio Tablet");
+    let mut alloc = GuestAlloc::for_ram(RAM);
+    let mut events = dev.setup_queue(qt, &mut alloc, 0, 0, Some(1)).unwrap();
+    let _status = dev.setup_queue(qt, &mut alloc, 1, 0, Some(2)).unwrap();
+    dev.driver_ok(qt).unwrap();
+    let mut buffers = Vec::new();
+    for _ in 0..8 {
+        let addr = alloc.alloc(8, 8).unwrap();
+        let head = events.add_chain(qt, &[Buffer::writable(addr, 8)]).unwrap();
+        buffers.push((head, addr));
+    }
+    events.kick(qt).unwrap();
+
+    // A client clicks at (320, 240) of the 640x480 screen (no display adapter: blank).
+    let mut client = RawClient::connect(&rig.dir.join("vnc.sock"));
+    assert!(matches!(
+        client.handshake(None),
+        Handshake::Ready {
+            width: 640,
+            height: 480,
+            ..
+        }
+    ));
+    client.write(&[5, 1, 0x01, 0x40, 0x00, 0xf0]);
+    let mut got = Vec::new();
+    while got.len() < 4 {
+        let used = wait_used(qt, &mut events, TIMEOUT).expect("an event");
+        assert_eq!(used.len, 8);
+        let addr = buffers.iter().find(|(h, _)| *h == used.id).unwrap().1;
+        let b = qt.memread(addr, 8).unwrap();
+        got.push((
+            u16::from_le_bytes([b[0], b[1]]),
+            u16::from_le_bytes([b[2], b[3]]),
+            u32::from_le_bytes([b[4], b[5], b[6], b[7]]),
+        ));
+    }
+    let half = 320 * 0x7fff / 640;
+    assert_eq!(
+        got,
+        [
+            (3, 0, half),
+            (3, 1, 240 * 0x7fff / 480),
+            (1, 0x110, 1),
+            (0, 0, 0)
+        ]
+    );
+}
