@@ -2,7 +2,9 @@
  *
  *   fbpattern           the pattern once, then "FB-OK WIDTH HEIGHT"
  *   fbpattern loop N    N whole-screen redraws, each a different colour (a benchmark's
- *                       load), then "FB-LOOP-DONE N"
+ *                       load), then "FB-LOOP-DONE N MILLISECONDS"
+ *   fbpattern fill RGB  a 64x64 square at the top left in colour RGB (hex), then
+ *                       "FB-FILLED" (a benchmark's latency probe)
  *
  * The console is switched to graphics mode (KD_GRAPHICS) first, so that no cursor or text
  * is drawn over the pattern. Pixel (x, y) of the pattern is
@@ -19,6 +21,7 @@
 #include <string.h>
 #include <sys/ioctl.h>
 #include <sys/mman.h>
+#include <time.h>
 #include <unistd.h>
 
 static uint32_t pattern(unsigned x, unsigned y)
@@ -59,8 +62,21 @@ int main(int argc, char **argv)
         perror("mmap");
         return 1;
     }
+    if (argc == 3 && strcmp(argv[1], "fill") == 0) {
+        uint32_t colour = (uint32_t)strtoul(argv[2], NULL, 16);
+        for (unsigned y = 0; y < 64 && y < var.yres; y++) {
+            uint32_t *line = (uint32_t *)(fb + (size_t)y * fix.line_length);
+            for (unsigned x = 0; x < 64 && x < var.xres; x++)
+                line[x] = colour;
+        }
+        msync(fb, size, MS_SYNC);
+        printf("FB-FILLED\n");
+        return 0;
+    }
     if (argc == 3 && strcmp(argv[1], "loop") == 0) {
         long n = atol(argv[2]);
+        struct timespec t0, t1;
+        clock_gettime(CLOCK_MONOTONIC, &t0);
         for (long i = 0; i < n; i++) {
             uint32_t colour = (uint32_t)(i * 0x3d2b1f) & 0xffffff;
             for (unsigned y = 0; y < var.yres; y++) {
@@ -70,7 +86,9 @@ int main(int argc, char **argv)
             }
             msync(fb, size, MS_SYNC);
         }
-        printf("FB-LOOP-DONE %ld\n", n);
+        clock_gettime(CLOCK_MONOTONIC, &t1);
+        long ms = (t1.tv_sec - t0.tv_sec) * 1000 + (t1.tv_nsec - t0.tv_nsec) / 1000000;
+        printf("FB-LOOP-DONE %ld %ld\n", n, ms);
         return 0;
     }
     for (unsigned y = 0; y < var.yres; y++) {

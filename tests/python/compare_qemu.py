@@ -96,14 +96,43 @@ SEQUENCE = [
     ("human-monitor-command", {"command-line": "netdev_del h1"}),
     ("human-monitor-command", {"command-line": "netdev_del h1"}),
     ("human-monitor-command", {"command-line": "info network"}),
+    # Display: a bochs-display and a VNC server with password authentication on both.
+    ("query-vnc", None),
+    ("query-spice", None),
+    ("set_password", {"protocol": "vnc", "password": "secret"}),
+    ("set_password", {"protocol": "spice", "password": "x"}),
+    ("set_password", {"protocol": "bogus", "password": "x"}),
+    ("set_password", {"protocol": "vnc", "password": "x", "connected": "bogus"}),
+    ("set_password", {"protocol": "vnc"}),
+    ("expire_password", {"protocol": "vnc", "time": "+60"}),
+    ("expire_password", {"protocol": "vnc", "time": "never"}),
+    ("expire_password", {"protocol": "vnc", "time": "now"}),
+    ("expire_password", {"protocol": "vnc", "time": "junk"}),
+    ("expire_password", {"protocol": "spice", "time": "now"}),
+    ("change-vnc-password", {"password": "abc"}),
+    ("screendump", {"filename": "@WORKDIR@/screen.ppm"}),
+    ("screendump", {"filename": "@WORKDIR@/screen.png", "format": "png"}),
+    ("screendump", {"filename": "/nonexistent/dir/x.ppm"}),
+    ("screendump", {"filename": "@WORKDIR@/screen.jpg", "format": "jpg"}),
+    ("add_client", {"protocol": "vnc", "fdname": "nope"}),
+    ("add_client", {"protocol": "bogus", "fdname": "nope"}),
+    ("human-monitor-command", {"command-line": "change vnc password abc"}),
+    ("human-monitor-command", {"command-line": "set_password spice x"}),
+    ("human-monitor-command", {"command-line": "expire_password vnc never"}),
+    ("human-monitor-command", {"command-line": "screendump /nonexistent/y"}),
+    ("human-monitor-command", {"command-line": "sendkey frob"}),
+    ("human-monitor-command", {"command-line": "info vnc"}),
 ]
 
 # Commands whose whole reply, not just its shape, is the same for the same machine.
 SAME_VALUE = {"query-mice", "query-status", "query-name", "query-uuid", "query-rx-filter",
-              "set_link", "netdev_del"}
+              "set_link", "netdev_del", "query-spice", "set_password", "expire_password",
+              "change-vnc-password", "screendump", "add_client"}
 # HMP commands whose output is the same.
 SAME_HMP = {"info network", "set_link h1 off", "set_link nosuch off", "netdev_del h1",
-            "netdev_add user,id=h1", "netdev_add user,id=h2,restrict=maybe"}
+            "netdev_add user,id=h1", "netdev_add user,id=h2,restrict=maybe",
+            "change vnc password abc", "set_password spice x", "expire_password vnc never",
+            "screendump /nonexistent/y", "sendkey frob"}
 
 
 def shape(value):

@@ -46,8 +46,20 @@ fn reply_shapes_match_qemu_7_2() {
             format!("file={},format=raw,if=none,id=d1", spare.display()),
         ]
     };
-    let our_drives = drives("ours");
-    let their_drives = drives("theirs");
+    let mut our_drives = drives("ours");
+    let mut their_drives = drives("theirs");
+    // A display adapter and a VNC server with password authentication on each side.
+    for (side, args) in [("ours", &mut our_drives), ("theirs", &mut their_drives)] {
+        args.extend([
+            "-device".into(),
+            "bochs-display".into(),
+            "-vnc".into(),
+            format!(
+                "unix:{},password=on",
+                dir.join(&format!("{side}.vnc")).display()
+            ),
+        ]);
+    }
 
     let ours_arg = format!("unix:{},server=on,wait=off", ours.display());
     let mut args = vec!["-accel", "emu", "-kernel", &kernel];
