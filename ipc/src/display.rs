@@ -115,7 +115,10 @@ const HEIGHT: usize = 3;
 const STRIDE: usize = 4;
 const OFFSET_LO: usize = 5;
 const OFFSET_HI: usize = 6;
-const WORDS: usize = 7;
+/// The keyboard LEDs (bit 0 scroll lock, 1 num lock, 2 caps lock), outside the sequence
+/// lock: one word, written and read whole.
+const LEDS: usize = 7;
+const WORDS: usize = 8;
 
 /// A view of the shared scanout page: the vmm writes it, the display process reads it.
 ///
@@ -204,6 +207,15 @@ impl Scanout {
         None
     }
 
+    /// The guest set its keyboard LEDs (bit 0 scroll lock, 1 num lock, 2 caps lock).
+    pub fn set_leds(&self, leds: u8) {
+        self.word(LEDS).store(u32::from(leds), Ordering::Release);
+    }
+
+    pub fn leds(&self) -> u8 {
+        (self.word(LEDS).load(Ordering::Acquire) & 0x7) as u8
+    }
+
     /// The sequence number: it changes whenever the mode is published again.
     pub fn generation(&self) -> u32 {
         self.word(SEQ).load(Ordering::Acquire)
@@ -281,8 +293,9 @@ pub enum ImageFormat {
 /// What the vmm asks of the display process. New variants go at the end.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum DisplayRequest {
-    /// Sent once, first. Fds: the framebuffer memfd, the scanout page memfd, then the
-    /// VNC listening socket if `vnc` is set. Replied to with [`DisplayReply::Done`].
+    /// Sent once, first. Fds: the scanout page memfd, the framebuffer memfd (when
+    /// `vram_size` is not 0), then the VNC listening socket if `vnc` is set. Replied to
+    /// with [`DisplayReply::Done`].
     Attach(DisplayConfig),
     /// Set the VNC password; `disconnect`: drop every connected client too.
     SetPassword {
@@ -363,6 +376,8 @@ mod tests {
         assert_ne!(s.generation(), g);
         s.publish(None);
         assert_eq!(s.read(), None);
+        s.set_leds(5);
+        assert_eq!((s.leds(), s.read()), (5, None), "LEDs apart from the mode");
         page[SEQ] = 7; // a writer that died mid-update
                        // SAFETY: as above.
         let s = unsafe { Scanout::new(page.as_mut_ptr().cast()) };

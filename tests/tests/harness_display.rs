@@ -219,4 +219,20 @@ fn a_vnc_pointer_event_arrives_in_the_tablet_event_queue() {
             (0, 0, 0)
         ]
     );
+
+    // QEMU's LED state pseudo-encoding: the state at once, then the guest's changes (the
+    // PS/2 keyboard's set-LEDs command, 0xED, through the i8042).
+    let led_state = |client: &mut RawClient| {
+        let head = client.read_exact(4);
+        assert_eq!((head[0], u16::from_be_bytes([head[2], head[3]])), (0, 1));
+        let rect = client.read_exact(12);
+        assert_eq!(i32::from_be_bytes(rect[8..12].try_into().unwrap()), -261);
+        client.read_exact(1)[0]
+    };
+    client.write(&[2, 0, 0, 1]);
+    client.write(&(-261i32).to_be_bytes());
+    assert_eq!(led_state(&mut client), 0);
+    qt.outb(0x60, 0xed).unwrap();
+    qt.outb(0x60, 0x04).unwrap();
+    assert_eq!(led_state(&mut client), 4, "caps lock");
 }

@@ -40,6 +40,7 @@ pub const EV_SYN: u16 = 0;
 pub const EV_KEY: u16 = 1;
 pub const EV_REL: u16 = 2;
 pub const EV_ABS: u16 = 3;
+pub const EV_LED: u16 = 0x11;
 pub const SYN_REPORT: u16 = 0;
 pub const REL_X: u16 = 0;
 pub const REL_Y: u16 = 1;
@@ -83,6 +84,9 @@ pub struct InputBackend {
     exit_events: ExitEvents,
     pending: Mutex<VecDeque<InputEvent>>,
     inject: EventFd,
+    /// A keyboard's LEDs as the guest set them through the status queue (bit 0 scroll,
+    /// 1 num, 2 caps lock, as the PS/2 keyboard's).
+    leds: std::sync::atomic::AtomicU8,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -98,6 +102,7 @@ impl InputBackend {
             exit_events: ExitEvents::default(),
             pending: Mutex::new(VecDeque::new()),
             inject: EventFd::new(EFD_NONBLOCK)?,
+            leds: std::sync::atomic::AtomicU8::new(0),
         })
     }
 
@@ -154,6 +159,11 @@ impl InputBackend {
         }
     }
 
+    /// A keyboard's LEDs (bit 0 scroll, 1 num, 2 caps lock).
+    pub fn leds(&self) -> u8 {
+        self.leds.load(Ordering::Acquire)
+    }
+
     /// Take the guest's status events (LEDs) and give the buffers back.
     fn take_status(&self, vring: &Vring) -> usize {
         let Some(atomic) = self.mem.read().unwrap_or_else(|e| e.into_inner()).clone() else {
@@ -162,6 +172,25 @@ impl InputBackend {
         let mem = atomic.memory();
         let mut done = 0;
         while let Some(chain) = vring.get_mut().get_queue_mut().pop_descriptor_chain(&*mem) {
+            for d in chain.clone().filter(|d| !d.is_write_only() && d.len() >= 8) {
+                let mut b = [0u8; 8];
+                if mem.read_slice(&mut b, d.addr()).is_err() {
+                    continue;
+                }
+                let kind = u16::from_le_bytes([b[0], b[1]]);
+                let code = u16::from_le_bytes([b[2], b[3]]);
+                let on = u32::from_le_bytes([b[4], b[5], b[6], b[7]]) != 0;
+                // LED_NUML 0, LED_CAPSL 1, LED_SCROLLL 2, to the PS/2 bit order.
+                let bit = match (kind, code) {
+                    (EV_LED, 0) => 2,
+                    (EV_LED, 1) => 4,
+                    (EV_LED, 2) => 1,
+                    _ => continue,
+                };
+                let leds = self.leds.load(Ordering::Acquire);
+                let leds = if on { leds | bit } else { leds & !bit };
+                self.leds.store(leds, Ordering::Release);
+            }
             vhost_daemon::complete(vring, chain.head_index(), 0);
             done += 1;
         }

@@ -28,11 +28,14 @@ use vnc::VncServer;
 
 /// The refresh looks at the screen this often while it changes, backs off by
 /// [`REFRESH_BACKOFF`] per idle look up to [`REFRESH_MAX`] (QEMU's pacing), and looks at
-/// once when a client asks for an update, though never twice within [`REFRESH_MIN`].
+/// once when a client asks for an update, then every [`REFRESH_MIN`] while one waits
+/// for a change, but never twice within [`REFRESH_MIN`].
 const REFRESH_BASE: Duration = Duration::from_millis(30);
 const REFRESH_BACKOFF: Duration = Duration::from_millis(50);
 const REFRESH_MAX: Duration = Duration::from_millis(3000);
 const REFRESH_MIN: Duration = Duration::from_millis(10);
+/// The keyboard LEDs are looked at this often while clients watch.
+const LED_POLL: Duration = Duration::from_millis(100);
 
 #[derive(Debug, thiserror::Error)]
 pub enum DisplayError {
@@ -44,25 +47,30 @@ pub enum DisplayError {
     Thread(#[source] std::io::Error),
 }
 
-/// The guest's screen: the framebuffer, if there is a display device, and its shadow.
+/// The guest's screen: the framebuffer (and the LEDs) the vmm shares, and its shadow.
 pub struct Display {
-    framebuffer: Option<Framebuffer>,
+    framebuffer: Framebuffer,
     screen: RwLock<Screen>,
 }
 
 impl Display {
-    pub fn new(framebuffer: Option<Framebuffer>) -> Self {
+    pub fn new(framebuffer: Framebuffer) -> Self {
         Display {
             framebuffer,
             screen: RwLock::new(Screen::new()),
         }
     }
 
+    /// The PS/2 keyboard's LEDs (bit 0 scroll, 1 num, 2 caps lock).
+    pub fn leds(&self) -> u8 {
+        self.framebuffer.leds()
+    }
+
     /// Take in what changed on screen: the damage, the screen's generation and its tiles
     /// per row.
     pub fn refresh(&self) -> (screen::Damage, u64, u32) {
         let mut screen = self.screen.write().unwrap_or_else(|e| e.into_inner());
-        let damage = screen.refresh(self.framebuffer.as_ref());
+        let damage = screen.refresh(Some(&self.framebuffer));
         (damage, screen.generation, screen.tiles_x())
     }
 
@@ -116,8 +124,8 @@ fn run() -> Result<(), DisplayError> {
     Ok(())
 }
 
-/// Map the framebuffer and start the VNC server of `config` on `fds` (framebuffer,
-/// scanout page, then the listener).
+/// Map the framebuffer and start the VNC server of `config` on `fds` (the state page,
+/// the VRAM if there is a display adapter, then the listener).
 fn attach(
     config: &DisplayConfig,
     fds: Vec<OwnedFd>,
@@ -125,19 +133,19 @@ fn attach(
     events: &DisplaySender,
 ) -> Result<(Arc<Display>, Option<Arc<VncServer>>), DisplayError> {
     let mut fds = fds.into_iter();
-    let framebuffer = if config.vram_size > 0 {
-        let (Some(vram), Some(page)) = (fds.next(), fds.next()) else {
-            return Err(DisplayError::Setup(
-                "the framebuffer fds are missing".into(),
-            ));
-        };
+    let page = fds
+        .next()
+        .ok_or_else(|| DisplayError::Setup("the display state page is missing".into()))?;
+    let vram = if config.vram_size > 0 {
         Some(
-            Framebuffer::map(&vram, config.vram_size, &page)
-                .map_err(|e| DisplayError::Setup(format!("cannot map the framebuffer: {e}")))?,
+            fds.next()
+                .ok_or_else(|| DisplayError::Setup("the framebuffer fd is missing".into()))?,
         )
     } else {
         None
     };
+    let framebuffer = Framebuffer::map(&page, vram.as_ref().map(|fd| (fd, config.vram_size)))
+        .map_err(|e| DisplayError::Setup(format!("cannot map the framebuffer: {e}")))?;
     let display = Arc::new(Display::new(framebuffer));
     let vnc = match &config.vnc {
         Some(vnc_config) => {
@@ -266,24 +274,33 @@ fn refresh_loop(vnc: Option<&VncServer>) {
     };
     let mut interval = REFRESH_BASE;
     let mut last = Instant::now();
+    let mut leds = vnc.leds();
     loop {
         let (flag, cond) = &*vnc.activity;
-        {
+        let woken = {
             let mut woken = vnc::lock(flag);
-            let deadline = if vnc.has_clients() {
-                interval
+            let wait = if vnc.has_clients() {
+                interval.saturating_sub(last.elapsed()).min(LED_POLL)
             } else {
                 Duration::from_secs(1)
             };
             if !*woken {
                 woken = cond
-                    .wait_timeout(woken, deadline)
+                    .wait_timeout(woken, wait)
                     .map(|(g, _)| g)
                     .unwrap_or_else(|e| e.into_inner().0);
             }
-            if std::mem::take(&mut *woken) {
-                interval = REFRESH_BASE;
-            }
+            std::mem::take(&mut *woken)
+        };
+        let now_leds = vnc.leds();
+        if now_leds != leds {
+            leds = now_leds;
+            vnc.leds_changed();
+        }
+        if woken {
+            interval = REFRESH_BASE;
+        } else if last.elapsed() < interval {
+            continue;
         }
         if !vnc.has_clients() {
             continue;
@@ -295,6 +312,9 @@ fn refresh_loop(vnc: Option<&VncServer>) {
         last = Instant::now();
         if vnc.refresh() {
             interval = REFRESH_BASE;
+        } else if vnc.update_requested() {
+            // A client waits for the next change: look again soon.
+            interval = REFRESH_MIN;
         } else {
             interval = (interval + REFRESH_BACKOFF).min(REFRESH_MAX);
         }

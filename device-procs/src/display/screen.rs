@@ -5,7 +5,7 @@
 
 use std::os::fd::{AsRawFd, OwnedFd};
 
-use ipc::display::{Mode, Scanout, SCANOUT_PAGE_SIZE};
+use ipc::display::{Mode, PixelFormat, Scanout, SCANOUT_PAGE_SIZE};
 
 /// Damage is tracked in tiles of this many pixels square.
 pub const TILE: u32 = 64;
@@ -59,33 +59,43 @@ impl Drop for Mapping {
     }
 }
 
-/// The guest's VRAM and the scanout page that says what part of it is on screen.
+/// The guest's VRAM (if it has a display adapter) and the scanout page that says what
+/// part of it is on screen, and the keyboard LEDs.
 pub struct Framebuffer {
-    vram: Mapping,
+    vram: Option<Mapping>,
     // Declared before `_page`: the view must not outlive the mapping.
     scanout: Scanout,
     _page: Mapping,
 }
 
+/// Fail on an fd smaller than `len` (a mapping of it would fault when read).
+fn check_size(fd: &OwnedFd, len: u64) -> std::io::Result<()> {
+    // SAFETY: fstat fills the struct we pass.
+    let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    // SAFETY: as above, on an fd we hold.
+    if unsafe { libc::fstat(fd.as_raw_fd(), &mut st) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    if (st.st_size as u64) < len || len == 0 {
+        return Err(std::io::Error::other(format!(
+            "a framebuffer fd of {} bytes, expected {len}",
+            st.st_size
+        )));
+    }
+    Ok(())
+}
+
 impl Framebuffer {
-    /// Map `vram` (`vram_size` bytes, read-only) and the scanout page. Fails on an fd that
-    /// is not that large (the mapping would fault when read).
-    pub fn map(vram: &OwnedFd, vram_size: u64, page: &OwnedFd) -> std::io::Result<Self> {
-        for (fd, len) in [(vram, vram_size), (page, SCANOUT_PAGE_SIZE as u64)] {
-            // SAFETY: fstat fills the struct we pass.
-            let mut st: libc::stat = unsafe { std::mem::zeroed() };
-            // SAFETY: as above, on an fd we hold.
-            if unsafe { libc::fstat(fd.as_raw_fd(), &mut st) } != 0 {
-                return Err(std::io::Error::last_os_error());
+    /// Map the scanout page and `vram` (`vram_size` bytes), read-only.
+    pub fn map(page: &OwnedFd, vram: Option<(&OwnedFd, u64)>) -> std::io::Result<Self> {
+        check_size(page, SCANOUT_PAGE_SIZE as u64)?;
+        let vram = match vram {
+            Some((fd, size)) => {
+                check_size(fd, size)?;
+                Some(Mapping::new(fd, size as usize, false)?)
             }
-            if (st.st_size as u64) < len || len == 0 {
-                return Err(std::io::Error::other(format!(
-                    "a framebuffer fd of {} bytes, expected {len}",
-                    st.st_size
-                )));
-            }
-        }
-        let vram = Mapping::new(vram, vram_size as usize, false)?;
+            None => None,
+        };
         // The page is written by the vmm only, but a sequence lock's reader uses atomics,
         // which need the mapping readable; it stays read-only.
         let page = Mapping::new(page, SCANOUT_PAGE_SIZE, false)?;
@@ -101,21 +111,30 @@ impl Framebuffer {
 
     /// The mode on screen, if it lies inside VRAM.
     pub fn mode(&self) -> Option<Mode> {
+        let vram = self.vram.as_ref()?;
         self.scanout
             .read()
-            .filter(|m| m.fits(self.vram.len as u64) && m.width > 0 && m.height > 0)
+            .filter(|m| m.fits(vram.len as u64) && m.width > 0 && m.height > 0)
+    }
+
+    /// The PS/2 keyboard's LEDs as the guest set them.
+    pub fn leds(&self) -> u8 {
+        self.scanout.leds()
     }
 
     /// Copy line `y` of `mode` (its visible bytes) into `out`.
     fn copy_line(&self, mode: &Mode, y: u32, out: &mut [u8]) {
+        let Some(vram) = &self.vram else {
+            return;
+        };
         let start = mode.offset as usize + y as usize * mode.stride as usize;
         let n = out
             .len()
             .min((mode.width * mode.format.bytes_per_pixel()) as usize);
-        if start + n <= self.vram.len {
+        if start + n <= vram.len {
             // SAFETY: start + n is inside the mapping (checked); the guest may be writing
             // these bytes, which only makes the copy's contents racy.
-            unsafe { std::ptr::copy_nonoverlapping(self.vram.ptr.add(start), out.as_mut_ptr(), n) };
+            unsafe { std::ptr::copy_nonoverlapping(vram.ptr.add(start), out.as_mut_ptr(), n) };
         }
     }
 }
@@ -228,9 +247,15 @@ impl Screen {
                 damage.tiles[tile_row + t] = true;
                 let x0 = t * TILE as usize;
                 let out = &mut self.pixels[y as usize * self.width as usize + x0..];
-                for (i, px) in new.chunks_exact(bpp).enumerate() {
-                    let (r, g, b) = mode.format.rgb(px);
-                    out[i] = u32::from(r) << 16 | u32::from(g) << 8 | u32::from(b);
+                if mode.format == PixelFormat::Xrgb8888 {
+                    for (o, px) in out.iter_mut().zip(new.chunks_exact(4)) {
+                        *o = u32::from_le_bytes([px[0], px[1], px[2], 0]);
+                    }
+                } else {
+                    for (o, px) in out.iter_mut().zip(new.chunks_exact(bpp)) {
+                        let (r, g, b) = mode.format.rgb(px);
+                        *o = u32::from(r) << 16 | u32::from(g) << 8 | u32::from(b);
+                    }
                 }
             }
         }
@@ -241,6 +266,11 @@ impl Screen {
     /// Copy the `w`x`h` pixels at (`x`, `y`) out (clipped to the screen).
     pub fn copy_rect(&self, x: u32, y: u32, w: u32, h: u32, out: &mut Vec<u32>) {
         out.clear();
+        self.append_rect(x, y, w, h, out);
+    }
+
+    /// [`Screen::copy_rect`], appending to `out`.
+    pub fn append_rect(&self, x: u32, y: u32, w: u32, h: u32, out: &mut Vec<u32>) {
         let w = w.min(self.width.saturating_sub(x));
         let h = h.min(self.height.saturating_sub(y));
         for row in y..y + h {
@@ -253,7 +283,6 @@ impl Screen {
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
-    use ipc::display::PixelFormat;
 
     /// A framebuffer over memfds the test writes, as the vmm's would be.
     pub struct TestFb {
@@ -308,7 +337,7 @@ pub(crate) mod tests {
         }
 
         pub fn framebuffer(&self) -> Framebuffer {
-            Framebuffer::map(&self.vram, self.vram_size, &self.page).unwrap()
+            Framebuffer::map(&self.page, Some((&self.vram, self.vram_size))).unwrap()
         }
     }
 
@@ -370,8 +399,9 @@ pub(crate) mod tests {
         assert!(s.refresh(Some(&fb)).resized);
         assert_eq!((s.width, s.height), (BLANK_WIDTH, BLANK_HEIGHT));
         assert!(
-            Framebuffer::map(&t.vram, 8 << 20, &t.page).is_err(),
+            Framebuffer::map(&t.page, Some((&t.vram, 8 << 20))).is_err(),
             "too small"
         );
+        assert!(Framebuffer::map(&t.page, None).unwrap().mode().is_none());
     }
 }

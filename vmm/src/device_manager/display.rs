@@ -103,6 +103,20 @@ pub(super) struct Display {
     inputs: SharedInputs,
     /// QEMU's input-handler index of the next input device.
     next_mouse_index: u32,
+    /// The state shared with the display process: the adapter's mode, the keyboard LEDs.
+    page: Option<Arc<crate::memory::DeviceMemory>>,
+}
+
+impl Display {
+    fn page(&mut self) -> Result<Arc<crate::memory::DeviceMemory>, DeviceError> {
+        if let Some(page) = &self.page {
+            return Ok(page.clone());
+        }
+        let page = bochs_display::new_scanout_page()
+            .map_err(|e| DeviceError::Display(format!("display state page: {e}")))?;
+        self.page = Some(page.clone());
+        Ok(page)
+    }
 }
 
 /// What QMP says of the VNC server.
@@ -341,7 +355,8 @@ impl DeviceManager {
         let size =
             bochs_display::vram_size(vgamem).map_err(|e| DeviceError::Display(e.to_string()))?;
         let slot = cfg.pci_slot()?;
-        let adapter = BochsDisplay::new(cfg.id.clone(), size, self.accel.clone())
+        let page = self.display.page()?;
+        let adapter = BochsDisplay::new(cfg.id.clone(), size, self.accel.clone(), page)
             .map_err(|e| DeviceError::Display(e.to_string()))?;
         let adapter = Arc::new(Mutex::new(adapter));
         let slot =
@@ -368,16 +383,33 @@ impl DeviceManager {
         {
             return Ok(());
         }
-        let mut fds = Vec::new();
+        let share = |file: &std::fs::File| {
+            file.as_fd()
+                .try_clone_to_owned()
+                .map_err(|e| DeviceError::Display(format!("cannot share the framebuffer: {e}")))
+        };
+        // The state page, then the VRAM if there is an adapter, then the listener.
+        let page = self.display.page()?;
+        let mut fds = vec![share(page.file())?];
         let mut vram_size = 0;
         if let Some(adapter) = &self.display.adapter {
             let adapter = lock(adapter);
             vram_size = adapter.vram().len() as u64;
-            for file in [adapter.vram().file(), adapter.scanout_page().file()] {
-                fds.push(file.as_fd().try_clone_to_owned().map_err(|e| {
-                    DeviceError::Display(format!("cannot share the framebuffer: {e}"))
-                })?);
-            }
+            fds.push(share(adapter.vram().file())?);
+        }
+        // The PS/2 keyboard's LEDs go to the page (VNC clients see them).
+        if let Some(input) = &self.display.input {
+            // SAFETY: the page stays mapped for as long as `page`, which the listener
+            // holds; mmap returns page-aligned memory.
+            let view = unsafe { ipc::display::Scanout::new(page.as_ptr()) };
+            let holder = page.clone();
+            let listener: crate::devices::i8042::LedListener = Arc::new(move |leds| {
+                let _ = &holder;
+                view.set_leds(leds);
+            });
+            let mut input = lock(input);
+            listener(input.keyboard_leds());
+            input.set_led_listener(listener);
         }
         let mut server = None;
         let vnc = match &self.display.vnc {

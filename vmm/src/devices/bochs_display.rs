@@ -80,6 +80,12 @@ pub fn vram_size(vgamem: u64) -> Result<u64, BochsDisplayError> {
     Ok(vgamem.next_power_of_two())
 }
 
+/// The page the display's state is shared in with `vmm-display` (see
+/// [`ipc::display::Scanout`]).
+pub fn new_scanout_page() -> Result<Arc<DeviceMemory>, MemoryError> {
+    DeviceMemory::new("display-scanout", SCANOUT_PAGE_SIZE).map(Arc::new)
+}
+
 pub struct BochsDisplay {
     id: Option<String>,
     config: PciConfiguration,
@@ -99,17 +105,20 @@ pub struct BochsDisplay {
 }
 
 impl BochsDisplay {
-    /// A display with `vram_size` bytes of VRAM (from [`vram_size`]).
+    /// A display with `vram_size` bytes of VRAM (from [`vram_size`]) that publishes its
+    /// mode in `scanout_page` (a [`new_scanout_page`]).
     pub fn new(
         id: Option<String>,
         vram_size: u64,
         accel: Arc<dyn Accelerator>,
+        scanout_page: Arc<DeviceMemory>,
     ) -> Result<Self, BochsDisplayError> {
+        if scanout_page.len() < SCANOUT_PAGE_SIZE {
+            return Err(BochsDisplayError::Memory(MemoryError::Unaligned(
+                scanout_page.len() as u64,
+            )));
+        }
         let vram = Arc::new(DeviceMemory::new("bochs-display-vram", vram_size as usize)?);
-        let scanout_page = Arc::new(DeviceMemory::new(
-            "bochs-display-scanout",
-            SCANOUT_PAGE_SIZE,
-        )?);
         // SAFETY: the page is mapped for as long as `scanout_page`, which this device
         // keeps as long as the view; mmap returns page-aligned memory.
         let scanout = unsafe { Scanout::new(scanout_page.as_ptr()) };
@@ -348,7 +357,14 @@ mod tests {
     use crate::accel::test_util::RecordingAccel;
 
     fn display() -> BochsDisplay {
-        BochsDisplay::new(None, DEFAULT_VGAMEM, Arc::new(RecordingAccel::default())).unwrap()
+        let page = new_scanout_page().unwrap();
+        BochsDisplay::new(
+            None,
+            DEFAULT_VGAMEM,
+            Arc::new(RecordingAccel::default()),
+            page,
+        )
+        .unwrap()
     }
 
     fn dispi(d: &mut BochsDisplay, index: usize, value: u16) {

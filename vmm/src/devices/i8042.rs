@@ -443,6 +443,9 @@ fn set1_bytes_to_set2(set1: &[u8]) -> Vec<u8> {
     out
 }
 
+/// Told the keyboard LEDs (bit 0 scroll, 1 num, 2 caps lock) when the guest sets them.
+pub type LedListener = std::sync::Arc<dyn Fn(u8) + Send + Sync>;
+
 /// The 8042 controller. See the module documentation for placement.
 pub struct I8042 {
     control: MachineControl,
@@ -466,6 +469,7 @@ pub struct I8042 {
     mouse: Mouse,
     kbd_irq_level: bool,
     aux_irq_level: bool,
+    led_listener: Option<LedListener>,
 }
 
 impl I8042 {
@@ -488,6 +492,7 @@ impl I8042 {
             mouse: Mouse::new(),
             kbd_irq_level: false,
             aux_irq_level: false,
+            led_listener: None,
         }
     }
 
@@ -498,7 +503,12 @@ impl I8042 {
             self.kbd_irq.clone(),
             self.aux_irq.clone(),
         );
+        let listener = self.led_listener.take();
         *self = Self::new(control, kbd_irq, aux_irq);
+        if let Some(listener) = &listener {
+            listener(0);
+        }
+        self.led_listener = listener;
     }
 
     /// Queue keyboard scan code bytes (make and break sequences, with their 0xe0/0xf0
@@ -510,6 +520,12 @@ impl I8042 {
         }
         push_limited(&mut self.keyboard.queue, scancodes);
         self.refill();
+    }
+
+    /// Call `listener` with the LEDs whenever the guest changes them (it runs on a vCPU
+    /// thread: it must not block).
+    pub fn set_led_listener(&mut self, listener: LedListener) {
+        self.led_listener = Some(listener);
     }
 
     /// Queue a key event given in set 1 bytes (what display clients send), in whatever
@@ -698,7 +714,13 @@ impl I8042 {
             }
             _ => {
                 self.ctr &= !CTR_KBD_DISABLE;
+                let leds = self.keyboard.leds;
                 self.keyboard.write(byte);
+                if self.keyboard.leds != leds {
+                    if let Some(listener) = &self.led_listener {
+                        listener(self.keyboard.leds);
+                    }
+                }
                 self.refill();
             }
         }

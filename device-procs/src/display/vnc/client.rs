@@ -50,6 +50,10 @@ struct Features {
     desktop_size: bool,
     extended_key: bool,
     pointer_type_change: bool,
+    /// QEMU's LED state pseudo-encoding.
+    led_state: bool,
+    /// Zlib and Tight compression level (0-9).
+    level: u32,
 }
 
 impl Default for Features {
@@ -59,6 +63,8 @@ impl Default for Features {
             desktop_size: false,
             extended_key: false,
             pointer_type_change: false,
+            led_state: false,
+            level: encoding::DEFAULT_LEVEL,
         }
     }
 }
@@ -80,12 +86,14 @@ struct State {
     /// pointer type.
     announce_extended_key: bool,
     announce_pointer_type: bool,
+    announce_leds: bool,
 }
 
 impl State {
     fn has_work(&self) -> bool {
         self.announce_extended_key
             || self.announce_pointer_type
+            || self.announce_leds
             || (self.requested && (self.full || self.resized || self.dirty.iter().any(|d| *d)))
     }
 }
@@ -202,13 +210,14 @@ impl Client {
     }
 
     fn run(self: Arc<Self>, server: Arc<VncServer>, mut stream: UnixStream, skipauth: bool) {
+        // Listed (query-vnc) from the start, as QEMU lists a client still authenticating.
+        server.register(self.clone());
         server.emit(DisplayEvent::Connected(self.info.clone()));
         let _ = stream.set_read_timeout(Some(HANDSHAKE_TIMEOUT));
         let _ = stream.set_write_timeout(Some(WRITE_TIMEOUT));
         match self.handshake(&server, &mut stream, skipauth) {
             Ok((shared, size)) => {
                 let _ = stream.set_read_timeout(None);
-                server.register(self.clone());
                 if !shared {
                     server.disconnect_others(self.id);
                 }
@@ -229,10 +238,10 @@ impl Client {
                     }
                     Err(e) => tracing::warn!("vnc: cannot start an update thread: {e}"),
                 }
-                server.unregister(self.id);
             }
             Err(e) => tracing::info!(client = self.id, "vnc: handshake failed: {e}"),
         }
+        server.unregister(self.id);
         self.close();
         server.emit(DisplayEvent::Disconnected(self.info.clone()));
     }
@@ -404,12 +413,35 @@ impl Client {
         f.desktop_size = list.contains(&encoding::DESKTOP_SIZE);
         f.extended_key = list.contains(&encoding::QEMU_EXTENDED_KEY);
         f.pointer_type_change = list.contains(&encoding::POINTER_TYPE_CHANGE);
+        f.led_state = list.contains(&encoding::QEMU_LED_STATE);
+        if let Some(level) = list
+            .iter()
+            .find(|e| (encoding::COMPRESS_LEVEL_0..=encoding::COMPRESS_LEVEL_9).contains(e))
+        {
+            f.level = (level - encoding::COMPRESS_LEVEL_0) as u32;
+        }
         let mut st = lock(&self.state);
         st.announce_extended_key = f.extended_key;
         st.announce_pointer_type = f.pointer_type_change;
+        st.announce_leds = f.led_state;
         st.features = f;
         drop(st);
         self.wake.notify_all();
+    }
+
+    /// An update was asked for and not sent yet.
+    pub fn update_requested(&self) -> bool {
+        lock(&self.state).requested
+    }
+
+    /// The keyboard LEDs changed.
+    pub fn leds_changed(&self) {
+        let mut st = lock(&self.state);
+        if st.features.led_state {
+            st.announce_leds = true;
+            drop(st);
+            self.wake.notify_all();
+        }
     }
 
     /// Merge a refresh's damage.
@@ -434,7 +466,8 @@ impl Client {
 
     /// The writer thread: wait for something to send, send it, until the client goes.
     fn write_updates(&self, server: &VncServer, mut out: UnixStream, mut size: (u32, u32)) {
-        let mut encoder = Encoder::new(PixelFormat::SERVER);
+        let mut encoder = Encoder::new(PixelFormat::SERVER, encoding::DEFAULT_LEVEL);
+        let mut level = encoding::DEFAULT_LEVEL;
         let mut message = Vec::new();
         let mut pixels = Vec::new();
         loop {
@@ -451,6 +484,7 @@ impl Client {
                     features: st.features,
                     announce_extended_key: std::mem::take(&mut st.announce_extended_key),
                     announce_pointer_type: std::mem::take(&mut st.announce_pointer_type),
+                    announce_leds: std::mem::take(&mut st.announce_leds),
                     update: st.requested.then(|| Update {
                         full: st.full || st.resized,
                         tiles: std::mem::take(&mut st.dirty),
@@ -466,6 +500,10 @@ impl Client {
                 work
             };
             encoder.format = work.format;
+            if work.features.level != level {
+                level = work.features.level;
+                encoder.set_level(level);
+            }
             message.clear();
             let rects = self.compose(
                 server,
@@ -517,6 +555,11 @@ impl Client {
             );
             count += 1;
         }
+        if work.announce_leds {
+            encoding::header(0, 0, 1, 1, encoding::QEMU_LED_STATE, out);
+            out.push(server.leds());
+            count += 1;
+        }
         let Some(update) = &work.update else {
             return Ok(count);
         };
@@ -536,6 +579,8 @@ impl Client {
             full = true;
         }
         let (width, height) = (screen.width.min(size.0), screen.height.min(size.1));
+        pixels.clear();
+        let mut rects = Vec::new();
         let tiles_x = screen.tiles_x();
         let tiles_y = screen.tiles_y();
         let tight = work.features.encoding == encoding::TIGHT;
@@ -545,8 +590,12 @@ impl Client {
         } else {
             u32::MAX
         };
+        // Runs of dirty tiles along each tile row (Tight's within its size limits), a run
+        // joining the one above it when they span the same columns (not for Tight).
+        let mut runs: Vec<(u32, u32, u32, u32)> = Vec::new(); // x0, x1, y0, y1 in tiles
         for ty in 0..tiles_y {
             let mut tx = 0;
+            let row_start = runs.len();
             while tx < tiles_x {
                 let dirty = |t: u32| {
                     full || update
@@ -563,16 +612,37 @@ impl Client {
                 while tx < tiles_x && dirty(tx) && tx - start < max_run {
                     tx += 1;
                 }
-                let (x, y) = (start * TILE, ty * TILE);
-                if x >= width || y >= height {
-                    continue;
+                let above = (!tight)
+                    .then(|| {
+                        runs[..row_start]
+                            .iter()
+                            .rposition(|r| r.0 == start && r.1 == tx && r.3 == ty)
+                    })
+                    .flatten();
+                match above {
+                    Some(i) => runs[i].3 = ty + 1,
+                    None => runs.push((start, tx, ty, ty + 1)),
                 }
-                let w = ((tx - start) * TILE).min(width - x);
-                let h = TILE.min(height - y);
-                screen.copy_rect(x, y, w, h, pixels);
-                encoder.rect(work.features.encoding, Rect { x, y, w, h }, pixels, out)?;
-                count = count.saturating_add(1);
             }
+        }
+        for (x0, x1, y0, y1) in runs {
+            let (x, y) = (x0 * TILE, y0 * TILE);
+            if x >= width || y >= height {
+                continue;
+            }
+            let w = ((x1 - x0) * TILE).min(width - x);
+            let h = ((y1 - y0) * TILE).min(height - y);
+            // Copied out under the lock; encoded after it, so that the refresh never
+            // waits for this client's encoder.
+            let at = pixels.len();
+            screen.append_rect(x, y, w, h, pixels);
+            rects.push((Rect { x, y, w, h }, at));
+        }
+        drop(screen);
+        for (rect, at) in rects {
+            let n = (rect.w * rect.h) as usize;
+            encoder.rect(work.features.encoding, rect, &pixels[at..at + n], out)?;
+            count = count.saturating_add(1);
         }
         Ok(count)
     }
@@ -589,6 +659,7 @@ struct Work {
     features: Features,
     announce_extended_key: bool,
     announce_pointer_type: bool,
+    announce_leds: bool,
     update: Option<Update>,
 }
 

@@ -16,6 +16,11 @@ pub const DESKTOP_SIZE: i32 = -223;
 pub const POINTER_TYPE_CHANGE: i32 = -257;
 pub const QEMU_EXTENDED_KEY: i32 = -258;
 pub const QEMU_LED_STATE: i32 = -261;
+/// Compression levels 0..=9 (Tight's pseudo-encodings).
+pub const COMPRESS_LEVEL_0: i32 = -256;
+pub const COMPRESS_LEVEL_9: i32 = -247;
+/// QEMU's compression level for Zlib and Tight until a client asks for another.
+pub const DEFAULT_LEVEL: u32 = 9;
 
 /// Largest rectangle Tight sends (its decoders' buffers): 2048 pixels wide, 64 Ki pixels.
 pub const TIGHT_MAX_WIDTH: u32 = 2048;
@@ -49,14 +54,30 @@ pub struct Encoder {
 }
 
 impl Encoder {
-    pub fn new(format: PixelFormat) -> Self {
-        let z = || Compress::new(Compression::new(6), true);
+    /// An encoder whose Zlib and Tight streams compress at `level` (0-9; QEMU's default
+    /// is 9, and a client may ask for another with the compression-level pseudo-encoding);
+    /// ZRLE's compresses at zlib's default, as QEMU's does.
+    pub fn new(format: PixelFormat, level: u32) -> Self {
+        let z = |level| Compress::new(Compression::new(level), true);
         Encoder {
             format,
-            zlib: z(),
-            zrle: z(),
-            tight: [z(), z()],
+            zlib: z(level),
+            zrle: z(Compression::default().level()),
+            tight: [z(level), z(level)],
             scratch: Vec::new(),
+        }
+    }
+
+    /// Compress Zlib and Tight at `level` from now on: each stream not used yet starts
+    /// over at that level (a used one must go on as it is, or the client could not inflate
+    /// it; clients choose their level when they connect).
+    pub fn set_level(&mut self, level: u32) {
+        let level = Compression::new(level.min(9));
+        let [t0, t1] = &mut self.tight;
+        for z in [&mut self.zlib, t0, t1] {
+            if z.total_in() == 0 {
+                *z = Compress::new(level, true);
+            }
         }
     }
 
@@ -75,9 +96,7 @@ impl Encoder {
             ZRLE => self.zrle_rect(w as usize, h as usize, px, out),
             TIGHT => self.tight_rect(w as usize, px, out),
             _ => {
-                for p in px {
-                    self.format.put(*p, out);
-                }
+                self.format.put_all(px, out);
                 Ok(())
             }
         }
@@ -86,9 +105,7 @@ impl Encoder {
     fn zlib_rect(&mut self, px: &[u32], out: &mut Vec<u8>) -> io::Result<()> {
         let mut raw = std::mem::take(&mut self.scratch);
         raw.clear();
-        for p in px {
-            self.format.put(*p, &mut raw);
-        }
+        self.format.put_all(px, &mut raw);
         let len_at = out.len();
         out.extend_from_slice(&[0; 4]);
         deflate(&mut self.zlib, &raw, out)?;
@@ -124,22 +141,22 @@ impl Encoder {
     /// One Tight rectangle `w` pixels wide (the caller keeps it within
     /// [`TIGHT_MAX_WIDTH`] and [`TIGHT_MAX_PIXELS`]).
     fn tight_rect(&mut self, w: usize, px: &[u32], out: &mut Vec<u8>) -> io::Result<()> {
-        let palette = palette(px, 256);
+        let palette = Palette::of(px, 256);
         let f = self.format;
-        match palette.as_deref() {
-            Some([only]) => {
+        match &palette {
+            Some(pal) if pal.len() == 1 => {
                 out.push(TIGHT_FILL);
-                f.put_tpixel(*only, out);
+                f.put_tpixel(pal.colours[0], out);
                 Ok(())
             }
-            Some(colours) if colours.len() <= 16 || px.len() > 4 * colours.len() => {
+            Some(pal) if pal.len() <= 16 || px.len() > 4 * pal.len() => {
                 out.push((TIGHT_STREAM_PALETTE << 4) | TIGHT_EXPLICIT_FILTER);
                 out.push(TIGHT_FILTER_PALETTE);
-                out.push((colours.len() - 1) as u8);
-                for c in colours {
+                out.push((pal.len() - 1) as u8);
+                for c in &pal.colours {
                     f.put_tpixel(*c, out);
                 }
-                let data = tight_indices(px, colours, w);
+                let data = tight_indices(px, pal, w);
                 self.tight_data(TIGHT_STREAM_PALETTE, &data, out)
             }
             _ => {
@@ -204,35 +221,75 @@ fn compact_length(len: usize, out: &mut Vec<u8>) {
     }
 }
 
-/// The distinct colours of `px` in order of appearance, if there are at most `max`.
-fn palette(px: &[u32], max: usize) -> Option<Vec<u32>> {
-    let mut colours: Vec<u32> = Vec::new();
-    let mut last = None;
-    for &p in px {
-        if last == Some(p) {
-            continue;
-        }
-        last = Some(p);
-        if !colours.contains(&p) {
-            if colours.len() == max {
-                return None;
-            }
-            colours.push(p);
-        }
-    }
-    Some(colours)
+/// The distinct colours of a rectangle, in order of appearance, with a lookup table from
+/// colour to index (pixels are 0x00RRGGBB, so `EMPTY` is never a colour).
+struct Palette {
+    colours: Vec<u32>,
+    table: Vec<(u32, u8)>,
 }
 
-fn index_of(colours: &[u32], p: u32) -> u8 {
-    colours.iter().position(|c| *c == p).unwrap_or(0) as u8
+const PALETTE_SLOTS: usize = 1024;
+const EMPTY: u32 = u32::MAX;
+
+fn slot(p: u32) -> usize {
+    (p.wrapping_mul(0x9e37_79b1) >> 22) as usize % PALETTE_SLOTS
+}
+
+impl Palette {
+    /// The palette of `px`, if it has at most `max` (at most 256) colours.
+    fn of(px: &[u32], max: usize) -> Option<Palette> {
+        let mut pal = Palette {
+            colours: Vec::new(),
+            table: vec![(EMPTY, 0); PALETTE_SLOTS],
+        };
+        let mut last = None;
+        for &p in px {
+            if last == Some(p) {
+                continue;
+            }
+            last = Some(p);
+            let mut i = slot(p);
+            loop {
+                match pal.table[i] {
+                    (c, _) if c == p => break,
+                    (EMPTY, _) => {
+                        if pal.colours.len() == max.min(256) {
+                            return None;
+                        }
+                        pal.table[i] = (p, pal.colours.len() as u8);
+                        pal.colours.push(p);
+                        break;
+                    }
+                    _ => i = (i + 1) % PALETTE_SLOTS,
+                }
+            }
+        }
+        Some(pal)
+    }
+
+    fn index(&self, p: u32) -> u8 {
+        let mut i = slot(p);
+        // At most 256 of the 1024 slots are taken: an empty one ends every probe.
+        loop {
+            match self.table[i] {
+                (c, index) if c == p => return index,
+                (EMPTY, _) => return 0,
+                _ => i = (i + 1) % PALETTE_SLOTS,
+            }
+        }
+    }
+
+    fn len(&self) -> usize {
+        self.colours.len()
+    }
 }
 
 /// Pack palette indices `bits` wide, MSB first, each row padded to a byte.
-fn pack_indices(px: &[u32], colours: &[u32], width: usize, bits: usize, out: &mut Vec<u8>) {
+fn pack_indices(px: &[u32], pal: &Palette, width: usize, bits: usize, out: &mut Vec<u8>) {
     for row in px.chunks(width.max(1)) {
         let (mut byte, mut used) = (0u8, 0);
         for &p in row {
-            byte = (byte << bits) | index_of(colours, p);
+            byte = (byte << bits) | pal.index(p);
             used += bits;
             if used == 8 {
                 out.push(byte);
@@ -246,12 +303,12 @@ fn pack_indices(px: &[u32], colours: &[u32], width: usize, bits: usize, out: &mu
 }
 
 /// Tight's palette data: one bit per pixel for two colours, else a byte.
-fn tight_indices(px: &[u32], colours: &[u32], width: usize) -> Vec<u8> {
+fn tight_indices(px: &[u32], pal: &Palette, width: usize) -> Vec<u8> {
     let mut data = Vec::with_capacity(px.len());
-    if colours.len() == 2 {
-        pack_indices(px, colours, width, 1, &mut data);
+    if pal.len() == 2 {
+        pack_indices(px, pal, width, 1, &mut data);
     } else {
-        data.extend(px.iter().map(|p| index_of(colours, *p)));
+        data.extend(px.iter().map(|p| pal.index(*p)));
     }
     data
 }
@@ -282,10 +339,10 @@ fn run_length(mut n: usize, out: &mut Vec<u8>) {
 fn zrle_tile(f: &PixelFormat, w: usize, px: &[u32], out: &mut Vec<u8>) {
     let cpx = f.cpixel_len();
     let h = px.len() / w.max(1);
-    let colours = palette(px, 127);
-    if let Some([only]) = colours.as_deref() {
+    let colours = Palette::of(px, 127);
+    if let Some(pal) = colours.as_ref().filter(|p| p.len() == 1) {
         out.push(1);
-        f.put_cpixel(*only, out);
+        f.put_cpixel(pal.colours[0], out);
         return;
     }
     let runs = runs(px);
@@ -317,7 +374,7 @@ fn zrle_tile(f: &PixelFormat, w: usize, px: &[u32], out: &mut Vec<u8>) {
     match (best, &colours) {
         (1, Some(c)) => {
             out.push(c.len() as u8);
-            for colour in c {
+            for colour in &c.colours {
                 f.put_cpixel(*colour, out);
             }
             let bits = match c.len() {
@@ -336,11 +393,11 @@ fn zrle_tile(f: &PixelFormat, w: usize, px: &[u32], out: &mut Vec<u8>) {
         }
         (3, Some(c)) => {
             out.push(128 + c.len() as u8);
-            for colour in c {
+            for colour in &c.colours {
                 f.put_cpixel(*colour, out);
             }
             for (colour, n) in &runs {
-                let i = index_of(c, *colour);
+                let i = c.index(*colour);
                 if *n == 1 {
                     out.push(i);
                 } else {
@@ -527,7 +584,7 @@ pub(crate) mod tests {
 
     #[test]
     fn zrle_round_trips_every_kind_of_tile() {
-        let mut e = Encoder::new(PixelFormat::SERVER);
+        let mut e = Encoder::new(PixelFormat::SERVER, DEFAULT_LEVEL);
         let mut z = Decompress::new(true);
         for (w, h) in [(64, 64), (100, 70), (1, 1), (130, 3)] {
             for kind in 0..5 {
@@ -553,7 +610,7 @@ pub(crate) mod tests {
 
     #[test]
     fn tight_round_trips_fill_palette_and_copy() {
-        let mut e = Encoder::new(PixelFormat::SERVER);
+        let mut e = Encoder::new(PixelFormat::SERVER, DEFAULT_LEVEL);
         let mut z: [Decompress; 4] = std::array::from_fn(|_| Decompress::new(true));
         for (w, h) in [(64, 64), (100, 70), (1, 1), (3, 2)] {
             for kind in 0..5 {
@@ -579,7 +636,7 @@ pub(crate) mod tests {
 
     #[test]
     fn zlib_and_raw_carry_client_pixels() {
-        let mut e = Encoder::new(PixelFormat::SERVER);
+        let mut e = Encoder::new(PixelFormat::SERVER, DEFAULT_LEVEL);
         let px = pattern(10, 10, 3);
         let mut out = Vec::new();
         e.rect(

@@ -136,6 +136,11 @@ impl VncServer {
         !lock(&self.clients).is_empty()
     }
 
+    /// Whether a client waits for an update.
+    pub fn update_requested(&self) -> bool {
+        lock(&self.clients).iter().any(|c| c.update_requested())
+    }
+
     /// Drop every client but `keep` (a client that asked for exclusive access).
     fn disconnect_others(&self, keep: u64) {
         let others: Vec<_> = lock(&self.clients)
@@ -185,6 +190,22 @@ impl VncServer {
             self.damage(&damage, generation, tiles_x);
         }
         damage.any()
+    }
+
+    /// The keyboard LEDs clients are shown: the virtio keyboard's if the guest uses one,
+    /// else the PS/2 keyboard's.
+    pub fn leds(&self) -> u8 {
+        match self.inputs.find(ipc::display::InputKind::Keyboard) {
+            Some(keyboard) => keyboard.leds(),
+            None => self.display.leds(),
+        }
+    }
+
+    /// The LEDs changed: tell the clients that follow them.
+    pub fn leds_changed(&self) {
+        for c in lock(&self.clients).iter() {
+            c.leds_changed();
+        }
     }
 
     /// Merge a refresh's damage into every client's.

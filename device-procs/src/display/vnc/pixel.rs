@@ -81,6 +81,29 @@ impl PixelFormat {
         v
     }
 
+    /// The server's own format: pixels go out as they are.
+    pub fn is_server(&self) -> bool {
+        self.bits_per_pixel == 32
+            && !self.big_endian
+            && self.max == [255, 255, 255]
+            && self.shift == [16, 8, 0]
+    }
+
+    /// Append the pixels of `px` (0x00RRGGBB each).
+    pub fn put_all(&self, px: &[u32], out: &mut Vec<u8>) {
+        if self.is_server() && cfg!(target_endian = "little") {
+            // SAFETY: a u32 slice is readable as bytes (u8 has no alignment and no invalid
+            // values); on a little-endian host those bytes are the pixels' LE encoding.
+            let bytes =
+                unsafe { std::slice::from_raw_parts(px.as_ptr().cast::<u8>(), px.len() * 4) };
+            out.extend_from_slice(bytes);
+        } else {
+            for p in px {
+                self.put(*p, out);
+            }
+        }
+    }
+
     /// Append the pixel of `rgb`, `bytes_per_pixel` bytes in the client's byte order.
     pub fn put(&self, rgb: u32, out: &mut Vec<u8>) {
         let v = self.value(rgb);
