@@ -236,3 +236,54 @@ fn a_vnc_pointer_event_arrives_in_the_tablet_event_queue() {
     qt.outb(0x60, 0x04).unwrap();
     assert_eq!(led_state(&mut client), 4, "caps lock");
 }
+
+#[test]
+fn vnc_over_tcp_reports_its_addresses() {
+    // A free port, as QEMU's `-vnc 127.0.0.1:N` would listen on 5900 + N.
+    let port = {
+        let probe = std::net::TcpListener::bind(("127.0.0.1", 0)).unwrap();
+        let port = probe.local_addr().unwrap().port();
+        if port < 5900 {
+            eprintln!("skipping: the free port {port} is below 5900");
+            return;
+        }
+        port
+    };
+    let dir = TempDir::new("harness-vnc-tcp");
+    let sock = dir.join("qmp.sock");
+    let qmp_arg = format!("unix:{},server=on,wait=off", sock.display());
+    let vnc_arg = format!("127.0.0.1:{}", port - 5900);
+    let _qt = Qtest::start(MEM, &["-qmp", &qmp_arg, "-vnc", &vnc_arg]).unwrap();
+    let mut qmp = Qmp::connect(&sock);
+    let info = qmp.ok("query-vnc", None);
+    assert_eq!(
+        info,
+        json!({"enabled": true, "host": "127.0.0.1", "service": port.to_string(),
+               "family": "ipv4", "auth": "none", "clients": []})
+    );
+    let mut c = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    c.set_read_timeout(Some(TIMEOUT)).unwrap();
+    let mut version = [0u8; 12];
+    std::io::Read::read_exact(&mut c, &mut version).unwrap();
+    assert_eq!(&version, b"RFB 003.008\n");
+    let local = c.local_addr().unwrap().port().to_string();
+    let e = qmp.wait_event("VNC_CONNECTED");
+    assert_eq!(
+        e["data"],
+        json!({
+            "server": {"auth": "none", "family": "ipv4", "service": port.to_string(),
+                       "host": "127.0.0.1", "websocket": false},
+            "client": {"family": "ipv4", "service": local, "host": "127.0.0.1",
+                       "websocket": false},
+        })
+    );
+    let clients = qmp.ok("query-vnc", None)["clients"].clone();
+    assert_eq!(clients[0]["service"], json!(local), "{clients}");
+    let text = qmp.hmp("info vnc");
+    assert!(
+        text.starts_with(&format!(
+            "default:\r\n  Server: 127.0.0.1:{port} (ipv4)\r\n    Auth: none (Sub: none)\r\n  Client: 127.0.0.1:{local} (ipv4)\r\n"
+        )),
+        "{text}"
+    );
+}

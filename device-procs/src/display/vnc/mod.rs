@@ -15,7 +15,7 @@ pub mod keys;
 pub mod pixel;
 
 use std::os::fd::OwnedFd;
-use std::os::unix::net::{UnixListener, UnixStream};
+use std::os::unix::net::UnixStream;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -52,6 +52,27 @@ pub struct VncServer {
     pub(crate) activity: Arc<(Mutex<bool>, Condvar)>,
 }
 
+/// Accept a connection on a listening socket of any family (std's `UnixListener` would
+/// refuse, and close, a TCP peer). The stream type only carries the fd: reads, writes,
+/// timeouts and shutdown are the same system calls for every family.
+fn accept(listener: &OwnedFd) -> std::io::Result<UnixStream> {
+    use std::os::fd::{AsRawFd, FromRawFd};
+    // SAFETY: accept4 with no address buffer on a listening socket we hold.
+    let fd = unsafe {
+        libc::accept4(
+            listener.as_raw_fd(),
+            std::ptr::null_mut(),
+            std::ptr::null_mut(),
+            libc::SOCK_CLOEXEC,
+        )
+    };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: accept4 returned a new fd that nothing else owns.
+    Ok(UnixStream::from(unsafe { OwnedFd::from_raw_fd(fd) }))
+}
+
 pub(crate) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
@@ -85,15 +106,14 @@ impl VncServer {
         })
     }
 
-    /// Accept clients on `listener` on a thread of its own.
+    /// Accept clients on `listener` (a TCP or unix socket) on a thread of its own.
     pub fn listen(self: &Arc<Self>, listener: OwnedFd) -> std::io::Result<()> {
-        let listener = UnixListener::from(listener);
         let server = self.clone();
         std::thread::Builder::new()
             .name("vnc-accept".into())
             .spawn(move || loop {
-                match listener.accept() {
-                    Ok((stream, _)) => server.add_client(stream, false),
+                match accept(&listener) {
+                    Ok(stream) => server.add_client(stream, false),
                     Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
                     Err(e) => {
                         tracing::error!("vnc: accept: {e}");
