@@ -56,7 +56,13 @@ impl Rig {
 
 #[test]
 fn registers_edid_and_a_mode_set_from_test_code() {
-    let mut rig = start("harness-display", &["bochs-display,vgamem=4M"]);
+    let mut rig = start("harness-display", &["bochs-display,vgamem=4M,id=vga0"]);
+    // The adapter stays: its VRAM is mapped for the accelerator and vmm-display.
+    let r = rig.qmp.request("device_del", Some(json!({"id": "vga0"})));
+    assert_eq!(
+        r["error"]["desc"], "Device 'vga0' does not support hotplugging",
+        "{r}"
+    );
     let qt = &mut rig.qt;
     let f = pci::enumerate_bus0(qt)
         .unwrap()

@@ -517,6 +517,14 @@ impl DeviceManager {
         Ok(Some(slot))
     }
 
+    /// Whether the function in `slot` is the display adapter.
+    pub fn is_display_adapter(&self, slot: u8) -> bool {
+        matches!(
+            self.functions.get(&slot).map(|f| &f.function),
+            Some(super::PciFunction::Display(_))
+        )
+    }
+
     /// The virtio-input device in `slot` was unplugged.
     pub(super) fn remove_input(&mut self, slot: u8) {
         lock(&self.display.inputs).retain(|i| i.slot != slot);

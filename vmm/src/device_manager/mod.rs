@@ -376,7 +376,10 @@ impl DeviceManager {
             path
         } else if let Some((_, path)) = self.remove_nic(slot) {
             path
-        } else if plugged.driver.starts_with("virtio-") && plugged.driver.ends_with("-pci") {
+        } else if matches!(
+            plugged.driver.as_str(),
+            "virtio-tablet-pci" | "virtio-keyboard-pci" | "virtio-mouse-pci"
+        ) {
             self.remove_input(slot);
             plugged.id.as_deref().map_or(String::new(), peripheral_path)
         } else if let Some(i) = self.controllers.iter().position(|c| lock(c).slot == slot) {

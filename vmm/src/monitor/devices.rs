@@ -60,6 +60,13 @@ fn device_del(ctx: &mut CommandContext<'_>) -> Result<Value, QmpError> {
         }
         return Err(QmpError::device_not_found(id));
     };
+    // The display adapter's VRAM stays mapped for the display process and the
+    // accelerator: it is not unplugged (QEMU's words for a device that cannot be).
+    if machine.devices().is_display_adapter(slot) {
+        return Err(QmpError::generic(format!(
+            "Device '{id}' does not support hotplugging"
+        )));
+    }
     let mut hp = machine
         .pci_hotplug()
         .lock()

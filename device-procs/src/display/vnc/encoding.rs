@@ -582,56 +582,47 @@ pub(crate) mod tests {
             .collect()
     }
 
-    #[test]
-    fn zrle_round_trips_every_kind_of_tile() {
+    /// Encode every test pattern at each size with `encoding` and decode it back.
+    fn round_trip(
+        encoding: i32,
+        sizes: &[(usize, usize)],
+        decode: &mut dyn FnMut(usize, usize, &[u8]) -> Vec<u32>,
+    ) {
         let mut e = Encoder::new(PixelFormat::SERVER, DEFAULT_LEVEL);
-        let mut z = Decompress::new(true);
-        for (w, h) in [(64, 64), (100, 70), (1, 1), (130, 3)] {
+        for &(w, h) in sizes {
             for kind in 0..5 {
                 let px = pattern(w, h, kind);
                 let mut out = Vec::new();
-                e.rect(
-                    ZRLE,
-                    Rect {
-                        x: 0,
-                        y: 0,
-                        w: w as u32,
-                        h: h as u32,
-                    },
-                    &px,
-                    &mut out,
-                )
-                .unwrap();
-                let got = decode_zrle(&mut z, w, h, &out[12..]);
-                assert_eq!(got, px, "{w}x{h} pattern {kind}");
+                let rect = Rect {
+                    x: 0,
+                    y: 0,
+                    w: w as u32,
+                    h: h as u32,
+                };
+                e.rect(encoding, rect, &px, &mut out).unwrap();
+                assert_eq!(decode(w, h, &out[12..]), px, "{w}x{h} pattern {kind}");
             }
         }
     }
 
     #[test]
+    fn zrle_round_trips_every_kind_of_tile() {
+        let mut z = Decompress::new(true);
+        round_trip(
+            ZRLE,
+            &[(64, 64), (100, 70), (1, 1), (130, 3)],
+            &mut |w, h, body| decode_zrle(&mut z, w, h, body),
+        );
+    }
+
+    #[test]
     fn tight_round_trips_fill_palette_and_copy() {
-        let mut e = Encoder::new(PixelFormat::SERVER, DEFAULT_LEVEL);
         let mut z: [Decompress; 4] = std::array::from_fn(|_| Decompress::new(true));
-        for (w, h) in [(64, 64), (100, 70), (1, 1), (3, 2)] {
-            for kind in 0..5 {
-                let px = pattern(w, h, kind);
-                let mut out = Vec::new();
-                e.rect(
-                    TIGHT,
-                    Rect {
-                        x: 0,
-                        y: 0,
-                        w: w as u32,
-                        h: h as u32,
-                    },
-                    &px,
-                    &mut out,
-                )
-                .unwrap();
-                let got = decode_tight(&mut z, w, h, &out[12..]);
-                assert_eq!(got, px, "{w}x{h} pattern {kind}");
-            }
-        }
+        round_trip(
+            TIGHT,
+            &[(64, 64), (100, 70), (1, 1), (3, 2)],
+            &mut |w, h, body| decode_tight(&mut z, w, h, body),
+        );
     }
 
     #[test]
