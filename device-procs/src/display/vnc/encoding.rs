@@ -582,12 +582,11 @@ pub(crate) mod tests {
             .collect()
     }
 
+    /// A client's decoder of one rectangle's body: width, height, bytes to pixels.
+    type Decoder<'a> = &'a mut dyn FnMut(usize, usize, &[u8]) -> Vec<u32>;
+
     /// Encode every test pattern at each size with `encoding` and decode it back.
-    fn round_trip(
-        encoding: i32,
-        sizes: &[(usize, usize)],
-        decode: &mut dyn FnMut(usize, usize, &[u8]) -> Vec<u32>,
-    ) {
+    fn round_trip(encoding: i32, sizes: &[(usize, usize)], decode: Decoder<'_>) {
         let mut e = Encoder::new(PixelFormat::SERVER, DEFAULT_LEVEL);
         for &(w, h) in sizes {
             for kind in 0..5 {

@@ -27,6 +27,10 @@ use super::screen::Damage;
 use super::Display;
 pub use client::Client;
 
+/// How long a refresh that found changes waits to look once more (see
+/// [`VncServer::refresh`]).
+const SETTLE: std::time::Duration = std::time::Duration::from_millis(2);
+
 /// Where the server's events go (the control channel).
 pub type EventSink = Arc<dyn Fn(DisplayEvent) + Send + Sync>;
 
@@ -205,11 +209,25 @@ impl VncServer {
 
     /// Look at the screen now and hand every client what changed; whether anything did.
     pub fn refresh(&self) -> bool {
-        let (damage, generation, tiles_x) = self.display.refresh();
-        if damage.any() {
-            self.damage(&damage, generation, tiles_x);
+        let (mut damage, mut generation, mut tiles_x) = self.display.refresh();
+        if !damage.any() {
+            return false;
         }
-        damage.any()
+        // The guest is likely in the middle of drawing (its fbdev copies whole areas at
+        // once): look again a moment later and send both, rather than half a frame now
+        // and the rest with the next update.
+        std::thread::sleep(SETTLE);
+        let (more, g, t) = self.display.refresh();
+        if g == generation && more.tiles.len() == damage.tiles.len() {
+            for (d, m) in damage.tiles.iter_mut().zip(&more.tiles) {
+                *d |= *m;
+            }
+        } else {
+            (damage, generation, tiles_x) = (more, g, t);
+            damage.resized = true;
+        }
+        self.damage(&damage, generation, tiles_x);
+        true
     }
 
     /// The keyboard LEDs clients are shown: the virtio keyboard's if the guest uses one,
