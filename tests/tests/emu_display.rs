@@ -55,8 +55,9 @@ struct Vm {
 }
 
 /// The stock guest with a bochs-display, VNC on a unix socket (`vnc_options` after the
-/// address), the pattern program on a disk, and two monitor connections.
-fn boot(tag: &str, vnc_options: &str, wait_ready: bool) -> Vm {
+/// address), the pattern program on a disk, and two monitor connections; `extra` goes to
+/// the vmm.
+fn boot(tag: &str, vnc_options: &str, wait_ready: bool, extra: &[&str]) -> Vm {
     let dir = TempDir::new(tag);
     let (disk, len) = pattern_disk(&dir);
     let qmp_sock = dir.join("qmp.sock");
@@ -81,6 +82,7 @@ fn boot(tag: &str, vnc_options: &str, wait_ready: bool) -> Vm {
     if !wait_ready {
         args.push("-S");
     }
+    args.extend_from_slice(extra);
     let mut console = GuestConsole::boot_stock_linux(&args);
     let mut qmp = Qmp::unix(&qmp_sock);
     qmp.negotiate();
@@ -167,7 +169,7 @@ fn display_process(qmp: &mut Qmp<UnixStream>) -> (u64, u64) {
 
 #[test]
 fn the_guest_screen_reaches_screendump_and_vnc_clients() {
-    let mut vm = boot("display", "", true);
+    let mut vm = boot("display", "", true, &[]);
     let dmesg = vm
         .console
         .run("dmesg | grep -i -E \"bochs|edid\"", CMD_TIMEOUT);
@@ -418,7 +420,7 @@ fn the_guest_screen_reaches_screendump_and_vnc_clients() {
 
 #[test]
 fn vnc_passwords_expiry_and_disconnect() {
-    let mut vm = boot("display-auth", ",password=on", false);
+    let mut vm = boot("display-auth", ",password=on", false, &[]);
     let refused = |vm: &Vm, pw: &str| {
         let mut c = RawClient::connect(&vm.vnc);
         c.handshake(Some(pw))
@@ -537,8 +539,12 @@ fn vnc_passwords_expiry_and_disconnect() {
 
 #[test]
 fn auth_none_refuses_a_password_and_qemu_agrees_on_the_screen() {
+    // Both at the largest mode the EDID offers, chosen on the kernel command line.
+    const APPEND: &str = "console=ttyS0 video=Virtual-1:1920x1080";
+    const BIG_W: u32 = 1920;
+    const BIG_H: u32 = 1080;
     // Our side: set_password on a display without password auth.
-    let mut vm = boot("display-qemu", "", true);
+    let mut vm = boot("display-qemu", "", true, &["-append", APPEND]);
     let r = vm.qmp.request(
         "set_password",
         Some(json!({"protocol": "vnc", "password": "x"})),
@@ -549,7 +555,7 @@ fn auth_none_refuses_a_password_and_qemu_agrees_on_the_screen() {
         "If you want use passwords please enable password auth using '-vnc ${dpy},password'.\r\nError: Could not set password\r\n"
     );
     let out = vm.console.run("/tmp/fbpattern", CMD_TIMEOUT);
-    assert!(out.contains("FB-OK"), "{out}");
+    assert!(out.contains(&format!("FB-OK {BIG_W} {BIG_H}")), "{out}");
     let ours = vm.dir.join("ours.ppm");
     assert_eq!(screendump(&mut vm.qmp, &ours, None), json!({"return": {}}));
     let ours = Image::read_ppm(&ours);
@@ -579,7 +585,7 @@ fn auth_none_refuses_a_password_and_qemu_agrees_on_the_screen() {
         "-initrd",
         guest.join("initramfs.img").to_str().unwrap(),
         "-append",
-        "console=ttyS0",
+        APPEND,
         "-serial",
         "stdio",
         "-device",
@@ -605,7 +611,7 @@ fn auth_none_refuses_a_password_and_qemu_agrees_on_the_screen() {
         CMD_TIMEOUT,
     );
     assert!(
-        out.contains(&format!("FB-OK {WIDTH} {HEIGHT}")),
+        out.contains(&format!("FB-OK {BIG_W} {BIG_H}")),
         "QEMU: {out}"
     );
     let mut qmp = Qmp::unix(&qmp_sock);
@@ -613,5 +619,5 @@ fn auth_none_refuses_a_password_and_qemu_agrees_on_the_screen() {
     let theirs = dir.join("theirs.ppm");
     assert_eq!(screendump(&mut qmp, &theirs, None), json!({"return": {}}));
     Image::read_ppm(&theirs).assert_same(&ours, "QEMU 7.2's screendump against ours");
-    ours.assert_same(&Image::pattern(WIDTH, HEIGHT), "the pattern");
+    ours.assert_same(&Image::pattern(BIG_W, BIG_H), "the pattern");
 }
