@@ -2,7 +2,8 @@
 //! drivers would: the PCI identity, the EDID, DISPI and extension registers in BAR2, a
 //! mode set from test code and pixels written through BAR0 showing up in `screendump`
 //! (page flips and absurd modes too), and a VNC client's pointer event arriving in the
-//! tablet's event queue as absolute coordinates.
+//! tablet's event queue as absolute coordinates; VNC over TCP with its addresses; RFB
+//! 3.3 and 3.7 clients, an exclusive client, QEMU extended key events and LED state.
 
 use std::time::Duration;
 
@@ -292,4 +293,75 @@ fn vnc_over_tcp_reports_its_addresses() {
         )),
         "{text}"
     );
+}
+
+#[test]
+fn rfb_3_3_and_3_7_clients_and_an_exclusive_one() {
+    let rig = start("harness-rfb", &[]);
+    let path = rig.dir.join("vnc.sock");
+    // Up to ServerInit with version `version` and security None: 3.3 is told the type
+    // (a u32), 3.7 and 3.8 choose it, and only 3.8 gets a SecurityResult for None.
+    let init = |version: &[u8; 12], shared: u8| {
+        let mut c = RawClient::connect(&path);
+        assert_eq!(c.read_exact(12), b"RFB 003.008\n");
+        c.write(version);
+        if version == b"RFB 003.003\n" {
+            assert_eq!(c.read_exact(4), [0, 0, 0, 1]);
+        } else {
+            assert_eq!(c.read_exact(2), [1, 1]);
+            c.write(&[1]);
+        }
+        if version == b"RFB 003.008\n" {
+            assert_eq!(
+                c.read_exact(4),
+                [0; 4],
+                "3.8's SecurityResult, even for None"
+            );
+        }
+        c.write(&[shared]);
+        let server_init = c.read_exact(24);
+        assert_eq!(
+            server_init[..4],
+            [0x02, 0x80, 0x01, 0xe0],
+            "640x480 ({version:?})"
+        );
+        let name_len = u32::from_be_bytes(server_init[20..24].try_into().unwrap());
+        assert_eq!(c.read_exact(name_len as usize), b"QEMU");
+        c
+    };
+    let mut old = init(b"RFB 003.003\n", 1);
+    let mut middle = init(b"RFB 003.007\n", 1);
+    // An exclusive client (shared flag 0) has the others dropped, as QEMU's default
+    // share policy (allow-exclusive) does.
+    let mut exclusive = init(b"RFB 003.008\n", 0);
+    assert!(old.closed() && middle.closed(), "shared clients dropped");
+    exclusive.write(&[3, 0, 0, 0, 0, 0, 0x02, 0x80, 0x01, 0xe0]);
+    assert_eq!(
+        exclusive.read_exact(4)[0],
+        0,
+        "the exclusive client is served"
+    );
+    // QEMU's extended key events: announced when asked for, then a raw scancode (0x1e,
+    // the A key) reaches the PS/2 keyboard, which the guest reads from port 0x60.
+    exclusive.read_exact(12 + 640 * 480 * 4);
+    exclusive.write(&[2, 0, 0, 1]);
+    exclusive.write(&(-258i32).to_be_bytes());
+    let head = exclusive.read_exact(16);
+    assert_eq!(i32::from_be_bytes(head[12..16].try_into().unwrap()), -258);
+    exclusive.write(&[255, 0, 0, 1, 0, 0, 0, 0x61, 0, 0, 0, 0x1e]);
+    let mut qt = rig.qt;
+    let deadline = std::time::Instant::now() + TIMEOUT;
+    while qt.inb(0x64).unwrap() & 1 == 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no key reached the i8042"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert_eq!(qt.inb(0x60).unwrap(), 0x1e, "set 1 make code of A");
+    // A version we do not speak is refused.
+    let mut bad = RawClient::connect(&path);
+    bad.read_exact(12);
+    bad.write(b"RFB 004.000\n");
+    assert!(bad.closed());
 }
