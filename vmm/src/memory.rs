@@ -181,9 +181,39 @@ impl MemoryManager {
     pub fn zero(&self) -> std::io::Result<()> {
         // Punching a hole releases the pages; reading them back gives zeroes.
         let fd = self.memfd.as_file().as_fd();
-        nix_free_punch_hole(fd, self.ram_size)
+        punch_hole(fd, 0, self.ram_size)
+    }
+
+    /// Give the host back the whole 4 KiB pages of guest RAM in `gpa..gpa+len` (a balloon
+    /// inflating, free page reporting): they are punched out of the memfd, so they leave
+    /// every process that maps it, and read as zeroes when touched again. Parts outside
+    /// RAM are left alone. The bytes released.
+    pub fn release(&self, gpa: u64, len: u64) -> std::io::Result<u64> {
+        let end = gpa.saturating_add(len);
+        let mut released = 0;
+        for r in &self.ranges {
+            let (start, stop) = (r.guest_addr.0, r.guest_addr.0 + r.size);
+            let from = gpa.max(start).next_multiple_of(PAGE_SIZE);
+            let to = end.min(stop) / PAGE_SIZE * PAGE_SIZE;
+            if from >= to {
+                continue;
+            }
+            let offset = r.file_offset + (from - start);
+            punch_hole(self.memfd.as_file().as_fd(), offset, to - from)?;
+            released += to - from;
+        }
+        Ok(released)
+    }
+
+    /// Bytes of the memfd the host has allocated (what `release` gives back).
+    pub fn allocated(&self) -> std::io::Result<u64> {
+        let meta = self.memfd.as_file().metadata()?;
+        Ok(std::os::unix::fs::MetadataExt::blocks(&meta) * 512)
     }
 }
+
+/// Guest pages, as a balloon and free page reporting count them.
+pub const PAGE_SIZE: u64 = 4096;
 
 /// Memory that a device shows the guest through a memory BAR (a framebuffer): a memfd of
 /// its own, mapped shared here, so that a device process can map the same pages.
@@ -283,14 +313,15 @@ impl Drop for DeviceMemory {
     }
 }
 
-fn nix_free_punch_hole(fd: std::os::fd::BorrowedFd<'_>, len: u64) -> std::io::Result<()> {
+/// Free `len` bytes of `fd` from `offset` (they read as zeroes afterwards).
+fn punch_hole(fd: std::os::fd::BorrowedFd<'_>, offset: u64, len: u64) -> std::io::Result<()> {
     use std::os::fd::AsRawFd;
     // SAFETY: fallocate on a valid fd with in-range arguments has no memory-safety effects.
     let ret = unsafe {
         libc::fallocate(
             fd.as_raw_fd(),
             libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
-            0,
+            offset as libc::off_t,
             len as libc::off_t,
         )
     };
@@ -305,6 +336,40 @@ fn nix_free_punch_hole(fd: std::os::fd::BorrowedFd<'_>, len: u64) -> std::io::Re
 mod tests {
     use super::*;
     use vm_memory::Bytes;
+
+    #[test]
+    fn released_pages_leave_the_memfd_and_come_back_zeroed() {
+        let m = MemoryManager::new(16 << 20).unwrap();
+        let mem = m.guest_memory();
+        let before = m.allocated().unwrap();
+        mem.write_slice(&vec![0xab; 4 << 20], GuestAddress(1 << 20))
+            .unwrap();
+        let written = m.allocated().unwrap();
+        assert!(written >= before + (4 << 20), "{before} -> {written}");
+        // Only whole pages: the partial ones at both ends stay.
+        assert_eq!(
+            m.release((1 << 20) - 100, (4 << 20) + 200).unwrap(),
+            4 << 20
+        );
+        let released = m.allocated().unwrap();
+        assert!(released + (4 << 20) <= written, "{written} -> {released}");
+        let mut b = [0u8; 4];
+        mem.read_slice(&mut b, GuestAddress(2 << 20)).unwrap();
+        assert_eq!(b, [0; 4], "released pages read as zeroes");
+        mem.write_slice(&[1], GuestAddress(2 << 20)).unwrap();
+        assert!(
+            m.allocated().unwrap() > released,
+            "touched again: allocated again"
+        );
+        // Outside RAM: nothing.
+        assert_eq!(m.release(1 << 40, 1 << 20).unwrap(), 0);
+        assert_eq!(m.release(0, 100).unwrap(), 0, "no whole page");
+        // Across the 32-bit hole: the pages on both sides, none of the hole.
+        let big = MemoryManager::new(4 << 30).unwrap();
+        let hole = layout::MEM_32BIT_GAP_START.0;
+        let span = (layout::RAM_64BIT_START.0 - hole) + 2 * 8192;
+        assert_eq!(big.release(hole - 8192, span).unwrap(), 2 * 8192);
+    }
 
     #[test]
     fn small_ram_is_one_range() {
