@@ -122,17 +122,26 @@ SEQUENCE = [
     ("human-monitor-command", {"command-line": "screendump /nonexistent/y"}),
     ("human-monitor-command", {"command-line": "sendkey frob"}),
     ("human-monitor-command", {"command-line": "info vnc"}),
+    # No balloon on either side: QEMU's DeviceNotActive.
+    ("query-balloon", None),
+    ("balloon", {"value": 0}),
+    ("balloon", {"value": "x"}),
+    ("balloon", {}),
+    ("human-monitor-command", {"command-line": "info balloon"}),
+    ("human-monitor-command", {"command-line": "balloon 64"}),
+    ("human-monitor-command", {"command-line": "help balloon"}),
 ]
 
 # Commands whose whole reply, not just its shape, is the same for the same machine.
 SAME_VALUE = {"query-mice", "query-status", "query-name", "query-uuid", "query-rx-filter",
               "set_link", "netdev_del", "query-spice", "set_password", "expire_password",
-              "change-vnc-password", "screendump", "add_client"}
+              "change-vnc-password", "screendump", "add_client", "query-balloon", "balloon"}
 # HMP commands whose output is the same.
 SAME_HMP = {"info network", "set_link h1 off", "set_link nosuch off", "netdev_del h1",
             "netdev_add user,id=h1", "netdev_add user,id=h2,restrict=maybe",
             "change vnc password abc", "set_password spice x", "expire_password vnc never",
-            "screendump /nonexistent/y", "sendkey frob"}
+            "screendump /nonexistent/y", "sendkey frob", "info balloon", "balloon 64",
+            "help balloon"}
 
 
 def shape(value):

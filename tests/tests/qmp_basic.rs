@@ -185,6 +185,8 @@ fn greeting_negotiation_run_control_and_queries() {
         "add_client",
         "query-vnc",
         "query-spice",
+        "balloon",
+        "query-balloon",
     ];
     expected.sort_unstable();
     assert_eq!(names, expected);

@@ -46,6 +46,7 @@ const WITH_VALUE: &[&str] = &[
     "display",
     "vnc",
     "vga",
+    "balloon",
     "pidfile",
     "device",
     "drive",
@@ -176,6 +177,27 @@ where
                 }
             }
             "vnc" => cfg.vnc = crate::vnc::parse_vnc(v).map_err(|m| err(&opt, Some(v), m))?,
+            // QEMU 1.1's spelling of `-device virtio-balloon-pci`.
+            "balloon" => match v.split(',').next().unwrap_or("") {
+                "virtio" => {
+                    let opts = v
+                        .split_once(',')
+                        .map_or(String::new(), |(_, o)| format!(",{o}"));
+                    cfg.devices.push((
+                        format!("{opt} {v}"),
+                        crate::device_manager::parse_device(&format!("virtio-balloon-pci{opts}"))
+                            .map_err(|e| err(&opt, Some(v), e.to_string()))?,
+                    ))
+                }
+                "none" => {}
+                other => {
+                    return Err(err(
+                        &opt,
+                        Some(v),
+                        format!("unknown balloon device '{other}' (only 'virtio' and 'none')"),
+                    ))
+                }
+            },
             "vga" => match v {
                 // The standard VGA's display interface, without the VGA.
                 "std" => cfg.devices.push((
@@ -723,6 +745,7 @@ Devices:
   -vnc [HOST]:N|unix:PATH|none[,password=on]
                        VNC server on TCP port 5900+N or a unix socket (vmm-display)
   -display vnc=...     the same as -vnc ...
+  -balloon virtio|none virtio: a virtio-balloon-pci
   -nographic           no display; COM1 on stdio
   -nodefaults          no default devices (no COM1)
 Diagnostics:

@@ -189,20 +189,7 @@ impl MemoryManager {
     /// every process that maps it, and read as zeroes when touched again. Parts outside
     /// RAM are left alone. The bytes released.
     pub fn release(&self, gpa: u64, len: u64) -> std::io::Result<u64> {
-        let end = gpa.saturating_add(len);
-        let mut released = 0;
-        for r in &self.ranges {
-            let (start, stop) = (r.guest_addr.0, r.guest_addr.0 + r.size);
-            let from = gpa.max(start).next_multiple_of(PAGE_SIZE);
-            let to = end.min(stop) / PAGE_SIZE * PAGE_SIZE;
-            if from >= to {
-                continue;
-            }
-            let offset = r.file_offset + (from - start);
-            punch_hole(self.memfd.as_file().as_fd(), offset, to - from)?;
-            released += to - from;
-        }
-        Ok(released)
+        release_pages(&self.guest_memory, gpa, len)
     }
 
     /// Bytes of the memfd the host has allocated (what `release` gives back).
@@ -214,6 +201,29 @@ impl MemoryManager {
 
 /// Guest pages, as a balloon and free page reporting count them.
 pub const PAGE_SIZE: u64 = 4096;
+
+/// [`MemoryManager::release`] on the mapping `memory` (each region is a window of the
+/// guest-RAM memfd): the whole pages of `gpa..gpa+len` punched out; the bytes released.
+pub fn release_pages(memory: &GuestMemoryMmap, gpa: u64, len: u64) -> std::io::Result<u64> {
+    let end = gpa.saturating_add(len);
+    let mut released = 0;
+    for r in memory.iter() {
+        let start = r.start_addr().0;
+        let stop = start + r.len();
+        let from = gpa.max(start).next_multiple_of(PAGE_SIZE);
+        let to = end.min(stop) / PAGE_SIZE * PAGE_SIZE;
+        if from >= to {
+            continue;
+        }
+        let Some(file) = r.file_offset() else {
+            continue;
+        };
+        let offset = file.start() + (from - start);
+        punch_hole(file.file().as_fd(), offset, to - from)?;
+        released += to - from;
+    }
+    Ok(released)
+}
 
 /// Memory that a device shows the guest through a memory BAR (a framebuffer): a memfd of
 /// its own, mapped shared here, so that a device process can map the same pages.

@@ -24,6 +24,7 @@ use crate::virtio::pci::{VirtioPciDevice, VirtioPciError, MAX_MSIX_VECTORS};
 use crate::virtio::vhost_user::{ConfigNotifier, VhostUserError};
 use crate::virtio::VirtioBackend;
 
+mod balloon;
 mod block;
 mod config;
 mod display;
@@ -32,6 +33,7 @@ mod process;
 mod scsi;
 mod watcher;
 
+pub use balloon::NO_BALLOON;
 use block::SharedBlock;
 pub use block::{BlockInfo, ImageInfo, IoStatus, RemovableState};
 pub use config::{device_config_from_qmp, parse_device, DeviceConfig};
@@ -118,6 +120,8 @@ pub enum DeviceError {
     /// The display and VNC, in QEMU's words.
     #[error("{0}")]
     Display(String),
+    #[error("{0}")]
+    Balloon(String),
     #[error(transparent)]
     Drive(#[from] DriveError),
     #[error(transparent)]
@@ -204,6 +208,16 @@ pub const DRIVERS: &[Driver] = &[
         add: DeviceManager::add_virtio_input,
     },
     Driver {
+        name: "virtio-balloon-pci",
+        properties: &[
+            "deflate-on-oom",
+            "free-page-reporting",
+            "disable-legacy",
+            "disable-modern",
+        ],
+        add: DeviceManager::add_virtio_balloon,
+    },
+    Driver {
         name: "bochs-display",
         properties: &["vgamem"],
         add: DeviceManager::add_bochs_display,
@@ -263,6 +277,8 @@ pub struct DeviceManager {
     network: net::Network,
     /// The display adapter, the VNC server and their process.
     display: display::Display,
+    /// The memory balloon: its slot and function.
+    balloon: Option<(u8, Arc<Mutex<VirtioPciDevice>>)>,
     /// Every device with a process, of whatever kind, for the watcher.
     supervised: Arc<Mutex<Vec<SharedSupervised>>>,
     events: Arc<Mutex<EventSender>>,
@@ -294,6 +310,7 @@ impl DeviceManager {
             controllers: Vec::new(),
             network: net::Network::default(),
             display: display::Display::default(),
+            balloon: None,
             supervised: Arc::new(Mutex::new(Vec::new())),
             events: Arc::new(Mutex::new(EventSender::default())),
             watcher: None,
@@ -381,6 +398,9 @@ impl DeviceManager {
             "virtio-tablet-pci" | "virtio-keyboard-pci" | "virtio-mouse-pci"
         ) {
             self.remove_input(slot);
+            plugged.id.as_deref().map_or(String::new(), peripheral_path)
+        } else if plugged.driver == "virtio-balloon-pci" {
+            self.remove_balloon(slot);
             plugged.id.as_deref().map_or(String::new(), peripheral_path)
         } else if let Some(i) = self.controllers.iter().position(|c| lock(c).slot == slot) {
             let controller = self.controllers.remove(i);

@@ -6,7 +6,7 @@ use qmp::schema::CommandSpec;
 use qmp::QmpError;
 use serde_json::Value;
 
-use super::{block, devices, display, hmp, info, memory, net, run_control, MonitorCall};
+use super::{balloon, block, devices, display, hmp, info, memory, net, run_control, MonitorCall};
 use crate::machine::{Machine, MachineExit};
 
 /// A command run on the main thread, which owns the machine.
@@ -128,6 +128,7 @@ const TABLES: &[&[Command]] = &[
     block::COMMANDS,
     net::COMMANDS,
     display::COMMANDS,
+    balloon::COMMANDS,
     hmp::COMMANDS,
 ];
 

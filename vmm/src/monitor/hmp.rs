@@ -32,6 +32,10 @@ fn human_monitor_command(ctx: &mut CommandContext<'_>) -> Result<Value, QmpError
 
 /// The commands `help` lists, as QEMU 7.2 prints them (sorted by name).
 const HELP: &[(&str, &str)] = &[
+    (
+        "balloon",
+        "balloon target -- request VM to change its memory allocation (in MB)",
+    ),
     ("cont", "cont|c  -- resume emulation"),
     ("cpu", "cpu index -- set the default CPU"),
     ("help", "help|? [cmd] -- show the help"),
@@ -88,6 +92,7 @@ const HELP: &[(&str, &str)] = &[
 
 /// The `info` subcommands, with their help lines.
 const INFO_HELP: &[(&str, &str)] = &[
+    ("balloon", "info balloon  -- show balloon information"),
     ("chardev", "info chardev  -- show the character devices"),
     ("block", "info block  -- show the block devices"),
     ("cpus", "info cpus  -- show infos for each CPU"),
@@ -164,6 +169,7 @@ fn execute(
         "netdev_del" => super::net::hmp_netdev_del(machine, &args),
         "set_link" => super::net::hmp_set_link(machine, &args),
         "screendump" => super::display::hmp_screendump(machine, &args),
+        "balloon" => super::balloon::hmp_balloon(machine, &args),
         "change" if args.first() == Some(&"vnc") => {
             super::display::hmp_change_vnc(machine, &args[1..])
         }
@@ -347,6 +353,7 @@ fn info(machine: &Machine, args: &[&str], current: usize) -> String {
             format!("kvm support: {state}\n")
         }
         "vnc" => super::display::hmp_info_vnc(machine),
+        "balloon" => super::balloon::hmp_info_balloon(machine),
         "mice" => mice(machine)
             .iter()
             .map(|m| {

@@ -5,6 +5,7 @@
 //!
 //! [`Machine`]: crate::machine::Machine
 
+pub mod balloon;
 pub mod block;
 pub mod command;
 pub mod devices;

@@ -2,6 +2,7 @@
 //! and the backends behind it. A backend is usually a device process reached over
 //! vhost-user ([`vhost_user`]); the transport does not care which.
 
+pub mod balloon;
 pub mod input;
 pub mod interrupt;
 pub mod msix;
@@ -75,6 +76,10 @@ pub trait VirtioBackend: Send {
     }
     /// The network card, if that is what this is (set_link, query-rx-filter).
     fn as_net(&mut self) -> Option<&mut net::VirtioNet> {
+        None
+    }
+    /// The balloon, if that is what this is (balloon, query-balloon).
+    fn as_balloon(&mut self) -> Option<&mut balloon::VirtioBalloon> {
         None
     }
     /// The input device, if that is what this is (its backend connects late).

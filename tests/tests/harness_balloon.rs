@@ -1,0 +1,206 @@
+//! virtio-balloon-pci through the qtest harness, driven as the guest's driver would:
+//! inflate buffers punch their pages out of the guest-RAM memfd (its allocated size goes
+//! down, the pages read as zeroes), deflated pages come back on touch, free page reporting
+//! releases what it reports, page numbers outside RAM are ignored, statistics reach
+//! query-balloon, `balloon` sets the target the driver reads, and the driver's `actual`
+//! gives BALLOON_CHANGE.
+
+use std::time::Duration;
+
+use serde_json::json;
+use vmm_tests::libqos::blk::wait_used;
+use vmm_tests::libqos::pci::{self, BarAllocator};
+use vmm_tests::libqos::virtio::VirtioPciDevice;
+use vmm_tests::libqos::virtqueue::{Buffer, GuestAlloc};
+use vmm_tests::qmp::Qmp;
+use vmm_tests::qtest::Qtest;
+use vmm_tests::TempDir;
+
+const RAM: u64 = 128 << 20;
+const MEM: &str = "128M";
+const TIMEOUT: Duration = Duration::from_secs(10);
+const STATS_VQ: u64 = 1 << 1;
+const REPORTING: u64 = 1 << 5;
+const VERSION_1: u64 = 1 << 32;
+/// What else the test writes meanwhile (rings, lists) may allocate a few pages.
+const SLACK: u64 = 64 << 10;
+
+/// Allocated bytes of the vmm's guest-RAM memfd, read through /proc.
+fn allocated(pid: u32) -> u64 {
+    for entry in std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .flatten()
+    {
+        let target = std::fs::read_link(entry.path()).unwrap_or_default();
+        if target.to_string_lossy().contains("memfd:vmm-guest-ram") {
+            let meta = std::fs::metadata(entry.path()).unwrap();
+            return std::os::unix::fs::MetadataExt::blocks(&meta) * 512;
+        }
+    }
+    panic!("no guest-RAM memfd in /proc/{pid}/fd");
+}
+
+#[test]
+fn inflate_deflate_reporting_stats_and_the_target() {
+    let dir = TempDir::new("harness-balloon");
+    let sock = dir.join("qmp.sock");
+    let qmp_arg = format!("unix:{},server=on,wait=off", sock.display());
+    let mut qt = Qtest::start(
+        MEM,
+        &[
+            "-qmp",
+            &qmp_arg,
+            "-device",
+            "virtio-balloon-pci,id=balloon0,free-page-reporting=on",
+        ],
+    )
+    .unwrap();
+    let mut qmp = Qmp::connect(&sock);
+    let pid = qt.pid().expect("the vmm's pid");
+
+    let f = pci::enumerate_bus0(&mut qt)
+        .unwrap()
+        .into_iter()
+        .find(|f| f.vendor_id == 0x1af4 && f.device_id == 0x1045)
+        .expect("a virtio-balloon function");
+    let mut bars = BarAllocator::for_ram(RAM);
+    let mut dev = VirtioPciDevice::new(&mut qt, f, Some(&mut bars)).unwrap();
+    dev.reset(&mut qt).unwrap();
+    let features = dev
+        .negotiate(&mut qt, VERSION_1 | STATS_VQ | REPORTING)
+        .unwrap();
+    assert_eq!(features & (STATS_VQ | REPORTING), STATS_VQ | REPORTING);
+    dev.enable_msix(&mut qt, 0x5000).unwrap();
+    let mut alloc = GuestAlloc::for_ram(RAM);
+    let mut queues: Vec<_> = (0..4)
+        .map(|i| {
+            dev.setup_queue(&mut qt, &mut alloc, i, 0, Some(i + 1))
+                .unwrap()
+        })
+        .collect();
+    dev.driver_ok(&mut qt).unwrap();
+
+    // 4 MiB of guest RAM at 64 MiB, written so the host allocates it.
+    let base: u64 = 64 << 20;
+    qt.memset(base, 4 << 20, 0xab).unwrap();
+    let written = allocated(pid);
+
+    // Inflate: the 1024 pages' numbers, plus junk outside RAM and a duplicate.
+    let mut pfns: Vec<u32> = (0..1024).map(|i| (base >> 12) as u32 + i).collect();
+    pfns.extend([u32::MAX, 0x10_0000, (base >> 12) as u32]);
+    let bytes: Vec<u8> = pfns.iter().flat_map(|p| p.to_le_bytes()).collect();
+    let list = alloc.alloc(bytes.len() as u64, 8).unwrap();
+    qt.memwrite(list, &bytes).unwrap();
+    queues[0]
+        .add_chain(&mut qt, &[Buffer::readable(list, bytes.len() as u32)])
+        .unwrap();
+    queues[0].kick(&mut qt).unwrap();
+    wait_used(&mut qt, &mut queues[0], TIMEOUT).expect("the inflate buffer comes back");
+    let inflated = allocated(pid);
+    assert!(
+        inflated + (4 << 20) <= written + SLACK,
+        "4 MiB released: {written} -> {inflated}"
+    );
+    assert_eq!(qt.memread(base + (2 << 20), 4).unwrap(), [0; 4], "zeroes");
+
+    // Deflate: nothing to do until the guest touches the pages again.
+    queues[1]
+        .add_chain(&mut qt, &[Buffer::readable(list, 4096)])
+        .unwrap();
+    queues[1].kick(&mut qt).unwrap();
+    wait_used(&mut qt, &mut queues[1], TIMEOUT).expect("the deflate buffer comes back");
+    qt.memset(base, 4 << 20, 0xcd).unwrap();
+    assert!(
+        allocated(pid) + SLACK >= inflated + (4 << 20),
+        "touched: allocated again"
+    );
+
+    // Free page reporting: a writable buffer naming 2 MiB of free memory.
+    let free = base + (8 << 20);
+    qt.memset(free, 2 << 20, 0x11).unwrap();
+    let before = allocated(pid);
+    queues[3]
+        .add_chain(&mut qt, &[Buffer::writable(free, 2 << 20)])
+        .unwrap();
+    queues[3].kick(&mut qt).unwrap();
+    wait_used(&mut qt, &mut queues[3], TIMEOUT).expect("the report comes back");
+    assert!(
+        allocated(pid) + (2 << 20) <= before + SLACK,
+        "reported pages released"
+    );
+
+    // Statistics: (tag, value) pairs; query-balloon shows them.
+    let mut stats = Vec::new();
+    for (tag, value) in [(4u16, 123_456u64), (5, 999_999), (0, 7)] {
+        stats.extend_from_slice(&tag.to_le_bytes());
+        stats.extend_from_slice(&value.to_le_bytes());
+    }
+    let at = alloc.alloc(stats.len() as u64, 8).unwrap();
+    qt.memwrite(at, &stats).unwrap();
+    queues[2]
+        .add_chain(&mut qt, &[Buffer::readable(at, stats.len() as u32)])
+        .unwrap();
+    queues[2].kick(&mut qt).unwrap();
+    let deadline = std::time::Instant::now() + TIMEOUT;
+    loop {
+        let info = qmp.ok("query-balloon", None);
+        if info.get("free_mem").is_some() {
+            assert_eq!(info["free_mem"], 123_456);
+            assert_eq!(info["total_mem"], 999_999);
+            assert_eq!(info["mem_swapped_in"], 7);
+            assert_eq!(info["actual"], RAM);
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "no stats: {info}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+
+    // The target the driver reads, and the driver's answer.
+    assert_eq!(
+        qmp.request("balloon", Some(json!({"value": 64 << 20}))),
+        json!({"return": {}})
+    );
+    let num_pages = dev.config_readl(&mut qt, 0).unwrap();
+    assert_eq!(num_pages, 16384, "64 MiB of 128 MiB in 4 KiB pages");
+    let (cfg, _) = dev.device_cfg.unwrap();
+    qt.writel(cfg + 4, 16384).unwrap();
+    let e = qmp.wait_event("BALLOON_CHANGE");
+    assert_eq!(e["data"], json!({"actual": 64u64 << 20}));
+    assert_eq!(qmp.ok("query-balloon", None)["actual"], 64u64 << 20);
+    assert_eq!(qmp.hmp("info balloon"), "balloon: actual=64\r\n");
+
+    // QEMU's errors and clamping.
+    let r = qmp.request("balloon", Some(json!({"value": 0})));
+    assert_eq!(
+        r["error"]["desc"], "Parameter 'target' expects a size",
+        "{r}"
+    );
+    assert_eq!(
+        qmp.request("balloon", Some(json!({"value": 1u64 << 40}))),
+        json!({"return": {}})
+    );
+    assert_eq!(
+        dev.config_readl(&mut qt, 0).unwrap(),
+        0,
+        "clamped to the RAM"
+    );
+}
+
+#[test]
+fn without_a_balloon_the_commands_say_so() {
+    let dir = TempDir::new("harness-no-balloon");
+    let sock = dir.join("qmp.sock");
+    let qmp_arg = format!("unix:{},server=on,wait=off", sock.display());
+    let _qt = Qtest::start(MEM, &["-qmp", &qmp_arg]).unwrap();
+    let mut qmp = Qmp::connect(&sock);
+    let want = json!({"class": "DeviceNotActive", "desc": "No balloon device has been activated"});
+    assert_eq!(qmp.request("query-balloon", None)["error"], want);
+    assert_eq!(
+        qmp.request("balloon", Some(json!({"value": 1 << 20})))["error"],
+        want
+    );
+    assert_eq!(
+        qmp.hmp("info balloon"),
+        "Error: No balloon device has been activated\r\n"
+    );
+}

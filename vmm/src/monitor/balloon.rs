@@ -1,0 +1,74 @@
+//! The memory balloon: balloon and query-balloon over QMP, HMP's `balloon` (MiB) and
+//! `info balloon`, with QEMU 7.2's errors.
+
+use qmp::schema::{ArgType, CommandSpec, ParamSpec};
+use qmp::{ErrorClass, QmpError};
+use serde_json::{json, Value};
+
+use super::command::{Command, CommandContext};
+use crate::device_manager::NO_BALLOON;
+use crate::machine::Machine;
+
+pub const COMMANDS: &[Command] = &[
+    Command::machine("balloon", balloon).with_spec(|| {
+        CommandSpec::new(
+            "balloon",
+            vec![ParamSpec::required("value", ArgType::Integer)],
+        )
+    }),
+    Command::machine("query-balloon", |ctx| query_balloon(ctx.machine)),
+];
+
+fn no_balloon() -> QmpError {
+    QmpError::new(ErrorClass::DeviceNotActive, NO_BALLOON)
+}
+
+/// Leave the guest `target` bytes (QEMU refuses 0 and below, and clamps above its RAM).
+fn set_target(machine: &Machine, target: i64) -> Result<(), QmpError> {
+    if machine.devices().query_balloon().is_none() {
+        return Err(no_balloon());
+    }
+    if target <= 0 {
+        return Err(QmpError::generic("Parameter 'target' expects a size"));
+    }
+    machine
+        .devices()
+        .set_balloon(target as u64)
+        .map_err(|e| e.map_or_else(no_balloon, |e| QmpError::generic(e.to_string())))
+}
+
+fn balloon(ctx: &mut CommandContext<'_>) -> Result<Value, QmpError> {
+    let value = ctx
+        .call
+        .args
+        .get("value")
+        .and_then(Value::as_i64)
+        .unwrap_or(0);
+    set_target(ctx.machine, value).map(|()| json!({}))
+}
+
+fn query_balloon(machine: &Machine) -> Result<Value, QmpError> {
+    machine.devices().query_balloon().ok_or_else(no_balloon)
+}
+
+/// HMP `balloon MIB`.
+pub fn hmp_balloon(machine: &Machine, args: &[&str]) -> String {
+    let Some(mib) = args.first().and_then(|a| a.parse::<i64>().ok()) else {
+        return "balloon: integer expected\n".to_string();
+    };
+    match set_target(machine, mib.saturating_mul(1 << 20)) {
+        Ok(()) => String::new(),
+        Err(e) => format!("Error: {}\n", e.desc),
+    }
+}
+
+/// HMP `info balloon`: `actual` in MiB.
+pub fn hmp_info_balloon(machine: &Machine) -> String {
+    match query_balloon(machine) {
+        Ok(info) => format!(
+            "balloon: actual={}\n",
+            info["actual"].as_u64().unwrap_or(0) >> 20
+        ),
+        Err(e) => format!("Error: {}\n", e.desc),
+    }
+}
