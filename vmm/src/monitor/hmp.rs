@@ -658,7 +658,10 @@ mod tests {
         assert_eq!(help(Some("cpu")), "cpu index -- set the default CPU\n");
         assert_eq!(help(Some("c")), "cont|c  -- resume emulation\n");
         assert_eq!(help(Some("foo")), "unknown command: 'foo'\n");
-        assert!(help(None).starts_with("cont|c  -- resume emulation\ncpu index"));
+        assert!(help(None).starts_with(
+            "balloon target -- request VM to change its memory allocation (in MB)\n\
+             cont|c  -- resume emulation\ncpu index"
+        ));
         assert!(help(Some("info")).contains("info pci  -- show PCI info\n"));
     }
 
