@@ -147,6 +147,19 @@ impl VirtioBalloon {
         self.features & (1 << bit) != 0
     }
 
+    /// What each queue index is: the indices follow the features the driver took (Linux
+    /// numbers only the queues it uses): inflate, deflate, then stats and reporting.
+    fn queue_kinds(&self) -> Vec<usize> {
+        let mut kinds = vec![INFLATE, DEFLATE];
+        if self.has(VIRTIO_BALLOON_F_STATS_VQ) {
+            kinds.push(STATS);
+        }
+        if self.has(VIRTIO_BALLOON_F_REPORTING) {
+            kinds.push(REPORTING);
+        }
+        kinds
+    }
+
     fn config(&self) -> [u8; CONFIG_SIZE] {
         let mut c = [0u8; CONFIG_SIZE];
         c[0..4].copy_from_slice(&self.num_pages.to_le_bytes());
@@ -288,22 +301,8 @@ impl VirtioBalloon {
 }
 
 fn active_queue(q: QueueSetup, event_idx: bool) -> Result<ActiveQueue, VirtioError> {
-    let err = |e: virtio_queue::Error| VirtioError::Backend(format!("balloon queue: {e}"));
-    let mut queue = Queue::new(QUEUE_SIZE.max(q.size)).map_err(err)?;
-    queue.set_size(q.size);
-    queue
-        .try_set_desc_table_address(GuestAddress(q.desc))
-        .map_err(err)?;
-    queue
-        .try_set_avail_ring_address(GuestAddress(q.avail))
-        .map_err(err)?;
-    queue
-        .try_set_used_ring_address(GuestAddress(q.used))
-        .map_err(err)?;
-    queue.set_event_idx(event_idx);
-    queue.set_ready(true);
     Ok(ActiveQueue {
-        queue,
+        queue: super::inline_queue(&q, QUEUE_SIZE, event_idx, "balloon queue")?,
         call: q.call,
     })
 }
@@ -337,12 +336,7 @@ impl VirtioBackend for VirtioBalloon {
     }
 
     fn read_config(&mut self, offset: u64, data: &mut [u8]) {
-        data.fill(0);
-        let config = self.config();
-        if let Some(src) = usize::try_from(offset).ok().and_then(|o| config.get(o..)) {
-            let n = src.len().min(data.len());
-            data[..n].copy_from_slice(&src[..n]);
-        }
+        super::read_config_bytes(&self.config(), offset, data);
     }
 
     fn write_config(&mut self, offset: u64, data: &[u8]) {
@@ -367,15 +361,7 @@ impl VirtioBackend for VirtioBalloon {
     fn activate(&mut self, activation: Activation<'_>) -> Result<(), VirtioError> {
         self.features = activation.features;
         let event_idx = self.has(VIRTIO_RING_F_EVENT_IDX);
-        // Queue indices follow the features the driver took (Linux numbers only the
-        // queues it uses): inflate, deflate, then stats and reporting if taken.
-        let mut kinds = vec![INFLATE, DEFLATE];
-        if self.has(VIRTIO_BALLOON_F_STATS_VQ) {
-            kinds.push(STATS);
-        }
-        if self.has(VIRTIO_BALLOON_F_REPORTING) {
-            kinds.push(REPORTING);
-        }
+        let kinds = self.queue_kinds();
         self.queues.clear();
         for q in activation.queues {
             if let Some(&kind) = kinds.get(q.index) {
@@ -400,14 +386,7 @@ impl VirtioBackend for VirtioBalloon {
     }
 
     fn queue_notify(&mut self, queue: usize) {
-        let mut kinds = vec![INFLATE, DEFLATE];
-        if self.has(VIRTIO_BALLOON_F_STATS_VQ) {
-            kinds.push(STATS);
-        }
-        if self.has(VIRTIO_BALLOON_F_REPORTING) {
-            kinds.push(REPORTING);
-        }
-        if let Some(&kind) = kinds.get(queue) {
+        if let Some(&kind) = self.queue_kinds().get(queue) {
             self.serve(kind);
         }
     }

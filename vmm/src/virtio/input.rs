@@ -165,12 +165,7 @@ impl VirtioBackend for VirtioInput {
     }
 
     fn read_config(&mut self, offset: u64, data: &mut [u8]) {
-        data.fill(0);
-        let config = self.config();
-        if let Some(src) = usize::try_from(offset).ok().and_then(|o| config.get(o..)) {
-            let n = src.len().min(data.len());
-            data[..n].copy_from_slice(&src[..n]);
-        }
+        super::read_config_bytes(&self.config(), offset, data);
     }
 
     fn write_config(&mut self, offset: u64, data: &[u8]) {

@@ -43,6 +43,44 @@ pub struct QueueSetup {
     pub call: EventFd,
 }
 
+/// A device's configuration space `config` read at `offset` into `data` (zeroes past
+/// its end).
+pub fn read_config_bytes(config: &[u8], offset: u64, data: &mut [u8]) {
+    data.fill(0);
+    if let Some(src) = usize::try_from(offset).ok().and_then(|o| config.get(o..)) {
+        let n = src.len().min(data.len());
+        data[..n].copy_from_slice(&src[..n]);
+    }
+}
+
+/// A queue the vmm serves itself (an inline queue: virtio-net's control queue, the
+/// balloon's), over the rings the driver set up; `min_size` is the size it is created
+/// with when the driver's is smaller. `what` names it in errors.
+pub fn inline_queue(
+    q: &QueueSetup,
+    min_size: u16,
+    event_idx: bool,
+    what: &str,
+) -> Result<virtio_queue::Queue, VirtioError> {
+    use virtio_queue::QueueT;
+    use vm_memory::GuestAddress;
+    let err = |e: virtio_queue::Error| VirtioError::Backend(format!("{what}: {e}"));
+    let mut queue = virtio_queue::Queue::new(min_size.max(q.size)).map_err(err)?;
+    queue.set_size(q.size);
+    queue
+        .try_set_desc_table_address(GuestAddress(q.desc))
+        .map_err(err)?;
+    queue
+        .try_set_avail_ring_address(GuestAddress(q.avail))
+        .map_err(err)?;
+    queue
+        .try_set_used_ring_address(GuestAddress(q.used))
+        .map_err(err)?;
+    queue.set_event_idx(event_idx);
+    queue.set_ready(true);
+    Ok(queue)
+}
+
 /// Everything a backend needs to start serving the driver.
 pub struct Activation<'a> {
     /// The features the driver accepted.

@@ -570,15 +570,7 @@ impl VirtioBackend for VirtioNet {
     }
 
     fn read_config(&mut self, offset: u64, data: &mut [u8]) {
-        data.fill(0);
-        let config = self.config();
-        let Ok(start) = usize::try_from(offset) else {
-            return;
-        };
-        if let Some(src) = config.get(start..) {
-            let n = src.len().min(data.len());
-            data[..n].copy_from_slice(&src[..n]);
-        }
+        super::read_config_bytes(&self.config(), offset, data);
     }
 
     fn write_config(&mut self, _offset: u64, _data: &[u8]) {
@@ -647,24 +639,10 @@ impl VirtioBackend for VirtioNet {
     }
 }
 
-/// A virtio-queue Queue over the control queue the driver set up.
+/// The control queue the driver set up, served here.
 fn ctrl_queue(q: QueueSetup, event_idx: bool) -> Result<CtrlQueue, VirtioError> {
-    let err = |e: virtio_queue::Error| VirtioError::Backend(format!("control queue: {e}"));
-    let mut queue = Queue::new(CTRL_QUEUE_SIZE.max(q.size)).map_err(err)?;
-    queue.set_size(q.size);
-    queue
-        .try_set_desc_table_address(GuestAddress(q.desc))
-        .map_err(err)?;
-    queue
-        .try_set_avail_ring_address(GuestAddress(q.avail))
-        .map_err(err)?;
-    queue
-        .try_set_used_ring_address(GuestAddress(q.used))
-        .map_err(err)?;
-    queue.set_event_idx(event_idx);
-    queue.set_ready(true);
     Ok(CtrlQueue {
-        queue,
+        queue: super::inline_queue(&q, CTRL_QUEUE_SIZE, event_idx, "control queue")?,
         call: q.call,
         event_idx,
     })
