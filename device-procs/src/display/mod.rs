@@ -66,12 +66,11 @@ impl Display {
         self.framebuffer.leds()
     }
 
-    /// Take in what changed on screen: the damage, the screen's generation and its tiles
-    /// per row.
-    pub fn refresh(&self) -> (screen::Damage, u64, u32) {
+    /// Take in what changed on screen: the damage and the screen's generation.
+    pub fn refresh(&self) -> (screen::Damage, u64) {
         let mut screen = self.screen.write().unwrap_or_else(|e| e.into_inner());
         let damage = screen.refresh(Some(&self.framebuffer));
-        (damage, screen.generation, screen.tiles_x())
+        (damage, screen.generation)
     }
 
     pub fn screen(&self) -> RwLockReadGuard<'_, Screen> {

@@ -263,13 +263,7 @@ impl Screen {
         damage
     }
 
-    /// Copy the `w`x`h` pixels at (`x`, `y`) out (clipped to the screen).
-    pub fn copy_rect(&self, x: u32, y: u32, w: u32, h: u32, out: &mut Vec<u32>) {
-        out.clear();
-        self.append_rect(x, y, w, h, out);
-    }
-
-    /// [`Screen::copy_rect`], appending to `out`.
+    /// Append the `w`x`h` pixels at (`x`, `y`) to `out` (clipped to the screen).
     pub fn append_rect(&self, x: u32, y: u32, w: u32, h: u32, out: &mut Vec<u32>) {
         let w = w.min(self.width.saturating_sub(x));
         let h = h.min(self.height.saturating_sub(y));
@@ -373,9 +367,10 @@ pub(crate) mod tests {
         assert_eq!(dirty, [4 + 2]);
         assert_eq!(s.pixels[70 * 200 + 130], 0x102030);
         let mut rect = Vec::new();
-        s.copy_rect(129, 70, 2, 1, &mut rect);
+        s.append_rect(129, 70, 2, 1, &mut rect);
         assert_eq!(rect, [0, 0x102030]);
-        s.copy_rect(199, 99, 10, 10, &mut rect);
+        rect.clear();
+        s.append_rect(199, 99, 10, 10, &mut rect);
         assert_eq!(rect.len(), 1, "clipped");
     }
 

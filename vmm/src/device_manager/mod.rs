@@ -37,7 +37,6 @@ pub use balloon::NO_BALLOON;
 use block::SharedBlock;
 pub use block::{BlockInfo, ImageInfo, IoStatus, RemovableState};
 pub use config::{device_config_from_qmp, parse_device, DeviceConfig};
-pub use display::parse_expiry;
 pub use net::{parse_mac, EVENT_NETDEV_STATE_LOST};
 use process::SharedSupervised;
 pub use process::{

@@ -94,9 +94,10 @@ pub struct BochsDisplay {
     /// serves BAR0's accesses itself (the qtest machine).
     vram_handle: Option<u32>,
     accel: Arc<dyn Accelerator>,
-    /// The page `vmm-display` reads the mode from, and our view of it.
-    scanout_page: Arc<DeviceMemory>,
+    /// Our view of the page `vmm-display` reads the mode from, and the page itself, kept
+    /// mapped for as long as the view.
     scanout: Scanout,
+    _scanout_page: Arc<DeviceMemory>,
     regs: [u16; DISPI_REGS],
     big_endian: bool,
     edid: [u8; edid::EDID_SIZE],
@@ -119,7 +120,7 @@ impl BochsDisplay {
             )));
         }
         let vram = Arc::new(DeviceMemory::new("bochs-display-vram", vram_size as usize)?);
-        // SAFETY: the page is mapped for as long as `scanout_page`, which this device
+        // SAFETY: the page is mapped for as long as `_scanout_page`, which this device
         // keeps as long as the view; mmap returns page-aligned memory.
         let scanout = unsafe { Scanout::new(scanout_page.as_ptr()) };
         let vram_handle = match accel.add_device_memory(vram.clone()) {
@@ -165,7 +166,7 @@ impl BochsDisplay {
             vram,
             vram_handle,
             accel,
-            scanout_page,
+            _scanout_page: scanout_page,
             scanout,
             regs: [0; DISPI_REGS],
             big_endian: false,
@@ -179,11 +180,6 @@ impl BochsDisplay {
     /// The VRAM, to share with the display process.
     pub fn vram(&self) -> &Arc<DeviceMemory> {
         &self.vram
-    }
-
-    /// The scanout page, to share with the display process.
-    pub fn scanout_page(&self) -> &Arc<DeviceMemory> {
-        &self.scanout_page
     }
 
     /// The mode on screen.

@@ -445,7 +445,7 @@ impl Client {
     }
 
     /// Merge a refresh's damage.
-    pub fn add_damage(&self, damage: &Damage, generation: u64, _tiles_x: u32) {
+    pub fn add_damage(&self, damage: &Damage, generation: u64) {
         let mut st = lock(&self.state);
         if st.generation != generation || st.dirty.len() != damage.tiles.len() {
             st.generation = generation;

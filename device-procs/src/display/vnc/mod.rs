@@ -209,7 +209,7 @@ impl VncServer {
 
     /// Look at the screen now and hand every client what changed; whether anything did.
     pub fn refresh(&self) -> bool {
-        let (mut damage, mut generation, mut tiles_x) = self.display.refresh();
+        let (mut damage, mut generation) = self.display.refresh();
         if !damage.any() {
             return false;
         }
@@ -217,16 +217,16 @@ impl VncServer {
         // once): look again a moment later and send both, rather than half a frame now
         // and the rest with the next update.
         std::thread::sleep(SETTLE);
-        let (more, g, t) = self.display.refresh();
+        let (more, g) = self.display.refresh();
         if g == generation && more.tiles.len() == damage.tiles.len() {
             for (d, m) in damage.tiles.iter_mut().zip(&more.tiles) {
                 *d |= *m;
             }
         } else {
-            (damage, generation, tiles_x) = (more, g, t);
+            (damage, generation) = (more, g);
             damage.resized = true;
         }
-        self.damage(&damage, generation, tiles_x);
+        self.damage(&damage, generation);
         true
     }
 
@@ -247,9 +247,9 @@ impl VncServer {
     }
 
     /// Merge a refresh's damage into every client's.
-    fn damage(&self, damage: &Damage, generation: u64, tiles_x: u32) {
+    fn damage(&self, damage: &Damage, generation: u64) {
         for c in lock(&self.clients).iter() {
-            c.add_damage(damage, generation, tiles_x);
+            c.add_damage(damage, generation);
         }
     }
 
