@@ -155,6 +155,118 @@ fn inflate_deflate_reporting_stats_and_the_target() {
         std::thread::sleep(Duration::from_millis(50));
     }
 
+    // Polling: with guest-stats-polling-interval set, the held buffer comes back every
+    // interval without a query, and guest-stats shows every statistic by QEMU's names.
+    wait_used(&mut qt, &mut queues[2], TIMEOUT).expect("the buffer handed back at the query");
+    let mut stats = Vec::new();
+    for (tag, value) in [(4u16, 222u64), (6, 333)] {
+        stats.extend_from_slice(&tag.to_le_bytes());
+        stats.extend_from_slice(&value.to_le_bytes());
+    }
+    qt.memwrite(at, &stats).unwrap();
+    queues[2]
+        .add_chain(&mut qt, &[Buffer::readable(at, stats.len() as u32)])
+        .unwrap();
+    queues[2].kick(&mut qt).unwrap();
+    let path = "/machine/peripheral/balloon0";
+    let set = |qmp: &mut Qmp<_>, value: serde_json::Value| {
+        qmp.request(
+            "qom-set",
+            Some(json!({"path": path, "property": "guest-stats-polling-interval", "value": value})),
+        )
+    };
+    assert_eq!(set(&mut qmp, json!(1)), json!({"return": {}}));
+    wait_used(&mut qt, &mut queues[2], Duration::from_secs(5)).expect("handed back by the timer");
+    let get = |qmp: &mut Qmp<_>, path: &str, property: &str| {
+        qmp.request("qom-get", Some(json!({"path": path, "property": property})))
+    };
+    let guest_stats = get(&mut qmp, path, "guest-stats")["return"].clone();
+    assert_eq!(
+        guest_stats["stats"]["stat-free-memory"], 222,
+        "{guest_stats}"
+    );
+    assert_eq!(guest_stats["stats"]["stat-available-memory"], 333);
+    assert_eq!(guest_stats["stats"]["stat-total-memory"], 999_999);
+    assert_eq!(
+        guest_stats["stats"]["stat-swap-out"],
+        u64::MAX,
+        "never reported"
+    );
+    assert_eq!(guest_stats["stats"].as_object().unwrap().len(), 10);
+    assert!(guest_stats["last-update"].as_u64().unwrap() > 1_700_000_000);
+    // By a partial path too, and the virtio device under the function.
+    assert_eq!(
+        get(&mut qmp, "balloon0", "guest-stats-polling-interval"),
+        json!({"return": 1})
+    );
+    assert_eq!(
+        get(&mut qmp, &format!("{path}/virtio-backend"), "type"),
+        json!({"return": "virtio-balloon-device"})
+    );
+    // QEMU 7.2's errors.
+    let generic = |desc: &str| json!({"class": "GenericError", "desc": desc});
+    assert_eq!(
+        set(&mut qmp, json!(-1))["error"],
+        generic("timer value must be greater than zero")
+    );
+    assert_eq!(
+        set(&mut qmp, json!(1u64 << 32))["error"],
+        generic("timer value is too big")
+    );
+    assert_eq!(
+        set(&mut qmp, json!("x"))["error"],
+        generic("Invalid parameter type for 'guest-stats-polling-interval', expected: integer")
+    );
+    assert_eq!(
+        get(&mut qmp, path, "nope")["error"],
+        generic("Property 'virtio-balloon-pci.nope' not found")
+    );
+    assert_eq!(
+        get(&mut qmp, "/machine/peripheral/nope", "type")["error"],
+        json!({"class": "DeviceNotFound", "desc": "Device '/machine/peripheral/nope' not found"})
+    );
+    let r = qmp.request(
+        "qom-set",
+        Some(json!({"path": path, "property": "guest-stats", "value": 1})),
+    );
+    assert_eq!(
+        r["error"],
+        generic("Property 'virtio-balloon-device.guest-stats' is not writable")
+    );
+    assert_eq!(
+        set(&mut qmp, json!(0)),
+        json!({"return": {}}),
+        "polling off"
+    );
+
+    // Malformed buffers: refused and counted, nothing released.
+    let refused = |qmp: &mut Qmp<_>| {
+        qmp.ok("__org.vmm_query-balloon-counters", None)["refused"]
+            .as_u64()
+            .unwrap()
+    };
+    assert_eq!(refused(&mut qmp), 2, "the two page numbers outside RAM");
+    let before = allocated(pid);
+    qt.memset(base, 4 << 20, 0x5a).unwrap();
+    let touched = allocated(pid);
+    for (queue, buffer) in [
+        (0, Buffer::writable(list, 8)), // an inflate list the device should write
+        (0, Buffer::readable(list, 6)), // not whole page numbers
+        (0, Buffer::readable(RAM + 4096, 8)), // a list outside RAM
+        (0, Buffer::readable(list, 1 << 20)), // longer than any list
+        (3, Buffer::readable(base, 2 << 20)), // a report the device may not write
+        (3, Buffer::writable(RAM - 4096, 8192)), // a report running past RAM
+    ] {
+        queues[queue].add_chain(&mut qt, &[buffer]).unwrap();
+        queues[queue].kick(&mut qt).unwrap();
+        wait_used(&mut qt, &mut queues[queue], TIMEOUT).expect("a refused buffer comes back");
+    }
+    assert_eq!(refused(&mut qmp), 8);
+    assert!(
+        allocated(pid) + SLACK >= touched,
+        "{before} -> {touched}: nothing released"
+    );
+
     // The target the driver reads, and the driver's answer.
     assert_eq!(
         qmp.request("balloon", Some(json!({"value": 64 << 20}))),

@@ -187,6 +187,9 @@ fn greeting_negotiation_run_control_and_queries() {
         "query-spice",
         "balloon",
         "query-balloon",
+        "__org.vmm_query-balloon-counters",
+        "qom-get",
+        "qom-set",
     ];
     expected.sort_unstable();
     assert_eq!(names, expected);

@@ -426,6 +426,10 @@ impl Accelerator for EmuAccel {
         Ok(())
     }
 
+    fn ram_changed(&self, gpa: u64, len: u64) {
+        self.ram.note_external_write(gpa, len);
+    }
+
     fn reset(&self) -> Result<(), AccelError> {
         let p = &self.platform;
         *lock(&p.ioapic) = Ioapic::new(p.router.clone());

@@ -205,6 +205,11 @@ pub trait Accelerator: Send + Sync {
         let _ = (handle, gpa);
         Err(AccelError::Unsupported("device memory"))
     }
+    /// Guest RAM at `gpa..gpa+len` changed behind the CPU's back (the balloon punched it
+    /// out, and it reads as zeroes now): a CPU that caches decoded code forgets that range.
+    fn ram_changed(&self, gpa: u64, len: u64) {
+        let _ = (gpa, len);
+    }
     /// Reset VM-wide state (irqchip, PIT) to power-on values.
     fn reset(&self) -> Result<(), AccelError>;
     /// Signal `fd` when the guest writes to `addr` (optionally only `datamatch`).
@@ -292,6 +297,8 @@ pub(crate) mod test_util {
         /// With `routes` set, MSI routes work and irqfds on them are recorded.
         pub routes: Option<super::msi_routes::MsiRoutes>,
         pub irqfds: Mutex<Vec<u32>>,
+        /// The ranges [`Accelerator::ram_changed`] was told about.
+        pub ram_changes: Mutex<Vec<(u64, u64)>>,
     }
 
     impl RecordingAccel {
@@ -335,6 +342,12 @@ pub(crate) mod test_util {
                 .unwrap_or_else(|e| e.into_inner())
                 .push((address, data));
             Ok(())
+        }
+        fn ram_changed(&self, gpa: u64, len: u64) {
+            self.ram_changes
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .push((gpa, len));
         }
         fn reset(&self) -> Result<(), AccelError> {
             Ok(())

@@ -30,6 +30,7 @@ mod config;
 mod display;
 mod net;
 mod process;
+mod qom;
 mod scsi;
 mod watcher;
 
@@ -43,6 +44,7 @@ pub use process::{
     ProcessInfo, ProcessState, EVENT_PROCESS_EXITED, EVENT_PROCESS_FAILED,
     EVENT_PROCESS_MISBEHAVED, EVENT_PROCESS_RESTARTED,
 };
+pub use qom::QomError;
 use scsi::SharedController;
 use watcher::Watcher;
 
@@ -211,6 +213,7 @@ pub const DRIVERS: &[Driver] = &[
         properties: &[
             "deflate-on-oom",
             "free-page-reporting",
+            "guest-stats-polling-interval",
             "disable-legacy",
             "disable-modern",
         ],
@@ -276,8 +279,8 @@ pub struct DeviceManager {
     network: net::Network,
     /// The display adapter, the VNC server and their process.
     display: display::Display,
-    /// The memory balloon: its slot and function.
-    balloon: Option<(u8, Arc<Mutex<VirtioPciDevice>>)>,
+    /// The memory balloon.
+    balloon: Option<balloon::Balloon>,
     /// Every device with a process, of whatever kind, for the watcher.
     supervised: Arc<Mutex<Vec<SharedSupervised>>>,
     events: Arc<Mutex<EventSender>>,

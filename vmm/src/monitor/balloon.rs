@@ -17,7 +17,12 @@ pub const COMMANDS: &[Command] = &[
         )
     }),
     Command::machine("query-balloon", |ctx| query_balloon(ctx.machine)),
+    Command::machine(QUERY_BALLOON_COUNTERS, |ctx| balloon_counters(ctx.machine))
+        .with_spec(|| CommandSpec::no_args(QUERY_BALLOON_COUNTERS)),
 ];
+
+/// Our downstream query: what the balloon released and what it refused.
+pub const QUERY_BALLOON_COUNTERS: &str = "__org.vmm_query-balloon-counters";
 
 fn no_balloon() -> QmpError {
     QmpError::new(ErrorClass::DeviceNotActive, NO_BALLOON)
@@ -45,6 +50,21 @@ fn balloon(ctx: &mut CommandContext<'_>) -> Result<Value, QmpError> {
         .and_then(Value::as_i64)
         .unwrap_or(0);
     set_target(ctx.machine, value).map(|()| json!({}))
+}
+
+/// Bytes released (inflate and free page reporting), pages deflated, buffers and page
+/// numbers refused, statistics reports received.
+fn balloon_counters(machine: &Machine) -> Result<Value, QmpError> {
+    let c = machine
+        .devices()
+        .balloon_counters()
+        .ok_or_else(no_balloon)?;
+    Ok(json!({
+        "released": c.released,
+        "deflated": c.deflated,
+        "refused": c.refused,
+        "stats-updates": c.stats_updates,
+    }))
 }
 
 fn query_balloon(machine: &Machine) -> Result<Value, QmpError> {

@@ -6,7 +6,9 @@ use qmp::schema::CommandSpec;
 use qmp::QmpError;
 use serde_json::Value;
 
-use super::{balloon, block, devices, display, hmp, info, memory, net, run_control, MonitorCall};
+use super::{
+    balloon, block, devices, display, hmp, info, memory, net, qom, run_control, MonitorCall,
+};
 use crate::machine::{Machine, MachineExit};
 
 /// A command run on the main thread, which owns the machine.
@@ -129,6 +131,7 @@ const TABLES: &[&[Command]] = &[
     net::COMMANDS,
     display::COMMANDS,
     balloon::COMMANDS,
+    qom::COMMANDS,
     hmp::COMMANDS,
 ];
 

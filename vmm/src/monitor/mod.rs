@@ -15,6 +15,7 @@ pub mod hmp_console;
 pub mod info;
 pub mod memory;
 pub mod net;
+pub mod qom;
 pub mod run_control;
 
 use std::fmt;

@@ -6,10 +6,17 @@
 //!
 //! Released pages leave the host at once (the memfd's pages, for every process that maps
 //! it) and read as zeroes when the guest touches them again; deflating needs no work.
-//! Page numbers outside RAM are ignored and counted.
+//! Page numbers outside RAM, and buffers that are not what the queue takes, are ignored
+//! and counted.
+//!
+//! Statistics: the driver puts one buffer on the stats queue and refills it each time the
+//! device hands it back. It is handed back at every `query-balloon`, and every
+//! `guest-stats-polling-interval` seconds once that is set (the timer is the device
+//! manager's); the figures are kept by tag, as QEMU's `guest-stats` shows them.
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
+use std::time::{SystemTime, UNIX_EPOCH};
 
 use qmp::EventSender;
 use serde_json::{json, Map, Value};
@@ -18,6 +25,7 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::{Activation, QueueSetup, VirtioBackend, VirtioError};
+use crate::accel::Accelerator;
 use crate::memory::{release_pages, GuestMemoryMmap};
 
 pub const VIRTIO_ID_BALLOON: u16 = 5;
@@ -37,15 +45,33 @@ const BALLOON_PAGE: u64 = 4096;
 /// The event `actual` changes are reported with.
 pub const EVENT_BALLOON_CHANGE: &str = "BALLOON_CHANGE";
 
-/// The guest's statistics tags and the names query-balloon gives them (the seed's).
-const STAT_NAMES: [(u16, &str); 6] = [
-    (0, "mem_swapped_in"),
-    (1, "mem_swapped_out"),
-    (2, "major_page_faults"),
-    (3, "minor_page_faults"),
-    (4, "free_mem"),
-    (5, "total_mem"),
+/// The names query-balloon gives the guest's statistics tags 0..6 (the seed's).
+const SEED_STAT_NAMES: [&str; 6] = [
+    "mem_swapped_in",
+    "mem_swapped_out",
+    "major_page_faults",
+    "minor_page_faults",
+    "free_mem",
+    "total_mem",
 ];
+/// The names QEMU 7.2's `guest-stats` property gives tags 0..10.
+const GUEST_STAT_NAMES: [&str; 10] = [
+    "stat-swap-in",
+    "stat-swap-out",
+    "stat-major-faults",
+    "stat-minor-faults",
+    "stat-free-memory",
+    "stat-total-memory",
+    "stat-available-memory",
+    "stat-disk-caches",
+    "stat-htlb-pgalloc",
+    "stat-htlb-pgfail",
+];
+/// A statistic the guest never reported (QEMU's -1 in a u64).
+const NO_STAT: u64 = u64::MAX;
+/// The longest page list and stats buffer read (Linux sends 256 page numbers and 10
+/// statistics at a time): a longer one is refused unread.
+const MAX_LIST_BYTES: u32 = 64 << 10;
 
 /// What the balloon counts, for queries and tests.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
@@ -54,8 +80,12 @@ pub struct BalloonCounters {
     pub released: u64,
     /// Pages the guest took back.
     pub deflated: u64,
-    /// Page numbers and ranges outside RAM, or buffers that could not be read.
+    /// Page numbers and ranges outside RAM, and buffers that are not what their queue
+    /// takes (a writable inflate list, a readable report, a ragged length, an unreadable
+    /// address).
     pub refused: u64,
+    /// Statistics buffers the guest filled.
+    pub stats_updates: u64,
 }
 
 struct ActiveQueue {
@@ -65,6 +95,9 @@ struct ActiveQueue {
 
 pub struct VirtioBalloon {
     memory: GuestMemoryMmap,
+    /// Told about released ranges: a CPU that caches decoded code must not run stale
+    /// instructions from a page that reads as zeroes now.
+    accel: Arc<dyn Accelerator>,
     ram_size: u64,
     deflate_on_oom: bool,
     reporting: bool,
@@ -75,7 +108,10 @@ pub struct VirtioBalloon {
     queues: BTreeMap<usize, ActiveQueue>,
     /// The stats buffer the guest gave, held until new figures are wanted.
     stats_head: Option<u16>,
-    stats: Option<Vec<(u16, u64)>>,
+    /// The guest's figures by tag ([`NO_STAT`] until it reports one), and when they came
+    /// (seconds since the epoch; 0 before the first).
+    stats: [u64; GUEST_STAT_NAMES.len()],
+    last_update: u64,
     counters: BalloonCounters,
     events: Arc<Mutex<EventSender>>,
 }
@@ -87,6 +123,7 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 impl VirtioBalloon {
     pub fn new(
         memory: GuestMemoryMmap,
+        accel: Arc<dyn Accelerator>,
         deflate_on_oom: bool,
         reporting: bool,
         events: Arc<Mutex<EventSender>>,
@@ -94,6 +131,7 @@ impl VirtioBalloon {
         let ram_size = memory.iter().map(|r| r.len()).sum();
         VirtioBalloon {
             memory,
+            accel,
             ram_size,
             deflate_on_oom,
             reporting,
@@ -102,7 +140,8 @@ impl VirtioBalloon {
             actual: 0,
             queues: BTreeMap::new(),
             stats_head: None,
-            stats: None,
+            stats: [NO_STAT; GUEST_STAT_NAMES.len()],
+            last_update: 0,
             counters: BalloonCounters::default(),
             events,
         }
@@ -127,20 +166,30 @@ impl VirtioBalloon {
         self.counters
     }
 
-    /// query-balloon: `actual`, and the guest's last statistics. A stats buffer the guest
-    /// gave is handed back, so that it reports again for the next query.
+    /// query-balloon: `actual`, and the guest's last statistics (those of the seed's that
+    /// it reported). A stats buffer the guest gave is handed back, so that it reports
+    /// again for the next query.
     pub fn query(&mut self) -> Value {
         let mut info = Map::new();
         info.insert("actual".into(), json!(self.actual()));
-        if let Some(stats) = &self.stats {
-            for (tag, name) in STAT_NAMES {
-                if let Some((_, v)) = stats.iter().find(|(t, _)| *t == tag) {
-                    info.insert(name.into(), json!(v));
-                }
+        for (name, &value) in SEED_STAT_NAMES.iter().zip(&self.stats) {
+            if value != NO_STAT {
+                info.insert((*name).into(), json!(value));
             }
         }
         self.request_stats();
         Value::Object(info)
+    }
+
+    /// QEMU 7.2's `guest-stats` property: every statistic it names (-1 as a u64 for one
+    /// never reported) and when the last report came.
+    pub fn guest_stats(&self) -> Value {
+        let stats: Map<String, Value> = GUEST_STAT_NAMES
+            .iter()
+            .zip(&self.stats)
+            .map(|(name, value)| ((*name).to_string(), json!(value)))
+            .collect();
+        json!({ "stats": stats, "last-update": self.last_update })
     }
 
     fn has(&self, bit: u32) -> bool {
@@ -168,7 +217,7 @@ impl VirtioBalloon {
     }
 
     /// Give the held stats buffer back: the driver refills it with fresh figures.
-    fn request_stats(&mut self) {
+    pub fn request_stats(&mut self) {
         let Some(head) = self.stats_head.take() else {
             return;
         };
@@ -179,9 +228,13 @@ impl VirtioBalloon {
         }
     }
 
-    /// Page frame numbers (le32, in balloon pages) of one inflate or deflate buffer.
+    /// Page frame numbers (le32, in balloon pages) of one inflate or deflate buffer; None
+    /// for a buffer that is not whole page numbers in RAM.
     fn page_numbers(&self, addr: GuestAddress, len: u32) -> Option<Vec<u32>> {
-        let mut bytes = vec![0u8; len as usize / 4 * 4];
+        if !len.is_multiple_of(4) || len > MAX_LIST_BYTES {
+            return None;
+        }
+        let mut bytes = vec![0u8; len as usize];
         self.memory.read_slice(&mut bytes, addr).ok()?;
         Some(
             bytes
@@ -220,7 +273,10 @@ impl VirtioBalloon {
 
     fn release(&mut self, gpa: u64, len: u64) {
         match release_pages(&self.memory, gpa, len) {
-            Ok(n) => self.counters.released += n,
+            Ok(n) => {
+                self.counters.released += n;
+                self.accel.ram_changed(gpa, len);
+            }
             Err(e) => {
                 tracing::warn!("balloon: cannot release {len} bytes at {gpa:#x}: {e}");
                 self.counters.refused += 1;
@@ -241,10 +297,10 @@ impl VirtioBalloon {
             match index {
                 INFLATE | DEFLATE => {
                     let mut pfns = Vec::new();
-                    for d in descs.iter().filter(|d| !d.is_write_only()) {
+                    for d in &descs {
                         match self.page_numbers(d.addr(), d.len()) {
-                            Some(p) => pfns.extend(p),
-                            None => self.counters.refused += 1,
+                            Some(p) if !d.is_write_only() => pfns.extend(p),
+                            _ => self.counters.refused += 1,
                         }
                     }
                     if index == INFLATE {
@@ -254,21 +310,13 @@ impl VirtioBalloon {
                     }
                 }
                 STATS => {
-                    let mut stats = Vec::new();
-                    for d in descs.iter().filter(|d| !d.is_write_only()) {
-                        let mut bytes = vec![0u8; d.len() as usize / 10 * 10];
-                        if memory.read_slice(&mut bytes, d.addr()).is_err() {
-                            self.counters.refused += 1;
-                            continue;
-                        }
-                        for e in bytes.chunks_exact(10) {
-                            let tag = u16::from_le_bytes([e[0], e[1]]);
-                            let mut v = [0u8; 8];
-                            v.copy_from_slice(&e[2..10]);
-                            stats.push((tag, u64::from_le_bytes(v)));
-                        }
+                    for d in &descs {
+                        self.read_stats(d.addr(), d.len(), d.is_write_only());
                     }
-                    self.stats = Some(stats);
+                    self.counters.stats_updates += 1;
+                    self.last_update = SystemTime::now()
+                        .duration_since(UNIX_EPOCH)
+                        .map_or(0, |d| d.as_secs());
                     // Held: given back when new figures are wanted.
                     if let Some(old) = self.stats_head.replace(head) {
                         let _ = q.queue.add_used(&memory, old, 0);
@@ -280,7 +328,12 @@ impl VirtioBalloon {
                     // Free page reporting: writable buffers of free memory.
                     for d in &descs {
                         let gpa = d.addr().0;
-                        if memory.address_in_range(d.addr()) {
+                        let end = gpa.checked_add(u64::from(d.len()).saturating_sub(1));
+                        let in_ram = end.is_some_and(|end| {
+                            memory.address_in_range(d.addr())
+                                && memory.address_in_range(GuestAddress(end))
+                        });
+                        if d.is_write_only() && in_ram {
                             self.release(gpa, u64::from(d.len()));
                         } else {
                             self.counters.refused += 1;
@@ -297,6 +350,28 @@ impl VirtioBalloon {
             let _ = q.call.write(1);
         }
         self.queues.insert(index, q);
+    }
+
+    /// One stats buffer: (le16 tag, le64 value) entries. Tags past those QEMU names are
+    /// skipped; a buffer that is not whole entries, or not readable, is refused.
+    fn read_stats(&mut self, addr: GuestAddress, len: u32, write_only: bool) {
+        if write_only || !len.is_multiple_of(10) || len > MAX_LIST_BYTES {
+            self.counters.refused += 1;
+            return;
+        }
+        let mut bytes = vec![0u8; len as usize];
+        if self.memory.read_slice(&mut bytes, addr).is_err() {
+            self.counters.refused += 1;
+            return;
+        }
+        for e in bytes.chunks_exact(10) {
+            let tag = usize::from(u16::from_le_bytes([e[0], e[1]]));
+            let mut v = [0u8; 8];
+            v.copy_from_slice(&e[2..10]);
+            if let Some(slot) = self.stats.get_mut(tag) {
+                *slot = u64::from_le_bytes(v);
+            }
+        }
     }
 }
 
@@ -404,7 +479,8 @@ mod tests {
     fn targets_are_clamped_and_actual_is_reported() {
         let memory = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 16 << 20)]).unwrap();
         let events = Arc::new(Mutex::new(EventSender::default()));
-        let mut b = VirtioBalloon::new(memory, false, true, events);
+        let accel = Arc::new(crate::accel::test_util::RecordingAccel::default());
+        let mut b = VirtioBalloon::new(memory, accel, false, true, events);
         assert_eq!(b.actual(), 16 << 20);
         assert!(b.set_target(8 << 20));
         let mut c = [0u8; 8];
@@ -419,5 +495,49 @@ mod tests {
         assert_eq!(b.query()["actual"], (12u64 << 20));
         assert_eq!(b.num_queues(), 4);
         assert_ne!(b.features() & (1 << VIRTIO_BALLOON_F_REPORTING), 0);
+    }
+
+    #[test]
+    fn released_ranges_reach_the_accelerator_and_stats_are_kept_by_tag() {
+        let ram = crate::memory::MemoryManager::new(16 << 20).unwrap();
+        let memory = ram.guest_memory().clone();
+        let events = Arc::new(Mutex::new(EventSender::default()));
+        let accel = Arc::new(crate::accel::test_util::RecordingAccel::default());
+        let mut b = VirtioBalloon::new(memory.clone(), accel.clone(), false, false, events);
+        b.inflate(vec![3, 1, 2, 2, 100_000, 9]);
+        assert_eq!(
+            *accel.ram_changes.lock().unwrap(),
+            vec![(4096, 3 * 4096), (9 * 4096, 4096)],
+            "runs coalesced, the duplicate once, the page outside RAM skipped"
+        );
+        assert_eq!(b.counters().refused, 1);
+        assert_eq!(b.counters().released, 4 * 4096);
+
+        // Two entries and a tag QEMU does not name; then a ragged buffer.
+        let mut buf = Vec::new();
+        for (tag, value) in [(4u16, 11u64), (9, 22), (40, 33)] {
+            buf.extend_from_slice(&tag.to_le_bytes());
+            buf.extend_from_slice(&value.to_le_bytes());
+        }
+        memory.write_slice(&buf, GuestAddress(0x8000)).unwrap();
+        b.read_stats(GuestAddress(0x8000), 30, false);
+        b.read_stats(GuestAddress(0x8000), 29, false);
+        b.read_stats(GuestAddress(0x8000), 30, true);
+        assert_eq!(b.counters().refused, 3);
+        let stats = b.guest_stats();
+        assert_eq!(stats["stats"]["stat-free-memory"], 11);
+        assert_eq!(stats["stats"]["stat-htlb-pgfail"], 22);
+        assert_eq!(stats["stats"]["stat-swap-in"], u64::MAX);
+        assert_eq!(stats["stats"].as_object().unwrap().len(), 10);
+        let info = b.query();
+        assert_eq!(info["free_mem"], 11);
+        assert!(
+            info.get("mem_swapped_in").is_none(),
+            "never reported: absent"
+        );
+        assert!(b.page_numbers(GuestAddress(0), 6).is_none(), "ragged list");
+        assert!(b
+            .page_numbers(GuestAddress(0), MAX_LIST_BYTES + 4)
+            .is_none());
     }
 }
