@@ -11,6 +11,11 @@
 //! at most one bounded queue, and the other clients and the VM carry on.
 //! QEMU instead buffers without bound; we prefer the bound.
 //!
+//! Rate-limited events: QEMU sends some events (`BALLOON_CHANGE`, `RTC_CHANGE`, ...) at
+//! most once a second; one emitted within the second waits, replacing any that waited
+//! before it, and goes out when the second ends. A guest inflating its balloon page batch
+//! by page batch then gives clients a few events, not hundreds.
+//!
 //! fd passing: on unix sockets, fds sent with SCM_RIGHTS alongside the bytes
 //! are queued on the connection (at most `max_received_fds`, oldest closed
 //! first). A command that does not use them leaves them queued for the next
@@ -227,6 +232,23 @@ struct Subscriber {
 #[derive(Default)]
 struct EventHub {
     subscribers: Mutex<Vec<Subscriber>>,
+    /// The rate-limited events within their second, and the one waiting for its end.
+    throttled: Mutex<HashMap<&'static str, Option<Arc<[u8]>>>>,
+}
+
+/// The events QEMU 7.2 rate-limits (its `monitor_qapi_event_conf`) that are not told apart
+/// by their data, and their period.
+const THROTTLED_EVENTS: &[&str] = &[
+    "RTC_CHANGE",
+    "WATCHDOG",
+    "BALLOON_CHANGE",
+    "MEMORY_DEVICE_SIZE_CHANGE",
+];
+const THROTTLE_PERIOD: Duration = Duration::from_secs(1);
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // A panic while holding a lock leaves the data usable.
+    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 /// Emits QMP events to every negotiated connection. Cheap to clone, usable
@@ -239,8 +261,46 @@ pub struct EventSender {
 impl EventSender {
     /// Sends `{"timestamp", "event": name, "data"?}` now. Returns the number
     /// of connections it was queued for.
+    /// A rate-limited event may wait (see the module notes).
     pub fn emit(&self, name: &str, data: Option<Map<String, Value>>) -> usize {
         let line: Arc<[u8]> = event_line(name, data.as_ref(), Timestamp::now()).into();
+        if let Some(&throttled) = THROTTLED_EVENTS.iter().find(|&&e| e == name) {
+            let mut periods = lock(&self.hub.throttled);
+            if let Some(waiting) = periods.get_mut(throttled) {
+                *waiting = Some(line);
+                return self.subscriber_count();
+            }
+            if self.start_period(throttled) {
+                periods.insert(throttled, None);
+            }
+        }
+        self.broadcast(line)
+    }
+
+    /// A second in which `name` waits begins; at its end the waiting event goes out and
+    /// another second begins, or the period is over. False if no timer could be started.
+    fn start_period(&self, name: &'static str) -> bool {
+        let hub = self.hub.clone();
+        std::thread::Builder::new()
+            .name("qmp-event-throttle".into())
+            .spawn(move || loop {
+                std::thread::sleep(THROTTLE_PERIOD);
+                let waiting = {
+                    let mut periods = lock(&hub.throttled);
+                    match periods.get_mut(name).and_then(Option::take) {
+                        Some(line) => line,
+                        None => {
+                            periods.remove(name);
+                            return;
+                        }
+                    }
+                };
+                EventSender { hub: hub.clone() }.broadcast(waiting);
+            })
+            .is_ok()
+    }
+
+    fn broadcast(&self, line: Arc<[u8]>) -> usize {
         let mut subscribers = self.lock();
         subscribers.retain(|subscriber| {
             match subscriber.queue.try_send(Outbound::Bytes(line.clone())) {
@@ -261,11 +321,7 @@ impl EventSender {
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Vec<Subscriber>> {
-        // A panic while holding the lock leaves the list usable.
-        self.hub
-            .subscribers
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
+        lock(&self.hub.subscribers)
     }
 
     fn subscribe(&self, subscriber: Subscriber) {
@@ -651,6 +707,48 @@ mod tests {
 
     fn context() -> ConnectionContext {
         ConnectionContext::new("mon0".into(), 0, 4, EventSender::default())
+    }
+
+    /// The event lines a subscriber received so far.
+    fn received(queue: &mut mpsc::Receiver<Outbound>) -> Vec<String> {
+        let mut lines = Vec::new();
+        while let Ok(Outbound::Bytes(b)) = queue.try_recv() {
+            lines.push(String::from_utf8_lossy(&b).into_owned());
+        }
+        lines
+    }
+
+    #[test]
+    fn rate_limited_events_wait_and_only_the_latest_goes_out() {
+        let events = EventSender::default();
+        let (queue, mut rx) = mpsc::channel(64);
+        let (kick, _) = watch::channel(false);
+        events.subscribe(Subscriber {
+            connection_id: 1,
+            queue,
+            kick,
+        });
+        let actual = |n: u64| {
+            let mut data = Map::new();
+            data.insert("actual".into(), Value::from(n));
+            Some(data)
+        };
+        for n in 1..=100 {
+            events.emit("BALLOON_CHANGE", actual(n));
+        }
+        events.emit("STOP", None);
+        let now = received(&mut rx);
+        assert_eq!(now.len(), 2, "{now:?}");
+        assert!(now[0].contains(r#""actual": 1}"#), "the first at once: {now:?}");
+        assert!(now[1].contains("STOP"), "others are not held: {now:?}");
+        std::thread::sleep(THROTTLE_PERIOD + Duration::from_millis(300));
+        let later = received(&mut rx);
+        assert_eq!(later.len(), 1, "{later:?}");
+        assert!(later[0].contains(r#""actual": 100}"#), "the latest: {later:?}");
+        // A quiet second ends the period: the next one goes out at once.
+        std::thread::sleep(THROTTLE_PERIOD + Duration::from_millis(300));
+        events.emit("BALLOON_CHANGE", actual(7));
+        assert_eq!(received(&mut rx).len(), 1);
     }
 
     /// A pipe: (read end, write end).
