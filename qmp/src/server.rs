@@ -739,12 +739,18 @@ mod tests {
         events.emit("STOP", None);
         let now = received(&mut rx);
         assert_eq!(now.len(), 2, "{now:?}");
-        assert!(now[0].contains(r#""actual": 1}"#), "the first at once: {now:?}");
+        assert!(
+            now[0].contains(r#""actual": 1}"#),
+            "the first at once: {now:?}"
+        );
         assert!(now[1].contains("STOP"), "others are not held: {now:?}");
         std::thread::sleep(THROTTLE_PERIOD + Duration::from_millis(300));
         let later = received(&mut rx);
         assert_eq!(later.len(), 1, "{later:?}");
-        assert!(later[0].contains(r#""actual": 100}"#), "the latest: {later:?}");
+        assert!(
+            later[0].contains(r#""actual": 100}"#),
+            "the latest: {later:?}"
+        );
         // A quiet second ends the period: the next one goes out at once.
         std::thread::sleep(THROTTLE_PERIOD + Duration::from_millis(300));
         events.emit("BALLOON_CHANGE", actual(7));

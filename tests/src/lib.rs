@@ -73,6 +73,100 @@ macro_rules! require_kvm {
     };
 }
 
+/// Build `tests/guest/NAME.c` (static) into a raw disk image of at least `min_size` bytes
+/// (sparse past the program), for a stock guest to copy the program from with
+/// `head -c LEN /dev/vdX`. Returns the image and the program's length.
+pub fn guest_program_disk(dir: &TempDir, name: &str, min_size: u64) -> (PathBuf, u64) {
+    let program = dir.join(name);
+    let src = repo_root().join(format!("tests/guest/{name}.c"));
+    let status = Command::new("cc")
+        .args(["-static", "-O2", "-o"])
+        .arg(&program)
+        .arg(&src)
+        .status()
+        .expect("a C compiler (scripts/test installs gcc and libc6-dev)");
+    assert!(status.success(), "building {}", src.display());
+    let len = std::fs::metadata(&program).expect("the program").len();
+    let disk = dir.join(&format!("{name}.img"));
+    std::fs::copy(&program, &disk).expect("copy the program into its disk");
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&disk)
+        .expect("the program's disk");
+    f.set_len(len.next_multiple_of(1 << 20).max(min_size))
+        .expect("size the program's disk");
+    (disk, len)
+}
+
+/// Allocated bytes of the vmm's guest-RAM memfd (pid `pid`), read through /proc.
+pub fn guest_ram_allocated(pid: u32) -> u64 {
+    for entry in std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .expect("the vmm's fds")
+        .flatten()
+    {
+        let target = std::fs::read_link(entry.path()).unwrap_or_default();
+        if target.to_string_lossy().contains("memfd:vmm-guest-ram") {
+            let meta = std::fs::metadata(entry.path()).expect("the memfd");
+            return std::os::unix::fs::MetadataExt::blocks(&meta) * 512;
+        }
+    }
+    panic!("no guest-RAM memfd in /proc/{pid}/fd");
+}
+
+/// The processes below `root` (device processes, their sandboxed workers) that map the
+/// guest-RAM memfd: pid and name.
+pub fn guest_ram_mappers(root: u32) -> Vec<(u32, String)> {
+    let parent = |pid: u32| -> Option<u32> {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+        // After the ")" that ends the name: state, then the parent's pid.
+        stat.rsplit_once(')')?
+            .1
+            .split_whitespace()
+            .nth(1)?
+            .parse()
+            .ok()
+    };
+    let below_root = |mut pid: u32| {
+        while let Some(p) = parent(pid) {
+            if p == root {
+                return true;
+            }
+            if p <= 1 {
+                return false;
+            }
+            pid = p;
+        }
+        false
+    };
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|n| n.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).unwrap_or_default();
+        if maps.contains("memfd:vmm-guest-ram") && below_root(pid) {
+            let name = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+            found.push((pid, name.trim().to_string()));
+        }
+    }
+    found
+}
+
+/// The resident set of process `pid` in bytes (VmRSS).
+pub fn rss(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .map(|kb| kb * 1024)
+        .unwrap_or_else(|| panic!("no VmRSS for pid {pid}"))
+}
+
 /// A directory removed on drop.
 pub struct TempDir(PathBuf);
 

@@ -18,32 +18,13 @@ use serde_json::{json, Value};
 use vmm_tests::console::GuestConsole;
 use vmm_tests::display::{vnc_capture, vnc_client, Handshake, Image, RawClient};
 use vmm_tests::qmp::Qmp;
-use vmm_tests::{repo_root, TempDir};
+use vmm_tests::{guest_program_disk, repo_root, TempDir};
 
 const BOOT_TIMEOUT: Duration = Duration::from_secs(600);
 const CMD_TIMEOUT: Duration = Duration::from_secs(180);
 /// The mode the guest's fbdev comes up in: the EDID's preferred one (as QEMU's).
 const WIDTH: u32 = 1280;
 const HEIGHT: u32 = 800;
-
-/// Build fbpattern (static) into a raw disk image the guest copies it from.
-fn pattern_disk(dir: &TempDir) -> (PathBuf, u64) {
-    let program = dir.join("fbpattern");
-    let src = repo_root().join("tests/guest/fbpattern.c");
-    let status = Command::new("cc")
-        .args(["-static", "-O2", "-o"])
-        .arg(&program)
-        .arg(&src)
-        .status()
-        .expect("a C compiler (scripts/test installs gcc and libc6-dev)");
-    assert!(status.success(), "building {}", src.display());
-    let len = std::fs::metadata(&program).unwrap().len();
-    let disk = dir.join("fbpattern.img");
-    std::fs::copy(&program, &disk).unwrap();
-    let f = std::fs::OpenOptions::new().write(true).open(&disk).unwrap();
-    f.set_len(len.next_multiple_of(1 << 20)).unwrap();
-    (disk, len)
-}
 
 struct Vm {
     console: GuestConsole,
@@ -59,7 +40,7 @@ struct Vm {
 /// the vmm.
 fn boot(tag: &str, vnc_options: &str, wait_ready: bool, extra: &[&str]) -> Vm {
     let dir = TempDir::new(tag);
-    let (disk, len) = pattern_disk(&dir);
+    let (disk, len) = guest_program_disk(&dir, "fbpattern", 0);
     let qmp_sock = dir.join("qmp.sock");
     let vnc = dir.join("vnc.sock");
     let qmp_arg = format!("unix:{},server=on,wait=off", qmp_sock.display());
@@ -567,7 +548,7 @@ fn auth_none_refuses_a_password_and_qemu_agrees_on_the_screen() {
         "QEMU 7.2 (scripts/test installs qemu-system-x86)"
     );
     let dir = TempDir::new("display-qemu-peer");
-    let (disk, len) = pattern_disk(&dir);
+    let (disk, len) = guest_program_disk(&dir, "fbpattern", 0);
     let guest = repo_root().join("target/guest");
     let qmp_sock = dir.join("qmp.sock");
     let args: Vec<String> = [

@@ -14,7 +14,7 @@ use vmm_tests::libqos::virtio::VirtioPciDevice;
 use vmm_tests::libqos::virtqueue::{Buffer, GuestAlloc};
 use vmm_tests::qmp::Qmp;
 use vmm_tests::qtest::Qtest;
-use vmm_tests::TempDir;
+use vmm_tests::{guest_ram_allocated as allocated, TempDir};
 
 const RAM: u64 = 128 << 20;
 const MEM: &str = "128M";
@@ -24,21 +24,6 @@ const REPORTING: u64 = 1 << 5;
 const VERSION_1: u64 = 1 << 32;
 /// What else the test writes meanwhile (rings, lists) may allocate a few pages.
 const SLACK: u64 = 64 << 10;
-
-/// Allocated bytes of the vmm's guest-RAM memfd, read through /proc.
-fn allocated(pid: u32) -> u64 {
-    for entry in std::fs::read_dir(format!("/proc/{pid}/fd"))
-        .unwrap()
-        .flatten()
-    {
-        let target = std::fs::read_link(entry.path()).unwrap_or_default();
-        if target.to_string_lossy().contains("memfd:vmm-guest-ram") {
-            let meta = std::fs::metadata(entry.path()).unwrap();
-            return std::os::unix::fs::MetadataExt::blocks(&meta) * 512;
-        }
-    }
-    panic!("no guest-RAM memfd in /proc/{pid}/fd");
-}
 
 #[test]
 fn inflate_deflate_reporting_stats_and_the_target() {
@@ -129,45 +114,8 @@ fn inflate_deflate_reporting_stats_and_the_target() {
         "reported pages released"
     );
 
-    // Statistics: (tag, value) pairs; query-balloon shows them.
-    let mut stats = Vec::new();
-    for (tag, value) in [(4u16, 123_456u64), (5, 999_999), (0, 7)] {
-        stats.extend_from_slice(&tag.to_le_bytes());
-        stats.extend_from_slice(&value.to_le_bytes());
-    }
-    let at = alloc.alloc(stats.len() as u64, 8).unwrap();
-    qt.memwrite(at, &stats).unwrap();
-    queues[2]
-        .add_chain(&mut qt, &[Buffer::readable(at, stats.len() as u32)])
-        .unwrap();
-    queues[2].kick(&mut qt).unwrap();
-    let deadline = std::time::Instant::now() + TIMEOUT;
-    loop {
-        let info = qmp.ok("query-balloon", None);
-        if info.get("free_mem").is_some() {
-            assert_eq!(info["free_mem"], 123_456);
-            assert_eq!(info["total_mem"], 999_999);
-            assert_eq!(info["mem_swapped_in"], 7);
-            assert_eq!(info["actual"], RAM);
-            break;
-        }
-        assert!(std::time::Instant::now() < deadline, "no stats: {info}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-
-    // Polling: with guest-stats-polling-interval set, the held buffer comes back every
-    // interval without a query, and guest-stats shows every statistic by QEMU's names.
-    wait_used(&mut qt, &mut queues[2], TIMEOUT).expect("the buffer handed back at the query");
-    let mut stats = Vec::new();
-    for (tag, value) in [(4u16, 222u64), (6, 333)] {
-        stats.extend_from_slice(&tag.to_le_bytes());
-        stats.extend_from_slice(&value.to_le_bytes());
-    }
-    qt.memwrite(at, &stats).unwrap();
-    queues[2]
-        .add_chain(&mut qt, &[Buffer::readable(at, stats.len() as u32)])
-        .unwrap();
-    queues[2].kick(&mut qt).unwrap();
+    // Statistics: (tag, value) pairs, kept by tag. guest-stats shows every statistic by
+    // QEMU's names; query-balloon shows the seed's once polling is on.
     let path = "/machine/peripheral/balloon0";
     let set = |qmp: &mut Qmp<_>, value: serde_json::Value| {
         qmp.request(
@@ -175,11 +123,58 @@ fn inflate_deflate_reporting_stats_and_the_target() {
             Some(json!({"path": path, "property": "guest-stats-polling-interval", "value": value})),
         )
     };
-    assert_eq!(set(&mut qmp, json!(1)), json!({"return": {}}));
-    wait_used(&mut qt, &mut queues[2], Duration::from_secs(5)).expect("handed back by the timer");
     let get = |qmp: &mut Qmp<_>, path: &str, property: &str| {
         qmp.request("qom-get", Some(json!({"path": path, "property": property})))
     };
+    let stats_buffer = |qt: &mut Qtest, queue: &mut _, at: u64, entries: &[(u16, u64)]| {
+        let mut stats = Vec::new();
+        for (tag, value) in entries {
+            stats.extend_from_slice(&tag.to_le_bytes());
+            stats.extend_from_slice(&value.to_le_bytes());
+        }
+        qt.memwrite(at, &stats).unwrap();
+        let queue: &mut vmm_tests::libqos::virtqueue::Virtqueue = queue;
+        queue
+            .add_chain(qt, &[Buffer::readable(at, stats.len() as u32)])
+            .unwrap();
+        queue.kick(qt).unwrap();
+    };
+    let at = alloc.alloc(64, 8).unwrap();
+    stats_buffer(
+        &mut qt,
+        &mut queues[2],
+        at,
+        &[(4, 123_456), (5, 999_999), (0, 7)],
+    );
+    let mut guest_stats = serde_json::Value::Null;
+    let deadline = std::time::Instant::now() + TIMEOUT;
+    while guest_stats["last-update"].as_u64().unwrap_or(0) == 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no stats: {guest_stats}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+        guest_stats = get(&mut qmp, path, "guest-stats")["return"].clone();
+    }
+    assert_eq!(guest_stats["stats"]["stat-free-memory"], 123_456);
+    assert_eq!(
+        qmp.ok("query-balloon", None),
+        json!({"actual": RAM}),
+        "no polling: actual only, as QEMU 7.2"
+    );
+    assert_eq!(set(&mut qmp, json!(1)), json!({"return": {}}));
+    let info = qmp.ok("query-balloon", None);
+    assert_eq!(info["free_mem"], 123_456, "{info}");
+    assert_eq!(info["total_mem"], 999_999);
+    assert_eq!(info["mem_swapped_in"], 7);
+    assert!(
+        info.get("major_page_faults").is_none(),
+        "not reported: absent"
+    );
+    // The timer hands the buffer back every interval; the driver refills it.
+    wait_used(&mut qt, &mut queues[2], Duration::from_secs(5)).expect("handed back by the timer");
+    stats_buffer(&mut qt, &mut queues[2], at, &[(4, 222), (6, 333)]);
+    wait_used(&mut qt, &mut queues[2], Duration::from_secs(5)).expect("and again");
     let guest_stats = get(&mut qmp, path, "guest-stats")["return"].clone();
     assert_eq!(
         guest_stats["stats"]["stat-free-memory"], 222,

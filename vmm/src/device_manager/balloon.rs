@@ -164,8 +164,13 @@ impl DeviceManager {
 
     /// `query-balloon`, or None without a balloon.
     pub fn query_balloon(&self) -> Option<Value> {
-        let mut function = lock(self.balloon_function()?);
-        function.backend_mut().as_balloon().map(|b| b.query())
+        let balloon = self.balloon.as_ref()?;
+        let mut function = lock(&balloon.function);
+        let polling = balloon.poll_interval > 0;
+        function
+            .backend_mut()
+            .as_balloon()
+            .map(|b| b.query(polling))
     }
 
     /// What the balloon counted (released bytes, refused buffers), or None without one.

@@ -10,9 +10,9 @@
 //! and counted.
 //!
 //! Statistics: the driver puts one buffer on the stats queue and refills it each time the
-//! device hands it back. It is handed back at every `query-balloon`, and every
-//! `guest-stats-polling-interval` seconds once that is set (the timer is the device
-//! manager's); the figures are kept by tag, as QEMU's `guest-stats` shows them.
+//! device hands it back, which it does every `guest-stats-polling-interval` seconds once
+//! that is set (the timer is the device manager's), as QEMU does. The figures are kept by
+//! tag, as QEMU's `guest-stats` shows them.
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
@@ -166,18 +166,18 @@ impl VirtioBalloon {
         self.counters
     }
 
-    /// query-balloon: `actual`, and the guest's last statistics (those of the seed's that
-    /// it reported). A stats buffer the guest gave is handed back, so that it reports
-    /// again for the next query.
-    pub fn query(&mut self) -> Value {
+    /// query-balloon: `actual`, and with `with_stats` (polling is on, so they are recent)
+    /// the guest's last statistics, those of the seed's that it reported.
+    pub fn query(&self, with_stats: bool) -> Value {
         let mut info = Map::new();
         info.insert("actual".into(), json!(self.actual()));
-        for (name, &value) in SEED_STAT_NAMES.iter().zip(&self.stats) {
-            if value != NO_STAT {
-                info.insert((*name).into(), json!(value));
+        if with_stats {
+            for (name, &value) in SEED_STAT_NAMES.iter().zip(&self.stats) {
+                if value != NO_STAT {
+                    info.insert((*name).into(), json!(value));
+                }
             }
         }
-        self.request_stats();
         Value::Object(info)
     }
 
@@ -443,6 +443,11 @@ impl VirtioBackend for VirtioBalloon {
                 self.queues.insert(kind, active_queue(q, event_idx)?);
             }
         }
+        // Linux primes the stats queue with its first figures before DRIVER_OK, and that
+        // kick came before the queues were ours: take what is already there.
+        for kind in kinds {
+            self.serve(kind);
+        }
         Ok(())
     }
 
@@ -492,7 +497,7 @@ mod tests {
         assert_eq!(c[..4], [0; 4], "more than the guest has: nothing to give");
         b.write_config(4, &1024u32.to_le_bytes());
         assert_eq!(b.actual(), (16 << 20) - (4 << 20));
-        assert_eq!(b.query()["actual"], (12u64 << 20));
+        assert_eq!(b.query(false)["actual"], (12u64 << 20));
         assert_eq!(b.num_queues(), 4);
         assert_ne!(b.features() & (1 << VIRTIO_BALLOON_F_REPORTING), 0);
     }
@@ -529,7 +534,12 @@ mod tests {
         assert_eq!(stats["stats"]["stat-htlb-pgfail"], 22);
         assert_eq!(stats["stats"]["stat-swap-in"], u64::MAX);
         assert_eq!(stats["stats"].as_object().unwrap().len(), 10);
-        let info = b.query();
+        assert_eq!(
+            b.query(false).as_object().unwrap().len(),
+            1,
+            "no polling: actual only"
+        );
+        let info = b.query(true);
         assert_eq!(info["free_mem"], 11);
         assert!(
             info.get("mem_swapped_in").is_none(),
