@@ -246,3 +246,67 @@ fn the_balloon_takes_memory_from_the_guest_and_the_host_gets_it() {
     assert_eq!(vm.qmp.ok("query-balloon", None)["actual"], json!(RAM));
     assert_eq!(vm.qmp.hmp("info balloon"), "balloon: actual=512\r\n");
 }
+
+#[test]
+fn a_hot_plugged_balloon_takes_freed_memory_back_and_deflates_on_oom() {
+    let mut vm = boot("emu-balloon-hotplug", 0, &[]);
+    assert_eq!(
+        vm.qmp.request("query-balloon", None)["error"]["class"],
+        "DeviceNotActive"
+    );
+    assert_eq!(
+        vm.qmp.request(
+            "device_add",
+            Some(json!({
+                "driver": "virtio-balloon-pci",
+                "id": "balloon1",
+                "free-page-reporting": "on",
+                "deflate-on-oom": "on",
+            }))
+        ),
+        json!({"return": {}})
+    );
+    let bound = vm.console.run(
+        "for i in $(seq 150); do ls /sys/bus/virtio/drivers/virtio_balloon | grep -q virtio && break; \
+         sleep 0.2; done; ls /sys/bus/virtio/drivers/virtio_balloon",
+        CMD_TIMEOUT,
+    );
+    assert!(bound.contains("virtio"), "the driver binds: {bound}");
+    assert_eq!(vm.qmp.ok("query-balloon", None), json!({"actual": RAM}));
+
+    // Free page reporting: a 200 MiB buffer the guest frees goes back to the host with no
+    // balloon command.
+    let before = guest_ram_allocated(vm.pid);
+    vm.console.send("/tmp/memtouch 200 5\n");
+    vm.console.wait_for("MEMTOUCH-OK 200", CMD_TIMEOUT);
+    let held = guest_ram_allocated(vm.pid);
+    eprintln!(
+        "memfd allocated: {} MiB, holding 200 MiB: {} MiB",
+        before / MIB,
+        held / MIB
+    );
+    let mut now = held;
+    eventually("the freed buffer reported", CMD_TIMEOUT, || {
+        now = guest_ram_allocated(vm.pid);
+        now + 150 * MIB <= held
+    });
+    eprintln!("after the program exits: {} MiB", now / MIB);
+    vm.console.wait_for("# ", CMD_TIMEOUT);
+    assert_eq!(vm.qmp.ok("query-balloon", None), json!({"actual": RAM}));
+
+    // Deflate on OOM: with the balloon holding 384 MiB, a program that needs 256 MiB gets
+    // it from the balloon instead of being killed.
+    vm.balloon(128 * MIB);
+    let out = vm.memtouch(256);
+    assert!(out.contains("MEMTOUCH-OK 256"), "{out}");
+    let actual = vm.qmp.ok("query-balloon", None)["actual"].as_u64().unwrap();
+    eprintln!("actual after the program: {} MiB", actual / MIB);
+    assert!(
+        actual >= (128 + 150) * MIB,
+        "the balloon deflated for the program: {} MiB",
+        actual / MIB
+    );
+    let counters = vm.qmp.ok("__org.vmm_query-balloon-counters", None);
+    assert!(counters["deflated"].as_u64().unwrap() > 0, "{counters}");
+    assert_eq!(counters["refused"], 0, "{counters}");
+}
