@@ -130,18 +130,53 @@ SEQUENCE = [
     ("human-monitor-command", {"command-line": "info balloon"}),
     ("human-monitor-command", {"command-line": "balloon 64"}),
     ("human-monitor-command", {"command-line": "help balloon"}),
+    # A balloon plugged on both sides (the guest is stopped: its driver never answers).
+    ("device_add", {"driver": "virtio-balloon-pci", "id": "balloon0"}),
+    ("device_add", {"driver": "virtio-balloon-pci", "id": "balloon1"}),
+    ("device_add", {"driver": "virtio-balloon-pci", "id": "balloon1", "deflate-on-oom": "x"}),
+    ("query-balloon", None),
+    ("balloon", {"value": 32 << 20}),
+    ("balloon", {"value": 0}),
+    ("balloon", {"value": -1}),
+    ("balloon", {"value": 1.5}),
+    ("balloon", {"value": 1 << 50}),
+    ("query-balloon", None),
+    ("human-monitor-command", {"command-line": "info balloon"}),
+    ("human-monitor-command", {"command-line": "balloon 32"}),
+    ("human-monitor-command", {"command-line": "balloon 0"}),
+    ("qom-get", {"path": "/machine/peripheral/balloon0", "property": "guest-stats"}),
+    ("qom-get", {"path": "/machine/peripheral/balloon0",
+                 "property": "guest-stats-polling-interval"}),
+    ("qom-set", {"path": "/machine/peripheral/balloon0",
+                 "property": "guest-stats-polling-interval", "value": 2}),
+    ("qom-get", {"path": "balloon0", "property": "guest-stats-polling-interval"}),
+    ("qom-set", {"path": "balloon0", "property": "guest-stats-polling-interval", "value": -1}),
+    ("qom-set", {"path": "balloon0", "property": "guest-stats-polling-interval",
+                 "value": 1 << 32}),
+    ("qom-set", {"path": "balloon0", "property": "guest-stats-polling-interval",
+                 "value": "often"}),
+    ("qom-set", {"path": "balloon0", "property": "guest-stats-polling-interval",
+                 "value": 0}),
+    ("qom-set", {"path": "balloon0", "property": "guest-stats", "value": 1}),
+    ("qom-set", {"path": "balloon0", "property": "guest-stats-polling-interval"}),
+    ("qom-get", {"path": "/machine/peripheral/balloon0", "property": "nope"}),
+    ("qom-get", {"path": "/machine/peripheral/balloon0", "property": "type"}),
+    ("qom-get", {"path": "/machine/peripheral/balloon0/virtio-backend", "property": "type"}),
+    ("qom-get", {"path": "/machine/peripheral/nope", "property": "type"}),
+    ("qom-get", {"path": "balloon0"}),
 ]
 
 # Commands whose whole reply, not just its shape, is the same for the same machine.
 SAME_VALUE = {"query-mice", "query-status", "query-name", "query-uuid", "query-rx-filter",
               "set_link", "netdev_del", "query-spice", "set_password", "expire_password",
-              "change-vnc-password", "screendump", "add_client", "query-balloon", "balloon"}
+              "change-vnc-password", "screendump", "add_client", "query-balloon", "balloon",
+              "qom-get", "qom-set"}
 # HMP commands whose output is the same.
 SAME_HMP = {"info network", "set_link h1 off", "set_link nosuch off", "netdev_del h1",
             "netdev_add user,id=h1", "netdev_add user,id=h2,restrict=maybe",
             "change vnc password abc", "set_password spice x", "expire_password vnc never",
             "screendump /nonexistent/y", "sendkey frob", "info balloon", "balloon 64",
-            "help balloon"}
+            "help balloon", "balloon 32", "balloon 0"}
 
 
 def shape(value):

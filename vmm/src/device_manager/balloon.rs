@@ -65,15 +65,14 @@ impl StatsPoller {
     }
 }
 
+/// A boolean property, with QEMU's words for anything else.
 fn on_off(cfg: &DeviceConfig, property: &str) -> Result<bool, DeviceError> {
     match cfg.properties.get(property).map(String::as_str) {
         None | Some("off" | "false") => Ok(false),
         Some("on" | "true") => Ok(true),
-        Some(other) => Err(DeviceError::InvalidProperty {
-            driver: cfg.driver.clone(),
-            property: property.to_string(),
-            value: other.to_string(),
-        }),
+        Some(_) => Err(DeviceError::Balloon(format!(
+            "Parameter '{property}' expects 'on' or 'off'"
+        ))),
     }
 }
 
@@ -99,11 +98,7 @@ impl DeviceManager {
         &mut self,
         cfg: &DeviceConfig,
     ) -> Result<Option<u8>, DeviceError> {
-        if self.balloon.is_some() {
-            return Err(DeviceError::Balloon(
-                "Only one balloon device is supported".into(),
-            ));
-        }
+        // Properties are checked first, as QEMU sets them before it realizes the device.
         let deflate_on_oom = on_off(cfg, "deflate-on-oom")?;
         let reporting = on_off(cfg, "free-page-reporting")?;
         let interval = match cfg.properties.get(POLL_INTERVAL) {
@@ -118,6 +113,11 @@ impl DeviceManager {
                     value: v.clone(),
                 })?,
         };
+        if self.balloon.is_some() {
+            return Err(DeviceError::Balloon(
+                "Only one balloon device is supported".into(),
+            ));
+        }
         let balloon = VirtioBalloon::new(
             self.memory.clone(),
             self.accel.clone(),
