@@ -144,6 +144,11 @@ SEQUENCE = [
     ("human-monitor-command", {"command-line": "info balloon"}),
     ("human-monitor-command", {"command-line": "balloon 32"}),
     ("human-monitor-command", {"command-line": "balloon 0"}),
+    ("human-monitor-command", {"command-line": "balloon abc"}),
+    ("human-monitor-command", {"command-line": "balloon -5"}),
+    ("human-monitor-command", {"command-line": "balloon"}),
+    ("human-monitor-command", {"command-line": "balloon 1.5"}),
+    ("human-monitor-command", {"command-line": "balloon 99999999"}),
     ("qom-get", {"path": "/machine/peripheral/balloon0", "property": "guest-stats"}),
     ("qom-get", {"path": "/machine/peripheral/balloon0",
                  "property": "guest-stats-polling-interval"}),
@@ -176,7 +181,8 @@ SAME_HMP = {"info network", "set_link h1 off", "set_link nosuch off", "netdev_de
             "netdev_add user,id=h1", "netdev_add user,id=h2,restrict=maybe",
             "change vnc password abc", "set_password spice x", "expire_password vnc never",
             "screendump /nonexistent/y", "sendkey frob", "info balloon", "balloon 64",
-            "help balloon", "balloon 32", "balloon 0"}
+            "help balloon", "balloon 32", "balloon 0", "balloon abc", "balloon -5", "balloon",
+            "balloon 1.5", "balloon 99999999"}
 
 
 def shape(value):

@@ -257,6 +257,23 @@ fn inflate_deflate_reporting_stats_and_the_target() {
         wait_used(&mut qt, &mut queues[queue], TIMEOUT).expect("a refused buffer comes back");
     }
     assert_eq!(refused(&mut qmp), 8);
+    // A flood: the inflate queue filled with lists naming only pages outside RAM, kicked
+    // once. Every list comes back, every page number is counted, nothing is touched.
+    let junk: Vec<u8> = (0..256u32)
+        .flat_map(|i| (0x10_0000 + i).to_le_bytes())
+        .collect();
+    let junk_at = alloc.alloc(junk.len() as u64, 8).unwrap();
+    qt.memwrite(junk_at, &junk).unwrap();
+    for _ in 0..64 {
+        queues[0]
+            .add_chain(&mut qt, &[Buffer::readable(junk_at, junk.len() as u32)])
+            .unwrap();
+    }
+    queues[0].kick(&mut qt).unwrap();
+    for _ in 0..64 {
+        wait_used(&mut qt, &mut queues[0], TIMEOUT).expect("every list comes back");
+    }
+    assert_eq!(refused(&mut qmp), 8 + 64 * 256);
     assert!(
         allocated(pid) + SLACK >= touched,
         "{before} -> {touched}: nothing released"

@@ -71,10 +71,32 @@ fn query_balloon(machine: &Machine) -> Result<Value, QmpError> {
     machine.devices().query_balloon().ok_or_else(no_balloon)
 }
 
-/// HMP `balloon MIB`.
+/// HMP `balloon MIB`, its argument read as QEMU reads a size in MiB (`M`), with its words.
 pub fn hmp_balloon(machine: &Machine, args: &[&str]) -> String {
-    let Some(mib) = args.first().and_then(|a| a.parse::<i64>().ok()) else {
-        return "balloon: integer expected\n".to_string();
+    let hint = super::hmp::usage_hint("balloon");
+    let mib = match args {
+        [] => return format!("unexpected end of expression\n{hint}"),
+        [_, _, ..] => return format!("balloon: extraneous characters at the end of line\n{hint}"),
+        [arg] => {
+            let negative = arg.strip_prefix('-');
+            let text = negative.unwrap_or(arg);
+            let end = text
+                .find(|c: char| !c.is_ascii_digit())
+                .unwrap_or(text.len());
+            match (text[..end].parse::<i64>(), text[end..].chars().next()) {
+                (Err(_), Some(bad)) => {
+                    return format!("invalid char '{bad}' in expression\n{hint}")
+                }
+                (Err(_), None) => return format!("unexpected end of expression\n{hint}"),
+                (Ok(_), Some(_)) => {
+                    return format!("balloon: extraneous characters at the end of line\n{hint}")
+                }
+                (Ok(_), None) if negative.is_some() => {
+                    return format!("enter a positive value\n{hint}")
+                }
+                (Ok(n), None) => n,
+            }
+        }
     };
     match set_target(machine, mib.saturating_mul(1 << 20)) {
         Ok(()) => String::new(),

@@ -223,7 +223,7 @@ fn error_text(result: Result<(), QmpError>) -> String {
     }
 }
 
-fn usage_hint(command: &str) -> String {
+pub(super) fn usage_hint(command: &str) -> String {
     format!("Try \"help {command}\" for more information\n")
 }
 
