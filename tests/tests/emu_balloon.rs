@@ -86,6 +86,7 @@ impl Vm {
     /// Set the target and wait for the guest's `actual` to reach it (BALLOON_CHANGE, one
     /// a second at most, the last one carrying it).
     fn balloon(&mut self, target: u64) {
+        let asked = Instant::now();
         assert_eq!(
             self.qmp
                 .request("balloon", Some(json!({ "value": target }))),
@@ -103,6 +104,7 @@ impl Vm {
             );
         }
         assert_eq!(self.qmp.ok("query-balloon", None)["actual"], json!(target));
+        eprintln!("balloon to {} MiB: {:?}", target / MIB, asked.elapsed());
     }
 
     /// Run memtouch in the guest; its output.

@@ -792,6 +792,18 @@ mod tests {
     }
 
     #[test]
+    fn balloon_option() {
+        let c = run(&["-balloon", "virtio,deflate-on-oom=on"]).unwrap();
+        let (origin, device) = &c.devices[0];
+        assert_eq!(origin, "-balloon virtio,deflate-on-oom=on");
+        assert_eq!(device.driver, "virtio-balloon-pci");
+        assert_eq!(device.properties["deflate-on-oom"], "on");
+        assert!(run(&["-balloon", "none"]).unwrap().devices.is_empty());
+        let e = run(&["-balloon", "xen"]).unwrap_err().to_string();
+        assert!(e.contains("unknown balloon device 'xen'"), "{e}");
+    }
+
+    #[test]
     fn full_command_line() {
         let c = run(&[
             "-m",
