@@ -139,6 +139,16 @@ impl GuestConsole {
         text.trim_end_matches(&format!("CMDEND-{n}")).to_string()
     }
 
+    /// Copy a program of `len` bytes from the start of disk `device` (a disk made by
+    /// [`crate::guest_program_disk`]) to `/tmp/NAME` in the guest, executable.
+    pub fn install_program(&mut self, device: &str, len: u64, name: &str, timeout: Duration) {
+        let copy = self.run(
+            &format!("head -c {len} {device} > /tmp/{name}; chmod +x /tmp/{name}; echo copied"),
+            timeout,
+        );
+        assert!(copy.contains("copied"), "{copy}");
+    }
+
     /// Wait for the vmm to exit and return its status code.
     pub fn wait_exit(&mut self, timeout: Duration) -> Option<i32> {
         let child = self.child.as_mut()?;

@@ -56,11 +56,7 @@ fn boot(tag: &str, disk_size: u64, extra: &[&str]) -> Vm {
     events.negotiate();
     console.wait_for("GUEST-READY", BOOT_TIMEOUT);
     console.wait_for("# ", CMD_TIMEOUT);
-    let copy = console.run(
-        &format!("head -c {len} /dev/vda > /tmp/memtouch; chmod +x /tmp/memtouch; echo copied"),
-        CMD_TIMEOUT,
-    );
-    assert!(copy.contains("copied"), "{copy}");
+    console.install_program("/dev/vda", len, "memtouch", CMD_TIMEOUT);
     Vm {
         console,
         qmp,

@@ -72,13 +72,7 @@ fn boot(tag: &str, vnc_options: &str, wait_ready: bool, extra: &[&str]) -> Vm {
     if wait_ready {
         console.wait_for("GUEST-READY", BOOT_TIMEOUT);
         console.wait_for("# ", CMD_TIMEOUT);
-        let copy = console.run(
-            &format!(
-                "head -c {len} /dev/vda > /tmp/fbpattern; chmod +x /tmp/fbpattern; echo copied"
-            ),
-            CMD_TIMEOUT,
-        );
-        assert!(copy.contains("copied"), "{copy}");
+        console.install_program("/dev/vda", len, "fbpattern", CMD_TIMEOUT);
     }
     Vm {
         console,

@@ -106,7 +106,7 @@ pub struct VirtioBalloon {
     num_pages: u32,
     actual: u32,
     queues: BTreeMap<usize, ActiveQueue>,
-    /// The stats buffer the guest gave, held until new figures are wanted.
+    /// The stats buffer the guest gave, held until the polling timer wants new figures.
     stats_head: Option<u16>,
     /// The guest's figures by tag ([`NO_STAT`] until it reports one), and when they came
     /// (seconds since the epoch; 0 before the first).
@@ -317,7 +317,7 @@ impl VirtioBalloon {
                     self.last_update = SystemTime::now()
                         .duration_since(UNIX_EPOCH)
                         .map_or(0, |d| d.as_secs());
-                    // Held: given back when new figures are wanted.
+                    // Held until the polling timer wants new figures.
                     if let Some(old) = self.stats_head.replace(head) {
                         let _ = q.queue.add_used(&memory, old, 0);
                         used_any = true;
