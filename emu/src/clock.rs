@@ -41,6 +41,8 @@ pub struct VirtualClock {
     source: TimeSource,
     /// Guest time frozen at the pause, or `RUNNING`.
     paused_guest_ns: AtomicU64,
+    /// Added (wrapping) to the source's time: a restored snapshot goes on from its own.
+    offset_ns: AtomicU64,
     /// How many pauses have ended (vCPUs compare it to flag the pause to their guest).
     resumes: AtomicU64,
     /// Serialises pause and resume against each other (readers do not take it).
@@ -73,6 +75,7 @@ impl VirtualClock {
         Self {
             source,
             paused_guest_ns: AtomicU64::new(RUNNING),
+            offset_ns: AtomicU64::new(0),
             resumes: AtomicU64::new(0),
             transition: Mutex::new(()),
         }
@@ -86,9 +89,27 @@ impl VirtualClock {
     }
 
     fn raw_ns(&self) -> u64 {
-        match &self.source {
+        let source = match &self.source {
             TimeSource::Host { base } => base.elapsed().as_nanos() as u64,
             TimeSource::Manual { ns } => ns.load(Ordering::SeqCst),
+        };
+        source.wrapping_add(self.offset_ns.load(Ordering::Acquire))
+    }
+
+    /// Make guest time read `guest_ns` now and go on from there (a restored snapshot's
+    /// time: the guest's clock does not jump). A paused clock stays paused at it.
+    pub fn set_now_ns(&self, guest_ns: u64) {
+        let _guard = self
+            .transition
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let source = self
+            .raw_ns()
+            .wrapping_sub(self.offset_ns.load(Ordering::Acquire));
+        self.offset_ns
+            .store(guest_ns.wrapping_sub(source), Ordering::Release);
+        if self.paused_guest_ns.load(Ordering::Acquire) != RUNNING {
+            self.paused_guest_ns.store(guest_ns, Ordering::Release);
         }
     }
 
@@ -185,6 +206,22 @@ impl VirtualClock {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_restored_time_goes_on_from_itself() {
+        let c = VirtualClock::new_manual();
+        c.advance(1_000);
+        c.set_now_ns(5_000_000);
+        assert_eq!(c.now_ns(), 5_000_000);
+        c.advance(10);
+        assert_eq!(c.now_ns(), 5_000_010);
+        c.pause();
+        c.set_now_ns(7_000);
+        assert_eq!(c.now_ns(), 7_000, "paused at the restored time");
+        c.advance(5);
+        c.resume();
+        assert_eq!(c.now_ns(), 7_005, "resumed from it");
+    }
 
     /// The guest side of kvmclock (Linux `pvclock_scale_delta` + `__pvclock_read_cycles`).
     fn guest_ns_from_tsc(info: &[u8; 32], tsc: u64) -> u64 {

@@ -19,7 +19,7 @@ use crate::exception::Exception;
 use crate::exec::fast::Fast;
 use crate::exec::system::SystemState;
 use crate::interrupt::{self, Escalation, EventKind};
-use crate::lapic::LocalApic;
+use crate::lapic::{LapicState, LocalApic};
 use crate::mmu::Mmu;
 use crate::ram::GuestRam;
 use crate::router::ApicInbox;
@@ -53,6 +53,25 @@ pub enum RunExit {
     TripleFault,
     /// The emulator cannot continue.
     Fatal(String),
+}
+
+/// One CPU's state as a snapshot keeps it: the registers, the local APIC, and what is
+/// pending between instructions. Times are guest times (the clock is restored first).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct CpuSnapshot {
+    pub regs: CpuState,
+    pub lapic: LapicState,
+    tsc_offset: u64,
+    kvm_system_time: u64,
+    kvm_wall_clock: u64,
+    kvmclock_version: u32,
+    halted: bool,
+    shadow: bool,
+    nmi_blocked: bool,
+    software_interrupt: Option<crate::exec::system::SoftwareInterrupt>,
+    waiting_for_sipi: bool,
+    nmi_pending: bool,
+    irq_pending: bool,
 }
 
 /// One virtual x86-64 CPU.
@@ -169,6 +188,47 @@ impl Cpu {
         self.waiting_for_sipi = false;
         self.nmi_pending = false;
         self.irq_pending = false;
+        self.mmu.sync(&self.state);
+        self.mmu.flush_all();
+        self.cache.flush();
+        self.resync = true;
+    }
+
+    /// The state a snapshot keeps (call it between runs, on the CPU's thread).
+    pub fn save(&mut self) -> CpuSnapshot {
+        CpuSnapshot {
+            regs: self.state.clone(),
+            lapic: self.mmu.lapic.save(),
+            tsc_offset: self.sys.tsc_offset,
+            kvm_system_time: self.sys.kvm_system_time,
+            kvm_wall_clock: self.sys.kvm_wall_clock,
+            kvmclock_version: self.sys.kvmclock_version,
+            halted: self.sys.halted,
+            shadow: self.sys.shadow,
+            nmi_blocked: self.sys.nmi_blocked,
+            software_interrupt: self.sys.software_interrupt,
+            waiting_for_sipi: self.waiting_for_sipi,
+            nmi_pending: self.nmi_pending,
+            irq_pending: self.irq_pending,
+        }
+    }
+
+    /// Take a snapshot's state; translations and decodes start afresh.
+    pub fn restore(&mut self, s: &CpuSnapshot) {
+        self.state = s.regs.clone();
+        self.mmu.lapic.restore(&s.lapic);
+        self.sys.tsc_offset = s.tsc_offset;
+        self.sys.kvm_system_time = s.kvm_system_time;
+        self.sys.kvm_wall_clock = s.kvm_wall_clock;
+        self.sys.kvmclock_version = s.kvmclock_version;
+        self.sys.halted = s.halted;
+        self.sys.shadow = s.shadow;
+        self.sys.nmi_blocked = s.nmi_blocked;
+        self.sys.software_interrupt = s.software_interrupt;
+        self.sys.recheck = true;
+        self.waiting_for_sipi = s.waiting_for_sipi;
+        self.nmi_pending = s.nmi_pending;
+        self.irq_pending = s.irq_pending;
         self.mmu.sync(&self.state);
         self.mmu.flush_all();
         self.cache.flush();
@@ -867,6 +927,44 @@ mod tests {
         let mut a = CodeAssembler::new(64).unwrap();
         f(&mut a).unwrap();
         a.assemble(addr).unwrap()
+    }
+
+    /// A snapshot taken mid-program and restored into a second CPU on the same RAM makes
+    /// it go on exactly as the first does.
+    #[test]
+    fn a_restored_snapshot_runs_on_identically() {
+        let (mut a, ram, _) = cpu(4 << 20);
+        identity_map(&ram);
+        long_mode(a.state_mut());
+        a.state_mut().rip = 0x4000;
+        // rax += rbx; rbx = rbx * 3 + 1; [0x5000] = rax; loop.
+        load(
+            &ram,
+            0x4000,
+            &asm64(0x4000, |c| {
+                let mut top = c.create_label();
+                c.set_label(&mut top)?;
+                c.add(rax, rbx)?;
+                c.lea(rbx, ptr(rbx + rbx * 2 + 1))?;
+                c.mov(qword_ptr(0x5000), rax)?;
+                c.jmp(top)
+            }),
+        );
+        a.step_n(1000).unwrap();
+        let snap = a.save();
+        let clock = Arc::new(VirtualClock::new());
+        let (lapic, inbox) = lapic(&clock);
+        let mut b = Cpu::new(0, ram.clone(), Arc::new(TestIo::default()), lapic, clock);
+        b.set_inbox(inbox);
+        b.restore(&snap);
+        assert_eq!(b.save(), snap, "a restored CPU saves the same");
+        a.step_n(500).unwrap();
+        let expected_rax = a.state().gpr[0];
+        // b runs on the RAM a left: put back what a changed since the snapshot.
+        ram.write_u64(0x5000, 8, snap.regs.gpr[0]);
+        b.step_n(500).unwrap();
+        assert_eq!(b.state().gpr[0], expected_rax);
+        assert_eq!(b.state().rip, a.state().rip);
     }
 
     #[test]

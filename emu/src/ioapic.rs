@@ -6,6 +6,7 @@
 use std::sync::Arc;
 
 use crate::router::{ApicMessage, ApicRouter, DeliveryMode, Destination};
+use serde::{Deserialize, Serialize};
 
 /// Number of redirection entries (pins).
 pub const IOAPIC_NUM_PINS: usize = 24;
@@ -33,6 +34,15 @@ const ENTRY_LOGICAL: u64 = 1 << 11;
 const ENTRY_WRITABLE: u64 = 0xff00_0000_0001_afff;
 
 /// The IOAPIC state.
+/// The IOAPIC's registers and pin levels, as a snapshot keeps them.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IoapicState {
+    id: u32,
+    select: u32,
+    entries: [u64; IOAPIC_NUM_PINS],
+    lines: [bool; IOAPIC_NUM_PINS],
+}
+
 pub struct Ioapic {
     router: Arc<ApicRouter>,
     id: u32,
@@ -43,6 +53,22 @@ pub struct Ioapic {
 }
 
 impl Ioapic {
+    pub fn save(&self) -> IoapicState {
+        IoapicState {
+            id: self.id,
+            select: self.select,
+            entries: self.entries,
+            lines: self.lines,
+        }
+    }
+
+    pub fn restore(&mut self, s: &IoapicState) {
+        self.id = s.id;
+        self.select = s.select;
+        self.entries = s.entries;
+        self.lines = s.lines;
+    }
+
     pub fn new(router: Arc<ApicRouter>) -> Self {
         Self {
             router,

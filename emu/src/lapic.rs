@@ -9,6 +9,8 @@
 use std::sync::Arc;
 use std::time::Instant;
 
+use serde::{Deserialize, Serialize};
+
 use crate::clock::VirtualClock;
 use crate::router::{ApicInbox, ApicMessage, ApicRouter, DeliveryMode, Destination};
 
@@ -92,7 +94,7 @@ enum TimerMode {
 }
 
 /// A 256-bit vector register (ISR/TMR/IRR) as eight 32-bit words, as the guest reads them.
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 struct VectorSet([u32; 8]);
 
 impl VectorSet {
@@ -111,6 +113,33 @@ impl VectorSet {
             (word != 0).then(|| (i as u32 * 32 + 31 - word.leading_zeros()) as u8)
         })
     }
+}
+
+/// A local APIC's registers and pending events, as a snapshot keeps them.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LapicState {
+    apic_base: u64,
+    tpr: u32,
+    ldr: u32,
+    dfr: u32,
+    svr: u32,
+    isr: VectorSet,
+    tmr: VectorSet,
+    irr: VectorSet,
+    esr: u32,
+    esr_pending: u32,
+    icr_low: u32,
+    icr_high: u32,
+    lvt: [u32; NUM_LVT],
+    timer_initial: u32,
+    timer_divide: u32,
+    timer_start_ns: u64,
+    timer_next_ns: Option<u64>,
+    tsc_deadline: u64,
+    nmi_pending: bool,
+    init_pending: bool,
+    sipi_pending: Option<u8>,
+    extint_pending: bool,
 }
 
 /// One vCPU's local APIC.
@@ -239,6 +268,65 @@ impl LocalApic {
 
     fn x2apic_ldr(&self) -> u32 {
         ((self.id >> 4) << 16) | (1 << (self.id & 0xf))
+    }
+
+    /// The registers and pending events, for a snapshot (the inbox drained first).
+    pub fn save(&mut self) -> LapicState {
+        if self.inbox.has_work() {
+            self.drain_inbox();
+        }
+        LapicState {
+            apic_base: self.apic_base,
+            tpr: self.tpr,
+            ldr: self.ldr,
+            dfr: self.dfr,
+            svr: self.svr,
+            isr: self.isr,
+            tmr: self.tmr,
+            irr: self.irr,
+            esr: self.esr,
+            esr_pending: self.esr_pending,
+            icr_low: self.icr_low,
+            icr_high: self.icr_high,
+            lvt: self.lvt,
+            timer_initial: self.timer_initial,
+            timer_divide: self.timer_divide,
+            timer_start_ns: self.timer_start_ns,
+            timer_next_ns: self.timer_next_ns,
+            tsc_deadline: self.tsc_deadline,
+            nmi_pending: self.nmi_pending,
+            init_pending: self.init_pending,
+            sipi_pending: self.sipi_pending,
+            extint_pending: self.extint_pending,
+        }
+    }
+
+    /// Take a snapshot's registers (times are guest times: the clock is restored first),
+    /// and tell the router where this APIC now listens.
+    pub fn restore(&mut self, s: &LapicState) {
+        self.apic_base = s.apic_base;
+        self.tpr = s.tpr;
+        self.ldr = s.ldr;
+        self.dfr = s.dfr;
+        self.svr = s.svr;
+        self.isr = s.isr;
+        self.tmr = s.tmr;
+        self.irr = s.irr;
+        self.esr = s.esr;
+        self.esr_pending = s.esr_pending;
+        self.icr_low = s.icr_low;
+        self.icr_high = s.icr_high;
+        self.lvt = s.lvt;
+        self.timer_initial = s.timer_initial;
+        self.timer_divide = s.timer_divide;
+        self.timer_start_ns = s.timer_start_ns;
+        self.timer_next_ns = s.timer_next_ns;
+        self.tsc_deadline = s.tsc_deadline;
+        self.nmi_pending = s.nmi_pending;
+        self.init_pending = s.init_pending;
+        self.sipi_pending = s.sipi_pending;
+        self.extint_pending = s.extint_pending;
+        self.publish_routing();
     }
 
     fn publish_routing(&self) {

@@ -2,6 +2,8 @@
 //! master's IRQ2) plus the ELCR edge/level registers at 0x4d0/0x4d1. Its INTR output goes to
 //! the BSP's LINT0; the CPU fetches the vector with [`Pic::acknowledge`].
 
+use serde::{Deserialize, Serialize};
+
 /// I/O ports.
 pub const PIC_MASTER_COMMAND: u16 = 0x20;
 pub const PIC_MASTER_DATA: u16 = 0x21;
@@ -14,7 +16,7 @@ pub const PIC_ELCR_SLAVE: u16 = 0x4d1;
 const CASCADE_IRQ: u8 = 2;
 
 /// One 8259A.
-#[derive(Debug, Default, Clone)]
+#[derive(Debug, Default, Clone, Serialize, Deserialize)]
 struct Chip {
     irr: u8,
     imr: u8,
@@ -186,8 +188,8 @@ impl Chip {
     }
 }
 
-/// Master and slave 8259A.
-#[derive(Debug, Clone)]
+/// Master and slave 8259A (a snapshot keeps it whole).
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Pic {
     master: Chip,
     slave: Chip,

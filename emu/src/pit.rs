@@ -9,6 +9,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use crate::clock::VirtualClock;
+use serde::{Deserialize, Serialize};
 
 /// The PIT input clock.
 pub const PIT_HZ: u64 = 1_193_182;
@@ -37,7 +38,7 @@ fn ticks_to_ns(ticks: u64) -> u64 {
     (u128::from(ticks) * 1_000_000_000).div_ceil(u128::from(PIT_HZ)) as u64
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 struct Channel {
     mode: u8,
     bcd: bool,
@@ -128,6 +129,14 @@ impl Channel {
     }
 }
 
+/// The 8254's channels and port 0x61, as a snapshot keeps them (times in guest ticks).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PitState {
+    channels: [Channel; 3],
+    irq_next_tick: Option<u64>,
+    speaker_enable: bool,
+}
+
 /// The 8254 and port 0x61.
 pub struct Pit {
     clock: Arc<VirtualClock>,
@@ -138,6 +147,20 @@ pub struct Pit {
 }
 
 impl Pit {
+    pub fn save(&self) -> PitState {
+        PitState {
+            channels: self.channels.clone(),
+            irq_next_tick: self.irq_next_tick,
+            speaker_enable: self.speaker_enable,
+        }
+    }
+
+    pub fn restore(&mut self, s: &PitState) {
+        self.channels = s.channels.clone();
+        self.irq_next_tick = s.irq_next_tick;
+        self.speaker_enable = s.speaker_enable;
+    }
+
     pub fn new(clock: Arc<VirtualClock>) -> Self {
         Self {
             clock,

@@ -2,6 +2,7 @@
 //! (32-bit writes zero-extend, 8/16-bit writes merge, AH..BH are bits 8..16).
 
 use iced_x86::Register;
+use serde::{Deserialize, Serialize};
 
 // RFLAGS bits.
 pub const CF: u64 = 1 << 0;
@@ -73,7 +74,7 @@ pub const FS: usize = 4;
 pub const GS: usize = 5;
 
 /// A segment register with its hidden descriptor cache.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Segment {
     pub selector: u16,
     pub base: u64,
@@ -110,14 +111,14 @@ impl Segment {
 }
 
 /// GDTR / IDTR.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DescriptorTable {
     pub base: u64,
     pub limit: u16,
 }
 
 /// The x87 unit, stored as FXSAVE keeps it: eight 80-bit registers in physical order.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct X87State {
     /// Physical registers R0..R7, 80-bit extended format (little-endian).
     pub regs: [[u8; 10]; 8],
@@ -149,7 +150,7 @@ impl Default for X87State {
 }
 
 /// Model-specific registers the CPU keeps (those with behaviour live with their owner).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Msrs {
     pub star: u64,
     pub lstar: u64,
@@ -169,7 +170,7 @@ pub struct Msrs {
 }
 
 /// The register file of one CPU.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct CpuState {
     /// RAX, RCX, RDX, RBX, RSP, RBP, RSI, RDI, R8..R15 (encoding order).
     pub gpr: [u64; 16],

@@ -41,7 +41,7 @@ pub struct SystemState {
 }
 
 /// A software-initiated interrupt, delivered with RIP after the instruction.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct SoftwareInterrupt {
     pub vector: u8,
     /// INT n / INT3 / INTO check the gate's DPL against CPL; INT1 does not.
