@@ -967,6 +967,60 @@ mod tests {
         assert_eq!(b.state().rip, a.state().rip);
     }
 
+    /// Every store reaches the dirty bitmap while logging is on, interpreted or compiled
+    /// (compiled stores leave for the interpreter), and nothing else is marked.
+    #[test]
+    fn dirty_logging_sees_interpreted_and_compiled_stores() {
+        for threshold in [None, Some(1)] {
+            let (mut cpu, ram, _) = cpu(4 << 20);
+            cpu.set_jit_threshold(threshold);
+            identity_map(&ram);
+            long_mode(cpu.state_mut());
+            cpu.state_mut().rip = 0x4000;
+            cpu.state_mut().gpr[3] = 0x20_0000;
+            // Forever: [rbx] = rax over the 16 pages from 2 MiB, round and round.
+            load(
+                &ram,
+                0x4000,
+                &asm64(0x4000, |c| {
+                    let mut top = c.create_label();
+                    let mut next = c.create_label();
+                    c.set_label(&mut top)?;
+                    c.mov(qword_ptr(rbx), rax)?;
+                    c.add(rbx, 4096)?;
+                    c.cmp(rbx, 0x21_0000)?;
+                    c.jb(next)?;
+                    c.mov(rbx, 0x20_0000u64)?;
+                    c.set_label(&mut next)?;
+                    c.jmp(top)
+                }),
+            );
+            // Warm up (the loop compiled, its pages in the TLB), then log from a clean
+            // bitmap.
+            cpu.step_n(400).unwrap();
+            ram.set_dirty_logging(true);
+            let compiled = cpu.compiled_runs();
+            cpu.step_n(400).unwrap();
+            if threshold.is_some() {
+                assert!(cpu.compiled_runs() > compiled, "the loop ran compiled");
+            }
+            let bits = ram.take_dirty(1024);
+            let dirty = |page: usize| bits[page / 64] & (1 << (page % 64)) != 0;
+            for page in 0x200..0x210 {
+                assert!(dirty(page), "page {page:#x} (jit {threshold:?})");
+            }
+            assert!(
+                !dirty(0x100) && !dirty(0x210),
+                "untouched pages (jit {threshold:?})"
+            );
+            assert!(
+                ram.take_dirty(1024).iter().all(|w| *w == 0),
+                "taken: cleared"
+            );
+            ram.set_dirty_logging(false);
+        }
+    }
+
     #[test]
     fn real_to_protected_to_long_mode() {
         let (mut cpu, ram, _) = cpu(4 << 20);

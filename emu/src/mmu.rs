@@ -858,6 +858,8 @@ pub(crate) struct JitView {
     pub jump_key: u32,
     pub need_read: u8,
     pub need_write: u8,
+    /// Writes are logged: compiled stores leave for the interpreter, which logs them.
+    pub dirty_logging: bool,
     pub fs_base: u64,
     pub gs_base: u64,
 }
@@ -879,6 +881,7 @@ impl Mmu {
             jump_key: self.jump_key(),
             need_read,
             need_write,
+            dirty_logging: self.ram.dirty_logging(),
             fs_base: self.seg[crate::state::FS].base,
             gs_base: self.seg[crate::state::GS].base,
         })

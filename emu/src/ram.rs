@@ -7,13 +7,20 @@
 //! device ([`GuestRam::note_external_write`]) to a page whose bit is set clears the bit and
 //! bumps the generation, so cached decodes of that page no longer match.
 //!
+//! Dirty logging (live migration): while it is on, every write through the CPU or a device
+//! sets the page's bit in a dirty bitmap that the migration takes and clears pass by pass;
+//! compiled code sends its stores through the interpreter meanwhile (see
+//! [`GuestRam::dirty_logging`]). While it is off it costs one relaxed load per write.
+//!
 //! Locked accesses use host atomics when the guest address is naturally aligned. x86 also
 //! allows unaligned locked accesses (split locks); those fall back to one global mutex,
 //! which keeps them atomic against each other but not against plain racing stores — the
 //! same guarantee real hardware gives only with a bus lock, and rare enough in practice.
 
 use std::any::Any;
-use std::sync::atomic::{AtomicPtr, AtomicU16, AtomicU32, AtomicU64, AtomicU8, Ordering};
+use std::sync::atomic::{
+    AtomicBool, AtomicPtr, AtomicU16, AtomicU32, AtomicU64, AtomicU8, Ordering,
+};
 use std::sync::{Arc, Mutex};
 
 /// Bytes per guest page.
@@ -80,6 +87,9 @@ pub struct GuestRam {
     device_mappings: Mutex<Vec<Arc<dyn Any + Send + Sync>>>,
     /// Bumped when a device region moves: CPUs drop their translations.
     map_epoch: AtomicU64,
+    /// One bit per page written since the bitmap was last taken, while `logging`.
+    dirty: Vec<AtomicU64>,
+    logging: AtomicBool,
 }
 
 /// Why a device memory region could not be added.
@@ -133,6 +143,8 @@ impl GuestRam {
             device_regions,
             device_mappings: Mutex::new(Vec::new()),
             map_epoch: AtomicU64::new(0),
+            dirty: (0..pages.div_ceil(64)).map(|_| AtomicU64::new(0)).collect(),
+            logging: AtomicBool::new(false),
         }
     }
 
@@ -268,9 +280,47 @@ impl GuestRam {
         }
     }
 
-    /// A write reached `page`: invalidate decodes of it if it held code.
+    /// Start (clearing the bitmap) or stop dirty logging.
+    pub fn set_dirty_logging(&self, on: bool) {
+        if on {
+            for w in &self.dirty {
+                w.store(0, Ordering::Relaxed);
+            }
+        }
+        self.logging.store(on, Ordering::SeqCst);
+    }
+
+    /// Whether writes are being logged: compiled code must not store on its own.
+    #[inline]
+    pub fn dirty_logging(&self) -> bool {
+        self.logging.load(Ordering::Relaxed)
+    }
+
+    /// The dirty bits of the first `pages` pages (RAM, in global page order), cleared as
+    /// they are taken.
+    pub fn take_dirty(&self, pages: usize) -> Vec<u64> {
+        let words = pages.div_ceil(64).min(self.dirty.len());
+        let mut out: Vec<u64> = self.dirty[..words]
+            .iter()
+            .map(|w| w.swap(0, Ordering::AcqRel))
+            .collect();
+        if let Some(last) = out.last_mut() {
+            if pages % 64 != 0 && words == pages.div_ceil(64) {
+                // Bits past `pages` (device regions) stay for nobody: drop them.
+                *last &= (1u64 << (pages % 64)) - 1;
+            }
+        }
+        out
+    }
+
+    /// A write reached `page`: log it, and invalidate decodes of it if it held code.
     #[inline]
     pub fn note_write(&self, page: usize) -> bool {
+        if self.logging.load(Ordering::Relaxed) {
+            if let Some(w) = self.dirty.get(page / 64) {
+                w.fetch_or(1u64 << (page % 64), Ordering::Relaxed);
+            }
+        }
         let Some(word) = self.code.get(page / 64) else {
             return false;
         };

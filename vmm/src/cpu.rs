@@ -25,6 +25,22 @@ pub enum CpuError {
         #[source]
         source: AccelError,
     },
+    #[error("vCPU {id}: {source}")]
+    State {
+        id: u32,
+        #[source]
+        source: AccelError,
+    },
+    #[error("the snapshot has state for {got} vCPUs, this machine has {want}")]
+    VcpuCount { got: usize, want: usize },
+}
+
+/// Work a parked vCPU's own thread carries out for the main thread.
+enum Order {
+    /// Power-on state, entering with the entry state (the boot CPU) or waiting for SIPI.
+    Reset(Option<EntryState>),
+    Save,
+    Restore(Vec<u8>),
 }
 
 const WANT_RUN: u8 = 0;
@@ -36,10 +52,12 @@ struct Ctl {
     epoch: u64,
     /// How many vCPU threads are parked (paused, or waiting for a reset).
     parked: usize,
-    /// Per-vCPU reset orders, taken and carried out by the vCPU's own thread.
-    pending_reset: Vec<Option<Option<EntryState>>>,
-    reset_done: usize,
-    reset_errors: Vec<(u32, AccelError)>,
+    /// Per-vCPU orders, taken and carried out by the vCPU's own thread; how many are done,
+    /// what failed, and the states saved.
+    pending: Vec<Option<Order>>,
+    orders_done: usize,
+    order_errors: Vec<(u32, AccelError)>,
+    saved: Vec<Vec<u8>>,
     /// Each vCPU's state as it last left [`Vcpu::run`], and how often it has left it.
     snapshots: Vec<VcpuSnapshot>,
     run_returns: Vec<u64>,
@@ -107,9 +125,10 @@ impl CpuManager {
             ctl: Mutex::new(Ctl {
                 epoch: 0,
                 parked: 0,
-                pending_reset: vec![None; n],
-                reset_done: 0,
-                reset_errors: Vec::new(),
+                pending: (0..n).map(|_| None).collect(),
+                orders_done: 0,
+                order_errors: Vec::new(),
+                saved: vec![Vec::new(); n],
                 snapshots: vec![VcpuSnapshot::default(); n],
                 run_returns: vec![0; n],
             }),
@@ -227,23 +246,61 @@ impl CpuManager {
     /// Reset every vCPU to its power-on state: the first enters with `entry`, the others
     /// wait for SIPI. The vCPUs must be paused; they stay paused.
     pub fn reset(&self, entry: &EntryState) -> Result<(), CpuError> {
+        let orders = (0..self.vcpus.len())
+            .map(|i| Order::Reset((i == 0).then(|| entry.clone())))
+            .collect();
+        self.order_all(orders, true)
+            .map(|_| ())
+            .map_err(|(id, source)| CpuError::Reset { id, source })
+    }
+
+    /// Every vCPU's state, in vCPU order (they are paused first and stay paused).
+    pub fn save_state(&self) -> Result<Vec<Vec<u8>>, CpuError> {
+        let orders = self.vcpus.iter().map(|_| Order::Save).collect();
+        self.order_all(orders, false)
+            .map_err(|(id, source)| CpuError::State { id, source })
+    }
+
+    /// Give every vCPU the state [`CpuManager::save_state`] gave (paused; they stay so).
+    pub fn restore_state(&self, states: Vec<Vec<u8>>) -> Result<(), CpuError> {
+        if states.len() != self.vcpus.len() {
+            return Err(CpuError::VcpuCount {
+                got: states.len(),
+                want: self.vcpus.len(),
+            });
+        }
+        let orders = states.into_iter().map(Order::Restore).collect();
+        self.order_all(orders, true)
+            .map(|_| ())
+            .map_err(|(id, source)| CpuError::State { id, source })
+    }
+
+    /// Pause, hand each vCPU thread its order and wait for all; with `new_epoch`, vCPUs
+    /// parked after a fatal exit may run again. The states saved, or the first failure.
+    fn order_all(
+        &self,
+        orders: Vec<Order>,
+        new_epoch: bool,
+    ) -> Result<Vec<Vec<u8>>, (u32, AccelError)> {
         self.pause();
         let n = self.vcpus.len();
         let mut g = self.shared.lock();
-        for (i, slot) in g.pending_reset.iter_mut().enumerate() {
-            *slot = Some((i == 0).then(|| entry.clone()));
+        for (slot, order) in g.pending.iter_mut().zip(orders) {
+            *slot = Some(order);
         }
-        g.reset_done = 0;
-        g.reset_errors.clear();
+        g.orders_done = 0;
+        g.order_errors.clear();
         self.shared.cv.notify_all();
-        while g.reset_done < n {
+        while g.orders_done < n {
             g = self.shared.cv.wait(g).unwrap_or_else(|e| e.into_inner());
         }
-        g.epoch += 1;
+        if new_epoch {
+            g.epoch += 1;
+        }
         self.shared.cv.notify_all();
-        match g.reset_errors.pop() {
-            Some((id, source)) => Err(CpuError::Reset { id, source }),
-            None => Ok(()),
+        match g.order_errors.pop() {
+            Some(e) => Err(e),
+            None => Ok(std::mem::take(&mut g.saved)),
         }
     }
 
@@ -281,14 +338,25 @@ fn park_while_blocked(
     let mut g = shared.lock();
     let mut counted = false;
     let keep_running = loop {
-        if let Some(entry) = g.pending_reset[index].take() {
+        if let Some(order) = g.pending[index].take() {
             drop(g);
-            let result = vcpu.reset(entry.as_ref());
+            let result = match order {
+                Order::Reset(entry) => vcpu.reset(entry.as_ref()).map(|()| None),
+                Order::Save => vcpu.save_state().map(Some),
+                Order::Restore(state) => vcpu.restore_state(&state).map(|()| None),
+            };
             g = shared.lock();
-            if let Err(e) = result {
-                g.reset_errors.push((vcpu.id(), e));
+            match result {
+                Ok(Some(state)) => {
+                    if g.saved.len() != g.pending.len() {
+                        g.saved = vec![Vec::new(); g.pending.len()];
+                    }
+                    g.saved[index] = state;
+                }
+                Ok(None) => {}
+                Err(e) => g.order_errors.push((vcpu.id(), e)),
             }
-            g.reset_done += 1;
+            g.orders_done += 1;
             g.snapshots[index] = snapshot(vcpu);
             shared.cv.notify_all();
         }

@@ -61,7 +61,8 @@ impl JitCtx {
             tlb: v.tlb,
             code_bits: v.code_bits,
             need_read: u32::from(v.need_read),
-            need_write: u32::from(v.need_write),
+            // A bit no TLB entry has (perms are a byte): every compiled store misses.
+            need_write: u32::from(v.need_write) | if v.dirty_logging { 0x100 } else { 0 },
             fs_base: v.fs_base,
             gs_base: v.gs_base,
             jumps: v.jumps,

@@ -35,6 +35,23 @@ use emu::router::ApicMessage;
 /// Most vCPUs the emu accelerator runs.
 pub const EMU_MAX_VCPUS: u32 = 8;
 
+/// What a snapshot keeps of [`Platform`]: guest time and the interrupt controllers.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct PlatformSnapshot {
+    guest_ns: u64,
+    ioapic: emu::ioapic::IoapicState,
+    pic: Pic,
+    pit: emu::pit::PitState,
+}
+
+fn encode<T: serde::Serialize>(value: &T) -> Result<Vec<u8>, AccelError> {
+    postcard::to_stdvec(value).map_err(|e| AccelError::Snapshot(e.to_string()))
+}
+
+fn decode<'a, T: serde::Deserialize<'a>>(bytes: &'a [u8]) -> Result<T, AccelError> {
+    postcard::from_bytes(bytes).map_err(|e| AccelError::Snapshot(e.to_string()))
+}
+
 /// The platform models shared by all vCPUs and devices.
 struct Platform {
     clock: Arc<VirtualClock>,
@@ -430,6 +447,39 @@ impl Accelerator for EmuAccel {
         self.ram.note_external_write(gpa, len);
     }
 
+    fn start_dirty_log(&self) -> Result<(), AccelError> {
+        self.ram.set_dirty_logging(true);
+        Ok(())
+    }
+
+    fn take_dirty_log(&self, pages: usize) -> Result<Vec<u64>, AccelError> {
+        Ok(self.ram.take_dirty(pages))
+    }
+
+    fn stop_dirty_log(&self) {
+        self.ram.set_dirty_logging(false);
+    }
+
+    fn save_platform(&self) -> Result<Vec<u8>, AccelError> {
+        let p = &self.platform;
+        encode(&PlatformSnapshot {
+            guest_ns: p.clock.now_ns(),
+            ioapic: lock(&p.ioapic).save(),
+            pic: lock(&p.pic).clone(),
+            pit: lock(&p.pit).save(),
+        })
+    }
+
+    fn restore_platform(&self, state: &[u8]) -> Result<(), AccelError> {
+        let s: PlatformSnapshot = decode(state)?;
+        let p = &self.platform;
+        p.clock.set_now_ns(s.guest_ns);
+        lock(&p.ioapic).restore(&s.ioapic);
+        *lock(&p.pic) = s.pic;
+        lock(&p.pit).restore(&s.pit);
+        Ok(())
+    }
+
     fn reset(&self) -> Result<(), AccelError> {
         let p = &self.platform;
         *lock(&p.ioapic) = Ioapic::new(p.router.clone());
@@ -519,6 +569,16 @@ fn emu_segment(s: &BootSegment) -> emu::state::Segment {
 impl Vcpu for EmuVcpu {
     fn id(&self) -> u32 {
         self.id
+    }
+
+    fn save_state(&mut self) -> Result<Vec<u8>, AccelError> {
+        encode(&self.cpu.save())
+    }
+
+    fn restore_state(&mut self, state: &[u8]) -> Result<(), AccelError> {
+        let snapshot: emu::cpu::CpuSnapshot = decode(state)?;
+        self.cpu.restore(&snapshot);
+        Ok(())
     }
 
     fn bind_to_current_thread(&mut self) {}

@@ -61,6 +61,9 @@ pub enum AccelError {
     Unsupported(&'static str),
     #[error("device memory: {0}")]
     DeviceMemory(String),
+    /// A snapshot that cannot be encoded or read back.
+    #[error("snapshot: {0}")]
+    Snapshot(String),
 }
 
 impl AccelError {
@@ -123,6 +126,16 @@ pub trait Vcpu: Send {
     }
     /// The registers that say how the vCPU translates virtual addresses (QMP memsave).
     fn paging_registers(&mut self) -> Result<PagingRegisters, AccelError>;
+    /// The vCPU's whole state for a snapshot, in the accelerator's encoding; called on the
+    /// vCPU's thread between runs.
+    fn save_state(&mut self) -> Result<Vec<u8>, AccelError> {
+        Err(AccelError::Unsupported("saving vCPU state"))
+    }
+    /// Take the state [`Vcpu::save_state`] gave (on another machine, maybe).
+    fn restore_state(&mut self, state: &[u8]) -> Result<(), AccelError> {
+        let _ = state;
+        Err(AccelError::Unsupported("restoring vCPU state"))
+    }
 }
 
 /// The control registers that select and root a vCPU's address translation.
@@ -209,6 +222,27 @@ pub trait Accelerator: Send + Sync {
     /// out, and it reads as zeroes now): a CPU that caches decoded code forgets that range.
     fn ram_changed(&self, gpa: u64, len: u64) {
         let _ = (gpa, len);
+    }
+    /// Start logging the guest's writes to RAM (live migration), from a clean log.
+    fn start_dirty_log(&self) -> Result<(), AccelError> {
+        Err(AccelError::Unsupported("dirty logging"))
+    }
+    /// The RAM pages written since the log started or was last taken, one bit per 4 KiB
+    /// page in the guest-RAM memfd's order (`pages` of them), cleared as they are taken.
+    fn take_dirty_log(&self, pages: usize) -> Result<Vec<u64>, AccelError> {
+        let _ = pages;
+        Err(AccelError::Unsupported("dirty logging"))
+    }
+    fn stop_dirty_log(&self) {}
+    /// VM-wide state (guest time, interrupt controllers, PIT) for a snapshot, taken while
+    /// the vCPUs are parked.
+    fn save_platform(&self) -> Result<Vec<u8>, AccelError> {
+        Err(AccelError::Unsupported("saving the platform state"))
+    }
+    /// Take what [`Accelerator::save_platform`] gave, before the vCPUs' own state.
+    fn restore_platform(&self, state: &[u8]) -> Result<(), AccelError> {
+        let _ = state;
+        Err(AccelError::Unsupported("restoring the platform state"))
     }
     /// Reset VM-wide state (irqchip, PIT) to power-on values.
     fn reset(&self) -> Result<(), AccelError>;
