@@ -30,6 +30,7 @@ pub mod monitor;
 pub mod netdev;
 pub mod pci;
 pub mod runstate;
+pub mod snapshot;
 pub mod supervisor;
 pub mod virtio;
 pub mod vnc;
