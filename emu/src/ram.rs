@@ -305,7 +305,7 @@ impl GuestRam {
             .map(|w| w.swap(0, Ordering::AcqRel))
             .collect();
         if let Some(last) = out.last_mut() {
-            if pages % 64 != 0 && words == pages.div_ceil(64) {
+            if !pages.is_multiple_of(64) && words == pages.div_ceil(64) {
                 // Bits past `pages` (device regions) stay for nobody: drop them.
                 *last &= (1u64 << (pages % 64)) - 1;
             }

@@ -190,6 +190,17 @@ fn greeting_negotiation_run_control_and_queries() {
         "__org.vmm_query-balloon-counters",
         "qom-get",
         "qom-set",
+        "migrate",
+        "migrate_cancel",
+        "migrate_set_speed",
+        "migrate_set_downtime",
+        "client_migrate_info",
+        "query-migrate",
+        "migrate-set-parameters",
+        "query-migrate-parameters",
+        "migrate-set-capabilities",
+        "query-migrate-capabilities",
+        "migrate-incoming",
     ];
     expected.sort_unstable();
     assert_eq!(names, expected);

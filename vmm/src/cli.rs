@@ -45,6 +45,7 @@ const WITH_VALUE: &[&str] = &[
     "serial",
     "display",
     "vnc",
+    "incoming",
     "vga",
     "balloon",
     "pidfile",
@@ -177,6 +178,13 @@ where
                 }
             }
             "vnc" => cfg.vnc = crate::vnc::parse_vnc(v).map_err(|m| err(&opt, Some(v), m))?,
+            "incoming" => {
+                if v != "defer" {
+                    crate::migration::uri::MigrationUri::parse(v)
+                        .map_err(|e| err(&opt, Some(v), e.to_string()))?;
+                }
+                cfg.incoming = Some(v.to_string());
+            }
             // QEMU 1.1's spelling of `-device virtio-balloon-pci`.
             "balloon" => match v.split(',').next().unwrap_or("") {
                 "virtio" => {

@@ -72,6 +72,8 @@ pub struct VmConfig {
     pub fd_sets: Vec<(i32, u32)>,
     /// `-vnc`: the VNC server `vmm-display` runs.
     pub vnc: Option<crate::vnc::VncOptions>,
+    /// `-incoming URI` (or `defer`, for `migrate-incoming`): wait for a migration.
+    pub incoming: Option<String>,
 }
 
 impl Default for VmConfig {
@@ -92,6 +94,7 @@ impl Default for VmConfig {
             nodefaults: false,
             daemonize: false,
             pidfile: None,
+            incoming: None,
             debug_exit: None,
             trace_instructions: false,
             monitors: Vec::new(),

@@ -38,6 +38,33 @@ pub trait MachineJob: Send + std::fmt::Debug {
     fn into_any(self: Box<Self>) -> Box<dyn std::any::Any>;
 }
 
+/// Work for the main thread as a closure.
+type JobFn = Box<dyn FnOnce(&mut Machine) -> Option<MachineExit> + Send>;
+
+/// A closure run on the main thread against the machine (migration's requests).
+pub struct FnJob(JobFn);
+
+impl FnJob {
+    pub fn new(f: impl FnOnce(&mut Machine) -> Option<MachineExit> + Send + 'static) -> Self {
+        FnJob(Box::new(f))
+    }
+}
+
+impl std::fmt::Debug for FnJob {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("FnJob")
+    }
+}
+
+impl MachineJob for FnJob {
+    fn run(self: Box<Self>, machine: &mut Machine) -> Option<MachineExit> {
+        (self.0)(machine)
+    }
+    fn into_any(self: Box<Self>) -> Box<dyn std::any::Any> {
+        self
+    }
+}
+
 /// Two jobs are the same request only if they are the same job.
 impl PartialEq for dyn MachineJob {
     fn eq(&self, other: &Self) -> bool {

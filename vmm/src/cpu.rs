@@ -38,7 +38,7 @@ pub enum CpuError {
 /// Work a parked vCPU's own thread carries out for the main thread.
 enum Order {
     /// Power-on state, entering with the entry state (the boot CPU) or waiting for SIPI.
-    Reset(Option<EntryState>),
+    Reset(Box<Option<EntryState>>),
     Save,
     Restore(Vec<u8>),
 }
@@ -75,11 +75,16 @@ pub struct VcpuSnapshot {
     pub registers: String,
 }
 
+/// The time slice of CPU throttling (QEMU's CPU_THROTTLE_TIMESLICE_NS).
+const THROTTLE_SLICE: Duration = Duration::from_millis(10);
+
 /// How long a snapshot of running vCPUs waits for each to leave the guest.
 const SNAPSHOT_TIMEOUT: Duration = Duration::from_secs(1);
 
 struct Shared {
     want: AtomicU8,
+    /// Percent of each time slice the vCPUs sleep (live migration's auto-converge).
+    throttle: AtomicU8,
     ctl: Mutex<Ctl>,
     cv: Condvar,
 }
@@ -122,6 +127,7 @@ impl CpuManager {
         let n = vcpus.len();
         let shared = Arc::new(Shared {
             want: AtomicU8::new(WANT_PAUSE),
+            throttle: AtomicU8::new(0),
             ctl: Mutex::new(Ctl {
                 epoch: 0,
                 parked: 0,
@@ -229,6 +235,33 @@ impl CpuManager {
         }
     }
 
+    /// Make the vCPUs sleep `percent` of their time (QEMU's CPU throttling, for a migration
+    /// that cannot keep up with the guest's writes): every time slice a ticker kicks them
+    /// out of the guest and each sleeps `percent / (100 - percent)` slices. 0 ends it.
+    pub fn set_throttle(&self, percent: u8) {
+        let percent = percent.min(99);
+        let before = self.shared.throttle.swap(percent, Ordering::SeqCst);
+        if percent == 0 || before != 0 {
+            return;
+        }
+        let shared = self.shared.clone();
+        let kickers: Vec<_> = self.vcpus.iter().map(|v| v.kicker.clone()).collect();
+        let started = std::thread::Builder::new()
+            .name("cpu-throttle".into())
+            .spawn(move || {
+                while shared.throttle.load(Ordering::SeqCst) > 0
+                    && shared.want.load(Ordering::SeqCst) != WANT_STOP
+                {
+                    std::thread::sleep(THROTTLE_SLICE);
+                    kickers.iter().for_each(|k| k.kick());
+                }
+            });
+        if let Err(e) = started {
+            tracing::warn!("cannot throttle the vCPUs: {e}");
+            self.shared.throttle.store(0, Ordering::SeqCst);
+        }
+    }
+
     /// Stop every vCPU and wait until all are parked.
     pub fn pause(&self) {
         self.shared.want.store(WANT_PAUSE, Ordering::SeqCst);
@@ -247,7 +280,7 @@ impl CpuManager {
     /// wait for SIPI. The vCPUs must be paused; they stay paused.
     pub fn reset(&self, entry: &EntryState) -> Result<(), CpuError> {
         let orders = (0..self.vcpus.len())
-            .map(|i| Order::Reset((i == 0).then(|| entry.clone())))
+            .map(|i| Order::Reset(Box::new((i == 0).then(|| entry.clone()))))
             .collect();
         self.order_all(orders, true)
             .map(|_| ())
@@ -341,7 +374,7 @@ fn park_while_blocked(
         if let Some(order) = g.pending[index].take() {
             drop(g);
             let result = match order {
-                Order::Reset(entry) => vcpu.reset(entry.as_ref()).map(|()| None),
+                Order::Reset(entry) => vcpu.reset(entry.as_ref().as_ref()).map(|()| None),
                 Order::Save => vcpu.save_state().map(Some),
                 Order::Restore(state) => vcpu.restore_state(&state).map(|()| None),
             };
@@ -422,7 +455,13 @@ fn vcpu_thread(
             shared.cv.notify_all();
         }
         let fatal = match exit {
-            Ok(VcpuExit::Interrupted) => None,
+            Ok(VcpuExit::Interrupted) => {
+                let percent = u32::from(shared.throttle.load(Ordering::Relaxed));
+                if percent > 0 {
+                    std::thread::sleep(THROTTLE_SLICE * percent / (100 - percent));
+                }
+                None
+            }
             Ok(VcpuExit::TripleFault) => {
                 crate::report!(
                     "vmm: vcpu{}: triple fault; the machine resets\n{}",

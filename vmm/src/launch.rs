@@ -97,6 +97,7 @@ fn run(cfg: VmConfig) -> i32 {
     }
 
     let start_paused = cfg.start_paused;
+    let incoming = cfg.incoming.clone();
     let monitors = cfg.monitors.clone();
     let hmp_monitors = cfg.hmp_monitors.clone();
     let mut machine = match Machine::new(cfg) {
@@ -149,8 +150,17 @@ fn run(cfg: VmConfig) -> i32 {
         return 1;
     }
 
-    if !start_paused {
-        machine.start();
+    match incoming.as_deref() {
+        // migrate-incoming names the URI later.
+        Some("defer") => machine.defer_incoming(!start_paused),
+        Some(uri) => {
+            if let Err(e) = machine.start_incoming(uri, !start_paused) {
+                crate::report!("vmm: -incoming {uri}: {e}");
+                return 1;
+            }
+        }
+        None if !start_paused => machine.start(),
+        None => {}
     }
     if let Some(d) = daemon {
         d.ready();

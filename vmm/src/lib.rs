@@ -26,6 +26,7 @@ pub mod launch;
 pub mod loader;
 pub mod machine;
 pub mod memory;
+pub mod migration;
 pub mod monitor;
 pub mod netdev;
 pub mod pci;

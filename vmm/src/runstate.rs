@@ -15,6 +15,12 @@ pub enum RunState {
     InternalError,
     /// A disk's error policy stopped the VM (`werror=stop`, ...); `cont` retries.
     IoError,
+    /// A destination waiting for (or loading) its incoming migration.
+    InMigrate,
+    /// The source stopped for the last part of a migration.
+    FinishMigrate,
+    /// The source after its guest moved away; `cont` runs it here again.
+    PostMigrate,
 }
 
 impl RunState {
@@ -27,6 +33,9 @@ impl RunState {
             RunState::Shutdown => "shutdown",
             RunState::InternalError => "internal-error",
             RunState::IoError => "io-error",
+            RunState::InMigrate => "inmigrate",
+            RunState::FinishMigrate => "finish-migrate",
+            RunState::PostMigrate => "postmigrate",
         }
     }
 

@@ -414,6 +414,18 @@ impl DeviceManager {
         Some((plugged.id, path))
     }
 
+    /// Every PCI function plugged with `-device` or `device_add`, as `driver` or
+    /// `driver id`, in slot order.
+    pub fn plugged_functions(&self) -> Vec<String> {
+        self.functions
+            .values()
+            .map(|f| match &f.id {
+                Some(id) => format!("{} {id}", f.driver),
+                None => f.driver.clone(),
+            })
+            .collect()
+    }
+
     /// The QOM path QEMU gives a `-device`/`device_add`: by its id, or numbered among the
     /// devices created without one.
     fn qom_path(&mut self, id: Option<&str>) -> String {

@@ -6,10 +6,13 @@
 //! - the FADT points at one-byte sleep control, sleep status and reset registers, which
 //!   [`AcpiPmDevice`] implements to power off and reset the machine.
 
+use serde::{Deserialize, Serialize};
+
 use crate::arch::layout;
 use crate::control::{MachineControl, MachineRequest, ResetCause};
 use crate::devices::bus::BusDevice;
 use crate::devices::interrupt::{InterruptError, IrqLine};
+use crate::snapshot::{decode, encode, SnapshotError, Snapshottable};
 
 /// Size in bytes of the GED event register at offset 0 of the GED MMIO range. The DSDT's
 /// operation region covers exactly this register.
@@ -88,6 +91,34 @@ impl BusDevice for GedDevice {
     fn write(&mut self, offset: u64, data: &[u8]) {
         // The event register is read-only; the guest acknowledges events by reading it.
         tracing::debug!(offset, ?data, "ignored GED write");
+    }
+}
+
+/// Names of the two devices' states in snapshots and their errors.
+const GED_SNAPSHOT_NAME: &str = "ged";
+const PM_SNAPSHOT_NAME: &str = "acpi-pm";
+
+#[derive(Serialize, Deserialize)]
+struct GedSnapshot {
+    pending: u32,
+}
+
+/// The pending events only: their interrupt was sent on the source, and the guest reads
+/// them with the next one if it is lost.
+impl Snapshottable for GedDevice {
+    fn save(&mut self) -> Result<Vec<u8>, SnapshotError> {
+        encode(
+            GED_SNAPSHOT_NAME,
+            &GedSnapshot {
+                pending: self.pending,
+            },
+        )
+    }
+
+    fn restore(&mut self, state: &[u8]) -> Result<(), SnapshotError> {
+        let snapshot: GedSnapshot = decode(GED_SNAPSHOT_NAME, state)?;
+        self.pending = snapshot.pending;
+        Ok(())
     }
 }
 
@@ -171,6 +202,28 @@ impl AcpiPmDevice {
             SLEEP_CONTROL_OFFSET | SLEEP_STATUS_OFFSET | RESET_OFFSET => 0,
             _ => 0xff,
         }
+    }
+}
+
+#[derive(Serialize, Deserialize)]
+struct AcpiPmSnapshot {
+    wake_status: bool,
+}
+
+impl Snapshottable for AcpiPmDevice {
+    fn save(&mut self) -> Result<Vec<u8>, SnapshotError> {
+        encode(
+            PM_SNAPSHOT_NAME,
+            &AcpiPmSnapshot {
+                wake_status: self.wake_status,
+            },
+        )
+    }
+
+    fn restore(&mut self, state: &[u8]) -> Result<(), SnapshotError> {
+        let snapshot: AcpiPmSnapshot = decode(PM_SNAPSHOT_NAME, state)?;
+        self.wake_status = snapshot.wake_status;
+        Ok(())
     }
 }
 
@@ -343,5 +396,58 @@ mod tests {
         let mut data = [0u8; 4];
         pm.read(0, &mut data);
         assert_eq!(data, [0, 0, 0, 0xff]);
+    }
+
+    #[test]
+    fn ged_snapshot_keeps_pending_events() {
+        let (mut ged, _chip) = ged();
+        ged.notify(GedEvent::PciHotplug).unwrap();
+        ged.notify(GedEvent::PowerButton).unwrap();
+        let saved = ged.save().unwrap();
+        let (mut fresh, chip) = self::ged();
+        fresh.restore(&saved).unwrap();
+        assert_eq!(chip.edges(layout::GED_GSI), 0);
+        assert_eq!(read_events(&mut fresh), 0b11);
+        assert_eq!(read_events(&mut fresh), 0);
+        // A drained register restores as drained, over an event the device had.
+        assert_eq!(read_events(&mut ged), 0b11);
+        fresh.notify(GedEvent::PowerButton).unwrap();
+        fresh.restore(&ged.save().unwrap()).unwrap();
+        assert_eq!(read_events(&mut fresh), 0);
+    }
+
+    #[test]
+    fn ged_snapshot_refuses_bad_state() {
+        let (mut ged, _chip) = ged();
+        ged.notify(GedEvent::PowerButton).unwrap();
+        for bad in [&[][..], &[0xff; 5][..], &[0x80][..]] {
+            assert!(matches!(
+                ged.restore(bad),
+                Err(SnapshotError::Decode { .. })
+            ));
+        }
+        assert_eq!(read_events(&mut ged), 1, "a refused state changes nothing");
+    }
+
+    #[test]
+    fn pm_snapshot_keeps_wake_status() {
+        let (mut pm, _rx) = pm();
+        pm.write(SLEEP_CONTROL_OFFSET, &[sleep_command(1)]);
+        let saved = pm.save().unwrap();
+        let (mut fresh, rx) = self::pm();
+        fresh.restore(&saved).unwrap();
+        let mut status = [0u8; 1];
+        fresh.read(SLEEP_STATUS_OFFSET, &mut status);
+        assert_eq!(status, [WAKE_STATUS]);
+        fresh.write(SLEEP_STATUS_OFFSET, &[WAKE_STATUS]);
+        fresh.read(SLEEP_STATUS_OFFSET, &mut status);
+        assert_eq!(status, [0]);
+        assert_eq!(rx.try_recv(), Err(TryRecvError::Empty));
+        for bad in [&[][..], &[2][..]] {
+            assert!(fresh.restore(bad).is_err());
+        }
+        fresh.restore(&saved).unwrap();
+        fresh.read(SLEEP_STATUS_OFFSET, &mut status);
+        assert_eq!(status, [WAKE_STATUS]);
     }
 }

@@ -18,9 +18,12 @@
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
 
+use serde::{Deserialize, Serialize};
+
 use crate::control::{MachineControl, MachineRequest, ResetCause};
 use crate::devices::bus::BusDevice;
 use crate::devices::interrupt::IrqLine;
+use crate::snapshot::{decode, encode, SnapshotError, Snapshottable};
 
 /// Ports covered when [`I8042`] alone is inserted at the data port.
 pub const I8042_PORT_SPAN: u64 = 5;
@@ -67,7 +70,7 @@ pub const MOUSE_BUTTON_EXTRA: u8 = 0x10;
 
 /// Who put the byte in the output buffer: AUX bytes set the AUX status bit and raise
 /// IRQ 12; everything else raises IRQ 1.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 enum Source {
     Keyboard,
     Aux,
@@ -82,6 +85,7 @@ fn push_limited(queue: &mut VecDeque<u8>, bytes: &[u8]) {
 }
 
 /// An MF2 keyboard.
+#[derive(Clone, Serialize, Deserialize)]
 struct Keyboard {
     queue: VecDeque<u8>,
     /// A command waiting for its argument byte.
@@ -173,6 +177,7 @@ impl Keyboard {
 }
 
 /// A PS/2 mouse with the IntelliMouse (wheel) and Explorer (5 buttons) extensions.
+#[derive(Clone, Serialize, Deserialize)]
 struct Mouse {
     queue: VecDeque<u8>,
     pending: Option<u8>,
@@ -773,6 +778,94 @@ impl BusDevice for I8042 {
     }
 }
 
+/// Name of the controller's state in snapshots and their errors.
+const SNAPSHOT_NAME: &str = "i8042";
+
+/// Everything of [`I8042`] but its connections to the machine.
+#[derive(Serialize, Deserialize)]
+struct I8042Snapshot {
+    ctr: u8,
+    output_port: u8,
+    last_write_was_command: bool,
+    output: Option<(u8, Source)>,
+    last_output: u8,
+    controller_queue: VecDeque<(u8, Source)>,
+    pending_command: Option<u8>,
+    translate_break: bool,
+    keyboard: Keyboard,
+    mouse: Mouse,
+    kbd_irq_level: bool,
+    aux_irq_level: bool,
+}
+
+impl Snapshottable for I8042 {
+    fn save(&mut self) -> Result<Vec<u8>, SnapshotError> {
+        let snapshot = I8042Snapshot {
+            ctr: self.ctr,
+            output_port: self.output_port,
+            last_write_was_command: self.last_write_was_command,
+            output: self.output,
+            last_output: self.last_output,
+            controller_queue: self.controller_queue.clone(),
+            pending_command: self.pending_command,
+            translate_break: self.translate_break,
+            keyboard: self.keyboard.clone(),
+            mouse: self.mouse.clone(),
+            kbd_irq_level: self.kbd_irq_level,
+            aux_irq_level: self.aux_irq_level,
+        };
+        encode(SNAPSHOT_NAME, &snapshot)
+    }
+
+    /// The IRQs are edge triggered: a line whose level was up had its edge sent on the
+    /// source, and it is sent again here so that a byte waiting in the output buffer
+    /// cannot be left without its interrupt (at worst the guest's handler runs once more
+    /// and finds nothing to read).
+    fn restore(&mut self, state: &[u8]) -> Result<(), SnapshotError> {
+        let s: I8042Snapshot = decode(SNAPSHOT_NAME, state)?;
+        for (device, len) in [
+            ("keyboard", s.keyboard.queue.len()),
+            ("mouse", s.mouse.queue.len()),
+        ] {
+            if len > DEVICE_QUEUE_LIMIT {
+                return Err(SnapshotError::Decode {
+                    what: SNAPSHOT_NAME,
+                    message: format!("{len} bytes queued in the {device}, more than it holds"),
+                });
+            }
+        }
+        let leds = self.keyboard.leds;
+        self.ctr = s.ctr;
+        self.output_port = s.output_port;
+        self.last_write_was_command = s.last_write_was_command;
+        self.output = s.output;
+        self.last_output = s.last_output;
+        self.controller_queue = s.controller_queue;
+        self.pending_command = s.pending_command;
+        self.translate_break = s.translate_break;
+        self.keyboard = s.keyboard;
+        self.mouse = s.mouse;
+        self.kbd_irq_level = s.kbd_irq_level;
+        self.aux_irq_level = s.aux_irq_level;
+        for (level, line, name) in [
+            (self.kbd_irq_level, &self.kbd_irq, "keyboard"),
+            (self.aux_irq_level, &self.aux_irq, "mouse"),
+        ] {
+            if level {
+                if let Err(e) = line.pulse() {
+                    tracing::warn!("i8042: failed to raise the {name} interrupt: {e}");
+                }
+            }
+        }
+        if self.keyboard.leds != leds {
+            if let Some(listener) = &self.led_listener {
+                listener(self.keyboard.leds);
+            }
+        }
+        Ok(())
+    }
+}
+
 /// The status/command port (0x64) as a device of its own, for placing the controller
 /// without claiming ports 0x61..0x63.
 pub struct I8042CommandPort {
@@ -1119,6 +1212,125 @@ mod tests {
         let mut data = [0];
         dev.lock().unwrap().read(DATA, &mut data);
         assert_eq!(data[0], 0x55);
+    }
+
+    /// Drive `f` into a state with something in every part of the controller: a full
+    /// output buffer (mouse data, IRQ 12 up), a controller reply and keyboard, mouse bytes
+    /// queued behind it, a held set 2 break prefix, a controller command and a keyboard
+    /// command each waiting for their argument, and non-default settings everywhere.
+    fn busy_controller(f: &mut Fixture) {
+        f.command(0xd1);
+        f.put(0x0b); // Output port; bit 0 set, so no reset.
+        f.put(0xed);
+        f.put(0x05); // LEDs.
+        f.put(0xf0);
+        f.put(0x03); // Scan code set 3.
+        for b in [0xf4, 0xf3, 200, 0xf3, 100, 0xf3, 80, 0xe8, 0x01, 0xe7] {
+            f.command(0xd4); // Mouse: reporting, IntelliMouse, resolution 1, 2:1 scaling.
+            f.put(b);
+        }
+        f.bytes();
+        f.put(0xf3); // Typematic rate: the keyboard waits for its argument.
+        f.dev.key_event(&[0x1c, 0xf0]);
+        assert_eq!(f.bytes(), vec![0xfa, 0x1e], "the break prefix is held");
+        f.dev.mouse_event(3, -2, 1, MOUSE_BUTTON_LEFT);
+        f.command(0x20);
+        f.dev.key_event(&[0x1c]);
+        f.command(0xd4); // The controller waits for a byte for the mouse.
+    }
+
+    /// A guest's reads and writes after the snapshot, and everything it got back.
+    fn after_snapshot(f: &mut Fixture) -> Vec<(u8, bool)> {
+        let mut seen = vec![(f.status(), false)];
+        f.put(0xe9); // Mouse status request, through the pending 0xd4.
+        f.put(0x20); // The keyboard's typematic argument.
+        seen.extend(f.drain());
+        let mut d = [0];
+        f.dev.read(DATA, &mut d); // Empty: the last byte again.
+        seen.push((d[0], false));
+        f.command(0xd0);
+        f.command(0xd4);
+        f.put(0xf2);
+        f.dev.mouse_event(-1, 1, -1, 0);
+        seen.extend(f.drain());
+        seen.push((f.dev.keyboard_leds(), false));
+        seen.push((f.dev.scancode_set(), false));
+        seen
+    }
+
+    #[test]
+    fn snapshot_restores_what_the_guest_sees() {
+        let mut f = fixture();
+        busy_controller(&mut f);
+        let saved = f.dev.save().unwrap();
+        let mut g = fixture();
+        let leds = Arc::new(Mutex::new(Vec::new()));
+        let told = leds.clone();
+        g.dev
+            .set_led_listener(Arc::new(move |l| told.lock().unwrap().push(l)));
+        g.dev.restore(&saved).unwrap();
+        assert_eq!(*leds.lock().unwrap(), vec![5]);
+        assert_eq!(
+            g.chip.edges(12),
+            1,
+            "the waiting mouse byte's interrupt is sent"
+        );
+        assert_eq!(g.chip.edges(1), 0);
+
+        let (f_kbd, f_aux) = (f.chip.edges(1), f.chip.edges(12));
+        let expected = after_snapshot(&mut f);
+        assert_eq!(after_snapshot(&mut g), expected);
+        assert_eq!(g.chip.edges(1), f.chip.edges(1) - f_kbd);
+        assert_eq!(g.chip.edges(12) - 1, f.chip.edges(12) - f_aux);
+        // Spot checks: the waiting mouse byte, then the controller's reply, the keyboard's
+        // bytes (the key after the held break prefix, the typematic ACK), the rest of the
+        // IntelliMouse packet and the mouse's status reply.
+        assert_eq!(
+            expected[0],
+            (
+                STATUS_UNLOCKED
+                    | STATUS_SYSTEM
+                    | STATUS_LAST_WAS_COMMAND
+                    | STATUS_OUTPUT_FULL
+                    | STATUS_AUX_DATA,
+                false
+            )
+        );
+        assert_eq!(
+            expected[1..12],
+            [
+                (0x09, true),
+                (CTR_INITIAL, false),
+                (0x9e, false),
+                (0xfa, false),
+                (3, true),
+                (2, true),
+                (1, true),
+                (0xfa, true),
+                (0x10 | 0x20 | 0x04, true),
+                (1, true),
+                (80, true),
+            ]
+        );
+        assert!(g.requests.try_recv().is_err());
+    }
+
+    #[test]
+    fn snapshot_refuses_bad_state() {
+        let mut f = fixture();
+        busy_controller(&mut f);
+        let saved = f.dev.save().unwrap();
+        let mut g = fixture();
+        g.write_ctr(0x65);
+        for len in 0..saved.len() {
+            assert!(g.dev.restore(&saved[..len]).is_err(), "{len} bytes");
+        }
+        let mut state: I8042Snapshot = decode(SNAPSHOT_NAME, &saved).unwrap();
+        state.mouse.queue = vec![0; DEVICE_QUEUE_LIMIT + 1].into();
+        let overfull = encode(SNAPSHOT_NAME, &state).unwrap();
+        assert!(g.dev.restore(&overfull).is_err());
+        g.command(0x20);
+        assert_eq!(g.bytes(), vec![0x65], "a refused state changes nothing");
     }
 
     #[test]

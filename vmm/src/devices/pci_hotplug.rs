@@ -22,10 +22,13 @@
 
 use std::sync::{Arc, Mutex};
 
+use serde::{Deserialize, Serialize};
+
 use crate::arch::layout;
 use crate::control::{MachineControl, MachineRequest};
 use crate::devices::acpi::{GedDevice, GedError, GedEvent};
 use crate::devices::bus::BusDevice;
+use crate::snapshot::{decode, encode, SnapshotError, Snapshottable};
 
 /// Offsets of the registers in the port range.
 pub const PCIU_OFFSET: u64 = 0x0;
@@ -164,6 +167,46 @@ impl PciHotplug {
             SEL_OFFSET => self.select = value,
             _ => tracing::debug!(offset, value, "ignored PCI hot-plug register write"),
         }
+    }
+}
+
+/// Name of the registers' state in snapshots and their errors.
+const SNAPSHOT_NAME: &str = "pci-hotplug";
+
+#[derive(Serialize, Deserialize)]
+struct PciHotplugSnapshot {
+    up: u32,
+    down: u32,
+    unplug_pending: u32,
+    select: u32,
+}
+
+/// The registers only: the GED event that announced a change travels with the GED.
+impl Snapshottable for PciHotplug {
+    fn save(&mut self) -> Result<Vec<u8>, SnapshotError> {
+        let snapshot = PciHotplugSnapshot {
+            up: self.up,
+            down: self.down,
+            unplug_pending: self.unplug_pending,
+            select: self.select,
+        };
+        encode(SNAPSHOT_NAME, &snapshot)
+    }
+
+    fn restore(&mut self, state: &[u8]) -> Result<(), SnapshotError> {
+        let s: PciHotplugSnapshot = decode(SNAPSHOT_NAME, state)?;
+        let stray = (s.up | s.down | s.unplug_pending) & !HOTPLUG_SLOTS;
+        if stray != 0 {
+            return Err(SnapshotError::Decode {
+                what: SNAPSHOT_NAME,
+                message: format!("slots without hot-plug in the state: {stray:#x}"),
+            });
+        }
+        self.up = s.up;
+        self.down = s.down;
+        self.unplug_pending = s.unplug_pending;
+        self.select = s.select;
+        Ok(())
     }
 }
 
@@ -365,5 +408,67 @@ mod tests {
         // None of that consumed the pending plug report; writes to PCIU do not clear it.
         write(&mut r.hp, PCIU_OFFSET, 0);
         assert_eq!(read(&mut r.hp, PCIU_OFFSET), 1 << 1);
+    }
+
+    #[test]
+    fn snapshot_keeps_reports_pending_unplugs_and_select() {
+        let mut r = rig();
+        r.hp.request_unplug(6).unwrap();
+        assert_eq!(read(&mut r.hp, PCID_OFFSET), 1 << 6);
+        r.hp.request_unplug(5).unwrap();
+        r.hp.plug(3).unwrap();
+        write(&mut r.hp, SEL_OFFSET, 1);
+        let saved = r.hp.save().unwrap();
+
+        let mut fresh = rig();
+        fresh.hp.restore(&saved).unwrap();
+        assert_eq!(fresh.chip.edges(layout::GED_GSI), 0);
+        assert_eq!(read(&mut fresh.hp, SEL_OFFSET), 1);
+        assert_eq!(
+            read(&mut fresh.hp, PCIU_OFFSET),
+            0,
+            "another bus is selected"
+        );
+        write(&mut fresh.hp, SEL_OFFSET, 0);
+        assert_eq!(read(&mut fresh.hp, PCIU_OFFSET), 1 << 3);
+        assert_eq!(read(&mut fresh.hp, PCID_OFFSET), 1 << 5);
+        assert!(fresh.hp.is_unplug_pending(5));
+        assert!(fresh.hp.is_unplug_pending(6));
+        assert!(!fresh.hp.is_unplug_pending(3));
+        assert!(matches!(
+            fresh.hp.request_unplug(6),
+            Err(PciHotplugError::UnplugPending { slot: 6 })
+        ));
+        write(&mut fresh.hp, B0EJ_OFFSET, 1 << 6);
+        assert_eq!(
+            fresh.requests.try_recv(),
+            Ok(MachineRequest::PciEject { slot: 6 })
+        );
+        assert_eq!(r.requests.try_recv(), Err(TryRecvError::Empty));
+    }
+
+    #[test]
+    fn snapshot_refuses_bad_state() {
+        let mut r = rig();
+        r.hp.plug(4).unwrap();
+        let saved = r.hp.save().unwrap();
+        let mut fresh = rig();
+        fresh.hp.plug(9).unwrap();
+        for len in 0..saved.len() {
+            assert!(fresh.hp.restore(&saved[..len]).is_err(), "{len} bytes");
+        }
+        // Slot 0, the host bridge, has no hot-plug.
+        let slot0 = encode(
+            SNAPSHOT_NAME,
+            &PciHotplugSnapshot {
+                up: 1,
+                down: 0,
+                unplug_pending: 0,
+                select: 0,
+            },
+        )
+        .unwrap();
+        assert!(fresh.hp.restore(&slot0).is_err());
+        assert_eq!(read(&mut fresh.hp, PCIU_OFFSET), 1 << 9, "nothing changed");
     }
 }

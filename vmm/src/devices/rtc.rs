@@ -16,8 +16,11 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use serde::{Deserialize, Serialize};
+
 use crate::devices::bus::BusDevice;
 use crate::devices::interrupt::IrqLine;
+use crate::snapshot::{decode, encode, SnapshotError, Snapshottable};
 
 /// Ports covered: index and data.
 pub const RTC_PORT_COUNT: u64 = 2;
@@ -564,6 +567,77 @@ impl Rtc {
     }
 }
 
+/// Name of the RTC's state in snapshots and their errors.
+const SNAPSHOT_NAME: &str = "rtc";
+
+/// [`RtcState`] for snapshots: serde derives no arrays of 128, hence the `Vec`.
+#[derive(Serialize, Deserialize)]
+struct RtcSnapshot {
+    index: u8,
+    nmi_disabled: bool,
+    cmos: Vec<u8>,
+    /// Guest minus host wall-clock seconds: the guest's time goes on from the host's UTC
+    /// on the destination too.
+    offset: i64,
+    flags: u8,
+    /// Host clock time; on a destination whose clock is behind, flags restart from its now.
+    flags_checked: Duration,
+}
+
+impl Snapshottable for Rtc {
+    fn save(&mut self) -> Result<Vec<u8>, SnapshotError> {
+        let snapshot = {
+            let st = self.shared.lock();
+            RtcSnapshot {
+                index: st.index,
+                nmi_disabled: st.nmi_disabled,
+                cmos: st.cmos.to_vec(),
+                offset: st.offset,
+                flags: st.flags,
+                flags_checked: st.flags_checked,
+            }
+        };
+        encode(SNAPSHOT_NAME, &snapshot)
+    }
+
+    fn restore(&mut self, state: &[u8]) -> Result<(), SnapshotError> {
+        let snapshot: RtcSnapshot = decode(SNAPSHOT_NAME, state)?;
+        let invalid = |message: String| SnapshotError::Decode {
+            what: SNAPSHOT_NAME,
+            message,
+        };
+        let cmos = <[u8; CMOS_SIZE]>::try_from(snapshot.cmos.as_slice()).map_err(|_| {
+            invalid(format!(
+                "{} CMOS bytes instead of {CMOS_SIZE}",
+                snapshot.cmos.len()
+            ))
+        })?;
+        // The index port keeps 7 bits; a wider index would address past the CMOS.
+        if usize::from(snapshot.index) >= CMOS_SIZE {
+            return Err(invalid(format!("CMOS index {:#x}", snapshot.index)));
+        }
+        let wants_timer = {
+            let mut st = self.shared.lock();
+            *st = RtcState {
+                index: snapshot.index,
+                nmi_disabled: snapshot.nmi_disabled,
+                cmos,
+                offset: snapshot.offset,
+                flags: snapshot.flags,
+                flags_checked: snapshot.flags_checked,
+            };
+            st.reg_b() & B_INTERRUPTS != 0
+        };
+        // A running timer reprograms itself from the new registers A and B; a guest with
+        // interrupts enabled needs one running.
+        self.shared.changed.notify_all();
+        if wants_timer {
+            self.start_timer();
+        }
+        Ok(())
+    }
+}
+
 /// Raise the RTC's interrupts on time while the guest has them enabled.
 fn run_timer(shared: &Shared) {
     let mut st = shared.lock();
@@ -847,5 +921,97 @@ mod tests {
         wait(2);
         write(&mut rtc, REG_B, B_24H);
         drop(rtc);
+    }
+
+    #[test]
+    fn snapshot_restores_time_cmos_flags_and_index() {
+        let (mut rtc, clock, _chip) = rtc_at(KNOWN_TIME);
+        write(&mut rtc, REG_MINUTES, 0x50); // Guest time 5 minutes ahead.
+        write(&mut rtc, REG_B, B_24H | B_BINARY);
+        write(&mut rtc, REG_A, 0x20); // No periodic flag.
+        write(&mut rtc, REG_SECONDS_ALARM, 9);
+        write(&mut rtc, REG_MINUTES_ALARM, ALARM_DONT_CARE);
+        write(&mut rtc, REG_HOURS_ALARM, ALARM_DONT_CARE);
+        write(&mut rtc, 0x40, 0xab);
+        rtc.set_cmos_byte(0x7f, 0xcd);
+        clock.advance(Duration::from_secs(2)); // Update-ended and alarm flags, unread.
+        rtc.write(0, &[0x80 | 0x40]); // NMI masked, index at a plain CMOS byte.
+        let saved = rtc.save().unwrap();
+
+        let (mut fresh, fresh_clock, fresh_chip) = rtc_at(KNOWN_TIME + 2);
+        fresh.restore(&saved).unwrap();
+        assert_eq!(fresh_chip.edges(8), 0);
+        assert!(fresh.nmi_disabled());
+        assert_eq!(fresh.offset_seconds(), 5 * 60);
+        let mut d = [0];
+        fresh.read(1, &mut d);
+        assert_eq!(d[0], 0xab, "the index port's selection survived");
+        assert_eq!(read(&mut fresh, 0x7f), 0xcd);
+        assert_eq!(read(&mut fresh, REG_B), B_24H | B_BINARY);
+        assert_eq!(read(&mut fresh, REG_A), 0x20);
+        assert_eq!(read(&mut fresh, REG_C), C_UF | C_AF);
+        // 2024-02-29 13:50:09 in binary.
+        assert_eq!(time_registers(&mut fresh), [9, 50, 13, 5, 29, 2, 24, 20]);
+        fresh_clock.advance(Duration::from_secs(1));
+        clock.advance(Duration::from_secs(1));
+        assert_eq!(time_registers(&mut fresh), time_registers(&mut rtc));
+        assert_eq!(read(&mut fresh, REG_C), C_UF);
+    }
+
+    #[test]
+    fn snapshot_restore_restarts_the_periodic_timer() {
+        let chip = Arc::new(RecordingIrqChip::default());
+        let mut rtc = Rtc::new(IrqLine::new(chip, 8));
+        write(&mut rtc, REG_A, 0x26); // 1024 Hz
+        write(&mut rtc, REG_B, B_24H | B_PIE);
+        let saved = rtc.save().unwrap();
+        write(&mut rtc, REG_B, B_24H);
+        drop(rtc);
+
+        let chip = Arc::new(RecordingIrqChip::default());
+        let mut fresh = Rtc::new(IrqLine::new(chip.clone(), 8));
+        fresh.restore(&saved).unwrap();
+        for _ in 0..200 {
+            if chip.edges(8) >= 2 {
+                break;
+            }
+            read(&mut fresh, REG_C); // Acknowledge, so the next period interrupts again.
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        assert!(chip.edges(8) >= 2, "no periodic interrupt after restore");
+        write(&mut fresh, REG_B, B_24H);
+    }
+
+    #[test]
+    fn snapshot_refuses_bad_state() {
+        let (mut rtc, _clock, _chip) = rtc_at(KNOWN_TIME);
+        write(&mut rtc, 0x40, 0x12);
+        let saved = rtc.save().unwrap();
+        let (mut fresh, _clock, _chip) = rtc_at(KNOWN_TIME);
+        write(&mut fresh, 0x40, 0x34);
+        for len in 0..saved.len() {
+            assert!(fresh.restore(&saved[..len]).is_err(), "{len} bytes");
+        }
+        let snapshot: RtcSnapshot = decode(SNAPSHOT_NAME, &saved).unwrap();
+        let short = RtcSnapshot {
+            cmos: vec![0; CMOS_SIZE - 1],
+            ..snapshot
+        };
+        assert!(fresh
+            .restore(&encode(SNAPSHOT_NAME, &short).unwrap())
+            .is_err());
+        let wide_index = RtcSnapshot {
+            cmos: vec![0; CMOS_SIZE],
+            index: 0x80,
+            ..short
+        };
+        assert!(fresh
+            .restore(&encode(SNAPSHOT_NAME, &wide_index).unwrap())
+            .is_err());
+        assert_eq!(
+            read(&mut fresh, 0x40),
+            0x34,
+            "a refused state changes nothing"
+        );
     }
 }

@@ -9,12 +9,14 @@ use std::io::Write;
 use std::sync::{Arc, Condvar, Mutex, Weak};
 use std::time::Duration;
 
+use serde::{Deserialize, Serialize};
 use vm_superio::serial::{SerialEvents, SerialState};
 use vm_superio::Trigger;
 
 use crate::chardev::ChardevInput;
 use crate::devices::bus::BusDevice;
 use crate::devices::interrupt::{InterruptError, IrqLine};
+use crate::snapshot::{decode, encode, SnapshotError, Snapshottable};
 
 /// Number of I/O ports a UART occupies.
 pub const SERIAL_PORT_COUNT: u64 = 8;
@@ -173,6 +175,90 @@ impl BusDevice for Serial {
         for (i, byte) in data.iter().enumerate() {
             self.write_register(offset + i as u64, *byte);
         }
+    }
+}
+
+/// Name of the UART's state in snapshots and their errors.
+const SNAPSHOT_NAME: &str = "serial";
+
+/// [`SerialState`] as serde can encode it (vm-superio's type has no serde support).
+#[derive(Serialize, Deserialize)]
+struct SerialSnapshot {
+    baud_divisor_low: u8,
+    baud_divisor_high: u8,
+    interrupt_enable: u8,
+    interrupt_identification: u8,
+    line_control: u8,
+    line_status: u8,
+    modem_control: u8,
+    modem_status: u8,
+    scratch: u8,
+    in_buffer: Vec<u8>,
+}
+
+impl From<SerialState> for SerialSnapshot {
+    fn from(s: SerialState) -> Self {
+        Self {
+            baud_divisor_low: s.baud_divisor_low,
+            baud_divisor_high: s.baud_divisor_high,
+            interrupt_enable: s.interrupt_enable,
+            interrupt_identification: s.interrupt_identification,
+            line_control: s.line_control,
+            line_status: s.line_status,
+            modem_control: s.modem_control,
+            modem_status: s.modem_status,
+            scratch: s.scratch,
+            in_buffer: s.in_buffer,
+        }
+    }
+}
+
+impl From<SerialSnapshot> for SerialState {
+    fn from(s: SerialSnapshot) -> Self {
+        Self {
+            baud_divisor_low: s.baud_divisor_low,
+            baud_divisor_high: s.baud_divisor_high,
+            interrupt_enable: s.interrupt_enable,
+            interrupt_identification: s.interrupt_identification,
+            line_control: s.line_control,
+            line_status: s.line_status,
+            modem_control: s.modem_control,
+            modem_status: s.modem_status,
+            scratch: s.scratch,
+            in_buffer: s.in_buffer,
+        }
+    }
+}
+
+impl Snapshottable for Serial {
+    fn save(&mut self) -> Result<Vec<u8>, SnapshotError> {
+        encode(SNAPSHOT_NAME, &SerialSnapshot::from(self.uart.state()))
+    }
+
+    /// vm-superio cannot load a state in place, so a new UART is built from it with this
+    /// one's interrupt and room signal, and then takes over this one's output writer (the
+    /// new UART starts with a sink, so a refused state leaves the device as it was). As
+    /// vm-superio does, a pending THR-empty or received-data interrupt is raised again.
+    fn restore(&mut self, state: &[u8]) -> Result<(), SnapshotError> {
+        let snapshot: SerialSnapshot = decode(SNAPSHOT_NAME, state)?;
+        let irq = IrqTrigger(self.uart.interrupt_evt().0.clone());
+        let mut uart = vm_superio::Serial::from_state(
+            &snapshot.into(),
+            irq,
+            self.room.clone(),
+            Box::new(std::io::sink()) as Box<dyn Write + Send>,
+        )
+        .map_err(|e| SnapshotError::Decode {
+            what: SNAPSHOT_NAME,
+            message: e.to_string(),
+        })?;
+        std::mem::swap(uart.writer_mut(), self.uart.writer_mut());
+        self.uart = uart;
+        // An input thread waiting for room must look again: the FIFO's fill level changed.
+        if self.uart.fifo_capacity() > 0 {
+            self.room.in_buffer_empty();
+        }
+        Ok(())
     }
 }
 
@@ -406,5 +492,89 @@ mod tests {
         restored.read(7, &mut data);
         assert_eq!(data[0], 0x42);
         assert_eq!(restored.input_room(), 62);
+    }
+
+    const IIR: u64 = 2;
+    const LCR: u64 = 3;
+    const MCR: u64 = 4;
+    const SCRATCH: u64 = 7;
+    const LCR_DLAB: u8 = 0x80;
+
+    /// Every register a guest can read, without disturbing the FIFO (the divisor latch
+    /// through DLAB, which is put back afterwards).
+    fn registers(dev: &Arc<Mutex<Serial>>) -> Vec<u8> {
+        let lcr = read_byte(dev, LCR);
+        let mut regs = vec![
+            read_byte(dev, IER),
+            read_byte(dev, LCR),
+            read_byte(dev, MCR),
+            read_byte(dev, LSR),
+            read_byte(dev, SCRATCH),
+        ];
+        dev.lock().unwrap().write(LCR, &[lcr | LCR_DLAB]);
+        regs.push(read_byte(dev, 0));
+        regs.push(read_byte(dev, 1));
+        dev.lock().unwrap().write(LCR, &[lcr]);
+        regs
+    }
+
+    #[test]
+    fn snapshot_restores_registers_and_fifo_and_keeps_the_output() {
+        let (dev, _out, _chip) = serial();
+        // 38400 baud, 7E1, loopback off, OUT2 and RTS, a scratch value, RDA interrupts on.
+        dev.lock().unwrap().write(LCR, &[LCR_DLAB]);
+        dev.lock().unwrap().write(0, &[0x03, 0x00]);
+        dev.lock().unwrap().write(LCR, &[0x1a]);
+        dev.lock().unwrap().write(MCR, &[0x0a]);
+        dev.lock().unwrap().write(SCRATCH, &[0x5a]);
+        dev.lock().unwrap().write(IER, &[IER_RDA]);
+        SerialInput::new(dev.clone()).offer(b"hey");
+        let before = registers(&dev);
+        let saved = dev.lock().unwrap().save().unwrap();
+
+        let (fresh, out, chip) = serial();
+        fresh.lock().unwrap().restore(&saved).unwrap();
+        assert_eq!(
+            chip.edges(4),
+            1,
+            "the pending received-data interrupt is raised"
+        );
+        assert_eq!(registers(&fresh), before);
+        assert_eq!(read_byte(&fresh, IIR), read_byte(&dev, IIR));
+        assert_eq!(fresh.lock().unwrap().input_room(), 61);
+        assert_eq!(read_byte(&fresh, RBR_THR), b'h');
+        assert_eq!(read_byte(&fresh, RBR_THR), b'e');
+        assert_eq!(read_byte(&fresh, RBR_THR), b'y');
+        assert_eq!(read_byte(&fresh, LSR) & LSR_DATA_READY, 0);
+        // Output goes to the restored device's own writer.
+        fresh.lock().unwrap().write(RBR_THR, b"!");
+        assert_eq!(&out.0.lock().unwrap()[..], b"!");
+        // And input reaches it through an input made before the restore.
+        let input = SerialInput::new(fresh.clone());
+        assert_eq!(input.offer(b"k"), 1);
+        assert_eq!(read_byte(&fresh, RBR_THR), b'k');
+    }
+
+    #[test]
+    fn snapshot_refuses_bad_state_and_leaves_the_device_alone() {
+        let (dev, _out, _chip) = serial();
+        dev.lock().unwrap().write(SCRATCH, &[0x11]);
+        let saved = dev.lock().unwrap().save().unwrap();
+        let (fresh, out, _chip) = serial();
+        fresh.lock().unwrap().write(SCRATCH, &[0x22]);
+        for len in 0..saved.len() {
+            assert!(fresh.lock().unwrap().restore(&saved[..len]).is_err());
+        }
+        // More bytes than the 64-byte FIFO holds.
+        let mut state: SerialSnapshot = decode(SNAPSHOT_NAME, &saved).unwrap();
+        state.in_buffer = vec![b'x'; 65];
+        let overfull = encode(SNAPSHOT_NAME, &state).unwrap();
+        assert!(matches!(
+            fresh.lock().unwrap().restore(&overfull),
+            Err(SnapshotError::Decode { .. })
+        ));
+        assert_eq!(read_byte(&fresh, SCRATCH), 0x22);
+        fresh.lock().unwrap().write(RBR_THR, b"o");
+        assert_eq!(&out.0.lock().unwrap()[..], b"o");
     }
 }

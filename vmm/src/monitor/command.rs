@@ -7,7 +7,8 @@ use qmp::QmpError;
 use serde_json::Value;
 
 use super::{
-    balloon, block, devices, display, hmp, info, memory, net, qom, run_control, MonitorCall,
+    balloon, block, devices, display, hmp, info, memory, migration, net, qom, run_control,
+    MonitorCall,
 };
 use crate::machine::{Machine, MachineExit};
 
@@ -131,6 +132,7 @@ const TABLES: &[&[Command]] = &[
     net::COMMANDS,
     display::COMMANDS,
     balloon::COMMANDS,
+    migration::COMMANDS,
     qom::COMMANDS,
     hmp::COMMANDS,
 ];

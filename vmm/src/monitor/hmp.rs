@@ -48,6 +48,26 @@ const HELP: &[(&str, &str)] = &[
         "memsave addr size file -- save to disk virtual memory dump starting at 'addr' of size 'size'",
     ),
     (
+        "migrate",
+        "migrate [-d] [-b] [-i] [-r] uri -- migrate to URI (using -d to not wait for completion)\n\t\t\t -b for migration without shared storage with full copy of disk\n\t\t\t -i for migration without shared storage with incremental copy of disk (base image shared between src and destination)\n\t\t\t -r to resume a paused migration",
+    ),
+    (
+        "migrate_cancel",
+        "migrate_cancel  -- cancel the current VM migration",
+    ),
+    (
+        "migrate_incoming",
+        "migrate_incoming uri -- Continue an incoming migration from an -incoming defer",
+    ),
+    (
+        "migrate_set_downtime",
+        "migrate_set_downtime value -- set maximum tolerated downtime (in seconds) for migrations",
+    ),
+    (
+        "migrate_set_speed",
+        "migrate_set_speed value -- set maximum speed (in bytes) for migrations. Defaults to MB if no size suffix is specified, ie. B/K/M/G/T",
+    ),
+    (
         "netdev_add",
         "netdev_add [user|tap|socket|stream|dgram|vde|bridge|hubport|netmap|vhost-user],id=str[,prop=value][,...] -- add host network device",
     ),
@@ -98,6 +118,7 @@ const INFO_HELP: &[(&str, &str)] = &[
     ("cpus", "info cpus  -- show infos for each CPU"),
     ("kvm", "info kvm  -- show KVM information"),
     ("mice", "info mice  -- show which guest mouse is receiving events"),
+    ("migrate", "info migrate  -- show migration status"),
     ("name", "info name  -- show the current VM name"),
     ("network", "info network  -- show the network state"),
     ("pci", "info pci  -- show PCI info"),
@@ -170,6 +191,23 @@ fn execute(
         "set_link" => super::net::hmp_set_link(machine, &args),
         "screendump" => super::display::hmp_screendump(machine, &args),
         "balloon" => super::balloon::hmp_balloon(machine, &args),
+        "migrate" => super::migration::hmp_migrate(machine, &args),
+        "migrate_cancel" => {
+            machine.migration().request_cancel();
+            String::new()
+        }
+        "migrate_incoming" => match args.first() {
+            Some(uri) => match machine.migrate_incoming(uri) {
+                Ok(()) => String::new(),
+                Err(e) => format!("Error: {e}\n"),
+            },
+            None => format!(
+                "migrate_incoming: string expected\n{}",
+                usage_hint("migrate_incoming")
+            ),
+        },
+        "migrate_set_speed" => super::migration::hmp_migrate_set_speed(machine, &args),
+        "migrate_set_downtime" => super::migration::hmp_migrate_set_downtime(machine, &args),
         "change" if args.first() == Some(&"vnc") => {
             super::display::hmp_change_vnc(machine, &args[1..])
         }
@@ -354,6 +392,7 @@ fn info(machine: &Machine, args: &[&str], current: usize) -> String {
         }
         "vnc" => super::display::hmp_info_vnc(machine),
         "balloon" => super::balloon::hmp_info_balloon(machine),
+        "migrate" => super::migration::hmp_info_migrate(machine),
         "mice" => mice(machine)
             .iter()
             .map(|m| {

@@ -14,6 +14,7 @@ pub mod hmp;
 pub mod hmp_console;
 pub mod info;
 pub mod memory;
+pub mod migration;
 pub mod net;
 pub mod qom;
 pub mod run_control;

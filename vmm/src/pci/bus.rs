@@ -177,6 +177,7 @@ pub struct PciBus {
     mmio64_window: PciWindow,
     io_window: PciWindow,
     irq_chip: Arc<dyn IrqChip>,
+    host_bridge: Option<Arc<Mutex<PciHostBridge>>>,
 }
 
 impl PciBus {
@@ -206,12 +207,17 @@ impl PciBus {
             mmio64_window,
             io_window: PCI_IO_WINDOW,
             irq_chip,
+            host_bridge: None,
         };
-        bus.add_device(
-            Some(HOST_BRIDGE_SLOT),
-            Arc::new(Mutex::new(PciHostBridge::new())),
-        )?;
+        let bridge = Arc::new(Mutex::new(PciHostBridge::new()));
+        bus.add_device(Some(HOST_BRIDGE_SLOT), bridge.clone())?;
+        bus.host_bridge = Some(bridge);
         Ok(bus)
+    }
+
+    /// The host bridge (slot 0), whose configuration moves with the guest.
+    pub fn host_bridge(&self) -> Option<Arc<Mutex<PciHostBridge>>> {
+        self.host_bridge.clone()
     }
 
     /// Plug `device` into `slot` (or the first free slot), place and program its BARs, wire

@@ -3,9 +3,12 @@
 
 use std::sync::{Arc, Mutex};
 
+use serde::{Deserialize, Serialize};
+
 use super::bus::PciBus;
 use super::lock;
 use crate::devices::BusDevice;
+use crate::snapshot::{decode, encode, SnapshotError, Snapshottable};
 
 /// Ports covered by [`PciConfigIo`]: CONFIG_ADDRESS (0xcf8..0xcfb) and CONFIG_DATA
 /// (0xcfc..0xcff).
@@ -110,6 +113,32 @@ impl BusDevice for PciConfigIo {
             }
             _ => {}
         }
+    }
+}
+
+/// Name of the CONFIG_ADDRESS latch in snapshots and their errors.
+const SNAPSHOT_NAME: &str = "pci-config-io";
+
+#[derive(Serialize, Deserialize)]
+struct PciConfigIoSnapshot {
+    address: u32,
+}
+
+/// Only the CONFIG_ADDRESS latch: the configuration spaces belong to the devices.
+impl Snapshottable for PciConfigIo {
+    fn save(&mut self) -> Result<Vec<u8>, SnapshotError> {
+        encode(
+            SNAPSHOT_NAME,
+            &PciConfigIoSnapshot {
+                address: self.address,
+            },
+        )
+    }
+
+    fn restore(&mut self, state: &[u8]) -> Result<(), SnapshotError> {
+        let snapshot: PciConfigIoSnapshot = decode(SNAPSHOT_NAME, state)?;
+        self.address = snapshot.address;
+        Ok(())
     }
 }
 
@@ -326,5 +355,32 @@ mod tests {
             machine.mmio_read(ecam + (u64::from(slot) << 15), 4),
             u64::from(crate::pci::test_util::TEST_IDS)
         );
+    }
+
+    #[test]
+    fn snapshot_keeps_the_config_address_latch() {
+        let machine = TestMachine::new();
+        let mut io = PciConfigIo::new(machine.pci.clone());
+        // A guest that selected the class code register and was stopped before reading it.
+        io.write(0, &config_address(0, 0, 8).to_le_bytes());
+        let saved = io.save().unwrap();
+
+        let mut fresh = PciConfigIo::new(machine.pci.clone());
+        fresh.restore(&saved).unwrap();
+        let mut data = [0u8; 4];
+        fresh.read(0, &mut data);
+        assert_eq!(u32::from_le_bytes(data), config_address(0, 0, 8));
+        fresh.read(DATA_OFFSET + 2, &mut data[..2]);
+        assert_eq!(
+            &data[..2],
+            &[0x00, 0x06],
+            "class 06/00 through the restored latch"
+        );
+
+        for bad in [&[][..], &[0x80][..], &[0xff; 5][..]] {
+            assert!(fresh.restore(bad).is_err());
+        }
+        fresh.read(0, &mut data);
+        assert_eq!(u32::from_le_bytes(data), config_address(0, 0, 8));
     }
 }

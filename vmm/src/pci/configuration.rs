@@ -67,6 +67,8 @@ pub enum ConfigurationError {
     CapabilitySpace(usize),
     #[error("configuration space access at {offset:#x}+{len:#x} is out of range")]
     OutOfRange { offset: usize, len: usize },
+    #[error("{actual} configuration registers given for a space of {expected}")]
+    RegisterCount { expected: usize, actual: usize },
 }
 
 /// The identity registers of a function: all read-only to the guest.
@@ -284,6 +286,35 @@ impl PciConfiguration {
         self.check_range(offset, data.len())?;
         for (i, value) in data.iter_mut().enumerate() {
             *value = self.byte(offset + i);
+        }
+        Ok(())
+    }
+
+    /// The raw register contents, for snapshots.
+    pub fn registers(&self) -> &[u32] {
+        &self.registers
+    }
+
+    /// Load contents [`registers`](Self::registers) gave, into a function built the same way
+    /// (same BARs and capabilities): as saved, past the guest's write masks. BAR addresses
+    /// follow the restored BAR registers, except that a BAR caught mid-sizing keeps the
+    /// address it had here.
+    pub fn set_registers(&mut self, registers: &[u32]) -> Result<(), ConfigurationError> {
+        if registers.len() != self.registers.len() {
+            return Err(ConfigurationError::RegisterCount {
+                expected: self.registers.len(),
+                actual: registers.len(),
+            });
+        }
+        self.registers.copy_from_slice(registers);
+        for index in 0..PCI_NUM_BARS {
+            let Some(state) = self.bars[index] else {
+                continue;
+            };
+            if !self.is_sizing(&state.bar) {
+                let address = self.decode_bar_address(&state.bar);
+                self.bars[index] = Some(BarState { address, ..state });
+            }
         }
         Ok(())
     }
@@ -639,5 +670,69 @@ mod tests {
         assert!(config.read_bytes(0xffe, &mut buf).is_ok());
         assert_eq!(buf, [1, 2]);
         assert!(config.read_bytes(0x1000, &mut buf).is_err());
+    }
+
+    #[test]
+    fn set_registers_loads_raw_values_and_bar_addresses() {
+        let build = || {
+            let mut config = PciConfiguration::new(identity(), PciInterruptPin::IntA);
+            for (index, kind) in [(0, PciBarKind::Mmio32), (2, PciBarKind::Mmio64)] {
+                config
+                    .add_bar(PciBar {
+                        index,
+                        kind,
+                        size: 0x1000,
+                        prefetchable: false,
+                    })
+                    .unwrap();
+            }
+            config
+        };
+        let mut source = build();
+        write_u32(&mut source, COMMAND_REG, u32::from(COMMAND_MEMORY_SPACE));
+        write_u32(&mut source, BAR0_REG, 0xfebf_0000);
+        write_u32(&mut source, BAR0_REG + 2, 0x8000_0000);
+        write_u32(&mut source, BAR0_REG + 3, 0x2);
+        write_u32(&mut source, INTERRUPT_REG, 11);
+        source.set_interrupt_status(true);
+
+        let mut dest = build();
+        dest.set_registers(source.registers()).unwrap();
+        for reg in 0..NUM_CONFIG_REGISTERS {
+            assert_eq!(dest.read_register(reg), source.read_register(reg), "{reg}");
+        }
+        assert_eq!(dest.status() & STATUS_INTERRUPT, STATUS_INTERRUPT);
+        assert_eq!(dest.bar_address(0), Some(0xfebf_0000));
+        assert_eq!(dest.bar_address(2), Some(0x2_8000_0000));
+        // The guest moving a BAR afterwards is a move from where it was restored.
+        assert_eq!(
+            write_u32(&mut dest, BAR0_REG, 0xfeb0_0000),
+            Some(BarReprogram {
+                index: 0,
+                old_address: 0xfebf_0000,
+                new_address: 0xfeb0_0000
+            })
+        );
+
+        // Raw values, read-only bits included; a BAR mid-sizing keeps its address.
+        let mut raw = source.registers().to_vec();
+        raw[0] = 0x5678_1234;
+        raw[BAR0_REG] = 0xffff_f000;
+        dest.set_registers(&raw).unwrap();
+        assert_eq!(dest.read_register(0), 0x5678_1234);
+        assert_eq!(dest.bar_address(0), Some(0xfeb0_0000));
+
+        assert_eq!(
+            dest.set_registers(&raw[1..]),
+            Err(ConfigurationError::RegisterCount {
+                expected: NUM_CONFIG_REGISTERS,
+                actual: NUM_CONFIG_REGISTERS - 1
+            })
+        );
+        assert_eq!(
+            dest.read_register(0),
+            0x5678_1234,
+            "a refused load changes nothing"
+        );
     }
 }

@@ -1,7 +1,10 @@
 //! The host bridge at 00:00.0: what Linux expects to find first on a PCIe root bus.
 
+use serde::{Deserialize, Serialize};
+
 use super::configuration::{PciConfiguration, PciIdentity, CLASS_BRIDGE, SUBCLASS_HOST_BRIDGE};
 use super::device::{BarReprogram, PciDevice, PciInterruptPin};
+use crate::snapshot::{decode, encode, SnapshotError, Snapshottable};
 
 /// Red Hat / QEMU vendor id.
 pub const HOST_BRIDGE_VENDOR_ID: u16 = 0x1b36;
@@ -37,6 +40,33 @@ impl Default for PciHostBridge {
     }
 }
 
+/// Name of the host bridge's state in snapshots and their errors.
+const SNAPSHOT_NAME: &str = "pci-host-bridge";
+
+#[derive(Serialize, Deserialize)]
+struct HostBridgeSnapshot {
+    registers: Vec<u32>,
+}
+
+impl Snapshottable for PciHostBridge {
+    fn save(&mut self) -> Result<Vec<u8>, SnapshotError> {
+        let snapshot = HostBridgeSnapshot {
+            registers: self.config.registers().to_vec(),
+        };
+        encode(SNAPSHOT_NAME, &snapshot)
+    }
+
+    fn restore(&mut self, state: &[u8]) -> Result<(), SnapshotError> {
+        let snapshot: HostBridgeSnapshot = decode(SNAPSHOT_NAME, state)?;
+        self.config
+            .set_registers(&snapshot.registers)
+            .map_err(|e| SnapshotError::Decode {
+                what: SNAPSHOT_NAME,
+                message: e.to_string(),
+            })
+    }
+}
+
 impl PciDevice for PciHostBridge {
     fn read_config_register(&mut self, reg_idx: usize) -> u32 {
         self.config.read_register(reg_idx)
@@ -68,5 +98,55 @@ mod tests {
         assert!(bridge.bars().is_empty());
         assert_eq!(bridge.write_config_register(4, 0, &[0xff; 4]), None);
         assert_eq!(bridge.read_config_register(4), 0);
+    }
+
+    #[test]
+    fn snapshot_restores_the_guest_written_registers() {
+        let mut bridge = PciHostBridge::new();
+        bridge.write_config_register(1, 0, &[0x06, 0x01]); // Memory, bus master, SERR.
+        bridge.write_config_register(3, 0, &[0x10]); // Cache line size.
+        bridge.write_config_register(0xf, 0, &[0x0b]); // Interrupt line.
+        let saved = bridge.save().unwrap();
+
+        let mut fresh = PciHostBridge::new();
+        fresh.restore(&saved).unwrap();
+        assert_eq!(fresh.read_config_register(1) & 0xffff, 0x0106);
+        assert_eq!(fresh.read_config_register(3) & 0xff, 0x10);
+        assert_eq!(fresh.read_config_register(0xf) & 0xff, 0x0b);
+        for reg in 0..1024 {
+            assert_eq!(
+                fresh.read_config_register(reg),
+                bridge.read_config_register(reg),
+                "{reg}"
+            );
+        }
+    }
+
+    #[test]
+    fn snapshot_refuses_bad_state() {
+        let mut bridge = PciHostBridge::new();
+        bridge.write_config_register(3, 0, &[0x10]);
+        let saved = bridge.save().unwrap();
+        let mut fresh = PciHostBridge::new();
+        fresh.write_config_register(3, 0, &[0x20]);
+        for len in [0, 1, 2, saved.len() / 2, saved.len() - 1] {
+            assert!(fresh.restore(&saved[..len]).is_err(), "{len} bytes");
+        }
+        let short = encode(
+            SNAPSHOT_NAME,
+            &HostBridgeSnapshot {
+                registers: vec![0; 1023],
+            },
+        )
+        .unwrap();
+        assert!(matches!(
+            fresh.restore(&short),
+            Err(SnapshotError::Decode { .. })
+        ));
+        assert_eq!(
+            fresh.read_config_register(3) & 0xff,
+            0x20,
+            "nothing changed"
+        );
     }
 }

@@ -1,7 +1,8 @@
 //! The [`Machine`]: guest RAM, the accelerator, the vCPUs, the PC devices and the boot
 //! image, put together from a [`VmConfig`], and the main loop that carries out the
 //! guest's requests (reset, power-off, debug exit) and the QMP monitor's commands, keeping
-//! the run state and its events as QEMU 7.2 does.
+//! the run state and its events as QEMU 7.2 does. Its side of live migration is in
+//! [`migration`].
 
 use std::sync::mpsc::Receiver;
 use std::sync::{Arc, Mutex};
@@ -29,8 +30,12 @@ use crate::devices::serial::Serial;
 use crate::devices::{Bus, IrqChip, IrqLine};
 use crate::loader::{BootImage, Initrd, LoaderError};
 use crate::memory::{MemoryError, MemoryManager};
+use crate::migration::MigrationState;
 use crate::pci::{PciBus, PciConfigIo, PciConfigMmio, PciWindow, PCI_CONFIG_IO_LEN};
 use crate::runstate::RunState;
+use crate::snapshot::Snapshottable;
+
+mod migration;
 
 #[derive(Debug, thiserror::Error)]
 pub enum MachineError {
@@ -81,6 +86,8 @@ pub enum MachineError {
 pub enum MachineExit {
     /// Power-off, or reset under -no-reboot, or a host signal: exit status 0.
     Shutdown,
+    /// An incoming migration failed (QEMU's destination exits with status 1).
+    MigrationFailed,
     /// The guest wrote to isa-debug-exit: exit status `(value << 1) | 1`.
     DebugExit(u32),
     /// A vCPU hit an error it could not recover from.
@@ -93,7 +100,7 @@ impl MachineExit {
         match self {
             MachineExit::Shutdown => 0,
             MachineExit::DebugExit(v) => ((v << 1) | 1) as i32 & 0xff,
-            MachineExit::InternalError => 1,
+            MachineExit::InternalError | MachineExit::MigrationFailed => 1,
         }
     }
 }
@@ -161,6 +168,16 @@ pub struct Machine {
     has_monitor: bool,
     /// From `quit`: completes once its reply has been written.
     quit_flush: Option<oneshot::Receiver<()>>,
+    /// Live migration: parameters, capabilities, the last outgoing one's progress.
+    migration: MigrationState,
+    /// The guest ran when the outgoing migration started (it runs again if that fails).
+    migration_was_running: bool,
+    /// A destination runs its guest once loaded (no -S).
+    incoming_autostart: bool,
+    /// `-incoming defer` and no `migrate-incoming` yet.
+    incoming_deferred: bool,
+    /// The devices whose state moves with the guest, by section name.
+    snapshot_devices: Vec<(String, Arc<Mutex<dyn Snapshottable>>)>,
 }
 
 impl Machine {
@@ -212,6 +229,8 @@ impl Machine {
 
         let mut chardevs = Vec::new();
         let mut serial_ports = Vec::new();
+        // The devices whose state moves with the guest (live migration), by section name.
+        let mut snapshot_devices: Vec<(String, Arc<Mutex<dyn Snapshottable>>)> = Vec::new();
         for (i, spec_str) in config.serials.iter().enumerate() {
             let spec =
                 chardev::parse_chardev(spec_str).map_err(|source| MachineError::Chardev {
@@ -234,6 +253,7 @@ impl Machine {
                 Box::new(chardev.writer()),
             );
             let serial = Arc::new(Mutex::new(serial));
+            snapshot_devices.push((format!("serial {i}"), serial.clone()));
             chardev.set_input(Arc::new(crate::devices::serial::SerialInput::new(
                 serial.clone(),
             )));
@@ -252,6 +272,7 @@ impl Machine {
             IrqLine::new(irq_chip.clone(), layout::I8042_KBD_GSI),
             IrqLine::new(irq_chip.clone(), layout::I8042_AUX_GSI),
         )));
+        snapshot_devices.push(("i8042".into(), i8042.clone()));
         pio.insert(i8042.clone(), u64::from(layout::I8042_DATA_PORT), 1)
             .map_err(|source| MachineError::Bus {
                 what: "the i8042",
@@ -267,15 +288,21 @@ impl Machine {
             source,
         })?;
 
-        let rtc = Rtc::new(IrqLine::new(irq_chip.clone(), layout::RTC_GSI));
-        pio.insert(Arc::new(Mutex::new(rtc)), u64::from(layout::CMOS_PORT), 2)
+        let rtc = Arc::new(Mutex::new(Rtc::new(IrqLine::new(
+            irq_chip.clone(),
+            layout::RTC_GSI,
+        ))));
+        snapshot_devices.push(("rtc".into(), rtc.clone()));
+        pio.insert(rtc, u64::from(layout::CMOS_PORT), 2)
             .map_err(|source| MachineError::Bus {
                 what: "the RTC",
                 source,
             })?;
 
+        let acpi_pm = Arc::new(Mutex::new(AcpiPmDevice::new(control.clone())));
+        snapshot_devices.push(("acpi-pm".into(), acpi_pm.clone()));
         pio.insert(
-            Arc::new(Mutex::new(AcpiPmDevice::new(control.clone()))),
+            acpi_pm,
             u64::from(layout::ACPI_PM_PORT),
             u64::from(layout::ACPI_PM_PORT_LEN),
         )
@@ -292,7 +319,9 @@ impl Machine {
                 what: "the ACPI GED",
                 source,
             })?;
+        snapshot_devices.push(("ged".into(), ged.clone()));
         let pci_hotplug = Arc::new(Mutex::new(PciHotplug::new(ged.clone(), control.clone())));
+        snapshot_devices.push(("pci-hotplug".into(), pci_hotplug.clone()));
         pio.insert(
             pci_hotplug.clone(),
             u64::from(layout::PCI_HOTPLUG_PORT),
@@ -325,8 +354,14 @@ impl Machine {
             pci_mmio64,
             irq_chip.clone() as Arc<dyn IrqChip>,
         )?));
+        let config_io = Arc::new(Mutex::new(PciConfigIo::new(pci.clone())));
+        snapshot_devices.push(("pci-config-io".into(), config_io.clone()));
+        let bridge = pci.lock().unwrap_or_else(|e| e.into_inner()).host_bridge();
+        if let Some(bridge) = bridge {
+            snapshot_devices.push(("pci-host-bridge".into(), bridge));
+        }
         pio.insert(
-            Arc::new(Mutex::new(PciConfigIo::new(pci.clone()))),
+            config_io,
             u64::from(layout::PCI_CONFIG_ADDRESS_PORT),
             PCI_CONFIG_IO_LEN,
         )
@@ -423,6 +458,11 @@ impl Machine {
             events: EventSender::default(),
             has_monitor: false,
             quit_flush: None,
+            migration: MigrationState::default(),
+            migration_was_running: false,
+            incoming_autostart: true,
+            incoming_deferred: false,
+            snapshot_devices,
         };
         if let Some(entry) = machine.load_guest()? {
             machine.cpus.reset(&entry)?;
@@ -554,7 +594,21 @@ impl Machine {
     /// QMP `stop`: a running VM pauses (vCPUs and guest clock) and STOP is sent; a VM that
     /// is not running is left as it is, silently.
     pub fn stop(&mut self) {
+        if self.run_state == RunState::InMigrate {
+            // QEMU: the guest stays stopped once its migration arrives.
+            self.incoming_autostart = false;
+            return;
+        }
         self.stop_into(RunState::Paused);
+    }
+
+    /// Live migration's parameters, capabilities and progress.
+    pub fn migration(&self) -> &MigrationState {
+        &self.migration
+    }
+
+    pub fn migration_mut(&mut self) -> &mut MigrationState {
+        &mut self.migration
     }
 
     /// Stop into `state` (QEMU's vm_stop): only a running VM changes state and says STOP.
@@ -577,6 +631,11 @@ impl Machine {
             ));
         }
         if self.run_state.is_running() {
+            return Ok(());
+        }
+        if self.run_state == RunState::InMigrate {
+            // QEMU: the guest runs once its migration has arrived.
+            self.incoming_autostart = true;
             return Ok(());
         }
         if let Some((drive, file)) = self.devices.missing_key() {

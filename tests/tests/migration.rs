@@ -1,0 +1,386 @@
+//! Live migration between two vmm processes under emu, with a tiny guest that counts in
+//! memory and stamps a 16 MiB buffer page by page with the count, checking every page
+//! against the count before each report: a page lost or stale on the destination prints
+//! `BAD`. Precopy over unix, tcp and exec (save to a file and restore, twice), the counter
+//! going on from where it stopped, the events in order and query-migrate's figures;
+//! a destination with other RAM refuses and the source runs on; cancel; and a negative
+//! control: with the CPU's dirty log switched off (a test-only switch) the checker finds
+//! the loss.
+
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use iced_x86::code_asm::*;
+use serde_json::{json, Value};
+use vmm_tests::guest::Asm;
+use vmm_tests::qmp::Qmp;
+use vmm_tests::{read_file, vmm_binary, wait_until, TempDir};
+
+const TIMEOUT: Duration = Duration::from_secs(120);
+/// The guest's 4096-page buffer.
+const BUF: u64 = 0x40_0000;
+
+/// The counting guest: it counts in R14 and stamps page `count % 4096` of a 16 MiB buffer
+/// with the count, keeping in R15 the sum of every page's stamp (adding the new stamp and
+/// taking off the one it overwrote, as read from memory). Registers always move with the
+/// vCPU; so a page that reaches the destination stale makes the sum differ for good. Every
+/// 2^20 counts it checks the sum and each page's place (stamp % 4096 is its index) and
+/// reports `C xxxxxxxx`, or `BAD` and stops.
+fn counting_guest(dir: &TempDir) -> String {
+    let mut g = Asm::new();
+    let a = &mut g.a;
+    let mut top = a.create_label();
+    let mut check = a.create_label();
+    let mut next = a.create_label();
+    let mut bad = a.create_label();
+    a.xor(r14d, r14d).unwrap();
+    a.xor(r15d, r15d).unwrap();
+    a.set_label(&mut top).unwrap();
+    a.inc(r14).unwrap();
+    a.mov(rcx, r14).unwrap();
+    a.and(rcx, 0xfff).unwrap();
+    a.shl(rcx, 12).unwrap();
+    a.mov(rdx, BUF).unwrap();
+    a.sub(r15, qword_ptr(rdx + rcx)).unwrap();
+    a.mov(qword_ptr(rdx + rcx), r14).unwrap();
+    a.add(r15, r14).unwrap();
+    a.test(r14d, 0xf_ffff).unwrap();
+    a.jnz(top).unwrap();
+    // The check: every page in its place, and the sum as kept.
+    a.xor(ebx, ebx).unwrap();
+    a.xor(esi, esi).unwrap();
+    a.mov(rdx, BUF).unwrap();
+    a.set_label(&mut check).unwrap();
+    a.mov(rdi, rbx).unwrap();
+    a.shl(rdi, 12).unwrap();
+    a.mov(rax, qword_ptr(rdx + rdi)).unwrap();
+    a.add(rsi, rax).unwrap();
+    a.test(rax, rax).unwrap();
+    a.jz(next).unwrap();
+    a.and(rax, 0xfff).unwrap();
+    a.cmp(rax, rbx).unwrap();
+    a.jne(bad).unwrap();
+    a.set_label(&mut next).unwrap();
+    a.inc(rbx).unwrap();
+    a.cmp(rbx, 4096).unwrap();
+    a.jb(check).unwrap();
+    a.cmp(rsi, r15).unwrap();
+    a.jne(bad).unwrap();
+    g.print("C ");
+    g.a.mov(rax, r14).unwrap();
+    g.print_eax_hex();
+    g.print("\n");
+    g.a.jmp(top).unwrap();
+    g.a.set_label(&mut bad).unwrap();
+    g.print("BAD\n");
+    g.hang();
+    let path = dir.join("counter.elf");
+    std::fs::write(&path, g.elf()).unwrap();
+    path.to_str().unwrap().to_string()
+}
+
+struct Vm {
+    child: Child,
+    qmp: Qmp<UnixStream>,
+    /// A second monitor connection that only collects events (those sent before a
+    /// command's reply included).
+    events: Qmp<UnixStream>,
+    serial: PathBuf,
+}
+
+impl Drop for Vm {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A vmm running the counting guest under emu; `extra` goes last (-incoming, -m).
+fn vm(dir: &TempDir, name: &str, kernel: &str, extra: &[&str]) -> Vm {
+    vm_with_env(dir, name, kernel, extra, &[])
+}
+
+fn vm_with_env(
+    dir: &TempDir,
+    name: &str,
+    kernel: &str,
+    extra: &[&str],
+    env: &[(&str, &str)],
+) -> Vm {
+    let sock = dir.join(&format!("{name}.qmp"));
+    let serial = dir.join(&format!("{name}.out"));
+    let qmp_arg = format!("unix:{},server=on,wait=off", sock.display());
+    let serial_arg = format!("file:{}", serial.display());
+    let mut args = vec![
+        "-accel",
+        "emu",
+        "-m",
+        "32",
+        "-nodefaults",
+        "-display",
+        "none",
+        "-kernel",
+        kernel,
+        "-serial",
+        &serial_arg,
+        "-qmp",
+        &qmp_arg,
+    ];
+    args.extend_from_slice(extra);
+    let child = Command::new(vmm_binary())
+        .args(&args)
+        .envs(env.iter().copied())
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("spawn vmm");
+    wait_until("the monitor socket", TIMEOUT, || sock.exists());
+    let mut qmp = Qmp::connect(&sock);
+    let events = Qmp::connect(&sock);
+    qmp.ok(
+        "migrate-set-capabilities",
+        Some(json!({"capabilities": [{"capability": "events", "state": true}]})),
+    );
+    Vm {
+        child,
+        qmp,
+        events,
+        serial,
+    }
+}
+
+/// The counts a guest reported so far; panics on BAD.
+fn counts(serial: &Path) -> Vec<u64> {
+    let text = read_file(serial);
+    assert!(
+        !text.contains("BAD"),
+        "a page did not hold its count:\n{text}"
+    );
+    text.lines()
+        .filter_map(|l| l.strip_prefix("C "))
+        .filter_map(|h| u64::from_str_radix(h.trim(), 16).ok())
+        .collect()
+}
+
+fn wait_counts(serial: &Path, n: usize) -> Vec<u64> {
+    let mut c = Vec::new();
+    wait_until("the guest's reports", TIMEOUT, || {
+        c = counts(serial);
+        c.len() >= n
+    });
+    c
+}
+
+/// MIGRATION events on `qmp` until `last`; their statuses in order.
+fn statuses_until(qmp: &mut Qmp<UnixStream>, last: &str) -> Vec<String> {
+    let mut seen = Vec::new();
+    let deadline = Instant::now() + TIMEOUT;
+    while Instant::now() < deadline {
+        let e = qmp.wait_event("MIGRATION");
+        let s = e["data"]["status"].as_str().unwrap_or("").to_string();
+        seen.push(s.clone());
+        if s == last || s == "failed" || s == "cancelled" || s == "completed" {
+            break;
+        }
+    }
+    seen
+}
+
+fn status(qmp: &mut Qmp<UnixStream>) -> String {
+    qmp.ok("query-status", None)["status"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string()
+}
+
+/// Migrate `src` to `dst` (listening at `uri`) and check that the guest goes on there
+/// with every page right.
+fn migrate_and_check(src: &mut Vm, dst: &mut Vm, uri: &str) -> Value {
+    let before = wait_counts(&src.serial, 2);
+    assert_eq!(
+        src.qmp.request("migrate", Some(json!({ "uri": uri }))),
+        json!({"return": {}})
+    );
+    let seen = statuses_until(&mut src.events, "completed");
+    assert_eq!(seen, ["setup", "active", "completed"], "MIGRATION events");
+    let info = src.qmp.ok("query-migrate", None);
+    assert_eq!(info["status"], "completed", "{info}");
+    assert_eq!(status(&mut src.qmp), "postmigrate");
+    let ram = &info["ram"];
+    assert_eq!(ram["total"], 32u64 << 20, "{info}");
+    assert_eq!(ram["remaining"], 0, "{info}");
+    let pages = ram["normal"].as_u64().unwrap() + ram["duplicate"].as_u64().unwrap();
+    assert!(pages >= 8192, "every page at least once: {info}");
+    assert!(
+        ram["transferred"].as_u64().unwrap() >= ram["normal"].as_u64().unwrap() * 4096,
+        "{info}"
+    );
+    assert!(ram["dirty-sync-count"].as_u64().unwrap() >= 1, "{info}");
+    assert!(info["downtime"].as_u64().is_some() && info["total-time"].as_u64().is_some());
+    // The source stopped for good: its reports end.
+    let last_source = *counts(&src.serial).last().unwrap();
+    assert!(last_source >= *before.last().unwrap());
+    wait_until("the destination to run", TIMEOUT, || {
+        status(&mut dst.qmp) == "running"
+    });
+    // The destination goes on counting from where the source stopped, every page right.
+    let after = wait_counts(&dst.serial, 2);
+    assert!(
+        after[0] > last_source,
+        "the count goes on: source {last_source:#x}, destination {:#x}",
+        after[0]
+    );
+    info
+}
+
+#[test]
+fn a_counting_guest_moves_over_unix_and_tcp_and_goes_on() {
+    let dir = TempDir::new("migrate-unix");
+    let kernel = counting_guest(&dir);
+    let mig = dir.join("mig.sock");
+    let incoming = format!("unix:{}", mig.display());
+    let mut a = vm(&dir, "a", &kernel, &[]);
+    let mut b = vm(&dir, "b", &kernel, &["-incoming", &incoming]);
+    assert_eq!(status(&mut b.qmp), "inmigrate");
+    let info = migrate_and_check(&mut a, &mut b, &incoming);
+    eprintln!("unix: {info}");
+
+    // And on again, over tcp, to a third.
+    let port = 20000 + (std::process::id() % 20000) as u16;
+    let tcp = format!("tcp:127.0.0.1:{port}");
+    let mut c = vm(&dir, "c", &kernel, &["-incoming", &tcp]);
+    b.qmp.ok(
+        "migrate-set-capabilities",
+        Some(json!({"capabilities": [{"capability": "events", "state": true}]})),
+    );
+    let info = migrate_and_check(&mut b, &mut c, &tcp);
+    eprintln!("tcp: {info}");
+}
+
+#[test]
+fn a_guest_saved_with_exec_restores_twice() {
+    let dir = TempDir::new("migrate-exec");
+    let kernel = counting_guest(&dir);
+    let file = dir.join("saved.vmm");
+    let mut a = vm(&dir, "a", &kernel, &[]);
+    wait_counts(&a.serial, 2);
+    let save = format!("exec:cat > {}", file.display());
+    assert_eq!(
+        a.qmp.request("migrate", Some(json!({ "uri": save }))),
+        json!({"return": {}})
+    );
+    assert_eq!(
+        statuses_until(&mut a.events, "completed").last().unwrap(),
+        "completed"
+    );
+    let saved = *counts(&a.serial).last().unwrap();
+    drop(a);
+    let restore = format!("exec:cat {}", file.display());
+    for name in ["b", "c"] {
+        let b = vm(&dir, name, &kernel, &["-incoming", &restore]);
+        let after = wait_counts(&b.serial, 2);
+        assert!(after[0] > saved, "{name}: {:#x} after {saved:#x}", after[0]);
+        assert!(
+            after[0] < saved + (64 << 20),
+            "{name}: restored from the file, not started afresh"
+        );
+    }
+}
+
+#[test]
+fn refused_failed_and_cancelled_migrations_leave_the_source_running() {
+    let dir = TempDir::new("migrate-faults");
+    let kernel = counting_guest(&dir);
+    let mut a = vm(&dir, "a", &kernel, &[]);
+    wait_counts(&a.serial, 1);
+
+    // QEMU's errors before anything starts.
+    let err = |qmp: &mut Qmp<UnixStream>, uri: &str| {
+        qmp.request("migrate", Some(json!({ "uri": uri })))["error"]["desc"].clone()
+    };
+    assert_eq!(
+        err(&mut a.qmp, "bogus:x"),
+        "Parameter 'uri' expects a valid migration protocol"
+    );
+    assert_eq!(
+        err(&mut a.qmp, "fd:nope"),
+        "File descriptor named 'nope' has not been found"
+    );
+
+    // A destination with other RAM refuses; the source fails and runs on.
+    let mig = dir.join("mig.sock");
+    let uri = format!("unix:{}", mig.display());
+    let mut small = vm(&dir, "small", &kernel, &["-incoming", &uri, "-m", "16"]);
+    a.qmp.ok("migrate", Some(json!({ "uri": uri })));
+    assert_eq!(
+        statuses_until(&mut a.events, "failed").last().unwrap(),
+        "failed"
+    );
+    let info = a.qmp.ok("query-migrate", None);
+    assert!(
+        info["error-desc"].as_str().unwrap_or("").contains("RAM"),
+        "{info}"
+    );
+    assert_eq!(status(&mut a.qmp), "running");
+    let _ = small.child.wait();
+    let n = counts(&a.serial).len();
+    wait_counts(&a.serial, n + 1);
+
+    // Nobody listening: failed, running on.
+    a.qmp.ok("migrate", Some(json!({ "uri": uri })));
+    assert_eq!(
+        statuses_until(&mut a.events, "failed").last().unwrap(),
+        "failed"
+    );
+    assert_eq!(status(&mut a.qmp), "running");
+
+    // Cancelled while slow (1 MiB/s), running on.
+    let mut b = vm(&dir, "b", &kernel, &["-incoming", &uri]);
+    a.qmp
+        .ok("migrate_set_speed", Some(json!({ "value": 1 << 20 })));
+    a.qmp.ok("migrate", Some(json!({ "uri": uri })));
+    wait_until("an active migration", TIMEOUT, || {
+        a.qmp.ok("query-migrate", None)["status"] == "active"
+    });
+    assert_eq!(
+        a.qmp.request("migrate", Some(json!({ "uri": uri })))["error"]["desc"],
+        "There's a migration process in progress"
+    );
+    a.qmp.ok("migrate_cancel", None);
+    assert_eq!(
+        statuses_until(&mut a.events, "cancelled").last().unwrap(),
+        "cancelled"
+    );
+    assert_eq!(status(&mut a.qmp), "running");
+    let _ = b.child.wait();
+
+    // And then a migration that works.
+    a.qmp.ok(
+        "migrate-set-parameters",
+        Some(json!({ "max-bandwidth": 1u64 << 30 })),
+    );
+    let mut c = vm(&dir, "c", &kernel, &["-incoming", &uri]);
+    migrate_and_check(&mut a, &mut c, &uri);
+}
+
+#[test]
+fn without_the_cpu_dirty_log_the_checker_finds_the_loss() {
+    let dir = TempDir::new("migrate-negative");
+    let kernel = counting_guest(&dir);
+    let mig = dir.join("mig.sock");
+    let uri = format!("unix:{}", mig.display());
+    let mut a = vm_with_env(&dir, "a", &kernel, &[], &[("VMM_TEST_NO_DIRTY_LOG", "cpu")]);
+    let b = vm(&dir, "b", &kernel, &["-incoming", &uri]);
+    wait_counts(&a.serial, 2);
+    a.qmp.ok("migrate", Some(json!({ "uri": uri })));
+    assert_eq!(
+        statuses_until(&mut a.events, "completed").last().unwrap(),
+        "completed"
+    );
+    wait_until("the checker on the destination", TIMEOUT, || {
+        read_file(&b.serial).contains("BAD")
+    });
+}

@@ -1,0 +1,283 @@
+//! The machine's side of live migration: what the sending and receiving threads of
+//! [`crate::migration`] ask of it, done on the machine's own thread. The source stops and
+//! hands over its state as named sections (the platform, each vCPU, each device); the
+//! destination takes them back in the same order, then runs.
+
+use std::os::fd::OwnedFd;
+use std::sync::mpsc;
+
+use super::{Machine, MachineExit};
+use crate::control::{FnJob, MachineControl, MachineRequest};
+use crate::migration::ram::RamPages;
+use crate::migration::stream::Header;
+use crate::migration::uri::{self, MigrationUri};
+use crate::migration::{
+    self, lock, DestinationHost, IncomingMigration, Outgoing, SourceHost, Status,
+};
+use crate::runstate::RunState;
+
+/// The sections every machine has besides its devices.
+const PLATFORM_SECTION: &str = "platform";
+
+fn cpu_section(index: usize) -> String {
+    format!("cpu {index}")
+}
+
+/// Run `f` on the machine's thread and wait for its answer.
+fn on_machine<T: Send + 'static>(
+    control: &MachineControl,
+    f: impl FnOnce(&mut Machine) -> T + Send + 'static,
+) -> Option<T> {
+    let (tx, rx) = mpsc::channel();
+    control.request(MachineRequest::Run(Box::new(FnJob::new(move |m| {
+        let _ = tx.send(f(m));
+        None
+    }))));
+    rx.recv().ok()
+}
+
+/// The source's requests, carried to the machine's thread.
+struct MachineSource {
+    control: MachineControl,
+}
+
+impl SourceHost for MachineSource {
+    fn stop_and_save(&self) -> Result<Vec<(String, Vec<u8>)>, String> {
+        on_machine(&self.control, |m| {
+            m.stop_into(RunState::FinishMigrate);
+            if m.run_state != RunState::FinishMigrate {
+                // It was not running: stopped all the same for the last part.
+                m.migration_was_running = false;
+                m.cpus.pause();
+                m.accel.pause();
+                m.run_state = RunState::FinishMigrate;
+            }
+            m.save_sections()
+        })
+        .unwrap_or_else(|| Err("the machine is gone".into()))
+    }
+
+    fn finish(&self, completed: bool) {
+        on_machine(&self.control, move |m| m.migration_finished(completed));
+    }
+
+    fn throttle(&self, percent: u8) {
+        on_machine(&self.control, move |m| m.cpus.set_throttle(percent));
+    }
+}
+
+/// The destination's requests, carried to the machine's thread.
+struct MachineDestination {
+    control: MachineControl,
+}
+
+impl DestinationHost for MachineDestination {
+    fn restore(&self, sections: Vec<(String, Vec<u8>)>, running: bool) -> Result<(), String> {
+        on_machine(&self.control, move |m| {
+            m.restore_sections(sections, running)
+        })
+        .unwrap_or_else(|| Err("the machine is gone".into()))
+    }
+
+    fn failed(&self, message: String) {
+        self.control
+            .request(MachineRequest::Run(Box::new(FnJob::new(move |_| {
+                crate::report!("vmm: {message}");
+                Some(MachineExit::MigrationFailed)
+            }))));
+    }
+}
+
+impl Machine {
+    /// What the stream's header says of this machine, for the destination to compare.
+    fn migration_header(&self, running: bool) -> Header {
+        let mut devices: Vec<String> = self
+            .snapshot_devices
+            .iter()
+            .map(|(name, _)| name.clone())
+            .collect();
+        devices.sort();
+        Header {
+            ram_size: self.config.memory_size,
+            vcpus: self.cpus.num_vcpus() as u32,
+            accel: self.accel.kind().name().to_string(),
+            devices,
+            running,
+        }
+    }
+
+    /// Why this machine cannot migrate yet, if it cannot: a device whose state does not
+    /// move yet (QEMU's migration blockers).
+    fn migration_blocker(&self) -> Option<String> {
+        self.devices
+            .plugged_functions()
+            .first()
+            .map(|name| format!("State blocked by non-migratable device '{name}'"))
+    }
+
+    /// QMP `migrate`: start sending the guest to `uri` (`fd` for `fd:NAME`). Errors are
+    /// QEMU's words for what it refuses before it starts.
+    pub fn migrate(&mut self, uri: &str, fd: Option<OwnedFd>) -> Result<(), String> {
+        if self.migration.status().is_active() {
+            return Err("There's a migration process in progress".into());
+        }
+        if matches!(self.run_state, RunState::InMigrate) {
+            return Err("Guest is waiting for an incoming migration".into());
+        }
+        let uri = MigrationUri::parse(uri).map_err(|e| e.to_string())?;
+        if let (MigrationUri::Fd(name), None) = (&uri, &fd) {
+            return Err(format!("File descriptor named '{name}' has not been found"));
+        }
+        if let Some(blocker) = self.migration_blocker() {
+            return Err(blocker);
+        }
+        self.accel
+            .start_dirty_log()
+            .map_err(|e| format!("cannot log the guest's writes: {e}"))?;
+        // Compiled code that ran before logging started stores on its own: let every vCPU
+        // leave the guest once, so that all later writes are logged.
+        let _ = self.cpus.snapshots();
+        self.migration.begin();
+        let running = self.run_state.is_running();
+        self.migration_was_running = running;
+        let outgoing = Outgoing {
+            uri,
+            fd,
+            shutdown: self.migration.shutdown.clone(),
+            ram: RamPages::new(self.memory.guest_memory().clone()),
+            accel: self.accel.clone(),
+            host: Box::new(MachineSource {
+                control: self.control.clone(),
+            }),
+            header: self.migration_header(running),
+            params: self.migration.params.clone(),
+            caps: self.migration.caps,
+            progress: self.migration.progress.clone(),
+            cancel: self.migration.cancel.clone(),
+            events: self.events.clone(),
+        };
+        if let Err(e) = std::thread::Builder::new()
+            .name("migration".into())
+            .spawn(move || migration::source::run(outgoing))
+        {
+            self.accel.stop_dirty_log();
+            lock(&self.migration.progress).status = Status::Failed;
+            return Err(format!("cannot start the migration thread: {e}"));
+        }
+        Ok(())
+    }
+
+    /// The sending thread is done: completed leaves the source stopped (postmigrate);
+    /// otherwise it runs again if it ran before.
+    fn migration_finished(&mut self, completed: bool) {
+        self.accel.stop_dirty_log();
+        *lock(&self.migration.shutdown) = None;
+        if completed {
+            self.run_state = RunState::PostMigrate;
+            return;
+        }
+        if self.run_state == RunState::FinishMigrate {
+            self.run_state = RunState::Paused;
+            if self.migration_was_running {
+                let _ = self.cont();
+            }
+        }
+    }
+
+    /// Every section: the platform, each vCPU, each device (vCPUs stopped).
+    fn save_sections(&mut self) -> Result<Vec<(String, Vec<u8>)>, String> {
+        let mut sections = Vec::new();
+        let platform = self
+            .accel
+            .save_platform()
+            .map_err(|e| format!("saving the platform: {e}"))?;
+        sections.push((PLATFORM_SECTION.to_string(), platform));
+        let cpus = self.cpus.save_state().map_err(|e| e.to_string())?;
+        for (i, state) in cpus.into_iter().enumerate() {
+            sections.push((cpu_section(i), state));
+        }
+        for (name, device) in &self.snapshot_devices {
+            let state = lock(device)
+                .save()
+                .map_err(|e| format!("saving {name}: {e}"))?;
+            sections.push((name.clone(), state));
+        }
+        Ok(sections)
+    }
+
+    /// Take the sections back: the platform (guest time first), the vCPUs, the devices;
+    /// then run if the guest ran on the source and this vmm may start it.
+    fn restore_sections(
+        &mut self,
+        sections: Vec<(String, Vec<u8>)>,
+        running: bool,
+    ) -> Result<(), String> {
+        let find = |name: &str| {
+            sections
+                .iter()
+                .find(|(n, _)| n == name)
+                .map(|(_, s)| s.as_slice())
+                .ok_or_else(|| format!("the stream has no state for {name}"))
+        };
+        self.accel
+            .restore_platform(find(PLATFORM_SECTION)?)
+            .map_err(|e| format!("restoring the platform: {e}"))?;
+        let cpus = (0..self.cpus.num_vcpus())
+            .map(|i| find(&cpu_section(i)).map(<[u8]>::to_vec))
+            .collect::<Result<Vec<_>, _>>()?;
+        self.cpus.restore_state(cpus).map_err(|e| e.to_string())?;
+        for (name, device) in &self.snapshot_devices {
+            lock(device)
+                .restore(find(name)?)
+                .map_err(|e| format!("restoring {name}: {e}"))?;
+        }
+        self.run_state = RunState::Paused;
+        if running && self.incoming_autostart {
+            self.cont().map_err(|e| e.desc)?;
+        }
+        Ok(())
+    }
+
+    /// `-incoming defer`: wait in inmigrate for `migrate-incoming` to name the URI.
+    pub fn defer_incoming(&mut self, autostart: bool) {
+        self.run_state = RunState::InMigrate;
+        self.incoming_autostart = autostart;
+        self.incoming_deferred = true;
+    }
+
+    /// QMP `migrate-incoming` (after `-incoming defer`).
+    pub fn migrate_incoming(&mut self, uri: &str) -> Result<(), String> {
+        if !self.incoming_deferred {
+            return Err(if self.run_state == RunState::InMigrate {
+                "The incoming migration has already been started".into()
+            } else {
+                "'-incoming' was not specified on the command line".into()
+            });
+        }
+        self.start_incoming(uri, self.incoming_autostart)?;
+        self.incoming_deferred = false;
+        Ok(())
+    }
+
+    /// `-incoming URI`: wait for a source (listening at once) instead of starting; the
+    /// guest runs when its state has arrived (unless `autostart` is off: -S).
+    pub fn start_incoming(&mut self, uri: &str, autostart: bool) -> Result<(), String> {
+        let parsed = MigrationUri::parse(uri).map_err(|e| e.to_string())?;
+        let incoming = uri::listen(&parsed, None).map_err(|e| e.to_string())?;
+        self.run_state = RunState::InMigrate;
+        self.incoming_autostart = autostart;
+        let m = IncomingMigration {
+            incoming,
+            ram: RamPages::new(self.memory.guest_memory().clone()),
+            expected: self.migration_header(false),
+            host: Box::new(MachineDestination {
+                control: self.control.clone(),
+            }),
+        };
+        std::thread::Builder::new()
+            .name("incoming".into())
+            .spawn(move || migration::destination::run(m))
+            .map(|_| ())
+            .map_err(|e| format!("cannot start the incoming migration thread: {e}"))
+    }
+}

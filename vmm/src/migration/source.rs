@@ -1,0 +1,363 @@
+//! The sending side: a thread that runs precopy while the guest runs, then asks the
+//! machine (on its own thread) to stop and hand over its devices' state, sends the rest,
+//! and waits for the destination's word before it calls the migration done.
+
+use std::io::{BufRead, BufReader, BufWriter, Write};
+use std::os::fd::OwnedFd;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use qmp::EventSender;
+use serde_json::{json, Map};
+
+use super::ram::{is_zero, RamPages};
+use super::stream::{Header, StreamWriter, MAX_RUN_PAGES, PAGE_SIZE};
+use super::uri::{self, Channel, MigrationUri};
+use super::{lock, Capabilities, MigrationError, Parameters, Progress, Status, RATE_PERIOD};
+use crate::accel::Accelerator;
+
+/// What the sending thread asks of the machine, which only its own thread may touch.
+pub trait SourceHost: Send {
+    /// Stop the guest (run state finish-migrate) and give every device's state as named
+    /// sections.
+    fn stop_and_save(&self) -> Result<Vec<(String, Vec<u8>)>, String>;
+    /// The migration is over: completed (the source stays stopped, postmigrate), or not
+    /// (dirty logging off, and the guest runs again if it was running).
+    fn finish(&self, completed: bool);
+    /// Slow the vCPUs down to `percent` of their time stolen (auto-converge); 0 to stop.
+    fn throttle(&self, percent: u8);
+}
+
+/// Everything the sending thread works with.
+pub struct Outgoing {
+    /// Where to (connected by the thread: QEMU answers `migrate` before it connects).
+    pub uri: MigrationUri,
+    pub fd: Option<OwnedFd>,
+    /// Where the thread leaves how to shut its connection down (migrate_cancel).
+    pub shutdown: super::ShutdownSlot,
+    pub ram: RamPages,
+    pub accel: Arc<dyn Accelerator>,
+    pub host: Box<dyn SourceHost>,
+    pub header: Header,
+    pub params: Arc<Mutex<Parameters>>,
+    pub caps: Capabilities,
+    pub progress: Arc<Mutex<Progress>>,
+    pub cancel: Arc<std::sync::atomic::AtomicBool>,
+    pub events: EventSender,
+}
+
+/// The sending thread's body: connect, run the migration and record how it ended.
+pub fn run(mut o: Outgoing) {
+    let started = Instant::now();
+    event(&o, Status::Setup);
+    let mut channel = None;
+    let result = uri::connect(&o.uri, o.fd.take())
+        .map_err(MigrationError::from)
+        .and_then(|mut c| {
+            *lock(&o.shutdown) = c.shutdown.take();
+            let result = migrate(&mut o, &mut c, started);
+            channel = Some(c);
+            result
+        });
+    *lock(&o.shutdown) = None;
+    let cancelled = o.cancel.load(Ordering::SeqCst);
+    let status = match &result {
+        Ok(()) => Status::Completed,
+        Err(_) if cancelled => Status::Cancelled,
+        Err(_) => Status::Failed,
+    };
+    {
+        let mut p = lock(&o.progress);
+        p.status = status;
+        p.total_time_ms = Some(started.elapsed().as_millis() as u64);
+        if let Err(e) = &result {
+            tracing::warn!("migration: {e}");
+            if !cancelled {
+                p.error = Some(e.to_string());
+            }
+        }
+    }
+    if let Some(mut child) = channel.and_then(|mut c| c.child.take()) {
+        if status != Status::Completed {
+            let _ = child.kill();
+        }
+        let _ = child.wait();
+    }
+    o.host.throttle(0);
+    o.host.finish(status == Status::Completed);
+    event(&o, status);
+}
+
+fn event(o: &Outgoing, status: Status) {
+    if o.caps.events {
+        let mut data = Map::new();
+        data.insert("status".into(), json!(status.as_str()));
+        o.events.emit("MIGRATION", Some(data));
+    }
+}
+
+fn check_cancel(o: &Outgoing) -> Result<(), MigrationError> {
+    if o.cancel.load(Ordering::SeqCst) {
+        Err(MigrationError::Cancelled)
+    } else {
+        Ok(())
+    }
+}
+
+/// Sends pages and keeps to the bandwidth limit.
+struct Sender<'a> {
+    w: StreamWriter<BufWriter<Box<dyn Write + Send>>>,
+    ram: &'a RamPages,
+    buf: Vec<[u8; PAGE_SIZE]>,
+    window_start: Instant,
+    window_bytes: u64,
+}
+
+impl Sender<'_> {
+    /// Send `count` pages from `first`; `allocated` says which may hold data (the others
+    /// are holes, sent as zero without being read).
+    fn run(
+        &mut self,
+        o: &Outgoing,
+        first: u64,
+        count: u64,
+        allocated: Option<&[u64]>,
+    ) -> Result<(), MigrationError> {
+        let mut page = first;
+        while page < first + count {
+            let n = (first + count - page).min(u64::from(MAX_RUN_PAGES));
+            let mut zero = vec![false; n as usize];
+            for i in 0..n {
+                let p = page + i;
+                let holds_data =
+                    allocated.is_none_or(|bits| bits[(p / 64) as usize] & (1 << (p % 64)) != 0);
+                let buf = &mut self.buf[i as usize];
+                zero[i as usize] = !holds_data || !self.ram.read(p, buf) || is_zero(buf);
+            }
+            let pages: Vec<Option<&[u8]>> = (0..n as usize)
+                .map(|i| (!zero[i]).then_some(&self.buf[i][..]))
+                .collect();
+            let before = self.w.bytes;
+            self.w.ram(page, &pages)?;
+            let zeros = zero.iter().filter(|z| **z).count() as u64;
+            {
+                let mut p = lock(&o.progress);
+                p.duplicate += zeros;
+                p.normal += n - zeros;
+                p.transferred = self.w.bytes;
+            }
+            self.limit(o, self.w.bytes - before)?;
+            page += n;
+        }
+        Ok(())
+    }
+
+    /// Every page set in `bits`, in runs.
+    fn dirty(&mut self, o: &Outgoing, bits: &[u64]) -> Result<(), MigrationError> {
+        let total = self.ram.count();
+        let mut page = 0u64;
+        while page < total {
+            let set = |p: u64| {
+                bits.get((p / 64) as usize)
+                    .is_some_and(|w| w & (1 << (p % 64)) != 0)
+            };
+            if !set(page) {
+                page += 1;
+                continue;
+            }
+            let mut end = page + 1;
+            while end < total && set(end) && end - page < u64::from(MAX_RUN_PAGES) {
+                end += 1;
+            }
+            self.run(o, page, end - page, None)?;
+            check_cancel(o)?;
+            page = end;
+        }
+        Ok(())
+    }
+
+    /// Sleep as long as the bandwidth limit wants after `sent` more bytes.
+    fn limit(&mut self, o: &Outgoing, sent: u64) -> Result<(), MigrationError> {
+        self.window_bytes += sent;
+        let per_window = (lock(&o.params).max_bandwidth as f64 * RATE_PERIOD.as_secs_f64()) as u64;
+        if self.window_bytes >= per_window.max(PAGE_SIZE as u64) {
+            let elapsed = self.window_start.elapsed();
+            if elapsed < RATE_PERIOD {
+                std::thread::sleep(RATE_PERIOD - elapsed);
+            }
+            self.window_start = Instant::now();
+            self.window_bytes = 0;
+            check_cancel(o)?;
+        }
+        Ok(())
+    }
+}
+
+fn popcount(bits: &[u64]) -> u64 {
+    bits.iter().map(|w| u64::from(w.count_ones())).sum()
+}
+
+fn migrate(
+    o: &mut Outgoing,
+    channel: &mut Channel,
+    started: Instant,
+) -> Result<(), MigrationError> {
+    let writer = std::mem::replace(&mut channel.writer, Box::new(std::io::sink()));
+    let mut reader = channel.reader.take();
+    let sent = send(o, writer, started);
+    let sent = match (sent, reader.as_mut()) {
+        // The destination stopped reading: it may have said why.
+        (Err(MigrationError::Io(_) | MigrationError::Stream(_)), Some(r)) => {
+            Err(match read_reply(r) {
+                Ok(Some(why)) => MigrationError::Refused(why),
+                _ => MigrationError::Refused("the destination closed the connection".into()),
+            })
+        }
+        (other, _) => other,
+    };
+    let stopped = sent?;
+    if let Some(reader) = reader.as_mut() {
+        if let Some(why) = read_reply(reader)? {
+            return Err(MigrationError::Refused(why));
+        }
+    } else if let Some(child) = channel.child.as_mut() {
+        let status = child.wait()?;
+        if !status.success() {
+            return Err(MigrationError::Refused(format!(
+                "the command exited with {status}"
+            )));
+        }
+    }
+    let mut p = lock(&o.progress);
+    p.downtime_ms = Some(stopped.elapsed().as_millis() as u64);
+    p.remaining = 0;
+    Ok(())
+}
+
+/// The destination's answer: None for OK, or why it refused.
+fn read_reply(
+    reader: &mut Box<dyn std::io::Read + Send>,
+) -> Result<Option<String>, MigrationError> {
+    let mut line = String::new();
+    BufReader::new(reader).read_line(&mut line)?;
+    let line = line.trim_end();
+    Ok(match line {
+        "OK" => None,
+        "" => Some("the destination closed the connection".into()),
+        other => Some(other.strip_prefix("ERR ").unwrap_or(other).to_string()),
+    })
+}
+
+/// Send the whole stream: precopy, then the stop and the rest. The instant the source
+/// stopped (downtime counts from there).
+fn send(
+    o: &mut Outgoing,
+    writer: Box<dyn Write + Send>,
+    started: Instant,
+) -> Result<Instant, MigrationError> {
+    let ram = o.ram.clone();
+    let mut s = Sender {
+        w: StreamWriter::new(BufWriter::with_capacity(1 << 20, writer))?,
+        ram: &ram,
+        buf: vec![[0u8; PAGE_SIZE]; MAX_RUN_PAGES as usize],
+        window_start: Instant::now(),
+        window_bytes: 0,
+    };
+    s.w.header(&o.header)?;
+    {
+        let mut p = lock(&o.progress);
+        p.status = Status::Active;
+        p.setup_time_ms = started.elapsed().as_millis() as u64;
+        p.total = ram.count() * PAGE_SIZE as u64;
+        p.remaining = p.total;
+    }
+    event(o, Status::Active);
+
+    // The bulk pass: every page (holes as zero pages, unread).
+    let pass_start = Instant::now();
+    let allocated = ram.allocated();
+    s.run(o, 0, ram.count(), Some(&allocated))?;
+    let mut pass_bytes = s.w.bytes;
+    let mut pass_time = pass_start.elapsed();
+    let mut pass = 1u64;
+    let mut throttle = 0u8;
+    let mut fast_dirtying = 0;
+
+    // Passes over what the guest wrote meanwhile, until the rest fits the downtime.
+    let dirty = loop {
+        check_cancel(o)?;
+        let dirty = o
+            .accel
+            .take_dirty_log(ram.count() as usize)
+            .map_err(|e| MigrationError::DirtyLog(e.to_string()))?;
+        let remaining = popcount(&dirty) * PAGE_SIZE as u64;
+        // Bytes per second the link carried in the last pass (at least one page's worth
+        // in its time, so that an idle guest converges).
+        let secs = pass_time.as_secs_f64().max(1e-3);
+        let bandwidth = (pass_bytes as f64 / secs).max(1.0);
+        let params = *lock(&o.params);
+        let threshold = bandwidth * params.downtime_limit_ms as f64 / 1000.0;
+        {
+            let mut p = lock(&o.progress);
+            p.dirty_sync_count = pass;
+            p.remaining = remaining;
+            p.dirty_pages_rate = (remaining as f64 / PAGE_SIZE as f64 / secs) as u64;
+            p.mbps = bandwidth * 8.0 / 1e6;
+            p.expected_downtime_ms = (remaining as f64 / bandwidth * 1000.0) as u64;
+            p.transferred = s.w.bytes;
+        }
+        if o.caps.events {
+            let mut data = Map::new();
+            data.insert("pass".into(), json!(pass));
+            o.events.emit("MIGRATION_PASS", Some(data));
+        }
+        if (remaining as f64) <= threshold {
+            break dirty;
+        }
+        // Auto-converge: the guest dirtied more than half of what went out, twice in a
+        // row: steal more of its time (20% first, 10% more each step, 99% at most).
+        if o.caps.auto_converge {
+            if remaining * 2 > pass_bytes {
+                fast_dirtying += 1;
+            } else {
+                fast_dirtying = 0;
+            }
+            if fast_dirtying >= 2 {
+                throttle = if throttle == 0 {
+                    20
+                } else {
+                    (throttle + 10).min(99)
+                };
+                fast_dirtying = 0;
+                o.host.throttle(throttle);
+                lock(&o.progress).cpu_throttle = throttle;
+            }
+        }
+        let before = s.w.bytes;
+        let t = Instant::now();
+        s.dirty(o, &dirty)?;
+        pass_bytes = s.w.bytes - before;
+        pass_time = t.elapsed();
+        pass += 1;
+    };
+
+    // Stop, send the rest and every device's state.
+    check_cancel(o)?;
+    let stopped = Instant::now();
+    let sections = o.host.stop_and_save().map_err(MigrationError::Machine)?;
+    let last = o
+        .accel
+        .take_dirty_log(ram.count() as usize)
+        .map_err(|e| MigrationError::DirtyLog(e.to_string()))?;
+    let both: Vec<u64> = dirty.iter().zip(&last).map(|(a, b)| a | b).collect();
+    s.dirty(o, &both)?;
+    for (name, state) in &sections {
+        s.w.section(name, state)?;
+    }
+    s.w.end()?;
+    lock(&o.progress).transferred = s.w.bytes;
+    // The write half is done: exec's command sees the end of its input.
+    drop(s);
+    Ok(stopped)
+}
