@@ -1,0 +1,87 @@
+//! Live migration of the stock guest under emu: two vmm processes on one host. A shell
+//! loop counting in the guest goes on counting on the destination, the guest's uptime goes
+//! on from where it was (its clock does not jump), and its wall clock stays the host's.
+
+use std::time::Duration;
+
+use serde_json::json;
+use vmm_tests::console::{stock_linux_args, GuestConsole};
+use vmm_tests::qmp::Qmp;
+use vmm_tests::{wait_until, TempDir};
+
+const BOOT_TIMEOUT: Duration = Duration::from_secs(600);
+const CMD_TIMEOUT: Duration = Duration::from_secs(180);
+
+#[test]
+fn the_stock_guest_moves_and_its_shell_goes_on() {
+    let dir = TempDir::new("emu-migrate");
+    let (qa, qb, mig) = (dir.join("a.qmp"), dir.join("b.qmp"), dir.join("mig.sock"));
+    let qmp_a = format!("unix:{},server=on,wait=off", qa.display());
+    let qmp_b = format!("unix:{},server=on,wait=off", qb.display());
+    let uri = format!("unix:{}", mig.display());
+    let mut a = GuestConsole::boot_stock_linux(&["-qmp", &qmp_a]);
+    a.wait_for("GUEST-READY", BOOT_TIMEOUT);
+    a.wait_for("# ", CMD_TIMEOUT);
+    let started = a.run(
+        "(i=0; while true; do i=$((i+1)); echo $i > /tmp/c.new; mv /tmp/c.new /tmp/count; \
+         done) & sleep 1; echo started",
+        CMD_TIMEOUT,
+    );
+    assert!(started.contains("started"), "{started}");
+    let mut qa = Qmp::connect(&qa);
+    let before = count_and_uptime(&mut a);
+    let args = stock_linux_args(&["-qmp", &qmp_b, "-incoming", &uri]);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let mut b = GuestConsole::spawn(&args);
+    wait_until("the destination's monitor", CMD_TIMEOUT, || qb.exists());
+    let mut qb = Qmp::connect(&qb);
+    qa.ok("migrate", Some(json!({ "uri": uri })));
+    wait_until("the migration", CMD_TIMEOUT, || {
+        let s = qa.ok("query-migrate", None)["status"].clone();
+        assert_ne!(s, "failed", "{}", qa.ok("query-migrate", None));
+        s == "completed"
+    });
+    eprintln!("{}", qa.ok("query-migrate", None));
+    assert_eq!(qb.ok("query-status", None)["status"], "running");
+    assert_eq!(qa.ok("query-status", None)["status"], "postmigrate");
+    let after = count_and_uptime(&mut b);
+    std::thread::sleep(Duration::from_secs(1));
+    let later = count_and_uptime(&mut b);
+    eprintln!("(count, uptime, wall clock): before {before:?}, after {after:?}, later {later:?}");
+    assert!(
+        after.0 >= before.0 && later.0 > after.0,
+        "the loop goes on counting"
+    );
+    assert!(
+        after.1 >= before.1 && after.1 < before.1 + 60.0,
+        "uptime goes on from where it was"
+    );
+    let host = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    assert!(
+        later.2.abs_diff(host) <= 5,
+        "the guest's wall clock is the host's: {} vs {host}",
+        later.2
+    );
+}
+
+/// The guest's counter, its uptime in seconds, and its wall clock (epoch seconds).
+fn count_and_uptime(console: &mut GuestConsole) -> (u64, f64, u64) {
+    let out = console.run(
+        "echo N $(cat /tmp/count) $(cut -d' ' -f1 /proc/uptime) $(date +%s)",
+        CMD_TIMEOUT,
+    );
+    let line = out
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("N "))
+        .unwrap_or_else(|| panic!("no figures in {out:?}"));
+    let f: Vec<&str> = line.split_whitespace().collect();
+    assert_eq!(f.len(), 3, "{line}");
+    (
+        f[0].parse().unwrap(),
+        f[1].parse().unwrap(),
+        f[2].parse().unwrap(),
+    )
+}
