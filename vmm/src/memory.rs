@@ -9,7 +9,9 @@ use vm_memory::{FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryRegion}
 use crate::arch::layout;
 
 /// The guest memory mapping used throughout the vmm.
-pub type GuestMemoryMmap = vm_memory::GuestMemoryMmap<()>;
+/// Every write the vmm itself makes through it (its virtio devices, the loaders, an
+/// incoming migration) is marked in a dirty bitmap per region, for live migration.
+pub type GuestMemoryMmap = vm_memory::GuestMemoryMmap<vm_memory::bitmap::AtomicBitmap>;
 
 /// Smallest RAM we accept: enough for the boot structures and a tiny kernel.
 pub const MIN_RAM_SIZE: u64 = 2 << 20;

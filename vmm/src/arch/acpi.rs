@@ -19,7 +19,9 @@ use acpi_tables::fadt::{FADTBuilder, Flags as FadtFlags};
 use acpi_tables::gas::{AccessSize, AddressSpace as GasSpace, GAS};
 use acpi_tables::rsdp::Rsdp;
 use acpi_tables::{Aml, AmlSink};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress};
+
+use crate::memory::GuestMemoryMmap;
 
 use crate::arch::layout;
 use crate::devices::acpi::{GedEvent, GED_EVENT_REGISTER_LEN};

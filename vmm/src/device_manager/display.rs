@@ -53,7 +53,7 @@ fn connect_input(
     control: &mut DisplayChannel,
     process_name: &str,
     input: &InputDevice,
-    memory: &vm_memory::GuestMemoryMmap,
+    memory: &crate::memory::GuestMemoryMmap,
 ) -> Result<(), DeviceError> {
     let request = DisplayRequest::AddInput { kind: input.kind };
     match process::setup_call(process_name, control, request, &[input.listener.as_fd()])? {
@@ -160,7 +160,7 @@ pub(super) struct DisplayProcess {
     input: Option<Arc<Mutex<I8042>>>,
     events: Arc<Mutex<EventSender>>,
     inputs: SharedInputs,
-    memory: vm_memory::GuestMemoryMmap,
+    memory: crate::memory::GuestMemoryMmap,
 }
 
 const EVENT_VNC_CONNECTED: &str = "VNC_CONNECTED";

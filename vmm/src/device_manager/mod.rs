@@ -11,17 +11,18 @@ use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use crate::memory::GuestMemoryMmap;
 use qmp::EventSender;
-use vm_memory::GuestMemoryMmap;
 
 use crate::accel::Accelerator;
 use crate::chardev::ChardevSpec;
 use crate::control::MachineControl;
 use crate::drive::{DriveConfig, DriveError};
 use crate::pci::{PciBus, PciDevice, PciError};
+use crate::snapshot::Snapshottable;
 use crate::supervisor::SupervisorError;
 use crate::virtio::pci::{VirtioPciDevice, VirtioPciError, MAX_MSIX_VECTORS};
-use crate::virtio::vhost_user::{ConfigNotifier, VhostUserError};
+use crate::virtio::vhost_user::{ConfigNotifier, LogShare, VhostUserError};
 use crate::virtio::VirtioBackend;
 
 mod balloon;
@@ -414,16 +415,60 @@ impl DeviceManager {
         Some((plugged.id, path))
     }
 
-    /// Every PCI function plugged with `-device` or `device_add`, as `driver` or
-    /// `driver id`, in slot order.
-    pub fn plugged_functions(&self) -> Vec<String> {
+    /// Why the plugged devices cannot move with a live migration yet, naming each.
+    pub fn migration_blockers(&self) -> Vec<String> {
         self.functions
             .values()
-            .map(|f| match &f.id {
-                Some(id) => format!("{} {id}", f.driver),
-                None => f.driver.clone(),
+            .filter_map(|f| {
+                let name = f.id.as_deref().unwrap_or(&f.driver);
+                let why = match &f.function {
+                    PciFunction::Virtio(v) => lock(v).migration_blocker(),
+                    PciFunction::Display(_) => {
+                        Some("its framebuffer does not move with a migration yet".into())
+                    }
+                };
+                why.map(|why| format!("{name}: {why}"))
             })
             .collect()
+    }
+
+    /// The virtio functions, as sections of a migration: `pci SLOT DRIVER [ID]`.
+    pub fn migration_sections(&self) -> Vec<(String, Arc<Mutex<dyn Snapshottable>>)> {
+        self.functions
+            .iter()
+            .filter_map(|(slot, f)| match &f.function {
+                PciFunction::Virtio(v) => {
+                    let mut name = format!("pci {slot} {}", f.driver);
+                    if let Some(id) = &f.id {
+                        name.push(' ');
+                        name.push_str(id);
+                    }
+                    Some((name, v.clone() as Arc<Mutex<dyn Snapshottable>>))
+                }
+                PciFunction::Display(_) => None,
+            })
+            .collect()
+    }
+
+    /// Every vhost-user backend logs its writes into `log` (None: stops).
+    pub fn set_dirty_logging(&self, log: Option<&LogShare>) -> Result<(), String> {
+        for f in self.functions.values() {
+            if let PciFunction::Virtio(v) = &f.function {
+                if let Some(vhost) = lock(v).backend_mut().as_vhost_user() {
+                    vhost.set_logging(log.cloned()).map_err(|e| e.to_string())?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// A migration failed after the devices' state was saved: their queues run again.
+    pub fn resume_after_migration(&self) {
+        for f in self.functions.values() {
+            if let PciFunction::Virtio(v) = &f.function {
+                lock(v).resume_after_save();
+            }
+        }
     }
 
     /// The QOM path QEMU gives a `-device`/`device_add`: by its id, or numbered among the

@@ -4,10 +4,11 @@
 //! destination takes them back in the same order, then runs.
 
 use std::os::fd::OwnedFd;
-use std::sync::mpsc;
+use std::sync::{mpsc, Arc, Mutex};
 
 use super::{Machine, MachineExit};
 use crate::control::{FnJob, MachineControl, MachineRequest};
+use crate::migration::log::DeviceDirtyLog;
 use crate::migration::ram::RamPages;
 use crate::migration::stream::Header;
 use crate::migration::uri::{self, MigrationUri};
@@ -15,6 +16,8 @@ use crate::migration::{
     self, lock, DestinationHost, IncomingMigration, Outgoing, SourceHost, Status,
 };
 use crate::runstate::RunState;
+use crate::snapshot::Snapshottable;
+use crate::virtio::vhost_user::LogShare;
 
 /// The sections every machine has besides its devices.
 const PLATFORM_SECTION: &str = "platform";
@@ -89,12 +92,20 @@ impl DestinationHost for MachineDestination {
 }
 
 impl Machine {
+    /// Every device whose state moves, by section name: the built-in ones and the PCI
+    /// functions plugged now.
+    fn migrating_devices(&self) -> Vec<(String, Arc<Mutex<dyn Snapshottable>>)> {
+        let mut devices = self.snapshot_devices.clone();
+        devices.extend(self.devices.migration_sections());
+        devices
+    }
+
     /// What the stream's header says of this machine, for the destination to compare.
     fn migration_header(&self, running: bool) -> Header {
         let mut devices: Vec<String> = self
-            .snapshot_devices
-            .iter()
-            .map(|(name, _)| name.clone())
+            .migrating_devices()
+            .into_iter()
+            .map(|(name, _)| name)
             .collect();
         devices.sort();
         Header {
@@ -110,9 +121,9 @@ impl Machine {
     /// move yet (QEMU's migration blockers).
     fn migration_blocker(&self) -> Option<String> {
         self.devices
-            .plugged_functions()
+            .migration_blockers()
             .first()
-            .map(|name| format!("State blocked by non-migratable device '{name}'"))
+            .map(|why| format!("State blocked by non-migratable device '{why}'"))
     }
 
     /// QMP `migrate`: start sending the guest to `uri` (`fd` for `fd:NAME`). Errors are
@@ -131,9 +142,26 @@ impl Machine {
         if let Some(blocker) = self.migration_blocker() {
             return Err(blocker);
         }
-        self.accel
-            .start_dirty_log()
-            .map_err(|e| format!("cannot log the guest's writes: {e}"))?;
+        // The device processes' writes go to a log they share with us.
+        let device_log =
+            Arc::new(DeviceDirtyLog::new(self.memory.ram_end()).map_err(|e| e.to_string())?);
+        let share = LogShare {
+            fd: Arc::new(
+                device_log
+                    .fd()
+                    .try_clone_to_owned()
+                    .map_err(|e| format!("cannot share the dirty log: {e}"))?,
+            ),
+            size: device_log.size(),
+        };
+        if let Err(e) = self.devices.set_dirty_logging(Some(&share)) {
+            let _ = self.devices.set_dirty_logging(None);
+            return Err(format!("cannot log the devices' writes: {e}"));
+        }
+        if let Err(e) = self.accel.start_dirty_log() {
+            let _ = self.devices.set_dirty_logging(None);
+            return Err(format!("cannot log the guest's writes: {e}"));
+        }
         // Compiled code that ran before logging started stores on its own: let every vCPU
         // leave the guest once, so that all later writes are logged.
         let _ = self.cpus.snapshots();
@@ -155,12 +183,14 @@ impl Machine {
             progress: self.migration.progress.clone(),
             cancel: self.migration.cancel.clone(),
             events: self.events.clone(),
+            device_log: Some(device_log),
         };
         if let Err(e) = std::thread::Builder::new()
             .name("migration".into())
             .spawn(move || migration::source::run(outgoing))
         {
             self.accel.stop_dirty_log();
+            let _ = self.devices.set_dirty_logging(None);
             lock(&self.migration.progress).status = Status::Failed;
             return Err(format!("cannot start the migration thread: {e}"));
         }
@@ -171,12 +201,17 @@ impl Machine {
     /// otherwise it runs again if it ran before.
     fn migration_finished(&mut self, completed: bool) {
         self.accel.stop_dirty_log();
+        if let Err(e) = self.devices.set_dirty_logging(None) {
+            tracing::warn!("migration: cannot stop the devices' dirty logging: {e}");
+        }
         *lock(&self.migration.shutdown) = None;
         if completed {
             self.run_state = RunState::PostMigrate;
             return;
         }
         if self.run_state == RunState::FinishMigrate {
+            // The devices' queues were stopped with their state: they run again.
+            self.devices.resume_after_migration();
             self.run_state = RunState::Paused;
             if self.migration_was_running {
                 let _ = self.cont();
@@ -196,7 +231,7 @@ impl Machine {
         for (i, state) in cpus.into_iter().enumerate() {
             sections.push((cpu_section(i), state));
         }
-        for (name, device) in &self.snapshot_devices {
+        for (name, device) in &self.migrating_devices() {
             let state = lock(device)
                 .save()
                 .map_err(|e| format!("saving {name}: {e}"))?;
@@ -226,11 +261,13 @@ impl Machine {
             .map(|i| find(&cpu_section(i)).map(<[u8]>::to_vec))
             .collect::<Result<Vec<_>, _>>()?;
         self.cpus.restore_state(cpus).map_err(|e| e.to_string())?;
-        for (name, device) in &self.snapshot_devices {
+        for (name, device) in &self.migrating_devices() {
             lock(device)
                 .restore(find(name)?)
                 .map_err(|e| format!("restoring {name}: {e}"))?;
         }
+        // The configuration spaces say where the BARs are: route them there.
+        lock(&self.pci).reroute_all();
         self.run_state = RunState::Paused;
         if running && self.incoming_autostart {
             self.cont().map_err(|e| e.desc)?;

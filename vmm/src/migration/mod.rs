@@ -17,6 +17,7 @@ use std::time::{Duration, Instant};
 use serde_json::{json, Map, Value};
 
 pub mod destination;
+pub mod log;
 pub mod ram;
 pub mod source;
 pub mod stream;

@@ -63,6 +63,14 @@ impl RamPages {
             .map(|s| s.gpa + (page - s.first_page) * PAGE_SIZE as u64)
     }
 
+    /// The page at guest-physical address `gpa`, if it is RAM.
+    pub fn page_of(&self, gpa: u64) -> Option<u64> {
+        self.spans
+            .iter()
+            .find(|s| gpa >= s.gpa && gpa < s.gpa + s.pages * PAGE_SIZE as u64)
+            .map(|s| s.first_page + (gpa - s.gpa) / PAGE_SIZE as u64)
+    }
+
     /// Read page `page` into `buf`; false if it is not RAM.
     pub fn read(&self, page: u64, buf: &mut [u8; PAGE_SIZE]) -> bool {
         self.gpa(page)
@@ -83,6 +91,30 @@ impl RamPages {
             self.gpa(p)
                 .is_some_and(|gpa| release_pages(&self.memory, gpa, PAGE_SIZE as u64).is_ok())
         })
+    }
+
+    /// The pages the vmm itself wrote through its mapping since the last call (its virtio
+    /// devices, loaders: vm-memory marks them), in the stream's page order, cleared as
+    /// they are taken.
+    pub fn take_vmm_dirty(&self) -> Vec<u64> {
+        let mut bits = vec![0u64; self.pages.div_ceil(64) as usize];
+        for r in self.memory.iter() {
+            let first = r.file_offset().map_or(0, |f| f.start()) / PAGE_SIZE as u64;
+            // The region's own bitmap (the mapping's), not the trait's slice of it.
+            let mapping: &vm_memory::MmapRegion<vm_memory::bitmap::AtomicBitmap> = r;
+            for (w, word) in mapping.bitmap().get_and_reset().into_iter().enumerate() {
+                let mut word = word;
+                while word != 0 {
+                    let bit = u64::from(word.trailing_zeros());
+                    word &= word - 1;
+                    let page = first + w as u64 * 64 + bit;
+                    if let Some(slot) = bits.get_mut((page / 64) as usize) {
+                        *slot |= 1 << (page % 64);
+                    }
+                }
+            }
+        }
+        bits
     }
 
     /// One bit per page that holds data in the memfd (the rest are holes: zero).
@@ -147,5 +179,14 @@ mod tests {
         assert!(ram.read(10, &mut buf));
         assert!(is_zero(&buf));
         assert!(!is_zero(&page));
+        // The vmm's own writes are logged (the test's writes above included).
+        let logged = ram.take_vmm_dirty();
+        assert_ne!(logged[0] & (1 << 10), 0);
+        assert!(
+            ram.take_vmm_dirty().iter().all(|w| *w == 0),
+            "taken: cleared"
+        );
+        assert!(ram.write(4095, &page));
+        assert_eq!(ram.take_vmm_dirty()[63], 1 << 63);
     }
 }

@@ -45,6 +45,8 @@ pub struct Outgoing {
     pub progress: Arc<Mutex<Progress>>,
     pub cancel: Arc<std::sync::atomic::AtomicBool>,
     pub events: EventSender,
+    /// The log the device processes write.
+    pub device_log: Option<Arc<super::log::DeviceDirtyLog>>,
 }
 
 /// The sending thread's body: connect, run the migration and record how it ended.
@@ -194,6 +196,25 @@ impl Sender<'_> {
     }
 }
 
+/// Every writer's log since the last call, in one bitmap: the CPU's (the accelerator's)
+/// and the vmm's own writes.
+fn take_dirty(o: &Outgoing, ram: &RamPages) -> Result<Vec<u64>, MigrationError> {
+    let mut bits = o
+        .accel
+        .take_dirty_log(ram.count() as usize)
+        .map_err(|e| MigrationError::DirtyLog(e.to_string()))?;
+    bits.resize(ram.count().div_ceil(64) as usize, 0);
+    for (b, v) in bits.iter_mut().zip(ram.take_vmm_dirty()) {
+        *b |= v;
+    }
+    if let Some(log) = &o.device_log {
+        for (b, v) in bits.iter_mut().zip(log.take(ram)) {
+            *b |= v;
+        }
+    }
+    Ok(bits)
+}
+
 fn popcount(bits: &[u64]) -> u64 {
     bits.iter().map(|w| u64::from(w.count_ones())).sum()
 }
@@ -274,8 +295,13 @@ fn send(
     }
     event(o, Status::Active);
 
-    // The bulk pass: every page (holes as zero pages, unread).
+    // The bulk pass: every page (holes as zero pages, unread); the vmm's own log starts
+    // clean with it.
     let pass_start = Instant::now();
+    ram.take_vmm_dirty();
+    if let Some(log) = &o.device_log {
+        log.take(&ram);
+    }
     let allocated = ram.allocated();
     s.run(o, 0, ram.count(), Some(&allocated))?;
     let mut pass_bytes = s.w.bytes;
@@ -287,10 +313,7 @@ fn send(
     // Passes over what the guest wrote meanwhile, until the rest fits the downtime.
     let dirty = loop {
         check_cancel(o)?;
-        let dirty = o
-            .accel
-            .take_dirty_log(ram.count() as usize)
-            .map_err(|e| MigrationError::DirtyLog(e.to_string()))?;
+        let dirty = take_dirty(o, &ram)?;
         let remaining = popcount(&dirty) * PAGE_SIZE as u64;
         // Bytes per second the link carried in the last pass (at least one page's worth
         // in its time, so that an idle guest converges).
@@ -346,10 +369,7 @@ fn send(
     check_cancel(o)?;
     let stopped = Instant::now();
     let sections = o.host.stop_and_save().map_err(MigrationError::Machine)?;
-    let last = o
-        .accel
-        .take_dirty_log(ram.count() as usize)
-        .map_err(|e| MigrationError::DirtyLog(e.to_string()))?;
+    let last = take_dirty(o, &ram)?;
     let both: Vec<u64> = dirty.iter().zip(&last).map(|(a, b)| a | b).collect();
     s.dirty(o, &both)?;
     for (name, state) in &sections {

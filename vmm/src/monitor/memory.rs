@@ -9,7 +9,9 @@ use std::path::{Path, PathBuf};
 use qmp::schema::{ArgType, CommandSpec, ParamSpec};
 use qmp::QmpError;
 use serde_json::{json, Value};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress};
+
+use crate::memory::GuestMemoryMmap;
 
 use super::command::{Command, CommandContext};
 use super::MonitorCall;

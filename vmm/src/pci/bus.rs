@@ -368,6 +368,33 @@ impl PciBus {
         }
     }
 
+    /// Route every device's BARs where its configuration space now says (after a
+    /// migration restored the registers behind the bus's back).
+    pub fn reroute_all(&mut self) {
+        let slots: Vec<u8> = (0..self.slots.len() as u8).collect();
+        for slot in slots {
+            let Some(Some(entry)) = self.slots.get_mut(usize::from(slot)) else {
+                continue;
+            };
+            {
+                let mut device = lock(&entry.device);
+                for state in &mut entry.bars {
+                    let reg = BAR0_REG + state.bar.index;
+                    let low = u64::from(device.read_config_register(reg));
+                    state.address = match state.bar.kind {
+                        PciBarKind::Io => low & !0x3,
+                        PciBarKind::Mmio32 => low & !0xf,
+                        PciBarKind::Mmio64 => {
+                            let high = u64::from(device.read_config_register(reg + 1));
+                            (high << 32) | (low & !0xf)
+                        }
+                    };
+                }
+            }
+            let _ = self.update_mappings(slot, false);
+        }
+    }
+
     /// Every device on the bus, for `query-pci` / `info pci`.
     pub fn pci_info(&self) -> Vec<PciDeviceInfo> {
         let mut list = Vec::new();

@@ -27,6 +27,7 @@ use vmm_sys_util::eventfd::EventFd;
 use super::{Activation, QueueSetup, VirtioBackend, VirtioError};
 use crate::accel::Accelerator;
 use crate::memory::{release_pages, GuestMemoryMmap};
+use crate::snapshot::{decode, encode, SnapshotError};
 
 pub const VIRTIO_ID_BALLOON: u16 = 5;
 const QUEUE_SIZE: u16 = 128;
@@ -444,9 +445,12 @@ impl VirtioBackend for VirtioBalloon {
             }
         }
         // Linux primes the stats queue with its first figures before DRIVER_OK, and that
-        // kick came before the queues were ours: take what is already there.
-        for kind in kinds {
-            self.serve(kind);
+        // kick came before the queues were ours: take what is already there (unless the
+        // queues come from a migration: their positions come with the state).
+        if !activation.resume {
+            for kind in kinds {
+                self.serve(kind);
+            }
         }
         Ok(())
     }
@@ -474,6 +478,60 @@ impl VirtioBackend for VirtioBalloon {
     fn as_balloon(&mut self) -> Option<&mut VirtioBalloon> {
         Some(self)
     }
+
+    fn save_state(&mut self) -> Result<Vec<u8>, SnapshotError> {
+        encode(
+            SNAPSHOT,
+            &BalloonState {
+                num_pages: self.num_pages,
+                actual: self.actual,
+                stats: self.stats.to_vec(),
+                last_update: self.last_update,
+                stats_head: self.stats_head,
+                queues: self
+                    .queues
+                    .iter()
+                    .map(|(kind, q)| (*kind, q.queue.next_avail(), q.queue.next_used()))
+                    .collect(),
+            },
+        )
+    }
+
+    fn restore_state(&mut self, state: &[u8]) -> Result<(), SnapshotError> {
+        let s: BalloonState = decode(SNAPSHOT, state)?;
+        if s.stats.len() != self.stats.len() {
+            return Err(SnapshotError::Decode {
+                what: SNAPSHOT,
+                message: format!("{} statistics", s.stats.len()),
+            });
+        }
+        self.num_pages = s.num_pages;
+        self.actual = s.actual;
+        self.stats.copy_from_slice(&s.stats);
+        self.last_update = s.last_update;
+        self.stats_head = s.stats_head;
+        for (kind, avail, used) in s.queues {
+            if let Some(q) = self.queues.get_mut(&kind) {
+                q.queue.set_next_avail(avail);
+                q.queue.set_next_used(used);
+            }
+        }
+        Ok(())
+    }
+}
+
+const SNAPSHOT: &str = "the balloon";
+
+/// What moves with the guest: the target, the guest's answer, its last statistics, the
+/// stats buffer it holds, and where each queue is.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct BalloonState {
+    num_pages: u32,
+    actual: u32,
+    stats: Vec<u64>,
+    last_update: u64,
+    stats_head: Option<u16>,
+    queues: Vec<(usize, u16, u16)>,
 }
 
 #[cfg(test)]

@@ -148,6 +148,10 @@ impl VirtioInput {
 }
 
 impl VirtioBackend for VirtioInput {
+    fn migration_blocker(&self) -> Option<String> {
+        Some("virtio-input does not move with a migration yet".into())
+    }
+
     fn device_type(&self) -> u16 {
         VIRTIO_ID_INPUT
     }

@@ -55,6 +55,11 @@ impl VirtioInterrupt {
         }
     }
 
+    /// The ISR status bits (a snapshot keeps them).
+    pub fn isr(&self) -> u8 {
+        self.isr
+    }
+
     pub fn set_intx(&mut self, line: IrqLine) {
         self.intx = Some(line);
     }
@@ -116,7 +121,8 @@ impl VirtioInterrupt {
         }
     }
 
-    fn set_isr(&mut self, value: u8) {
+    /// Set the ISR status bits, the INTx line following them.
+    pub fn set_isr(&mut self, value: u8) {
         let was = self.isr != 0;
         self.isr = value;
         let now = value != 0;

@@ -10,7 +10,7 @@ pub mod net;
 pub mod pci;
 pub mod vhost_user;
 
-use vm_memory::GuestMemoryMmap;
+use crate::memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
 /// Feature bits of the transport (virtio 1.x, 6).
@@ -87,6 +87,9 @@ pub struct Activation<'a> {
     pub features: u64,
     pub queues: Vec<QueueSetup>,
     pub memory: &'a GuestMemoryMmap,
+    /// The queues were running elsewhere (a migrated device): they go on from where the
+    /// used rings in guest memory say, not from zero.
+    pub resume: bool,
 }
 
 /// The device behind a virtio transport.
@@ -132,4 +135,21 @@ pub trait VirtioBackend: Send {
     }
     /// The driver notified inline queue `queue`.
     fn queue_notify(&mut self, _queue: usize) {}
+    /// Why this device cannot move with a live migration yet, if it cannot.
+    fn migration_blocker(&self) -> Option<String> {
+        None
+    }
+    /// The device's own state for a migration, taken with the vCPUs stopped: its queues
+    /// stop here (a backend in another process finishes or gives back what it holds).
+    fn save_state(&mut self) -> Result<Vec<u8>, crate::snapshot::SnapshotError> {
+        Ok(Vec::new())
+    }
+    /// Take [`VirtioBackend::save_state`]'s state, after a resumed activation.
+    fn restore_state(&mut self, state: &[u8]) -> Result<(), crate::snapshot::SnapshotError> {
+        let _ = state;
+        Ok(())
+    }
+    /// A migration failed after [`VirtioBackend::save_state`] stopped the queues: start
+    /// them again where they were.
+    fn resume_after_save(&mut self) {}
 }

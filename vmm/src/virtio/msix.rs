@@ -10,7 +10,7 @@ pub const MSIX_ENABLE: u16 = 1 << 15;
 pub const MSIX_FUNCTION_MASK: u16 = 1 << 14;
 
 /// One table entry.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct MsixEntry {
     pub address: u64,
     pub data: u32,
@@ -36,7 +36,7 @@ pub struct MsiMessage {
 }
 
 /// The table, the pending bits and the capability's enable and function-mask bits.
-#[derive(Debug)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct MsixTable {
     entries: Vec<MsixEntry>,
     pending: Vec<u64>,

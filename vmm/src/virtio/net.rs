@@ -16,7 +16,9 @@ use serde_json::{json, Map, Value};
 use virtio_bindings::virtio_net::*;
 use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
 use virtio_queue::{Queue, QueueT};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress};
+
+use crate::memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
 use super::vhost_user::VhostUserDevice;
@@ -530,6 +532,10 @@ fn read_command(
 }
 
 impl VirtioBackend for VirtioNet {
+    fn migration_blocker(&self) -> Option<String> {
+        Some("virtio-net does not move with a migration yet".into())
+    }
+
     fn device_type(&self) -> u16 {
         VIRTIO_ID_NET
     }
@@ -597,6 +603,7 @@ impl VirtioBackend for VirtioNet {
                 features,
                 queues: data,
                 memory: activation.memory,
+                resume: activation.resume,
             })?;
         }
         self.pairs = 1;

@@ -18,8 +18,10 @@ use vhost::vhost_user::message::{
 use vhost::vhost_user::{
     Frontend, FrontendReqHandler, HandlerResult, VhostUserFrontend, VhostUserFrontendReqHandler,
 };
-use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
+use vhost::{VhostBackend, VhostUserDirtyLogRegion, VhostUserMemoryRegionInfo, VringConfigData};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
+
+use crate::memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
 use super::{Activation, VirtioBackend, VirtioError};
@@ -30,6 +32,19 @@ fn wanted_protocol_features() -> VhostUserProtocolFeatures {
         | VhostUserProtocolFeatures::CONFIG
         | VhostUserProtocolFeatures::REPLY_ACK
         | VhostUserProtocolFeatures::BACKEND_REQ
+        | VhostUserProtocolFeatures::LOG_SHMFD
+}
+
+/// The device feature that turns the backend's dirty logging on (VHOST_F_LOG_ALL).
+const VHOST_F_LOG_ALL: u64 = 1 << 26;
+/// The vring address flag that logs used-ring writes (VHOST_VRING_F_LOG).
+const VHOST_VRING_F_LOG: u32 = 1;
+
+/// The log a migration shares with the backend: a memfd of one bit per guest page.
+#[derive(Clone)]
+pub struct LogShare {
+    pub fd: Arc<OwnedFd>,
+    pub size: u64,
 }
 
 /// What to do when the backend says its configuration changed (a resize, say): set by the
@@ -194,6 +209,12 @@ pub struct VhostUserDevice {
     ring_enabled: Vec<bool>,
     notifier: Arc<ConfigNotifier>,
     backend_channel: Option<BackendChannel>,
+    /// The backend logs its writes to guest memory (LOG_SHMFD negotiated).
+    can_log: bool,
+    /// While a migration runs: the log, re-armed on a backend that restarts.
+    logging: Option<LogShare>,
+    /// The queues were stopped for a migration (GET_VRING_BASE).
+    stopped: bool,
 }
 
 impl VhostUserDevice {
@@ -215,6 +236,9 @@ impl VhostUserDevice {
         let notifier = Arc::new(ConfigNotifier::default());
         let backend_channel = start_backend_channel(name, &mut frontend, protocol, &notifier)?;
         Ok(VhostUserDevice {
+            can_log: protocol.contains(VhostUserProtocolFeatures::LOG_SHMFD),
+            logging: None,
+            stopped: false,
             notifier,
             backend_channel,
             name: name.to_string(),
@@ -257,6 +281,7 @@ impl VhostUserDevice {
         }
         self.frontend = frontend;
         self.protocol_features = true;
+        self.can_log = protocol.contains(VhostUserProtocolFeatures::LOG_SHMFD);
         if let Some(active) = self.active.take() {
             let result = self.start(&active, true);
             self.active = Some(active);
@@ -310,6 +335,10 @@ impl VhostUserDevice {
         if self.protocol_features {
             features |= VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits();
         }
+        let logging = self.logging.clone().filter(|_| self.can_log);
+        if logging.is_some() {
+            features |= VHOST_F_LOG_ALL;
+        }
         self.frontend
             .set_features(features)
             .map_err(self.step("SET_FEATURES"))?;
@@ -322,6 +351,9 @@ impl VhostUserDevice {
         self.frontend
             .set_mem_table(&regions)
             .map_err(self.step("SET_MEM_TABLE"))?;
+        if let Some(log) = &logging {
+            self.send_log_base(log)?;
+        }
         for q in &active.queues {
             let host = |gpa: u64| {
                 self.memory
@@ -335,11 +367,15 @@ impl VhostUserDevice {
             let ring = VringConfigData {
                 queue_max_size: self.queue_max_size,
                 queue_size: q.size,
-                flags: 0,
+                flags: if logging.is_some() {
+                    VHOST_VRING_F_LOG
+                } else {
+                    0
+                },
                 desc_table_addr: host(q.desc)?,
                 used_ring_addr: host(q.used)?,
                 avail_ring_addr: host(q.avail)?,
-                log_addr: None,
+                log_addr: logging.as_ref().map(|_| q.used),
             };
             let base = if resume {
                 // struct virtq_used { le16 flags; le16 idx; ... }
@@ -378,6 +414,61 @@ impl VhostUserDevice {
                 let _ = q.kick.write(1);
             }
         }
+        Ok(())
+    }
+}
+
+impl VhostUserDevice {
+    fn send_log_base(&mut self, log: &LogShare) -> Result<(), VhostUserError> {
+        let region = VhostUserDirtyLogRegion {
+            mmap_size: log.size,
+            mmap_offset: 0,
+            mmap_handle: log.fd.as_raw_fd(),
+        };
+        self.frontend
+            .set_log_base(0, Some(region))
+            .map_err(self.step("SET_LOG_BASE"))
+    }
+
+    /// Start (`Some`) or stop logging the backend's writes into the migration's log. A
+    /// running device is told at once (its features gain or lose VHOST_F_LOG_ALL).
+    pub fn set_logging(&mut self, log: Option<LogShare>) -> Result<(), VhostUserError> {
+        if log.is_some() && !self.can_log {
+            return Err(VhostUserError::Missing {
+                device: self.name.clone(),
+                what: "dirty logging (LOG_SHMFD)",
+            });
+        }
+        self.logging = log;
+        let Some(active) = &self.active else {
+            return Ok(());
+        };
+        let mut features = active.features;
+        if self.protocol_features {
+            features |= VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits();
+        }
+        if let Some(log) = self.logging.clone() {
+            self.send_log_base(&log)?;
+            features |= VHOST_F_LOG_ALL;
+        }
+        self.frontend
+            .set_features(features)
+            .map_err(self.step("SET_FEATURES"))
+    }
+
+    /// Stop every queue (GET_VRING_BASE): the backend finishes or gives back what it
+    /// holds, and writes nothing more until it is started again.
+    fn stop_queues(&mut self) -> Result<(), VhostUserError> {
+        let Some(active) = &self.active else {
+            return Ok(());
+        };
+        let indices: Vec<usize> = active.queues.iter().map(|q| q.index).collect();
+        for index in indices {
+            self.frontend
+                .get_vring_base(index)
+                .map_err(self.step("GET_VRING_BASE"))?;
+        }
+        self.stopped = true;
         Ok(())
     }
 }
@@ -531,10 +622,37 @@ impl VirtioBackend for VhostUserDevice {
                 })
                 .collect(),
         };
-        self.start(&active, false)
+        self.start(&active, activation.resume)
             .map_err(|e| VirtioError::Backend(e.to_string()))?;
         self.active = Some(active);
         Ok(())
+    }
+
+    fn migration_blocker(&self) -> Option<String> {
+        (!self.can_log).then(|| format!("{}: its backend cannot log its writes", self.name))
+    }
+
+    /// The queues stop; their state is in guest memory (the used rings), where the
+    /// destination's backend starts from.
+    fn save_state(&mut self) -> Result<Vec<u8>, crate::snapshot::SnapshotError> {
+        self.stop_queues()
+            .map_err(|e| crate::snapshot::SnapshotError::Encode {
+                what: "a vhost-user device",
+                message: e.to_string(),
+            })?;
+        Ok(Vec::new())
+    }
+
+    fn resume_after_save(&mut self) {
+        if !std::mem::take(&mut self.stopped) {
+            return;
+        }
+        if let Some(active) = self.active.take() {
+            if let Err(e) = self.start(&active, true) {
+                tracing::error!(device = %self.name, "cannot restart the queues: {e}");
+            }
+            self.active = Some(active);
+        }
     }
 
     fn as_vhost_user(&mut self) -> Option<&mut VhostUserDevice> {

@@ -8,7 +8,9 @@
 
 use std::sync::{Arc, Mutex};
 
-use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
+use vm_memory::{GuestAddress, GuestMemoryBackend};
+
+use crate::memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
 use super::interrupt::{CallRelay, VirtioInterrupt, VIRTIO_MSI_NO_VECTOR};
@@ -60,6 +62,8 @@ pub enum VirtioPciError {
     #[error("cannot create a queue eventfd: {0}")]
     EventFd(#[source] std::io::Error),
 }
+
+mod snapshot;
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
@@ -300,7 +304,7 @@ impl VirtioPciDevice {
             value &= !STATUS_FEATURES_OK;
         }
         if newly & STATUS_DRIVER_OK != 0 && value & STATUS_FEATURES_OK != 0 {
-            if let Err(e) = self.activate() {
+            if let Err(e) = self.activate(false) {
                 tracing::error!(device = %self.name, "cannot start the device: {e}");
                 value |= STATUS_NEEDS_RESET;
             }
@@ -308,7 +312,9 @@ impl VirtioPciDevice {
         self.status = value;
     }
 
-    fn activate(&mut self) -> Result<(), VirtioError> {
+    /// Start the backend on the enabled queues; `resume`: they were running elsewhere (a
+    /// migrated device) and go on from where the used rings are.
+    fn activate(&mut self, resume: bool) -> Result<(), VirtioError> {
         let mut queues = Vec::new();
         for (index, q) in self.queues.iter().enumerate() {
             if !q.enabled || q.size == 0 {
@@ -342,6 +348,7 @@ impl VirtioPciDevice {
             features: self.driver_features,
             queues,
             memory: &self.memory,
+            resume,
         })?;
         for index in started {
             self.active[index] = true;

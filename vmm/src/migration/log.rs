@@ -1,0 +1,135 @@
+//! The dirty log that device processes write while a migration runs (vhost-user's
+//! LOG_SHMFD): one shared memfd with a bit per 4 KiB guest-physical page, set atomically
+//! by every backend's writes to guest memory. The source takes and clears it pass by pass.
+
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use super::ram::RamPages;
+use super::stream::PAGE_SIZE;
+
+#[derive(Debug, thiserror::Error)]
+pub enum LogError {
+    #[error("cannot create the dirty log: {0}")]
+    Create(String),
+}
+
+/// The shared log and the vmm's mapping of it.
+pub struct DeviceDirtyLog {
+    memfd: memfd::Memfd,
+    ptr: *mut AtomicU64,
+    words: usize,
+}
+
+// SAFETY: the mapping is shared memory accessed only through atomics; the pointer stays
+// valid until Drop.
+unsafe impl Send for DeviceDirtyLog {}
+// SAFETY: as above.
+unsafe impl Sync for DeviceDirtyLog {}
+
+impl DeviceDirtyLog {
+    /// A log covering guest-physical addresses below `end`.
+    pub fn new(end: u64) -> Result<Self, LogError> {
+        let pages = end.div_ceil(PAGE_SIZE as u64);
+        let bytes = pages.div_ceil(8).next_multiple_of(PAGE_SIZE as u64);
+        let memfd = memfd::MemfdOptions::default()
+            .close_on_exec(true)
+            .create("vmm-dirty-log")
+            .map_err(|e| LogError::Create(e.to_string()))?;
+        memfd
+            .as_file()
+            .set_len(bytes)
+            .map_err(|e| LogError::Create(e.to_string()))?;
+        // SAFETY: a fresh shared mapping of the whole memfd; nothing else is mapped there.
+        let ptr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                bytes as usize,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                memfd.as_raw_fd(),
+                0,
+            )
+        };
+        if ptr == libc::MAP_FAILED {
+            return Err(LogError::Create(
+                std::io::Error::last_os_error().to_string(),
+            ));
+        }
+        Ok(DeviceDirtyLog {
+            memfd,
+            ptr: ptr.cast(),
+            words: (bytes / 8) as usize,
+        })
+    }
+
+    /// The memfd the backends map (SET_LOG_BASE), and its size.
+    pub fn fd(&self) -> BorrowedFd<'_> {
+        self.memfd.as_file().as_fd()
+    }
+
+    pub fn size(&self) -> u64 {
+        (self.words * 8) as u64
+    }
+
+    /// The pages logged since the last call, in `ram`'s (the stream's) page order, cleared
+    /// as they are taken.
+    pub fn take(&self, ram: &RamPages) -> Vec<u64> {
+        let mut bits = vec![0u64; ram.count().div_ceil(64) as usize];
+        for w in 0..self.words {
+            // SAFETY: w < words, inside the mapping; accessed only atomically.
+            let word = unsafe { &*self.ptr.add(w) }.swap(0, Ordering::AcqRel);
+            let mut word = word;
+            while word != 0 {
+                let bit = u64::from(word.trailing_zeros());
+                word &= word - 1;
+                let gpa = (w as u64 * 64 + bit) * PAGE_SIZE as u64;
+                if let Some(page) = ram.page_of(gpa) {
+                    if let Some(slot) = bits.get_mut((page / 64) as usize) {
+                        *slot |= 1 << (page % 64);
+                    }
+                }
+            }
+        }
+        bits
+    }
+}
+
+impl Drop for DeviceDirtyLog {
+    fn drop(&mut self) {
+        // SAFETY: the mapping made in new(), unmapped once.
+        unsafe { libc::munmap(self.ptr.cast(), self.words * 8) };
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::memory::MemoryManager;
+
+    #[test]
+    fn bits_set_through_the_memfd_come_back_as_stream_pages() {
+        let m = MemoryManager::new(16 << 20).unwrap();
+        let ram = RamPages::new(m.guest_memory().clone());
+        let log = DeviceDirtyLog::new(16 << 20).unwrap();
+        // A backend's write: byte page/8, bit page%8, through its own mapping.
+        let other = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                log.size() as usize,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                log.fd().as_raw_fd(),
+                0,
+            )
+        } as *mut u8;
+        assert_ne!(other as *mut libc::c_void, libc::MAP_FAILED);
+        // SAFETY (test): inside the mapping.
+        unsafe { *other.add(100 / 8) |= 1 << (100 % 8) };
+        let bits = log.take(&ram);
+        assert_eq!(bits[1], 1 << (100 - 64));
+        assert!(log.take(&ram).iter().all(|w| *w == 0), "taken: cleared");
+        // SAFETY (test): the mapping above.
+        unsafe { libc::munmap(other.cast(), log.size() as usize) };
+    }
+}
