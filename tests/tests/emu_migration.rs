@@ -1,6 +1,8 @@
 //! Live migration of the stock guest under emu: two vmm processes on one host. A shell
 //! loop counting in the guest goes on counting on the destination, the guest's uptime goes
 //! on from where it was (its clock does not jump), and its wall clock stays the host's.
+//! Its balloon moves too: inflated to 256 MiB on the source, the destination keeps the
+//! target (and takes none of the released memory back), and deflates it on command.
 
 use std::time::Duration;
 
@@ -19,7 +21,8 @@ fn the_stock_guest_moves_and_its_shell_goes_on() {
     let qmp_a = format!("unix:{},server=on,wait=off", qa.display());
     let qmp_b = format!("unix:{},server=on,wait=off", qb.display());
     let uri = format!("unix:{}", mig.display());
-    let mut a = GuestConsole::boot_stock_linux(&["-qmp", &qmp_a]);
+    let balloon = "virtio-balloon-pci,id=balloon0";
+    let mut a = GuestConsole::boot_stock_linux(&["-qmp", &qmp_a, "-device", balloon]);
     a.wait_for("GUEST-READY", BOOT_TIMEOUT);
     a.wait_for("# ", CMD_TIMEOUT);
     let started = a.run(
@@ -29,8 +32,12 @@ fn the_stock_guest_moves_and_its_shell_goes_on() {
     );
     assert!(started.contains("started"), "{started}");
     let mut qa = Qmp::connect(&qa);
+    qa.ok("balloon", Some(json!({ "value": 256u64 << 20 })));
+    wait_until("the balloon to inflate", CMD_TIMEOUT, || {
+        qa.ok("query-balloon", None)["actual"] == json!(256u64 << 20)
+    });
     let before = count_and_uptime(&mut a);
-    let args = stock_linux_args(&["-qmp", &qmp_b, "-incoming", &uri]);
+    let args = stock_linux_args(&["-qmp", &qmp_b, "-device", balloon, "-incoming", &uri]);
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let mut b = GuestConsole::spawn(&args);
     wait_until("the destination's monitor", CMD_TIMEOUT, || qb.exists());
@@ -47,6 +54,26 @@ fn the_stock_guest_moves_and_its_shell_goes_on() {
     let after = count_and_uptime(&mut b);
     std::thread::sleep(Duration::from_secs(1));
     let later = count_and_uptime(&mut b);
+    // The balloon came along: its target and the guest's answer; the memory it holds was
+    // not sent (holes travel as zero pages, and stay holes).
+    assert_eq!(
+        qb.ok("query-balloon", None),
+        json!({"actual": 256u64 << 20})
+    );
+    let info = qa.ok("query-migrate", None);
+    assert!(
+        info["ram"]["normal"].as_u64().unwrap() * 4096 < 256 << 20,
+        "the ballooned memory was not sent: {info}"
+    );
+    let total = b.run("grep MemTotal /proc/meminfo", CMD_TIMEOUT);
+    qb.ok("balloon", Some(json!({ "value": 512u64 << 20 })));
+    wait_until(
+        "the balloon to deflate on the destination",
+        CMD_TIMEOUT,
+        || qb.ok("query-balloon", None)["actual"] == json!(512u64 << 20),
+    );
+    let grown = b.run("grep MemTotal /proc/meminfo", CMD_TIMEOUT);
+    assert_ne!(total, grown, "the guest has its memory back");
     eprintln!("(count, uptime, wall clock): before {before:?}, after {after:?}, later {later:?}");
     assert!(
         after.0 >= before.0 && later.0 > after.0,
