@@ -1,23 +1,33 @@
 //! The vhost-user half of every device process: guest memory as the frontend shares it,
 //! a fresh `VhostUserDaemon` for each connection on the listener (so a frontend that
 //! reconnects after a reset or a restart of this process finds the device again), the
-//! workers' exit events, and the queue-draining loop with EVENT_IDX.
+//! workers' exit events, the queue-draining loop with EVENT_IDX, and the migration dirty
+//! log ([`mark_dirty`]).
 
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixListener;
 use std::sync::{Arc, Mutex};
 
+use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
 use vhost::vhost_user::{Error as VhostUserError, Listener};
+use vhost_user_backend::bitmap::BitmapMmapRegion;
 use vhost_user_backend::{
     VhostUserBackend, VhostUserDaemon, VringEpollHandler, VringRwLock, VringT,
 };
-use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
+use vm_memory::bitmap::Bitmap;
+use vm_memory::{
+    Address, GuestAddress, GuestMemoryAtomic, GuestMemoryBackend, GuestMemoryMmap,
+    GuestMemoryRegion,
+};
 use vmm_sys_util::event::{
     new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
 };
 
-/// Guest RAM as mapped from the frontend's memory table.
-pub type GuestMem = GuestMemoryMmap<()>;
+/// Guest RAM as mapped from the frontend's memory table. Each region carries its window
+/// on the frontend's dirty log (vhost-user-backend fills it in on SET_LOG_BASE; until
+/// then marking costs a lock and a check), so that writes through vm-memory are logged
+/// for live migration by themselves, and [`mark_dirty`] logs the others.
+pub type GuestMem = GuestMemoryMmap<BitmapMmapRegion>;
 /// Guest memory as vhost-user-backend shares it with us.
 pub type Memory = GuestMemoryAtomic<GuestMem>;
 pub type Vring = VringRwLock<Memory>;
@@ -71,8 +81,18 @@ impl ExitEvents {
     }
 }
 
-/// A backend served connection after connection.
-pub trait Served: VhostUserBackend<Bitmap = (), Vring = Vring> + 'static {
+/// The feature bit every backend offers so that the frontend may migrate with it:
+/// VHOST_F_LOG_ALL, "the device logs its writes to guest memory" (bit 26). It is
+/// vhost-user's own, not the guest's: a frontend does not offer it to the driver.
+pub const LOG_ALL: u64 = VhostUserVirtioFeatures::LOG_ALL.bits();
+/// The protocol feature every backend offers with [`LOG_ALL`]: the log comes as a shared
+/// memory fd (SET_LOG_BASE), the only way vhost-user-backend takes it.
+pub const LOG_SHMFD: VhostUserProtocolFeatures = VhostUserProtocolFeatures::LOG_SHMFD;
+
+/// A backend served connection after connection. Its memory carries the dirty log (see
+/// [`GuestMem`]): it offers [`LOG_ALL`] and [`LOG_SHMFD`], and marks what it writes
+/// into guest memory behind vm-memory's back with [`mark_dirty`].
+pub trait Served: VhostUserBackend<Bitmap = BitmapMmapRegion, Vring = Vring> + 'static {
     /// The name the daemon logs under.
     const NAME: &'static str;
     fn exit_events(&self) -> &ExitEvents;
@@ -163,6 +183,38 @@ pub fn drain(vring: &Vring, event_idx: bool, look_again: bool, mut process: impl
     }
 }
 
+/// Mark guest-physical bytes `addr..addr + len` dirty in the migration log, in every
+/// memory region they touch (at region-relative offsets, as the regions' bitmaps count).
+///
+/// Writes through vm-memory (`Bytes`, `VolatileSlice`, imago's I/O vectors, the queue's
+/// used ring) mark themselves; a write through a raw host pointer (pread, readv into an
+/// iovec, a copy into a host buffer) does not, and must be followed by this call with
+/// exactly the range written, or the destination of a migration keeps stale bytes there.
+/// Bytes outside guest RAM are ignored; without a log this does nothing.
+pub fn mark_dirty<M: GuestMemoryBackend>(mem: &M, addr: GuestAddress, len: usize) {
+    if len == 0 {
+        return;
+    }
+    let start = addr.raw_value();
+    // Exclusive end; a range running past the address space stops at its end.
+    let end = start.saturating_add(len as u64);
+    for region in mem.iter() {
+        let region_start = region.start_addr().raw_value();
+        let region_end = region_start.saturating_add(region.len());
+        let (from, to) = (start.max(region_start), end.min(region_end));
+        if from >= to {
+            continue;
+        }
+        let (Ok(offset), Ok(count)) = (
+            usize::try_from(from - region_start),
+            usize::try_from(to - from),
+        ) else {
+            continue;
+        };
+        region.bitmap().mark_dirty(offset, count);
+    }
+}
+
 /// Put a completed chain (its head, and how many bytes were written) in the used ring.
 pub fn complete(vring: &Vring, head: u16, used_len: u32) {
     if let Err(e) = vring.add_used(head, used_len) {
@@ -180,5 +232,75 @@ pub fn notify(vring: &Vring) {
         }
         Ok(false) => {}
         Err(e) => tracing::debug!("used ring: {e}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use vm_memory::bitmap::AtomicBitmap;
+
+    const PAGE: u64 = 0x1000;
+
+    /// Two adjacent regions, a hole, and a third region (vm-memory's page bitmap stands in
+    /// for the log: it counts region-relative pages as the log's windows do).
+    fn memory() -> GuestMemoryMmap<AtomicBitmap> {
+        GuestMemoryMmap::from_ranges(&[
+            (GuestAddress(0), 0x1_0000),
+            (GuestAddress(0x1_0000), 0x1_0000),
+            (GuestAddress(0x4_0000), 0x1_0000),
+        ])
+        .unwrap()
+    }
+
+    /// The guest-physical addresses of the dirty pages, in order.
+    fn dirty_pages(mem: &GuestMemoryMmap<AtomicBitmap>) -> Vec<u64> {
+        let mut pages = Vec::new();
+        for region in mem.iter() {
+            for offset in (0..region.len()).step_by(PAGE as usize) {
+                if region.bitmap().dirty_at(offset as usize) {
+                    pages.push(region.start_addr().raw_value() + offset);
+                }
+            }
+        }
+        pages
+    }
+
+    #[test]
+    fn a_range_across_two_regions_marks_its_pages_in_both() {
+        let mem = memory();
+        mark_dirty(&mem, GuestAddress(0xff00), 0x200);
+        assert_eq!(dirty_pages(&mem), [0xf000, 0x1_0000]);
+        // One byte is one page; the next page stays clean.
+        mark_dirty(&mem, GuestAddress(0x1_2fff), 1);
+        assert_eq!(dirty_pages(&mem), [0xf000, 0x1_0000, 0x1_2000]);
+    }
+
+    #[test]
+    fn the_parts_outside_ram_are_ignored() {
+        let mem = memory();
+        // Across the hole: the end of the second region and the start of the third.
+        mark_dirty(&mem, GuestAddress(0x1_f800), 0x2_1000);
+        assert_eq!(dirty_pages(&mem), [0x1_f000, 0x4_0000]);
+        // Wholly in the hole, past the end of RAM, at the top of the address space, and
+        // empty: nothing, and no panic.
+        let mem = memory();
+        mark_dirty(&mem, GuestAddress(0x3_0000), 0x1000);
+        mark_dirty(&mem, GuestAddress(0x5_0000), 0x10_0000);
+        mark_dirty(&mem, GuestAddress(u64::MAX - 10), 100);
+        mark_dirty(&mem, GuestAddress(0x1000), 0);
+        assert!(dirty_pages(&mem).is_empty());
+        // A range over everything marks everything.
+        mark_dirty(&mem, GuestAddress(0), usize::MAX);
+        assert_eq!(dirty_pages(&mem).len(), 48);
+    }
+
+    #[test]
+    fn without_a_log_marking_does_nothing() {
+        // The daemon's own memory type before SET_LOG_BASE: regions without a log.
+        let mem = GuestMem::from_ranges(&[(GuestAddress(0), 0x1_0000)]).unwrap();
+        mark_dirty(&mem, GuestAddress(0), 0x1_0000);
+        let region = mem.iter().next().unwrap();
+        assert!(!region.bitmap().dirty_at(0));
     }
 }

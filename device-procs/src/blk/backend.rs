@@ -21,6 +21,7 @@ use std::sync::{Mutex, MutexGuard, RwLock};
 use ipc::blk::{BlkEvent, ErrorAction, ErrorPolicy};
 
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
+use vhost_user_backend::bitmap::BitmapMmapRegion;
 use vhost_user_backend::{VhostUserBackend, VringT};
 use virtio_bindings::virtio_blk::{
     VIRTIO_BLK_F_BLK_SIZE, VIRTIO_BLK_F_DISCARD, VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_F_MQ,
@@ -315,7 +316,8 @@ impl BlkBackend {
 }
 
 impl VhostUserBackend for BlkBackend {
-    type Bitmap = ();
+    /// Guest memory carries the migration dirty log (see [`vhost_daemon::GuestMem`]).
+    type Bitmap = BitmapMmapRegion;
     type Vring = Vring;
 
     fn num_queues(&self) -> usize {
@@ -345,7 +347,8 @@ impl VhostUserBackend for BlkBackend {
         if self.num_queues > 1 {
             bits |= 1 << VIRTIO_BLK_F_MQ;
         }
-        bits | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits()
+        // LOG_ALL: our writes to guest memory are logged, so the vmm may migrate.
+        bits | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits() | vhost_daemon::LOG_ALL
     }
 
     fn protocol_features(&self) -> VhostUserProtocolFeatures {
@@ -353,6 +356,7 @@ impl VhostUserBackend for BlkBackend {
             | VhostUserProtocolFeatures::MQ
             | VhostUserProtocolFeatures::REPLY_ACK
             | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
+            | vhost_daemon::LOG_SHMFD
     }
 
     fn stop_vring(&self, queue_index: u32) -> io::Result<()> {

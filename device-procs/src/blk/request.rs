@@ -26,6 +26,7 @@ use std::time::Instant;
 use imago::io_buffers::{IoVector, IoVectorMut};
 use ipc::blk::{BlockStats, ImageFormat};
 
+use vhost_user_backend::bitmap::BitmapMmapRegion;
 use virtio_bindings::virtio_blk::{
     VIRTIO_BLK_ID_BYTES, VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK, VIRTIO_BLK_S_UNSUPP,
     VIRTIO_BLK_T_DISCARD, VIRTIO_BLK_T_FLUSH, VIRTIO_BLK_T_GET_ID, VIRTIO_BLK_T_IN,
@@ -33,14 +34,17 @@ use virtio_bindings::virtio_blk::{
 };
 use virtio_queue::desc::split::Descriptor;
 use virtio_queue::DescriptorChain;
-use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
+use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend};
 
 use super::config::{MAX_DISCARD_SECTORS, MAX_DISCARD_SEGMENTS, SECTOR_SIZE};
 use super::crypt::{self, Key};
 use super::image::{Chain, Image, ImageError, IoCounters, Layer};
+use crate::vhost_daemon::mark_dirty;
+/// Guest memory as the backend maps it, with the migration dirty log.
+pub use crate::vhost_daemon::GuestMem;
 
-/// Guest memory as the backend maps it (no dirty-page bitmap).
-pub type GuestMem = GuestMemoryMmap<()>;
+/// A piece of guest memory as vm-memory hands it out (writes through it are logged).
+type GuestSlice<'m> = vm_memory::VolatileSlice<'m, BitmapMmapRegion>;
 
 /// Bytes of the request header (type, reserved/ioprio, sector).
 const HEADER_LEN: usize = 16;
@@ -800,21 +804,25 @@ fn scatter(mem: &GuestMem, segs: &[Segment], data: &[u8]) -> Result<(), RequestE
     Ok(())
 }
 
-/// The host memory of `segs`, piece by piece (a segment may span memory regions).
+/// The host memory of `segs`, piece by piece (a segment may span memory regions): each
+/// piece's guest address, host address and length.
 fn for_each_host_buffer(
     mem: &GuestMem,
     segs: &[Segment],
-    mut f: impl FnMut(*mut u8, usize) -> Result<(), RequestError>,
+    mut f: impl FnMut(GuestAddress, *mut u8, usize) -> Result<(), RequestError>,
 ) -> Result<(), RequestError> {
     for &(addr, len) in segs {
         let outside = || RequestError::OutsideMemory {
             addr: addr.raw_value(),
             len: len as u32,
         };
+        let mut at = addr;
         for slice in GuestMemoryBackend::get_slices(mem, addr, len as usize) {
             let slice = slice.map_err(|_| outside())?;
             let guard = slice.ptr_guard_mut();
-            f(guard.as_ptr(), slice.len())?;
+            f(at, guard.as_ptr(), slice.len())?;
+            // Inside a segment that check_range accepted, so no overflow.
+            at = at.unchecked_add(slice.len() as u64);
         }
     }
     Ok(())
@@ -829,7 +837,7 @@ fn read_file(
 ) -> Result<(), RequestError> {
     let fd = file.as_raw_fd();
     let mut pos = offset;
-    for_each_host_buffer(mem, segs, |ptr, len| {
+    for_each_host_buffer(mem, segs, |gpa, ptr, len| {
         let mut done = 0;
         while done < len {
             let at = pos + done as u64;
@@ -838,6 +846,11 @@ fn read_file(
             // `ptr + done`.
             let r =
                 unsafe { libc::pread64(fd, ptr.add(done).cast(), len - done, at as libc::off64_t) };
+            if r > 0 {
+                // Straight into guest memory, behind vm-memory's back: log it for a
+                // migration (`done + r <= len`, inside the piece).
+                mark_dirty(mem, gpa.unchecked_add(done as u64), r as usize);
+            }
             if r < 0 {
                 let source = io::Error::last_os_error();
                 if source.kind() == io::ErrorKind::Interrupted {
@@ -872,7 +885,7 @@ fn write_file(
 ) -> Result<(), RequestError> {
     let fd = file.as_raw_fd();
     let mut pos = offset;
-    for_each_host_buffer(mem, segs, |ptr, len| {
+    for_each_host_buffer(mem, segs, |_, ptr, len| {
         let mut done = 0;
         while done < len {
             let at = pos + done as u64;
@@ -911,7 +924,7 @@ fn write_file(
 fn volatile_slices<'m>(
     mem: &'m GuestMem,
     segs: &[Segment],
-) -> Result<Vec<vm_memory::VolatileSlice<'m, ()>>, RequestError> {
+) -> Result<Vec<GuestSlice<'m>>, RequestError> {
     let mut slices = Vec::with_capacity(segs.len());
     for &(addr, len) in segs {
         for slice in GuestMemoryBackend::get_slices(mem, addr, len as usize) {
@@ -932,6 +945,8 @@ fn read_layer(
     offset: u64,
 ) -> Result<(), RequestError> {
     let slices = volatile_slices(mem, segs)?;
+    // The guard marks every slice dirty in the migration log when it drops, after the
+    // read (imago assumes a mutable vector is all written).
     let (bufv, _guard) = IoVectorMut::from_volatile_slice(slices.iter());
     layer
         .readv(bufv, offset)
@@ -993,11 +1008,7 @@ fn write_encrypted(
 }
 
 /// Copy bytes `at..at + buf.len()` of the guest buffers `slices` into `buf`.
-fn copy_from_slices(
-    slices: &[vm_memory::VolatileSlice<'_, ()>],
-    mut at: u64,
-    buf: &mut [u8],
-) -> io::Result<()> {
+fn copy_from_slices(slices: &[GuestSlice<'_>], mut at: u64, buf: &mut [u8]) -> io::Result<()> {
     let mut done = 0;
     for s in slices {
         if done == buf.len() {
@@ -1229,7 +1240,7 @@ mod tests {
     }
 
     fn memory() -> GuestMem {
-        GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).unwrap()
+        GuestMem::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).unwrap()
     }
 
     fn desc(addr: u64, len: u32, flags: u16) -> RawDescriptor {

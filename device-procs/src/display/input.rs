@@ -15,6 +15,7 @@ use std::sync::{Arc, Mutex, RwLock};
 
 use ipc::display::InputKind;
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
+use vhost_user_backend::bitmap::BitmapMmapRegion;
 use vhost_user_backend::{VhostUserBackend, VringT};
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
@@ -202,7 +203,9 @@ impl InputBackend {
 }
 
 impl VhostUserBackend for InputBackend {
-    type Bitmap = ();
+    /// Guest memory carries the migration dirty log (see [`vhost_daemon::GuestMem`]);
+    /// events go in with `write_slice`, which logs them.
+    type Bitmap = BitmapMmapRegion;
     type Vring = Vring;
 
     fn num_queues(&self) -> usize {
@@ -214,15 +217,18 @@ impl VhostUserBackend for InputBackend {
     }
 
     fn features(&self) -> u64 {
+        // LOG_ALL: our writes to guest memory are logged, so the vmm may migrate.
         1 << VIRTIO_F_VERSION_1
             | 1 << VIRTIO_RING_F_EVENT_IDX
             | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits()
+            | vhost_daemon::LOG_ALL
     }
 
     fn protocol_features(&self) -> VhostUserProtocolFeatures {
         VhostUserProtocolFeatures::MQ
             | VhostUserProtocolFeatures::REPLY_ACK
             | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
+            | vhost_daemon::LOG_SHMFD
     }
 
     fn set_event_idx(&self, enabled: bool) {

@@ -10,6 +10,10 @@
 //! brings it back. **TX** (guest to host): each chain is written straight from guest
 //! memory (writev); a port that would block stops the queue until it may go on.
 //!
+//! What a port writes into the guest's buffers (and the header written here) goes
+//! through raw pointers, behind vm-memory's back: it is marked in the migration dirty log
+//! by hand ([`vhost_daemon::mark_dirty`]), byte range by byte range.
+//!
 //! Everything in a chain is guest input: a chain in the wrong direction, too short for
 //! the header, or outside guest memory is completed with nothing done and counted; the
 //! worker never stops for it. Frames are dropped (and counted) while the link is down,
@@ -24,12 +28,13 @@ use std::time::{Duration, Instant};
 
 use ipc::net::{NetInfo, RxFilter};
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
+use vhost_user_backend::bitmap::BitmapMmapRegion;
 use vhost_user_backend::{VhostUserBackend, VringT};
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_net::*;
 use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
 use virtio_queue::QueueT;
-use vm_memory::{GuestAddress, GuestAddressSpace, GuestMemoryBackend};
+use vm_memory::{Address, GuestAddress, GuestAddressSpace, GuestMemoryBackend};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::event::{EventConsumer, EventNotifier};
 use vmm_sys_util::timerfd::TimerFd;
@@ -108,9 +113,11 @@ struct CachedChain {
     len: usize,
 }
 
-/// A guest buffer in the host's mapping of guest memory.
+/// A guest buffer in the host's mapping of guest memory (and where it is in the guest,
+/// to log what is written into it).
 #[derive(Clone, Copy)]
 struct HostBuffer {
+    addr: GuestAddress,
     ptr: *mut u8,
     len: usize,
 }
@@ -199,8 +206,10 @@ impl NetBackend {
         if pairs > 1 {
             bits.push(VIRTIO_NET_F_MQ);
         }
+        // LOG_ALL: our writes to guest memory are logged, so the vmm may migrate.
         let features = bits.iter().fold(0u64, |f, b| f | 1 << b)
-            | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits();
+            | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits()
+            | vhost_daemon::LOG_ALL;
         Ok(NetBackend {
             pairs: (0..pairs).map(|_| Mutex::default()).collect(),
             ports,
@@ -219,7 +228,7 @@ impl NetBackend {
 
     /// The virtio-net feature bits served (without vhost-user's own).
     pub fn features_offered(&self) -> u64 {
-        self.features & !VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits()
+        self.features & !(VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits() | vhost_daemon::LOG_ALL)
     }
 
     /// Link up or down (set_link): while down, nothing crosses.
@@ -421,7 +430,7 @@ impl NetBackend {
                 break;
             }
             looked_again = 0;
-            match self.receive_one(port, &mut state, vring, mergeable, &mut iovs) {
+            match self.receive_one(port, &mut state, vring, &mem, mergeable, &mut iovs) {
                 Ok(Received::Delivered) => {
                     delivered += 1;
                     if delivered % RX_BATCH == 0 {
@@ -488,12 +497,14 @@ impl NetBackend {
         }
     }
 
-    /// Read one frame into the cached chains and deliver it. `iovs`: scratch space.
+    /// Read one frame into the cached chains (which point into `mem`) and deliver it.
+    /// `iovs`: scratch space.
     fn receive_one(
         &self,
         port: &dyn Port,
         state: &mut PairState,
         vring: &Vring,
+        mem: &GuestMem,
         mergeable: bool,
         iovs: &mut Vec<libc::iovec>,
     ) -> io::Result<Received> {
@@ -515,7 +526,17 @@ impl NetBackend {
             iov_base: overflow.as_mut_ptr().cast(),
             iov_len: overflow.len(),
         });
-        let Some(n) = port.recv(iovs)? else {
+        let received = port.recv(iovs);
+        // The port wrote the frame straight into the guest's buffers: log the bytes.
+        // A port that fails may have filled them all first (a datagram or a queued frame
+        // too large for them): those are logged whole.
+        let written = match &received {
+            Ok(Some(n)) => (*n).min(room),
+            Ok(None) => 0,
+            Err(_) => room,
+        };
+        mark_chains(mem, state.rx_cache.iter().take(chains), header, written);
+        let Some(n) = received? else {
             return Ok(Received::Nothing);
         };
         if n > room {
@@ -546,11 +567,11 @@ impl NetBackend {
         // zero: no offloads).
         let num_buffers = (used as u16).to_le_bytes();
         if header == 0 {
-            write_host(&first.buffers, 10, &num_buffers);
+            write_host(mem, &first.buffers, 10, &num_buffers);
         } else {
             let mut hdr = [0u8; VNET_HDR_LEN];
             hdr[10..].copy_from_slice(&num_buffers);
-            write_host(&first.buffers, 0, &hdr);
+            write_host(mem, &first.buffers, 0, &hdr);
         }
         let mut left = len;
         for c in state.rx_cache.drain(..used) {
@@ -599,7 +620,7 @@ impl NetBackend {
             let mut bad = false;
             for desc in chain {
                 if desc.is_write_only()
-                    || host_buffers(&mem, desc.addr(), desc.len() as usize, &mut buffers).is_err()
+                    || host_buffers(&*mem, desc.addr(), desc.len() as usize, &mut buffers).is_err()
                 {
                     bad = true;
                     break;
@@ -649,7 +670,8 @@ impl NetBackend {
 }
 
 impl VhostUserBackend for NetBackend {
-    type Bitmap = ();
+    /// Guest memory carries the migration dirty log (see [`vhost_daemon::GuestMem`]).
+    type Bitmap = BitmapMmapRegion;
     type Vring = Vring;
 
     fn num_queues(&self) -> usize {
@@ -675,6 +697,7 @@ impl VhostUserBackend for NetBackend {
         VhostUserProtocolFeatures::MQ
             | VhostUserProtocolFeatures::REPLY_ACK
             | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
+            | vhost_daemon::LOG_SHMFD
     }
 
     fn set_event_idx(&self, enabled: bool) {
@@ -820,21 +843,69 @@ fn uncache_rx(state: &mut PairState, vring: &Vring) {
 }
 
 /// The host memory of the guest buffer at `addr`, appended to `out`.
-fn host_buffers(
-    mem: &GuestMem,
+fn host_buffers<M: GuestMemoryBackend>(
+    mem: &M,
     addr: GuestAddress,
     len: usize,
     out: &mut Vec<HostBuffer>,
 ) -> io::Result<()> {
+    let mut at = addr;
     for slice in GuestMemoryBackend::get_slices(mem, addr, len) {
         let slice = slice.map_err(|e| io::Error::other(format!("guest buffer: {e}")))?;
         let guard = slice.ptr_guard_mut();
         out.push(HostBuffer {
+            addr: at,
             ptr: guard.as_ptr(),
             len: slice.len(),
         });
+        // Inside the buffer get_slices just accepted, so no overflow.
+        at = at.unchecked_add(slice.len() as u64);
     }
     Ok(())
+}
+
+/// Log `len` bytes written into `buffers` from byte `skip` on (as [`iovecs_after`] lays
+/// them out) in the migration dirty log.
+fn mark_buffers<M: GuestMemoryBackend>(
+    mem: &M,
+    buffers: &[HostBuffer],
+    mut skip: usize,
+    mut len: usize,
+) {
+    for b in buffers {
+        if len == 0 {
+            return;
+        }
+        if skip >= b.len {
+            skip -= b.len;
+            continue;
+        }
+        let n = (b.len - skip).min(len);
+        // `skip` is inside the buffer, which is inside guest memory.
+        vhost_daemon::mark_dirty(mem, b.addr.unchecked_add(skip as u64), n);
+        len -= n;
+        skip = 0;
+    }
+}
+
+/// Log the first `len` bytes a port wrote into the iovecs of `chains` (the first without
+/// its first `header` bytes, as [`NetBackend::receive_one`] builds them).
+fn mark_chains<'a, M: GuestMemoryBackend>(
+    mem: &M,
+    chains: impl Iterator<Item = &'a CachedChain>,
+    header: usize,
+    mut len: usize,
+) {
+    let mut skip = header;
+    for c in chains {
+        if len == 0 {
+            return;
+        }
+        let n = c.len.saturating_sub(skip).min(len);
+        mark_buffers(mem, &c.buffers, skip, n);
+        len -= n;
+        skip = 0;
+    }
 }
 
 /// `buffers` without their first `skip` bytes, as iovecs appended to `out`.
@@ -871,21 +942,29 @@ fn read_host(buffers: &[HostBuffer], buf: &mut [u8]) -> usize {
 }
 
 /// Write `data` at byte `at` of `buffers` (as far as they reach: a chain holds at least
-/// the header, which is all that is written).
-fn write_host(buffers: &[HostBuffer], mut at: usize, data: &[u8]) {
+/// the header, which is all that is written), and log what was written in `mem`'s
+/// migration dirty log (the buffers point into `mem`).
+fn write_host<M: GuestMemoryBackend>(mem: &M, buffers: &[HostBuffer], at: usize, data: &[u8]) {
     let mut bytes = data.iter();
+    let mut skip = at;
+    let mut written = 0;
     for b in buffers {
-        if at >= b.len {
-            at -= b.len;
+        if written == data.len() {
+            break;
+        }
+        if skip >= b.len {
+            skip -= b.len;
             continue;
         }
-        for i in at..b.len {
-            let Some(&byte) = bytes.next() else { return };
+        for i in skip..b.len {
+            let Some(&byte) = bytes.next() else { break };
             // SAFETY: `i` is inside the buffer, which is mapped (see `HostBuffer`).
             unsafe { b.ptr.add(i).write_volatile(byte) };
+            written += 1;
         }
-        at = 0;
+        skip = 0;
     }
+    mark_buffers(mem, buffers, at, written);
 }
 
 /// What became of a frame from the host.
@@ -895,4 +974,77 @@ enum Received {
     Filtered,
     /// There was none.
     Nothing,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use vm_memory::bitmap::{AtomicBitmap, Bitmap};
+    use vm_memory::{Bytes, GuestMemoryMmap, GuestMemoryRegion};
+
+    /// Two adjacent regions; vm-memory's page bitmap stands in for the migration log.
+    fn memory() -> GuestMemoryMmap<AtomicBitmap> {
+        GuestMemoryMmap::from_ranges(&[
+            (GuestAddress(0), 0x1_0000),
+            (GuestAddress(0x1_0000), 0x1_0000),
+        ])
+        .unwrap()
+    }
+
+    fn dirty_pages(mem: &GuestMemoryMmap<AtomicBitmap>) -> Vec<u64> {
+        let mut pages = Vec::new();
+        for region in mem.iter() {
+            for offset in (0..region.len()).step_by(0x1000) {
+                if region.bitmap().dirty_at(offset as usize) {
+                    pages.push(region.start_addr().raw_value() + offset);
+                }
+            }
+        }
+        pages
+    }
+
+    fn chain(mem: &GuestMemoryMmap<AtomicBitmap>, bufs: &[(u64, usize)]) -> CachedChain {
+        let mut buffers = Vec::new();
+        for &(addr, len) in bufs {
+            host_buffers(mem, GuestAddress(addr), len, &mut buffers).unwrap();
+        }
+        CachedChain {
+            head: 0,
+            len: bufs.iter().map(|b| b.1).sum(),
+            buffers,
+        }
+    }
+
+    #[test]
+    fn the_header_written_by_hand_is_logged_where_it_lands() {
+        let mem = memory();
+        // A buffer across the two regions: num_buffers (bytes 10..12) lands in the second.
+        let c = chain(&mem, &[(0xfff6, 0x100)]);
+        assert_eq!(c.buffers.len(), 2, "split at the region boundary");
+        write_host(&mem, &c.buffers, 10, &[2, 0]);
+        assert_eq!(dirty_pages(&mem), [0x1_0000]);
+        assert_eq!(mem.read_obj::<u16>(GuestAddress(0x1_0000)).unwrap(), 2);
+        // The whole header: both pages.
+        write_host(&mem, &c.buffers, 0, &[0u8; VNET_HDR_LEN]);
+        assert_eq!(dirty_pages(&mem), [0xf000, 0x1_0000]);
+    }
+
+    #[test]
+    fn a_frame_is_logged_across_chains_after_the_header() {
+        let mem = memory();
+        let chains = [
+            chain(&mem, &[(0x1fd0, 0x20), (0x5000, 0x1000)]),
+            chain(&mem, &[(0x1_3ff0, 0x1000)]),
+            chain(&mem, &[(0x1_8000, 0x1000)]),
+        ];
+        // After a 12-byte header: 0x14 bytes of the first buffer (page 1), 0x1000 of the
+        // second (page 5), and 0x10 of the next chain (page 0x13, not 0x14); the third
+        // chain is untouched.
+        mark_chains(&mem, chains.iter(), VNET_HDR_LEN, 0x14 + 0x1000 + 0x10);
+        assert_eq!(dirty_pages(&mem), [0x1000, 0x5000, 0x1_3000]);
+        // Nothing written: nothing logged.
+        let mem = memory();
+        mark_chains(&mem, chains.iter(), VNET_HDR_LEN, 0);
+        assert!(dirty_pages(&mem).is_empty());
+    }
 }

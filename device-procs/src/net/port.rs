@@ -31,7 +31,9 @@ pub trait Port: Send + Sync {
         false
     }
     /// The next frame from the host into `iovs`: its length, `None` when there is none.
-    /// An error drops that frame (it did not fit, say).
+    /// An error drops that frame (it did not fit, say). The iovecs point into guest
+    /// memory, written behind vm-memory's back: the caller logs the bytes for a migration
+    /// (`NetBackend::receive_one`).
     fn recv(&self, iovs: &[libc::iovec]) -> io::Result<Option<usize>>;
     /// One frame to the host: `None` when the port would block (the frame is not taken).
     fn send(&self, iovs: &[libc::iovec]) -> io::Result<Option<usize>>;

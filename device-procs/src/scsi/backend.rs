@@ -20,6 +20,7 @@ use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, RwLock};
 
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
+use vhost_user_backend::bitmap::BitmapMmapRegion;
 use vhost_user_backend::{VhostUserBackend, VringT};
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
@@ -528,7 +529,9 @@ fn pieces(segs: &[Segment], mut at: u64, mut len: u64) -> Vec<Segment> {
 }
 
 impl VhostUserBackend for ScsiBackend {
-    type Bitmap = ();
+    /// Guest memory carries the migration dirty log (see [`vhost_daemon::GuestMem`]);
+    /// every write here goes through vm-memory, which logs it.
+    type Bitmap = BitmapMmapRegion;
     type Vring = Vring;
 
     fn num_queues(&self) -> usize {
@@ -541,7 +544,8 @@ impl VhostUserBackend for ScsiBackend {
 
     /// VIRTIO_SCSI_F_CHANGE is offered though no parameter change is ever posted: QEMU's
     /// vhost-user-scsi-pci offers it to the guest itself (param_change=on) and passes the
-    /// driver's acknowledgement on, which a backend without it would refuse.
+    /// driver's acknowledgement on, which a backend without it would refuse. LOG_ALL: our
+    /// writes to guest memory are logged, so the vmm may migrate.
     fn features(&self) -> u64 {
         [
             VIRTIO_F_VERSION_1,
@@ -552,6 +556,7 @@ impl VhostUserBackend for ScsiBackend {
         .iter()
         .fold(0u64, |f, b| f | 1 << b)
             | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits()
+            | vhost_daemon::LOG_ALL
     }
 
     fn protocol_features(&self) -> VhostUserProtocolFeatures {
@@ -559,6 +564,7 @@ impl VhostUserBackend for ScsiBackend {
             | VhostUserProtocolFeatures::MQ
             | VhostUserProtocolFeatures::REPLY_ACK
             | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
+            | vhost_daemon::LOG_SHMFD
     }
 
     fn set_event_idx(&self, enabled: bool) {

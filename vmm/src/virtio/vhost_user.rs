@@ -548,7 +548,8 @@ fn handshake(
     } else {
         Vec::new()
     };
-    Ok((offered & !protocol_bit, protocol, config))
+    // VHOST_F_LOG_ALL is the frontend's business (migration), never the guest's.
+    Ok((offered & !protocol_bit & !VHOST_F_LOG_ALL, protocol, config))
 }
 
 /// The backend channel, if the backend speaks it.
