@@ -248,8 +248,19 @@ pub fn probe_drive(drive: &mut DriveConfig) -> Result<(), DriveError> {
 
 /// Open a drive's image (locked) and, for qcow2, its backing chain.
 pub fn open_drive(drive: &DriveConfig) -> Result<OpenedImage, DriveError> {
+    open_drive_locked(drive, true)
+}
+
+/// [`open_drive`], with the top image unlocked unless `lock` (a migration's destination
+/// opens its images inactive and takes their locks at the switchover, once the source has
+/// let go of them, as QEMU does; the backing chain is shared and locked at once).
+pub fn open_drive_locked(drive: &DriveConfig, lock: bool) -> Result<OpenedImage, DriveError> {
     let path = drive.file.as_deref().ok_or(DriveError::NoFile)?;
-    let top = open_image(path, drive.readonly)?;
+    let top = if lock {
+        open_image(path, drive.readonly)?
+    } else {
+        open_path(path, !drive.readonly)?
+    };
     let format = match drive.format {
         Some(f) => f,
         None => image::probe(&top, Path::new(path))?,
@@ -449,7 +460,23 @@ pub fn image_from_fd(
     Ok(file)
 }
 
-fn lock_image(file: &File, path: &str, readonly: bool) -> Result<(), DriveError> {
+/// Let go of an image's locks (a migration's source, before the destination takes them).
+pub fn unlock_image(file: &File) {
+    let bytes = [
+        LOCK_PERM_BASE + PERM_CONSISTENT_READ,
+        LOCK_PERM_BASE + PERM_WRITE,
+        LOCK_SHARED_BASE + PERM_CONSISTENT_READ,
+        LOCK_SHARED_BASE + PERM_WRITE,
+    ];
+    for byte in bytes {
+        let mut fl = flock(libc::F_UNLCK as i16, byte);
+        // SAFETY: fcntl with F_OFD_SETLK reads the flock struct we pass.
+        unsafe { libc::fcntl(file.as_raw_fd(), libc::F_OFD_SETLK, &mut fl) };
+    }
+}
+
+/// Lock an image as QEMU would (refused while another process uses it).
+pub fn lock_image(file: &File, path: &str, readonly: bool) -> Result<(), DriveError> {
     let mut held = vec![PERM_CONSISTENT_READ];
     if !readonly {
         held.push(PERM_WRITE);

@@ -44,6 +44,9 @@ pub(super) struct BlockDevice {
     pub(super) slot: u8,
     /// The image and its backing chain, kept for a restarted process.
     image: OpenedImage,
+    /// The writable top image is locked (not yet, on a migration's destination; no more,
+    /// on its source once the guest has moved).
+    locked: bool,
     attach: AttachConfig,
     /// Kept open: the process exits when the vmm's end closes.
     control: BlkChannel,
@@ -550,7 +553,8 @@ impl DeviceManager {
                 value: drive.id.clone(),
             });
         }
-        let image = drive::open_drive(&drive)?;
+        let image = drive::open_drive_locked(&drive, !self.images_inactive)?;
+        let locked = !self.images_inactive || drive.readonly;
         let file = image.path.clone();
 
         let name = format!("vmm-blk[{}]", drive.id);
@@ -591,6 +595,7 @@ impl DeviceManager {
             qdev,
             slot,
             image,
+            locked,
             attach,
             control,
             function,
@@ -765,6 +770,32 @@ impl SupervisedDevice for BlockDevice {
         process::reconnect(&name, &self.function, &process)?;
         self.supervision.replaced(process);
         self.control = control;
+        Ok(())
+    }
+}
+
+impl DeviceManager {
+    /// A migration's source lets go of its disks' locks (the destination takes them).
+    pub fn inactivate_images(&self) {
+        for b in &self.blocks {
+            let mut b = lock(b);
+            if b.locked && !b.drive_config.readonly {
+                drive::unlock_image(&b.image.top);
+                b.locked = false;
+            }
+        }
+    }
+
+    /// Take the disks' locks: on a migration's destination at the switchover, or on its
+    /// source again when the migration failed. Refused while another process holds one.
+    pub fn activate_images(&self) -> Result<(), DeviceError> {
+        for b in &self.blocks {
+            let mut b = lock(b);
+            if !b.locked {
+                drive::lock_image(&b.image.top, &b.image.path, b.drive_config.readonly)?;
+                b.locked = true;
+            }
+        }
         Ok(())
     }
 }

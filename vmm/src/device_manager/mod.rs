@@ -288,6 +288,8 @@ pub struct DeviceManager {
     watcher: Option<Watcher>,
     /// Devices created without an id so far (QEMU numbers them in its QOM paths).
     anonymous_devices: usize,
+    /// Disks are opened without their locks (a migration's destination).
+    images_inactive: bool,
 }
 
 fn lock<T: ?Sized>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -318,7 +320,14 @@ impl DeviceManager {
             events: Arc::new(Mutex::new(EventSender::default())),
             watcher: None,
             anonymous_devices: 0,
+            images_inactive: false,
         }
+    }
+
+    /// Open disks without their locks from now on (a migration's destination takes them
+    /// at the switchover: [`DeviceManager::activate_images`]).
+    pub fn set_images_inactive(&mut self, inactive: bool) {
+        self.images_inactive = inactive;
     }
 
     /// Where device-process events go (the QMP monitor's sender).

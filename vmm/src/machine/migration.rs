@@ -55,7 +55,10 @@ impl SourceHost for MachineSource {
                 m.accel.pause();
                 m.run_state = RunState::FinishMigrate;
             }
-            m.save_sections()
+            let sections = m.save_sections()?;
+            // The destination takes the disks' locks once it has the guest.
+            m.devices.inactivate_images();
+            Ok(sections)
         })
         .unwrap_or_else(|| Err("the machine is gone".into()))
     }
@@ -210,7 +213,11 @@ impl Machine {
             return;
         }
         if self.run_state == RunState::FinishMigrate {
-            // The devices' queues were stopped with their state: they run again.
+            // The devices' queues were stopped with their state, and the disks' locks
+            // released: both come back.
+            if let Err(e) = self.devices.activate_images() {
+                tracing::error!("migration failed, and the disks cannot be locked again: {e}");
+            }
             self.devices.resume_after_migration();
             self.run_state = RunState::Paused;
             if self.migration_was_running {
@@ -254,6 +261,9 @@ impl Machine {
                 .map(|(_, s)| s.as_slice())
                 .ok_or_else(|| format!("the stream has no state for {name}"))
         };
+        // The source let go of the disks: they are ours now (refused if someone else
+        // took them meanwhile).
+        self.devices.activate_images().map_err(|e| e.to_string())?;
         self.accel
             .restore_platform(find(PLATFORM_SECTION)?)
             .map_err(|e| format!("restoring the platform: {e}"))?;

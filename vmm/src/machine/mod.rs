@@ -386,6 +386,8 @@ impl Machine {
             control.clone(),
         );
         devices.set_chardevs(config.chardevs.clone());
+        // A migration's destination takes its disks' locks only at the switchover.
+        devices.set_images_inactive(config.incoming.is_some());
         devices.set_keyboard(i8042);
         devices.set_vnc(config.vnc.clone());
         for &(fd, set) in &config.fd_sets {
