@@ -187,9 +187,9 @@ fn memory_and_disk_writers_move_with_nothing_lost() {
     assert!(!after.contains("STAMP-BAD"), "memory lost: {after}");
     let pass = |text: &str| {
         text.lines()
+            .rev()
             .filter_map(|l| l.trim().strip_prefix("STAMP-PASS "))
-            .filter_map(|n| n.parse::<u64>().ok())
-            .last()
+            .find_map(|n| n.parse::<u64>().ok())
     };
     let disk_count = |text: &str| {
         text.lines()
