@@ -169,20 +169,42 @@ SEQUENCE = [
     ("qom-get", {"path": "/machine/peripheral/balloon0/virtio-backend", "property": "type"}),
     ("qom-get", {"path": "/machine/peripheral/nope", "property": "type"}),
     ("qom-get", {"path": "balloon0"}),
+    # Migration: the commands QEMU 7.2 still has, before any migration and their errors.
+    ("query-migrate", None),
+    ("migrate_cancel", None),
+    ("query-migrate-capabilities", None),
+    ("migrate-set-capabilities", {"capabilities": [{"capability": "events", "state": True}]}),
+    ("migrate-set-capabilities", {"capabilities": [{"capability": "bogus", "state": True}]}),
+    ("migrate-set-parameters", {"downtime-limit": 100, "max-bandwidth": 33554432}),
+    ("migrate-set-parameters", {"downtime-limit": 3000000}),
+    ("client_migrate_info", {"protocol": "spice", "hostname": "h", "port": 1}),
+    ("client_migrate_info", {"protocol": "bogus", "hostname": "h"}),
+    ("migrate", {"uri": "bogus:x"}),
+    ("migrate", {"uri": "fd:nope"}),
+    ("migrate", {}),
+    ("migrate-incoming", {"uri": "tcp:127.0.0.1:1"}),
+    ("human-monitor-command", {"command-line": "help migrate"}),
+    ("human-monitor-command", {"command-line": "help migrate_cancel"}),
+    ("human-monitor-command", {"command-line": "help migrate_incoming"}),
+    ("human-monitor-command", {"command-line": "migrate"}),
+    ("human-monitor-command", {"command-line": "migrate_cancel"}),
 ]
 
 # Commands whose whole reply, not just its shape, is the same for the same machine.
 SAME_VALUE = {"query-mice", "query-status", "query-name", "query-uuid", "query-rx-filter",
               "set_link", "netdev_del", "query-spice", "set_password", "expire_password",
               "change-vnc-password", "screendump", "add_client", "query-balloon", "balloon",
-              "qom-get", "qom-set"}
+              "qom-get", "qom-set", "query-migrate", "migrate_cancel",
+              "migrate-set-capabilities", "migrate-set-parameters", "client_migrate_info",
+              "migrate", "migrate-incoming"}
 # HMP commands whose output is the same.
 SAME_HMP = {"info network", "set_link h1 off", "set_link nosuch off", "netdev_del h1",
             "netdev_add user,id=h1", "netdev_add user,id=h2,restrict=maybe",
             "change vnc password abc", "set_password spice x", "expire_password vnc never",
             "screendump /nonexistent/y", "sendkey frob", "info balloon", "balloon 64",
             "help balloon", "balloon 32", "balloon 0", "balloon abc", "balloon -5", "balloon",
-            "balloon 1.5", "balloon 99999999"}
+            "balloon 1.5", "balloon 99999999", "help migrate", "help migrate_cancel",
+            "help migrate_incoming", "migrate", "migrate_cancel"}
 
 
 def shape(value):
