@@ -661,6 +661,7 @@ impl VirtioBackend for VhostUserDevice {
     }
 
     fn reset(&mut self) {
+        self.stopped = false;
         let Some(active) = self.active.take() else {
             return;
         };
