@@ -829,7 +829,13 @@ fn a_drive_with_a_medium_from_power_on_and_sigterm() {
 
 #[test]
 fn started_by_hand_it_says_so() {
-    let out = Command::new(BIN).stdin(Stdio::null()).output().unwrap();
+    // Without a descriptor 3: one that another test of this binary opens at the same moment
+    // would otherwise be inherited, and the program would rightly take it for the vmm's.
+    let out = Command::new("sh")
+        .args(["-c", "exec 3>&- \"$0\"", BIN])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{stderr}");
     assert!(stderr.contains("started by the vmm"), "{stderr}");

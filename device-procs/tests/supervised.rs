@@ -156,7 +156,12 @@ fn hello_attach_serve_and_exit_with_the_control_socket() {
 
 #[test]
 fn started_by_hand_it_says_so() {
-    let out = Command::new(BIN).stdin(Stdio::null()).output().unwrap();
+    // Without a descriptor 3 (another test of this binary may have one open right now).
+    let out = Command::new("sh")
+        .args(["-c", "exec 3>&- \"$0\"", BIN])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{stderr}");
     assert!(stderr.contains("started by the vmm"), "{stderr}");
