@@ -384,3 +384,62 @@ fn without_the_cpu_dirty_log_the_checker_finds_the_loss() {
         read_file(&b.serial).contains("BAD")
     });
 }
+
+#[test]
+fn a_destination_killed_mid_stream_and_a_cancel_after_the_stop_leave_the_source_running() {
+    let dir = TempDir::new("migrate-kill");
+    let kernel = counting_guest(&dir);
+    let mig = dir.join("mig.sock");
+    let uri = format!("unix:{}", mig.display());
+    let mut a = vm(&dir, "a", &kernel, &[]);
+    wait_counts(&a.serial, 1);
+
+    // The destination dies while the bulk pass crawls at 1 MiB/s.
+    let mut b = vm(&dir, "b", &kernel, &["-incoming", &uri]);
+    a.qmp
+        .ok("migrate_set_speed", Some(json!({ "value": 1 << 20 })));
+    a.qmp.ok("migrate", Some(json!({ "uri": uri })));
+    wait_until("an active migration", TIMEOUT, || {
+        a.qmp.ok("query-migrate", None)["ram"]["transferred"]
+            .as_u64()
+            .is_some_and(|t| t > 2 << 20)
+    });
+    let _ = b.child.kill();
+    assert_eq!(
+        statuses_until(&mut a.events, "failed").last().unwrap(),
+        "failed"
+    );
+    assert_eq!(status(&mut a.qmp), "running");
+    let n = counts(&a.serial).len();
+    wait_counts(&a.serial, n + 1);
+
+    // A downtime limit so large that the source stops at once, then sends the rest at
+    // 1 MiB/s: cancelled while stopped, it runs again where it was.
+    let _c = vm(&dir, "c", &kernel, &["-incoming", &uri]);
+    a.qmp.ok(
+        "migrate-set-parameters",
+        Some(json!({ "downtime-limit": 2_000_000 })),
+    );
+    a.qmp.ok("migrate", Some(json!({ "uri": uri })));
+    wait_until("the source to stop for the last part", TIMEOUT, || {
+        status(&mut a.qmp) == "finish-migrate"
+    });
+    a.qmp.ok("migrate_cancel", None);
+    assert_eq!(
+        statuses_until(&mut a.events, "cancelled").last().unwrap(),
+        "cancelled"
+    );
+    wait_until("the source to run again", TIMEOUT, || {
+        status(&mut a.qmp) == "running"
+    });
+    let n = counts(&a.serial).len();
+    wait_counts(&a.serial, n + 1);
+
+    // And a migration that works after all that.
+    a.qmp.ok(
+        "migrate-set-parameters",
+        Some(json!({ "downtime-limit": 300, "max-bandwidth": 1u64 << 30 })),
+    );
+    let mut d = vm(&dir, "d", &kernel, &["-incoming", &uri]);
+    migrate_and_check(&mut a, &mut d, &uri);
+}
