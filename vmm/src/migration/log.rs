@@ -113,6 +113,7 @@ mod tests {
         let ram = RamPages::new(m.guest_memory().clone());
         let log = DeviceDirtyLog::new(16 << 20).unwrap();
         // A backend's write: byte page/8, bit page%8, through its own mapping.
+        // SAFETY (test): a fresh shared mapping of the log's memfd, unmapped below.
         let other = unsafe {
             libc::mmap(
                 std::ptr::null_mut(),
