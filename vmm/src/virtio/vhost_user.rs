@@ -331,16 +331,9 @@ impl VhostUserDevice {
     /// Send the memory table and every queue. `resume`: the queues continue from the used
     /// index in guest memory instead of from zero.
     fn start(&mut self, active: &Active, resume: bool) -> Result<(), VhostUserError> {
-        let mut features = active.features;
-        if self.protocol_features {
-            features |= VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits();
-        }
         let logging = self.logging.clone().filter(|_| self.can_log);
-        if logging.is_some() {
-            features |= VHOST_F_LOG_ALL;
-        }
         self.frontend
-            .set_features(features)
+            .set_features(self.backend_features(active))
             .map_err(self.step("SET_FEATURES"))?;
         let regions = self
             .memory
@@ -443,17 +436,26 @@ impl VhostUserDevice {
         let Some(active) = &self.active else {
             return Ok(());
         };
-        let mut features = active.features;
-        if self.protocol_features {
-            features |= VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits();
-        }
+        let features = self.backend_features(active);
         if let Some(log) = self.logging.clone() {
             self.send_log_base(&log)?;
-            features |= VHOST_F_LOG_ALL;
         }
         self.frontend
             .set_features(features)
             .map_err(self.step("SET_FEATURES"))
+    }
+
+    /// The features SET_FEATURES gives the backend: the driver's, the protocol-features
+    /// bit, and VHOST_F_LOG_ALL while a migration logs.
+    fn backend_features(&self, active: &Active) -> u64 {
+        let mut features = active.features;
+        if self.protocol_features {
+            features |= VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits();
+        }
+        if self.logging.is_some() && self.can_log {
+            features |= VHOST_F_LOG_ALL;
+        }
+        features
     }
 
     /// Stop every queue (GET_VRING_BASE): the backend finishes or gives back what it
