@@ -5,7 +5,7 @@
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use super::ram::RamPages;
+use super::ram::{mark, set_bits, RamPages};
 use super::stream::PAGE_SIZE;
 
 #[derive(Debug, thiserror::Error)]
@@ -72,26 +72,18 @@ impl DeviceDirtyLog {
         (self.words * 8) as u64
     }
 
-    /// The pages logged since the last call, in `ram`'s (the stream's) page order, cleared
-    /// as they are taken.
-    pub fn take(&self, ram: &RamPages) -> Vec<u64> {
-        let mut bits = vec![0u64; ram.count().div_ceil(64) as usize];
-        for w in 0..self.words {
+    /// Mark in `bits` the pages logged since the last call, in `ram`'s (the stream's) page
+    /// order, clearing the log.
+    pub fn take(&self, ram: &RamPages, bits: &mut [u64]) {
+        let words = (0..self.words).map(|w| {
             // SAFETY: w < words, inside the mapping; accessed only atomically.
-            let word = unsafe { &*self.ptr.add(w) }.swap(0, Ordering::AcqRel);
-            let mut word = word;
-            while word != 0 {
-                let bit = u64::from(word.trailing_zeros());
-                word &= word - 1;
-                let gpa = (w as u64 * 64 + bit) * PAGE_SIZE as u64;
-                if let Some(page) = ram.page_of(gpa) {
-                    if let Some(slot) = bits.get_mut((page / 64) as usize) {
-                        *slot |= 1 << (page % 64);
-                    }
-                }
+            unsafe { &*self.ptr.add(w) }.swap(0, Ordering::AcqRel)
+        });
+        for gpa_page in set_bits(words) {
+            if let Some(page) = ram.page_of(gpa_page * PAGE_SIZE as u64) {
+                mark(bits, page);
             }
         }
-        bits
     }
 }
 
@@ -127,9 +119,13 @@ mod tests {
         assert_ne!(other as *mut libc::c_void, libc::MAP_FAILED);
         // SAFETY (test): inside the mapping.
         unsafe { *other.add(100 / 8) |= 1 << (100 % 8) };
-        let bits = log.take(&ram);
-        assert_eq!(bits[1], 1 << (100 - 64));
-        assert!(log.take(&ram).iter().all(|w| *w == 0), "taken: cleared");
+        let take = || {
+            let mut bits = ram.bitmap();
+            log.take(&ram, &mut bits);
+            bits
+        };
+        assert_eq!(take()[1], 1 << (100 - 64));
+        assert!(take().iter().all(|w| *w == 0), "taken: cleared");
         // SAFETY (test): the mapping above.
         unsafe { libc::munmap(other.cast(), log.size() as usize) };
     }

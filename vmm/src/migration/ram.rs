@@ -93,33 +93,27 @@ impl RamPages {
         })
     }
 
-    /// The pages the vmm itself wrote through its mapping since the last call (its virtio
-    /// devices, loaders: vm-memory marks them), in the stream's page order, cleared as
-    /// they are taken.
-    pub fn take_vmm_dirty(&self) -> Vec<u64> {
-        let mut bits = vec![0u64; self.pages.div_ceil(64) as usize];
+    /// An empty bitmap of every page.
+    pub fn bitmap(&self) -> Vec<u64> {
+        vec![0u64; self.pages.div_ceil(64) as usize]
+    }
+
+    /// Mark in `bits` the pages the vmm itself wrote through its mapping since the last
+    /// call (its virtio devices, loaders: vm-memory marks them), clearing its log.
+    pub fn take_vmm_dirty(&self, bits: &mut [u64]) {
         for r in self.memory.iter() {
             let first = r.file_offset().map_or(0, |f| f.start()) / PAGE_SIZE as u64;
             // The region's own bitmap (the mapping's), not the trait's slice of it.
             let mapping: &vm_memory::MmapRegion<vm_memory::bitmap::AtomicBitmap> = r;
-            for (w, word) in mapping.bitmap().get_and_reset().into_iter().enumerate() {
-                let mut word = word;
-                while word != 0 {
-                    let bit = u64::from(word.trailing_zeros());
-                    word &= word - 1;
-                    let page = first + w as u64 * 64 + bit;
-                    if let Some(slot) = bits.get_mut((page / 64) as usize) {
-                        *slot |= 1 << (page % 64);
-                    }
-                }
+            for page in set_bits(mapping.bitmap().get_and_reset()) {
+                mark(bits, first + page);
             }
         }
-        bits
     }
 
     /// One bit per page that holds data in the memfd (the rest are holes: zero).
     pub fn allocated(&self) -> Vec<u64> {
-        let mut bits = vec![0u64; self.pages.div_ceil(64) as usize];
+        let mut bits = self.bitmap();
         let Some(fd) = self
             .memory
             .iter()
@@ -141,12 +135,38 @@ impl RamPages {
             let hole = unsafe { libc::lseek(fd, data, libc::SEEK_HOLE) };
             let (data, hole) = (data as u64, if hole < 0 { end } else { hole as u64 });
             for page in data / PAGE_SIZE as u64..hole.div_ceil(PAGE_SIZE as u64).min(self.pages) {
-                bits[(page / 64) as usize] |= 1 << (page % 64);
+                mark(&mut bits, page);
             }
             offset = hole.max(data + 1);
         }
         bits
     }
+}
+
+/// The indices of the bits set in `words` (bit i of word w is w * 64 + i).
+pub fn set_bits(words: impl IntoIterator<Item = u64>) -> impl Iterator<Item = u64> {
+    words.into_iter().enumerate().flat_map(|(w, mut word)| {
+        std::iter::from_fn(move || {
+            (word != 0).then(|| {
+                let bit = u64::from(word.trailing_zeros());
+                word &= word - 1;
+                w as u64 * 64 + bit
+            })
+        })
+    })
+}
+
+/// Set `page`'s bit in `bits` (a page past its end is ignored).
+pub fn mark(bits: &mut [u64], page: u64) {
+    if let Some(word) = bits.get_mut((page / 64) as usize) {
+        *word |= 1 << (page % 64);
+    }
+}
+
+/// Whether `page`'s bit is set in `bits`.
+pub fn is_marked(bits: &[u64], page: u64) -> bool {
+    bits.get((page / 64) as usize)
+        .is_some_and(|w| w & (1 << (page % 64)) != 0)
 }
 
 /// Whether a page is all zeroes.
@@ -169,7 +189,7 @@ mod tests {
         assert!(ram.write(4095, &page));
         assert!(!ram.write(4096, &page), "past RAM");
         let bits = ram.allocated();
-        let set = |p: u64| bits[(p / 64) as usize] & (1 << (p % 64)) != 0;
+        let set = |p: u64| is_marked(&bits, p);
         assert!(set(10) && set(4095));
         assert!(!set(11) && !set(2000), "holes");
         let mut buf = [0u8; PAGE_SIZE];
@@ -180,13 +200,19 @@ mod tests {
         assert!(is_zero(&buf));
         assert!(!is_zero(&page));
         // The vmm's own writes are logged (the test's writes above included).
-        let logged = ram.take_vmm_dirty();
-        assert_ne!(logged[0] & (1 << 10), 0);
-        assert!(
-            ram.take_vmm_dirty().iter().all(|w| *w == 0),
-            "taken: cleared"
-        );
+        let take = || {
+            let mut bits = ram.bitmap();
+            ram.take_vmm_dirty(&mut bits);
+            bits
+        };
+        assert_ne!(take()[0] & (1 << 10), 0);
+        assert!(take().iter().all(|w| *w == 0), "taken: cleared");
         assert!(ram.write(4095, &page));
-        assert_eq!(ram.take_vmm_dirty()[63], 1 << 63);
+        assert_eq!(take()[63], 1 << 63);
+        assert_eq!(
+            set_bits([0b101, 1 << 63]).collect::<Vec<_>>(),
+            [0, 2, 127],
+            "bit indices"
+        );
     }
 }

@@ -11,7 +11,7 @@ use std::time::Instant;
 use qmp::EventSender;
 use serde_json::{json, Map};
 
-use super::ram::{is_zero, RamPages};
+use super::ram::{is_marked, is_zero, RamPages};
 use super::stream::{Header, StreamWriter, MAX_RUN_PAGES, PAGE_SIZE};
 use super::uri::{self, Channel, MigrationUri};
 use super::{lock, Capabilities, MigrationError, Parameters, Progress, Status, RATE_PERIOD};
@@ -132,8 +132,7 @@ impl Sender<'_> {
             let mut zero = vec![false; n as usize];
             for i in 0..n {
                 let p = page + i;
-                let holds_data =
-                    allocated.is_none_or(|bits| bits[(p / 64) as usize] & (1 << (p % 64)) != 0);
+                let holds_data = allocated.is_none_or(|bits| is_marked(bits, p));
                 let buf = &mut self.buf[i as usize];
                 zero[i as usize] = !holds_data || !self.ram.read(p, buf) || is_zero(buf);
             }
@@ -160,10 +159,7 @@ impl Sender<'_> {
         let total = self.ram.count();
         let mut page = 0u64;
         while page < total {
-            let set = |p: u64| {
-                bits.get((p / 64) as usize)
-                    .is_some_and(|w| w & (1 << (p % 64)) != 0)
-            };
+            let set = |p: u64| is_marked(bits, p);
             if !set(page) {
                 page += 1;
                 continue;
@@ -204,13 +200,9 @@ fn take_dirty(o: &Outgoing, ram: &RamPages) -> Result<Vec<u64>, MigrationError> 
         .take_dirty_log(ram.count() as usize)
         .map_err(|e| MigrationError::DirtyLog(e.to_string()))?;
     bits.resize(ram.count().div_ceil(64) as usize, 0);
-    for (b, v) in bits.iter_mut().zip(ram.take_vmm_dirty()) {
-        *b |= v;
-    }
+    ram.take_vmm_dirty(&mut bits);
     if let Some(log) = &o.device_log {
-        for (b, v) in bits.iter_mut().zip(log.take(ram)) {
-            *b |= v;
-        }
+        log.take(ram, &mut bits);
     }
     Ok(bits)
 }
@@ -298,9 +290,10 @@ fn send(
     // The bulk pass: every page (holes as zero pages, unread); the vmm's own log starts
     // clean with it.
     let pass_start = Instant::now();
-    ram.take_vmm_dirty();
+    let mut discarded = ram.bitmap();
+    ram.take_vmm_dirty(&mut discarded);
     if let Some(log) = &o.device_log {
-        log.take(&ram);
+        log.take(&ram, &mut discarded);
     }
     let allocated = ram.allocated();
     s.run(o, 0, ram.count(), Some(&allocated))?;
