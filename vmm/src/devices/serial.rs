@@ -181,9 +181,10 @@ impl BusDevice for Serial {
 /// Name of the UART's state in snapshots and their errors.
 const SNAPSHOT_NAME: &str = "serial";
 
-/// [`SerialState`] as serde can encode it (vm-superio's type has no serde support).
+/// [`SerialState`]'s fields for serde (vm-superio's type has no serde support).
 #[derive(Serialize, Deserialize)]
-struct SerialSnapshot {
+#[serde(remote = "SerialState")]
+struct SerialStateDef {
     baud_divisor_low: u8,
     baud_divisor_high: u8,
     interrupt_enable: u8,
@@ -196,43 +197,13 @@ struct SerialSnapshot {
     in_buffer: Vec<u8>,
 }
 
-impl From<SerialState> for SerialSnapshot {
-    fn from(s: SerialState) -> Self {
-        Self {
-            baud_divisor_low: s.baud_divisor_low,
-            baud_divisor_high: s.baud_divisor_high,
-            interrupt_enable: s.interrupt_enable,
-            interrupt_identification: s.interrupt_identification,
-            line_control: s.line_control,
-            line_status: s.line_status,
-            modem_control: s.modem_control,
-            modem_status: s.modem_status,
-            scratch: s.scratch,
-            in_buffer: s.in_buffer,
-        }
-    }
-}
-
-impl From<SerialSnapshot> for SerialState {
-    fn from(s: SerialSnapshot) -> Self {
-        Self {
-            baud_divisor_low: s.baud_divisor_low,
-            baud_divisor_high: s.baud_divisor_high,
-            interrupt_enable: s.interrupt_enable,
-            interrupt_identification: s.interrupt_identification,
-            line_control: s.line_control,
-            line_status: s.line_status,
-            modem_control: s.modem_control,
-            modem_status: s.modem_status,
-            scratch: s.scratch,
-            in_buffer: s.in_buffer,
-        }
-    }
-}
+/// The UART's state as a snapshot encodes it.
+#[derive(Serialize, Deserialize)]
+struct SerialSnapshot(#[serde(with = "SerialStateDef")] SerialState);
 
 impl Snapshottable for Serial {
     fn save(&mut self) -> Result<Vec<u8>, SnapshotError> {
-        encode(SNAPSHOT_NAME, &SerialSnapshot::from(self.uart.state()))
+        encode(SNAPSHOT_NAME, &SerialSnapshot(self.uart.state()))
     }
 
     /// vm-superio cannot load a state in place, so a new UART is built from it with this
@@ -243,7 +214,7 @@ impl Snapshottable for Serial {
         let snapshot: SerialSnapshot = decode(SNAPSHOT_NAME, state)?;
         let irq = IrqTrigger(self.uart.interrupt_evt().0.clone());
         let mut uart = vm_superio::Serial::from_state(
-            &snapshot.into(),
+            &snapshot.0,
             irq,
             self.room.clone(),
             Box::new(std::io::sink()) as Box<dyn Write + Send>,
@@ -567,7 +538,7 @@ mod tests {
         }
         // More bytes than the 64-byte FIFO holds.
         let mut state: SerialSnapshot = decode(SNAPSHOT_NAME, &saved).unwrap();
-        state.in_buffer = vec![b'x'; 65];
+        state.0.in_buffer = vec![b'x'; 65];
         let overfull = encode(SNAPSHOT_NAME, &state).unwrap();
         assert!(matches!(
             fresh.lock().unwrap().restore(&overfull),
