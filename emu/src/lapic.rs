@@ -115,40 +115,9 @@ impl VectorSet {
     }
 }
 
-/// A local APIC's registers and pending events, as a snapshot keeps them.
+/// A local APIC's registers and pending events: what a snapshot keeps of it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct LapicState {
-    apic_base: u64,
-    tpr: u32,
-    ldr: u32,
-    dfr: u32,
-    svr: u32,
-    isr: VectorSet,
-    tmr: VectorSet,
-    irr: VectorSet,
-    esr: u32,
-    esr_pending: u32,
-    icr_low: u32,
-    icr_high: u32,
-    lvt: [u32; NUM_LVT],
-    timer_initial: u32,
-    timer_divide: u32,
-    timer_start_ns: u64,
-    timer_next_ns: Option<u64>,
-    tsc_deadline: u64,
-    nmi_pending: bool,
-    init_pending: bool,
-    sipi_pending: Option<u8>,
-    extint_pending: bool,
-}
-
-/// One vCPU's local APIC.
-pub struct LocalApic {
-    id: u32,
-    bsp: bool,
-    inbox: Arc<ApicInbox>,
-    router: Arc<ApicRouter>,
-    clock: Arc<VirtualClock>,
     apic_base: u64,
     tpr: u32,
     ldr: u32,
@@ -176,6 +145,17 @@ pub struct LocalApic {
     extint_pending: bool,
 }
 
+/// One vCPU's local APIC.
+pub struct LocalApic {
+    id: u32,
+    bsp: bool,
+    inbox: Arc<ApicInbox>,
+    router: Arc<ApicRouter>,
+    clock: Arc<VirtualClock>,
+    /// Everything a snapshot keeps, in one place so that none of it is left behind.
+    regs: LapicState,
+}
+
 impl LocalApic {
     pub fn new(
         apic_id: u32,
@@ -190,28 +170,30 @@ impl LocalApic {
             inbox,
             router,
             clock,
-            apic_base: 0,
-            tpr: 0,
-            ldr: 0,
-            dfr: 0xffff_ffff,
-            svr: 0xff,
-            isr: VectorSet::default(),
-            tmr: VectorSet::default(),
-            irr: VectorSet::default(),
-            esr: 0,
-            esr_pending: 0,
-            icr_low: 0,
-            icr_high: 0,
-            lvt: [LVT_MASKED; NUM_LVT],
-            timer_initial: 0,
-            timer_divide: 0,
-            timer_start_ns: 0,
-            timer_next_ns: None,
-            tsc_deadline: 0,
-            nmi_pending: false,
-            init_pending: false,
-            sipi_pending: None,
-            extint_pending: false,
+            regs: LapicState {
+                apic_base: 0,
+                tpr: 0,
+                ldr: 0,
+                dfr: 0xffff_ffff,
+                svr: 0xff,
+                isr: VectorSet::default(),
+                tmr: VectorSet::default(),
+                irr: VectorSet::default(),
+                esr: 0,
+                esr_pending: 0,
+                icr_low: 0,
+                icr_high: 0,
+                lvt: [LVT_MASKED; NUM_LVT],
+                timer_initial: 0,
+                timer_divide: 0,
+                timer_start_ns: 0,
+                timer_next_ns: None,
+                tsc_deadline: 0,
+                nmi_pending: false,
+                init_pending: false,
+                sipi_pending: None,
+                extint_pending: false,
+            },
         };
         apic.reset();
         apic
@@ -219,34 +201,34 @@ impl LocalApic {
 
     /// Power-on state: enabled in xAPIC mode at the default base, software-disabled.
     pub fn reset(&mut self) {
-        self.apic_base =
+        self.regs.apic_base =
             APIC_DEFAULT_BASE | APIC_BASE_ENABLE | if self.bsp { APIC_BASE_BSP } else { 0 };
         self.init_reset();
-        self.nmi_pending = false;
-        self.init_pending = false;
-        self.sipi_pending = None;
-        self.extint_pending = false;
+        self.regs.nmi_pending = false;
+        self.regs.init_pending = false;
+        self.regs.sipi_pending = None;
+        self.regs.extint_pending = false;
     }
 
     /// The state after an INIT: every register but the id and IA32_APIC_BASE reset.
     pub fn init_reset(&mut self) {
-        self.tpr = 0;
-        self.ldr = if self.x2apic() { self.x2apic_ldr() } else { 0 };
-        self.dfr = 0xffff_ffff;
-        self.svr = 0xff;
-        self.isr = VectorSet::default();
-        self.tmr = VectorSet::default();
-        self.irr = VectorSet::default();
-        self.esr = 0;
-        self.esr_pending = 0;
-        self.icr_low = 0;
-        self.icr_high = 0;
-        self.lvt = [LVT_MASKED; NUM_LVT];
-        self.timer_initial = 0;
-        self.timer_divide = 0;
-        self.timer_start_ns = 0;
-        self.timer_next_ns = None;
-        self.tsc_deadline = 0;
+        self.regs.tpr = 0;
+        self.regs.ldr = if self.x2apic() { self.x2apic_ldr() } else { 0 };
+        self.regs.dfr = 0xffff_ffff;
+        self.regs.svr = 0xff;
+        self.regs.isr = VectorSet::default();
+        self.regs.tmr = VectorSet::default();
+        self.regs.irr = VectorSet::default();
+        self.regs.esr = 0;
+        self.regs.esr_pending = 0;
+        self.regs.icr_low = 0;
+        self.regs.icr_high = 0;
+        self.regs.lvt = [LVT_MASKED; NUM_LVT];
+        self.regs.timer_initial = 0;
+        self.regs.timer_divide = 0;
+        self.regs.timer_start_ns = 0;
+        self.regs.timer_next_ns = None;
+        self.regs.tsc_deadline = 0;
         self.publish_routing();
     }
 
@@ -255,15 +237,15 @@ impl LocalApic {
     }
 
     fn hw_enabled(&self) -> bool {
-        self.apic_base & APIC_BASE_ENABLE != 0
+        self.regs.apic_base & APIC_BASE_ENABLE != 0
     }
 
     fn x2apic(&self) -> bool {
-        self.hw_enabled() && self.apic_base & APIC_BASE_EXTD != 0
+        self.hw_enabled() && self.regs.apic_base & APIC_BASE_EXTD != 0
     }
 
     fn sw_enabled(&self) -> bool {
-        self.svr & SVR_ENABLE != 0
+        self.regs.svr & SVR_ENABLE != 0
     }
 
     fn x2apic_ldr(&self) -> u32 {
@@ -275,57 +257,13 @@ impl LocalApic {
         if self.inbox.has_work() {
             self.drain_inbox();
         }
-        LapicState {
-            apic_base: self.apic_base,
-            tpr: self.tpr,
-            ldr: self.ldr,
-            dfr: self.dfr,
-            svr: self.svr,
-            isr: self.isr,
-            tmr: self.tmr,
-            irr: self.irr,
-            esr: self.esr,
-            esr_pending: self.esr_pending,
-            icr_low: self.icr_low,
-            icr_high: self.icr_high,
-            lvt: self.lvt,
-            timer_initial: self.timer_initial,
-            timer_divide: self.timer_divide,
-            timer_start_ns: self.timer_start_ns,
-            timer_next_ns: self.timer_next_ns,
-            tsc_deadline: self.tsc_deadline,
-            nmi_pending: self.nmi_pending,
-            init_pending: self.init_pending,
-            sipi_pending: self.sipi_pending,
-            extint_pending: self.extint_pending,
-        }
+        self.regs.clone()
     }
 
     /// Take a snapshot's registers (times are guest times: the clock is restored first),
     /// and tell the router where this APIC now listens.
     pub fn restore(&mut self, s: &LapicState) {
-        self.apic_base = s.apic_base;
-        self.tpr = s.tpr;
-        self.ldr = s.ldr;
-        self.dfr = s.dfr;
-        self.svr = s.svr;
-        self.isr = s.isr;
-        self.tmr = s.tmr;
-        self.irr = s.irr;
-        self.esr = s.esr;
-        self.esr_pending = s.esr_pending;
-        self.icr_low = s.icr_low;
-        self.icr_high = s.icr_high;
-        self.lvt = s.lvt;
-        self.timer_initial = s.timer_initial;
-        self.timer_divide = s.timer_divide;
-        self.timer_start_ns = s.timer_start_ns;
-        self.timer_next_ns = s.timer_next_ns;
-        self.tsc_deadline = s.tsc_deadline;
-        self.nmi_pending = s.nmi_pending;
-        self.init_pending = s.init_pending;
-        self.sipi_pending = s.sipi_pending;
-        self.extint_pending = s.extint_pending;
+        self.regs = s.clone();
         self.publish_routing();
     }
 
@@ -334,28 +272,28 @@ impl LocalApic {
             self.id,
             self.hw_enabled(),
             self.x2apic(),
-            self.ldr,
-            self.dfr,
+            self.regs.ldr,
+            self.regs.dfr,
         );
     }
 
     /// Some(base) while enabled in xAPIC mode: MMIO there belongs to this APIC.
     pub fn mmio_base(&self) -> Option<u64> {
-        (self.hw_enabled() && !self.x2apic()).then_some(self.apic_base & APIC_BASE_ADDR_MASK)
+        (self.hw_enabled() && !self.x2apic()).then_some(self.regs.apic_base & APIC_BASE_ADDR_MASK)
     }
 
     /// The raw IA32_APIC_BASE value.
     pub fn apic_base(&self) -> u64 {
-        self.apic_base
+        self.regs.apic_base
     }
 
     // ---- priority and interrupt acceptance ----
 
     fn ppr(&self) -> u32 {
-        let isr_class = self.isr.highest().map_or(0, |v| u32::from(v) & 0xf0);
-        let tpr_class = self.tpr & 0xf0;
+        let isr_class = self.regs.isr.highest().map_or(0, |v| u32::from(v) & 0xf0);
+        let tpr_class = self.regs.tpr & 0xf0;
         if tpr_class >= isr_class {
-            self.tpr & 0xff
+            self.regs.tpr & 0xff
         } else {
             isr_class
         }
@@ -363,20 +301,20 @@ impl LocalApic {
 
     fn accept_fixed(&mut self, vector: u8, level: bool) {
         if vector < 16 {
-            self.esr_pending |= ESR_RECEIVE_ILLEGAL_VECTOR;
+            self.regs.esr_pending |= ESR_RECEIVE_ILLEGAL_VECTOR;
             return;
         }
-        self.irr.set(vector);
+        self.regs.irr.set(vector);
         if level {
-            self.tmr.set(vector);
+            self.regs.tmr.set(vector);
         } else {
-            self.tmr.clear(vector);
+            self.regs.tmr.clear(vector);
         }
     }
 
     /// A fixed interrupt is deliverable: its priority class is above PPR's.
     pub fn has_interrupt(&self) -> bool {
-        match self.irr.highest() {
+        match self.regs.irr.highest() {
             Some(v) => u32::from(v) & 0xf0 > self.ppr() & 0xf0,
             None => false,
         }
@@ -387,38 +325,38 @@ impl LocalApic {
         if !self.has_interrupt() {
             return None;
         }
-        let vector = self.irr.highest()?;
-        self.irr.clear(vector);
-        self.isr.set(vector);
+        let vector = self.regs.irr.highest()?;
+        self.regs.irr.clear(vector);
+        self.regs.isr.set(vector);
         Some(vector)
     }
 
     fn end_of_interrupt(&mut self) {
-        if let Some(vector) = self.isr.highest() {
-            self.isr.clear(vector);
-            if self.tmr.contains(vector) {
+        if let Some(vector) = self.regs.isr.highest() {
+            self.regs.isr.clear(vector);
+            if self.regs.tmr.contains(vector) {
                 self.router.end_of_interrupt(vector);
             }
         }
     }
 
     pub fn take_nmi(&mut self) -> bool {
-        std::mem::take(&mut self.nmi_pending)
+        std::mem::take(&mut self.regs.nmi_pending)
     }
 
     pub fn take_init(&mut self) -> bool {
-        std::mem::take(&mut self.init_pending)
+        std::mem::take(&mut self.regs.init_pending)
     }
 
     pub fn take_sipi(&mut self) -> Option<u8> {
-        self.sipi_pending.take()
+        self.regs.sipi_pending.take()
     }
 
     /// The CPU should fetch a vector from the 8259: an ExtINT message arrived, or LINT0 is
     /// in ExtINT mode (or the APIC is disabled, which passes INTR straight through) and the
     /// PIC's output is asserted.
     pub fn extint_requested(&mut self) -> bool {
-        if std::mem::take(&mut self.extint_pending) {
+        if std::mem::take(&mut self.regs.extint_pending) {
             return true;
         }
         if !self.inbox.extint_line() {
@@ -428,14 +366,14 @@ impl LocalApic {
         if !self.hw_enabled() {
             return true;
         }
-        let lint0 = self.lvt[LVT_LINT0];
+        let lint0 = self.regs.lvt[LVT_LINT0];
         lint0 & LVT_MASKED == 0 && lint0 & LVT_DELIVERY_MODE_MASK == LVT_MODE_EXTINT
     }
 
     // ---- timer ----
 
     fn timer_mode(&self) -> TimerMode {
-        match self.lvt[LVT_TIMER] & LVT_TIMER_MODE_MASK {
+        match self.regs.lvt[LVT_TIMER] & LVT_TIMER_MODE_MASK {
             LVT_TIMER_PERIODIC => TimerMode::Periodic,
             LVT_TIMER_TSC_DEADLINE => TimerMode::TscDeadline,
             _ => TimerMode::OneShot,
@@ -444,7 +382,7 @@ impl LocalApic {
 
     /// Bus clocks per timer tick from the divide configuration register.
     fn timer_divisor(&self) -> u64 {
-        let code = (self.timer_divide & 3) | ((self.timer_divide & 8) >> 1);
+        let code = (self.regs.timer_divide & 3) | ((self.regs.timer_divide & 8) >> 1);
         if code == 7 {
             1
         } else {
@@ -454,42 +392,43 @@ impl LocalApic {
 
     /// Guest ns per full count (bus clock 1 GHz).
     fn timer_period_ns(&self) -> u64 {
-        u64::from(self.timer_initial) * self.timer_divisor()
+        u64::from(self.regs.timer_initial) * self.timer_divisor()
     }
 
     fn start_count(&mut self) {
         let now = self.clock.now_ns();
-        self.timer_start_ns = now;
-        self.timer_next_ns = (self.timer_initial != 0).then(|| now + self.timer_period_ns());
+        self.regs.timer_start_ns = now;
+        self.regs.timer_next_ns =
+            (self.regs.timer_initial != 0).then(|| now + self.timer_period_ns());
     }
 
     fn timer_current_count(&self) -> u32 {
-        if self.timer_mode() == TimerMode::TscDeadline || self.timer_next_ns.is_none() {
+        if self.timer_mode() == TimerMode::TscDeadline || self.regs.timer_next_ns.is_none() {
             return 0;
         }
         let period = self.timer_period_ns();
         if period == 0 {
             return 0;
         }
-        let elapsed = self.clock.now_ns().saturating_sub(self.timer_start_ns);
+        let elapsed = self.clock.now_ns().saturating_sub(self.regs.timer_start_ns);
         let elapsed = match self.timer_mode() {
             TimerMode::Periodic => elapsed % period,
             _ if elapsed >= period => return 0,
             _ => elapsed,
         };
         let ticks = elapsed / self.timer_divisor();
-        self.timer_initial.saturating_sub(ticks as u32)
+        self.regs.timer_initial.saturating_sub(ticks as u32)
     }
 
     fn fire_timer(&mut self) {
-        let lvt = self.lvt[LVT_TIMER];
+        let lvt = self.regs.lvt[LVT_TIMER];
         if lvt & LVT_MASKED == 0 {
             self.accept_fixed(lvt as u8, false);
         }
     }
 
     fn poll_timer(&mut self) {
-        let Some(next) = self.timer_next_ns else {
+        let Some(next) = self.regs.timer_next_ns else {
             return;
         };
         let now = self.clock.now_ns();
@@ -503,20 +442,22 @@ impl LocalApic {
                 // Skip missed periods but stay on the original grid.
                 let missed = (now - next) / period;
                 let next = next + (missed + 1) * period;
-                self.timer_start_ns = next - period;
-                self.timer_next_ns = Some(next);
+                self.regs.timer_start_ns = next - period;
+                self.regs.timer_next_ns = Some(next);
             }
-            TimerMode::OneShot => self.timer_next_ns = None,
+            TimerMode::OneShot => self.regs.timer_next_ns = None,
             TimerMode::TscDeadline => {
-                self.tsc_deadline = 0;
-                self.timer_next_ns = None;
+                self.regs.tsc_deadline = 0;
+                self.regs.timer_next_ns = None;
             }
         }
     }
 
     /// Host time of the next timer expiry.
     pub fn next_deadline(&self) -> Option<Instant> {
-        self.timer_next_ns.map(|ns| self.clock.host_deadline(ns))
+        self.regs
+            .timer_next_ns
+            .map(|ns| self.clock.host_deadline(ns))
     }
 
     /// Drains the inbox into IRR / pending NMI, INIT, SIPI, ExtINT and fires an expired
@@ -542,12 +483,12 @@ impl LocalApic {
                 }
             }
         }
-        self.nmi_pending |= got.nmi;
-        self.init_pending |= got.init;
+        self.regs.nmi_pending |= got.nmi;
+        self.regs.init_pending |= got.init;
         if got.sipi.is_some() {
-            self.sipi_pending = got.sipi;
+            self.regs.sipi_pending = got.sipi;
         }
-        self.extint_pending |= got.extint;
+        self.regs.extint_pending |= got.extint;
     }
 
     // ---- register file ----
@@ -559,24 +500,24 @@ impl LocalApic {
         }
         if index == LVT_TIMER {
             let old_mode = self.timer_mode();
-            self.lvt[index] = value;
+            self.regs.lvt[index] = value;
             let new_mode = self.timer_mode();
             if old_mode != new_mode
                 && (old_mode == TimerMode::TscDeadline || new_mode == TimerMode::TscDeadline)
             {
-                self.timer_initial = 0;
-                self.tsc_deadline = 0;
-                self.timer_next_ns = None;
+                self.regs.timer_initial = 0;
+                self.regs.tsc_deadline = 0;
+                self.regs.timer_next_ns = None;
             }
             return;
         }
-        self.lvt[index] = value;
+        self.regs.lvt[index] = value;
     }
 
     fn write_svr(&mut self, value: u32) {
-        self.svr = value & 0x1ff;
+        self.regs.svr = value & 0x1ff;
         if !self.sw_enabled() {
-            for lvt in self.lvt.iter_mut() {
+            for lvt in self.regs.lvt.iter_mut() {
                 *lvt |= LVT_MASKED;
             }
         }
@@ -586,19 +527,19 @@ impl LocalApic {
         if self.timer_mode() == TimerMode::TscDeadline {
             return;
         }
-        self.timer_initial = value;
+        self.regs.timer_initial = value;
         self.start_count();
     }
 
     fn write_timer_divide(&mut self, value: u32) {
         // Keep the current count running at the new rate from now on.
         let current = self.timer_current_count();
-        self.timer_divide = value & 0xb;
-        if self.timer_next_ns.is_some() && self.timer_mode() != TimerMode::TscDeadline {
+        self.regs.timer_divide = value & 0xb;
+        if self.regs.timer_next_ns.is_some() && self.timer_mode() != TimerMode::TscDeadline {
             let now = self.clock.now_ns();
-            let done = u64::from(self.timer_initial - current.min(self.timer_initial));
-            self.timer_start_ns = now.saturating_sub(done * self.timer_divisor());
-            self.timer_next_ns = Some(now + u64::from(current) * self.timer_divisor());
+            let done = u64::from(self.regs.timer_initial - current.min(self.regs.timer_initial));
+            self.regs.timer_start_ns = now.saturating_sub(done * self.timer_divisor());
+            self.regs.timer_next_ns = Some(now + u64::from(current) * self.timer_divisor());
         }
     }
 
@@ -606,8 +547,8 @@ impl LocalApic {
         if self.timer_mode() != TimerMode::TscDeadline {
             return;
         }
-        self.tsc_deadline = value;
-        self.timer_next_ns = (value != 0).then_some(value);
+        self.regs.tsc_deadline = value;
+        self.regs.timer_next_ns = (value != 0).then_some(value);
     }
 
     /// Reads register `reg` (xAPIC offset); None for a hole.
@@ -621,24 +562,24 @@ impl LocalApic {
                 }
             }
             REG_VERSION => APIC_VERSION,
-            REG_TPR => self.tpr,
+            REG_TPR => self.regs.tpr,
             REG_APR => 0,
             REG_PPR => self.ppr(),
             REG_EOI | REG_RRD => 0,
-            REG_LDR => self.ldr,
-            REG_DFR => self.dfr,
-            REG_SVR => self.svr,
-            0x100..=0x170 => self.isr.0[((reg - REG_ISR) >> 4) as usize],
-            0x180..=0x1f0 => self.tmr.0[((reg - REG_TMR) >> 4) as usize],
-            0x200..=0x270 => self.irr.0[((reg - REG_IRR) >> 4) as usize],
-            REG_ESR => self.esr,
+            REG_LDR => self.regs.ldr,
+            REG_DFR => self.regs.dfr,
+            REG_SVR => self.regs.svr,
+            0x100..=0x170 => self.regs.isr.0[((reg - REG_ISR) >> 4) as usize],
+            0x180..=0x1f0 => self.regs.tmr.0[((reg - REG_TMR) >> 4) as usize],
+            0x200..=0x270 => self.regs.irr.0[((reg - REG_IRR) >> 4) as usize],
+            REG_ESR => self.regs.esr,
             REG_CMCI => LVT_MASKED,
-            REG_ICR_LOW => self.icr_low & !(1 << 12),
-            REG_ICR_HIGH => self.icr_high,
-            REG_LVT_TIMER..=REG_LVT_ERROR => self.lvt[((reg - REG_LVT_TIMER) >> 4) as usize],
-            REG_TIMER_INITIAL => self.timer_initial,
+            REG_ICR_LOW => self.regs.icr_low & !(1 << 12),
+            REG_ICR_HIGH => self.regs.icr_high,
+            REG_LVT_TIMER..=REG_LVT_ERROR => self.regs.lvt[((reg - REG_LVT_TIMER) >> 4) as usize],
+            REG_TIMER_INITIAL => self.regs.timer_initial,
             REG_TIMER_CURRENT => self.timer_current_count(),
-            REG_TIMER_DIVIDE => self.timer_divide,
+            REG_TIMER_DIVIDE => self.regs.timer_divide,
             _ => return None,
         };
         Some(value)
@@ -653,36 +594,36 @@ impl LocalApic {
                 }
                 // xAPIC ids are writable on some parts; ignore to keep routing simple.
             }
-            REG_TPR => self.tpr = value & 0xff,
+            REG_TPR => self.regs.tpr = value & 0xff,
             REG_EOI => self.end_of_interrupt(),
             REG_LDR => {
                 if self.x2apic() {
                     return false;
                 }
-                self.ldr = value & 0xff00_0000;
+                self.regs.ldr = value & 0xff00_0000;
                 self.publish_routing();
             }
             REG_DFR => {
                 if self.x2apic() {
                     return false;
                 }
-                self.dfr = value | 0x0fff_ffff;
+                self.regs.dfr = value | 0x0fff_ffff;
                 self.publish_routing();
             }
             REG_SVR => self.write_svr(value),
             REG_ESR => {
-                self.esr = std::mem::take(&mut self.esr_pending);
+                self.regs.esr = std::mem::take(&mut self.regs.esr_pending);
             }
             REG_CMCI => {}
             REG_ICR_LOW => {
-                self.icr_low = value & !(1 << 12);
-                self.send_ipi(value, self.icr_high >> 24);
+                self.regs.icr_low = value & !(1 << 12);
+                self.send_ipi(value, self.regs.icr_high >> 24);
             }
             REG_ICR_HIGH => {
                 if self.x2apic() {
                     return false;
                 }
-                self.icr_high = value & 0xff00_0000;
+                self.regs.icr_high = value & 0xff00_0000;
             }
             REG_LVT_TIMER..=REG_LVT_ERROR => {
                 self.write_lvt(((reg - REG_LVT_TIMER) >> 4) as usize, value)
@@ -721,7 +662,7 @@ impl LocalApic {
             _ => return,
         };
         if matches!(mode, DeliveryMode::Fixed | DeliveryMode::LowestPriority) && vector < 16 {
-            self.esr_pending |= ESR_SEND_ILLEGAL_VECTOR;
+            self.regs.esr_pending |= ESR_SEND_ILLEGAL_VECTOR;
             return;
         }
         let logical = icr_low & (1 << 11) != 0;
@@ -777,9 +718,9 @@ impl LocalApic {
     /// RDMSR: None if `msr` is not the APIC's, Some(Err) for #GP.
     pub fn read_msr(&mut self, msr: u32) -> Option<Result<u64, ()>> {
         match msr {
-            MSR_APIC_BASE => Some(Ok(self.apic_base)),
+            MSR_APIC_BASE => Some(Ok(self.regs.apic_base)),
             MSR_TSC_DEADLINE => Some(Ok(if self.timer_mode() == TimerMode::TscDeadline {
-                self.tsc_deadline
+                self.regs.tsc_deadline
             } else {
                 0
             })),
@@ -794,7 +735,7 @@ impl LocalApic {
         }
         let reg = (msr - MSR_X2APIC_FIRST) << 4;
         match reg {
-            REG_ICR_LOW => Ok(u64::from(self.icr_high) << 32 | u64::from(self.icr_low)),
+            REG_ICR_LOW => Ok(u64::from(self.regs.icr_high) << 32 | u64::from(self.regs.icr_low)),
             REG_DFR | REG_ICR_HIGH | REG_EOI | REG_SELF_IPI | REG_APR | REG_RRD => Err(()),
             _ => self.read_register(reg).map(u64::from).ok_or(()),
         }
@@ -821,9 +762,9 @@ impl LocalApic {
         match reg {
             REG_ICR_LOW => {
                 let low = value as u32;
-                self.icr_low = low & !(1 << 12);
-                self.icr_high = (value >> 32) as u32;
-                self.send_ipi(low, self.icr_high);
+                self.regs.icr_low = low & !(1 << 12);
+                self.regs.icr_high = (value >> 32) as u32;
+                self.send_ipi(low, self.regs.icr_high);
                 Ok(())
             }
             REG_EOI | REG_ESR if value != 0 => Err(()),
@@ -856,12 +797,12 @@ impl LocalApic {
             return Err(());
         }
         // The BSP flag is read-only.
-        let bsp = self.apic_base & APIC_BASE_BSP;
-        self.apic_base = (value & !APIC_BASE_BSP) | bsp;
+        let bsp = self.regs.apic_base & APIC_BASE_BSP;
+        self.regs.apic_base = (value & !APIC_BASE_BSP) | bsp;
         if old_enabled && !new_enabled {
             self.init_reset();
         } else if !old_x2 && self.x2apic() {
-            self.ldr = self.x2apic_ldr();
+            self.regs.ldr = self.x2apic_ldr();
         }
         self.publish_routing();
         Ok(())
@@ -1032,7 +973,7 @@ mod tests {
         clock.advance(100);
         a.poll();
         assert!(a.next_deadline().is_none());
-        assert!(!a.irr.contains(0xec));
+        assert!(!a.regs.irr.contains(0xec));
     }
 
     #[test]
@@ -1109,10 +1050,10 @@ mod tests {
             .unwrap()
             .unwrap();
         b.poll();
-        assert!(b.irr.contains(0x78));
+        assert!(b.regs.irr.contains(0x78));
         // Self shorthand.
         a.write_msr(0x830, (1 << 18) | 0x79).unwrap().unwrap();
-        assert!(a.irr.contains(0x79));
+        assert!(a.regs.irr.contains(0x79));
     }
 
     #[test]
