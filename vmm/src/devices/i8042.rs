@@ -451,11 +451,10 @@ fn set1_bytes_to_set2(set1: &[u8]) -> Vec<u8> {
 /// Told the keyboard LEDs (bit 0 scroll, 1 num, 2 caps lock) when the guest sets them.
 pub type LedListener = std::sync::Arc<dyn Fn(u8) + Send + Sync>;
 
-/// The 8042 controller. See the module documentation for placement.
-pub struct I8042 {
-    control: MachineControl,
-    kbd_irq: IrqLine,
-    aux_irq: IrqLine,
+/// Everything of the controller but its connections to the machine: what a snapshot
+/// keeps.
+#[derive(Clone, Serialize, Deserialize)]
+struct I8042State {
     ctr: u8,
     output_port: u8,
     last_write_was_command: bool,
@@ -474,6 +473,15 @@ pub struct I8042 {
     mouse: Mouse,
     kbd_irq_level: bool,
     aux_irq_level: bool,
+}
+
+/// The 8042 controller. See the module documentation for placement.
+pub struct I8042 {
+    control: MachineControl,
+    kbd_irq: IrqLine,
+    aux_irq: IrqLine,
+    /// Everything a snapshot keeps, in one place so that none of it is left behind.
+    state: I8042State,
     led_listener: Option<LedListener>,
 }
 
@@ -485,18 +493,20 @@ impl I8042 {
             control,
             kbd_irq,
             aux_irq,
-            ctr: CTR_INITIAL,
-            output_port: OUTPUT_PORT_INITIAL,
-            last_write_was_command: false,
-            output: None,
-            last_output: 0,
-            controller_queue: VecDeque::new(),
-            pending_command: None,
-            translate_break: false,
-            keyboard: Keyboard::new(),
-            mouse: Mouse::new(),
-            kbd_irq_level: false,
-            aux_irq_level: false,
+            state: I8042State {
+                ctr: CTR_INITIAL,
+                output_port: OUTPUT_PORT_INITIAL,
+                last_write_was_command: false,
+                output: None,
+                last_output: 0,
+                controller_queue: VecDeque::new(),
+                pending_command: None,
+                translate_break: false,
+                keyboard: Keyboard::new(),
+                mouse: Mouse::new(),
+                kbd_irq_level: false,
+                aux_irq_level: false,
+            },
             led_listener: None,
         }
     }
@@ -520,10 +530,10 @@ impl I8042 {
     /// prefixes) in the keyboard's current scan code set, set 2 unless the guest changed
     /// it (see [`I8042::scancode_set`]). Dropped while the guest has scanning disabled.
     pub fn key_event(&mut self, scancodes: &[u8]) {
-        if !self.keyboard.scanning {
+        if !self.state.keyboard.scanning {
             return;
         }
-        push_limited(&mut self.keyboard.queue, scancodes);
+        push_limited(&mut self.state.keyboard.queue, scancodes);
         self.refill();
     }
 
@@ -536,7 +546,7 @@ impl I8042 {
     /// Queue a key event given in set 1 bytes (what display clients send), in whatever
     /// set the keyboard uses (set 3 is given set 2's codes, which agree for most keys).
     pub fn key_event_set1(&mut self, set1: &[u8]) {
-        if self.keyboard.scancode_set == 1 {
+        if self.state.keyboard.scancode_set == 1 {
             self.key_event(set1);
         } else {
             self.key_event(&set1_bytes_to_set2(set1));
@@ -545,12 +555,12 @@ impl I8042 {
 
     /// The scan code set the keyboard sends (1, 2 or 3) as the guest selected it.
     pub fn scancode_set(&self) -> u8 {
-        self.keyboard.scancode_set
+        self.state.keyboard.scancode_set
     }
 
     /// The keyboard LEDs as the guest set them (bit 0 scroll, 1 num, 2 caps lock).
     pub fn keyboard_leds(&self) -> u8 {
-        self.keyboard.leds
+        self.state.keyboard.leds
     }
 
     /// Report relative mouse motion and the button state. `dx` is positive to the
@@ -558,19 +568,19 @@ impl I8042 {
     /// turned towards the user; `buttons` is a mask of the `MOUSE_BUTTON_*` bits. Ignored
     /// until the guest enables the mouse.
     pub fn mouse_event(&mut self, dx: i32, dy: i32, dz: i32, buttons: u8) {
-        self.mouse.event(dx, dy, dz, buttons);
+        self.state.mouse.event(dx, dy, dz, buttons);
         self.refill();
     }
 
     fn status(&self) -> u8 {
         let mut status = STATUS_UNLOCKED;
-        if self.ctr & CTR_SYSTEM != 0 {
+        if self.state.ctr & CTR_SYSTEM != 0 {
             status |= STATUS_SYSTEM;
         }
-        if self.last_write_was_command {
+        if self.state.last_write_was_command {
             status |= STATUS_LAST_WAS_COMMAND;
         }
-        match self.output {
+        match self.state.output {
             Some((_, Source::Aux)) => status |= STATUS_OUTPUT_FULL | STATUS_AUX_DATA,
             Some(_) => status |= STATUS_OUTPUT_FULL,
             None => {}
@@ -579,12 +589,12 @@ impl I8042 {
     }
 
     fn read_data(&mut self) -> u8 {
-        let value = match self.output.take() {
+        let value = match self.state.output.take() {
             Some((byte, _)) => {
-                self.last_output = byte;
+                self.state.last_output = byte;
                 byte
             }
-            None => self.last_output,
+            None => self.state.last_output,
         };
         self.update_irqs();
         self.refill();
@@ -593,16 +603,16 @@ impl I8042 {
 
     fn next_keyboard_byte(&mut self) -> Option<u8> {
         loop {
-            let byte = self.keyboard.queue.pop_front()?;
-            if self.ctr & CTR_TRANSLATE == 0 {
+            let byte = self.state.keyboard.queue.pop_front()?;
+            if self.state.ctr & CTR_TRANSLATE == 0 {
                 return Some(byte);
             }
             if byte == 0xf0 {
-                self.translate_break = true;
+                self.state.translate_break = true;
                 continue;
             }
             let mut translated = translate_to_set1(byte);
-            if std::mem::take(&mut self.translate_break) {
+            if std::mem::take(&mut self.state.translate_break) {
                 translated |= 0x80;
             }
             return Some(translated);
@@ -611,17 +621,17 @@ impl I8042 {
 
     /// Move the next pending byte into the empty output buffer, if any.
     fn refill(&mut self) {
-        if self.output.is_none() {
-            if let Some(entry) = self.controller_queue.pop_front() {
-                self.output = Some(entry);
-            } else if self.ctr & CTR_KBD_DISABLE == 0 {
+        if self.state.output.is_none() {
+            if let Some(entry) = self.state.controller_queue.pop_front() {
+                self.state.output = Some(entry);
+            } else if self.state.ctr & CTR_KBD_DISABLE == 0 {
                 if let Some(byte) = self.next_keyboard_byte() {
-                    self.output = Some((byte, Source::Keyboard));
+                    self.state.output = Some((byte, Source::Keyboard));
                 }
             }
-            if self.output.is_none() && self.ctr & CTR_AUX_DISABLE == 0 {
-                if let Some(byte) = self.mouse.queue.pop_front() {
-                    self.output = Some((byte, Source::Aux));
+            if self.state.output.is_none() && self.state.ctr & CTR_AUX_DISABLE == 0 {
+                if let Some(byte) = self.state.mouse.queue.pop_front() {
+                    self.state.output = Some((byte, Source::Aux));
                 }
             }
         }
@@ -631,53 +641,54 @@ impl I8042 {
     /// Each IRQ line follows "output buffer full from this source and its interrupt
     /// enabled"; the ISA interrupt is edge triggered, so a rising level is one pulse.
     fn update_irqs(&mut self) {
-        let (kbd, aux) = match self.output {
-            Some((_, Source::Aux)) => (false, self.ctr & CTR_AUX_INT != 0),
-            Some(_) => (self.ctr & CTR_KBD_INT != 0, false),
+        let (kbd, aux) = match self.state.output {
+            Some((_, Source::Aux)) => (false, self.state.ctr & CTR_AUX_INT != 0),
+            Some(_) => (self.state.ctr & CTR_KBD_INT != 0, false),
             None => (false, false),
         };
-        if kbd && !self.kbd_irq_level {
+        if kbd && !self.state.kbd_irq_level {
             if let Err(e) = self.kbd_irq.pulse() {
                 tracing::warn!("i8042: failed to raise the keyboard interrupt: {e}");
             }
         }
-        if aux && !self.aux_irq_level {
+        if aux && !self.state.aux_irq_level {
             if let Err(e) = self.aux_irq.pulse() {
                 tracing::warn!("i8042: failed to raise the mouse interrupt: {e}");
             }
         }
-        self.kbd_irq_level = kbd;
-        self.aux_irq_level = aux;
+        self.state.kbd_irq_level = kbd;
+        self.state.aux_irq_level = aux;
     }
 
     fn controller_reply(&mut self, byte: u8, source: Source) {
-        self.controller_queue.push_back((byte, source));
+        self.state.controller_queue.push_back((byte, source));
         self.refill();
     }
 
     fn write_command(&mut self, command: u8) {
-        self.last_write_was_command = true;
-        self.pending_command = None;
+        self.state.last_write_was_command = true;
+        self.state.pending_command = None;
         match command {
-            0x20 => self.controller_reply(self.ctr, Source::Keyboard),
+            0x20 => self.controller_reply(self.state.ctr, Source::Keyboard),
             // The rest of the controller's RAM: not modelled, reads as zero.
             0x21..=0x3f => self.controller_reply(0, Source::Keyboard),
-            0x60..=0x7f | 0xd1..=0xd4 => self.pending_command = Some(command),
-            0xa7 => self.set_ctr(self.ctr | CTR_AUX_DISABLE),
-            0xa8 => self.set_ctr(self.ctr & !CTR_AUX_DISABLE),
+            0x60..=0x7f | 0xd1..=0xd4 => self.state.pending_command = Some(command),
+            0xa7 => self.set_ctr(self.state.ctr | CTR_AUX_DISABLE),
+            0xa8 => self.set_ctr(self.state.ctr & !CTR_AUX_DISABLE),
             // AUX and keyboard interface tests: 0 means no error.
             0xa9 | 0xab => self.controller_reply(0x00, Source::Keyboard),
             0xaa => {
-                self.ctr |= CTR_SYSTEM;
+                self.state.ctr |= CTR_SYSTEM;
                 self.controller_reply(0x55, Source::Keyboard);
             }
-            0xad => self.set_ctr(self.ctr | CTR_KBD_DISABLE),
-            0xae => self.set_ctr(self.ctr & !CTR_KBD_DISABLE),
+            0xad => self.set_ctr(self.state.ctr | CTR_KBD_DISABLE),
+            0xae => self.set_ctr(self.state.ctr & !CTR_KBD_DISABLE),
             // Input port: keyboard not inhibited.
             0xc0 => self.controller_reply(0x80, Source::Keyboard),
             0xd0 => {
-                let mut port = self.output_port & !(OUTPUT_PORT_KBD_FULL | OUTPUT_PORT_AUX_FULL);
-                match self.output {
+                let mut port =
+                    self.state.output_port & !(OUTPUT_PORT_KBD_FULL | OUTPUT_PORT_AUX_FULL);
+                match self.state.output {
                     Some((_, Source::Aux)) => port |= OUTPUT_PORT_AUX_FULL,
                     Some(_) => port |= OUTPUT_PORT_KBD_FULL,
                     None => {}
@@ -699,12 +710,12 @@ impl I8042 {
     }
 
     fn write_data(&mut self, byte: u8) {
-        self.last_write_was_command = false;
-        match self.pending_command.take() {
+        self.state.last_write_was_command = false;
+        match self.state.pending_command.take() {
             Some(0x60) => self.set_ctr(byte),
             Some(0x61..=0x7f) => {}
             Some(0xd1) => {
-                self.output_port = byte | OUTPUT_PORT_A20;
+                self.state.output_port = byte | OUTPUT_PORT_A20;
                 if byte & OUTPUT_PORT_RESET == 0 {
                     self.request_reset();
                 }
@@ -713,17 +724,17 @@ impl I8042 {
             Some(0xd3) => self.controller_reply(byte, Source::Aux),
             Some(0xd4) => {
                 // Talking to the mouse re-enables its interface, as on QEMU.
-                self.ctr &= !CTR_AUX_DISABLE;
-                self.mouse.write(byte);
+                self.state.ctr &= !CTR_AUX_DISABLE;
+                self.state.mouse.write(byte);
                 self.refill();
             }
             _ => {
-                self.ctr &= !CTR_KBD_DISABLE;
-                let leds = self.keyboard.leds;
-                self.keyboard.write(byte);
-                if self.keyboard.leds != leds {
+                self.state.ctr &= !CTR_KBD_DISABLE;
+                let leds = self.state.keyboard.leds;
+                self.state.keyboard.write(byte);
+                if self.state.keyboard.leds != leds {
                     if let Some(listener) = &self.led_listener {
-                        listener(self.keyboard.leds);
+                        listener(self.state.keyboard.leds);
                     }
                 }
                 self.refill();
@@ -732,7 +743,7 @@ impl I8042 {
     }
 
     fn set_ctr(&mut self, ctr: u8) {
-        self.ctr = ctr;
+        self.state.ctr = ctr;
         self.refill();
     }
 
@@ -781,40 +792,9 @@ impl BusDevice for I8042 {
 /// Name of the controller's state in snapshots and their errors.
 const SNAPSHOT_NAME: &str = "i8042";
 
-/// Everything of [`I8042`] but its connections to the machine.
-#[derive(Serialize, Deserialize)]
-struct I8042Snapshot {
-    ctr: u8,
-    output_port: u8,
-    last_write_was_command: bool,
-    output: Option<(u8, Source)>,
-    last_output: u8,
-    controller_queue: VecDeque<(u8, Source)>,
-    pending_command: Option<u8>,
-    translate_break: bool,
-    keyboard: Keyboard,
-    mouse: Mouse,
-    kbd_irq_level: bool,
-    aux_irq_level: bool,
-}
-
 impl Snapshottable for I8042 {
     fn save(&mut self) -> Result<Vec<u8>, SnapshotError> {
-        let snapshot = I8042Snapshot {
-            ctr: self.ctr,
-            output_port: self.output_port,
-            last_write_was_command: self.last_write_was_command,
-            output: self.output,
-            last_output: self.last_output,
-            controller_queue: self.controller_queue.clone(),
-            pending_command: self.pending_command,
-            translate_break: self.translate_break,
-            keyboard: self.keyboard.clone(),
-            mouse: self.mouse.clone(),
-            kbd_irq_level: self.kbd_irq_level,
-            aux_irq_level: self.aux_irq_level,
-        };
-        encode(SNAPSHOT_NAME, &snapshot)
+        encode(SNAPSHOT_NAME, &self.state)
     }
 
     /// The IRQs are edge triggered: a line whose level was up had its edge sent on the
@@ -822,7 +802,7 @@ impl Snapshottable for I8042 {
     /// cannot be left without its interrupt (at worst the guest's handler runs once more
     /// and finds nothing to read).
     fn restore(&mut self, state: &[u8]) -> Result<(), SnapshotError> {
-        let s: I8042Snapshot = decode(SNAPSHOT_NAME, state)?;
+        let s: I8042State = decode(SNAPSHOT_NAME, state)?;
         for (device, len) in [
             ("keyboard", s.keyboard.queue.len()),
             ("mouse", s.mouse.queue.len()),
@@ -834,22 +814,11 @@ impl Snapshottable for I8042 {
                 });
             }
         }
-        let leds = self.keyboard.leds;
-        self.ctr = s.ctr;
-        self.output_port = s.output_port;
-        self.last_write_was_command = s.last_write_was_command;
-        self.output = s.output;
-        self.last_output = s.last_output;
-        self.controller_queue = s.controller_queue;
-        self.pending_command = s.pending_command;
-        self.translate_break = s.translate_break;
-        self.keyboard = s.keyboard;
-        self.mouse = s.mouse;
-        self.kbd_irq_level = s.kbd_irq_level;
-        self.aux_irq_level = s.aux_irq_level;
+        let leds = self.state.keyboard.leds;
+        self.state = s;
         for (level, line, name) in [
-            (self.kbd_irq_level, &self.kbd_irq, "keyboard"),
-            (self.aux_irq_level, &self.aux_irq, "mouse"),
+            (self.state.kbd_irq_level, &self.kbd_irq, "keyboard"),
+            (self.state.aux_irq_level, &self.aux_irq, "mouse"),
         ] {
             if level {
                 if let Err(e) = line.pulse() {
@@ -857,9 +826,9 @@ impl Snapshottable for I8042 {
                 }
             }
         }
-        if self.keyboard.leds != leds {
+        if self.state.keyboard.leds != leds {
             if let Some(listener) = &self.led_listener {
-                listener(self.keyboard.leds);
+                listener(self.state.keyboard.leds);
             }
         }
         Ok(())
@@ -1325,7 +1294,7 @@ mod tests {
         for len in 0..saved.len() {
             assert!(g.dev.restore(&saved[..len]).is_err(), "{len} bytes");
         }
-        let mut state: I8042Snapshot = decode(SNAPSHOT_NAME, &saved).unwrap();
+        let mut state: I8042State = decode(SNAPSHOT_NAME, &saved).unwrap();
         state.mouse.queue = vec![0; DEVICE_QUEUE_LIMIT + 1].into();
         let overfull = encode(SNAPSHOT_NAME, &state).unwrap();
         assert!(g.dev.restore(&overfull).is_err());
