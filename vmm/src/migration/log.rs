@@ -2,11 +2,12 @@
 //! LOG_SHMFD): one shared memfd with a bit per 4 KiB guest-physical page, set atomically
 //! by every backend's writes to guest memory. The source takes and clears it pass by pass.
 
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
+use std::os::fd::{AsFd, BorrowedFd};
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use super::ram::{mark, set_bits, RamPages};
 use super::stream::PAGE_SIZE;
+use crate::memory::DeviceMemory;
 
 #[derive(Debug, thiserror::Error)]
 pub enum LogError {
@@ -14,70 +15,38 @@ pub enum LogError {
     Create(String),
 }
 
-/// The shared log and the vmm's mapping of it.
+/// The shared log: a memfd mapped here as the framebuffer's is ([`DeviceMemory`]).
 pub struct DeviceDirtyLog {
-    memfd: memfd::Memfd,
-    ptr: *mut AtomicU64,
-    words: usize,
+    memory: DeviceMemory,
 }
-
-// SAFETY: the mapping is shared memory accessed only through atomics; the pointer stays
-// valid until Drop.
-unsafe impl Send for DeviceDirtyLog {}
-// SAFETY: as above.
-unsafe impl Sync for DeviceDirtyLog {}
 
 impl DeviceDirtyLog {
     /// A log covering guest-physical addresses below `end`.
     pub fn new(end: u64) -> Result<Self, LogError> {
         let pages = end.div_ceil(PAGE_SIZE as u64);
         let bytes = pages.div_ceil(8).next_multiple_of(PAGE_SIZE as u64);
-        let memfd = memfd::MemfdOptions::default()
-            .close_on_exec(true)
-            .create("vmm-dirty-log")
+        let memory = DeviceMemory::new("vmm-dirty-log", bytes as usize)
             .map_err(|e| LogError::Create(e.to_string()))?;
-        memfd
-            .as_file()
-            .set_len(bytes)
-            .map_err(|e| LogError::Create(e.to_string()))?;
-        // SAFETY: a fresh shared mapping of the whole memfd; nothing else is mapped there.
-        let ptr = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                bytes as usize,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_SHARED,
-                memfd.as_raw_fd(),
-                0,
-            )
-        };
-        if ptr == libc::MAP_FAILED {
-            return Err(LogError::Create(
-                std::io::Error::last_os_error().to_string(),
-            ));
-        }
-        Ok(DeviceDirtyLog {
-            memfd,
-            ptr: ptr.cast(),
-            words: (bytes / 8) as usize,
-        })
+        Ok(DeviceDirtyLog { memory })
     }
 
     /// The memfd the backends map (SET_LOG_BASE), and its size.
     pub fn fd(&self) -> BorrowedFd<'_> {
-        self.memfd.as_file().as_fd()
+        self.memory.file().as_fd()
     }
 
     pub fn size(&self) -> u64 {
-        (self.words * 8) as u64
+        self.memory.len() as u64
     }
 
     /// Mark in `bits` the pages logged since the last call, in `ram`'s (the stream's) page
     /// order, clearing the log.
     pub fn take(&self, ram: &RamPages, bits: &mut [u64]) {
-        let words = (0..self.words).map(|w| {
-            // SAFETY: w < words, inside the mapping; accessed only atomically.
-            unsafe { &*self.ptr.add(w) }.swap(0, Ordering::AcqRel)
+        let base = self.memory.as_ptr().cast::<AtomicU64>();
+        let words = (0..self.memory.len() / 8).map(|w| {
+            // SAFETY: w < len / 8, inside the page-aligned mapping that lives as long as
+            // self; the backends and we access it only atomically.
+            unsafe { &*base.add(w) }.swap(0, Ordering::AcqRel)
         });
         for gpa_page in set_bits(words) {
             if let Some(page) = ram.page_of(gpa_page * PAGE_SIZE as u64) {
@@ -87,17 +56,11 @@ impl DeviceDirtyLog {
     }
 }
 
-impl Drop for DeviceDirtyLog {
-    fn drop(&mut self) {
-        // SAFETY: the mapping made in new(), unmapped once.
-        unsafe { libc::munmap(self.ptr.cast(), self.words * 8) };
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::memory::MemoryManager;
+    use std::os::fd::AsRawFd;
 
     #[test]
     fn bits_set_through_the_memfd_come_back_as_stream_pages() {
