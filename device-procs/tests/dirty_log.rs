@@ -12,6 +12,9 @@
 //! vm-memory) are served in this process by the daemon code the processes run
 //! (`vhost_daemon::serve_one`).
 
+mod common;
+
+use common::Dir;
 use std::fs::File;
 use std::io::Read;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
@@ -19,7 +22,7 @@ use std::os::unix::fs::FileExt;
 use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{fence, AtomicU32, Ordering};
+use std::sync::atomic::{fence, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -56,32 +59,6 @@ const QSIZE: u16 = 16;
 /// tells them apart.
 const RING: u64 = 0x1_0000;
 const USED_PAGE: u64 = RING / PAGE + 2;
-
-/// A temp directory, removed on drop.
-struct Dir(PathBuf);
-
-impl Dir {
-    fn new(name: &str) -> Dir {
-        static N: AtomicU32 = AtomicU32::new(0);
-        let d = std::env::temp_dir().join(format!(
-            "dirty-log-{name}-{}-{}",
-            std::process::id(),
-            N.fetch_add(1, Ordering::Relaxed)
-        ));
-        std::fs::create_dir_all(&d).unwrap();
-        Dir(d)
-    }
-
-    fn path(&self, name: &str) -> PathBuf {
-        self.0.join(name)
-    }
-}
-
-impl Drop for Dir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
 
 fn memfd(name: &str, size: u64) -> File {
     let name = std::ffi::CString::new(name).unwrap();
@@ -483,14 +460,14 @@ fn blk_reads_and_writes_are_logged(image: &Path, extra: &[&str], dir: &Dir) {
 
 #[test]
 fn vmm_blk_logs_preads_into_guest_memory() {
-    let dir = Dir::new("raw");
+    let dir = Dir::new("dirty-log-raw");
     let image = patterned_image(&dir);
     blk_reads_and_writes_are_logged(&image, &[], &dir);
 }
 
 #[test]
 fn vmm_blk_logs_reads_through_a_format() {
-    let dir = Dir::new("qcow2");
+    let dir = Dir::new("dirty-log-qcow2");
     let raw = patterned_image(&dir);
     let qcow2 = dir.path("disk.qcow2");
     let out = Command::new("qemu-img")
@@ -512,7 +489,7 @@ fn vmm_blk_logs_reads_through_a_format() {
 /// pages and across the chains of a mergeable frame, and not the buffers' unused rest.
 #[test]
 fn vmm_net_logs_received_frames() {
-    let dir = Dir::new("net");
+    let dir = Dir::new("dirty-log-net");
     let port = Arc::new(QueuedPort::new(8).unwrap());
     let backend =
         Arc::new(NetBackend::new(vec![port.clone() as Arc<dyn Port>], 256, false, false).unwrap());
@@ -563,7 +540,7 @@ fn vmm_net_logs_received_frames() {
 /// event across a page boundary).
 #[test]
 fn virtio_input_logs_events() {
-    let dir = Dir::new("input");
+    let dir = Dir::new("dirty-log-input");
     let backend = Arc::new(InputBackend::new(InputKind::Tablet).unwrap());
     let (fe, server) = serve_here(&dir, backend.clone());
     let mem = guest_memory();
@@ -583,7 +560,7 @@ fn virtio_input_logs_events() {
 /// vmm-scsi writes its response and a READ's data with `write_slice`: logged by vm-memory.
 #[test]
 fn vmm_scsi_logs_read_data_and_responses() {
-    let dir = Dir::new("scsi");
+    let dir = Dir::new("dirty-log-scsi");
     let medium = memfd("cd", 0);
     for b in 0..4u8 {
         medium
@@ -636,7 +613,7 @@ fn vmm_scsi_logs_read_data_and_responses() {
 /// hang, and the device process serves the next connection.
 #[test]
 fn a_log_too_small_for_guest_ram_ends_the_connection() {
-    let dir = Dir::new("small");
+    let dir = Dir::new("dirty-log-small");
     let backend = Arc::new(InputBackend::new(InputKind::Keyboard).unwrap());
     let (fe, server) = serve_here(&dir, backend);
     let mem = guest_memory();

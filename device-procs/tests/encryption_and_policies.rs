@@ -5,6 +5,9 @@
 //! hooks. Encrypted images are made and checked with qemu-img and qemu-io. Needs root (the
 //! sandbox, the tmpfs) and qemu-utils.
 
+mod common;
+
+use common::Dir;
 use std::fs::{File, OpenOptions};
 use std::io::Write;
 use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd};
@@ -12,7 +15,7 @@ use std::os::unix::net::{UnixListener, UnixStream};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use ipc::blk::{
@@ -48,30 +51,6 @@ const OK: u8 = VIRTIO_BLK_S_OK as u8;
 const IOERR: u8 = VIRTIO_BLK_S_IOERR as u8;
 /// How long a held request is watched for not completing.
 const HELD: Duration = Duration::from_millis(500);
-
-struct Dir(PathBuf);
-
-impl Dir {
-    fn new(name: &str) -> Dir {
-        static N: AtomicU32 = AtomicU32::new(0);
-        let d = std::env::temp_dir().join(format!(
-            "vmm-blk-pol-{name}-{}-{}",
-            std::process::id(),
-            N.fetch_add(1, Ordering::Relaxed)
-        ));
-        std::fs::create_dir_all(&d).unwrap();
-        Dir(d)
-    }
-    fn path(&self, name: &str) -> PathBuf {
-        self.0.join(name)
-    }
-}
-
-impl Drop for Dir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
 
 /// A 1 MiB tmpfs mounted for the test, unmounted when dropped.
 struct Tmpfs(PathBuf);
@@ -482,7 +461,7 @@ fn on_tmpfs(
 
 #[test]
 fn werror_stop_holds_an_enospc_write_until_resume() {
-    let dir = Dir::new("stop");
+    let dir = Dir::new("vmm-blk-pol-stop");
     let Some(fs) = Tmpfs::mount(dir.path("mnt")) else {
         return;
     };
@@ -538,7 +517,7 @@ fn werror_stop_holds_an_enospc_write_until_resume() {
 #[test]
 fn werror_report_and_ignore_on_enospc() {
     for (policy, status) in [(ErrorAction::Report, IOERR), (ErrorAction::Ignore, OK)] {
-        let dir = Dir::new("rep");
+        let dir = Dir::new("vmm-blk-pol-rep");
         let Some(fs) = Tmpfs::mount(dir.path("mnt")) else {
             return;
         };
@@ -581,7 +560,7 @@ fn injected(
 #[test]
 fn werror_enospc_reports_eio_and_stops_on_enospc() {
     // QEMU's default werror=enospc: EIO is reported to the guest...
-    let dir = Dir::new("enospc");
+    let dir = Dir::new("vmm-blk-pol-enospc");
     let (mut s, mut d) = injected(
         &dir,
         &[("VMM_BLK_TEST_FAIL_WRITES", "eio:1")],
@@ -605,7 +584,7 @@ fn werror_enospc_reports_eio_and_stops_on_enospc() {
     s.stop();
 
     // ...while ENOSPC stops; a retry that fails again stops anew (a new event).
-    let dir = Dir::new("enospc2");
+    let dir = Dir::new("vmm-blk-pol-enospc2");
     let (mut s, mut d) = injected(
         &dir,
         &[("VMM_BLK_TEST_FAIL_WRITES", "enospc:2")],
@@ -646,7 +625,7 @@ fn werror_enospc_reports_eio_and_stops_on_enospc() {
 
 #[test]
 fn rerror_report_ignore_and_stop() {
-    let dir = Dir::new("rerror");
+    let dir = Dir::new("vmm-blk-pol-rerror");
     let fail = [("VMM_BLK_TEST_FAIL_READS", "eio:1")];
     // report: IOERR and the event.
     let (mut s, mut d) = injected(&dir, &fail, ErrorAction::Report, ErrorAction::Stop);
@@ -736,7 +715,7 @@ fn create_aes(path: &Path, size: &str) {
 
 #[test]
 fn an_aes_image_from_qemu_is_served_after_set_key() {
-    let dir = Dir::new("aes");
+    let dir = Dir::new("vmm-blk-pol-aes");
     let img = dir.path("enc.qcow2");
     create_aes(&img, "4M");
     qemu_io(&img, false, &["write -P 0x5a 0 64k", "write -P 0x33 1M 4k"]);
@@ -833,7 +812,7 @@ fn an_aes_image_from_qemu_is_served_after_set_key() {
 
 #[test]
 fn a_plain_overlay_over_an_aes_image() {
-    let dir = Dir::new("aes-chain");
+    let dir = Dir::new("vmm-blk-pol-aes-chain");
     let base = dir.path("enc.qcow2");
     create_aes(&base, "2M");
     qemu_io(&base, false, &["write -P 0x5a 0 128k"]);
@@ -898,7 +877,7 @@ fn a_plain_overlay_over_an_aes_image() {
 
 #[test]
 fn set_key_is_refused_for_a_plain_disk() {
-    let dir = Dir::new("nokey");
+    let dir = Dir::new("vmm-blk-pol-nokey");
     let (mut s, d) = injected(&dir, &[], ErrorAction::Report, ErrorAction::Enospc);
     let err = s
         .call(BlkRequest::SetKey {
@@ -912,7 +891,7 @@ fn set_key_is_refused_for_a_plain_disk() {
 
 #[test]
 fn standalone_refuses_an_encrypted_image() {
-    let dir = Dir::new("aes-standalone");
+    let dir = Dir::new("vmm-blk-pol-aes-standalone");
     let img = dir.path("enc.qcow2");
     create_aes(&img, "1M");
     let socket = dir.path("sa.sock");
@@ -935,7 +914,7 @@ fn standalone_refuses_an_encrypted_image() {
 
 #[test]
 fn stopping_the_ring_drops_held_requests_and_rewinds_to_them() {
-    let dir = Dir::new("rewind");
+    let dir = Dir::new("vmm-blk-pol-rewind");
     let (mut s, mut d) = injected(
         &dir,
         &[("VMM_BLK_TEST_FAIL_WRITES", "enospc")],

@@ -5,13 +5,16 @@
 //! resize; the standalone daemon opening a chain by path. Needs root (the sandbox) and
 //! qemu-img.
 
+mod common;
+
+use common::Dir;
 use std::fs::{File, OpenOptions};
 use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -45,30 +48,6 @@ const STATUS: u64 = 0x3_0000;
 /// Our own ring layout (the mock queue packs the used ring into a 16-entry avail ring).
 const AVAIL: u64 = 0x1000;
 const USED: u64 = 0x2000;
-
-struct Dir(PathBuf);
-
-impl Dir {
-    fn new(name: &str) -> Dir {
-        static N: AtomicU32 = AtomicU32::new(0);
-        let d = std::env::temp_dir().join(format!(
-            "vmm-blk-fmt-{name}-{}-{}",
-            std::process::id(),
-            N.fetch_add(1, Ordering::Relaxed)
-        ));
-        std::fs::create_dir_all(&d).unwrap();
-        Dir(d)
-    }
-    fn path(&self, name: &str) -> PathBuf {
-        self.0.join(name)
-    }
-}
-
-impl Drop for Dir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
 
 fn qemu_img(args: &[&str]) -> String {
     let out = Command::new("qemu-img").args(args).output().unwrap();
@@ -402,7 +381,7 @@ const MIB: usize = 1 << 20;
 
 #[test]
 fn qcow2_reads_writes_and_stays_consistent() {
-    let dir = Dir::new("q");
+    let dir = Dir::new("vmm-blk-fmt-q");
     let img = dir.path("disk.qcow2");
     qemu_img(&["create", "-q", "-f", "qcow2", p(&img), "8M"]);
     let mut s = Supervised::start(&dir);
@@ -463,7 +442,7 @@ fn qcow2_reads_writes_and_stays_consistent() {
 
 #[test]
 fn a_backing_chain_reads_through_and_writes_on_top() {
-    let dir = Dir::new("chain");
+    let dir = Dir::new("vmm-blk-fmt-chain");
     let base = dir.path("base.raw");
     let base_data = pattern(9, 4 * MIB);
     std::fs::write(&base, &base_data).unwrap();
@@ -555,7 +534,7 @@ fn a_backing_chain_reads_through_and_writes_on_top() {
 #[test]
 fn statistics_count_a_known_sequence() {
     for format in [ImageFormat::Raw, ImageFormat::Qcow2] {
-        let dir = Dir::new("stats");
+        let dir = Dir::new("vmm-blk-fmt-stats");
         let img = dir.path("disk");
         qemu_img(&["create", "-q", "-f", format.name(), p(&img), "4M"]);
         let mut s = Supervised::start(&dir);
@@ -618,7 +597,7 @@ fn statistics_count_a_known_sequence() {
 #[test]
 fn a_snapshot_during_a_write_loop_loses_nothing() {
     for base_format in [ImageFormat::Qcow2, ImageFormat::Raw] {
-        let dir = Dir::new("snap");
+        let dir = Dir::new("vmm-blk-fmt-snap");
         let top = dir.path("top");
         qemu_img(&["create", "-q", "-f", base_format.name(), p(&top), "4M"]);
         // The overlay the vmm would create: backing file = the current top.
@@ -738,7 +717,7 @@ fn a_snapshot_during_a_write_loop_loses_nothing() {
 /// LUKS images are refused (legacy AES ones are served: see encryption_and_policies.rs).
 #[test]
 fn luks_encrypted_images_are_refused() {
-    let dir = Dir::new("enc");
+    let dir = Dir::new("vmm-blk-fmt-enc");
     let img = dir.path("enc.qcow2");
     // qemu-img's LUKS key derivation takes seconds (and fails with a short iter-time): a
     // qcow2 header that says crypt_method 2 is enough to be refused.
@@ -779,7 +758,7 @@ fn luks_encrypted_images_are_refused() {
 
 #[test]
 fn a_qcow2_disk_grows() {
-    let dir = Dir::new("grow");
+    let dir = Dir::new("vmm-blk-fmt-grow");
     let img = dir.path("disk.qcow2");
     qemu_img(&["create", "-q", "-f", "qcow2", p(&img), "1M"]);
     let mut s = Supervised::start(&dir);
@@ -814,7 +793,7 @@ fn a_qcow2_disk_grows() {
 
 #[test]
 fn standalone_opens_the_chain_by_path() {
-    let dir = Dir::new("sa");
+    let dir = Dir::new("vmm-blk-fmt-sa");
     let base = dir.path("base.raw");
     let base_data = pattern(3, MIB);
     std::fs::write(&base, &base_data).unwrap();
@@ -876,7 +855,7 @@ fn throughput_raw_vs_qcow2() {
         ImageFormat::Raw,
         ImageFormat::Qcow2,
     ] {
-        let dir = Dir::new("bench");
+        let dir = Dir::new("vmm-blk-fmt-bench");
         let img = dir.path("disk");
         qemu_img(&["create", "-q", "-f", format.name(), p(&img), "256M"]);
         let mut s = Supervised::start(&dir);

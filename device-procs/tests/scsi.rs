@@ -5,13 +5,15 @@
 //! attentions, READ CAPACITY, READ(10) content, the lock, the tray, task management, and
 //! malformed requests that must not stop the process. The sandbox needs root, as in CI.
 
+mod common;
+
+use common::Dir;
 use std::fs::File;
 use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
 use ipc::scsi::{ScsiChannel, ScsiEvent, ScsiReply, ScsiRequest};
@@ -39,28 +41,6 @@ const S_BAD_TARGET: u8 = 3;
 const S_FAILURE: u8 = 9;
 const GOOD: u8 = 0;
 const CHECK_CONDITION: u8 = 2;
-
-/// A temp directory, removed on drop.
-struct Dir(PathBuf);
-
-impl Dir {
-    fn new(name: &str) -> Dir {
-        static N: AtomicU32 = AtomicU32::new(0);
-        let dir = std::env::temp_dir().join(format!(
-            "vmm-scsi-{name}-{}-{}",
-            std::process::id(),
-            N.fetch_add(1, Ordering::Relaxed)
-        ));
-        std::fs::create_dir_all(&dir).unwrap();
-        Dir(dir)
-    }
-}
-
-impl Drop for Dir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
 
 /// An ISO 9660 image holding one file with `text` (genisoimage or xorriso), or, where
 /// neither is installed, a plain image of 300 blocks where block n starts with `text`
@@ -433,7 +413,7 @@ fn tray(id: &str, open: bool) -> ScsiEvent {
 
 #[test]
 fn a_cdrom_through_the_control_channel_and_a_shared_memory_vring() {
-    let dir = Dir::new("cd");
+    let dir = Dir::new("vmm-scsi-cd");
     let iso1 = make_image(&dir.0, "FIRST", "the first disc");
     let iso2 = make_image(&dir.0, "SECOND", "the second disc, a different one");
     let image1 = std::fs::read(&iso1).unwrap();
@@ -768,7 +748,7 @@ fn a_cdrom_through_the_control_channel_and_a_shared_memory_vring() {
 
 #[test]
 fn a_drive_with_a_medium_from_power_on_and_sigterm() {
-    let dir = Dir::new("power-on");
+    let dir = Dir::new("vmm-scsi-power-on");
     let iso = make_image(&dir.0, "BOOT", "present from the start");
     let size = std::fs::metadata(&iso).unwrap().len();
     let (mut process, mut ch, _socket) = start(&dir);
