@@ -13,6 +13,7 @@ pub mod libqos;
 pub mod netns;
 pub mod qmp;
 pub mod qtest;
+pub mod transfer;
 
 /// The repository root.
 pub fn repo_root() -> PathBuf {

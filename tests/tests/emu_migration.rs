@@ -4,15 +4,26 @@
 //! Its balloon moves too: inflated to 256 MiB on the source, the destination keeps the
 //! target (and takes none of the released memory back), and deflates it on command.
 
-use std::time::Duration;
+use std::io::Write;
+use std::net::TcpStream;
+use std::os::fd::AsRawFd;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use serde_json::json;
 use vmm_tests::console::{stock_linux_args, GuestConsole};
+use vmm_tests::netns::NetNs;
 use vmm_tests::qmp::Qmp;
+use vmm_tests::transfer::{data, guest_sum, sha256};
 use vmm_tests::{guest_program_disk, wait_until, TempDir};
 
 const BOOT_TIMEOUT: Duration = Duration::from_secs(600);
 const CMD_TIMEOUT: Duration = Duration::from_secs(180);
+const HOST: &str = "10.9.0.1";
+const GUEST: &str = "10.9.0.2";
+const GUEST_IP: [u8; 4] = [10, 9, 0, 2];
+const GUEST_MAC: [u8; 6] = [0x52, 0x54, 0, 0x12, 0x34, 0x56];
 
 #[test]
 fn the_stock_guest_moves_and_its_shell_goes_on() {
@@ -207,4 +218,136 @@ fn memory_and_disk_writers_move_with_nothing_lost() {
     // Nothing read back differed from what was written.
     let bad = b.run("cat /tmp/disk.bad 2>/dev/null | wc -l", CMD_TIMEOUT);
     assert_eq!(bad.trim(), "0", "disk blocks read back wrong: {bad}");
+}
+
+/// A TCP transfer from a host in a test namespace to the guest, through vmm-net, goes on
+/// across the move: the source's card is on `tap0`, the destination's on `tap1`, both on
+/// one bridge. The guest announces itself once it runs on the destination, so the bridge
+/// learns its address on `tap1` at once (a gratuitous ARP, seen on `tap1`), and what
+/// arrived is what was sent. The
+/// card's filter, set by the guest's driver, came along.
+#[test]
+fn a_tcp_transfer_through_vmm_net_goes_on_across_the_move() {
+    let ns = NetNs::new("emig");
+    ns.ip(&["link", "add", "br0", "type", "bridge"]);
+    ns.ip(&["addr", "add", &format!("{HOST}/24"), "dev", "br0"]);
+    ns.ip(&["link", "set", "br0", "up"]);
+    for tap in ["tap0", "tap1"] {
+        ns.tap(tap, None, false);
+        ns.ip(&["link", "set", tap, "master", "br0"]);
+    }
+    let dir = TempDir::new("emu-migrate-net");
+    let (qa, qb, mig) = (dir.join("a.qmp"), dir.join("b.qmp"), dir.join("mig.sock"));
+    let qmp_a = format!("unix:{},server=on,wait=off", qa.display());
+    let qmp_b = format!("unix:{},server=on,wait=off", qb.display());
+    let uri = format!("unix:{}", mig.display());
+    let nic = "virtio-net-pci,netdev=n0,id=nic0";
+    let mut a = GuestConsole::boot_stock_linux_in(
+        &ns,
+        &[
+            "-qmp",
+            &qmp_a,
+            "-netdev",
+            "tap,id=n0,ifname=tap0,script=no,downscript=no",
+            "-device",
+            nic,
+        ],
+    );
+    a.wait_for("GUEST-READY", BOOT_TIMEOUT);
+    a.wait_for("# ", CMD_TIMEOUT);
+    let up = a.run(
+        &format!("ip link set eth0 up; ip addr add {GUEST}/24 dev eth0; ping -c 2 -W 5 {HOST}"),
+        CMD_TIMEOUT,
+    );
+    assert!(up.contains("2 packets received"), "{up}");
+    let mut qa = Qmp::connect(&qa);
+    let filter = qa.ok("query-rx-filter", None);
+
+    // Host to guest: 24 MiB, paced so that it spans the move.
+    let total = 24usize << 20;
+    let payload = data(total, 11);
+    let sum = sha256(&payload);
+    a.send("nc -l -p 5002 < /dev/null > /tmp/in &\n");
+    std::thread::sleep(Duration::from_millis(500));
+    let sent = Arc::new(AtomicU64::new(0));
+    let sender = {
+        let ns_name = ns.name().to_string();
+        let sent = sent.clone();
+        std::thread::spawn(move || {
+            let ns_file = std::fs::File::open(format!("/run/netns/{ns_name}")).unwrap();
+            // SAFETY: setns on this (dedicated) thread only.
+            assert_eq!(
+                unsafe { libc::setns(ns_file.as_raw_fd(), libc::CLONE_NEWNET) },
+                0
+            );
+            let mut stream = connect_retry((GUEST, 5002));
+            for chunk in payload.chunks(64 << 10) {
+                stream.write_all(chunk).unwrap();
+                sent.fetch_add(chunk.len() as u64, Ordering::Relaxed);
+                std::thread::sleep(Duration::from_millis(40));
+            }
+        })
+    };
+    wait_until("the transfer to start", CMD_TIMEOUT, || {
+        sent.load(Ordering::Relaxed) >= 2 << 20
+    });
+
+    let tap1 = ns.packet_socket("tap1");
+    let mut b = GuestConsole::boot_stock_linux_in(
+        &ns,
+        &[
+            "-qmp",
+            &qmp_b,
+            "-netdev",
+            "tap,id=n0,ifname=tap1,script=no,downscript=no",
+            "-device",
+            nic,
+            "-incoming",
+            &uri,
+        ],
+    );
+    wait_until("the destination's monitor", CMD_TIMEOUT, || qb.exists());
+    let mut qb = Qmp::connect(&qb);
+    qa.ok("migrate", Some(json!({ "uri": uri })));
+    wait_until("the migration", CMD_TIMEOUT, || {
+        let info = qa.ok("query-migrate", None);
+        assert_ne!(info["status"], "failed", "{info}");
+        info["status"] == "completed"
+    });
+    let at_switch = sent.load(Ordering::Relaxed);
+    eprintln!(
+        "{} bytes sent at the switch; {}",
+        at_switch,
+        qa.ok("query-migrate", None)
+    );
+    assert!(
+        at_switch < total as u64,
+        "the transfer spans the move ({at_switch} of {total} bytes sent)"
+    );
+    // The guest announced itself from the destination: a gratuitous ARP (sender and
+    // target both its address) came out of tap1.
+    let garp = tap1.recv_matching(Duration::from_secs(10), |f| {
+        f.len() >= 42
+            && f[12..14] == [0x08, 0x06]
+            && f[6..12] == GUEST_MAC
+            && f[28..32] == GUEST_IP
+            && f[38..42] == GUEST_IP
+    });
+    assert!(garp.is_some(), "no gratuitous ARP from the destination");
+    assert_eq!(qb.ok("query-rx-filter", None), filter, "the filter moved");
+    sender.join().unwrap();
+    let out = b.run("wait; ls -l /tmp/in; sha256sum /tmp/in", CMD_TIMEOUT);
+    assert_eq!(guest_sum(&out), sum, "host to guest across the move: {out}");
+}
+
+/// Connect, retrying while the peer is not listening yet.
+fn connect_retry(addr: (&str, u16)) -> TcpStream {
+    let deadline = Instant::now() + CMD_TIMEOUT;
+    loop {
+        match TcpStream::connect(addr) {
+            Ok(s) => return s,
+            Err(_) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(100)),
+            Err(e) => panic!("connect {addr:?}: {e}"),
+        }
+    }
 }

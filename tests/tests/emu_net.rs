@@ -5,7 +5,7 @@
 //! unplugged ten times without leaks, and a transfer that survives three kill -9 of its
 //! vmm-net process.
 
-use std::io::{Read, Write};
+use std::io::Write;
 use std::net::{TcpListener, TcpStream};
 use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -16,53 +16,13 @@ use serde_json::{json, Value};
 use vmm_tests::console::GuestConsole;
 use vmm_tests::netns::NetNs;
 use vmm_tests::qmp::Qmp;
+use vmm_tests::transfer::{data, guest_sum, receive_all, sha256};
 use vmm_tests::TempDir;
 
 const BOOT_TIMEOUT: Duration = Duration::from_secs(600);
 const CMD_TIMEOUT: Duration = Duration::from_secs(180);
 const HOST: &str = "10.9.0.1";
 const GUEST: &str = "10.9.0.2";
-
-/// sha256 of `data`, as sha256sum prints it.
-fn sha256(data: &[u8]) -> String {
-    let mut child = std::process::Command::new("sha256sum")
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .expect("sha256sum");
-    let mut stdin = child.stdin.take().unwrap();
-    let bytes = data.to_vec();
-    let writer = std::thread::spawn(move || stdin.write_all(&bytes));
-    let out = child.wait_with_output().unwrap();
-    writer.join().unwrap().unwrap();
-    String::from_utf8_lossy(&out.stdout)
-        .split_whitespace()
-        .next()
-        .unwrap_or_default()
-        .to_string()
-}
-
-/// The first 64-hex-digit word of a guest's `sha256sum` output.
-fn guest_sum(text: &str) -> String {
-    text.split_whitespace()
-        .find(|w| w.len() == 64 && w.chars().all(|c| c.is_ascii_hexdigit()))
-        .unwrap_or_else(|| panic!("no checksum in {text:?}"))
-        .to_string()
-}
-
-/// Random-looking bytes (xorshift), reproducible.
-fn data(len: usize, seed: u64) -> Vec<u8> {
-    let mut x = seed | 1;
-    let mut out = Vec::with_capacity(len + 8);
-    while out.len() < len {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        out.extend_from_slice(&x.to_le_bytes());
-    }
-    out.truncate(len);
-    out
-}
 
 /// A namespace with tap `tap0` at HOST/24, and the stock guest on it with its first card
 /// (`nic0`, netdev `n0`) at GUEST; a QMP socket. `extra` goes to the vmm.
@@ -106,28 +66,6 @@ fn boot(
 /// A listener in the namespace (the socket lives there; accept from any thread).
 fn listen(ns: &NetNs, port: u16) -> TcpListener {
     ns.enter(move || TcpListener::bind((HOST, port)).expect("listen in the namespace"))
-}
-
-/// Read a connection to its end, counting bytes in `progress`.
-fn receive_all(
-    listener: TcpListener,
-    progress: Arc<AtomicU64>,
-) -> std::thread::JoinHandle<Vec<u8>> {
-    std::thread::spawn(move || {
-        let (mut stream, _) = listener.accept().expect("the guest connects");
-        let mut all = Vec::new();
-        let mut buf = vec![0u8; 1 << 16];
-        loop {
-            match stream.read(&mut buf) {
-                Ok(0) | Err(_) => break,
-                Ok(n) => {
-                    all.extend_from_slice(&buf[..n]);
-                    progress.store(all.len() as u64, Ordering::Relaxed);
-                }
-            }
-        }
-        all
-    })
 }
 
 fn vmm_net_pid(qmp: &mut Qmp<std::os::unix::net::UnixStream>, netdev: &str) -> u64 {

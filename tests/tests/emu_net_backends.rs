@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 
 use vmm_tests::console::GuestConsole;
 use vmm_tests::netns::NetNs;
+use vmm_tests::transfer::guest_sum;
 use vmm_tests::{workspace_binary, TempDir};
 
 const BOOT_TIMEOUT: Duration = Duration::from_secs(600);
@@ -29,13 +30,6 @@ fn free_port() -> u16 {
 fn ready(console: &mut GuestConsole) {
     console.wait_for("GUEST-READY", BOOT_TIMEOUT);
     console.wait_for("# ", CMD_TIMEOUT);
-}
-
-fn guest_sum(text: &str) -> String {
-    text.split_whitespace()
-        .find(|w| w.len() == 64 && w.chars().all(|c| c.is_ascii_hexdigit()))
-        .unwrap_or_else(|| panic!("no checksum in {text:?}"))
-        .to_string()
 }
 
 #[test]

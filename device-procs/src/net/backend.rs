@@ -387,6 +387,13 @@ impl NetBackend {
         let mem = atomic.memory().into_inner();
         let port = &*self.ports[pair];
         let mut state = self.pair(pair);
+        if !vring.get_ref().get_queue().ready() {
+            // Stopped (GET_VRING_BASE) or not started: frames wait in the port until the
+            // ring runs again, and the port is not watched meanwhile (it would wake us
+            // for nothing, for ever).
+            self.watch_rx(pair, &mut state, false);
+            return;
+        }
         if !vring.get_ref().is_enabled() {
             // The guest does not use this pair: the host should not send to it.
             if pair > 0 && !state.detached {
@@ -733,7 +740,8 @@ impl VhostUserBackend for NetBackend {
             state.rx_cache.clear();
             state.rx_cached_len = 0;
             state.rx_mem = None;
-            state.watching_rx = false;
+            // The next start watches it again (and would find it watched already).
+            self.watch_rx(queue / 2, &mut state, false);
         } else {
             state.tx_blocked = false;
             state.last_tx = None;

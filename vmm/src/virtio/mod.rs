@@ -152,4 +152,9 @@ pub trait VirtioBackend: Send {
     /// A migration failed after [`VirtioBackend::save_state`] stopped the queues: start
     /// them again where they were.
     fn resume_after_save(&mut self) {}
+    /// After [`VirtioBackend::restore_state`]: whether the driver must read the
+    /// configuration again once it runs (a NIC asking the guest to announce itself).
+    fn config_changed_after_restore(&self) -> bool {
+        false
+    }
 }

@@ -150,6 +150,9 @@ impl Snapshottable for VirtioPciDevice {
             self.backend.restore_state(&s.backend)?;
         }
         self.refresh_interrupt_paths();
+        if self.status & STATUS_DRIVER_OK != 0 && self.backend.config_changed_after_restore() {
+            self.config_changed();
+        }
         Ok(())
     }
 }

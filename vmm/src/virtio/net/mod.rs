@@ -10,6 +10,8 @@
 
 use std::sync::{Arc, Mutex};
 
+mod snapshot;
+
 use ipc::net::RxFilter;
 use qmp::EventSender;
 use serde_json::{json, Map, Value};
@@ -77,7 +79,7 @@ pub struct FilterSink {
 }
 
 /// The guest's RX state, as its control queue set it (QEMU's fields).
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 struct RxState {
     promisc: bool,
     allmulti: bool,
@@ -533,7 +535,23 @@ fn read_command(
 
 impl VirtioBackend for VirtioNet {
     fn migration_blocker(&self) -> Option<String> {
-        Some("virtio-net does not move with a migration yet".into())
+        self.vhost.as_ref().and_then(|v| v.migration_blocker())
+    }
+
+    fn save_state(&mut self) -> Result<Vec<u8>, crate::snapshot::SnapshotError> {
+        self.save_net()
+    }
+
+    fn restore_state(&mut self, state: &[u8]) -> Result<(), crate::snapshot::SnapshotError> {
+        self.restore_net(state)
+    }
+
+    fn resume_after_save(&mut self) {
+        self.resume_net();
+    }
+
+    fn config_changed_after_restore(&self) -> bool {
+        self.announce_pending()
     }
 
     fn device_type(&self) -> u16 {
@@ -659,7 +677,7 @@ fn ctrl_queue(q: QueueSetup, event_idx: bool) -> Result<CtrlQueue, VirtioError> 
 mod tests {
     use super::*;
 
-    fn nic() -> (VirtioNet, Arc<Mutex<Vec<RxFilter>>>) {
+    pub(super) fn nic() -> (VirtioNet, Arc<Mutex<Vec<RxFilter>>>) {
         let seen = Arc::new(Mutex::new(Vec::new()));
         let log = seen.clone();
         let sink = FilterSink {
