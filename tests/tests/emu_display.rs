@@ -596,3 +596,93 @@ fn auth_none_refuses_a_password_and_qemu_agrees_on_the_screen() {
     Image::read_ppm(&theirs).assert_same(&ours, "QEMU 7.2's screendump against ours");
     ours.assert_same(&Image::pattern(BIG_W, BIG_H), "the pattern");
 }
+
+/// The screen moves with a live migration: the guest's pattern, drawn on the source, is
+/// what a VNC client reconnecting to the destination sees, with the password set on the
+/// source; keys typed there reach the guest, and the tablet goes on working.
+#[test]
+fn a_vnc_client_reconnecting_to_the_destination_sees_the_same_screen() {
+    let mut vm = boot("display-mig", ",password=on", true, &[]);
+    vm.qmp.ok(
+        "set_password",
+        Some(json!({"protocol": "vnc", "password": "moving"})),
+    );
+    let out = vm.console.run("/tmp/fbpattern", CMD_TIMEOUT);
+    assert!(out.contains(&format!("FB-OK {WIDTH} {HEIGHT}")), "{out}");
+    let expected = Image::pattern(WIDTH, HEIGHT);
+    vnc_capture(&vm.vnc, &vm.dir, "raw", Some("moving")).assert_same(&expected, "the source");
+
+    let qmp_b = vm.dir.join("b.qmp");
+    let vnc_b = vm.dir.join("b-vnc.sock");
+    let mig = vm.dir.join("mig.sock");
+    let uri = format!("unix:{}", mig.display());
+    let drive = format!(
+        "file={},format=raw,if=none,id=prog",
+        vm.dir.join("fbpattern.img").display()
+    );
+    let args = vmm_tests::console::stock_linux_args(&[
+        "-qmp",
+        &format!("unix:{},server=on,wait=off", qmp_b.display()),
+        "-device",
+        "bochs-display",
+        "-device",
+        "virtio-tablet-pci,id=tablet",
+        "-vnc",
+        &format!("unix:{},password=on", vnc_b.display()),
+        "-drive",
+        &drive,
+        "-device",
+        "virtio-blk-pci,drive=prog",
+        "-incoming",
+        &uri,
+    ]);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let mut b = GuestConsole::spawn(&args);
+    eventually("the destination's monitor", || qmp_b.exists());
+    let mut qb = Qmp::unix(&qmp_b);
+    qb.negotiate();
+    vm.qmp.ok("migrate", Some(json!({ "uri": uri })));
+    eventually("the migration", || {
+        let info = vm.qmp.ok("query-migrate", None);
+        assert_ne!(info["status"], "failed", "{info}");
+        info["status"] == "completed"
+    });
+    assert_eq!(qb.ok("query-status", None)["status"], "running");
+    vnc_capture(&vnc_b, &vm.dir, "zrle", Some("moving"))
+        .assert_same(&expected, "a client reconnecting to the destination");
+    let ppm = vm.dir.join("b.ppm");
+    qb.ok(
+        "screendump",
+        Some(json!({ "filename": ppm.display().to_string() })),
+    );
+    Image::read_ppm(&ppm).assert_same(&expected, "the destination's screendump");
+
+    // Keys reach the guest through the destination's PS/2 keyboard; the tablet is there.
+    b.run(
+        "(head -n1 /dev/tty1 > /tmp/keys 2>&1 &); sleep 1",
+        CMD_TIMEOUT,
+    );
+    let typed = vnc_client(&[
+        vnc_b.to_str().unwrap(),
+        "--password",
+        "moving",
+        "type",
+        "moved 7\n",
+    ]);
+    assert_eq!(typed["ok"], true, "{typed}");
+    let keys = b.run("sleep 1; cat /tmp/keys", CMD_TIMEOUT);
+    assert!(keys.contains("moved 7"), "{keys}");
+    let mice = qb.ok("query-mice", None);
+    assert!(
+        mice.as_array()
+            .unwrap()
+            .iter()
+            .any(|m| m["name"] == "QEMU Virtio Tablet"),
+        "{mice}"
+    );
+    let tablet = b.run(
+        "grep -l 'QEMU Virtio Tablet' /sys/class/input/*/name | head -1",
+        CMD_TIMEOUT,
+    );
+    assert!(tablet.contains("/sys/class/input/"), "{tablet}");
+}

@@ -23,6 +23,7 @@ use super::{lock, DeviceConfig, DeviceError, DeviceManager, SETUP_TIMEOUT};
 use crate::devices::bochs_display::{self, BochsDisplay};
 use crate::devices::i8042::I8042;
 use crate::pci::PciDevice;
+use crate::snapshot::{decode, encode, SnapshotError, Snapshottable};
 use crate::supervisor::VhostUserListener;
 use crate::virtio::input::{self, VirtioInput};
 use crate::virtio::pci::VirtioPciDevice;
@@ -283,6 +284,74 @@ impl SupervisedDevice for DisplayProcess {
         }
         self.control = control;
         self.supervision.replaced(process);
+        Ok(())
+    }
+}
+
+/// The display's section of a migration: the adapter (mode and framebuffer) and the VNC
+/// password with its expiry, which the destination takes when its own VNC server asks for
+/// a password too (QEMU leaves that to management; moving it means a client reconnecting
+/// to the destination uses the password it used before).
+pub(super) struct DisplaySection {
+    adapter: Arc<Mutex<BochsDisplay>>,
+    process: Option<Arc<Mutex<DisplayProcess>>>,
+}
+
+#[derive(serde::Serialize, serde::Deserialize)]
+struct DisplayState {
+    adapter: Vec<u8>,
+    vnc_password: Option<(String, Expiry)>,
+}
+
+const DISPLAY_SNAPSHOT: &str = "the display";
+
+impl Snapshottable for DisplaySection {
+    fn save(&mut self) -> Result<Vec<u8>, SnapshotError> {
+        let adapter = lock(&self.adapter).save()?;
+        let vnc_password = self.process.as_ref().and_then(|p| {
+            let p = lock(p);
+            let vnc = p.config.vnc.as_ref()?;
+            Some((vnc.password.clone()?, vnc.expiry))
+        });
+        encode(
+            DISPLAY_SNAPSHOT,
+            &DisplayState {
+                adapter,
+                vnc_password,
+            },
+        )
+    }
+
+    fn restore(&mut self, state: &[u8]) -> Result<(), SnapshotError> {
+        let s: DisplayState = decode(DISPLAY_SNAPSHOT, state)?;
+        lock(&self.adapter).restore(&s.adapter)?;
+        let (Some((password, expiry)), Some(process)) = (s.vnc_password, &self.process) else {
+            return Ok(());
+        };
+        let mut p = lock(process);
+        let Some(vnc) = p
+            .config
+            .vnc
+            .as_mut()
+            .filter(|v| v.auth == VncAuth::Password)
+        else {
+            return Ok(());
+        };
+        vnc.password = Some(password.clone());
+        vnc.expiry = expiry;
+        let set = p
+            .call(
+                DisplayRequest::SetPassword {
+                    password,
+                    disconnect: false,
+                },
+                &[],
+            )
+            .and_then(|_| p.call(DisplayRequest::ExpirePassword(expiry), &[]));
+        if let Err(e) = set {
+            // The process is restarted with the configuration, password included.
+            tracing::warn!("migration: the display process did not take the password: {e}");
+        }
         Ok(())
     }
 }
@@ -556,6 +625,17 @@ impl DeviceManager {
             m.current = true;
         }
         mice
+    }
+
+    /// The display adapter's migration section.
+    pub(super) fn display_section(
+        &self,
+        adapter: &Arc<Mutex<BochsDisplay>>,
+    ) -> Arc<Mutex<dyn Snapshottable>> {
+        Arc::new(Mutex::new(DisplaySection {
+            adapter: adapter.clone(),
+            process: self.display.process.clone(),
+        }))
     }
 
     fn display_process(&self) -> Option<&Arc<Mutex<DisplayProcess>>> {

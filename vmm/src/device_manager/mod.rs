@@ -432,29 +432,28 @@ impl DeviceManager {
                 let name = f.id.as_deref().unwrap_or(&f.driver);
                 let why = match &f.function {
                     PciFunction::Virtio(v) => lock(v).migration_blocker(),
-                    PciFunction::Display(_) => {
-                        Some("its framebuffer does not move with a migration yet".into())
-                    }
+                    PciFunction::Display(_) => None,
                 };
                 why.map(|why| format!("{name}: {why}"))
             })
             .collect()
     }
 
-    /// The virtio functions, as sections of a migration: `pci SLOT DRIVER [ID]`.
+    /// The PCI functions, as sections of a migration: `pci SLOT DRIVER [ID]`.
     pub fn migration_sections(&self) -> Vec<(String, Arc<Mutex<dyn Snapshottable>>)> {
         self.functions
             .iter()
-            .filter_map(|(slot, f)| match &f.function {
-                PciFunction::Virtio(v) => {
-                    let mut name = format!("pci {slot} {}", f.driver);
-                    if let Some(id) = &f.id {
-                        name.push(' ');
-                        name.push_str(id);
-                    }
-                    Some((name, v.clone() as Arc<Mutex<dyn Snapshottable>>))
+            .map(|(slot, f)| {
+                let mut name = format!("pci {slot} {}", f.driver);
+                if let Some(id) = &f.id {
+                    name.push(' ');
+                    name.push_str(id);
                 }
-                PciFunction::Display(_) => None,
+                let state = match &f.function {
+                    PciFunction::Virtio(v) => v.clone() as Arc<Mutex<dyn Snapshottable>>,
+                    PciFunction::Display(d) => self.display_section(d),
+                };
+                (name, state)
             })
             .collect()
     }

@@ -18,6 +18,7 @@ use crate::memory::{DeviceMemory, MemoryError};
 use crate::pci::{
     BarReprogram, PciBar, PciBarKind, PciConfiguration, PciDevice, PciIdentity, PciInterruptPin,
 };
+use crate::snapshot::{decode, encode, SnapshotError, Snapshottable};
 
 /// Default and allowed VRAM sizes (QEMU's `vgamem`).
 pub const DEFAULT_VGAMEM: u64 = 16 << 20;
@@ -347,6 +348,84 @@ impl PciDevice for BochsDisplay {
     }
 }
 
+/// What moves with a migration: the configuration space (where the BARs are), the DISPI
+/// registers and byte order (the mode), and the framebuffer's pages that are not zero.
+/// The VRAM goes whole with the vCPUs stopped: it is mapped straight into the guest, so no
+/// dirty log sees its writes.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct AdapterState {
+    registers: Vec<u32>,
+    regs: [u16; DISPI_REGS],
+    big_endian: bool,
+    vram_size: u64,
+    /// (page index, its bytes) for every page that is not all zero.
+    pages: Vec<(u32, Vec<u8>)>,
+}
+
+const SNAPSHOT: &str = "bochs-display";
+const VRAM_PAGE: usize = 4096;
+
+impl Snapshottable for BochsDisplay {
+    fn save(&mut self) -> Result<Vec<u8>, SnapshotError> {
+        let mut pages = Vec::new();
+        let mut page = vec![0u8; VRAM_PAGE];
+        for index in 0..self.vram.len() / VRAM_PAGE {
+            let n = self.vram.read(index * VRAM_PAGE, &mut page);
+            if page[..n].iter().any(|&b| b != 0) {
+                pages.push((index as u32, page[..n].to_vec()));
+            }
+        }
+        encode(
+            SNAPSHOT,
+            &AdapterState {
+                registers: self.config.registers().to_vec(),
+                regs: self.regs,
+                big_endian: self.big_endian,
+                vram_size: self.vram.len() as u64,
+                pages,
+            },
+        )
+    }
+
+    /// Take the state; the bus routes the BARs (and with VRAM's, maps it) afterwards.
+    fn restore(&mut self, state: &[u8]) -> Result<(), SnapshotError> {
+        let s: AdapterState = decode(SNAPSHOT, state)?;
+        let invalid = |message: String| SnapshotError::Decode {
+            what: SNAPSHOT,
+            message,
+        };
+        if s.vram_size != self.vram.len() as u64 {
+            return Err(invalid(format!(
+                "{} MiB of video memory, this adapter has {} MiB",
+                s.vram_size >> 20,
+                self.vram.len() >> 20
+            )));
+        }
+        let pages = self.vram.len() / VRAM_PAGE;
+        if let Some((index, _)) = s
+            .pages
+            .iter()
+            .find(|(i, bytes)| *i as usize >= pages || bytes.len() != VRAM_PAGE)
+        {
+            return Err(invalid(format!("a framebuffer page {index} out of place")));
+        }
+        self.config
+            .set_registers(&s.registers)
+            .map_err(|e| invalid(e.to_string()))?;
+        let zero = vec![0u8; VRAM_PAGE];
+        for index in 0..pages {
+            self.vram.write(index * VRAM_PAGE, &zero);
+        }
+        for (index, bytes) in &s.pages {
+            self.vram.write(*index as usize * VRAM_PAGE, bytes);
+        }
+        self.regs = s.regs;
+        self.big_endian = s.big_endian;
+        self.update_mode();
+        Ok(())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -494,5 +573,33 @@ mod tests {
         let mut tail = [0u8; 4];
         d.read_bar(0xe000_0000, DEFAULT_VGAMEM - 2, &mut tail);
         assert_eq!(tail, [0, 0, 0xff, 0xff]);
+    }
+
+    #[test]
+    fn the_mode_and_framebuffer_move_to_another_adapter() {
+        let mut a = display();
+        set_mode(&mut a, 640, 480, 480);
+        a.vram.write(4096 * 3 + 5, &[1, 2, 3]);
+        a.vram.write(640 * 480 * 4 - 1, &[9]);
+        let state = a.save().unwrap();
+        let mut b = display();
+        b.vram.write(4096 * 7, &[0xee]);
+        b.restore(&state).unwrap();
+        assert_eq!(b.mode(), a.mode());
+        assert!(b.mode().is_some());
+        let mut got = [0u8; 3];
+        b.vram.read(4096 * 3 + 5, &mut got);
+        assert_eq!(got, [1, 2, 3]);
+        let mut last = [0u8; 1];
+        b.vram.read(640 * 480 * 4 - 1, &mut last);
+        assert_eq!(last, [9]);
+        let mut stale = [0u8; 1];
+        b.vram.read(4096 * 7, &mut stale);
+        assert_eq!(stale, [0], "what the destination had is gone");
+        assert!(state.len() < 3 * 4096, "zero pages are not sent");
+        let page = new_scanout_page().unwrap();
+        let mut small =
+            BochsDisplay::new(None, 8 << 20, Arc::new(RecordingAccel::default()), page).unwrap();
+        assert!(small.restore(&state).is_err(), "another VRAM size");
     }
 }

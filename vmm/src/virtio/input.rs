@@ -11,9 +11,11 @@ use ipc::display::InputKind;
 
 use super::vhost_user::VhostUserDevice;
 use super::{Activation, VirtioBackend, VirtioError, VIRTIO_F_VERSION_1};
+use crate::snapshot::{decode, encode, SnapshotError};
 
 pub const VIRTIO_ID_INPUT: u16 = 18;
 pub const QUEUE_SIZE: u16 = 64;
+const SNAPSHOT: &str = "a virtio-input device";
 const VIRTIO_RING_F_EVENT_IDX: u64 = 1 << 29;
 
 // Configuration selectors.
@@ -149,7 +151,26 @@ impl VirtioInput {
 
 impl VirtioBackend for VirtioInput {
     fn migration_blocker(&self) -> Option<String> {
-        Some("virtio-input does not move with a migration yet".into())
+        self.backend.as_ref().and_then(|b| b.migration_blocker())
+    }
+
+    /// The queues stop in the display process; the configuration selector moves.
+    fn save_state(&mut self) -> Result<Vec<u8>, SnapshotError> {
+        if let Some(backend) = &mut self.backend {
+            backend.save_state()?;
+        }
+        encode(SNAPSHOT, &(self.select, self.subsel))
+    }
+
+    fn restore_state(&mut self, state: &[u8]) -> Result<(), SnapshotError> {
+        (self.select, self.subsel) = decode(SNAPSHOT, state)?;
+        Ok(())
+    }
+
+    fn resume_after_save(&mut self) {
+        if let Some(backend) = &mut self.backend {
+            backend.resume_after_save();
+        }
     }
 
     fn device_type(&self) -> u16 {
