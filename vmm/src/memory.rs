@@ -167,6 +167,18 @@ impl MemoryManager {
         self.memfd.as_file()
     }
 
+    /// [`MemoryManager::host_regions`] with each region's offset in the guest-RAM memfd
+    /// (where a migration numbers its pages).
+    pub fn host_regions_in_memfd(&self) -> Vec<(GuestAddress, u64, u64, u64)> {
+        self.guest_memory
+            .iter()
+            .map(|r| {
+                let offset = r.file_offset().map_or(0, |f| f.start());
+                (r.start_addr(), r.len(), r.as_ptr() as u64, offset)
+            })
+            .collect()
+    }
+
     /// Host virtual address and size of each mapped region, for KVM memory slots.
     pub fn host_regions(&self) -> Vec<(GuestAddress, u64, u64)> {
         self.guest_memory

@@ -3,6 +3,8 @@
 
 use std::sync::{Arc, Mutex};
 
+mod migration;
+
 use kvm_bindings::{
     kvm_fpu, kvm_lapic_state, kvm_mp_state, kvm_msr_entry, kvm_pit_config, kvm_pit_state2,
     kvm_regs, kvm_segment, kvm_userspace_memory_region, CpuId, Msrs, KVM_IRQCHIP_IOAPIC,
@@ -74,6 +76,12 @@ pub struct KvmAccel {
     /// the guest sees it.
     device_memory: Mutex<Vec<(Arc<DeviceMemory>, Option<u64>)>>,
     first_device_slot: u32,
+    /// The RAM slots (dirty logging switches their flags).
+    ram_slots: Vec<migration::RamSlot>,
+    /// MSRs KVM lists for saving (KVM_GET_MSR_INDEX_LIST).
+    msr_indices: Arc<Vec<u32>>,
+    /// KVM's XSAVE area fits the 4 KiB `kvm_xsave` (no KVM_CAP_XSAVE2 beyond it).
+    xsave_fits: bool,
 }
 
 impl KvmAccel {
@@ -109,19 +117,36 @@ impl KvmAccel {
         };
         vm.create_pit2(pit_config)
             .map_err(AccelError::kvm("create the in-kernel PIT"))?;
-        for (slot, (gpa, size, host)) in mem.host_regions().into_iter().enumerate() {
-            let region = kvm_userspace_memory_region {
+        let mut ram_slots = Vec::new();
+        for (slot, (gpa, size, host, offset)) in mem.host_regions_in_memfd().into_iter().enumerate()
+        {
+            let slot = migration::RamSlot {
                 slot: slot as u32,
-                guest_phys_addr: gpa.0,
-                memory_size: size,
-                userspace_addr: host,
+                gpa: gpa.0,
+                size,
+                host,
+                first_page: offset / 4096,
+            };
+            let region = kvm_userspace_memory_region {
+                slot: slot.slot,
+                guest_phys_addr: slot.gpa,
+                memory_size: slot.size,
+                userspace_addr: slot.host,
                 flags: 0,
             };
             // SAFETY: the region is a live mapping owned by the MemoryManager, which the
             // machine keeps alive for as long as this VM exists.
             unsafe { vm.set_user_memory_region(region) }
                 .map_err(AccelError::kvm("register guest memory"))?;
+            ram_slots.push(slot);
         }
+        let msr_indices = kvm
+            .get_msr_index_list()
+            .map_err(AccelError::kvm("list the MSRs to save"))?
+            .as_slice()
+            .to_vec();
+        let xsave_size = kvm.check_extension_int(Cap::Xsave2);
+        let xsave_fits = xsave_size <= std::mem::size_of::<kvm_bindings::kvm_xsave>() as i32;
         let supported_cpuid = kvm
             .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
             .map_err(AccelError::kvm("get the supported CPUID"))?;
@@ -163,7 +188,10 @@ impl KvmAccel {
             msi_routes: MsiRoutes::default(),
             routing_lock: Mutex::new(()),
             device_memory: Mutex::new(Vec::new()),
-            first_device_slot: mem.host_regions().len() as u32,
+            first_device_slot: ram_slots.len() as u32,
+            ram_slots,
+            msr_indices: Arc::new(msr_indices),
+            xsave_fits,
         })
     }
 
@@ -302,6 +330,8 @@ impl Accelerator for KvmAccel {
             fd,
             initial_lapic: lapic,
             kicker,
+            msr_indices: self.msr_indices.clone(),
+            xsave_fits: self.xsave_fits,
         }))
     }
 
@@ -417,6 +447,32 @@ impl Accelerator for KvmAccel {
         Ok(())
     }
 
+    fn start_dirty_log(&self) -> Result<(), AccelError> {
+        let result = self.set_ram_logging(true);
+        if result.is_err() {
+            let _ = self.set_ram_logging(false);
+        }
+        result
+    }
+
+    fn take_dirty_log(&self, pages: usize) -> Result<Vec<u64>, AccelError> {
+        self.take_ram_log(pages)
+    }
+
+    fn stop_dirty_log(&self) {
+        if let Err(e) = self.set_ram_logging(false) {
+            tracing::warn!("KVM: cannot stop the dirty log: {e}");
+        }
+    }
+
+    fn save_platform(&self) -> Result<Vec<u8>, AccelError> {
+        self.save_kvm_platform()
+    }
+
+    fn restore_platform(&self, state: &[u8]) -> Result<(), AccelError> {
+        self.restore_kvm_platform(state)
+    }
+
     fn reset(&self) -> Result<(), AccelError> {
         for chip in &self.initial_irqchips {
             self.vm
@@ -530,6 +586,8 @@ pub struct KvmVcpu {
     fd: VcpuFd,
     initial_lapic: kvm_lapic_state,
     kicker: Arc<KvmKicker>,
+    msr_indices: Arc<Vec<u32>>,
+    xsave_fits: bool,
 }
 
 impl KvmVcpu {
@@ -756,6 +814,14 @@ impl Vcpu for KvmVcpu {
             cr4: s.cr4,
             efer: s.efer,
         })
+    }
+
+    fn save_state(&mut self) -> Result<Vec<u8>, AccelError> {
+        self.save_kvm_state()
+    }
+
+    fn restore_state(&mut self, state: &[u8]) -> Result<(), AccelError> {
+        self.restore_kvm_state(state)
     }
 
     fn is_halted(&mut self) -> bool {
