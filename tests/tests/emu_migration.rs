@@ -126,7 +126,8 @@ fn count_and_uptime(console: &mut GuestConsole) -> (u64, f64, u64) {
 
 /// A guest rewriting 32 MiB of memory with page-stamped, generation-numbered patterns
 /// (checking every page after each pass) and a loop writing its virtio-blk disk through
-/// vmm-blk (reading each block back direct) both go on across the move with nothing lost;
+/// vmm-blk (reading each block back direct) both go on across the move with nothing lost,
+/// though the disk's vmm-blk is killed (-9) halfway through the migration and restarted;
 /// the destination's vmm-blk takes the image's lock only once the source let go of it.
 #[test]
 fn memory_and_disk_writers_move_with_nothing_lost() {
@@ -180,7 +181,30 @@ fn memory_and_disk_writers_move_with_nothing_lost() {
     let mut b = GuestConsole::spawn(&args_b);
     wait_until("the destination's monitor", CMD_TIMEOUT, || qb.exists());
     let mut qb = Qmp::connect(&qb);
+    // Slow enough that the data disk's vmm-blk can be killed while pages still go.
+    qa.ok("migrate_set_speed", Some(json!({ "value": 24u64 << 20 })));
+    let procs = qa.ok("__org.vmm_query-device-processes", None);
+    let blk = procs
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["program"] == "vmm-blk" && p["drive"] == "data")
+        .and_then(|p| p["pid"].as_u64())
+        .unwrap_or_else(|| panic!("no vmm-blk for the data disk: {procs}"));
     qa.ok("migrate", Some(json!({ "uri": uri })));
+    wait_until("the bulk pass to be under way", CMD_TIMEOUT, || {
+        let info = qa.ok("query-migrate", None);
+        info["status"] == "active" && info["ram"]["transferred"].as_u64() > Some(8 << 20)
+    });
+    // The disk's process dies mid-migration: it is restarted, its writes are logged
+    // again, and the migration ends with nothing lost.
+    // SAFETY: kill(2) of the vmm-blk process, as a crash would end it.
+    assert_eq!(unsafe { libc::kill(blk as i32, libc::SIGKILL) }, 0);
+    let restarted = qa.wait_event("__org.vmm_DEVICE_PROCESS_RESTARTED");
+    assert_eq!(restarted["data"]["device"], "vdata", "{restarted}");
+    let at_restart = qa.ok("query-migrate", None);
+    assert_eq!(at_restart["status"], "active", "{at_restart}");
+    qa.ok("migrate_set_speed", Some(json!({ "value": 1u64 << 30 })));
     wait_until("the migration", CMD_TIMEOUT, || {
         let info = qa.ok("query-migrate", None);
         assert_ne!(info["status"], "failed", "{info}");
