@@ -147,6 +147,31 @@ pub fn serve_one<B: Served>(backend: &Arc<B>, listener: &mut Listener) -> Result
     result
 }
 
+/// One lock per queue that its worker holds while it serves requests, so that stopping
+/// the queue (GET_VRING_BASE) waits for the request in progress: once the frontend has the
+/// ring's index, nothing more lands in guest memory or in the image from that queue (the
+/// guest may be running on another host by then, writing the same blocks).
+pub struct QueueWork(Vec<Mutex<()>>);
+
+impl QueueWork {
+    pub fn new(queues: usize) -> Self {
+        QueueWork((0..queues).map(|_| Mutex::new(())).collect())
+    }
+
+    /// Held by the worker while it serves queue `queue`.
+    pub fn serving(&self, queue: usize) -> Option<std::sync::MutexGuard<'_, ()>> {
+        self.0
+            .get(queue)
+            .map(|m| m.lock().unwrap_or_else(|e| e.into_inner()))
+    }
+
+    /// Wait until queue `queue`'s worker has finished what it was serving (the ring is
+    /// already stopped, so it takes nothing more).
+    pub fn wait_idle(&self, queue: usize) {
+        drop(self.serving(queue));
+    }
+}
+
 /// Take requests off `vring` with `process` (which returns how many it took) until there
 /// are none. With EVENT_IDX: work with notifications off, then turn them on and look
 /// again, so a request made in between is not missed. A guest whose avail index is
@@ -241,6 +266,32 @@ mod tests {
     use vm_memory::bitmap::AtomicBitmap;
 
     const PAGE: u64 = 0x1000;
+
+    #[test]
+    fn stopping_a_queue_waits_for_the_request_in_progress() {
+        let work = Arc::new(QueueWork::new(2));
+        let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (started_tx, started) = std::sync::mpsc::channel();
+        let worker = {
+            let (work, done) = (work.clone(), done.clone());
+            std::thread::spawn(move || {
+                let _serving = work.serving(1);
+                started_tx.send(()).unwrap();
+                std::thread::sleep(std::time::Duration::from_millis(100));
+                done.store(true, std::sync::atomic::Ordering::SeqCst);
+            })
+        };
+        started.recv().unwrap();
+        work.wait_idle(0);
+        assert!(
+            !done.load(std::sync::atomic::Ordering::SeqCst),
+            "another queue"
+        );
+        work.wait_idle(1);
+        assert!(done.load(std::sync::atomic::Ordering::SeqCst));
+        worker.join().unwrap();
+        work.wait_idle(7);
+    }
 
     /// Two adjacent regions, a hole, and a third region (vm-memory's page bitmap stands in
     /// for the log: it counts region-relative pages as the log's windows do).

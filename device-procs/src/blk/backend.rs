@@ -91,6 +91,7 @@ pub struct BlkBackend {
     policy: ErrorPolicy,
     held: Mutex<Held>,
     on_event: Option<EventHook>,
+    work: vhost_daemon::QueueWork,
 }
 
 impl BlkBackend {
@@ -117,6 +118,7 @@ impl BlkBackend {
             policy,
             held: Mutex::default(),
             on_event,
+            work: vhost_daemon::QueueWork::new(usize::from(num_queues)),
         })
     }
 
@@ -363,6 +365,7 @@ impl VhostUserBackend for BlkBackend {
         // The frontend stops the ring (a reset, or to move it): the requests held on it go,
         // and the index it gets back is that of the first of them, so that a frontend
         // which goes on from there runs them again.
+        self.work.wait_idle(queue_index as usize);
         let mut vring = None;
         let mut count = 0u16;
         self.held().requests.retain(|h| {
@@ -419,6 +422,7 @@ impl VhostUserBackend for BlkBackend {
             return Ok(());
         };
         let event_idx = self.event_idx.load(Ordering::Acquire);
+        let _serving = self.work.serving(usize::from(device_event));
         vhost_daemon::drain(vring, event_idx, true, || {
             self.process_queue(device_event, vring)
         });

@@ -101,6 +101,7 @@ pub struct ScsiBackend {
     /// The driver may write these two configuration fields.
     sense_size: AtomicU32,
     cdb_size: AtomicU32,
+    work: vhost_daemon::QueueWork,
 }
 
 impl ScsiBackend {
@@ -115,6 +116,7 @@ impl ScsiBackend {
             exit_events: ExitEvents::default(),
             sense_size: AtomicU32::new(VIRTIO_SCSI_SENSE_DEFAULT_SIZE),
             cdb_size: AtomicU32::new(VIRTIO_SCSI_CDB_DEFAULT_SIZE),
+            work: vhost_daemon::QueueWork::new(2 + usize::from(num_queues)),
         })
     }
 
@@ -619,6 +621,13 @@ impl VhostUserBackend for ScsiBackend {
         (0..self.num_queues() as u32).map(|q| 1u64 << q).collect()
     }
 
+    /// The ring is stopped (GET_VRING_BASE): the command in progress finishes first, so
+    /// nothing reaches the disks or guest memory after the frontend has the index.
+    fn stop_vring(&self, queue_index: u32) -> io::Result<()> {
+        self.work.wait_idle(queue_index as usize);
+        Ok(())
+    }
+
     fn exit_event(&self, _thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {
         self.exit_events.new_event()
     }
@@ -636,6 +645,7 @@ impl VhostUserBackend for ScsiBackend {
         };
         let queue = thread_id;
         let event_idx = self.event_idx.load(Ordering::Acquire);
+        let _serving = self.work.serving(usize::from(device_event));
         // The event queue holds buffers for events the device posts: not worth waiting on.
         vhost_daemon::drain(vring, event_idx, queue != EVENT_QUEUE, || {
             self.process_queue(queue, vring)
