@@ -69,6 +69,29 @@ fn decode<'a, T: Deserialize<'a>>(bytes: &'a [u8]) -> Result<T, AccelError> {
     postcard::from_bytes(bytes).map_err(|e| AccelError::Snapshot(e.to_string()))
 }
 
+/// The in-kernel interrupt controllers, in the order they are saved.
+const IRQCHIPS: [u32; 3] = [
+    KVM_IRQCHIP_PIC_MASTER,
+    KVM_IRQCHIP_PIC_SLAVE,
+    KVM_IRQCHIP_IOAPIC,
+];
+
+/// The state of each in-kernel interrupt controller.
+pub(super) fn read_irqchips(vm: &kvm_ioctls::VmFd) -> Result<Vec<kvm_irqchip>, AccelError> {
+    IRQCHIPS
+        .iter()
+        .map(|&chip_id| {
+            let mut chip = kvm_irqchip {
+                chip_id,
+                ..Default::default()
+            };
+            vm.get_irqchip(&mut chip)
+                .map_err(AccelError::kvm("read the irqchip state"))?;
+            Ok(chip)
+        })
+        .collect()
+}
+
 fn too_many_msrs() -> AccelError {
     AccelError::Kvm {
         what: "build the MSR list",
@@ -83,6 +106,23 @@ fn unlogged_for_test() -> bool {
 }
 
 impl KvmAccel {
+    /// Load interrupt controller and PIT states (power-on ones at a reset, saved ones on
+    /// a migration's destination).
+    pub(super) fn load_irqchips_and_pit(
+        &self,
+        chips: &[kvm_irqchip],
+        pit: &kvm_pit_state2,
+    ) -> Result<(), AccelError> {
+        for chip in chips {
+            self.vm
+                .set_irqchip(chip)
+                .map_err(AccelError::kvm("load the irqchip state"))?;
+        }
+        self.vm
+            .set_pit2(pit)
+            .map_err(AccelError::kvm("load the PIT state"))
+    }
+
     /// Turn KVM's dirty log on or off for every RAM slot (turning it on clears it).
     pub(super) fn set_ram_logging(&self, on: bool) -> Result<(), AccelError> {
         let on = on && !unlogged_for_test();
@@ -128,21 +168,7 @@ impl KvmAccel {
     /// The interrupt controllers, the PIT and the clock (the VM is paused: its clock is
     /// the one read at the pause).
     pub(super) fn save_kvm_platform(&self) -> Result<Vec<u8>, AccelError> {
-        let mut irqchips = Vec::new();
-        for chip_id in [
-            KVM_IRQCHIP_PIC_MASTER,
-            KVM_IRQCHIP_PIC_SLAVE,
-            KVM_IRQCHIP_IOAPIC,
-        ] {
-            let mut chip = kvm_irqchip {
-                chip_id,
-                ..Default::default()
-            };
-            self.vm
-                .get_irqchip(&mut chip)
-                .map_err(AccelError::kvm("read the irqchip state"))?;
-            irqchips.push(chip);
-        }
+        let irqchips = read_irqchips(&self.vm)?;
         let pit = self
             .vm
             .get_pit2()
@@ -167,26 +193,17 @@ impl KvmAccel {
     /// Take the saved platform; the clock is set when the VM resumes.
     pub(super) fn restore_kvm_platform(&self, state: &[u8]) -> Result<(), AccelError> {
         let s: PlatformState = decode(state)?;
-        let ids = [
-            KVM_IRQCHIP_PIC_MASTER,
-            KVM_IRQCHIP_PIC_SLAVE,
-            KVM_IRQCHIP_IOAPIC,
-        ];
-        if s.irqchips.len() != ids.len()
-            || s.irqchips.iter().zip(ids).any(|(c, id)| c.chip_id != id)
+        if s.irqchips.len() != IRQCHIPS.len()
+            || s.irqchips
+                .iter()
+                .zip(IRQCHIPS)
+                .any(|(c, id)| c.chip_id != id)
         {
             return Err(AccelError::Snapshot(
                 "the irqchips saved are not KVM's three".into(),
             ));
         }
-        for chip in &s.irqchips {
-            self.vm
-                .set_irqchip(chip)
-                .map_err(AccelError::kvm("restore the irqchip"))?;
-        }
-        self.vm
-            .set_pit2(&s.pit)
-            .map_err(AccelError::kvm("restore the PIT"))?;
+        self.load_irqchips_and_pit(&s.irqchips, &s.pit)?;
         let clock = kvm_bindings::kvm_clock_data {
             clock: s.clock,
             ..Default::default()

@@ -8,8 +8,8 @@ mod migration;
 use kvm_bindings::{
     kvm_fpu, kvm_lapic_state, kvm_mp_state, kvm_msr_entry, kvm_pit_config, kvm_pit_state2,
     kvm_regs, kvm_segment, kvm_userspace_memory_region, CpuId, Msrs, KVM_IRQCHIP_IOAPIC,
-    KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE, KVM_MAX_CPUID_ENTRIES, KVM_MP_STATE_RUNNABLE,
-    KVM_MP_STATE_UNINITIALIZED, KVM_PIT_SPEAKER_DUMMY,
+    KVM_MAX_CPUID_ENTRIES, KVM_MP_STATE_RUNNABLE, KVM_MP_STATE_UNINITIALIZED,
+    KVM_PIT_SPEAKER_DUMMY,
 };
 use kvm_ioctls::{Cap, Kvm, VcpuExit as KvmExit, VcpuFd, VmFd};
 use vmm_sys_util::eventfd::EventFd;
@@ -23,6 +23,7 @@ use crate::arch::boot::{EntryState, Segment};
 use crate::arch::layout;
 use crate::devices::interrupt::{InterruptError, IrqChip};
 use crate::memory::{DeviceMemory, MemoryManager};
+use migration::read_irqchips;
 
 /// The TSS area KVM needs on Intel hosts: three pages in the 32-bit hole, below the BIOS.
 const KVM_TSS_ADDRESS: usize = 0xfffb_d000;
@@ -150,29 +151,18 @@ impl KvmAccel {
         let supported_cpuid = kvm
             .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
             .map_err(AccelError::kvm("get the supported CPUID"))?;
-        let mut initial_irqchips = Vec::new();
-        for chip_id in [
-            KVM_IRQCHIP_PIC_MASTER,
-            KVM_IRQCHIP_PIC_SLAVE,
-            KVM_IRQCHIP_IOAPIC,
-        ] {
-            let mut chip = kvm_bindings::kvm_irqchip {
-                chip_id,
-                ..Default::default()
-            };
-            vm.get_irqchip(&mut chip)
-                .map_err(AccelError::kvm("read the irqchip state"))?;
-            if chip_id != KVM_IRQCHIP_IOAPIC {
+        let mut initial_irqchips = read_irqchips(&vm)?;
+        for chip in initial_irqchips.iter_mut() {
+            if chip.chip_id != KVM_IRQCHIP_IOAPIC {
                 // KVM's PICs come up unmasked with vector base 0, and ISA GSIs reach them
                 // as well as the IOAPIC. A hardware-reduced ACPI guest never programs the
                 // PIC, so mask it as firmware would: otherwise IRQ n arrives as vector n.
                 // Writing a Copy union field is safe; `pic` is the member KVM uses for
                 // the PIC chip ids.
                 chip.chip.pic.imr = 0xff;
-                vm.set_irqchip(&chip)
+                vm.set_irqchip(chip)
                     .map_err(AccelError::kvm("mask the PIC"))?;
             }
-            initial_irqchips.push(chip);
         }
         let initial_pit = vm
             .get_pit2()
@@ -474,14 +464,7 @@ impl Accelerator for KvmAccel {
     }
 
     fn reset(&self) -> Result<(), AccelError> {
-        for chip in &self.initial_irqchips {
-            self.vm
-                .set_irqchip(chip)
-                .map_err(AccelError::kvm("reset the irqchip"))?;
-        }
-        self.vm
-            .set_pit2(&self.initial_pit)
-            .map_err(AccelError::kvm("reset the PIT"))
+        self.load_irqchips_and_pit(&self.initial_irqchips, &self.initial_pit)
     }
 
     fn register_ioevent(
