@@ -502,3 +502,84 @@ fn under_kvm_without_the_dirty_log_the_checker_sees_loss() {
         read_file(&b.serial).contains("BAD")
     });
 }
+
+/// Auto-converge: a guest that rewrites its 16 MiB faster than a 16 MiB/s link carries
+/// it (with a 1 ms downtime limit, so it can never fit) has its vCPUs throttled step by
+/// step, as query-migrate's `cpu-throttle-percentage` shows, and counts at the speed
+/// the throttle leaves it (at 50% and beyond it used to stop counting at all: the kicks that end each
+/// run came faster than the sleeps let it run); cancelled, it runs at full speed again and
+/// the throttle is gone.
+#[test]
+fn auto_converge_throttles_a_fast_writer_and_cancel_lifts_it() {
+    let dir = TempDir::new("migrate-converge");
+    let kernel = counting_guest(&dir);
+    let mig = dir.join("mig.sock");
+    let uri = format!("unix:{}", mig.display());
+    let mut a = vm(&dir, "a", &kernel, &[]);
+    let _b = vm(&dir, "b", &kernel, &["-incoming", &uri]);
+    wait_counts(&a.serial, 1);
+    let full = count_rate(&a.serial);
+    a.qmp.ok(
+        "migrate-set-capabilities",
+        Some(json!({"capabilities": [{"capability": "auto-converge", "state": true}]})),
+    );
+    a.qmp.ok(
+        "migrate-set-parameters",
+        Some(json!({ "max-bandwidth": 16u64 << 20, "downtime-limit": 1 })),
+    );
+    a.qmp.ok("migrate", Some(json!({ "uri": uri })));
+    let mut steps = Vec::new();
+    wait_until("a throttle of 50% or more", TIMEOUT, || {
+        let info = a.qmp.ok("query-migrate", None);
+        assert!(
+            info["status"] == "setup" || info["status"] == "active",
+            "{info}"
+        );
+        let t = info["cpu-throttle-percentage"].as_u64().unwrap_or(0);
+        if steps.last() != Some(&t) {
+            steps.push(t);
+        }
+        t >= 50
+    });
+    assert_eq!(steps[..3], [0, 20, 30], "QEMU's steps: {steps:?}");
+    let throttled = count_rate(&a.serial);
+    a.qmp.ok("migrate_cancel", None);
+    assert_eq!(
+        statuses_until(&mut a.events, "cancelled").last().unwrap(),
+        "cancelled"
+    );
+    let info = a.qmp.ok("query-migrate", None);
+    assert!(info.get("cpu-throttle-percentage").is_none(), "{info}");
+    let again = count_rate(&a.serial);
+    eprintln!("counts per second: {full:.0} before, {throttled:.0} throttled, {again:.0} after");
+    assert!(
+        throttled < full * 0.75,
+        "throttled at 50%+: {throttled:.0} against {full:.0}"
+    );
+    assert!(
+        again > throttled * 1.3,
+        "the throttle is lifted: {again:.0} against {throttled:.0}"
+    );
+}
+
+/// The guest's counting speed, from the arrival times of its next reports.
+fn count_rate(serial: &Path) -> f64 {
+    let mut seen: Vec<(Instant, u64)> = Vec::new();
+    let mut known = counts(serial).len();
+    let deadline = Instant::now() + TIMEOUT;
+    while seen.len() < 4 {
+        assert!(
+            Instant::now() < deadline,
+            "the guest stopped reporting: {seen:?}"
+        );
+        let c = counts(serial);
+        if c.len() > known {
+            known = c.len();
+            seen.push((Instant::now(), *c.last().unwrap()));
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let (t0, c0) = seen[0];
+    let (t1, c1) = seen[seen.len() - 1];
+    (c1.wrapping_sub(c0) & 0xffff_ffff) as f64 / (t1 - t0).as_secs_f64()
+}

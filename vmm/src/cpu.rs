@@ -440,6 +440,8 @@ fn vcpu_thread(
         .store(unsafe { libc::gettid() }, Ordering::Relaxed);
     vcpu.bind_to_current_thread();
     let mut parked_at_epoch: Option<u64> = None;
+    // When the vCPU last came back from a throttle sleep (auto-converge).
+    let mut running_since = Instant::now();
     while park_while_blocked(index, vcpu.as_mut(), &shared, &mut parked_at_epoch) {
         if info.nmi_pending.swap(false, Ordering::SeqCst) {
             if let Err(e) = vcpu.inject_nmi() {
@@ -456,10 +458,15 @@ fn vcpu_thread(
         }
         let fatal = match exit {
             Ok(VcpuExit::Interrupted) => {
+                // Throttled: sleep in proportion to the time run since the last sleep, so
+                // that the vCPU runs (100 - percent)% of the time however the kicks fall
+                // (a kick that lands during a sleep ends the next run at once).
                 let percent = u32::from(shared.throttle.load(Ordering::Relaxed));
                 if percent > 0 {
-                    std::thread::sleep(THROTTLE_SLICE * percent / (100 - percent));
+                    let ran = running_since.elapsed().min(THROTTLE_SLICE * 10);
+                    std::thread::sleep(ran * percent / (100 - percent));
                 }
+                running_since = Instant::now();
                 None
             }
             Ok(VcpuExit::TripleFault) => {
