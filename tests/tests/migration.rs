@@ -505,10 +505,10 @@ fn under_kvm_without_the_dirty_log_the_checker_sees_loss() {
 
 /// Auto-converge: a guest that rewrites its 16 MiB faster than a 16 MiB/s link carries
 /// it (with a 1 ms downtime limit, so it can never fit) has its vCPUs throttled step by
-/// step, as query-migrate's `cpu-throttle-percentage` shows, and counts at the speed
-/// the throttle leaves it (at 50% and beyond it used to stop counting at all: the kicks that end each
-/// run came faster than the sleeps let it run); cancelled, it runs at full speed again and
-/// the throttle is gone.
+/// step, as query-migrate's `cpu-throttle-percentage` shows, and counts at the speed the
+/// throttle leaves it (at 50% and beyond it used to stop counting at all: the kicks that
+/// end each run came faster than the sleeps let it run); cancelled, it runs at full speed
+/// again and the throttle is gone.
 #[test]
 fn auto_converge_throttles_a_fast_writer_and_cancel_lifts_it() {
     let dir = TempDir::new("migrate-converge");
