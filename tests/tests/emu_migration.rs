@@ -127,7 +127,8 @@ fn count_and_uptime(console: &mut GuestConsole) -> (u64, f64, u64) {
 /// A guest rewriting 32 MiB of memory with page-stamped, generation-numbered patterns
 /// (checking every page after each pass) and a loop writing its virtio-blk disk through
 /// vmm-blk (reading each block back direct) both go on across the move with nothing lost,
-/// though the disk's vmm-blk is killed (-9) halfway through the migration and restarted;
+/// though the disk's vmm-blk is killed (-9) once before the migration (logging is armed on
+/// its successor) and once halfway through it (logging re-armed on the restart);
 /// the destination's vmm-blk takes the image's lock only once the source let go of it.
 #[test]
 fn memory_and_disk_writers_move_with_nothing_lost() {
@@ -181,16 +182,18 @@ fn memory_and_disk_writers_move_with_nothing_lost() {
     let mut b = GuestConsole::spawn(&args_b);
     wait_until("the destination's monitor", CMD_TIMEOUT, || qb.exists());
     let mut qb = Qmp::connect(&qb);
+    // The data disk's vmm-blk dies before the migration: the migration arms logging on the
+    // process that replaced it.
+    // SAFETY: kill(2) of the vmm-blk process, as a crash would end it.
+    assert_eq!(
+        unsafe { libc::kill(data_blk(&mut qa) as i32, libc::SIGKILL) },
+        0
+    );
+    let restarted = qa.wait_event("__org.vmm_DEVICE_PROCESS_RESTARTED");
+    assert_eq!(restarted["data"]["device"], "vdata", "{restarted}");
     // Slow enough that the data disk's vmm-blk can be killed while pages still go.
     qa.ok("migrate_set_speed", Some(json!({ "value": 24u64 << 20 })));
-    let procs = qa.ok("__org.vmm_query-device-processes", None);
-    let blk = procs
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|p| p["program"] == "vmm-blk" && p["drive"] == "data")
-        .and_then(|p| p["pid"].as_u64())
-        .unwrap_or_else(|| panic!("no vmm-blk for the data disk: {procs}"));
+    let blk = data_blk(&mut qa);
     qa.ok("migrate", Some(json!({ "uri": uri })));
     wait_until("the bulk pass to be under way", CMD_TIMEOUT, || {
         let info = qa.ok("query-migrate", None);
@@ -242,6 +245,18 @@ fn memory_and_disk_writers_move_with_nothing_lost() {
     // Nothing read back differed from what was written.
     let bad = b.run("cat /tmp/disk.bad 2>/dev/null | wc -l", CMD_TIMEOUT);
     assert_eq!(bad.trim(), "0", "disk blocks read back wrong: {bad}");
+}
+
+/// The pid of the data disk's vmm-blk.
+fn data_blk(qmp: &mut Qmp<std::os::unix::net::UnixStream>) -> u64 {
+    let procs = qmp.ok("__org.vmm_query-device-processes", None);
+    procs
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["program"] == "vmm-blk" && p["drive"] == "data")
+        .and_then(|p| p["pid"].as_u64())
+        .unwrap_or_else(|| panic!("no vmm-blk for the data disk: {procs}"))
 }
 
 /// A TCP transfer from a host in a test namespace to the guest, through vmm-net, goes on

@@ -213,6 +213,9 @@ pub struct VhostUserDevice {
     can_log: bool,
     /// While a migration runs: the log, re-armed on a backend that restarts.
     logging: Option<LogShare>,
+    /// A backend restarted while a migration logged cannot log: its writes since went
+    /// unseen, so the migration must fail rather than leave a stale destination.
+    log_lost: bool,
     /// The queues were stopped for a migration (GET_VRING_BASE).
     stopped: bool,
 }
@@ -238,6 +241,7 @@ impl VhostUserDevice {
         Ok(VhostUserDevice {
             can_log: protocol.contains(VhostUserProtocolFeatures::LOG_SHMFD),
             logging: None,
+            log_lost: false,
             stopped: false,
             notifier,
             backend_channel,
@@ -282,6 +286,11 @@ impl VhostUserDevice {
         self.frontend = frontend;
         self.protocol_features = true;
         self.can_log = protocol.contains(VhostUserProtocolFeatures::LOG_SHMFD);
+        if self.logging.is_some() && !self.can_log {
+            tracing::error!(device = %self.name,
+                "the restarted backend cannot log its writes: the migration will fail");
+            self.log_lost = true;
+        }
         if let Some(active) = self.active.take() {
             let result = self.start(&active, true);
             self.active = Some(active);
@@ -433,6 +442,7 @@ impl VhostUserDevice {
             });
         }
         self.logging = log;
+        self.log_lost = false;
         let Some(active) = &self.active else {
             return Ok(());
         };
@@ -638,6 +648,16 @@ impl VirtioBackend for VhostUserDevice {
     /// The queues stop; their state is in guest memory (the used rings), where the
     /// destination's backend starts from.
     fn save_state(&mut self) -> Result<Vec<u8>, crate::snapshot::SnapshotError> {
+        if self.log_lost {
+            return Err(crate::snapshot::SnapshotError::Encode {
+                what: "a vhost-user device",
+                message: format!(
+                    "{}: its backend was restarted without dirty logging, so its writes \
+                     since are unknown",
+                    self.name
+                ),
+            });
+        }
         self.stop_queues()
             .map_err(|e| crate::snapshot::SnapshotError::Encode {
                 what: "a vhost-user device",
