@@ -426,6 +426,19 @@ fn snapshot(vcpu: &mut dyn Vcpu) -> VcpuSnapshot {
     }
 }
 
+/// A throttled vCPU's sleep, cut short when the vCPUs are to pause or stop (a migration's
+/// last stop must not wait up to a second for it).
+fn throttle_sleep(shared: &Shared, duration: Duration) {
+    let until = Instant::now() + duration;
+    loop {
+        let left = until.saturating_duration_since(Instant::now());
+        if left.is_zero() || shared.want.load(Ordering::SeqCst) != WANT_RUN {
+            return;
+        }
+        std::thread::sleep(left.min(Duration::from_millis(5)));
+    }
+}
+
 fn vcpu_thread(
     index: usize,
     mut vcpu: Box<dyn Vcpu>,
@@ -463,8 +476,8 @@ fn vcpu_thread(
                 // (a kick that lands during a sleep ends the next run at once).
                 let percent = u32::from(shared.throttle.load(Ordering::Relaxed));
                 if percent > 0 {
-                    let ran = running_since.elapsed().min(THROTTLE_SLICE * 10);
-                    std::thread::sleep(ran * percent / (100 - percent));
+                    let ran = running_since.elapsed().min(THROTTLE_SLICE);
+                    throttle_sleep(&shared, ran * percent / (100 - percent));
                 }
                 running_since = Instant::now();
                 None
