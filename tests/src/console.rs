@@ -134,9 +134,13 @@ impl GuestConsole {
         self.send(&format!(
             "echo CMD''BEGIN-{n}; {command}; echo CMD''END-{n}\n"
         ));
-        self.wait_for(&format!("CMDBEGIN-{n}\n"), timeout);
-        let text = self.wait_for(&format!("CMDEND-{n}"), timeout);
-        text.trim_end_matches(&format!("CMDEND-{n}")).to_string()
+        // Not "CMDBEGIN-n\n": a kernel message may land between the marker and its newline.
+        // Markers only grow, so no later one can be mistaken for this one.
+        self.wait_for(&format!("CMDBEGIN-{n}"), timeout);
+        let end = format!("CMDEND-{n}");
+        let text = self.wait_for(&end, timeout);
+        let text = text.strip_suffix(end.as_str()).unwrap_or(&text);
+        text.strip_prefix('\n').unwrap_or(text).to_string()
     }
 
     /// Copy a program of `len` bytes from the start of disk `device` (a disk made by
