@@ -74,6 +74,28 @@ pub struct CpuSnapshot {
     irq_pending: bool,
 }
 
+/// A vCPU's state in the form another accelerator takes it (KVM's model of an x86 CPU):
+/// the registers, the local APIC as its register page, the TSC's value, and the events
+/// between instructions. What only this emulator has (decodes, compiled code, a software
+/// interrupt half delivered) is not in it: a vCPU is exported between instructions.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct PortableCpu {
+    pub regs: CpuState,
+    pub apic_base: u64,
+    /// The local APIC's architectural register page (see [`LocalApic::register_page`]).
+    pub apic_page: Vec<u8>,
+    pub tsc: u64,
+    /// kvmclock's MSRs (MSR_KVM_SYSTEM_TIME_NEW, MSR_KVM_WALL_CLOCK_NEW).
+    pub kvm_system_time: u64,
+    pub kvm_wall_clock: u64,
+    pub halted: bool,
+    pub waiting_for_sipi: bool,
+    /// Interrupts blocked for one instruction (STI, MOV SS).
+    pub interrupt_shadow: bool,
+    pub nmi_pending: bool,
+    pub nmi_blocked: bool,
+}
+
 /// One virtual x86-64 CPU.
 pub struct Cpu {
     id: u32,
@@ -233,6 +255,48 @@ impl Cpu {
         self.mmu.flush_all();
         self.cache.flush();
         self.resync = true;
+    }
+
+    /// The state in [`PortableCpu`]'s form.
+    pub fn export(&mut self) -> PortableCpu {
+        PortableCpu {
+            regs: self.state.clone(),
+            apic_base: self.mmu.lapic.apic_base(),
+            apic_page: self.mmu.lapic.register_page(),
+            tsc: self.sys.tsc(),
+            kvm_system_time: self.sys.kvm_system_time,
+            kvm_wall_clock: self.sys.kvm_wall_clock,
+            halted: self.sys.halted,
+            waiting_for_sipi: self.waiting_for_sipi,
+            interrupt_shadow: self.sys.shadow,
+            nmi_pending: self.nmi_pending,
+            nmi_blocked: self.sys.nmi_blocked,
+        }
+    }
+
+    /// Take a [`PortableCpu`] (saved under another accelerator, say); translations and
+    /// decodes start afresh.
+    pub fn import(&mut self, p: &PortableCpu) -> Result<(), String> {
+        self.mmu
+            .lapic
+            .load_register_page(p.apic_base, &p.apic_page)?;
+        self.state = p.regs.clone();
+        self.sys.tsc_offset = p.tsc.wrapping_sub(self.sys.clock.tsc());
+        self.sys.kvm_system_time = p.kvm_system_time;
+        self.sys.kvm_wall_clock = p.kvm_wall_clock;
+        self.sys.halted = p.halted;
+        self.sys.shadow = p.interrupt_shadow;
+        self.sys.nmi_blocked = p.nmi_blocked;
+        self.sys.software_interrupt = None;
+        self.sys.recheck = true;
+        self.waiting_for_sipi = p.waiting_for_sipi;
+        self.nmi_pending = p.nmi_pending;
+        self.irq_pending = false;
+        self.mmu.sync(&self.state);
+        self.mmu.flush_all();
+        self.cache.flush();
+        self.resync = true;
+        Ok(())
     }
 
     /// Put the CPU in the wait-for-SIPI state of an application processor: `run` then
@@ -964,6 +1028,76 @@ mod tests {
         ram.write_u64(0x5000, 8, snap.regs.gpr[0]);
         b.step_n(500).unwrap();
         assert_eq!(b.state().gpr[0], expected_rax);
+        assert_eq!(b.state().rip, a.state().rip);
+    }
+
+    /// The portable form (what KVM would take) carries a CPU mid-program, local APIC and
+    /// its running timer included, to a second CPU that goes on the same.
+    #[test]
+    fn an_exported_cpu_imports_and_runs_on_identically() {
+        let (mut a, ram, _) = cpu(4 << 20);
+        identity_map(&ram);
+        long_mode(a.state_mut());
+        a.state_mut().rip = 0x4000;
+        load(
+            &ram,
+            0x4000,
+            &asm64(0x4000, |c| {
+                let mut top = c.create_label();
+                c.set_label(&mut top)?;
+                c.add(rax, rbx)?;
+                c.lea(rbx, ptr(rbx + rbx * 2 + 1))?;
+                c.jmp(top)
+            }),
+        );
+        // The APIC on, a one-shot timer counting (masked), a priority set.
+        let apic = a.lapic();
+        assert_eq!(
+            apic.write_msr(crate::lapic::MSR_APIC_BASE, 0xfee0_0900),
+            Some(Ok(()))
+        );
+        apic.write_mmio(0xf0, &0x1ffu32.to_le_bytes());
+        apic.write_mmio(0x80, &0x20u32.to_le_bytes());
+        apic.write_mmio(0x320, &0x1_0040u32.to_le_bytes());
+        apic.write_mmio(0x3e0, &0xbu32.to_le_bytes());
+        apic.write_mmio(0x380, &1_000_000_000u32.to_le_bytes());
+        a.step_n(1000).unwrap();
+        let exported = a.export();
+        let clock = Arc::new(VirtualClock::new());
+        // The destination's guest clock is well on (its platform is restored first).
+        clock.set_now_ns(10_000_000_000);
+        let (lapic, inbox) = lapic(&clock);
+        let mut b = Cpu::new(0, ram.clone(), Arc::new(TestIo::default()), lapic, clock);
+        b.set_inbox(inbox);
+        b.import(&exported).unwrap();
+        let again = b.export();
+        assert_eq!(again.regs, exported.regs);
+        assert_eq!(again.apic_base, exported.apic_base);
+        let reg = |p: &[u8], o: usize| u32::from_le_bytes(p[o..o + 4].try_into().unwrap());
+        for o in [0x20, 0x80, 0xd0, 0xe0, 0xf0, 0x320, 0x380, 0x3e0] {
+            assert_eq!(
+                reg(&again.apic_page, o),
+                reg(&exported.apic_page, o),
+                "{o:#x}"
+            );
+        }
+        let (before, after) = (
+            reg(&exported.apic_page, 0x390),
+            reg(&again.apic_page, 0x390),
+        );
+        assert!(
+            before > 0 && after <= before && after > before / 2,
+            "{before} {after}"
+        );
+        assert!(b
+            .import(&PortableCpu {
+                apic_page: vec![0; 8],
+                ..exported.clone()
+            })
+            .is_err());
+        a.step_n(500).unwrap();
+        b.step_n(500).unwrap();
+        assert_eq!(b.state().gpr[0], a.state().gpr[0]);
         assert_eq!(b.state().rip, a.state().rip);
     }
 

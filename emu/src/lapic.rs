@@ -60,6 +60,8 @@ const REG_TIMER_INITIAL: u32 = 0x380;
 const REG_TIMER_CURRENT: u32 = 0x390;
 const REG_TIMER_DIVIDE: u32 = 0x3e0;
 const REG_SELF_IPI: u32 = 0x3f0;
+/// Bytes of the architectural register page.
+const REGISTER_PAGE: usize = 0x400;
 
 const LVT_TIMER: usize = 0;
 const LVT_LINT0: usize = 3;
@@ -265,6 +267,74 @@ impl LocalApic {
     pub fn restore(&mut self, s: &LapicState) {
         self.regs = s.clone();
         self.publish_routing();
+    }
+
+    /// The registers as the architectural xAPIC register page (each 32-bit register at
+    /// its MMIO offset, 16-byte strides; 1 KiB), the form KVM keeps a local APIC in. The
+    /// timer's current count is read now; pending events other than the IRR stay behind.
+    pub fn register_page(&mut self) -> Vec<u8> {
+        if self.inbox.has_work() {
+            self.drain_inbox();
+        }
+        let mut page = vec![0u8; REGISTER_PAGE];
+        for reg in (0..REGISTER_PAGE as u32).step_by(16) {
+            let value = match reg {
+                // The page holds the xAPIC form of the ID, as KVM's does.
+                REG_ID => self.id << 24,
+                REG_ICR_LOW => self.regs.icr_low,
+                _ => self.read_register(reg).unwrap_or(0),
+            };
+            page[reg as usize..reg as usize + 4].copy_from_slice(&value.to_le_bytes());
+        }
+        page
+    }
+
+    /// Take a register page ([`LocalApic::register_page`]'s form) and the APIC base MSR:
+    /// the timer goes on from the page's current count, from now.
+    pub fn load_register_page(&mut self, apic_base: u64, page: &[u8]) -> Result<(), String> {
+        if page.len() < REGISTER_PAGE {
+            return Err(format!(
+                "a local APIC page of {} bytes, not {REGISTER_PAGE}",
+                page.len()
+            ));
+        }
+        let reg = |offset: u32| {
+            let o = offset as usize;
+            u32::from_le_bytes([page[o], page[o + 1], page[o + 2], page[o + 3]])
+        };
+        let vectors = |base: u32| VectorSet(std::array::from_fn(|i| reg(base + 16 * i as u32)));
+        let r = &mut self.regs;
+        r.apic_base = apic_base;
+        r.tpr = reg(REG_TPR) & 0xff;
+        r.ldr = reg(REG_LDR);
+        r.dfr = reg(REG_DFR);
+        r.svr = reg(REG_SVR);
+        r.isr = vectors(REG_ISR);
+        r.tmr = vectors(REG_TMR);
+        r.irr = vectors(REG_IRR);
+        r.esr = reg(REG_ESR);
+        r.esr_pending = 0;
+        r.icr_low = reg(REG_ICR_LOW);
+        r.icr_high = reg(REG_ICR_HIGH);
+        for (i, lvt) in r.lvt.iter_mut().enumerate() {
+            *lvt = reg(REG_LVT_TIMER + 16 * i as u32);
+        }
+        r.timer_initial = reg(REG_TIMER_INITIAL);
+        r.timer_divide = reg(REG_TIMER_DIVIDE) & 0xb;
+        r.tsc_deadline = 0;
+        r.nmi_pending = false;
+        r.init_pending = false;
+        r.sipi_pending = None;
+        r.extint_pending = false;
+        let current = reg(REG_TIMER_CURRENT);
+        let now = self.clock.now_ns();
+        let divisor = self.timer_divisor();
+        let done = u64::from(self.regs.timer_initial.saturating_sub(current));
+        self.regs.timer_start_ns = now.saturating_sub(done * divisor);
+        self.regs.timer_next_ns = (current != 0 && self.timer_mode() != TimerMode::TscDeadline)
+            .then(|| now + u64::from(current) * divisor);
+        self.publish_routing();
+        Ok(())
     }
 
     fn publish_routing(&self) {

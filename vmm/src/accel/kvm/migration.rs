@@ -49,16 +49,16 @@ struct PlatformState {
 }
 
 #[derive(Serialize, Deserialize)]
-struct VcpuState {
-    regs: kvm_regs,
-    sregs: kvm_sregs,
-    xsave: kvm_xsave,
-    xcrs: kvm_xcrs,
-    msrs: Vec<kvm_msr_entry>,
-    lapic: kvm_lapic_state,
-    mp_state: kvm_mp_state,
-    events: kvm_vcpu_events,
-    debugregs: kvm_debugregs,
+pub(super) struct VcpuState {
+    pub regs: kvm_regs,
+    pub sregs: kvm_sregs,
+    pub xsave: kvm_xsave,
+    pub xcrs: kvm_xcrs,
+    pub msrs: Vec<kvm_msr_entry>,
+    pub lapic: kvm_lapic_state,
+    pub mp_state: kvm_mp_state,
+    pub events: kvm_vcpu_events,
+    pub debugregs: kvm_debugregs,
 }
 
 fn encode<T: Serialize>(value: &T) -> Result<Vec<u8>, AccelError> {

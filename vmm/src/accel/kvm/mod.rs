@@ -4,6 +4,7 @@
 use std::sync::{Arc, Mutex};
 
 mod migration;
+mod portable;
 
 use kvm_bindings::{
     kvm_fpu, kvm_lapic_state, kvm_mp_state, kvm_msr_entry, kvm_pit_config, kvm_pit_state2,
