@@ -62,6 +62,29 @@ impl Ioapic {
         }
     }
 
+    /// The portable form (for another accelerator).
+    pub fn export(&self) -> crate::portable::PortableIoapic {
+        crate::portable::PortableIoapic {
+            id: self.id,
+            select: self.select,
+            entries: self.entries,
+            lines: self
+                .lines
+                .iter()
+                .enumerate()
+                .fold(0, |acc, (pin, &on)| acc | (u32::from(on) << pin)),
+        }
+    }
+
+    pub fn import(&mut self, p: &crate::portable::PortableIoapic) {
+        self.id = p.id;
+        self.select = p.select;
+        self.entries = p.entries;
+        for (pin, line) in self.lines.iter_mut().enumerate() {
+            *line = p.lines & (1 << pin) != 0;
+        }
+    }
+
     pub fn restore(&mut self, s: &IoapicState) {
         self.id = s.id;
         self.select = s.select;

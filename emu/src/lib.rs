@@ -30,6 +30,7 @@ pub mod mmu;
 pub mod msr;
 pub mod pic;
 pub mod pit;
+pub mod portable;
 pub mod ram;
 pub mod router;
 pub mod state;

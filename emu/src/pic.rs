@@ -195,6 +195,63 @@ pub struct Pic {
     slave: Chip,
 }
 
+impl Chip {
+    fn export(&self) -> crate::portable::PortablePic {
+        crate::portable::PortablePic {
+            last_level: self.last_level,
+            irr: self.irr,
+            imr: self.imr,
+            isr: self.isr,
+            priority_add: self.priority_add,
+            vector_base: self.vector_base,
+            read_isr: self.read_isr,
+            poll: self.poll,
+            special_mask: self.special_mask,
+            init_state: self.init_state,
+            auto_eoi: self.auto_eoi,
+            rotate_on_auto_eoi: self.rotate_on_auto_eoi,
+            special_fully_nested: self.special_fully_nested,
+            needs_icw4: self.needs_icw4,
+            elcr: self.elcr,
+            elcr_mask: self.elcr_mask,
+        }
+    }
+
+    fn import(p: &crate::portable::PortablePic) -> Self {
+        Chip {
+            irr: p.irr,
+            imr: p.imr,
+            isr: p.isr,
+            last_level: p.last_level,
+            elcr: p.elcr & p.elcr_mask,
+            elcr_mask: p.elcr_mask,
+            vector_base: p.vector_base,
+            priority_add: p.priority_add & 7,
+            init_state: p.init_state.min(3),
+            needs_icw4: p.needs_icw4,
+            single: false,
+            auto_eoi: p.auto_eoi,
+            rotate_on_auto_eoi: p.rotate_on_auto_eoi,
+            special_mask: p.special_mask,
+            special_fully_nested: p.special_fully_nested,
+            read_isr: p.read_isr,
+            poll: p.poll,
+        }
+    }
+}
+
+impl Pic {
+    /// Both chips in the portable form (master first).
+    pub fn export(&self) -> [crate::portable::PortablePic; 2] {
+        [self.master.export(), self.slave.export()]
+    }
+
+    pub fn import(&mut self, chips: &[crate::portable::PortablePic; 2]) {
+        self.master = Chip::import(&chips[0]);
+        self.slave = Chip::import(&chips[1]);
+    }
+}
+
 impl Default for Pic {
     fn default() -> Self {
         Self::new()

@@ -155,6 +155,53 @@ impl Pit {
         }
     }
 
+    /// The channels in the portable form (load times as guest ns).
+    pub fn export(&self) -> [crate::portable::PortablePitChannel; 3] {
+        std::array::from_fn(|i| {
+            let c = &self.channels[i];
+            crate::portable::PortablePitChannel {
+                count: c.count as u32,
+                load_ns: c.load_tick.map(ticks_to_ns),
+                latched_count: c.latched_count,
+                latched_state: c.latched_state,
+                latched_status: c.latched_status,
+                read_state: c.read_state,
+                write_state: c.write_state,
+                write_low: c.write_low,
+                access: c.access,
+                mode: c.mode,
+                bcd: c.bcd,
+                gate: c.gate,
+            }
+        })
+    }
+
+    /// Take portable channels (the guest clock is already where they were saved).
+    pub fn import(&mut self, channels: &[crate::portable::PortablePitChannel; 3]) {
+        let access = |a: u8| {
+            if (ACCESS_LSB..=ACCESS_WORD_HIGH).contains(&a) {
+                a
+            } else {
+                ACCESS_WORD_LOW
+            }
+        };
+        for (c, p) in self.channels.iter_mut().zip(channels) {
+            c.count = u64::from(p.count.clamp(1, 0x10000));
+            c.load_tick = p.load_ns.map(ns_to_ticks);
+            c.latched_count = p.latched_count;
+            c.latched_state = p.latched_state;
+            c.latched_status = p.latched_status;
+            c.read_state = access(p.read_state);
+            c.write_state = access(p.write_state);
+            c.write_low = p.write_low;
+            c.access = access(p.access);
+            c.mode = p.mode & 7;
+            c.bcd = p.bcd;
+            c.gate = p.gate;
+        }
+        self.rearm_irq();
+    }
+
     pub fn restore(&mut self, s: &PitState) {
         self.channels = s.channels.clone();
         self.irq_next_tick = s.irq_next_tick;

@@ -583,3 +583,25 @@ fn count_rate(serial: &Path) -> f64 {
     let (t1, c1) = seen[seen.len() - 1];
     (c1.wrapping_sub(c0) & 0xffff_ffff) as f64 / (t1 - t0).as_secs_f64()
 }
+
+/// Across accelerators: the counting guest saved under emu loads under KVM (kvm-pvm here),
+/// goes on counting with every page right, and moves back to emu and goes on again.
+#[test]
+fn the_counting_guest_moves_from_emu_to_kvm_and_back() {
+    vmm_tests::require_kvm!();
+    let dir = TempDir::new("migrate-cross");
+    let kernel = counting_guest(&dir);
+    let to_kvm = format!("unix:{}", dir.join("to-kvm.sock").display());
+    let to_emu = format!("unix:{}", dir.join("to-emu.sock").display());
+    let mut a = vm_on("emu", &dir, "a", &kernel, &[], &[]);
+    let mut b = vm_on("kvm", &dir, "b", &kernel, &["-incoming", &to_kvm], &[]);
+    let info = migrate_and_check(&mut a, &mut b, &to_kvm);
+    eprintln!("emu to kvm: {info}");
+    let mut c = vm_on("emu", &dir, "c", &kernel, &["-incoming", &to_emu], &[]);
+    b.qmp.ok(
+        "migrate-set-capabilities",
+        Some(json!({"capabilities": [{"capability": "events", "state": true}]})),
+    );
+    let info = migrate_and_check(&mut b, &mut c, &to_emu);
+    eprintln!("kvm to emu: {info}");
+}

@@ -30,7 +30,10 @@ use crate::arch::layout;
 use crate::devices::interrupt::{InterruptError, IrqChip};
 use crate::devices::{Bus, BusDevice};
 use crate::memory::{DeviceMemory, MemoryManager};
+use emu::portable::PortablePlatform;
 use emu::router::ApicMessage;
+
+use super::{PlatformSection, Saved, VcpuSection};
 
 /// Most vCPUs the emu accelerator runs.
 pub const EMU_MAX_VCPUS: u32 = 8;
@@ -465,21 +468,44 @@ impl Accelerator for EmuAccel {
 
     fn save_platform(&self) -> Result<Vec<u8>, AccelError> {
         let p = &self.platform;
-        encode(&PlatformSnapshot {
-            guest_ns: p.clock.now_ns(),
-            ioapic: lock(&p.ioapic).save(),
-            pic: lock(&p.pic).clone(),
-            pit: lock(&p.pit).save(),
-        })
+        let guest_ns = p.clock.now_ns();
+        let (ioapic, pic, pit) = (lock(&p.ioapic), lock(&p.pic), lock(&p.pit));
+        PlatformSection {
+            accel: AccelKind::Emu.name().into(),
+            native: encode(&PlatformSnapshot {
+                guest_ns,
+                ioapic: ioapic.save(),
+                pic: pic.clone(),
+                pit: pit.save(),
+            })?,
+            portable: Some(PortablePlatform {
+                guest_ns,
+                pic: pic.export(),
+                ioapic: ioapic.export(),
+                pit: pit.export(),
+            }),
+        }
+        .encode()
     }
 
     fn restore_platform(&self, state: &[u8]) -> Result<(), AccelError> {
-        let s: PlatformSnapshot = decode(state)?;
+        let section = PlatformSection::decode(state)?;
         let p = &self.platform;
-        p.clock.set_now_ns(s.guest_ns);
-        lock(&p.ioapic).restore(&s.ioapic);
-        *lock(&p.pic) = s.pic;
-        lock(&p.pit).restore(&s.pit);
+        match section.for_accel(AccelKind::Emu)? {
+            Saved::Native(native) => {
+                let s: PlatformSnapshot = decode(native)?;
+                p.clock.set_now_ns(s.guest_ns);
+                lock(&p.ioapic).restore(&s.ioapic);
+                *lock(&p.pic) = s.pic;
+                lock(&p.pit).restore(&s.pit);
+            }
+            Saved::Portable(s) => {
+                p.clock.set_now_ns(s.guest_ns);
+                lock(&p.ioapic).import(&s.ioapic);
+                lock(&p.pic).import(&s.pic);
+                lock(&p.pit).import(&s.pit);
+            }
+        }
         Ok(())
     }
 
@@ -575,12 +601,23 @@ impl Vcpu for EmuVcpu {
     }
 
     fn save_state(&mut self) -> Result<Vec<u8>, AccelError> {
-        encode(&self.cpu.save())
+        VcpuSection {
+            accel: AccelKind::Emu.name().into(),
+            native: encode(&self.cpu.save())?,
+            portable: Some(self.cpu.export()),
+        }
+        .encode()
     }
 
     fn restore_state(&mut self, state: &[u8]) -> Result<(), AccelError> {
-        let snapshot: emu::cpu::CpuSnapshot = decode(state)?;
-        self.cpu.restore(&snapshot);
+        let section = VcpuSection::decode(state)?;
+        match section.for_accel(AccelKind::Emu)? {
+            Saved::Native(native) => {
+                let snapshot: emu::cpu::CpuSnapshot = decode(native)?;
+                self.cpu.restore(&snapshot);
+            }
+            Saved::Portable(p) => self.cpu.import(p).map_err(AccelError::Snapshot)?,
+        }
         Ok(())
     }
 

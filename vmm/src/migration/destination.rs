@@ -74,7 +74,9 @@ pub fn check_header(got: &Header, want: &Header) -> Result<(), MigrationError> {
             got.vcpus, want.vcpus
         ));
     }
-    if got.accel != want.accel {
+    // emu and KVM share one machine model and a portable vCPU and platform state.
+    let portable = |a: &str| a == "emu" || a == "kvm";
+    if got.accel != want.accel && !(portable(&got.accel) && portable(&want.accel)) {
         return mismatch(format!(
             "the source runs under {}, this VM under {}",
             got.accel, want.accel
@@ -140,4 +142,30 @@ fn receive(
     }
     host.restore(sections, header.running)
         .map_err(MigrationError::Machine)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn header(accel: &str) -> Header {
+        Header {
+            ram_size: 32 << 20,
+            vcpus: 1,
+            accel: accel.into(),
+            devices: vec!["serial 0".into()],
+            running: true,
+        }
+    }
+
+    #[test]
+    fn emu_and_kvm_load_each_other_and_nothing_else_differs() {
+        assert!(check_header(&header("emu"), &header("kvm")).is_ok());
+        assert!(check_header(&header("kvm"), &header("emu")).is_ok());
+        let err = check_header(&header("qtest"), &header("emu")).unwrap_err();
+        assert!(err.to_string().contains("runs under qtest"), "{err}");
+        let mut other = header("kvm");
+        other.vcpus = 2;
+        assert!(check_header(&header("emu"), &other).is_err());
+    }
 }

@@ -12,8 +12,9 @@ use kvm_bindings::{
 };
 use serde::{Deserialize, Serialize};
 
-use super::{KvmAccel, KvmVcpu};
+use super::{portable, KvmAccel, KvmVcpu};
 use crate::accel::AccelError;
+use crate::accel::{AccelKind, PlatformSection, Saved, VcpuSection};
 
 const PAGE_SIZE: u64 = 4096;
 
@@ -183,16 +184,34 @@ impl KvmAccel {
                     .clock
             }
         };
-        encode(&PlatformState {
-            irqchips,
-            pit,
-            clock,
-        })
+        let portable = portable::platform_to_portable(&irqchips, &pit, clock).ok();
+        PlatformSection {
+            accel: AccelKind::Kvm.name().into(),
+            native: encode(&PlatformState {
+                irqchips,
+                pit,
+                clock,
+            })?,
+            portable,
+        }
+        .encode()
     }
 
     /// Take the saved platform; the clock is set when the VM resumes.
     pub(super) fn restore_kvm_platform(&self, state: &[u8]) -> Result<(), AccelError> {
-        let s: PlatformState = decode(state)?;
+        let section = PlatformSection::decode(state)?;
+        let s: PlatformState = match section.for_accel(AccelKind::Kvm)? {
+            Saved::Native(native) => decode(native)?,
+            Saved::Portable(p) => {
+                let (irqchips, pit) =
+                    portable::platform_from_portable(p, &read_irqchips(&self.vm)?)?;
+                PlatformState {
+                    irqchips,
+                    pit,
+                    clock: p.guest_ns,
+                }
+            }
+        };
         if s.irqchips.len() != IRQCHIPS.len()
             || s.irqchips
                 .iter()
@@ -250,7 +269,7 @@ impl KvmVcpu {
         let mp_state = fd
             .get_mp_state()
             .map_err(AccelError::kvm("read the MP state"))?;
-        encode(&VcpuState {
+        let state = VcpuState {
             regs: fd.get_regs().map_err(AccelError::kvm("read registers"))?,
             sregs: fd
                 .get_sregs()
@@ -268,7 +287,14 @@ impl KvmVcpu {
             debugregs: fd
                 .get_debug_regs()
                 .map_err(AccelError::kvm("read the debug registers"))?,
-        })
+        };
+        let portable = portable::to_portable(&state).ok();
+        VcpuSection {
+            accel: AccelKind::Kvm.name().into(),
+            native: encode(&state)?,
+            portable,
+        }
+        .encode()
     }
 
     /// Load a saved state, in the order KVM needs: special registers (the APIC base among
@@ -279,7 +305,11 @@ impl KvmVcpu {
                 "restoring a vCPU whose XSAVE area is larger than 4 KiB",
             ));
         }
-        let s: VcpuState = decode(state)?;
+        let section = VcpuSection::decode(state)?;
+        let s: VcpuState = match section.for_accel(AccelKind::Kvm)? {
+            Saved::Native(native) => decode(native)?,
+            Saved::Portable(p) => portable::from_portable(p, &self.msr_indices)?,
+        };
         let fd = &self.fd;
         fd.set_sregs(&s.sregs)
             .map_err(AccelError::kvm("restore special registers"))?;

@@ -2,13 +2,16 @@
 //! how a guest saved under one accelerator loads under the other. Both run one machine
 //! model, so the registers map one to one; the FPU/SSE state goes through the XSAVE
 //! area's legacy (FXSAVE) region, the local APIC through its architectural register page,
-//! the MSRs by index.
+//! the MSRs by index; the platform's chips field by field, the PIT's load times between
+//! guest time and the host's monotonic clock (KVM's PIT runs on it).
 
 use emu::cpu::PortableCpu;
+use emu::portable::{PortableIoapic, PortablePic, PortablePitChannel, PortablePlatform};
 use emu::state::{CpuState, DescriptorTable, Segment, X87State, CS, DS, ES, FS, GS, SS};
 use kvm_bindings::{
-    kvm_debugregs, kvm_dtable, kvm_lapic_state, kvm_mp_state, kvm_msr_entry, kvm_regs, kvm_segment,
-    kvm_sregs, kvm_vcpu_events, kvm_xcrs, kvm_xsave, KVM_MP_STATE_HALTED, KVM_MP_STATE_RUNNABLE,
+    kvm_debugregs, kvm_dtable, kvm_irqchip, kvm_lapic_state, kvm_mp_state, kvm_msr_entry,
+    kvm_pic_state, kvm_pit_channel_state, kvm_pit_state2, kvm_regs, kvm_segment, kvm_sregs,
+    kvm_vcpu_events, kvm_xcrs, kvm_xsave, KVM_MP_STATE_HALTED, KVM_MP_STATE_RUNNABLE,
     KVM_MP_STATE_UNINITIALIZED,
 };
 
@@ -235,47 +238,51 @@ pub(super) fn to_portable(s: &VcpuState) -> Result<PortableCpu, AccelError> {
         ));
     }
     let r = &s.regs;
-    let mut regs = CpuState::default();
-    regs.gpr = [
-        r.rax, r.rcx, r.rdx, r.rbx, r.rsp, r.rbp, r.rsi, r.rdi, r.r8, r.r9, r.r10, r.r11, r.r12,
-        r.r13, r.r14, r.r15,
-    ];
-    regs.rip = r.rip;
-    regs.rflags = r.rflags;
     let sr = &s.sregs;
-    regs.seg[ES] = to_segment(&sr.es);
-    regs.seg[CS] = to_segment(&sr.cs);
-    regs.seg[SS] = to_segment(&sr.ss);
-    regs.seg[DS] = to_segment(&sr.ds);
-    regs.seg[FS] = to_segment(&sr.fs);
-    regs.seg[GS] = to_segment(&sr.gs);
-    regs.ldtr = to_segment(&sr.ldt);
-    regs.tr = to_segment(&sr.tr);
-    regs.gdtr = to_table(&sr.gdt);
-    regs.idtr = to_table(&sr.idt);
-    regs.cr0 = sr.cr0;
-    regs.cr2 = sr.cr2;
-    regs.cr3 = sr.cr3;
-    regs.cr4 = sr.cr4;
-    regs.cr8 = sr.cr8;
-    regs.efer = sr.efer;
-    regs.xcr0 = s
-        .xcrs
-        .xcrs
-        .iter()
-        .take(s.xcrs.nr_xcrs as usize)
-        .find(|x| x.xcr == 0)
-        .map_or(1, |x| x.value);
-    regs.dr = [
-        s.debugregs.db[0],
-        s.debugregs.db[1],
-        s.debugregs.db[2],
-        s.debugregs.db[3],
-        0,
-        0,
-        s.debugregs.dr6,
-        s.debugregs.dr7,
-    ];
+    let mut seg = [Segment::default(); 6];
+    seg[ES] = to_segment(&sr.es);
+    seg[CS] = to_segment(&sr.cs);
+    seg[SS] = to_segment(&sr.ss);
+    seg[DS] = to_segment(&sr.ds);
+    seg[FS] = to_segment(&sr.fs);
+    seg[GS] = to_segment(&sr.gs);
+    let mut regs = CpuState {
+        gpr: [
+            r.rax, r.rcx, r.rdx, r.rbx, r.rsp, r.rbp, r.rsi, r.rdi, r.r8, r.r9, r.r10, r.r11,
+            r.r12, r.r13, r.r14, r.r15,
+        ],
+        rip: r.rip,
+        rflags: r.rflags,
+        seg,
+        ldtr: to_segment(&sr.ldt),
+        tr: to_segment(&sr.tr),
+        gdtr: to_table(&sr.gdt),
+        idtr: to_table(&sr.idt),
+        cr0: sr.cr0,
+        cr2: sr.cr2,
+        cr3: sr.cr3,
+        cr4: sr.cr4,
+        cr8: sr.cr8,
+        efer: sr.efer,
+        xcr0: s
+            .xcrs
+            .xcrs
+            .iter()
+            .take(s.xcrs.nr_xcrs as usize)
+            .find(|x| x.xcr == 0)
+            .map_or(1, |x| x.value),
+        dr: [
+            s.debugregs.db[0],
+            s.debugregs.db[1],
+            s.debugregs.db[2],
+            s.debugregs.db[3],
+            0,
+            0,
+            s.debugregs.dr6,
+            s.debugregs.dr7,
+        ],
+        ..CpuState::default()
+    };
     load_fxsave(&legacy_region(&s.xsave), &mut regs);
     let msr = |index: u32| s.msrs.iter().find(|m| m.index == index).map(|m| m.data);
     let mut p = PortableCpu {
@@ -431,6 +438,156 @@ pub(super) fn from_portable(p: &PortableCpu, listed: &[u32]) -> Result<VcpuState
     })
 }
 
+/// CLOCK_MONOTONIC in ns: the clock of KVM's PIT (`count_load_time`).
+fn monotonic_ns() -> i64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes the timespec we pass.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec * 1_000_000_000 + ts.tv_nsec
+}
+
+fn pic_to_portable(p: &kvm_pic_state) -> PortablePic {
+    PortablePic {
+        last_level: p.last_irr,
+        irr: p.irr,
+        imr: p.imr,
+        isr: p.isr,
+        priority_add: p.priority_add,
+        vector_base: p.irq_base,
+        read_isr: p.read_reg_select != 0,
+        poll: p.poll != 0,
+        special_mask: p.special_mask != 0,
+        init_state: p.init_state,
+        auto_eoi: p.auto_eoi != 0,
+        rotate_on_auto_eoi: p.rotate_on_auto_eoi != 0,
+        special_fully_nested: p.special_fully_nested_mode != 0,
+        needs_icw4: p.init4 != 0,
+        elcr: p.elcr,
+        elcr_mask: p.elcr_mask,
+    }
+}
+
+fn pic_from_portable(p: &PortablePic) -> kvm_pic_state {
+    kvm_pic_state {
+        last_irr: p.last_level,
+        irr: p.irr,
+        imr: p.imr,
+        isr: p.isr,
+        priority_add: p.priority_add,
+        irq_base: p.vector_base,
+        read_reg_select: u8::from(p.read_isr),
+        poll: u8::from(p.poll),
+        special_mask: u8::from(p.special_mask),
+        init_state: p.init_state,
+        auto_eoi: u8::from(p.auto_eoi),
+        rotate_on_auto_eoi: u8::from(p.rotate_on_auto_eoi),
+        special_fully_nested_mode: u8::from(p.special_fully_nested),
+        init4: u8::from(p.needs_icw4),
+        elcr: p.elcr,
+        elcr_mask: p.elcr_mask,
+    }
+}
+
+/// KVM's platform (PICs and IOAPIC as KVM_GET_IRQCHIP gives them, in [`IRQCHIPS`]'
+/// order; the PIT; kvmclock) in the portable form.
+pub(super) fn platform_to_portable(
+    irqchips: &[kvm_irqchip],
+    pit: &kvm_pit_state2,
+    clock_ns: u64,
+) -> Result<PortablePlatform, AccelError> {
+    let [master, slave, ioapic] = irqchips else {
+        return Err(AccelError::Snapshot("not KVM's three irqchips".into()));
+    };
+    // SAFETY: `pic` is the member KVM fills for the PIC chip ids, `ioapic` for the IOAPIC
+    // (checked by the caller's order); every bit pattern is valid for these integers.
+    let (master, slave, io) = unsafe { (master.chip.pic, slave.chip.pic, ioapic.chip.ioapic) };
+    let entries = std::array::from_fn(|pin| {
+        // SAFETY: `bits` covers the whole 64-bit entry; any value is valid.
+        unsafe { io.redirtbl[pin].bits }
+    });
+    let now = monotonic_ns();
+    let channels = std::array::from_fn(|i| {
+        let c = &pit.channels[i];
+        let elapsed = u64::try_from(now.saturating_sub(c.count_load_time)).unwrap_or(0);
+        PortablePitChannel {
+            count: c.count.clamp(1, 0x10000),
+            load_ns: Some(clock_ns.saturating_sub(elapsed)),
+            latched_count: (c.count_latched != 0).then_some(c.latched_count),
+            latched_state: c.count_latched,
+            latched_status: (c.status_latched != 0).then_some(c.status),
+            read_state: c.read_state,
+            write_state: c.write_state,
+            write_low: c.write_latch,
+            access: c.rw_mode,
+            mode: c.mode,
+            bcd: c.bcd != 0,
+            gate: c.gate != 0,
+        }
+    });
+    Ok(PortablePlatform {
+        guest_ns: clock_ns,
+        pic: [pic_to_portable(&master), pic_to_portable(&slave)],
+        ioapic: PortableIoapic {
+            id: io.id,
+            select: io.ioregsel,
+            entries,
+            lines: io.irr,
+        },
+        pit: channels,
+    })
+}
+
+/// The portable platform in KVM's form, over `current` (this VM's irqchips, whose other
+/// fields, such as the IOAPIC's base, stay); the PIT's load times are made host times.
+pub(super) fn platform_from_portable(
+    p: &PortablePlatform,
+    current: &[kvm_irqchip],
+) -> Result<(Vec<kvm_irqchip>, kvm_pit_state2), AccelError> {
+    let [master, slave, ioapic] = current else {
+        return Err(AccelError::Snapshot("not KVM's three irqchips".into()));
+    };
+    let (mut master, mut slave, mut ioapic) = (*master, *slave, *ioapic);
+    master.chip.pic = pic_from_portable(&p.pic[0]);
+    slave.chip.pic = pic_from_portable(&p.pic[1]);
+    // SAFETY: reading the IOAPIC member of the IOAPIC chip's state (plain integers).
+    let mut io = unsafe { ioapic.chip.ioapic };
+    io.id = p.ioapic.id;
+    io.ioregsel = p.ioapic.select;
+    io.irr = p.ioapic.lines;
+    for (entry, bits) in io.redirtbl.iter_mut().zip(p.ioapic.entries) {
+        entry.bits = bits;
+    }
+    ioapic.chip.ioapic = io;
+    let now = monotonic_ns();
+    let mut pit = kvm_pit_state2::default();
+    for (c, s) in pit.channels.iter_mut().zip(&p.pit) {
+        let since = s.load_ns.map_or(0, |at| p.guest_ns.saturating_sub(at));
+        *c = kvm_pit_channel_state {
+            count: s.count.clamp(1, 0x10000),
+            latched_count: s.latched_count.unwrap_or(0),
+            count_latched: if s.latched_count.is_some() {
+                s.latched_state
+            } else {
+                0
+            },
+            status_latched: u8::from(s.latched_status.is_some()),
+            status: s.latched_status.unwrap_or(0),
+            read_state: s.read_state,
+            write_state: s.write_state,
+            write_latch: s.write_low,
+            rw_mode: s.access,
+            mode: s.mode,
+            bcd: u8::from(s.bcd),
+            gate: u8::from(s.gate),
+            count_load_time: now.saturating_sub(i64::try_from(since).unwrap_or(i64::MAX)),
+        };
+    }
+    Ok((vec![master, slave, ioapic], pit))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -439,10 +596,12 @@ mod tests {
     /// segments, x87 (TOP and tags included), SSE, MSRs, the APIC page, the events.
     #[test]
     fn the_portable_form_goes_to_kvm_and_back() {
-        let mut regs = CpuState::default();
-        regs.gpr = std::array::from_fn(|i| 0x1111 * (i as u64 + 1));
-        regs.rip = 0xffff_ffff_8100_0000;
-        regs.rflags = 0x246;
+        let mut regs = CpuState {
+            gpr: std::array::from_fn(|i| 0x1111 * (i as u64 + 1)),
+            rip: 0xffff_ffff_8100_0000,
+            rflags: 0x246,
+            ..CpuState::default()
+        };
         regs.seg[CS] = Segment {
             selector: 0x10,
             limit: 0xffff_ffff,
@@ -534,5 +693,79 @@ mod tests {
         assert_eq!(back.apic_page[0x210 + 2], 1 << 1, "IRR bit 0x31");
         kvm.events.exception.injected = 1;
         assert!(to_portable(&kvm).is_err());
+    }
+
+    /// The platform goes to KVM's form and back: both PICs, the IOAPIC, and the PIT with
+    /// its load times through the host's clock (within a millisecond).
+    #[test]
+    fn the_platform_goes_to_kvm_and_back() {
+        let pic = PortablePic {
+            irr: 0x01,
+            imr: 0xfb,
+            isr: 0x02,
+            vector_base: 0x20,
+            init_state: 0,
+            needs_icw4: true,
+            auto_eoi: true,
+            elcr: 0x08,
+            elcr_mask: 0xf8,
+            ..PortablePic::default()
+        };
+        let mut entries = [0x1_0000u64; 24];
+        entries[4] = 0x0100_0000_0000_0024;
+        let channel = PortablePitChannel {
+            count: 0x10000,
+            load_ns: Some(9_000_000_000),
+            latched_count: Some(0x1234),
+            latched_state: 3,
+            latched_status: None,
+            read_state: 3,
+            write_state: 3,
+            write_low: 0,
+            access: 3,
+            mode: 2,
+            bcd: false,
+            gate: true,
+        };
+        let p = PortablePlatform {
+            guest_ns: 10_000_000_000,
+            pic: [
+                pic,
+                PortablePic {
+                    vector_base: 0x28,
+                    ..pic
+                },
+            ],
+            ioapic: PortableIoapic {
+                id: 0,
+                select: 0x10,
+                entries,
+                lines: 1 << 4,
+            },
+            pit: [channel; 3],
+        };
+        let current: Vec<kvm_irqchip> = [0, 1, 2]
+            .map(|chip_id| kvm_irqchip {
+                chip_id,
+                ..Default::default()
+            })
+            .to_vec();
+        let (chips, pit) = platform_from_portable(&p, &current).unwrap();
+        let back = platform_to_portable(&chips, &pit, p.guest_ns).unwrap();
+        let load = back.pit[0].load_ns.unwrap();
+        assert!(load.abs_diff(9_000_000_000) < 1_000_000, "{load}");
+        let mut expected = p.clone();
+        for c in expected.pit.iter_mut() {
+            c.load_ns = Some(load);
+        }
+        for c in &back.pit {
+            assert!(c.load_ns.unwrap().abs_diff(load) < 1_000_000);
+        }
+        let mut back = back;
+        for c in back.pit.iter_mut() {
+            c.load_ns = Some(load);
+        }
+        assert_eq!(back, expected);
+        assert!(platform_from_portable(&p, &current[..2]).is_err());
     }
 }
