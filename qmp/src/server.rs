@@ -315,6 +315,23 @@ impl EventSender {
         subscribers.len()
     }
 
+    /// The process is exiting: every connection writes what is queued for it (the last
+    /// events, say SHUTDOWN) and closes. The receivers complete as each one is done.
+    pub fn close_all(&self) -> Vec<oneshot::Receiver<()>> {
+        let subscribers = std::mem::take(&mut *self.lock());
+        subscribers
+            .into_iter()
+            .filter_map(|subscriber| {
+                let (done, flushed) = oneshot::channel();
+                subscriber
+                    .queue
+                    .try_send(Outbound::Close(Some(done)))
+                    .ok()
+                    .map(|()| flushed)
+            })
+            .collect()
+    }
+
     /// Connections currently receiving events.
     pub fn subscriber_count(&self) -> usize {
         self.lock().len()

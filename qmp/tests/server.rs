@@ -330,3 +330,25 @@ async fn quit_replies_then_closes() {
         .unwrap();
     assert_eq!(end, None, "EOF after the quit reply");
 }
+
+/// At exit, close_all writes each client's queued events, then closes its connection.
+#[tokio::test]
+async fn close_all_flushes_queued_events_then_closes() {
+    let (server, path) = start("closeall", ServerConfig::default());
+    let mut a = Client::negotiated(&path).await;
+    let mut b = Client::negotiated(&path).await;
+    let events = server.events();
+    events.emit("SHUTDOWN", None);
+    let flushed = events.close_all();
+    assert_eq!(flushed.len(), 2);
+    for done in flushed {
+        done.await.unwrap();
+    }
+    assert_eq!(events.subscriber_count(), 0);
+    for client in [&mut a, &mut b] {
+        let event: Value = serde_json::from_str(&client.line().await).unwrap();
+        assert_eq!(event["event"], "SHUTDOWN");
+        let end = timeout(Duration::from_secs(10), client.lines.next_line()).await;
+        assert!(matches!(end, Ok(Ok(None))), "then end of file: {end:?}");
+    }
+}

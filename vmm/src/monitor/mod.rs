@@ -361,14 +361,24 @@ impl Monitor {
     }
 
     /// Winds the monitor down at exit. `flushed` (from `quit`) is awaited first, so the
-    /// client that asked gets its reply before the connection closes.
+    /// client that asked gets its reply before the connection closes; then every client's
+    /// queued events are written.
     pub fn shutdown(self, flushed: Option<oneshot::Receiver<()>>) {
-        if let Some(flushed) = flushed {
-            // The timer must be made inside the runtime.
-            let _ = self
-                .runtime
-                .block_on(async { tokio::time::timeout(QUIT_FLUSH_TIMEOUT, flushed).await });
-        }
+        // The timer must be made inside the runtime.
+        let _ = self.runtime.block_on(async {
+            tokio::time::timeout(QUIT_FLUSH_TIMEOUT, async {
+                if let Some(flushed) = flushed {
+                    let _ = flushed.await;
+                }
+                // Then every client gets what is queued for it (the SHUTDOWN of a guest
+                // that powered off, say) before its connection closes, as QEMU flushes
+                // at exit.
+                for done in self.events.close_all() {
+                    let _ = done.await;
+                }
+            })
+            .await
+        });
         self.runtime.shutdown_timeout(RUNTIME_SHUTDOWN_TIMEOUT);
         for path in &self.socket_paths {
             let _ = std::fs::remove_file(path);
