@@ -993,15 +993,12 @@ mod tests {
         a.assemble(addr).unwrap()
     }
 
-    /// A snapshot taken mid-program and restored into a second CPU on the same RAM makes
-    /// it go on exactly as the first does.
-    #[test]
-    fn a_restored_snapshot_runs_on_identically() {
+    /// A 64-bit CPU at a loop: rax += rbx; rbx = rbx * 3 + 1; [0x5000] = rax.
+    fn looping_cpu() -> (Cpu, Arc<GuestRam>) {
         let (mut a, ram, _) = cpu(4 << 20);
         identity_map(&ram);
         long_mode(a.state_mut());
         a.state_mut().rip = 0x4000;
-        // rax += rbx; rbx = rbx * 3 + 1; [0x5000] = rax; loop.
         load(
             &ram,
             0x4000,
@@ -1014,6 +1011,14 @@ mod tests {
                 c.jmp(top)
             }),
         );
+        (a, ram)
+    }
+
+    /// A snapshot taken mid-program and restored into a second CPU on the same RAM makes
+    /// it go on exactly as the first does.
+    #[test]
+    fn a_restored_snapshot_runs_on_identically() {
+        let (mut a, ram) = looping_cpu();
         a.step_n(1000).unwrap();
         let snap = a.save();
         let clock = Arc::new(VirtualClock::new());
@@ -1035,21 +1040,7 @@ mod tests {
     /// its running timer included, to a second CPU that goes on the same.
     #[test]
     fn an_exported_cpu_imports_and_runs_on_identically() {
-        let (mut a, ram, _) = cpu(4 << 20);
-        identity_map(&ram);
-        long_mode(a.state_mut());
-        a.state_mut().rip = 0x4000;
-        load(
-            &ram,
-            0x4000,
-            &asm64(0x4000, |c| {
-                let mut top = c.create_label();
-                c.set_label(&mut top)?;
-                c.add(rax, rbx)?;
-                c.lea(rbx, ptr(rbx + rbx * 2 + 1))?;
-                c.jmp(top)
-            }),
-        );
+        let (mut a, ram) = looping_cpu();
         // The APIC on, a one-shot timer counting (masked), a priority set.
         let apic = a.lapic();
         assert_eq!(

@@ -138,25 +138,22 @@ pub trait Vcpu: Send {
     }
 }
 
-/// A vCPU's section of a migration: the state in its accelerator's own encoding, and in
-/// the portable form another accelerator takes (None where it cannot be expressed, as an
-/// exception KVM holds in flight). Both accelerators run one machine model, so a guest
-/// saved under emu loads under KVM and the reverse.
+/// A vCPU's or the platform's section of a migration: the state in its accelerator's own
+/// encoding, and in the portable form another accelerator takes (None where it cannot be
+/// expressed, as an exception KVM holds in flight). Both accelerators run one machine
+/// model, so a guest saved under emu loads under KVM and the reverse.
 #[derive(serde::Serialize, serde::Deserialize)]
-pub struct VcpuSection {
+pub struct StateSection<P> {
     /// The accelerator that saved it (`emu`, `kvm`).
     pub accel: String,
     pub native: Vec<u8>,
-    pub portable: Option<::emu::cpu::PortableCpu>,
+    pub portable: Option<P>,
 }
 
-/// The platform's section (guest time, interrupt controllers, PIT), as [`VcpuSection`].
-#[derive(serde::Serialize, serde::Deserialize)]
-pub struct PlatformSection {
-    pub accel: String,
-    pub native: Vec<u8>,
-    pub portable: Option<::emu::portable::PortablePlatform>,
-}
+/// A vCPU's section (registers, FPU/SSE, MSRs, local APIC, events).
+pub type VcpuSection = StateSection<::emu::cpu::PortableCpu>;
+/// The platform's section (guest time, interrupt controllers, PIT).
+pub type PlatformSection = StateSection<::emu::portable::PortablePlatform>;
 
 /// A section's state: ours to load as it is, or another accelerator's in portable form.
 pub enum Saved<'a, P> {
@@ -164,60 +161,28 @@ pub enum Saved<'a, P> {
     Portable(&'a P),
 }
 
-fn section_error(e: postcard::Error) -> AccelError {
-    AccelError::Snapshot(e.to_string())
-}
-
-impl VcpuSection {
+impl<P: serde::Serialize + serde::de::DeserializeOwned> StateSection<P> {
     pub fn encode(&self) -> Result<Vec<u8>, AccelError> {
-        postcard::to_stdvec(self).map_err(section_error)
+        postcard::to_stdvec(self).map_err(|e| AccelError::Snapshot(e.to_string()))
     }
 
     pub fn decode(bytes: &[u8]) -> Result<Self, AccelError> {
-        postcard::from_bytes(bytes).map_err(section_error)
+        postcard::from_bytes(bytes).map_err(|e| AccelError::Snapshot(e.to_string()))
     }
 
     /// What an accelerator of kind `own` loads from this section.
-    pub fn for_accel(
-        &self,
-        own: AccelKind,
-    ) -> Result<Saved<'_, ::emu::cpu::PortableCpu>, AccelError> {
-        choose(&self.accel, own, &self.native, self.portable.as_ref())
+    pub fn for_accel(&self, own: AccelKind) -> Result<Saved<'_, P>, AccelError> {
+        if self.accel == own.name() {
+            return Ok(Saved::Native(&self.native));
+        }
+        self.portable.as_ref().map(Saved::Portable).ok_or_else(|| {
+            AccelError::Snapshot(format!(
+                "the state saved under {} cannot be loaded under {}",
+                self.accel,
+                own.name()
+            ))
+        })
     }
-}
-
-impl PlatformSection {
-    pub fn encode(&self) -> Result<Vec<u8>, AccelError> {
-        postcard::to_stdvec(self).map_err(section_error)
-    }
-
-    pub fn decode(bytes: &[u8]) -> Result<Self, AccelError> {
-        postcard::from_bytes(bytes).map_err(section_error)
-    }
-
-    pub fn for_accel(
-        &self,
-        own: AccelKind,
-    ) -> Result<Saved<'_, ::emu::portable::PortablePlatform>, AccelError> {
-        choose(&self.accel, own, &self.native, self.portable.as_ref())
-    }
-}
-
-fn choose<'a, P>(
-    saved_by: &str,
-    own: AccelKind,
-    native: &'a [u8],
-    portable: Option<&'a P>,
-) -> Result<Saved<'a, P>, AccelError> {
-    if saved_by == own.name() {
-        return Ok(Saved::Native(native));
-    }
-    portable.map(Saved::Portable).ok_or_else(|| {
-        AccelError::Snapshot(format!(
-            "the state saved under {saved_by} cannot be loaded under {}",
-            own.name()
-        ))
-    })
 }
 
 /// The control registers that select and root a vCPU's address translation.
