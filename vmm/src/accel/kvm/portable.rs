@@ -325,10 +325,16 @@ pub(super) fn to_portable(s: &VcpuState) -> Result<PortableCpu, AccelError> {
         *slot = msr(index).unwrap_or(*slot);
     }
     if s.events.interrupt.injected != 0 && s.events.interrupt.soft == 0 {
+        // Undo the acknowledge: the vector is requested again (IRR), no longer in service
+        // (ISR), as if KVM had not taken it yet.
         let vector = usize::from(s.events.interrupt.nr);
-        let at = 0x200 + (vector / 32) * 16;
-        if let Some(byte) = p.apic_page.get_mut(at + (vector % 32) / 8) {
-            *byte |= 1 << (vector % 8);
+        let byte = (vector / 32) * 16 + (vector % 32) / 8;
+        let bit = 1u8 << (vector % 8);
+        if let Some(irr) = p.apic_page.get_mut(0x200 + byte) {
+            *irr |= bit;
+        }
+        if let Some(isr) = p.apic_page.get_mut(0x100 + byte) {
+            *isr &= !bit;
         }
     }
     Ok(p)
@@ -405,8 +411,8 @@ pub(super) fn from_portable(p: &PortableCpu, listed: &[u32]) -> Result<VcpuState
     events.interrupt.shadow = u8::from(p.interrupt_shadow);
     events.nmi.pending = u8::from(p.nmi_pending);
     events.nmi.masked = u8::from(p.nmi_blocked);
-    // KVM_VCPUEVENT_VALID_SHADOW: the shadow field is meant.
-    events.flags = 0x4;
+    // KVM_VCPUEVENT_VALID_NMI_PENDING and _SHADOW: those fields are meant.
+    events.flags = 0x1 | 0x4;
     let mp_state = kvm_mp_state {
         mp_state: if p.waiting_for_sipi {
             KVM_MP_STATE_UNINITIALIZED
@@ -689,8 +695,10 @@ mod tests {
         let mut kvm = from_portable(&p, &[]).unwrap();
         kvm.events.interrupt.injected = 1;
         kvm.events.interrupt.nr = 0x31;
+        kvm.lapic.regs[0x110 + 2] = 1 << 1;
         let back = to_portable(&kvm).unwrap();
         assert_eq!(back.apic_page[0x210 + 2], 1 << 1, "IRR bit 0x31");
+        assert_eq!(back.apic_page[0x110 + 2], 0, "ISR bit 0x31 cleared");
         kvm.events.exception.injected = 1;
         assert!(to_portable(&kvm).is_err());
     }
