@@ -605,3 +605,66 @@ fn the_counting_guest_moves_from_emu_to_kvm_and_back() {
     let info = migrate_and_check(&mut b, &mut c, &to_emu);
     eprintln!("kvm to emu: {info}");
 }
+
+/// migrate_cancel while the source is still connecting (setup): a destination whose listen
+/// queue is full drops the source's SYNs, so the connection hangs; the cancel ends it at
+/// once and the source runs on.
+#[test]
+fn a_cancel_while_connecting_ends_the_setup_at_once() {
+    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+    let dir = TempDir::new("migrate-setup");
+    let kernel = counting_guest(&dir);
+    let mut a = vm(&dir, "a", &kernel, &[]);
+    wait_counts(&a.serial, 1);
+    // A listener with a backlog of 0, its queue filled by two connections never accepted.
+    // SAFETY: socket() with constant arguments; the fd is owned at once.
+    let listener =
+        unsafe { OwnedFd::from_raw_fd(libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0)) };
+    let listener_std = std::net::TcpListener::from(listener);
+    let bound = bind_loopback(&listener_std);
+    // SAFETY: listen(2) on a bound socket we own.
+    assert_eq!(unsafe { libc::listen(listener_std.as_raw_fd(), 0) }, 0);
+    let _queued: Vec<_> = (0..2)
+        .filter_map(|_| {
+            std::net::TcpStream::connect_timeout(&bound, Duration::from_millis(300)).ok()
+        })
+        .collect();
+    let uri = format!("tcp:127.0.0.1:{}", bound.port());
+    a.qmp.ok("migrate", Some(json!({ "uri": uri })));
+    std::thread::sleep(Duration::from_secs(1));
+    assert_eq!(a.qmp.ok("query-migrate", None)["status"], "setup");
+    let asked = Instant::now();
+    a.qmp.ok("migrate_cancel", None);
+    assert_eq!(
+        statuses_until(&mut a.events, "cancelled"),
+        ["setup", "cancelled"]
+    );
+    assert!(
+        asked.elapsed() < Duration::from_secs(3),
+        "cancelled in {:?}",
+        asked.elapsed()
+    );
+    assert_eq!(status(&mut a.qmp), "running");
+    let n = counts(&a.serial).len();
+    wait_counts(&a.serial, n + 1);
+}
+
+/// Bind `socket` (not listening yet) to 127.0.0.1 on a free port; the address it got.
+fn bind_loopback(socket: &std::net::TcpListener) -> std::net::SocketAddr {
+    use std::os::fd::AsRawFd;
+    // SAFETY: sockaddr_in is plain data.
+    let mut sin: libc::sockaddr_in = unsafe { std::mem::zeroed() };
+    sin.sin_family = libc::AF_INET as u16;
+    sin.sin_addr.s_addr = u32::from(std::net::Ipv4Addr::LOCALHOST).to_be();
+    let len = std::mem::size_of::<libc::sockaddr_in>() as u32;
+    // SAFETY: bind(2) with a valid sockaddr_in of its size.
+    let r = unsafe {
+        libc::bind(
+            socket.as_raw_fd(),
+            &sin as *const libc::sockaddr_in as *const libc::sockaddr,
+            len,
+        )
+    };
+    assert_eq!(r, 0, "bind: {}", std::io::Error::last_os_error());
+    socket.local_addr().expect("the bound address")
+}

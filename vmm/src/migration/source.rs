@@ -54,7 +54,9 @@ pub fn run(mut o: Outgoing) {
     let started = Instant::now();
     event(&o, Status::Setup);
     let mut channel = None;
-    let result = uri::connect(&o.uri, o.fd.take())
+    let cancel = o.cancel.clone();
+    let cancelled = move || cancel.load(Ordering::SeqCst);
+    let result = uri::connect(&o.uri, o.fd.take(), &cancelled)
         .map_err(MigrationError::from)
         .and_then(|mut c| {
             *lock(&o.shutdown) = c.shutdown.take();

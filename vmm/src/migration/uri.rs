@@ -3,10 +3,11 @@
 //! on stdout for `-incoming`), and `fd:NAME` (a descriptor passed with getfd).
 
 use std::io::{self, Read, Write};
-use std::net::{TcpListener, TcpStream};
+use std::net::{TcpListener, TcpStream, ToSocketAddrs};
 use std::os::fd::OwnedFd;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum MigrationUri {
@@ -114,8 +115,41 @@ impl TryCloneStream for UnixStream {
     }
 }
 
-/// The source's side: connect (or start the command, or take the descriptor).
-pub fn connect(uri: &MigrationUri, fd: Option<OwnedFd>) -> Result<Channel, UriError> {
+/// How long one TCP connection attempt may wait before `cancelled` is asked again.
+const CONNECT_ATTEMPT: Duration = Duration::from_millis(500);
+/// When the attempts give up: about as long as the kernel's own SYN retries.
+const CONNECT_DEADLINE: Duration = Duration::from_secs(127);
+
+/// Connect to `host:port`, in short attempts so that `cancelled` (migrate_cancel) ends a
+/// connection that hangs (a destination whose listen queue is full drops our SYNs).
+fn tcp_connect(host: &str, port: u16, cancelled: &dyn Fn() -> bool) -> io::Result<TcpStream> {
+    let addrs: Vec<std::net::SocketAddr> = (host, port).to_socket_addrs()?.collect();
+    let deadline = Instant::now() + CONNECT_DEADLINE;
+    let mut last = io::Error::new(io::ErrorKind::NotFound, "no address");
+    loop {
+        for addr in &addrs {
+            if cancelled() {
+                return Err(io::Error::new(io::ErrorKind::Interrupted, "cancelled"));
+            }
+            match TcpStream::connect_timeout(addr, CONNECT_ATTEMPT) {
+                Ok(s) => return Ok(s),
+                Err(e) if e.kind() == io::ErrorKind::TimedOut => last = e,
+                Err(e) => return Err(e),
+            }
+        }
+        if Instant::now() >= deadline {
+            return Err(last);
+        }
+    }
+}
+
+/// The source's side: connect (or start the command, or take the descriptor);
+/// `cancelled` is asked while a TCP connection waits.
+pub fn connect(
+    uri: &MigrationUri,
+    fd: Option<OwnedFd>,
+    cancelled: &dyn Fn() -> bool,
+) -> Result<Channel, UriError> {
     let text = uri_text(uri);
     let connect_err = |source| UriError::Connect {
         uri: text.clone(),
@@ -123,7 +157,7 @@ pub fn connect(uri: &MigrationUri, fd: Option<OwnedFd>) -> Result<Channel, UriEr
     };
     match uri {
         MigrationUri::Tcp { host, port } => {
-            let s = TcpStream::connect((host.as_str(), *port)).map_err(connect_err)?;
+            let s = tcp_connect(host, *port, cancelled).map_err(connect_err)?;
             let _ = s.set_nodelay(true);
             Channel::socket(s, |s: &TcpStream| {
                 let _ = s.shutdown(std::net::Shutdown::Both);
