@@ -92,19 +92,36 @@ impl NetNs {
         self.ip(&["link", "set", name, "up"]);
     }
 
+    /// Move the calling thread into the namespace.
+    fn join_thread(path: &str) {
+        let ns = std::fs::File::open(path).unwrap_or_else(|e| panic!("{path}: {e}"));
+        // SAFETY: setns on an fd we hold; it moves only this thread.
+        let r = unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) };
+        assert_eq!(r, 0, "setns: {}", std::io::Error::last_os_error());
+    }
+
     /// Run `f` on a thread inside the namespace.
     pub fn enter<R: Send>(&self, f: impl FnOnce() -> R + Send) -> R {
         let path = format!("/run/netns/{}", self.name);
         std::thread::scope(|s| {
             s.spawn(|| {
-                let ns = std::fs::File::open(&path).unwrap_or_else(|e| panic!("{path}: {e}"));
-                // SAFETY: setns on an fd we hold; it moves only this thread.
-                let r = unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) };
-                assert_eq!(r, 0, "setns: {}", std::io::Error::last_os_error());
+                Self::join_thread(&path);
                 f()
             })
             .join()
             .unwrap_or_else(|e| std::panic::resume_unwind(e))
+        })
+    }
+
+    /// Start `f` on a thread inside the namespace (a client that runs beside the test).
+    pub fn spawn_inside<R: Send + 'static>(
+        &self,
+        f: impl FnOnce() -> R + Send + 'static,
+    ) -> std::thread::JoinHandle<R> {
+        let path = format!("/run/netns/{}", self.name);
+        std::thread::spawn(move || {
+            Self::join_thread(&path);
+            f()
         })
     }
 

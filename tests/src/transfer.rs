@@ -2,9 +2,10 @@
 //! the guest's `sha256sum` prints it, and a receiver that counts what arrived.
 
 use std::io::{Read, Write};
-use std::net::TcpListener;
+use std::net::{TcpListener, TcpStream};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 /// sha256 of `data`, as sha256sum prints it.
 pub fn sha256(data: &[u8]) -> String {
@@ -70,4 +71,16 @@ pub fn receive_all(
         }
         all
     })
+}
+
+/// Connect to `addr`, retrying until `timeout` while the peer is not listening yet.
+pub fn connect_retry(addr: (&str, u16), timeout: Duration) -> TcpStream {
+    let deadline = Instant::now() + timeout;
+    loop {
+        match TcpStream::connect(addr) {
+            Ok(s) => return s,
+            Err(_) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(100)),
+            Err(e) => panic!("connect {addr:?}: {e}"),
+        }
+    }
 }

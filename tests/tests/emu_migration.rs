@@ -5,17 +5,15 @@
 //! target (and takes none of the released memory back), and deflates it on command.
 
 use std::io::Write;
-use std::net::TcpStream;
-use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use serde_json::json;
 use vmm_tests::console::{stock_linux_args, GuestConsole};
 use vmm_tests::netns::NetNs;
 use vmm_tests::qmp::Qmp;
-use vmm_tests::transfer::{data, guest_sum, sha256};
+use vmm_tests::transfer::{connect_retry, data, guest_sum, sha256};
 use vmm_tests::{guest_program_disk, wait_until, TempDir};
 
 const BOOT_TIMEOUT: Duration = Duration::from_secs(600);
@@ -310,16 +308,9 @@ fn a_tcp_transfer_through_vmm_net_goes_on_across_the_move() {
     std::thread::sleep(Duration::from_millis(500));
     let sent = Arc::new(AtomicU64::new(0));
     let sender = {
-        let ns_name = ns.name().to_string();
         let sent = sent.clone();
-        std::thread::spawn(move || {
-            let ns_file = std::fs::File::open(format!("/run/netns/{ns_name}")).unwrap();
-            // SAFETY: setns on this (dedicated) thread only.
-            assert_eq!(
-                unsafe { libc::setns(ns_file.as_raw_fd(), libc::CLONE_NEWNET) },
-                0
-            );
-            let mut stream = connect_retry((GUEST, 5002));
+        ns.spawn_inside(move || {
+            let mut stream = connect_retry((GUEST, 5002), CMD_TIMEOUT);
             for chunk in payload.chunks(64 << 10) {
                 stream.write_all(chunk).unwrap();
                 sent.fetch_add(chunk.len() as u64, Ordering::Relaxed);
@@ -377,16 +368,4 @@ fn a_tcp_transfer_through_vmm_net_goes_on_across_the_move() {
     sender.join().unwrap();
     let out = b.run("wait; ls -l /tmp/in; sha256sum /tmp/in", CMD_TIMEOUT);
     assert_eq!(guest_sum(&out), sum, "host to guest across the move: {out}");
-}
-
-/// Connect, retrying while the peer is not listening yet.
-fn connect_retry(addr: (&str, u16)) -> TcpStream {
-    let deadline = Instant::now() + CMD_TIMEOUT;
-    loop {
-        match TcpStream::connect(addr) {
-            Ok(s) => return s,
-            Err(_) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(100)),
-            Err(e) => panic!("connect {addr:?}: {e}"),
-        }
-    }
 }

@@ -6,7 +6,7 @@
 //! vmm-net process.
 
 use std::io::Write;
-use std::net::{TcpListener, TcpStream};
+use std::net::TcpListener;
 use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -16,7 +16,7 @@ use serde_json::{json, Value};
 use vmm_tests::console::GuestConsole;
 use vmm_tests::netns::NetNs;
 use vmm_tests::qmp::Qmp;
-use vmm_tests::transfer::{data, guest_sum, receive_all, sha256};
+use vmm_tests::transfer::{connect_retry, data, guest_sum, receive_all, sha256};
 use vmm_tests::TempDir;
 
 const BOOT_TIMEOUT: Duration = Duration::from_secs(600);
@@ -110,18 +110,9 @@ fn a_guest_on_a_tap_pings_transfers_and_loses_its_link() {
     console.send("nc -l -p 5002 < /dev/null > /tmp/in &\n");
     std::thread::sleep(Duration::from_millis(500));
     let sent = payload.clone();
-    let sender = std::thread::spawn({
-        let ns_name = ns.name().to_string();
-        move || {
-            let ns_file = std::fs::File::open(format!("/run/netns/{ns_name}")).unwrap();
-            // SAFETY: setns on this (dedicated) thread only.
-            assert_eq!(
-                unsafe { libc::setns(ns_file.as_raw_fd(), libc::CLONE_NEWNET) },
-                0
-            );
-            let mut stream = connect_retry((GUEST, 5002));
-            stream.write_all(&sent).unwrap();
-        }
+    let sender = ns.spawn_inside(move || {
+        let mut stream = connect_retry((GUEST, 5002), CMD_TIMEOUT);
+        stream.write_all(&sent).unwrap();
     });
     sender.join().unwrap();
     let out = console.run("wait; ls -l /tmp/in; sha256sum /tmp/in", CMD_TIMEOUT);
@@ -185,21 +176,6 @@ fn a_guest_on_a_tap_pings_transfers_and_loses_its_link() {
         info.contains("nic1: index=0,type=nic,model=virtio-net-pci,macaddr=52:54:00:12:34:57"),
         "{info}"
     );
-}
-
-/// Connect, retrying while the peer is not listening yet.
-fn connect_retry(addr: (&str, u16)) -> TcpStream {
-    let deadline = Instant::now() + CMD_TIMEOUT;
-    loop {
-        match TcpStream::connect(addr) {
-            Ok(s) => return s,
-            Err(e) if Instant::now() < deadline => {
-                let _ = e;
-                std::thread::sleep(Duration::from_millis(100));
-            }
-            Err(e) => panic!("connect {addr:?}: {e}"),
-        }
-    }
 }
 
 #[test]
