@@ -15,6 +15,7 @@ use serde::{Deserialize, Serialize};
 use super::{portable, KvmAccel, KvmVcpu};
 use crate::accel::AccelError;
 use crate::accel::{AccelKind, PlatformSection, Saved, VcpuSection};
+use crate::migration::ram::{mark, set_bits};
 
 const PAGE_SIZE: u64 = 4096;
 
@@ -148,19 +149,8 @@ impl KvmAccel {
                 .get_dirty_log(slot.slot, slot.size as usize)
                 .map_err(AccelError::kvm("KVM_GET_DIRTY_LOG"))?;
             let slot_pages = slot.size / PAGE_SIZE;
-            for (word_index, mut word) in log.into_iter().enumerate() {
-                while word != 0 {
-                    let bit = u64::from(word.trailing_zeros());
-                    word &= word - 1;
-                    let page_in_slot = word_index as u64 * 64 + bit;
-                    if page_in_slot >= slot_pages {
-                        break;
-                    }
-                    let page = slot.first_page + page_in_slot;
-                    if let Some(w) = bits.get_mut((page / 64) as usize) {
-                        *w |= 1 << (page % 64);
-                    }
-                }
+            for page_in_slot in set_bits(log).take_while(|&p| p < slot_pages) {
+                mark(&mut bits, slot.first_page + page_in_slot);
             }
         }
         Ok(bits)
