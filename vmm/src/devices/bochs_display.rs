@@ -412,12 +412,13 @@ impl Snapshottable for BochsDisplay {
         self.config
             .set_registers(&s.registers)
             .map_err(|e| invalid(e.to_string()))?;
+        // Each page once: the saved bytes, or zeroes where none were sent.
         let zero = vec![0u8; VRAM_PAGE];
+        let saved: std::collections::HashMap<usize, &Vec<u8>> =
+            s.pages.iter().map(|(i, b)| (*i as usize, b)).collect();
         for index in 0..pages {
-            self.vram.write(index * VRAM_PAGE, &zero);
-        }
-        for (index, bytes) in &s.pages {
-            self.vram.write(*index as usize * VRAM_PAGE, bytes);
+            let bytes = saved.get(&index).map_or(zero.as_slice(), |b| b.as_slice());
+            self.vram.write(index * VRAM_PAGE, bytes);
         }
         self.regs = s.regs;
         self.big_endian = s.big_endian;
