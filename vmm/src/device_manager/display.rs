@@ -192,6 +192,31 @@ fn start_display_process(
 }
 
 impl DisplayProcess {
+    /// The VNC password: kept for a restarted process, and given to this one
+    /// (`disconnect`: its clients are dropped).
+    fn set_password(&mut self, password: String, disconnect: bool) -> Result<(), DeviceError> {
+        if let Some(vnc) = &mut self.config.vnc {
+            vnc.password = Some(password.clone());
+        }
+        self.call(
+            DisplayRequest::SetPassword {
+                password,
+                disconnect,
+            },
+            &[],
+        )
+        .map(drop)
+    }
+
+    /// When the password stops working, kept and given as the password is.
+    fn set_expiry(&mut self, expiry: Expiry) -> Result<(), DeviceError> {
+        if let Some(vnc) = &mut self.config.vnc {
+            vnc.expiry = expiry;
+        }
+        self.call(DisplayRequest::ExpirePassword(expiry), &[])
+            .map(drop)
+    }
+
     /// A request, and its reply; events that came meanwhile are acted on.
     fn call(
         &mut self,
@@ -329,25 +354,12 @@ impl Snapshottable for DisplaySection {
             return Ok(());
         };
         let mut p = lock(process);
-        let Some(vnc) = p
-            .config
-            .vnc
-            .as_mut()
-            .filter(|v| v.auth == VncAuth::Password)
-        else {
+        if !matches!(&p.config.vnc, Some(v) if v.auth == VncAuth::Password) {
             return Ok(());
-        };
-        vnc.password = Some(password.clone());
-        vnc.expiry = expiry;
-        let set = p
-            .call(
-                DisplayRequest::SetPassword {
-                    password,
-                    disconnect: false,
-                },
-                &[],
-            )
-            .and_then(|_| p.call(DisplayRequest::ExpirePassword(expiry), &[]));
+        }
+        // Both are kept even if the process does not take them now.
+        let set = p.set_password(password, false);
+        let set = set.and(p.set_expiry(expiry));
         if let Err(e) = set {
             // The process is restarted with the configuration, password included.
             tracing::warn!("migration: the display process did not take the password: {e}");
@@ -724,18 +736,7 @@ impl DeviceManager {
         }
         // Only the first 8 characters count, as in VNC Authentication.
         let password: String = password.chars().take(8).collect();
-        if let Some(vnc) = &mut p.config.vnc {
-            vnc.password = Some(password.clone());
-        }
-        p.call(
-            DisplayRequest::SetPassword {
-                password,
-                disconnect,
-            },
-            &[],
-        )
-        .map_err(|_| failed())?;
-        Ok(())
+        p.set_password(password, disconnect).map_err(|_| failed())
     }
 
     /// `expire_password protocol=vnc`.
@@ -743,14 +744,11 @@ impl DeviceManager {
         let failed = || DeviceError::Display("Could not set password expire time".into());
         let process = self.display_process().ok_or_else(failed)?;
         let mut p = lock(process);
-        let expiry = parse_expiry(time, now());
-        match &mut p.config.vnc {
-            Some(vnc) => vnc.expiry = expiry,
-            None => return Err(failed()),
+        if p.config.vnc.is_none() {
+            return Err(failed());
         }
-        p.call(DisplayRequest::ExpirePassword(expiry), &[])
-            .map_err(|_| failed())?;
-        Ok(())
+        p.set_expiry(parse_expiry(time, now()))
+            .map_err(|_| failed())
     }
 
     /// `add_client protocol=vnc`: serve the connected socket `fd`. Without a VNC server
