@@ -14,18 +14,18 @@
 
 mod common;
 
+use common::daemon::Daemon;
 use common::Dir;
 use std::fs::File;
-use std::io::Read;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::fs::FileExt;
 use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::sync::atomic::{fence, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use device_procs::display::input::{InputBackend, InputEvent, ABS_X, EV_ABS};
 use device_procs::net::backend::NetBackend;
@@ -47,7 +47,6 @@ use virtio_bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
 use vm_memory::{Bytes, FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-const BLK: &str = env!("CARGO_BIN_EXE_vmm-blk");
 const T: Duration = Duration::from_secs(20);
 const PAGE: u64 = 0x1000;
 /// 1 MiB of guest RAM: 256 pages, a 32-byte log.
@@ -344,45 +343,6 @@ fn sorted(mut v: Vec<u64>) -> Vec<u64> {
     v
 }
 
-/// A running vmm-blk (standalone), killed on drop.
-struct BlkProcess(Child);
-
-impl BlkProcess {
-    fn start(image: &Path, socket: &Path, extra: &[&str]) -> BlkProcess {
-        let child = Command::new(BLK)
-            .arg("--socket")
-            .arg(socket)
-            .arg("--image")
-            .arg(image)
-            .args(extra)
-            .stdin(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let mut p = BlkProcess(child);
-        let deadline = Instant::now() + T;
-        while !socket.exists() {
-            if let Some(status) = p.0.try_wait().unwrap() {
-                let mut err = String::new();
-                if let Some(mut e) = p.0.stderr.take() {
-                    let _ = e.read_to_string(&mut err);
-                }
-                panic!("vmm-blk exited early ({status}): {err}");
-            }
-            assert!(Instant::now() < deadline, "no socket");
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        p
-    }
-}
-
-impl Drop for BlkProcess {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 /// An image where sector n holds byte n % 251 (2048 sectors).
 fn patterned_image(dir: &Dir) -> PathBuf {
     let image: Vec<u8> = (0..1usize << 20).map(|i| ((i / 512) % 251) as u8).collect();
@@ -403,7 +363,7 @@ fn blk_header(mem: &GuestMemoryMmap, at: u64, kind: u32, sector: u64) {
 /// used ring's (the data is read from the guest).
 fn blk_reads_and_writes_are_logged(image: &Path, extra: &[&str], dir: &Dir) {
     let socket = dir.path("blk.sock");
-    let _process = BlkProcess::start(image, &socket, extra);
+    let _process = Daemon::start(image, &socket, extra);
     let mem = guest_memory();
     let fe = Frontend::connect(&socket, 1).unwrap();
     let mut s = Session::start(fe, &mem, 0, VhostUserProtocolFeatures::CONFIG, 0);

@@ -1,5 +1,8 @@
 //! What the device-procs integration tests share.
 
+#[allow(dead_code)] // Not every test binary runs a standalone vmm-blk.
+pub mod daemon;
+
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU32, Ordering};
 
