@@ -10,6 +10,7 @@ pub mod backend;
 pub mod cli;
 pub mod config;
 pub mod crypt;
+pub mod dirty;
 pub mod image;
 pub mod lock;
 pub mod request;

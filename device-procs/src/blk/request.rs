@@ -38,6 +38,7 @@ use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend};
 
 use super::config::{MAX_DISCARD_SECTORS, MAX_DISCARD_SEGMENTS, SECTOR_SIZE};
 use super::crypt::{self, Key};
+use super::dirty::DirtyChunks;
 use super::image::{Chain, Image, ImageError, IoCounters, Layer};
 use crate::vhost_daemon::mark_dirty;
 /// Guest memory as the backend maps it, with the migration dirty log.
@@ -220,6 +221,8 @@ pub struct Disk {
     serial: [u8; VIRTIO_BLK_ID_BYTES as usize],
     /// The guest's successful requests.
     stats: IoCounters,
+    /// The chunks the guest changed while a block migration tracks them.
+    dirty: DirtyChunks,
     /// Set when an image of the chain is encrypted: no request is served without a key.
     crypto: Option<Crypto>,
     /// Test hooks: injected host errors of reads and writes.
@@ -246,6 +249,7 @@ impl Disk {
             readonly,
             serial: id,
             stats: IoCounters::default(),
+            dirty: DirtyChunks::new(),
             crypto,
             fail_reads: None,
             fail_writes: None,
@@ -311,7 +315,25 @@ impl Disk {
         }
         image.grow(sectors * SECTOR_SIZE)?;
         self.capacity.store(sectors, Ordering::Release);
+        self.dirty.grow(sectors * SECTOR_SIZE);
         Ok(sectors * SECTOR_SIZE)
+    }
+
+    /// A guest write (or zeroes) of `len` bytes at `offset` completed.
+    fn wrote(&self, offset: u64, len: u64, start: Instant) {
+        self.stats.write(offset, len, start);
+        self.dirty.mark(offset, len);
+    }
+
+    /// A guest discard completed.
+    fn discarded(&self, offset: u64, len: u64, start: Instant) {
+        self.stats.discard(offset, len, start);
+        self.dirty.mark(offset, len);
+    }
+
+    /// The chunks the guest changes, for block migration.
+    pub fn dirty_chunks(&self) -> &DirtyChunks {
+        &self.dirty
     }
 
     /// Live snapshot: drain the requests in flight (and hold new ones), flush, and put
@@ -636,7 +658,7 @@ fn execute(
                 }
                 (Image::Format(c), None) => write_layer(&c.top, mem, &data_in, offset)?,
             }
-            disk.stats.write(offset, in_len, start);
+            disk.wrote(offset, in_len, start);
             Ok(0)
         }
         VIRTIO_BLK_T_FLUSH => {
@@ -703,10 +725,10 @@ fn execute(
                 match (discard, &key) {
                     // Advisory: an encrypted chain keeps its data (imago would leave
                     // clusters whose zeroes read as garbage once decrypted).
-                    (true, Some(_)) => disk.stats.discard(offset, len, start),
+                    (true, Some(_)) => disk.discarded(offset, len, start),
                     (true, None) => {
                         discard_format_or_raw(disk, offset, len)?;
-                        disk.stats.discard(offset, len, start);
+                        disk.discarded(offset, len, start);
                     }
                     (false, Some(key)) => {
                         if let Image::Format(c) = &*disk.image() {
@@ -723,11 +745,11 @@ fn execute(
                                 e => e,
                             })?;
                         }
-                        disk.stats.write(offset, len, start);
+                        disk.wrote(offset, len, start);
                     }
                     (false, None) => {
                         zeroes(disk, offset, len, flags != 0)?;
-                        disk.stats.write(offset, len, start);
+                        disk.wrote(offset, len, start);
                     }
                 }
             }
@@ -1314,6 +1336,38 @@ mod tests {
         assert_eq!(&bytes[5 * 512..7 * 512], &[0xabu8; 1024][..]);
         assert_eq!(&bytes[4 * 512..5 * 512], &[4u8; 512][..]);
         assert_eq!(&bytes[7 * 512..8 * 512], &[7u8; 512][..]);
+    }
+
+    /// While a block migration tracks them, a guest write marks its chunk, a read does
+    /// not, and a failed request marks nothing.
+    #[test]
+    fn writes_mark_their_chunks_for_block_migration() {
+        let (disk, _img) = image(8, false);
+        let mem = memory();
+        disk.dirty_chunks().start(1024, 8 * 512).unwrap();
+        header(&mem, VIRTIO_BLK_T_OUT, 5);
+        let c = run(
+            &disk,
+            &mem,
+            &[desc(HDR, 16, 0), desc(DATA, 1024, 0), desc(STATUS, 1, W)],
+        );
+        assert!(c.error.is_none(), "{:?}", c.error);
+        header(&mem, VIRTIO_BLK_T_IN, 0);
+        let c = run(
+            &disk,
+            &mem,
+            &[desc(HDR, 16, 0), desc(DATA, 512, W), desc(STATUS, 1, W)],
+        );
+        assert!(c.error.is_none(), "{:?}", c.error);
+        header(&mem, VIRTIO_BLK_T_OUT, 8);
+        run(
+            &disk,
+            &mem,
+            &[desc(HDR, 16, 0), desc(DATA, 512, 0), desc(STATUS, 1, W)],
+        );
+        assert_eq!(status(&mem), VIRTIO_BLK_S_IOERR as u8, "past the end");
+        // Sectors 5 and 6: bytes 2560..3584, chunks 2 and 3.
+        assert_eq!(disk.dirty_chunks().take(), [2, 3]);
     }
 
     #[test]
