@@ -594,6 +594,60 @@ fn statistics_count_a_known_sequence() {
     }
 }
 
+/// Block migration's dirty tracking through the control socket: the chunks the guest
+/// writes, discards or zeroes are reported once each, reads are not, and nothing is kept
+/// before the tracking starts or after it stops.
+#[test]
+fn the_chunks_the_guest_changes_are_tracked_for_block_migration() {
+    for format in [ImageFormat::Raw, ImageFormat::Qcow2] {
+        let dir = Dir::new("vmm-blk-fmt-dirty");
+        let img = dir.path("disk");
+        qemu_img(&["create", "-q", "-f", format.name(), p(&img), "4M"]);
+        let mut s = Supervised::start(&dir);
+        let file = rw(&img);
+        s.attach(format, vec![], &[&file]).unwrap();
+        let mut d = Driver::connect(&s.socket);
+        d.write(0, &pattern(1, 4096));
+        assert_eq!(
+            s.call(BlkRequest::TrackDirty { chunk_size: 1000 }, &[]),
+            Err("the peer failed the request: cannot track the disk's writes: a chunk of 1000 bytes".into())
+        );
+        assert_eq!(
+            s.call(
+                BlkRequest::TrackDirty {
+                    chunk_size: 1 << 20
+                },
+                &[]
+            ),
+            Ok(BlkReply::Tracking { size: 4 << 20 })
+        );
+        d.read(0, 4096);
+        d.write(2048, &pattern(2, 8192)); // bytes 1 MiB .. 1 MiB + 8 KiB: chunk 1
+        d.range(VIRTIO_BLK_T_DISCARD, 3 * 2048, 8, 0); // chunk 3
+        d.range(VIRTIO_BLK_T_WRITE_ZEROES, 2047, 2, 0); // chunks 0 and 1
+        assert_eq!(
+            s.call(BlkRequest::TakeDirty, &[]),
+            Ok(BlkReply::DirtyChunks(vec![0, 1, 3])),
+            "{format:?}"
+        );
+        assert_eq!(
+            s.call(BlkRequest::TakeDirty, &[]),
+            Ok(BlkReply::DirtyChunks(vec![]))
+        );
+        assert_eq!(
+            s.call(BlkRequest::StopTracking, &[]),
+            Ok(BlkReply::Tracking { size: 0 })
+        );
+        d.write(0, &pattern(3, 512));
+        assert_eq!(
+            s.call(BlkRequest::TakeDirty, &[]),
+            Ok(BlkReply::DirtyChunks(vec![]))
+        );
+        drop(d);
+        s.stop();
+    }
+}
+
 #[test]
 fn a_snapshot_during_a_write_loop_loses_nothing() {
     for base_format in [ImageFormat::Qcow2, ImageFormat::Raw] {

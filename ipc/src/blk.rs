@@ -43,6 +43,15 @@ pub enum BlkRequest {
     SetKey { password: String },
     /// Carry out again the requests held by an error policy of `Stop` (the VM continues).
     Resume,
+    /// Block migration: start tracking which chunks of `chunk_size` bytes (a power of two,
+    /// at least 512) the guest changes, from an empty set. Replied to with
+    /// [`BlkReply::Tracking`].
+    TrackDirty { chunk_size: u64 },
+    /// The chunks changed since tracking started or since the last take, cleared as they
+    /// are taken: [`BlkReply::DirtyChunks`].
+    TakeDirty,
+    /// Stop tracking: [`BlkReply::Tracking`] with `size` 0.
+    StopTracking,
 }
 
 /// An image format.
@@ -180,6 +189,10 @@ pub enum BlkReply {
     KeySet,
     /// [`BlkRequest::Resume`]: the held requests were carried out again (`retried`).
     Resumed { retried: u32 },
+    /// Tracking is on (for a disk of `size` bytes), or off (0).
+    Tracking { size: u64 },
+    /// The indices of the chunks changed, in order.
+    DirtyChunks(Vec<u64>),
 }
 
 /// Unsolicited reports from a block device process.

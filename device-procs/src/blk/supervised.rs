@@ -195,6 +195,19 @@ fn control_request(
             tracing::info!("resumed: {retried} held requests carried out again");
             Ok(BlkReply::Resumed { retried })
         }
+        BlkRequest::TrackDirty { chunk_size } => {
+            let disk = backend.disk();
+            let size = disk.capacity() * 512;
+            disk.dirty_chunks()
+                .start(chunk_size, size)
+                .map_err(|e| RemoteError(format!("cannot track the disk's writes: {e}")))?;
+            Ok(BlkReply::Tracking { size })
+        }
+        BlkRequest::TakeDirty => Ok(BlkReply::DirtyChunks(backend.disk().dirty_chunks().take())),
+        BlkRequest::StopTracking => {
+            backend.disk().dirty_chunks().stop();
+            Ok(BlkReply::Tracking { size: 0 })
+        }
         BlkRequest::Attach(_) | BlkRequest::AttachChain { .. } => {
             Err(RemoteError("a disk is already attached".into()))
         }
