@@ -9,6 +9,7 @@ pub mod net;
 pub mod sandbox;
 pub mod scsi;
 pub mod seccomp;
+pub mod shared_map;
 pub mod supervised;
 pub mod vhost_daemon;
 pub mod vhost_relay;

@@ -43,15 +43,49 @@ pub enum BlkRequest {
     SetKey { password: String },
     /// Carry out again the requests held by an error policy of `Stop` (the VM continues).
     Resume,
-    /// Block migration: start tracking which chunks of `chunk_size` bytes (a power of two,
-    /// at least 512) the guest changes, from an empty set. Replied to with
-    /// [`BlkReply::Tracking`].
-    TrackDirty { chunk_size: u64 },
-    /// The chunks changed since tracking started or since the last take, cleared as they
-    /// are taken: [`BlkReply::DirtyChunks`].
-    TakeDirty,
+    /// Block migration: mark every chunk of `chunk_size` bytes (a power of two, at least
+    /// 512) that the guest changes from now on in a bitmap the vmm shares: the one fd of
+    /// this message, a memfd of at least `ceil(chunks / 64) * 8` bytes (bit `c % 64` of
+    /// little-endian word `c / 64` for chunk `c`), set atomically; the vmm takes bits by
+    /// swapping words to zero. The bitmap outlives the process, so a restarted one is sent
+    /// the same memfd and nothing marked is lost. `initial` chunks are marked at once (what
+    /// the bulk pass sends). Replied to with [`BlkReply::Tracking`].
+    TrackDirty {
+        chunk_size: u64,
+        initial: InitialChunks,
+    },
     /// Stop tracking: [`BlkReply::Tracking`] with `size` 0.
     StopTracking,
+    /// Block migration's source: read `count` chunks from chunk `first` into the buffer
+    /// that is the one fd of this message (a memfd of at least `count * chunk_size`
+    /// bytes), chunk `i` at `i * chunk_size`; the last chunk of the disk may be shorter.
+    /// Replied to with [`BlkReply::ChunksRead`].
+    ReadChunks {
+        chunk_size: u64,
+        first: u64,
+        count: u32,
+    },
+    /// Block migration's destination: write `zero.len()` chunks from chunk `first`, out of
+    /// the buffer laid out as for [`BlkRequest::ReadChunks`]; a chunk whose `zero` is set
+    /// becomes zeroes (its bytes in the buffer are not read). Replied to with
+    /// [`BlkReply::ChunksWritten`].
+    WriteChunks {
+        chunk_size: u64,
+        first: u64,
+        zero: Vec<bool>,
+    },
+}
+
+/// Which chunks [`BlkRequest::TrackDirty`] marks before the guest writes any.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum InitialChunks {
+    /// None (a test, or a pass that only follows the guest).
+    None,
+    /// Every chunk of the disk (`migrate blk:true`).
+    All,
+    /// The chunks the top image holds data or zeroes for, not its backing images
+    /// (`migrate inc:true`): for qcow2 its allocated clusters, for raw what is not a hole.
+    Top,
 }
 
 /// An image format.
@@ -189,10 +223,13 @@ pub enum BlkReply {
     KeySet,
     /// [`BlkRequest::Resume`]: the held requests were carried out again (`retried`).
     Resumed { retried: u32 },
-    /// Tracking is on (for a disk of `size` bytes), or off (0).
-    Tracking { size: u64 },
-    /// The indices of the chunks changed, in order.
-    DirtyChunks(Vec<u64>),
+    /// Tracking is on for a disk of `size` bytes with `marked` chunks marked at once, or
+    /// off (`size` 0).
+    Tracking { size: u64, marked: u64 },
+    /// [`BlkRequest::ReadChunks`]: which of the chunks read were all zeroes.
+    ChunksRead { zero: Vec<bool> },
+    /// [`BlkRequest::WriteChunks`] is done.
+    ChunksWritten,
 }
 
 /// Unsolicited reports from a block device process.

@@ -1,86 +1,82 @@
 //! Which chunks of the disk the guest changed, for block migration (`migrate blk:true`):
-//! turned on before the bulk pass reads the disk, each pass takes (and clears) the set of
-//! chunks written since, and the last one is taken once the queue has stopped. A chunk is
-//! marked after its write completed, so a bulk read that raced the write is sent again.
+//! a bitmap in a memfd the vmm shares, turned on before the bulk pass reads the disk; the
+//! vmm takes (and clears) the bits of each pass, and the last ones once the queues have
+//! stopped. A chunk is marked after its write completed, so a read that raced the write is
+//! sent again. The bitmap lives in the vmm's memfd: marks survive a crash of this process,
+//! and a restarted one is handed the same bitmap.
 
-use std::sync::Mutex;
+use std::os::fd::OwnedFd;
+use std::sync::atomic::Ordering;
+use std::sync::RwLock;
+
+use crate::shared_map::SharedMapping;
 
 /// The dirty-chunk set; off until [`DirtyChunks::start`].
-#[derive(Debug)]
+#[derive(Default)]
 pub struct DirtyChunks {
-    state: Mutex<Option<Tracking>>,
+    state: RwLock<Option<Tracking>>,
 }
 
-#[derive(Debug)]
+impl std::fmt::Debug for DirtyChunks {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DirtyChunks")
+            .field("tracking", &self.is_tracking())
+            .finish()
+    }
+}
+
 struct Tracking {
     chunk_size: u64,
     /// Chunks the disk has (a mark past them is cut there).
     chunks: u64,
-    /// One bit per chunk.
-    bits: Vec<u64>,
+    /// One bit per chunk, shared with the vmm.
+    bits: SharedMapping,
 }
 
-impl Default for DirtyChunks {
-    fn default() -> Self {
-        Self::new()
-    }
+/// Bytes of bitmap that `chunks` chunks need (whole 64-bit words).
+pub fn bitmap_bytes(chunks: u64) -> u64 {
+    chunks.div_ceil(64) * 8
 }
 
 impl DirtyChunks {
     pub fn new() -> Self {
-        DirtyChunks {
-            state: Mutex::new(None),
-        }
-    }
-
-    fn lock(&self) -> std::sync::MutexGuard<'_, Option<Tracking>> {
-        self.state.lock().unwrap_or_else(|e| e.into_inner())
+        Self::default()
     }
 
     /// Start tracking a disk of `capacity` bytes in chunks of `chunk_size` bytes (a power
-    /// of two, at least a sector), from an empty set.
-    pub fn start(&self, chunk_size: u64, capacity: u64) -> Result<(), String> {
+    /// of two, at least a sector), marking into the bitmap `fd`.
+    pub fn start(&self, chunk_size: u64, capacity: u64, fd: &OwnedFd) -> Result<(), String> {
         if !chunk_size.is_power_of_two() || chunk_size < 512 {
             return Err(format!("a chunk of {chunk_size} bytes"));
         }
         let chunks = capacity.div_ceil(chunk_size);
-        let words = usize::try_from(chunks.div_ceil(64))
+        let bytes = usize::try_from(bitmap_bytes(chunks).max(8))
             .map_err(|_| format!("a disk of {capacity} bytes"))?;
-        *self.lock() = Some(Tracking {
+        let bits = SharedMapping::new(fd, bytes, true)
+            .map_err(|e| format!("cannot map the dirty bitmap: {e}"))?;
+        *self.state.write().unwrap_or_else(|e| e.into_inner()) = Some(Tracking {
             chunk_size,
             chunks,
-            bits: vec![0; words],
+            bits,
         });
         Ok(())
     }
 
-    /// The disk grew to `capacity` bytes: its new chunks are dirty (the destination has
-    /// not seen them).
-    pub fn grow(&self, capacity: u64) {
-        let old = match self.lock().as_ref() {
-            Some(t) => t.chunks * t.chunk_size,
-            None => return,
-        };
-        if let Some(t) = self.lock().as_mut() {
-            t.chunks = t.chunks.max(capacity.div_ceil(t.chunk_size));
-            let words = usize::try_from(t.chunks.div_ceil(64)).unwrap_or(t.bits.len());
-            t.bits.resize(words.max(t.bits.len()), 0);
-        }
-        self.mark(old, capacity.saturating_sub(old));
-    }
-
     pub fn stop(&self) {
-        *self.lock() = None;
+        *self.state.write().unwrap_or_else(|e| e.into_inner()) = None;
     }
 
     pub fn is_tracking(&self) -> bool {
-        self.lock().is_some()
+        self.state
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .is_some()
     }
 
     /// The guest changed `len` bytes at `offset` (a write, a discard, zeroes).
     pub fn mark(&self, offset: u64, len: u64) {
-        let mut guard = self.lock();
-        let Some(t) = guard.as_mut() else {
+        let guard = self.state.read().unwrap_or_else(|e| e.into_inner());
+        let Some(t) = guard.as_ref() else {
             return;
         };
         if len == 0 || t.chunks == 0 {
@@ -88,21 +84,41 @@ impl DirtyChunks {
         }
         let first = offset / t.chunk_size;
         let last = (offset.saturating_add(len - 1) / t.chunk_size).min(t.chunks - 1);
-        for c in first..=last {
-            t.bits[(c / 64) as usize] |= 1 << (c % 64);
-        }
+        t.mark_chunks(first, last + 1);
     }
 
-    /// The chunks marked since tracking started or they were last taken (indices in
-    /// order); the set is empty afterwards.
-    pub fn take(&self) -> Vec<u64> {
-        let mut guard = self.lock();
-        let Some(t) = guard.as_mut() else {
-            return Vec::new();
-        };
+    /// Mark chunks `first..end` (cut at the disk's last); how many that was.
+    pub fn mark_chunks(&self, first: u64, end: u64) -> u64 {
+        let guard = self.state.read().unwrap_or_else(|e| e.into_inner());
+        match guard.as_ref() {
+            Some(t) => t.mark_chunks(first, end.min(t.chunks)),
+            None => 0,
+        }
+    }
+}
+
+impl Tracking {
+    fn mark_chunks(&self, first: u64, end: u64) -> u64 {
+        let words = self.bits.words();
+        for c in first..end {
+            if let Some(word) = words.get((c / 64) as usize) {
+                word.fetch_or(1 << (c % 64), Ordering::AcqRel);
+            }
+        }
+        end.saturating_sub(first)
+    }
+}
+
+#[cfg(test)]
+pub mod tests {
+    use super::*;
+    use crate::shared_map::test_memfd;
+
+    /// The set chunks, cleared (as the vmm takes them).
+    pub fn take(map: &SharedMapping) -> Vec<u64> {
         let mut taken = Vec::new();
-        for (w, word) in t.bits.iter_mut().enumerate() {
-            let mut bits = std::mem::take(word);
+        for (w, word) in map.words().iter().enumerate() {
+            let mut bits = word.swap(0, Ordering::AcqRel);
             while bits != 0 {
                 taken.push(w as u64 * 64 + u64::from(bits.trailing_zeros()));
                 bits &= bits - 1;
@@ -110,35 +126,34 @@ impl DirtyChunks {
         }
         taken
     }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
 
     #[test]
-    fn writes_mark_the_chunks_they_touch_and_a_take_empties_the_set() {
+    fn writes_mark_the_chunks_they_touch_in_the_shared_bitmap() {
+        let fd = test_memfd(4096);
+        let vmm = SharedMapping::new(&fd, 4096, true).unwrap();
         let d = DirtyChunks::new();
         d.mark(0, 4096);
-        assert!(d.take().is_empty(), "nothing is kept while off");
-        d.start(1 << 20, 128 << 20).unwrap();
+        assert!(take(&vmm).is_empty(), "nothing is marked while off");
+        d.start(1 << 20, 128 << 20, &fd).unwrap();
         d.mark(0, 512);
         d.mark((1 << 20) - 512, 1024);
         d.mark(100 << 20, 1);
         d.mark(5 << 20, 0);
-        assert_eq!(d.take(), [0, 1, 100]);
-        assert!(d.take().is_empty());
-        // Past the end (a hostile offset cannot make it allocate): cut at the last chunk.
+        assert_eq!(take(&vmm), [0, 1, 100]);
+        assert!(take(&vmm).is_empty());
+        // Past the end (a hostile offset cannot write past the bitmap): cut at the last.
         d.mark(u64::MAX - 10, 10);
         d.mark(127 << 20, u64::MAX);
-        assert_eq!(d.take(), [127]);
-        // A resize: the new chunks are dirty.
-        d.grow(130 << 20);
-        assert_eq!(d.take(), [128, 129]);
+        assert_eq!(take(&vmm), [127]);
+        assert_eq!(d.mark_chunks(126, 1000), 2);
+        assert_eq!(take(&vmm), [126, 127]);
         d.stop();
         assert!(!d.is_tracking());
-        assert!(d.take().is_empty());
-        assert!(d.start(1000, 1 << 20).is_err());
-        assert!(d.start(256, 1 << 20).is_err());
+        d.mark(0, 1);
+        assert!(take(&vmm).is_empty());
+        assert!(d.start(1000, 1 << 20, &fd).is_err());
+        assert!(d.start(256, 1 << 20, &fd).is_err());
+        // A bitmap too small for the disk is refused.
+        assert!(d.start(512, 1 << 30, &fd).is_err());
     }
 }

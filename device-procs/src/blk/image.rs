@@ -72,6 +72,8 @@ pub enum ImageError {
     NotAFile,
     #[error("the disk has no encrypted image")]
     NotEncrypted,
+    #[error("the disk cannot be resized while a block migration copies it")]
+    Migrating,
 }
 
 fn io_err(what: impl Into<String>) -> impl FnOnce(io::Error) -> ImageError {
@@ -167,7 +169,12 @@ pub struct CountedFile {
     counters: Arc<IoCounters>,
     /// The data clusters of this (qcow2) image are AES-encrypted.
     encrypted: bool,
+    /// Tells this file from the others of a chain (which image holds a mapping).
+    id: u64,
 }
+
+/// The next [`CountedFile`]'s id.
+static NEXT_FILE_ID: AtomicU64 = AtomicU64::new(1);
 
 impl CountedFile {
     /// `file`, known as `name` in messages; `writable` as it was opened.
@@ -182,7 +189,13 @@ impl CountedFile {
             name: name.to_string(),
             counters: Arc::default(),
             encrypted: false,
+            id: NEXT_FILE_ID.fetch_add(1, Ordering::Relaxed),
         })
+    }
+
+    /// This file's id, unique in the process.
+    pub fn id(&self) -> u64 {
+        self.id
     }
 
     pub fn counters(&self) -> &Arc<IoCounters> {
@@ -366,6 +379,8 @@ pub struct LayerInfo {
     pub encrypted: bool,
     /// Bytes of a cluster (qcow2), or of a sector (raw: no clusters).
     pub cluster_size: u64,
+    /// The [`CountedFile::id`] of the image's file.
+    pub file_id: u64,
 }
 
 /// Open one layer over `file`: qcow2 (with `backing` attached, or explicitly none) or raw.
@@ -379,16 +394,16 @@ fn open_layer(
     let mut info = LayerInfo {
         encrypted: false,
         cluster_size: SECTOR_SIZE,
+        file_id: 0,
     };
     if format == ImageFormat::Qcow2 {
         let header = check_qcow2_header(&file, name)?;
-        info = LayerInfo {
-            encrypted: header.crypt_method == CRYPT_AES,
-            cluster_size: 1 << header.cluster_bits,
-        };
+        info.encrypted = header.crypt_method == CRYPT_AES;
+        info.cluster_size = 1 << header.cluster_bits;
     }
     let mut storage = CountedFile::new(file, name, writable)?;
     storage.encrypted = info.encrypted;
+    info.file_id = storage.id();
     let counters = storage.counters().clone();
     let layer = match format {
         ImageFormat::Qcow2 => {

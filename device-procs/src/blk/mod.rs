@@ -7,6 +7,7 @@
 //! locks for the standalone mode.
 
 pub mod backend;
+pub mod chunks;
 pub mod cli;
 pub mod config;
 pub mod crypt;

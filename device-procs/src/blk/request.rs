@@ -279,7 +279,7 @@ impl Disk {
     }
 
     /// The key, if the disk is encrypted; NoKey while it has none.
-    fn key(&self) -> Result<Option<Key>, RequestError> {
+    pub(super) fn key(&self) -> Result<Option<Key>, RequestError> {
         match &self.crypto {
             None => Ok(None),
             Some(c) => match &*c.key.read().unwrap_or_else(|e| e.into_inner()) {
@@ -294,7 +294,7 @@ impl Disk {
         self.capacity.load(Ordering::Acquire)
     }
 
-    fn image(&self) -> RwLockReadGuard<'_, Image> {
+    pub(super) fn image(&self) -> RwLockReadGuard<'_, Image> {
         self.image.read().unwrap_or_else(|e| e.into_inner())
     }
 
@@ -308,6 +308,9 @@ impl Disk {
         if self.readonly {
             return Err(ImageError::ReadOnly);
         }
+        if self.dirty.is_tracking() {
+            return Err(ImageError::Migrating);
+        }
         let sectors = size / SECTOR_SIZE;
         let mut image = self.image_mut();
         if sectors < self.capacity() {
@@ -315,7 +318,6 @@ impl Disk {
         }
         image.grow(sectors * SECTOR_SIZE)?;
         self.capacity.store(sectors, Ordering::Release);
-        self.dirty.grow(sectors * SECTOR_SIZE);
         Ok(sectors * SECTOR_SIZE)
     }
 
@@ -1003,7 +1005,7 @@ fn read_encrypted(
 /// Write `len` bytes at `offset` of a chain with encrypted images, whole clusters at a
 /// time (see [`crypt::write`]); `fill` gives the data. One such write at a time: they
 /// rewrite the clusters they touch.
-fn write_encrypted(
+pub(super) fn write_encrypted(
     disk: &Disk,
     chain: &Chain,
     key: &Key,
@@ -1102,7 +1104,7 @@ fn discard_format_or_raw(disk: &Disk, offset: u64, len: u64) -> Result<(), Reque
 }
 
 /// Make a range read as zeroes (unmapping it where the guest allows).
-fn zeroes(disk: &Disk, offset: u64, len: u64, unmap: bool) -> Result<(), RequestError> {
+pub(super) fn zeroes(disk: &Disk, offset: u64, len: u64, unmap: bool) -> Result<(), RequestError> {
     let host = |source| RequestError::Host {
         op: "write-zeroes",
         offset,
@@ -1344,7 +1346,9 @@ mod tests {
     fn writes_mark_their_chunks_for_block_migration() {
         let (disk, _img) = image(8, false);
         let mem = memory();
-        disk.dirty_chunks().start(1024, 8 * 512).unwrap();
+        let fd = crate::shared_map::test_memfd(8);
+        let bitmap = crate::shared_map::SharedMapping::new(&fd, 8, true).unwrap();
+        disk.dirty_chunks().start(1024, 8 * 512, &fd).unwrap();
         header(&mem, VIRTIO_BLK_T_OUT, 5);
         let c = run(
             &disk,
@@ -1367,7 +1371,7 @@ mod tests {
         );
         assert_eq!(status(&mem), VIRTIO_BLK_S_IOERR as u8, "past the end");
         // Sectors 5 and 6: bytes 2560..3584, chunks 2 and 3.
-        assert_eq!(disk.dirty_chunks().take(), [2, 3]);
+        assert_eq!(super::super::dirty::tests::take(&bitmap), [2, 3]);
     }
 
     #[test]

@@ -169,12 +169,7 @@ fn control_request(
             .map_err(|e| RemoteError(format!("cannot resize the disk: {e}"))),
         BlkRequest::Stats => Ok(BlkReply::Stats(backend.disk().stats())),
         BlkRequest::Snapshot { format } => {
-            let [fd] = <[OwnedFd; 1]>::try_from(fds).map_err(|fds| {
-                RemoteError(format!(
-                    "Snapshot carries the overlay as exactly one fd, this one carried {}",
-                    fds.len()
-                ))
-            })?;
+            let fd = one_fd("Snapshot", fds)?;
             backend
                 .disk()
                 .snapshot(File::from(fd), format)
@@ -195,21 +190,63 @@ fn control_request(
             tracing::info!("resumed: {retried} held requests carried out again");
             Ok(BlkReply::Resumed { retried })
         }
-        BlkRequest::TrackDirty { chunk_size } => {
+        BlkRequest::TrackDirty {
+            chunk_size,
+            initial,
+        } => {
+            let fd = one_fd("TrackDirty", fds)?;
             let disk = backend.disk();
-            let size = disk.capacity() * 512;
-            disk.dirty_chunks()
-                .start(chunk_size, size)
+            let marked = disk
+                .track_chunks(&fd, chunk_size, initial)
                 .map_err(|e| RemoteError(format!("cannot track the disk's writes: {e}")))?;
-            Ok(BlkReply::Tracking { size })
+            tracing::info!(
+                "block migration: tracking chunks of {chunk_size} bytes, {marked} marked"
+            );
+            Ok(BlkReply::Tracking {
+                size: disk.capacity() * super::config::SECTOR_SIZE,
+                marked,
+            })
         }
-        BlkRequest::TakeDirty => Ok(BlkReply::DirtyChunks(backend.disk().dirty_chunks().take())),
         BlkRequest::StopTracking => {
             backend.disk().dirty_chunks().stop();
-            Ok(BlkReply::Tracking { size: 0 })
+            Ok(BlkReply::Tracking { size: 0, marked: 0 })
+        }
+        BlkRequest::ReadChunks {
+            chunk_size,
+            first,
+            count,
+        } => {
+            let fd = one_fd("ReadChunks", fds)?;
+            let zero = backend
+                .disk()
+                .read_chunks(&fd, chunk_size, first, count)
+                .map_err(|e| RemoteError(format!("cannot read the disk for migration: {e}")))?;
+            Ok(BlkReply::ChunksRead { zero })
+        }
+        BlkRequest::WriteChunks {
+            chunk_size,
+            first,
+            zero,
+        } => {
+            let fd = one_fd("WriteChunks", fds)?;
+            backend
+                .disk()
+                .write_chunks(&fd, chunk_size, first, &zero)
+                .map_err(|e| RemoteError(format!("cannot write the migrated disk: {e}")))?;
+            Ok(BlkReply::ChunksWritten)
         }
         BlkRequest::Attach(_) | BlkRequest::AttachChain { .. } => {
             Err(RemoteError("a disk is already attached".into()))
         }
     }
+}
+
+/// The one fd a request carries.
+fn one_fd(request: &str, fds: Vec<OwnedFd>) -> Result<OwnedFd, RemoteError> {
+    <[OwnedFd; 1]>::try_from(fds).map(|[fd]| fd).map_err(|fds| {
+        RemoteError(format!(
+            "{request} carries exactly one fd, this one carried {}",
+            fds.len()
+        ))
+    })
 }

@@ -3,7 +3,9 @@
 //! compares with the VRAM to find what changed, tile by tile. Clients encode from the
 //! shadow, never from VRAM the guest is writing.
 
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::OwnedFd;
+
+use crate::shared_map::SharedMapping;
 
 use ipc::display::{Mode, PixelFormat, Scanout, SCANOUT_PAGE_SIZE};
 
@@ -13,95 +15,28 @@ pub const TILE: u32 = 64;
 pub const BLANK_WIDTH: u32 = 640;
 pub const BLANK_HEIGHT: u32 = 480;
 
-/// A read-only shared mapping of an fd.
-struct Mapping {
-    ptr: *mut u8,
-    len: usize,
-}
-
-// SAFETY: a shared mapping read with copies only; valid until Drop.
-unsafe impl Send for Mapping {}
-// SAFETY: as above.
-unsafe impl Sync for Mapping {}
-
-impl Mapping {
-    fn new(fd: &OwnedFd, len: usize, writable: bool) -> std::io::Result<Self> {
-        let prot = if writable {
-            libc::PROT_READ | libc::PROT_WRITE
-        } else {
-            libc::PROT_READ
-        };
-        // SAFETY: a fresh shared mapping of an fd we hold; the result is checked.
-        let ptr = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len,
-                prot,
-                libc::MAP_SHARED,
-                fd.as_raw_fd(),
-                0,
-            )
-        };
-        if ptr == libc::MAP_FAILED {
-            return Err(std::io::Error::last_os_error());
-        }
-        Ok(Mapping {
-            ptr: ptr.cast(),
-            len,
-        })
-    }
-}
-
-impl Drop for Mapping {
-    fn drop(&mut self) {
-        // SAFETY: the mapping made in `new`, unmapped once.
-        unsafe { libc::munmap(self.ptr.cast(), self.len) };
-    }
-}
-
 /// The guest's VRAM (if it has a display adapter) and the scanout page that says what
 /// part of it is on screen, and the keyboard LEDs.
 pub struct Framebuffer {
-    vram: Option<Mapping>,
+    vram: Option<SharedMapping>,
     // Declared before `_page`: the view must not outlive the mapping.
     scanout: Scanout,
-    _page: Mapping,
-}
-
-/// Fail on an fd smaller than `len` (a mapping of it would fault when read).
-fn check_size(fd: &OwnedFd, len: u64) -> std::io::Result<()> {
-    // SAFETY: fstat fills the struct we pass.
-    let mut st: libc::stat = unsafe { std::mem::zeroed() };
-    // SAFETY: as above, on an fd we hold.
-    if unsafe { libc::fstat(fd.as_raw_fd(), &mut st) } != 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    if (st.st_size as u64) < len || len == 0 {
-        return Err(std::io::Error::other(format!(
-            "a framebuffer fd of {} bytes, expected {len}",
-            st.st_size
-        )));
-    }
-    Ok(())
+    _page: SharedMapping,
 }
 
 impl Framebuffer {
     /// Map the scanout page and `vram` (`vram_size` bytes), read-only.
     pub fn map(page: &OwnedFd, vram: Option<(&OwnedFd, u64)>) -> std::io::Result<Self> {
-        check_size(page, SCANOUT_PAGE_SIZE as u64)?;
         let vram = match vram {
-            Some((fd, size)) => {
-                check_size(fd, size)?;
-                Some(Mapping::new(fd, size as usize, false)?)
-            }
+            Some((fd, size)) => Some(SharedMapping::new(fd, size as usize, false)?),
             None => None,
         };
         // The page is written by the vmm only, but a sequence lock's reader uses atomics,
         // which need the mapping readable; it stays read-only.
-        let page = Mapping::new(page, SCANOUT_PAGE_SIZE, false)?;
+        let page = SharedMapping::new(page, SCANOUT_PAGE_SIZE, false)?;
         // SAFETY: the page is mapped for as long as `_page`, which outlives the view
         // (field order); mmap returns page-aligned memory.
-        let scanout = unsafe { Scanout::new(page.ptr) };
+        let scanout = unsafe { Scanout::new(page.as_ptr()) };
         Ok(Framebuffer {
             vram,
             scanout,
@@ -114,7 +49,7 @@ impl Framebuffer {
         let vram = self.vram.as_ref()?;
         self.scanout
             .read()
-            .filter(|m| m.fits(vram.len as u64) && m.width > 0 && m.height > 0)
+            .filter(|m| m.fits(vram.len() as u64) && m.width > 0 && m.height > 0)
     }
 
     /// The PS/2 keyboard's LEDs as the guest set them.
@@ -131,10 +66,10 @@ impl Framebuffer {
         let n = out
             .len()
             .min((mode.width * mode.format.bytes_per_pixel()) as usize);
-        if start + n <= vram.len {
+        if start + n <= vram.len() {
             // SAFETY: start + n is inside the mapping (checked); the guest may be writing
             // these bytes, which only makes the copy's contents racy.
-            unsafe { std::ptr::copy_nonoverlapping(vram.ptr.add(start), out.as_mut_ptr(), n) };
+            unsafe { std::ptr::copy_nonoverlapping(vram.as_ptr().add(start), out.as_mut_ptr(), n) };
         }
     }
 }
@@ -277,33 +212,23 @@ impl Screen {
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
+    use crate::shared_map::test_memfd;
 
     /// A framebuffer over memfds the test writes, as the vmm's would be.
     pub struct TestFb {
         pub vram: OwnedFd,
         pub page: OwnedFd,
         pub vram_size: u64,
-        vram_map: Mapping,
-        page_map: Mapping,
-    }
-
-    fn memfd(len: u64) -> OwnedFd {
-        // SAFETY: memfd_create with a static name; the result is checked.
-        let fd = unsafe { libc::memfd_create(c"test-fb".as_ptr(), 0) };
-        assert!(fd >= 0);
-        // SAFETY: we own the new fd.
-        let fd = unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) };
-        // SAFETY: ftruncate on our fd.
-        assert_eq!(unsafe { libc::ftruncate(fd.as_raw_fd(), len as i64) }, 0);
-        fd
+        vram_map: SharedMapping,
+        page_map: SharedMapping,
     }
 
     impl TestFb {
         pub fn new(vram_size: u64) -> Self {
-            let vram = memfd(vram_size);
-            let page = memfd(SCANOUT_PAGE_SIZE as u64);
-            let vram_map = Mapping::new(&vram, vram_size as usize, true).unwrap();
-            let page_map = Mapping::new(&page, SCANOUT_PAGE_SIZE, true).unwrap();
+            let vram = test_memfd(vram_size);
+            let page = test_memfd(SCANOUT_PAGE_SIZE as u64);
+            let vram_map = SharedMapping::new(&vram, vram_size as usize, true).unwrap();
+            let page_map = SharedMapping::new(&page, SCANOUT_PAGE_SIZE, true).unwrap();
             TestFb {
                 vram,
                 page,
@@ -315,16 +240,16 @@ pub(crate) mod tests {
 
         pub fn set_mode(&self, mode: Option<Mode>) {
             // SAFETY: the page mapping lives as long as self.
-            unsafe { Scanout::new(self.page_map.ptr) }.publish(mode);
+            unsafe { Scanout::new(self.page_map.as_ptr()) }.publish(mode);
         }
 
         pub fn write(&self, offset: usize, bytes: &[u8]) {
-            assert!(offset + bytes.len() <= self.vram_map.len);
+            assert!(offset + bytes.len() <= self.vram_map.len());
             // SAFETY: inside the mapping (asserted).
             unsafe {
                 std::ptr::copy_nonoverlapping(
                     bytes.as_ptr(),
-                    self.vram_map.ptr.add(offset),
+                    self.vram_map.as_ptr().add(offset),
                     bytes.len(),
                 )
             };

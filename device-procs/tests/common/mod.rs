@@ -2,6 +2,8 @@
 
 #[allow(dead_code)] // Not every test binary runs a standalone vmm-blk.
 pub mod daemon;
+#[allow(dead_code)] // Only the format and block migration tests drive a vring.
+pub mod vring;
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU32, Ordering};
