@@ -432,6 +432,9 @@ pub fn open_image(path: &str, readonly: bool) -> Result<File, DriveError> {
         }
     }
     lock_image(&file, path, readonly)?;
+    if !readonly {
+        refuse_incomplete(&file, path)?;
+    }
     Ok(file)
 }
 
@@ -457,7 +460,84 @@ pub fn image_from_fd(
     }
     let file = File::from(fd);
     lock_image(&file, label, readonly)?;
+    if !readonly {
+        refuse_incomplete(&file, label)?;
+    }
     Ok(file)
+}
+
+/// The extended attribute that marks the image of an incoming block migration until the
+/// guest has arrived: a copy whose migration failed keeps it, and is never served as a
+/// good disk (remove it with `setfattr -x user.vmm.migration FILE` to serve it anyway).
+const INCOMPLETE_XATTR: &std::ffi::CStr = c"user.vmm.migration";
+const INCOMPLETE_VALUE: &[u8] = b"incomplete";
+
+/// Mark an image as the incomplete copy of a block migration.
+pub fn mark_incomplete(file: &File, path: &str) -> Result<(), DriveError> {
+    // SAFETY: fsetxattr reads the name and value we pass, on an fd we hold.
+    let r = unsafe {
+        libc::fsetxattr(
+            file.as_raw_fd(),
+            INCOMPLETE_XATTR.as_ptr(),
+            INCOMPLETE_VALUE.as_ptr().cast(),
+            INCOMPLETE_VALUE.len(),
+            0,
+        )
+    };
+    if r != 0 {
+        return Err(DriveError::Open {
+            path: path.to_string(),
+            reason: format!(
+                "cannot mark the image as an incomplete copy (user extended attributes): {}",
+                std::io::Error::last_os_error()
+            ),
+        });
+    }
+    Ok(())
+}
+
+/// The block migration that wrote the image is done.
+pub fn clear_incomplete(file: &File, path: &str) -> Result<(), DriveError> {
+    // SAFETY: fremovexattr reads the name we pass, on an fd we hold.
+    let r = unsafe { libc::fremovexattr(file.as_raw_fd(), INCOMPLETE_XATTR.as_ptr()) };
+    if r != 0 && std::io::Error::last_os_error().raw_os_error() != Some(libc::ENODATA) {
+        return Err(DriveError::Open {
+            path: path.to_string(),
+            reason: format!(
+                "cannot clear the incomplete mark: {}",
+                std::io::Error::last_os_error()
+            ),
+        });
+    }
+    Ok(())
+}
+
+/// Whether the image is marked as the incomplete copy of a block migration.
+pub fn is_incomplete(file: &File) -> bool {
+    let mut value = [0u8; 16];
+    // SAFETY: fgetxattr writes at most value.len() bytes into our buffer.
+    let n = unsafe {
+        libc::fgetxattr(
+            file.as_raw_fd(),
+            INCOMPLETE_XATTR.as_ptr(),
+            value.as_mut_ptr().cast(),
+            value.len(),
+        )
+    };
+    n > 0 && value[..n as usize].starts_with(INCOMPLETE_VALUE)
+}
+
+/// Refuse to serve an image a failed block migration left incomplete.
+pub fn refuse_incomplete(file: &File, path: &str) -> Result<(), DriveError> {
+    if is_incomplete(file) {
+        return Err(DriveError::Open {
+            path: path.to_string(),
+            reason: "the image is the incomplete copy of a block migration that did not \
+                     finish (extended attribute user.vmm.migration)"
+                .into(),
+        });
+    }
+    Ok(())
 }
 
 /// Let go of an image's locks (a migration's source, before the destination takes them).

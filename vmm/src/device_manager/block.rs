@@ -8,7 +8,9 @@ use std::os::fd::{AsFd, AsRawFd, RawFd};
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 
-use ipc::blk::{AttachConfig, BlkChannel, BlkEvent, BlkReply, BlkRequest, ErrorAction};
+use ipc::blk::{
+    AttachConfig, BlkChannel, BlkEvent, BlkReply, BlkRequest, ErrorAction, InitialChunks,
+};
 use ipc::DeviceKind;
 use serde_json::json;
 
@@ -21,6 +23,7 @@ use crate::chardev::{ChardevSpec, SocketAddress};
 use crate::control::MachineRequest;
 use crate::drive::{self, DriveConfig, DriveInterface, DriveMedia, OpenedImage};
 use crate::image::Format;
+use crate::migration::disk::ChunkBitmap;
 use crate::supervisor::DeviceProcess;
 use crate::virtio::pci::VirtioPciDevice;
 use crate::virtio::vhost_user::VhostUserDevice;
@@ -33,23 +36,23 @@ pub(super) type SharedBlock = Arc<Mutex<BlockDevice>>;
 
 /// A virtio-blk disk served by a `vmm-blk` process.
 pub(super) struct BlockDevice {
-    supervision: Supervision,
-    drive: String,
+    pub(super) supervision: Supervision,
+    pub(super) drive: String,
     /// The drive as configured, for query-block.
-    drive_config: DriveConfig,
+    pub(super) drive_config: DriveConfig,
     /// The virtual size in bytes, as the process last reported it.
-    size: u64,
+    pub(super) size: u64,
     /// `/machine/peripheral/ID` or `/machine/peripheral-anon/device[N]`.
     qdev: String,
     pub(super) slot: u8,
     /// The image and its backing chain, kept for a restarted process.
-    image: OpenedImage,
+    pub(super) image: OpenedImage,
     /// The writable top image is locked (not yet, on a migration's destination; no more,
     /// on its source once the guest has moved).
-    locked: bool,
+    pub(super) locked: bool,
     attach: AttachConfig,
     /// Kept open: the process exits when the vmm's end closes.
-    control: BlkChannel,
+    pub(super) control: BlkChannel,
     function: Arc<Mutex<VirtioPciDevice>>,
     /// An image of the chain is encrypted; the process refuses I/O until it has the key.
     encrypted: bool,
@@ -57,6 +60,11 @@ pub(super) struct BlockDevice {
     password: Option<String>,
     /// query-block's io-status: set when an error policy stopped the VM for this disk.
     io_status: IoStatus,
+    /// Block migration's dirty-chunk bitmap while one runs (a restarted process is
+    /// handed it again).
+    pub(super) tracking: Option<Arc<ChunkBitmap>>,
+    /// An incoming block migration writes this disk: its image is marked incomplete.
+    pub(super) incomplete: bool,
 }
 
 /// A disk's I/O status as query-block reports it (`io-status`).
@@ -602,6 +610,8 @@ impl DeviceManager {
             encrypted,
             password: None,
             io_status: IoStatus::Ok,
+            tracking: None,
+            incomplete: false,
         }));
         self.blocks.push(block.clone());
         self.supervise(block)?;
@@ -767,6 +777,11 @@ impl SupervisedDevice for BlockDevice {
             };
             process::setup_call(&name, &mut control, request, &[])?;
         }
+        if let Some(bitmap) = &self.tracking {
+            // A block migration runs: the new process marks into the same bitmap, before
+            // the guest's requests (and those the old one left) reach it.
+            super::block_migration::track(&name, &mut control, bitmap, InitialChunks::None)?;
+        }
         process::reconnect(&name, &self.function, &process)?;
         self.supervision.replaced(process);
         self.control = control;
@@ -794,6 +809,9 @@ impl DeviceManager {
             if !b.locked {
                 drive::lock_image(&b.image.top, &b.image.path, b.drive_config.readonly)?;
                 b.locked = true;
+            }
+            if !b.incomplete && !b.drive_config.readonly {
+                drive::refuse_incomplete(&b.image.top, &b.image.path)?;
             }
         }
         Ok(())

@@ -27,6 +27,7 @@ use crate::virtio::VirtioBackend;
 
 mod balloon;
 mod block;
+mod block_migration;
 mod config;
 mod display;
 mod net;
@@ -124,6 +125,9 @@ pub enum DeviceError {
     Display(String),
     #[error("{0}")]
     Balloon(String),
+    /// Block migration, in words for the migrate command or the incoming stream.
+    #[error("{0}")]
+    Migration(String),
     #[error(transparent)]
     Drive(#[from] DriveError),
     #[error(transparent)]

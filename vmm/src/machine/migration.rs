@@ -8,6 +8,7 @@ use std::sync::{mpsc, Arc, Mutex};
 
 use super::{Machine, MachineExit};
 use crate::control::{FnJob, MachineControl, MachineRequest};
+use crate::migration::disk::{BlockMode, DiskInfo, DiskIo};
 use crate::migration::log::DeviceDirtyLog;
 use crate::migration::ram::RamPages;
 use crate::migration::stream::Header;
@@ -85,6 +86,15 @@ impl DestinationHost for MachineDestination {
         .unwrap_or_else(|| Err("the machine is gone".into()))
     }
 
+    fn prepare_disks(&self, disks: Vec<DiskInfo>) -> Result<Vec<Box<dyn DiskIo>>, String> {
+        on_machine(&self.control, move |m| {
+            m.devices
+                .prepare_incoming_disks(&disks)
+                .map_err(|e| e.to_string())
+        })
+        .unwrap_or_else(|| Err("the machine is gone".into()))
+    }
+
     fn failed(&self, message: String) {
         self.control
             .request(MachineRequest::Run(Box::new(FnJob::new(move |_| {
@@ -129,9 +139,15 @@ impl Machine {
             .map(|why| format!("State blocked by non-migratable device '{why}'"))
     }
 
-    /// QMP `migrate`: start sending the guest to `uri` (`fd` for `fd:NAME`). Errors are
-    /// QEMU's words for what it refuses before it starts.
-    pub fn migrate(&mut self, uri: &str, fd: Option<OwnedFd>) -> Result<(), String> {
+    /// QMP `migrate`: start sending the guest to `uri` (`fd` for `fd:NAME`), with the
+    /// disks' contents unless they are shared (`block`). Errors are QEMU's words for what
+    /// it refuses before it starts.
+    pub fn migrate(
+        &mut self,
+        uri: &str,
+        fd: Option<OwnedFd>,
+        block: BlockMode,
+    ) -> Result<(), String> {
         if self.migration.status().is_active() {
             return Err("There's a migration process in progress".into());
         }
@@ -161,8 +177,18 @@ impl Machine {
             let _ = self.devices.set_dirty_logging(None);
             return Err(format!("cannot log the devices' writes: {e}"));
         }
+        // Block migration: the disks' processes mark what to send and track the guest's
+        // writes from here on.
+        let disks = match self.devices.start_block_migration(block) {
+            Ok(disks) => disks,
+            Err(e) => {
+                let _ = self.devices.set_dirty_logging(None);
+                return Err(e.to_string());
+            }
+        };
         if let Err(e) = self.accel.start_dirty_log() {
             let _ = self.devices.set_dirty_logging(None);
+            self.devices.stop_block_migration();
             return Err(format!("cannot log the guest's writes: {e}"));
         }
         // Compiled code that ran before logging started stores on its own: let every vCPU
@@ -187,6 +213,7 @@ impl Machine {
             cancel: self.migration.cancel.clone(),
             events: self.events.clone(),
             device_log: Some(device_log),
+            disks,
         };
         if let Err(e) = std::thread::Builder::new()
             .name("migration".into())
@@ -194,6 +221,7 @@ impl Machine {
         {
             self.accel.stop_dirty_log();
             let _ = self.devices.set_dirty_logging(None);
+            self.devices.stop_block_migration();
             lock(&self.migration.progress).status = Status::Failed;
             return Err(format!("cannot start the migration thread: {e}"));
         }
@@ -204,6 +232,7 @@ impl Machine {
     /// otherwise it runs again if it ran before.
     fn migration_finished(&mut self, completed: bool) {
         self.accel.stop_dirty_log();
+        self.devices.stop_block_migration();
         if let Err(e) = self.devices.set_dirty_logging(None) {
             tracing::warn!("migration: cannot stop the devices' dirty logging: {e}");
         }
@@ -278,6 +307,10 @@ impl Machine {
         }
         // The configuration spaces say where the BARs are: route them there.
         lock(&self.pci).reroute_all();
+        // The disks a block migration wrote are complete copies now.
+        self.devices
+            .finish_incoming_disks()
+            .map_err(|e| e.to_string())?;
         self.run_state = RunState::Paused;
         if running && self.incoming_autostart {
             self.cont().map_err(|e| e.desc)?;

@@ -5,6 +5,7 @@
 
 use std::io::{BufReader, Write};
 
+use super::disk::{self, chunk_len, DiskInfo, DiskIo, TransferBuffer, TRANSFER_CHUNKS};
 use super::ram::RamPages;
 use super::stream::{Header, Record, StreamReader};
 use super::uri::Incoming;
@@ -15,6 +16,9 @@ pub trait DestinationHost: Send {
     /// Take every device's state; resume the guest if it ran on the source (and the
     /// destination was not started with -S).
     fn restore(&self, sections: Vec<(String, Vec<u8>)>, running: bool) -> Result<(), String>;
+    /// Block migration: check the source's disks against ours (size, backing file), take
+    /// their images' locks and mark them incomplete until the migration is done; their I/O.
+    fn prepare_disks(&self, disks: Vec<DiskInfo>) -> Result<Vec<Box<dyn DiskIo>>, String>;
     /// The incoming migration failed: say why and end (QEMU's destination exits).
     fn failed(&self, message: String);
 }
@@ -43,7 +47,7 @@ pub fn run(m: IncomingMigration) {
     let Some(reader) = channel.reader.take() else {
         return host.failed("the migration channel cannot be read".into());
     };
-    let result = receive(&ram, &expected, host.as_ref(), reader);
+    let result = receive(&ram, &expected, host.as_ref(), reader, &mut channel.writer);
     let reply = match &result {
         Ok(_) => "OK\n".to_string(),
         Err(e) => format!("ERR {}\n", e.to_string().replace('\n', " ")),
@@ -100,11 +104,15 @@ pub fn check_header(got: &Header, want: &Header) -> Result<(), MigrationError> {
     Ok(())
 }
 
+/// What the destination says on the return path once it has accepted the disks.
+pub const DISKS_READY: &str = "READY";
+
 fn receive(
     ram: &RamPages,
     expected: &Header,
     host: &dyn DestinationHost,
     reader: Box<dyn std::io::Read + Send>,
+    reply: &mut dyn Write,
 ) -> Result<(), MigrationError> {
     let mut r = StreamReader::new(BufReader::with_capacity(1 << 20, reader))?;
     let header = match r.next_record()? {
@@ -117,10 +125,36 @@ fn receive(
     };
     check_header(&header, expected)?;
     let mut sections = Vec::new();
+    let mut disks: Option<IncomingDisks> = None;
     loop {
         match r.next_record()? {
             Record::Header(_) => {
                 return Err(MigrationError::Mismatch("a second header".into()));
+            }
+            Record::Disks(infos) => {
+                if disks.is_some() {
+                    return Err(MigrationError::Mismatch("a second list of disks".into()));
+                }
+                let io = host
+                    .prepare_disks(infos.clone())
+                    .map_err(MigrationError::Refused)?;
+                let buffer = TransferBuffer::new().map_err(MigrationError::Machine)?;
+                disks = Some(IncomingDisks { infos, io, buffer });
+                // The source waits for this before it sends a chunk (or stops its guest).
+                reply.write_all(format!("{DISKS_READY}\n").as_bytes())?;
+                reply.flush()?;
+            }
+            Record::Disk {
+                disk,
+                first,
+                chunks,
+            } => {
+                let Some(d) = disks.as_ref() else {
+                    return Err(MigrationError::Mismatch(
+                        "disk contents before the list of disks".into(),
+                    ));
+                };
+                d.write(disk, first, chunks)?;
             }
             Record::Ram { first, pages } => {
                 for (i, page) in pages.iter().enumerate() {
@@ -142,6 +176,54 @@ fn receive(
     }
     host.restore(sections, header.running)
         .map_err(MigrationError::Machine)
+}
+
+/// The disks of an incoming block migration.
+struct IncomingDisks {
+    infos: Vec<DiskInfo>,
+    io: Vec<Box<dyn DiskIo>>,
+    buffer: TransferBuffer,
+}
+
+impl IncomingDisks {
+    /// Write chunks of disk `disk` from chunk `first` through its device process.
+    fn write(
+        &self,
+        disk: u32,
+        first: u64,
+        chunks: Vec<Option<Vec<u8>>>,
+    ) -> Result<(), MigrationError> {
+        let bad = |why: String| MigrationError::Mismatch(why);
+        let (Some(info), Some(io)) = (self.infos.get(disk as usize), self.io.get(disk as usize))
+        else {
+            return Err(bad(format!(
+                "chunks of disk {disk}, which the source did not name"
+            )));
+        };
+        if chunks.len() > TRANSFER_CHUNKS as usize {
+            return Err(bad(format!("{} chunks in one record", chunks.len())));
+        }
+        let mut zero = Vec::with_capacity(chunks.len());
+        for (i, chunk) in chunks.iter().enumerate() {
+            let c = first.saturating_add(i as u64);
+            let len = chunk_len(c, info.size);
+            match chunk {
+                Some(data) if data.len() as u64 == len => self.buffer.set_chunk(i, data),
+                None if len > 0 => {}
+                _ => {
+                    return Err(bad(format!(
+                        "chunk {c} of drive '{}' does not fit its {} bytes",
+                        info.drive, info.size
+                    )))
+                }
+            }
+            zero.push(chunk.is_none());
+        }
+        disk::with_restarts(&|| false, || {
+            io.write_chunks(self.buffer.fd(), first, zero.clone())
+        })
+        .map_err(|e| MigrationError::Machine(format!("drive '{}': {e}", info.drive)))
+    }
 }
 
 #[cfg(test)]

@@ -17,6 +17,7 @@ use std::time::{Duration, Instant};
 use serde_json::{json, Map, Value};
 
 pub mod destination;
+pub mod disk;
 pub mod log;
 pub mod ram;
 pub mod source;
@@ -138,6 +139,12 @@ pub struct Progress {
     pub dirty_sync_count: u64,
     /// How much the vCPUs are throttled (auto-converge), percent.
     pub cpu_throttle: u8,
+    /// Block migration: the disks' bytes sent, still to send (marked), and to send in
+    /// the bulk pass.
+    pub block: bool,
+    pub disk_transferred: u64,
+    pub disk_remaining: u64,
+    pub disk_total: u64,
     pub error: Option<String>,
 }
 
@@ -159,6 +166,10 @@ impl Default for Progress {
             mbps: 0.0,
             dirty_sync_count: 0,
             cpu_throttle: 0,
+            block: false,
+            disk_transferred: 0,
+            disk_remaining: 0,
+            disk_total: 0,
             error: None,
         }
     }
@@ -192,6 +203,34 @@ impl Progress {
             "dirty-sync-missed-zero-copy": 0,
         });
         let elapsed = || self.started.map_or(0, |s| s.elapsed().as_millis() as u64);
+        // QEMU's MigrationStats for the disks: only the three byte counts mean anything.
+        let disk = json!({
+            "transferred": self.disk_transferred,
+            "remaining": self.disk_remaining,
+            "total": self.disk_total,
+            "duplicate": 0,
+            "skipped": 0,
+            "normal": 0,
+            "normal-bytes": 0,
+            "dirty-pages-rate": 0,
+            "mbps": 0.0,
+            "dirty-sync-count": 0,
+            "page-size": 0,
+            "multifd-bytes": 0,
+            "pages-per-second": 0,
+            "precopy-bytes": self.disk_transferred,
+            "downtime-bytes": 0,
+            "postcopy-bytes": 0,
+            "dirty-sync-missed-zero-copy": 0,
+        });
+        if self.block
+            && matches!(
+                self.status,
+                Status::Active | Status::Cancelling | Status::Completed
+            )
+        {
+            info.insert("disk".into(), disk);
+        }
         match self.status {
             Status::Setup => {}
             Status::Active | Status::Cancelling => {

@@ -2,7 +2,7 @@
 //! machine (on its own thread) to stop and hand over its devices' state, sends the rest,
 //! and waits for the destination's word before it calls the migration done.
 
-use std::io::{BufRead, BufReader, BufWriter, Write};
+use std::io::{BufWriter, Write};
 use std::os::fd::OwnedFd;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
@@ -11,6 +11,8 @@ use std::time::Instant;
 use qmp::EventSender;
 use serde_json::{json, Map};
 
+use super::destination::DISKS_READY;
+use super::disk::{self, chunk_len, runs, DiskInfo, SourceDisk, TransferBuffer, CHUNK_SIZE};
 use super::ram::{is_marked, is_zero, RamPages};
 use super::stream::{Header, StreamWriter, MAX_RUN_PAGES, PAGE_SIZE};
 use super::uri::{self, Channel, MigrationUri};
@@ -47,6 +49,9 @@ pub struct Outgoing {
     pub events: EventSender,
     /// The log the device processes write.
     pub device_log: Option<Arc<super::log::DeviceDirtyLog>>,
+    /// Block migration: the disks whose contents go in the stream (none with shared
+    /// storage).
+    pub disks: Vec<SourceDisk>,
 }
 
 /// The sending thread's body: connect, run the migration and record how it ended.
@@ -116,6 +121,8 @@ struct Sender<'a> {
     buf: Vec<[u8; PAGE_SIZE]>,
     window_start: Instant,
     window_bytes: u64,
+    /// Bytes of disk records sent (the rest of the stream is RAM and state).
+    disk_bytes: u64,
 }
 
 impl Sender<'_> {
@@ -148,7 +155,7 @@ impl Sender<'_> {
                 let mut p = lock(&o.progress);
                 p.duplicate += zeros;
                 p.normal += n - zeros;
-                p.transferred = self.w.bytes;
+                p.transferred = self.w.bytes - self.disk_bytes;
             }
             self.limit(o, self.w.bytes - before)?;
             page += n;
@@ -174,6 +181,51 @@ impl Sender<'_> {
             check_cancel(o)?;
             page = end;
         }
+        Ok(())
+    }
+
+    /// Every disk's chunks marked since the last pass (the first pass: the bulk, what the
+    /// processes marked when tracking started), read by its process and sent.
+    fn disk_pass(&mut self, o: &Outgoing, buffer: &TransferBuffer) -> Result<(), MigrationError> {
+        let cancelled = || o.cancel.load(Ordering::SeqCst);
+        for (index, d) in o.disks.iter().enumerate() {
+            let chunks = d.bitmap.take();
+            let mut left = chunks.len() as u64;
+            for (first, count) in runs(&chunks) {
+                check_cancel(o)?;
+                let drive = &d.info.drive;
+                let zero =
+                    disk::with_restarts(&cancelled, || d.io.read_chunks(buffer.fd(), first, count))
+                        .map_err(|e| MigrationError::Machine(format!("drive '{drive}': {e}")))?;
+                if zero.len() != count as usize {
+                    return Err(MigrationError::Machine(format!(
+                        "drive '{drive}': {} chunks read, {count} asked for",
+                        zero.len()
+                    )));
+                }
+                let data: Vec<Option<Vec<u8>>> = zero
+                    .iter()
+                    .enumerate()
+                    .map(|(i, &z)| {
+                        let len = chunk_len(first + i as u64, d.info.size) as usize;
+                        (!z).then(|| buffer.chunk(i, len))
+                    })
+                    .collect();
+                let refs: Vec<Option<&[u8]>> = data.iter().map(Option::as_deref).collect();
+                let before = self.w.bytes;
+                self.w.disk_chunks(index as u32, first, &refs)?;
+                let sent = self.w.bytes - before;
+                self.disk_bytes += sent;
+                left -= u64::from(count);
+                {
+                    let mut p = lock(&o.progress);
+                    p.disk_transferred = self.disk_bytes;
+                    p.disk_remaining = (left + disk_dirty(o)) * CHUNK_SIZE;
+                }
+                self.limit(o, sent)?;
+            }
+        }
+        lock(&o.progress).disk_remaining = disk_dirty(o) * CHUNK_SIZE;
         Ok(())
     }
 
@@ -209,6 +261,16 @@ fn take_dirty(o: &Outgoing, ram: &RamPages) -> Result<Vec<u64>, MigrationError> 
     Ok(bits)
 }
 
+/// Chunks of every disk marked and not yet taken.
+fn disk_dirty(o: &Outgoing) -> u64 {
+    o.disks.iter().map(|d| d.bitmap.count()).sum()
+}
+
+/// The disk passes before RAM moves: the bulk pass, then passes over what the guest
+/// wrote meanwhile until what is left would fit the downtime (or the guest writes as fast
+/// as we send: the RAM passes go on sending it).
+const MAX_DISK_PASSES: u32 = 5;
+
 fn popcount(bits: &[u64]) -> u64 {
     bits.iter().map(|w| u64::from(w.count_ones())).sum()
 }
@@ -220,7 +282,7 @@ fn migrate(
 ) -> Result<(), MigrationError> {
     let writer = std::mem::replace(&mut channel.writer, Box::new(std::io::sink()));
     let mut reader = channel.reader.take();
-    let sent = send(o, writer, started);
+    let sent = send(o, writer, reader.as_mut(), started);
     let sent = match (sent, reader.as_mut()) {
         // The destination stopped reading: it may have said why.
         (Err(MigrationError::Io(_) | MigrationError::Stream(_)), Some(r)) => {
@@ -254,14 +316,48 @@ fn migrate(
 fn read_reply(
     reader: &mut Box<dyn std::io::Read + Send>,
 ) -> Result<Option<String>, MigrationError> {
-    let mut line = String::new();
-    BufReader::new(reader).read_line(&mut line)?;
-    let line = line.trim_end();
-    Ok(match line {
-        "OK" => None,
+    expect_line(reader, "OK")
+}
+
+/// Read one line of the return path (byte by byte: nothing after it is consumed): None if
+/// it is `want`, or why the destination refused.
+fn expect_line(
+    reader: &mut Box<dyn std::io::Read + Send>,
+    want: &str,
+) -> Result<Option<String>, MigrationError> {
+    let mut line = Vec::new();
+    let mut byte = [0u8; 1];
+    while line.len() < 4096 {
+        if reader.read(&mut byte)? == 0 || byte[0] == b'\n' {
+            break;
+        }
+        line.push(byte[0]);
+    }
+    let line = String::from_utf8_lossy(&line);
+    Ok(match line.trim_end() {
+        l if l == want => None,
         "" => Some("the destination closed the connection".into()),
         other => Some(other.strip_prefix("ERR ").unwrap_or(other).to_string()),
     })
+}
+
+/// Name the disks whose contents follow, and (where the channel has a return path) wait
+/// for the destination to accept them: a refusal comes before the guest stops. The
+/// buffer their chunks go through.
+fn announce_disks(
+    o: &Outgoing,
+    s: &mut Sender<'_>,
+    reader: Option<&mut Box<dyn std::io::Read + Send>>,
+) -> Result<TransferBuffer, MigrationError> {
+    let infos: Vec<DiskInfo> = o.disks.iter().map(|d| d.info.clone()).collect();
+    s.w.disks(&infos)?;
+    s.w.flush()?;
+    if let Some(reader) = reader {
+        if let Some(why) = expect_line(reader, DISKS_READY)? {
+            return Err(MigrationError::Refused(why));
+        }
+    }
+    TransferBuffer::new().map_err(MigrationError::Machine)
 }
 
 /// Send the whole stream: precopy, then the stop and the rest. The instant the source
@@ -269,6 +365,7 @@ fn read_reply(
 fn send(
     o: &mut Outgoing,
     writer: Box<dyn Write + Send>,
+    reader: Option<&mut Box<dyn std::io::Read + Send>>,
     started: Instant,
 ) -> Result<Instant, MigrationError> {
     let ram = o.ram.clone();
@@ -278,16 +375,39 @@ fn send(
         buf: vec![[0u8; PAGE_SIZE]; MAX_RUN_PAGES as usize],
         window_start: Instant::now(),
         window_bytes: 0,
+        disk_bytes: 0,
     };
     s.w.header(&o.header)?;
+    let buffer = if o.disks.is_empty() {
+        None
+    } else {
+        Some(announce_disks(o, &mut s, reader)?)
+    };
     {
         let mut p = lock(&o.progress);
         p.status = Status::Active;
         p.setup_time_ms = started.elapsed().as_millis() as u64;
         p.total = ram.count() * PAGE_SIZE as u64;
         p.remaining = p.total;
+        p.block = buffer.is_some();
+        p.disk_total = disk_dirty(o) * CHUNK_SIZE;
+        p.disk_remaining = p.disk_total;
     }
     event(o, Status::Active);
+
+    // The disks first: the bulk pass and passes over what the guest wrote meanwhile.
+    if let Some(buffer) = &buffer {
+        for _ in 0..MAX_DISK_PASSES {
+            let t = Instant::now();
+            let before = s.w.bytes;
+            s.disk_pass(o, buffer)?;
+            let bandwidth = (s.w.bytes - before) as f64 / t.elapsed().as_secs_f64().max(1e-3);
+            let limit_ms = lock(&o.params).downtime_limit_ms as f64;
+            if (disk_dirty(o) * CHUNK_SIZE) as f64 <= bandwidth * limit_ms / 1000.0 {
+                break;
+            }
+        }
+    }
 
     // The bulk pass: every page (holes as zero pages, unread); the vmm's own log starts
     // clean with it.
@@ -308,8 +428,11 @@ fn send(
     // Passes over what the guest wrote meanwhile, until the rest fits the downtime.
     let dirty = loop {
         check_cancel(o)?;
+        if let Some(buffer) = &buffer {
+            s.disk_pass(o, buffer)?;
+        }
         let dirty = take_dirty(o, &ram)?;
-        let remaining = popcount(&dirty) * PAGE_SIZE as u64;
+        let remaining = popcount(&dirty) * PAGE_SIZE as u64 + disk_dirty(o) * CHUNK_SIZE;
         // Bytes per second the link carried in the last pass (at least one page's worth
         // in its time, so that an idle guest converges).
         let secs = pass_time.as_secs_f64().max(1e-3);
@@ -323,7 +446,7 @@ fn send(
             p.dirty_pages_rate = (remaining as f64 / PAGE_SIZE as f64 / secs) as u64;
             p.mbps = bandwidth * 8.0 / 1e6;
             p.expected_downtime_ms = (remaining as f64 / bandwidth * 1000.0) as u64;
-            p.transferred = s.w.bytes;
+            p.transferred = s.w.bytes - s.disk_bytes;
         }
         if o.caps.events {
             let mut data = Map::new();
@@ -364,6 +487,10 @@ fn send(
     check_cancel(o)?;
     let stopped = Instant::now();
     let sections = o.host.stop_and_save().map_err(MigrationError::Machine)?;
+    // The queues have stopped: the disks' last chunks.
+    if let Some(buffer) = &buffer {
+        s.disk_pass(o, buffer)?;
+    }
     let last = take_dirty(o, &ram)?;
     let both: Vec<u64> = dirty.iter().zip(&last).map(|(a, b)| a | b).collect();
     s.dirty(o, &both)?;
@@ -371,7 +498,7 @@ fn send(
         s.w.section(name, state)?;
     }
     s.w.end()?;
-    lock(&o.progress).transferred = s.w.bytes;
+    lock(&o.progress).transferred = s.w.bytes - s.disk_bytes;
     // The write half is done: exec's command sees the end of its input.
     drop(s);
     Ok(stopped)

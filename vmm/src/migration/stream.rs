@@ -7,6 +7,8 @@ use std::io::{self, Read, Write};
 
 use serde::{Deserialize, Serialize};
 
+use super::disk::{DiskInfo, CHUNK_SIZE, TRANSFER_CHUNKS};
+
 pub const MAGIC: &[u8; 8] = b"VMM-MIG\n";
 /// Bumped when the format changes; a destination refuses any other.
 pub const VERSION: u32 = 1;
@@ -22,6 +24,8 @@ const TAG_HEADER: u8 = 1;
 const TAG_RAM: u8 = 2;
 const TAG_SECTION: u8 = 3;
 const TAG_END: u8 = 4;
+const TAG_DISKS: u8 = 5;
+const TAG_DISK: u8 = 6;
 
 /// A RAM page's flag in a RAM record.
 const PAGE_ZERO: u8 = 0;
@@ -72,6 +76,15 @@ pub enum Record {
     Section {
         name: String,
         state: Vec<u8>,
+    },
+    /// The disks whose contents follow (block migration), before any of their chunks.
+    Disks(Vec<DiskInfo>),
+    /// Chunks of disk `disk` (its index in [`Record::Disks`]) from chunk `first`: `None`
+    /// for a chunk of zeroes.
+    Disk {
+        disk: u32,
+        first: u64,
+        chunks: Vec<Option<Vec<u8>>>,
     },
     /// The end marker, its checksum verified.
     End,
@@ -146,6 +159,41 @@ impl<W: Write> StreamWriter<W> {
             parts.push(page);
         }
         self.record(TAG_RAM, &parts)
+    }
+
+    pub fn disks(&mut self, disks: &[DiskInfo]) -> io::Result<()> {
+        let bytes = postcard::to_stdvec(disks).map_err(io::Error::other)?;
+        self.record(TAG_DISKS, &[&bytes])
+    }
+
+    /// Chunks of disk `disk` from chunk `first`, each `None` (zeroes) or its bytes (a
+    /// whole chunk, or less for the disk's last).
+    pub fn disk_chunks(
+        &mut self,
+        disk: u32,
+        first: u64,
+        chunks: &[Option<&[u8]>],
+    ) -> io::Result<()> {
+        let count = u32::try_from(chunks.len())
+            .ok()
+            .filter(|&n| n <= TRANSFER_CHUNKS)
+            .ok_or_else(|| io::Error::other("too many chunks in one record"))?;
+        let mut head: Vec<u8> = disk
+            .to_le_bytes()
+            .into_iter()
+            .chain(first.to_le_bytes())
+            .chain(count.to_le_bytes())
+            .collect();
+        for chunk in chunks {
+            let len = chunk.map_or(0, <[u8]>::len) as u64;
+            if len > CHUNK_SIZE || chunk.is_some_and(<[u8]>::is_empty) {
+                return Err(io::Error::other("a disk chunk of a wrong size"));
+            }
+            head.extend_from_slice(&(len as u32).to_le_bytes());
+        }
+        let mut parts: Vec<&[u8]> = vec![&head];
+        parts.extend(chunks.iter().flatten());
+        self.record(TAG_DISK, &parts)
     }
 
     pub fn section(&mut self, name: &str, state: &[u8]) -> io::Result<()> {
@@ -229,6 +277,10 @@ impl<R: Read> StreamReader<R> {
                 .map(Record::Header)
                 .map_err(|e| malformed("header", e)),
             TAG_RAM => ram_record(&payload),
+            TAG_DISKS => postcard::from_bytes(&payload)
+                .map(Record::Disks)
+                .map_err(|e| malformed("disks", e)),
+            TAG_DISK => disk_record(&payload),
             TAG_SECTION => {
                 let (len, rest) = payload
                     .split_first_chunk::<4>()
@@ -310,6 +362,48 @@ fn ram_record(payload: &[u8]) -> Result<Record, StreamError> {
     })
 }
 
+fn disk_record(payload: &[u8]) -> Result<Record, StreamError> {
+    let short = || malformed("disk", "too short");
+    let (disk, rest) = payload.split_first_chunk::<4>().ok_or_else(short)?;
+    let (first, rest) = rest.split_first_chunk::<8>().ok_or_else(short)?;
+    let (count, mut rest) = rest.split_first_chunk::<4>().ok_or_else(short)?;
+    let count = u32::from_le_bytes(*count);
+    if count > TRANSFER_CHUNKS {
+        return Err(malformed("disk", format!("{count} chunks")));
+    }
+    let mut lens = Vec::with_capacity(count as usize);
+    for _ in 0..count {
+        let (len, r) = rest.split_first_chunk::<4>().ok_or_else(short)?;
+        let len = u32::from_le_bytes(*len) as u64;
+        if len > CHUNK_SIZE {
+            return Err(malformed("disk", format!("a chunk of {len} bytes")));
+        }
+        lens.push(len as usize);
+        rest = r;
+    }
+    let mut chunks = Vec::with_capacity(count as usize);
+    for len in lens {
+        if len == 0 {
+            chunks.push(None);
+            continue;
+        }
+        if rest.len() < len {
+            return Err(malformed("disk", "a chunk past the record"));
+        }
+        let (data, r) = rest.split_at(len);
+        chunks.push(Some(data.to_vec()));
+        rest = r;
+    }
+    if !rest.is_empty() {
+        return Err(malformed("disk", "bytes after the last chunk"));
+    }
+    Ok(Record::Disk {
+        disk: u32::from_le_bytes(*disk),
+        first: u64::from_le_bytes(*first),
+        chunks,
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -324,11 +418,22 @@ mod tests {
         }
     }
 
+    fn disks() -> Vec<DiskInfo> {
+        vec![DiskInfo {
+            drive: "disk0".into(),
+            size: 5 << 20,
+            incremental: false,
+            backing: None,
+        }]
+    }
+
     fn sample() -> Vec<u8> {
         let mut w = StreamWriter::new(Vec::new()).unwrap();
         w.header(&header()).unwrap();
         let page = vec![0xab; PAGE_SIZE];
         w.ram(7, &[None, Some(&page), None]).unwrap();
+        w.disks(&disks()).unwrap();
+        w.disk_chunks(0, 3, &[Some(&[7u8; 600][..]), None]).unwrap();
         w.section("serial 0", b"state").unwrap();
         w.end().unwrap();
         let counted = w.bytes;
@@ -351,6 +456,15 @@ mod tests {
             }
             other => panic!("{other:?}"),
         }
+        assert_eq!(r.next_record().unwrap(), Record::Disks(disks()));
+        assert_eq!(
+            r.next_record().unwrap(),
+            Record::Disk {
+                disk: 0,
+                first: 3,
+                chunks: vec![Some(vec![7u8; 600]), None]
+            }
+        );
         assert_eq!(
             r.next_record().unwrap(),
             Record::Section {

@@ -11,6 +11,7 @@ use serde_json::{json, Map, Value};
 
 use super::command::{Command, CommandContext};
 use crate::machine::Machine;
+use crate::migration::disk::BlockMode;
 use crate::migration::{lock, MAX_DOWNTIME_LIMIT_MS};
 
 pub const COMMANDS: &[Command] = &[
@@ -145,12 +146,18 @@ fn downtime_range() -> QmpError {
     )
 }
 
-fn migrate(ctx: &mut CommandContext<'_>) -> Result<Value, QmpError> {
-    if ctx.bool_arg("blk", false) || ctx.bool_arg("inc", false) {
-        return Err(QmpError::generic(
-            "Block migration (blk, inc) is not supported yet: use shared storage",
-        ));
+/// `blk` copies the disks; `inc` (as in QEMU, with or without `blk`) only what their top
+/// images hold over a shared backing file.
+fn block_mode(blk: bool, inc: bool) -> BlockMode {
+    match (blk, inc) {
+        (_, true) => BlockMode::Incremental,
+        (true, false) => BlockMode::Full,
+        (false, false) => BlockMode::Shared,
     }
+}
+
+fn migrate(ctx: &mut CommandContext<'_>) -> Result<Value, QmpError> {
+    let block = block_mode(ctx.bool_arg("blk", false), ctx.bool_arg("inc", false));
     if ctx.bool_arg("resume", false) {
         return Err(QmpError::generic(
             "Cannot resume if there is no paused migration",
@@ -162,7 +169,7 @@ fn migrate(ctx: &mut CommandContext<'_>) -> Result<Value, QmpError> {
         .and_then(|name| ctx.call.fds.iter().position(|(n, _)| n == name))
         .map(|i| ctx.call.fds.remove(i).1);
     ctx.machine
-        .migrate(&uri, fd)
+        .migrate(&uri, fd, block)
         .map(|()| json!({}))
         .map_err(QmpError::generic)
 }
@@ -291,11 +298,8 @@ pub fn hmp_migrate(machine: &mut Machine, args: &[&str]) -> String {
             super::hmp::usage_hint("migrate")
         );
     };
-    if flags.iter().any(|f| f.contains('b') || f.contains('i')) {
-        return "Error: Block migration (blk, inc) is not supported yet: use shared storage\n"
-            .into();
-    }
-    match machine.migrate(uri, None) {
+    let has = |c: char| flags.iter().any(|f| !f.starts_with("--") && f.contains(c));
+    match machine.migrate(uri, None, block_mode(has('b'), has('i'))) {
         Ok(()) => String::new(),
         Err(e) => format!("Error: {e}\n"),
     }
