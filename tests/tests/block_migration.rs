@@ -434,3 +434,65 @@ fn a_copy_that_did_not_finish_stays_marked_incomplete() {
         "{err}"
     );
 }
+
+/// The pid of the vmm-blk serving drive `drive`.
+fn blk_pid(qmp: &mut Qmp<UnixStream>, drive: &str) -> i32 {
+    let procs = qmp.ok("__org.vmm_query-device-processes", None);
+    procs
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["program"] == "vmm-blk" && p["drive"] == drive)
+        .and_then(|p| p["pid"].as_u64())
+        .unwrap_or_else(|| panic!("no vmm-blk for {drive}: {procs}")) as i32
+}
+
+/// The source's vmm-blk killed (-9) while it reads chunks, then the destination's while it
+/// writes them: each is restarted, the chunks go again, and the copy is whole.
+#[test]
+fn a_device_process_killed_during_the_disk_phase_costs_nothing() {
+    let dir = TempDir::new("blkmig-kill");
+    let (src, dst) = (dir.join("src.qcow2"), dir.join("dst.qcow2"));
+    for img in [&src, &dst] {
+        qemu_img(&["create", "-q", "-f", "qcow2", p(img), "160M"]);
+    }
+    qemu_io(&src, "qcow2", "write -P 0x66 0 150M");
+    let uri = format!("unix:{}", dir.join("mig.sock").display());
+    let mut a = vm(&dir, "a", &[(&src, "qcow2")], &[]);
+    let mut b = vm(&dir, "b", &[(&dst, "qcow2")], &["-incoming", &uri]);
+    a.qmp
+        .ok("migrate_set_speed", Some(json!({ "value": 32u64 << 20 })));
+    a.qmp
+        .ok("migrate", Some(json!({ "uri": uri, "blk": true })));
+    let sent = |a: &mut Vm| a.qmp.ok("query-migrate", None)["disk"]["transferred"].as_u64();
+    wait_until("the disk phase", TIMEOUT, || sent(&mut a) > Some(20 * MIB));
+    // SAFETY: kill(2) of a vmm-blk, as a crash would end it.
+    assert_eq!(
+        unsafe { libc::kill(blk_pid(&mut a.qmp, "d0"), libc::SIGKILL) },
+        0
+    );
+    wait_until("more of the disk phase", TIMEOUT, || {
+        sent(&mut a) > Some(70 * MIB)
+    });
+    // SAFETY: as above, on the destination.
+    assert_eq!(
+        unsafe { libc::kill(blk_pid(&mut b.qmp, "d0"), libc::SIGKILL) },
+        0
+    );
+    a.qmp
+        .ok("migrate_set_speed", Some(json!({ "value": 1u64 << 30 })));
+    let mut info = Value::Null;
+    wait_until("the migration to end", TIMEOUT, || {
+        info = a.qmp.ok("query-migrate", None);
+        matches!(info["status"].as_str(), Some("completed" | "failed"))
+    });
+    assert_eq!(info["status"], "completed", "{info}");
+    assert_eq!(b.qmp.ok("query-status", None)["status"], "running");
+    b.qmp.ok("quit", None);
+    let _ = b.child.wait();
+    drop(a);
+    let cmp = qemu_img(&["compare", p(&src), p(&dst)]);
+    assert!(cmp.contains("Images are identical"), "{cmp}");
+    let check = qemu_img(&["check", p(&dst)]);
+    assert!(check.contains("No errors were found"), "{check}");
+}

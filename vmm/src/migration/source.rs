@@ -232,11 +232,15 @@ impl Sender<'_> {
     /// Sleep as long as the bandwidth limit wants after `sent` more bytes.
     fn limit(&mut self, o: &Outgoing, sent: u64) -> Result<(), MigrationError> {
         self.window_bytes += sent;
-        let per_window = (lock(&o.params).max_bandwidth as f64 * RATE_PERIOD.as_secs_f64()) as u64;
+        let rate = lock(&o.params).max_bandwidth.max(1) as f64;
+        let per_window = (rate * RATE_PERIOD.as_secs_f64()) as u64;
         if self.window_bytes >= per_window.max(PAGE_SIZE as u64) {
+            // As long as the bytes of this window take at the limit (a record may hold
+            // more than one window's worth).
+            let due = std::time::Duration::from_secs_f64(self.window_bytes as f64 / rate);
             let elapsed = self.window_start.elapsed();
-            if elapsed < RATE_PERIOD {
-                std::thread::sleep(RATE_PERIOD - elapsed);
+            if elapsed < due {
+                std::thread::sleep(due - elapsed);
             }
             self.window_start = Instant::now();
             self.window_bytes = 0;

@@ -1,0 +1,152 @@
+//! Block migration of the stock guest under emu: two vmm processes with their own images.
+//! The guest writes its raw and qcow2 disks (1 MiB blocks, each checksummed by the guest
+//! as it writes it) while `migrate blk:true` copies them onto empty images; the
+//! destination, started with -S, is checked while paused: its images hold what the
+//! source's do (`cmp` for raw, `qemu-img compare` for qcow2). It then runs on, the guest
+//! stops its writer, and every block it reads back matches the checksum it recorded; the
+//! qcow2 copy passes `qemu-img check`.
+
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+
+use serde_json::json;
+use vmm_tests::console::{stock_linux_args, GuestConsole};
+use vmm_tests::qmp::Qmp;
+use vmm_tests::{wait_until, TempDir};
+
+const BOOT_TIMEOUT: Duration = Duration::from_secs(600);
+const CMD_TIMEOUT: Duration = Duration::from_secs(180);
+/// Blocks of 1 MiB the guest writes on each disk, round and round.
+const BLOCKS: u32 = 24;
+
+fn qemu_img(args: &[&str]) -> String {
+    let out = Command::new("qemu-img").args(args).output().unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "qemu-img {args:?}: {text}");
+    text
+}
+
+fn p(path: &Path) -> &str {
+    path.to_str().unwrap()
+}
+
+#[test]
+fn the_guest_writes_its_disks_while_blk_copies_them() {
+    let dir = TempDir::new("emu-blkmig");
+    let (src_raw, dst_raw) = (dir.join("src.raw"), dir.join("dst.raw"));
+    let (src_q, dst_q) = (dir.join("src.qcow2"), dir.join("dst.qcow2"));
+    for (img, fmt) in [
+        (&src_raw, "raw"),
+        (&dst_raw, "raw"),
+        (&src_q, "qcow2"),
+        (&dst_q, "qcow2"),
+    ] {
+        qemu_img(&["create", "-q", "-f", fmt, p(img), "48M"]);
+    }
+    let (qa, qb, mig) = (dir.join("a.qmp"), dir.join("b.qmp"), dir.join("mig.sock"));
+    let qmp_a = format!("unix:{},server=on,wait=off", qa.display());
+    let qmp_b = format!("unix:{},server=on,wait=off", qb.display());
+    let uri = format!("unix:{}", mig.display());
+    let drives = |raw: &Path, q: &Path| {
+        vec![
+            "-drive".to_string(),
+            format!("file={},format=raw,if=none,id=draw", raw.display()),
+            "-device".into(),
+            "virtio-blk-pci,drive=draw,id=vraw".into(),
+            "-drive".into(),
+            format!("file={},format=qcow2,if=none,id=dq", q.display()),
+            "-device".into(),
+            "virtio-blk-pci,drive=dq,id=vq".into(),
+        ]
+    };
+    let mut args_a = vec!["-qmp".to_string(), qmp_a];
+    args_a.extend(drives(&src_raw, &src_q));
+    let args_a: Vec<&str> = args_a.iter().map(String::as_str).collect();
+    let mut a = GuestConsole::boot_stock_linux(&args_a);
+    a.wait_for("GUEST-READY", BOOT_TIMEOUT);
+    a.wait_for("# ", CMD_TIMEOUT);
+    // Block i % BLOCKS of each disk gets i, its checksum kept in /tmp/sum.DISK.BLOCK; the
+    // loop ends at the top of a round once /tmp/stop exists.
+    let started = a.run(
+        &format!(
+            "(i=0; while [ ! -e /tmp/stop ]; do i=$((i+1)); j=$((i % {BLOCKS})); \
+             printf '%01048576d' $i > /tmp/w; s=$(md5sum < /tmp/w); \
+             for d in vda vdb; do dd if=/tmp/w of=/dev/$d bs=1048576 seek=$j count=1 \
+             oflag=direct 2>/dev/null; echo \"$s\" > /tmp/sum.$d.$j; done; echo $i > /tmp/n; \
+             done; echo WRITER-DONE > /tmp/done) & sleep 3; echo started $(cat /tmp/n)"
+        ),
+        CMD_TIMEOUT,
+    );
+    assert!(started.contains("started"), "{started}");
+    let mut qa = Qmp::connect(&qa);
+    let mut args_b = vec![
+        "-qmp".to_string(),
+        qmp_b,
+        "-S".into(),
+        "-incoming".into(),
+        uri.clone(),
+    ];
+    args_b.extend(drives(&dst_raw, &dst_q));
+    let args_b: Vec<&str> = args_b.iter().map(String::as_str).collect();
+    let args_b = stock_linux_args(&args_b);
+    let args_b: Vec<&str> = args_b.iter().map(String::as_str).collect();
+    let mut b = GuestConsole::spawn(&args_b);
+    wait_until("the destination's monitor", CMD_TIMEOUT, || qb.exists());
+    let mut qb = Qmp::connect(&qb);
+    // Slow enough that the guest writes while the disks are copied.
+    qa.ok("migrate_set_speed", Some(json!({ "value": 24u64 << 20 })));
+    qa.ok("migrate", Some(json!({ "uri": uri, "blk": true })));
+    let mut during = json!(null);
+    wait_until("the disk phase", CMD_TIMEOUT, || {
+        during = qa.ok("query-migrate", None);
+        during["disk"]["transferred"].as_u64() > Some(24 << 20)
+    });
+    let written_during = a.run("cat /tmp/n", CMD_TIMEOUT);
+    eprintln!("during: {during} (guest at {written_during:?})");
+    assert_eq!(during["disk"]["total"], json!(96u64 << 20), "{during}");
+    qa.ok("migrate_set_speed", Some(json!({ "value": 1u64 << 30 })));
+    wait_until("the migration", CMD_TIMEOUT, || {
+        let info = qa.ok("query-migrate", None);
+        assert_ne!(info["status"], "failed", "{info}");
+        info["status"] == "completed"
+    });
+    eprintln!("{}", qa.ok("query-migrate", None));
+    assert_eq!(qb.ok("query-status", None)["status"], "paused");
+    // Both sides stand still at the switchover: the copies are the source's disks.
+    let same = Command::new("cmp")
+        .arg(&src_raw)
+        .arg(&dst_raw)
+        .status()
+        .unwrap();
+    assert!(same.success(), "the raw copy differs from the source");
+    let cmp = qemu_img(&["compare", "-U", p(&src_q), p(&dst_q)]);
+    assert!(cmp.contains("Images are identical"), "{cmp}");
+
+    qb.ok("cont", None);
+    let check = b.run(
+        &format!(
+            "touch /tmp/stop; while [ ! -e /tmp/done ]; do sleep 0.2; done; sync; \
+             bad=0; for d in vda vdb; do for j in $(seq 0 {}); do [ -e /tmp/sum.$d.$j ] || \
+             continue; s=$(dd if=/dev/$d bs=1048576 skip=$j count=1 iflag=direct \
+             2>/dev/null | md5sum); [ \"$s\" = \"$(cat /tmp/sum.$d.$j)\" ] || bad=$((bad+1)); \
+             done; done; echo MISMATCHES $bad AFTER $(cat /tmp/n)",
+            BLOCKS - 1
+        ),
+        CMD_TIMEOUT,
+    );
+    eprintln!("{check}");
+    assert!(
+        check.contains("MISMATCHES 0 AFTER"),
+        "blocks the guest wrote read back otherwise: {check}"
+    );
+    qb.ok("quit", None);
+    drop(b);
+    drop(a);
+    let check = qemu_img(&["check", p(&dst_q)]);
+    assert!(check.contains("No errors were found"), "{check}");
+}
