@@ -10,6 +10,7 @@ pub mod device_echo;
 pub mod display;
 pub mod guest;
 pub mod libqos;
+pub mod migration;
 pub mod netns;
 pub mod qmp;
 pub mod qtest;

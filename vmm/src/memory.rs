@@ -2,7 +2,7 @@
 //! around the 32-bit PCI hole. The [`MemoryManager`] owns the memfd and the mapping.
 
 use std::fs::File;
-use std::os::fd::AsFd;
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 
 use vm_memory::{FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 
@@ -211,6 +211,66 @@ impl MemoryManager {
         let meta = self.memfd.as_file().metadata()?;
         Ok(std::os::unix::fs::MetadataExt::blocks(&meta) * 512)
     }
+
+    /// Local migration's destination: guest RAM becomes the source's memfd `new`, at the
+    /// same host addresses (every pointer into guest memory stays valid), and every fd of
+    /// ours that named the old memfd names the new one, so that device processes given
+    /// the memory table from now on map it. Call before anything runs on this RAM.
+    pub fn adopt(&self, new: &OwnedFd) -> std::io::Result<()> {
+        check_memfd_size(new, self.ram_size)?;
+        for r in self.guest_memory.iter() {
+            let offset = r.file_offset().map_or(0, |f| f.start());
+            remap_shared(r.as_ptr(), r.len() as usize, new, offset)?;
+        }
+        for r in self.guest_memory.iter() {
+            if let Some(f) = r.file_offset() {
+                replace_fd(f.file().as_raw_fd(), new)?;
+            }
+        }
+        replace_fd(self.memfd.as_file().as_raw_fd(), new)
+    }
+}
+
+/// Fail unless `fd` holds exactly `len` bytes.
+fn check_memfd_size(fd: &OwnedFd, len: u64) -> std::io::Result<()> {
+    let size = File::from(fd.try_clone()?).metadata()?.len();
+    if size != len {
+        return Err(std::io::Error::other(format!(
+            "the source's memory is {size} bytes, this VM's {len}"
+        )));
+    }
+    Ok(())
+}
+
+/// Map `len` bytes of `fd` from `offset` over the mapping at `ptr`, in place.
+fn remap_shared(ptr: *mut u8, len: usize, fd: &OwnedFd, offset: u64) -> std::io::Result<()> {
+    // SAFETY: `ptr..ptr + len` is a shared mapping we own (guest RAM or device memory);
+    // MAP_FIXED replaces it atomically with the same size and protection, so every pointer
+    // into it stays valid. Nothing runs on this memory yet (a destination before restore).
+    let got = unsafe {
+        libc::mmap(
+            ptr.cast(),
+            len,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_SHARED | libc::MAP_FIXED | libc::MAP_NORESERVE,
+            fd.as_raw_fd(),
+            offset as libc::off_t,
+        )
+    };
+    if got == libc::MAP_FAILED {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Make our fd `target` (owned by a `File` we keep) name what `new` names.
+fn replace_fd(target: std::os::fd::RawFd, new: &OwnedFd) -> std::io::Result<()> {
+    // SAFETY: dup3 atomically replaces what fd `target` refers to; `target` stays owned by
+    // the File that held it, and stays close-on-exec.
+    if unsafe { libc::dup3(new.as_raw_fd(), target, libc::O_CLOEXEC) } < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
 }
 
 /// Guest pages, as a balloon and free page reporting count them.
@@ -319,6 +379,14 @@ impl DeviceMemory {
         // same time, which only makes the copy's contents racy.
         unsafe { std::ptr::copy_nonoverlapping(self.ptr.add(offset), buf.as_mut_ptr(), n) };
         n
+    }
+
+    /// Local migration's destination: this memory becomes the source's memfd `new` (of the
+    /// same size), mapped at the same address; our memfd fd names it from now on.
+    pub fn adopt(&self, new: &OwnedFd) -> std::io::Result<()> {
+        check_memfd_size(new, self.len as u64)?;
+        remap_shared(self.ptr, self.len, new, 0)?;
+        replace_fd(self.memfd.as_file().as_raw_fd(), new)
     }
 
     /// Copy `buf` in at `offset` (clipped to the end).

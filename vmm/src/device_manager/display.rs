@@ -91,11 +91,11 @@ fn connect_input(
 /// The display's parts, as the device manager keeps them.
 #[derive(Default)]
 pub(super) struct Display {
-    adapter: Option<Arc<Mutex<BochsDisplay>>>,
+    pub(super) adapter: Option<Arc<Mutex<BochsDisplay>>>,
     vnc: Option<VncOptions>,
     /// The PS/2 keyboard and mouse that VNC input reaches.
     input: Option<Arc<Mutex<I8042>>>,
-    process: Option<Arc<Mutex<DisplayProcess>>>,
+    pub(super) process: Option<Arc<Mutex<DisplayProcess>>>,
     /// The process was started: display devices can no longer be added.
     started: bool,
     /// The PS/2 mouse buttons HMP's mouse_button last set.
@@ -269,6 +269,22 @@ impl DisplayProcess {
             DisplayEvent::Initialized(c) => vnc_event(EVENT_VNC_INITIALIZED, &c),
             DisplayEvent::Disconnected(c) => vnc_event(EVENT_VNC_DISCONNECTED, &c),
         }
+    }
+}
+
+impl DisplayProcess {
+    /// A local migration handed the VRAM over (`fd`, adopted by the adapter already): a
+    /// new process maps it.
+    pub(super) fn adopt_vram(&mut self, fd: OwnedFd) -> Result<(), DeviceError> {
+        // The fds: the state page, then the VRAM.
+        if self.config.vram_size == 0 || self.fds.len() < 2 {
+            return Err(DeviceError::Display(
+                "the display process has no VRAM".into(),
+            ));
+        }
+        self.fds[1] = fd;
+        self.supervision.replace(super::local::HANDED_OVER);
+        Ok(())
     }
 }
 

@@ -30,6 +30,7 @@ mod block;
 mod block_migration;
 mod config;
 mod display;
+mod local;
 mod net;
 mod process;
 mod qom;

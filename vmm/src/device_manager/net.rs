@@ -275,6 +275,62 @@ pub(super) struct Network {
 }
 
 impl Network {
+    /// Every tap netdev and a copy of its taps (one per queue pair), for a local
+    /// migration to hand over.
+    pub(super) fn taps(&self) -> Vec<(String, Vec<OwnedFd>)> {
+        let mut out = Vec::new();
+        for n in &self.netdevs {
+            let NetdevBackend::Process(p) = &n.backend else {
+                continue;
+            };
+            let p = lock(p);
+            if !matches!(p.config.backend, Backend::Tap { .. }) {
+                continue;
+            }
+            let taps = p.fds.iter().filter_map(|f| f.try_clone().ok()).collect();
+            out.push((n.id.clone(), taps));
+        }
+        out
+    }
+
+    /// A local migration handed the source's taps over: each netdev's process is replaced
+    /// by one serving them (the watcher starts it).
+    pub(super) fn adopt_taps(
+        &self,
+        taps: Vec<(String, u16, OwnedFd)>,
+        why: &'static str,
+    ) -> Result<(), DeviceError> {
+        let mut replaced = Vec::new();
+        for (netdev, queue, fd) in taps {
+            let Some(NetdevBackend::Process(p)) = self
+                .netdevs
+                .iter()
+                .find(|n| n.id == netdev)
+                .map(|n| &n.backend)
+            else {
+                return Err(DeviceError::Net(format!(
+                    "no netdev '{netdev}' for its tap"
+                )));
+            };
+            let mut process = lock(p);
+            let Some(slot) = process.fds.get_mut(usize::from(queue)) else {
+                return Err(DeviceError::Net(format!(
+                    "netdev '{netdev}' has no tap {queue}"
+                )));
+            };
+            *slot = fd;
+            if !replaced.contains(&netdev) {
+                replaced.push(netdev);
+            }
+        }
+        for n in &self.netdevs {
+            if let (true, NetdevBackend::Process(p)) = (replaced.contains(&n.id), &n.backend) {
+                lock(p).supervision.replace(why);
+            }
+        }
+        Ok(())
+    }
+
     fn order(&mut self) -> u64 {
         self.next_order += 1;
         self.next_order

@@ -109,6 +109,9 @@ pub struct Supervision {
     pub control_closed: bool,
     /// Unplugged: its process is being stopped on purpose, and is not to be restarted.
     pub removed: bool,
+    /// Stopped on purpose to be replaced (why, for the log and the events): the restart
+    /// that follows is no crash and costs nothing of the budget.
+    pub planned: Option<&'static str>,
 }
 
 impl Supervision {
@@ -127,7 +130,16 @@ impl Supervision {
             restarts: RestartBudget::default(),
             control_closed: false,
             removed: false,
+            planned: None,
         }
+    }
+
+    /// Replace the process with a new one that takes what the device holds now (new host
+    /// resources): the old one is killed and the watcher starts its successor, as after a
+    /// crash but for `why`.
+    pub fn replace(&mut self, why: &'static str) {
+        self.planned = Some(why);
+        self.process.kill();
     }
 
     pub fn running(&self) -> bool {

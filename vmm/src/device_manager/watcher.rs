@@ -169,16 +169,21 @@ impl WatchContext {
             return;
         }
         let old_pid = s.process.pid();
-        let how = match s.process.wait_exit(Duration::ZERO) {
-            Some(status) => match (
-                status.code(),
-                std::os::unix::process::ExitStatusExt::signal(&status),
-            ) {
-                (Some(code), _) => format!("exit status {code}"),
-                (None, Some(sig)) => format!("signal {sig}"),
-                _ => "unknown".to_string(),
+        let planned = s.planned.take();
+        let status = s.process.wait_exit(Duration::ZERO);
+        let how = match (planned, status) {
+            (Some(why), _) => why.to_string(),
+            (None, status) => match status {
+                Some(status) => match (
+                    status.code(),
+                    std::os::unix::process::ExitStatusExt::signal(&status),
+                ) {
+                    (Some(code), _) => format!("exit status {code}"),
+                    (None, Some(sig)) => format!("signal {sig}"),
+                    _ => "unknown".to_string(),
+                },
+                None => "unknown".to_string(),
             },
-            None => "unknown".to_string(),
         };
         let name = s.name.clone();
         let label = s.device.clone();
@@ -188,7 +193,12 @@ impl WatchContext {
             json!({"device": label, "pid": old_pid, "reason": how}),
         );
         loop {
-            let Some(backoff) = d.supervision_mut().restarts.next() else {
+            let backoff = if planned.is_some() {
+                Some(Duration::ZERO)
+            } else {
+                d.supervision_mut().restarts.next()
+            };
+            let Some(backoff) = backoff else {
                 let s = d.supervision_mut();
                 s.state = ProcessState::Failed;
                 tracing::error!(device = %name, "device process keeps crashing: marked failed");

@@ -8,7 +8,8 @@ use std::sync::{mpsc, Arc, Mutex};
 
 use super::{Machine, MachineExit};
 use crate::control::{FnJob, MachineControl, MachineRequest};
-use crate::migration::disk::{BlockMode, DiskInfo, DiskIo};
+use crate::migration::disk::{BlockMode, DiskInfo, DiskIo, SourceDisk};
+use crate::migration::local::{LocalFds, LocalItem};
 use crate::migration::log::DeviceDirtyLog;
 use crate::migration::ram::RamPages;
 use crate::migration::stream::Header;
@@ -68,6 +69,18 @@ impl SourceHost for MachineSource {
         on_machine(&self.control, move |m| m.migration_finished(completed));
     }
 
+    fn handed_over(&self, downtime_us: u64) {
+        self.control
+            .request(MachineRequest::Run(Box::new(FnJob::new(move |_| {
+                crate::report!(
+                    "vmm: local migration completed (downtime {} ms, {downtime_us} us): the \
+                     guest runs on in the destination; exiting",
+                    downtime_us / 1000
+                );
+                Some(MachineExit::Shutdown)
+            }))));
+    }
+
     fn throttle(&self, percent: u8) {
         on_machine(&self.control, move |m| m.cpus.set_throttle(percent));
     }
@@ -93,6 +106,15 @@ impl DestinationHost for MachineDestination {
                 .map_err(|e| e.to_string())
         })
         .unwrap_or_else(|| Err("the machine is gone".into()))
+    }
+
+    fn local_allowed(&self) -> bool {
+        on_machine(&self.control, |m| m.migration.caps.x_local).unwrap_or(false)
+    }
+
+    fn prepare_local(&self, fds: LocalFds) -> Result<(), String> {
+        on_machine(&self.control, move |m| m.prepare_local(fds))
+            .unwrap_or_else(|| Err("the machine is gone".into()))
     }
 
     fn failed(&self, message: String) {
@@ -161,39 +183,23 @@ impl Machine {
         if let Some(blocker) = self.migration_blocker() {
             return Err(blocker);
         }
-        // The device processes' writes go to a log they share with us.
-        let device_log =
-            Arc::new(DeviceDirtyLog::new(self.memory.ram_end()).map_err(|e| e.to_string())?);
-        let share = LogShare {
-            fd: Arc::new(
-                device_log
-                    .fd()
-                    .try_clone_to_owned()
-                    .map_err(|e| format!("cannot share the dirty log: {e}"))?,
-            ),
-            size: device_log.size(),
-        };
-        if let Err(e) = self.devices.set_dirty_logging(Some(&share)) {
-            let _ = self.devices.set_dirty_logging(None);
-            return Err(format!("cannot log the devices' writes: {e}"));
-        }
-        // Block migration: the disks' processes mark what to send and track the guest's
-        // writes from here on.
-        let disks = match self.devices.start_block_migration(block) {
-            Ok(disks) => disks,
-            Err(e) => {
-                let _ = self.devices.set_dirty_logging(None);
-                return Err(e.to_string());
+        let local = self.migration.caps.x_local;
+        let (device_log, disks, local_fds) = if local {
+            if !matches!(uri, MigrationUri::Unix(_) | MigrationUri::Fd(_)) {
+                return Err("A local migration (x-local) needs a unix: or fd: URI".into());
             }
+            if block != BlockMode::Shared {
+                return Err(
+                    "A local migration (x-local) hands the disks over: blk and inc do not apply"
+                        .into(),
+                );
+            }
+            // Nothing is copied: nothing to log.
+            (None, Vec::new(), Some(self.local_resources()?))
+        } else {
+            let (log, disks) = self.start_logging(block)?;
+            (Some(log), disks, None)
         };
-        if let Err(e) = self.accel.start_dirty_log() {
-            let _ = self.devices.set_dirty_logging(None);
-            self.devices.stop_block_migration();
-            return Err(format!("cannot log the guest's writes: {e}"));
-        }
-        // Compiled code that ran before logging started stores on its own: let every vCPU
-        // leave the guest once, so that all later writes are logged.
-        let _ = self.cpus.snapshots();
         self.migration.begin();
         let running = self.run_state.is_running();
         self.migration_was_running = running;
@@ -212,8 +218,9 @@ impl Machine {
             progress: self.migration.progress.clone(),
             cancel: self.migration.cancel.clone(),
             events: self.events.clone(),
-            device_log: Some(device_log),
+            device_log,
             disks,
+            local: local_fds,
         };
         if let Err(e) = std::thread::Builder::new()
             .name("migration".into())
@@ -225,6 +232,90 @@ impl Machine {
             lock(&self.migration.progress).status = Status::Failed;
             return Err(format!("cannot start the migration thread: {e}"));
         }
+        Ok(())
+    }
+
+    /// Every writer of guest memory logs what it writes (the device processes into a log
+    /// they share with us, the accelerator its own), and for a block migration the disks'
+    /// processes mark what to send: the device log and the disks.
+    fn start_logging(
+        &mut self,
+        block: BlockMode,
+    ) -> Result<(Arc<DeviceDirtyLog>, Vec<SourceDisk>), String> {
+        let device_log =
+            Arc::new(DeviceDirtyLog::new(self.memory.ram_end()).map_err(|e| e.to_string())?);
+        let share = LogShare {
+            fd: Arc::new(
+                device_log
+                    .fd()
+                    .try_clone_to_owned()
+                    .map_err(|e| format!("cannot share the dirty log: {e}"))?,
+            ),
+            size: device_log.size(),
+        };
+        if let Err(e) = self.devices.set_dirty_logging(Some(&share)) {
+            let _ = self.devices.set_dirty_logging(None);
+            return Err(format!("cannot log the devices' writes: {e}"));
+        }
+        let disks = match self.devices.start_block_migration(block) {
+            Ok(disks) => disks,
+            Err(e) => {
+                let _ = self.devices.set_dirty_logging(None);
+                return Err(e.to_string());
+            }
+        };
+        if let Err(e) = self.accel.start_dirty_log() {
+            let _ = self.devices.set_dirty_logging(None);
+            self.devices.stop_block_migration();
+            return Err(format!("cannot log the guest's writes: {e}"));
+        }
+        // Compiled code that ran before logging started stores on its own: let every vCPU
+        // leave the guest once, so that all later writes are logged.
+        let _ = self.cpus.snapshots();
+        Ok((device_log, disks))
+    }
+
+    /// What a local migration hands over: the guest RAM memfd and the devices' host
+    /// resources (each a copy of our fd).
+    fn local_resources(&self) -> Result<LocalFds, String> {
+        let ram = self
+            .memory
+            .memfd()
+            .try_clone()
+            .map_err(|e| format!("cannot hand the guest memory over: {e}"))?;
+        let mut fds: LocalFds = vec![(LocalItem::Ram, OwnedFd::from(ram))];
+        fds.extend(self.devices.local_resources().map_err(|e| e.to_string())?);
+        Ok(fds)
+    }
+
+    /// A local migration's offer, on the destination: the guest RAM must be ours in size,
+    /// and the devices' resources ours in kind; the disks' images are taken over at once,
+    /// the rest when the state arrives.
+    fn prepare_local(&mut self, fds: LocalFds) -> Result<(), String> {
+        let ram = fds
+            .iter()
+            .filter(|(item, _)| *item == LocalItem::Ram)
+            .count();
+        if ram != 1 {
+            return Err("the source hands over no guest memory".into());
+        }
+        for (item, fd) in &fds {
+            if *item == LocalItem::Ram {
+                let size = std::fs::File::from(fd.try_clone().map_err(|e| e.to_string())?)
+                    .metadata()
+                    .map_err(|e| e.to_string())?
+                    .len();
+                if size != self.config.memory_size {
+                    return Err(format!(
+                        "the source has {} MiB of RAM, this VM {} MiB",
+                        size >> 20,
+                        self.config.memory_size >> 20
+                    ));
+                }
+            }
+        }
+        let fds = self.devices.prepare_local(fds).map_err(|e| e.to_string())?;
+        self.incoming_local = Some(fds);
         Ok(())
     }
 
@@ -290,6 +381,11 @@ impl Machine {
                 .map(|(_, s)| s.as_slice())
                 .ok_or_else(|| format!("the stream has no state for {name}"))
         };
+        // A local migration: the source's memory is ours, at the same addresses.
+        let local = self.incoming_local.take();
+        if let Some(fds) = &local {
+            self.adopt_local_memory(fds)?;
+        }
         // The source let go of the disks: they are ours now (refused if someone else
         // took them meanwhile).
         self.devices.activate_images().map_err(|e| e.to_string())?;
@@ -315,7 +411,28 @@ impl Machine {
         if running && self.incoming_autostart {
             self.cont().map_err(|e| e.desc)?;
         }
+        // The host resources that the guest can wait for a moment on: the taps, and the
+        // display process (which maps the framebuffer anew).
+        if let Some(fds) = local {
+            self.devices
+                .adopt_local_devices(fds)
+                .map_err(|e| e.to_string())?;
+        }
         Ok(())
+    }
+
+    /// A local migration's guest RAM and framebuffer become the source's memfds.
+    fn adopt_local_memory(&self, fds: &LocalFds) -> Result<(), String> {
+        for (item, fd) in fds {
+            if *item == LocalItem::Ram {
+                self.memory
+                    .adopt(fd)
+                    .map_err(|e| format!("cannot take the source's memory over: {e}"))?;
+            }
+        }
+        self.devices
+            .adopt_local_vram(fds)
+            .map_err(|e| e.to_string())
     }
 
     /// `-incoming defer`: wait in inmigrate for `migrate-incoming` to name the URI.

@@ -176,6 +176,8 @@ pub struct Machine {
     incoming_autostart: bool,
     /// `-incoming defer` and no `migrate-incoming` yet.
     incoming_deferred: bool,
+    /// A local migration's handoff, kept from its offer until the state arrives.
+    incoming_local: Option<crate::migration::local::LocalFds>,
     /// The devices whose state moves with the guest, by section name.
     snapshot_devices: Vec<(String, Arc<Mutex<dyn Snapshottable>>)>,
 }
@@ -464,6 +466,7 @@ impl Machine {
             migration_was_running: false,
             incoming_autostart: true,
             incoming_deferred: false,
+            incoming_local: None,
             snapshot_devices,
         };
         if let Some(entry) = machine.load_guest()? {

@@ -6,6 +6,7 @@
 use std::io::{BufReader, Write};
 
 use super::disk::{self, chunk_len, DiskInfo, DiskIo, TransferBuffer, TRANSFER_CHUNKS};
+use super::local::{self, LocalFds};
 use super::ram::RamPages;
 use super::stream::{Header, Record, StreamReader};
 use super::uri::Incoming;
@@ -19,6 +20,11 @@ pub trait DestinationHost: Send {
     /// Block migration: check the source's disks against ours (size, backing file), take
     /// their images' locks and mark them incomplete until the migration is done; their I/O.
     fn prepare_disks(&self, disks: Vec<DiskInfo>) -> Result<Vec<Box<dyn DiskIo>>, String>;
+    /// Whether a local migration (`x-local`) may come in.
+    fn local_allowed(&self) -> bool;
+    /// A local migration's handoff: check what the source hands over against this VM and
+    /// keep it for [`DestinationHost::restore`].
+    fn prepare_local(&self, fds: LocalFds) -> Result<(), String>;
     /// The incoming migration failed: say why and end (QEMU's destination exits).
     fn failed(&self, message: String);
 }
@@ -47,7 +53,16 @@ pub fn run(m: IncomingMigration) {
     let Some(reader) = channel.reader.take() else {
         return host.failed("the migration channel cannot be read".into());
     };
-    let result = receive(&ram, &expected, host.as_ref(), reader, &mut channel.writer);
+    let result = accept_local(host.as_ref(), channel.unix.take()).and_then(|local| {
+        receive(
+            &ram,
+            &expected,
+            host.as_ref(),
+            reader,
+            &mut channel.writer,
+            local,
+        )
+    });
     let reply = match &result {
         Ok(_) => "OK\n".to_string(),
         Err(e) => format!("ERR {}\n", e.to_string().replace('\n', " ")),
@@ -60,6 +75,29 @@ pub fn run(m: IncomingMigration) {
     if let Err(e) = result {
         host.failed(format!("load of migration failed: {e}"));
     }
+}
+
+/// A local migration's handoff, if the source opens with one (on a unix socket): whether
+/// it did.
+fn accept_local(
+    host: &dyn DestinationHost,
+    socket: Option<std::os::unix::net::UnixStream>,
+) -> Result<bool, MigrationError> {
+    let Some(socket) = socket else {
+        return Ok(false);
+    };
+    let local_err = |e: local::LocalError| MigrationError::Refused(e.to_string());
+    if !local::offered(&socket).map_err(local_err)? {
+        return Ok(false);
+    }
+    if !host.local_allowed() {
+        return Err(MigrationError::Refused(
+            "the source offers a local migration, but x-local is not set here".into(),
+        ));
+    }
+    let fds = local::receive_offer(&socket).map_err(local_err)?;
+    host.prepare_local(fds).map_err(MigrationError::Refused)?;
+    Ok(true)
 }
 
 /// Compare the source's header with ours, naming the first difference.
@@ -104,8 +142,9 @@ pub fn check_header(got: &Header, want: &Header) -> Result<(), MigrationError> {
     Ok(())
 }
 
-/// What the destination says on the return path once it has accepted the disks.
-pub const DISKS_READY: &str = "READY";
+/// What the destination says on the return path once it has accepted what the source
+/// announced before its guest stops (the disks of a block migration, a local handoff).
+pub const READY: &str = "READY";
 
 fn receive(
     ram: &RamPages,
@@ -113,6 +152,7 @@ fn receive(
     host: &dyn DestinationHost,
     reader: Box<dyn std::io::Read + Send>,
     reply: &mut dyn Write,
+    local: bool,
 ) -> Result<(), MigrationError> {
     let mut r = StreamReader::new(BufReader::with_capacity(1 << 20, reader))?;
     let header = match r.next_record()? {
@@ -124,6 +164,11 @@ fn receive(
         }
     };
     check_header(&header, expected)?;
+    if local {
+        // The source stops its guest once we say so.
+        reply.write_all(format!("{READY}\n").as_bytes())?;
+        reply.flush()?;
+    }
     let mut sections = Vec::new();
     let mut disks: Option<IncomingDisks> = None;
     loop {
@@ -141,7 +186,7 @@ fn receive(
                 let buffer = TransferBuffer::new().map_err(MigrationError::Machine)?;
                 disks = Some(IncomingDisks { infos, io, buffer });
                 // The source waits for this before it sends a chunk (or stops its guest).
-                reply.write_all(format!("{DISKS_READY}\n").as_bytes())?;
+                reply.write_all(format!("{READY}\n").as_bytes())?;
                 reply.flush()?;
             }
             Record::Disk {

@@ -18,6 +18,7 @@ use serde_json::{json, Map, Value};
 
 pub mod destination;
 pub mod disk;
+pub mod local;
 pub mod log;
 pub mod ram;
 pub mod source;
@@ -109,10 +110,13 @@ pub struct Capabilities {
     pub events: bool,
     /// Throttle the vCPUs when the guest dirties memory faster than it is sent.
     pub auto_converge: bool,
+    /// Local migration: memory and host resources move as fds over a unix socket.
+    pub x_local: bool,
 }
 
-/// The capabilities `query-migrate-capabilities` lists, in QEMU's order of ours.
-pub const CAPABILITIES: &[&str] = &["auto-converge", "events"];
+/// The capabilities `query-migrate-capabilities` lists, in QEMU's order of ours (and ours
+/// after QEMU's).
+pub const CAPABILITIES: &[&str] = &["auto-converge", "events", "x-local"];
 
 /// Where a running migration leaves how to shut its connection down (migrate_cancel).
 pub type ShutdownSlot = Arc<Mutex<Option<Box<dyn Fn() + Send + Sync>>>>;
@@ -125,6 +129,8 @@ pub struct Progress {
     pub setup_time_ms: u64,
     pub total_time_ms: Option<u64>,
     pub downtime_ms: Option<u64>,
+    /// The same, in microseconds (a local migration's is a few milliseconds).
+    pub downtime_us: Option<u64>,
     pub expected_downtime_ms: u64,
     /// Bytes of the stream sent.
     pub transferred: u64,
@@ -156,6 +162,7 @@ impl Default for Progress {
             setup_time_ms: 0,
             total_time_ms: None,
             downtime_ms: None,
+            downtime_us: None,
             expected_downtime_ms: 0,
             transferred: 0,
             remaining: 0,

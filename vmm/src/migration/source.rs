@@ -11,8 +11,9 @@ use std::time::Instant;
 use qmp::EventSender;
 use serde_json::{json, Map};
 
-use super::destination::DISKS_READY;
+use super::destination::READY;
 use super::disk::{self, chunk_len, runs, DiskInfo, SourceDisk, TransferBuffer, CHUNK_SIZE};
+use super::local::{self, LocalFds};
 use super::ram::{is_marked, is_zero, RamPages};
 use super::stream::{Header, StreamWriter, MAX_RUN_PAGES, PAGE_SIZE};
 use super::uri::{self, Channel, MigrationUri};
@@ -29,6 +30,9 @@ pub trait SourceHost: Send {
     fn finish(&self, completed: bool);
     /// Slow the vCPUs down to `percent` of their time stolen (auto-converge); 0 to stop.
     fn throttle(&self, percent: u8);
+    /// A local migration completed (its events sent): the guest lives on in the
+    /// destination, and this process ends.
+    fn handed_over(&self, downtime_us: u64);
 }
 
 /// Everything the sending thread works with.
@@ -52,6 +56,8 @@ pub struct Outgoing {
     /// Block migration: the disks whose contents go in the stream (none with shared
     /// storage).
     pub disks: Vec<SourceDisk>,
+    /// Local migration (`x-local`): what is handed over as fds instead of being copied.
+    pub local: Option<LocalFds>,
 }
 
 /// The sending thread's body: connect, run the migration and record how it ended.
@@ -61,6 +67,7 @@ pub fn run(mut o: Outgoing) {
     let mut channel = None;
     let cancel = o.cancel.clone();
     let cancelled = move || cancel.load(Ordering::SeqCst);
+    let local = o.local.is_some();
     let result = uri::connect(&o.uri, o.fd.take(), &cancelled)
         .map_err(MigrationError::from)
         .and_then(|mut c| {
@@ -96,6 +103,10 @@ pub fn run(mut o: Outgoing) {
     o.host.throttle(0);
     o.host.finish(status == Status::Completed);
     event(&o, status);
+    if local && status == Status::Completed {
+        let downtime = lock(&o.progress).downtime_us.unwrap_or(0);
+        o.host.handed_over(downtime);
+    }
 }
 
 fn event(o: &Outgoing, status: Status) {
@@ -125,7 +136,18 @@ struct Sender<'a> {
     disk_bytes: u64,
 }
 
-impl Sender<'_> {
+impl<'a> Sender<'a> {
+    fn new(writer: Box<dyn Write + Send>, ram: &'a RamPages) -> Result<Self, MigrationError> {
+        Ok(Sender {
+            w: StreamWriter::new(BufWriter::with_capacity(1 << 20, writer))?,
+            ram,
+            buf: vec![[0u8; PAGE_SIZE]; MAX_RUN_PAGES as usize],
+            window_start: Instant::now(),
+            window_bytes: 0,
+            disk_bytes: 0,
+        })
+    }
+
     /// Send `count` pages from `first`; `allocated` says which may hold data (the others
     /// are holes, sent as zero without being read).
     fn run(
@@ -286,7 +308,10 @@ fn migrate(
 ) -> Result<(), MigrationError> {
     let writer = std::mem::replace(&mut channel.writer, Box::new(std::io::sink()));
     let mut reader = channel.reader.take();
-    let sent = send(o, writer, reader.as_mut(), started);
+    let sent = match o.local.take() {
+        Some(fds) => send_local(o, fds, writer, reader.as_mut(), channel.unix.take()),
+        None => send(o, writer, reader.as_mut(), started),
+    };
     let sent = match (sent, reader.as_mut()) {
         // The destination stopped reading: it may have said why.
         (Err(MigrationError::Io(_) | MigrationError::Stream(_)), Some(r)) => {
@@ -312,6 +337,7 @@ fn migrate(
     }
     let mut p = lock(&o.progress);
     p.downtime_ms = Some(stopped.elapsed().as_millis() as u64);
+    p.downtime_us = Some(stopped.elapsed().as_micros() as u64);
     p.remaining = 0;
     Ok(())
 }
@@ -357,11 +383,54 @@ fn announce_disks(
     s.w.disks(&infos)?;
     s.w.flush()?;
     if let Some(reader) = reader {
-        if let Some(why) = expect_line(reader, DISKS_READY)? {
+        if let Some(why) = expect_line(reader, READY)? {
             return Err(MigrationError::Refused(why));
         }
     }
     TransferBuffer::new().map_err(MigrationError::Machine)
+}
+
+/// Local migration: hand the guest's memory and host resources over as fds, then (once
+/// the destination has accepted them and our header) stop and send only the devices'
+/// state. No page is copied. The instant the source stopped.
+fn send_local(
+    o: &mut Outgoing,
+    fds: LocalFds,
+    writer: Box<dyn Write + Send>,
+    reader: Option<&mut Box<dyn std::io::Read + Send>>,
+    socket: Option<std::os::unix::net::UnixStream>,
+) -> Result<Instant, MigrationError> {
+    let (Some(socket), Some(reader)) = (socket, reader) else {
+        return Err(MigrationError::Machine(
+            "a local migration (x-local) needs a unix socket".into(),
+        ));
+    };
+    local::send_offer(&socket, &fds).map_err(|e| MigrationError::Machine(e.to_string()))?;
+    // Our copies of the fds: the originals stay with their devices until we exit.
+    drop(fds);
+    let ram = o.ram.clone();
+    let mut s = Sender::new(writer, &ram)?;
+    s.w.header(&o.header)?;
+    s.w.flush()?;
+    if let Some(why) = expect_line(reader, READY)? {
+        return Err(MigrationError::Refused(why));
+    }
+    {
+        let mut p = lock(&o.progress);
+        p.status = Status::Active;
+        p.total = ram.count() * PAGE_SIZE as u64;
+    }
+    event(o, Status::Active);
+    check_cancel(o)?;
+    let stopped = Instant::now();
+    let sections = o.host.stop_and_save().map_err(MigrationError::Machine)?;
+    for (name, state) in &sections {
+        s.w.section(name, state)?;
+    }
+    s.w.end()?;
+    lock(&o.progress).transferred = s.w.bytes;
+    drop(s);
+    Ok(stopped)
 }
 
 /// Send the whole stream: precopy, then the stop and the rest. The instant the source
@@ -373,14 +442,7 @@ fn send(
     started: Instant,
 ) -> Result<Instant, MigrationError> {
     let ram = o.ram.clone();
-    let mut s = Sender {
-        w: StreamWriter::new(BufWriter::with_capacity(1 << 20, writer))?,
-        ram: &ram,
-        buf: vec![[0u8; PAGE_SIZE]; MAX_RUN_PAGES as usize],
-        window_start: Instant::now(),
-        window_bytes: 0,
-        disk_bytes: 0,
-    };
+    let mut s = Sender::new(writer, &ram)?;
     s.w.header(&o.header)?;
     let buffer = if o.disks.is_empty() {
         None

@@ -79,6 +79,8 @@ pub struct Channel {
     pub child: Option<Child>,
     /// The socket, to shut it down when a migration is cancelled.
     pub shutdown: Option<Box<dyn Fn() + Send + Sync>>,
+    /// The socket itself when it is a unix one (a local migration passes fds on it).
+    pub unix: Option<UnixStream>,
 }
 
 impl Channel {
@@ -94,7 +96,17 @@ impl Channel {
             reader: Some(Box::new(reader)),
             child: None,
             shutdown: Some(Box::new(move || shutdown(&closer))),
+            unix: None,
         })
+    }
+
+    fn unix_socket(stream: UnixStream) -> io::Result<Self> {
+        let unix = stream.try_clone()?;
+        let mut channel = Channel::socket(stream, |s: &UnixStream| {
+            let _ = s.shutdown(std::net::Shutdown::Both);
+        })?;
+        channel.unix = Some(unix);
+        Ok(channel)
     }
 }
 
@@ -166,10 +178,7 @@ pub fn connect(
         }
         MigrationUri::Unix(path) => {
             let s = UnixStream::connect(path).map_err(connect_err)?;
-            Channel::socket(s, |s: &UnixStream| {
-                let _ = s.shutdown(std::net::Shutdown::Both);
-            })
-            .map_err(connect_err)
+            Channel::unix_socket(s).map_err(connect_err)
         }
         MigrationUri::Exec(cmd) => {
             let mut child = Command::new("/bin/sh")
@@ -189,15 +198,12 @@ pub fn connect(
                 reader: None,
                 child: Some(child),
                 shutdown: None,
+                unix: None,
             })
         }
         MigrationUri::Fd(_) => {
             let fd = fd.ok_or_else(|| UriError::Invalid(text.clone()))?;
-            let s = UnixStream::from(fd);
-            Channel::socket(s, |s: &UnixStream| {
-                let _ = s.shutdown(std::net::Shutdown::Both);
-            })
-            .map_err(connect_err)
+            Channel::unix_socket(UnixStream::from(fd)).map_err(connect_err)
         }
     }
 }
@@ -254,10 +260,7 @@ impl Incoming {
                 let accepted = l.accept().map_err(err);
                 let _ = std::fs::remove_file(&path);
                 let (s, _) = accepted?;
-                Channel::socket(s, |s: &UnixStream| {
-                    let _ = s.shutdown(std::net::Shutdown::Both);
-                })
-                .map_err(err)
+                Channel::unix_socket(s).map_err(err)
             }
             Incoming::Exec(cmd) => {
                 let mut child = Command::new("/bin/sh")
@@ -278,12 +281,10 @@ impl Incoming {
                     reader: Some(Box::new(stdout)),
                     child: Some(child),
                     shutdown: None,
+                    unix: None,
                 })
             }
-            Incoming::Fd(fd) => Channel::socket(UnixStream::from(fd), |s: &UnixStream| {
-                let _ = s.shutdown(std::net::Shutdown::Both);
-            })
-            .map_err(err),
+            Incoming::Fd(fd) => Channel::unix_socket(UnixStream::from(fd)).map_err(err),
         }
     }
 }

@@ -108,6 +108,7 @@ pub const COMMANDS: &[Command] = &[
         Ok(json!([
             {"capability": "auto-converge", "state": caps.auto_converge},
             {"capability": "events", "state": caps.events},
+            {"capability": "x-local", "state": caps.x_local},
         ]))
     })
     .with_spec(|| CommandSpec::no_args("query-migrate-capabilities")),
@@ -249,6 +250,7 @@ fn set_capabilities(ctx: &mut CommandContext<'_>) -> Result<Value, QmpError> {
         match name {
             "events" => caps.events = state,
             "auto-converge" => caps.auto_converge = state,
+            "x-local" => caps.x_local = state,
             // Always on here: the destination answers on the connection.
             "return-path" if state => {}
             _ if !state && QEMU_CAPABILITIES.contains(&name) => {}
