@@ -2,6 +2,7 @@
 //! 16 MiB buffer page by page, so that a page lost or stale on a destination prints `BAD`;
 //! and a vmm running it, with its monitor.
 
+use std::os::unix::fs::MetadataExt;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -187,4 +188,72 @@ pub fn wait_counts(serial: &Path, n: usize) -> Vec<u64> {
         c.len() >= n
     });
     c
+}
+
+/// The inode of the guest-RAM memfd a process holds.
+pub fn guest_ram_inode(pid: u32) -> u64 {
+    for entry in std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .flatten()
+    {
+        let target = std::fs::read_link(entry.path()).unwrap_or_default();
+        if target.to_string_lossy().contains("memfd:vmm-guest-ram") {
+            return std::fs::metadata(entry.path()).unwrap().ino();
+        }
+    }
+    panic!("no guest-RAM memfd in /proc/{pid}/fd");
+}
+
+/// Every process holding an fd of, or mapping, inode `ino` of a memfd.
+pub fn holders(ino: u64) -> Vec<u32> {
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|n| n.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        let has_fd = std::fs::read_dir(format!("/proc/{pid}/fd"))
+            .into_iter()
+            .flatten()
+            .flatten()
+            .any(|fd| {
+                let memfd = std::fs::read_link(fd.path())
+                    .is_ok_and(|t| t.to_string_lossy().contains("memfd:"));
+                memfd && std::fs::metadata(fd.path()).is_ok_and(|m| m.ino() == ino)
+            });
+        let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).unwrap_or_default();
+        let mapped = maps
+            .lines()
+            .any(|l| l.contains("memfd:") && l.split_whitespace().nth(4) == Some(&ino.to_string()));
+        if has_fd || mapped {
+            found.push(pid);
+        }
+    }
+    found
+}
+
+/// The parent of `pid`.
+pub fn parent(pid: u32) -> Option<u32> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    stat.rsplit_once(')')?
+        .1
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()
+}
+
+pub fn in_tree(mut pid: u32, root: u32) -> bool {
+    loop {
+        if pid == root {
+            return true;
+        }
+        match parent(pid) {
+            Some(p) if p > 1 => pid = p,
+            _ => return false,
+        }
+    }
 }

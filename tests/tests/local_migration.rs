@@ -5,7 +5,6 @@
 //! A destination of another handoff version, of another configuration, or without
 //! `x-local` set refuses, and the source runs on.
 
-use std::os::unix::fs::MetadataExt;
 use std::time::{Duration, Instant};
 
 use serde_json::json;
@@ -19,74 +18,6 @@ fn set_local(vm: &mut Vm) {
         "migrate-set-capabilities",
         Some(json!({"capabilities": [{"capability": "x-local", "state": true}]})),
     );
-}
-
-/// The inode of the guest-RAM memfd a process holds.
-fn guest_ram_inode(pid: u32) -> u64 {
-    for entry in std::fs::read_dir(format!("/proc/{pid}/fd"))
-        .unwrap()
-        .flatten()
-    {
-        let target = std::fs::read_link(entry.path()).unwrap_or_default();
-        if target.to_string_lossy().contains("memfd:vmm-guest-ram") {
-            return std::fs::metadata(entry.path()).unwrap().ino();
-        }
-    }
-    panic!("no guest-RAM memfd in /proc/{pid}/fd");
-}
-
-/// Every process holding an fd of, or mapping, inode `ino` of a memfd.
-fn holders(ino: u64) -> Vec<u32> {
-    let mut found = Vec::new();
-    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
-        let Some(pid) = entry
-            .file_name()
-            .to_str()
-            .and_then(|n| n.parse::<u32>().ok())
-        else {
-            continue;
-        };
-        let has_fd = std::fs::read_dir(format!("/proc/{pid}/fd"))
-            .into_iter()
-            .flatten()
-            .flatten()
-            .any(|fd| {
-                let memfd = std::fs::read_link(fd.path())
-                    .is_ok_and(|t| t.to_string_lossy().contains("memfd:"));
-                memfd && std::fs::metadata(fd.path()).is_ok_and(|m| m.ino() == ino)
-            });
-        let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).unwrap_or_default();
-        let mapped = maps
-            .lines()
-            .any(|l| l.contains("memfd:") && l.split_whitespace().nth(4) == Some(&ino.to_string()));
-        if has_fd || mapped {
-            found.push(pid);
-        }
-    }
-    found
-}
-
-/// The parent of `pid`.
-fn parent(pid: u32) -> Option<u32> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    stat.rsplit_once(')')?
-        .1
-        .split_whitespace()
-        .nth(1)?
-        .parse()
-        .ok()
-}
-
-fn in_tree(mut pid: u32, root: u32) -> bool {
-    loop {
-        if pid == root {
-            return true;
-        }
-        match parent(pid) {
-            Some(p) if p > 1 => pid = p,
-            _ => return false,
-        }
-    }
 }
 
 #[test]
@@ -142,7 +73,13 @@ fn a_destination_that_differs_refuses_and_the_source_runs_on() {
     set_local(&mut a);
     wait_counts(&a.serial, 1);
     // Name, extra arguments, environment, x-local set, the refusal's words.
-    type Case<'a> = (&'a str, &'a [&'a str], &'a [(&'a str, &'a str)], bool, &'a str);
+    type Case<'a> = (
+        &'a str,
+        &'a [&'a str],
+        &'a [(&'a str, &'a str)],
+        bool,
+        &'a str,
+    );
     let cases: [Case; 3] = [
         ("nolocal", &[], &[], false, "x-local is not set here"),
         (

@@ -222,6 +222,13 @@ impl DeviceProcess {
         }
     }
 
+    /// Kill the process (SIGKILL) without waiting for it: whoever watches its pidfd reaps
+    /// it.
+    pub fn signal_kill(&self) {
+        // SAFETY: signalling our own child's pid (not reaped yet: its handle is ours).
+        unsafe { libc::kill(self.child.id() as libc::pid_t, libc::SIGKILL) };
+    }
+
     /// Kill the process (SIGKILL) and reap it.
     pub fn kill(&mut self) {
         let _ = self.child.kill();

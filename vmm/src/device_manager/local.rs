@@ -157,6 +157,14 @@ impl DeviceManager {
         Ok(later)
     }
 
+    /// A local migration is under way (or over): the framebuffer moves by itself, so the
+    /// adapter's state leaves its contents out.
+    pub fn set_vram_moves(&self, moves: bool) {
+        if let Some(adapter) = &self.display.adapter {
+            lock(adapter).set_vram_moves(moves);
+        }
+    }
+
     /// The destination's framebuffer becomes the source's (before the devices' state is
     /// restored: the adapter's mode points into it).
     pub fn adopt_local_vram(&self, fds: &LocalFds) -> Result<(), DeviceError> {

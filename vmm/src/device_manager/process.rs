@@ -139,7 +139,7 @@ impl Supervision {
     /// crash but for `why`.
     pub fn replace(&mut self, why: &'static str) {
         self.planned = Some(why);
-        self.process.kill();
+        self.process.signal_kill();
     }
 
     pub fn running(&self) -> bool {

@@ -104,6 +104,9 @@ pub struct BochsDisplay {
     edid: [u8; edid::EDID_SIZE],
     /// The mode last published.
     mode: Option<Mode>,
+    /// The VRAM itself moves to the destination (a local migration hands its memfd over):
+    /// its contents stay out of the saved state, and a restore leaves them as they are.
+    vram_moves: bool,
 }
 
 impl BochsDisplay {
@@ -173,6 +176,7 @@ impl BochsDisplay {
             big_endian: false,
             edid: edid::generate(1280, 800),
             mode: None,
+            vram_moves: false,
         };
         display.scanout.publish(None);
         Ok(display)
@@ -181,6 +185,11 @@ impl BochsDisplay {
     /// The VRAM, to share with the display process.
     pub fn vram(&self) -> &Arc<DeviceMemory> {
         &self.vram
+    }
+
+    /// Whether the VRAM moves by itself in the next save or restore (a local migration).
+    pub fn set_vram_moves(&mut self, moves: bool) {
+        self.vram_moves = moves;
     }
 
     /// The mode on screen.
@@ -369,7 +378,8 @@ impl Snapshottable for BochsDisplay {
     fn save(&mut self) -> Result<Vec<u8>, SnapshotError> {
         let mut pages = Vec::new();
         let mut page = vec![0u8; VRAM_PAGE];
-        for index in 0..self.vram.len() / VRAM_PAGE {
+        let copied = if self.vram_moves { 0 } else { self.vram.len() };
+        for index in 0..copied / VRAM_PAGE {
             let n = self.vram.read(index * VRAM_PAGE, &mut page);
             if page[..n].iter().any(|&b| b != 0) {
                 pages.push((index as u32, page[..n].to_vec()));
@@ -412,16 +422,18 @@ impl Snapshottable for BochsDisplay {
         self.config
             .set_registers(&s.registers)
             .map_err(|e| invalid(e.to_string()))?;
-        // Each page once: the saved bytes, or zeroes where none were sent.
-        let zero = vec![0u8; VRAM_PAGE];
-        let saved: std::collections::HashMap<usize, &Vec<u8>> =
-            s.pages.iter().map(|(i, b)| (*i as usize, b)).collect();
-        for index in 0..pages {
-            let bytes = saved.get(&index).map_or(zero.as_slice(), |b| b.as_slice());
-            self.vram.write(index * VRAM_PAGE, bytes);
-        }
         self.regs = s.regs;
         self.big_endian = s.big_endian;
+        if !self.vram_moves {
+            // Each page once: the saved bytes, or zeroes where none were sent.
+            let zero = vec![0u8; VRAM_PAGE];
+            let saved: std::collections::HashMap<usize, &Vec<u8>> =
+                s.pages.iter().map(|(i, b)| (*i as usize, b)).collect();
+            for index in 0..pages {
+                let bytes = saved.get(&index).map_or(zero.as_slice(), |b| b.as_slice());
+                self.vram.write(index * VRAM_PAGE, bytes);
+            }
+        }
         self.update_mode();
         Ok(())
     }

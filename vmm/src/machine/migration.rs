@@ -93,10 +93,17 @@ struct MachineDestination {
 
 impl DestinationHost for MachineDestination {
     fn restore(&self, sections: Vec<(String, Vec<u8>)>, running: bool) -> Result<(), String> {
-        on_machine(&self.control, move |m| {
+        let start = std::time::Instant::now();
+        let result = on_machine(&self.control, move |m| {
+            tracing::debug!("restore job started after {:?}", start.elapsed());
             m.restore_sections(sections, running)
         })
-        .unwrap_or_else(|| Err("the machine is gone".into()))
+        .unwrap_or_else(|| Err("the machine is gone".into()));
+        tracing::info!(
+            "incoming migration: the state restored in {:?}",
+            start.elapsed()
+        );
+        result
     }
 
     fn prepare_disks(&self, disks: Vec<DiskInfo>) -> Result<Vec<Box<dyn DiskIo>>, String> {
@@ -194,8 +201,11 @@ impl Machine {
                         .into(),
                 );
             }
-            // Nothing is copied: nothing to log.
-            (None, Vec::new(), Some(self.local_resources()?))
+            // Nothing is copied: nothing to log, and the framebuffer's contents stay out of
+            // the display's state.
+            let fds = self.local_resources()?;
+            self.devices.set_vram_moves(true);
+            (None, Vec::new(), Some(fds))
         } else {
             let (log, disks) = self.start_logging(block)?;
             (Some(log), disks, None)
@@ -315,6 +325,9 @@ impl Machine {
             }
         }
         let fds = self.devices.prepare_local(fds).map_err(|e| e.to_string())?;
+        // Nothing runs on this VM's memory yet: it can become the source's now, out of
+        // the downtime.
+        self.adopt_local_memory(&fds)?;
         self.incoming_local = Some(fds);
         Ok(())
     }
@@ -324,6 +337,7 @@ impl Machine {
     fn migration_finished(&mut self, completed: bool) {
         self.accel.stop_dirty_log();
         self.devices.stop_block_migration();
+        self.devices.set_vram_moves(false);
         if let Err(e) = self.devices.set_dirty_logging(None) {
             tracing::warn!("migration: cannot stop the devices' dirty logging: {e}");
         }
@@ -382,13 +396,16 @@ impl Machine {
                 .ok_or_else(|| format!("the stream has no state for {name}"))
         };
         // A local migration: the source's memory is ours, at the same addresses.
+        // A local migration: the memory is the source's already (adopted with its offer).
         let local = self.incoming_local.take();
-        if let Some(fds) = &local {
-            self.adopt_local_memory(fds)?;
+        let t = std::time::Instant::now();
+        if local.is_some() {
+            self.devices.set_vram_moves(true);
         }
         // The source let go of the disks: they are ours now (refused if someone else
         // took them meanwhile).
         self.devices.activate_images().map_err(|e| e.to_string())?;
+        tracing::debug!("images activated at {:?}", t.elapsed());
         self.accel
             .restore_platform(find(PLATFORM_SECTION)?)
             .map_err(|e| format!("restoring the platform: {e}"))?;
@@ -396,32 +413,46 @@ impl Machine {
             .map(|i| find(&cpu_section(i)).map(<[u8]>::to_vec))
             .collect::<Result<Vec<_>, _>>()?;
         self.cpus.restore_state(cpus).map_err(|e| e.to_string())?;
+        tracing::debug!("platform and vCPUs restored at {:?}", t.elapsed());
         for (name, device) in &self.migrating_devices() {
+            let t = std::time::Instant::now();
             lock(device)
                 .restore(find(name)?)
                 .map_err(|e| format!("restoring {name}: {e}"))?;
+            tracing::debug!("restored {name} in {:?}", t.elapsed());
         }
+        self.devices.set_vram_moves(false);
         // The configuration spaces say where the BARs are: route them there.
         lock(&self.pci).reroute_all();
         // The disks a block migration wrote are complete copies now.
         self.devices
             .finish_incoming_disks()
             .map_err(|e| e.to_string())?;
+        tracing::debug!("devices restored at {:?}", t.elapsed());
         self.run_state = RunState::Paused;
         if running && self.incoming_autostart {
             self.cont().map_err(|e| e.desc)?;
         }
+        tracing::debug!("running at {:?}", t.elapsed());
         // The host resources that the guest can wait for a moment on: the taps, and the
-        // display process (which maps the framebuffer anew).
+        // display process (which maps the framebuffer anew), once the source has heard
+        // the guest runs here.
         if let Some(fds) = local {
-            self.devices
-                .adopt_local_devices(fds)
-                .map_err(|e| e.to_string())?;
+            self.control
+                .request(MachineRequest::Run(Box::new(FnJob::new(move |m| {
+                    if let Err(e) = m.devices.adopt_local_devices(fds) {
+                        tracing::error!(
+                            "local migration: cannot serve the handed-over devices: {e}"
+                        );
+                    }
+                    None
+                }))));
         }
         Ok(())
     }
 
-    /// A local migration's guest RAM and framebuffer become the source's memfds.
+    /// A local migration's guest RAM and framebuffer become the source's memfds (mapped
+    /// where ours were).
     fn adopt_local_memory(&self, fds: &LocalFds) -> Result<(), String> {
         for (item, fd) in fds {
             if *item == LocalItem::Ram {

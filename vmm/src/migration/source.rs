@@ -424,10 +424,16 @@ fn send_local(
     check_cancel(o)?;
     let stopped = Instant::now();
     let sections = o.host.stop_and_save().map_err(MigrationError::Machine)?;
+    let saved = stopped.elapsed();
     for (name, state) in &sections {
         s.w.section(name, state)?;
     }
     s.w.end()?;
+    tracing::info!(
+        "local migration: stopped and saved in {saved:?}, {} bytes of state sent in {:?}",
+        s.w.bytes,
+        stopped.elapsed() - saved
+    );
     lock(&o.progress).transferred = s.w.bytes;
     drop(s);
     Ok(stopped)
