@@ -148,6 +148,10 @@ fn blk_copies_raw_and_qcow2_disks_onto_empty_images() {
     let info = migrate(&mut a, &uri, "blk");
     eprintln!("{info}");
     assert_eq!(info["status"], "completed", "{info}");
+    // The copies are marked incomplete until they are on stable storage.
+    wait_until("the copies to be synced", TIMEOUT, || {
+        !marked(&dst_q) && !marked(&dst_raw)
+    });
     // Every chunk of both disks was announced; the zero ones went as flags.
     let total = info["disk"]["total"].as_u64().unwrap();
     assert_eq!(total, (21 + 32) * MIB, "{info}");

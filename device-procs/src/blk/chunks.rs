@@ -135,7 +135,11 @@ impl Disk {
         for (i, &is_zero) in zero.iter().enumerate() {
             let (offset, len) = chunk_range(first + i as u64, chunk_size, size)?;
             if is_zero {
-                request::zeroes(self, offset, len, true)?;
+                // A fresh image reads as zeroes already: punching a hole in a hole still
+                // costs a journal commit on some file systems.
+                if !self.reads_as_zeroes(offset, len)? {
+                    request::zeroes(self, offset, len, true)?;
+                }
                 continue;
             }
             // SAFETY: as in read_chunks; only read here.
@@ -163,6 +167,32 @@ impl Disk {
             }
         }
         Ok(())
+    }
+
+    /// Whether `offset..offset + len` is known to read as zeroes without reading it: a
+    /// hole of a raw file, or unallocated (or zero) clusters all the way down a chain.
+    fn reads_as_zeroes(&self, offset: u64, len: u64) -> Result<bool, ChunkError> {
+        let probe = |e| host("probe", offset)(e);
+        match &*self.image() {
+            Image::Raw { file, .. } => Ok(data_extents_in(file, offset, offset + len)
+                .map_err(probe)?
+                .is_empty()),
+            Image::Format(c) => {
+                let mut at = offset;
+                while at < offset + len {
+                    let (mapping, n) = c.top.get_mapping(at, offset + len - at).map_err(probe)?;
+                    match mapping {
+                        Mapping::Zero { .. } | Mapping::Eof { .. } => {}
+                        _ => return Ok(false),
+                    }
+                    if n == 0 {
+                        break;
+                    }
+                    at += n;
+                }
+                Ok(true)
+            }
+        }
     }
 
     /// Start tracking into the bitmap `fd` and mark the `initial` chunks; how many those
@@ -205,6 +235,11 @@ impl Disk {
 
 /// The byte ranges of a raw file that are not holes (SEEK_DATA / SEEK_HOLE), up to `size`.
 fn data_extents(file: &std::fs::File, size: u64) -> io::Result<Vec<(u64, u64)>> {
+    data_extents_in(file, 0, size)
+}
+
+/// [`data_extents`] between `from` and `to`.
+fn data_extents_in(file: &std::fs::File, from: u64, to: u64) -> io::Result<Vec<(u64, u64)>> {
     let fd = file.as_raw_fd();
     let seek = |offset: u64, whence| {
         // SAFETY: lseek on an fd we hold; the result is checked.
@@ -222,15 +257,15 @@ fn data_extents(file: &std::fs::File, size: u64) -> io::Result<Vec<(u64, u64)>> 
         }
     };
     let mut extents = Vec::new();
-    let mut at = 0;
-    while at < size {
+    let mut at = from;
+    while at < to {
         let Some(data) = seek(at, libc::SEEK_DATA)? else {
             break;
         };
-        if data >= size {
+        if data >= to {
             break;
         }
-        let hole = seek(data, libc::SEEK_HOLE)?.unwrap_or(size).min(size);
+        let hole = seek(data, libc::SEEK_HOLE)?.unwrap_or(to).min(to);
         extents.push((data, hole - data));
         at = hole;
     }

@@ -222,22 +222,42 @@ impl DeviceManager {
             .collect())
     }
 
-    /// The incoming migration is done: what the disks received is on stable storage, and
-    /// their images are no longer marked incomplete.
-    pub fn finish_incoming_disks(&self) -> Result<(), DeviceError> {
+    /// The incoming migration is done and the guest runs: once what the disks received is
+    /// on stable storage (a thread syncs them, out of the downtime), their images are no
+    /// longer marked incomplete. Until then a host crash leaves them marked, as it should.
+    pub fn finish_incoming_disks(&self) {
+        let mut files = Vec::new();
         for block in &self.blocks {
-            let mut b = lock(block);
+            let b = lock(block);
             if !b.incomplete {
                 continue;
             }
-            b.image
-                .top
-                .sync_data()
-                .map_err(|e| migration_error(format!("cannot sync drive '{}': {e}", b.drive)))?;
-            drive::clear_incomplete(&b.image.top, &b.image.path)?;
-            b.incomplete = false;
+            match b.image.top.try_clone() {
+                Ok(file) => files.push((block.clone(), file, b.image.path.clone())),
+                Err(e) => tracing::error!(drive = %b.drive, "cannot sync the migrated disk: {e}"),
+            }
         }
-        Ok(())
+        if files.is_empty() {
+            return;
+        }
+        let spawned = std::thread::Builder::new()
+            .name("disk-sync".into())
+            .spawn(move || {
+                for (block, file, path) in files {
+                    let result = file.sync_data().map_err(|e| e.to_string()).and_then(|()| {
+                        drive::clear_incomplete(&file, &path).map_err(|e| e.to_string())
+                    });
+                    match result {
+                        Ok(()) => lock(&block).incomplete = false,
+                        Err(e) => tracing::error!(
+                            "the migrated disk '{path}' stays marked incomplete: {e}"
+                        ),
+                    }
+                }
+            });
+        if let Err(e) = spawned {
+            tracing::error!("cannot sync the migrated disks: {e}");
+        }
     }
 }
 

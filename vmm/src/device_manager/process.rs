@@ -304,6 +304,11 @@ where
     Rep: Serialize + DeserializeOwned,
     Ev: Serialize + DeserializeOwned,
 {
+    // The watcher may have woken for a reply that a call (holding the device) took
+    // meanwhile: without a message waiting now, there is none to wait for.
+    if !readable_now(channel.socket()) {
+        return Ok(None);
+    }
     match channel.recv(Some(Duration::from_millis(100))) {
         Ok((Message::Event(event), _)) => Ok(Some(event)),
         Ok(_) => Err(Misbehaved("a message that is not an event".into())),
@@ -315,6 +320,17 @@ where
         Err(IpcError::Frame(FrameError::TimedOut)) => Ok(None),
         Err(e) => Err(Misbehaved(e.to_string())),
     }
+}
+
+/// Whether `socket` has something to read (or has closed) right now.
+fn readable_now(socket: &std::os::unix::net::UnixStream) -> bool {
+    let mut fd = libc::pollfd {
+        fd: std::os::fd::AsRawFd::as_raw_fd(socket),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: poll reads and writes the one pollfd we pass; a zero timeout never blocks.
+    unsafe { libc::poll(&mut fd, 1, 0) > 0 }
 }
 
 #[cfg(test)]

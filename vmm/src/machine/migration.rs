@@ -424,15 +424,14 @@ impl Machine {
         self.devices.set_vram_moves(false);
         // The configuration spaces say where the BARs are: route them there.
         lock(&self.pci).reroute_all();
-        // The disks a block migration wrote are complete copies now.
-        self.devices
-            .finish_incoming_disks()
-            .map_err(|e| e.to_string())?;
+
         tracing::debug!("devices restored at {:?}", t.elapsed());
         self.run_state = RunState::Paused;
         if running && self.incoming_autostart {
             self.cont().map_err(|e| e.desc)?;
         }
+        // The disks a block migration wrote are complete copies once they are synced.
+        self.devices.finish_incoming_disks();
         tracing::debug!("running at {:?}", t.elapsed());
         // The host resources that the guest can wait for a moment on: the taps, and the
         // display process (which maps the framebuffer anew), once the source has heard

@@ -134,6 +134,9 @@ struct Sender<'a> {
     window_bytes: u64,
     /// Bytes of disk records sent (the rest of the stream is RAM and state).
     disk_bytes: u64,
+    /// The guest has stopped: what is left goes as fast as it can (as in QEMU, the limit
+    /// is precopy's).
+    unlimited: bool,
 }
 
 impl<'a> Sender<'a> {
@@ -145,6 +148,7 @@ impl<'a> Sender<'a> {
             window_start: Instant::now(),
             window_bytes: 0,
             disk_bytes: 0,
+            unlimited: false,
         })
     }
 
@@ -253,6 +257,9 @@ impl<'a> Sender<'a> {
 
     /// Sleep as long as the bandwidth limit wants after `sent` more bytes.
     fn limit(&mut self, o: &Outgoing, sent: u64) -> Result<(), MigrationError> {
+        if self.unlimited {
+            return check_cancel(o);
+        }
         self.window_bytes += sent;
         let rate = lock(&o.params).max_bandwidth.max(1) as f64;
         let per_window = (rate * RATE_PERIOD.as_secs_f64()) as u64;
@@ -469,6 +476,7 @@ fn send(
 
     // The disks first: the bulk pass and passes over what the guest wrote meanwhile.
     if let Some(buffer) = &buffer {
+        let disk_start = Instant::now();
         for _ in 0..MAX_DISK_PASSES {
             let t = Instant::now();
             let before = s.w.bytes;
@@ -479,6 +487,11 @@ fn send(
                 break;
             }
         }
+        tracing::info!(
+            "block migration: {} MiB of disk records in {:?} before RAM",
+            s.disk_bytes >> 20,
+            disk_start.elapsed()
+        );
     }
 
     // The bulk pass: every page (holes as zero pages, unread); the vmm's own log starts
@@ -559,10 +572,12 @@ fn send(
     check_cancel(o)?;
     let stopped = Instant::now();
     let sections = o.host.stop_and_save().map_err(MigrationError::Machine)?;
+    s.unlimited = true;
     // The queues have stopped: the disks' last chunks.
     if let Some(buffer) = &buffer {
         s.disk_pass(o, buffer)?;
     }
+    let disk_done = stopped.elapsed();
     let last = take_dirty(o, &ram)?;
     let both: Vec<u64> = dirty.iter().zip(&last).map(|(a, b)| a | b).collect();
     s.dirty(o, &both)?;
@@ -570,6 +585,12 @@ fn send(
         s.w.section(name, state)?;
     }
     s.w.end()?;
+    tracing::info!(
+        "stopped: the disks' last chunks by {disk_done:?}, {} pages of RAM and the state \
+         by {:?}",
+        popcount(&both),
+        stopped.elapsed()
+    );
     lock(&o.progress).transferred = s.w.bytes - s.disk_bytes;
     // The write half is done: exec's command sees the end of its input.
     drop(s);
