@@ -204,8 +204,8 @@ fn marked(image: &Path) -> bool {
 }
 
 /// A 64 MiB base that both sides have and an overlay the source wrote 3 MiB into (one
-/// MiB of it explicit zeroes over base data): only the overlay's chunks travel, and the
-/// destination's overlay reads the same as the source's.
+/// MiB of it explicit zeroes over base data): only the overlay's chunks travel (HMP
+/// `migrate -i`), and the destination's overlay reads the same as the source's.
 #[test]
 fn inc_sends_only_what_the_overlay_holds_over_a_shared_base() {
     let dir = TempDir::new("blkmig-inc");
@@ -231,7 +231,14 @@ fn inc_sends_only_what_the_overlay_holds_over_a_shared_base() {
     let uri = format!("unix:{}", dir.join("mig.sock").display());
     let mut a = vm(&dir, "a", &[(&src, "qcow2")], &[]);
     let mut b = vm(&dir, "b", &[(&dst, "qcow2")], &["-incoming", &uri]);
-    let info = migrate(&mut a, &uri, "inc");
+    // HMP's `migrate -i` this time, and `info migrate` with the disk's figures.
+    let out = a.qmp.hmp(&format!("migrate -i {uri}"));
+    assert_eq!(out, "", "{out}");
+    let mut info = Value::Null;
+    wait_until("the migration to end", TIMEOUT, || {
+        info = a.qmp.ok("query-migrate", None);
+        matches!(info["status"].as_str(), Some("completed" | "failed"))
+    });
     eprintln!("{info}");
     assert_eq!(info["status"], "completed", "{info}");
     assert_eq!(
@@ -239,6 +246,8 @@ fn inc_sends_only_what_the_overlay_holds_over_a_shared_base() {
         json!(3 * MIB),
         "the overlay's 3 chunks: {info}"
     );
+    let text = a.qmp.hmp("info migrate");
+    assert!(text.contains("total disk: 3072 kbytes"), "{text}");
     let sent = info["disk"]["transferred"].as_u64().unwrap();
     assert!(
         (2 * MIB..2 * MIB + 4096).contains(&sent),

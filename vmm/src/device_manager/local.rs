@@ -2,7 +2,7 @@
 //! (each writable disk's image, each tap, the framebuffer), and on the destination their
 //! checks against its own configuration and their adoption. A device process whose
 //! resource changes is replaced (the watcher starts a successor on the new fds, as after a
-//! crash): the disks' before the source stops, the taps' and the display's once the guest
+//! crash): the disks' and the taps' before the source stops, the display's once the guest
 //! runs again.
 
 use std::fs::File;
@@ -103,6 +103,7 @@ impl DeviceManager {
         }
         let mut later = LocalFds::new();
         let mut images = Vec::new();
+        let mut taps = Vec::new();
         for (item, fd) in fds {
             match &item {
                 LocalItem::Image { drive } => {
@@ -126,7 +127,7 @@ impl DeviceManager {
                     if !known {
                         return Err(differ(format!("netdev '{netdev}' has no tap {queue} here")));
                     }
-                    later.push((item, fd));
+                    taps.push((netdev.clone(), *queue, fd));
                 }
                 LocalItem::Vram => {
                     let Some(adapter) = &self.display.adapter else {
@@ -146,13 +147,22 @@ impl DeviceManager {
         }
         // The disks' processes serve the source's open images from now on (their locks
         // are the source's until it lets go of them at the switchover).
+        // So do the netdevs' processes the source's taps (they read them only once the
+        // cards' queues run, on this side of the switchover).
+        let mut replaced = Vec::new();
         for (block, file) in images {
             let mut b = lock(&block);
             b.image.top = file;
-            b.supervision_mut().replace(HANDED_OVER);
             let old = b.supervision().process.pid();
+            b.supervision_mut().replace(HANDED_OVER);
             drop(b);
+            replaced.push((block, old));
+        }
+        for (block, old) in replaced {
             wait_replaced(&block, old)?;
+        }
+        for (process, old) in self.network.adopt_taps(taps, HANDED_OVER)? {
+            wait_replaced(&process, old)?;
         }
         Ok(later)
     }
@@ -180,22 +190,17 @@ impl DeviceManager {
             .map_err(|e| local_error(format!("cannot take the source's VRAM over: {e}")))
     }
 
-    /// Once the guest runs: the taps go to their netdevs' processes, and the display
-    /// process maps the adopted framebuffer; both are replaced.
+    /// Once the guest runs: the display process is replaced by one mapping the adopted
+    /// framebuffer.
     pub fn adopt_local_devices(&self, fds: LocalFds) -> Result<(), DeviceError> {
-        let mut taps = Vec::new();
         for (item, fd) in fds {
-            match item {
-                LocalItem::Tap { netdev, queue } => taps.push((netdev, queue, fd)),
-                LocalItem::Vram => {
-                    if let Some(process) = &self.display.process {
-                        lock(process).adopt_vram(fd)?;
-                    }
+            if item == LocalItem::Vram {
+                if let Some(process) = &self.display.process {
+                    lock(process).adopt_vram(fd)?;
                 }
-                LocalItem::Ram | LocalItem::Image { .. } => {}
             }
         }
-        self.network.adopt_taps(taps, HANDED_OVER)
+        Ok(())
     }
 }
 

@@ -294,13 +294,14 @@ impl Network {
     }
 
     /// A local migration handed the source's taps over: each netdev's process is replaced
-    /// by one serving them (the watcher starts it).
+    /// by one serving them (the watcher starts it; it reads a tap only once the card's
+    /// queues run). The processes replaced, and their old pids.
     pub(super) fn adopt_taps(
         &self,
         taps: Vec<(String, u16, OwnedFd)>,
         why: &'static str,
-    ) -> Result<(), DeviceError> {
-        let mut replaced = Vec::new();
+    ) -> Result<Vec<(Arc<Mutex<NetProcess>>, u32)>, DeviceError> {
+        let mut replaced: Vec<(String, Arc<Mutex<NetProcess>>)> = Vec::new();
         for (netdev, queue, fd) in taps {
             let Some(NetdevBackend::Process(p)) = self
                 .netdevs
@@ -319,16 +320,20 @@ impl Network {
                 )));
             };
             *slot = fd;
-            if !replaced.contains(&netdev) {
-                replaced.push(netdev);
+            if !replaced.iter().any(|(id, _)| *id == netdev) {
+                replaced.push((netdev, p.clone()));
             }
         }
-        for n in &self.netdevs {
-            if let (true, NetdevBackend::Process(p)) = (replaced.contains(&n.id), &n.backend) {
-                lock(p).supervision.replace(why);
-            }
-        }
-        Ok(())
+        Ok(replaced
+            .into_iter()
+            .map(|(_, p)| {
+                let mut process = lock(&p);
+                let old = process.supervision.process.pid();
+                process.supervision.replace(why);
+                drop(process);
+                (p, old)
+            })
+            .collect())
     }
 
     fn order(&mut self) -> u64 {

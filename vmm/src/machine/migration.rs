@@ -433,9 +433,8 @@ impl Machine {
         // The disks a block migration wrote are complete copies once they are synced.
         self.devices.finish_incoming_disks();
         tracing::debug!("running at {:?}", t.elapsed());
-        // The host resources that the guest can wait for a moment on: the taps, and the
-        // display process (which maps the framebuffer anew), once the source has heard
-        // the guest runs here.
+        // The display process maps the framebuffer anew: the guest need not wait for it,
+        // nor the source to hear that the guest runs here.
         if let Some(fds) = local {
             self.control
                 .request(MachineRequest::Run(Box::new(FnJob::new(move |m| {

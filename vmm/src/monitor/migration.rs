@@ -363,9 +363,10 @@ pub fn hmp_migrate_set_downtime(machine: &Machine, args: &[&str]) -> String {
 pub fn hmp_info_migrate(machine: &Machine) -> String {
     let caps = machine.migration().caps;
     let mut out = format!(
-        "capabilities: auto-converge: {} events: {}\n",
+        "capabilities: auto-converge: {} events: {} x-local: {}\n",
         on_off(caps.auto_converge),
-        on_off(caps.events)
+        on_off(caps.events),
+        on_off(caps.x_local)
     );
     let info = query_migrate(machine);
     let Some(status) = info.get("status").and_then(Value::as_str) else {
@@ -402,6 +403,14 @@ pub fn hmp_info_migrate(machine: &Machine) -> String {
             num(ram, "normal"),
             num(ram, "normal-bytes") >> 10,
             num(ram, "dirty-sync-count"),
+        ));
+    }
+    if let Some(Value::Object(disk)) = top.get("disk") {
+        out.push_str(&format!(
+            "transferred disk: {} kbytes\nremaining disk: {} kbytes\ntotal disk: {} kbytes\n",
+            num(disk, "transferred") >> 10,
+            num(disk, "remaining") >> 10,
+            num(disk, "total") >> 10,
         ));
     }
     if let Some(e) = top.get("error-desc").and_then(Value::as_str) {
