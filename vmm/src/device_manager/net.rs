@@ -35,6 +35,9 @@ const QUEUE_SIZE: u16 = crate::virtio::net::MAX_QUEUE_SIZE;
 pub const EVENT_NETDEV_STATE_LOST: &str = "__org.vmm_NETDEV_STATE_LOST";
 
 /// The process of a netdev, and what a new one needs.
+/// A netdev's process, shared with the watcher.
+pub(super) type SharedNetProcess = Arc<Mutex<NetProcess>>;
+
 pub(super) struct NetProcess {
     supervision: Supervision,
     /// Shared with the card's control-queue hook, which sends the guest's filter.
@@ -300,8 +303,8 @@ impl Network {
         &self,
         taps: Vec<(String, u16, OwnedFd)>,
         why: &'static str,
-    ) -> Result<Vec<(Arc<Mutex<NetProcess>>, u32)>, DeviceError> {
-        let mut replaced: Vec<(String, Arc<Mutex<NetProcess>>)> = Vec::new();
+    ) -> Result<Vec<(SharedNetProcess, u32)>, DeviceError> {
+        let mut replaced: Vec<(String, SharedNetProcess)> = Vec::new();
         for (netdev, queue, fd) in taps {
             let Some(NetdevBackend::Process(p)) = self
                 .netdevs
