@@ -84,3 +84,24 @@ pub fn connect_retry(addr: (&str, u16), timeout: Duration) -> TcpStream {
         }
     }
 }
+
+/// A transfer paced to span a migration: `payload` to `addr` from inside `ns`, 64 KiB every
+/// 40 ms. The thread, and how many bytes it has sent so far.
+pub fn paced_sender(
+    ns: &crate::netns::NetNs,
+    addr: (&'static str, u16),
+    payload: Vec<u8>,
+    timeout: Duration,
+) -> (std::thread::JoinHandle<()>, Arc<AtomicU64>) {
+    let sent = Arc::new(AtomicU64::new(0));
+    let counter = sent.clone();
+    let thread = ns.spawn_inside(move || {
+        let mut stream = connect_retry(addr, timeout);
+        for chunk in payload.chunks(64 << 10) {
+            stream.write_all(chunk).expect("send to the guest");
+            counter.fetch_add(chunk.len() as u64, Ordering::Relaxed);
+            std::thread::sleep(Duration::from_millis(40));
+        }
+    });
+    (thread, sent)
+}

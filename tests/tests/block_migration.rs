@@ -96,6 +96,21 @@ fn qemu_io(image: &Path, format: &str, command: &str) {
     assert!(out.status.success(), "qemu-io {command}: {out:?}");
 }
 
+/// A qcow2 overlay at `image` over `base` (a name in the same directory).
+fn overlay(image: &Path, base: &str) {
+    qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-b",
+        base,
+        "-F",
+        "qcow2",
+        p(image),
+    ]);
+}
+
 fn p(path: &Path) -> &str {
     path.to_str().unwrap()
 }
@@ -214,17 +229,7 @@ fn inc_sends_only_what_the_overlay_holds_over_a_shared_base() {
     qemu_io(&base, "qcow2", "write -P 0x5a 0 64M");
     let (src, dst) = (dir.join("src.qcow2"), dir.join("dst.qcow2"));
     for img in [&src, &dst] {
-        qemu_img(&[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-b",
-            "base.qcow2",
-            "-F",
-            "qcow2",
-            p(img),
-        ]);
+        overlay(img, "base.qcow2");
     }
     qemu_io(&src, "qcow2", "write -P 0x33 4M 2M");
     qemu_io(&src, "qcow2", "write -z 40M 1M");
@@ -274,17 +279,7 @@ fn a_wrong_destination_image_is_refused_and_the_source_runs_on() {
         qemu_io(img, "qcow2", &format!("write -P {pattern} 0 16M"));
     }
     let src = dir.join("src.qcow2");
-    qemu_img(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-b",
-        "base.qcow2",
-        "-F",
-        "qcow2",
-        p(&src),
-    ]);
+    overlay(&src, "base.qcow2");
     qemu_io(&src, "qcow2", "write -P 0x33 1M 1M");
     let mut a = vm(&dir, "a", &[(&src, "qcow2")], &[]);
     let cases: Vec<(&str, Vec<&str>, &str, &str)> = vec![
@@ -334,17 +329,7 @@ fn a_wrong_destination_image_is_refused_and_the_source_runs_on() {
     // An image another process holds (qemu-io keeps it open, locked, while it waits on
     // its input).
     let dst = dir.join("held.qcow2");
-    qemu_img(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-b",
-        "base.qcow2",
-        "-F",
-        "qcow2",
-        p(&dst),
-    ]);
+    overlay(&dst, "base.qcow2");
     let uri = format!("unix:{}", dir.join("held.sock").display());
     let _b = vm(&dir, "held", &[(&dst, "qcow2")], &["-incoming", &uri]);
     let holder = Command::new("qemu-io")
@@ -367,17 +352,7 @@ fn a_wrong_destination_image_is_refused_and_the_source_runs_on() {
 
     // Right this time.
     let dst = dir.join("good.qcow2");
-    qemu_img(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-b",
-        "base.qcow2",
-        "-F",
-        "qcow2",
-        p(&dst),
-    ]);
+    overlay(&dst, "base.qcow2");
     let uri = format!("unix:{}", dir.join("good.sock").display());
     let _b = vm(&dir, "good", &[(&dst, "qcow2")], &["-incoming", &uri]);
     let info = migrate(&mut a, &uri, "inc");

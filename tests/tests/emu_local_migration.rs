@@ -6,11 +6,9 @@
 //! the destination's screendump shows the pattern, the downtime stays under 10 ms, and
 //! the source exits leaving no fd of the guest's memory behind.
 
-use std::io::Write;
 use std::os::unix::net::UnixStream;
 use std::path::Path;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use serde_json::json;
@@ -19,7 +17,7 @@ use vmm_tests::display::Image;
 use vmm_tests::migration::{guest_ram_inode, holders, in_tree};
 use vmm_tests::netns::NetNs;
 use vmm_tests::qmp::Qmp;
-use vmm_tests::transfer::{connect_retry, data, guest_sum, sha256};
+use vmm_tests::transfer::{data, guest_sum, paced_sender, sha256};
 use vmm_tests::{guest_program_disk, read_file, wait_until, TempDir};
 
 const BOOT_TIMEOUT: Duration = Duration::from_secs(600);
@@ -154,18 +152,7 @@ fn the_guest_and_everything_it_holds_move_by_fd() {
     let sum = sha256(&payload);
     a.send("nc -l -p 5003 < /dev/null > /tmp/in &\n");
     std::thread::sleep(Duration::from_millis(500));
-    let sent = Arc::new(AtomicU64::new(0));
-    let sender = {
-        let sent = sent.clone();
-        ns.spawn_inside(move || {
-            let mut stream = connect_retry((GUEST, 5003), CMD_TIMEOUT);
-            for chunk in payload.chunks(64 << 10) {
-                stream.write_all(chunk).unwrap();
-                sent.fetch_add(chunk.len() as u64, Ordering::Relaxed);
-                std::thread::sleep(Duration::from_millis(40));
-            }
-        })
-    };
+    let (sender, sent) = paced_sender(&ns, (GUEST, 5003), payload, CMD_TIMEOUT);
     wait_until("the transfer to start", CMD_TIMEOUT, || {
         sent.load(Ordering::Relaxed) >= 2 << 20
     });

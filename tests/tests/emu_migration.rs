@@ -4,16 +4,14 @@
 //! Its balloon moves too: inflated to 256 MiB on the source, the destination keeps the
 //! target (and takes none of the released memory back), and deflates it on command.
 
-use std::io::Write;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use serde_json::json;
 use vmm_tests::console::{stock_linux_args, GuestConsole};
 use vmm_tests::netns::NetNs;
 use vmm_tests::qmp::Qmp;
-use vmm_tests::transfer::{connect_retry, data, guest_sum, sha256};
+use vmm_tests::transfer::{data, guest_sum, paced_sender, sha256};
 use vmm_tests::{guest_program_disk, wait_until, TempDir};
 
 const BOOT_TIMEOUT: Duration = Duration::from_secs(600);
@@ -306,18 +304,7 @@ fn a_tcp_transfer_through_vmm_net_goes_on_across_the_move() {
     let sum = sha256(&payload);
     a.send("nc -l -p 5002 < /dev/null > /tmp/in &\n");
     std::thread::sleep(Duration::from_millis(500));
-    let sent = Arc::new(AtomicU64::new(0));
-    let sender = {
-        let sent = sent.clone();
-        ns.spawn_inside(move || {
-            let mut stream = connect_retry((GUEST, 5002), CMD_TIMEOUT);
-            for chunk in payload.chunks(64 << 10) {
-                stream.write_all(chunk).unwrap();
-                sent.fetch_add(chunk.len() as u64, Ordering::Relaxed);
-                std::thread::sleep(Duration::from_millis(40));
-            }
-        })
-    };
+    let (sender, sent) = paced_sender(&ns, (GUEST, 5002), payload, CMD_TIMEOUT);
     wait_until("the transfer to start", CMD_TIMEOUT, || {
         sent.load(Ordering::Relaxed) >= 2 << 20
     });
