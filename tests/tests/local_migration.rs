@@ -30,6 +30,13 @@ fn the_memory_moves_by_fd_and_the_source_exits() {
     let mut b = vm(&dir, "b", &kernel, &["-incoming", &uri]);
     set_local(&mut a);
     set_local(&mut b);
+    let caps = a.qmp.ok("query-migrate-capabilities", None);
+    assert!(
+        caps.as_array()
+            .unwrap()
+            .contains(&json!({"capability": "x-local", "state": true})),
+        "{caps}"
+    );
     let ino = guest_ram_inode(a.child.id());
     let started = Instant::now();
     a.qmp.ok("migrate", Some(json!({ "uri": uri })));

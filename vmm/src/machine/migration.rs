@@ -302,27 +302,19 @@ impl Machine {
     /// and the devices' resources ours in kind; the disks' images are taken over at once,
     /// the rest when the state arrives.
     fn prepare_local(&mut self, fds: LocalFds) -> Result<(), String> {
-        let ram = fds
-            .iter()
-            .filter(|(item, _)| *item == LocalItem::Ram)
-            .count();
-        if ram != 1 {
+        let Some((_, ram)) = fds.iter().find(|(item, _)| *item == LocalItem::Ram) else {
             return Err("the source hands over no guest memory".into());
-        }
-        for (item, fd) in &fds {
-            if *item == LocalItem::Ram {
-                let size = std::fs::File::from(fd.try_clone().map_err(|e| e.to_string())?)
-                    .metadata()
-                    .map_err(|e| e.to_string())?
-                    .len();
-                if size != self.config.memory_size {
-                    return Err(format!(
-                        "the source has {} MiB of RAM, this VM {} MiB",
-                        size >> 20,
-                        self.config.memory_size >> 20
-                    ));
-                }
-            }
+        };
+        let size = std::fs::File::from(ram.try_clone().map_err(|e| e.to_string())?)
+            .metadata()
+            .map_err(|e| e.to_string())?
+            .len();
+        if size != self.config.memory_size {
+            return Err(format!(
+                "the source has {} MiB of RAM, this VM {} MiB",
+                size >> 20,
+                self.config.memory_size >> 20
+            ));
         }
         let fds = self.devices.prepare_local(fds).map_err(|e| e.to_string())?;
         // Nothing runs on this VM's memory yet: it can become the source's now, out of
@@ -395,7 +387,6 @@ impl Machine {
                 .map(|(_, s)| s.as_slice())
                 .ok_or_else(|| format!("the stream has no state for {name}"))
         };
-        // A local migration: the source's memory is ours, at the same addresses.
         // A local migration: the memory is the source's already (adopted with its offer).
         let local = self.incoming_local.take();
         let t = std::time::Instant::now();
@@ -424,7 +415,6 @@ impl Machine {
         self.devices.set_vram_moves(false);
         // The configuration spaces say where the BARs are: route them there.
         lock(&self.pci).reroute_all();
-
         tracing::debug!("devices restored at {:?}", t.elapsed());
         self.run_state = RunState::Paused;
         if running && self.incoming_autostart {

@@ -412,7 +412,10 @@ fn send_local(
             "a local migration (x-local) needs a unix socket".into(),
         ));
     };
-    local::send_offer(&socket, &fds).map_err(|e| MigrationError::Machine(e.to_string()))?;
+    // A destination that refuses the offer closes while we send it: the error is an I/O
+    // one, so that the caller reads the destination's reason.
+    local::send_offer(&socket, &fds)
+        .map_err(|e| MigrationError::Io(std::io::Error::other(e.to_string())))?;
     // Our copies of the fds: the originals stay with their devices until we exit.
     drop(fds);
     let ram = o.ram.clone();
