@@ -16,6 +16,13 @@
 //! before it, and goes out when the second ends. A guest inflating its balloon page batch
 //! by page batch then gives clients a few events, not hundreds.
 //!
+//! Many clients: each listener serves at most `ServerConfig::max_connections` at once;
+//! beyond that it stops accepting, so new clients wait in the kernel's listen backlog (and
+//! are refused once that is full) until one leaves. A connection holds no read buffer
+//! until it has something to read. So a client that opens connections in a loop, sends a
+//! command on each and goes away without reading costs a bounded amount, however fast it
+//! is.
+//!
 //! fd passing: on unix sockets, fds sent with SCM_RIGHTS alongside the bytes
 //! are queued on the connection (at most `max_received_fds`, oldest closed
 //! first). A command that does not use them leaves them queued for the next
@@ -34,7 +41,7 @@ use thiserror::Error;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, Interest};
 use tokio::net::unix::OwnedReadHalf;
 use tokio::net::{TcpListener, UnixListener, UnixStream};
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::{mpsc, oneshot, watch, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinHandle;
 
 use crate::protocol::{
@@ -48,6 +55,9 @@ use crate::stream::{JsonStream, StreamLimits};
 const MAX_FDS_PER_MESSAGE: usize = 16;
 /// Bytes read from a connection at a time.
 const READ_CHUNK: usize = 64 * 1024;
+/// Connections one listener serves at once (QEMU serves one; management stacks open a
+/// few, tests a hundred).
+const MAX_CONNECTIONS: usize = 256;
 /// How long a closing connection may take to flush its last replies.
 const FLUSH_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -67,6 +77,8 @@ pub struct ServerConfig {
     pub outbound_queue: usize,
     /// fds received with SCM_RIGHTS and not yet claimed by getfd.
     pub max_received_fds: usize,
+    /// Connections one listener serves at once.
+    pub max_connections: usize,
 }
 
 impl Default for ServerConfig {
@@ -76,6 +88,7 @@ impl Default for ServerConfig {
             limits: StreamLimits::default(),
             outbound_queue: 1024,
             max_received_fds: MAX_FDS_PER_MESSAGE,
+            max_connections: MAX_CONNECTIONS,
         }
     }
 }
@@ -414,8 +427,13 @@ impl<D: Dispatcher> Server<D> {
     ) -> JoinHandle<Result<(), ServerError>> {
         let server = self.clone();
         let monitor = monitor_id.to_string();
+        let slots = self.connection_slots();
         tokio::spawn(async move {
             loop {
+                // A slot first: beyond the cap, clients wait in the listen backlog.
+                let Ok(slot) = slots.clone().acquire_owned().await else {
+                    return Ok(());
+                };
                 let (stream, _) =
                     listener
                         .accept()
@@ -424,7 +442,13 @@ impl<D: Dispatcher> Server<D> {
                             monitor: monitor.clone(),
                             source,
                         })?;
-                server.spawn_unix_stream(stream, &monitor);
+                let (reader, writer) = stream.into_split();
+                server.spawn_connection(
+                    Reader::Unix(reader),
+                    Box::new(writer),
+                    &monitor,
+                    Some(slot),
+                );
             }
         })
     }
@@ -436,8 +460,12 @@ impl<D: Dispatcher> Server<D> {
     ) -> JoinHandle<Result<(), ServerError>> {
         let server = self.clone();
         let monitor = monitor_id.to_string();
+        let slots = self.connection_slots();
         tokio::spawn(async move {
             loop {
+                let Ok(slot) = slots.clone().acquire_owned().await else {
+                    return Ok(());
+                };
                 let (stream, _) =
                     listener
                         .accept()
@@ -449,7 +477,12 @@ impl<D: Dispatcher> Server<D> {
                 // Replies are small and interactive.
                 let _ = stream.set_nodelay(true);
                 let (reader, writer) = stream.into_split();
-                server.spawn_stream(reader, writer, &monitor);
+                server.spawn_connection(
+                    Reader::Plain(Box::new(reader)),
+                    Box::new(writer),
+                    &monitor,
+                    Some(slot),
+                );
             }
         })
     }
@@ -457,7 +490,12 @@ impl<D: Dispatcher> Server<D> {
     /// Serves one connected unix socket (with fd passing).
     pub fn spawn_unix_stream(&self, stream: UnixStream, monitor_id: &str) -> JoinHandle<()> {
         let (reader, writer) = stream.into_split();
-        self.spawn_connection(Reader::Unix(reader), Box::new(writer), monitor_id)
+        self.spawn_connection(Reader::Unix(reader), Box::new(writer), monitor_id, None)
+    }
+
+    /// The connections a new listener may serve at once.
+    fn connection_slots(&self) -> Arc<Semaphore> {
+        Arc::new(Semaphore::new(self.shared.config.max_connections.max(1)))
     }
 
     /// Serves any byte stream (tcp, pty, a chardev), without fd passing.
@@ -470,6 +508,7 @@ impl<D: Dispatcher> Server<D> {
             Reader::Plain(Box::new(reader)),
             Box::new(writer),
             monitor_id,
+            None,
         )
     }
 
@@ -478,15 +517,20 @@ impl<D: Dispatcher> Server<D> {
         self.spawn_stream(tokio::io::stdin(), tokio::io::stdout(), monitor_id)
     }
 
+    /// Serve a connection; `slot` (its listener's) is given back when it ends.
     fn spawn_connection(
         &self,
         reader: Reader,
         writer: BoxedWriter,
         monitor_id: &str,
+        slot: Option<OwnedSemaphorePermit>,
     ) -> JoinHandle<()> {
         let shared = self.shared.clone();
         let monitor = monitor_id.to_string();
-        tokio::spawn(async move { serve_connection(shared, reader, writer, monitor).await })
+        tokio::spawn(async move {
+            serve_connection(shared, reader, writer, monitor).await;
+            drop(slot);
+        })
     }
 }
 
@@ -498,6 +542,18 @@ enum Reader {
 }
 
 impl Reader {
+    /// Waits until there is something to read (or the peer went away), reading nothing.
+    async fn readable(&mut self) -> io::Result<()> {
+        match self {
+            // A plain stream has no readiness of its own: its read waits.
+            Reader::Plain(_) => Ok(()),
+            Reader::Unix(half) => {
+                let stream: &UnixStream = half.as_ref();
+                stream.readable().await
+            }
+        }
+    }
+
     /// Reads bytes, and on unix sockets the fds that came with them.
     async fn read(&mut self, buf: &mut [u8], fds: &mut Vec<OwnedFd>) -> io::Result<usize> {
         match self {
@@ -659,9 +715,15 @@ impl<D: Dispatcher> Connection<'_, D> {
         if !self.send(greeting_line(&self.shared.config.greeting)).await {
             return Stop::Eof;
         }
-        let mut buf = vec![0u8; READ_CHUNK];
+        // No buffer until the client sends something (an idle or vanished client costs
+        // none), and none kept while a command runs.
+        let mut buf = Vec::new();
         let mut fds = Vec::new();
         loop {
+            if reader.readable().await.is_err() {
+                return Stop::Eof;
+            }
+            buf.resize(READ_CHUNK, 0);
             let read = reader.read(&mut buf, &mut fds).await;
             for fd in fds.drain(..) {
                 self.ctx.push_received_fd(fd);
@@ -670,7 +732,9 @@ impl<D: Dispatcher> Connection<'_, D> {
                 Ok(0) | Err(_) => return Stop::Eof,
                 Ok(count) => count,
             };
-            for item in self.stream.feed_collect(&buf[..count]) {
+            let items = self.stream.feed_collect(&buf[..count]);
+            buf = Vec::new();
+            for item in items {
                 if !self.handle(item).await {
                     return if self.ctx.close_requested {
                         Stop::Close

@@ -183,6 +183,31 @@ async fn hundred_clients_receive_an_event() {
     assert_eq!(silent.line().await, "{\"return\": {}}");
 }
 
+/// Beyond `max_connections`, a new client waits (in the listen backlog) until one leaves.
+#[tokio::test]
+async fn clients_beyond_the_cap_wait_for_a_slot() {
+    let config = ServerConfig {
+        max_connections: 2,
+        ..ServerConfig::default()
+    };
+    let (_server, path) = start("cap", config);
+    let first = Client::negotiated(&path).await;
+    let mut second = Client::negotiated(&path).await;
+    let mut third = Client::connect(&path).await;
+    let waited = timeout(Duration::from_millis(300), third.lines.next_line()).await;
+    assert!(
+        waited.is_err(),
+        "the third client was served beyond the cap"
+    );
+    drop(first);
+    let greeting: Value = serde_json::from_str(&third.line().await).unwrap();
+    assert!(greeting.get("QMP").is_some(), "{greeting}");
+    third.send(b"{\"execute\":\"qmp_capabilities\"}").await;
+    assert_eq!(third.line().await, "{\"return\": {}}");
+    second.send(b"{\"execute\":\"query-status\"}").await;
+    assert!(second.line().await.starts_with("{\"return\": {"));
+}
+
 #[tokio::test]
 async fn a_client_that_stops_reading_does_not_stall_others() {
     let config = ServerConfig {
