@@ -369,7 +369,50 @@ pub fn check_qcow2_header(file: &File, what: &str) -> Result<Qcow2Header, ImageE
             method,
         });
     }
+    check_header_extensions(file, what, &header)?;
     Ok(header)
+}
+
+/// The feature name table's header extension type, and the size of one entry.
+const EXT_FEATURE_TABLE: u32 = 0x6803_f857;
+const FEATURE_ENTRY: u32 = 48;
+
+/// Walk the header extensions (they end by the end of the first cluster) and refuse what
+/// imago would trip on: a feature name table that is not a whole number of entries
+/// (qemu-img never writes one; QEMU ignores the rest, imago panics).
+fn check_header_extensions(
+    file: &File,
+    what: &str,
+    header: &Qcow2Header,
+) -> Result<(), ImageError> {
+    let bad = |why: String| io_err(what)(io::Error::new(io::ErrorKind::InvalidData, why));
+    let mut at = if header.version >= 3 {
+        let mut len = [0u8; 4];
+        file.read_exact_at(&mut len, 100).map_err(io_err(what))?;
+        u64::from(u32::from_be_bytes(len))
+    } else {
+        72
+    };
+    let cluster_end = 1u64 << header.cluster_bits;
+    while at + 8 <= cluster_end {
+        let mut ext = [0u8; 8];
+        if file.read_exact_at(&mut ext, at).is_err() {
+            // A file that ends inside the header: imago says so.
+            return Ok(());
+        }
+        let kind = u32::from_be_bytes([ext[0], ext[1], ext[2], ext[3]]);
+        let len = u32::from_be_bytes([ext[4], ext[5], ext[6], ext[7]]);
+        if kind == 0 {
+            return Ok(());
+        }
+        if kind == EXT_FEATURE_TABLE && len % FEATURE_ENTRY != 0 {
+            return Err(bad(format!(
+                "a feature name table of {len} bytes (not whole {FEATURE_ENTRY}-byte entries)"
+            )));
+        }
+        at += 8 + u64::from(len).next_multiple_of(8);
+    }
+    Ok(())
 }
 
 /// What [`open_layer`] found out about an image besides its layer.
