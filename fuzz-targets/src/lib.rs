@@ -20,6 +20,8 @@ pub const TARGETS: &[(&str, Target)] = &[
     ("ipc_messages", ipc_messages),
     ("qcow2_image", qcow2_image),
     ("cli_args", cli_args),
+    ("virtio_blk_chain", virtio_blk_chain),
+    ("socket_frames", socket_frames),
 ];
 
 /// A QMP client's bytes, fed in two pieces (split where the first byte says), through
@@ -103,6 +105,93 @@ pub fn qcow2_image(data: &[u8]) {
     let chunks = (disk.capacity() * 512).div_ceil(chunk).min(4) as u32;
     if chunks > 0 {
         let _ = disk.read_chunks(&buffer, chunk, 0, chunks);
+    }
+}
+
+/// A guest's virtio-blk request: the first 8 descriptors of the queue's table (16 bytes
+/// each: address, length, flags, next) and what lies in guest memory where they point (the
+/// header, the data, the discard ranges), processed by vmm-blk against a 64 KiB raw disk.
+/// Addresses fall in 2 MiB (guest RAM is the first 1 MiB): some point outside RAM.
+pub fn virtio_blk_chain(data: &[u8]) {
+    use device_procs::blk::request::{process, Disk, GuestMem};
+    use virtio_queue::desc::split::Descriptor;
+    use virtio_queue::desc::RawDescriptor;
+    use virtio_queue::mock::MockSplitQueue;
+    use virtio_queue::{Queue, QueueOwnedT};
+    use vm_memory::{Bytes, GuestAddress};
+
+    const DESCS: usize = 8;
+    const RAM: usize = 1 << 20;
+    let (table, contents) = data.split_at(data.len().min(DESCS * 16));
+    let Ok(mem) = GuestMem::from_ranges(&[(GuestAddress(0), RAM)]) else {
+        return;
+    };
+    // The guest's bytes from the start of RAM's second half (the ring sits below).
+    let _ = mem.write_slice(
+        &contents[..contents.len().min(RAM / 2)],
+        GuestAddress(RAM as u64 / 2),
+    );
+    let Some(file) = memfd(&[0x5a; 64 * 1024]) else {
+        return;
+    };
+    let Ok(disk) = Disk::new(file, false, "fuzz") else {
+        return;
+    };
+    let q = MockSplitQueue::new(&mem, DESCS as u16);
+    for (i, d) in table.chunks_exact(16).enumerate() {
+        let word = |at: usize, n: usize| {
+            d[at..at + n]
+                .iter()
+                .rev()
+                .fold(0u64, |v, b| v << 8 | u64::from(*b))
+        };
+        let desc = Descriptor::new(
+            word(0, 8) % (2 << 20),
+            word(8, 4) as u32,
+            word(12, 2) as u16,
+            word(14, 2) as u16,
+        );
+        let _ = q.desc_table().store(i as u16, RawDescriptor::from(desc));
+    }
+    let _ = q.avail().ring().ref_at(0).map(|r| r.store(0u16.to_le()));
+    q.avail().idx().store(1u16.to_le());
+    let Ok(mut queue) = q.create_queue::<Queue>() else {
+        return;
+    };
+    let Ok(mut chains) = queue.iter(&mem) else {
+        return;
+    };
+    if let Some(chain) = chains.next() {
+        let _ = process(&disk, chain);
+    }
+}
+
+/// Bytes on a unix socket from a peer that does not follow the protocol: the control
+/// channel's frames (length-prefixed; each payload decoded as a block message) read until
+/// the end, and a local migration's offer as the destination reads it.
+pub fn socket_frames(data: &[u8]) {
+    use ipc::channel::Message;
+    use std::os::unix::net::UnixStream;
+    // The data fits the socket's buffer (a few hundred KiB): the write does not block.
+    let data = &data[..data.len().min(64 * 1024)];
+    for which in 0..2 {
+        let Ok((mut ours, theirs)) = UnixStream::pair() else {
+            return;
+        };
+        if ours.write_all(data).is_err() {
+            return;
+        }
+        drop(ours.shutdown(std::net::Shutdown::Write));
+        if which == 0 {
+            while let Ok((payload, _fds)) = ipc::frame::recv_frame(&theirs) {
+                let _ = postcard::from_bytes::<
+                    Message<ipc::blk::BlkRequest, ipc::blk::BlkReply, ipc::blk::BlkEvent>,
+                >(&payload);
+            }
+        } else {
+            let _ = vmm::migration::local::offered(&theirs);
+            let _ = vmm::migration::local::receive_offer(&theirs);
+        }
     }
 }
 

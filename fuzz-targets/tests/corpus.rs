@@ -197,6 +197,76 @@ fn write_seeds() {
         std::fs::remove_dir_all(&dir).unwrap();
     }
 
+    // virtio-blk requests as Linux's driver makes them: a read, a write, a discard.
+    {
+        let desc = |addr: u64, len: u32, flags: u16, next: u16| {
+            let mut d = addr.to_le_bytes().to_vec();
+            d.extend_from_slice(&len.to_le_bytes());
+            d.extend_from_slice(&flags.to_le_bytes());
+            d.extend_from_slice(&next.to_le_bytes());
+            d
+        };
+        let (next, device_writes) = (1u16, 2u16);
+        let base = 0x8_0000u64;
+        for (name, kind, data_flags, data_len) in [
+            ("read", 0u32, next | device_writes, 1024u32),
+            ("write", 1, next, 1024),
+            ("discard", 11, next, 16),
+        ] {
+            let mut bytes = desc(base, 16, next, 1);
+            bytes.extend(desc(base + 16, data_len, data_flags, 2));
+            bytes.extend(desc(base + 16 + u64::from(data_len), 1, device_writes, 0));
+            bytes.resize(8 * 16, 0);
+            let mut header = kind.to_le_bytes().to_vec();
+            header.extend_from_slice(&0u32.to_le_bytes());
+            header.extend_from_slice(&2u64.to_le_bytes());
+            bytes.extend(header);
+            if kind == 11 {
+                // One range: sector 4, 8 sectors, no flags.
+                bytes.extend_from_slice(&4u64.to_le_bytes());
+                bytes.extend_from_slice(&8u32.to_le_bytes());
+                bytes.extend_from_slice(&0u32.to_le_bytes());
+            } else {
+                bytes.extend(std::iter::repeat_n(0x33u8, data_len as usize));
+            }
+            write("virtio_blk_chain", name, &bytes);
+        }
+    }
+
+    // Socket traffic: control frames as the channel sends them, and a local offer.
+    {
+        use std::os::fd::AsFd;
+        use std::os::unix::net::UnixStream;
+        let (a, mut b) = UnixStream::pair().unwrap();
+        let frame = postcard::to_stdvec(&ipc::channel::Message::<
+            ipc::blk::BlkRequest,
+            ipc::blk::BlkReply,
+            ipc::blk::BlkEvent,
+        >::Request {
+            id: 1,
+            body: ipc::blk::BlkRequest::Stats,
+        })
+        .unwrap();
+        ipc::frame::send_frame(&a, &frame, &[]).unwrap();
+        ipc::frame::send_frame(&a, &frame, &[]).unwrap();
+        drop(a);
+        let mut bytes = Vec::new();
+        std::io::Read::read_to_end(&mut b, &mut bytes).unwrap();
+        write("socket_frames", "control", &bytes);
+
+        let (a, mut b) = UnixStream::pair().unwrap();
+        let ram = std::fs::File::open("/dev/null").unwrap();
+        let fds = vec![(
+            vmm::migration::local::LocalItem::Ram,
+            ram.as_fd().try_clone_to_owned().unwrap(),
+        )];
+        vmm::migration::local::send_offer(&a, &fds).unwrap();
+        drop(a);
+        let mut bytes = Vec::new();
+        std::io::Read::read_to_end(&mut b, &mut bytes).unwrap();
+        write("socket_frames", "local-offer", &bytes);
+    }
+
     // Command lines as management and the tests write them.
     let lines: &[(&str, &[&str])] = &[
         (
