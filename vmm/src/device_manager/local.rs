@@ -110,7 +110,10 @@ impl DeviceManager {
                     let block = self
                         .blocks
                         .iter()
-                        .find(|b| lock(b).drive == *drive && !lock(b).drive_config.readonly)
+                        .find(|b| {
+                            let b = lock(b);
+                            b.drive == *drive && !b.drive_config.readonly
+                        })
                         .ok_or_else(|| differ(format!("drive '{drive}' is not here")))?;
                     let file = File::from(fd);
                     let same = identity(&file).is_some()
