@@ -263,3 +263,19 @@ pub fn wait_with_timeout(mut child: Child, timeout: Duration) -> Finished {
 pub fn run_vmm(args: &[&str], timeout: Duration) -> Finished {
     wait_with_timeout(spawn_vmm(args), timeout)
 }
+
+/// Run `qemu-img` (Debian's qemu-utils) with `args`, which must succeed: its standard
+/// output.
+pub fn qemu_img(args: &[&str]) -> String {
+    let out = Command::new("qemu-img")
+        .args(args)
+        .output()
+        .expect("qemu-img (Debian's qemu-utils)");
+    assert!(
+        out.status.success(),
+        "qemu-img {args:?}: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}

@@ -257,3 +257,14 @@ pub fn in_tree(mut pid: u32, root: u32) -> bool {
         }
     }
 }
+
+/// The downtime, in microseconds, that a source of a local migration reports in its log
+/// (`vmm: local migration completed (downtime N ms, US us): ...`) before it exits.
+pub fn handover_downtime_us(log: &str) -> u64 {
+    log.split("local migration completed (downtime ")
+        .nth(1)
+        .and_then(|rest| rest.split(", ").nth(1))
+        .and_then(|rest| rest.split(' ').next())
+        .and_then(|us| us.parse().ok())
+        .unwrap_or_else(|| panic!("no downtime in the source's log:\n{log}"))
+}

@@ -15,7 +15,7 @@ use std::time::Duration;
 use serde_json::{json, Value};
 use vmm_tests::guest::hanging_guest;
 use vmm_tests::qmp::Qmp;
-use vmm_tests::{vmm_binary, wait_until, TempDir};
+use vmm_tests::{qemu_img, vmm_binary, wait_until, TempDir};
 
 const TIMEOUT: Duration = Duration::from_secs(120);
 const MIB: u64 = 1 << 20;
@@ -74,17 +74,6 @@ fn vm(dir: &TempDir, name: &str, disks: &[(&Path, &str)], extra: &[&str]) -> Vm 
     wait_until("the monitor socket", TIMEOUT, || sock.exists());
     let qmp = Qmp::connect(&sock);
     Vm { child, qmp }
-}
-
-fn qemu_img(args: &[&str]) -> String {
-    let out = Command::new("qemu-img").args(args).output().unwrap();
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(out.status.success(), "qemu-img {args:?}: {text}");
-    text
 }
 
 fn qemu_io(image: &Path, format: &str, command: &str) {

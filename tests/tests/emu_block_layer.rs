@@ -3,30 +3,15 @@
 //! in a loop, and the checksums the guest took before show that no write was lost; a live
 //! resize shows in /sys/block/vda/size; `qemu-img check` is clean on both images afterwards.
 
-use std::process::Command;
 use std::time::Duration;
 
 use serde_json::json;
 use vmm_tests::console::GuestConsole;
 use vmm_tests::qmp::Qmp;
-use vmm_tests::TempDir;
+use vmm_tests::{qemu_img, TempDir};
 
 const BOOT_TIMEOUT: Duration = Duration::from_secs(600);
 const CMD_TIMEOUT: Duration = Duration::from_secs(300);
-
-fn qemu_img(args: &[&str]) -> String {
-    let out = Command::new("qemu-img")
-        .args(args)
-        .output()
-        .expect("qemu-img");
-    assert!(
-        out.status.success(),
-        "qemu-img {args:?}: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
 
 fn vda_stats(qmp: &mut Qmp<std::os::unix::net::UnixStream>) -> serde_json::Value {
     qmp.ok("query-blockstats", None)[0]["stats"].clone()

@@ -13,23 +13,12 @@ use std::time::Duration;
 use serde_json::json;
 use vmm_tests::console::{stock_linux_args, GuestConsole};
 use vmm_tests::qmp::Qmp;
-use vmm_tests::{wait_until, TempDir};
+use vmm_tests::{qemu_img, wait_until, TempDir};
 
 const BOOT_TIMEOUT: Duration = Duration::from_secs(600);
 const CMD_TIMEOUT: Duration = Duration::from_secs(180);
 /// Blocks of 1 MiB the guest writes on each disk, round and round.
 const BLOCKS: u32 = 24;
-
-fn qemu_img(args: &[&str]) -> String {
-    let out = Command::new("qemu-img").args(args).output().unwrap();
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(out.status.success(), "qemu-img {args:?}: {text}");
-    text
-}
 
 /// The 1 MiB chunks of `image` its own layer holds data for (`qemu-img map`).
 fn allocated_chunks(image: &Path) -> u64 {

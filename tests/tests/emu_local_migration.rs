@@ -14,7 +14,7 @@ use std::time::Duration;
 use serde_json::json;
 use vmm_tests::console::{stock_linux_args, GuestConsole};
 use vmm_tests::display::Image;
-use vmm_tests::migration::{guest_ram_inode, holders, in_tree};
+use vmm_tests::migration::{guest_ram_inode, handover_downtime_us, holders, in_tree};
 use vmm_tests::netns::NetNs;
 use vmm_tests::qmp::Qmp;
 use vmm_tests::transfer::{data, guest_sum, paced_sender, sha256};
@@ -172,13 +172,7 @@ fn the_guest_and_everything_it_holds_move_by_fd() {
     // The source exits once the guest runs on in the destination.
     assert_eq!(a.wait_exit(CMD_TIMEOUT), Some(0), "{}", read_file(&log_a));
     let log = read_file(&log_a);
-    let downtime_us: u64 = log
-        .split("local migration completed (downtime ")
-        .nth(1)
-        .and_then(|rest| rest.split(", ").nth(1))
-        .and_then(|rest| rest.split(' ').next())
-        .and_then(|us| us.parse().ok())
-        .unwrap_or_else(|| panic!("no downtime in the source's log:\n{log}"));
+    let downtime_us = handover_downtime_us(&log);
     let at_switch = sent.load(Ordering::Relaxed);
     eprintln!("local migration: downtime {downtime_us} us, {at_switch} bytes sent at the switch");
     // This is a debug build with four device processes, under the other tests' load:

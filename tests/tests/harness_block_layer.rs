@@ -12,24 +12,10 @@ use vmm_tests::libqos::blk::{VIRTIO_BLK_S_OK, VIRTIO_BLK_T_OUT};
 use vmm_tests::libqos::virtqueue::{Buffer, GuestAlloc};
 use vmm_tests::qmp::Qmp;
 use vmm_tests::qtest::Qtest;
-use vmm_tests::TempDir;
+use vmm_tests::{qemu_img, TempDir};
 
 const RAM: u64 = 128 << 20;
 const TIMEOUT: Duration = Duration::from_secs(10);
-
-fn qemu_img(args: &[&str]) -> String {
-    let out = Command::new("qemu-img")
-        .args(args)
-        .output()
-        .expect("qemu-img (Debian's qemu-utils)");
-    assert!(
-        out.status.success(),
-        "qemu-img {args:?}: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
 
 /// A machine with one disk on queue 0 and QMP alongside.
 struct Disk {

@@ -45,13 +45,7 @@ fn the_memory_moves_by_fd_and_the_source_exits() {
     let elapsed = started.elapsed();
     assert!(status.success(), "the source exits cleanly: {status}");
     let log = read_file(&a.log);
-    let downtime_us: u64 = log
-        .split("local migration completed (downtime ")
-        .nth(1)
-        .and_then(|rest| rest.split(", ").nth(1))
-        .and_then(|rest| rest.split(' ').next())
-        .and_then(|us| us.parse().ok())
-        .unwrap_or_else(|| panic!("no downtime in the source's log:\n{log}"));
+    let downtime_us = handover_downtime_us(&log);
     eprintln!("local migration: {elapsed:?} in all, downtime {downtime_us} us");
     assert!(downtime_us < 10_000, "downtime {downtime_us} us");
     // The destination runs the same memory (the same memfd), and the guest goes on, every
