@@ -25,7 +25,7 @@ fn a_connection_flood_costs_a_bounded_amount() {
     let kernel = hanging_guest(&dir, "up\n");
     let sock = dir.join("qmp.sock");
     let qmp_arg = format!("unix:{},server=on,wait=off", sock.display());
-    let mut vmm = spawn_vmm(&[
+    let vmm = KillOnDrop(spawn_vmm(&[
         "-accel",
         "emu",
         "-m",
@@ -38,8 +38,8 @@ fn a_connection_flood_costs_a_bounded_amount() {
         &kernel,
         "-qmp",
         &qmp_arg,
-    ]);
-    let pid = vmm.id();
+    ]));
+    let pid = vmm.0.id();
     wait_until("the monitor socket", Duration::from_secs(30), || {
         sock.exists()
     });
@@ -107,6 +107,14 @@ fn a_connection_flood_costs_a_bounded_amount() {
     assert_eq!(good.ok("query-status", None)["status"], "prelaunch");
     let mut late = Qmp::connect(&sock);
     assert_eq!(late.ok("query-status", None)["status"], "prelaunch");
-    let _ = vmm.kill();
-    let _ = vmm.wait();
+}
+
+/// The vmm, killed when the test ends, passed or failed.
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
 }
