@@ -4,6 +4,7 @@
 
 pub mod blk;
 pub mod display;
+pub mod hostile;
 pub mod inherit;
 pub mod net;
 pub mod sandbox;

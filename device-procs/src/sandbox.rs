@@ -211,6 +211,7 @@ pub fn enter(profile: Profile) -> Result<(), SandboxError> {
     // The inner process, PID 1 of the new namespace, from here on.
     if selftest {
         probe_open(&program, "without seccomp: ");
+        probe_processes(&program);
     }
     if let Some(kind) = profile.seccomp {
         seccomp::install(kind)?;
@@ -220,6 +221,13 @@ pub fn enter(profile: Profile) -> Result<(), SandboxError> {
         }
     }
     Ok(())
+}
+
+/// Other processes: the empty root has no /proc, and the PID namespace holds only us.
+fn probe_processes(program: &str) {
+    // SAFETY: open with a valid C string; a returned fd is ours and closed by report.
+    let fd = unsafe { libc::open(c"/proc/1/status".as_ptr(), libc::O_RDONLY | libc::O_CLOEXEC) };
+    report(program, "without seccomp: open(\"/proc/1/status\")", fd);
 }
 
 /// The program's name for the self-test lines.

@@ -14,6 +14,7 @@ use ipc::{Channel, DeviceKind, FrameError, IpcError, Message, RemoteError};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
+use crate::hostile::Mode;
 use crate::inherit;
 use crate::sandbox::{self, Profile};
 
@@ -117,6 +118,7 @@ where
 {
     let (control, listener) = inherit::inherited_sockets()?;
     block_termination_signals()?;
+    crate::hostile::prepare();
     sandbox::enter(profile)?;
     let mut channel = Channel::new(control);
     channel.hello(kind, kind, HELLO_TIMEOUT)?;
@@ -218,15 +220,27 @@ where
     Rep: Serialize + DeserializeOwned + Send + 'static,
     Ev: Serialize + DeserializeOwned + Send + 'static,
 {
+    let hostile = crate::hostile::from_env().filter(|h| !h.mode.on_vhost_user());
+    if let Some(h) = hostile {
+        crate::hostile::spawn_control_attack(h, sender.socket()?);
+    }
+    let turned = move |mode: Mode| hostile.is_some_and(|h| h.mode == mode && h.active());
     std::thread::Builder::new()
         .name("control".into())
         .spawn(move || loop {
             match channel.recv(None) {
+                Ok((Message::Request { .. }, _)) if turned(Mode::Silent) => {}
                 Ok((Message::Request { id, body }, fds)) => {
                     let result = handle(body, fds);
                     if let Err(e) = &result {
                         tracing::warn!("control request refused: {e}");
                     }
+                    // A test mode: the reply names a request never sent.
+                    let id = if turned(Mode::ForgedReply) {
+                        id + (1 << 32)
+                    } else {
+                        id
+                    };
                     sender.reply(id, result);
                 }
                 Ok(_) => tracing::warn!("ignoring an unexpected control message"),

@@ -112,6 +112,9 @@ pub trait Served: VhostUserBackend<Bitmap = BitmapMmapRegion, Vring = Vring> + '
 /// Serve vhost-user connections on `listener` one after another, each with a fresh daemon,
 /// for as long as the listener works.
 pub fn serve<B: Served>(backend: Arc<B>, listener: UnixListener) -> Result<(), DaemonError> {
+    if let Some((prepared, hostile)) = crate::hostile::take_prepared_relay() {
+        return crate::vhost_relay::serve_hostile(backend, listener, prepared, hostile);
+    }
     let mut listener = Listener::from(listener);
     loop {
         serve_one(&backend, &mut listener)?;

@@ -16,6 +16,7 @@ use std::sync::{Arc, Mutex};
 
 use vhost::vhost_user::Listener;
 
+use crate::hostile::{Hostile, Mode};
 use crate::vhost_daemon::{serve_one, DaemonError, Served};
 
 /// vhost-user message header: request, flags, payload size (all u32 LE).
@@ -39,9 +40,41 @@ pub fn serve_relayed<B: Served>(backend: Arc<B>, public: UnixListener) -> Result
             .accept()
             .map_err(|e| DaemonError::Accept(e.to_string()))?;
         let back = connect(&address).map_err(|e| DaemonError::Daemon(e.to_string()))?;
-        spawn_relay(front, back).map_err(|e| DaemonError::Daemon(e.to_string()))?;
+        spawn_relay(front, back, None).map_err(|e| DaemonError::Daemon(e.to_string()))?;
         serve_one(&backend, &mut inner)?;
     }
+}
+
+/// For a hostile test mode (see [`crate::hostile`]), made before the sandbox forbids
+/// making sockets: the daemon's listener and a connection to it already waiting.
+pub struct PreparedRelay {
+    inner: UnixListener,
+    back: UnixStream,
+}
+
+impl PreparedRelay {
+    pub fn new() -> io::Result<Self> {
+        let (inner, address) = abstract_listener()?;
+        let back = connect(&address)?;
+        Ok(PreparedRelay { inner, back })
+    }
+}
+
+/// Serve the first frontend on `public` through a relay that turns `hostile` on the
+/// vhost-user protocol, then the next ones directly.
+pub fn serve_hostile<B: Served>(
+    backend: Arc<B>,
+    public: UnixListener,
+    prepared: PreparedRelay,
+    hostile: Hostile,
+) -> Result<(), DaemonError> {
+    let (front, _) = public
+        .accept()
+        .map_err(|e| DaemonError::Accept(e.to_string()))?;
+    spawn_relay(front, prepared.back, Some(hostile))
+        .map_err(|e| DaemonError::Daemon(e.to_string()))?;
+    serve_one(&backend, &mut Listener::from(prepared.inner))?;
+    crate::vhost_daemon::serve(backend, public)
 }
 
 /// A unix socket listening on a kernel-chosen abstract address: the listener and its
@@ -148,7 +181,7 @@ impl Msg {
 
 /// Relay `front` (the frontend) and `back` (our daemon) on two threads; each ends when its
 /// source does, and shuts the other side down.
-fn spawn_relay(front: UnixStream, back: UnixStream) -> io::Result<()> {
+fn spawn_relay(front: UnixStream, back: UnixStream, hostile: Option<Hostile>) -> io::Result<()> {
     let front_writer = Arc::new(Mutex::new(front.try_clone()?));
     let back_reader = back.try_clone()?;
     let front_for_replies = front_writer.clone();
@@ -168,18 +201,41 @@ fn spawn_relay(front: UnixStream, back: UnixStream) -> io::Result<()> {
     std::thread::Builder::new()
         .name("relay-request".into())
         .spawn(move || {
-            relay_requests(&front, &back, &front_writer);
+            relay_requests(&front, &back, &front_writer, hostile);
             let _ = back.shutdown(std::net::Shutdown::Both);
         })?;
     Ok(())
 }
 
-/// Frontend to daemon, holding ring enables that come before SET_FEATURES.
-fn relay_requests(front: &UnixStream, back: &UnixStream, front_writer: &Mutex<UnixStream>) {
+/// Frontend to daemon, holding ring enables that come before SET_FEATURES; once
+/// `hostile` is active, requests are answered wrongly or not at all instead.
+fn relay_requests(
+    front: &UnixStream,
+    back: &UnixStream,
+    front_writer: &Mutex<UnixStream>,
+    hostile: Option<Hostile>,
+) {
     let mut acked = false;
     let mut held: Vec<Msg> = Vec::new();
     while let Ok(Some(msg)) = recv(front.as_raw_fd()) {
         let request = msg.request();
+        match hostile.filter(Hostile::active).map(|h| h.mode) {
+            Some(Mode::VhostSilent) => continue,
+            Some(Mode::VhostGarbage) => {
+                // A reply, but to another request.
+                let wrong = Msg::new(
+                    request.wrapping_add(1),
+                    FLAG_VERSION | FLAG_REPLY,
+                    0u64.to_le_bytes().to_vec(),
+                );
+                let front = front_writer.lock().unwrap_or_else(|e| e.into_inner());
+                if send(front.as_raw_fd(), &wrong).is_err() {
+                    return;
+                }
+                continue;
+            }
+            _ => {}
+        }
         tracing::trace!(
             "request {request} (flags {:#x}, {} bytes, {} fds)",
             msg.flags(),
@@ -359,10 +415,47 @@ mod tests {
     }
 
     #[test]
+    fn a_hostile_relay_answers_wrongly_or_not_at_all() {
+        let now = std::time::Instant::now();
+        for mode in [Mode::VhostGarbage, Mode::VhostSilent] {
+            let (front_peer, front) = UnixStream::pair().unwrap();
+            let (back, back_peer) = UnixStream::pair().unwrap();
+            spawn_relay(front, back, Some(Hostile { mode, from: now })).unwrap();
+            // GET_FEATURES (1): nothing reaches the daemon either way.
+            send(
+                front_peer.as_raw_fd(),
+                &Msg::new(1, FLAG_VERSION, Vec::new()),
+            )
+            .unwrap();
+            front_peer
+                .set_read_timeout(Some(std::time::Duration::from_millis(200)))
+                .unwrap();
+            let answer = recv(front_peer.as_raw_fd());
+            match mode {
+                Mode::VhostGarbage => {
+                    let reply = answer.unwrap().unwrap();
+                    assert_eq!(
+                        (reply.request(), reply.flags()),
+                        (2, FLAG_VERSION | FLAG_REPLY)
+                    );
+                }
+                _ => assert!(answer.is_err(), "a silent relay answered"),
+            }
+            back_peer
+                .set_read_timeout(Some(std::time::Duration::from_millis(50)))
+                .unwrap();
+            assert!(
+                recv(back_peer.as_raw_fd()).is_err(),
+                "{mode:?} passed a request on"
+            );
+        }
+    }
+
+    #[test]
     fn early_ring_enables_wait_for_set_features() {
         let (front_peer, front) = UnixStream::pair().unwrap();
         let (back, back_peer) = UnixStream::pair().unwrap();
-        spawn_relay(front, back).unwrap();
+        spawn_relay(front, back, None).unwrap();
         let file = std::fs::File::open("/proc/self/status").unwrap();
         let mut call = Msg::new(13, FLAG_VERSION, 0u64.to_le_bytes().to_vec());
         call.fds.push(OwnedFd::from(file));

@@ -79,7 +79,31 @@ pub enum IpcError {
     Remote(#[from] RemoteError),
     #[error("socket setup: {0}")]
     Socket(#[source] std::io::Error),
+    #[error("the peer broke the protocol earlier ({0}); the channel is closed")]
+    Broken(String),
 }
+
+impl IpcError {
+    /// Whether this error shows the peer breaking the protocol (an undecodable or
+    /// oversized frame, a message out of place), as opposed to the peer going away or
+    /// refusing a request.
+    pub fn is_violation(&self) -> bool {
+        match self {
+            IpcError::Frame(f) => matches!(
+                f,
+                FrameError::TooLarge(_) | FrameError::TooManyFds | FrameError::Stalled
+            ),
+            IpcError::Decode(_)
+            | IpcError::Version { .. }
+            | IpcError::Kind { .. }
+            | IpcError::Unexpected { .. } => true,
+            _ => false,
+        }
+    }
+}
+
+/// Called once with the reason when a strict channel's peer breaks the protocol.
+pub type ViolationHook = Box<dyn Fn(&str) + Send>;
 
 /// A received message and the fds that came with it.
 pub type Received<Req, Rep, Ev> = (Message<Req, Rep, Ev>, Vec<OwnedFd>);
@@ -90,6 +114,10 @@ pub struct Channel<Req, Rep, Ev> {
     next_id: u64,
     /// Events that arrived while waiting for a reply.
     events: VecDeque<(Ev, Vec<OwnedFd>)>,
+    /// Strict mode (see [`Channel::strict`]): what to tell when the peer breaks the
+    /// protocol, and why it did once it has.
+    on_violation: Option<ViolationHook>,
+    broken: Option<String>,
     _types: PhantomData<fn() -> (Req, Rep)>,
 }
 
@@ -104,7 +132,50 @@ where
             sock,
             next_id: 1,
             events: VecDeque::new(),
+            on_violation: None,
+            broken: None,
             _types: PhantomData,
+        }
+    }
+
+    /// Make this channel strict, as the vmm's end of a device process's channel is: a peer
+    /// that breaks the protocol (see [`IpcError::is_violation`]), forges a reply to a
+    /// request never sent, or leaves a call unanswered past its timeout is reported to
+    /// `hook` once, and every later send, receive or call fails at once with
+    /// [`IpcError::Broken`] instead of waiting on it again.
+    pub fn strict(mut self, hook: ViolationHook) -> Self {
+        self.on_violation = Some(hook);
+        self
+    }
+
+    /// Why a strict channel was broken, if it was.
+    pub fn broken(&self) -> Option<&str> {
+        self.broken.as_deref()
+    }
+
+    /// In strict mode, record `error` if it is a violation (or `timeout_too` and it is a
+    /// timeout) and tell the hook; `error` is returned either way.
+    fn judge(&mut self, error: IpcError, timeout_too: bool) -> IpcError {
+        let Some(hook) = &self.on_violation else {
+            return error;
+        };
+        let timed_out = matches!(error, IpcError::Frame(FrameError::TimedOut));
+        if self.broken.is_none() && (error.is_violation() || (timeout_too && timed_out)) {
+            let reason = if timed_out {
+                "a request went unanswered".to_string()
+            } else {
+                error.to_string()
+            };
+            hook(&reason);
+            self.broken = Some(reason);
+        }
+        error
+    }
+
+    fn check_broken(&self) -> Result<(), IpcError> {
+        match &self.broken {
+            Some(reason) => Err(IpcError::Broken(reason.clone())),
+            None => Ok(()),
         }
     }
 
@@ -118,6 +189,7 @@ where
         msg: &Message<Req, Rep, Ev>,
         fds: &[BorrowedFd<'_>],
     ) -> Result<(), IpcError> {
+        self.check_broken()?;
         let bytes = postcard::to_stdvec(msg).map_err(IpcError::Encode)?;
         send_frame(&self.sock, &bytes, fds)?;
         Ok(())
@@ -125,6 +197,11 @@ where
 
     /// The next message, waiting at most `timeout` (None: forever).
     pub fn recv(&mut self, timeout: Option<Duration>) -> Result<Received<Req, Rep, Ev>, IpcError> {
+        self.check_broken()?;
+        self.receive(timeout).map_err(|e| self.judge(e, false))
+    }
+
+    fn receive(&mut self, timeout: Option<Duration>) -> Result<Received<Req, Rep, Ev>, IpcError> {
         self.sock
             .set_read_timeout(timeout.map(|t| t.max(Duration::from_millis(1))))
             .map_err(IpcError::Socket)?;
@@ -182,19 +259,29 @@ where
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
-                return Err(FrameError::TimedOut.into());
+                return Err(self.judge(FrameError::TimedOut.into(), true));
             }
-            match self.recv(Some(left))? {
-                (Message::Reply { id: got, body }, fds) if got == id => {
+            let received = self.recv(Some(left));
+            match received {
+                Ok((Message::Reply { id: got, body }, fds)) if got == id => {
                     return body.map(|rep| (rep, fds)).map_err(IpcError::Remote)
                 }
-                (Message::Reply { .. }, _) => continue,
-                (Message::Event(ev), fds) => self.events.push_back((ev, fds)),
-                _ => {
-                    return Err(IpcError::Unexpected {
-                        expected: "a reply or an event",
-                    })
+                // A late reply to a request that timed out.
+                Ok((Message::Reply { id: got, .. }, _)) if got < id => continue,
+                Ok((Message::Reply { .. }, _)) => {
+                    let forged = IpcError::Unexpected {
+                        expected: "a reply to a request that was sent",
+                    };
+                    return Err(self.judge(forged, false));
                 }
+                Ok((Message::Event(ev), fds)) => self.events.push_back((ev, fds)),
+                Ok(_) => {
+                    let stray = IpcError::Unexpected {
+                        expected: "a reply or an event",
+                    };
+                    return Err(self.judge(stray, false));
+                }
+                Err(e) => return Err(self.judge(e, true)),
             }
         }
     }
@@ -379,6 +466,77 @@ mod tests {
         let (rep, _) = vmm.call(TestReq::Add(20, 22), &[], T).unwrap();
         assert_eq!(rep, TestRep::Sum(42));
         t.join().unwrap();
+    }
+
+    /// A strict channel and a count of the reports its hook got.
+    fn strict_pair() -> (
+        TestChannel,
+        TestChannel,
+        std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+    ) {
+        let (vmm, dev) = pair();
+        let reports = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let seen = reports.clone();
+        let vmm = vmm.strict(Box::new(move |why| {
+            seen.lock().unwrap().push(why.to_string())
+        }));
+        (vmm, dev, reports)
+    }
+
+    #[test]
+    fn a_strict_channel_breaks_once_on_an_unanswered_call() {
+        let (mut vmm, _dev, reports) = strict_pair();
+        let err = vmm
+            .call(TestReq::Add(1, 1), &[], Duration::from_millis(50))
+            .unwrap_err();
+        assert!(
+            matches!(err, IpcError::Frame(FrameError::TimedOut)),
+            "{err}"
+        );
+        assert_eq!(reports.lock().unwrap().len(), 1);
+        // Later calls fail at once, without waiting, and report nothing more.
+        let started = Instant::now();
+        let err = vmm.call(TestReq::Add(1, 1), &[], T).unwrap_err();
+        assert!(matches!(err, IpcError::Broken(_)), "{err}");
+        assert!(started.elapsed() < Duration::from_millis(100));
+        assert!(matches!(vmm.recv(Some(T)), Err(IpcError::Broken(_))));
+        assert_eq!(reports.lock().unwrap().len(), 1);
+        assert!(vmm.broken().is_some());
+    }
+
+    #[test]
+    fn a_strict_channel_breaks_on_a_forged_reply_and_on_garbage() {
+        let (mut vmm, mut dev, reports) = strict_pair();
+        // A reply to a request the vmm never sent.
+        let t = std::thread::spawn(move || {
+            let (Message::Request { id, .. }, _) = dev.recv(None).unwrap() else {
+                panic!("expected a request");
+            };
+            dev.reply(id + 5, Ok(TestRep::Held), &[]).unwrap();
+            dev
+        });
+        let err = vmm.call(TestReq::Hold, &[], T).unwrap_err();
+        assert!(matches!(err, IpcError::Unexpected { .. }), "{err}");
+        assert_eq!(reports.lock().unwrap().len(), 1);
+        drop(t.join().unwrap());
+
+        // Garbage while the vmm only listens (the watcher's receive).
+        let (mut vmm, dev, reports) = strict_pair();
+        send_frame(dev.socket(), &[0xff, 0xff, 0xff, 0xff, 0x0f], &[]).unwrap();
+        assert!(matches!(vmm.recv(Some(T)), Err(IpcError::Decode(_))));
+        assert_eq!(reports.lock().unwrap().len(), 1);
+        // A timeout of a plain receive is no violation; a peer that goes away is none.
+        let (mut vmm, dev, reports) = strict_pair();
+        assert!(matches!(
+            vmm.recv(Some(Duration::from_millis(20))),
+            Err(IpcError::Frame(FrameError::TimedOut))
+        ));
+        drop(dev);
+        assert!(matches!(
+            vmm.recv(Some(T)),
+            Err(IpcError::Frame(FrameError::Closed))
+        ));
+        assert!(reports.lock().unwrap().is_empty());
     }
 
     #[test]

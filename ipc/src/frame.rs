@@ -30,6 +30,8 @@ pub enum FrameError {
     TooManyFds,
     #[error("timed out")]
     TimedOut,
+    #[error("the peer stopped in the middle of a frame")]
+    Stalled,
 }
 
 impl From<io::Error> for FrameError {
@@ -62,13 +64,25 @@ pub fn send_frame(
     Ok(())
 }
 
-/// Receive one frame: its payload and the fds that came with it.
+/// Receive one frame: its payload and the fds that came with it. The socket's read
+/// timeout bounds the whole frame, not each read: a peer that starts a frame and then
+/// trickles it (or stops) gets [`FrameError::Stalled`].
 pub fn recv_frame(sock: &UnixStream) -> Result<(Vec<u8>, Vec<OwnedFd>), FrameError> {
+    let limit = sock.read_timeout().ok().flatten();
+    let started = std::time::Instant::now();
+    // A read in the middle of a frame: a timeout there, or the whole frame taking longer
+    // than the limit, is the peer stalling.
+    let stalled = |e: FrameError| match e {
+        FrameError::TimedOut => FrameError::Stalled,
+        e => e,
+    };
+    let past_limit = || limit.is_some_and(|l| started.elapsed() > l);
     let mut fds = Vec::new();
     let mut header = [0u8; HEADER];
     let mut got = 0;
     while got < HEADER {
-        let n = retry_interrupted(|| recvmsg_with_fds(sock, &mut header[got..], &mut fds))?;
+        let n = retry_interrupted(|| recvmsg_with_fds(sock, &mut header[got..], &mut fds))
+            .map_err(|e| if got == 0 { e } else { stalled(e) })?;
         if n == 0 {
             return Err(if got == 0 {
                 FrameError::Closed
@@ -77,6 +91,9 @@ pub fn recv_frame(sock: &UnixStream) -> Result<(Vec<u8>, Vec<OwnedFd>), FrameErr
             });
         }
         got += n;
+        if got < HEADER && past_limit() {
+            return Err(FrameError::Stalled);
+        }
     }
     let len = u32::from_le_bytes(header) as usize;
     if len > MAX_FRAME {
@@ -85,11 +102,15 @@ pub fn recv_frame(sock: &UnixStream) -> Result<(Vec<u8>, Vec<OwnedFd>), FrameErr
     let mut payload = vec![0u8; len];
     let mut got = 0;
     while got < len {
-        let n = retry_interrupted(|| recvmsg_with_fds(sock, &mut payload[got..], &mut fds))?;
+        let n = retry_interrupted(|| recvmsg_with_fds(sock, &mut payload[got..], &mut fds))
+            .map_err(stalled)?;
         if n == 0 {
             return Err(FrameError::Truncated);
         }
         got += n;
+        if got < len && past_limit() {
+            return Err(FrameError::Stalled);
+        }
     }
     Ok((payload, fds))
 }
@@ -304,6 +325,34 @@ mod tests {
         let (_a, b) = UnixStream::pair().unwrap();
         b.set_read_timeout(Some(Duration::from_millis(20))).unwrap();
         assert!(matches!(recv_frame(&b), Err(FrameError::TimedOut)));
+    }
+
+    #[test]
+    fn a_frame_trickled_past_the_timeout_is_stalled() {
+        let (mut a, b) = UnixStream::pair().unwrap();
+        b.set_read_timeout(Some(Duration::from_millis(100)))
+            .unwrap();
+        // A header for 64 bytes, then one byte every 30 ms: each read is quick, the frame
+        // is not.
+        let t = std::thread::spawn(move || {
+            let _ = a.write_all(&64u32.to_le_bytes());
+            for _ in 0..20 {
+                std::thread::sleep(Duration::from_millis(30));
+                if a.write_all(b"x").is_err() {
+                    break;
+                }
+            }
+        });
+        let started = std::time::Instant::now();
+        assert!(matches!(recv_frame(&b), Err(FrameError::Stalled)));
+        assert!(started.elapsed() < Duration::from_millis(400));
+        drop(b);
+        t.join().unwrap();
+        // Half a header and then nothing.
+        let (mut a, b) = UnixStream::pair().unwrap();
+        b.set_read_timeout(Some(Duration::from_millis(50))).unwrap();
+        a.write_all(&[1, 0]).unwrap();
+        assert!(matches!(recv_frame(&b), Err(FrameError::Stalled)));
     }
 
     #[test]

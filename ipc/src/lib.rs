@@ -11,5 +11,7 @@ pub mod frame;
 pub mod net;
 pub mod scsi;
 
-pub use channel::{Channel, DeviceKind, Hello, IpcError, Message, RemoteError, PROTOCOL_VERSION};
+pub use channel::{
+    Channel, DeviceKind, Hello, IpcError, Message, RemoteError, ViolationHook, PROTOCOL_VERSION,
+};
 pub use frame::{FrameError, MAX_FDS, MAX_FRAME};

@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 
 pub mod console;
 pub mod device_echo;
+pub mod device_kinds;
 pub mod display;
 pub mod guest;
 pub mod libqos;

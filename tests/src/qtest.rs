@@ -104,6 +104,21 @@ impl Qtest {
     /// [`Qtest::start`] with another copy of the vmm binary (whose device programs are
     /// the ones beside it).
     pub fn start_binary(bin: &Path, mem: &str, extra: &[&str]) -> Result<Qtest, QtestError> {
+        Self::start_binary_env(bin, mem, extra, &[])
+    }
+
+    /// [`Qtest::start`] with `env` added to the vmm's environment (which its device
+    /// processes inherit: their test hooks).
+    pub fn start_env(mem: &str, extra: &[&str], env: &[(&str, &str)]) -> Result<Qtest, QtestError> {
+        Self::start_binary_env(&crate::vmm_binary_path(), mem, extra, env)
+    }
+
+    fn start_binary_env(
+        bin: &Path,
+        mem: &str,
+        extra: &[&str],
+        env: &[(&str, &str)],
+    ) -> Result<Qtest, QtestError> {
         let bin = bin.to_path_buf();
         if !bin.exists() {
             return Err(QtestError::NoBinary { path: bin });
@@ -127,6 +142,7 @@ impl Qtest {
             .args(["-accel", "qtest", "-qtest", &qtest_arg, "-m", mem])
             .args(["-nodefaults", "-display", "none"])
             .args(extra)
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(stderr)

@@ -10,6 +10,7 @@ use std::os::unix::net::UnixStream;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 /// Where the child finds its sockets (see `device_procs::inherit`).
@@ -37,11 +38,52 @@ pub fn device_program(name: &str) -> Result<PathBuf, SupervisorError> {
     Ok(path)
 }
 
+/// Whether a device process was caught breaking a protocol (control or vhost-user) or
+/// leaving a request unanswered, and why. Whoever catches it convicts it, which kills it
+/// at once (a compromised process gets no more time); the watcher then reports it and
+/// does not start another. Shared by the control channel, the vhost-user frontend and
+/// the watcher, none of which need the others to act.
+pub struct Verdict {
+    pidfd: OwnedFd,
+    reason: Mutex<Option<String>>,
+}
+
+impl Verdict {
+    /// Record the first reason and kill the process.
+    pub fn convict(&self, reason: &str) {
+        let mut held = self.reason.lock().unwrap_or_else(|e| e.into_inner());
+        if held.is_none() {
+            *held = Some(reason.to_string());
+        }
+        drop(held);
+        // SAFETY: pidfd_send_signal on our pidfd with a null siginfo and no flags; the
+        // pidfd names this process even once it has been reaped (then it fails, harmlessly).
+        unsafe {
+            libc::syscall(
+                libc::SYS_pidfd_send_signal,
+                self.pidfd.as_raw_fd(),
+                libc::SIGKILL,
+                std::ptr::null::<libc::siginfo_t>(),
+                0,
+            )
+        };
+    }
+
+    /// Why the process was convicted, if it was.
+    pub fn reason(&self) -> Option<String> {
+        self.reason
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+}
+
 /// A running device process and our ends of its sockets.
 pub struct DeviceProcess {
     name: String,
     child: Child,
     pidfd: OwnedFd,
+    verdict: Arc<Verdict>,
     pub control: UnixStream,
     /// The vhost-user listener the child accepts on; we keep it so that a respawned child
     /// gets the same socket, and connect to it with [`DeviceProcess::connect_vhost_user`].
@@ -170,10 +212,23 @@ impl DeviceProcess {
         }
         // SAFETY: pidfd_open just returned this fd; nothing else owns it.
         let pidfd = unsafe { OwnedFd::from_raw_fd(fd as RawFd) };
+        let verdict = match pidfd.try_clone() {
+            Ok(fd) => Arc::new(Verdict {
+                pidfd: fd,
+                reason: Mutex::new(None),
+            }),
+            Err(e) => {
+                let mut child = child;
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err(SupervisorError::Pidfd(name.into(), e));
+            }
+        };
         Ok(DeviceProcess {
             name: name.to_string(),
             child,
             pidfd,
+            verdict,
             control,
             vhost_listener,
         })
@@ -192,6 +247,11 @@ impl DeviceProcess {
 
     pub fn pid(&self) -> u32 {
         self.child.id()
+    }
+
+    /// Where a protocol violation by this process is recorded (see [`Verdict`]).
+    pub fn verdict(&self) -> &Arc<Verdict> {
+        &self.verdict
     }
 
     /// The pidfd: readable once the process has exited (for a poll loop).

@@ -15,7 +15,7 @@ use super::request::{Disk, Fault};
 use super::BlkError;
 use crate::sandbox::Profile;
 use crate::seccomp;
-use crate::supervised::{self as process, SupervisedError};
+use crate::supervised as process;
 
 pub fn run() -> Result<(), BlkError> {
     let (mut channel, listener) = process::start::<BlkRequest, BlkReply, BlkEvent>(
@@ -38,19 +38,6 @@ pub fn run() -> Result<(), BlkError> {
         Some(Box::new(move |event| events.event(event, &[]))),
     )?);
     sender.reply(attach_id, Ok(BlkReply::Attached { size, encrypted }));
-    if let Some(delay) = std::env::var(TEST_HOOK_BAD_RPC)
-        .ok()
-        .and_then(|v| v.parse::<u64>().ok())
-    {
-        let socket = sender.socket()?;
-        std::thread::Builder::new()
-            .name("test-hook".into())
-            .spawn(move || {
-                std::thread::sleep(std::time::Duration::from_millis(delay));
-                send_garbage(&socket);
-            })
-            .map_err(SupervisedError::Thread)?;
-    }
     let controlled = backend.clone();
     let flushing = backend.clone();
     let before_exit: Arc<dyn Fn() + Send + Sync> =
@@ -65,12 +52,6 @@ pub fn run() -> Result<(), BlkError> {
     crate::vhost_daemon::serve(backend, listener)?;
     Ok(())
 }
-
-/// Test hook: with this variable in the environment (the vmm passes its own on) set to a
-/// number of milliseconds, the process plays a compromised backend and sends an
-/// undecodable control message that long after it is attached, so tests can check that
-/// the vmm drops it and keeps the VM running.
-pub const TEST_HOOK_BAD_RPC: &str = "VMM_BLK_TEST_BAD_RPC";
 
 /// Test hooks: with these variables in the environment when the disk is attached, the
 /// guest's reads (or writes) fail on the host with an errno, so that tests can drive the
@@ -90,14 +71,6 @@ fn test_fault(var: &str) -> Result<Option<Fault>, BlkError> {
             Ok(Some(fault))
         }
         Err(_) => Ok(None),
-    }
-}
-
-fn send_garbage(socket: &std::os::unix::net::UnixStream) {
-    // A well-framed payload that is no Message: an enum tag far out of range.
-    let garbage = [0xffu8, 0xff, 0xff, 0xff, 0x0f, 0x42];
-    if let Err(e) = ipc::frame::send_frame(socket, &garbage, &[]) {
-        eprintln!("vmm-blk: test hook: could not send the bad message: {e}");
     }
 }
 

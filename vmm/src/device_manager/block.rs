@@ -583,7 +583,7 @@ impl DeviceManager {
         tracing::info!(device = %name, pid = process.pid(), "serving {file} ({size} bytes)");
 
         let stream = process.connect_vhost_user()?;
-        let backend = VhostUserDevice::connect(
+        let mut backend = VhostUserDevice::connect(
             &name,
             VIRTIO_ID_BLOCK,
             stream,
@@ -592,6 +592,7 @@ impl DeviceManager {
             VIRTIO_BLK_CONFIG_SIZE,
             self.memory.clone(),
         )?;
+        backend.on_violation(process::violation_hook(&process));
         let (slot, function) = self.plug_vhost_user(cfg, &name, backend, CLASS_STORAGE_SCSI)?;
         self.drives.remove(index);
         let qdev = format!("{}/virtio-backend", self.qom_path(cfg.id.as_deref()));

@@ -52,10 +52,11 @@ type SharedInputs = Arc<Mutex<Vec<InputDevice>>>;
 /// vhost-user device, or the existing one reconnected (after a restart).
 fn connect_input(
     control: &mut DisplayChannel,
-    process_name: &str,
+    process: &crate::supervisor::DeviceProcess,
     input: &InputDevice,
     memory: &crate::memory::GuestMemoryMmap,
 ) -> Result<(), DeviceError> {
+    let process_name = process.name();
     let request = DisplayRequest::AddInput { kind: input.kind };
     match process::setup_call(process_name, control, request, &[input.listener.as_fd()])? {
         DisplayReply::Done => {}
@@ -71,9 +72,12 @@ fn connect_input(
         .as_input()
         .ok_or_else(|| DeviceError::Display(format!("{}: not an input device", input.name)))?;
     match backend.as_vhost_user() {
-        Some(vhost) => vhost.reconnect(stream)?,
+        Some(vhost) => {
+            vhost.on_violation(process::violation_hook(process));
+            vhost.reconnect(stream)?
+        }
         None => {
-            let vhost = VhostUserDevice::connect(
+            let mut vhost = VhostUserDevice::connect(
                 &input.name,
                 input::VIRTIO_ID_INPUT,
                 stream,
@@ -82,6 +86,7 @@ fn connect_input(
                 0,
                 memory.clone(),
             )?;
+            vhost.on_violation(process::violation_hook(process));
             backend.attach(vhost);
         }
     }
@@ -321,7 +326,7 @@ impl SupervisedDevice for DisplayProcess {
         let name = self.supervision.name.clone();
         let (process, mut control) = start_display_process(&name, &self.config, &self.fds)?;
         for input in lock(&self.inputs).iter() {
-            connect_input(&mut control, &name, input, &self.memory)?;
+            connect_input(&mut control, &process, input, &self.memory)?;
         }
         self.control = control;
         self.supervision.replaced(process);
@@ -543,7 +548,7 @@ impl DeviceManager {
         let name = "vmm-display".to_string();
         let (process, mut control) = start_display_process(&name, &config, &fds)?;
         for input in lock(&self.display.inputs).iter() {
-            connect_input(&mut control, &name, input, &self.memory)?;
+            connect_input(&mut control, &process, input, &self.memory)?;
         }
         let display = Arc::new(Mutex::new(DisplayProcess {
             supervision: Supervision::new(&name, Some("display"), "vmm-display", process),
@@ -594,10 +599,15 @@ impl DeviceManager {
             mouse_index,
         };
         if let Some(process) = self.display.process.clone() {
-            let mut p = lock(&process);
-            let process_name = p.supervision.name.clone();
-            let result = connect_input(&mut p.control, &process_name, &device, &self.memory);
-            drop(p);
+            let mut guard = lock(&process);
+            let p = &mut *guard;
+            let result = connect_input(
+                &mut p.control,
+                &p.supervision.process,
+                &device,
+                &self.memory,
+            );
+            drop(guard);
             if let Err(e) = result {
                 // Roll back: the function goes, as a failed device_add leaves nothing.
                 self.functions.remove(&slot);

@@ -703,8 +703,16 @@ impl DeviceManager {
                 let name = format!("virtio-net[{id}]");
                 match &netdev.backend {
                     NetdevBackend::Process(p) => {
-                        let stream = lock(p).supervision.process.connect_vhost_user()?;
-                        let vhost = self.vhost_net(&name, stream, pairs)?;
+                        let (stream, hook) = {
+                            let p = lock(p);
+                            let process = &p.supervision.process;
+                            (
+                                process.connect_vhost_user()?,
+                                process::violation_hook(process),
+                            )
+                        };
+                        let mut vhost = self.vhost_net(&name, stream, pairs)?;
+                        vhost.on_violation(hook);
                         (Some(vhost), pairs, Some(p.clone()))
                     }
                     NetdevBackend::VhostUser { path, queues } => {

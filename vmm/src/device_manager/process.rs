@@ -220,7 +220,9 @@ where
         .control
         .try_clone()
         .map_err(|e| ipc_error(name, IpcError::Socket(e)))?;
-    let mut control = Channel::new(socket);
+    let verdict = process.verdict().clone();
+    let mut control =
+        Channel::new(socket).strict(Box::new(move |reason: &str| verdict.convict(reason)));
     control
         .hello(kind, kind, SETUP_TIMEOUT)
         .map_err(|e| setup_failure(&mut process, e))?;
@@ -275,6 +277,13 @@ pub fn setup_failure(process: &mut DeviceProcess, source: IpcError) -> DeviceErr
     }
 }
 
+/// What the vhost-user frontend calls when `process` breaks the protocol or goes silent:
+/// the process is convicted (killed, and reported by the watcher, never restarted).
+pub fn violation_hook(process: &DeviceProcess) -> crate::virtio::vhost_user::ViolationHook {
+    let verdict = process.verdict().clone();
+    Arc::new(move |reason: &str| verdict.convict(reason))
+}
+
 /// Point the vhost-user frontend of `function` at the new `process` and replay what the
 /// driver had set up, so the queues go on from the indices the guest sees.
 pub fn reconnect(
@@ -288,6 +297,7 @@ pub fn reconnect(
         .backend_mut()
         .as_vhost_user()
         .ok_or_else(|| DeviceError::NotRestartable(name.to_string()))?;
+    backend.on_violation(violation_hook(process));
     backend.reconnect(stream)?;
     Ok(())
 }

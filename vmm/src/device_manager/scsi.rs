@@ -316,7 +316,7 @@ impl DeviceManager {
         let name = format!("vmm-scsi[{label}]");
         let (process, control) = start_controller(&name, num_queues, queue_size)?;
         let stream = process.connect_vhost_user()?;
-        let backend = VhostUserDevice::connect(
+        let mut backend = VhostUserDevice::connect(
             &name,
             VIRTIO_ID_SCSI,
             stream,
@@ -325,6 +325,7 @@ impl DeviceManager {
             VIRTIO_SCSI_CONFIG_SIZE,
             self.memory.clone(),
         )?;
+        backend.on_violation(process::violation_hook(&process));
         let (slot, function) = self.plug_vhost_user(cfg, &name, backend, CLASS_STORAGE_SCSI)?;
         tracing::info!(device = %name, pid = process.pid(), "SCSI controller");
         let controller = Arc::new(Mutex::new(ScsiController {

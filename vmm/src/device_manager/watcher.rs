@@ -144,20 +144,10 @@ impl WatchContext {
         if d.supervision().removed {
             return;
         }
-        let Err(misbehaved) = d.control_message(self) else {
-            return;
-        };
-        // Whatever sent this may be compromised: stop it and do not trust a new one either.
-        let s = d.supervision_mut();
-        let pid = s.process.pid();
-        let reason = misbehaved.0;
-        tracing::error!(device = %s.name, pid, "bad control message ({reason}): stopping it");
-        s.state = ProcessState::Failed;
-        s.process.kill();
-        self.emit(
-            EVENT_PROCESS_MISBEHAVED,
-            json!({"device": s.device, "pid": pid, "reason": reason}),
-        );
+        if let Err(misbehaved) = d.control_message(self) {
+            // Killed now; reported when its exit shows on the pidfd.
+            d.supervision().process.verdict().convict(&misbehaved.0);
+        }
     }
 
     /// The process of `device` exited: report it and start a new one, or give up.
@@ -171,13 +161,31 @@ impl WatchContext {
         let old_pid = s.process.pid();
         let planned = s.planned.take();
         let status = s.process.wait_exit(Duration::ZERO);
+        let signal = status.and_then(|s| std::os::unix::process::ExitStatusExt::signal(&s));
+        // The outer process of a sandbox exits with 128 + the signal that killed the inner.
+        let sigsys = signal == Some(libc::SIGSYS)
+            || status.and_then(|s| s.code()) == Some(128 + libc::SIGSYS);
+        if planned.is_none() && sigsys {
+            // Its seccomp filter killed it: it tried what none of our code does.
+            s.process
+                .verdict()
+                .convict("a system call outside its seccomp allowlist (SIGSYS)");
+        }
+        if let Some(reason) = s.process.verdict().reason() {
+            // Whatever it sent may come from an attacker: stopped, and not trusted again.
+            tracing::error!(device = %s.name, pid = old_pid, "misbehaved ({reason}): stopped");
+            s.state = ProcessState::Failed;
+            s.process.kill();
+            self.emit(
+                EVENT_PROCESS_MISBEHAVED,
+                json!({"device": s.device, "pid": old_pid, "reason": reason}),
+            );
+            return;
+        }
         let how = match (planned, status) {
             (Some(why), _) => why.to_string(),
             (None, status) => match status {
-                Some(status) => match (
-                    status.code(),
-                    std::os::unix::process::ExitStatusExt::signal(&status),
-                ) {
+                Some(status) => match (status.code(), signal) {
                     (Some(code), _) => format!("exit status {code}"),
                     (None, Some(sig)) => format!("signal {sig}"),
                     _ => "unknown".to_string(),

@@ -3,6 +3,7 @@
 //! vhost-user ([`vhost_user`]); the transport does not care which.
 
 pub mod balloon;
+pub mod deadline;
 pub mod input;
 pub mod interrupt;
 pub mod msix;

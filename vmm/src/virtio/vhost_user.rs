@@ -24,7 +24,16 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 use crate::memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
+use super::deadline;
 use super::{Activation, VirtioBackend, VirtioError};
+
+/// How long one exchange with the backend (a handshake, starting or stopping the queues)
+/// may take before the backend is taken for hung: its socket is shut down and the caller
+/// (a vCPU, the monitor) goes on.
+const REPLY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Told once, with the reason, when the backend breaks the protocol or goes silent.
+pub type ViolationHook = Arc<dyn Fn(&str) + Send + Sync>;
 
 /// Protocol features we use when the backend offers them.
 fn wanted_protocol_features() -> VhostUserProtocolFeatures {
@@ -171,6 +180,26 @@ pub enum VhostUserError {
     },
     #[error("{device}: queue {queue} is not in guest RAM")]
     QueueMemory { device: String, queue: usize },
+    #[error("{device}: the backend left a vhost-user request unanswered for {REPLY_TIMEOUT:?}")]
+    Unanswered { device: String },
+}
+
+impl VhostUserError {
+    /// Whether the backend broke the protocol (a malformed or mismatched reply), as
+    /// opposed to going away or lacking a feature.
+    fn is_violation(&self) -> bool {
+        use vhost::vhost_user::Error as E;
+        match self {
+            VhostUserError::Protocol { source, .. } => matches!(
+                source,
+                vhost::Error::VhostUserProtocol(
+                    E::InvalidMessage | E::OversizedMsg | E::IncorrectFds
+                )
+            ),
+            VhostUserError::Unanswered { .. } => true,
+            _ => false,
+        }
+    }
 }
 
 /// A queue as it was started, for replay.
@@ -218,6 +247,9 @@ pub struct VhostUserDevice {
     log_lost: bool,
     /// The queues were stopped for a migration (GET_VRING_BASE).
     stopped: bool,
+    /// The frontend's socket, for the deadline that bounds each exchange.
+    socket: Arc<OwnedFd>,
+    on_violation: Option<ViolationHook>,
 }
 
 impl VhostUserDevice {
@@ -234,11 +266,20 @@ impl VhostUserDevice {
         config_size: usize,
         memory: GuestMemoryMmap,
     ) -> Result<Self, VhostUserError> {
+        let socket = socket_of(name, &stream)?;
         let mut frontend = Frontend::from_stream(stream, num_queues as u64);
-        let (features, protocol, config) = handshake(name, &mut frontend, num_queues, config_size)?;
         let notifier = Arc::new(ConfigNotifier::default());
-        let backend_channel = start_backend_channel(name, &mut frontend, protocol, &notifier)?;
+        let armed = deadline::arm(&socket, REPLY_TIMEOUT);
+        let (features, protocol, config, backend_channel) = within(name, &armed, || {
+            let (features, protocol, config) =
+                handshake(name, &mut frontend, num_queues, config_size)?;
+            let channel = start_backend_channel(name, &mut frontend, protocol, &notifier)?;
+            Ok((features, protocol, config, channel))
+        })?;
+        drop(armed);
         Ok(VhostUserDevice {
+            socket,
+            on_violation: None,
             can_log: protocol.contains(VhostUserProtocolFeatures::LOG_SHMFD),
             logging: None,
             log_lost: false,
@@ -259,6 +300,30 @@ impl VhostUserDevice {
         })
     }
 
+    /// Where to report a backend that breaks the protocol or goes silent (its process is
+    /// then stopped for good); set again for each new process.
+    pub fn on_violation(&mut self, hook: ViolationHook) {
+        self.on_violation = Some(hook);
+    }
+
+    /// Run one exchange with the backend under [`REPLY_TIMEOUT`], and report a violation.
+    fn bounded<T>(
+        &mut self,
+        exchange: impl FnOnce(&mut Self) -> Result<T, VhostUserError>,
+    ) -> Result<T, VhostUserError> {
+        let armed = deadline::arm(&self.socket, REPLY_TIMEOUT);
+        let name = self.name.clone();
+        let result = within(&name, &armed, || exchange(self));
+        drop(armed);
+        if let Err(e) = &result {
+            tracing::warn!(device = %self.name, "{e}");
+            if let (true, Some(hook)) = (e.is_violation(), &self.on_violation) {
+                hook(&e.to_string());
+            }
+        }
+        result
+    }
+
     /// Where the backend's configuration-change notifications go.
     pub fn config_notifier(&self) -> Arc<ConfigNotifier> {
         self.notifier.clone()
@@ -267,6 +332,11 @@ impl VhostUserDevice {
     /// Continue on a new connection (the backend process was restarted): negotiate again
     /// and, if the driver had started the device, replay its setup.
     pub fn reconnect(&mut self, stream: UnixStream) -> Result<(), VhostUserError> {
+        self.socket = socket_of(&self.name, &stream)?;
+        self.bounded(|this| this.reconnect_on(stream))
+    }
+
+    fn reconnect_on(&mut self, stream: UnixStream) -> Result<(), VhostUserError> {
         let mut frontend = Frontend::from_stream(stream, self.num_queues as u64);
         let (features, protocol, _config) = handshake(
             &self.name,
@@ -314,9 +384,11 @@ impl VhostUserDevice {
             .as_ref()
             .is_some_and(|a| a.queues.iter().any(|q| q.index == index));
         if started && self.protocol_features {
-            self.frontend
-                .set_vring_enable(index, enabled)
-                .map_err(self.step("SET_VRING_ENABLE"))?;
+            self.bounded(|this| {
+                this.frontend
+                    .set_vring_enable(index, enabled)
+                    .map_err(this.step("SET_VRING_ENABLE"))
+            })?;
         }
         Ok(())
     }
@@ -324,7 +396,8 @@ impl VhostUserDevice {
     /// Re-read the device configuration (after the backend reported a change).
     pub fn refresh_config(&mut self) -> Result<(), VhostUserError> {
         if !self.config.is_empty() {
-            self.config = read_config(&self.name, &mut self.frontend, self.config.len())?;
+            self.config = self
+                .bounded(|this| read_config(&this.name, &mut this.frontend, this.config.len()))?;
         }
         Ok(())
     }
@@ -447,12 +520,14 @@ impl VhostUserDevice {
             return Ok(());
         };
         let features = self.backend_features(active);
-        if let Some(log) = self.logging.clone() {
-            self.send_log_base(&log)?;
-        }
-        self.frontend
-            .set_features(features)
-            .map_err(self.step("SET_FEATURES"))
+        self.bounded(|this| {
+            if let Some(log) = this.logging.clone() {
+                this.send_log_base(&log)?;
+            }
+            this.frontend
+                .set_features(features)
+                .map_err(this.step("SET_FEATURES"))
+        })
     }
 
     /// The features SET_FEATURES gives the backend: the driver's, the protocol-features
@@ -564,6 +639,33 @@ fn handshake(
     Ok((offered & !protocol_bit & !VHOST_F_LOG_ALL, protocol, config))
 }
 
+/// Our own handle of `stream`'s socket, for deadlines.
+fn socket_of(name: &str, stream: &UnixStream) -> Result<Arc<OwnedFd>, VhostUserError> {
+    stream
+        .try_clone()
+        .map(|s| Arc::new(OwnedFd::from(s)))
+        .map_err(|e| VhostUserError::Protocol {
+            device: name.to_string(),
+            step: "socket",
+            source: vhost::Error::VhostUserProtocol(vhost::vhost_user::Error::SocketError(e)),
+        })
+}
+
+/// Run `exchange` under `armed`: if the deadline fired meanwhile, whatever error the shut
+/// socket caused is the backend's silence.
+fn within<T>(
+    name: &str,
+    armed: &deadline::Armed,
+    exchange: impl FnOnce() -> Result<T, VhostUserError>,
+) -> Result<T, VhostUserError> {
+    match exchange() {
+        Err(_) if armed.fired() => Err(VhostUserError::Unanswered {
+            device: name.to_string(),
+        }),
+        result => result,
+    }
+}
+
 /// The backend channel, if the backend speaks it.
 fn start_backend_channel(
     name: &str,
@@ -609,12 +711,14 @@ impl VirtioBackend for VhostUserDevice {
         if end > self.config.len() {
             return;
         }
-        match self
-            .frontend
-            .set_config(start as u32, VhostUserConfigFlags::WRITABLE, data)
-        {
+        let written = self.bounded(|this| {
+            this.frontend
+                .set_config(start as u32, VhostUserConfigFlags::WRITABLE, data)
+                .map_err(this.step("SET_CONFIG"))
+        });
+        match written {
             Ok(()) => self.config[start..end].copy_from_slice(data),
-            Err(e) => tracing::warn!(device = %self.name, "SET_CONFIG: {e}"),
+            Err(e) => tracing::warn!(device = %self.name, "{e}"),
         }
     }
 
@@ -635,7 +739,7 @@ impl VirtioBackend for VhostUserDevice {
                 })
                 .collect(),
         };
-        self.start(&active, activation.resume)
+        self.bounded(|this| this.start(&active, activation.resume))
             .map_err(|e| VirtioError::Backend(e.to_string()))?;
         self.active = Some(active);
         Ok(())
@@ -658,7 +762,7 @@ impl VirtioBackend for VhostUserDevice {
                 ),
             });
         }
-        self.stop_queues()
+        self.bounded(Self::stop_queues)
             .map_err(|e| crate::snapshot::SnapshotError::Encode {
                 what: "a vhost-user device",
                 message: e.to_string(),
@@ -671,7 +775,7 @@ impl VirtioBackend for VhostUserDevice {
             return;
         }
         if let Some(active) = self.active.take() {
-            if let Err(e) = self.start(&active, true) {
+            if let Err(e) = self.bounded(|this| this.start(&active, true)) {
                 tracing::error!(device = %self.name, "cannot restart the queues: {e}");
             }
             self.active = Some(active);
@@ -687,11 +791,17 @@ impl VirtioBackend for VhostUserDevice {
         let Some(active) = self.active.take() else {
             return;
         };
-        for q in &active.queues {
-            // GET_VRING_BASE stops the ring in the backend.
-            if let Err(e) = self.frontend.get_vring_base(q.index) {
-                tracing::warn!(device = %self.name, "GET_VRING_BASE of queue {}: {e}", q.index);
+        let stopped = self.bounded(|this| {
+            for q in &active.queues {
+                // GET_VRING_BASE stops the ring in the backend.
+                this.frontend
+                    .get_vring_base(q.index)
+                    .map_err(this.step("GET_VRING_BASE"))?;
             }
+            Ok(())
+        });
+        if let Err(e) = stopped {
+            tracing::warn!(device = %self.name, "stopping the queues at reset: {e}");
         }
     }
 }
