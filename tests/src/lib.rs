@@ -10,6 +10,7 @@ pub mod device_echo;
 pub mod device_kinds;
 pub mod display;
 pub mod guest;
+pub mod guest_fuzz;
 pub mod libqos;
 pub mod migration;
 pub mod netns;
@@ -47,13 +48,16 @@ pub fn vmm_binary_path() -> PathBuf {
     profile_dir().join("vmm")
 }
 
-/// target/<profile>, the parent of the test's deps dir.
+/// target/<profile>: the parent of a test's deps dir, or a program's own dir (the
+/// `guest-fuzz` binary).
 fn profile_dir() -> PathBuf {
     let exe = std::env::current_exe().unwrap_or_default();
-    exe.parent()
-        .and_then(Path::parent)
-        .map(Path::to_path_buf)
-        .unwrap_or_default()
+    let dir = exe.parent().unwrap_or(Path::new("."));
+    if dir.file_name().is_some_and(|n| n == "deps") {
+        dir.parent().map(Path::to_path_buf).unwrap_or_default()
+    } else {
+        dir.to_path_buf()
+    }
 }
 
 /// Can this machine run KVM guests? If not, the caller prints a SKIP line and returns.

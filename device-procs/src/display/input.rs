@@ -172,7 +172,13 @@ impl InputBackend {
         };
         let mem = atomic.memory();
         let mut done = 0;
-        while let Some(chain) = vring.get_mut().get_queue_mut().pop_descriptor_chain(&*mem) {
+        loop {
+            // Popped in a statement of its own: the vring's lock is released before
+            // `complete` takes it again (in a `while let` it would be held over the body,
+            // and the first status event, a guest's caps lock, deadlocked the worker).
+            let Some(chain) = vring.get_mut().get_queue_mut().pop_descriptor_chain(&*mem) else {
+                break;
+            };
             for d in chain.clone().filter(|d| !d.is_write_only() && d.len() >= 8) {
                 let mut b = [0u8; 8];
                 if mem.read_slice(&mut b, d.addr()).is_err() {

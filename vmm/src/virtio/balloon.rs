@@ -158,9 +158,11 @@ impl VirtioBalloon {
         changed
     }
 
-    /// The guest's RAM as the balloon leaves it, in bytes (query-balloon's `actual`).
+    /// The guest's RAM as the balloon leaves it, in bytes (query-balloon's `actual`). The
+    /// driver writes its page count: one claiming more than the RAM leaves none.
     pub fn actual(&self) -> u64 {
-        self.ram_size - u64::from(self.actual) * BALLOON_PAGE
+        self.ram_size
+            .saturating_sub(u64::from(self.actual) * BALLOON_PAGE)
     }
 
     pub fn counters(&self) -> BalloonCounters {
@@ -537,6 +539,18 @@ struct BalloonState {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_driver_claiming_more_pages_than_ram_leaves_none() {
+        // Found by the hostile-guest fuzzer: this panicked the vCPU's thread.
+        let memory = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 16 << 20)]).unwrap();
+        let events = Arc::new(Mutex::new(EventSender::default()));
+        let accel = Arc::new(crate::accel::test_util::RecordingAccel::default());
+        let mut b = VirtioBalloon::new(memory, accel, false, true, events);
+        b.write_config(4, &u32::MAX.to_le_bytes());
+        assert_eq!(b.actual(), 0);
+        assert_eq!(b.query(false)["actual"], 0);
+    }
 
     #[test]
     fn targets_are_clamped_and_actual_is_reported() {

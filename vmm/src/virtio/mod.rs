@@ -21,7 +21,9 @@ pub const VIRTIO_ID_BLOCK: u16 = 2;
 
 #[derive(Debug, thiserror::Error)]
 pub enum VirtioError {
-    #[error("queue {queue}: {what} address {address:#x} is not in guest RAM")]
+    #[error(
+        "queue {queue}: the {what} ring at {address:#x} is misaligned or not wholly in guest RAM"
+    )]
     QueueAddress {
         queue: usize,
         what: &'static str,

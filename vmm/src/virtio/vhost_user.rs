@@ -739,8 +739,16 @@ impl VirtioBackend for VhostUserDevice {
                 })
                 .collect(),
         };
-        self.bounded(|this| this.start(&active, activation.resume))
-            .map_err(|e| VirtioError::Backend(e.to_string()))?;
+        self.bounded(|this| {
+            // Started already (a driver that skipped the reset): stop the queues first,
+            // or the backend would serve each one twice.
+            if this.active.is_some() && !this.stopped {
+                this.stop_queues()?;
+            }
+            this.start(&active, activation.resume)
+        })
+        .map_err(|e| VirtioError::Backend(e.to_string()))?;
+        self.stopped = false;
         self.active = Some(active);
         Ok(())
     }

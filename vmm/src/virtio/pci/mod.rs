@@ -258,7 +258,12 @@ impl VirtioPciDevice {
     }
 
     fn selected_queue(&mut self) -> Option<&mut QueueState> {
-        self.queues.get_mut(usize::from(self.queue_select))
+        let index = usize::from(self.queue_select);
+        if deliberate_bug("virtio-queue-select") {
+            // The bounds check removed, so the hostile-guest fuzzer can show it sees.
+            return Some(&mut self.queues[index]);
+        }
+        self.queues.get_mut(index)
     }
 
     /// A machine reset: the device goes back to its power-on state (the driver will set
@@ -294,7 +299,10 @@ impl VirtioPciDevice {
             self.reset_device();
             return;
         }
-        let mut value = value;
+        // A driver may only add bits until it resets the device (virtio 1.x, 2.1.2):
+        // a write that drops some is taken as adding the rest. Dropping DRIVER_OK and
+        // setting it again would start a running backend a second time.
+        let mut value = value | (self.status & !STATUS_NEEDS_RESET);
         let newly = value & !self.status;
         if newly & STATUS_FEATURES_OK != 0 && self.driver_features & !self.device_features() != 0 {
             // Features the device never offered: refuse FEATURES_OK; the driver sees it
@@ -320,8 +328,17 @@ impl VirtioPciDevice {
             if !q.enabled || q.size == 0 {
                 continue;
             }
-            for (what, address) in [("descriptor", q.desc), ("avail", q.avail), ("used", q.used)] {
-                if !self.memory.address_in_range(GuestAddress(address)) {
+            // Each ring whole, and aligned as the spec asks (2.7): a backend would refuse
+            // anything else and drop the connection, leaving the device dead.
+            let size = u64::from(q.size);
+            for (what, address, len, align) in [
+                ("descriptor", q.desc, 16 * size, 16),
+                ("avail", q.avail, 6 + 2 * size, 2),
+                ("used", q.used, 6 + 8 * size, 4),
+            ] {
+                let whole = usize::try_from(len)
+                    .is_ok_and(|len| self.memory.check_range(GuestAddress(address), len));
+                if address % align != 0 || !whole {
                     return Err(VirtioError::QueueAddress {
                         queue: index,
                         what,
@@ -760,6 +777,16 @@ impl PciDevice for VirtioPciDevice {
     fn id(&self) -> Option<String> {
         self.id.clone()
     }
+}
+
+/// Test hook: `VMM_TEST_DELIBERATE_BUG=NAME` turns on the deliberate bug NAME, the
+/// negative control of the hostile-guest fuzzer (tests/tests/guest_fuzz.rs). Off unless
+/// the variable names it.
+fn deliberate_bug(name: &str) -> bool {
+    static BUG: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
+    BUG.get_or_init(|| std::env::var("VMM_TEST_DELIBERATE_BUG").ok())
+        .as_deref()
+        == Some(name)
 }
 
 #[cfg(test)]
