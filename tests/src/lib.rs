@@ -9,6 +9,7 @@ pub mod console;
 pub mod device_echo;
 pub mod device_kinds;
 pub mod display;
+pub mod fault_suite;
 pub mod guest;
 pub mod guest_fuzz;
 pub mod libqos;
