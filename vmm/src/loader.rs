@@ -61,8 +61,8 @@ pub enum LoaderError {
     UnsupportedCompression([u8; 4]),
     #[error("failed to decompress the bzImage payload: {0}")]
     Decompress(#[source] std::io::Error),
-    #[error("decompressed payload is larger than {MAX_DECOMPRESSED} bytes")]
-    DecompressedTooLarge,
+    #[error("the decompressed payload is larger than {limit} bytes (the guest's RAM, or 1 GiB)")]
+    DecompressedTooLarge { limit: u64 },
     #[error("invalid ELF image: {0}")]
     BadElf(&'static str),
     #[error("kernel needs guest RAM up to {needed:#x}, but RAM below 4 GiB ends at {have:#x}; give more memory with -m")]
@@ -115,14 +115,14 @@ pub struct BootImage {
 }
 
 impl BootImage {
-    /// Parse the kernel file at `path`.
-    pub fn from_file(path: &str, decompress: bool) -> Result<Self, LoaderError> {
+    /// Parse the kernel file at `path`, for a guest with `ram_size` bytes of RAM.
+    pub fn from_file(path: &str, decompress: bool, ram_size: u64) -> Result<Self, LoaderError> {
         let bytes =
             read_limited(path, MAX_KERNEL_FILE).map_err(|source| LoaderError::ReadKernel {
                 path: path.to_string(),
                 source,
             })?;
-        Self::parse(&bytes, decompress).map_err(|e| match e {
+        Self::parse_for_ram(&bytes, decompress, ram_size).map_err(|e| match e {
             LoaderError::UnknownFormat(_) => LoaderError::UnknownFormat(path.to_string()),
             other => other,
         })
@@ -130,11 +130,23 @@ impl BootImage {
 
     /// Parse a kernel image held in memory.
     pub fn parse(bytes: &[u8], decompress: bool) -> Result<Self, LoaderError> {
+        Self::parse_for_ram(bytes, decompress, MAX_DECOMPRESSED)
+    }
+
+    /// Parse a kernel image held in memory, for a guest with `ram_size` bytes of RAM: a
+    /// payload that decompresses to more than that (or to more than 1 GiB) cannot be
+    /// loaded, and is refused as soon as decompressing it gets there, so that a small
+    /// compressed payload never makes the vmm allocate gigabytes.
+    pub fn parse_for_ram(
+        bytes: &[u8],
+        decompress: bool,
+        ram_size: u64,
+    ) -> Result<Self, LoaderError> {
         if bytes.starts_with(b"\x7fELF") {
             return parse_elf(bytes, KernelKind::Elf, None);
         }
         if bytes.len() >= 0x206 && bytes[0x202..0x206] == KERNEL_HDR_MAGIC.to_le_bytes() {
-            return parse_bzimage(bytes, decompress);
+            return parse_bzimage(bytes, decompress, ram_size.min(MAX_DECOMPRESSED));
         }
         Err(LoaderError::UnknownFormat(String::new()))
     }
@@ -213,7 +225,7 @@ fn read_limited(path: &str, limit: u64) -> std::io::Result<Vec<u8>> {
     Ok(bytes)
 }
 
-fn parse_bzimage(bytes: &[u8], decompress: bool) -> Result<BootImage, LoaderError> {
+fn parse_bzimage(bytes: &[u8], decompress: bool, limit: u64) -> Result<BootImage, LoaderError> {
     let hdr_len = std::mem::size_of::<setup_header>();
     let hdr_bytes = bytes
         .get(SETUP_HEADER_OFFSET..SETUP_HEADER_OFFSET + hdr_len)
@@ -244,7 +256,7 @@ fn parse_bzimage(bytes: &[u8], decompress: bool) -> Result<BootImage, LoaderErro
             .and_then(|p| p.get(..hdr.payload_length as usize))
             .filter(|p| !p.is_empty())
             .ok_or(LoaderError::BadPayload)?;
-        let vmlinux = decompress_payload(payload)?;
+        let vmlinux = decompress_payload(payload, limit)?;
         return parse_elf(&vmlinux, KernelKind::DecompressedBzImage, Some(hdr));
     }
 
@@ -253,7 +265,11 @@ fn parse_bzimage(bytes: &[u8], decompress: bool) -> Result<BootImage, LoaderErro
     let load = layout::HIMEM_START.0;
     let align = u64::from(hdr.kernel_alignment.max(1)).next_power_of_two();
     let run_base = load.next_multiple_of(align).max(hdr.pref_address);
-    let end = (load + pm_code.len() as u64).max(run_base + u64::from(hdr.init_size));
+    // pref_address is the image's word: an address near the top would wrap.
+    let run_end = run_base
+        .checked_add(u64::from(hdr.init_size))
+        .ok_or(LoaderError::BadSetupHeader)?;
+    let end = (load + pm_code.len() as u64).max(run_end);
     Ok(BootImage {
         kind: KernelKind::BzImage,
         entry: GuestAddress(load + STARTUP_64_OFFSET),
@@ -267,73 +283,107 @@ fn parse_bzimage(bytes: &[u8], decompress: bool) -> Result<BootImage, LoaderErro
     })
 }
 
-fn decompress_payload(payload: &[u8]) -> Result<Vec<u8>, LoaderError> {
+/// Decompress `payload`, refusing more than `limit` bytes of output.
+fn decompress_payload(payload: &[u8], limit: u64) -> Result<Vec<u8>, LoaderError> {
     let mut magic = [0u8; 4];
     let n = payload.len().min(4);
     magic[..n].copy_from_slice(&payload[..n]);
     let mut out = Vec::new();
-    let limit = MAX_DECOMPRESSED + 1;
-    let result = match magic {
-        [0x1f, 0x8b, _, _] => flate2::read::GzDecoder::new(payload)
-            .take(limit)
-            .read_to_end(&mut out),
-        [0xfd, b'7', b'z', b'X'] => decompress_xz(payload, &mut out),
-        [0x28, 0xb5, 0x2f, 0xfd] => zstd::stream::read::Decoder::new(payload)
-            .map(|d| d.single_frame())
-            .and_then(|d| d.take(limit).read_to_end(&mut out)),
+    match magic {
+        [0x1f, 0x8b, _, _] => read_bounded(flate2::read::GzDecoder::new(payload), &mut out, limit)?,
+        [0xfd, b'7', b'z', b'X'] => decompress_xz(payload, &mut out, limit)?,
+        [0x28, 0xb5, 0x2f, 0xfd] => {
+            let decoder = zstd::stream::read::Decoder::new(payload)
+                .map_err(LoaderError::Decompress)?
+                .single_frame();
+            read_bounded(decoder, &mut out, limit)?
+        }
         other => return Err(LoaderError::UnsupportedCompression(other)),
-    };
-    result.map_err(LoaderError::Decompress)?;
-    if out.len() as u64 > MAX_DECOMPRESSED {
-        return Err(LoaderError::DecompressedTooLarge);
     }
     Ok(out)
 }
 
-/// Decode the first xz stream of `payload` into `out`. The kernel's build appends the
-/// uncompressed size after the stream, which a streaming decoder would take for a corrupt
-/// second stream, so decoding stops at the end of the first.
-fn decompress_xz(payload: &[u8], out: &mut Vec<u8>) -> std::io::Result<usize> {
+/// Make room in `out` for more output, in steps (half what it holds, at least 1 MiB) that
+/// never take its capacity past `cap` bytes: a buffer that doubles would allocate up to
+/// twice the limit.
+fn grow(out: &mut Vec<u8>, cap: u64) {
+    let room = cap.saturating_sub(out.len() as u64);
+    let step = (out.len() as u64 / 2).max(1 << 20).min(room);
+    out.reserve_exact(step as usize);
+}
+
+/// Read `reader` to its end into `out`; more than `limit` bytes is an error.
+fn read_bounded(mut reader: impl Read, out: &mut Vec<u8>, limit: u64) -> Result<(), LoaderError> {
+    let mut chunk = vec![0u8; 64 << 10];
+    loop {
+        let n = match reader.read(&mut chunk) {
+            Ok(0) => return Ok(()),
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(LoaderError::Decompress(e)),
+        };
+        if (out.len() + n) as u64 > limit {
+            return Err(LoaderError::DecompressedTooLarge { limit });
+        }
+        if out.capacity() - out.len() < n {
+            // At least n: the limit leaves room for these bytes (checked above).
+            grow(out, limit);
+        }
+        out.extend_from_slice(&chunk[..n]);
+    }
+}
+
+/// Decode the first xz stream of `payload` into `out`, refusing more than `limit` bytes.
+/// The kernel's build appends the uncompressed size after the stream, which a streaming
+/// decoder would take for a corrupt second stream, so decoding stops at the end of the
+/// first.
+fn decompress_xz(payload: &[u8], out: &mut Vec<u8>, limit: u64) -> Result<(), LoaderError> {
     use xz2::stream::{Action, Status, Stream};
-    let mut stream = Stream::new_stream_decoder(u64::MAX, 0).map_err(std::io::Error::other)?;
-    out.reserve(payload.len() * 4);
+    let failed = |e| LoaderError::Decompress(std::io::Error::other(e));
+    let mut stream = Stream::new_stream_decoder(u64::MAX, 0).map_err(failed)?;
+    out.reserve_exact((payload.len() as u64).saturating_mul(4).min(limit + 1) as usize);
     loop {
         let consumed = stream.total_in() as usize;
         let produced = out.len();
         if out.len() == out.capacity() {
-            out.reserve(out.capacity().max(1 << 20));
+            grow(out, limit + 1);
         }
         let status = stream
             .process_vec(&payload[consumed..], out, Action::Finish)
-            .map_err(std::io::Error::other)?;
-        if status == Status::StreamEnd || out.len() as u64 > MAX_DECOMPRESSED {
-            return Ok(out.len());
+            .map_err(failed)?;
+        if out.len() as u64 > limit {
+            return Err(LoaderError::DecompressedTooLarge { limit });
+        }
+        if status == Status::StreamEnd {
+            return Ok(());
         }
         if stream.total_in() as usize == consumed && out.len() == produced {
-            return Err(std::io::Error::new(
+            return Err(LoaderError::Decompress(std::io::Error::new(
                 std::io::ErrorKind::UnexpectedEof,
                 "truncated xz stream",
-            ));
+            )));
         }
     }
 }
 
-fn le16(b: &[u8], off: usize) -> Result<u16, LoaderError> {
-    b.get(off..off + 2)
-        .map(|s| u16::from_le_bytes([s[0], s[1]]))
+/// `N` bytes of `b` at `off`, an offset the image itself gave (so any number).
+fn field<const N: usize>(b: &[u8], off: usize) -> Result<[u8; N], LoaderError> {
+    off.checked_add(N)
+        .and_then(|end| b.get(off..end))
+        .and_then(|s| s.try_into().ok())
         .ok_or(LoaderError::BadElf("truncated header"))
+}
+
+fn le16(b: &[u8], off: usize) -> Result<u16, LoaderError> {
+    field(b, off).map(u16::from_le_bytes)
 }
 
 fn le32(b: &[u8], off: usize) -> Result<u32, LoaderError> {
-    b.get(off..off + 4)
-        .map(|s| u32::from_le_bytes([s[0], s[1], s[2], s[3]]))
-        .ok_or(LoaderError::BadElf("truncated header"))
+    field(b, off).map(u32::from_le_bytes)
 }
 
 fn le64(b: &[u8], off: usize) -> Result<u64, LoaderError> {
-    let lo = le32(b, off)?;
-    let hi = le32(b, off + 4)?;
-    Ok(u64::from(lo) | (u64::from(hi) << 32))
+    field(b, off).map(u64::from_le_bytes)
 }
 
 const PT_LOAD: u32 = 1;
@@ -606,6 +656,23 @@ pub(crate) mod tests {
         img.load(&m, 32 << 20).unwrap();
         let b: u8 = m.read_obj(GuestAddress(0x100_0000)).unwrap();
         assert_eq!(b, 0xf4);
+    }
+
+    #[test]
+    fn a_payload_larger_than_the_guest_ram_is_refused_while_it_decompresses() {
+        let image = fake_bzimage();
+        assert!(BootImage::parse_for_ram(&image, true, 1 << 20).is_ok());
+        assert!(matches!(
+            BootImage::parse_for_ram(&image, true, 100),
+            Err(LoaderError::DecompressedTooLarge { limit: 100 })
+        ));
+        // A preferred address at the top of the address space does not wrap.
+        let mut wraps = image;
+        wraps[0x258..0x260].copy_from_slice(&u64::MAX.to_le_bytes());
+        assert!(matches!(
+            BootImage::parse(&wraps, false),
+            Err(LoaderError::BadSetupHeader)
+        ));
     }
 
     #[test]

@@ -553,6 +553,14 @@ impl NetBackend {
             )));
         }
         let len = n + header;
+        if len < VNET_HDR_LEN {
+            // A port that carries the header handed over less than one: not a frame (a
+            // tap never does this, but the header's num_buffers and the counters below
+            // need one). The chains stay cached for the next frame.
+            return Err(io::Error::other(format!(
+                "a {n}-byte frame is shorter than its virtio-net header"
+            )));
+        }
         let Some(first) = state.rx_cache.front() else {
             return Ok(Received::Nothing);
         };

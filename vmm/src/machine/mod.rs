@@ -212,7 +212,7 @@ impl Machine {
             .unwrap_or(accel.kind() == AccelKind::Emu);
         let boot = match &config.kernel {
             Some(kernel_cfg) => Some(BootSource {
-                kernel: BootImage::from_file(&kernel_cfg.path, decompress)?,
+                kernel: BootImage::from_file(&kernel_cfg.path, decompress, config.memory_size)?,
                 initrd: kernel_cfg
                     .initrd
                     .as_deref()

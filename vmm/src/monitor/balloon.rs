@@ -73,10 +73,24 @@ fn query_balloon(machine: &Machine) -> Result<Value, QmpError> {
 
 /// HMP `balloon MIB`, its argument read as QEMU reads a size in MiB (`M`), with its words.
 pub fn hmp_balloon(machine: &Machine, args: &[&str]) -> String {
+    let mib = match balloon_mib(args) {
+        Ok(mib) => mib,
+        Err(text) => return text,
+    };
+    match set_target(machine, mib.saturating_mul(1 << 20)) {
+        Ok(()) => String::new(),
+        Err(e) => format!("Error: {}\n", e.desc),
+    }
+}
+
+/// `balloon`'s argument, a size in MiB; the error text QEMU prints for a bad one.
+pub(super) fn balloon_mib(args: &[&str]) -> Result<i64, String> {
     let hint = super::hmp::usage_hint("balloon");
-    let mib = match args {
-        [] => return format!("unexpected end of expression\n{hint}"),
-        [_, _, ..] => return format!("balloon: extraneous characters at the end of line\n{hint}"),
+    match args {
+        [] => Err(format!("unexpected end of expression\n{hint}")),
+        [_, _, ..] => Err(format!(
+            "balloon: extraneous characters at the end of line\n{hint}"
+        )),
         [arg] => {
             let negative = arg.strip_prefix('-');
             let text = negative.unwrap_or(arg);
@@ -84,23 +98,17 @@ pub fn hmp_balloon(machine: &Machine, args: &[&str]) -> String {
                 .find(|c: char| !c.is_ascii_digit())
                 .unwrap_or(text.len());
             match (text[..end].parse::<i64>(), text[end..].chars().next()) {
-                (Err(_), Some(bad)) => {
-                    return format!("invalid char '{bad}' in expression\n{hint}")
-                }
-                (Err(_), None) => return format!("unexpected end of expression\n{hint}"),
-                (Ok(_), Some(_)) => {
-                    return format!("balloon: extraneous characters at the end of line\n{hint}")
-                }
+                (Err(_), Some(bad)) => Err(format!("invalid char '{bad}' in expression\n{hint}")),
+                (Err(_), None) => Err(format!("unexpected end of expression\n{hint}")),
+                (Ok(_), Some(_)) => Err(format!(
+                    "balloon: extraneous characters at the end of line\n{hint}"
+                )),
                 (Ok(_), None) if negative.is_some() => {
-                    return format!("enter a positive value\n{hint}")
+                    Err(format!("enter a positive value\n{hint}"))
                 }
-                (Ok(n), None) => n,
+                (Ok(n), None) => Ok(n),
             }
         }
-    };
-    match set_target(machine, mib.saturating_mul(1 << 20)) {
-        Ok(()) => String::new(),
-        Err(e) => format!("Error: {}\n", e.desc),
     }
 }
 

@@ -213,6 +213,14 @@ fn password_error(machine: &Machine, result: Result<(), DeviceError>) -> String 
 
 /// `screendump FILE [-f FORMAT] [DEVICE [HEAD]]` (the flag may come first too).
 pub fn hmp_screendump(machine: &Machine, args: &[&str]) -> String {
+    match screendump_args(args) {
+        Ok((file, format)) => hmp_error(machine.devices().screendump(file, format).map_err(error)),
+        Err(text) => text,
+    }
+}
+
+/// `screendump`'s file and format; the error text for bad arguments.
+pub(super) fn screendump_args<'a>(args: &[&'a str]) -> Result<(&'a str, ImageFormat), String> {
     let mut format = ImageFormat::Ppm;
     let mut file = None;
     let mut words = args.iter();
@@ -222,18 +230,20 @@ pub fn hmp_screendump(machine: &Machine, args: &[&str]) -> String {
                 Some("ppm") => ImageFormat::Ppm,
                 Some("png") => ImageFormat::Png,
                 Some(other) => {
-                    return format!("Error: Parameter 'format' does not accept value '{other}'\n")
+                    return Err(format!(
+                        "Error: Parameter 'format' does not accept value '{other}'\n"
+                    ))
                 }
-                None => return "screendump: string expected\n".to_string(),
+                None => return Err("screendump: string expected\n".to_string()),
             };
         } else if file.is_none() {
             file = Some(*word);
         }
     }
-    let Some(file) = file else {
-        return "screendump: filename expected\n".to_string();
-    };
-    hmp_error(machine.devices().screendump(file, format).map_err(error))
+    match file {
+        Some(file) => Ok((file, format)),
+        None => Err("screendump: filename expected\n".to_string()),
+    }
 }
 
 /// `info vnc`.
@@ -302,14 +312,27 @@ pub fn hmp_expire_password(machine: &Machine, args: &[&str]) -> String {
 
 /// `sendkey KEYS [HOLD_MS]`: keys joined by `-`, pressed in order, released in reverse.
 pub fn hmp_sendkey(machine: &Machine, args: &[&str]) -> String {
+    match sendkey_scancodes(args) {
+        Ok((press, release)) => {
+            machine.devices().keyboard_event(&press);
+            machine.devices().keyboard_event(&release);
+            String::new()
+        }
+        Err(text) => text,
+    }
+}
+
+/// The set-1 scancodes `sendkey` sends: the presses, then the releases; the error text
+/// for a missing or unknown key.
+pub(super) fn sendkey_scancodes(args: &[&str]) -> Result<(Vec<u8>, Vec<u8>), String> {
     let Some(keys) = args.first() else {
-        return "sendkey: string expected\n".to_string();
+        return Err("sendkey: string expected\n".to_string());
     };
     let mut codes = Vec::new();
     for name in keys.split('-') {
         match key_by_name(name) {
             Some(code) => codes.push(code),
-            None => return format!("invalid parameter: {name}\n"),
+            None => return Err(format!("invalid parameter: {name}\n")),
         }
     }
     let mut press = Vec::new();
@@ -326,34 +349,46 @@ pub fn hmp_sendkey(machine: &Machine, args: &[&str]) -> String {
         }
         release.push(code | 0x80);
     }
-    machine.devices().keyboard_event(&press);
-    machine.devices().keyboard_event(&release);
-    String::new()
+    Ok((press, release))
 }
 
 /// `mouse_move DX DY [DZ]`.
 pub fn hmp_mouse_move(machine: &Machine, args: &[&str]) -> String {
-    let number = |i: usize| args.get(i).and_then(|t| t.parse::<i32>().ok());
-    match (number(0), number(1)) {
-        (Some(dx), Some(dy)) => {
-            machine
-                .devices()
-                .mouse_event(dx, dy, number(2).unwrap_or(0), None);
+    match mouse_move_args(args) {
+        Ok((dx, dy, dz)) => {
+            machine.devices().mouse_event(dx, dy, dz, None);
             String::new()
         }
-        _ => "mouse_move: integer expected\n".to_string(),
+        Err(text) => text,
+    }
+}
+
+/// `mouse_move`'s motion (DZ 0 when left out); the error text for bad numbers.
+pub(super) fn mouse_move_args(args: &[&str]) -> Result<(i32, i32, i32), String> {
+    let number = |i: usize| args.get(i).and_then(|t| t.parse::<i32>().ok());
+    match (number(0), number(1)) {
+        (Some(dx), Some(dy)) => Ok((dx, dy, number(2).unwrap_or(0))),
+        _ => Err("mouse_move: integer expected\n".to_string()),
     }
 }
 
 /// `mouse_button STATE` (bit 0 left, 1 middle, 2 right, as QEMU's HMP takes them).
 pub fn hmp_mouse_button(machine: &Machine, args: &[&str]) -> String {
-    match args.first().and_then(|t| t.parse::<u8>().ok()) {
-        Some(state) => {
-            let ps2 = (state & 1) | ((state & 4) >> 1) | ((state & 2) << 1);
+    match mouse_button_state(args) {
+        Ok(ps2) => {
             machine.devices().mouse_event(0, 0, 0, Some(ps2));
             String::new()
         }
-        None => "mouse_button: integer expected\n".to_string(),
+        Err(text) => text,
+    }
+}
+
+/// `mouse_button`'s state in PS/2's bit order (0 left, 1 right, 2 middle); the error text
+/// for a bad number.
+pub(super) fn mouse_button_state(args: &[&str]) -> Result<u8, String> {
+    match args.first().and_then(|t| t.parse::<u8>().ok()) {
+        Some(state) => Ok((state & 1) | ((state & 4) >> 1) | ((state & 2) << 1)),
+        None => Err("mouse_button: integer expected\n".to_string()),
     }
 }
 

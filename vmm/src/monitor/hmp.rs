@@ -253,6 +253,66 @@ fn execute(
     }
 }
 
+/// What [`run`] says of `line` before it touches a machine: the error text of a line whose
+/// quotes do not close, or of a command whose arguments do not parse, in QEMU's words;
+/// None when it parses. The checks are the ones the commands themselves make, so this is
+/// all of the parsing a monitor client's text reaches, without the side effects of
+/// running it (the fuzz target `hmp_line` drives it).
+pub fn check(line: &str) -> Option<String> {
+    let words = match split_words(line) {
+        Ok(words) => words,
+        Err(e) => return Some(e),
+    };
+    let (name, args) = words.split_first()?;
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    check_arguments(name, &args).err()
+}
+
+/// The argument parsing of command `name`, as [`execute`] does it.
+fn check_arguments(name: &str, args: &[&str]) -> Result<(), String> {
+    use super::{balloon, display, migration};
+    match (name, args) {
+        ("help" | "?", _) => {
+            help(args.first().copied());
+        }
+        ("info", ["registers", which, ..]) if *which != "-a" => {
+            integer_arg("info", Some(which))?;
+        }
+        ("netdev_add", _) => {
+            crate::netdev::parse(&args.join(" ")).map_err(|e| format!("Error: {e}\n"))?;
+        }
+        ("screendump", _) => {
+            display::screendump_args(args)?;
+        }
+        ("balloon", _) => {
+            balloon::balloon_mib(args)?;
+        }
+        ("migrate_set_speed", _) => {
+            migration::speed_bytes(args)?;
+        }
+        ("sendkey", _) => {
+            display::sendkey_scancodes(args)?;
+        }
+        ("mouse_move", _) => {
+            display::mouse_move_args(args)?;
+        }
+        ("mouse_button", _) => {
+            display::mouse_button_state(args)?;
+        }
+        ("drive_add", [_, opts]) => {
+            crate::drive::parse_drive(opts, 0).map_err(|e| format!("{e}\n"))?;
+        }
+        ("cpu", _) => {
+            integer_arg("cpu", args.first().copied())?;
+        }
+        ("memsave" | "pmemsave", _) => {
+            dump_range(name, args)?;
+        }
+        _ => {}
+    }
+    Ok(())
+}
+
 /// QEMU's text for a failed command: "Error: DESC".
 fn error_text(result: Result<(), QmpError>) -> String {
     match result {
@@ -690,6 +750,32 @@ mod tests {
             dump_range("memsave", &["0", "16"]).err().unwrap(),
             "memsave: string expected\nTry \"help memsave\" for more information\n"
         );
+    }
+
+    #[test]
+    fn lines_are_checked_without_a_machine() {
+        assert_eq!(check("info status"), None);
+        assert_eq!(check(""), None);
+        assert_eq!(check("sendkey ctrl-alt-f1 200"), None);
+        assert_eq!(check("info \"x"), Some("unterminated string\n".into()));
+        assert_eq!(
+            check("balloon abc"),
+            Some(
+                "invalid char 'a' in expression\nTry \"help balloon\" for more information\n"
+                    .into()
+            )
+        );
+        assert_eq!(
+            check("sendkey frob"),
+            Some("invalid parameter: frob\n".into())
+        );
+        assert_eq!(
+            check("mouse_button x"),
+            Some("mouse_button: integer expected\n".into())
+        );
+        assert!(check("migrate_set_speed 5x").is_some());
+        assert!(check("screendump").is_some());
+        assert!(check("netdev_add user,id=h2,restrict=maybe").is_some());
     }
 
     #[test]

@@ -310,11 +310,28 @@ pub fn hmp_migrate(machine: &mut Machine, args: &[&str]) -> String {
 /// HMP `migrate_set_speed VALUE` (bytes per second, with QEMU's B/K/M/G suffixes; a bare
 /// number is MiB, as QEMU's `o` argument takes it).
 pub fn hmp_migrate_set_speed(machine: &Machine, args: &[&str]) -> String {
+    match speed_bytes(args) {
+        Ok(bytes) => {
+            set_bandwidth(machine, bytes);
+            String::new()
+        }
+        Err(text) => text,
+    }
+}
+
+/// `migrate_set_speed`'s argument in bytes per second; the error text for a bad one.
+pub(super) fn speed_bytes(args: &[&str]) -> Result<u64, String> {
+    let invalid = || {
+        format!(
+            "invalid size\n{}",
+            super::hmp::usage_hint("migrate_set_speed")
+        )
+    };
     let Some(text) = args.first() else {
-        return format!(
+        return Err(format!(
             "migrate_set_speed: value expected\n{}",
             super::hmp::usage_hint("migrate_set_speed")
-        );
+        ));
     };
     let (digits, unit) = text.split_at(
         text.find(|c: char| !c.is_ascii_digit())
@@ -326,23 +343,12 @@ pub fn hmp_migrate_set_speed(machine: &Machine, args: &[&str]) -> String {
         "" | "m" => 20,
         "g" => 30,
         "t" => 40,
-        _ => {
-            return format!(
-                "invalid size\n{}",
-                super::hmp::usage_hint("migrate_set_speed")
-            )
-        }
+        _ => return Err(invalid()),
     };
-    match digits.parse::<u64>() {
-        Ok(n) => {
-            set_bandwidth(machine, n.saturating_mul(1 << shift));
-            String::new()
-        }
-        Err(_) => format!(
-            "invalid size\n{}",
-            super::hmp::usage_hint("migrate_set_speed")
-        ),
-    }
+    digits
+        .parse::<u64>()
+        .map(|n| n.saturating_mul(1 << shift))
+        .map_err(|_| invalid())
 }
 
 /// HMP `migrate_set_downtime SECONDS`.
