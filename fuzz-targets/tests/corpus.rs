@@ -626,7 +626,8 @@ fn write_seeds() {
         net.extend(ctrl(2, 0, &5u16.to_le_bytes())); // VLAN 5
         net.extend(ctrl(4, 0, &1u16.to_le_bytes())); // one queue pair
         net.extend(ctrl(3, 0, &[])); // announcement acknowledged
-        for _ in 0..4 {
+                                     // With MRG_RXBUF and GSO the device waits for room for a 64 KiB frame.
+        for _ in 0..20 {
             net.push(1);
             net.extend(buf(4096, w | last, &[]));
         }
@@ -642,6 +643,25 @@ fn write_seeds() {
         net.push(8 | 1); // link up, a buffer
         net.extend(buf(1526, w | last, &[]));
         write("virtio_net_chain", "linux", &net);
+        // Without offloads: MRG_RXBUF, then neither (a buffer per frame, the header and
+        // the frame in separate descriptors as older drivers did).
+        for (name, setup) in [("mergeable", 0x30u8), ("plain", 0x20)] {
+            let mut net = vec![setup];
+            net.extend(ctrl(0, 0, &[0]));
+            for _ in 0..4 {
+                net.push(1);
+                net.extend(buf(12, w, &[]));
+                net.extend(buf(1514, w | last, &[]));
+            }
+            net.extend(frame(&arp));
+            net.extend(frame(&unicast));
+            net.extend(frame(&multicast));
+            let mut tx = vec![2u8];
+            tx.extend(buf(12, c, &[0; 12]));
+            tx.extend(buf(unicast.len(), c | last, &unicast));
+            net.extend(tx);
+            write("virtio_net_chain", name, &net);
+        }
 
         // virtio-input: the keyboard's configuration as Linux's driver reads it, event
         // buffers, a caps lock LED, keys from a VNC client; then a tablet.
