@@ -96,6 +96,28 @@ impl Kind {
     }
 }
 
+/// A qtest machine with one process of `kind`, `env` in the vmm's environment, a QMP
+/// socket and the files in `dir`: the harness and the connected monitor.
+pub fn machine(
+    kind: Kind,
+    dir: &crate::TempDir,
+    env: &[(&str, &str)],
+) -> (
+    crate::qtest::Qtest,
+    crate::qmp::Qmp<std::os::unix::net::UnixStream>,
+) {
+    let qmp_sock = dir.join("qmp.sock");
+    let mut args = vec![
+        "-qmp".to_string(),
+        format!("unix:{},server=on,wait=off", qmp_sock.display()),
+    ];
+    args.extend(kind.args(dir.path()));
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let qt = crate::qtest::Qtest::start_env("128M", &args, env)
+        .unwrap_or_else(|e| panic!("{kind:?}: {e}"));
+    (qt, crate::qmp::Qmp::connect(&qmp_sock))
+}
+
 /// A UDP port on loopback that was free a moment ago.
 fn free_udp_port() -> u16 {
     std::net::UdpSocket::bind("127.0.0.1:0")

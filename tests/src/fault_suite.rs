@@ -9,7 +9,7 @@
 //! checksum matches, a VNC client gets a whole frame, every device process runs.
 
 use std::collections::BTreeMap;
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -20,6 +20,8 @@ use serde_json::{json, Value};
 
 use crate::console::{stock_linux_args, GuestConsole};
 use crate::netns::NetNs;
+use crate::qmp::Checked as Monitor;
+use crate::rng::Rng;
 use crate::transfer::{data, guest_sum, sha256};
 use crate::TempDir;
 
@@ -56,90 +58,10 @@ pub struct Tally {
     pub vnc_sessions: u64,
     pub monitor_polls: u64,
     pub monitor_slowest: Duration,
-    /// The vmm's resident memory (KiB) and open fds at the start of the faults and at
-    /// the end.
+    /// The vmm's private resident memory (KiB, guest RAM excluded) and open fds at the
+    /// start of the faults and at the end.
     pub rss_kib: (u64, u64),
     pub fds: (u64, u64),
-}
-
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n.max(1)
-    }
-}
-
-/// A monitor client that reports problems as errors.
-struct Monitor {
-    reader: BufReader<UnixStream>,
-    writer: UnixStream,
-}
-
-impl Monitor {
-    fn connect(path: &Path) -> Result<Self, String> {
-        let stream = UnixStream::connect(path).map_err(|e| format!("QMP connect: {e}"))?;
-        stream
-            .set_read_timeout(Some(Duration::from_secs(60)))
-            .map_err(|e| e.to_string())?;
-        let writer = stream.try_clone().map_err(|e| e.to_string())?;
-        let mut m = Monitor {
-            reader: BufReader::new(stream),
-            writer,
-        };
-        m.line()?;
-        m.execute("qmp_capabilities", None)?;
-        Ok(m)
-    }
-
-    fn line(&mut self) -> Result<Value, String> {
-        let mut line = String::new();
-        match self.reader.read_line(&mut line) {
-            Ok(0) => Err("the monitor closed".into()),
-            Ok(_) => serde_json::from_str(&line).map_err(|e| format!("{e}: {line:?}")),
-            Err(e) => Err(format!("the monitor did not answer: {e}")),
-        }
-    }
-
-    /// A command's reply (events skipped); an error reply is an error.
-    fn execute(&mut self, command: &str, args: Option<Value>) -> Result<Value, String> {
-        let mut msg = json!({ "execute": command });
-        if let Some(a) = args {
-            msg["arguments"] = a;
-        }
-        let text = msg.to_string() + "\n";
-        self.writer
-            .write_all(text.as_bytes())
-            .map_err(|e| format!("write to the monitor: {e}"))?;
-        loop {
-            let v = self.line()?;
-            if v.get("event").is_some() {
-                continue;
-            }
-            return match v.get("return") {
-                Some(r) => Ok(r.clone()),
-                None => Err(format!("{command}: {v}")),
-            };
-        }
-    }
-
-    /// The event `name`, within `timeout`.
-    fn wait_event(&mut self, name: &str, timeout: Duration) -> Result<Value, String> {
-        let deadline = Instant::now() + timeout;
-        while Instant::now() < deadline {
-            let v = self.line()?;
-            if v["event"] == name {
-                return Ok(v);
-            }
-        }
-        Err(format!("no {name} event"))
-    }
 }
 
 /// A tmpfs of `mib` MiB at `path` (its size changed with [`grow`]); unmounted on drop.
@@ -204,12 +126,13 @@ fn processes(m: &mut Monitor) -> Result<Vec<Value>, String> {
         .unwrap_or_default())
 }
 
-/// Resident KiB and open fds of `pid`.
+/// Resident private KiB (RssAnon: the guest's RAM, a shared memfd, is not in it) and
+/// open fds of `pid`.
 fn footprint(pid: u32) -> (u64, u64) {
     let rss = std::fs::read_to_string(format!("/proc/{pid}/status"))
         .unwrap_or_default()
         .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .find_map(|l| l.strip_prefix("RssAnon:"))
         .and_then(|v| v.split_whitespace().next()?.parse().ok())
         .unwrap_or(0);
     let fds = std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, |d| d.count() as u64);
@@ -427,7 +350,7 @@ pub fn run_suite(opts: &Options) -> Result<Tally, String> {
 
     let vnc_sessions = Arc::new(AtomicU64::new(0));
 
-    let mut rng = Rng(opts.seed | 1);
+    let mut rng = Rng::new(opts.seed);
     let started_at = Instant::now();
     let mut result = Ok(());
     while started_at.elapsed() < opts.duration {
@@ -441,7 +364,7 @@ pub fn run_suite(opts: &Options) -> Result<Tally, String> {
         };
         let done = match fault {
             "monitor storm + hot-plug" => {
-                storm(&qmp, opts.storm_clients, &mut monitor, &spare, rng.next())
+                storm(&qmp, opts.storm_clients, &mut monitor, &spare, rng.next_u64())
             }
             "vnc session" => vnc_frame(&vnc).map(|_| {
                 vnc_sessions.fetch_add(1, Ordering::Relaxed);

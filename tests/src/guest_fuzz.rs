@@ -7,18 +7,16 @@
 //! after a reset the device serves a well-formed request. The PRNG seed makes a failing
 //! run repeatable.
 
-use std::io::{BufRead, BufReader, Write};
-use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::time::{Duration, Instant};
-
-use serde_json::{json, Value};
 
 use crate::libqos::blk::{self, BlkDevice, BlkOptions};
 use crate::libqos::pci::{self, BarAllocator, PciAddress};
 use crate::libqos::virtio::{common, VirtioPciDevice, VIRTIO_PCI_VENDOR_ID};
 use crate::libqos::virtqueue::{Buffer, GuestAlloc};
+use crate::qmp::Checked as Monitor;
 use crate::qtest::Qtest;
+use crate::rng::Rng;
 use crate::TempDir;
 
 const RAM: u64 = 128 << 20;
@@ -28,7 +26,6 @@ const ARENA: u64 = 32 << 20;
 const ARENA_SIZE: u64 = 16 << 20;
 /// Operations between two checks of the machine's health.
 const CHECK_EVERY: u64 = 400;
-const QMP_TIMEOUT: Duration = Duration::from_secs(10);
 /// The image's first sector, for the well-formed read of virtio-blk.
 const BLK_PATTERN: u8 = 0x5a;
 
@@ -163,84 +160,6 @@ pub struct Report {
     pub elapsed: Duration,
 }
 
-/// xorshift64*: small, fast, and repeatable from its seed.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        if n == 0 {
-            0
-        } else {
-            self.next() % n
-        }
-    }
-    fn chance(&mut self, percent: u64) -> bool {
-        self.below(100) < percent
-    }
-    fn pick<T: Copy>(&mut self, items: &[T]) -> T {
-        items[self.below(items.len() as u64) as usize]
-    }
-}
-
-/// A monitor client that reports problems instead of panicking.
-struct Monitor {
-    reader: BufReader<UnixStream>,
-    writer: UnixStream,
-}
-
-impl Monitor {
-    fn connect(path: &Path) -> Result<Self, String> {
-        let deadline = Instant::now() + QMP_TIMEOUT;
-        let stream = loop {
-            match UnixStream::connect(path) {
-                Ok(s) => break s,
-                Err(e) if Instant::now() > deadline => return Err(format!("QMP connect: {e}")),
-                Err(_) => std::thread::sleep(Duration::from_millis(20)),
-            }
-        };
-        stream
-            .set_read_timeout(Some(QMP_TIMEOUT))
-            .map_err(|e| e.to_string())?;
-        let writer = stream.try_clone().map_err(|e| e.to_string())?;
-        let mut m = Monitor {
-            reader: BufReader::new(stream),
-            writer,
-        };
-        m.line()?;
-        m.execute("qmp_capabilities")?;
-        Ok(m)
-    }
-
-    fn line(&mut self) -> Result<Value, String> {
-        let mut line = String::new();
-        match self.reader.read_line(&mut line) {
-            Ok(0) => Err("the monitor closed".into()),
-            Ok(_) => serde_json::from_str(&line).map_err(|e| format!("{e}: {line:?}")),
-            Err(e) => Err(format!("the monitor did not answer: {e}")),
-        }
-    }
-
-    /// A command's reply; events are skipped.
-    fn execute(&mut self, command: &str) -> Result<Value, String> {
-        let msg = json!({ "execute": command }).to_string() + "\n";
-        self.writer
-            .write_all(msg.as_bytes())
-            .map_err(|e| format!("write to the monitor: {e}"))?;
-        loop {
-            let v = self.line()?;
-            if v.get("event").is_none() {
-                return Ok(v);
-            }
-        }
-    }
-}
-
 /// The virtio structures of the function, if it is a virtio one.
 struct Layout {
     function: PciAddress,
@@ -311,7 +230,7 @@ impl Fuzzer {
             qt,
             monitor,
             target,
-            rng: Rng(seed | 1),
+            rng: Rng::new(seed),
             layout,
             queues: Vec::new(),
             report: Report::default(),
@@ -370,7 +289,7 @@ impl Fuzzer {
                 .pick(&[bar, bar + 0x1000, 0xfee0_0000, 0xfec0_0000]),
             6 => self.rng.below(16),
             7 => 1 << self.rng.below(16),
-            _ => self.rng.next(),
+            _ => self.rng.next_u64(),
         }
     }
 
@@ -488,7 +407,7 @@ impl Fuzzer {
             _ => {
                 let at = ARENA + self.rng.below(ARENA_SIZE - 64);
                 let bytes: Vec<u8> = (0..self.rng.below(64))
-                    .map(|_| self.rng.next() as u8)
+                    .map(|_| self.rng.next_u64() as u8)
                     .collect();
                 self.note(format!("garbage at {at:#x} ({} bytes)", bytes.len()));
                 self.qt
@@ -564,12 +483,12 @@ impl Fuzzer {
         let index = if self.rng.chance(90) {
             self.rng.below(4) as u16
         } else {
-            self.rng.next() as u16
+            self.rng.next_u64() as u16
         };
         let size = if self.rng.chance(80) {
             self.rng.pick(&[2u16, 4, 8, 16, 64, 128, 256])
         } else {
-            self.rng.next() as u16
+            self.rng.next_u64() as u16
         };
         // The rings, in the arena (aligned or not), or somewhere hostile.
         let ring = |rng: &mut Rng| {
@@ -647,7 +566,7 @@ impl Fuzzer {
             let len = match self.rng.below(10) {
                 0 => 0,
                 1 => u32::MAX,
-                2 => self.rng.next() as u32,
+                2 => self.rng.next_u64() as u32,
                 _ => 1 + self.rng.below(4096) as u32,
             };
             // NEXT on all but the last (sometimes the last too: a loop or a jump),
@@ -665,7 +584,7 @@ impl Fuzzer {
             let next = if self.rng.chance(90) {
                 (slot + 1) % q.size
             } else {
-                self.rng.next() as u16
+                self.rng.next_u64() as u16
             };
             let mut d = [0u8; 16];
             d[..8].copy_from_slice(&addr.to_le_bytes());
@@ -682,12 +601,12 @@ impl Fuzzer {
         let head = if self.rng.chance(90) {
             base
         } else {
-            self.rng.next() as u16
+            self.rng.next_u64() as u16
         };
         let jump = if self.rng.chance(90) {
             1
         } else {
-            self.rng.next() as u16
+            self.rng.next_u64() as u16
         };
         let idx = q.avail_idx.wrapping_add(jump);
         let ring_slot = q.avail + 4 + u64::from(q.avail_idx % q.size) * 2;
@@ -724,12 +643,14 @@ impl Fuzzer {
             .map_err(|e| format!("the harness lost the vmm: {e}"))?;
         // Interrupts the device raised: nobody waits for them.
         let _ = self.qt.take_irqs();
-        let status = self.monitor.execute("query-status")?;
-        if status["return"]["status"] != "running" {
+        let status = self.monitor.execute("query-status", None)?;
+        if status["status"] != "running" {
             return Err(format!("the VM is not running: {status}"));
         }
-        let processes = self.monitor.execute("__org.vmm_query-device-processes")?;
-        for p in processes["return"].as_array().into_iter().flatten() {
+        let processes = self
+            .monitor
+            .execute("__org.vmm_query-device-processes", None)?;
+        for p in processes.as_array().into_iter().flatten() {
             if p["state"] != "running" || p["restarts"] != 0 {
                 return Err(format!("a device process did not survive: {p}"));
             }

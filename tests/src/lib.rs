@@ -17,6 +17,7 @@ pub mod migration;
 pub mod netns;
 pub mod qmp;
 pub mod qtest;
+pub mod rng;
 pub mod transfer;
 
 /// The repository root.

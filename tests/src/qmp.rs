@@ -218,3 +218,79 @@ impl<S: std::io::Read + Write> Qmp<S> {
         self.execute("query-status", None)["return"].clone()
     }
 }
+
+/// A monitor client for long-running checkers (fuzzers, fault suites), which report a
+/// monitor that fails them as an error rather than panicking: a reply that is an error
+/// is an `Err` too.
+pub struct Checked {
+    reader: BufReader<UnixStream>,
+    writer: UnixStream,
+}
+
+impl Checked {
+    /// Connect (retrying for 10 s while the socket is not there yet) and negotiate.
+    pub fn connect(path: &Path) -> Result<Self, String> {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let stream = loop {
+            match UnixStream::connect(path) {
+                Ok(s) => break s,
+                Err(e) if Instant::now() > deadline => return Err(format!("QMP connect: {e}")),
+                Err(_) => std::thread::sleep(Duration::from_millis(20)),
+            }
+        };
+        stream
+            .set_read_timeout(Some(Duration::from_secs(60)))
+            .map_err(|e| e.to_string())?;
+        let writer = stream.try_clone().map_err(|e| e.to_string())?;
+        let mut m = Checked {
+            reader: BufReader::new(stream),
+            writer,
+        };
+        m.line()?;
+        m.execute("qmp_capabilities", None)?;
+        Ok(m)
+    }
+
+    fn line(&mut self) -> Result<Value, String> {
+        let mut line = String::new();
+        match self.reader.read_line(&mut line) {
+            Ok(0) => Err("the monitor closed".into()),
+            Ok(_) => serde_json::from_str(&line).map_err(|e| format!("{e}: {line:?}")),
+            Err(e) => Err(format!("the monitor did not answer: {e}")),
+        }
+    }
+
+    /// A command's `return` (events before the reply are skipped).
+    pub fn execute(&mut self, command: &str, args: Option<Value>) -> Result<Value, String> {
+        let mut msg = json!({ "execute": command });
+        if let Some(a) = args {
+            msg["arguments"] = a;
+        }
+        let text = msg.to_string() + "\n";
+        self.writer
+            .write_all(text.as_bytes())
+            .map_err(|e| format!("write to the monitor: {e}"))?;
+        loop {
+            let v = self.line()?;
+            if v.get("event").is_some() {
+                continue;
+            }
+            return match v.get("return") {
+                Some(r) => Ok(r.clone()),
+                None => Err(format!("{command}: {v}")),
+            };
+        }
+    }
+
+    /// The event `name`, within `timeout`.
+    pub fn wait_event(&mut self, name: &str, timeout: Duration) -> Result<Value, String> {
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            let v = self.line()?;
+            if v["event"] == name {
+                return Ok(v);
+            }
+        }
+        Err(format!("no {name} event"))
+    }
+}

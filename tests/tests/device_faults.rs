@@ -8,7 +8,7 @@
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
-use vmm_tests::device_kinds::Kind;
+use vmm_tests::device_kinds::{machine, Kind};
 use vmm_tests::libqos::pci::{self, BarAllocator};
 use vmm_tests::libqos::virtio::{
     VirtioPciDevice, VIRTIO_F_VERSION_1, VIRTIO_PCI_MODERN_DEVICE_BASE, VIRTIO_PCI_VENDOR_ID,
@@ -37,16 +37,8 @@ struct Rig {
 
 fn start(kind: Kind, mode: &str, delay_ms: u64) -> Rig {
     let dir = TempDir::new("device-faults");
-    let qmp_sock = dir.join("qmp.sock");
-    let mut args = vec![
-        "-qmp".to_string(),
-        format!("unix:{},server=on,wait=off", qmp_sock.display()),
-    ];
-    args.extend(kind.args(dir.path()));
-    let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let spec = format!("{}:{mode}@{delay_ms}", kind.program());
-    let qt = Qtest::start_env("128M", &args, &[("VMM_TEST_HOSTILE", &spec)]).unwrap();
-    let qmp = Qmp::connect(&qmp_sock);
+    let (qt, qmp) = machine(kind, &dir, &[("VMM_TEST_HOSTILE", &spec)]);
     Rig {
         qt,
         qmp,

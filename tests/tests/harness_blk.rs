@@ -18,6 +18,7 @@ use vmm_tests::libqos::virtqueue::{
 };
 use vmm_tests::qmp::Qmp;
 use vmm_tests::qtest::Qtest;
+use vmm_tests::rng::Rng;
 use vmm_tests::TempDir;
 
 const RAM: u64 = 128 << 20;
@@ -29,30 +30,6 @@ const DATA_AREA: u64 = 4 << 20;
 /// A guest-physical address far outside RAM (128 MiB here) and every MMIO window.
 const OUTSIDE_RAM: u64 = 0xffff_0000_0000;
 const QUERY_PROCESSES: &str = "__org.vmm_query-device-processes";
-
-/// xorshift64*: reproducible test data.
-struct Rng(u64);
-
-impl Rng {
-    fn new(seed: u64) -> Self {
-        Rng(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1)
-    }
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-    fn fill(&mut self, buf: &mut [u8]) {
-        for chunk in buf.chunks_mut(8) {
-            let v = self.next().to_le_bytes();
-            chunk.copy_from_slice(&v[..chunk.len()]);
-        }
-    }
-}
 
 /// Per-queue guest buffers for one request at a time.
 #[derive(Clone, Copy)]

@@ -10,9 +10,8 @@
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
-use vmm_tests::device_kinds::Kind;
+use vmm_tests::device_kinds::{machine, Kind};
 use vmm_tests::qmp::Qmp;
-use vmm_tests::qtest::Qtest;
 use vmm_tests::{wait_until, TempDir};
 
 const T: Duration = Duration::from_secs(20);
@@ -46,24 +45,12 @@ fn ns(pid: &str, name: &str) -> std::path::PathBuf {
 
 fn escape(kind: Kind) {
     let dir = TempDir::new("sandbox-escape");
-    let qmp_sock = dir.join("qmp.sock");
-    let mut args = vec![
-        "-qmp".to_string(),
-        format!("unix:{},server=on,wait=off", qmp_sock.display()),
-    ];
-    args.extend(kind.args(dir.path()));
-    let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let hostile = format!("{}:forbidden-call@1500", kind.program());
-    let mut qt = Qtest::start_env(
-        "128M",
-        &args,
-        &[
-            ("VMM_SANDBOX_SELFTEST", "1"),
-            ("VMM_TEST_HOSTILE", &hostile),
-        ],
-    )
-    .unwrap();
-    let mut qmp = Qmp::connect(&qmp_sock);
+    let env = [
+        ("VMM_SANDBOX_SELFTEST", "1"),
+        ("VMM_TEST_HOSTILE", hostile.as_str()),
+    ];
+    let (mut qt, mut qmp) = machine(kind, &dir, &env);
     let program = kind.program();
     let row = |qmp: &mut Qmp<std::os::unix::net::UnixStream>| -> Value {
         let all = qmp.execute("__org.vmm_query-device-processes", None)["return"].clone();

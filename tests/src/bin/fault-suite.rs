@@ -50,7 +50,7 @@ fn main() {
                 t.monitor_slowest
             );
             println!(
-                "  vmm RSS {} -> {} KiB, fds {} -> {}",
+                "  vmm private RSS {} -> {} KiB (guest RAM excluded), fds {} -> {}",
                 t.rss_kib.0, t.rss_kib.1, t.fds.0, t.fds.1
             );
         }
