@@ -1,10 +1,11 @@
-//! Faults under load: the stock guest under emu writes checksummed blocks to two disks
-//! (one of them on a small host filesystem that runs out of space), receives a long TCP
-//! transfer through a tap, and shows its screen to VNC clients, while this suite injects
-//! faults at random times for as long as asked: kill -9 of each device process kind
-//! (vmm-blk, vmm-net, vmm-display), a storm of monitor clients with a hot-plug cycle, and
-//! host-side ENOSPC (the small filesystem fills: the VM stops, the suite makes room and
-//! continues it). A monitor client asks the vmm's status all along. At the end nothing may
+//! Faults under load: the stock guest under emu writes checksummed blocks to three disks
+//! (one on a small host filesystem that runs out of space, one on a FUSE filesystem that
+//! fails writes with EIO when told), receives a long TCP transfer through a tap, and shows
+//! its screen to VNC clients, while this suite injects faults at random times for as long
+//! as asked: kill -9 of each device process kind (vmm-blk, vmm-net, vmm-display), a storm
+//! of monitor clients with a hot-plug cycle, host-side EIO (the VM stops on it: the suite
+//! continues it and the write is retried) and host-side ENOSPC (the small filesystem
+//! fills: the VM stops, the suite makes room and continues it). A monitor client asks the vmm's status all along. At the end nothing may
 //! be lost: every block the guest wrote reads back with its checksum, the transfer's
 //! checksum matches, a VNC client gets a whole frame, every device process runs.
 
@@ -36,6 +37,10 @@ const SMALL_BLOCKS: u32 = 48;
 /// ENOSPC.
 const SMALL_FS_MIB: u32 = 12;
 const GROW_MIB: u32 = 12;
+/// Kills of one process kind allowed in a window: under the vmm's restart budget (5 a
+/// minute), with room for timing.
+const KILLS_PER_WINDOW: usize = 3;
+const KILL_WINDOW: Duration = Duration::from_secs(70);
 /// The slowest answer the monitor may give while faults go on.
 const MONITOR_BOUND: Duration = Duration::from_secs(10);
 
@@ -82,6 +87,51 @@ impl SmallFs {
             ],
         )?;
         Ok(SmallFs(path.to_path_buf()))
+    }
+}
+
+/// The faulty FUSE filesystem (tests/tools/faulty-fs.py) at `mountpoint`, serving
+/// `backing` as `disk.raw`; unmounted on drop.
+struct FaultyFs {
+    mountpoint: PathBuf,
+    daemon: std::process::Child,
+}
+
+impl FaultyFs {
+    fn mount(backing: &Path, control: &Path, mountpoint: &Path) -> Result<Self, String> {
+        std::fs::create_dir_all(mountpoint).map_err(|e| e.to_string())?;
+        std::fs::write(control, "0").map_err(|e| e.to_string())?;
+        let script = crate::repo_root().join("tests/tools/faulty-fs.py");
+        let daemon = std::process::Command::new("/usr/bin/python3")
+            .arg(&script)
+            .args([backing, control, mountpoint])
+            .stdin(std::process::Stdio::null())
+            .spawn()
+            .map_err(|e| format!("{}: {e}", script.display()))?;
+        let fs = FaultyFs {
+            mountpoint: mountpoint.to_path_buf(),
+            daemon,
+        };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !fs.image().exists() {
+            if Instant::now() > deadline {
+                return Err("the faulty filesystem did not come up (python3-fusepy?)".into());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Ok(fs)
+    }
+
+    fn image(&self) -> PathBuf {
+        self.mountpoint.join("disk.raw")
+    }
+}
+
+impl Drop for FaultyFs {
+    fn drop(&mut self) {
+        let _ = run("umount", &["-l", &display(&self.mountpoint)]);
+        let _ = self.daemon.kill();
+        let _ = self.daemon.wait();
     }
 }
 
@@ -226,6 +276,12 @@ pub fn run_suite(opts: &Options) -> Result<Tally, String> {
     std::fs::File::create(&small)
         .and_then(|f| f.set_len(u64::from(SMALL_BLOCKS) << 20))
         .map_err(|e| e.to_string())?;
+    let eio_backing = dir.join("eio-backing.raw");
+    std::fs::File::create(&eio_backing)
+        .and_then(|f| f.set_len(u64::from(BLOCKS) << 20))
+        .map_err(|e| e.to_string())?;
+    let eio_control = dir.join("eio-control");
+    let faulty_fs = FaultyFs::mount(&eio_backing, &eio_control, &dir.join("eio"))?;
     let (qmp, vnc) = (dir.join("qmp.sock"), dir.join("vnc.sock"));
     let args: Vec<String> = vec![
         "-qmp".into(),
@@ -249,6 +305,13 @@ pub fn run_suite(opts: &Options) -> Result<Tally, String> {
         ),
         "-device".into(),
         "virtio-blk-pci,drive=d1,id=disk1".into(),
+        "-drive".into(),
+        format!(
+            "file={},format=raw,if=none,id=d2,werror=stop,rerror=stop",
+            faulty_fs.image().display()
+        ),
+        "-device".into(),
+        "virtio-blk-pci,drive=d2,id=disk2".into(),
     ];
     let log = dir.join("vmm.log");
     let vmm = crate::vmm_binary().display().to_string();
@@ -280,7 +343,8 @@ pub fn run_suite(opts: &Options) -> Result<Tally, String> {
     // every 200 ms, the slowest answer, and ENOSPC handled
     // (the VM stopped on an I/O error: room made, the VM continued).
     let stop = Arc::new(AtomicBool::new(false));
-    let poll_stats = Arc::new(Mutex::new((0u64, Duration::ZERO, 0u64)));
+    // Polls, the slowest answer, ENOSPC and EIO stops seen.
+    let poll_stats = Arc::new(Mutex::new((0u64, Duration::ZERO, 0u64, 0u64)));
     let poller = {
         let (stop, stats) = (stop.clone(), poll_stats.clone());
         let mut m = Monitor::connect(&qmp).map_err(fail)?;
@@ -300,18 +364,32 @@ pub fn run_suite(opts: &Options) -> Result<Tally, String> {
                     return Err(format!("the monitor took {took:?} to answer"));
                 }
                 if status["status"] == "io-error" || status["status"] == "paused" {
-                    size += GROW_MIB;
-                    resize_tmpfs(&fs_path, size)
-                        .map_err(|e| format!("cannot grow the small filesystem: {e}"))?;
+                    // Which disk stopped it: the full filesystem gets room, the failing
+                    // disk has failed its one write; the VM retries both on cont.
+                    let blocks = m.execute("query-block", None)?;
+                    let io = |state: &str| {
+                        blocks
+                            .as_array()
+                            .is_some_and(|a| a.iter().any(|b| b["io-status"] == state))
+                    };
+                    let (nospace, failed) = (io("nospace"), io("failed"));
+                    if nospace {
+                        size += GROW_MIB;
+                        resize_tmpfs(&fs_path, size)
+                            .map_err(|e| format!("cannot grow the small filesystem: {e}"))?;
+                    }
                     m.execute("cont", None)?;
-                    stats.lock().unwrap_or_else(|e| e.into_inner()).2 += 1;
+                    let mut s = stats.lock().unwrap_or_else(|e| e.into_inner());
+                    s.2 += u64::from(nospace);
+                    s.3 += u64::from(failed);
                 }
                 std::thread::sleep(Duration::from_millis(200));
             }
             Ok(())
         })
     };
-    // The writer: block i % BLOCKS of vda and i % SMALL_BLOCKS of vdb get i, the checksum
+    // The writer: block i % BLOCKS of vda and vdc and i % SMALL_BLOCKS of vdb get i, the
+    // checksum
     // kept in /tmp/sum.DISK.BLOCK; it ends at the top of a round once /tmp/stop exists.
     let started = guest.run(
         &format!(
@@ -321,6 +399,8 @@ pub fn run_suite(opts: &Options) -> Result<Tally, String> {
              oflag=direct 2>/dev/null && echo \"$s\" > /tmp/sum.vda.$j; \
              j=$((i % {SMALL_BLOCKS})); dd if=/tmp/w of=/dev/vdb bs=1048576 seek=$j count=1 \
              oflag=direct 2>/dev/null && echo \"$s\" > /tmp/sum.vdb.$j; \
+             j=$((i % {BLOCKS})); dd if=/tmp/w of=/dev/vdc bs=1048576 seek=$j count=1 \
+             oflag=direct 2>/dev/null && echo \"$s\" > /tmp/sum.vdc.$j; \
              echo $i > /tmp/n; done; echo WRITER-DONE > /tmp/done) & sleep 2; echo started"
         ),
         CMD_TIMEOUT,
@@ -351,21 +431,40 @@ pub fn run_suite(opts: &Options) -> Result<Tally, String> {
     let vnc_sessions = Arc::new(AtomicU64::new(0));
 
     let mut rng = Rng::new(opts.seed);
+    let mut kills: BTreeMap<&str, Vec<Instant>> = BTreeMap::new();
     let started_at = Instant::now();
     let mut result = Ok(());
     while started_at.elapsed() < opts.duration {
         std::thread::sleep(Duration::from_millis(3000 + rng.below(4000)));
-        let fault = match rng.below(5) {
+        let mut fault = match rng.below(6) {
             0 => "kill vmm-blk",
             1 => "kill vmm-net",
             2 => "kill vmm-display",
             3 => "monitor storm + hot-plug",
+            4 => "host EIO",
             _ => "vnc session",
         };
-        let done = match fault {
-            "monitor storm + hot-plug" => {
-                storm(&qmp, opts.storm_clients, &mut monitor, &spare, rng.next_u64())
+        // The vmm gives up on a process that dies 5 times a minute (as it should): stay
+        // under its budget.
+        if fault.starts_with("kill") {
+            let times = kills.entry(fault).or_default();
+            times.retain(|t| t.elapsed() < KILL_WINDOW);
+            if times.len() >= KILLS_PER_WINDOW {
+                fault = "vnc session";
+            } else {
+                times.push(Instant::now());
             }
+        }
+        let done = match fault {
+            "monitor storm + hot-plug" => storm(
+                &qmp,
+                opts.storm_clients,
+                &mut monitor,
+                &spare,
+                rng.next_u64(),
+            ),
+            // The disk's next write fails (once): the VM stops, the poller continues it.
+            "host EIO" => std::fs::write(&eio_control, "1").map_err(|e| e.to_string()),
             "vnc session" => vnc_frame(&vnc).map(|_| {
                 vnc_sessions.fetch_add(1, Ordering::Relaxed);
             }),
@@ -377,22 +476,7 @@ pub fn run_suite(opts: &Options) -> Result<Tally, String> {
         }
         *tally.faults.entry(fault).or_default() += 1;
     }
-    stop.store(true, Ordering::Relaxed);
-    let polled = poller
-        .join()
-        .map_err(|_| "the poller panicked".to_string())?;
     result.map_err(fail)?;
-    polled.map_err(fail)?;
-    {
-        let s = poll_stats.lock().unwrap_or_else(|e| e.into_inner());
-        tally.monitor_polls = s.0;
-        tally.monitor_slowest = s.1;
-        if s.2 > 0 {
-            tally
-                .faults
-                .insert("host ENOSPC (VM stopped, room made, continued)", s.2);
-        }
-    }
 
     // Nothing lost.
     sender
@@ -410,7 +494,7 @@ pub fn run_suite(opts: &Options) -> Result<Tally, String> {
     let check = guest.run(
         &format!(
             "touch /tmp/stop; while [ ! -e /tmp/done ]; do sleep 0.2; done; sync; \
-             bad=0; n=0; for d in vda vdb; do for j in $(seq 0 {}); do \
+             bad=0; n=0; for d in vda vdb vdc; do for j in $(seq 0 {}); do \
              [ -e /tmp/sum.$d.$j ] || continue; n=$((n+1)); \
              s=$(dd if=/dev/$d bs=1048576 skip=$j count=1 iflag=direct 2>/dev/null | md5sum); \
              [ \"$s\" = \"$(cat /tmp/sum.$d.$j)\" ] || bad=$((bad+1)); done; done; \
@@ -431,12 +515,35 @@ pub fn run_suite(opts: &Options) -> Result<Tally, String> {
         return Err(fail(format!("blocks read back otherwise: {check}")));
     }
     tally.blocks_verified = field("VERIFIED");
-    tally.blocks_written = field("WRITES").saturating_mul(2);
+    tally.blocks_written = field("WRITES").saturating_mul(3);
     vnc_frame(&vnc).map_err(fail)?;
     tally.vnc_sessions = vnc_sessions.load(Ordering::Relaxed) + 1;
     for p in processes(&mut monitor)? {
         if p["state"] != "running" {
             return Err(fail(format!("a device process is not running: {p}")));
+        }
+    }
+    // The poller ran through the checks too (a stop there needs continuing as well).
+    stop.store(true, Ordering::Relaxed);
+    poller
+        .join()
+        .map_err(|_| "the poller panicked".to_string())?
+        .map_err(fail)?;
+    {
+        let s = poll_stats.lock().unwrap_or_else(|e| e.into_inner());
+        tally.monitor_polls = s.0;
+        tally.monitor_slowest = s.1;
+        if s.2 > 0 {
+            let what = "host ENOSPC (VM stopped, room made, continued)";
+            tally.faults.insert(what, s.2);
+        }
+        // Each EIO injected stopped the VM once (the last may not have been hit yet).
+        let injected = tally.faults.get("host EIO").copied().unwrap_or(0);
+        if s.3 + 1 < injected {
+            return Err(fail(format!(
+                "{injected} EIO injected, the VM stopped for {} of them",
+                s.3
+            )));
         }
     }
     let (rss, fds) = footprint(vmm_pid);
@@ -445,6 +552,7 @@ pub fn run_suite(opts: &Options) -> Result<Tally, String> {
     let _ = monitor.execute("quit", None);
     drop(guest);
     drop(small_fs);
+    drop(faulty_fs);
     Ok(tally)
 }
 
