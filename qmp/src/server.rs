@@ -53,6 +53,9 @@ use crate::stream::{JsonStream, StreamLimits};
 
 /// Most fds accepted in one recvmsg.
 const MAX_FDS_PER_MESSAGE: usize = 16;
+/// Descriptors one connection may hold by name (getfd): with the cap on connections, a
+/// bound on what monitor clients can make the vmm keep open.
+pub const MAX_NAMED_FDS: usize = 64;
 /// Bytes read from a connection at a time.
 const READ_CHUNK: usize = 64 * 1024;
 /// Connections one listener serves at once (QEMU serves one; management stacks open a
@@ -181,6 +184,13 @@ impl ConnectionContext {
             return Err(QmpError::generic(
                 "Parameter 'fdname' expects a name not starting with a digit",
             ));
+        }
+        if self.named_fds.len() >= MAX_NAMED_FDS && !self.named_fds.contains_key(name) {
+            drop(fd);
+            return Err(QmpError::generic(format!(
+                "This connection holds {MAX_NAMED_FDS} file descriptors already; closefd some \
+                 first"
+            )));
         }
         self.named_fds.insert(name.to_string(), fd);
         Ok(())
@@ -904,6 +914,28 @@ mod tests {
         ctx.closefd("a").unwrap();
         assert!(reader_closed(&second_writer));
         assert!(ctx.fd_names().is_empty());
+    }
+
+    #[test]
+    fn named_fds_are_bounded() {
+        let mut ctx = context();
+        let pass = |ctx: &mut ConnectionContext| {
+            let (a, _b) = StdUnixStream::pair().unwrap();
+            ctx.push_received_fd(OwnedFd::from(a));
+        };
+        for i in 0..MAX_NAMED_FDS {
+            pass(&mut ctx);
+            ctx.getfd(&format!("fd{i}")).unwrap();
+        }
+        pass(&mut ctx);
+        let err = ctx.getfd("one-more").unwrap_err();
+        assert!(format!("{err:?}").contains("closefd some first"), "{err:?}");
+        // Replacing a name, or after a closefd, still works.
+        pass(&mut ctx);
+        ctx.getfd("fd0").unwrap();
+        ctx.closefd("fd1").unwrap();
+        pass(&mut ctx);
+        ctx.getfd("one-more").unwrap();
     }
 
     #[test]
