@@ -393,7 +393,8 @@ pub fn scsi_cdb(data: &[u8]) {
 }
 
 /// vhost-user messages from a peer that breaks the protocol. The first byte's bit 0 picks
-/// the side: clear, the bytes are a frontend's requests to vmm-blk's backend (each
+/// the side: clear, the bytes are a frontend's requests to vmm-blk's backend (vmm-scsi's
+/// with bit 1) (each
 /// message sent with the fds its request carries: eventfds for the ring notifiers, memfds
 /// of the sizes a memory table names, a socket for the backend channel); set, they are a
 /// backend's replies to the vmm's frontend, which connects (negotiation, configuration),
@@ -412,22 +413,23 @@ pub fn vhost_user_messages(data: &[u8]) {
     };
     let rest = &rest[..rest.len().min(32 * 1024)];
     if which & 1 == 0 {
-        vhost_backend_reads(rest);
+        vhost_backend_reads(rest, which & 2 != 0);
     } else {
         vhost_frontend_reads(rest);
     }
 }
 
 /// The frontend's side of [`vhost_user_messages`]: vmm-blk's backend (one 64 KiB disk, one
-/// queue) serves one connection whose requests are `data`.
-fn vhost_backend_reads(data: &[u8]) {
+/// queue), or with `scsi` vmm-scsi's (one request queue, a CD-ROM), serves one connection
+/// whose requests are `data`.
+fn vhost_backend_reads(data: &[u8], scsi: bool) {
     use device_procs::blk::backend::BlkBackend;
     use device_procs::blk::request::Disk;
-    use std::os::fd::AsRawFd;
-    use std::os::unix::net::{UnixListener, UnixStream};
+    use device_procs::scsi::backend::ScsiBackend;
+    use device_procs::scsi::bus::Bus;
+    use std::os::unix::net::UnixListener;
     use std::sync::{Arc, Mutex, OnceLock};
     use vhost::vhost_user::Listener;
-    use vmm_sys_util::sock_ctrl_msg::ScmSocket;
 
     // One listening socket for the whole run; each input is one connection to it.
     static LISTENER: OnceLock<Option<Mutex<(Listener, std::path::PathBuf)>>> = OnceLock::new();
@@ -444,13 +446,35 @@ fn vhost_backend_reads(data: &[u8]) {
     let Some(file) = memfd(&[0x5a; 64 * 1024]) else {
         return;
     };
+    if scsi {
+        let bus = Arc::new(Bus::new(None));
+        let medium = device_procs::scsi::cdrom::Medium::new(file).ok();
+        if bus.add_cdrom(0, 0, "cd0", "", medium).is_err() {
+            return;
+        }
+        if let Ok(backend) = ScsiBackend::new(bus, 1, 128) {
+            vhost_serve(&Arc::new(backend), &mut listener, data);
+        }
+        return;
+    }
     let Ok(disk) = Disk::new(file, false, "fuzz") else {
         return;
     };
-    let Ok(backend) = BlkBackend::new(disk, 1, 128, Default::default(), None) else {
-        return;
-    };
-    let backend = Arc::new(backend);
+    if let Ok(backend) = BlkBackend::new(disk, 1, 128, Default::default(), None) {
+        vhost_serve(&Arc::new(backend), &mut listener, data);
+    }
+}
+
+/// Serve one connection of `backend` on `listener` (and its path): a peer that sends the
+/// messages of `data` and reads the replies.
+fn vhost_serve<B: device_procs::vhost_daemon::Served>(
+    backend: &std::sync::Arc<B>,
+    listener: &mut (vhost::vhost_user::Listener, std::path::PathBuf),
+    data: &[u8],
+) {
+    use std::os::fd::AsRawFd;
+    use std::os::unix::net::UnixStream;
+    use vmm_sys_util::sock_ctrl_msg::ScmSocket;
     let Ok(client) = UnixStream::connect(&listener.1) else {
         return;
     };
@@ -470,7 +494,7 @@ fn vhost_backend_reads(data: &[u8]) {
         let _ = client.shutdown(std::net::Shutdown::Write);
         let _ = std::io::copy(&mut &client, &mut std::io::sink());
     });
-    if device_procs::vhost_daemon::serve_one(&backend, &mut listener.0).is_err() {
+    if device_procs::vhost_daemon::serve_one(backend, &mut listener.0).is_err() {
         let _ = reader.shutdown(std::net::Shutdown::Both);
     }
     let _ = peer.join();

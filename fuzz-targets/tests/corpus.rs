@@ -501,37 +501,45 @@ fn write_seeds() {
             }
         }
 
+        /// The two directions of a session of the frontend's exchanges with `backend`.
+        fn record<B: device_procs::vhost_daemon::Served>(
+            backend: B,
+            path: &std::path::Path,
+        ) -> (Vec<u8>, Vec<u8>) {
+            let mut listener = vhost::vhost_user::Listener::from(UnixListener::bind(path).unwrap());
+            let backend = std::sync::Arc::new(backend);
+            let server = std::thread::spawn(move || {
+                device_procs::vhost_daemon::serve_one(&backend, &mut listener).unwrap();
+            });
+            let (front, proxy_front) = UnixStream::pair().unwrap();
+            let proxy_back = UnixStream::connect(path).unwrap();
+            let (f2, b2) = (
+                proxy_front.try_clone().unwrap(),
+                proxy_back.try_clone().unwrap(),
+            );
+            let requests = std::thread::spawn(move || pump(f2, b2));
+            let replies = std::thread::spawn(move || pump(proxy_back, proxy_front));
+            let ram = vmm::memory::MemoryManager::new(2 << 20).unwrap();
+            fuzz_targets::vhost_frontend_exchanges(front, ram.guest_memory());
+            let requests = requests.join().unwrap();
+            let replies = replies.join().unwrap();
+            server.join().unwrap();
+            (requests, replies)
+        }
+
         let dir = std::env::temp_dir().join(format!("fuzz-vhost-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
-        let path = dir.join("blk.sock");
-        let mut listener = vhost::vhost_user::Listener::from(UnixListener::bind(&path).unwrap());
-        let disk_file = {
+        let disk_file = || {
             use std::io::Write;
             let mut f = tempfile_in(&dir);
             f.write_all(&[0x5a; 64 * 1024]).unwrap();
             f
         };
-        let disk = device_procs::blk::request::Disk::new(disk_file, false, "seed").unwrap();
-        let backend = std::sync::Arc::new(
+        let disk = device_procs::blk::request::Disk::new(disk_file(), false, "seed").unwrap();
+        let blk =
             device_procs::blk::backend::BlkBackend::new(disk, 1, 128, Default::default(), None)
-                .unwrap(),
-        );
-        let server = std::thread::spawn(move || {
-            device_procs::vhost_daemon::serve_one(&backend, &mut listener).unwrap();
-        });
-        let (front, proxy_front) = UnixStream::pair().unwrap();
-        let proxy_back = UnixStream::connect(&path).unwrap();
-        let (f2, b2) = (
-            proxy_front.try_clone().unwrap(),
-            proxy_back.try_clone().unwrap(),
-        );
-        let requests = std::thread::spawn(move || pump(f2, b2));
-        let replies = std::thread::spawn(move || pump(proxy_back, proxy_front));
-        let ram = vmm::memory::MemoryManager::new(2 << 20).unwrap();
-        fuzz_targets::vhost_frontend_exchanges(front, ram.guest_memory());
-        let requests = requests.join().unwrap();
-        let replies = replies.join().unwrap();
-        server.join().unwrap();
+                .unwrap();
+        let (requests, replies) = record(blk, &dir.join("blk.sock"));
         write(
             "vhost_user_messages",
             "blk-requests",
@@ -541,6 +549,16 @@ fn write_seeds() {
             "vhost_user_messages",
             "blk-replies",
             &[&[1u8][..], &replies].concat(),
+        );
+        let bus = std::sync::Arc::new(device_procs::scsi::bus::Bus::new(None));
+        let medium = device_procs::scsi::cdrom::Medium::new(disk_file()).unwrap();
+        bus.add_cdrom(0, 0, "cd0", "", Some(medium)).unwrap();
+        let scsi = device_procs::scsi::backend::ScsiBackend::new(bus, 1, 128).unwrap();
+        let (requests, _) = record(scsi, &dir.join("scsi.sock"));
+        write(
+            "vhost_user_messages",
+            "scsi-requests",
+            &[&[2u8][..], &requests].concat(),
         );
         std::fs::remove_dir_all(&dir).unwrap();
     }
