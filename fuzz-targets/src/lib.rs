@@ -414,8 +414,16 @@ pub fn vhost_user_messages(data: &[u8]) {
     let rest = &rest[..rest.len().min(32 * 1024)];
     if which & 1 == 0 {
         vhost_backend_reads(rest, which & 2 != 0);
+    } else if which & 2 == 0 {
+        vhost_frontend_reads(rest, &[]);
     } else {
-        vhost_frontend_reads(rest);
+        // A le16 length, the replies, then the backend's requests on its channel.
+        let len = rest
+            .get(..2)
+            .map_or(0, |l| usize::from(u16::from_le_bytes([l[0], l[1]])));
+        let rest = rest.get(2..).unwrap_or(&[]);
+        let (replies, requests) = rest.split_at(len.min(rest.len()));
+        vhost_frontend_reads(replies, requests);
     }
 }
 
@@ -558,8 +566,9 @@ fn vhost_frames(mut data: &[u8]) -> Vec<(Vec<u8>, Vec<OwnedFd>)> {
 
 /// The backend's side of [`vhost_user_messages`]: the vmm's frontend of a one-queue block
 /// device reads `data` as the backend's replies, through the exchanges a device goes
-/// through.
-fn vhost_frontend_reads(data: &[u8]) {
+/// through; if they give it a backend channel, the vmm's end of that channel reads
+/// `requests` (the backend's requests: configuration changes and the like) meanwhile.
+fn vhost_frontend_reads(data: &[u8], requests: &[u8]) {
     use std::os::unix::net::UnixStream;
     use std::sync::OnceLock;
 
@@ -576,17 +585,52 @@ fn vhost_frontend_reads(data: &[u8]) {
         return;
     }
     let _ = peer.shutdown(std::net::Shutdown::Write);
-    vhost_frontend_exchanges(ours, ram.guest_memory());
+    // Once connected: the end of the backend channel the frontend sent (with
+    // SET_BACKEND_REQ_FD) gets the requests.
+    let mut channel = || {
+        use vmm_sys_util::sock_ctrl_msg::ScmSocket;
+        if requests.is_empty() || peer.set_nonblocking(true).is_err() {
+            return;
+        }
+        let mut buf = vec![0u8; 4096];
+        loop {
+            let mut fds = [-1; 4];
+            let mut iov = [libc::iovec {
+                iov_base: buf.as_mut_ptr().cast(),
+                iov_len: buf.len(),
+            }];
+            // SAFETY: the iovec is `buf`, which lives through the call.
+            let Ok((n, nfds)) = (unsafe { peer.recv_with_fds(&mut iov, &mut fds) }) else {
+                return;
+            };
+            // SAFETY: fds received with the message: ours alone.
+            let mut fds = fds[..nfds]
+                .iter()
+                .map(|fd| unsafe { OwnedFd::from_raw_fd(*fd) });
+            if let Some(fd) = fds.next() {
+                let mut end = UnixStream::from(fd);
+                // Small: the socket's buffer takes it whole.
+                let _ = end.write_all(&requests[..requests.len().min(16 * 1024)]);
+                let _ = end.shutdown(std::net::Shutdown::Write);
+                return;
+            }
+            if n == 0 {
+                return;
+            }
+        }
+    };
+    vhost_frontend_exchanges(ours, ram.guest_memory(), &mut channel);
 }
 
 /// What the frontend side of [`vhost_user_messages`] does on `stream` (a connection to a
 /// block device's backend), with guest RAM `memory`: connect, write and read the
 /// configuration, start a queue, stop it for a migration and start it again, start dirty
-/// logging, reset. Errors end it. Public for the seeds, which record a real backend's
-/// replies to it.
+/// logging, reset; `connected` runs once it has connected. Errors end it. Public for the
+/// seeds, which record a real backend's replies to it.
 pub fn vhost_frontend_exchanges(
     stream: std::os::unix::net::UnixStream,
     memory: &vmm::memory::GuestMemoryMmap,
+    connected: &mut dyn FnMut(),
 ) {
     use std::sync::Arc;
     use vmm::virtio::vhost_user::{LogShare, VhostUserDevice};
@@ -597,6 +641,7 @@ pub fn vhost_frontend_exchanges(
     else {
         return;
     };
+    connected();
     dev.write_config(20, &[1]);
     let _ = dev.refresh_config();
     let (Ok(kick), Ok(call)) = (

@@ -520,7 +520,7 @@ fn write_seeds() {
             let requests = std::thread::spawn(move || pump(f2, b2));
             let replies = std::thread::spawn(move || pump(proxy_back, proxy_front));
             let ram = vmm::memory::MemoryManager::new(2 << 20).unwrap();
-            fuzz_targets::vhost_frontend_exchanges(front, ram.guest_memory());
+            fuzz_targets::vhost_frontend_exchanges(front, ram.guest_memory(), &mut || {});
             let requests = requests.join().unwrap();
             let replies = replies.join().unwrap();
             server.join().unwrap();
@@ -549,6 +549,44 @@ fn write_seeds() {
             "vhost_user_messages",
             "blk-replies",
             &[&[1u8][..], &replies].concat(),
+        );
+        // The same replies from a backend that also offers its channel (BACKEND_REQ), and
+        // its requests on it: configuration changes, one that wants an answer, a VRING_CALL
+        // without its fd.
+        let mut offering = replies.clone();
+        let mut at = 0;
+        while at + 12 <= offering.len() {
+            let size = u32::from_le_bytes(offering[at + 8..at + 12].try_into().unwrap()) as usize;
+            if offering[at] == 15 {
+                offering[at + 12] |= 0x20;
+            }
+            at += 12 + size;
+        }
+        let header = |request: u32, flags: u32, size: u32| {
+            [
+                request.to_le_bytes(),
+                flags.to_le_bytes(),
+                size.to_le_bytes(),
+            ]
+            .concat()
+        };
+        let channel = [
+            header(2, 1, 0),
+            header(2, 1 | 8, 0),
+            header(4, 1, 8),
+            0u64.to_le_bytes().to_vec(),
+        ]
+        .concat();
+        write(
+            "vhost_user_messages",
+            "blk-replies-channel",
+            &[
+                &[3u8][..],
+                &(offering.len() as u16).to_le_bytes(),
+                &offering,
+                &channel,
+            ]
+            .concat(),
         );
         let bus = std::sync::Arc::new(device_procs::scsi::bus::Bus::new(None));
         let medium = device_procs::scsi::cdrom::Medium::new(disk_file()).unwrap();
