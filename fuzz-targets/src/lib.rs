@@ -239,7 +239,7 @@ pub fn scsi_cdb(data: &[u8]) {
     use device_procs::scsi::backend::{GuestMem, ScsiBackend};
     use device_procs::scsi::bus::Bus;
     use device_procs::scsi::cdrom::Medium;
-    use vhost_user_backend::{VhostUserBackend, VringRwLock, VringT};
+    use vhost_user_backend::VhostUserBackend;
     use vm_memory::{Bytes, GuestAddress, GuestAddressSpace, GuestMemoryAtomic};
     use vmm_sys_util::epoll::EventSet;
 
@@ -297,24 +297,9 @@ pub fn scsi_cdb(data: &[u8]) {
             cdb_size = u64::from(sizes[1]);
         }
     }
-    let mut vrings = Vec::new();
-    for i in 0..3u64 {
-        let Ok(vring) = VringRwLock::new(atomic.clone(), RING_SIZE) else {
-            return;
-        };
-        let ring = Ring::new(i * 0x1000, RING_SIZE);
-        vring.set_queue_size(RING_SIZE);
-        if vring
-            .set_queue_info(ring.desc, ring.avail, ring.used)
-            .is_err()
-        {
-            return;
-        }
-        vring.set_queue_event_idx(event_idx);
-        vring.set_queue_ready(true);
-        vring.set_enabled(true);
-        vrings.push((vring, ring));
-    }
+    let Some(vrings) = ready_vrings(&atomic, 3, RING_SIZE, event_idx) else {
+        return;
+    };
     let guard = atomic.memory();
     let mem = &*guard;
     let all: Vec<_> = vrings.iter().map(|(v, _)| v.clone()).collect();
@@ -841,7 +826,7 @@ pub fn virtio_net_chain(data: &[u8]) {
     use device_procs::net::backend::NetBackend;
     use device_procs::vhost_daemon::GuestMem;
     use std::sync::{Arc, Mutex};
-    use vhost_user_backend::{VhostUserBackend, VringRwLock, VringT};
+    use vhost_user_backend::VhostUserBackend;
     use vm_memory::{GuestAddress, GuestAddressSpace, GuestMemoryAtomic};
     use vmm::virtio::net::{FilterSink, VirtioNet};
     use vmm::virtio::{Activation, QueueSetup, VirtioBackend};
@@ -929,24 +914,9 @@ pub fn virtio_net_chain(data: &[u8]) {
     backend.acked_features(features);
     backend.set_event_idx(setup & 0x20 != 0);
     let _ = backend.update_memory(atomic.clone());
-    let mut vrings = Vec::new();
-    for i in 0..2u64 {
-        let Ok(vring) = VringRwLock::new(atomic.clone(), RING_SIZE) else {
-            return;
-        };
-        let ring = Ring::new(i * 0x1000, RING_SIZE);
-        vring.set_queue_size(RING_SIZE);
-        if vring
-            .set_queue_info(ring.desc, ring.avail, ring.used)
-            .is_err()
-        {
-            return;
-        }
-        vring.set_queue_event_idx(setup & 0x20 != 0);
-        vring.set_queue_ready(true);
-        vring.set_enabled(true);
-        vrings.push((vring, ring));
-    }
+    let Some(vrings) = ready_vrings(&atomic, 2, RING_SIZE, setup & 0x20 != 0) else {
+        return;
+    };
     let all: Vec<_> = vrings.iter().map(|(v, _)| v.clone()).collect();
     let guard = atomic.memory();
     let net_mem = &*guard;
@@ -1056,7 +1026,7 @@ pub fn virtio_input(data: &[u8]) {
     use device_procs::display::input::{InputBackend, InputEvent};
     use device_procs::vhost_daemon::GuestMem;
     use ipc::display::InputKind;
-    use vhost_user_backend::{VhostUserBackend, VringRwLock, VringT};
+    use vhost_user_backend::VhostUserBackend;
     use vm_memory::{GuestAddress, GuestAddressSpace, GuestMemoryAtomic};
     use vmm::virtio::VirtioBackend;
     use vmm_sys_util::epoll::EventSet;
@@ -1084,24 +1054,9 @@ pub fn virtio_input(data: &[u8]) {
     let atomic = GuestMemoryAtomic::new(mem);
     backend.set_event_idx(event_idx);
     let _ = backend.update_memory(atomic.clone());
-    let mut vrings = Vec::new();
-    for i in 0..2u64 {
-        let Ok(vring) = VringRwLock::new(atomic.clone(), RING_SIZE) else {
-            return;
-        };
-        let ring = Ring::new(i * 0x1000, RING_SIZE);
-        vring.set_queue_size(RING_SIZE);
-        if vring
-            .set_queue_info(ring.desc, ring.avail, ring.used)
-            .is_err()
-        {
-            return;
-        }
-        vring.set_queue_event_idx(event_idx);
-        vring.set_queue_ready(true);
-        vring.set_enabled(true);
-        vrings.push((vring, ring));
-    }
+    let Some(vrings) = ready_vrings(&atomic, 2, RING_SIZE, event_idx) else {
+        return;
+    };
     let all: Vec<_> = vrings.iter().map(|(v, _)| v.clone()).collect();
     let guard = atomic.memory();
     let mem = &*guard;
@@ -1313,6 +1268,34 @@ pub fn kernel_loader(data: &[u8]) {
     if let Ok(params) = build_boot_params(&config) {
         let _ = write_boot_params(mem, &params);
     }
+}
+
+/// `count` queues of `size` entries, 4 KiB apart from guest address 0, set up, ready and
+/// enabled as a driver leaves them at DRIVER_OK: each backend vring with its [`Ring`].
+fn ready_vrings<M>(
+    atomic: &M,
+    count: u64,
+    size: u16,
+    event_idx: bool,
+) -> Option<Vec<(vhost_user_backend::VringRwLock<M>, Ring)>>
+where
+    M: vm_memory::GuestAddressSpace + Clone + 'static,
+{
+    use vhost_user_backend::{VringRwLock, VringT};
+    let mut vrings = Vec::new();
+    for i in 0..count {
+        let vring = VringRwLock::new(atomic.clone(), size).ok()?;
+        let ring = Ring::new(i * 0x1000, size);
+        vring.set_queue_size(size);
+        vring
+            .set_queue_info(ring.desc, ring.avail, ring.used)
+            .ok()?;
+        vring.set_queue_event_idx(event_idx);
+        vring.set_queue_ready(true);
+        vring.set_enabled(true);
+        vrings.push((vring, ring));
+    }
+    Some(vrings)
 }
 
 /// A split virtqueue of `size` entries from guest address `desc`: the descriptor table,
