@@ -36,15 +36,10 @@ pub enum SupervisedError {
     Thread(#[source] io::Error),
 }
 
-/// The `VMM_LOG` filter (tracing's EnvFilter syntax; default `warn`), to stderr, which the
-/// vmm shares with its device processes.
+/// Logs to stderr, which the vmm shares with its device processes: the `VMM_LOG` filter,
+/// each call site rate-limited (see the `logging` crate).
 pub fn init_logging() {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("VMM_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(io::stderr)
-        .try_init();
+    logging::init(&[]);
 }
 
 /// A program's exit status: 0, or 1 after one line on stderr.

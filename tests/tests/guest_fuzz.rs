@@ -102,3 +102,31 @@ fn a_deliberate_bug_is_found() {
     let why = found.expect_err("the fuzzer missed a queue_select without a bounds check");
     assert!(why.contains("lost the vmm"), "{why}");
 }
+
+/// A guest that repeats something the vmm logs (here: asking for an ACPI sleep state we do
+/// not implement, a `warn` line each time) cannot flood the log: each call site prints a
+/// burst, one line saying the rest are suppressed, and nothing more within the window.
+#[test]
+fn a_guest_cannot_flood_the_log() {
+    use vmm_tests::qtest::Qtest;
+    const SLEEP_CONTROL_PORT: u16 = 0x600;
+    // SLP_EN with SLP_TYP 3 (S3, which the DSDT does not offer).
+    const SLEEP_S3: u8 = (1 << 5) | (3 << 2);
+    let mut qt = Qtest::start_env("64M", &[], &[("VMM_LOG", "warn")]).unwrap();
+    for _ in 0..5000 {
+        qt.outb(SLEEP_CONTROL_PORT, SLEEP_S3).unwrap();
+    }
+    // The machine still answers, and the sleep request still "wakes" at once.
+    assert_ne!(qt.inb(SLEEP_CONTROL_PORT + 1).unwrap() & 0x80, 0);
+    let log = qt.stderr();
+    let repeated = log
+        .lines()
+        .filter(|l| l.contains("unsupported ACPI sleep state"))
+        .count();
+    assert_eq!(repeated, logging::BURST as usize, "{log}");
+    let notes = log
+        .lines()
+        .filter(|l| l.contains("more are suppressed"))
+        .count();
+    assert_eq!(notes, 1, "{log}");
+}

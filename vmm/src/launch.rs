@@ -39,17 +39,12 @@ where
 }
 
 fn init_logging(trace_instructions: bool) {
-    let mut filter = tracing_subscriber::EnvFilter::try_from_env("VMM_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
-    if trace_instructions {
-        if let Ok(d) = "emu::trace=trace".parse() {
-            filter = filter.add_directive(d);
-        }
-    }
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .try_init();
+    let trace: &[&str] = if trace_instructions {
+        &["emu::trace=trace"]
+    } else {
+        &[]
+    };
+    logging::init(trace);
 }
 
 /// Signals that end the vmm in an orderly way. They are blocked in every thread and taken
