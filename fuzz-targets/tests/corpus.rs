@@ -877,7 +877,7 @@ fn write_seeds() {
     // at startup_64.
     {
         use std::io::Write;
-        let elf = tiny_elf(0x100_0000, &[0xfa, 0xf4, 0xeb, 0xfd], 0x2000);
+        let elf = vmm::loader::elf64_image(0x100_0000, &[0xfa, 0xf4, 0xeb, 0xfd], 0x2000);
         write("kernel_loader", "elf", &[&[0u8][..], &elf].concat());
         let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::best());
         gz.write_all(&elf).unwrap();
@@ -919,34 +919,6 @@ fn tempfile_in(dir: &std::path::Path) -> std::fs::File {
         .unwrap();
     std::fs::remove_file(&path).unwrap();
     file
-}
-
-/// An ELF64 x86-64 image with one PT_LOAD segment of `code` at `paddr` (entered there)
-/// and `bss` bytes after it, as a linker lays out a minimal vmlinux.
-fn tiny_elf(paddr: u64, code: &[u8], bss: u64) -> Vec<u8> {
-    let mut b = vec![0u8; 0x78];
-    b[..4].copy_from_slice(b"\x7fELF");
-    b[4] = 2; // 64-bit
-    b[5] = 1; // little-endian
-    b[6] = 1;
-    b[16..18].copy_from_slice(&2u16.to_le_bytes()); // ET_EXEC
-    b[18..20].copy_from_slice(&62u16.to_le_bytes()); // EM_X86_64
-    b[20..24].copy_from_slice(&1u32.to_le_bytes());
-    b[24..32].copy_from_slice(&paddr.to_le_bytes());
-    b[32..40].copy_from_slice(&64u64.to_le_bytes()); // e_phoff
-    b[52..54].copy_from_slice(&64u16.to_le_bytes());
-    b[54..56].copy_from_slice(&56u16.to_le_bytes());
-    b[56..58].copy_from_slice(&1u16.to_le_bytes());
-    let ph = 64;
-    b[ph..ph + 4].copy_from_slice(&1u32.to_le_bytes()); // PT_LOAD
-    b[ph + 4..ph + 8].copy_from_slice(&7u32.to_le_bytes());
-    b[ph + 8..ph + 16].copy_from_slice(&0x78u64.to_le_bytes());
-    b[ph + 16..ph + 24].copy_from_slice(&paddr.to_le_bytes());
-    b[ph + 24..ph + 32].copy_from_slice(&paddr.to_le_bytes());
-    b[ph + 32..ph + 40].copy_from_slice(&(code.len() as u64).to_le_bytes());
-    b[ph + 40..ph + 48].copy_from_slice(&(code.len() as u64 + bss).to_le_bytes());
-    b.extend_from_slice(code);
-    b
 }
 
 /// A bzImage around `payload`: one setup sector with the boot protocol 2.15 header

@@ -12,29 +12,7 @@ pub const DEBUG_EXIT_PORT: u16 = 0xf4;
 
 /// Wrap `code` (linked at `addr`) in an ELF64 image with one PT_LOAD segment.
 pub fn elf64(addr: u64, code: &[u8]) -> Vec<u8> {
-    let mut b = vec![0u8; 0x78];
-    b[..4].copy_from_slice(b"\x7fELF");
-    b[4] = 2; // 64-bit
-    b[5] = 1; // little-endian
-    b[6] = 1;
-    b[16..18].copy_from_slice(&2u16.to_le_bytes()); // ET_EXEC
-    b[18..20].copy_from_slice(&62u16.to_le_bytes()); // EM_X86_64
-    b[20..24].copy_from_slice(&1u32.to_le_bytes());
-    b[24..32].copy_from_slice(&addr.to_le_bytes()); // e_entry
-    b[32..40].copy_from_slice(&64u64.to_le_bytes()); // e_phoff
-    b[52..54].copy_from_slice(&64u16.to_le_bytes()); // e_ehsize
-    b[54..56].copy_from_slice(&56u16.to_le_bytes()); // e_phentsize
-    b[56..58].copy_from_slice(&1u16.to_le_bytes()); // e_phnum
-    let ph = 64;
-    b[ph..ph + 4].copy_from_slice(&1u32.to_le_bytes()); // PT_LOAD
-    b[ph + 4..ph + 8].copy_from_slice(&7u32.to_le_bytes()); // RWX
-    b[ph + 8..ph + 16].copy_from_slice(&0x78u64.to_le_bytes());
-    b[ph + 16..ph + 24].copy_from_slice(&addr.to_le_bytes());
-    b[ph + 24..ph + 32].copy_from_slice(&addr.to_le_bytes());
-    b[ph + 32..ph + 40].copy_from_slice(&(code.len() as u64).to_le_bytes());
-    b[ph + 40..ph + 48].copy_from_slice(&(code.len() as u64).to_le_bytes());
-    b.extend_from_slice(code);
-    b
+    vmm::loader::elf64_image(addr, code, 0)
 }
 
 /// A 64-bit assembler with helpers for the things test guests do.

@@ -518,36 +518,38 @@ impl Initrd {
     }
 }
 
+/// A minimal ELF64 executable: `code` as one RWX PT_LOAD segment at `paddr` (also the
+/// entry point), followed by `bss` zeroed bytes. What the tests and tiny hand-made guests boot.
+pub fn elf64_image(paddr: u64, code: &[u8], bss: u64) -> Vec<u8> {
+    const HEADERS: usize = 64 + 56;
+    let mut b = vec![0u8; HEADERS];
+    b[..4].copy_from_slice(b"\x7fELF");
+    b[4] = 2; // ELFCLASS64
+    b[5] = 1; // little-endian
+    b[6] = 1; // EV_CURRENT
+    b[16..18].copy_from_slice(&2u16.to_le_bytes()); // ET_EXEC
+    b[18..20].copy_from_slice(&EM_X86_64.to_le_bytes());
+    b[20..24].copy_from_slice(&1u32.to_le_bytes());
+    b[24..32].copy_from_slice(&paddr.to_le_bytes()); // e_entry
+    b[32..40].copy_from_slice(&64u64.to_le_bytes()); // e_phoff
+    b[52..54].copy_from_slice(&64u16.to_le_bytes()); // e_ehsize
+    b[54..56].copy_from_slice(&56u16.to_le_bytes()); // e_phentsize
+    b[56..58].copy_from_slice(&1u16.to_le_bytes()); // e_phnum
+    let ph = 64;
+    b[ph..ph + 4].copy_from_slice(&PT_LOAD.to_le_bytes());
+    b[ph + 4..ph + 8].copy_from_slice(&7u32.to_le_bytes()); // RWX
+    b[ph + 8..ph + 16].copy_from_slice(&(HEADERS as u64).to_le_bytes()); // p_offset
+    b[ph + 16..ph + 24].copy_from_slice(&paddr.to_le_bytes()); // p_vaddr
+    b[ph + 24..ph + 32].copy_from_slice(&paddr.to_le_bytes()); // p_paddr
+    b[ph + 32..ph + 40].copy_from_slice(&(code.len() as u64).to_le_bytes()); // p_filesz
+    b[ph + 40..ph + 48].copy_from_slice(&(code.len() as u64).saturating_add(bss).to_le_bytes());
+    b.extend_from_slice(code);
+    b
+}
+
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
-
-    /// A minimal ELF64 image with one PT_LOAD segment of `code` at `paddr`, for tests.
-    pub fn tiny_elf(paddr: u64, code: &[u8], bss: u64) -> Vec<u8> {
-        let mut b = vec![0u8; 0x78];
-        b[..4].copy_from_slice(b"\x7fELF");
-        b[4] = 2;
-        b[5] = 1;
-        b[6] = 1;
-        b[16..18].copy_from_slice(&2u16.to_le_bytes());
-        b[18..20].copy_from_slice(&EM_X86_64.to_le_bytes());
-        b[20..24].copy_from_slice(&1u32.to_le_bytes());
-        b[24..32].copy_from_slice(&paddr.to_le_bytes());
-        b[32..40].copy_from_slice(&64u64.to_le_bytes());
-        b[52..54].copy_from_slice(&64u16.to_le_bytes());
-        b[54..56].copy_from_slice(&56u16.to_le_bytes());
-        b[56..58].copy_from_slice(&1u16.to_le_bytes());
-        let ph = 64;
-        b[ph..ph + 4].copy_from_slice(&PT_LOAD.to_le_bytes());
-        b[ph + 4..ph + 8].copy_from_slice(&7u32.to_le_bytes());
-        b[ph + 8..ph + 16].copy_from_slice(&0x78u64.to_le_bytes());
-        b[ph + 16..ph + 24].copy_from_slice(&paddr.to_le_bytes());
-        b[ph + 24..ph + 32].copy_from_slice(&paddr.to_le_bytes());
-        b[ph + 32..ph + 40].copy_from_slice(&(code.len() as u64).to_le_bytes());
-        b[ph + 40..ph + 48].copy_from_slice(&(code.len() as u64 + bss).to_le_bytes());
-        b.extend_from_slice(code);
-        b
-    }
 
     fn mem() -> GuestMemoryMmap {
         GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 32 << 20)]).unwrap()
@@ -557,8 +559,11 @@ pub(crate) mod tests {
     fn elf_loads_segments_and_clears_bss() {
         let m = mem();
         m.write_slice(&[0xaa; 16], GuestAddress(0x20_0004)).unwrap();
-        let img =
-            BootImage::parse(&tiny_elf(0x20_0000, &[0xf4, 0x90, 0x90, 0x90], 16), false).unwrap();
+        let img = BootImage::parse(
+            &elf64_image(0x20_0000, &[0xf4, 0x90, 0x90, 0x90], 16),
+            false,
+        )
+        .unwrap();
         assert_eq!(img.kind, KernelKind::Elf);
         assert_eq!(img.entry, GuestAddress(0x20_0000));
         assert_eq!(img.end, 0x20_0014);
@@ -571,7 +576,7 @@ pub(crate) mod tests {
 
     #[test]
     fn bad_elves_are_refused() {
-        let good = tiny_elf(0x20_0000, &[0xf4], 0);
+        let good = elf64_image(0x20_0000, &[0xf4], 0);
         let mut truncated = good.clone();
         truncated.truncate(0x70);
         assert!(matches!(
@@ -585,7 +590,7 @@ pub(crate) mod tests {
             Err(LoaderError::BadElf(_))
         ));
         assert!(matches!(
-            BootImage::parse(&tiny_elf(0x1000, &[0xf4], 0), false),
+            BootImage::parse(&elf64_image(0x1000, &[0xf4], 0), false),
             Err(LoaderError::BadElf(_))
         ));
         let mut bad_entry = good;
@@ -600,7 +605,7 @@ pub(crate) mod tests {
     #[test]
     fn kernel_larger_than_ram_is_refused() {
         let m = mem();
-        let img = BootImage::parse(&tiny_elf(0x20_0000, &[0xf4], 64 << 20), false).unwrap();
+        let img = BootImage::parse(&elf64_image(0x20_0000, &[0xf4], 64 << 20), false).unwrap();
         assert!(matches!(
             img.load(&m, 32 << 20),
             Err(LoaderError::KernelTooLarge { .. })
@@ -610,7 +615,7 @@ pub(crate) mod tests {
     /// A synthetic bzImage whose payload is a gzip-compressed tiny ELF.
     fn fake_bzimage() -> Vec<u8> {
         use std::io::Write;
-        let elf = tiny_elf(0x100_0000, &[0xf4; 32], 0x1000);
+        let elf = elf64_image(0x100_0000, &[0xf4; 32], 0x1000);
         let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
         gz.write_all(&elf).unwrap();
         let payload = gz.finish().unwrap();
