@@ -67,7 +67,12 @@ pub struct Tally {
     /// start of the faults and at the end.
     pub rss_kib: (u64, u64),
     pub fds: (u64, u64),
+    /// The same, every [`SAMPLE_EVERY`] of the run: (time into the run, KiB, fds).
+    pub samples: Vec<(Duration, u64, u64)>,
 }
+
+/// How often a run samples the vmm's footprint, to show whether it levels off.
+pub const SAMPLE_EVERY: Duration = Duration::from_secs(60);
 
 /// A tmpfs of `mib` MiB at `path` (its size changed with [`grow`]); unmounted on drop.
 struct SmallFs(PathBuf);
@@ -435,6 +440,10 @@ pub fn run_suite(opts: &Options) -> Result<Tally, String> {
     let started_at = Instant::now();
     let mut result = Ok(());
     while started_at.elapsed() < opts.duration {
+        if started_at.elapsed() >= SAMPLE_EVERY * tally.samples.len() as u32 {
+            let (rss, fds) = footprint(vmm_pid);
+            tally.samples.push((started_at.elapsed(), rss, fds));
+        }
         std::thread::sleep(Duration::from_millis(3000 + rng.below(4000)));
         let mut fault = match rng.below(6) {
             0 => "kill vmm-blk",

@@ -53,6 +53,10 @@ fn main() {
                 "  vmm private RSS {} -> {} KiB (guest RAM excluded), fds {} -> {}",
                 t.rss_kib.0, t.rss_kib.1, t.fds.0, t.fds.1
             );
+            println!("  every minute (s: KiB, fds):");
+            for (at, rss, fds) in &t.samples {
+                println!("    {:6}: {rss} KiB, {fds} fds", at.as_secs());
+            }
         }
         Err(why) => {
             println!("fault-suite: FAILED (seed {}): {why}", opts.seed);
