@@ -891,7 +891,7 @@ fn write_seeds() {
             write(
                 "kernel_loader",
                 &format!("bzimage-{name}"),
-                &[&[1u8][..], &bzimage(&payload)].concat(),
+                &[&[1u8][..], &vmm::loader::bzimage_image(&payload)].concat(),
             );
         }
         let guest =
@@ -919,27 +919,4 @@ fn tempfile_in(dir: &std::path::Path) -> std::fs::File {
         .unwrap();
     std::fs::remove_file(&path).unwrap();
     file
-}
-
-/// A bzImage around `payload`: one setup sector with the boot protocol 2.15 header
-/// (64-bit entry, 2 MiB alignment, the payload's place, a preferred address and init
-/// size), then the protected-mode code with the payload in it.
-fn bzimage(payload: &[u8]) -> Vec<u8> {
-    let setup_sects = 1usize;
-    let mut b = vec![0u8; (setup_sects + 1) * 512];
-    b[0x1f1] = setup_sects as u8;
-    b[0x1fe..0x200].copy_from_slice(&0xaa55u16.to_le_bytes());
-    b[0x202..0x206].copy_from_slice(b"HdrS");
-    b[0x206..0x208].copy_from_slice(&0x020fu16.to_le_bytes());
-    b[0x211] = 1; // LOADED_HIGH
-    b[0x230..0x234].copy_from_slice(&0x20_0000u32.to_le_bytes()); // kernel_alignment
-    b[0x236..0x238].copy_from_slice(&1u16.to_le_bytes()); // XLF_KERNEL_64
-    b[0x238..0x23c].copy_from_slice(&2047u32.to_le_bytes()); // cmdline_size
-    b[0x248..0x24c].copy_from_slice(&0x100u32.to_le_bytes()); // payload_offset
-    b[0x24c..0x250].copy_from_slice(&(payload.len() as u32).to_le_bytes());
-    b[0x258..0x260].copy_from_slice(&0x100_0000u64.to_le_bytes()); // pref_address
-    b[0x260..0x264].copy_from_slice(&0x20_0000u32.to_le_bytes()); // init_size
-    b.extend_from_slice(&[0x90u8; 0x100]);
-    b.extend_from_slice(payload);
-    b
 }

@@ -10,8 +10,17 @@
 //!   vmlinux inside it, which skips the guest's own decompressor;
 //! - an ELF64 x86-64 image, loaded at its physical addresses and entered in 64-bit mode at
 //!   `e_entry`.
+//!
+//! A kernel read from a file is not held in memory: its segments are read from the file
+//! (or, for a bzImage unpacked on the host, from its entry in the [`cache`]) each time
+//! they are loaded, straight into guest RAM.
 
-use std::io::Read;
+pub mod cache;
+
+use std::fs::File;
+use std::io::{Read, Write};
+use std::os::unix::fs::FileExt;
+use std::sync::Arc;
 
 use linux_loader::loader::bootparam::setup_header;
 use vm_memory::{ByteValued, Bytes, GuestAddress};
@@ -67,6 +76,10 @@ pub enum LoaderError {
     BadElf(&'static str),
     #[error("kernel needs guest RAM up to {needed:#x}, but RAM below 4 GiB ends at {have:#x}; give more memory with -m")]
     KernelTooLarge { needed: u64, have: u64 },
+    #[error("could not read the kernel's segments from its file: {0}")]
+    ReadSegments(#[source] std::io::Error),
+    #[error("could not read the initrd from its file: {0}")]
+    ReadInitrdFile(#[source] std::io::Error),
     #[error("failed to write the kernel to guest memory at {addr:#x}: {source}")]
     WriteKernel {
         addr: u64,
@@ -87,8 +100,36 @@ pub enum LoaderError {
 #[derive(Debug, Clone)]
 pub struct Segment {
     pub addr: u64,
-    pub data: Vec<u8>,
+    pub data: SegmentData,
     pub mem_size: u64,
+}
+
+/// Where a segment's bytes come from.
+#[derive(Debug, Clone)]
+pub enum SegmentData {
+    /// Held in memory (a kernel parsed from bytes).
+    Bytes(Vec<u8>),
+    /// `len` bytes at `offset` of a file kept open, read again on every (re)load: the vmm
+    /// holds no copy of a kernel of tens of MiB, and a file replaced or evicted from the
+    /// cache meanwhile does not change what a reset loads.
+    File {
+        file: Arc<File>,
+        offset: u64,
+        len: u64,
+    },
+}
+
+impl SegmentData {
+    pub fn len(&self) -> u64 {
+        match self {
+            SegmentData::Bytes(b) => b.len() as u64,
+            SegmentData::File { len, .. } => *len,
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
 }
 
 /// How the kernel image was interpreted.
@@ -115,17 +156,68 @@ pub struct BootImage {
 }
 
 impl BootImage {
-    /// Parse the kernel file at `path`, for a guest with `ram_size` bytes of RAM.
+    /// Parse the kernel file at `path`, for a guest with `ram_size` bytes of RAM. An ELF
+    /// is read from the file on each load; a bzImage to unpack on the host goes through the
+    /// kernel cache (see [`cache`]) unless it is turned off or unusable.
     pub fn from_file(path: &str, decompress: bool, ram_size: u64) -> Result<Self, LoaderError> {
-        let bytes =
-            read_limited(path, MAX_KERNEL_FILE).map_err(|source| LoaderError::ReadKernel {
-                path: path.to_string(),
-                source,
-            })?;
+        let read_error = |source| LoaderError::ReadKernel {
+            path: path.to_string(),
+            source,
+        };
+        let file = File::open(path).map_err(read_error)?;
+        let len = file.metadata().map_err(read_error)?.len();
+        let mut magic = [0u8; 4];
+        if file.read_exact_at(&mut magic, 0).is_ok() && magic == *b"\x7fELF" {
+            return parse_elf_file(Arc::new(file), 0, len, KernelKind::Elf, None);
+        }
+        let bytes = read_limited(file, len, MAX_KERNEL_FILE).map_err(read_error)?;
+        if decompress {
+            if let Some(cache) = cache::KernelCache::from_env() {
+                if let Some(image) = Self::through_cache(&cache, &bytes, ram_size)? {
+                    return Ok(image);
+                }
+            }
+        }
         Self::parse_for_ram(&bytes, decompress, ram_size).map_err(|e| match e {
             LoaderError::UnknownFormat(_) => LoaderError::UnknownFormat(path.to_string()),
             other => other,
         })
+    }
+
+    /// A bzImage's unpacked kernel from `cache` (unpacked into it now if it is not there).
+    /// None if `bytes` is not a bzImage or the cache cannot be used (said in the log): the
+    /// caller unpacks it in memory.
+    pub fn through_cache(
+        cache: &cache::KernelCache,
+        bytes: &[u8],
+        ram_size: u64,
+    ) -> Result<Option<Self>, LoaderError> {
+        if !is_bzimage(bytes) {
+            return Ok(None);
+        }
+        let (hdr, pm_code) = bzimage_parts(bytes)?;
+        let payload = bzimage_payload(&hdr, pm_code)?;
+        let limit = ram_size.min(MAX_DECOMPRESSED);
+        let entry = match cache.vmlinux(bytes, |out| decompress_into(payload, limit, out)) {
+            Ok(entry) => entry,
+            Err(cache::CacheError::Image(e)) => return Err(e),
+            Err(e) => {
+                tracing::warn!("{e}; unpacking the kernel in memory");
+                return Ok(None);
+            }
+        };
+        if entry.len > limit {
+            return Err(LoaderError::DecompressedTooLarge { limit });
+        }
+        let file = Arc::new(entry.file);
+        parse_elf_file(
+            file,
+            entry.offset,
+            entry.len,
+            KernelKind::DecompressedBzImage,
+            Some(hdr),
+        )
+        .map(Some)
     }
 
     /// Parse a kernel image held in memory.
@@ -145,7 +237,7 @@ impl BootImage {
         if bytes.starts_with(b"\x7fELF") {
             return parse_elf(bytes, KernelKind::Elf, None);
         }
-        if bytes.len() >= 0x206 && bytes[0x202..0x206] == KERNEL_HDR_MAGIC.to_le_bytes() {
+        if is_bzimage(bytes) {
             return parse_bzimage(bytes, decompress, ram_size.min(MAX_DECOMPRESSED));
         }
         Err(LoaderError::UnknownFormat(String::new()))
@@ -178,14 +270,26 @@ impl BootImage {
             });
         }
         for seg in &self.segments {
-            mem.write_slice(&seg.data, GuestAddress(seg.addr))
-                .map_err(|source| LoaderError::WriteKernel {
-                    addr: seg.addr,
-                    source,
-                })?;
-            let bss = seg.mem_size - seg.data.len() as u64;
+            match &seg.data {
+                SegmentData::Bytes(data) => {
+                    mem.write_slice(data, GuestAddress(seg.addr))
+                        .map_err(|source| LoaderError::WriteKernel {
+                            addr: seg.addr,
+                            source,
+                        })?
+                }
+                SegmentData::File { file, offset, len } => {
+                    copy_from_file(mem, file, *offset, seg.addr, *len).map_err(|e| match e {
+                        CopyError::Read(source) => LoaderError::ReadSegments(source),
+                        CopyError::Write { addr, source } => {
+                            LoaderError::WriteKernel { addr, source }
+                        }
+                    })?
+                }
+            }
+            let bss = seg.mem_size - seg.data.len();
             if bss > 0 {
-                let start = seg.addr + seg.data.len() as u64;
+                let start = seg.addr + seg.data.len();
                 write_zeroes(mem, start, bss).map_err(|source| LoaderError::WriteKernel {
                     addr: start,
                     source,
@@ -211,9 +315,41 @@ fn write_zeroes(
     Ok(())
 }
 
-fn read_limited(path: &str, limit: u64) -> std::io::Result<Vec<u8>> {
-    let file = std::fs::File::open(path)?;
-    let len = file.metadata()?.len();
+/// Why [`copy_from_file`] failed.
+enum CopyError {
+    Read(std::io::Error),
+    Write {
+        addr: u64,
+        source: vm_memory::GuestMemoryError,
+    },
+}
+
+/// Copy `len` bytes at `offset` of `file` to guest memory at `addr`, a MiB at a time.
+fn copy_from_file(
+    mem: &GuestMemoryMmap,
+    file: &File,
+    offset: u64,
+    addr: u64,
+    len: u64,
+) -> Result<(), CopyError> {
+    let mut buf = vec![0u8; (1 << 20).min(len as usize)];
+    let mut done = 0u64;
+    while done < len {
+        let n = (len - done).min(buf.len() as u64) as usize;
+        file.read_exact_at(&mut buf[..n], offset + done)
+            .map_err(CopyError::Read)?;
+        mem.write_slice(&buf[..n], GuestAddress(addr + done))
+            .map_err(|source| CopyError::Write {
+                addr: addr + done,
+                source,
+            })?;
+        done += n as u64;
+    }
+    Ok(())
+}
+
+/// The whole of `file` (`len` bytes long), which must not be longer than `limit`.
+fn read_limited(file: File, len: u64, limit: u64) -> std::io::Result<Vec<u8>> {
     if len > limit {
         return Err(std::io::Error::new(
             std::io::ErrorKind::InvalidData,
@@ -225,7 +361,12 @@ fn read_limited(path: &str, limit: u64) -> std::io::Result<Vec<u8>> {
     Ok(bytes)
 }
 
-fn parse_bzimage(bytes: &[u8], decompress: bool, limit: u64) -> Result<BootImage, LoaderError> {
+fn is_bzimage(bytes: &[u8]) -> bool {
+    bytes.len() >= 0x206 && bytes[0x202..0x206] == KERNEL_HDR_MAGIC.to_le_bytes()
+}
+
+/// A bzImage's setup header (checked for a 64-bit entry) and its protected-mode code.
+fn bzimage_parts(bytes: &[u8]) -> Result<(setup_header, &[u8]), LoaderError> {
     let hdr_len = std::mem::size_of::<setup_header>();
     let hdr_bytes = bytes
         .get(SETUP_HEADER_OFFSET..SETUP_HEADER_OFFSET + hdr_len)
@@ -249,14 +390,22 @@ fn parse_bzimage(bytes: &[u8], decompress: bool, limit: u64) -> Result<BootImage
         .get(pm_start..)
         .filter(|c| !c.is_empty())
         .ok_or(LoaderError::BadSetupHeader)?;
+    Ok((hdr, pm_code))
+}
 
+/// The compressed kernel inside a bzImage's protected-mode code.
+fn bzimage_payload<'a>(hdr: &setup_header, pm_code: &'a [u8]) -> Result<&'a [u8], LoaderError> {
+    pm_code
+        .get(hdr.payload_offset as usize..)
+        .and_then(|p| p.get(..hdr.payload_length as usize))
+        .filter(|p| !p.is_empty())
+        .ok_or(LoaderError::BadPayload)
+}
+
+fn parse_bzimage(bytes: &[u8], decompress: bool, limit: u64) -> Result<BootImage, LoaderError> {
+    let (hdr, pm_code) = bzimage_parts(bytes)?;
     if decompress {
-        let payload = pm_code
-            .get(hdr.payload_offset as usize..)
-            .and_then(|p| p.get(..hdr.payload_length as usize))
-            .filter(|p| !p.is_empty())
-            .ok_or(LoaderError::BadPayload)?;
-        let vmlinux = decompress_payload(payload, limit)?;
+        let vmlinux = decompress_payload(bzimage_payload(&hdr, pm_code)?, limit)?;
         return parse_elf(&vmlinux, KernelKind::DecompressedBzImage, Some(hdr));
     }
 
@@ -276,88 +425,135 @@ fn parse_bzimage(bytes: &[u8], decompress: bool, limit: u64) -> Result<BootImage
         setup_header: Some(hdr),
         segments: vec![Segment {
             addr: load,
-            data: pm_code.to_vec(),
+            data: SegmentData::Bytes(pm_code.to_vec()),
             mem_size: pm_code.len() as u64,
         }],
         end,
     })
 }
 
-/// Decompress `payload`, refusing more than `limit` bytes of output.
+/// Decompress `payload` into memory, refusing more than `limit` bytes of output.
 fn decompress_payload(payload: &[u8], limit: u64) -> Result<Vec<u8>, LoaderError> {
+    let mut out = Vec::new();
+    decompress_into(
+        payload,
+        limit,
+        &mut GrowingVec {
+            out: &mut out,
+            cap: limit,
+        },
+    )?;
+    Ok(out)
+}
+
+/// Decompress `payload` (gzip, xz or zstd, by its magic) into `out`, refusing more than
+/// `limit` bytes of output: checked before each piece is written, so a small payload never
+/// makes the vmm allocate or write gigabytes.
+pub(crate) fn decompress_into(
+    payload: &[u8],
+    limit: u64,
+    out: &mut dyn Write,
+) -> Result<(), LoaderError> {
     let mut magic = [0u8; 4];
     let n = payload.len().min(4);
     magic[..n].copy_from_slice(&payload[..n]);
-    let mut out = Vec::new();
+    let mut out = Bounded {
+        out,
+        written: 0,
+        limit,
+    };
     match magic {
-        [0x1f, 0x8b, _, _] => read_bounded(flate2::read::GzDecoder::new(payload), &mut out, limit)?,
-        [0xfd, b'7', b'z', b'X'] => decompress_xz(payload, &mut out, limit)?,
+        [0x1f, 0x8b, _, _] => read_bounded(flate2::read::GzDecoder::new(payload), &mut out),
+        [0xfd, b'7', b'z', b'X'] => decompress_xz(payload, &mut out),
         [0x28, 0xb5, 0x2f, 0xfd] => {
             let decoder = zstd::stream::read::Decoder::new(payload)
                 .map_err(LoaderError::Decompress)?
                 .single_frame();
-            read_bounded(decoder, &mut out, limit)?
+            read_bounded(decoder, &mut out)
         }
-        other => return Err(LoaderError::UnsupportedCompression(other)),
+        other => Err(LoaderError::UnsupportedCompression(other)),
     }
-    Ok(out)
 }
 
-/// Make room in `out` for more output, in steps (half what it holds, at least 1 MiB) that
-/// never take its capacity past `cap` bytes: a buffer that doubles would allocate up to
-/// twice the limit.
-fn grow(out: &mut Vec<u8>, cap: u64) {
-    let room = cap.saturating_sub(out.len() as u64);
-    let step = (out.len() as u64 / 2).max(1 << 20).min(room);
-    out.reserve_exact(step as usize);
+/// Decompressed output on its way to `out`, counted against `limit` before it is written.
+struct Bounded<'a> {
+    out: &'a mut dyn Write,
+    written: u64,
+    limit: u64,
 }
 
-/// Read `reader` to its end into `out`; more than `limit` bytes is an error.
-fn read_bounded(mut reader: impl Read, out: &mut Vec<u8>, limit: u64) -> Result<(), LoaderError> {
+impl Bounded<'_> {
+    fn put(&mut self, bytes: &[u8]) -> Result<(), LoaderError> {
+        let written = self.written + bytes.len() as u64;
+        if written > self.limit {
+            return Err(LoaderError::DecompressedTooLarge { limit: self.limit });
+        }
+        self.out.write_all(bytes).map_err(LoaderError::Decompress)?;
+        self.written = written;
+        Ok(())
+    }
+}
+
+/// A Vec as a writer that grows in steps (half what it holds, at least 1 MiB) that never
+/// take its capacity past `cap` bytes: a buffer that doubles would allocate up to twice
+/// the limit.
+struct GrowingVec<'a> {
+    out: &'a mut Vec<u8>,
+    cap: u64,
+}
+
+impl Write for GrowingVec<'_> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        if self.out.capacity() - self.out.len() < buf.len() {
+            let room = self.cap.saturating_sub(self.out.len() as u64);
+            let step = (self.out.len() as u64 / 2)
+                .max(1 << 20)
+                .min(room)
+                .max(buf.len() as u64);
+            self.out.reserve_exact(step as usize);
+        }
+        self.out.extend_from_slice(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Read `reader` to its end into `out`.
+fn read_bounded(mut reader: impl Read, out: &mut Bounded<'_>) -> Result<(), LoaderError> {
     let mut chunk = vec![0u8; 64 << 10];
     loop {
-        let n = match reader.read(&mut chunk) {
+        match reader.read(&mut chunk) {
             Ok(0) => return Ok(()),
-            Ok(n) => n,
+            Ok(n) => out.put(&chunk[..n])?,
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
             Err(e) => return Err(LoaderError::Decompress(e)),
-        };
-        if (out.len() + n) as u64 > limit {
-            return Err(LoaderError::DecompressedTooLarge { limit });
         }
-        if out.capacity() - out.len() < n {
-            // At least n: the limit leaves room for these bytes (checked above).
-            grow(out, limit);
-        }
-        out.extend_from_slice(&chunk[..n]);
     }
 }
 
-/// Decode the first xz stream of `payload` into `out`, refusing more than `limit` bytes.
-/// The kernel's build appends the uncompressed size after the stream, which a streaming
-/// decoder would take for a corrupt second stream, so decoding stops at the end of the
-/// first.
-fn decompress_xz(payload: &[u8], out: &mut Vec<u8>, limit: u64) -> Result<(), LoaderError> {
+/// Decode the first xz stream of `payload` into `out`. The kernel's build appends the
+/// uncompressed size after the stream, which a streaming decoder would take for a corrupt
+/// second stream, so decoding stops at the end of the first.
+fn decompress_xz(payload: &[u8], out: &mut Bounded<'_>) -> Result<(), LoaderError> {
     use xz2::stream::{Action, Status, Stream};
     let failed = |e| LoaderError::Decompress(std::io::Error::other(e));
     let mut stream = Stream::new_stream_decoder(u64::MAX, 0).map_err(failed)?;
-    out.reserve_exact((payload.len() as u64).saturating_mul(4).min(limit + 1) as usize);
+    let mut buf = vec![0u8; 1 << 20];
     loop {
-        let consumed = stream.total_in() as usize;
-        let produced = out.len();
-        if out.len() == out.capacity() {
-            grow(out, limit + 1);
-        }
+        let (consumed, produced) = (stream.total_in(), stream.total_out());
+        let input = payload.get(consumed as usize..).unwrap_or_default();
         let status = stream
-            .process_vec(&payload[consumed..], out, Action::Finish)
+            .process(input, &mut buf, Action::Finish)
             .map_err(failed)?;
-        if out.len() as u64 > limit {
-            return Err(LoaderError::DecompressedTooLarge { limit });
-        }
+        let n = (stream.total_out() - produced) as usize;
+        out.put(&buf[..n])?;
         if status == Status::StreamEnd {
             return Ok(());
         }
-        if stream.total_in() as usize == consumed && out.len() == produced {
+        if stream.total_in() == consumed && n == 0 {
             return Err(LoaderError::Decompress(std::io::Error::new(
                 std::io::ErrorKind::UnexpectedEof,
                 "truncated xz stream",
@@ -389,31 +585,44 @@ fn le64(b: &[u8], off: usize) -> Result<u64, LoaderError> {
 const PT_LOAD: u32 = 1;
 const EM_X86_64: u16 = 62;
 
-fn parse_elf(
-    bytes: &[u8],
-    kind: KernelKind,
-    hdr: Option<setup_header>,
-) -> Result<BootImage, LoaderError> {
-    if bytes.len() < 64 || &bytes[..4] != b"\x7fELF" {
+/// A PT_LOAD segment: `file_size` bytes at `offset` of the image go to `addr`, then zeroes
+/// up to `mem_size`.
+struct Load {
+    addr: u64,
+    offset: u64,
+    file_size: u64,
+    mem_size: u64,
+}
+
+/// What an ELF64 x86-64 image declares: its entry, its PT_LOAD segments, and the end of the
+/// highest. `head` holds the image's start (at least its headers); `len` is its full length.
+struct ElfLayout {
+    entry: u64,
+    loads: Vec<Load>,
+    end: u64,
+}
+
+fn elf_layout(head: &[u8], len: u64) -> Result<ElfLayout, LoaderError> {
+    if head.len() < 64 || &head[..4] != b"\x7fELF" {
         return Err(LoaderError::BadElf("missing ELF magic"));
     }
-    if bytes[4] != 2 {
+    if head[4] != 2 {
         return Err(LoaderError::BadElf("not a 64-bit ELF"));
     }
-    if bytes[5] != 1 {
+    if head[5] != 1 {
         return Err(LoaderError::BadElf("not little-endian"));
     }
-    if le16(bytes, 18)? != EM_X86_64 {
+    if le16(head, 18)? != EM_X86_64 {
         return Err(LoaderError::BadElf("not an x86-64 ELF"));
     }
-    let entry = le64(bytes, 24)?;
-    let phoff = le64(bytes, 32)? as usize;
-    let phentsize = le16(bytes, 54)? as usize;
-    let phnum = le16(bytes, 56)? as usize;
+    let entry = le64(head, 24)?;
+    let phoff = le64(head, 32)? as usize;
+    let phentsize = le16(head, 54)? as usize;
+    let phnum = le16(head, 56)? as usize;
     if phentsize < 56 {
         return Err(LoaderError::BadElf("program header entries are too small"));
     }
-    let mut segments = Vec::new();
+    let mut loads = Vec::new();
     let mut end = 0u64;
     for i in 0..phnum {
         let ph = phoff
@@ -422,74 +631,137 @@ fn parse_elf(
                     .ok_or(LoaderError::BadElf("program header overflow"))?,
             )
             .ok_or(LoaderError::BadElf("program header overflow"))?;
-        if le32(bytes, ph)? != PT_LOAD {
+        if le32(head, ph)? != PT_LOAD {
             continue;
         }
-        let offset = le64(bytes, ph + 8)? as usize;
-        let paddr = le64(bytes, ph + 24)?;
-        let filesz = le64(bytes, ph + 32)? as usize;
-        let memsz = le64(bytes, ph + 40)?;
-        if (filesz as u64) > memsz {
+        let load = Load {
+            offset: le64(head, ph + 8)?,
+            addr: le64(head, ph + 24)?,
+            file_size: le64(head, ph + 32)?,
+            mem_size: le64(head, ph + 40)?,
+        };
+        if load.file_size > load.mem_size {
             return Err(LoaderError::BadElf(
                 "segment file size exceeds its memory size",
             ));
         }
-        let data = offset
-            .checked_add(filesz)
-            .and_then(|e| bytes.get(offset..e))
-            .ok_or(LoaderError::BadElf("segment lies outside the file"))?;
-        let seg_end = paddr
-            .checked_add(memsz)
+        if !matches!(load.offset.checked_add(load.file_size), Some(e) if e <= len) {
+            return Err(LoaderError::BadElf("segment lies outside the file"));
+        }
+        let seg_end = load
+            .addr
+            .checked_add(load.mem_size)
             .ok_or(LoaderError::BadElf("segment address overflows"))?;
-        if paddr < layout::HIMEM_START.0 {
+        if load.addr < layout::HIMEM_START.0 {
             return Err(LoaderError::BadElf(
                 "segment below 1 MiB would overwrite boot data",
             ));
         }
         end = end.max(seg_end);
-        segments.push(Segment {
-            addr: paddr,
-            data: data.to_vec(),
-            mem_size: memsz,
-        });
+        loads.push(load);
     }
-    if segments.is_empty() {
+    if loads.is_empty() {
         return Err(LoaderError::BadElf("no loadable segments"));
     }
-    if !segments
+    if !loads
         .iter()
-        .any(|s| (s.addr..s.addr + s.mem_size).contains(&entry))
+        .any(|l| (l.addr..l.addr + l.mem_size).contains(&entry))
     {
         return Err(LoaderError::BadElf(
             "entry point is outside every loadable segment",
         ));
     }
-    Ok(BootImage {
-        kind,
-        entry: GuestAddress(entry),
-        setup_header: hdr,
-        segments,
-        end,
-    })
+    Ok(ElfLayout { entry, loads, end })
 }
 
-/// An initrd read into memory, placed at the top of low RAM on each (re)load.
+impl ElfLayout {
+    fn into_image(
+        self,
+        kind: KernelKind,
+        hdr: Option<setup_header>,
+        mut data: impl FnMut(&Load) -> SegmentData,
+    ) -> BootImage {
+        BootImage {
+            kind,
+            entry: GuestAddress(self.entry),
+            setup_header: hdr,
+            segments: self
+                .loads
+                .iter()
+                .map(|l| Segment {
+                    addr: l.addr,
+                    data: data(l),
+                    mem_size: l.mem_size,
+                })
+                .collect(),
+            end: self.end,
+        }
+    }
+}
+
+/// An ELF image held in memory; its segments are copied out of `bytes`.
+fn parse_elf(
+    bytes: &[u8],
+    kind: KernelKind,
+    hdr: Option<setup_header>,
+) -> Result<BootImage, LoaderError> {
+    let layout = elf_layout(bytes, bytes.len() as u64)?;
+    Ok(layout.into_image(kind, hdr, |l| {
+        // In bounds: elf_layout checked offset + file_size against the length.
+        SegmentData::Bytes(bytes[l.offset as usize..(l.offset + l.file_size) as usize].to_vec())
+    }))
+}
+
+/// Most of an ELF's start that is read to find its headers (a linker puts them first).
+const ELF_HEAD: u64 = 64 << 10;
+
+/// An ELF image of `len` bytes at `base` in `file`; its segments stay in the file.
+fn parse_elf_file(
+    file: Arc<File>,
+    base: u64,
+    len: u64,
+    kind: KernelKind,
+    hdr: Option<setup_header>,
+) -> Result<BootImage, LoaderError> {
+    let mut head = vec![0u8; len.min(ELF_HEAD) as usize];
+    file.read_exact_at(&mut head, base)
+        .map_err(LoaderError::ReadSegments)?;
+    let layout = elf_layout(&head, len)?;
+    Ok(layout.into_image(kind, hdr, |l| SegmentData::File {
+        file: file.clone(),
+        offset: base + l.offset,
+        len: l.file_size,
+    }))
+}
+
+/// An initrd, placed at the top of low RAM on each (re)load. One given as a file is read
+/// from it each time rather than held in memory.
 #[derive(Debug, Clone)]
 pub struct Initrd {
-    data: Vec<u8>,
+    data: SegmentData,
 }
 
 impl Initrd {
     pub fn from_file(path: &str) -> Result<Self, LoaderError> {
-        let data = read_limited(path, 4 << 30).map_err(|source| LoaderError::ReadInitrd {
+        let read_error = |source| LoaderError::ReadInitrd {
             path: path.to_string(),
             source,
-        })?;
-        Ok(Self { data })
+        };
+        let file = File::open(path).map_err(read_error)?;
+        let len = file.metadata().map_err(read_error)?.len();
+        Ok(Self {
+            data: SegmentData::File {
+                file: Arc::new(file),
+                offset: 0,
+                len,
+            },
+        })
     }
 
     pub fn from_bytes(data: Vec<u8>) -> Self {
-        Self { data }
+        Self {
+            data: SegmentData::Bytes(data),
+        }
     }
 
     /// Place the initrd as high as possible below `min(low_ram_end, limit)` and above
@@ -501,7 +773,7 @@ impl Initrd {
         low_ram_end: u64,
         limit: u64,
     ) -> Result<InitrdPlacement, LoaderError> {
-        let size = self.data.len() as u64;
+        let size = self.data.len();
         let high = low_ram_end.min(limit);
         let low = kernel_end.next_multiple_of(4096);
         let addr = high
@@ -509,8 +781,17 @@ impl Initrd {
             .map(|a| a & !0xfff)
             .filter(|a| *a >= low)
             .ok_or(LoaderError::InitrdTooLarge { size, low, high })?;
-        mem.write_slice(&self.data, GuestAddress(addr))
-            .map_err(|source| LoaderError::WriteInitrd { addr, source })?;
+        match &self.data {
+            SegmentData::Bytes(data) => mem
+                .write_slice(data, GuestAddress(addr))
+                .map_err(|source| LoaderError::WriteInitrd { addr, source })?,
+            SegmentData::File { file, offset, len } => {
+                copy_from_file(mem, file, *offset, addr, *len).map_err(|e| match e {
+                    CopyError::Read(source) => LoaderError::ReadInitrdFile(source),
+                    CopyError::Write { addr, source } => LoaderError::WriteInitrd { addr, source },
+                })?
+            }
+        }
         Ok(InitrdPlacement {
             addr: GuestAddress(addr),
             size,
@@ -544,6 +825,29 @@ pub fn elf64_image(paddr: u64, code: &[u8], bss: u64) -> Vec<u8> {
     b[ph + 32..ph + 40].copy_from_slice(&(code.len() as u64).to_le_bytes()); // p_filesz
     b[ph + 40..ph + 48].copy_from_slice(&(code.len() as u64).saturating_add(bss).to_le_bytes());
     b.extend_from_slice(code);
+    b
+}
+
+/// A minimal bzImage (boot protocol 2.15, 64-bit entry, one setup sector) around a
+/// compressed `payload` that unpacks to an ELF kernel: what the tests boot and the fuzz
+/// corpora start from.
+pub fn bzimage_image(payload: &[u8]) -> Vec<u8> {
+    let setup_sects = 1usize;
+    let mut b = vec![0u8; (setup_sects + 1) * 512];
+    b[0x1f1] = setup_sects as u8;
+    b[0x1fe..0x200].copy_from_slice(&0xaa55u16.to_le_bytes());
+    b[0x202..0x206].copy_from_slice(&KERNEL_HDR_MAGIC.to_le_bytes());
+    b[0x206..0x208].copy_from_slice(&0x020fu16.to_le_bytes());
+    b[0x211] = 1; // LOADED_HIGH
+    b[0x230..0x234].copy_from_slice(&0x20_0000u32.to_le_bytes()); // kernel_alignment
+    b[0x236..0x238].copy_from_slice(&XLF_KERNEL_64.to_le_bytes());
+    b[0x238..0x23c].copy_from_slice(&2047u32.to_le_bytes()); // cmdline_size
+    b[0x248..0x24c].copy_from_slice(&0x100u32.to_le_bytes()); // payload_offset
+    b[0x24c..0x250].copy_from_slice(&(payload.len() as u32).to_le_bytes());
+    b[0x258..0x260].copy_from_slice(&0x100_0000u64.to_le_bytes()); // pref_address
+    b[0x260..0x264].copy_from_slice(&0x20_0000u32.to_le_bytes()); // init_size
+    b.extend_from_slice(&[0x90u8; 0x100]);
+    b.extend_from_slice(payload);
     b
 }
 
@@ -618,24 +922,7 @@ pub(crate) mod tests {
         let elf = elf64_image(0x100_0000, &[0xf4; 32], 0x1000);
         let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
         gz.write_all(&elf).unwrap();
-        let payload = gz.finish().unwrap();
-        let setup_sects = 1usize;
-        let mut b = vec![0u8; (setup_sects + 1) * 512];
-        b[0x1f1] = setup_sects as u8;
-        b[0x1fe..0x200].copy_from_slice(&0xaa55u16.to_le_bytes());
-        b[0x202..0x206].copy_from_slice(&KERNEL_HDR_MAGIC.to_le_bytes());
-        b[0x206..0x208].copy_from_slice(&0x020fu16.to_le_bytes());
-        b[0x230..0x234].copy_from_slice(&0x20_0000u32.to_le_bytes()); // kernel_alignment
-        b[0x236..0x238].copy_from_slice(&XLF_KERNEL_64.to_le_bytes());
-        b[0x238..0x23c].copy_from_slice(&2047u32.to_le_bytes()); // cmdline_size
-        b[0x248..0x24c].copy_from_slice(&0x100u32.to_le_bytes()); // payload_offset
-        b[0x24c..0x250].copy_from_slice(&(payload.len() as u32).to_le_bytes());
-        b[0x258..0x260].copy_from_slice(&0x100_0000u64.to_le_bytes()); // pref_address
-        b[0x260..0x264].copy_from_slice(&0x20_0000u32.to_le_bytes()); // init_size
-        let mut pm = vec![0x90u8; 0x100];
-        pm.extend_from_slice(&payload);
-        b.extend_from_slice(&pm);
-        b
+        bzimage_image(&gz.finish().unwrap())
     }
 
     #[test]
@@ -678,6 +965,71 @@ pub(crate) mod tests {
             BootImage::parse(&wraps, false),
             Err(LoaderError::BadSetupHeader)
         ));
+    }
+
+    #[test]
+    fn an_unpacked_kernel_comes_from_the_cache_and_reloads_after_eviction() {
+        let dir = std::env::temp_dir().join(format!("vmm-loader-cache-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let cache = cache::KernelCache::new(dir.clone(), cache::DEFAULT_MAX_BYTES);
+        let image = fake_bzimage();
+        let first = BootImage::through_cache(&cache, &image, 32 << 20)
+            .unwrap()
+            .unwrap();
+        assert_eq!(first.kind, KernelKind::DecompressedBzImage);
+        assert_eq!(first.entry, GuestAddress(0x100_0000));
+        assert!(matches!(first.segments[0].data, SegmentData::File { .. }));
+        let again = BootImage::through_cache(&cache, &image, 32 << 20)
+            .unwrap()
+            .unwrap();
+        assert_eq!(again.end, first.end);
+        // Too large for this guest's RAM, even when found in the cache.
+        assert!(matches!(
+            BootImage::through_cache(&cache, &image, 100),
+            Err(LoaderError::DecompressedTooLarge { limit: 100 })
+        ));
+        // Not a bzImage: not for the cache.
+        let elf = elf64_image(0x20_0000, &[0xf4], 0);
+        assert!(BootImage::through_cache(&cache, &elf, 32 << 20)
+            .unwrap()
+            .is_none());
+        // The entry goes; a reset still loads the kernel it opened.
+        std::fs::remove_dir_all(&dir).unwrap();
+        let m = mem();
+        m.write_slice(&[0xaa; 64], GuestAddress(0x100_0000))
+            .unwrap();
+        first.load(&m, 32 << 20).unwrap();
+        let mut buf = [0u8; 64];
+        m.read_slice(&mut buf, GuestAddress(0x100_0000)).unwrap();
+        assert_eq!(&buf[..32], &[0xf4; 32]);
+        assert!(buf[32..].iter().all(|b| *b == 0));
+    }
+
+    #[test]
+    fn an_elf_file_is_read_at_each_load_not_held() {
+        let path = std::env::temp_dir().join(format!("vmm-loader-elf-{}", std::process::id()));
+        std::fs::write(&path, elf64_image(0x20_0000, &[0xf4, 0x90], 16)).unwrap();
+        let img = BootImage::from_file(path.to_str().unwrap(), true, 32 << 20).unwrap();
+        std::fs::remove_file(&path).unwrap();
+        assert_eq!(img.kind, KernelKind::Elf);
+        assert!(matches!(
+            img.segments[0].data,
+            SegmentData::File { len: 2, .. }
+        ));
+        let m = mem();
+        img.load(&m, 32 << 20).unwrap();
+        let mut buf = [0xffu8; 18];
+        m.read_slice(&mut buf, GuestAddress(0x20_0000)).unwrap();
+        assert_eq!(&buf[..2], &[0xf4, 0x90]);
+        assert!(buf[2..].iter().all(|b| *b == 0));
+        let rd = std::env::temp_dir().join(format!("vmm-loader-initrd-{}", std::process::id()));
+        std::fs::write(&rd, vec![7u8; 5000]).unwrap();
+        let initrd = Initrd::from_file(rd.to_str().unwrap()).unwrap();
+        std::fs::remove_file(&rd).unwrap();
+        let p = initrd.load(&m, 0x20_0000, 32 << 20, u64::MAX).unwrap();
+        assert_eq!(p.size, 5000);
+        let b: u8 = m.read_obj(GuestAddress(p.addr.0 + 4999)).unwrap();
+        assert_eq!(b, 7);
     }
 
     #[test]
