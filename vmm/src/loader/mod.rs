@@ -1,8 +1,7 @@
 //! Kernel and initrd loading for direct Linux boot.
 //!
 //! A kernel is parsed once into a [`BootImage`]: the segments to copy into guest RAM, the
-//! entry point, and the setup header. Keeping it lets a reset reload the kernel without
-//! touching the file again, as QEMU keeps its ROM blobs.
+//! entry point, and the setup header, kept so that a reset reloads the kernel.
 //!
 //! Accepted images:
 //! - a bzImage, entered through the 64-bit boot protocol at its `startup_64`, or, with
@@ -13,7 +12,9 @@
 //!
 //! A kernel read from a file is not held in memory: its segments are read from the file
 //! (or, for a bzImage unpacked on the host, from its entry in the [`cache`]) each time
-//! they are loaded, straight into guest RAM.
+//! they are loaded, straight into guest RAM. The file stays open, so a kernel replaced by
+//! a new file (or a cache entry evicted) meanwhile changes nothing; one rewritten in place
+//! is what a reset then loads, or fails to.
 
 pub mod cache;
 
@@ -110,8 +111,7 @@ pub enum SegmentData {
     /// Held in memory (a kernel parsed from bytes).
     Bytes(Vec<u8>),
     /// `len` bytes at `offset` of a file kept open, read again on every (re)load: the vmm
-    /// holds no copy of a kernel of tens of MiB, and a file replaced or evicted from the
-    /// cache meanwhile does not change what a reset loads.
+    /// holds no copy of a kernel of tens of MiB.
     File {
         file: Arc<File>,
         offset: u64,
