@@ -38,6 +38,8 @@ const XLF_KERNEL_64: u16 = 1 << 0;
 const STARTUP_64_OFFSET: u64 = 0x200;
 /// Largest kernel image file we read.
 const MAX_KERNEL_FILE: u64 = 512 << 20;
+/// Largest initrd we read into memory (one that is not a regular file).
+const MAX_INITRD_FILE: u64 = 4 << 30;
 /// Largest decompressed payload we accept.
 const MAX_DECOMPRESSED: u64 = 1 << 30;
 
@@ -165,9 +167,12 @@ impl BootImage {
             source,
         };
         let file = File::open(path).map_err(read_error)?;
-        let len = file.metadata().map_err(read_error)?.len();
+        let meta = file.metadata().map_err(read_error)?;
+        let len = meta.len();
         let mut magic = [0u8; 4];
-        if file.read_exact_at(&mut magic, 0).is_ok() && magic == *b"\x7fELF" {
+        // Only a regular file can be read again at each load; anything else (a pipe, a
+        // directory to refuse) is read once, here.
+        if meta.is_file() && file.read_exact_at(&mut magic, 0).is_ok() && magic == *b"\x7fELF" {
             return parse_elf_file(Arc::new(file), 0, len, KernelKind::Elf, None);
         }
         let bytes = read_limited(file, len, MAX_KERNEL_FILE).map_err(read_error)?;
@@ -748,12 +753,17 @@ impl Initrd {
             source,
         };
         let file = File::open(path).map_err(read_error)?;
-        let len = file.metadata().map_err(read_error)?.len();
+        let meta = file.metadata().map_err(read_error)?;
+        if !meta.is_file() {
+            // Not one to read again at each load (a pipe), or not one at all (a directory).
+            let data = read_limited(file, meta.len(), MAX_INITRD_FILE).map_err(read_error)?;
+            return Ok(Self::from_bytes(data));
+        }
         Ok(Self {
             data: SegmentData::File {
                 file: Arc::new(file),
                 offset: 0,
-                len,
+                len: meta.len(),
             },
         })
     }
