@@ -3,8 +3,10 @@
 //! Every form takes an operand size in bytes (1, 2, 4, 8) and picks the 0x66 prefix, REX.W
 //! and the byte opcode from it. Byte-sized forms always carry a REX prefix, so register
 //! numbers 4..7 name SPL..DIL, never AH..BH (the compiler uses AL..BL only anyway).
-//! Memory operands always use a 32-bit displacement: simpler, and compile speed matters
-//! more than code size here. Branches go to labels resolved in [`Asm::finish`].
+//! A memory operand's displacement takes one byte when it fits (guest registers, TLB
+//! entries and the context's fields all sit within 128 bytes of their base), else four:
+//! compiled code is mostly such operands, and its size is what fills the code arena.
+//! Branches go to labels resolved in [`Asm::finish`].
 
 /// Host register numbers (encoding order).
 pub const RAX: u8 = 0;
@@ -120,19 +122,37 @@ impl Asm {
         match rm {
             Rm::Reg(r) => self.byte(0xc0 | reg | (r & 7)),
             Rm::Mem(base, disp) => {
+                let mode = Self::displacement_mode(disp);
                 if base & 7 == RSP {
-                    self.byte(0x80 | reg | 4);
+                    self.byte(mode | reg | 4);
                     self.byte(0x24);
                 } else {
-                    self.byte(0x80 | reg | (base & 7));
+                    self.byte(mode | reg | (base & 7));
                 }
-                self.imm32(disp);
+                self.displacement(disp);
             }
             Rm::Sib(base, index, scale, disp) => {
-                self.byte(0x80 | reg | 4);
+                self.byte(Self::displacement_mode(disp) | reg | 4);
                 self.byte((scale << 6) | ((index & 7) << 3) | (base & 7));
-                self.imm32(disp);
+                self.displacement(disp);
             }
+        }
+    }
+
+    /// ModRM's mod field for a displacement: one byte (0x40) or four (0x80). Never none
+    /// (0x00), which would need the RBP/R13 exception.
+    fn displacement_mode(disp: i32) -> u8 {
+        if i8::try_from(disp).is_ok() {
+            0x40
+        } else {
+            0x80
+        }
+    }
+
+    fn displacement(&mut self, disp: i32) {
+        match i8::try_from(disp) {
+            Ok(d) => self.byte(d as u8),
+            Err(_) => self.imm32(disp),
         }
     }
 
@@ -491,6 +511,47 @@ mod tests {
             "push r15; pop r12; pushfq; lahf; sahf; add al, 7Fh; mov ah, al; ret"
         );
         assert_eq!(one(|a| a.load(8, RAX, Rm::Mem(RSP, 8))), "mov rax, [rsp+8]");
+    }
+
+    /// Displacements: one byte from -128 to 127, four beyond, with every base (RSP and R12
+    /// need a SIB byte, RBP and R13 a displacement even when it is zero).
+    #[test]
+    fn displacements_take_one_byte_when_they_fit() {
+        let len = |f: &dyn Fn(&mut Asm)| {
+            let mut a = Asm::new();
+            f(&mut a);
+            a.finish().unwrap().len()
+        };
+        assert_eq!(len(&|a| a.load(8, RAX, Rm::Mem(RBX, 0x78))), 4);
+        assert_eq!(len(&|a| a.load(8, RAX, Rm::Mem(RBX, 0x80))), 7);
+        assert_eq!(len(&|a| a.load(8, RAX, Rm::Mem(RBX, -128))), 4);
+        assert_eq!(len(&|a| a.load(8, RAX, Rm::Mem(RBX, -129))), 7);
+        for (base, name) in [
+            (RAX, "rax"),
+            (RSP, "rsp"),
+            (RBP, "rbp"),
+            (RSI, "rsi"),
+            (R12, "r12"),
+            (R13, "r13"),
+            (R15, "r15"),
+        ] {
+            for (disp, text) in [
+                (0, String::new()),
+                (0x7f, "+7Fh".to_string()),
+                (-0x80, "-80h".to_string()),
+                (0x80, "+80h".to_string()),
+                (-0x1234, "-1234h".to_string()),
+            ] {
+                assert_eq!(
+                    one(|a| a.load(8, RCX, Rm::Mem(base, disp))),
+                    format!("mov rcx, [{name}{text}]")
+                );
+                assert_eq!(
+                    one(|a| a.lea(RDX, Rm::Sib(base, RDI, 3, disp))),
+                    format!("lea rdx, [{name}+rdi*8{text}]")
+                );
+            }
+        }
     }
 
     #[test]
