@@ -145,3 +145,34 @@ fn vmms_share_the_cache_and_a_damaged_entry_is_rebuilt() {
     assert!(booted(&off), "{}", off.stderr);
     assert!(!dir.join("no-home").exists());
 }
+
+/// A cache on a full disk: the vmm says so once and unpacks the kernel in memory; the guest
+/// boots and no partial entry is left behind.
+#[test]
+fn a_full_cache_disk_falls_back_to_memory() {
+    let dir = TempDir::new("kernel-cache-full");
+    let kernel = write_bzimage(&dir);
+    let cache = dir.join("small");
+    std::fs::create_dir_all(&cache).unwrap();
+    // 64 KiB: smaller than the unpacked kernel (over 256 KiB).
+    let mounted = Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=64k", "tmpfs"])
+        .arg(&cache)
+        .status()
+        .unwrap();
+    assert!(
+        mounted.success(),
+        "mount a small tmpfs (the tests run as root)"
+    );
+    let done = wait_with_timeout(spawn(&kernel, &cache), TIMEOUT);
+    let names = listing(&cache);
+    let _ = Command::new("umount").arg(&cache).status();
+    assert!(booted(&done), "{:?}\n{}", done.status, done.stderr);
+    assert!(
+        done.stderr.contains("No space left on device")
+            && done.stderr.contains("unpacking the kernel in memory"),
+        "{}",
+        done.stderr
+    );
+    assert!(names.is_empty(), "{names:?}");
+}

@@ -73,6 +73,8 @@ pub enum LoaderError {
     UnsupportedCompression([u8; 4]),
     #[error("failed to decompress the bzImage payload: {0}")]
     Decompress(#[source] std::io::Error),
+    #[error("could not write the unpacked kernel: {0}")]
+    WriteUnpacked(#[source] std::io::Error),
     #[error("the decompressed payload is larger than {limit} bytes (the guest's RAM, or 1 GiB)")]
     DecompressedTooLarge { limit: u64 },
     #[error("invalid ELF image: {0}")]
@@ -205,6 +207,14 @@ impl BootImage {
         let limit = ram_size.min(MAX_DECOMPRESSED);
         let entry = match cache.vmlinux(bytes, |out| decompress_into(payload, limit, out)) {
             Ok(entry) => entry,
+            // Writing into the cache failed (a full disk): not the image's fault.
+            Err(cache::CacheError::Image(LoaderError::WriteUnpacked(e))) => {
+                tracing::warn!(
+                    "kernel cache {}: {e}; unpacking the kernel in memory",
+                    cache.dir().display()
+                );
+                return Ok(None);
+            }
             Err(cache::CacheError::Image(e)) => return Err(e),
             Err(e) => {
                 tracing::warn!("{e}; unpacking the kernel in memory");
@@ -454,11 +464,7 @@ fn decompress_payload(payload: &[u8], limit: u64) -> Result<Vec<u8>, LoaderError
 /// Decompress `payload` (gzip, xz or zstd, by its magic) into `out`, refusing more than
 /// `limit` bytes of output: checked before each piece is written, so a small payload never
 /// makes the vmm allocate or write gigabytes.
-pub(crate) fn decompress_into(
-    payload: &[u8],
-    limit: u64,
-    out: &mut dyn Write,
-) -> Result<(), LoaderError> {
+fn decompress_into(payload: &[u8], limit: u64, out: &mut dyn Write) -> Result<(), LoaderError> {
     let mut magic = [0u8; 4];
     let n = payload.len().min(4);
     magic[..n].copy_from_slice(&payload[..n]);
@@ -493,7 +499,9 @@ impl Bounded<'_> {
         if written > self.limit {
             return Err(LoaderError::DecompressedTooLarge { limit: self.limit });
         }
-        self.out.write_all(bytes).map_err(LoaderError::Decompress)?;
+        self.out
+            .write_all(bytes)
+            .map_err(LoaderError::WriteUnpacked)?;
         self.written = written;
         Ok(())
     }
