@@ -35,26 +35,32 @@ fn write_bzimage(dir: &TempDir) -> PathBuf {
     path
 }
 
-fn spawn(kernel: &Path, cache: &Path) -> Child {
+/// The vmm booting `kernel` under emu, with the loader's debug lines on stderr.
+fn command(kernel: &Path) -> Command {
     let debug_exit = format!("isa-debug-exit,iobase={DEBUG_EXIT_PORT:#x},iosize=4");
-    Command::new(vmm_binary())
-        .args([
-            "-accel",
-            "emu",
-            "-m",
-            "64",
-            "-nodefaults",
-            "-display",
-            "none",
-        ])
-        .arg("-kernel")
-        .arg(kernel)
-        .args(["-device", &debug_exit])
+    let mut cmd = Command::new(vmm_binary());
+    cmd.args([
+        "-accel",
+        "emu",
+        "-m",
+        "64",
+        "-nodefaults",
+        "-display",
+        "none",
+    ])
+    .arg("-kernel")
+    .arg(kernel)
+    .args(["-device", &debug_exit])
+    .env("VMM_LOG", "warn,vmm::loader=debug")
+    .stdin(Stdio::null())
+    .stdout(Stdio::piped())
+    .stderr(Stdio::piped());
+    cmd
+}
+
+fn spawn(kernel: &Path, cache: &Path) -> Child {
+    command(kernel)
         .env("VMM_KERNEL_CACHE", cache)
-        .env("VMM_LOG", "warn,vmm::loader=debug")
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
         .spawn()
         .unwrap()
 }
@@ -117,28 +123,9 @@ fn vmms_share_the_cache_and_a_damaged_entry_is_rebuilt() {
     }
 
     // Turned off: nothing is read or written.
-    let off = Command::new(vmm_binary())
-        .args([
-            "-accel",
-            "emu",
-            "-m",
-            "64",
-            "-nodefaults",
-            "-display",
-            "none",
-        ])
-        .arg("-kernel")
-        .arg(&kernel)
-        .args([
-            "-device",
-            &format!("isa-debug-exit,iobase={DEBUG_EXIT_PORT:#x},iosize=4"),
-        ])
+    let off = command(&kernel)
         .env("VMM_KERNEL_CACHE", "off")
         .env("HOME", dir.join("no-home"))
-        .env("VMM_LOG", "warn,vmm::loader=debug")
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
         .spawn()
         .unwrap();
     let off = wait_with_timeout(off, TIMEOUT);
