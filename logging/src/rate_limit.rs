@@ -113,9 +113,12 @@ impl<S: Subscriber, W: for<'w> MakeWriter<'w> + 'static> Layer<S> for RateLimit<
         if *meta.level() > Level::INFO {
             return true;
         }
-        let admission = {
+        let (admission, window) = {
             let mut limiter = self.limiter.lock().unwrap_or_else(|e| e.into_inner());
-            limiter.admit(meta.callsite(), Instant::now())
+            (
+                limiter.admit(meta.callsite(), Instant::now()),
+                limiter.window,
+            )
         };
         match admission {
             Admission::Pass { suppressed: 0 } => true,
@@ -127,11 +130,6 @@ impl<S: Subscriber, W: for<'w> MakeWriter<'w> + 'static> Layer<S> for RateLimit<
                 true
             }
             Admission::FirstSuppressed => {
-                let window = self
-                    .limiter
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .window;
                 self.note(
                     meta,
                     format_args!(

@@ -141,10 +141,7 @@ impl KernelCache {
             .map_err(io)?;
         // Removes the temporary file on every way out but the rename.
         let mut guard = RemoveOnDrop(Some(temp.clone()));
-        let (len, crc) = write_entry(&file, unpack).map_err(|e| match e {
-            CacheError::Io { source, .. } => io(source),
-            other => other,
-        })?;
+        let (len, crc) = write_entry(&self.dir, &file, unpack)?;
         let entry = CachedKernel {
             file,
             offset: HEADER_LEN,
@@ -202,14 +199,15 @@ impl KernelCache {
     }
 }
 
-/// Write an entry to `file`: the content from `unpack` after room for the header, then the
-/// header. Returns the content's length and CRC.
+/// Write an entry to `file` (in the cache at `dir`): the content from `unpack` after room
+/// for the header, then the header. Returns the content's length and CRC.
 fn write_entry(
+    dir: &Path,
     file: &File,
     unpack: impl FnOnce(&mut dyn Write) -> Result<(), LoaderError>,
 ) -> Result<(u64, u32), CacheError> {
     let io = |source| CacheError::Io {
-        path: PathBuf::new(),
+        path: dir.to_path_buf(),
         source,
     };
     let mut out = Checksummed {
